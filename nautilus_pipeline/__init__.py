@@ -1,0 +1,1 @@
+"""nautilus_pipeline: an asyncio pipeline for market-data ticks."""

@@ -1,0 +1,51 @@
+"""One small error hierarchy rooted in :class:`PipelineError`.
+
+Every message says what was wrong, where (file, line, stage, symbol, topic) and what
+to do about it, so that a user reads the error and not a traceback from a parser.
+"""
+
+from __future__ import annotations
+
+
+class PipelineError(Exception):
+    """Root of every error this package raises on purpose."""
+
+
+class ConfigError(PipelineError):
+    """A pipeline definition or an argument is invalid (names the file/key and what is allowed)."""
+
+
+class DataError(PipelineError):
+    """A tick file cannot be read, or a row breaks a check under the ``fail`` policy."""
+
+
+class BusClosedError(PipelineError):
+    """Publishing or subscribing on a bus that is closed or closing."""
+
+
+class HandlerError(PipelineError):
+    """A handler raised under the ``fail_fast`` policy; ``__cause__`` is the original error."""
+
+
+class RequestTimeoutError(PipelineError, TimeoutError):
+    """``EventBus.request`` got no reply within its timeout."""
+
+
+class NoResponderError(PipelineError, LookupError):
+    """``EventBus.request`` was sent to a topic nobody answers."""
+
+
+class PoolExhaustedError(PipelineError, TimeoutError):
+    """``BufferPool.acquire`` timed out; the message names who holds the slabs."""
+
+
+class LeaseError(PipelineError):
+    """A lease was used after release, released twice, or leaked."""
+
+
+class BackendUnavailableError(PipelineError):
+    """No compute stream in a stage's preference list is usable on this machine."""
+
+
+class StageError(PipelineError):
+    """A stage failed on a batch (carries stage, topic and batch context)."""

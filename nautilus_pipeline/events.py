@@ -1,0 +1,104 @@
+"""The domain vocabulary: tick layouts, ticks and signals.
+
+Ticks travel in batches as a *struct of arrays* inside a buffer-pool slab (see
+``memory.py``), never as one Python object per tick on the hot path. The layout of those
+arrays is fixed here, once, so that readers, stages and sinks agree on names, dtypes and
+units:
+
+- timestamps are ``int64`` nanoseconds since the Unix epoch (UTC);
+- prices are ``float64`` in the quote currency; sizes ``float64`` in base units
+  (contracts for inverse/COIN-M instruments, as the venue reports them);
+- ``side`` is the aggressor: ``+1`` buyer-initiated, ``-1`` seller-initiated, ``0`` unknown;
+- ``kind`` tells trades (``0``) from quotes (``1``) so that both can share one stream;
+  columns that do not apply to a row's kind hold NaN (floats) or ``-1`` (ids).
+
+``TradeTick``/``QuoteTick``/``Signal`` are the per-event objects users see at the edges
+(publishing from their own feed, reading signals); they convert to and from the arrays.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+from typing import NamedTuple
+
+import numpy as np
+
+
+class ColumnSpec(NamedTuple):
+    """One named column of a slab: dtype and the per-row shape (``()`` for scalars)."""
+
+    name: str
+    dtype: np.dtype
+    shape: tuple[int, ...] = ()
+    fill: float | int = 0
+
+
+KIND_TRADE = 0
+KIND_QUOTE = 1
+
+SIDE_BUY = 1
+SIDE_SELL = -1
+SIDE_UNKNOWN = 0
+
+TICK_COLUMNS: tuple[ColumnSpec, ...] = (
+    ColumnSpec("ts_ns", np.dtype(np.int64)),  # event time (exchange), ns since epoch
+    ColumnSpec("ts_recv_ns", np.dtype(np.int64), fill=-1),  # local receive time, -1 if unknown
+    ColumnSpec("symbol_id", np.dtype(np.uint32)),
+    ColumnSpec("kind", np.dtype(np.uint8)),
+    ColumnSpec("price", np.dtype(np.float64), fill=np.nan),  # trades: trade price
+    ColumnSpec("size", np.dtype(np.float64), fill=np.nan),  # trades: trade size
+    ColumnSpec("side", np.dtype(np.int8)),
+    ColumnSpec("trade_id", np.dtype(np.int64), fill=-1),
+    ColumnSpec("bid", np.dtype(np.float64), fill=np.nan),  # quotes: top of book
+    ColumnSpec("ask", np.dtype(np.float64), fill=np.nan),
+    ColumnSpec("bid_size", np.dtype(np.float64), fill=np.nan),
+    ColumnSpec("ask_size", np.dtype(np.float64), fill=np.nan),
+)
+"""The input columns every slab carries; stages add their output columns when built."""
+
+TICK_COLUMN_NAMES: tuple[str, ...] = tuple(c.name for c in TICK_COLUMNS)
+
+
+@dataclass(frozen=True, slots=True)
+class TradeTick:
+    """One trade. ``side`` is the aggressor (+1 buy, -1 sell, 0 unknown)."""
+
+    symbol: str
+    ts_ns: int
+    price: float
+    size: float
+    side: int = SIDE_UNKNOWN
+    trade_id: int = -1
+    ts_recv_ns: int = -1
+
+
+@dataclass(frozen=True, slots=True)
+class QuoteTick:
+    """Top of book: best bid/ask prices and sizes."""
+
+    symbol: str
+    ts_ns: int
+    bid: float
+    ask: float
+    bid_size: float
+    ask_size: float
+    ts_recv_ns: int = -1
+
+
+class Side(enum.StrEnum):
+    BUY = "BUY"
+    SELL = "SELL"
+    FLAT = "FLAT"
+
+
+@dataclass(frozen=True, slots=True)
+class Signal:
+    """What the pipeline tells a trader: go long, short or flat, how strongly, and why."""
+
+    ts_ns: int
+    symbol: str
+    side: Side
+    strength: float
+    target_position: float
+    reasons: tuple[str, ...] = field(default_factory=tuple)

@@ -1,0 +1,29 @@
+"""Shared fixtures: where the real tick files are.
+
+``sample_dir`` is the small real data bundled in the package (always present);
+``shared_data`` is the larger ``../shared/data`` set beside a developer's checkout (and CI's),
+absent from a user's fresh clone: tests that need it skip and say so.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+SAMPLE_DIR = REPO / "nautilus_pipeline" / "data"
+SHARED_DATA = Path(os.environ.get("NAUTILUS_SHARED_DATA", REPO.parent / "shared" / "data"))
+
+
+@pytest.fixture(scope="session")
+def sample_dir() -> Path:
+    return SAMPLE_DIR
+
+
+@pytest.fixture(scope="session")
+def shared_data() -> Path:
+    if not SHARED_DATA.is_dir():
+        pytest.skip(f"needs the real data set in {SHARED_DATA} (not part of a fresh clone)")
+    return SHARED_DATA
