@@ -1,0 +1,409 @@
+"""Buffer pool: preallocated slabs that carry a batch of ticks from source to sink.
+
+Why a pool. A pipeline that allocates arrays per batch spends its time in the allocator
+and the garbage collector, and its memory grows with load. Here every batch lives in a
+*slab* allocated once: a struct of arrays (one column per field of ``events.TICK_COLUMNS``
+plus the output columns that the stages declare when the pipeline is built). Stages read
+and write views of that slab, so a batch is never copied between stages on the CPU; it
+travels as one :class:`Lease` and returns to the pool when its last holder releases it.
+
+Backpressure. ``acquire`` waits when every slab is in use: a fast reader cannot outrun a
+slow stage by allocating. An optional timeout raises :class:`PoolExhaustedError` naming
+who holds the slabs, which is almost always the answer to "why is my pipeline stuck".
+
+Reference counts. A batch published to several subscribers is retained once per delivery
+(the bus does this for any payload that is a ``Lease``) and returns to the pool when all
+of them have released it. Holders are tracked by name, so a leak at close says which
+stage kept the batch.
+
+Memory kinds (chosen by ``memory=``):
+
+- ``"host"``: plain numpy memory. The CPU path; copies counted: zero.
+- ``"pinned"``: page-locked host memory from ``torch.empty(..., pin_memory=True)`` with a
+  numpy view on it, so host→device copies can run asynchronously on a CUDA stream.
+  Pinning once per slab, not per batch, is what makes it pay (pinning on the fly can be
+  slower than a pageable copy; see ``../shared/BACKENDS.md``).
+- ``"unified"``: MLX arrays (Apple silicon unified memory) with writable numpy views
+  (``np.array(a, copy=False)``), so MLX, numpy and torch (via DLPack) see the same bytes.
+- ``"auto"``: pinned where torch sees a CUDA device, otherwise host.
+
+Every slab column is a view into one backing buffer per slab, each column aligned to 64
+bytes (a cache line) so that vectorised kernels start on an aligned address.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import structlog
+
+from .errors import ConfigError, LeaseError, PoolExhaustedError
+from .events import TICK_COLUMNS, ColumnSpec
+
+log = structlog.get_logger("nautilus_pipeline.memory")
+
+_ALIGN = 64
+
+
+def _aligned(nbytes: int) -> int:
+    return (nbytes + _ALIGN - 1) // _ALIGN * _ALIGN
+
+
+def _allocate_backing(nbytes: int, memory: str) -> tuple[np.ndarray, Any]:
+    """Return (uint8 numpy view, owner object keeping the memory alive)."""
+    if memory == "host":
+        buf = np.zeros(nbytes + _ALIGN, dtype=np.uint8)
+        offset = (-buf.ctypes.data) % _ALIGN
+        return buf[offset : offset + nbytes], buf
+    if memory == "pinned":
+        import torch
+
+        owner = torch.zeros(nbytes + _ALIGN, dtype=torch.uint8, pin_memory=True)
+        buf = owner.numpy()
+        offset = (-buf.ctypes.data) % _ALIGN
+        return buf[offset : offset + nbytes], owner
+    if memory == "unified":
+        import mlx.core as mx
+
+        owner = mx.zeros((nbytes + _ALIGN,), dtype=mx.uint8)
+        mx.eval(owner)
+        buf = np.array(owner, copy=False)
+        offset = (-buf.ctypes.data) % _ALIGN
+        return buf[offset : offset + nbytes], owner
+    raise ConfigError(f"unknown pool memory kind {memory!r}: use host, pinned, unified or auto")
+
+
+def _resolve_memory(memory: str) -> str:
+    if memory != "auto":
+        return memory
+    try:
+        import torch
+
+        if torch.cuda.is_available():
+            return "pinned"
+    except ImportError:
+        pass
+    return "host"
+
+
+class Slab:
+    """A preallocated struct of arrays for up to ``capacity`` rows.
+
+    ``columns[name]`` is the whole capacity-sized array; row ``i`` of every column is tick
+    ``i`` of the batch. The slab outlives every batch it carries.
+    """
+
+    __slots__ = ("backing", "capacity", "columns", "index", "owner")
+
+    def __init__(self, index: int, specs: Sequence[ColumnSpec], capacity: int, memory: str):
+        self.index = index
+        self.capacity = capacity
+        sizes = [
+            _aligned(capacity * int(np.prod(s.shape, dtype=np.int64)) * s.dtype.itemsize)
+            for s in specs
+        ]
+        self.backing, self.owner = _allocate_backing(max(sum(sizes), _ALIGN), memory)
+        self.columns: dict[str, np.ndarray] = {}
+        offset = 0
+        for spec, size in zip(specs, sizes, strict=True):
+            n_items = capacity * int(np.prod(spec.shape, dtype=np.int64))
+            raw = self.backing[offset : offset + n_items * spec.dtype.itemsize]
+            col = raw.view(spec.dtype).reshape((capacity, *spec.shape))
+            col.fill(spec.fill)
+            self.columns[spec.name] = col
+            offset += size
+
+    @property
+    def nbytes(self) -> int:
+        return int(self.backing.nbytes)
+
+
+class Lease:
+    """One batch held in one slab, reference counted by holder name.
+
+    ``lease["price"]`` is a writable numpy view of the first ``length`` rows: no copy.
+    ``device_cache`` keeps device copies of columns (keyed by ``(device, column)``) so that
+    two consecutive GPU stages do not copy the same column twice; it is cleared when the
+    slab returns to the pool.
+    """
+
+    __slots__ = ("_holders", "_pool", "device_cache", "length", "meta", "seq", "slab")
+
+    def __init__(self, pool: BufferPool, slab: Slab, holder: str, seq: int):
+        self._pool = pool
+        self.slab = slab
+        self.seq = seq
+        self.length = 0
+        self.meta: dict[str, Any] = {}
+        self.device_cache: dict[tuple[str, str], Any] = {}
+        self._holders: collections.Counter[str] = collections.Counter({holder: 1})
+
+    # --- data access -------------------------------------------------------------------
+    @property
+    def columns(self) -> dict[str, np.ndarray]:
+        self._check_live()
+        return self.slab.columns
+
+    @property
+    def capacity(self) -> int:
+        return self.slab.capacity
+
+    def __getitem__(self, name: str) -> np.ndarray:
+        self._check_live()
+        try:
+            return self.slab.columns[name][: self.length]
+        except KeyError:
+            raise KeyError(
+                f"slab has no column {name!r}; columns are {sorted(self.slab.columns)}"
+            ) from None
+
+    def __len__(self) -> int:
+        return self.length
+
+    def __contains__(self, name: str) -> bool:
+        return name in self.slab.columns
+
+    # --- reference counting ------------------------------------------------------------
+    @property
+    def refcount(self) -> int:
+        return sum(self._holders.values())
+
+    @property
+    def holders(self) -> list[str]:
+        return sorted(self._holders.elements())
+
+    @property
+    def released(self) -> bool:
+        return not self._holders
+
+    def retain(self, holder: str) -> Lease:
+        """Add a reference for ``holder`` (a stage or subscription name)."""
+        self._check_live()
+        self._holders[holder] += 1
+        return self
+
+    def release(self, holder: str | None = None) -> None:
+        """Drop one reference of ``holder`` (or the only one); the last returns the slab."""
+        if not self._holders:
+            raise LeaseError(f"lease of slab {self.slab.index} (batch {self.seq}) released twice")
+        if holder is None:
+            if len(self._holders) != 1:
+                raise LeaseError(
+                    f"lease of slab {self.slab.index} has several holders {self.holders}: "
+                    "name the one releasing"
+                )
+            holder = next(iter(self._holders))
+        if self._holders[holder] <= 0:
+            raise LeaseError(
+                f"{holder!r} releases a lease of slab {self.slab.index} it does not hold "
+                f"(holders: {self.holders})"
+            )
+        self._holders[holder] -= 1
+        if self._holders[holder] == 0:
+            del self._holders[holder]
+        if not self._holders:
+            self.device_cache.clear()
+            self._pool._return(self)
+
+    def transfer(self, old: str, new: str) -> None:
+        """Hand one reference from ``old`` to ``new`` without returning the slab."""
+        self.retain(new)
+        self.release(old)
+
+    def _check_live(self) -> None:
+        if not self._holders:
+            raise LeaseError(
+                f"batch {self.seq} used after its lease returned slab {self.slab.index} "
+                "to the pool: retain() it if a handler keeps it"
+            )
+
+    def __repr__(self) -> str:
+        return f"Lease(batch={self.seq}, slab={self.slab.index}, rows={self.length}, holders={self.holders})"
+
+
+@dataclass
+class PoolStats:
+    """Counters a user looks at when sizing a pipeline (all cumulative except in_use)."""
+
+    slabs: int
+    capacity: int
+    slab_bytes: int
+    memory: str
+    in_use: int
+    high_water: int
+    acquired: int
+    acquire_waits: int
+    acquire_wait_s: float
+    bytes_copied_h2d: int
+    bytes_copied_d2h: int
+    copies_h2d: int
+    copies_d2h: int
+
+
+class BufferPool:
+    """A fixed set of slabs handed out as leases; ``acquire`` waits when all are in use."""
+
+    def __init__(
+        self,
+        columns: Iterable[ColumnSpec] = TICK_COLUMNS,
+        capacity: int = 4096,
+        slabs: int = 8,
+        *,
+        memory: str = "host",
+        name: str = "pool",
+    ):
+        if capacity < 1 or slabs < 1:
+            raise ConfigError(f"pool {name!r}: capacity and slabs must be >= 1 (got {capacity}, {slabs})")
+        specs = list(columns)
+        names = [s.name for s in specs]
+        dupes = sorted({n for n in names if names.count(n) > 1})
+        if dupes:
+            raise ConfigError(f"pool {name!r}: columns declared twice: {dupes}")
+        self.name = name
+        self.specs: tuple[ColumnSpec, ...] = tuple(specs)
+        self.capacity = capacity
+        self.memory = _resolve_memory(memory)
+        self._slabs = [Slab(i, self.specs, capacity, self.memory) for i in range(slabs)]
+        self._free: collections.deque[Slab] = collections.deque(self._slabs)
+        self._waiters: collections.deque[asyncio.Future[Slab]] = collections.deque()
+        self._live: dict[int, Lease] = {}
+        self._seq = 0
+        self._high_water = 0
+        self._acquired = 0
+        self._waits = 0
+        self._wait_s = 0.0
+        self._h2d = [0, 0]
+        self._d2h = [0, 0]
+        self._closed = False
+
+    @classmethod
+    def with_outputs(
+        cls, outputs: Iterable[ColumnSpec], **kwargs: Any
+    ) -> BufferPool:
+        """A pool whose slabs carry the tick columns plus the stages' output columns."""
+        return cls((*TICK_COLUMNS, *outputs), **kwargs)
+
+    # --- leasing -----------------------------------------------------------------------
+    async def acquire(self, holder: str = "source", timeout: float | None = None) -> Lease:
+        """Lease a free slab, waiting (backpressure) while all are in use."""
+        if self._closed:
+            raise LeaseError(f"pool {self.name!r} is closed")
+        if self._free and not self._waiters:
+            slab = self._free.popleft()
+        else:
+            loop = asyncio.get_running_loop()
+            fut: asyncio.Future[Slab] = loop.create_future()
+            self._waiters.append(fut)
+            self._waits += 1
+            t0 = loop.time()
+            try:
+                slab = await asyncio.wait_for(fut, timeout) if timeout is not None else await fut
+            except TimeoutError:
+                raise PoolExhaustedError(
+                    f"pool {self.name!r}: no slab free after {timeout}s; all {len(self._slabs)} "
+                    f"are held by {self.holders()}. A stage is slow or keeps leases: release "
+                    "them, or give the pool more slabs"
+                ) from None
+            except asyncio.CancelledError:
+                if fut.done() and not fut.cancelled():
+                    self._give(fut.result())
+                raise
+            finally:
+                self._wait_s += loop.time() - t0
+                if fut in self._waiters:
+                    self._waiters.remove(fut)
+        return self._lease(slab, holder)
+
+    def try_acquire(self, holder: str = "source") -> Lease | None:
+        """Lease a free slab now, or ``None`` if all are in use."""
+        if self._closed or not self._free or self._waiters:
+            return None
+        return self._lease(self._free.popleft(), holder)
+
+    def _lease(self, slab: Slab, holder: str) -> Lease:
+        self._seq += 1
+        lease = Lease(self, slab, holder, self._seq)
+        self._live[slab.index] = lease
+        self._acquired += 1
+        self._high_water = max(self._high_water, len(self._live))
+        return lease
+
+    def _return(self, lease: Lease) -> None:
+        del self._live[lease.slab.index]
+        self._give(lease.slab)
+
+    def _give(self, slab: Slab) -> None:
+        while self._waiters:
+            fut = self._waiters.popleft()
+            if not fut.done():
+                fut.set_result(slab)
+                return
+        self._free.append(slab)
+
+    # --- copy accounting ---------------------------------------------------------------
+    def count_copy(self, direction: str, nbytes: int) -> None:
+        """Record a host→device (``"h2d"``) or device→host (``"d2h"``) copy of a column."""
+        counter = self._h2d if direction == "h2d" else self._d2h
+        counter[0] += 1
+        counter[1] += int(nbytes)
+
+    # --- introspection -----------------------------------------------------------------
+    def holders(self) -> dict[str, int]:
+        """Holder name → number of leases it holds a reference to."""
+        out: collections.Counter[str] = collections.Counter()
+        for lease in self._live.values():
+            out.update(set(lease._holders))
+        return dict(out)
+
+    @property
+    def in_use(self) -> int:
+        return len(self._live)
+
+    @property
+    def slabs(self) -> list[Slab]:
+        return list(self._slabs)
+
+    def stats(self) -> PoolStats:
+        return PoolStats(
+            slabs=len(self._slabs),
+            capacity=self.capacity,
+            slab_bytes=self._slabs[0].nbytes,
+            memory=self.memory,
+            in_use=self.in_use,
+            high_water=self._high_water,
+            acquired=self._acquired,
+            acquire_waits=self._waits,
+            acquire_wait_s=self._wait_s,
+            bytes_copied_h2d=self._h2d[1],
+            bytes_copied_d2h=self._d2h[1],
+            copies_h2d=self._h2d[0],
+            copies_d2h=self._d2h[0],
+        )
+
+    def leaks(self) -> list[Lease]:
+        """Leases not yet returned (at close: leaked)."""
+        return list(self._live.values())
+
+    def close(self) -> list[Lease]:
+        """Close the pool; report (log and return) every lease still held, with its holders."""
+        self._closed = True
+        for fut in self._waiters:
+            if not fut.done():
+                fut.cancel()
+        self._waiters.clear()
+        leaked = self.leaks()
+        for lease in leaked:
+            log.warning(
+                "lease_leaked",
+                pool=self.name,
+                slab=lease.slab.index,
+                batch=lease.seq,
+                rows=lease.length,
+                holders=lease.holders,
+            )
+        return leaked

@@ -1,0 +1,120 @@
+"""Latency histograms and throughput counters that cost a few integer operations to record.
+
+Why not keep every sample: a replay of millions of events would keep millions of floats.
+Why not a fixed-width histogram: latencies span ns to seconds. This is a log-linear
+histogram in the spirit of HdrHistogram: 16 sub-buckets per power of two, so any
+percentile is reported within 1/16 (6.25 %) of the true value, from 1 ns to about two hours,
+in 640 integer counters.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+_SUB_BITS = 4
+_SUB = 1 << _SUB_BITS  # sub-buckets per octave
+_N_BUCKETS = 40 * _SUB
+
+
+def _bucket(ns: int) -> int:
+    if ns < 2 * _SUB:
+        return max(ns, 0)
+    shift = ns.bit_length() - _SUB_BITS - 1
+    return min(shift * _SUB + (ns >> shift), _N_BUCKETS - 1)
+
+
+def _bucket_upper(idx: int) -> int:
+    """Largest value that falls in bucket ``idx`` (so percentiles never under-report)."""
+    if idx < 2 * _SUB:
+        return idx
+    shift, mantissa = divmod(idx, _SUB)
+    shift -= 1
+    mantissa += _SUB
+    return ((mantissa + 1) << shift) - 1
+
+
+class LatencyHistogram:
+    """Records durations in nanoseconds; answers percentiles, mean and max."""
+
+    __slots__ = ("count", "counts", "max_ns", "min_ns", "total_ns")
+
+    def __init__(self) -> None:
+        self.counts = [0] * _N_BUCKETS
+        self.count = 0
+        self.total_ns = 0
+        self.max_ns = 0
+        self.min_ns = 0
+
+    def record(self, ns: int) -> None:
+        self.counts[_bucket(ns)] += 1
+        self.count += 1
+        self.total_ns += ns
+        if ns > self.max_ns:
+            self.max_ns = ns
+        if self.count == 1 or ns < self.min_ns:
+            self.min_ns = ns
+
+    def merge(self, other: LatencyHistogram) -> None:
+        for i, c in enumerate(other.counts):
+            if c:
+                self.counts[i] += c
+        if other.count:
+            self.min_ns = other.min_ns if not self.count else min(self.min_ns, other.min_ns)
+        self.count += other.count
+        self.total_ns += other.total_ns
+        self.max_ns = max(self.max_ns, other.max_ns)
+
+    def percentile(self, q: float) -> int:
+        """The q-th percentile (0..100) in ns, as the upper edge of its bucket (capped at max)."""
+        if not self.count:
+            return 0
+        rank = max(1, round(q / 100.0 * self.count))
+        seen = 0
+        for idx, c in enumerate(self.counts):
+            seen += c
+            if seen >= rank:
+                return min(_bucket_upper(idx), self.max_ns)
+        return self.max_ns
+
+    @property
+    def mean_ns(self) -> float:
+        return self.total_ns / self.count if self.count else 0.0
+
+    def summary(self) -> dict[str, float]:
+        """p50/p95/p99/max/mean in microseconds, and the count."""
+        return {
+            "count": self.count,
+            "p50_us": self.percentile(50) / 1e3,
+            "p95_us": self.percentile(95) / 1e3,
+            "p99_us": self.percentile(99) / 1e3,
+            "max_us": self.max_ns / 1e3,
+            "mean_us": self.mean_ns / 1e3,
+        }
+
+
+@dataclass
+class SubscriptionMetrics:
+    """Per-subscription counters: nothing is dropped or failed without being counted."""
+
+    published: int = 0  # events routed to this subscription (accepted or dropped)
+    delivered: int = 0  # handler calls that returned
+    dropped: int = 0  # lost to the overflow policy (drop_oldest/drop_newest/conflate)
+    errors: int = 0  # handler calls that raised
+    discarded: int = 0  # still queued when the bus was closed with drain=False
+    queue_depth: int = 0
+    queue_high_water: int = 0
+
+    def __post_init__(self) -> None:
+        self.latency = LatencyHistogram()
+
+    def as_dict(self) -> dict[str, object]:
+        return {
+            "published": self.published,
+            "delivered": self.delivered,
+            "dropped": self.dropped,
+            "errors": self.errors,
+            "discarded": self.discarded,
+            "queue_depth": self.queue_depth,
+            "queue_high_water": self.queue_high_water,
+            "handler_latency": self.latency.summary(),
+        }
