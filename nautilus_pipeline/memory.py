@@ -67,18 +67,12 @@ def _allocate_backing(nbytes: int, memory: str) -> tuple[np.ndarray, Any]:
         buf = owner.numpy()
         offset = (-buf.ctypes.data) % _ALIGN
         return buf[offset : offset + nbytes], owner
-    if memory == "unified":
-        import mlx.core as mx
-
-        owner = mx.zeros((nbytes + _ALIGN,), dtype=mx.uint8)
-        mx.eval(owner)
-        buf = np.array(owner, copy=False)
-        offset = (-buf.ctypes.data) % _ALIGN
-        return buf[offset : offset + nbytes], owner
     raise ConfigError(f"unknown pool memory kind {memory!r}: use host, pinned, unified or auto")
 
 
 def _resolve_memory(memory: str) -> str:
+    if memory not in ("auto", "host", "pinned", "unified"):
+        raise ConfigError(f"unknown pool memory kind {memory!r}: use host, pinned, unified or auto")
     if memory != "auto":
         return memory
     try:
@@ -98,11 +92,15 @@ class Slab:
     ``i`` of the batch. The slab outlives every batch it carries.
     """
 
-    __slots__ = ("backing", "capacity", "columns", "index", "owner")
+    __slots__ = ("backing", "capacity", "columns", "index", "mlx_columns", "owner")
 
     def __init__(self, index: int, specs: Sequence[ColumnSpec], capacity: int, memory: str):
         self.index = index
         self.capacity = capacity
+        self.mlx_columns: dict[str, Any] | None = None
+        if memory == "unified":
+            self._allocate_unified(specs, capacity)
+            return
         sizes = [
             _aligned(capacity * int(np.prod(s.shape, dtype=np.int64)) * s.dtype.itemsize)
             for s in specs
@@ -118,9 +116,25 @@ class Slab:
             self.columns[spec.name] = col
             offset += size
 
+    def _allocate_unified(self, specs: Sequence[ColumnSpec], capacity: int) -> None:
+        """One MLX array per column (MLX arrays carry their dtype), numpy views onto each."""
+        import mlx.core as mx
+
+        self.mlx_columns = {}
+        self.columns = {}
+        for spec in specs:
+            arr = mx.zeros((capacity, *spec.shape), dtype=getattr(mx, spec.dtype.name))
+            mx.eval(arr)
+            view = np.array(arr, copy=False)
+            view.fill(spec.fill)
+            self.mlx_columns[spec.name] = arr
+            self.columns[spec.name] = view
+        self.backing = None
+        self.owner = self.mlx_columns
+
     @property
     def nbytes(self) -> int:
-        return int(self.backing.nbytes)
+        return sum(int(c.nbytes) for c in self.columns.values())
 
 
 class Lease:
@@ -152,6 +166,19 @@ class Lease:
     @property
     def capacity(self) -> int:
         return self.slab.capacity
+
+    @property
+    def pool(self) -> BufferPool:
+        return self._pool
+
+    def mark_written(self, columns: Iterable[str], device: str | None = None) -> None:
+        """Forget device copies of ``columns`` made stale by a write (except ``device``'s own)."""
+        cache = self.device_cache
+        if not cache:
+            return
+        names = set(columns)
+        for key in [k for k in cache if k[1] in names and k[0] != device]:
+            del cache[key]
 
     def __getitem__(self, name: str) -> np.ndarray:
         self._check_live()
@@ -272,6 +299,7 @@ class BufferPool:
         self._free: collections.deque[Slab] = collections.deque(self._slabs)
         self._waiters: collections.deque[asyncio.Future[Slab]] = collections.deque()
         self._live: dict[int, Lease] = {}
+        self._idle_waiters: list[asyncio.Future[None]] = []
         self._seq = 0
         self._high_water = 0
         self._acquired = 0
@@ -337,7 +365,19 @@ class BufferPool:
         del self._live[lease.slab.index]
         self._give(lease.slab)
 
+    async def wait_idle(self) -> None:
+        """Wait until every lease has returned (all in-flight batches are done)."""
+        while self._live:
+            fut = asyncio.get_running_loop().create_future()
+            self._idle_waiters.append(fut)
+            await fut
+
     def _give(self, slab: Slab) -> None:
+        if not self._live:
+            while self._idle_waiters:
+                fut = self._idle_waiters.pop()
+                if not fut.done():
+                    fut.set_result(None)
         while self._waiters:
             fut = self._waiters.popleft()
             if not fut.done():

@@ -1,0 +1,303 @@
+"""A pipeline: stages wired in order over the bus, one buffer pool, an ingress, a shutdown.
+
+Wiring. Batches enter on ``pipeline.<name>.ticks``; stage *i* subscribes to the output
+topic of stage *i−1* and publishes the same lease on ``pipeline.<name>.<stage>``; the
+last stage is the sink, after which the bus releases the lease back to the pool. Each
+stage's subscription is bounded and blocking, so a slow stage slows its upstream instead of
+queueing without limit; the pool's fixed number of slabs bounds everything in flight.
+
+Ingress. Sources that already produce batches (the replay) fill slabs themselves and hand
+leases to :meth:`Pipeline.publish_batch`. A live feed publishing one tick at a time goes
+through the micro-batcher: ticks accumulate in a lease until ``batch_size`` rows or
+``max_delay_us`` after the first row, whichever comes first.
+
+Shutdown, in order: the ingress stops (a partial batch is flushed), in-flight batches
+drain (the pool becomes idle), each stage's ``finish`` runs in pipeline order (emitting
+end-of-stream results), the bus drains and closes, streams close, and the pool reports
+leaked leases. Nothing is left running.
+
+Accounting: ``ticks_in`` = rows published into the pipeline = rows that reached the sink
++ rows of batches that a stage failed on (logged with context, sent to the dead-letter
+topic). ``stats()["ticks"]`` holds the identity; the replay adds rejected/quarantined.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import numpy as np
+import structlog
+
+from .bus import EventBus
+from .errors import ConfigError, PipelineError
+from .events import KIND_QUOTE, KIND_TRADE, TICK_COLUMN_NAMES, TICK_COLUMNS, QuoteTick, TradeTick
+from .memory import BufferPool, Lease
+from .stage import Stage, StageContext, StageRunner
+from .symbols import SymbolTable
+
+log = structlog.get_logger("nautilus_pipeline.pipeline")
+
+
+class Pipeline:
+    """Stages in order over an event bus, with a pool sized for ``batch_size`` rows."""
+
+    def __init__(
+        self,
+        stages: Sequence[Stage],
+        *,
+        name: str = "default",
+        batch_size: int = 4096,
+        slabs: int = 8,
+        memory: str = "auto",
+        max_delay_us: float = 1000.0,
+        queue_size: int = 4,
+        on_error: str = "isolate",
+        bus: EventBus | None = None,
+        symbols: SymbolTable | None = None,
+    ):
+        if not stages:
+            raise ConfigError(f"pipeline {name!r} has no stages")
+        names = [s.name for s in stages]
+        if len(set(names)) != len(names):
+            raise ConfigError(f"pipeline {name!r}: stage names must be unique, got {names}")
+        if batch_size < 1:
+            raise ConfigError(f"pipeline {name!r}: batch_size must be >= 1, got {batch_size}")
+        self.name = name
+        self.stages = list(stages)
+        self.batch_size = batch_size
+        self.max_delay_s = max_delay_us / 1e6
+        self.queue_size = queue_size
+        self.symbols = symbols if symbols is not None else SymbolTable()
+        self._own_bus = bus is None
+        self.bus = bus or EventBus(on_error=on_error, name=f"bus:{name}")
+        self._check_columns()
+        outputs = [c for s in self.stages for c in s.writes]
+        self.pool = BufferPool.with_outputs(
+            outputs, capacity=batch_size, slabs=slabs, memory=memory, name=f"pool:{name}"
+        )
+        self.ingress_topic = f"pipeline.{name}.ticks"
+        self.ctx = StageContext(bus=self.bus, pipeline=name, symbols=self.symbols)
+        self.runners: list[StageRunner] = []
+        self.ticks_in = 0
+        self._pending: Lease | None = None
+        self._flusher: asyncio.Task | None = None
+        self._started = False
+        self._closed = False
+        self.leaked: list[Lease] = []
+
+    def _check_columns(self) -> None:
+        available = set(TICK_COLUMN_NAMES)
+        for stage in self.stages:
+            missing = [c for c in stage.reads if c not in available]
+            if missing:
+                raise ConfigError(
+                    f"pipeline {self.name!r}: stage {stage.name!r} reads {missing}, which neither "
+                    f"the ticks nor an earlier stage provide (available: {sorted(available)})"
+                )
+            clash = [c.name for c in stage.writes if c.name in available]
+            if clash:
+                raise ConfigError(
+                    f"pipeline {self.name!r}: stage {stage.name!r} writes {clash}, which already "
+                    "exist; give its outputs their own names"
+                )
+            available.update(c.name for c in stage.writes)
+
+    # --- lifecycle ---------------------------------------------------------------------
+    async def __aenter__(self) -> Pipeline:
+        await self.start()
+        return self
+
+    async def __aexit__(self, exc_type, exc, tb) -> None:
+        await self.close(drain=exc_type is None)
+
+    async def start(self) -> None:
+        if self._started:
+            return
+        self._started = True
+        if self._own_bus:
+            await self.bus.__aenter__()
+        topic = self.ingress_topic
+        for i, stage in enumerate(self.stages):
+            last = i == len(self.stages) - 1
+            out = None if last else f"pipeline.{self.name}.{stage.name}"
+            runner = StageRunner(
+                stage, input_topic=topic, output_topic=out, ctx=self.ctx,
+                queue_size=self.queue_size, sink=last,
+            )
+            await runner.start()
+            self.runners.append(runner)
+            topic = out
+        self.bus.respond(f"control.{self.name}.stats", lambda event: self.stats())
+        log.info(
+            "pipeline_started",
+            pipeline=self.name,
+            stages=[f"{r.stage.name}@{r.stream.name}" for r in self.runners],
+            batch_size=self.batch_size,
+            pool_memory=self.pool.memory,
+        )
+
+    async def close(self, drain: bool = True) -> None:
+        """Stop the ingress, drain in-flight batches, finish stages, close bus and streams."""
+        if self._closed:
+            return
+        self._closed = True
+        try:
+            if self._flusher is not None:
+                self._flusher.cancel()
+                await asyncio.gather(self._flusher, return_exceptions=True)
+                self._flusher = None
+            if drain and self.bus.failure is None:
+                await self.flush()
+                await self._wait_idle()
+                for runner in self.runners:
+                    await runner.finish()
+            elif self._pending is not None:
+                self._pending.release("ingress")
+                self._pending = None
+            if self._own_bus:
+                await self.bus.close(drain=drain and self.bus.failure is None)
+        finally:
+            for runner in self.runners:
+                runner.close()
+            self.leaked = self.pool.close()
+            log.info("pipeline_closed", pipeline=self.name, **self.stats()["ticks"])
+        if self._own_bus and self.bus.failure is not None:
+            raise self.bus.failure
+
+    async def _wait_idle(self) -> None:
+        idle = asyncio.ensure_future(self.pool.wait_idle())
+        closed = asyncio.ensure_future(self.bus._closed.wait())
+        try:
+            await asyncio.wait({idle, closed}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for f in (idle, closed):
+                f.cancel()
+            await asyncio.gather(idle, closed, return_exceptions=True)
+
+    async def drain(self) -> None:
+        """Flush the micro-batcher and wait until every batch published so far is done."""
+        await self.flush()
+        await self._wait_idle()
+
+    # --- ingress -----------------------------------------------------------------------
+    def _check_running(self) -> None:
+        if not self._started or self._closed:
+            raise PipelineError(
+                f"pipeline {self.name!r} is not running: use 'async with pipeline:' first"
+            )
+
+    async def acquire(self, holder: str = "source", timeout: float | None = None) -> Lease:
+        """A free slab for a source to fill (waits while all slabs are in flight)."""
+        return await self.pool.acquire(holder, timeout=timeout)
+
+    async def publish_batch(self, lease: Lease, holder: str = "source") -> None:
+        """Send a filled lease into the first stage and drop the source's reference."""
+        self._check_running()
+        await self._send(lease, holder)
+
+    async def _send(self, lease: Lease, holder: str) -> None:
+        try:
+            if lease.length:
+                self.ticks_in += lease.length
+                await self.bus.publish(self.ingress_topic, lease)
+        finally:
+            lease.release(holder)
+
+    async def ingest(self, columns: Mapping[str, np.ndarray]) -> int:
+        """Copy a struct of arrays (tick column name → array) into slabs and publish them.
+
+        Missing columns take their defaults (``side`` 0, ``trade_id`` −1, NaN quotes).
+        Returns the number of rows published.
+        """
+        self._check_running()
+        await self.flush()
+        unknown = set(columns) - set(TICK_COLUMN_NAMES)
+        if unknown:
+            raise ConfigError(f"ingest: unknown tick columns {sorted(unknown)}; use {TICK_COLUMN_NAMES}")
+        if "ts_ns" not in columns:
+            raise ConfigError("ingest: the ts_ns column is required")
+        n = len(columns["ts_ns"])
+        for start in range(0, n, self.batch_size):
+            stop = min(start + self.batch_size, n)
+            lease = await self.pool.acquire("ingress")
+            lease.length = stop - start
+            for spec in TICK_COLUMNS:
+                col = lease[spec.name]
+                if spec.name in columns:
+                    col[...] = columns[spec.name][start:stop]
+                else:
+                    col.fill(spec.fill)
+            await self._send(lease, "ingress")
+        return n
+
+    async def publish_tick(self, tick: TradeTick | QuoteTick) -> None:
+        """Add one tick to the current micro-batch (sent at ``batch_size`` or ``max_delay_us``)."""
+        self._check_running()
+        lease = self._pending
+        if lease is None:
+            lease = self._pending = await self.pool.acquire("ingress")
+            self._arm_flusher()
+        i = lease.length
+        cols = lease.columns
+        cols["ts_ns"][i] = tick.ts_ns
+        cols["ts_recv_ns"][i] = tick.ts_recv_ns
+        cols["symbol_id"][i] = self.symbols.id_of(tick.symbol)
+        if isinstance(tick, TradeTick):
+            cols["kind"][i] = KIND_TRADE
+            cols["price"][i] = tick.price
+            cols["size"][i] = tick.size
+            cols["side"][i] = tick.side
+            cols["trade_id"][i] = tick.trade_id
+            for name in ("bid", "ask", "bid_size", "ask_size"):
+                cols[name][i] = np.nan
+        else:
+            cols["kind"][i] = KIND_QUOTE
+            cols["price"][i] = np.nan
+            cols["size"][i] = np.nan
+            cols["side"][i] = 0
+            cols["trade_id"][i] = -1
+            cols["bid"][i] = tick.bid
+            cols["ask"][i] = tick.ask
+            cols["bid_size"][i] = tick.bid_size
+            cols["ask_size"][i] = tick.ask_size
+        lease.length = i + 1
+        if lease.length >= lease.capacity:
+            await self.flush()
+
+    async def flush(self) -> None:
+        """Publish the partial micro-batch now."""
+        lease = self._pending
+        if lease is None:
+            return
+        self._pending = None
+        await self._send(lease, "ingress")
+
+    def _arm_flusher(self) -> None:
+        if self._flusher is None or self._flusher.done():
+            self._flusher = asyncio.get_running_loop().create_task(
+                self._flush_after_delay(), name=f"{self.name}:batcher"
+            )
+
+    async def _flush_after_delay(self) -> None:
+        await asyncio.sleep(self.max_delay_s)
+        await self.flush()
+
+    # --- introspection -----------------------------------------------------------------
+    def stats(self) -> dict[str, Any]:
+        sink_rows = self.runners[-1].metrics.rows if self.runners else 0
+        failed = sum(r.metrics.failed_rows for r in self.runners)
+        return {
+            "pipeline": self.name,
+            "ticks": {
+                "ticks_in": self.ticks_in,
+                "ticks_out": sink_rows,
+                "ticks_failed": failed,
+                "in_flight": self.ticks_in - sink_rows - failed,
+            },
+            "stages": [r.stats() for r in self.runners],
+            "pool": dataclasses.asdict(self.pool.stats()),
+            "leaked_leases": [repr(lease) for lease in self.leaked],
+        }

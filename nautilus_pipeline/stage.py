@@ -1,0 +1,214 @@
+"""Stages and the runner that binds a stage to the bus, a compute stream and a fallback.
+
+A :class:`Stage` is a small processor (as in structlog): it declares the slab columns it
+reads and writes, the compute streams it prefers, and processes one batch at a time
+through views of the lease. The math lives in pure kernels (``kernels/``); a stage moves
+batches, calls its kernel on its stream, and commits its state only when the batch
+succeeded, so that a batch rerun on the fallback stream after a device error starts
+from the same state and gives the same numbers.
+
+The :class:`StageRunner` owns what every stage needs and none should write twice: the
+subscription on the bus, the stream selection and fallback, per-batch latency and
+throughput metrics, and error context (stage, topic, batch, rows) for failures.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import structlog
+
+from .compute import ComputeStream, choose, create_stream
+from .errors import StageError
+from .events import ColumnSpec
+from .memory import Lease
+from .metrics import LatencyHistogram
+
+if TYPE_CHECKING:
+    from .bus import Event, EventBus, Subscription
+
+log = structlog.get_logger("nautilus_pipeline.stage")
+
+
+@dataclass
+class StageContext:
+    """What a running stage may use besides its batch: the bus and the symbol table."""
+
+    bus: EventBus
+    pipeline: str
+    symbols: Any = None
+
+    async def publish(self, topic: str, payload: Any) -> None:
+        await self.bus.publish(topic, payload)
+
+
+class Stage:
+    """Base class of pipeline stages. Subclasses set the class attributes and ``process``.
+
+    - ``reads``: slab columns the stage reads (checked at build: someone must provide them).
+    - ``writes``: output columns the stage adds to every slab (name, dtype, per-row shape).
+    - ``streams``: compute stream preference list, first usable wins.
+    - ``max_batch``: largest number of rows handed to the kernel at once (``None``: the
+      whole lease); larger leases are processed in consecutive row ranges.
+    """
+
+    name: str = "stage"
+    reads: tuple[str, ...] = ()
+    writes: tuple[ColumnSpec, ...] = ()
+    streams: Sequence[str] = ("cpu",)
+    max_batch: int | None = None
+    offload: bool = False
+
+    async def start(self, ctx: StageContext) -> None:
+        """Called once before the first batch (reset state, open outputs)."""
+
+    async def bind(self, stream: ComputeStream) -> None:
+        """Prepare to run on ``stream`` (load a model onto its device). Called for the primary
+        stream at start, and for the fallback stream before its first batch."""
+
+    async def process(self, lease: Lease, stream: ComputeStream, ctx: StageContext) -> None:
+        """Process rows ``[0, lease.length)`` of the batch, writing the declared columns."""
+        raise NotImplementedError
+
+    async def finish(self, ctx: StageContext) -> None:
+        """End of stream: emit what only the end can close (the last VPIN bar, say)."""
+
+    def stats(self) -> dict[str, Any]:
+        """Stage-specific counters, merged into the runner's stats."""
+        return {}
+
+
+@dataclass
+class StageMetrics:
+    batches: int = 0
+    rows: int = 0
+    busy_ns: int = 0
+    fallbacks: int = 0
+    failures: int = 0
+    failed_rows: int = 0
+    latency: LatencyHistogram = field(default_factory=LatencyHistogram)
+
+    def summary(self) -> dict[str, Any]:
+        return {
+            "batches": self.batches,
+            "rows": self.rows,
+            "fallbacks": self.fallbacks,
+            "failures": self.failures,
+            "failed_rows": self.failed_rows,
+            "rows_per_s": self.rows / (self.busy_ns / 1e9) if self.busy_ns else 0.0,
+            "batch_latency": self.latency.summary(),
+        }
+
+
+class StageRunner:
+    """Runs one stage: subscribes to its input topic, processes, forwards, measures."""
+
+    def __init__(
+        self,
+        stage: Stage,
+        *,
+        input_topic: str,
+        output_topic: str | None,
+        ctx: StageContext,
+        queue_size: int = 16,
+        sink: bool = False,
+    ):
+        self.stage = stage
+        self.input_topic = input_topic
+        self.output_topic = output_topic
+        self.ctx = ctx
+        self.queue_size = queue_size
+        self.sink = sink
+        self.metrics = StageMetrics()
+        self.selection = choose(list(stage.streams), stage=stage.name)
+        self.stream: ComputeStream = create_stream(self.selection.primary, offload=stage.offload)
+        self._fallback: ComputeStream | None = None
+        self._fallback_bound = False
+        self.subscription: Subscription | None = None
+        self._write_names = tuple(c.name for c in stage.writes)
+
+    @property
+    def fallback_stream(self) -> ComputeStream | None:
+        if self._fallback is None and self.selection.fallback is not None:
+            self._fallback = create_stream(self.selection.fallback, offload=self.stage.offload)
+        return self._fallback
+
+    async def start(self) -> None:
+        await self.stage.start(self.ctx)
+        await self.stage.bind(self.stream)
+        self.subscription = self.ctx.bus.subscribe(
+            self.input_topic,
+            self._on_batch,
+            name=f"stage:{self.stage.name}",
+            maxsize=self.queue_size,
+            overflow="block",
+        )
+
+    async def _on_batch(self, event: Event) -> None:
+        lease: Lease = event.payload
+        t0 = time.perf_counter_ns()
+        try:
+            await self._process(lease)
+        except Exception as exc:
+            self.metrics.failures += 1
+            self.metrics.failed_rows += lease.length
+            raise StageError(
+                f"stage {self.stage.name!r} failed on batch {lease.seq} ({lease.length} rows, "
+                f"topic {event.topic!r}, stream {self.stream.name}): {type(exc).__name__}: {exc}"
+            ) from exc
+        dt = time.perf_counter_ns() - t0
+        m = self.metrics
+        m.batches += 1
+        m.rows += lease.length
+        m.busy_ns += dt
+        m.latency.record(dt)
+        if self.output_topic is not None:
+            await self.ctx.bus.publish(self.output_topic, lease)
+
+    async def _process(self, lease: Lease) -> None:
+        try:
+            await self._process_on(lease, self.stream)
+        except Exception as exc:
+            fallback = self.fallback_stream
+            if fallback is None:
+                raise
+            self.metrics.fallbacks += 1
+            log.warning(
+                "stage_fallback",
+                stage=self.stage.name,
+                stream=self.stream.name,
+                fallback=fallback.name,
+                batch=lease.seq,
+                rows=lease.length,
+                error=f"{type(exc).__name__}: {exc}",
+            )
+            if not self._fallback_bound:
+                await self.stage.bind(fallback)
+                self._fallback_bound = True
+            await self._process_on(lease, fallback)
+
+    async def _process_on(self, lease: Lease, stream: ComputeStream) -> None:
+        await self.stage.process(lease, stream, self.ctx)
+        if self._write_names:
+            lease.mark_written(self._write_names, device=getattr(stream, "_cache_tag", None))
+
+    async def finish(self) -> None:
+        await self.stage.finish(self.ctx)
+
+    def close(self) -> None:
+        self.stream.close()
+        if self._fallback is not None:
+            self._fallback.close()
+
+    def stats(self) -> dict[str, Any]:
+        return {
+            "stage": self.stage.name,
+            "stream": self.stream.name,
+            "fallback": self.selection.fallback,
+            "skipped_streams": [f"{n}: {r}" for n, r in self.selection.skipped],
+            **self.metrics.summary(),
+            **self.stage.stats(),
+        }
