@@ -1,0 +1,170 @@
+"""Plain references for the analytics kernels: one tick at a time, float64, obvious, slow.
+
+Written from the definitions in issue 4 and the kernels' docstrings, not from the fast
+code: Python floats and loops, ``math`` and ``statistics``; numpy only to hand arrays back.
+The tests compare the fast kernels against these.
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+
+import numpy as np
+
+# --------------------------------------------------------------------------- features
+
+
+def ref_features(
+    ts_ns: list[int],
+    price: list[float],
+    size: list[float],
+    side: list[int],
+    half_lives: tuple[int, ...] = (10, 100, 1000),
+    intensity_half_life: int = 100,
+    vwap_half_life: int = 100,
+    rsi_period: int = 14,
+) -> np.ndarray:
+    """Trade features of one symbol, one row per trade, columns as ``feature_names``."""
+    decay = {h: 0.5 ** (1.0 / h) for h in (*half_lives, intensity_half_life, vwap_half_life)}
+    ew_r = dict.fromkeys(half_lives, 0.0)
+    ew_r2 = dict.fromkeys(half_lives, 0.0)
+    ew_sv = dict.fromkeys(half_lives, 0.0)
+    ew_v = dict.fromkeys(half_lives, 0.0)
+    ew_dt = 0.0
+    ew_pv = 0.0
+    ew_vv = 0.0
+    n_changes = 0
+    sum_gain = sum_loss = 0.0
+    avg_gain = avg_loss = 0.0
+    rows = []
+    for i in range(len(price)):
+        p, v, t = float(price[i]), float(size[i]), int(ts_ns[i])
+        if i == 0:
+            r, dt, change = 0.0, 0.0, None
+        else:
+            r = math.log(p / float(price[i - 1]))
+            dt = max(t - int(ts_ns[i - 1]), 0) / 1e9
+            change = p - float(price[i - 1])
+        row = [r]
+        for h in half_lives:
+            a = decay[h]
+            ew_r[h] = (1.0 - a) * r + a * ew_r[h]
+            ew_r2[h] = (1.0 - a) * (r * r) + a * ew_r2[h]
+            ew_sv[h] = (1.0 - a) * (float(side[i]) * v) + a * ew_sv[h]
+            ew_v[h] = (1.0 - a) * v + a * ew_v[h]
+        row += [ew_r[h] for h in half_lives]
+        row += [math.sqrt(ew_r2[h]) for h in half_lives]
+        row += [ew_sv[h] / ew_v[h] if ew_v[h] != 0.0 else math.nan for h in half_lives]
+        a = decay[intensity_half_life]
+        ew_dt = (1.0 - a) * dt + a * ew_dt
+        row.append(ew_dt)
+        rsi = math.nan
+        if change is not None:
+            n_changes += 1
+            gain, loss = max(change, 0.0), max(-change, 0.0)
+            if n_changes <= rsi_period:
+                sum_gain += gain
+                sum_loss += loss
+                if n_changes == rsi_period:
+                    avg_gain, avg_loss = sum_gain / rsi_period, sum_loss / rsi_period
+            else:
+                w = 1.0 - 1.0 / rsi_period
+                avg_gain = (1.0 / rsi_period) * gain + w * avg_gain
+                avg_loss = (1.0 / rsi_period) * loss + w * avg_loss
+            if n_changes >= rsi_period:
+                total = avg_gain + avg_loss
+                rsi = 100.0 * avg_gain / total if total > 0.0 else 50.0
+        row.append(rsi)
+        a = decay[vwap_half_life]
+        ew_pv = (1.0 - a) * (p * v) + a * ew_pv
+        ew_vv = (1.0 - a) * v + a * ew_vv
+        row.append(math.log(p / (ew_pv / ew_vv)) if ew_vv != 0.0 else math.nan)
+        rows.append(row)
+    return np.array(rows, dtype=np.float64).reshape(len(price), -1)
+
+
+def ref_quote_features(bid: float, ask: float, bid_size: float, ask_size: float) -> list[float]:
+    """Spread, microprice minus mid, top-of-book size imbalance of one quote."""
+    depth = bid_size + ask_size
+    micro = (bid * ask_size + ask * bid_size) / depth
+    return [ask - bid, micro - (bid + ask) / 2.0, (bid_size - ask_size) / depth]
+
+
+# --------------------------------------------------------------------------- VPIN
+
+
+def ref_vpin(
+    ts_ns: list[int],
+    price: list[float],
+    size: list[float],
+    *,
+    bucket_volume: float,
+    window: int = 50,
+    bar_ns: int = 60_000_000_000,
+    sigma_window: int = 100,
+    threshold: float = 0.9,
+) -> dict[str, np.ndarray]:
+    """VPIN per completed bucket of a whole stream, end of stream included (issue 4)."""
+    # bars: (ts, price, volume) in stream order
+    bars: list[list] = []
+    open_id = None
+    for t, p, v in zip(ts_ns, price, size, strict=True):
+        t, p, v = int(t), float(p), float(v)
+        if bar_ns == 0:
+            bars.append([t, p, v])
+            continue
+        bar_id = t // bar_ns
+        if open_id is not None and bar_id <= open_id:
+            bars[-1][0] = t
+            bars[-1][1] = p
+            bars[-1][2] += v
+        else:
+            bars.append([t, p, v])
+            open_id = bar_id
+
+    V = bucket_volume
+    dps: list[float] = []
+    out: dict[str, list] = {
+        k: [] for k in ("bucket", "ts_ns", "buy_volume", "sell_volume", "vpin", "cdf", "toxic")
+    }
+    ois: list[float] = []
+    vpins: list[float] = []
+    cum = 0.0
+    j = 0
+    buy = 0.0
+    for k, (t, p, v) in enumerate(bars):
+        if k == 0:
+            f = 0.5
+        else:
+            dp = p - bars[k - 1][1]
+            dps.append(dp)
+            last = dps[-sigma_window:]
+            sigma = statistics.stdev(last) if len(last) >= 2 else 0.0
+            f = 0.5 * math.erfc(-(dp / sigma) / math.sqrt(2.0)) if sigma > 0.0 else 0.5
+        lo = cum
+        cum = cum + v
+        hi = cum
+        while hi >= (j + 1) * V:
+            buy += f * ((j + 1) * V - max(lo, j * V))
+            oi = abs(2.0 * buy - V)
+            ois.append(oi)
+            vpin = sum(ois[-window:]) / (window * V) if len(ois) >= window else math.nan
+            if math.isnan(vpin):
+                cdf = math.nan
+            else:
+                vpins.append(vpin)
+                cdf = sum(1 for x in vpins if x <= vpin) / len(vpins)
+            out["bucket"].append(j)
+            out["ts_ns"].append(t)
+            out["buy_volume"].append(buy)
+            out["sell_volume"].append(V - buy)
+            out["vpin"].append(vpin)
+            out["cdf"].append(cdf)
+            out["toxic"].append(cdf > threshold)
+            j += 1
+            buy = 0.0
+        if hi > j * V:
+            buy += f * (hi - max(lo, j * V))
+    dtypes = {"bucket": np.int64, "ts_ns": np.int64, "toxic": bool}
+    return {k: np.array(v, dtype=dtypes.get(k, np.float64)) for k, v in out.items()}
