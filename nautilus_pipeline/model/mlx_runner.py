@@ -1,0 +1,129 @@
+"""The MLX backends: ``mlx:gpu`` (Metal on a Mac, CUDA with the ``mlx[cuda]`` build) and ``mlx:cpu``.
+
+The model is an ``mlx.nn.Module`` holding the same tensors as the safetensors file
+(``layers.{i}.weight`` ``(out, in)``, like ``mlx.nn.Linear``). Ops are issued with
+``stream=<device>``, the device's default stream, rather than a stream made by
+``mx.new_stream``: recent MLX ties a new stream to the thread that created it
+(BACKENDS.md), and the runtime may call ``predict`` from an executor thread.
+
+``compile=True`` wraps the forward in ``mx.compile`` (one trace per batch shape, ~0.5 s for
+the first, cached after). ``shapeless=True`` was tried and rejected: with MLX 0.32.4 on Linux
+CPU a shapeless-compiled pair of ``Linear`` layers corrupts the heap when a smaller batch
+follows a larger one (``double free or corruption``). Measured here, compiling saved ~10 %
+at batch 1 and nothing at large batches, so it is off by default. ``predict`` evaluates
+before converting, so the numpy result is final.
+"""
+
+from __future__ import annotations
+
+import itertools
+from typing import Any
+
+import numpy as np
+
+from nautilus_pipeline.errors import BackendUnavailableError, ConfigError
+from nautilus_pipeline.model.base import ModelRunner, write_out
+from nautilus_pipeline.model.spec import MLPWeights, ModelSpec
+
+try:
+    import mlx.core as mx
+    import mlx.nn as mnn
+except ImportError:  # pragma: no cover - exercised where mlx is not installed
+    mx = None  # type: ignore[assignment]
+    mnn = None  # type: ignore[assignment]
+
+
+def mlx_usable(device: str) -> tuple[bool, str]:
+    """Whether ``mlx:<device>`` can run here, and why not."""
+    if mx is None:
+        return False, "mlx is not installed (pip install 'nautilus-pipeline[mlx]')"
+    if device == "cpu":
+        return True, f"mlx {mx.__version__} on CPU"
+    if device == "gpu":
+        metal = hasattr(mx, "metal") and mx.metal.is_available()
+        cuda = hasattr(mx, "cuda") and mx.cuda.is_available()
+        if metal or cuda:
+            return True, f"mlx {mx.__version__} on {'Metal' if metal else 'CUDA'}"
+        return (
+            False,
+            f"mlx {mx.__version__}: no GPU (neither Metal nor the mlx[cuda] build is present)",
+        )
+    return False, f"unknown mlx device {device!r} (cpu, gpu)"
+
+
+if mnn is not None:
+
+    class MLXMLP(mnn.Module):
+        """``(x - mean) / std`` → Linear/act … → Linear → sigmoid, output ``[n, 1]``."""
+
+        def __init__(self, spec: ModelSpec, dtype: Any) -> None:
+            super().__init__()
+            k = spec.n_inputs
+            self.norm = {"mean": mx.zeros((k,)), "std": mx.ones((k,))}
+            sizes = spec.layer_sizes
+            self.layers = [mnn.Linear(a, b) for a, b in itertools.pairwise(sizes)]
+            self.activation = {"relu": mnn.relu, "tanh": mx.tanh, "silu": mnn.silu}[spec.activation]
+            self.compute_dtype = dtype
+
+        def __call__(self, x: mx.array) -> mx.array:
+            h = ((x - self.norm["mean"]) / self.norm["std"]).astype(self.compute_dtype)
+            for layer in self.layers[:-1]:
+                h = self.activation(layer(h))
+            return mx.sigmoid(self.layers[-1](h)).astype(mx.float32)
+
+
+def build_mlx_mlp(spec: ModelSpec, weights: MLPWeights, dtype: str = "float32") -> MLXMLP:
+    """The model as an MLX module; ``dtype`` float16/bfloat16 applies to the dense layers."""
+    ok, why = mlx_usable("cpu")
+    if not ok:
+        raise BackendUnavailableError(why)
+    if dtype not in ("float32", "float16", "bfloat16"):
+        raise ConfigError(f"mlx dtype {dtype!r} is not float32, float16 or bfloat16")
+    weights.check(spec)
+    mdtype = getattr(mx, dtype)
+    model = MLXMLP(spec, mdtype)
+    params: dict[str, Any] = {
+        "norm": {"mean": mx.array(weights.mean), "std": mx.array(weights.std)},
+        "layers": [
+            {"weight": mx.array(w).astype(mdtype), "bias": mx.array(b).astype(mdtype)}
+            for w, b in zip(weights.weights, weights.biases, strict=True)
+        ],
+    }
+    model.update(params)
+    mx.eval(model.parameters())
+    return model
+
+
+class MLXRunner(ModelRunner):
+    """MLX on ``cpu`` or ``gpu``, eager or ``mx.compile``-d per batch shape."""
+
+    def __init__(
+        self,
+        spec: ModelSpec,
+        weights: MLPWeights,
+        device: str = "cpu",
+        *,
+        dtype: str = "float32",
+        compile: bool = False,
+    ) -> None:
+        ok, why = mlx_usable(device)
+        if not ok:
+            raise BackendUnavailableError(f"mlx:{device}: {why}")
+        self.spec = spec
+        self.backend = f"mlx:{device}"
+        self.name = self.backend + ("/compiled" if compile else "/eager")
+        if dtype != "float32":
+            self.name += f"/{dtype}"
+        self._device = mx.cpu if device == "cpu" else mx.gpu
+        self._model = build_mlx_mlp(spec, weights, dtype)
+        self._fn = mx.compile(self._model) if compile else self._model
+
+    def predict(self, x: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
+        """See :meth:`ModelRunner.predict`; evaluates on this runner's device before returning."""
+        a = self._features(x)
+        if a.shape[0] == 0:
+            return write_out(np.empty(0, np.float32), out)
+        with mx.stream(self._device):
+            y = self._fn(mx.array(a))
+            mx.eval(y)
+        return write_out(np.array(y), out)

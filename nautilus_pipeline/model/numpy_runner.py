@@ -1,0 +1,30 @@
+"""The ``numpy`` / ``cpu`` backend: :mod:`nautilus_pipeline.kernels.mlp` behind the runner API.
+
+Always usable (numpy is a core dependency), so it is the last entry of every fallback list.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from nautilus_pipeline.kernels.mlp import MLPWorkspace, mlp_forward
+from nautilus_pipeline.model.base import ModelRunner
+from nautilus_pipeline.model.spec import MLPWeights, ModelSpec
+
+
+class NumpyRunner(ModelRunner):
+    """float32 matrix products with preallocated buffers; one instance per thread."""
+
+    backend = "numpy"
+
+    def __init__(self, spec: ModelSpec, weights: MLPWeights, capacity: int = 256) -> None:
+        weights.check(spec)
+        self.spec = spec
+        self.name = "numpy"
+        self._ws = MLPWorkspace(
+            weights.mean, weights.std, weights.weights, weights.biases, spec.activation, capacity
+        )
+
+    def predict(self, x: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
+        """See :meth:`ModelRunner.predict`; allocates only the result (or nothing with ``out``)."""
+        return mlp_forward(self._ws, self._features(x), out)

@@ -1,0 +1,244 @@
+"""Backend registry and measured routing for the inference stage.
+
+``make_runner("torch:cuda", spec, weights)`` builds a runner; ``runner_usable(backend)``
+says whether a backend can run here and why not, without building anything. Backends:
+
+=============  =====================================================================
+``numpy``      float32 matrix products (alias ``cpu``); always usable
+``torch:cpu``  torch eager (``mode="script"``/``"compile"`` optional)
+``torch:cuda`` torch on NVIDIA; CUDA-graph replay for batches up to 1024 by default
+``torch:mps``  torch on Apple GPUs
+``mlx:cpu``    MLX on the CPU
+``mlx:gpu``    MLX on Metal, or on CUDA with the ``mlx[cuda]`` build
+``coreml:ane`` Core ML on the Neural Engine (``coreml:all``, ``coreml:cpu`` too); macOS only
+=============  =====================================================================
+
+:func:`calibrate` replaces fixed "hardware routing thresholds" with measurements: it runs
+every usable runner at each batch size, checks its output against the float64 reference,
+and picks the fastest per batch size. Which backend wins depends on the machine and the
+batch (on this project's Xeon, numpy wins at batch 1 and torch at 4096; on an H100 CUDA
+graphs win from a few hundred rows), so the table and the choice are logged, not assumed.
+"""
+
+from __future__ import annotations
+
+import tempfile
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from nautilus_pipeline.errors import BackendUnavailableError, ConfigError
+from nautilus_pipeline.kernels.mlp import mlp_reference
+from nautilus_pipeline.model.base import ModelRunner
+from nautilus_pipeline.model.spec import MLPWeights, ModelSpec
+
+BACKENDS: tuple[str, ...] = (
+    "numpy",
+    "cpu",
+    "torch:cpu",
+    "torch:cuda",
+    "torch:mps",
+    "mlx:cpu",
+    "mlx:gpu",
+    "coreml:ane",
+    "coreml:all",
+    "coreml:cpu",
+)
+DEFAULT_BATCH_SIZES: tuple[int, ...] = (1, 8, 64, 256, 1024, 4096)
+
+
+def _split(backend: str) -> tuple[str, str]:
+    if backend not in BACKENDS:
+        raise ConfigError(f"unknown inference backend {backend!r}; one of {', '.join(BACKENDS)}")
+    family, _, device = backend.partition(":")
+    return family, device
+
+
+def runner_usable(backend: str) -> tuple[bool, str]:
+    """``(True, what runs)`` or ``(False, why not)`` for one backend name, building nothing."""
+    try:
+        family, device = _split(backend)
+    except ConfigError as e:
+        return False, str(e)
+    if family in ("numpy", "cpu"):
+        return True, f"numpy {np.__version__}"
+    if family == "torch":
+        from nautilus_pipeline.model.torch_runner import torch_usable
+
+        return torch_usable(device)
+    if family == "mlx":
+        from nautilus_pipeline.model.mlx_runner import mlx_usable
+
+        return mlx_usable(device)
+    from nautilus_pipeline.model.coreml_runner import coreml_usable
+
+    return coreml_usable(device)
+
+
+def make_runner(
+    backend: str,
+    spec: ModelSpec,
+    weights: MLPWeights,
+    *,
+    coreml_package: str | Path | None = None,
+    **options: Any,
+) -> ModelRunner:
+    """Build the runner for ``backend``; raises :class:`BackendUnavailableError` with the reason.
+
+    ``options`` go to the runner: torch ``mode``/``dtype``/``cuda_graphs``/``graph_batches``,
+    mlx ``dtype``/``compile``. Core ML uses ``coreml_package`` if given, else exports the
+    weights to a temporary package first (needs torch and coremltools).
+    """
+    family, device = _split(backend)
+    weights.check(spec)
+    ok, why = runner_usable(backend)
+    if not ok:
+        raise BackendUnavailableError(f"{backend}: {why}")
+    if family in ("numpy", "cpu"):
+        from nautilus_pipeline.model.numpy_runner import NumpyRunner
+
+        return NumpyRunner(spec, weights, **options)
+    if family == "torch":
+        from nautilus_pipeline.model.torch_runner import TorchRunner
+
+        return TorchRunner(spec, weights, device, **options)
+    if family == "mlx":
+        from nautilus_pipeline.model.mlx_runner import MLXRunner
+
+        return MLXRunner(spec, weights, device, **options)
+    from nautilus_pipeline.model.coreml_runner import CoreMLRunner
+
+    if coreml_package is None:
+        from nautilus_pipeline.model.export import export_coreml
+        from nautilus_pipeline.model.torch_runner import build_torch_mlp
+
+        out = Path(tempfile.mkdtemp(prefix="nautilus-coreml-")) / "model.mlpackage"
+        coreml_package = export_coreml(build_torch_mlp(spec, weights), spec.input_names, out)
+    return CoreMLRunner(spec, coreml_package, device, **options)
+
+
+@dataclass
+class Calibration:
+    """Median latency per runner and batch size, and the fastest usable runner per batch size."""
+
+    batch_sizes: tuple[int, ...]
+    latency_us: dict[str, dict[int, float]] = field(default_factory=dict)
+    unusable: dict[str, str] = field(default_factory=dict)
+    route: dict[int, str] = field(default_factory=dict)
+    runners: dict[str, ModelRunner] = field(default_factory=dict, repr=False)
+
+    def choose(self, n: int) -> str:
+        """Runner name for a batch of ``n`` rows: the route of the nearest calibrated size ≥ n."""
+        if not self.route:
+            raise BackendUnavailableError("no inference backend passed calibration")
+        for b in self.batch_sizes:
+            if b >= n and b in self.route:
+                return self.route[b]
+        return self.route[max(self.route)]
+
+    def runner_for(self, n: int) -> ModelRunner:
+        """The runner :meth:`choose` names, already built (CUDA graphs captured)."""
+        return self.runners[self.choose(n)]
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain data for structured logs."""
+        return {
+            "batch_sizes": list(self.batch_sizes),
+            "latency_us": {
+                k: {str(b): v for b, v in d.items()} for k, d in self.latency_us.items()
+            },
+            "unusable": dict(self.unusable),
+            "route": {str(b): r for b, r in self.route.items()},
+        }
+
+    def format(self) -> str:
+        """Fixed-width table: µs per call (median) and rows/s, the winner marked ``*``."""
+        head = f"{'runner':<24}" + "".join(f"{'b=' + str(b):>16}" for b in self.batch_sizes)
+        lines = [head, "-" * len(head)]
+        for name, row in self.latency_us.items():
+            cells = []
+            for b in self.batch_sizes:
+                us = row.get(b)
+                mark = "*" if self.route.get(b) == name else " "
+                cells.append(f"{'-':>16}" if us is None else f"{us:>14.1f}{mark} ")
+            lines.append(f"{name:<24}" + "".join(cells))
+        lines.append("(median µs per call; * = chosen for that batch size)")
+        for name, why in self.unusable.items():
+            lines.append(f"{name}: unusable: {why}")
+        return "\n".join(lines)
+
+
+def time_calls(
+    fn: Callable[[], object],
+    *,
+    min_repeats: int = 5,
+    budget_s: float = 0.1,
+    max_repeats: int = 1000,
+    warmup: int = 3,
+) -> np.ndarray:
+    """Wall time of each call of ``fn`` in µs, after ``warmup`` calls, within ``budget_s``."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    deadline = time.perf_counter() + budget_s
+    while len(times) < max_repeats and (len(times) < min_repeats or time.perf_counter() < deadline):
+        t0 = time.perf_counter_ns()
+        fn()
+        times.append((time.perf_counter_ns() - t0) / 1e3)
+    return np.asarray(times)
+
+
+def calibrate(
+    backends: Sequence[str | ModelRunner],
+    spec: ModelSpec,
+    weights: MLPWeights,
+    batch_sizes: Sequence[int] = DEFAULT_BATCH_SIZES,
+    *,
+    budget_s: float = 0.05,
+    atol: float = 5e-3,
+    seed: int = 0,
+) -> Calibration:
+    """Measure each backend (name or built runner) at each batch size; route to the fastest.
+
+    A backend that is unusable, fails, or disagrees with the float64 reference by more
+    than ``atol`` (probability units) is listed under ``unusable`` with the reason and
+    never routed to. Inputs are random rows around the model's feature mean.
+    """
+    sizes = tuple(sorted({int(b) for b in batch_sizes}))
+    cal = Calibration(batch_sizes=sizes)
+    rng = np.random.default_rng(seed)
+    xs = {
+        b: (rng.standard_normal((b, spec.n_inputs)) * weights.std + weights.mean).astype(np.float32)
+        for b in sizes
+    }
+    top = xs[sizes[-1]]
+    ref = mlp_reference(
+        top, weights.mean, weights.std, weights.weights, weights.biases, spec.activation
+    )
+    for item in backends:
+        label = item if isinstance(item, str) else item.name
+        try:
+            runner = make_runner(item, spec, weights) if isinstance(item, str) else item
+            err = float(np.max(np.abs(runner.predict(top) - ref)))
+            if not err <= atol:
+                raise ConfigError(f"output differs from the reference by {err:.2e} > {atol:.0e}")
+            row = {}
+            for b in sizes:
+                x = xs[b]
+                row[b] = float(
+                    np.median(time_calls(lambda r=runner, x=x: r.predict(x), budget_s=budget_s))
+                )
+        except Exception as e:
+            cal.unusable[label] = f"{type(e).__name__}: {e}"
+            continue
+        cal.runners[runner.name] = runner
+        cal.latency_us[runner.name] = row
+    for b in sizes:
+        timed = {name: row[b] for name, row in cal.latency_us.items()}
+        if timed:
+            cal.route[b] = min(timed, key=timed.__getitem__)
+    return cal

@@ -1,0 +1,197 @@
+"""The torch backends (``torch:cpu``, ``torch:cuda``, ``torch:mps``) and the torch form of the model.
+
+:func:`build_torch_mlp` turns a spec + weights into an ``nn.Sequential``
+(``Normalize, Linear, act, …, Linear, Sigmoid``): the same module the default model is
+trained as, the one exported to Core ML, and the shape :func:`~nautilus_pipeline.model.export.
+spec_from_torch` reads back from users' modules.
+
+Modes: ``eager``; ``script`` (TorchScript, deprecated upstream but still the cheapest way to
+shave Python overhead on CPU); ``compile`` (``torch.compile``, needs a C++ compiler for CPU and
+pays off only for large batches). On CUDA, small batches are launch-bound (BACKENDS.md: 183 µs
+eager vs 39 µs replayed at batch 1 on an H100), so by default the runner captures one CUDA
+graph per batch bucket (1, 8, 64, 256, 1024), pads a batch up to its bucket (rows of an MLP are
+independent, padding rows are discarded) and replays it through pinned host buffers; larger
+batches run eagerly. Normalisation always runs in float32: with float16/bfloat16 weights the
+cast happens after it, so raw features in the thousands keep their precision.
+"""
+
+from __future__ import annotations
+
+import itertools
+import warnings
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+
+from nautilus_pipeline.errors import BackendUnavailableError, ConfigError
+from nautilus_pipeline.model.base import ModelRunner, bucket_for, write_out
+from nautilus_pipeline.model.spec import MLPWeights, ModelSpec
+
+try:
+    import torch
+    from torch import nn
+except ImportError:  # pragma: no cover - exercised where torch is not installed
+    torch = None  # type: ignore[assignment]
+    nn = None  # type: ignore[assignment]
+
+DEFAULT_GRAPH_BATCHES: tuple[int, ...] = (1, 8, 64, 256, 1024)
+_DTYPES = ("float32", "float16", "bfloat16")
+
+
+def torch_usable(device: str) -> tuple[bool, str]:
+    """Whether ``torch:<device>`` can run here, and why not."""
+    if torch is None:
+        return False, "torch is not installed (pip install 'nautilus-pipeline[torch]')"
+    if device == "cpu":
+        return True, f"torch {torch.__version__} on CPU"
+    if device == "cuda":
+        if not torch.cuda.is_available():
+            return (
+                False,
+                f"torch {torch.__version__}: no CUDA device (torch.cuda.is_available() is False)",
+            )
+        return True, f"torch {torch.__version__} on {torch.cuda.get_device_name(0)}"
+    if device == "mps":
+        if not torch.backends.mps.is_available():
+            return (
+                False,
+                f"torch {torch.__version__}: MPS not available (needs macOS on Apple silicon)",
+            )
+        return True, f"torch {torch.__version__} on MPS"
+    return False, f"unknown torch device {device!r} (cpu, cuda, mps)"
+
+
+if nn is not None:
+
+    class Normalize(nn.Module):
+        """``(x - mean) / std`` in float32, then cast to the layers' dtype."""
+
+        def __init__(self, mean: torch.Tensor, std: torch.Tensor, out_dtype: torch.dtype) -> None:
+            super().__init__()
+            self.register_buffer("mean", mean.to(torch.float32))
+            self.register_buffer("std", std.to(torch.float32))
+            self.out_dtype = out_dtype
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return ((x.to(torch.float32) - self.mean) / self.std).to(self.out_dtype)
+
+
+_ACT = {"relu": "ReLU", "tanh": "Tanh", "silu": "SiLU"}
+
+
+def build_torch_mlp(
+    spec: ModelSpec, weights: MLPWeights | None = None, dtype: str = "float32"
+) -> nn.Sequential:
+    """The model as ``nn.Sequential`` (output ``[n, 1]`` probabilities); random init if no weights."""
+    if torch is None:
+        raise BackendUnavailableError(torch_usable("cpu")[1])
+    if dtype not in _DTYPES:
+        raise ConfigError(f"torch dtype {dtype!r} is not one of {_DTYPES}")
+    tdtype = getattr(torch, dtype)
+    k = spec.n_inputs
+    if weights is not None:
+        weights.check(spec)
+        mean, std = torch.from_numpy(weights.mean.copy()), torch.from_numpy(weights.std.copy())
+    else:
+        mean, std = torch.zeros(k), torch.ones(k)
+    mods: list[nn.Module] = [Normalize(mean, std, tdtype)]
+    sizes = spec.layer_sizes
+    for i, (a, b) in enumerate(itertools.pairwise(sizes)):
+        lin = nn.Linear(a, b, dtype=tdtype)
+        if weights is not None:
+            with torch.no_grad():
+                lin.weight.copy_(torch.from_numpy(weights.weights[i]).to(tdtype))
+                lin.bias.copy_(torch.from_numpy(weights.biases[i]).to(tdtype))
+        mods.append(lin)
+        mods.append(getattr(nn, _ACT[spec.activation])() if i < len(sizes) - 2 else nn.Sigmoid())
+    # no Sequential.to(dtype): it would cast the normalisation buffers too
+    return nn.Sequential(*mods).eval()
+
+
+class TorchRunner(ModelRunner):
+    """torch on one device; eager, TorchScript or compiled; CUDA graphs per batch bucket."""
+
+    def __init__(
+        self,
+        spec: ModelSpec,
+        weights: MLPWeights,
+        device: str = "cpu",
+        *,
+        mode: str = "eager",
+        dtype: str = "float32",
+        cuda_graphs: bool | None = None,
+        graph_batches: Sequence[int] = DEFAULT_GRAPH_BATCHES,
+    ) -> None:
+        ok, why = torch_usable(device)
+        if not ok:
+            raise BackendUnavailableError(f"torch:{device}: {why}")
+        if mode not in ("eager", "script", "compile"):
+            raise ConfigError(f"torch mode {mode!r} is not eager, script or compile")
+        self.spec = spec
+        self.backend = f"torch:{device}"
+        self.device = torch.device(device)
+        module = build_torch_mlp(spec, weights, dtype).to(self.device)
+        if mode == "script":
+            with warnings.catch_warnings():  # deprecated upstream, still the fastest CPU path
+                warnings.simplefilter("ignore", DeprecationWarning)
+                module = torch.jit.freeze(torch.jit.script(module))
+        elif mode == "compile":
+            module = torch.compile(module, dynamic=True)
+        self._module: Any = module
+        self._use_graphs = (device == "cuda") if cuda_graphs is None else bool(cuda_graphs)
+        if self._use_graphs and device != "cuda":
+            raise ConfigError("CUDA graphs need device='cuda'")
+        self._buckets = tuple(sorted(int(b) for b in graph_batches)) if self._use_graphs else ()
+        self._graphs: dict[int, tuple[Any, Any, Any, Any, Any]] = {}
+        suffix = "graphs" if self._use_graphs else mode
+        self.name = f"{self.backend}/{suffix}" + ("" if dtype == "float32" else f"/{dtype}")
+        if self._use_graphs:
+            for b in self._buckets:
+                self._graphs[b] = self._capture(b)
+
+    def _capture(self, batch: int) -> tuple[Any, Any, Any, Any, Any]:
+        """One CUDA graph for ``batch`` rows with static device and pinned host buffers."""
+        k = self.spec.n_inputs
+        host_in = torch.zeros((batch, k), dtype=torch.float32).pin_memory()
+        dev_in = torch.zeros((batch, k), dtype=torch.float32, device=self.device)
+        side = torch.cuda.Stream(self.device)
+        side.wait_stream(torch.cuda.current_stream(self.device))
+        with torch.cuda.stream(side), torch.inference_mode():
+            for _ in range(3):  # warm-up outside the graph (cuBLAS workspaces, lazy init)
+                self._module(dev_in)
+        torch.cuda.current_stream(self.device).wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.inference_mode(), torch.cuda.graph(graph):
+            dev_out = self._module(dev_in).to(torch.float32).reshape(-1)
+        host_out = torch.empty(batch, dtype=torch.float32).pin_memory()
+        return graph, host_in, dev_in, dev_out, host_out
+
+    def predict(self, x: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
+        """See :meth:`ModelRunner.predict`; synchronises the device before returning."""
+        a = self._features(x)
+        n = a.shape[0]
+        b = bucket_for(n, self._buckets) if self._use_graphs else None
+        if b is not None:
+            graph, host_in, dev_in, dev_out, host_out = self._graphs[b]
+            host_in[:n].copy_(torch.from_numpy(a))
+            dev_in.copy_(host_in, non_blocking=True)
+            graph.replay()
+            host_out.copy_(dev_out, non_blocking=True)
+            torch.cuda.current_stream(self.device).synchronize()
+            return write_out(
+                host_out[:n].numpy().copy() if out is None else host_out[:n].numpy(), out
+            )
+        with torch.inference_mode():
+            t = torch.from_numpy(a)
+            if self.device.type != "cpu":
+                t = t.to(self.device)
+            y = self._module(t).to(torch.float32).reshape(-1)
+            if self.device.type != "cpu":
+                y = y.cpu()
+            return write_out(y.numpy(), out)
+
+    def close(self) -> None:
+        """Drop graphs and the module so device memory can be reused."""
+        self._graphs.clear()
+        self._module = None
