@@ -155,7 +155,7 @@ class Lease:
         self.length = 0
         self.meta: dict[str, Any] = {}
         self.device_cache: dict[tuple[str, str], Any] = {}
-        self._holders: collections.Counter[str] = collections.Counter({holder: 1})
+        self._holders: dict[str, int] = {holder: 1}
 
     # --- data access -------------------------------------------------------------------
     @property
@@ -202,7 +202,7 @@ class Lease:
 
     @property
     def holders(self) -> list[str]:
-        return sorted(self._holders.elements())
+        return sorted(name for name, n in self._holders.items() for _ in range(n))
 
     @property
     def released(self) -> bool:
@@ -210,8 +210,10 @@ class Lease:
 
     def retain(self, holder: str) -> Lease:
         """Add a reference for ``holder`` (a stage or subscription name)."""
-        self._check_live()
-        self._holders[holder] += 1
+        holders = self._holders
+        if not holders:
+            self._check_live()
+        holders[holder] = holders.get(holder, 0) + 1
         return self
 
     def release(self, holder: str | None = None) -> None:
@@ -225,14 +227,16 @@ class Lease:
                     "name the one releasing"
                 )
             holder = next(iter(self._holders))
-        if self._holders[holder] <= 0:
+        count = self._holders.get(holder, 0)
+        if count <= 0:
             raise LeaseError(
                 f"{holder!r} releases a lease of slab {self.slab.index} it does not hold "
                 f"(holders: {self.holders})"
             )
-        self._holders[holder] -= 1
-        if self._holders[holder] == 0:
+        if count == 1:
             del self._holders[holder]
+        else:
+            self._holders[holder] = count - 1
         if not self._holders:
             self.device_cache.clear()
             self._pool._return(self)
