@@ -1,1 +1,67 @@
-"""nautilus_pipeline: an asyncio pipeline for market-data ticks."""
+"""nautilus_pipeline: an asyncio, event-driven, in-process pipeline for market-data ticks.
+
+``ticks → features → inference → VPIN / risk → signal``, each stage on a compute stream
+(numpy, torch, MLX, Core ML), batches carried between stages in pooled slabs without
+copies. What users import is listed here; everything else is internal.
+"""
+
+from .bus import DeadLetter, Event, EventBus, Overflow, Subscription
+from .compute import ComputeStream, choose, create_stream, discover
+from .errors import (
+    BackendUnavailableError,
+    BusClosedError,
+    ConfigError,
+    DataError,
+    HandlerError,
+    LeaseError,
+    NoResponderError,
+    PipelineError,
+    PoolExhaustedError,
+    RequestTimeoutError,
+    StageError,
+)
+from .events import TICK_COLUMNS, ColumnSpec, QuoteTick, Side, Signal, TradeTick
+from .memory import BufferPool, Lease
+from .pipeline import Pipeline
+from .runtime import configure_logging, run
+from .stage import Stage, StageContext
+from .symbols import SymbolTable
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "TICK_COLUMNS",
+    "BackendUnavailableError",
+    "BufferPool",
+    "BusClosedError",
+    "ColumnSpec",
+    "ComputeStream",
+    "ConfigError",
+    "DataError",
+    "DeadLetter",
+    "Event",
+    "EventBus",
+    "HandlerError",
+    "Lease",
+    "LeaseError",
+    "NoResponderError",
+    "Overflow",
+    "Pipeline",
+    "PipelineError",
+    "PoolExhaustedError",
+    "QuoteTick",
+    "RequestTimeoutError",
+    "Side",
+    "Signal",
+    "Stage",
+    "StageContext",
+    "StageError",
+    "Subscription",
+    "SymbolTable",
+    "TradeTick",
+    "choose",
+    "configure_logging",
+    "create_stream",
+    "discover",
+    "run",
+]
