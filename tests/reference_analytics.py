@@ -12,6 +12,54 @@ import statistics
 
 import numpy as np
 
+# --------------------------------------------------------------------------- data
+
+
+def load_binance_um_trades(path: str) -> dict[str, np.ndarray]:
+    """The trades of a Binance USD-M trades CSV as tick columns (test input, not a reference).
+
+    Header ``id,price,qty,quote_qty,time,is_buyer_maker``; ``time`` in ms; buyer-maker
+    means the seller was the aggressor (side −1).
+    """
+    import pyarrow.csv as pacsv
+
+    t = pacsv.read_csv(path)
+    maker = t["is_buyer_maker"].to_numpy(zero_copy_only=False)
+    return {
+        "ts_ns": t["time"].to_numpy().astype(np.int64) * 1_000_000,
+        "price": t["price"].to_numpy().astype(np.float64),
+        "size": t["qty"].to_numpy().astype(np.float64),
+        "side": np.where(maker, -1, 1).astype(np.int8),
+    }
+
+
+def random_splits(n: int, rng: np.random.Generator, max_size: int = 4096) -> list[tuple[int, int]]:
+    """Cut range(n) into consecutive batches of random sizes 1..max_size."""
+    out, lo = [], 0
+    while lo < n:
+        hi = min(n, lo + int(rng.integers(1, max_size + 1)))
+        out.append((lo, hi))
+        lo = hi
+    return out
+
+
+def generated_trades(n: int, seed: int) -> dict[str, np.ndarray]:
+    """A seeded synthetic trade stream with the real data's quirks.
+
+    Prices on a 0.1 tick grid (so many zero price changes), sweeps with equal timestamps,
+    some zero sizes and unknown sides, occasional gaps of minutes.
+    """
+    rng = np.random.default_rng(seed)
+    gaps = rng.exponential(2e8, n)
+    gaps[rng.random(n) < 0.6] = 0.0
+    gaps[rng.random(n) < 0.002] = 3e11
+    ts = 1_723_161_256_000_000_000 + np.cumsum(gaps).astype(np.int64)
+    price = 60_000.0 + 0.1 * np.cumsum(rng.choice([-3, -1, 0, 0, 0, 1, 3], n))
+    size = np.round(rng.exponential(0.2, n), 3)
+    side = rng.choice(np.array([-1, 0, 1], dtype=np.int8), n, p=[0.45, 0.1, 0.45])
+    return {"ts_ns": ts, "price": price, "size": size, "side": side}
+
+
 # --------------------------------------------------------------------------- features
 
 
@@ -168,3 +216,142 @@ def ref_vpin(
             buy += f * (hi - max(lo, j * V))
     dtypes = {"bucket": np.int64, "ts_ns": np.int64, "toxic": bool}
     return {k: np.array(v, dtype=dtypes.get(k, np.float64)) for k, v in out.items()}
+
+
+# --------------------------------------------------------------------------- risk
+
+
+def ref_risk(
+    ts_ns: list[int],
+    price: list[float],
+    target: list[float],
+    *,
+    max_position: float = math.inf,
+    max_notional: float = math.inf,
+    max_drawdown: float = math.inf,
+    max_orders: int = 0,
+    order_window_ns: int = 1_000_000_000,
+    fee_rate: float = 0.0,
+    fee_per_order: float = 0.0,
+    initial_cash: float = 0.0,
+) -> dict[str, np.ndarray]:
+    """The simulated account, one trade at a time, per the rules in the risk module's docstring."""
+    position, cash, pending = 0.0, initial_cash, None
+    peak = initial_cash
+    kill = False
+    accepted: list[int] = []  # timestamps of accepted orders
+    rows = []
+    for t, p, tgt in zip(ts_ns, price, target, strict=True):
+        fill_q, fill_p = 0.0, math.nan
+        if pending is not None:
+            q = pending - position
+            if q != 0.0:
+                cash -= q * p + fee_rate * abs(q) * p + fee_per_order
+                position = pending
+                fill_q, fill_p = q, p
+            pending = None
+        equity = cash + position * p
+        peak = max(peak, equity)
+        dd = peak - equity
+        breach = 0
+        if abs(position) > max_position:
+            breach |= 1
+        if abs(position) * p > max_notional:
+            breach |= 2
+        if dd > max_drawdown:
+            breach |= 4
+        if not kill and breach == 0 and not math.isnan(tgt) and tgt != position:
+            if abs(tgt) > max_position:
+                breach |= 1
+            if abs(tgt) * p > max_notional:
+                breach |= 2
+            if breach == 0 and max_orders > 0:
+                recent = [a for a in accepted if t - a < order_window_ns]
+                if len(recent) + 1 > max_orders:
+                    breach |= 8
+                else:
+                    accepted.append(t)
+            if breach == 0:
+                pending = tgt
+        if breach:
+            kill = True
+        if kill:
+            pending = 0.0 if position != 0.0 else None
+        rows.append(
+            (position, cash, equity, equity - initial_cash, dd, fill_q, fill_p, kill, breach)
+        )
+    cols = list(zip(*rows, strict=True)) if rows else [[] for _ in range(9)]
+    names = (
+        "position",
+        "cash",
+        "equity",
+        "pnl",
+        "drawdown",
+        "fill_qty",
+        "fill_price",
+        "kill",
+        "breach",
+    )
+    dtypes = {"kill": bool, "breach": np.int64}
+    return {
+        k: np.array(c, dtype=dtypes.get(k, np.float64)) for k, c in zip(names, cols, strict=True)
+    }
+
+
+def ref_parametric_var(sigma: float, exposure: float, horizon: int, level: float) -> float:
+    """Closed-form delta-normal VaR: z_level · sigma · sqrt(horizon) · |exposure|."""
+    return statistics.NormalDist().inv_cdf(level) * sigma * math.sqrt(horizon) * abs(exposure)
+
+
+def ref_historical_var(returns: list[float], exposure: float, level: float) -> float:
+    """Sort the losses; the VaR is the ceil(level·n)-th smallest."""
+    losses = sorted(-exposure * r for r in returns)
+    k = math.ceil(level * len(losses))
+    return losses[max(k, 1) - 1]
+
+
+# --------------------------------------------------------------------------- signal
+
+
+def ref_signal(
+    prob: list[float],
+    toxic: list[bool],
+    kill: list[bool],
+    *,
+    long_threshold: float = 0.55,
+    short_threshold: float = 0.45,
+    max_position: float = 1.0,
+    sizing: str = "fixed",
+    step_aside_on_toxic: bool = True,
+) -> list[tuple[int, float, float, tuple[str, ...], bool]]:
+    """(side, strength, target, reasons, emit) per row, per the signal module's rule."""
+    last_prob = math.nan
+    last = None
+    out = []
+    for pr, tx, kl in zip(prob, toxic, kill, strict=True):
+        if not math.isnan(pr):
+            last_prob = pr
+        reasons = []
+        side, strength = 0, 0.0
+        if math.isnan(last_prob):
+            reasons.append("no_model")
+        elif last_prob >= long_threshold:
+            side, strength = 1, abs(2.0 * last_prob - 1.0)
+            reasons.append("model_long")
+        elif last_prob <= short_threshold:
+            side, strength = -1, abs(2.0 * last_prob - 1.0)
+            reasons.append("model_short")
+        else:
+            reasons.append("model_neutral")
+        if tx and step_aside_on_toxic:
+            side, strength = 0, 0.0
+            reasons.append("toxic_flow")
+        if kl:
+            side, strength = 0, 0.0
+            reasons.append("risk_kill_switch")
+        target = side * max_position if sizing == "fixed" else side * strength * max_position
+        target = float(target) + 0.0
+        emit = last is None or (side, target) != last
+        last = (side, target)
+        out.append((side, strength, target, tuple(reasons), emit))
+    return out

@@ -38,9 +38,12 @@ Design, and the alternatives weighed:
 - Bars, dP and the rolling sigma are a sequential scan (the bar a trade closes depends on
   the state the previous batch left); it runs in one numba loop (``cache=True``). The rolling
   sums of dP and dP² are Neumaier-compensated add/remove sums, O(1) per bar and accurate to
-  a few ulp of the window sums however long the stream; a constant window is recognised
-  exactly (run length of equal dP), so it gives ``f = 0.5`` as the definition says rather
-  than the rounding noise of ``S2 − S1²/n``. A two-pass standard deviation per bar was the
+  a few ulp of the window sums however long the stream. They are sums of ``dP − shift``:
+  when the window's mean is large against its spread (``S2 − S1²/n`` would cancel, e.g.
+  dP values all one tick apart from float noise), the window is re-centred on its mean
+  (O(sigma_window), rare), so sigma stays within ~1e-14 of the exact value. A constant
+  window is recognised exactly (run length of equal dP), so it gives ``f = 0.5`` as the
+  definition says rather than rounding noise. A two-pass standard deviation per bar was the
   obvious alternative: O(sigma_window) per bar, about 10× slower with ``bar_ns = 0``.
 - The bucket scan is vectorised: cumulative volume by ``cumsum`` (the carried total
   prepended, so the additions are the loop's), completing bars by ``searchsorted``, and the
@@ -89,7 +92,9 @@ _SQRT2 = math.sqrt(2.0)
 # integer state of the bar scan
 _I_OPEN, _I_OPEN_ID, _I_OPEN_TS, _I_HAVE_PREV, _I_POS, _I_COUNT, _I_RUN = range(7)
 # float state of the bar scan
-_F_OPEN_VOL, _F_OPEN_PRICE, _F_PREV_PRICE, _F_S1, _F_C1, _F_S2, _F_C2, _F_LAST_DP = range(8)
+(_F_OPEN_VOL, _F_OPEN_PRICE, _F_PREV_PRICE, _F_S1, _F_C1, _F_S2, _F_C2, _F_LAST_DP, _F_SHIFT) = (
+    range(9)
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -156,7 +161,7 @@ def new_vpin_state(
     return VpinState(
         params=params,
         bar_i=np.zeros(7, dtype=np.int64),
-        bar_f=np.zeros(8),
+        bar_f=np.zeros(9),
         ring=np.zeros(params.sigma_window),
     )
 
@@ -186,29 +191,54 @@ def _neumaier(s: float, c: float, x: float) -> tuple[float, float]:
     return t, c
 
 
+@njit(cache=True)
+def _recentre(ring, count, shift):
+    """Sums of the window shifted by its mean, from scratch: O(window), rare."""
+    s1 = 0.0
+    for i in range(count):
+        s1 += ring[i] - shift
+    shift = shift + s1 / count
+    s1, c1, s2, c2 = 0.0, 0.0, 0.0, 0.0
+    for i in range(count):
+        d = ring[i] - shift
+        s1, c1 = _neumaier(s1, c1, d)
+        s2, c2 = _neumaier(s2, c2, d * d)
+    return s1, c1, s2, c2, shift
+
+
 @njit(cache=True, inline="always")
-def _close_bar(price, prev, s1, c1, s2, c2, last_dp, pos, count, run, ring):
-    """Close a bar (not the first) at ``price``: roll the dP window, return f and the state."""
+def _close_bar(price, prev, s1, c1, s2, c2, last_dp, shift, pos, count, run, ring):
+    """Close a bar (not the first) at ``price``: roll the dP window, return f and the state.
+
+    The sums are of ``dP − shift``; when the window's mean is large against its spread
+    (``S2 − S1²/n`` would cancel), the window is re-centred on its mean.
+    """
     w = ring.shape[0]
     dp = price - prev
     if count == w:
-        old = ring[pos]
-        s1, c1 = _neumaier(s1, c1, -old)
-        s2, c2 = _neumaier(s2, c2, -(old * old))
+        d = ring[pos] - shift
+        s1, c1 = _neumaier(s1, c1, -d)
+        s2, c2 = _neumaier(s2, c2, -(d * d))
     else:
         count += 1
     ring[pos] = dp
-    s1, c1 = _neumaier(s1, c1, dp)
-    s2, c2 = _neumaier(s2, c2, dp * dp)
+    d = dp - shift
+    s1, c1 = _neumaier(s1, c1, d)
+    s2, c2 = _neumaier(s2, c2, d * d)
     pos = pos + 1 if pos + 1 < w else 0
     run = run + 1 if count > 1 and dp == last_dp else 1
     f = 0.5
     if count >= 2 and run < count and dp != 0.0:
         t1 = s1 + c1
-        var = ((s2 + c2) - t1 * t1 / count) / (count - 1)
+        mean = t1 / count
+        var = ((s2 + c2) - t1 * mean) / (count - 1)
+        if not (var > 0.0 and mean * mean <= 100.0 * var):
+            s1, c1, s2, c2, shift = _recentre(ring, count, shift)
+            t1 = s1 + c1
+            var = ((s2 + c2) - t1 * (t1 / count)) / (count - 1)
         if var > 0.0:
             f = 0.5 * math.erfc(-(dp / math.sqrt(var)) / _SQRT2)
-    return f, s1, c1, s2, c2, dp, pos, count, run
+    return f, s1, c1, s2, c2, dp, shift, pos, count, run
 
 
 @njit(cache=True)
@@ -227,6 +257,7 @@ def _bar_scan(ts, price, size, bar_ns, bi, bf, ring, flush, o_ts, o_vol, o_f):
     pos, count, run = bi[_I_POS], bi[_I_COUNT], bi[_I_RUN]
     open_vol, open_price, prev = bf[_F_OPEN_VOL], bf[_F_OPEN_PRICE], bf[_F_PREV_PRICE]
     s1, c1, s2, c2, last_dp = bf[_F_S1], bf[_F_C1], bf[_F_S2], bf[_F_C2], bf[_F_LAST_DP]
+    shift = bf[_F_SHIFT]
     m = 0
     n = ts.shape[0]
     if bar_ns == 0:
@@ -235,8 +266,8 @@ def _bar_scan(ts, price, size, bar_ns, bi, bf, ring, flush, o_ts, o_vol, o_f):
                 have_prev = 1
                 f = 0.5
             else:
-                f, s1, c1, s2, c2, last_dp, pos, count, run = _close_bar(
-                    price[i], prev, s1, c1, s2, c2, last_dp, pos, count, run, ring
+                f, s1, c1, s2, c2, last_dp, shift, pos, count, run = _close_bar(
+                    price[i], prev, s1, c1, s2, c2, last_dp, shift, pos, count, run, ring
                 )
             prev = price[i]
             o_f[i] = f
@@ -259,8 +290,8 @@ def _bar_scan(ts, price, size, bar_ns, bi, bf, ring, flush, o_ts, o_vol, o_f):
                     have_prev = 1
                     f = 0.5
                 else:
-                    f, s1, c1, s2, c2, last_dp, pos, count, run = _close_bar(
-                        open_price, prev, s1, c1, s2, c2, last_dp, pos, count, run, ring
+                    f, s1, c1, s2, c2, last_dp, shift, pos, count, run = _close_bar(
+                        open_price, prev, s1, c1, s2, c2, last_dp, shift, pos, count, run, ring
                     )
                 prev = open_price
                 o_ts[m] = open_ts
@@ -283,6 +314,7 @@ def _bar_scan(ts, price, size, bar_ns, bi, bf, ring, flush, o_ts, o_vol, o_f):
     bi[_I_POS], bi[_I_COUNT], bi[_I_RUN] = pos, count, run
     bf[_F_OPEN_VOL], bf[_F_OPEN_PRICE], bf[_F_PREV_PRICE] = open_vol, open_price, prev
     bf[_F_S1], bf[_F_C1], bf[_F_S2], bf[_F_C2], bf[_F_LAST_DP] = s1, c1, s2, c2, last_dp
+    bf[_F_SHIFT] = shift
     return m
 
 
