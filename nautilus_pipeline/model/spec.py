@@ -40,6 +40,9 @@ ACTIVATIONS: tuple[str, ...] = ("relu", "tanh", "silu")
 
 WeightStorage = Literal["float32", "float16", "int8"]
 
+DEFAULT_MODEL_PATH = Path(__file__).resolve().parents[1] / "models" / "default_mlp.npz"
+"""The shipped default model (``scripts/train_default_model.py``; card beside it)."""
+
 _SPEC_KEY = "__spec__"
 _META_KEY = "__metadata__"
 _FORMAT = "nautilus_pipeline.mlp/1"
@@ -304,6 +307,11 @@ def load_model(path: str | Path) -> tuple[ModelSpec, MLPWeights]:
     return spec, weights
 
 
+def load_default_model() -> tuple[ModelSpec, MLPWeights]:
+    """The shipped default model: default trade features → 128 → 64 → 32 → P(up)."""
+    return load_model(DEFAULT_MODEL_PATH)
+
+
 def check_inputs(spec: ModelSpec, feature_names: Sequence[str]) -> None:
     """Fail at pipeline build when the model's inputs are not the features' columns.
 
@@ -330,10 +338,3 @@ def check_inputs(spec: ModelSpec, feature_names: Sequence[str]) -> None:
         "Retrain/export the model on these features, or configure the features stage "
         "to produce the model's inputs in its order."
     )
-
-
-def sequence_of(names: Sequence[str] | str) -> tuple[str, ...]:
-    """Accept one comma-separated string or a sequence of names (CLI and config helper)."""
-    if isinstance(names, str):
-        return tuple(n.strip() for n in names.split(",") if n.strip())
-    return tuple(names)
