@@ -46,15 +46,17 @@ def random_splits(n: int, rng: np.random.Generator, max_size: int = 4096) -> lis
 def generated_trades(n: int, seed: int) -> dict[str, np.ndarray]:
     """A seeded synthetic trade stream with the real data's quirks.
 
-    Prices on a 0.1 tick grid (so many zero price changes), sweeps with equal timestamps,
-    some zero sizes and unknown sides, occasional gaps of minutes.
+    Like the BTCUSDT USD-M file: prices on a 0.1 tick grid with 64% zero price changes
+    (36% in the file), 75% of timestamps equal to the previous one (sweeps), some zero
+    sizes and unknown sides, and occasional gaps of minutes.
     """
     rng = np.random.default_rng(seed)
-    gaps = rng.exponential(2e8, n)
-    gaps[rng.random(n) < 0.6] = 0.0
+    gaps = rng.exponential(6e7, n)
+    gaps[rng.random(n) < 0.75] = 0.0
     gaps[rng.random(n) < 0.002] = 3e11
     ts = 1_723_161_256_000_000_000 + np.cumsum(gaps).astype(np.int64)
-    price = 60_000.0 + 0.1 * np.cumsum(rng.choice([-3, -1, 0, 0, 0, 1, 3], n))
+    steps = rng.choice([-3, -1, 0, 1, 3], n, p=[0.04, 0.14, 0.64, 0.14, 0.04])
+    price = 60_000.0 + 0.1 * np.cumsum(steps)
     size = np.round(rng.exponential(0.2, n), 3)
     side = rng.choice(np.array([-1, 0, 1], dtype=np.int8), n, p=[0.45, 0.1, 0.45])
     return {"ts_ns": ts, "price": price, "size": size, "side": side}

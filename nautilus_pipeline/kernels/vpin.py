@@ -45,12 +45,14 @@ Design, and the alternatives weighed:
   window is recognised exactly (run length of equal dP), so it gives ``f = 0.5`` as the
   definition says rather than rounding noise. A two-pass standard deviation per bar was the
   obvious alternative: O(sigma_window) per bar, about 10× slower with ``bar_ns = 0``.
-- The bucket scan is vectorised: cumulative volume by ``cumsum`` (the carried total
-  prepended, so the additions are the loop's), completing bars by ``searchsorted``, and the
-  pieces of every bar summed per bucket by ``bincount`` (which adds in array order, i.e.
-  the loop's order). The formulation as a difference of cumulative buy volume is faster
-  still but loses ``eps · C / V`` relative precision per bucket (``scripts/bench_kernels.py``
-  times it as the plain numpy formulation).
+- The bucket scan: cumulative volume by ``cumsum`` (the carried total prepended, so the
+  additions are the loop's) and the bars completing each bucket by ``searchsorted``; the
+  buy volume per bucket is then a segmented sum over bars in a small numba loop, since
+  exactness needs the loop's order of additions. A fully numpy version (pieces summed
+  by ``bincount``) was exact too but ran at ~40M bars/s against the loop's ~300M, and
+  took the whole kernel under the 20M trades/s target; the difference of cumulative buy
+  volume interpolated at the bucket edges (``scripts/bench_kernels.py``'s numpy column) is
+  vectorised but loses ``eps · C / V`` relative precision per bucket.
 - The VPIN window sum is a sequential sum across the n window columns (vectorised over
   buckets); the empirical CDF counts with a Fenwick tree over the batch's new values plus
   a binary search in the sorted history.
@@ -183,11 +185,10 @@ def propose_bucket_volume(size: np.ndarray, n_buckets: int = 50) -> float:
 
 @njit(cache=True, inline="always")
 def _neumaier(s: float, c: float, x: float) -> tuple[float, float]:
+    """Compensated ``s + x``: Knuth's branch-free TwoSum error goes into ``c``."""
     t = s + x
-    if abs(s) >= abs(x):
-        c += (s - t) + x
-    else:
-        c += (x - t) + s
+    bp = t - s
+    c += (s - (t - bp)) + (x - bp)
     return t, c
 
 
@@ -343,6 +344,34 @@ def _ecdf_counts(hist_sorted, new):
     return out
 
 
+@njit(cache=True)
+def _bucket_sums(cum, f, done_bar, j0, V, partial):
+    """Buy volume of the buckets completing in bars ``done_bar``, plus the open bucket's.
+
+    Adds each bar's pieces in bar order, as the definition's loop does, so the sums are
+    the loop's to the last bit: bucket ``j0 + t`` gets ``f·((j+1)·V − max(C_{k−1}, j·V))``
+    in its completing bar ``k = done_bar[t]``; every bar adds ``f·(C_k − max(C_{k−1}, J·V))``
+    to the bucket J still open after it.
+    """
+    nq = done_bar.shape[0]
+    buy = np.empty(nq)
+    acc = partial
+    t = 0
+    for k in range(f.shape[0]):
+        lo = cum[k]
+        hi = cum[k + 1]
+        while t < nq and done_bar[t] == k:
+            j = j0 + t
+            acc += f[k] * ((j + 1) * V - max(lo, j * V))
+            buy[t] = acc
+            acc = 0.0
+            t += 1
+        jl = (j0 + t) * V
+        if hi > jl:
+            acc += f[k] * (hi - max(lo, jl))
+    return buy, acc
+
+
 def _empty_output() -> dict[str, np.ndarray]:
     return {
         "bucket": np.zeros(0, dtype=np.int64),
@@ -363,7 +392,7 @@ def _buckets(
     V = p.bucket_volume
     j0 = state.bucket
     cum = np.cumsum(np.concatenate(([state.cum_volume], vol)))
-    lo, hi = cum[:-1], cum[1:]
+    hi = cum[1:]
     c_end = float(cum[-1])
     total = max(int(c_end // V), j0)  # buckets complete after these bars, adjusted exactly below
     while (total + 1) * V <= c_end:
@@ -373,25 +402,7 @@ def _buckets(
     q = np.arange(j0, total, dtype=np.int64)
     upper = (q + 1).astype(np.float64) * V
     done_bar = np.searchsorted(hi, upper, side="left")
-    # J_k: buckets completed after bar k; each bar's tail goes to bucket J_k. A bar without a
-    # tail (C_k = J_k·V) adds f·0 = +0.0 there, which changes no sum.
-    j_after = np.cumsum(np.bincount(done_bar, minlength=hi.shape[0]))
-    lower = j_after.astype(np.float64)
-    if j0:
-        lower += j0
-    lower *= V
-    np.maximum(lo, lower, out=lower)
-    np.subtract(hi, lower, out=lower)
-    lower *= f
-    done_w = f[done_bar] * (upper - np.maximum(lo[done_bar], q.astype(np.float64) * V))
-    # bincount adds in array order: the carried partial, then the tails in bar order, then
-    # the completing piece, which is the loop's order of additions for every bucket
-    idx = np.concatenate(([0], j_after, q - j0))
-    weights = np.concatenate(([state.buy_partial], lower, done_w))
-    acc = np.bincount(idx, weights=weights, minlength=total - j0 + 1)
-    buy = acc[: total - j0]
-    new_partial = float(acc[total - j0])
-
+    buy, new_partial = _bucket_sums(cum, f, done_bar, j0, V, state.buy_partial)
     n_done = buy.shape[0]
     out = _empty_output()
     oi_tail = state.oi_tail
