@@ -6,6 +6,8 @@ For each kernel, ticks per second, measured in one run on one synthetic stream (
 - ``kernel``: the pipeline's kernel on the whole array (one call, as ``analytics``);
 - ``kernel/4096``: the same fed in batches of 4096 ticks with the state carried (streaming);
 - ``loop ref``: the plain loop reference from ``tests/reference_analytics.py`` (on a prefix);
+- ``vpin bar_ns=0 (BTCUSDT)``: the real USD-M trades of ``../shared/data`` repeated to
+  the stream's length (their price changes, gaps and sizes), where present;
 - ``numpy``: the quantity written the plain numpy/scipy way (no carried state, no loop
   per tick): EWMAs by block closed form, rolling std over a sliding window, buckets by
   interpolating cumulative buy volume, the account without limits. They are there to
@@ -39,6 +41,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 import numba
 from reference_analytics import (
     generated_trades,
+    load_binance_um_trades,
     ref_features,
     ref_risk,
     ref_signal,
@@ -56,6 +59,12 @@ from nautilus_pipeline.kernels.signal import new_signal_state, signal_update
 from nautilus_pipeline.kernels.vpin import new_vpin_state, vpin_flush, vpin_update
 
 BATCH = 4096
+REAL = (
+    Path(__file__).resolve().parents[2]
+    / "shared"
+    / "data"
+    / "binance-um-btcusdt-trades-20240808.csv"
+)
 
 
 def cpu_model() -> str:
@@ -107,6 +116,13 @@ def np_ewma(x: np.ndarray, half_life: float, block: int = 64) -> np.ndarray:
 def np_features(
     ts: np.ndarray, price: np.ndarray, size: np.ndarray, side: np.ndarray
 ) -> np.ndarray:
+    with np.errstate(divide="ignore", invalid="ignore"):
+        return _np_features(ts, price, size, side)
+
+
+def _np_features(
+    ts: np.ndarray, price: np.ndarray, size: np.ndarray, side: np.ndarray
+) -> np.ndarray:
     r = np.concatenate(([0.0], np.diff(np.log(price))))
     dt = np.concatenate(([0.0], np.diff(ts) / 1e9))
     d = np.concatenate(([0.0], np.diff(price)))
@@ -149,6 +165,17 @@ def np_account(price: np.ndarray, target: np.ndarray, fee_rate: float) -> np.nda
     q = np.diff(pos, prepend=0.0)
     cash = -np.cumsum(q * price + fee_rate * np.abs(q) * price)
     return cash + pos * price
+
+
+def tiled_real(path: Path, n: int) -> dict[str, np.ndarray]:
+    """The real BTCUSDT trades repeated to n ticks: price changes and time gaps as recorded."""
+    t = load_binance_um_trades(str(path))
+    reps = -(-n // t["price"].shape[0])
+    dp = np.tile(np.diff(t["price"], prepend=t["price"][0]), reps)[:n]
+    dp[0] = t["price"][0]
+    gaps = np.tile(np.diff(t["ts_ns"], prepend=t["ts_ns"][0] - 1_000_000), reps)[:n]
+    gaps[0] = t["ts_ns"][0]
+    return {"ts_ns": np.cumsum(gaps), "price": np.cumsum(dp), "size": np.tile(t["size"], reps)[:n]}
 
 
 # ---------------------------------------------------------------------------- main
@@ -225,6 +252,18 @@ def main() -> None:
         lambda: ref_vpin(rts, rprice, rsize, bucket_volume=v0 * rn / n, bar_ns=0),
         lambda: np_vpin(price, size, v0, 50, 100),
     )
+    if REAL.is_file():
+        real = tiled_real(REAL, n)
+        rv = float(real["size"].sum()) / 50
+        row(
+            "vpin bar_ns=0 (BTCUSDT)",
+            lambda: vpin_flush(vpin_update(new_vpin_state(rv, bar_ns=0), *real.values())[0]),
+            lambda: batched(vpin_update, new_vpin_state(rv, bar_ns=0), tuple(real.values())),
+            lambda: ref_vpin(
+                *(a[:rn].tolist() for a in real.values()), bucket_volume=rv * rn / n, bar_ns=0
+            ),
+            lambda: np_vpin(real["price"], real["size"], rv, 50, 100),
+        )
     row(
         "vpin bar_ns=60s",
         vpin_whole(60_000_000_000, v0),
@@ -257,12 +296,12 @@ def main() -> None:
 
     print(f"\nticks/s (M = 1e6), {n:,} ticks")
     print(
-        f"{'kernel':<22}{'kernel':>12}{'kernel/4096':>13}{'loop ref':>12}{'numpy':>12}{'vs ref':>9}"
+        f"{'kernel':<26}{'kernel':>12}{'kernel/4096':>13}{'loop ref':>12}{'numpy':>12}{'vs ref':>9}"
     )
     for name, whole, stream, ref, plain in rows:
         plain_s = f"{plain / 1e6:10.1f} M" if plain == plain else f"{'—':>12}"
         print(
-            f"{name:<22}{whole / 1e6:10.1f} M{stream / 1e6:11.1f} M{ref / 1e6:10.3f} M{plain_s}"
+            f"{name:<26}{whole / 1e6:10.1f} M{stream / 1e6:11.1f} M{ref / 1e6:10.3f} M{plain_s}"
             f"{whole / ref:8.0f}×"
         )
 
