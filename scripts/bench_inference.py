@@ -7,9 +7,11 @@ call is synchronous and includes the host→device→host copies, as the pipelin
 
 The model is the seeds' shape, 50 → 128 → 64 → 32 → 1 with random weights (so numbers
 compare with the seeds' claims: 0.037 ms at batch 1 and 958K rows/s at batch 256 on an
-M4 Max), or the shipped default model with ``--default-model``.
+M4 Max), or the shipped default model with ``--default-model``. ``torch-cuda graphs`` captures
+the host↔device copies inside the graph; ``graphs/c`` issues them outside it.
 
-    .venv/bin/python scripts/bench_inference.py [--default-model] [--calls 3000] [--json out.json]
+    .venv/bin/python scripts/bench_inference.py [--default-model] [--calibrate] [--calls 3000]
+    python3 scripts/bench_inference.py --gpu     # on a GPU machine: fails if no GPU backend ran
 """
 
 from __future__ import annotations
@@ -28,7 +30,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from nautilus_pipeline.kernels.mlp import mlp_reference
-from nautilus_pipeline.model.runners import make_runner, runner_usable, time_calls
+from nautilus_pipeline.model.runners import calibrate, make_runner, runner_usable, time_calls
 from nautilus_pipeline.model.spec import ModelSpec, load_default_model, random_weights
 
 VARIANTS: tuple[tuple[str, str, dict[str, Any]], ...] = (
@@ -39,6 +41,11 @@ VARIANTS: tuple[tuple[str, str, dict[str, Any]], ...] = (
     ("mlx-cpu compiled", "mlx:cpu", {"compile": True}),
     ("torch-cuda eager", "torch:cuda", {"cuda_graphs": False}),
     ("torch-cuda graphs", "torch:cuda", {"cuda_graphs": True, "graph_batches": (1, 256, 4096)}),
+    (
+        "torch-cuda graphs/c",
+        "torch:cuda",
+        {"cuda_graphs": True, "graph_batches": (1, 256, 4096), "graph_copies": False},
+    ),
     ("torch-mps eager", "torch:mps", {}),
     ("mlx-gpu eager", "mlx:gpu", {}),
     ("coreml-ane", "coreml:ane", {}),
@@ -91,6 +98,16 @@ def main() -> None:
     ap.add_argument("--budget", type=float, default=1.0, help="seconds per large-batch cell")
     ap.add_argument("--only", nargs="*", help="runner labels to run (default: all present)")
     ap.add_argument("--json", type=Path, help="also write the results here")
+    ap.add_argument(
+        "--calibrate",
+        action="store_true",
+        help="also run model.runners.calibrate over the measured runners and print its routing",
+    )
+    ap.add_argument(
+        "--gpu",
+        action="store_true",
+        help="GPU machine run: exit 1 unless at least one GPU backend was measured",
+    )
     args = ap.parse_args()
 
     if args.default_model:
@@ -114,7 +131,7 @@ def main() -> None:
     for line in header:
         print(line)
     print()
-    widths = (18, 10, 10, 12, 13, 8)
+    widths = (19, 10, 10, 12, 13, 8)
     names = ("runner", "b=1 p50 µs", "b=1 p99 µs", "b=256 rows/s", "b=4096 rows/s", "max err")
     print(
         "| "
@@ -125,7 +142,9 @@ def main() -> None:
         + " |"
     )
     print("|" + "|".join("-" * (w + 2) for w in widths) + "|")
-    results, absent = [], []
+    results: list[dict[str, Any]] = []
+    absent: list[str] = []
+    built = []
     for label, backend, options in VARIANTS:
         if args.only and label not in args.only:
             continue
@@ -164,14 +183,26 @@ def main() -> None:
             absent.append(f"{label}: failed: {type(e).__name__}: {e}")
             continue
         results.append(row)
+        runner.name = label
+        built.append(runner)
         print(
-            f"| {label:<18} | {row['b1_p50_us']:>10.1f} | {row['b1_p99_us']:>10.1f} | "
+            f"| {label:<19} | {row['b1_p50_us']:>10.1f} | {row['b1_p99_us']:>10.1f} | "
             f"{row['b256_rows_per_s']:>12,.0f} | {row['b4096_rows_per_s']:>13,.0f} | "
             f"{err:>8.1e} |",
             flush=True,
         )
     for line in absent:
         print(f"absent: {line}")
+    if args.calibrate:
+        cal = calibrate(built, spec, w, budget_s=args.budget / 4)
+        print("\ncalibrate(): median µs per call, * = routed there")
+        print(cal.format())
+    gpu_rows = [
+        r for r in results if any(g in r["runner"] for g in ("cuda", "mps", "gpu", "coreml"))
+    ]
+    if args.gpu and not gpu_rows:
+        print("--gpu: no GPU backend was measured on this machine")
+        sys.exit(1)
     if args.json:
         args.json.write_text(
             json.dumps(

@@ -17,6 +17,7 @@ ct = pytest.importorskip("coremltools", reason="Core ML export needs coremltools
 
 from nautilus_pipeline.model.export import (  # noqa: E402
     coreml_io,
+    export_all,
     export_coreml,
     export_weights,
     spec_from_torch,
@@ -25,6 +26,9 @@ from nautilus_pipeline.model.spec import load_model  # noqa: E402
 from nautilus_pipeline.model.torch_runner import build_torch_mlp  # noqa: E402
 
 NAMES = tuple(f"f{i}" for i in range(12))
+pytestmark = pytest.mark.filterwarnings(
+    "ignore:`torch.jit.script` is deprecated:DeprecationWarning"
+)
 
 
 def _user_mlp(act: type = torch.nn.ReLU) -> torch.nn.Module:
@@ -172,3 +176,69 @@ def test_a_forward_that_is_not_its_layer_chain_is_caught() -> None:
 def test_input_names_must_match_the_first_layer() -> None:
     with pytest.raises(ConfigError, match="takes 12 inputs, 3 names"):
         spec_from_torch(_user_mlp(), ("a", "b", "c"))
+
+
+def test_export_all_writes_every_format_with_the_normalisation_folded_in(tmp_path: Path) -> None:
+    module = _user_mlp()
+    mean, std = np.linspace(100, 200, 12), np.linspace(1, 3, 12)
+    paths = export_all(module, NAMES, tmp_path, "m", mean=mean, std=std)
+    assert {k: Path(v).name for k, v in paths.items()} == {
+        "npz": "m.npz",
+        "safetensors": "m.safetensors",
+        "coreml": "m.mlpackage",
+    }
+    spec, w = load_model(paths["npz"])
+    x = (np.random.default_rng(3).standard_normal((20, 12)) * std + mean).astype(np.float32)
+    with torch.inference_mode():
+        want = module(torch.from_numpy(((x - mean) / std).astype(np.float32))).reshape(-1).numpy()
+    np.testing.assert_allclose(make_runner("numpy", spec, w).predict(x), want, atol=FP32_ATOL)
+    ops = [
+        op.type
+        for op in next(
+            iter(
+                next(
+                    iter(ct.utils.load_spec(str(paths["coreml"])).mlProgram.functions.values())
+                ).block_specializations.values()
+            )
+        ).operations
+    ]
+    assert ops.index("sub") < ops.index("linear")  # the normalisation went into the package
+
+
+def test_export_all_still_writes_core_ml_for_a_model_that_is_not_an_mlp(tmp_path: Path) -> None:
+    module = torch.nn.Sequential(
+        torch.nn.Linear(12, 4), torch.nn.LayerNorm(4), torch.nn.Linear(4, 1), torch.nn.Sigmoid()
+    )
+    paths = export_all(module, NAMES, tmp_path, "ln")
+    assert str(paths["npz"]).startswith("not exported: only MLPs")
+    assert coreml_io(paths["coreml"])["inputs"][0]["shape"] == (1, 12)
+
+
+def test_export_script_exports_a_torchscript_file(tmp_path: Path) -> None:
+    import subprocess
+
+    model = tmp_path / "user.pt"
+    torch.jit.script(_user_mlp()).save(str(model))
+    repo = Path(__file__).resolve().parents[1]
+    done = subprocess.run(
+        [
+            sys.executable,
+            str(repo / "scripts" / "export_model.py"),
+            str(model),
+            "--inputs",
+            ",".join(NAMES),
+            "--out-dir",
+            str(tmp_path / "out"),
+            "--quantize",
+            "int8",
+        ],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr
+    assert (tmp_path / "out" / "user.mlpackage").is_dir()
+    spec, _ = load_model(tmp_path / "out" / "user.npz")
+    assert spec.input_names == NAMES
+    # coremltools leaves the 1×8 output layer float16 (too small to quantize), the rest is int8
+    assert "int8" in coreml_io(tmp_path / "out" / "user.mlpackage")["weight_dtypes"]

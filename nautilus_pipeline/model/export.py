@@ -21,6 +21,7 @@ float32 (then the ANE is not used).
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -57,7 +58,9 @@ def _load_module(model: Any) -> Any:
         path = Path(model)
         if not path.is_file():
             raise ConfigError(f"TorchScript file {path} does not exist")
-        return torch.jit.load(str(path), map_location="cpu").eval()
+        with warnings.catch_warnings():  # TorchScript is deprecated upstream; still the input
+            warnings.simplefilter("ignore", DeprecationWarning)
+            return torch.jit.load(str(path), map_location="cpu").eval()
     if not isinstance(model, torch.nn.Module):
         raise ConfigError(f"expected a torch nn.Module or a TorchScript path, got {type(model)}")
     return model.eval()
@@ -207,9 +210,13 @@ def export_coreml(
     if path.suffix != ".mlpackage":
         raise ConfigError(f"{path}: a Core ML ML program is saved as a .mlpackage")
     example = torch.zeros((sizes[0], k), dtype=torch.float32)
-    traced = (
-        module if isinstance(module, torch.jit.ScriptModule) else torch.jit.trace(module, example)
-    )
+    with warnings.catch_warnings():  # coremltools converts TorchScript (deprecated in torch 2.13)
+        warnings.simplefilter("ignore", DeprecationWarning)
+        traced = (
+            module
+            if isinstance(module, torch.jit.ScriptModule)
+            else torch.jit.trace(module, example)
+        )
     if compute_precision == "float16":
         precision = ct.transform.FP16ComputePrecision(op_selector=_fp32_until_first_dense())
     elif compute_precision == "float32":
@@ -297,3 +304,52 @@ def coreml_io(path: str | Path) -> dict[str, Any]:
         "metadata": meta,
         "weight_dtypes": weight_dtypes,
     }
+
+
+def export_all(
+    model: Any,
+    input_names: Sequence[str],
+    out_dir: str | Path,
+    name: str = "model",
+    *,
+    quantize: str | None = None,
+    mean: np.ndarray | None = None,
+    std: np.ndarray | None = None,
+) -> dict[str, Path | str]:
+    """Every format the backends load: ``{format: path}``, or ``{format: why not}``.
+
+    ``coreml`` (``<name>.mlpackage``), ``npz`` and ``safetensors`` (MLX / numpy / torch).
+    A model that is not a plain MLP still gets its Core ML package; one without
+    coremltools still gets its weight files. ``quantize="int8"`` applies to Core ML and
+    ``.npz`` (safetensors stays float32).
+    """
+    module = _load_module(model)
+    leaves = [m for _, m in module.named_modules() if not list(m.children())]
+    if (mean is not None or std is not None) and leaves and _kind(leaves[0]) == "Normalize":
+        raise ConfigError("the module normalises its inputs already; do not pass mean/std")
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    result: dict[str, Path | str] = {}
+    try:
+        spec, weights = spec_from_torch(module, input_names, mean=mean, std=std)
+        storage: WeightStorage = "int8" if quantize == "int8" else "float32"
+        result["npz"] = save_model(out / f"{name}.npz", spec, weights, storage=storage)
+        result["safetensors"] = save_model(out / f"{name}.safetensors", spec, weights)
+    except ConfigError as e:
+        result["npz"] = result["safetensors"] = f"not exported: {e}"
+    coreml_model = module
+    if mean is not None or std is not None:
+        from nautilus_pipeline.model.torch_runner import Normalize
+
+        torch = _torch()
+        k = len(tuple(input_names))
+        m = torch.from_numpy(np.asarray(mean if mean is not None else np.zeros(k), np.float32))
+        s = torch.from_numpy(np.asarray(std if std is not None else np.ones(k), np.float32))
+        coreml_model = torch.nn.Sequential(Normalize(m, s, torch.float32), module)
+    try:
+        result["coreml"] = export_coreml(
+            coreml_model, input_names, out / f"{name}.mlpackage", quantize=quantize
+        )
+    except ConfigError as e:
+        result["coreml"] = f"not exported: {e}"
+    return result

@@ -10,8 +10,10 @@ shave Python overhead on CPU); ``compile`` (``torch.compile``, needs a C++ compi
 pays off only for large batches). On CUDA, small batches are launch-bound (BACKENDS.md: 183 µs
 eager vs 39 µs replayed at batch 1 on an H100), so by default the runner captures one CUDA
 graph per batch bucket (1, 8, 64, 256, 1024), pads a batch up to its bucket (rows of an MLP are
-independent, padding rows are discarded) and replays it through pinned host buffers; larger
-batches run eagerly. Normalisation always runs in float32: with float16/bfloat16 weights the
+independent, padding rows are discarded) and replays it; larger batches run eagerly. The
+host→device and device→host copies (pinned buffers) are captured inside the graph, so a call
+is one memcpy into the pinned input, one replay and one synchronise
+(``graph_copies=False`` issues the copies outside the graph instead). Normalisation always runs in float32: with float16/bfloat16 weights the
 cast happens after it, so raw features in the thousands keep their precision.
 """
 
@@ -20,6 +22,7 @@ from __future__ import annotations
 import itertools
 import warnings
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -109,6 +112,19 @@ def build_torch_mlp(
     return nn.Sequential(*mods).eval()
 
 
+@dataclass(frozen=True, slots=True)
+class _Graph:
+    """A captured graph and the static buffers it reads and writes (kept alive with it)."""
+
+    graph: Any
+    host_in: Any  # pinned float32 [batch, k]
+    host_out: Any  # pinned float32 [batch]
+    dev_in: Any
+    dev_out: Any
+    host_in_np: np.ndarray  # numpy views of the pinned buffers
+    host_out_np: np.ndarray
+
+
 class TorchRunner(ModelRunner):
     """torch on one device; eager, TorchScript or compiled; CUDA graphs per batch bucket."""
 
@@ -122,6 +138,7 @@ class TorchRunner(ModelRunner):
         dtype: str = "float32",
         cuda_graphs: bool | None = None,
         graph_batches: Sequence[int] = DEFAULT_GRAPH_BATCHES,
+        graph_copies: bool = True,
     ) -> None:
         ok, why = torch_usable(device)
         if not ok:
@@ -143,17 +160,21 @@ class TorchRunner(ModelRunner):
         if self._use_graphs and device != "cuda":
             raise ConfigError("CUDA graphs need device='cuda'")
         self._buckets = tuple(sorted(int(b) for b in graph_batches)) if self._use_graphs else ()
-        self._graphs: dict[int, tuple[Any, Any, Any, Any, Any]] = {}
-        suffix = "graphs" if self._use_graphs else mode
+        self._graph_copies = bool(graph_copies)
+        self._graphs: dict[int, _Graph] = {}
+        suffix = (
+            ("graphs" if graph_copies else "graphs-copies-outside") if self._use_graphs else mode
+        )
         self.name = f"{self.backend}/{suffix}" + ("" if dtype == "float32" else f"/{dtype}")
         if self._use_graphs:
             for b in self._buckets:
                 self._graphs[b] = self._capture(b)
 
-    def _capture(self, batch: int) -> tuple[Any, Any, Any, Any, Any]:
+    def _capture(self, batch: int) -> _Graph:
         """One CUDA graph for ``batch`` rows with static device and pinned host buffers."""
         k = self.spec.n_inputs
         host_in = torch.zeros((batch, k), dtype=torch.float32).pin_memory()
+        host_out = torch.zeros(batch, dtype=torch.float32).pin_memory()
         dev_in = torch.zeros((batch, k), dtype=torch.float32, device=self.device)
         side = torch.cuda.Stream(self.device)
         side.wait_stream(torch.cuda.current_stream(self.device))
@@ -163,9 +184,12 @@ class TorchRunner(ModelRunner):
         torch.cuda.current_stream(self.device).wait_stream(side)
         graph = torch.cuda.CUDAGraph()
         with torch.inference_mode(), torch.cuda.graph(graph):
+            if self._graph_copies:
+                dev_in.copy_(host_in, non_blocking=True)
             dev_out = self._module(dev_in).to(torch.float32).reshape(-1)
-        host_out = torch.empty(batch, dtype=torch.float32).pin_memory()
-        return graph, host_in, dev_in, dev_out, host_out
+            if self._graph_copies:
+                host_out.copy_(dev_out, non_blocking=True)
+        return _Graph(graph, host_in, host_out, dev_in, dev_out, host_in.numpy(), host_out.numpy())
 
     def predict(self, x: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
         """See :meth:`ModelRunner.predict`; synchronises the device before returning."""
@@ -173,15 +197,15 @@ class TorchRunner(ModelRunner):
         n = a.shape[0]
         b = bucket_for(n, self._buckets) if self._use_graphs else None
         if b is not None:
-            graph, host_in, dev_in, dev_out, host_out = self._graphs[b]
-            host_in[:n].copy_(torch.from_numpy(a))
-            dev_in.copy_(host_in, non_blocking=True)
-            graph.replay()
-            host_out.copy_(dev_out, non_blocking=True)
+            g = self._graphs[b]
+            np.copyto(g.host_in_np[:n], a)
+            if not self._graph_copies:
+                g.dev_in.copy_(g.host_in, non_blocking=True)
+            g.graph.replay()
+            if not self._graph_copies:
+                g.host_out.copy_(g.dev_out, non_blocking=True)
             torch.cuda.current_stream(self.device).synchronize()
-            return write_out(
-                host_out[:n].numpy().copy() if out is None else host_out[:n].numpy(), out
-            )
+            return write_out(g.host_out_np[:n].copy() if out is None else g.host_out_np[:n], out)
         with torch.inference_mode():
             t = torch.from_numpy(a)
             if self.device.type != "cpu":
