@@ -156,13 +156,13 @@ def ref_vpin(
     threshold: float = 0.9,
 ) -> dict[str, np.ndarray]:
     """VPIN per completed bucket of a whole stream, end of stream included (issue 4)."""
-    # bars: (ts, price, volume) in stream order
+    # bars: [ts, price, volume, row of the trade whose arrival closed it (-1: end of stream)]
     bars: list[list] = []
     open_id = None
-    for t, p, v in zip(ts_ns, price, size, strict=True):
+    for i, (t, p, v) in enumerate(zip(ts_ns, price, size, strict=True)):
         t, p, v = int(t), float(p), float(v)
         if bar_ns == 0:
-            bars.append([t, p, v])
+            bars.append([t, p, v, i])
             continue
         bar_id = t // bar_ns
         if open_id is not None and bar_id <= open_id:
@@ -170,20 +170,23 @@ def ref_vpin(
             bars[-1][1] = p
             bars[-1][2] += v
         else:
-            bars.append([t, p, v])
+            if bars:
+                bars[-1][3] = i
+            bars.append([t, p, v, -1])
             open_id = bar_id
 
     V = bucket_volume
     dps: list[float] = []
     out: dict[str, list] = {
-        k: [] for k in ("bucket", "ts_ns", "buy_volume", "sell_volume", "vpin", "cdf", "toxic")
+        k: []
+        for k in ("bucket", "ts_ns", "buy_volume", "sell_volume", "vpin", "cdf", "toxic", "row")
     }
     ois: list[float] = []
     vpins: list[float] = []
     cum = 0.0
     j = 0
     buy = 0.0
-    for k, (t, p, v) in enumerate(bars):
+    for k, (t, p, v, closed_at) in enumerate(bars):
         if k == 0:
             f = 0.5
         else:
@@ -212,11 +215,12 @@ def ref_vpin(
             out["vpin"].append(vpin)
             out["cdf"].append(cdf)
             out["toxic"].append(cdf > threshold)
+            out["row"].append(closed_at)
             j += 1
             buy = 0.0
         if hi > j * V:
             buy += f * (hi - max(lo, j * V))
-    dtypes = {"bucket": np.int64, "ts_ns": np.int64, "toxic": bool}
+    dtypes = {"bucket": np.int64, "ts_ns": np.int64, "toxic": bool, "row": np.int64}
     return {k: np.array(v, dtype=dtypes.get(k, np.float64)) for k, v in out.items()}
 
 

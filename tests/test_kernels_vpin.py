@@ -19,6 +19,7 @@ from nautilus_pipeline.kernels.vpin import (
     propose_bucket_volume,
     vpin_flush,
     vpin_update,
+    vpin_update_rows,
 )
 
 RTOL = 1e-12
@@ -32,6 +33,8 @@ def run_split(trades: dict[str, np.ndarray], splits: list[tuple[int, int]], **pa
         state, out = vpin_update(
             state, trades["ts_ns"][lo:hi], trades["price"][lo:hi], trades["size"][lo:hi]
         )
+        assert np.all((out["row"] >= 0) & (out["row"] < hi - lo))
+        out["row"] = out["row"] + lo  # batch index → stream index
         outs.append(out)
     state, out = vpin_flush(state)
     outs.append(out)
@@ -47,6 +50,7 @@ def reference(trades: dict[str, np.ndarray], **params) -> dict:
 def assert_matches_reference(fast: dict, ref: dict) -> None:
     assert np.array_equal(fast["bucket"], ref["bucket"])
     assert np.array_equal(fast["ts_ns"], ref["ts_ns"])
+    assert np.array_equal(fast["row"], ref["row"])
     for k in ("buy_volume", "sell_volume", "vpin"):
         assert np.array_equal(np.isnan(fast[k]), np.isnan(ref[k])), k
         ok = ~np.isnan(ref[k])
@@ -171,6 +175,7 @@ def test_bar_closes_only_when_a_later_bar_trades_or_at_end_of_stream() -> None:
     state, out = vpin_update(state, np.array([SECOND], np.int64), [3.0], [0.5])
     assert out["bucket"].tolist() == [0, 1, 2, 3, 4, 5]
     assert set(out["ts_ns"].tolist()) == {SECOND - 1}
+    assert set(out["row"].tolist()) == {0}  # known from the trade that closed the bar
     state, out = vpin_flush(state)
     assert out["bucket"].size == 0  # 6.5 units: bucket 6 is half full
     _, again = vpin_flush(state)
@@ -263,3 +268,30 @@ def test_bad_input_and_parameters_are_refused() -> None:
         new_vpin_state(0.0)
     with pytest.raises(ConfigError, match="sigma_window"):
         new_vpin_state(1.0, sigma_window=1)
+
+
+def test_rows_of_several_symbols_give_each_symbol_its_own_vpin() -> None:
+    a, b = generated_trades(6000, seed=11), generated_trades(4000, seed=12)
+    va, vb = float(a["size"].sum()) / 40, float(b["size"].sum()) / 30
+    sym = np.concatenate((np.full(6000, 1), np.full(4000, 2), np.full(300, 1))).astype(np.uint32)
+    kind = np.concatenate((np.zeros(10_000), np.ones(300))).astype(np.uint8)
+    ts = np.concatenate((a["ts_ns"], b["ts_ns"], a["ts_ns"][::20]))
+    price = np.concatenate((a["price"], b["price"], np.full(300, np.nan)))
+    size = np.concatenate((a["size"], b["size"], np.full(300, np.nan)))
+    order = np.argsort(ts, kind="stable")
+    cols = [x[order] for x in (sym, ts, price, size, kind)]
+    states = {1: new_vpin_state(va, bar_ns=0, window=5), 2: new_vpin_state(vb, bar_ns=0, window=5)}
+    got: dict[int, list] = {1: [], 2: []}
+    for lo, hi in random_splits(order.shape[0], np.random.default_rng(4), max_size=900):
+        states, outs = vpin_update_rows(states, *(c[lo:hi] for c in cols))
+        for key, out in outs.items():
+            rows = out["row"] + lo
+            assert np.all(cols[0][rows] == key) and np.all(cols[4][rows] == 0)
+            got[key].append(out["vpin"])
+    for key, trades, v in ((1, a, va), (2, b, vb)):
+        alone = run_split(
+            trades, [(0, trades["price"].shape[0])], bucket_volume=v, bar_ns=0, window=5
+        )
+        assert np.array_equal(np.concatenate(got[key]), alone["vpin"], equal_nan=True)
+    with pytest.raises(ConfigError, match="no state for symbol_id 2"):
+        vpin_update_rows({1: states[1]}, cols[0], cols[1], cols[2], cols[3], cols[4])

@@ -70,6 +70,7 @@ __all__ = [
     "features_update_rows",
     "new_feature_state",
     "quote_features",
+    "symbol_groups",
 ]
 
 F64 = np.float64
@@ -305,6 +306,22 @@ def quote_features(
     return out
 
 
+def symbol_groups(symbol_id: np.ndarray) -> list[tuple[int, np.ndarray]]:
+    """``(symbol_id, row indices)`` per symbol in a batch, rows in stream order.
+
+    A stable sort keeps each symbol's rows in the order they arrived, so per-symbol
+    kernels see their stream as it was; symbols come in ascending id order (deterministic).
+    """
+    sym = np.asarray(symbol_id)
+    if sym.shape[0] == 0:
+        return []
+    order = np.argsort(sym, kind="stable")
+    s = sym[order]
+    starts = np.flatnonzero(np.concatenate(([True], s[1:] != s[:-1])))
+    ends = np.append(starts[1:], s.shape[0])
+    return [(int(s[a]), order[a:b]) for a, b in zip(starts, ends, strict=True)]
+
+
 def _ffill_rows(values: np.ndarray, has: np.ndarray, carry: np.ndarray) -> np.ndarray:
     """Each row gets the values of the latest row with ``has`` at or before it, else ``carry``."""
     idx = np.where(has, np.arange(has.shape[0]), -1)
@@ -346,13 +363,7 @@ def features_update_rows(
         return new_states, out
     is_trade = np.asarray(kind) == KIND_TRADE
     has_quotes = bid is not None and not is_trade.all()
-    order = np.argsort(sym, kind="stable")
-    sorted_sym = sym[order]
-    starts = np.flatnonzero(np.concatenate(([True], sorted_sym[1:] != sorted_sym[:-1])))
-    ends = np.append(starts[1:], n)
-    for lo, hi in zip(starts, ends, strict=True):
-        rows = order[lo:hi]
-        key = int(sorted_sym[lo])
+    for key, rows in symbol_groups(sym):
         st = new_states.get(key) or new_feature_state(config)
         if st.config != config:
             raise ConfigError(

@@ -61,12 +61,15 @@ Design, and the alternatives weighed:
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 
 import numpy as np
 from numba import njit
 
 from nautilus_pipeline.errors import ConfigError, DataError
+from nautilus_pipeline.events import KIND_TRADE
+from nautilus_pipeline.kernels.features import symbol_groups
 
 __all__ = [
     "VPIN_OUTPUT_FIELDS",
@@ -76,6 +79,7 @@ __all__ = [
     "propose_bucket_volume",
     "vpin_flush",
     "vpin_update",
+    "vpin_update_rows",
 ]
 
 VPIN_OUTPUT_FIELDS: tuple[str, ...] = (
@@ -86,8 +90,15 @@ VPIN_OUTPUT_FIELDS: tuple[str, ...] = (
     "vpin",
     "cdf",
     "toxic",
+    "row",
 )
-"""Keys of the dict :func:`vpin_update` returns, one entry per completed bucket."""
+"""Keys of the dict :func:`vpin_update` returns, one entry per completed bucket.
+
+``row`` is the index, in the batch given to :func:`vpin_update`, of the trade whose arrival
+closed the bar that completed the bucket: from that row on, the bucket's VPIN and flag are
+known (with ``bar_ns = 0`` it is the bucket's own last trade). ``-1``: closed by
+:func:`vpin_flush`.
+"""
 
 _SQRT2 = math.sqrt(2.0)
 
@@ -243,7 +254,7 @@ def _close_bar(price, prev, s1, c1, s2, c2, last_dp, shift, pos, count, run, rin
 
 
 @njit(cache=True)
-def _bar_scan(ts, price, size, bar_ns, bi, bf, ring, flush, o_ts, o_vol, o_f):
+def _bar_scan(ts, price, size, bar_ns, bi, bf, ring, flush, o_ts, o_vol, o_f, o_row):
     """Scan trades into closed bars; returns how many were written to the o_* arrays.
 
     With ``bar_ns == 0`` only ``o_f`` is written (bar k is trade k). The state lives in
@@ -296,6 +307,7 @@ def _bar_scan(ts, price, size, bar_ns, bi, bf, ring, flush, o_ts, o_vol, o_f):
                     )
                 prev = open_price
                 o_ts[m] = open_ts
+                o_row[m] = i if i < n else -1
                 o_vol[m] = open_vol
                 o_f[m] = f
                 m += 1
@@ -381,11 +393,12 @@ def _empty_output() -> dict[str, np.ndarray]:
         "vpin": np.zeros(0),
         "cdf": np.zeros(0),
         "toxic": np.zeros(0, dtype=bool),
+        "row": np.zeros(0, dtype=np.int64),
     }
 
 
 def _buckets(
-    state: VpinState, bar_ts: np.ndarray, vol: np.ndarray, f: np.ndarray
+    state: VpinState, bar_ts: np.ndarray, vol: np.ndarray, f: np.ndarray, bar_row: np.ndarray | None
 ) -> tuple[VpinState, dict[str, np.ndarray]]:
     """Fill volume buckets from closed bars and compute VPIN per completed bucket."""
     p = state.params
@@ -436,6 +449,7 @@ def _buckets(
             "vpin": vpin,
             "cdf": cdf,
             "toxic": cdf > p.threshold,
+            "row": done_bar.astype(np.int64) if bar_row is None else bar_row[done_bar],
         }
     new = replace(
         state,
@@ -455,14 +469,29 @@ def _run(
     n = ts.shape[0]
     bar_ns = state.params.bar_ns
     if bar_ns == 0:
-        o_ts, o_vol, o_f = ts, size, np.empty(n)
+        o_ts, o_vol, o_f, o_row = ts, size, np.empty(n), None
     else:
         o_ts, o_vol, o_f = np.empty(n + 1, dtype=np.int64), np.empty(n + 1), np.empty(n + 1)
-    m = _bar_scan(ts, price, size, bar_ns, bi, bf, ring, flush, o_ts, o_vol, o_f)
+        o_row = np.empty(n + 1, dtype=np.int64)
+    dummy_row = np.empty(0, dtype=np.int64)
+    m = _bar_scan(
+        ts,
+        price,
+        size,
+        bar_ns,
+        bi,
+        bf,
+        ring,
+        flush,
+        o_ts,
+        o_vol,
+        o_f,
+        dummy_row if o_row is None else o_row,
+    )
     state = replace(state, bar_i=bi, bar_f=bf, ring=ring)
     if m == 0:
         return state, _empty_output()
-    return _buckets(state, o_ts[:m], o_vol[:m], o_f[:m])
+    return _buckets(state, o_ts[:m], o_vol[:m], o_f[:m], None if o_row is None else o_row[:m])
 
 
 def vpin_update(
@@ -497,3 +526,39 @@ def vpin_flush(state: VpinState) -> tuple[VpinState, dict[str, np.ndarray]]:
     empty_i = np.zeros(0, dtype=np.int64)
     empty_f = np.zeros(0)
     return _run(state, empty_i, empty_f, empty_f, flush=True)
+
+
+def vpin_update_rows(
+    states: Mapping[int, VpinState],
+    symbol_id: np.ndarray,
+    ts_ns: np.ndarray,
+    price: np.ndarray,
+    size: np.ndarray,
+    kind: np.ndarray | None = None,
+) -> tuple[dict[int, VpinState], dict[int, dict[str, np.ndarray]]]:
+    """VPIN for a batch holding several symbols; quote rows (``kind`` 1) are skipped.
+
+    Every symbol in the batch needs a state in ``states`` (its bucket volume is its own:
+    create it with :func:`new_vpin_state`). Returns the new states and, per symbol with
+    completed buckets, its output dict; ``row`` there indexes the *batch* given here.
+    ``states`` is not modified.
+    """
+    sym = np.asarray(symbol_id)
+    new_states = dict(states)
+    outputs: dict[int, dict[str, np.ndarray]] = {}
+    keep = None if kind is None else np.asarray(kind) == KIND_TRADE
+    for key, rows in symbol_groups(sym):
+        if keep is not None:
+            rows = rows[keep[rows]]
+            if rows.size == 0:
+                continue
+        if key not in new_states:
+            raise ConfigError(
+                f"VPIN: no state for symbol_id {key}; create one with new_vpin_state(bucket_volume) "
+                f"(e.g. propose_bucket_volume of a calibration day) before feeding its trades"
+            )
+        new_states[key], out = vpin_update(new_states[key], ts_ns[rows], price[rows], size[rows])
+        if out["bucket"].size:
+            out["row"] = rows[out["row"]]
+            outputs[key] = out
+    return new_states, outputs
