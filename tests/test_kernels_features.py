@@ -18,7 +18,7 @@ from reference_analytics import (
 )
 
 from nautilus_pipeline.analytics import features_frame
-from nautilus_pipeline.errors import ConfigError
+from nautilus_pipeline.errors import ConfigError, DataError
 from nautilus_pipeline.events import KIND_QUOTE, KIND_TRADE
 from nautilus_pipeline.kernels.features import (
     ALL_FEATURE_NAMES,
@@ -250,3 +250,12 @@ def test_state_is_not_modified_by_an_update() -> None:
 def test_invalid_config_is_refused() -> None:
     with pytest.raises(ConfigError, match="half-lives"):
         FeatureConfig(half_lives=(0, 10))
+
+
+def test_bad_trades_are_refused_with_what_to_do() -> None:
+    ts = np.array([1, 2], dtype=np.int64)
+    side = np.array([1, -1], dtype=np.int8)
+    with pytest.raises(DataError, match="prices must be finite and > 0"):
+        features_update(new_feature_state(), ts, [100.0, 0.0], [1.0, 1.0], side)
+    with pytest.raises(DataError, match="sizes finite"):
+        features_update(new_feature_state(), ts, [100.0, 101.0], [1.0, np.nan], side)

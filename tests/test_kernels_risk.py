@@ -30,7 +30,9 @@ from nautilus_pipeline.kernels.risk import (
     new_risk_state,
     parametric_var,
     reset_kill_switch,
+    return_window,
     risk_update,
+    var_report,
 )
 from nautilus_pipeline.kernels.signal import (
     SignalParams,
@@ -299,3 +301,14 @@ def test_signal_steps_aside_on_toxic_flow_and_kill_switch() -> None:
 def test_signal_parameters_are_checked() -> None:
     with pytest.raises(ConfigError, match="threshold"):
         SignalParams(long_threshold=0.4, short_threshold=0.6)
+
+
+def test_var_report_gives_three_estimates_that_agree_on_normal_returns() -> None:
+    r = np.random.default_rng(5).standard_normal(20_000) * 0.002
+    window = return_window(r[:15_000], r[15_000:], 10_000)
+    assert np.array_equal(window, r[-10_000:])
+    rep = var_report(50_000.0, 0.002, window, horizon=4, n_paths=200_000)
+    expect = [ref_parametric_var(0.002, 50_000.0, 4, lv) for lv in (0.95, 0.99)]
+    assert rep["parametric"] == pytest.approx(expect, rel=1e-12)
+    assert rep["historical"] == pytest.approx(expect, rel=0.06)
+    assert rep["mc"] == pytest.approx(expect, rel=0.06)

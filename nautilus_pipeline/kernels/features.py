@@ -48,13 +48,14 @@ time and is fast enough (see ``scripts/bench_kernels.py``).
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 
 import numpy as np
 from scipy.signal import lfilter
 
-from nautilus_pipeline.errors import ConfigError
+from nautilus_pipeline.errors import ConfigError, DataError
 from nautilus_pipeline.events import KIND_TRADE
 
 __all__ = [
@@ -229,6 +230,17 @@ def features_update(
     width = len(feature_names(cfg))
     if n == 0:
         return state, np.empty((0, width))
+    if not (ts.shape == p.shape == v.shape == s.shape and p.ndim == 1):
+        raise DataError(
+            f"features_update: ts_ns, price, size, side must be 1-D of one length, got "
+            f"{ts.shape}, {p.shape}, {v.shape}, {s.shape}"
+        )
+    # three reductions instead of elementwise masks: NaN fails every comparison
+    if not (p.min() > 0.0 and v.min() >= 0.0 and math.isfinite(float(p.sum()) + float(v.sum()))):
+        raise DataError(
+            "features_update: prices must be finite and > 0 (log returns) and sizes finite "
+            "and >= 0; drop or fix such trades before the features stage"
+        )
 
     first = state.n_trades == 0
     p_prev = np.concatenate(([state.last_price], p[:-1]))

@@ -63,7 +63,9 @@ __all__ = [
     "new_risk_state",
     "parametric_var",
     "reset_kill_switch",
+    "return_window",
     "risk_update",
+    "var_report",
 ]
 
 BREACH_POSITION = 1
@@ -472,3 +474,42 @@ def mc_var(
         done += c
     losses = xp.sort_to_numpy(parts)
     return losses[_quantile_index(lv, n_paths)]
+
+
+def return_window(window: np.ndarray, new_returns: np.ndarray, length: int) -> np.ndarray:
+    """The last ``length`` returns after appending ``new_returns``: the historical VaR window."""
+    joined = np.concatenate(
+        (np.asarray(window, dtype=np.float64), np.asarray(new_returns, dtype=np.float64))
+    )
+    return joined[max(joined.shape[0] - length, 0) :].copy()
+
+
+def var_report(
+    exposure: float,
+    sigma: float,
+    returns: np.ndarray,
+    horizon: int = 1,
+    levels: Sequence[float] = (0.95, 0.99),
+    *,
+    n_paths: int = 100_000,
+    seed: int = 0,
+    backend: str = "numpy",
+    device: str | None = None,
+) -> dict[str, np.ndarray]:
+    """The three VaR estimates of one exposure, one value per level each (quote currency).
+
+    ``parametric`` from ``sigma`` (per-step EWMA volatility), ``historical`` from the
+    one-step ``returns`` window (for ``horizon`` 1; longer horizons scale it by √h, the
+    square-root-of-time rule), ``mc`` bootstrapping ``returns`` over ``horizon`` steps
+    (normal with ``sigma`` when the window is empty).
+    """
+    r = np.asarray(returns, dtype=np.float64)
+    r = r[~np.isnan(r)]
+    hist = historical_var(r, exposure, levels) * math.sqrt(horizon)
+    source = r if r.size else sigma
+    mc = mc_var(source, exposure, horizon, n_paths, levels, seed, backend, device)
+    return {
+        "parametric": parametric_var(sigma, exposure, horizon, levels),
+        "historical": hist,
+        "mc": mc,
+    }
