@@ -29,28 +29,31 @@ Units: ``ts_ns`` int64 ns, prices float64 in quote currency, sizes and ``V`` flo
 units. VPIN, cdf are dimensionless in [0, 1].
 
 Precision: cumulative volumes are float64, so bucket boundaries carry an absolute error of
-about ``eps · C``; after a million buckets that is 1e-10 of V. The kernel and the loop
-reference make the same float operations in the same order, which is what makes them
-agree to the last bit and makes every output independent of how the stream is split.
+about ``eps · C``; after a million buckets that is 1e-10 of V. The kernel makes the loop
+reference's float operations in the same order everywhere except sigma (rolling sums here,
+an exact ``statistics.stdev`` there), so the two agree to ~1e-15 relative; every running
+sum lives in the state, so the output is bit for bit the same however the stream is split.
 
 Design, and the alternatives weighed:
 
 - Bars, dP and the rolling sigma are a sequential scan (the bar a trade closes depends on
   the state the previous batch left); it runs in one numba loop (``cache=True``). The rolling
-  sums of dP and dP² are Neumaier-compensated add/remove sums, O(1) per bar and accurate to
+  sums of dP and dP² are compensated (TwoSum) add/remove sums, O(1) per bar and accurate to
   a few ulp of the window sums however long the stream. They are sums of ``dP − shift``:
   when the window's mean is large against its spread (``S2 − S1²/n`` would cancel, e.g.
   dP values all one tick apart from float noise), the window is re-centred on its mean
   (O(sigma_window), rare), so sigma stays within ~1e-14 of the exact value. A constant
   window is recognised exactly (run length of equal dP), so it gives ``f = 0.5`` as the
   definition says rather than rounding noise. A two-pass standard deviation per bar was the
-  obvious alternative: O(sigma_window) per bar, about 10× slower with ``bar_ns = 0``.
+  obvious alternative: O(sigma_window) per bar, 200 more operations per trade with
+  ``bar_ns = 0``, which the 20M trades/s budget (50 ns a trade) cannot afford.
 - The bucket scan: cumulative volume by ``cumsum`` (the carried total prepended, so the
   additions are the loop's) and the bars completing each bucket by ``searchsorted``; the
   buy volume per bucket is then a segmented sum over bars in a small numba loop, since
   exactness needs the loop's order of additions. A fully numpy version (pieces summed
-  by ``bincount``) was exact too but ran at ~40M bars/s against the loop's ~300M, and
-  took the whole kernel under the 20M trades/s target; the difference of cumulative buy
+  by ``bincount``, which also adds in array order) was exact too but ran at ~40M bars/s
+  against ~120M for this one, and took the whole kernel under the 20M trades/s target
+  (measured with ``bar_ns = 0`` on this 2-core Xeon VM); the difference of cumulative buy
   volume interpolated at the bucket edges (``scripts/bench_kernels.py``'s numpy column) is
   vectorised but loses ``eps · C / V`` relative precision per bucket.
 - The VPIN window sum is a sequential sum across the n window columns (vectorised over
@@ -195,7 +198,7 @@ def propose_bucket_volume(size: np.ndarray, n_buckets: int = 50) -> float:
 
 
 @njit(cache=True, inline="always")
-def _neumaier(s: float, c: float, x: float) -> tuple[float, float]:
+def _compensated_add(s: float, c: float, x: float) -> tuple[float, float]:
     """Compensated ``s + x``: Knuth's branch-free TwoSum error goes into ``c``."""
     t = s + x
     bp = t - s
@@ -213,8 +216,8 @@ def _recentre(ring, count, shift):
     s1, c1, s2, c2 = 0.0, 0.0, 0.0, 0.0
     for i in range(count):
         d = ring[i] - shift
-        s1, c1 = _neumaier(s1, c1, d)
-        s2, c2 = _neumaier(s2, c2, d * d)
+        s1, c1 = _compensated_add(s1, c1, d)
+        s2, c2 = _compensated_add(s2, c2, d * d)
     return s1, c1, s2, c2, shift
 
 
@@ -229,14 +232,14 @@ def _close_bar(price, prev, s1, c1, s2, c2, last_dp, shift, pos, count, run, rin
     dp = price - prev
     if count == w:
         d = ring[pos] - shift
-        s1, c1 = _neumaier(s1, c1, -d)
-        s2, c2 = _neumaier(s2, c2, -(d * d))
+        s1, c1 = _compensated_add(s1, c1, -d)
+        s2, c2 = _compensated_add(s2, c2, -(d * d))
     else:
         count += 1
     ring[pos] = dp
     d = dp - shift
-    s1, c1 = _neumaier(s1, c1, d)
-    s2, c2 = _neumaier(s2, c2, d * d)
+    s1, c1 = _compensated_add(s1, c1, d)
+    s2, c2 = _compensated_add(s2, c2, d * d)
     pos = pos + 1 if pos + 1 < w else 0
     run = run + 1 if count > 1 and dp == last_dp else 1
     f = 0.5
