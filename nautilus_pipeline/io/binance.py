@@ -1,0 +1,197 @@
+"""Binance: public trades/aggTrades CSV files, and raw websocket captures (JSON lines).
+
+CSV (data.binance.vision). Columns are taken by *position*, because headers differ between
+releases and many files have none (a header is detected when the first field is not a
+number and skipped):
+
+- trades: ``id, price, qty, quote_qty|base_qty, time, is_buyer_maker[, is_best_match]``
+- aggTrades: ``agg_trade_id, price, qty, first_trade_id, last_trade_id, time,
+  is_buyer_maker[, is_best_match]`` (``agg_trade_id`` becomes ``trade_id``)
+
+``time`` is ms before 2025-01-01 and µs after for spot, so the unit is decided per value by
+magnitude (``ts_unit="auto"``). ``is_buyer_maker = true`` means the *seller* was the aggressor
+(side -1). The symbol is taken from the file name (``BTCUSDT-trades-2024-08-08.csv`` or
+``binance-um-btcusdt-trades-20240808.csv`` give ``BTCUSDT``) unless given.
+
+Feed captures (hftbacktest's recorder): one message a line, ``<local receive ts, ns> <JSON>``
+with ``{"stream": "<sym>@trade|@aggTrade|@bookTicker|@depth...", "data": {...}}``. Trades use
+the exchange trade time ``T`` (ms) as ``ts_ns``; bookTicker quotes use ``T`` where the stream
+has it (futures) and the receive time otherwise (spot sends none). Because of that mix, and
+because the capture is written in receive order, these sources replay on ``ts_recv_ns`` by
+default. Depth updates and the REST snapshot line(s) without ``stream`` are not ticks: they
+are counted as ``ignored``. Each line is decoded with orjson (one small dict per message is
+unavoidable for JSON).
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import orjson
+
+from nautilus_pipeline.errors import DataError
+from nautilus_pipeline.events import KIND_QUOTE, KIND_TRADE, SIDE_BUY, SIDE_SELL
+from nautilus_pipeline.io.chunk import BadRow, Reason, TickChunk
+from nautilus_pipeline.io.csv import CsvOptions, CsvReader, sniff_names
+from nautilus_pipeline.io.files import check_file, iter_lines
+from nautilus_pipeline.io.table import FieldMap
+
+TRADE_NAMES = ("id", "price", "qty", "quote_qty", "time", "is_buyer_maker", "is_best_match")
+AGG_NAMES = ("agg_trade_id", "price", "qty", "first_trade_id", "last_trade_id", "time", "is_buyer_maker", "is_best_match")
+
+
+def symbol_from_name(path: str | Path) -> str | None:
+    """``BTCUSDT`` from ``BTCUSDT-trades-2024-08-08.csv`` or ``binance-um-btcusdt-trades-…``."""
+    stem = Path(path).name.split(".")[0]
+    m = re.search(r"([A-Za-z0-9]+)-(?:trades|aggTrades|aggtrades)", stem)
+    return m.group(1).upper() if m else None
+
+
+def _layout(path: str | Path, agg: bool) -> tuple[bool, tuple[str, ...]]:
+    first = sniff_names(path)
+    header = not first[0].lstrip("-").isdigit()
+    if header:
+        from nautilus_pipeline.io.files import read_head
+
+        lines = [ln for ln in read_head(path).split(b"\n") if ln.strip()]
+        if len(lines) < 2:
+            raise DataError(f"{path}: the file has a header but no rows; nothing to replay")
+        first = lines[1].decode("utf-8", "replace").strip().split(",")
+    names = AGG_NAMES if agg else TRADE_NAMES
+    expected = (7, 8) if agg else (6, 7)
+    if len(first) not in expected:
+        kind = "aggTrades" if agg else "trades"
+        raise DataError(
+            f"{path}: a Binance {kind} row has {expected[0]} or {expected[1]} fields, this one has "
+            f"{len(first)} ({','.join(first)}): wrong columns, or not a Binance {kind} file"
+        )
+    return header, names[: len(first)]
+
+
+def binance_trades(path: str | Path, *, symbol: str | None = None, agg: bool = False) -> CsvReader:
+    """A reader of a Binance public ``trades`` (or, with ``agg``, ``aggTrades``) CSV file."""
+    check_file(path)
+    header, names = _layout(path, agg)
+    fmap = FieldMap(ts="time", ts_unit="auto", price="price", size="qty", side="is_buyer_maker",
+                    side_encoding="is_buyer_maker", trade_id=names[0], kind="trade")
+    sym = symbol or symbol_from_name(path) or Path(path).name.split(".")[0]
+    return CsvReader(path, fmap, CsvOptions(header=header, column_names=names), symbol=sym)
+
+
+def binance_agg_trades(path: str | Path, *, symbol: str | None = None) -> CsvReader:
+    """A reader of a Binance public ``aggTrades`` CSV file."""
+    return binance_trades(path, symbol=symbol, agg=True)
+
+
+class BinanceFeedReader:
+    """Reads a Binance websocket capture (``<ts_ns> <json>`` lines, .gz/.zst transparent)."""
+
+    default_order_by = "ts_recv_ns"
+
+    def __init__(self, path: str | Path, *, symbol: str | None = None):
+        self.path = str(check_file(path))
+        self.symbol = symbol
+        self.ignored = 0
+
+    def chunks(self, chunk_rows: int = 65_536) -> Iterator[TickChunk]:
+        """Trades and quotes in capture order; depth and snapshot lines counted as ignored."""
+        acc = _FeedBatch()
+        rows = 0
+        for lineno, line in iter_lines(self.path):
+            if not line.strip():
+                continue
+            self._parse(lineno, line, acc)
+            if len(acc) >= chunk_rows:
+                rows += len(acc)
+                yield acc.chunk(self.path, self.symbol)
+                acc = _FeedBatch()
+        if len(acc) or acc.dropped:
+            rows += len(acc)
+            yield acc.chunk(self.path, self.symbol)
+        if rows == 0 and not acc.dropped:
+            raise DataError(f"{self.path}: no trade or bookTicker messages found ({self.ignored} other lines); is this a Binance feed capture?")
+
+    def _parse(self, lineno: int, line: bytes, acc: _FeedBatch) -> None:
+        head, _, body = line.partition(b" ")
+        try:
+            recv = int(head)
+            msg = orjson.loads(body)
+        except (ValueError, orjson.JSONDecodeError):
+            acc.dropped.append(BadRow(self.path, lineno, Reason.UNPARSABLE, None, line[:200].decode("utf-8", "replace"),
+                                      line.decode("utf-8", "replace"), None))
+            return
+        stream = msg.get("stream") if isinstance(msg, dict) else None
+        if stream is None:
+            self.ignored += 1
+            return
+        kind = stream.rpartition("@")[2] if "@depth" not in stream else "depth"
+        d = msg.get("data") or {}
+        try:
+            if kind in ("trade", "aggTrade"):
+                acc.add_trade(lineno, recv, d, "t" if kind == "trade" else "a")
+            elif kind == "bookTicker":
+                acc.add_quote(lineno, recv, d)
+            else:
+                self.ignored += 1
+        except (KeyError, TypeError, ValueError) as e:
+            acc.dropped.append(BadRow(self.path, lineno, Reason.MISSING_FIELD if isinstance(e, KeyError) else Reason.UNPARSABLE,
+                                      str(e).strip("'"), None, line.decode("utf-8", "replace"), d.get("s") if isinstance(d, dict) else None))
+
+
+class _FeedBatch:
+    """Column lists for one chunk of feed messages (parsed values, not dicts)."""
+
+    def __init__(self) -> None:
+        self.records: list[int] = []
+        self.recv: list[int] = []
+        self.ts: list[int] = []
+        self.kind: list[int] = []
+        self.sym: list[str] = []
+        self.vals: list[tuple[float, float, int, int, float, float, float, float]] = []
+        self.dropped: list[BadRow] = []
+        self.lines: dict[int, object] = {}
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def add_trade(self, lineno: int, recv: int, d: dict, id_key: str) -> None:
+        nan = float("nan")
+        row = (float(d["p"]), float(d["q"]), SIDE_SELL if d["m"] else SIDE_BUY, int(d[id_key]), nan, nan, nan, nan)
+        ts = int(d["T"]) * 1_000_000
+        self._push(lineno, recv, ts, KIND_TRADE, d["s"], row, d)
+
+    def add_quote(self, lineno: int, recv: int, d: dict) -> None:
+        nan = float("nan")
+        row = (nan, nan, 0, -1, float(d["b"]), float(d["a"]), float(d["B"]), float(d["A"]))
+        ts = int(d["T"]) * 1_000_000 if "T" in d else recv
+        self._push(lineno, recv, ts, KIND_QUOTE, d["s"], row, d)
+
+    def _push(self, lineno: int, recv: int, ts: int, kind: int, sym: str, row: tuple, d: dict) -> None:
+        self.records.append(lineno)
+        self.recv.append(recv)
+        self.ts.append(ts)
+        self.kind.append(kind)
+        self.sym.append(sym)
+        self.vals.append(row)
+        self.lines[len(self.records) - 1] = d
+
+    def chunk(self, source: str, symbol: str | None) -> TickChunk:
+        n = len(self.records)
+        v = np.array(self.vals, dtype=np.float64).reshape(n, 8)
+        names = sorted(set(self.sym)) if symbol is None else [symbol]
+        index = {s: i for i, s in enumerate(names)}
+        codes = np.array([index.get(s, 0) for s in self.sym], dtype=np.uint32)
+        cols = {
+            "ts_ns": np.array(self.ts, dtype=np.int64), "ts_recv_ns": np.array(self.recv, dtype=np.int64),
+            "kind": np.array(self.kind, dtype=np.uint8), "symbol_id": codes,
+            "price": v[:, 0], "size": v[:, 1], "side": v[:, 2].astype(np.int8), "trade_id": v[:, 3].astype(np.int64),
+            "bid": v[:, 4], "ask": v[:, 5], "bid_size": v[:, 6], "ask_size": v[:, 7],
+        }
+        field_map = {"price": "p", "size": "q", "trade_id": "t", "bid": "b", "ask": "a", "bid_size": "B",
+                     "ask_size": "A", "ts_ns": "T", "ts_recv_ns": "<receive ts>"}
+        lines = self.lines
+        return TickChunk(source, cols, np.array(self.records, dtype=np.int64), names or [""],
+                         field_map=field_map, dropped=self.dropped, raw=lines.get)

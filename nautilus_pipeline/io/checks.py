@@ -1,0 +1,411 @@
+"""Bad input policy, row checks, quarantine and accounting: nothing is lost silently.
+
+Every row a reader yields goes through :class:`Validator` once. The checks are vectorised
+over a chunk (numpy masks; one Python loop per *symbol* present in the chunk, not per row)
+and the first failing check names the row's :class:`~nautilus_pipeline.io.chunk.Reason`:
+
+1. the reader's own verdict: unparsable field, missing field, unknown side code, wrong
+   number of fields;
+2. trades: price finite and > 0, size finite and > 0; quotes: bid/ask finite and > 0, sizes
+   (where present) finite and >= 0, not crossed (bid > ask; a locked book bid == ask passes);
+3. duplicate trade id within a symbol (where ids exist, i.e. ``trade_id >= 0``);
+4. time going backwards within a symbol, on the source's replay clock (``ts_ns`` or
+   ``ts_recv_ns``); equal timestamps pass unless ``allow_equal_ts=False``.
+
+Policies (per source): ``fail`` raises :class:`DataError` on the first bad row (file,
+line/record, field, value, what to do); ``reject`` drops and counts; ``quarantine`` drops,
+counts and appends ``{"source", "record", "reason", "field", "value", "symbol", "message",
+"raw"}`` as one JSON line (orjson) to a side file. For CSV rows that parsed, ``raw`` is the
+row as parsed (a dict of the file's columns); for lines a parser refused, the line's text.
+
+Duplicate trade ids are remembered as ranges of consecutive ids (Binance and Nautilus ids are
+contiguous, so one range per symbol): memory grows with the gaps between ids, not the rows.
+
+Accounting: ``read = delivered + rejected + quarantined`` per source and per symbol;
+``delivered`` is counted by whoever emits the rows (the replay), so the identity holds once a
+replay has run to the end. Lines that are not ticks by design (depth updates, snapshots in a
+feed capture) are counted apart as ``ignored`` and are not rows.
+"""
+
+from __future__ import annotations
+
+import collections
+import enum
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import IO, Any
+
+import numpy as np
+import orjson
+
+from nautilus_pipeline.errors import ConfigError, DataError
+from nautilus_pipeline.events import KIND_QUOTE, KIND_TRADE
+from nautilus_pipeline.io.chunk import BadRow, Reason, TickChunk
+
+UNKNOWN_SYMBOL = "<unknown>"
+
+
+class Policy(enum.StrEnum):
+    """What to do with a bad row."""
+
+    FAIL = "fail"
+    REJECT = "reject"
+    QUARANTINE = "quarantine"
+
+    @classmethod
+    def parse(cls, value: str | Policy) -> Policy:
+        try:
+            return cls(value)
+        except ValueError:
+            raise ConfigError(
+                f"policy {value!r} is not one of {[p.value for p in cls]}"
+            ) from None
+
+
+@dataclass
+class Counts:
+    """Row counts of one source or symbol; ``by_reason`` splits rejected + quarantined."""
+
+    read: int = 0
+    delivered: int = 0
+    rejected: int = 0
+    quarantined: int = 0
+    by_reason: collections.Counter[str] = field(default_factory=collections.Counter)
+
+    @property
+    def balanced(self) -> bool:
+        return self.read == self.delivered + self.rejected + self.quarantined
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"read": self.read, "delivered": self.delivered, "rejected": self.rejected,
+                "quarantined": self.quarantined, "by_reason": dict(self.by_reason)}
+
+
+@dataclass
+class Accounting:
+    """Counts per source, and per symbol within each source; ``ignored`` lines per source."""
+
+    sources: dict[str, Counts] = field(default_factory=dict)
+    symbols: dict[tuple[str, str], Counts] = field(default_factory=dict)
+    ignored: collections.Counter[str] = field(default_factory=collections.Counter)
+
+    def _get(self, source: str, symbol: str) -> tuple[Counts, Counts]:
+        src = self.sources.setdefault(source, Counts())
+        sym = self.symbols.setdefault((source, symbol), Counts())
+        return src, sym
+
+    def add(self, source: str, symbol: str, what: str, n: int, reason: str | None = None) -> None:
+        """Add ``n`` rows of ``symbol`` to counter ``what`` (read/delivered/rejected/quarantined)."""
+        if n == 0:
+            return
+        for c in self._get(source, symbol):
+            setattr(c, what, getattr(c, what) + n)
+            if reason is not None:
+                c.by_reason[reason] += n
+
+    @property
+    def total(self) -> Counts:
+        t = Counts()
+        for c in self.sources.values():
+            t.read += c.read
+            t.delivered += c.delivered
+            t.rejected += c.rejected
+            t.quarantined += c.quarantined
+            t.by_reason.update(c.by_reason)
+        return t
+
+    def check(self) -> None:
+        """Raise :class:`DataError` naming the source/symbol whose counts do not add up."""
+        for key, c in [*self.sources.items(), *self.symbols.items()]:
+            if not c.balanced:
+                raise DataError(
+                    f"accounting of {key}: read {c.read} != delivered {c.delivered} + rejected "
+                    f"{c.rejected} + quarantined {c.quarantined}; was the replay stopped early?"
+                )
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "sources": {k: v.as_dict() for k, v in self.sources.items()},
+            "symbols": {f"{s}:{y}": v.as_dict() for (s, y), v in self.symbols.items()},
+            "ignored": dict(self.ignored),
+        }
+
+
+class IdSet:
+    """Trade ids seen, as sorted disjoint inclusive ranges ``[starts[i], ends[i]]``."""
+
+    def __init__(self) -> None:
+        self.starts = np.empty(0, dtype=np.int64)
+        self.ends = np.empty(0, dtype=np.int64)
+
+    def contains(self, ids: np.ndarray) -> np.ndarray:
+        if len(self.starts) == 0 or len(ids) == 0 or ids.max() < self.starts[0] or ids.min() > self.ends[-1]:
+            return np.zeros(len(ids), dtype=bool)
+        i = np.searchsorted(self.starts, ids, side="right") - 1
+        return (i >= 0) & (ids <= self.ends[np.maximum(i, 0)])
+
+    def add(self, ids: np.ndarray) -> None:
+        if len(ids) == 0:
+            return
+        u = np.unique(ids)
+        br = np.flatnonzero(np.diff(u) != 1)
+        s = u[np.r_[0, br + 1]]
+        e = u[np.r_[br, len(u) - 1]]
+        if len(self.ends) == 0:
+            self.starts, self.ends = s, e
+            return
+        if s[0] > self.ends[-1]:
+            if s[0] == self.ends[-1] + 1:
+                self.ends = self.ends.copy()
+                self.ends[-1] = e[0]
+                s, e = s[1:], e[1:]
+            self.starts = np.concatenate([self.starts, s])
+            self.ends = np.concatenate([self.ends, e])
+            return
+        starts = np.concatenate([self.starts, s])
+        ends = np.concatenate([self.ends, e])
+        order = np.argsort(starts, kind="stable")
+        starts, ends = starts[order], ends[order]
+        reach = np.maximum.accumulate(ends)
+        new = np.r_[True, starts[1:] > reach[:-1] + 1]
+        grp = np.cumsum(new) - 1
+        self.starts = starts[new]
+        self.ends = np.maximum.reduceat(ends, np.flatnonzero(new)) if len(grp) else ends
+
+    def __len__(self) -> int:
+        return int((self.ends - self.starts + 1).sum())
+
+
+_FIELD_OF_REASON = {
+    Reason.PRICE_NOT_FINITE: "price",
+    Reason.PRICE_NOT_POSITIVE: "price",
+    Reason.SIZE_NOT_POSITIVE: "size",
+    Reason.DUPLICATE_TRADE_ID: "trade_id",
+    Reason.CROSSED_QUOTE: "bid",
+}
+
+
+class Quarantine:
+    """Appends refused rows as JSON lines; opened on the first row, closed by :meth:`close`."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        self._fh: IO[bytes] | None = None
+        self.count = 0
+
+    def write(self, row: BadRow) -> None:
+        if self._fh is None:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self._fh = self.path.open("ab")
+        rec = {"source": row.source, "record": row.record, "reason": row.reason.name.lower(),
+               "field": row.field, "value": row.value, "symbol": row.symbol,
+               "message": row.message(), "raw": row.raw}
+        self._fh.write(orjson.dumps(rec, default=str, option=orjson.OPT_SERIALIZE_NUMPY | orjson.OPT_APPEND_NEWLINE))
+        self.count += 1
+
+    def close(self) -> None:
+        if self._fh is not None:
+            self._fh.close()
+            self._fh = None
+
+
+class Validator:
+    """Applies the checks and the policy of one source to its chunks, in file order.
+
+    ``order_by`` names the replay clock the time check runs on (``ts_ns`` or ``ts_recv_ns``).
+    State (last timestamp, ids seen per symbol) persists across chunks.
+    """
+
+    def __init__(
+        self,
+        source: str,
+        policy: Policy | str = Policy.FAIL,
+        *,
+        accounting: Accounting | None = None,
+        quarantine: Quarantine | str | Path | None = None,
+        allow_equal_ts: bool = True,
+        order_by: str = "ts_ns",
+    ):
+        self.source = source
+        self.policy = Policy.parse(policy)
+        if order_by not in ("ts_ns", "ts_recv_ns"):
+            raise ConfigError(f"order_by {order_by!r} must be 'ts_ns' or 'ts_recv_ns'")
+        self.order_by = order_by
+        self.allow_equal_ts = allow_equal_ts
+        self.accounting = accounting if accounting is not None else Accounting()
+        if self.policy is Policy.QUARANTINE and quarantine is None:
+            raise ConfigError(
+                f"source {source}: policy 'quarantine' needs a quarantine file path (quarantine=...)"
+            )
+        self.quarantine = quarantine if isinstance(quarantine, Quarantine) or quarantine is None else Quarantine(quarantine)
+        self._last_ts: dict[str, int] = {}
+        self._ids: dict[str, IdSet] = {}
+        self._back_prev: dict[int, int] = {}
+
+    # --- per chunk ---------------------------------------------------------------------
+    def process(self, chunk: TickChunk) -> TickChunk:
+        """Return the chunk's good rows; count, raise on or quarantine the others."""
+        n = len(chunk)
+        self._back_prev: dict[int, int] = {}
+        reason = np.zeros(n, dtype=np.uint8) if chunk.bad is None else chunk.bad.astype(np.uint8, copy=True)
+        if n:
+            self._field_checks(chunk, reason)
+            self._sequence_checks(chunk, reason)
+        names = chunk.symbols
+        codes = chunk.column("symbol_id") if n else np.empty(0, dtype=np.uint32)
+        self._count(names, codes, "read", None)
+        for d in chunk.dropped:
+            self.accounting.add(self.source, d.symbol or UNKNOWN_SYMBOL, "read", 1)
+        bad_idx = np.flatnonzero(reason)
+        if len(bad_idx) or chunk.dropped:
+            self._handle_bad(chunk, reason, bad_idx)
+        if not len(bad_idx):
+            return chunk
+        keep = reason == 0
+        cols = {k: v[keep] for k, v in chunk.columns.items()}
+        return TickChunk(chunk.source, cols, chunk.records[keep], names)
+
+    def _count(self, names: list[str], codes: np.ndarray, what: str, reason: str | None) -> None:
+        if len(codes) == 0:
+            return
+        if len(names) == 1:
+            self.accounting.add(self.source, names[0], what, len(codes), reason)
+            return
+        counts = np.bincount(codes, minlength=len(names))
+        for k in np.flatnonzero(counts):
+            self.accounting.add(self.source, names[k], what, int(counts[k]), reason)
+
+    def _field_checks(self, chunk: TickChunk, reason: np.ndarray) -> None:
+        kind = chunk.column("kind")
+        trade = kind == KIND_TRADE
+        quote = kind == KIND_QUOTE
+
+        def flag(mask: np.ndarray, why: Reason) -> None:
+            m = mask & (reason == 0)
+            reason[m] = why
+
+        if trade.any():
+            price = chunk.column("price")
+            size = chunk.column("size")
+            with np.errstate(invalid="ignore"):
+                flag(trade & ~np.isfinite(price), Reason.PRICE_NOT_FINITE)
+                flag(trade & (price <= 0), Reason.PRICE_NOT_POSITIVE)
+                flag(trade & ~(np.isfinite(size) & (size > 0)), Reason.SIZE_NOT_POSITIVE)
+        if quote.any():
+            bid, ask = chunk.column("bid"), chunk.column("ask")
+            bsz, asz = chunk.column("bid_size"), chunk.column("ask_size")
+            with np.errstate(invalid="ignore"):
+                flag(quote & ~(np.isfinite(bid) & np.isfinite(ask)), Reason.PRICE_NOT_FINITE)
+                flag(quote & ((bid <= 0) | (ask <= 0)), Reason.PRICE_NOT_POSITIVE)
+                for s in (bsz, asz):
+                    flag(quote & ~np.isnan(s) & ~(np.isfinite(s) & (s >= 0)), Reason.SIZE_NOT_POSITIVE)
+                flag(quote & (bid > ask), Reason.CROSSED_QUOTE)
+
+    def _sequence_checks(self, chunk: TickChunk, reason: np.ndarray) -> None:
+        ts = chunk.column(self.order_by)
+        tid = chunk.column("trade_id")
+        kind = chunk.column("kind")
+        codes = chunk.column("symbol_id")
+        present = np.unique(codes) if len(chunk.symbols) > 1 else np.zeros(1, dtype=np.uint32)
+        for code in present:
+            name = chunk.symbols[int(code)]
+            rows = np.flatnonzero(reason == 0) if len(present) == 1 else np.flatnonzero((codes == code) & (reason == 0))
+            if len(rows) == 0:
+                continue
+            # duplicate trade ids: within the chunk (keep the first), then against history
+            ids_rows = rows[(kind[rows] == KIND_TRADE) & (tid[rows] >= 0)]
+            seen = self._ids.get(name)
+            if len(ids_rows):
+                ids = tid[ids_rows]
+                if len(ids) > 1 and not (np.diff(ids) > 0).all():
+                    _, first = np.unique(ids, return_index=True)
+                    dup = np.ones(len(ids), dtype=bool)
+                    dup[first] = False
+                else:
+                    dup = np.zeros(len(ids), dtype=bool)
+                if seen is not None:
+                    dup |= seen.contains(ids)
+                if dup.any():
+                    reason[ids_rows[dup]] = Reason.DUPLICATE_TRADE_ID
+                    rows = rows[reason[rows] == 0]
+            # time order within the symbol, carried across chunks
+            t = ts[rows]
+            last = self._last_ts.get(name)
+            prev = np.maximum.accumulate(np.concatenate([[np.iinfo(np.int64).min if last is None else last], t]))[:-1]
+            back = t < prev if self.allow_equal_ts else t <= prev
+            if back.any():
+                reason[rows[back]] = Reason.TS_BACKWARDS
+                self._back_prev.update(zip(rows[back].tolist(), prev[back].tolist(), strict=True))
+                rows = rows[~back]
+            if len(rows):
+                self._last_ts[name] = int(ts[rows].max())
+                ok_ids = rows[(kind[rows] == KIND_TRADE) & (tid[rows] >= 0)]
+                if len(ok_ids):
+                    self._ids.setdefault(name, IdSet()).add(tid[ok_ids])
+
+    # --- bad rows ----------------------------------------------------------------------
+    def _bad_row(self, chunk: TickChunk, i: int, why: Reason) -> BadRow:
+        """Describe row ``i``: ``field`` is the file's column name where the reader knows it."""
+        ours = _FIELD_OF_REASON.get(why)
+        if why is Reason.TS_BACKWARDS:
+            ours = self.order_by
+        raw = chunk.raw_record(i)
+        value: object = None
+        if i in chunk.bad_field:
+            fld: str | None = chunk.bad_field[i]
+            if isinstance(raw, dict):
+                value = raw.get(fld)
+        else:
+            fld = chunk.field_map.get(ours, ours) if ours else None
+            if ours in chunk.columns:
+                value = chunk.columns[ours][i].item()
+            if why is Reason.CROSSED_QUOTE:
+                value = {"bid": value, "ask": chunk.columns["ask"][i].item()}
+            elif why is Reason.TS_BACKWARDS:
+                value = {"ts": value, "latest_before": self._back_prev.get(i)}
+        sym = None
+        if chunk.symbols and "symbol_id" in chunk.columns:
+            sym = chunk.symbols[int(chunk.columns["symbol_id"][i])]
+        return BadRow(chunk.source, int(chunk.records[i]), why, fld, value, raw, sym)
+
+    def _handle_bad(self, chunk: TickChunk, reason: np.ndarray, bad_idx: np.ndarray) -> None:
+        if self.policy is Policy.FAIL:
+            first: BadRow | None = None
+            if len(bad_idx):
+                first = self._bad_row(chunk, int(bad_idx[0]), Reason(int(reason[bad_idx[0]])))
+            for d in chunk.dropped:
+                if first is None or d.record < first.record:
+                    first = d
+            assert first is not None
+            raise DataError(first.message() + " (policy 'fail'; 'reject' or 'quarantine' drop and count such rows)")
+        what = "quarantined" if self.policy is Policy.QUARANTINE else "rejected"
+        for d in chunk.dropped:
+            self.accounting.add(self.source, d.symbol or UNKNOWN_SYMBOL, what, 1, d.reason.name.lower())
+            if self.quarantine is not None and self.policy is Policy.QUARANTINE:
+                self.quarantine.write(d)
+        if not len(bad_idx):
+            return
+        codes = chunk.column("symbol_id")[bad_idx]
+        rs = reason[bad_idx]
+        for r in np.unique(rs):
+            sel = rs == r
+            self._count(chunk.symbols, codes[sel], what, Reason(int(r)).name.lower())
+        if self.policy is Policy.QUARANTINE and self.quarantine is not None:
+            for i in bad_idx:
+                self.quarantine.write(self._bad_row(chunk, int(i), Reason(int(reason[i]))))
+
+    def close(self) -> None:
+        if self.quarantine is not None:
+            self.quarantine.close()
+
+
+def validated(chunks: Iterator[TickChunk], validator: Validator) -> Iterator[TickChunk]:
+    """The good rows of ``chunks``, chunk by chunk (empty chunks skipped)."""
+    try:
+        for c in chunks:
+            good = validator.process(c)
+            if len(good):
+                yield good
+    finally:
+        validator.close()

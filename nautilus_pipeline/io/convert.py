@@ -1,0 +1,294 @@
+"""Vectorised conversions shared by the readers: timestamps to ns, side codes, numbers.
+
+Each function takes a pyarrow array (or numpy array) of one column and returns a numpy array
+in the tick layout plus a boolean mask of rows it could not convert, so that a bad value
+refuses one row instead of failing the file. The fast path is one pyarrow/numpy call per
+column; a per-element Python loop runs only on a column that already failed the fast path,
+i.e. only in damaged chunks.
+
+Timestamp units (``ts_unit``): ``s`` (int or decimal), ``ms``, ``us``, ``ns``; ``iso``
+(ISO-8601 text; a naive time is taken as UTC); ``auto`` (integers, unit guessed *per value*
+by magnitude: < 1e11 s, < 1e14 ms, < 1e17 µs, else ns; Binance spot switched from ms to µs on
+2025-01-01, so the unit is never assumed).
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import math
+from collections.abc import Callable
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from nautilus_pipeline.errors import ConfigError
+from nautilus_pipeline.events import SIDE_BUY, SIDE_SELL, SIDE_UNKNOWN
+
+TS_UNITS = ("s", "ms", "us", "ns", "iso", "auto")
+SIDE_ENCODINGS = ("auto", "buy_sell", "sign", "is_buyer_maker", "nautilus", "databento")
+
+_UNIT_NS = {"s": 1_000_000_000, "ms": 1_000_000, "us": 1_000, "ns": 1}
+
+_SIDE_WORDS: dict[str, int] = {
+    "buy": SIDE_BUY, "b": SIDE_BUY, "bid": SIDE_BUY, "buyer": SIDE_BUY, "1": SIDE_BUY, "+1": SIDE_BUY,
+    "sell": SIDE_SELL, "s": SIDE_SELL, "a": SIDE_SELL, "ask": SIDE_SELL, "seller": SIDE_SELL,
+    "-1": SIDE_SELL,
+    "unknown": SIDE_UNKNOWN, "n": SIDE_UNKNOWN, "none": SIDE_UNKNOWN, "0": SIDE_UNKNOWN,
+    "no_aggressor": SIDE_UNKNOWN,
+}
+_BOOL_WORDS = {"true": True, "t": True, "1": True, "false": False, "f": False, "0": False}
+
+
+def _as_arrow(values: pa.Array | pa.ChunkedArray | np.ndarray | list) -> pa.Array:
+    if isinstance(values, pa.ChunkedArray):
+        return values.combine_chunks()
+    if isinstance(values, pa.Array):
+        return values
+    return pa.array(values)
+
+
+def _nulls(arr: pa.Array) -> np.ndarray:
+    """A writable mask of null rows."""
+    if arr.null_count == 0:
+        return np.zeros(len(arr), dtype=bool)
+    return arr.is_null().to_numpy(zero_copy_only=False).copy()
+
+
+def to_float(values: pa.Array | np.ndarray | list, scale: float | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Column to float64; returns ``(values, missing, unparsable)`` masks beside the values.
+
+    ``scale`` multiplies integer fixed-point values (e.g. 1e-9 for DBN prices).
+    """
+    arr = _as_arrow(values)
+    missing = _nulls(arr)
+    bad = np.zeros(len(arr), dtype=bool)
+    if pa.types.is_floating(arr.type) or pa.types.is_integer(arr.type) or pa.types.is_null(arr.type):
+        out = arr.cast(pa.float64()).to_numpy(zero_copy_only=False)
+    elif pa.types.is_dictionary(arr.type):
+        return to_float(arr.dictionary_decode(), scale)
+    else:
+        try:
+            out = arr.cast(pa.float64()).to_numpy(zero_copy_only=False)
+        except (pa.ArrowInvalid, pa.ArrowNotImplementedError):
+            out = np.full(len(arr), np.nan)
+            for i, v in enumerate(arr.to_pylist()):
+                if v is None or str(v).strip() == "":
+                    missing[i] = True
+                    continue
+                try:
+                    out[i] = float(v)
+                except (TypeError, ValueError):
+                    bad[i] = True
+    if missing.any():
+        out = out.copy() if not out.flags.writeable else out
+        out[missing] = np.nan
+    if scale is not None:
+        out = out * scale
+    return out, missing, bad
+
+
+def to_int(values: pa.Array | np.ndarray | list, fill: int = -1) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Column to int64 (``fill`` where missing); returns ``(values, missing, unparsable)``."""
+    arr = _as_arrow(values)
+    missing = _nulls(arr)
+    bad = np.zeros(len(arr), dtype=bool)
+    if pa.types.is_dictionary(arr.type):
+        return to_int(arr.dictionary_decode(), fill)
+    try:
+        out = arr.fill_null(fill).cast(pa.int64()).to_numpy(zero_copy_only=False)
+    except (pa.ArrowInvalid, pa.ArrowNotImplementedError):
+        out = np.full(len(arr), fill, dtype=np.int64)
+        for i, v in enumerate(arr.to_pylist()):
+            if v is None or str(v).strip() == "":
+                missing[i] = True
+                continue
+            try:
+                f = int(v) if not isinstance(v, float) else v
+                if isinstance(f, float):
+                    if not f.is_integer():
+                        raise ValueError(v)
+                    f = int(f)
+                out[i] = f
+            except (TypeError, ValueError, OverflowError):
+                bad[i] = True
+    return out, missing, bad
+
+
+def _iso_one(v: str) -> int:
+    t = dt.datetime.fromisoformat(v.strip().replace("Z", "+00:00"))
+    if t.tzinfo is None:
+        t = t.replace(tzinfo=dt.UTC)
+    delta = t - dt.datetime(1970, 1, 1, tzinfo=dt.UTC)
+    return (delta.days * 86_400 + delta.seconds) * 1_000_000_000 + delta.microseconds * 1_000
+
+
+def to_ns(values: pa.Array | np.ndarray | list, unit: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Timestamps to int64 ns since the epoch (UTC); returns ``(ns, missing, unparsable)``."""
+    if unit not in TS_UNITS:
+        raise ConfigError(f"ts_unit {unit!r} is not one of {TS_UNITS}")
+    arr = _as_arrow(values)
+    if pa.types.is_dictionary(arr.type):
+        arr = arr.dictionary_decode()
+    missing = _nulls(arr)
+    if pa.types.is_timestamp(arr.type):
+        ns = arr.cast(pa.timestamp("ns", arr.type.tz)).cast(pa.int64()).fill_null(0)
+        return ns.to_numpy(zero_copy_only=False), missing, np.zeros(len(arr), dtype=bool)
+    if unit == "iso" or (pa.types.is_string(arr.type) and unit == "auto"):
+        bad = np.zeros(len(arr), dtype=bool)
+        try:
+            ns = arr.cast(pa.timestamp("ns", "UTC")).cast(pa.int64()).fill_null(0)
+            return ns.to_numpy(zero_copy_only=False), missing, bad
+        except (pa.ArrowInvalid, pa.ArrowNotImplementedError):
+            out = np.zeros(len(arr), dtype=np.int64)
+            for i, v in enumerate(arr.to_pylist()):
+                if v is None or str(v).strip() == "":
+                    missing[i] = True
+                    continue
+                try:
+                    out[i] = _iso_one(str(v))
+                except (ValueError, TypeError, OverflowError):
+                    bad[i] = True
+            return out, missing, bad
+    if unit == "s" or pa.types.is_floating(arr.type):
+        if pa.types.is_integer(arr.type) and unit != "auto":
+            raw, missing, bad = to_int(arr, 0)
+            return raw * _UNIT_NS[unit], missing, bad
+        f, missing, bad = to_float(arr)
+        factor = _UNIT_NS["s" if unit == "auto" else unit]
+        with np.errstate(invalid="ignore"):
+            scaled = np.round(f * factor)
+        fin = np.isfinite(scaled) & (np.abs(scaled) < 9.2e18)
+        bad |= ~fin & ~missing
+        return np.where(fin, scaled, 0).astype(np.int64), missing, bad
+    raw, missing, bad = to_int(arr, 0)
+    if unit == "auto":
+        mag = np.abs(raw)
+        factor = np.where(mag < 10**11, 1_000_000_000, np.where(mag < 10**14, 1_000_000, np.where(mag < 10**17, 1_000, 1)))
+        return raw * factor, missing, bad
+    return raw * _UNIT_NS[unit], missing, bad
+
+
+def _lookup(arr: pa.Array, table: Callable[[object], int | None]) -> tuple[np.ndarray, np.ndarray]:
+    """Map a low-cardinality column through ``table`` via its dictionary: O(distinct) Python."""
+    if not pa.types.is_dictionary(arr.type):
+        arr = arr.dictionary_encode()
+    dictionary = arr.dictionary.to_pylist()
+    codes = arr.indices.fill_null(-1).to_numpy(zero_copy_only=False).astype(np.int64)
+    mapped = [table(v) for v in dictionary]
+    lut = np.array([SIDE_UNKNOWN if m is None else m for m in mapped] + [SIDE_UNKNOWN], dtype=np.int8)
+    bad_lut = np.array([m is None for m in mapped] + [False], dtype=bool)
+    return lut[codes], bad_lut[codes]
+
+
+def _side_word(v: object) -> int | None:
+    if isinstance(v, bool):
+        return None
+    if isinstance(v, int | float) and not (isinstance(v, float) and math.isnan(v)):
+        return {1: SIDE_BUY, -1: SIDE_SELL, 0: SIDE_UNKNOWN}.get(int(v)) if v == int(v) else None
+    return _SIDE_WORDS.get(str(v).strip().lower())
+
+
+def _buyer_maker(v: object) -> int | None:
+    b = v if isinstance(v, bool) else _BOOL_WORDS.get(str(v).strip().lower())
+    if b is None:
+        return None
+    return SIDE_SELL if b else SIDE_BUY
+
+
+def _nautilus(v: object) -> int | None:
+    word = str(v).strip().upper()
+    return {"1": SIDE_BUY, "BUYER": SIDE_BUY, "2": SIDE_SELL, "SELLER": SIDE_SELL,
+            "0": SIDE_UNKNOWN, "NO_AGGRESSOR": SIDE_UNKNOWN}.get(word)
+
+
+def _databento(v: object) -> int | None:
+    return {"B": SIDE_BUY, "A": SIDE_SELL, "N": SIDE_UNKNOWN}.get(str(v).strip().upper())
+
+
+def to_side(values: pa.Array | np.ndarray | list, encoding: str = "auto") -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Aggressor side codes to int8 (+1 buy, -1 sell, 0 unknown); ``(side, missing, unknown)``.
+
+    Encodings: ``buy_sell`` (buy/sell/B/S/unknown, any case), ``sign`` (1/-1/0),
+    ``is_buyer_maker`` (Binance: true means the *seller* was the aggressor), ``nautilus``
+    (AggressorSide 1 buyer / 2 seller / 0 none), ``databento`` (B buy, A sell, N none);
+    ``auto``: booleans as ``is_buyer_maker``, everything else as ``buy_sell``/``sign`` words.
+    """
+    if encoding not in SIDE_ENCODINGS:
+        raise ConfigError(f"side_encoding {encoding!r} is not one of {SIDE_ENCODINGS}")
+    arr = _as_arrow(values)
+    missing = _nulls(arr)
+    if encoding == "auto":
+        encoding = "is_buyer_maker" if pa.types.is_boolean(arr.type) else "buy_sell"
+    if pa.types.is_boolean(arr.type) and encoding == "is_buyer_maker":
+        b = arr.fill_null(False).to_numpy(zero_copy_only=False)
+        side = np.where(b, SIDE_SELL, SIDE_BUY).astype(np.int8)
+        side[missing] = SIDE_UNKNOWN
+        return side, missing, np.zeros(len(arr), dtype=bool)
+    if pa.types.is_integer(arr.type) and encoding in ("sign", "buy_sell"):
+        raw = arr.fill_null(0).to_numpy(zero_copy_only=False)
+        unknown = ~np.isin(raw, (-1, 0, 1))
+        return np.where(unknown, 0, raw).astype(np.int8), missing, unknown & ~missing
+    table = {"buy_sell": _side_word, "sign": _side_word, "is_buyer_maker": _buyer_maker,
+             "nautilus": _nautilus, "databento": _databento}[encoding]
+    side, unknown = _lookup(arr, table)
+    return side, missing, unknown & ~missing
+
+
+def symbol_codes(values: pa.Array | np.ndarray | list) -> tuple[np.ndarray, list[str], np.ndarray]:
+    """Symbol column to (uint32 codes, names, missing) without one Python string per row."""
+    arr = _as_arrow(values)
+    missing = _nulls(arr)
+    if not pa.types.is_dictionary(arr.type):
+        arr = pc.cast(arr, pa.string()) if not pa.types.is_string(arr.type) else arr
+        arr = arr.dictionary_encode()
+    names = [str(v) for v in arr.dictionary.to_pylist()]
+    codes = arr.indices.fill_null(0).to_numpy(zero_copy_only=False).astype(np.uint32)
+    return codes, names, missing
+
+
+def civil_to_ns(year: np.ndarray, month: np.ndarray, day: np.ndarray, seconds: np.ndarray, frac_ns: np.ndarray) -> np.ndarray:
+    """Calendar fields (arrays) to ns since the epoch, proleptic Gregorian, no time zone."""
+    y = year.astype(np.int64) - (month <= 2)
+    era = np.floor_divide(y, 400)
+    yoe = y - era * 400
+    m = month.astype(np.int64)
+    doy = (153 * (m + np.where(m > 2, -3, 9)) + 2) // 5 + day.astype(np.int64) - 1
+    doe = yoe * 365 + yoe // 4 - yoe // 100 + doy
+    days = era * 146_097 + doe - 719_468
+    return (days * 86_400 + seconds.astype(np.int64)) * 1_000_000_000 + frac_ns.astype(np.int64)
+
+
+def fixed_layout_ns(values: pa.Array, fields: dict[str, tuple[int, int]], offset_ns: int = 0) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Parse fixed-position timestamps (e.g. HistData ``YYYYMMDD HHMMSSmmm``) vectorised.
+
+    ``fields`` maps ``Y m d H M S f`` to ``(start, length)`` character positions; ``f`` is the
+    fraction of a second (any number of digits). ``offset_ns`` is added (e.g. +5 h for EST).
+    Returns ``(ns, missing, unparsable)``.
+    """
+    arr = _as_arrow(values)
+    if pa.types.is_dictionary(arr.type):
+        arr = arr.dictionary_decode()
+    missing = _nulls(arr)
+    arr = pc.utf8_trim_whitespace(arr.fill_null(""))
+    parts: dict[str, np.ndarray] = {}
+    bad = np.zeros(len(arr), dtype=bool)
+    lengths = pc.utf8_length(arr).to_numpy(zero_copy_only=False)
+    need = max(s + n for s, n in fields.values())
+    bad |= lengths < need
+    for key, (start, n) in fields.items():
+        piece = pc.utf8_slice_codeunits(arr, start, start + n)
+        ok = pc.match_substring_regex(piece, f"^[0-9]{{{n}}}$").to_numpy(zero_copy_only=False)
+        bad |= ~ok
+        num = pc.if_else(pa.array(ok), piece, pa.scalar("0")).cast(pa.int64())
+        parts[key] = num.to_numpy(zero_copy_only=False)
+    bad &= ~missing
+    frac = parts.get("f", np.zeros(len(arr), dtype=np.int64))
+    if "f" in fields:
+        frac = frac * 10 ** (9 - fields["f"][1])
+    month, day = parts["m"], parts["d"]
+    bad |= (month < 1) | (month > 12) | (day < 1) | (day > 31)
+    secs = parts.get("H", 0) * 3600 + parts.get("M", 0) * 60 + parts.get("S", 0)
+    ns = civil_to_ns(parts["Y"], np.clip(month, 1, 12), np.clip(day, 1, 31), secs, frac) + offset_ns
+    ns[bad | missing] = 0
+    return ns, missing, bad

@@ -1,0 +1,243 @@
+"""Generic CSV reader with a column mapping: pyarrow's streaming CSV parser, no per-row Python.
+
+How it reads. ``pyarrow.csv.open_csv`` parses the file block by block (multi-threaded) into
+typed Arrow batches; only the mapped columns are converted (``include_columns``), then each
+column becomes a numpy array in one call (``table.arrays_to_chunk``). Line numbers are exact:
+data line ``i`` is ``first_line + i`` except for lines the parser refused, which pyarrow reports
+through ``invalid_row_handler`` (wrong number of fields) and which are counted as rows with
+reason ``wrong_field_count``. Empty lines are rows too (with missing fields), so numbering
+never drifts. Quoted fields spanning lines are not supported (no tick format uses them).
+
+Why two fallbacks instead of a lenient parser. A typed parse is what makes the reader as fast as
+``pyarrow.csv.read_csv`` itself, but pyarrow refuses a whole block on one unparsable value, and
+with threads it cannot tell the line of a refused row. So the reader starts typed and threaded;
+on the first refused line it restarts single-threaded (exact line numbers), and on the first
+conversion error it restarts with text columns converted per column by ``convert.py`` (one bad
+value marks one row). Restarts skip the rows already delivered, so clean files pay nothing and
+damaged ones give the same rows, just slower. Measured by ``scripts/bench_readers.py``.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.csv as pacsv
+
+from nautilus_pipeline.errors import ConfigError, DataError
+from nautilus_pipeline.io.chunk import BadRow, Reason, TickChunk
+from nautilus_pipeline.io.files import check_file, decoding_errors, open_stream, read_head
+from nautilus_pipeline.io.table import FieldMap, arrays_to_chunk
+
+
+@dataclass(frozen=True)
+class CsvOptions:
+    """Layout of the text: a header line and/or explicit ``column_names``, delimiter.
+
+    With ``column_names`` and ``header=True`` the header line is skipped and the given names are
+    used (positional layouts whose headers vary by vendor release, like Binance's).
+    """
+
+    header: bool = True
+    column_names: tuple[str, ...] | None = None
+    delimiter: str = ","
+    block_size: int | None = None
+    extra: dict[str, str] = field(default_factory=dict)
+
+
+def _split(line: bytes, delimiter: str) -> list[str]:
+    return [c.strip().strip('"') for c in line.decode("utf-8", "replace").split(delimiter)]
+
+
+class _Restart(Exception):
+    def __init__(self, threads: bool, robust: bool):
+        self.threads, self.robust = threads, robust
+
+
+class CsvReader:
+    """Streams a CSV (optionally .gz/.zst) of trades or quotes through a :class:`FieldMap`."""
+
+    def __init__(self, path: str | Path, fmap: FieldMap, options: CsvOptions | None = None, *, symbol: str | None = None):
+        self.path = str(path)
+        self.fmap = fmap
+        self.options = options or CsvOptions()
+        self.symbol = symbol if symbol is not None else (None if fmap.symbol else Path(path).name.split(".")[0])
+        self.ignored = 0
+        self._dropped_upto = 0
+        self._names, self._first_line = self._check_layout()
+
+    def _check_layout(self) -> tuple[list[str], int]:
+        check_file(self.path)
+        head = read_head(self.path)
+        lines = [ln for ln in head.split(b"\n") if ln.strip()]
+        opts = self.options
+        if not lines:
+            raise DataError(f"{self.path}: the file has no lines (only whitespace); nothing to replay")
+        first = _split(lines[0].rstrip(b"\r"), opts.delimiter)
+        data_lines = lines[1:] if opts.header else lines
+        if opts.column_names is None:
+            if not opts.header:
+                raise ConfigError(f"{self.path}: a CSV without header needs column_names")
+            names = first
+        else:
+            names = list(opts.column_names)
+            sample = _split(data_lines[0].rstrip(b"\r"), opts.delimiter) if data_lines else first
+            if len(sample) != len(names):
+                raise DataError(
+                    f"{self.path}: the first row has {len(sample)} fields {sample!r} but the format "
+                    f"expects {len(names)} ({', '.join(names)}): wrong columns, or a different format"
+                )
+        missing = [c for c in self.fmap.columns().values() if c not in names]
+        if missing:
+            raise DataError(
+                f"{self.path}: wrong columns: {missing} not found in the header {names}; "
+                "fix the column mapping or pick the right format"
+            )
+        if not data_lines:
+            raise DataError(f"{self.path}: the file has a header but no rows; nothing to replay")
+        self._sample = _split(data_lines[0].rstrip(b"\r"), opts.delimiter)
+        return names, 2 if opts.header else 1
+
+    def _types(self, robust: bool) -> dict[str, pa.DataType]:
+        cols = self.fmap.columns()
+        if robust:
+            return {c: pa.string() for c in cols.values()}
+        types: dict[str, pa.DataType] = {}
+        for fld, col in cols.items():
+            if fld in ("ts", "ts_recv"):
+                unit = self.fmap.ts_unit if fld == "ts" else self.fmap.ts_recv_unit
+                sample = self._sample[self._names.index(col)] if col in self._names else ""
+                if (self.fmap.ts_layout is not None and fld == "ts") or unit == "iso":
+                    types[col] = pa.string()
+                elif unit == "s" or (unit == "auto" and "." in sample and sample.replace(".", "", 1).lstrip("-").isdigit()):
+                    types[col] = pa.float64()
+                elif unit == "auto" and not sample.lstrip("-").isdigit():
+                    types[col] = pa.string()
+                else:
+                    types[col] = pa.int64()
+            elif fld in ("side", "symbol"):
+                types[col] = pa.dictionary(pa.int32(), pa.string())
+            elif fld == "trade_id":
+                types[col] = pa.int64()
+            else:
+                types[col] = pa.float64()
+        return types
+
+    def _open(self, threads: bool, robust: bool, dropped: list[tuple[int | None, str, int]]) -> pacsv.CSVStreamingReader:
+        def on_invalid(row: pacsv.InvalidRow) -> str:
+            dropped.append((row.number, row.text, row.actual_columns))
+            return "skip"
+
+        opts = self.options
+        read = pacsv.ReadOptions(
+            use_threads=threads,
+            block_size=opts.block_size or (1 << 22),
+            column_names=self._names if opts.column_names is not None else None,
+            skip_rows=1 if opts.header and opts.column_names is not None else 0,
+        )
+        parse = pacsv.ParseOptions(delimiter=opts.delimiter, invalid_row_handler=on_invalid, ignore_empty_lines=False)
+        conv = pacsv.ConvertOptions(
+            include_columns=list(dict.fromkeys(self.fmap.columns().values())),
+            column_types=self._types(robust),
+            strings_can_be_null=True,
+            quoted_strings_can_be_null=True,
+        )
+        return pacsv.open_csv(open_stream(self.path), read_options=read, parse_options=parse, convert_options=conv)
+
+    def chunks(self, chunk_rows: int = 65_536) -> Iterator[TickChunk]:
+        """Chunks of at most ``chunk_rows`` rows, in file order, with exact line numbers."""
+        threads, robust = True, False
+        emitted = 0
+        while True:
+            try:
+                for c in self._chunks(chunk_rows, threads, robust, emitted):
+                    emitted += len(c)
+                    yield c
+                return
+            except _Restart as r:
+                threads, robust = r.threads, r.robust
+
+    def _chunks(self, chunk_rows: int, threads: bool, robust: bool, skip: int) -> Iterator[TickChunk]:
+        dropped: list[tuple[int | None, str, int]] = []
+        reported = 0
+        line = self._first_line
+        seen = 0
+        fields = self.fmap.columns()
+        with decoding_errors(self.path):
+            try:
+                reader = self._open(threads, robust, dropped)
+            except pa.ArrowInvalid as e:
+                raise DataError(f"{self.path}: cannot parse the start of the file as CSV ({e})") from e
+            while True:
+                try:
+                    batch = reader.read_next_batch()
+                except StopIteration:
+                    break
+                except pa.ArrowInvalid as e:
+                    if not robust and ("conversion error" in str(e).lower() or "invalid value" in str(e).lower()):
+                        raise _Restart(False, True) from e
+                    raise DataError(f"{self.path}: the CSV cannot be parsed after line {line} ({e}); check the delimiter and layout") from e
+                if dropped and threads:
+                    raise _Restart(False, robust)
+                for start in range(0, batch.num_rows, chunk_rows):
+                    part = batch.slice(start, chunk_rows)
+                    n = part.num_rows
+                    pending = sorted(d[0] for d in dropped[reported:] if d[0] is not None)
+                    records = _line_numbers(line, n, pending)
+                    line = int(records[-1]) + 1 if n else line
+                    new_dropped = [d for d in dropped[reported:] if d[0] is None or d[0] < line]
+                    reported += len(new_dropped)
+                    new_dropped = [d for d in new_dropped if (d[0] or 0) > self._dropped_upto]
+                    if seen + n <= skip:
+                        seen += n
+                        continue
+                    lo = max(0, skip - seen)
+                    seen += n
+                    if lo:
+                        part, records = part.slice(lo), records[lo:]
+                    arrays = {fld: part.column(col) for fld, col in fields.items()}
+                    chunk = arrays_to_chunk(self.path, arrays, self.fmap, records, symbol=self.symbol,
+                                            raw=_raw_of(part))
+                    if new_dropped:
+                        chunk.dropped = [self._dropped_row(d) for d in new_dropped]
+                        self._dropped_upto = max(d[0] or 0 for d in new_dropped)
+                    yield chunk
+        rest = [d for d in dropped[reported:] if (d[0] or 0) > self._dropped_upto]
+        if rest:
+            self._dropped_upto = max(d[0] or 0 for d in rest)
+            yield TickChunk(self.path, {}, np.empty(0, dtype=np.int64), [self.symbol or ""],
+                            dropped=[self._dropped_row(d) for d in rest])
+        if seen == 0 and not dropped and skip == 0:
+            raise DataError(f"{self.path}: the file has a header but no rows; nothing to replay")
+
+    def _dropped_row(self, d: tuple[int | None, str, int]) -> BadRow:
+        number, text, actual = d
+        return BadRow(self.path, number or -1, Reason.WRONG_FIELD_COUNT, None,
+                      f"{actual} fields, expected {len(self._names)}", text, self.symbol)
+
+
+def _raw_of(batch: pa.RecordBatch):
+    def raw(i: int) -> dict[str, object]:
+        return batch.slice(i, 1).to_pylist()[0]
+
+    return raw
+
+
+def _line_numbers(start: int, n: int, dropped: list[int]) -> np.ndarray:
+    """Lines of ``n`` consecutive parsed rows from ``start``, skipping ``dropped`` lines."""
+    if not dropped or dropped[0] >= start + n + len(dropped):
+        return np.arange(start, start + n, dtype=np.int64)
+    cand = np.arange(start, start + n + len(dropped), dtype=np.int64)
+    keep = ~np.isin(cand, np.asarray(dropped, dtype=np.int64))
+    return cand[keep][:n]
+
+
+def sniff_names(path: str | Path, delimiter: str = ",") -> list[str]:
+    """The fields of the first line of the (decompressed) file."""
+    head = read_head(path, 8192)
+    first = next(itertools.chain((ln for ln in head.split(b"\n") if ln.strip()), [b""]))
+    return _split(first.rstrip(b"\r"), delimiter)

@@ -1,0 +1,178 @@
+"""Format registry: detect a tick file's format, and open the right reader for a :class:`Source`.
+
+``detect_format(path)`` looks at magic bytes and the first decompressed line, then the name:
+
+=====================  ======================================================================
+format                 recognised by
+=====================  ======================================================================
+``parquet``            ``PAR1`` magic
+``databento``          ``DBN`` magic (after zstd), or ``.dbn``/``.dbn.zst``
+``binance_feed``       first line ``<16-20 digit ns> {json}``
+``jsonl``              first line starts with ``{``
+``tardis_trades``      Tardis ``trades`` header
+``tardis_quotes``      Tardis ``quotes`` header
+``truefx``             ``timestamp,bid,ask`` header, or ``PAIR,YYYYMMDD HH:MM:SS.fff,bid,ask``
+``histdata``           ``YYYYMMDD HHMMSSmmm,bid,ask,volume``
+``binance_trades``     numeric id, 6-7 fields, ``true``/``false`` in field 6 (header optional)
+``binance_agg_trades`` numeric id, 7-8 fields, ``true``/``false`` in field 7
+``csv``                anything else with a header: needs a column mapping
+=====================  ======================================================================
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from nautilus_pipeline.errors import ConfigError, DataError
+from nautilus_pipeline.io.binance import BinanceFeedReader, binance_agg_trades, binance_trades
+from nautilus_pipeline.io.checks import Accounting, Policy, Validator
+from nautilus_pipeline.io.chunk import TickReader
+from nautilus_pipeline.io.csv import CsvOptions, CsvReader
+from nautilus_pipeline.io.databento import DatabentoReader
+from nautilus_pipeline.io.files import check_file, read_head
+from nautilus_pipeline.io.fx import histdata_quotes, truefx_quotes
+from nautilus_pipeline.io.jsonl import JsonLinesReader
+from nautilus_pipeline.io.parquet import ParquetReader
+from nautilus_pipeline.io.table import FieldMap
+from nautilus_pipeline.io.tardis import QUOTES_HEADER, TRADES_HEADER, tardis_quotes, tardis_trades
+
+_BOOL = {"true", "false"}
+
+
+def _generic_csv(path: str | Path, *, symbol: str | None = None, mapping: FieldMap | Mapping[str, Any] | None = None,
+                 header: bool = True, column_names: tuple[str, ...] | None = None, delimiter: str = ",") -> CsvReader:
+    if mapping is None:
+        from nautilus_pipeline.io.csv import sniff_names
+
+        raise ConfigError(
+            f"{path}: a generic CSV needs a column mapping (ts, price, size, side, ... or bid, ask); "
+            f"its first line is {sniff_names(path, delimiter)}"
+        )
+    fmap = mapping if isinstance(mapping, FieldMap) else FieldMap.from_dict(mapping)
+    names = tuple(column_names) if column_names is not None else None
+    return CsvReader(path, fmap, CsvOptions(header=header, column_names=names, delimiter=delimiter), symbol=symbol)
+
+
+def _with_mapping(cls: Callable[..., TickReader]) -> Callable[..., TickReader]:
+    def make(path: str | Path, *, symbol: str | None = None, mapping: FieldMap | Mapping[str, Any] | None = None) -> TickReader:
+        fmap = mapping if isinstance(mapping, FieldMap) or mapping is None else FieldMap.from_dict(mapping)
+        return cls(path, fmap, symbol=symbol)
+
+    return make
+
+
+READERS: dict[str, Callable[..., TickReader]] = {
+    "csv": _generic_csv,
+    "binance_trades": binance_trades,
+    "binance_agg_trades": binance_agg_trades,
+    "binance_feed": BinanceFeedReader,
+    "tardis_trades": tardis_trades,
+    "tardis_quotes": tardis_quotes,
+    "databento": DatabentoReader,
+    "parquet": _with_mapping(ParquetReader),
+    "jsonl": _with_mapping(JsonLinesReader),
+    "truefx": truefx_quotes,
+    "histdata": histdata_quotes,
+}
+"""Format name -> reader factory ``(path, *, symbol=None, **options)``."""
+
+DEFAULT_ORDER_BY: dict[str, str] = {"binance_feed": "ts_recv_ns"}
+"""Replay clock per format where it is not the event time ``ts_ns`` (see ``binance.py``)."""
+
+
+def detect_format(path: str | Path) -> str:
+    """The format name of a tick file (see the module table); DataError when it is none of them."""
+    p = check_file(path)
+    with open(p, "rb") as fh:
+        magic = fh.read(4)
+    if magic == b"PAR1":
+        return "parquet"
+    head = read_head(p, 65_536)
+    if head.startswith(b"DBN") or p.name.endswith((".dbn", ".dbn.zst")):
+        return "databento"
+    lines = [ln.strip(b"\r") for ln in head.split(b"\n") if ln.strip()]
+    if not lines:
+        raise DataError(f"{p}: no lines to recognise a format from (empty after decompression)")
+    first = lines[0].decode("utf-8", "replace").strip()
+    if re.match(r"^\d{16,20} \{", first):
+        return "binance_feed"
+    if first.startswith("{"):
+        return "jsonl"
+    fields = [f.strip().strip('"') for f in first.split(",")]
+    low = [f.lower() for f in fields]
+    if tuple(low) == TRADES_HEADER:
+        return "tardis_trades"
+    if tuple(low) == QUOTES_HEADER:
+        return "tardis_quotes"
+    if low[:3] == ["timestamp", "bid", "ask"] or (len(fields) == 4 and re.match(r"^\d{8} \d\d:\d\d:\d\d", fields[1])):
+        return "truefx"
+    if len(fields) == 4 and re.match(r"^\d{8} \d{9}$", fields[0]):
+        return "histdata"
+    data = fields
+    if not fields[0].lstrip("-").isdigit() and len(lines) > 1:
+        data = [f.strip() for f in lines[1].decode("utf-8", "replace").split(",")]
+    if data and data[0].isdigit():
+        flags = [f.lower() in _BOOL for f in data]
+        if len(data) in (6, 7) and flags[5]:
+            return "binance_trades"
+        if len(data) in (7, 8) and flags[6] and not flags[5]:
+            return "binance_agg_trades"
+    if p.name.endswith((".csv", ".csv.gz", ".csv.zst", ".txt")) or len(fields) > 1:
+        return "csv"
+    raise DataError(f"{p}: unrecognised tick format (first line {first[:80]!r}); pass format= explicitly (one of {sorted(READERS)})")
+
+
+@dataclass
+class Source:
+    """One tick file in a replay, with its format, policy and replay clock.
+
+    ``format`` None: detected. ``symbol``: the name for single-symbol files (default from the
+    file or its name); sources with the same symbol name share a ``symbol_id``. ``order_by``:
+    ``ts_ns`` (event time) or ``ts_recv_ns``; default per format (:data:`DEFAULT_ORDER_BY`).
+    ``quarantine``: side file for policy ``quarantine``. ``options``: reader keywords
+    (``mapping=`` for generic CSV/Parquet/JSONL, ``trades=True`` for DBN MBP-1, ...).
+    ``name``: key in the accounting (default: the path).
+    """
+
+    path: str | Path
+    format: str | None = None
+    symbol: str | None = None
+    policy: Policy | str = Policy.FAIL
+    quarantine: str | Path | None = None
+    allow_equal_ts: bool = True
+    order_by: str | None = None
+    options: Mapping[str, Any] = field(default_factory=dict)
+    name: str | None = None
+
+    def __post_init__(self) -> None:
+        self.policy = Policy.parse(self.policy)
+        if self.format is not None and self.format not in READERS:
+            raise ConfigError(f"source {self.path}: format {self.format!r} is not one of {sorted(READERS)}")
+
+    @property
+    def key(self) -> str:
+        return self.name or str(self.path)
+
+    def resolved_format(self) -> str:
+        return self.format or detect_format(self.path)
+
+    def open(self, accounting: Accounting | None = None) -> tuple[TickReader, Validator]:
+        """The reader and the validator (checks + policy) of this source."""
+        fmt = self.resolved_format()
+        reader = READERS[fmt](self.path, symbol=self.symbol, **dict(self.options))
+        order_by = self.order_by or DEFAULT_ORDER_BY.get(fmt, "ts_ns")
+        validator = Validator(self.key, self.policy, accounting=accounting, quarantine=self.quarantine,
+                              allow_equal_ts=self.allow_equal_ts, order_by=order_by)
+        return reader, validator
+
+
+def open_reader(path: str | Path, format: str | None = None, **options: Any) -> TickReader:
+    """A reader for ``path`` (format detected unless given); ``options`` go to the reader."""
+    fmt = format or detect_format(path)
+    if fmt not in READERS:
+        raise ConfigError(f"format {fmt!r} is not one of {sorted(READERS)}")
+    return READERS[fmt](path, **options)

@@ -1,0 +1,103 @@
+"""Generic JSON lines: one object a line, decoded with orjson, columns found by key name.
+
+Keys are mapped like Parquet columns (:func:`~nautilus_pipeline.io.parquet.auto_fieldmap`,
+e.g. this package's own layout written by :func:`write_jsonl`), or by a given
+:class:`FieldMap`. A line that is not a JSON object is a row refused as unparsable (so it is
+counted and can be quarantined); blank lines are skipped. Values of a chunk are collected per
+key and converted with pyarrow, so types are checked per column, not per row.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Mapping, Sequence
+from pathlib import Path
+
+import numpy as np
+import orjson
+import pyarrow as pa
+
+from nautilus_pipeline.errors import DataError
+from nautilus_pipeline.io.chunk import BadRow, Reason, TickChunk
+from nautilus_pipeline.io.files import check_file, iter_lines
+from nautilus_pipeline.io.parquet import auto_fieldmap
+from nautilus_pipeline.io.table import FieldMap, arrays_to_chunk
+
+
+def _column(values: list[object]) -> pa.Array:
+    try:
+        return pa.array(values)
+    except (pa.ArrowInvalid, pa.ArrowTypeError):
+        return pa.array([None if v is None else str(v) for v in values], type=pa.string())
+
+
+class JsonLinesReader:
+    """Streams a JSON-lines file (optionally .gz/.zst) of trades and/or quotes."""
+
+    def __init__(self, path: str | Path, fmap: FieldMap | None = None, *, symbol: str | None = None):
+        self.path = str(check_file(path))
+        self.ignored = 0
+        self.fmap = fmap or self._sniff()
+        self.symbol = symbol if symbol is not None else (None if self.fmap.symbol else Path(path).name.split(".")[0])
+
+    def _sniff(self) -> FieldMap:
+        for lineno, line in iter_lines(self.path):
+            if not line.strip():
+                continue
+            try:
+                obj = orjson.loads(line)
+            except orjson.JSONDecodeError as e:
+                raise DataError(f"{self.path}, line {lineno}: not JSON ({e}); is this a JSON-lines file?") from e
+            if not isinstance(obj, dict):
+                raise DataError(f"{self.path}, line {lineno}: a JSON {type(obj).__name__}, expected an object per line")
+            return auto_fieldmap(list(obj))
+        raise DataError(f"{self.path}: no JSON lines in the file (only blank lines); nothing to replay")
+
+    def chunks(self, chunk_rows: int = 65_536) -> Iterator[TickChunk]:
+        """Chunks of at most ``chunk_rows`` rows, in file order; record = line number."""
+        fields = self.fmap.columns()
+        rows: list[dict] = []
+        lines: list[int] = []
+        dropped: list[BadRow] = []
+        total = 0
+        for lineno, line in iter_lines(self.path):
+            if not line.strip():
+                continue
+            try:
+                obj = orjson.loads(line)
+                if not isinstance(obj, dict):
+                    raise TypeError(type(obj).__name__)
+            except (orjson.JSONDecodeError, TypeError):
+                text = line.decode("utf-8", "replace")
+                dropped.append(BadRow(self.path, lineno, Reason.UNPARSABLE, None, text[:200], text, self.symbol))
+                continue
+            rows.append(obj)
+            lines.append(lineno)
+            if len(rows) >= chunk_rows:
+                total += len(rows)
+                yield self._chunk(rows, lines, dropped, fields)
+                rows, lines, dropped = [], [], []
+        if rows or dropped:
+            total += len(rows)
+            yield self._chunk(rows, lines, dropped, fields)
+
+    def _chunk(self, rows: list[dict], lines: list[int], dropped: list[BadRow], fields: Mapping[str, str]) -> TickChunk:
+        arrays = {fld: _column([r.get(col) for r in rows]) for fld, col in fields.items()}
+        chunk = arrays_to_chunk(self.path, arrays, self.fmap, np.array(lines, dtype=np.int64),
+                                symbol=self.symbol, raw=rows.__getitem__)
+        chunk.dropped = dropped
+        return chunk
+
+
+def write_jsonl(path: str | Path, columns: Mapping[str, np.ndarray], symbols: Sequence[str]) -> None:
+    """Write tick arrays as JSON lines in this package's layout (``symbol`` as text; NaN as null)."""
+    names = [k for k in columns if k != "symbol_id"]
+    n = len(next(iter(columns.values())))
+    sym = [symbols[int(i)] for i in columns["symbol_id"]] if "symbol_id" in columns else [None] * n
+    lists = {k: columns[k].tolist() for k in names}
+    with open(path, "wb") as fh:
+        for i in range(n):
+            obj: dict[str, object] = {"symbol": sym[i]}
+            for k in names:
+                v = lists[k][i]
+                obj[k] = None if isinstance(v, float) and v != v else v
+            fh.write(orjson.dumps(obj, option=orjson.OPT_APPEND_NEWLINE))

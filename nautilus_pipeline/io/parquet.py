@@ -1,0 +1,137 @@
+"""Parquet tick files: streamed by row group/batch (``ParquetFile.iter_batches``), typed columns.
+
+Columns are found by name (:func:`auto_fieldmap`) unless a :class:`FieldMap` is given:
+
+- this package's own layout (:func:`write_parquet`): ``ts_ns, ts_recv_ns, symbol, kind, price,
+  size, side, trade_id, bid, ask, bid_size, ask_size``, trades and quotes in one file;
+- NautilusTrader catalog style: ``ts_event``/``ts_init`` (ns), ``price``/``size``,
+  ``aggressor_side`` (1 buyer, 2 seller, 0 none), ``trade_id``; quotes ``bid_price``,
+  ``ask_price``, ``bid_size``, ``ask_size``. Only float/integer price columns are supported;
+  catalogs written with fixed-size-binary prices (Nautilus >= 1.200 high precision) are refused
+  with a ConfigError that says so;
+- the pandas-written Nautilus test files: ``timestamp`` (tz-aware), ``trade_id``, ``price``,
+  ``quantity``, ``buyer_maker`` (text "True"/"False"); quotes ``timestamp, symbol, bid, ask,
+  bid_size, ask_size``.
+
+The record number of a row is its 1-based position in the file.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Mapping, Sequence
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from nautilus_pipeline.errors import ConfigError, DataError
+from nautilus_pipeline.io.chunk import TickChunk
+from nautilus_pipeline.io.files import check_file
+from nautilus_pipeline.io.table import FieldMap, arrays_to_chunk
+
+_CANDIDATES: dict[str, tuple[str, ...]] = {
+    "ts": ("ts_ns", "ts_event", "timestamp", "ts", "time", "T"),
+    "ts_recv": ("ts_recv_ns", "ts_init", "ts_recv", "local_timestamp"),
+    "price": ("price", "p"),
+    "size": ("size", "quantity", "qty", "amount", "q"),
+    "side": ("side", "aggressor_side", "buyer_maker", "is_buyer_maker", "m"),
+    "symbol": ("symbol", "instrument_id", "s"),
+    "trade_id": ("trade_id", "id", "t"),
+    "bid": ("bid", "bid_price", "b"),
+    "ask": ("ask", "ask_price", "a"),
+    "bid_size": ("bid_size", "bid_amount", "B"),
+    "ask_size": ("ask_size", "ask_amount", "A"),
+}
+
+
+def auto_fieldmap(names: Sequence[str], types: Mapping[str, pa.DataType] | None = None) -> FieldMap:
+    """Guess a FieldMap from column names (see the module docstring for the layouts)."""
+    found: dict[str, str] = {}
+    for fld, cands in _CANDIDATES.items():
+        for c in cands:
+            if c in names and c not in found.values():
+                found[fld] = c
+                break
+    if "ts" not in found:
+        raise DataError(f"no timestamp column among {list(names)}; expected one of {_CANDIDATES['ts']} or give a column mapping")
+    kw: dict[str, object] = dict(found)
+    ts_col = found["ts"]
+    kw["ts_unit"] = "ns" if ts_col in ("ts_ns", "ts_event") else "auto"
+    kw["ts_recv_unit"] = "ns" if found.get("ts_recv") in ("ts_recv_ns", "ts_init") else "auto"
+    side_col = found.get("side")
+    if side_col is not None:
+        kw["side_encoding"] = {"aggressor_side": "nautilus", "buyer_maker": "is_buyer_maker",
+                               "is_buyer_maker": "is_buyer_maker", "m": "is_buyer_maker"}.get(side_col, "auto")
+        if side_col == "side" and types is not None and pa.types.is_integer(types.get("side", pa.string())):
+            kw["side_encoding"] = "sign"
+    if "kind" in names:
+        kw["kind_column"] = "kind"
+    elif "price" in found and "size" in found:
+        kw["kind"] = "trade"
+        for q in ("bid", "ask", "bid_size", "ask_size"):
+            kw.pop(q, None)
+    elif "bid" in found and "ask" in found:
+        kw["kind"] = "quote"
+        for t in ("price", "size", "side", "trade_id"):
+            kw.pop(t, None)
+    else:
+        raise DataError(f"columns {list(names)} hold neither trades (price, size) nor quotes (bid, ask); give a column mapping")
+    return FieldMap(**kw)  # type: ignore[arg-type]
+
+
+class ParquetReader:
+    """Streams a Parquet file of trades and/or quotes."""
+
+    def __init__(self, path: str | Path, fmap: FieldMap | None = None, *, symbol: str | None = None):
+        self.path = str(check_file(path))
+        self.ignored = 0
+        try:
+            self._file = pq.ParquetFile(self.path)
+        except (pa.ArrowInvalid, OSError) as e:
+            raise DataError(f"{self.path}: not a readable Parquet file ({e}); truncated or another format?") from e
+        schema = self._file.schema_arrow
+        types = {f.name: f.type for f in schema}
+        self.fmap = fmap or auto_fieldmap(schema.names, types)
+        missing = [c for c in self.fmap.columns().values() if c not in schema.names]
+        if missing:
+            raise DataError(f"{self.path}: wrong columns: {missing} not in {schema.names}; fix the column mapping")
+        for fld in ("price", "bid", "ask", "size"):
+            col = self.fmap.columns().get(fld)
+            if col is not None and pa.types.is_fixed_size_binary(types[col]):
+                raise ConfigError(f"{self.path}: column {col!r} is fixed-size binary (Nautilus high-precision); export prices as float64")
+        if self._file.metadata.num_rows == 0:
+            raise DataError(f"{self.path}: the Parquet file has no rows; nothing to replay")
+        self.symbol = symbol if symbol is not None else (None if self.fmap.symbol else Path(path).name.split(".")[0])
+
+    def chunks(self, chunk_rows: int = 65_536) -> Iterator[TickChunk]:
+        """Batches of at most ``chunk_rows`` rows, in file order."""
+        fields = self.fmap.columns()
+        cols = list(dict.fromkeys(fields.values()))
+        row = 1
+        try:
+            for batch in self._file.iter_batches(batch_size=chunk_rows, columns=cols):
+                n = batch.num_rows
+                records = np.arange(row, row + n, dtype=np.int64)
+                row += n
+                arrays = {fld: batch.column(col) for fld, col in fields.items()}
+                yield arrays_to_chunk(self.path, arrays, self.fmap, records, symbol=self.symbol,
+                                      raw=lambda i, b=batch: b.slice(i, 1).to_pylist()[0])
+        except (pa.ArrowInvalid, OSError) as e:
+            raise DataError(f"{self.path}: the Parquet file is corrupt or truncated near row {row} ({e})") from e
+
+
+def tick_table(columns: Mapping[str, np.ndarray], symbols: Sequence[str]) -> pa.Table:
+    """Tick arrays (``symbol_id`` indexing ``symbols``) as an Arrow table in this package's layout."""
+    out: dict[str, pa.Array] = {}
+    for name, arr in columns.items():
+        if name == "symbol_id":
+            out["symbol"] = pa.DictionaryArray.from_arrays(pa.array(arr.astype(np.int32)), pa.array(list(symbols)))
+        else:
+            out[name] = pa.array(arr)
+    return pa.table(out)
+
+
+def write_parquet(path: str | Path, columns: Mapping[str, np.ndarray], symbols: Sequence[str]) -> None:
+    """Write tick arrays to Parquet in this package's layout (read back by :class:`ParquetReader`)."""
+    pq.write_table(tick_table(columns, symbols), str(path))

@@ -1,0 +1,371 @@
+"""Replay: several tick sources merged into one time-ordered stream, into buffer-pool slabs.
+
+Order. Rows are ordered by each source's replay clock (``ts_ns`` or ``ts_recv_ns``, see
+:class:`~nautilus_pipeline.io.formats.Source`), ties broken by source order, then by row order
+in the file: a total order, so neither the readers' chunk size nor the output batch size can
+change the merged sequence.
+
+How the merge streams. Each source is read chunk by chunk (validated, see ``checks.py``) into
+a small buffer. Every row with a key below the *horizon* (the smallest last-buffered key among
+sources not yet exhausted) is final: no source can later yield an earlier row, because each
+source is in time order. Those rows are taken from all buffers at once and put in order with
+one stable ``argsort``; then the source holding the horizon reads its next chunk. Memory stays
+at about one chunk per source; there is no per-row Python. A heap merge (``heapq.merge``) was
+the alternative: simpler, but one Python comparison per tick, about 100x slower.
+
+Each source must be in time order overall, not only per symbol: a multi-symbol file whose
+symbols interleave out of order is refused with a DataError that says how to fix it (sort it,
+or split it per symbol); a single symbol going backwards is a bad row under the source's
+policy.
+
+Symbols. One :class:`SymbolTable` for the replay: sources naming the same symbol share its
+``symbol_id``; ids are given in order of first appearance as sources are read, or fixed up
+front by passing a table.
+
+Pacing. ``speed=None`` replays as fast as possible. ``speed=s`` releases a tick when
+``(key - first_key) / s`` of clock time has passed since the start: a batch holds the ticks
+that are due (at most ``batch_size``) and the replay sleeps on the injected :class:`Clock`
+until the next one is due. Tests use :class:`ManualClock`, whose ``sleep`` only advances its
+time, so no test really sleeps.
+
+Accounting. ``Replay.accounting`` counts per source and symbol: read = delivered + rejected +
+quarantined once the replay has run to the end (``delivered`` counts rows yielded).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator, Iterable, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Protocol
+
+import numpy as np
+
+from nautilus_pipeline.errors import ConfigError, DataError
+from nautilus_pipeline.events import TICK_COLUMN_NAMES
+from nautilus_pipeline.io.checks import Accounting, Validator, validated
+from nautilus_pipeline.io.chunk import TickChunk, TickReader
+from nautilus_pipeline.io.formats import Source
+from nautilus_pipeline.memory import BufferPool, Lease
+
+_KEY = "_key"
+_SRC = "_src"
+
+
+class Clock(Protocol):
+    """Time source for pacing: seconds (float), and an awaitable sleep."""
+
+    def now(self) -> float: ...
+
+    async def sleep(self, seconds: float) -> None: ...
+
+
+class MonotonicClock:
+    """The real clock: ``time.monotonic`` and ``asyncio.sleep``."""
+
+    def now(self) -> float:
+        return time.monotonic()
+
+    async def sleep(self, seconds: float) -> None:
+        await asyncio.sleep(seconds)
+
+
+class ManualClock:
+    """A clock for tests: ``sleep`` advances the time at once and records the request."""
+
+    def __init__(self, start: float = 0.0):
+        self.t = start
+        self.sleeps: list[float] = []
+
+    def now(self) -> float:
+        return self.t
+
+    async def sleep(self, seconds: float) -> None:
+        self.sleeps.append(seconds)
+        self.t += max(0.0, seconds)
+        await asyncio.sleep(0)
+
+    def advance(self, seconds: float) -> None:
+        self.t += seconds
+
+
+class SymbolTable:
+    """``symbol_id`` <-> name, shared by every source of a replay."""
+
+    def __init__(self, names: Iterable[str] = ()):
+        self._names: list[str] = []
+        self._ids: dict[str, int] = {}
+        for n in names:
+            self.id(n)
+
+    def id(self, name: str) -> int:
+        """The id of ``name``, given on first sight."""
+        i = self._ids.get(name)
+        if i is None:
+            i = self._ids[name] = len(self._names)
+            self._names.append(name)
+        return i
+
+    def name(self, symbol_id: int) -> str:
+        return self._names[symbol_id]
+
+    @property
+    def names(self) -> list[str]:
+        return list(self._names)
+
+    def __len__(self) -> int:
+        return len(self._names)
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._ids
+
+
+@dataclass
+class Progress:
+    """What the replay has done so far (for a progress bar): rows, ticks, market time."""
+
+    rows_read: int = 0
+    ticks_delivered: int = 0
+    ts_reached_ns: int | None = None
+    sources_done: int = 0
+    sources: int = 0
+    batches: int = 0
+
+
+@dataclass
+class _Lane:
+    """One source being merged: its chunks and the rows buffered but not yet emitted."""
+
+    index: int
+    source: Source
+    reader: TickReader
+    validator: Validator
+    chunks: Iterator[TickChunk]
+    cols: dict[str, np.ndarray] = field(default_factory=dict)
+    done: bool = False
+    last_key: int | None = None
+    last_record: int = 0
+
+    @property
+    def rows(self) -> int:
+        return len(self.cols[_KEY]) if self.cols else 0
+
+
+class Replay:
+    """Merge ``sources`` (paths or :class:`Source`) into one stream; see the module docstring."""
+
+    def __init__(
+        self,
+        sources: Sequence[Source | str | Path],
+        speed: float | None = None,
+        clock: Clock | None = None,
+        *,
+        symbols: SymbolTable | None = None,
+        chunk_rows: int = 65_536,
+    ):
+        if not sources:
+            raise ConfigError("a replay needs at least one source")
+        if speed is not None and not speed > 0:
+            raise ConfigError(f"speed must be > 0 (or None for as fast as possible), got {speed!r}")
+        if chunk_rows < 1:
+            raise ConfigError(f"chunk_rows must be >= 1, got {chunk_rows}")
+        self.sources = [s if isinstance(s, Source) else Source(s) for s in sources]
+        keys = [s.key for s in self.sources]
+        if len(set(keys)) != len(keys):
+            raise ConfigError(f"two sources have the same name {keys}; give each a distinct name=")
+        self.speed = speed
+        self.clock: Clock = clock or MonotonicClock()
+        self.symbols = symbols or SymbolTable()
+        self.chunk_rows = chunk_rows
+        self.accounting = Accounting()
+        self.progress = Progress(sources=len(self.sources))
+
+    # --- merge -------------------------------------------------------------------------
+    def _open(self) -> list[_Lane]:
+        self.accounting = Accounting()
+        self.progress = Progress(sources=len(self.sources))
+        lanes = []
+        for i, src in enumerate(self.sources):
+            reader, validator = src.open(self.accounting)
+            lanes.append(_Lane(i, src, reader, validator, validated(reader.chunks(self.chunk_rows), validator)))
+        return lanes
+
+    def _refill(self, lane: _Lane) -> None:
+        """Read the lane's next non-empty chunk into its buffer (or mark it done)."""
+        for chunk in lane.chunks:
+            self._append(lane, chunk)
+            return
+        lane.done = True
+        self.progress.sources_done += 1
+        self.accounting.ignored[lane.source.key] += lane.reader.ignored
+
+    def _append(self, lane: _Lane, chunk: TickChunk) -> None:
+        key = chunk.column(lane.validator.order_by)
+        order_by = lane.validator.order_by
+        if order_by == "ts_recv_ns" and (key < 0).any():
+            i = int(np.flatnonzero(key < 0)[0])
+            raise DataError(
+                f"{lane.source.path}, line/record {int(chunk.records[i])}: no receive timestamp "
+                "(ts_recv_ns) to replay by; use order_by='ts_ns' for this source"
+            )
+        back = np.flatnonzero(np.diff(key) < 0)
+        first_bad = int(back[0]) + 1 if len(back) else None
+        if first_bad is None and lane.last_key is not None and len(key) and key[0] < lane.last_key:
+            first_bad = 0
+        if first_bad is not None:
+            prev = int(key[first_bad - 1]) if first_bad else lane.last_key
+            raise DataError(
+                f"{lane.source.path}, line/record {int(chunk.records[first_bad])}: {order_by} "
+                f"{int(key[first_bad])} is earlier than {prev} of the row before (another symbol); "
+                f"a replay needs each source in {order_by} order across its symbols: sort the file, "
+                "or split it into one source per symbol"
+            )
+        lut = np.array([self.symbols.id(s) for s in chunk.symbols], dtype=np.uint32)
+        n = len(chunk)
+        new = {name: chunk.column(name) for name in TICK_COLUMN_NAMES}
+        new["symbol_id"] = lut[chunk.column("symbol_id")] if n else new["symbol_id"]
+        new[_KEY] = key
+        new[_SRC] = np.full(n, lane.index, dtype=np.uint16)
+        lane.cols = {k: np.concatenate([lane.cols[k], v]) for k, v in new.items()} if lane.rows else new
+        lane.last_key = int(key[-1])
+        self.progress.rows_read += n
+
+    def _blocks(self) -> Iterator[dict[str, np.ndarray]]:
+        """Merged blocks (any size) in the final order; columns plus ``_key``/``_src``."""
+        lanes = self._open()
+        try:
+            for lane in lanes:
+                self._refill(lane)
+            while True:
+                live = [ln for ln in lanes if not ln.done]
+                if not live and not any(ln.rows for ln in lanes):
+                    return
+                horizon = min(ln.last_key for ln in live) if live else None  # type: ignore[type-var]
+                parts = []
+                for ln in lanes:
+                    if not ln.rows:
+                        continue
+                    k = ln.rows if horizon is None else int(np.searchsorted(ln.cols[_KEY], horizon, side="left"))
+                    if k:
+                        parts.append({c: v[:k] for c, v in ln.cols.items()})
+                        ln.cols = {c: v[k:] for c, v in ln.cols.items()}
+                if parts:
+                    yield _merge(parts)
+                for ln in live:
+                    if ln.last_key == horizon or ln.rows == 0:
+                        self._refill(ln)
+        finally:
+            for lane in lanes:
+                lane.validator.close()
+
+    def _deliver(self, block: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """Count a block as delivered (per source and symbol) and strip internal columns."""
+        n = len(block[_KEY])
+        nsym = max(len(self.symbols), 1)
+        pair = block[_SRC].astype(np.int64) * nsym + block["symbol_id"]
+        counts = np.bincount(pair, minlength=len(self.sources) * nsym)
+        for p in np.flatnonzero(counts):
+            src, sym = divmod(int(p), nsym)
+            self.accounting.add(self.sources[src].key, self.symbols.name(sym), "delivered", int(counts[p]))
+        self.progress.ticks_delivered += n
+        self.progress.ts_reached_ns = int(block[_KEY][-1])
+        self.progress.batches += 1
+        return {k: v for k, v in block.items() if k not in (_KEY, _SRC)}
+
+    # --- outputs -----------------------------------------------------------------------
+    def iter_arrays(self, batch_size: int = 65_536) -> Iterator[dict[str, np.ndarray]]:
+        """Batches of ``batch_size`` rows (the last may be shorter) as dicts of numpy arrays.
+
+        As fast as possible (no pacing); the tick columns of ``events.TICK_COLUMNS``.
+        """
+        for block in _rebatch(self._blocks(), batch_size):
+            yield self._deliver(block)
+
+    async def batches(self, pool: BufferPool, batch_size: int | None = None, *, holder: str = "replay",
+                      timeout: float | None = None) -> AsyncIterator[Lease]:
+        """Fill pool slabs with the merged stream, paced by ``speed``; the consumer releases each.
+
+        ``batch_size`` defaults to (and may not exceed) the pool's slab capacity. Reading and
+        parsing run in a worker thread so the event loop stays responsive.
+        """
+        size = batch_size or pool.capacity
+        if size > pool.capacity:
+            raise ConfigError(f"batch_size {size} exceeds the pool's slab capacity {pool.capacity}")
+        blocks = _rebatch(self._blocks(), size)
+        sentinel: dict[str, np.ndarray] = {}
+        pending: dict[str, np.ndarray] | None = None
+        t0_wall: float | None = None
+        t0_key = 0
+        try:
+            while True:
+                if pending is None:
+                    pending = await asyncio.to_thread(next, blocks, sentinel)
+                    if pending is sentinel:
+                        return
+                keys = pending[_KEY]
+                n = len(keys)
+                if self.speed is not None:
+                    if t0_wall is None:
+                        t0_wall, t0_key = self.clock.now(), int(keys[0])
+                    due = t0_key + (self.clock.now() - t0_wall) * self.speed * 1e9
+                    n = int(np.searchsorted(keys, due, side="right"))
+                    if n == 0:
+                        wait = t0_wall + (int(keys[0]) - t0_key) / 1e9 / self.speed - self.clock.now()
+                        if wait > 1e-9:
+                            await self.clock.sleep(wait)
+                            continue
+                        n = int(np.searchsorted(keys, keys[0], side="right"))  # due up to rounding
+                    n = min(n, len(keys))
+                out = {k: v[:n] for k, v in pending.items()}
+                pending = {k: v[n:] for k, v in pending.items()} if n < len(keys) else None
+                lease = await pool.acquire(holder=holder, timeout=timeout)
+                try:
+                    cols = lease.columns
+                    for name, arr in self._deliver(out).items():
+                        cols[name][:n] = arr
+                    lease.length = n
+                except BaseException:
+                    lease.release()
+                    raise
+                yield lease
+        finally:
+            blocks.close()
+
+
+def _merge(parts: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
+    """Concatenate per-source parts (in source order) and order them stably by key."""
+    if len(parts) == 1:
+        return parts[0]
+    cat = {c: np.concatenate([p[c] for p in parts]) for c in parts[0]}
+    order = np.argsort(cat[_KEY], kind="stable")
+    return {c: v[order] for c, v in cat.items()}
+
+
+def _rebatch(blocks: Iterator[dict[str, np.ndarray]], size: int) -> Iterator[dict[str, np.ndarray]]:
+    """Re-cut blocks of any size into blocks of exactly ``size`` rows (the last may be shorter)."""
+    if size < 1:
+        raise ConfigError(f"batch_size must be >= 1, got {size}")
+    held: list[dict[str, np.ndarray]] = []
+    rows = 0
+    try:
+        for b in blocks:
+            held.append(b)
+            rows += len(b[_KEY])
+            if rows < size:
+                continue
+            cat = held[0] if len(held) == 1 else {c: np.concatenate([h[c] for h in held]) for c in b}
+            start = 0
+            while rows - start >= size:
+                yield {c: v[start : start + size] for c, v in cat.items()}
+                start += size
+            held = [{c: v[start:] for c, v in cat.items()}] if rows > start else []
+            rows -= start
+        if rows:
+            cat = held[0] if len(held) == 1 else {c: np.concatenate([h[c] for h in held]) for c in held[0]}
+            yield cat
+    finally:
+        close = getattr(blocks, "close", None)
+        if close is not None:
+            close()
