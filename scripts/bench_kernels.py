@@ -14,8 +14,8 @@ For each kernel, ticks per second, measured in one run on one synthetic stream (
   show what the kernel's formulation costs or saves, not as equivalents: they are not
   exact to 1e-12 (the bucket interpolation loses eps·C/V) nor split-independent.
 
-Then Monte Carlo VaR of 1,000,000 paths (horizon 10 steps, normal) on numpy and torch CPU,
-and on ``--backend/--device`` (e.g. ``--backend torch --device cuda``; ``--gpu`` is short
+Then Monte Carlo VaR of 1,000,000 paths (horizon 10 steps, normal) on numpy, torch CPU and
+MLX CPU (where installed), and on ``--backend/--device`` (e.g. ``--backend torch --device cuda``; ``--gpu`` is short
 for that). Timings are the best of ``--repeat`` runs, after one warm-up call (numba loads
 its cache, torch initialises). Run:
 ``.venv/bin/python scripts/bench_kernels.py [--n 4000000] [--repeat 3] [--gpu]``.
@@ -306,7 +306,7 @@ def main() -> None:
         )
 
     print(f"\nMonte Carlo VaR, {args.paths:,} paths × {args.horizon} steps, normal, levels 95/99%")
-    runs = [("numpy", None), ("torch", "cpu")]
+    runs = [("numpy", None), ("torch", "cpu"), ("mlx", "cpu")]
     if args.backend and (args.backend, args.device) not in runs:
         runs.append((args.backend, args.device))
     for backend, device in runs:
