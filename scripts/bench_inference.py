@@ -86,8 +86,9 @@ def machine() -> list[str]:
         pass
     out.append("libs: " + ", ".join(libs))
     blas = os.environ.get("OPENBLAS_NUM_THREADS", "unset")
+    omp = os.environ.get("OMP_NUM_THREADS", "unset")
     load = ", ".join(f"{v:.2f}" for v in os.getloadavg()) if hasattr(os, "getloadavg") else "?"
-    out.append(f"OPENBLAS_NUM_THREADS={blas}; load average before the run: {load}")
+    out.append(f"OPENBLAS_NUM_THREADS={blas} OMP_NUM_THREADS={omp}; load average: {load}")
     return out
 
 

@@ -179,6 +179,17 @@ def test_float64_input_is_accepted_and_converted() -> None:
     np.testing.assert_array_equal(r.predict(x.astype(np.float64)), r.predict(x))
 
 
+def test_compiled_mlx_runner_survives_batch_sizes_that_shrink_and_grow() -> None:
+    """Shapeless mx.compile corrupted the heap on 300 → 1 rows (MLX 0.32.4); per-shape must not."""
+    if not _usable("mlx:cpu"):
+        pytest.skip(f"mlx:cpu: {runner_usable('mlx:cpu')[1]}")
+    w = weights()
+    r = make_runner("mlx:cpu", SPEC, w, compile=True)
+    for n in (300, 1, 7, 300, 1):
+        x = rows(w, n, seed=n)
+        np.testing.assert_allclose(r.predict(x), reference(SPEC, w, x), atol=FP32_ATOL, rtol=0)
+
+
 def test_mlx_runner_works_from_another_thread() -> None:
     """The runtime may call predict from an executor thread; MLX streams are thread-bound."""
     if not _usable("mlx:cpu"):
@@ -259,8 +270,9 @@ def test_torch_cuda_graphs_and_eager_match_the_reference(n: int) -> None:
     graphs = make_runner("torch:cuda", SPEC, w)
     outside = make_runner("torch:cuda", SPEC, w, graph_copies=False)
     eager = make_runner("torch:cuda", SPEC, w, cuda_graphs=False)
+    chunked = make_runner("torch:cuda", SPEC, w, graph_batches=(1, 8))  # n > 8: chunks of 8
     assert graphs.name == "torch:cuda/graphs"
-    for r in (graphs, outside, eager):
+    for r in (graphs, outside, eager, chunked):
         np.testing.assert_allclose(r.predict(x), want, atol=1e-4, rtol=0)  # TF32 off by default
     x2 = rows(w, n, seed=5)  # replay with new data in the same static buffers
     want2 = reference(SPEC, w, x2)

@@ -5,16 +5,22 @@
 trained as, the one exported to Core ML, and the shape :func:`~nautilus_pipeline.model.export.
 spec_from_torch` reads back from users' modules.
 
-Modes: ``eager``; ``script`` (TorchScript, deprecated upstream but still the cheapest way to
-shave Python overhead on CPU); ``compile`` (``torch.compile``, needs a C++ compiler for CPU and
-pays off only for large batches). On CUDA, small batches are launch-bound (BACKENDS.md: 183 µs
-eager vs 39 µs replayed at batch 1 on an H100), so by default the runner captures one CUDA
-graph per batch bucket (1, 8, 64, 256, 1024), pads a batch up to its bucket (rows of an MLP are
-independent, padding rows are discarded) and replays it; larger batches run eagerly. The
-host→device and device→host copies (pinned buffers) are captured inside the graph, so a call
-is one memcpy into the pinned input, one replay and one synchronise
-(``graph_copies=False`` issues the copies outside the graph instead). Normalisation always runs in float32: with float16/bfloat16 weights the
-cast happens after it, so raw features in the thousands keep their precision.
+Modes: ``eager``; ``script`` (TorchScript: deprecated upstream but still shaves Python
+overhead, 24 vs 45 µs at batch 1 on the 2-core Xeon here); ``compile`` (``torch.compile``:
+measured here it took 26 s to compile and then 237 µs at batch 1, slower than eager, so it is
+offered but used nowhere by default).
+
+On CUDA small batches are launch-bound. Measured on an H100 (``scripts/bench_inference.py``,
+50→128→64→32→1): batch 1 takes 200 µs eager, 46 µs replayed as a CUDA graph with the copies
+issued around it, 40 µs with the host↔device copies captured inside the graph; graphs also
+doubled throughput at batch 256 (3.2M vs 1.1M rows/s) and 4096 (25M vs 12M rows/s). So by
+default the runner captures one graph per batch bucket (1, 8, 64, 256, 1024, 4096) with the
+copies inside (``graph_copies=False`` issues them outside), pads a batch up to its bucket
+(rows of an MLP are independent; padding rows are discarded) and runs larger batches through
+the largest graph in chunks.
+
+Normalisation always runs in float32: with float16/bfloat16 weights the cast happens after
+it, so raw features in the thousands (prices) keep their precision.
 """
 
 from __future__ import annotations
@@ -38,7 +44,7 @@ except ImportError:  # pragma: no cover - exercised where torch is not installed
     torch = None  # type: ignore[assignment]
     nn = None  # type: ignore[assignment]
 
-DEFAULT_GRAPH_BATCHES: tuple[int, ...] = (1, 8, 64, 256, 1024)
+DEFAULT_GRAPH_BATCHES: tuple[int, ...] = (1, 8, 64, 256, 1024, 4096)
 _DTYPES = ("float32", "float16", "bfloat16")
 
 
@@ -195,17 +201,13 @@ class TorchRunner(ModelRunner):
         """See :meth:`ModelRunner.predict`; synchronises the device before returning."""
         a = self._features(x)
         n = a.shape[0]
-        b = bucket_for(n, self._buckets) if self._use_graphs else None
-        if b is not None:
-            g = self._graphs[b]
-            np.copyto(g.host_in_np[:n], a)
-            if not self._graph_copies:
-                g.dev_in.copy_(g.host_in, non_blocking=True)
-            g.graph.replay()
-            if not self._graph_copies:
-                g.host_out.copy_(g.dev_out, non_blocking=True)
-            torch.cuda.current_stream(self.device).synchronize()
-            return write_out(g.host_out_np[:n].copy() if out is None else g.host_out_np[:n], out)
+        if self._use_graphs and n > 0:
+            res = np.empty(n, np.float32) if out is None else out
+            top = self._buckets[-1]
+            for start in range(0, n, top):  # batches above the largest bucket: in chunks
+                stop = min(n, start + top)
+                self._replay(a[start:stop], res[start:stop])
+            return res
         with torch.inference_mode():
             t = torch.from_numpy(a)
             if self.device.type != "cpu":
@@ -214,6 +216,21 @@ class TorchRunner(ModelRunner):
             if self.device.type != "cpu":
                 y = y.cpu()
             return write_out(y.numpy(), out)
+
+    def _replay(self, a: np.ndarray, res: np.ndarray) -> None:
+        """Run ``a`` (at most the largest bucket's rows) through its bucket's graph into ``res``."""
+        n = a.shape[0]
+        b = bucket_for(n, self._buckets)
+        assert b is not None
+        g = self._graphs[b]
+        np.copyto(g.host_in_np[:n], a)
+        if not self._graph_copies:
+            g.dev_in.copy_(g.host_in, non_blocking=True)
+        g.graph.replay()
+        if not self._graph_copies:
+            g.host_out.copy_(g.dev_out, non_blocking=True)
+        torch.cuda.current_stream(self.device).synchronize()
+        np.copyto(res, g.host_out_np[:n])
 
     def close(self) -> None:
         """Drop graphs and the module so device memory can be reused."""
