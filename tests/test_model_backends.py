@@ -300,3 +300,12 @@ def test_torch_mps_matches_the_reference() -> None:
     np.testing.assert_allclose(
         make_runner("torch:mps", SPEC, w).predict(x), reference(SPEC, w, x), atol=1e-4, rtol=0
     )
+
+
+def test_fixed_shape_backends_pad_to_the_smallest_bucket_that_fits() -> None:
+    """CUDA graphs and Core ML enumerated shapes share this choice; None means 'chunk it'."""
+    from nautilus_pipeline.model.base import bucket_for
+
+    buckets = (1, 8, 64)
+    assert [bucket_for(n, buckets) for n in (1, 2, 8, 9, 64)] == [1, 8, 8, 64, 64]
+    assert bucket_for(65, buckets) is None
