@@ -36,7 +36,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator, Iterable, Iterator, Sequence
+from collections.abc import AsyncIterator, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
@@ -49,6 +49,7 @@ from nautilus_pipeline.io.checks import Accounting, Validator, validated
 from nautilus_pipeline.io.chunk import TickChunk, TickReader
 from nautilus_pipeline.io.formats import Source
 from nautilus_pipeline.memory import BufferPool, Lease
+from nautilus_pipeline.symbols import SymbolTable
 
 _KEY = "_key"
 _SRC = "_src"
@@ -89,37 +90,6 @@ class ManualClock:
 
     def advance(self, seconds: float) -> None:
         self.t += seconds
-
-
-class SymbolTable:
-    """``symbol_id`` <-> name, shared by every source of a replay."""
-
-    def __init__(self, names: Iterable[str] = ()):
-        self._names: list[str] = []
-        self._ids: dict[str, int] = {}
-        for n in names:
-            self.id(n)
-
-    def id(self, name: str) -> int:
-        """The id of ``name``, given on first sight."""
-        i = self._ids.get(name)
-        if i is None:
-            i = self._ids[name] = len(self._names)
-            self._names.append(name)
-        return i
-
-    def name(self, symbol_id: int) -> str:
-        return self._names[symbol_id]
-
-    @property
-    def names(self) -> list[str]:
-        return list(self._names)
-
-    def __len__(self) -> int:
-        return len(self._names)
-
-    def __contains__(self, name: object) -> bool:
-        return name in self._ids
 
 
 @dataclass
@@ -177,7 +147,7 @@ class Replay:
             raise ConfigError(f"two sources have the same name {keys}; give each a distinct name=")
         self.speed = speed
         self.clock: Clock = clock or MonotonicClock()
-        self.symbols = symbols or SymbolTable()
+        self.symbols = symbols if symbols is not None else SymbolTable()
         self.chunk_rows = chunk_rows
         self.accounting = Accounting()
         self.progress = Progress(sources=len(self.sources))
@@ -222,7 +192,7 @@ class Replay:
                 f"a replay needs each source in {order_by} order across its symbols: sort the file, "
                 "or split it into one source per symbol"
             )
-        lut = np.array([self.symbols.id(s) for s in chunk.symbols], dtype=np.uint32)
+        lut = np.array([self.symbols.id_of(s) for s in chunk.symbols], dtype=np.uint32)
         n = len(chunk)
         new = {name: chunk.column(name) for name in TICK_COLUMN_NAMES}
         new["symbol_id"] = lut[chunk.column("symbol_id")] if n else new["symbol_id"]
@@ -268,7 +238,7 @@ class Replay:
         counts = np.bincount(pair, minlength=len(self.sources) * nsym)
         for p in np.flatnonzero(counts):
             src, sym = divmod(int(p), nsym)
-            self.accounting.add(self.sources[src].key, self.symbols.name(sym), "delivered", int(counts[p]))
+            self.accounting.add(self.sources[src].key, self.symbols.name_of(sym), "delivered", int(counts[p]))
         self.progress.ticks_delivered += n
         self.progress.ts_reached_ns = int(block[_KEY][-1])
         self.progress.batches += 1
