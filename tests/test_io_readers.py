@@ -68,7 +68,7 @@ def test_bundled_samples_are_all_known(sample_dir: Path) -> None:
 
 
 def test_binance_usdm_trades_with_header(sample_dir: Path) -> None:
-    cols, names, records, v, _ = read_all(sample_dir / "binance-um-btcusdt-trades-20240808.csv")
+    cols, names, records, _, _ = read_all(sample_dir / "binance-um-btcusdt-trades-20240808.csv")
     assert names == ["BTCUSDT"]
     assert len(records) == 21_313
     assert records[0] == 2 and records[-1] == 21_314  # line numbers after the header

@@ -70,7 +70,7 @@ def to_float(values: pa.Array | np.ndarray | list, scale: float | None = None) -
     else:
         try:
             out = arr.cast(pa.float64()).to_numpy(zero_copy_only=False)
-        except (pa.ArrowInvalid, pa.ArrowNotImplementedError):
+        except (pa.ArrowInvalid, pa.ArrowNotImplementedError, pa.ArrowTypeError):
             out = np.full(len(arr), np.nan)
             for i, v in enumerate(arr.to_pylist()):
                 if v is None or str(v).strip() == "":
@@ -96,8 +96,8 @@ def to_int(values: pa.Array | np.ndarray | list, fill: int = -1) -> tuple[np.nda
     if pa.types.is_dictionary(arr.type):
         return to_int(arr.dictionary_decode(), fill)
     try:
-        out = arr.fill_null(fill).cast(pa.int64()).to_numpy(zero_copy_only=False)
-    except (pa.ArrowInvalid, pa.ArrowNotImplementedError):
+        out = arr.cast(pa.int64()).fill_null(fill).to_numpy(zero_copy_only=False)
+    except (pa.ArrowInvalid, pa.ArrowNotImplementedError, pa.ArrowTypeError):
         out = np.full(len(arr), fill, dtype=np.int64)
         for i, v in enumerate(arr.to_pylist()):
             if v is None or str(v).strip() == "":
@@ -123,6 +123,34 @@ def _iso_one(v: str) -> int:
     return (delta.days * 86_400 + delta.seconds) * 1_000_000_000 + delta.microseconds * 1_000
 
 
+def _numeric_text(arr: pa.Array) -> pa.Array | None:
+    """Text holding only numbers, cast to int64 (or float64); None if any value is not one."""
+    blank = pc.equal(pc.utf8_trim_whitespace(arr), "")
+    arr = pc.if_else(blank, pa.scalar(None, pa.string()), arr)
+    for t in (pa.int64(), pa.float64()):
+        try:
+            return arr.cast(t)
+        except (pa.ArrowInvalid, pa.ArrowNotImplementedError):
+            continue
+    return None
+
+
+def _text_ns(arr: pa.Array, unit: str, missing: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Per-value fallback for numeric timestamps given as text with some bad values."""
+    out = np.zeros(len(arr), dtype=np.int64)
+    bad = np.zeros(len(arr), dtype=bool)
+    for i, v in enumerate(arr.to_pylist()):
+        if v is None or not str(v).strip():
+            missing[i] = True
+            continue
+        try:
+            x = float(v) if any(c in str(v) for c in ".eE") else int(v)
+            out[i] = round(x * _UNIT_NS[unit])
+        except (TypeError, ValueError, OverflowError):
+            bad[i] = True
+    return out, missing, bad
+
+
 def to_ns(values: pa.Array | np.ndarray | list, unit: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Timestamps to int64 ns since the epoch (UTC); returns ``(ns, missing, unparsable)``."""
     if unit not in TS_UNITS:
@@ -134,12 +162,18 @@ def to_ns(values: pa.Array | np.ndarray | list, unit: str) -> tuple[np.ndarray, 
     if pa.types.is_timestamp(arr.type):
         ns = arr.cast(pa.timestamp("ns", arr.type.tz)).cast(pa.int64()).fill_null(0)
         return ns.to_numpy(zero_copy_only=False), missing, np.zeros(len(arr), dtype=bool)
+    if pa.types.is_string(arr.type) and unit != "iso":
+        numeric = _numeric_text(arr)
+        if numeric is not None:
+            return to_ns(numeric, unit)
+        if unit != "auto":
+            return _text_ns(arr, unit, missing)
     if unit == "iso" or (pa.types.is_string(arr.type) and unit == "auto"):
         bad = np.zeros(len(arr), dtype=bool)
         try:
             ns = arr.cast(pa.timestamp("ns", "UTC")).cast(pa.int64()).fill_null(0)
             return ns.to_numpy(zero_copy_only=False), missing, bad
-        except (pa.ArrowInvalid, pa.ArrowNotImplementedError):
+        except (pa.ArrowInvalid, pa.ArrowNotImplementedError, pa.ArrowTypeError):
             out = np.zeros(len(arr), dtype=np.int64)
             for i, v in enumerate(arr.to_pylist()):
                 if v is None or str(v).strip() == "":

@@ -14,7 +14,8 @@ with threads it cannot tell the line of a refused row. So the reader starts type
 on the first refused line it restarts single-threaded (exact line numbers), and on the first
 conversion error it restarts with text columns converted per column by ``convert.py`` (one bad
 value marks one row). Restarts skip the rows already delivered, so clean files pay nothing and
-damaged ones give the same rows, just slower. Measured by ``scripts/bench_readers.py``.
+damaged ones give the same rows, just slower. Only an empty field is missing: ``nan`` or
+``inf`` parse as numbers, so the checks name them ("price not finite"). Measured by ``scripts/bench_readers.py``.
 """
 
 from __future__ import annotations
@@ -143,6 +144,7 @@ class CsvReader:
         conv = pacsv.ConvertOptions(
             include_columns=list(dict.fromkeys(self.fmap.columns().values())),
             column_types=self._types(robust),
+            null_values=[""],
             strings_can_be_null=True,
             quoted_strings_can_be_null=True,
         )
@@ -171,6 +173,8 @@ class CsvReader:
             try:
                 reader = self._open(threads, robust, dropped)
             except pa.ArrowInvalid as e:
+                if not robust and _conversion_error(e):
+                    raise _Restart(False, True) from e
                 raise DataError(f"{self.path}: cannot parse the start of the file as CSV ({e})") from e
             while True:
                 try:
@@ -178,7 +182,7 @@ class CsvReader:
                 except StopIteration:
                     break
                 except pa.ArrowInvalid as e:
-                    if not robust and ("conversion error" in str(e).lower() or "invalid value" in str(e).lower()):
+                    if not robust and _conversion_error(e):
                         raise _Restart(False, True) from e
                     raise DataError(f"{self.path}: the CSV cannot be parsed after line {line} ({e}); check the delimiter and layout") from e
                 if dropped and threads:
@@ -218,6 +222,11 @@ class CsvReader:
         number, text, actual = d
         return BadRow(self.path, number or -1, Reason.WRONG_FIELD_COUNT, None,
                       f"{actual} fields, expected {len(self._names)}", text, self.symbol)
+
+
+def _conversion_error(e: Exception) -> bool:
+    text = str(e).lower()
+    return "conversion error" in text or "invalid value" in text
 
 
 def _raw_of(batch: pa.RecordBatch):
