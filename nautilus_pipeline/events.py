@@ -102,3 +102,31 @@ class Signal:
     strength: float
     target_position: float
     reasons: tuple[str, ...] = field(default_factory=tuple)
+
+
+@dataclass(frozen=True, slots=True)
+class VpinBucket:
+    """A completed VPIN volume bucket (see ``kernels/vpin.py`` for the definition)."""
+
+    symbol: str
+    bucket: int
+    ts_ns: int
+    buy_volume: float
+    sell_volume: float
+    vpin: float  # NaN until `window` buckets exist
+    cdf: float  # empirical CDF of VPIN so far, at this bucket's VPIN
+    toxic: bool
+
+
+@dataclass(frozen=True, slots=True)
+class RiskEvent:
+    """A limit breach (the kill switch is now on), or a Value-at-Risk report."""
+
+    ts_ns: int
+    symbol: str
+    kind: str  # "breach" or "var"
+    position: float
+    equity: float
+    drawdown: float
+    breaches: tuple[str, ...] = ()
+    var: dict[str, dict[str, float]] = field(default_factory=dict)

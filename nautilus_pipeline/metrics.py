@@ -81,6 +81,15 @@ class LatencyHistogram:
                 return min(_bucket_upper(idx), self.max_ns)
         return self.max_ns
 
+    def buckets(self) -> list[tuple[int, int, int]]:
+        """Non-empty buckets as ``(lower_ns, upper_ns, count)``, for plotting a histogram."""
+        out = []
+        for idx, c in enumerate(self.counts):
+            if c:
+                lower = _bucket_upper(idx - 1) + 1 if idx else 0
+                out.append((lower, _bucket_upper(idx), c))
+        return out
+
     @property
     def mean_ns(self) -> float:
         count = self.count

@@ -104,6 +104,8 @@ class Pipeline:
                     "exist; give its outputs their own names"
                 )
             available.update(c.name for c in stage.writes)
+        for i, stage in enumerate(self.stages):
+            stage.connect(self.stages[:i])
 
     # --- lifecycle ---------------------------------------------------------------------
     async def __aenter__(self) -> Pipeline:

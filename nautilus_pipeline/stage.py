@@ -44,6 +44,13 @@ class StageContext:
     async def publish(self, topic: str, payload: Any) -> None:
         await self.bus.publish(topic, payload)
 
+    def symbol_name(self, symbol_id: int) -> str:
+        """The instrument name of a slab's ``symbol_id`` (the id itself if the table lacks it)."""
+        table = self.symbols
+        if table is not None and 0 <= symbol_id < len(table):
+            return table.name_of(symbol_id)
+        return str(symbol_id)
+
 
 class Stage:
     """Base class of pipeline stages. Subclasses set the class attributes and ``process``.
@@ -62,6 +69,9 @@ class Stage:
     max_batch: int | None = None
     offload: bool = False
 
+    def connect(self, upstream: Sequence[Stage]) -> None:
+        """Check, when the pipeline is built, that the stages before this one suit it."""
+
     async def start(self, ctx: StageContext) -> None:
         """Called once before the first batch (reset state, open outputs)."""
 
@@ -75,6 +85,9 @@ class Stage:
 
     async def finish(self, ctx: StageContext) -> None:
         """End of stream: emit what only the end can close (the last VPIN bar, say)."""
+
+    def close(self) -> None:
+        """Release what the stage holds (models on devices, files) after the last batch."""
 
     def stats(self) -> dict[str, Any]:
         """Stage-specific counters, merged into the runner's stats."""
@@ -100,6 +113,7 @@ class StageMetrics:
             "failed_rows": self.failed_rows,
             "rows_per_s": self.rows / (self.busy_ns / 1e9) if self.busy_ns else 0.0,
             "batch_latency": self.latency.summary(),
+            "batch_latency_buckets": self.latency.buckets(),
         }
 
 
@@ -199,6 +213,7 @@ class StageRunner:
         await self.stage.finish(self.ctx)
 
     def close(self) -> None:
+        self.stage.close()
         self.stream.close()
         if self._fallback is not None:
             self._fallback.close()

@@ -1,0 +1,138 @@
+"""Inference stage: the model's probability of an up move for every row.
+
+The model (an MLP over named features; the default one ships in ``models/``) runs on the
+first usable stream of the stage's preference list, e.g. ``["coreml:ane", "mlx:gpu",
+"torch:cuda", "cpu"]``: on a Mac the Neural Engine, on an NVIDIA box CUDA, elsewhere
+numpy. The choice (and why the earlier entries were skipped) is logged at start; a batch
+that fails on the accelerator is rerun on the fallback stream by the stage runner.
+
+With ``route = "calibrated"`` the stage measures every usable backend of its list at
+batch sizes 1…4096 at start (``model.runners.calibrate``), logs the table, and sends each
+batch to the fastest backend for its size: small live batches to the CPU, large replay
+batches to the GPU. Backends agree to float32 tolerance, not bit for bit, so a calibrated
+stage trades exact batch-size independence of ``prediction`` for speed; the default
+(``route = "first"``) keeps one backend and identical numbers.
+
+The model's input names must equal the feature stage's output names, in order: a mismatch
+fails when the pipeline is built, listing both.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import structlog
+
+from ..compute import ComputeStream, unusable_reason
+from ..errors import ConfigError
+from ..events import ColumnSpec
+from ..memory import Lease
+from ..model.base import ModelRunner
+from ..model.runners import Calibration, calibrate, make_runner
+from ..model.spec import DEFAULT_MODEL_PATH, check_inputs, load_model
+from ..stage import Stage, StageContext
+from .features import FEATURES_COLUMN, FeaturesStage
+
+log = structlog.get_logger("nautilus_pipeline.inference")
+
+DEFAULT_STREAMS = ("coreml:ane", "mlx:gpu", "torch:cuda", "torch:mps", "cpu")
+
+
+def _backend_of(stream_name: str) -> str:
+    return "numpy" if stream_name == "cpu" else stream_name
+
+
+class InferenceStage(Stage):
+    """Reads ``features`` (float64[n, k]); writes ``prediction`` (float32[n], P(up))."""
+
+    reads = (FEATURES_COLUMN,)
+    writes = (ColumnSpec("prediction", np.dtype(np.float32), fill=np.nan),)
+
+    def __init__(
+        self,
+        model: str | Path | None = None,
+        *,
+        streams: Sequence[str] = DEFAULT_STREAMS,
+        route: str = "first",
+        coreml_package: str | Path | None = None,
+        name: str = "inference",
+        offload: bool = False,
+    ):
+        if route not in ("first", "calibrated"):
+            raise ConfigError(f"inference: route must be 'first' or 'calibrated', got {route!r}")
+        self.name = name
+        self.streams = tuple(streams)
+        self.route = route
+        self.offload = offload
+        self.model_path = Path(model) if model is not None else DEFAULT_MODEL_PATH
+        self.spec, self.weights = load_model(self.model_path)
+        self.coreml_package = coreml_package
+        self.runners: dict[str, ModelRunner] = {}
+        self.calibration: Calibration | None = None
+        self._x32: np.ndarray | None = None
+        self.rows_by_backend: dict[str, int] = {}
+
+    @property
+    def input_names(self) -> tuple[str, ...]:
+        return self.spec.input_names
+
+    def connect(self, upstream: Sequence[Stage]) -> None:
+        feats = [s for s in upstream if isinstance(s, FeaturesStage)]
+        if not feats:
+            raise ConfigError(
+                f"inference stage {self.name!r} needs a features stage before it "
+                f"(its model takes {list(self.input_names)})"
+            )
+        check_inputs(self.spec, feats[-1].names)
+
+    async def bind(self, stream: ComputeStream) -> None:
+        backend = _backend_of(stream.name)
+        if backend in self.runners:
+            return
+        options = {"coreml_package": self.coreml_package} if backend.startswith("coreml") else {}
+        self.runners[backend] = await stream.run(
+            make_runner, backend, self.spec, self.weights, **options
+        )
+        log.info("inference_backend", stage=self.name, backend=self.runners[backend].name,
+                 model=str(self.model_path))
+        if self.route == "calibrated" and self.calibration is None:
+            usable = [_backend_of(s) for s in self.streams if unusable_reason(s) is None]
+            self.calibration = calibrate(list(dict.fromkeys(usable)), self.spec, self.weights)
+            log.info("inference_calibrated", stage=self.name, table="\n" + self.calibration.format(),
+                     **{"route": self.calibration.to_dict()["route"]})
+
+    def _runner(self, stream: ComputeStream, n: int) -> ModelRunner:
+        if self.calibration is not None and stream is self._primary:
+            return self.calibration.runner_for(n)
+        return self.runners[_backend_of(stream.name)]
+
+    async def start(self, ctx: StageContext) -> None:
+        self._primary = None
+
+    async def process(self, lease: Lease, stream: ComputeStream, ctx: StageContext) -> None:
+        if self._primary is None:
+            self._primary = stream
+        n = lease.length
+        k = self.spec.n_inputs
+        if self._x32 is None or self._x32.shape[0] < lease.capacity:
+            self._x32 = np.empty((lease.capacity, k), dtype=np.float32)
+        x = self._x32[:n]
+        np.copyto(x, lease[FEATURES_COLUMN], casting="same_kind")
+        runner = self._runner(stream, n)
+        await stream.run(runner.predict, x, lease["prediction"])
+        if not runner.name.startswith(("numpy", "torch:cpu", "mlx:cpu", "coreml")):
+            lease.pool.count_copy("h2d", x.nbytes)
+            lease.pool.count_copy("d2h", n * 4)
+        self.rows_by_backend[runner.name] = self.rows_by_backend.get(runner.name, 0) + n
+
+    def close(self) -> None:
+        for r in self.runners.values():
+            r.close()
+        if self.calibration is not None:
+            for r in self.calibration.runners.values():
+                r.close()
+
+    def stats(self) -> dict[str, object]:
+        return {"model": self.model_path.name, "rows_by_backend": dict(self.rows_by_backend)}

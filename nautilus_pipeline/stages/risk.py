@@ -1,0 +1,217 @@
+"""Risk stage: the simulated account behind the pipeline's own signals, limits, kill switch, VaR.
+
+Why the risk stage applies the signal rule. The account fills the target that the signal
+rule sets on one trade at the next trade's price, and the kill switch that a fill can
+trip forces the very next signals to flat: signal and risk are one recursion over the
+rows. Computing it as (1) the rule's *intended* targets, a pure function of the model's
+probability and the toxicity flag, then (2) the sequential account and limit scan
+(``kernels.risk.risk_update``, which ignores intentions while the kill switch is on), gives
+the exact per-row result whatever the batch size. The signal stage that follows applies
+the same rule with the kill switch as of each row and publishes the signals. Both stages
+take the rule (``SignalParams``) from the pipeline definition's ``signal`` stage.
+
+Rows: the account moves on trade rows; quote rows carry the symbol's latest values.
+Events on ``risk.<symbol>``: a ``breach`` :class:`~nautilus_pipeline.events.RiskEvent`
+on every row that breaks a limit, and a ``var`` report every ``var_every`` trades of a
+symbol (parametric from the features' EWMA volatility, historical from the last
+``var_window`` log returns, Monte Carlo with ``var_paths`` paths over ``var_horizon``
+trades on the stage's compute stream: numpy, torch or MLX).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import numpy as np
+
+from ..compute import ComputeStream
+from ..errors import ConfigError
+from ..events import KIND_TRADE, ColumnSpec, RiskEvent
+from ..kernels.features import symbol_groups
+from ..kernels.risk import (
+    RiskParams,
+    RiskState,
+    breach_names,
+    new_risk_state,
+    return_window,
+    risk_update,
+    var_report,
+)
+from ..kernels.signal import SignalParams, SignalState, new_signal_state, signal_update
+from ..memory import Lease
+from ..stage import Stage, StageContext
+from .features import FEATURES_COLUMN, FeaturesStage
+
+F64 = np.dtype(np.float64)
+RISK_COLUMNS = ("position", "equity", "pnl", "drawdown")
+
+
+class RiskStage(Stage):
+    """Writes ``position``, ``equity``, ``pnl``, ``drawdown`` (float64), ``kill`` (uint8),
+    ``breach`` (int64 bit mask) per row; publishes breaches and VaR reports."""
+
+    reads = ("ts_ns", "symbol_id", "kind", "price", "prediction", "toxic", FEATURES_COLUMN)
+    writes = (
+        *(ColumnSpec(c, F64, fill=np.nan) for c in RISK_COLUMNS),
+        ColumnSpec("kill", np.dtype(np.uint8)),
+        ColumnSpec("breach", np.dtype(np.int64)),
+    )
+
+    def __init__(
+        self,
+        limits: RiskParams | None = None,
+        rule: SignalParams | None = None,
+        *,
+        var_every: int = 1000,
+        var_levels: Sequence[float] = (0.95, 0.99),
+        var_horizon: int = 100,
+        var_window: int = 1000,
+        var_paths: int = 10_000,
+        vol_feature: str = "vol_ewma_100",
+        seed: int = 0,
+        name: str = "risk",
+        streams: Sequence[str] = ("cpu",),
+        topic_prefix: str = "risk",
+    ):
+        if var_every < 0 or var_horizon < 1 or var_window < 2 or var_paths < 100:
+            raise ConfigError(
+                "risk: need var_every >= 0 (0 = off), var_horizon >= 1, var_window >= 2, "
+                f"var_paths >= 100; got {var_every}, {var_horizon}, {var_window}, {var_paths}"
+            )
+        self.name = name
+        self.streams = tuple(streams)
+        self.limits = limits or RiskParams()
+        self.rule = rule or SignalParams()
+        self.var_every = var_every
+        self.var_levels = tuple(var_levels)
+        self.var_horizon = var_horizon
+        self.var_window = var_window
+        self.var_paths = var_paths
+        self.vol_feature = vol_feature
+        self.seed = seed
+        self.topic_prefix = topic_prefix
+        self._vol_col = self._ret_col = None
+
+    def connect(self, upstream: Sequence[Stage]) -> None:
+        feats = [s for s in upstream if isinstance(s, FeaturesStage)]
+        names = feats[-1].names if feats else ()
+        missing = [n for n in ("log_return", self.vol_feature) if n not in names]
+        if missing:
+            raise ConfigError(
+                f"risk stage {self.name!r} needs the features {missing} for VaR; the features "
+                f"stage before it gives {list(names) or 'nothing'}"
+            )
+        self._ret_col = names.index("log_return")
+        self._vol_col = names.index(self.vol_feature)
+
+    async def start(self, ctx: StageContext) -> None:
+        self.accounts: dict[int, RiskState] = {}
+        self.intents: dict[int, SignalState] = {}
+        self.returns: dict[int, np.ndarray] = {}
+        self.trades: dict[int, int] = {}
+        self.last: dict[int, np.ndarray] = {}
+        self.breaches = 0
+        self.var_reports = 0
+        self._backend = "numpy"
+        self._device: str | None = None
+
+    async def bind(self, stream: ComputeStream) -> None:
+        if stream.backend == "torch":
+            self._backend, self._device = "torch", str(getattr(stream, "device", "cpu"))
+        elif stream.backend == "mlx":
+            self._backend, self._device = "mlx", stream.name.split(":", 1)[1]
+
+    def _compute(self, lease: Lease):
+        sym, kind = lease["symbol_id"], lease["kind"]
+        ts, price = lease["ts_ns"], lease["price"]
+        prob, toxic = lease["prediction"], lease["toxic"]
+        feats = lease[FEATURES_COLUMN]
+        n = sym.shape[0]
+        cols = np.empty((n, 6))
+        accounts, intents, returns = dict(self.accounts), dict(self.intents), dict(self.returns)
+        trades, last = dict(self.trades), dict(self.last)
+        events: list[tuple[int, int, dict[str, np.ndarray] | None]] = []
+        for key, rows in symbol_groups(sym):
+            trade_rows = rows[kind[rows] == KIND_TRADE]
+            acct = accounts.get(key) or new_risk_state(self.limits)
+            intent = intents.get(key) or new_signal_state(self.rule)
+            values = np.full((rows.shape[0], 6), np.nan)
+            is_trade = kind[rows] == KIND_TRADE
+            if trade_rows.size:
+                intent, plan = signal_update(
+                    intent, prob[trade_rows], toxic[trade_rows].astype(bool),
+                    np.zeros(trade_rows.size, dtype=bool),
+                )
+                acct, out = risk_update(acct, ts[trade_rows], price[trade_rows], plan["target"])
+                values[is_trade] = np.column_stack(
+                    (out["position"], out["equity"], out["pnl"], out["drawdown"],
+                     out["kill"], out["breach"])
+                )
+                for i in np.flatnonzero(out["breach"]):
+                    events.append((key, int(trade_rows[i]), None))
+                if self.var_every:
+                    before = trades.get(key, 0)
+                    after = before + trade_rows.size
+                    due = np.arange((before // self.var_every + 1) * self.var_every, after + 1,
+                                    self.var_every) - before - 1
+                    window = returns.get(key, np.zeros(0))
+                    r = feats[trade_rows, self._ret_col]
+                    start = 0
+                    for i in due:
+                        window = return_window(window, r[start : i + 1], self.var_window)
+                        start = i + 1
+                        events.append((key, int(trade_rows[i]), {"window": window}))
+                    returns[key] = return_window(window, r[start:], self.var_window)
+                    trades[key] = after
+            carry = last.get(key, np.array([0.0, np.nan, np.nan, np.nan, 0.0, 0.0]))
+            idx = np.where(is_trade, np.arange(rows.shape[0]), -1)
+            np.maximum.accumulate(idx, out=idx)
+            filled = np.concatenate((carry[None, :], values))[idx + 1]
+            cols[rows] = filled
+            last[key] = filled[-1].copy()
+            accounts[key], intents[key] = acct, intent
+        return (accounts, intents, returns, trades, last), cols, events
+
+    async def process(self, lease: Lease, stream: ComputeStream, ctx: StageContext) -> None:
+        state, cols, events = await stream.run(self._compute, lease)
+        for j, c in enumerate(RISK_COLUMNS):
+            lease[c][...] = cols[:, j]
+        lease["kill"][...] = cols[:, 4]
+        lease["breach"][...] = cols[:, 5]
+        self.accounts, self.intents, self.returns, self.trades, self.last = state
+        for key, row, var in events:
+            await self._publish(lease, stream, ctx, key, row, var)
+
+    async def _publish(self, lease, stream, ctx, key, row, var) -> None:
+        symbol = ctx.symbol_name(key)
+        pos, eq, dd = float(lease["position"][row]), float(lease["equity"][row]), float(lease["drawdown"][row])
+        ts = int(lease["ts_ns"][row])
+        if var is None:
+            self.breaches += 1
+            event = RiskEvent(ts, symbol, "breach", pos, eq, dd,
+                              breaches=breach_names(int(lease["breach"][row])))
+        else:
+            self.var_reports += 1
+            exposure = pos * float(lease["price"][row])
+            sigma = float(lease[FEATURES_COLUMN][row, self._vol_col])
+            if not math.isfinite(sigma):
+                sigma = 0.0
+            report = await stream.run(
+                var_report, exposure, sigma, var["window"], self.var_horizon, self.var_levels,
+                n_paths=self.var_paths, seed=self.seed, backend=self._backend, device=self._device,
+            )
+            levels = [f"{lv:g}" for lv in self.var_levels]
+            event = RiskEvent(
+                ts, symbol, "var", pos, eq, dd,
+                var={method: dict(zip(levels, map(float, values), strict=True))
+                     for method, values in report.items()},
+            )
+        await ctx.publish(f"{self.topic_prefix}.{symbol}", event)
+
+    def stats(self) -> dict[str, object]:
+        return {
+            "breaches": self.breaches,
+            "var_reports": self.var_reports,
+            "kill_switch_on": sorted(k for k, a in self.accounts.items() if a.kill),
+        }

@@ -1,0 +1,155 @@
+"""VPIN stage: flow toxicity per symbol, as of every row, and an event per completed bucket.
+
+Orchestration around :func:`nautilus_pipeline.kernels.vpin.vpin_update_rows`. Each
+completed bucket is published as a :class:`~nautilus_pipeline.events.VpinBucket` on
+``vpin.<symbol>``. Every row of the batch also gets the symbol's latest VPIN, its CDF and
+the toxicity flag *as of that row*: a bucket counts from the row at which it became known
+(the trade that closed its last bar), never earlier, so the signal stage sees the same
+flags whatever the batch size. At the end of the stream the open bar is closed and the
+buckets it completes are published.
+
+``bucket_volume`` V is per symbol (a number for all, or a mapping symbol → V); see
+:func:`~nautilus_pipeline.kernels.vpin.propose_bucket_volume` to calibrate it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+
+import numpy as np
+
+from ..compute import ComputeStream
+from ..errors import ConfigError
+from ..events import ColumnSpec, VpinBucket
+from ..kernels.features import symbol_groups
+from ..kernels.vpin import VpinState, new_vpin_state, vpin_flush, vpin_update_rows
+from ..memory import Lease
+from ..stage import Stage, StageContext
+
+F64 = np.dtype(np.float64)
+
+
+class VpinStage(Stage):
+    """Writes ``vpin``, ``vpin_cdf`` (float64) and ``toxic`` (uint8) per row; publishes buckets."""
+
+    reads = ("ts_ns", "symbol_id", "kind", "price", "size")
+    writes = (
+        ColumnSpec("vpin", F64, fill=np.nan),
+        ColumnSpec("vpin_cdf", F64, fill=np.nan),
+        ColumnSpec("toxic", np.dtype(np.uint8)),
+    )
+
+    def __init__(
+        self,
+        bucket_volume: float | Mapping[str, float],
+        *,
+        window: int = 50,
+        bar_ns: int = 60_000_000_000,
+        sigma_window: int = 100,
+        threshold: float = 0.9,
+        name: str = "vpin",
+        streams: Sequence[str] = ("cpu",),
+        topic_prefix: str = "vpin",
+    ):
+        self.name = name
+        self.streams = tuple(streams)
+        self.bucket_volume = bucket_volume
+        self.params = {
+            "window": window,
+            "bar_ns": bar_ns,
+            "sigma_window": sigma_window,
+            "threshold": threshold,
+        }
+        new_vpin_state(1.0, **self.params)  # validates the parameters now, not at the first tick
+        if not isinstance(bucket_volume, Mapping):
+            new_vpin_state(float(bucket_volume), **self.params)
+        self.topic_prefix = topic_prefix
+        self.states: dict[int, VpinState] = {}
+        self.last: dict[int, np.ndarray] = {}  # symbol → [vpin, cdf, toxic] as of its last row
+        self.buckets = 0
+
+    def _volume_for(self, symbol: str) -> float:
+        v = self.bucket_volume
+        if isinstance(v, Mapping):
+            if symbol not in v:
+                raise ConfigError(
+                    f"VPIN stage {self.name!r}: no bucket_volume for symbol {symbol!r} "
+                    f"(given for {sorted(v)})"
+                )
+            return float(v[symbol])
+        return float(v)
+
+    async def start(self, ctx: StageContext) -> None:
+        self.states, self.last, self.buckets = {}, {}, 0
+
+    def _compute(self, lease: Lease, ctx: StageContext):
+        sym = lease["symbol_id"]
+        states = self.states
+        groups = symbol_groups(sym)
+        for key, _ in groups:
+            if key not in states:
+                states = dict(states) if states is self.states else states
+                states[key] = new_vpin_state(self._volume_for(ctx.symbol_name(key)), **self.params)
+        new_states, outputs = vpin_update_rows(
+            states, sym, lease["ts_ns"], lease["price"], lease["size"], lease["kind"]
+        )
+        cols = np.empty((sym.shape[0], 3))
+        last = dict(self.last)
+        for key, rows in groups:
+            carry = last.get(key)
+            if carry is None:
+                carry = np.array([np.nan, np.nan, 0.0])
+            values = np.empty((rows.shape[0], 3))
+            has = np.zeros(rows.shape[0], dtype=bool)
+            out = outputs.get(key)
+            if out is not None:
+                pos = np.searchsorted(rows, out["row"])
+                final = np.append(pos[1:] != pos[:-1], True)  # the last bucket known at a row
+                values[pos[final], 0] = out["vpin"][final]
+                values[pos[final], 1] = out["cdf"][final]
+                values[pos[final], 2] = out["toxic"][final]
+                has[pos[final]] = True
+            idx = np.where(has, np.arange(rows.shape[0]), -1)
+            np.maximum.accumulate(idx, out=idx)
+            filled = np.concatenate((carry[None, :], values))[idx + 1]
+            cols[rows] = filled
+            last[key] = filled[-1].copy()
+        return new_states, outputs, cols, last
+
+    async def process(self, lease: Lease, stream: ComputeStream, ctx: StageContext) -> None:
+        new_states, outputs, cols, last = await stream.run(self._compute, lease, ctx)
+        lease["vpin"][...] = cols[:, 0]
+        lease["vpin_cdf"][...] = cols[:, 1]
+        lease["toxic"][...] = cols[:, 2]
+        self.states, self.last = new_states, last
+        for key, out in outputs.items():
+            await self._publish(ctx, key, out)
+
+    async def finish(self, ctx: StageContext) -> None:
+        for key in sorted(self.states):
+            self.states[key], out = vpin_flush(self.states[key])
+            if out["bucket"].size:
+                await self._publish(ctx, key, out)
+
+    async def _publish(self, ctx: StageContext, key: int, out: dict[str, np.ndarray]) -> None:
+        symbol = ctx.symbol_name(key)
+        topic = f"{self.topic_prefix}.{symbol}"
+        for i in range(out["bucket"].shape[0]):
+            self.buckets += 1
+            await ctx.publish(
+                topic,
+                VpinBucket(
+                    symbol=symbol,
+                    bucket=int(out["bucket"][i]),
+                    ts_ns=int(out["ts_ns"][i]),
+                    buy_volume=float(out["buy_volume"][i]),
+                    sell_volume=float(out["sell_volume"][i]),
+                    vpin=float(out["vpin"][i]),
+                    cdf=float(out["cdf"][i]),
+                    toxic=bool(out["toxic"][i]),
+                ),
+            )
+
+    def stats(self) -> dict[str, object]:
+        return {"buckets": self.buckets, "symbols": len(self.states)}
+
