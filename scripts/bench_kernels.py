@@ -16,7 +16,9 @@ For each kernel, ticks per second, measured in one run on one synthetic stream (
 
 Then Monte Carlo VaR of 1,000,000 paths (horizon 10 steps, normal) on numpy, torch CPU and
 MLX CPU (where installed), and on ``--backend/--device`` (e.g. ``--backend torch --device cuda``; ``--gpu`` is short
-for that). Timings are the best of ``--repeat`` runs, after one warm-up call (numba loads
+for that). With ``--vpin-device cuda`` (also part of ``--gpu``), a table of VPIN throughput
+by batch size, CPU kernel against ``vpin_update_torch`` on that device: where the GPU starts
+to pay off. Timings are the best of ``--repeat`` runs, after one warm-up call (numba loads
 its cache, torch initialises). Run:
 ``.venv/bin/python scripts/bench_kernels.py [--n 4000000] [--repeat 3] [--gpu]``.
 """
@@ -56,7 +58,12 @@ from nautilus_pipeline.kernels.risk import (
     risk_update,
 )
 from nautilus_pipeline.kernels.signal import new_signal_state, signal_update
-from nautilus_pipeline.kernels.vpin import new_vpin_state, vpin_flush, vpin_update
+from nautilus_pipeline.kernels.vpin import (
+    new_vpin_state,
+    vpin_flush,
+    vpin_update,
+    vpin_update_torch,
+)
 
 BATCH = 4096
 REAL = (
@@ -192,10 +199,13 @@ def main() -> None:
         "--backend", default=None, choices=["numpy", "torch", "mlx"], help="extra MC VaR backend"
     )
     ap.add_argument("--device", default=None, help="device of --backend: cuda, mps, gpu, cpu")
-    ap.add_argument("--gpu", action="store_true", help="same as --backend torch --device cuda")
+    ap.add_argument("--vpin-device", default=None, help="torch device for the VPIN crossover table")
+    ap.add_argument(
+        "--gpu", action="store_true", help="--backend torch --device cuda --vpin-device cuda"
+    )
     args = ap.parse_args()
     if args.gpu:
-        args.backend, args.device = "torch", "cuda"
+        args.backend, args.device, args.vpin_device = "torch", "cuda", "cuda"
 
     aff = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     print(
@@ -339,6 +349,37 @@ def main() -> None:
         print(
             f"  {backend:<6} {device or 'cpu':<6} {sec * 1e3:9.1f} ms   VaR95 {var[0]:,.0f}  VaR99 {var[1]:,.0f}"
         )
+    if args.vpin_device:
+        vpin_crossover(t, args.vpin_device, rep)
+
+
+def vpin_crossover(trades: dict[str, np.ndarray], device: str, repeat: int) -> None:
+    """Batch sizes at which the torch VPIN variant on ``device`` overtakes the CPU kernel."""
+    import torch
+
+    ts, price, size = trades["ts_ns"], trades["price"], trades["size"]
+    n = ts.shape[0]
+    v = float(size.sum()) / 50
+
+    def stream(update: Callable, batch: int, **kw: object) -> None:
+        state = new_vpin_state(v, bar_ns=0)
+        for lo in range(0, n, batch):
+            state, _ = update(
+                state, ts[lo : lo + batch], price[lo : lo + batch], size[lo : lo + batch], **kw
+            )
+        if device.startswith("cuda"):
+            torch.cuda.synchronize()
+
+    print(
+        f"\nVPIN bar_ns=0 by batch size, {n:,} trades: CPU kernel vs torch on {device} (M trades/s)"
+    )
+    print(f"{'batch':>10}{'cpu':>10}{device:>10}{'gpu/cpu':>9}")
+    for batch in (4096, 16384, 65536, 262144, 1 << 20, n):
+        if batch > n:
+            continue
+        cpu = n / best(lambda b=batch: stream(vpin_update, b), repeat)
+        gpu = n / best(lambda b=batch: stream(vpin_update_torch, b, device=device), repeat)
+        print(f"{batch:>10,}{cpu / 1e6:10.1f}{gpu / 1e6:10.1f}{gpu / cpu:8.2f}×")
 
 
 if __name__ == "__main__":

@@ -20,6 +20,7 @@ from nautilus_pipeline.kernels.vpin import (
     vpin_flush,
     vpin_update,
     vpin_update_rows,
+    vpin_update_torch,
 )
 
 RTOL = 1e-12
@@ -295,3 +296,61 @@ def test_rows_of_several_symbols_give_each_symbol_its_own_vpin() -> None:
         assert np.array_equal(np.concatenate(got[key]), alone["vpin"], equal_nan=True)
     with pytest.raises(ConfigError, match="no state for symbol_id 2"):
         vpin_update_rows({1: states[1]}, cols[0], cols[1], cols[2], cols[3], cols[4])
+
+
+def run_mixed(trades: dict, splits: list, use_torch, device: str = "cpu", **params) -> dict:
+    """Batches alternate between the CPU kernel and the torch variant as ``use_torch(i)`` says."""
+    state = new_vpin_state(**params)
+    outs = []
+    for i, (lo, hi) in enumerate(splits):
+        cols = (trades["ts_ns"][lo:hi], trades["price"][lo:hi], trades["size"][lo:hi])
+        if use_torch(i):
+            state, out = vpin_update_torch(state, *cols, device=device)
+        else:
+            state, out = vpin_update(state, *cols)
+        out["row"] = out["row"] + lo
+        outs.append(out)
+    return {k: np.concatenate([o[k] for o in outs]) for k in VPIN_OUTPUT_FIELDS}
+
+
+def assert_close_to_cpu(got: dict, cpu: dict, bucket_volume: float) -> None:
+    for k in ("bucket", "ts_ns", "row"):
+        assert np.array_equal(got[k], cpu[k]), k
+    for k in ("buy_volume", "sell_volume"):
+        assert np.max(np.abs(got[k] - cpu[k])) <= 1e-9 * bucket_volume, k
+    ok = ~np.isnan(cpu["vpin"])
+    assert np.array_equal(ok, ~np.isnan(got["vpin"]))
+    assert np.allclose(got["vpin"][ok], cpu["vpin"][ok], rtol=1e-8, atol=0.0)
+
+
+@pytest.mark.parametrize("pattern", ["all", "alternate"])
+def test_torch_variant_matches_the_cpu_kernel_and_shares_its_state(real_trades, pattern) -> None:
+    pytest.importorskip("torch")
+    n = 12_000
+    trades = {k: v[:n] for k, v in real_trades.items()}
+    # V chosen so that no bucket edge lands within rounding of a trade's cumulative volume
+    params = {"bucket_volume": float(trades["size"].sum()) / 400.5, "bar_ns": 0, "window": 20}
+    cpu = run_split(trades, [(0, n)], **params)
+    splits = random_splits(n, np.random.default_rng(6))
+    use = (lambda i: True) if pattern == "all" else (lambda i: i % 2 == 0)
+    got = run_mixed(trades, splits, use, **params)
+    assert_close_to_cpu(got, cpu, params["bucket_volume"])
+
+
+def test_torch_variant_refuses_time_bars() -> None:
+    pytest.importorskip("torch")
+    with pytest.raises(ConfigError, match="bar_ns = 0"):
+        vpin_update_torch(new_vpin_state(1.0), np.array([1], np.int64), [1.0], [1.0], device="cpu")
+
+
+@pytest.mark.gpu
+def test_torch_variant_on_cuda_matches_the_cpu_kernel() -> None:
+    torch = pytest.importorskip("torch")
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU")
+    trades = generated_trades(200_000, seed=21)
+    params = {"bucket_volume": float(trades["size"].sum()) / 700.5, "bar_ns": 0, "window": 50}
+    cpu = run_split(trades, [(0, 200_000)], **params)
+    splits = random_splits(200_000, np.random.default_rng(7), max_size=65_536)
+    got = run_mixed(trades, splits, lambda i: True, device="cuda", **params)
+    assert_close_to_cpu(got, cpu, params["bucket_volume"])

@@ -28,8 +28,9 @@ The definition is issue 4's, stated here so that the code can be checked against
 Units: ``ts_ns`` int64 ns, prices float64 in quote currency, sizes and ``V`` float64 base
 units. VPIN, cdf are dimensionless in [0, 1].
 
-Precision: cumulative volumes are float64, so bucket boundaries carry an absolute error of
-about ``eps · C``; after a million buckets that is 1e-10 of V. The kernel makes the loop
+Precision: cumulative volumes are float64 running sums, so relative to exact arithmetic
+bucket boundaries carry an absolute error of ``eps · C`` per addition, ~√N·eps·C after N
+trades (about 1e-10 of V after a few thousand buckets). The kernel makes the loop
 reference's float operations in the same order everywhere except sigma (rolling sums here,
 an exact ``statistics.stdev`` there), so the two agree to ~1e-15 relative; every running
 sum lives in the state, so the output is bit for bit the same however the stream is split.
@@ -83,6 +84,7 @@ __all__ = [
     "vpin_flush",
     "vpin_update",
     "vpin_update_rows",
+    "vpin_update_torch",
 ]
 
 VPIN_OUTPUT_FIELDS: tuple[str, ...] = (
@@ -419,6 +421,22 @@ def _buckets(
     upper = (q + 1).astype(np.float64) * V
     done_bar = np.searchsorted(hi, upper, side="left")
     buy, new_partial = _bucket_sums(cum, f, done_bar, j0, V, state.buy_partial)
+    row = done_bar.astype(np.int64) if bar_row is None else bar_row[done_bar]
+    return _vpin_outputs(state, q, bar_ts[done_bar], buy, row, c_end, new_partial)
+
+
+def _vpin_outputs(
+    state: VpinState,
+    q: np.ndarray,
+    bucket_ts: np.ndarray,
+    buy: np.ndarray,
+    row: np.ndarray,
+    c_end: float,
+    new_partial: float,
+) -> tuple[VpinState, dict[str, np.ndarray]]:
+    """VPIN, CDF and flag of the buckets ``q`` just completed, and the bucket part of the state."""
+    p = state.params
+    V = p.bucket_volume
     n_done = buy.shape[0]
     out = _empty_output()
     oi_tail = state.oi_tail
@@ -446,18 +464,18 @@ def _buckets(
             vpin_sorted = np.insert(vpin_sorted, np.searchsorted(vpin_sorted, sv, side="right"), sv)
         out = {
             "bucket": q,
-            "ts_ns": bar_ts[done_bar],
+            "ts_ns": bucket_ts,
             "buy_volume": buy,
             "sell_volume": V - buy,
             "vpin": vpin,
             "cdf": cdf,
             "toxic": cdf > p.threshold,
-            "row": done_bar.astype(np.int64) if bar_row is None else bar_row[done_bar],
+            "row": row,
         }
     new = replace(
         state,
         cum_volume=c_end,
-        bucket=total,
+        bucket=int(q[-1]) + 1 if n_done else state.bucket,
         buy_partial=new_partial,
         oi_tail=oi_tail.copy(),
         vpin_sorted=vpin_sorted,
@@ -565,3 +583,160 @@ def vpin_update_rows(
             out["row"] = rows[out["row"]]
             outputs[key] = out
     return new_states, outputs
+
+
+def _window_chronological(state: VpinState) -> np.ndarray:
+    """The dP values in the sigma window, oldest first."""
+    count, pos = int(state.bar_i[_I_COUNT]), int(state.bar_i[_I_POS])
+    ring = state.ring
+    return (
+        np.concatenate((ring[pos:count], ring[:pos]))
+        if count == ring.shape[0]
+        else ring[:count].copy()
+    )
+
+
+def vpin_update_torch(
+    state: VpinState,
+    ts_ns: np.ndarray,
+    price: np.ndarray,
+    size: np.ndarray,
+    *,
+    device: str = "cuda",
+    chunk: int = 1 << 18,
+) -> tuple[VpinState, dict[str, np.ndarray]]:
+    """The VPIN kernel on a torch device (CUDA, or CPU for checking), ``bar_ns = 0`` only.
+
+    Same definition, same state and same outputs as :func:`vpin_update`, so a stream may
+    switch between the two from one batch to the next. Per trade the window's sigma is a
+    two-pass standard deviation over the (trades × ``sigma_window``) matrix of windows, in
+    chunks of ``chunk`` trades; the cumulative volume is a parallel ``cumsum`` and each
+    bucket's pieces are summed as one row of a padded matrix (a difference of running sums
+    when that matrix would pass 2^25 entries). The CPU kernel's cumulative volume is a
+    sequential float64 sum across all batches, this one restarts the running sum at each
+    batch (``C0 + cumsum``): the two differ by the rounding of C itself, up to ~√N·eps·C
+    after N trades (1e-10 of V after 3,000 buckets of the real BTCUSDT file), where the
+    CPU kernel is bit-exact against the loop reference. A bucket edge that falls within
+    that rounding of a trade's cumulative volume may complete one trade apart. Worth it only for
+    large batches: see ``scripts/bench_kernels.py --vpin-device``. With time bars there are
+    few bars per batch and the CPU kernel is the one to use.
+    """
+    import torch
+
+    prm = state.params
+    if prm.bar_ns != 0:
+        raise ConfigError(
+            "vpin_update_torch: the GPU variant handles bar_ns = 0 (one bar per trade); with "
+            f"bar_ns = {prm.bar_ns} use vpin_update, time bars leave little to parallelise"
+        )
+    ts = np.ascontiguousarray(ts_ns, dtype=np.int64)
+    p_np = np.ascontiguousarray(price, dtype=np.float64)
+    v_np = np.ascontiguousarray(size, dtype=np.float64)
+    n = ts.shape[0]
+    if n == 0:
+        return state, _empty_output()
+    if not (p_np.shape == v_np.shape == ts.shape):
+        raise DataError("vpin_update_torch: ts_ns, price, size must be 1-D of one length")
+    dev = torch.device(device)
+    f64 = torch.float64
+    pr = torch.as_tensor(p_np, device=dev)
+    sz = torch.as_tensor(v_np, device=dev)
+    if not (bool(sz.min() >= 0.0) and bool(torch.isfinite(sz.sum() + pr.sum()))):
+        raise DataError("vpin_update_torch: sizes must be finite and >= 0 and prices finite")
+    w = prm.sigma_window
+    have_prev = bool(state.bar_i[_I_HAVE_PREV])
+    count0 = int(state.bar_i[_I_COUNT])
+    hist = _window_chronological(state)[-(w - 1) :] if w > 1 else np.zeros(0)
+
+    # dP of every trade but a symbol's very first
+    if have_prev:
+        prev = torch.cat(
+            (torch.tensor([state.bar_f[_F_PREV_PRICE]], dtype=f64, device=dev), pr[:-1])
+        )
+        dp = pr - prev
+    else:
+        dp = pr[1:] - pr[:-1]
+    m = dp.shape[0]
+    f = torch.full((n,), 0.5, dtype=f64, device=dev)
+    if m:
+        pad = torch.full((w - 1 - hist.shape[0],), float("nan"), dtype=f64, device=dev)
+        vals = torch.cat((pad, torch.as_tensor(hist, device=dev), dp))
+        fd = torch.empty(m, dtype=f64, device=dev)
+        for lo in range(0, m, chunk):
+            hi = min(m, lo + chunk)
+            win = vals[lo : hi + w - 1].unfold(0, w, 1)  # (hi − lo, w), NaN = no value yet
+            valid = ~torch.isnan(win)
+            cnt = valid.sum(dim=1).to(f64)
+            x = torch.where(valid, win, 0.0)
+            mean = x.sum(dim=1) / cnt
+            dev2 = torch.where(valid, win - mean[:, None], 0.0)
+            var = (dev2 * dev2).sum(dim=1) / (cnt - 1.0)
+            big = torch.where(valid, win, -torch.inf).amax(dim=1)
+            small = torch.where(valid, win, torch.inf).amin(dim=1)
+            d = dp[lo:hi]
+            ok = (cnt >= 2) & (big != small) & (d != 0.0) & (var > 0.0)
+            z = d / torch.sqrt(torch.where(ok, var, 1.0))
+            fd[lo:hi] = torch.where(ok, 0.5 * torch.special.erfc(-z / _SQRT2), 0.5)
+        f[n - m :] = fd
+
+    V = prm.bucket_volume
+    j0 = state.bucket
+    cum = state.cum_volume + torch.cumsum(sz, dim=0)
+    lo_c = torch.cat((torch.tensor([state.cum_volume], dtype=f64, device=dev), cum[:-1]))
+    c_end = float(cum[-1])
+    total = max(int(c_end // V), j0)
+    while (total + 1) * V <= c_end:
+        total += 1
+    while total > j0 and total * V > c_end:
+        total -= 1
+    q = torch.arange(j0, total, dtype=torch.int64, device=dev)
+    upper = (q + 1).to(f64) * V
+    done_bar = torch.searchsorted(cum, upper, side="left")
+    # bucket still open after each trade, and each trade's tail piece into it
+    j_after = torch.searchsorted(done_bar, torch.arange(n, device=dev), side="right")
+    lower = (j_after + j0).to(f64) * V
+    tail = f * (cum - torch.maximum(lo_c, lower))
+    done_w = f[done_bar] * (upper - torch.maximum(lo_c[done_bar], q.to(f64) * V))
+    # bucket b (relative) gets the tails of trades done_bar[b−1] ≤ k < done_bar[b], a
+    # contiguous run: each run is summed on its own (gathered into a padded matrix), not as
+    # a difference of the batch's running sum, whose rounding grows with the batch
+    starts = torch.cat((torch.zeros(1, dtype=torch.int64, device=dev), done_bar))
+    ends = torch.cat((done_bar, torch.tensor([n], dtype=torch.int64, device=dev)))
+    longest = int((ends - starts).max())
+    if starts.shape[0] * longest <= 1 << 25:
+        idx = starts[:, None] + torch.arange(longest, device=dev)[None, :]
+        inside = idx < ends[:, None]
+        buy_all = torch.where(
+            inside, tail[torch.minimum(idx, torch.tensor(n - 1, device=dev))], 0.0
+        ).sum(dim=1)
+    else:
+        ctail = torch.cat((torch.zeros(1, dtype=f64, device=dev), torch.cumsum(tail, dim=0)))
+        buy_all = ctail[ends] - ctail[starts]
+    buy_all[0] += state.buy_partial
+    buy_all[:-1] += done_w
+    buy = buy_all[:-1].cpu().numpy()
+    new_partial = float(buy_all[-1])
+
+    # the dP window and running sums the CPU kernel continues from
+    all_dp = np.concatenate((hist, dp[-w:].cpu().numpy()))[-w:] if m else hist
+    count = min(count0 + m, w)
+    window = all_dp[-count:] if count else all_dp[:0]
+    bi, bf = state.bar_i.copy(), state.bar_f.copy()
+    ring = np.zeros(w)
+    ring[:count] = window
+    bi[_I_HAVE_PREV] = 1
+    bi[_I_COUNT] = count
+    bi[_I_POS] = count % w
+    if count:
+        eq = window == window[-1]
+        run = count if eq.all() else count - 1 - int(np.flatnonzero(~eq)[-1])
+        bi[_I_RUN] = run
+        bf[_F_LAST_DP] = window[-1]
+        s1, c1, s2, c2, shift = _recentre(ring, count, 0.0)
+        bf[_F_S1], bf[_F_C1], bf[_F_S2], bf[_F_C2], bf[_F_SHIFT] = s1, c1, s2, c2, shift
+    bf[_F_PREV_PRICE] = p_np[-1]
+    state = replace(state, bar_i=bi, bar_f=bf, ring=ring)
+    db = done_bar.cpu().numpy()
+    return _vpin_outputs(
+        state, q.cpu().numpy(), ts[db], buy, db.astype(np.int64), c_end, new_partial
+    )
