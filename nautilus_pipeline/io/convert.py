@@ -55,6 +55,13 @@ def _nulls(arr: pa.Array) -> np.ndarray:
     return arr.is_null().to_numpy(zero_copy_only=False).copy()
 
 
+def _strict_float(v: object) -> float:
+    """``float(v)``, refusing Python-only spellings a CSV never means (``1_000``)."""
+    if isinstance(v, str) and "_" in v:
+        raise ValueError(v)
+    return float(v)  # type: ignore[arg-type]
+
+
 def to_float(values: pa.Array | np.ndarray | list, scale: float | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Column to float64; returns ``(values, missing, unparsable)`` masks beside the values.
 
@@ -77,7 +84,7 @@ def to_float(values: pa.Array | np.ndarray | list, scale: float | None = None) -
                     missing[i] = True
                     continue
                 try:
-                    out[i] = float(v)
+                    out[i] = _strict_float(v)
                 except (TypeError, ValueError):
                     bad[i] = True
     if missing.any():
@@ -104,6 +111,8 @@ def to_int(values: pa.Array | np.ndarray | list, fill: int = -1) -> tuple[np.nda
                 missing[i] = True
                 continue
             try:
+                if isinstance(v, str) and "_" in v:
+                    raise ValueError(v)
                 f = int(v) if not isinstance(v, float) else v
                 if isinstance(f, float):
                     if not f.is_integer():
@@ -144,7 +153,7 @@ def _text_ns(arr: pa.Array, unit: str, missing: np.ndarray) -> tuple[np.ndarray,
             missing[i] = True
             continue
         try:
-            x = float(v) if any(c in str(v) for c in ".eE") else int(v)
+            x = _strict_float(v) if any(c in str(v) for c in ".eE") else int(_strict_float(v))
             out[i] = round(x * _UNIT_NS[unit])
         except (TypeError, ValueError, OverflowError):
             bad[i] = True
