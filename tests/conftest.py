@@ -27,3 +27,6 @@ def shared_data() -> Path:
     if not SHARED_DATA.is_dir():
         pytest.skip(f"needs the real data set in {SHARED_DATA} (not part of a fresh clone)")
     return SHARED_DATA
+
+
+pytest_plugins = ["nautilus_pipeline.testing"]
