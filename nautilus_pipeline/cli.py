@@ -288,7 +288,7 @@ def _print_summary(summary: dict[str, Any], out_dir: Path) -> None:
     t = summary["ticks"]
     title = f"{summary['pipeline']}: {t['processed']:,} ticks in {summary['wall_s']:.2f} s ({t['ticks_per_s']:,.0f} ticks/s)"
     if summary["interrupted"]:
-        title += " [interrupted: partial run]"
+        title += " (interrupted: partial run)"
     ticks = Table(title=title, title_justify="left")
     for col in ("read", "delivered", "rejected", "quarantined", "failed in stages"):
         ticks.add_column(col, justify="right")
