@@ -148,7 +148,7 @@ class IdSet:
     def add(self, ids: np.ndarray) -> None:
         if len(ids) == 0:
             return
-        u = np.unique(ids)
+        u = ids if len(ids) < 2 or bool((ids[1:] > ids[:-1]).all()) else np.unique(ids)
         br = np.flatnonzero(np.diff(u) != 1)
         s = u[np.r_[0, br + 1]]
         e = u[np.r_[br, len(u) - 1]]
@@ -303,46 +303,75 @@ class Validator:
                 flag(quote & (bid > ask), Reason.CROSSED_QUOTE)
 
     def _sequence_checks(self, chunk: TickChunk, reason: np.ndarray) -> None:
-        ts = chunk.column(self.order_by)
-        tid = chunk.column("trade_id")
-        kind = chunk.column("kind")
         codes = chunk.column("symbol_id")
         present = np.unique(codes) if len(chunk.symbols) > 1 else np.zeros(1, dtype=np.uint32)
+        clean = not reason.any()
         for code in present:
             name = chunk.symbols[int(code)]
-            rows = np.flatnonzero(reason == 0) if len(present) == 1 else np.flatnonzero((codes == code) & (reason == 0))
-            if len(rows) == 0:
-                continue
-            # duplicate trade ids: within the chunk (keep the first), then against history
-            ids_rows = rows[(kind[rows] == KIND_TRADE) & (tid[rows] >= 0)]
-            seen = self._ids.get(name)
-            if len(ids_rows):
-                ids = tid[ids_rows]
-                if len(ids) > 1 and not (np.diff(ids) > 0).all():
-                    _, first = np.unique(ids, return_index=True)
-                    dup = np.ones(len(ids), dtype=bool)
-                    dup[first] = False
-                else:
-                    dup = np.zeros(len(ids), dtype=bool)
-                if seen is not None:
-                    dup |= seen.contains(ids)
-                if dup.any():
-                    reason[ids_rows[dup]] = Reason.DUPLICATE_TRADE_ID
-                    rows = rows[reason[rows] == 0]
-            # time order within the symbol, carried across chunks
-            t = ts[rows]
-            last = self._last_ts.get(name)
-            prev = np.maximum.accumulate(np.concatenate([[np.iinfo(np.int64).min if last is None else last], t]))[:-1]
-            back = t < prev if self.allow_equal_ts else t <= prev
+            if len(present) == 1 and clean:
+                rows = None  # every row: slices instead of fancy indexing (the common case)
+            else:
+                mask = reason == 0 if len(present) == 1 else (codes == code) & (reason == 0)
+                rows = np.flatnonzero(mask)
+                if len(rows) == 0:
+                    continue
+            self._check_symbol(chunk, name, rows, reason)
+
+    def _check_symbol(self, chunk: TickChunk, name: str, rows: np.ndarray | None, reason: np.ndarray) -> None:
+        """Duplicate ids, then time order, for the candidate ``rows`` (None: all) of one symbol."""
+
+        def take(a: np.ndarray) -> np.ndarray:
+            return a if rows is None else a[rows]
+
+        def index(sel: np.ndarray) -> np.ndarray:
+            return np.flatnonzero(sel) if rows is None else rows[sel]
+
+        tid = take(chunk.column("trade_id"))
+        has_id = (take(chunk.column("kind")) == KIND_TRADE) & (tid >= 0)
+        every = bool(has_id.all())
+        ids = tid if every else tid[has_id]
+        increasing = len(ids) < 2 or bool((ids[1:] > ids[:-1]).all())
+        seen = self._ids.get(name)
+        dup = None
+        if len(ids) and not increasing:
+            _, first = np.unique(ids, return_index=True)
+            dup = np.ones(len(ids), dtype=bool)
+            dup[first] = False
+        if len(ids) and seen is not None and not (increasing and len(seen.ends) and ids[0] > seen.ends[-1]):
+            dup = seen.contains(ids) if dup is None else dup | seen.contains(ids)
+        keep = np.ones(len(tid), dtype=bool)
+        if dup is not None and dup.any():
+            full = np.zeros(len(tid), dtype=bool)
+            full[np.flatnonzero(has_id)[dup]] = True
+            reason[index(full)] = Reason.DUPLICATE_TRADE_ID
+            keep &= ~full
+        # time order within the symbol, carried across chunks (rejected rows never move it)
+        t = take(chunk.column(self.order_by))
+        last = self._last_ts.get(name)
+        k = keep.all()
+        tk = t if k else t[keep]
+        if len(tk) == 0:
+            return
+        ordered = (last is None or tk[0] >= last) and bool((tk[1:] >= tk[:-1]).all())
+        if not ordered or (not self.allow_equal_ts and ((last is not None and tk[0] == last) or (tk[1:] == tk[:-1]).any())):
+            floor = np.iinfo(np.int64).min if last is None else last
+            prev = np.maximum.accumulate(np.concatenate([[floor], tk]))[:-1]
+            back = tk < prev if self.allow_equal_ts else tk <= prev
             if back.any():
-                reason[rows[back]] = Reason.TS_BACKWARDS
-                self._back_prev.update(zip(rows[back].tolist(), prev[back].tolist(), strict=True))
-                rows = rows[~back]
-            if len(rows):
-                self._last_ts[name] = int(ts[rows].max())
-                ok_ids = rows[(kind[rows] == KIND_TRADE) & (tid[rows] >= 0)]
-                if len(ok_ids):
-                    self._ids.setdefault(name, IdSet()).add(tid[ok_ids])
+                kept = np.flatnonzero(keep)
+                full = np.zeros(len(t), dtype=bool)
+                full[kept[back]] = True
+                bad_rows = index(full)
+                reason[bad_rows] = Reason.TS_BACKWARDS
+                self._back_prev.update(zip(bad_rows.tolist(), prev[back].tolist(), strict=True))
+                keep &= ~full
+                tk = t[keep]
+        if len(tk) == 0:
+            return
+        self._last_ts[name] = int(tk.max()) if last is None else max(last, int(tk.max()))
+        ok = has_id & keep
+        if ok.any():
+            self._ids.setdefault(name, IdSet()).add(tid if ok.all() else tid[ok])
 
     # --- bad rows ----------------------------------------------------------------------
     def _bad_row(self, chunk: TickChunk, i: int, why: Reason) -> BadRow:

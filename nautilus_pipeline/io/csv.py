@@ -120,6 +120,8 @@ class CsvReader:
                     types[col] = pa.string()
                 else:
                     types[col] = pa.int64()
+            elif fld == "side" and self.fmap.side_encoding == "is_buyer_maker":
+                types[col] = pa.bool_()  # true/false/True/False/1/0; anything else: text fallback
             elif fld in ("side", "symbol"):
                 types[col] = pa.dictionary(pa.int32(), pa.string())
             elif fld == "trade_id":

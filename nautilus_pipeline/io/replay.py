@@ -213,6 +213,8 @@ class Replay:
                 if not live and not any(ln.rows for ln in lanes):
                     return
                 horizon = min(ln.last_key for ln in live) if live else None  # type: ignore[type-var]
+                if len(live) == 1 and not any(ln.rows for ln in lanes if ln is not live[0]):
+                    horizon = None  # one source left: its file order is the order, no merge needed
                 parts = []
                 for ln in lanes:
                     if not ln.rows:
