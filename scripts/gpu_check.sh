@@ -24,7 +24,7 @@ fi
 rc=0
 if [ "$what" = tests ] || [ "$what" = all ]; then
   # the whole suite: GPU tests run here, tests needing MLX or coremltools (absent) skip
-  timeout 300 python3 -m pytest -q -p no:cacheprovider -rs -x tests 2>&1 | tail -n 60 | tee "$out/tests.txt"
+  timeout 300 python3 -m pytest -q -p no:cacheprovider -rs tests 2>&1 | tail -n 60 | tee "$out/tests.txt"
   rc=${PIPESTATUS[0]}
   # the gpu pipeline end to end: which stream each stage got, copies counted
   timeout 120 python3 -m nautilus_pipeline.cli run pipelines/gpu.toml --out "$out/gpu-run" 2>&1 | tee "$out/gpu_pipeline.txt"

@@ -41,7 +41,7 @@ def test_run_writes_every_output_and_a_summary_that_adds_up(default_run):
 
 
 def test_two_runs_give_byte_identical_outputs(default_run, tmp_path):
-    assert main(["run", DEFAULT, "--out", str(tmp_path), "--batch", "1000"]) == 0
+    assert main(["run", DEFAULT, "--out", str(tmp_path)]) == 0
     for name in ("signals.jsonl", "vpin.jsonl", "risk.jsonl"):
         assert (tmp_path / name).read_bytes() == (default_run / name).read_bytes(), name
 
