@@ -1,9 +1,10 @@
 """torch streams: ``torch:cpu``, ``torch:cuda`` (one ``torch.cuda.Stream`` per stage), ``torch:mps``.
 
-CUDA work is launched on the stage's own stream from the event-loop thread (launches are
-asynchronous and cheap), then an event is recorded and awaited: if it has not completed
-yet, the wait happens on the stream's worker thread, so the loop keeps serving the other
-stages meanwhile. Host slabs are pinned by the pool on CUDA hosts, which is what makes
+CUDA work is launched on the stage's own stream from the stream's worker thread, which
+then waits on an event recorded after it; the event loop only awaits that thread. Launching
+from the loop thread looked cheaper, but on the lent H200 it blocked the loop for the whole
+run of the test's matmuls: first launches create cuBLAS handles and allocations can
+synchronise, so "asynchronous" launches are not reliably non-blocking. Host slabs are pinned by the pool on CUDA hosts, which is what makes
 ``non_blocking=True`` copies actually asynchronous.
 
 Columns copied to the device are cached on the lease under ``(device, column)``. The next
@@ -44,13 +45,7 @@ class TorchStream(ComputeStream):
         torch = self._torch
         kind = self.device.type
         if kind == "cuda":
-            with torch.cuda.stream(self.cuda_stream):
-                result = fn(*args, **kwargs)
-                done = torch.cuda.Event()
-                done.record(self.cuda_stream)
-            if not done.query():
-                await self._thread.run(done.synchronize)
-            return result
+            return await self._thread.run(self._launch_and_wait, fn, args, kwargs)
         if kind == "mps":
             result = fn(*args, **kwargs)
             await self._thread.run(torch.mps.synchronize)
@@ -58,6 +53,15 @@ class TorchStream(ComputeStream):
         if self._thread is None:
             return fn(*args, **kwargs)
         return await self._thread.run(lambda: fn(*args, **kwargs))
+
+    def _launch_and_wait(self, fn: Callable[..., Any], args: tuple, kwargs: dict) -> Any:
+        torch = self._torch
+        with torch.cuda.stream(self.cuda_stream):
+            result = fn(*args, **kwargs)
+            done = torch.cuda.Event()
+            done.record(self.cuda_stream)
+        done.synchronize()
+        return result
 
     def to_device(self, lease: Lease, column: str) -> Any:
         torch = self._torch
