@@ -307,7 +307,7 @@ def _print_summary(summary: dict[str, Any], out_dir: Path) -> None:
     console.print(st)
     skipped = [(s["stage"], x) for s in summary["stages"] for x in s["skipped_streams"]]
     for stage, why in skipped:
-        console.print(f"  {stage}: skipped {why}")
+        console.print(f"  {stage}: skipped {why}", markup=False)
 
     p = summary["pool"]
     pool = Table(title="buffer pool", title_justify="left")
@@ -335,6 +335,7 @@ def cmd_report(args: argparse.Namespace) -> int:
 # --- devices ---------------------------------------------------------------------------
 def cmd_devices(args: argparse.Namespace) -> int:
     from rich.console import Console
+    from rich.markup import escape
     from rich.table import Table
 
     from .compute import discover
@@ -345,7 +346,7 @@ def cmd_devices(args: argparse.Namespace) -> int:
     table.add_column("runs on / why not")
     infos = discover()
     for info in infos:
-        table.add_row(info.name, "yes" if info.usable else "no", info.reason)
+        table.add_row(info.name, "yes" if info.usable else "no", escape(info.reason))
     console = Console()
     console.print(table)
     if args.calibrate:

@@ -32,8 +32,8 @@ def write_report(run_dir: Path, *, html_page: bool = False) -> list[Path]:
 
     matplotlib.use("Agg")
     import matplotlib.dates as mdates
-    import matplotlib.ticker
     import matplotlib.pyplot as plt
+    import matplotlib.ticker
 
     summary_path = run_dir / "summary.json"
     if not summary_path.exists():

@@ -11,6 +11,7 @@ from .registry import (
     create_stream,
     discover,
     unusable_reason,
+    usable,
 )
 
 __all__ = [
@@ -24,4 +25,5 @@ __all__ = [
     "create_stream",
     "discover",
     "unusable_reason",
+    "usable",
 ]

@@ -86,6 +86,15 @@ def unusable_reason(name: str) -> str | None:
     return f"unknown compute stream {name!r}"  # pragma: no cover
 
 
+def usable(name: str) -> tuple[bool, str]:
+    """``(True, what it runs on)`` or ``(False, why not)``: the one answer every part uses."""
+    try:
+        reason = unusable_reason(name)
+    except ConfigError as exc:
+        return False, str(exc)
+    return (True, _describe_usable(canonical(name))) if reason is None else (False, reason)
+
+
 def discover() -> list[BackendInfo]:
     """Every known stream with whether it is usable here and why (not)."""
     out = []
@@ -97,6 +106,7 @@ def discover() -> list[BackendInfo]:
 
 def _describe_usable(name: str) -> str:
     family, _, kind = name.partition(":")
+    kind = kind.split(":")[0]
     if family == "cpu":
         return "numpy on the CPU"
     if name == "torch:cuda":

@@ -14,37 +14,22 @@ batch larger than the largest size runs in chunks of that size.
 
 from __future__ import annotations
 
-import platform
-import sys
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from nautilus_pipeline.compute.coreml_stream import COMPUTE_UNITS  # suffix → ComputeUnit member
 from nautilus_pipeline.errors import BackendUnavailableError, ConfigError
 from nautilus_pipeline.model.base import ModelRunner, bucket_for, write_out
 from nautilus_pipeline.model.spec import ModelSpec
 
-COMPUTE_UNITS = {"ane": "CPU_AND_NE", "all": "ALL", "cpu": "CPU_ONLY", "gpu": "CPU_AND_GPU"}
-"""Backend suffix → ``coremltools.ComputeUnit`` member."""
-
 
 def coreml_usable(units: str = "ane") -> tuple[bool, str]:
-    """Whether ``coreml:<units>`` can predict on this machine, and why not."""
-    if units not in COMPUTE_UNITS:
-        return False, f"unknown Core ML compute units {units!r} ({', '.join(COMPUTE_UNITS)})"
-    if sys.platform != "darwin":
-        return False, "Core ML prediction needs macOS"
-    try:
-        import coremltools as ct
-    except ImportError:
-        return False, "coremltools is not installed (pip install 'nautilus-pipeline[coreml]')"
-    mac = tuple(int(p) for p in (platform.mac_ver()[0] or "0").split(".")[:2])
-    if mac < (13, 0):
-        return False, f"Core ML ML programs with CPU_AND_NE need macOS >= 13, this is {mac}"
-    if units == "ane" and platform.machine() != "arm64":
-        return False, "the Neural Engine needs Apple silicon (arm64)"
-    return True, f"coremltools {ct.__version__}, compute units {COMPUTE_UNITS[units]}"
+    """Whether ``coreml:<units>`` can run here, and why not (``compute.registry`` decides)."""
+    from nautilus_pipeline.compute import usable
+
+    return usable(f"coreml:{units}")
 
 
 class CoreMLRunner(ModelRunner):

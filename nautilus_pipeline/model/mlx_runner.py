@@ -34,21 +34,10 @@ except ImportError:  # pragma: no cover - exercised where mlx is not installed
 
 
 def mlx_usable(device: str) -> tuple[bool, str]:
-    """Whether ``mlx:<device>`` can run here, and why not."""
-    if mx is None:
-        return False, "mlx is not installed (pip install 'nautilus-pipeline[mlx]')"
-    if device == "cpu":
-        return True, f"mlx {mx.__version__} on CPU"
-    if device == "gpu":
-        metal = hasattr(mx, "metal") and mx.metal.is_available()
-        cuda = hasattr(mx, "cuda") and mx.cuda.is_available()
-        if metal or cuda:
-            return True, f"mlx {mx.__version__} on {'Metal' if metal else 'CUDA'}"
-        return (
-            False,
-            f"mlx {mx.__version__}: no GPU (neither Metal nor the mlx[cuda] build is present)",
-        )
-    return False, f"unknown mlx device {device!r} (cpu, gpu)"
+    """Whether ``mlx:<device>`` can run here, and why not (``compute.registry`` decides)."""
+    from nautilus_pipeline.compute import usable
+
+    return usable(f"mlx:{device}")
 
 
 if mnn is not None:

@@ -77,24 +77,18 @@ def _split(backend: str) -> tuple[str, str]:
 
 
 def runner_usable(backend: str) -> tuple[bool, str]:
-    """``(True, what runs)`` or ``(False, why not)`` for one backend name, building nothing."""
+    """``(True, what runs)`` or ``(False, why not)`` for one backend name, building nothing.
+
+    The compute registry (``nautilus_pipeline.compute``) decides, so that the inference
+    stage, ``nautilus-pipeline devices`` and calibration all give the same answer.
+    """
     try:
-        family, device = _split(backend)
+        family, _ = _split(backend)
     except ConfigError as e:
         return False, str(e)
-    if family in ("numpy", "cpu"):
-        return True, f"numpy {np.__version__}"
-    if family == "torch":
-        from nautilus_pipeline.model.torch_runner import torch_usable
+    from nautilus_pipeline.compute import usable
 
-        return torch_usable(device)
-    if family == "mlx":
-        from nautilus_pipeline.model.mlx_runner import mlx_usable
-
-        return mlx_usable(device)
-    from nautilus_pipeline.model.coreml_runner import coreml_usable
-
-    return coreml_usable(device)
+    return usable("cpu" if family in ("numpy", "cpu") else backend)
 
 
 def make_runner(

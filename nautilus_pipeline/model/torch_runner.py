@@ -49,26 +49,10 @@ _DTYPES = ("float32", "float16", "bfloat16")
 
 
 def torch_usable(device: str) -> tuple[bool, str]:
-    """Whether ``torch:<device>`` can run here, and why not."""
-    if torch is None:
-        return False, "torch is not installed (pip install 'nautilus-pipeline[torch]')"
-    if device == "cpu":
-        return True, f"torch {torch.__version__} on CPU"
-    if device == "cuda":
-        if not torch.cuda.is_available():
-            return (
-                False,
-                f"torch {torch.__version__}: no CUDA device (torch.cuda.is_available() is False)",
-            )
-        return True, f"torch {torch.__version__} on {torch.cuda.get_device_name(0)}"
-    if device == "mps":
-        if not torch.backends.mps.is_available():
-            return (
-                False,
-                f"torch {torch.__version__}: MPS not available (needs macOS on Apple silicon)",
-            )
-        return True, f"torch {torch.__version__} on MPS"
-    return False, f"unknown torch device {device!r} (cpu, cuda, mps)"
+    """Whether ``torch:<device>`` can run here, and why not (``compute.registry`` decides)."""
+    from nautilus_pipeline.compute import usable
+
+    return usable(f"torch:{device}")
 
 
 if nn is not None:
