@@ -221,3 +221,23 @@ async def test_replay_to_pipeline_accounts_for_every_row_read(sample_dir, pipeli
 def test_features_column_is_float64_of_the_declared_width():
     stage = FeaturesStage(["log_return", "spread"])
     assert stage.writes == (ColumnSpec("features", np.dtype(np.float64), (2,), np.nan),)
+
+
+async def test_vpin_on_a_torch_stream_matches_the_cpu_kernel(sample_dir, pipeline_from, collect):
+    pytest.importorskip("torch", reason="torch is not installed")
+    data = btc_trades(sample_dir)
+    results = {}
+    for streams in (("cpu",), ("torch:cpu",)):
+        stage = VpinStage(5.0, window=10, bar_ns=0, streams=streams, gpu_min_batch=1000)
+        pipe = await pipeline_from([stage], batch_size=4096, slabs=2, memory="host")
+        buckets = collect(pipe, "vpin.>")
+        pipe.symbols.id_of("BTCUSDT-PERP")
+        await pipe.ingest(data)
+        await pipe.close()
+        results[streams[0]] = buckets.payloads
+        if streams[0] == "torch:cpu":
+            assert stage.gpu_batches == 5, "5 full batches on torch, the last 833 trades on the CPU"
+    cpu, torch_ = results["cpu"], results["torch:cpu"]
+    assert [b.bucket for b in torch_] == [b.bucket for b in cpu]
+    np.testing.assert_allclose([b.buy_volume for b in torch_], [b.buy_volume for b in cpu], rtol=0, atol=1e-9 * 5.0)
+    np.testing.assert_allclose([b.vpin for b in torch_], [b.vpin for b in cpu], rtol=0, atol=1e-9)

@@ -88,6 +88,8 @@ def _inference(p: dict[str, Any], ctx: BuildContext) -> InferenceStage:
         "bar_ns": Key(int, 60_000_000_000, "time bar length in ns (0 = one bar per trade)"),
         "sigma_window": Key(int, 100, "bars in the dP standard deviation"),
         "threshold": Key(float, 0.9, "CDF level above which flow is toxic"),
+        "gpu_min_batch": Key(int, 65_536, "on a torch stream, trades per symbol and batch "
+                             "from which the GPU kernel runs (bar_ns = 0)"),
     },
 )
 def _vpin(p: dict[str, Any], ctx: BuildContext) -> VpinStage:
@@ -104,6 +106,7 @@ def _vpin(p: dict[str, Any], ctx: BuildContext) -> VpinStage:
         threshold=p["threshold"],
         name=p["name"] or "vpin",
         streams=p["streams"],
+        gpu_min_batch=p["gpu_min_batch"],
     )
 
 
