@@ -108,6 +108,7 @@ PIPELINE_KEYS = {
                     choices=("isolate", "fail_fast")),
     "queue_size": Key(int, 4, "batches queued per stage before upstream waits"),
     "symbols": Key(list, None, "allow-list of symbols; others are rejected"),
+    "blas_threads": Key(int, 1, "BLAS threads while the pipeline runs (0 = leave as is)"),
 }
 
 REPLAY_KEYS = {
@@ -348,6 +349,7 @@ def build_pipeline(definition: PipelineDef, stages: list[Any], *, batch_size: in
         queue_size=p["queue_size"],
         on_error=p["on_error"],
         symbols=symbols,
+        blas_threads=p["blas_threads"] or None,
     )
 
 

@@ -117,6 +117,8 @@ class RiskStage(Stage):
         self._device: str | None = None
 
     async def bind(self, stream: ComputeStream) -> None:
+        # Load (or JIT-compile) the numba account scan now, not inside the first batch.
+        risk_update(new_risk_state(self.limits), np.arange(2, dtype=np.int64), np.ones(2), np.zeros(2))
         if stream.backend == "torch":
             self._backend, self._device = "torch", str(getattr(stream, "device", "cpu"))
         elif stream.backend == "mlx":

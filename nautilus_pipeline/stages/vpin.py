@@ -99,6 +99,9 @@ class VpinStage(Stage):
     async def bind(self, stream: ComputeStream) -> None:
         if stream.backend == "torch" and self.params["bar_ns"] == 0:
             self._torch_device = str(stream.device)
+        # Load (or JIT-compile) the numba kernels now, not inside the first batch's latency.
+        one = np.ones(2)
+        vpin_update(new_vpin_state(1.0, **self.params), np.arange(2, dtype=np.int64), one, one)
 
     def _update(self, state: VpinState, ts, price, size):
         if self._torch_device is not None and ts.shape[0] >= self.gpu_min_batch:
