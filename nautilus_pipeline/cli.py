@@ -66,6 +66,8 @@ def _parser() -> argparse.ArgumentParser:
                      help="logs on stderr: JSON lines or console (default: console on a terminal)")
     run.add_argument("--log-level", default="warning", choices=("debug", "info", "warning", "error"))
     run.add_argument("--no-progress", action="store_true", help="no progress bar even on a terminal")
+    run.add_argument("--metrics-port", type=int, metavar="PORT",
+                     help="serve Prometheus metrics on this port while the run lasts")
     run.add_argument("--trace-every", type=int, default=0,
                      help="keep every Nth trade in trace.parquet for the report (default: about 200k points)")
 
@@ -162,6 +164,11 @@ async def _run(args: argparse.Namespace) -> int:
         loop.add_signal_handler(signal.SIGINT, stop.set)
     except (NotImplementedError, RuntimeError):  # pragma: no cover - Windows
         pass
+    metrics = None
+    if args.metrics_port is not None:
+        from .prometheus import MetricsExporter
+
+        metrics = MetricsExporter(args.metrics_port)
     t0 = time.perf_counter()
     interrupted = False
     try:
@@ -171,10 +178,16 @@ async def _run(args: argparse.Namespace) -> int:
                 async for lease in replay.batches(pipe.pool):
                     await pipe.publish_batch(lease, "replay")
                     advance(replay.progress.ticks_delivered, replay.progress.ts_reached_ns)
+                    if metrics is not None:
+                        metrics.update(pipe, replay)
                     if stop.is_set():
                         interrupted = True
                         break
+        if metrics is not None:
+            metrics.update(pipe, replay)
     finally:
+        if metrics is not None:
+            metrics.close()
         try:
             loop.remove_signal_handler(signal.SIGINT)
         except (NotImplementedError, RuntimeError):  # pragma: no cover

@@ -128,3 +128,33 @@ def test_ctrl_c_drains_writes_what_was_processed_and_exits_130(tmp_path):
     assert summary["interrupted"] is True
     assert 0 < summary["ticks"]["processed"] < 21313
     assert summary["leaked_leases"] == []
+
+
+def test_metrics_port_serves_prometheus_metrics_during_a_run(tmp_path):
+    import socket
+    import time
+    import urllib.request
+
+    pytest.importorskip("prometheus_client", reason="prometheus-client is not installed")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "nautilus_pipeline.cli", "run", DEFAULT, "--out", str(tmp_path),
+         "--speed", "5", "--batch", "256", "--metrics-port", str(port)],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )
+    try:
+        body = ""
+        deadline = time.monotonic() + 60
+        while "nautilus_ticks_total{outcome=\"processed\"}" not in body and time.monotonic() < deadline:
+            time.sleep(0.5)
+            try:
+                body = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=2).read().decode()
+            except OSError:
+                continue
+        assert 'nautilus_ticks_total{outcome="processed"}' in body
+        assert 'nautilus_stage_batch_latency_seconds{quantile="p99",stage="features"}' in body
+    finally:
+        proc.send_signal(__import__("signal").SIGINT)
+        proc.communicate(timeout=60)
