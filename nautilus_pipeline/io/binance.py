@@ -56,7 +56,7 @@ def _layout(path: str | Path, agg: bool) -> tuple[bool, tuple[str, ...]]:
     if header:
         from nautilus_pipeline.io.files import read_head
 
-        lines = [ln for ln in read_head(path).split(b"\n") if ln.strip()]
+        lines = [ln for ln in read_head(path).split(b"\n", 64) if ln.strip()]
         if len(lines) < 2:
             raise DataError(f"{path}: the file has a header but no rows; nothing to replay")
         first = lines[1].decode("utf-8", "replace").strip().split(",")

@@ -314,17 +314,16 @@ def fixed_layout_ns(values: pa.Array, fields: dict[str, tuple[int, int]], offset
         arr = arr.dictionary_decode()
     missing = _nulls(arr)
     arr = pc.utf8_trim_whitespace(arr.fill_null(""))
-    parts: dict[str, np.ndarray] = {}
-    bad = np.zeros(len(arr), dtype=bool)
-    lengths = pc.utf8_length(arr).to_numpy(zero_copy_only=False)
     need = max(s + n for s, n in fields.values())
-    bad |= lengths < need
+    template = ["."] * need
+    for start, n in fields.values():
+        template[start : start + n] = ["[0-9]"] * n
+    ok = pc.match_substring_regex(arr, "^" + "".join(template) + "[0-9]*$").to_numpy(zero_copy_only=False)
+    bad = ~ok
+    safe = arr if ok.all() else pc.if_else(pa.array(ok), arr, pa.scalar("0" * need))
+    parts: dict[str, np.ndarray] = {}
     for key, (start, n) in fields.items():
-        piece = pc.utf8_slice_codeunits(arr, start, start + n)
-        ok = pc.match_substring_regex(piece, f"^[0-9]{{{n}}}$").to_numpy(zero_copy_only=False)
-        bad |= ~ok
-        num = pc.if_else(pa.array(ok), piece, pa.scalar("0")).cast(pa.int64())
-        parts[key] = num.to_numpy(zero_copy_only=False)
+        parts[key] = pc.utf8_slice_codeunits(safe, start, start + n).cast(pa.int64()).to_numpy(zero_copy_only=False)
     bad &= ~missing
     frac = parts.get("f", np.zeros(len(arr), dtype=np.int64))
     if "f" in fields:

@@ -21,6 +21,7 @@ damaged ones give the same rows, just slower. Only an empty field is missing: ``
 from __future__ import annotations
 
 import itertools
+import re
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -74,7 +75,7 @@ class CsvReader:
     def _check_layout(self) -> tuple[list[str], int]:
         check_file(self.path)
         head = read_head(self.path)
-        lines = [ln for ln in head.split(b"\n") if ln.strip()]
+        lines = [ln for ln in head.split(b"\n", 64) if ln.strip()]
         opts = self.options
         if not lines:
             raise DataError(f"{self.path}: the file has no lines (only whitespace); nothing to replay")
@@ -112,8 +113,11 @@ class CsvReader:
             if fld in ("ts", "ts_recv"):
                 unit = self.fmap.ts_unit if fld == "ts" else self.fmap.ts_recv_unit
                 sample = self._sample[self._names.index(col)] if col in self._names else ""
-                if (self.fmap.ts_layout is not None and fld == "ts") or unit == "iso":
+                if self.fmap.ts_layout is not None and fld == "ts":
                     types[col] = pa.string()
+                elif unit == "iso":  # parsed by pyarrow; a naive time is UTC
+                    zoned = re.search(r"(Z|[+-]\d\d:?\d\d)$", sample.strip()) is not None
+                    types[col] = pa.timestamp("ns", "UTC") if zoned else pa.timestamp("ns")
                 elif unit == "s" or (unit == "auto" and "." in sample and sample.replace(".", "", 1).lstrip("-").isdigit()):
                     types[col] = pa.float64()
                 elif unit == "auto" and not sample.lstrip("-").isdigit():
@@ -250,5 +254,5 @@ def _line_numbers(start: int, n: int, dropped: list[int]) -> np.ndarray:
 def sniff_names(path: str | Path, delimiter: str = ",") -> list[str]:
     """The fields of the first line of the (decompressed) file."""
     head = read_head(path, 8192)
-    first = next(itertools.chain((ln for ln in head.split(b"\n") if ln.strip()), [b""]))
+    first = next(itertools.chain((ln for ln in head.split(b"\n", 64) if ln.strip()), [b""]))
     return _split(first.rstrip(b"\r"), delimiter)

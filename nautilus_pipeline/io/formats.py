@@ -94,7 +94,7 @@ def detect_format(path: str | Path) -> str:
     head = read_head(p, 65_536)
     if head.startswith(b"DBN") or p.name.endswith((".dbn", ".dbn.zst")):
         return "databento"
-    lines = [ln.strip(b"\r") for ln in head.split(b"\n") if ln.strip()]
+    lines = [ln.strip(b"\r") for ln in head.split(b"\n", 64) if ln.strip()]
     if not lines:
         raise DataError(f"{p}: no lines to recognise a format from (empty after decompression)")
     first = lines[0].decode("utf-8", "replace").strip()

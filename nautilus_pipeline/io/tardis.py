@@ -22,7 +22,7 @@ QUOTES_HEADER = ("exchange", "symbol", "timestamp", "local_timestamp", "ask_amou
 
 
 def _numeric_ids(path: str | Path) -> bool:
-    lines = [ln for ln in read_head(path, 8192).split(b"\n") if ln.strip()]
+    lines = [ln for ln in read_head(path, 8192).split(b"\n", 64) if ln.strip()]
     if len(lines) < 2:
         return False
     fields = lines[1].decode("utf-8", "replace").split(",")

@@ -1,0 +1,169 @@
+"""Reader throughput: ticks/s of each reader against the plain library call doing the same parse.
+
+For every bundled sample (``nautilus_pipeline/data``) and for a generated file of 10M trades
+(``scripts/make_synthetic_trades.py``, written to /tmp once and reused), it times, best of
+``--repeat`` runs, in the same process:
+
+- ``plain``: the library call alone, whole file at once, same columns and types where the
+  library allows it: ``pyarrow.csv.read_csv`` for CSV, ``pyarrow.parquet.read_table``,
+  ``DBNDecoder`` over the whole decompressed file, ``orjson.loads`` of every line for JSON
+  lines (no tick extraction at all);
+- ``reader``: our streaming reader (``open_reader(path).chunks()``): numpy columns in the tick
+  layout, per-row verdicts, line numbers;
+- ``+checks``: reader plus the checks of ``checks.Validator`` (policy ``reject``);
+- ``replay``: ``Replay([path]).iter_arrays(65_536)``: everything, as a pipeline gets it.
+
+The ratio column is ``reader`` time / ``plain`` time (the target: at most 1.5 for CSV), and
+the last line checks the 5M trades/s target for the 10M-trade CSV. Prints the machine (CPU,
+cores, library versions) first: numbers are only comparable on the same machine.
+
+    python scripts/bench_readers.py [--rows 10000000] [--repeat 3] [--skip-big]
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.metadata as md
+import os
+import platform
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import orjson
+import pyarrow.csv as pacsv
+import pyarrow.parquet as pq
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from nautilus_pipeline.io import Replay, Validator, detect_format, open_reader
+from nautilus_pipeline.io.checks import validated
+from nautilus_pipeline.io.csv import CsvReader
+from nautilus_pipeline.io.files import iter_lines, open_stream
+
+DATA = Path(__file__).resolve().parents[1] / "nautilus_pipeline" / "data"
+
+
+def machine() -> str:
+    cpu = platform.processor() or "?"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    libs = ", ".join(f"{p} {md.version(p)}" for p in ("numpy", "pyarrow", "databento-dbn", "orjson"))
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    return f"{cpu}; {cores} cores usable ({os.cpu_count()} online); {platform.system()} {platform.release()}\nPython {platform.python_version()}; {libs}"
+
+
+def best(fn: Callable[[], int], repeat: int) -> tuple[float, int]:
+    """Fastest of ``repeat`` runs (seconds) and the rows the call reported."""
+    times, rows = [], 0
+    for _ in range(repeat):
+        t = time.perf_counter()
+        rows = fn()
+        times.append(time.perf_counter() - t)
+    return min(times), rows
+
+
+def plain_call(path: Path, fmt: str) -> Callable[[], int]:
+    """The library doing the same parse as our reader, whole file at once."""
+    if fmt in ("csv", "binance_trades", "binance_agg_trades", "tardis_trades", "tardis_quotes", "truefx", "histdata"):
+        reader = open_reader(path, format=fmt)
+        assert isinstance(reader, CsvReader)
+        opts = reader.options
+        read = pacsv.ReadOptions(column_names=list(reader._names) if opts.column_names else None,
+                                 skip_rows=1 if opts.header and opts.column_names else 0, block_size=1 << 22)
+        conv = pacsv.ConvertOptions(include_columns=list(dict.fromkeys(reader.fmap.columns().values())),
+                                    column_types=reader._types(False))
+
+        def csv_call() -> int:
+            with open_stream(path) as s:
+                return pacsv.read_csv(s, read_options=read, convert_options=conv).num_rows
+
+        return csv_call
+    if fmt == "parquet":
+        return lambda: pq.read_table(path).num_rows
+    if fmt == "databento":
+        import databento_dbn as dbn
+
+        def dbn_call() -> int:
+            with open_stream(path) as s:
+                dec = dbn.DBNDecoder()
+                dec.write(s.read())
+                return len(dec.decode()) - 1
+
+        return dbn_call
+    if fmt in ("binance_feed", "jsonl"):
+        def json_call() -> int:
+            n = 0
+            for _, line in iter_lines(path):
+                if line:
+                    orjson.loads(line.partition(b" ")[2] if fmt == "binance_feed" else line)
+                    n += 1
+            return n
+
+        return json_call
+    raise ValueError(fmt)
+
+
+def ours(path: Path, fmt: str, what: str) -> Callable[[], int]:
+    if what == "reader":
+        return lambda: sum(len(c) for c in open_reader(path, format=fmt).chunks())
+    if what == "checks":
+        order = "ts_recv_ns" if fmt == "binance_feed" else "ts_ns"
+        return lambda: sum(len(c) for c in validated(open_reader(path, format=fmt).chunks(), Validator(str(path), "reject", order_by=order)))
+    return lambda: sum(len(b["ts_ns"]) for b in Replay([path]).iter_arrays(65_536))
+
+
+def row(name: str, path: Path, repeat: int) -> str:
+    fmt = detect_format(path)
+    t_plain, n_plain = best(plain_call(path, fmt), repeat)
+    t_reader, n = best(ours(path, fmt, "reader"), repeat)
+    t_checks, _ = best(ours(path, fmt, "checks"), repeat)
+    t_replay, _ = best(ours(path, fmt, "replay"), repeat)
+
+    def rate(t: float, k: int) -> str:
+        return f"{k / t / 1e6:8.2f}"
+
+    return (f"| {name[:46]:46} | {fmt:14} | {n:>10,} | {rate(t_plain, n_plain)} | {rate(t_reader, n)} | "
+            f"{rate(t_checks, n)} | {rate(t_replay, n)} | {t_reader / t_plain:5.2f} |")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--rows", type=int, default=10_000_000, help="rows of the generated trades CSV")
+    ap.add_argument("--big", type=Path, default=Path("/tmp/synthetic-btcusdt-trades.csv"),
+                    help="the generated file; made with --rows rows if it does not exist")
+    ap.add_argument("--repeat", type=int, default=3)
+    ap.add_argument("--skip-big", action="store_true")
+    args = ap.parse_args()
+    print(machine())
+    print()
+    print(f"ticks/s in millions (best of {args.repeat}); ratio = reader time / plain library call time")
+    print(f"| {'file':46} | {'format':14} | {'rows':>10} | {'plain':>8} | {'reader':>8} | {'+checks':>8} | {'replay':>8} | ratio |")
+    print(f"|{'-' * 48}|{'-' * 16}|{'-' * 12}|{'-' * 10}|{'-' * 10}|{'-' * 10}|{'-' * 10}|-------|")
+    for p in sorted(DATA.iterdir()):
+        if p.name == "README.md" or p.name.startswith("__"):
+            continue
+        print(row(p.name, p, args.repeat), flush=True)
+    if args.skip_big:
+        return
+    if not args.big.exists():
+        from make_synthetic_trades import make  # type: ignore[import-not-found]
+
+        print(f"(generating {args.rows:,} trades to {args.big})", flush=True)
+        make(args.rows, args.big)
+    line = row(f"{args.big.name} (generated)", args.big, max(1, min(args.repeat, 2)))
+    print(line)
+    reader_rate = float(line.split("|")[5])
+    ratio = float(line.split("|")[8])
+    print()
+    print(f"10M-trade CSV: reader {reader_rate:.2f} M trades/s (target >= 5), {ratio:.2f}x the plain read_csv time (target <= 1.5)")
+
+
+if __name__ == "__main__":
+    main()
