@@ -321,3 +321,37 @@ def test_compressed_csv_reads_the_same_rows(sample_dir: Path, tmp_path: Path, co
     assert np.array_equal(rec1, rec2)
     for k in plain:
         assert np.array_equal(plain[k], packed[k], equal_nan=plain[k].dtype.kind == "f"), k
+
+
+def test_nautilus_catalog_style_parquet(tmp_path: Path) -> None:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    p = tmp_path / "trade_tick.parquet"
+    pq.write_table(pa.table({
+        "price": [100.5, 100.25], "size": [2.0, 1.0],
+        "aggressor_side": pa.array([1, 2], pa.uint8()), "trade_id": ["T-1", "T-2"],
+        "ts_event": pa.array([1_700_000_000_000_000_001, 1_700_000_000_000_000_002], pa.uint64()),
+        "ts_init": pa.array([1_700_000_000_000_000_011, 1_700_000_000_000_000_012], pa.uint64()),
+    }), p)
+    cols, _, records, _, _ = read_all(p, symbol="ETHUSDT.BINANCE")
+    assert records.tolist() == [1, 2]
+    assert cols["ts_ns"].tolist() == [1_700_000_000_000_000_001, 1_700_000_000_000_000_002]
+    assert cols["ts_recv_ns"].tolist() == [1_700_000_000_000_000_011, 1_700_000_000_000_000_012]
+    assert cols["side"].tolist() == [1, -1] and cols["trade_id"].tolist() == [-1, -1]
+    assert cols["price"].tolist() == [100.5, 100.25]
+
+
+def test_generic_jsonl_with_mapping_and_text_numbers(tmp_path: Path) -> None:
+    p = tmp_path / "ws.jsonl"
+    p.write_text(
+        '{"E": 1723161256322, "s": "BTCUSDT", "p": "61800.30", "q": "0.006", "m": false, "t": 5}\n'
+        "\n"
+        '{"E": 1723161256344, "s": "BTCUSDT", "p": "61800.20", "q": "0.5", "m": true, "t": 6}\n'
+    )
+    mapping = {"ts": "E", "ts_unit": "ms", "symbol": "s", "price": "p", "size": "q", "side": "m",
+               "side_encoding": "is_buyer_maker", "trade_id": "t"}
+    cols, names, records, _, _ = read_all(p, format="jsonl", mapping=mapping)
+    assert names == ["BTCUSDT"] and records.tolist() == [1, 3]
+    assert cols["price"].tolist() == [61800.3, 61800.2] and cols["side"].tolist() == [1, -1]
+    assert cols["ts_ns"].tolist() == [1723161256322 * 10**6, 1723161256344 * 10**6]

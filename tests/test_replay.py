@@ -239,3 +239,15 @@ async def test_late_consumer_gets_everything_that_is_due_in_one_batch(sample_dir
         if len(sizes) == 1:
             clock.advance(10_000.0)  # the consumer stalls far beyond the file's 345 s
     assert sizes[1] == 6_106 - sizes[0] and len(sizes) == 2
+
+
+async def test_stopping_a_replay_early_returns_every_slab(sample_dir: Path) -> None:
+    from contextlib import aclosing
+
+    pool = BufferPool(TICK_COLUMNS, capacity=100, slabs=2)
+    replay = Replay([sample_dir / UM, sample_dir / SPOT])
+    async with aclosing(replay.batches(pool)) as batches:
+        async for lease in batches:
+            lease.release()
+            break
+    assert pool.in_use == 0 and replay.progress.ticks_delivered == 100

@@ -49,7 +49,7 @@ class JsonLinesReader:
                 raise DataError(f"{self.path}, line {lineno}: not JSON ({e}); is this a JSON-lines file?") from e
             if not isinstance(obj, dict):
                 raise DataError(f"{self.path}, line {lineno}: a JSON {type(obj).__name__}, expected an object per line")
-            return auto_fieldmap(list(obj))
+            return auto_fieldmap(list(obj), {k: pa.array([v]).type for k, v in obj.items() if v is not None})
         raise DataError(f"{self.path}: no JSON lines in the file (only blank lines); nothing to replay")
 
     def chunks(self, chunk_rows: int = 65_536) -> Iterator[TickChunk]:

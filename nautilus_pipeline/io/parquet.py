@@ -5,7 +5,8 @@ Columns are found by name (:func:`auto_fieldmap`) unless a :class:`FieldMap` is 
 - this package's own layout (:func:`write_parquet`): ``ts_ns, ts_recv_ns, symbol, kind, price,
   size, side, trade_id, bid, ask, bid_size, ask_size``, trades and quotes in one file;
 - NautilusTrader catalog style: ``ts_event``/``ts_init`` (ns), ``price``/``size``,
-  ``aggressor_side`` (1 buyer, 2 seller, 0 none), ``trade_id``; quotes ``bid_price``,
+  ``aggressor_side`` (1 buyer, 2 seller, 0 none), ``trade_id`` (kept only when the column is
+  an integer type: text ids become -1, without a duplicate check); quotes ``bid_price``,
   ``ask_price``, ``bid_size``, ``ask_size``. Only float/integer price columns are supported;
   catalogs written with fixed-size-binary prices (Nautilus >= 1.200 high precision) are refused
   with a ConfigError that says so;
@@ -55,6 +56,9 @@ def auto_fieldmap(names: Sequence[str], types: Mapping[str, pa.DataType] | None 
                 break
     if "ts" not in found:
         raise DataError(f"no timestamp column among {list(names)}; expected one of {_CANDIDATES['ts']} or give a column mapping")
+    tid = found.get("trade_id")
+    if tid is not None and types is not None and tid in types and not pa.types.is_integer(types[tid]):
+        del found["trade_id"]  # text ids (Nautilus catalogs, UUIDs): kept as -1, no duplicate check
     kw: dict[str, object] = dict(found)
     ts_col = found["ts"]
     kw["ts_unit"] = "ns" if ts_col in ("ts_ns", "ts_event") else "auto"
