@@ -136,3 +136,61 @@ def test_fail_policy_stops_at_the_first_damaged_line(plan: list[tuple[int, str]]
         first = min(bad)
         assert re.search(rf"line/record {first}\b", str(err.value))
         assert bad[first].replace("_", " ") in str(err.value)
+
+
+FEED = Path(__file__).resolve().parents[1] / "nautilus_pipeline" / "data" / "binance-feed-spot-ethusdt_20240808.jsonl.gz"
+FEED_LINES = gzip.decompress(FEED.read_bytes()).splitlines()[:400]
+
+
+def _msg(line: bytes) -> tuple[bytes, dict]:
+    head, _, body = line.partition(b" ")
+    return head, orjson.loads(body)
+
+
+def _edit(line: bytes, fn: object) -> bytes:
+    head, msg = _msg(line)
+    fn(msg["data"])  # type: ignore[operator]
+    return head + b" " + orjson.dumps(msg)
+
+
+TRADE_DAMAGES = {
+    "cut": ("unparsable", lambda ln: ln[: len(ln) // 2]),
+    "no_price": ("missing_field", lambda ln: _edit(ln, lambda d: d.pop("p"))),
+    "text_price": ("unparsable", lambda ln: _edit(ln, lambda d: d.update(p="abc"))),
+    "negative_price": ("price_not_positive", lambda ln: _edit(ln, lambda d: d.update(p="-1"))),
+    "zero_size": ("size_not_positive", lambda ln: _edit(ln, lambda d: d.update(q="0"))),
+}
+QUOTE_DAMAGES = {
+    "cut": ("unparsable", lambda ln: ln[: len(ln) // 2]),
+    "crossed": ("crossed_quote", lambda ln: _edit(ln, lambda d: d.update(b=str(float(d["a"]) + 1)))),
+    "nan_bid": ("price_not_finite", lambda ln: _edit(ln, lambda d: d.update(b="nan"))),
+    "negative_size": ("size_not_positive", lambda ln: _edit(ln, lambda d: d.update(B="-2"))),
+}
+TICK_LINES = [i for i, ln in enumerate(FEED_LINES) if b"@trade" in ln or b"@bookTicker" in ln]
+
+
+@given(plan=st.lists(st.tuples(st.sampled_from(TICK_LINES), st.integers(0, 4)), max_size=10, unique_by=lambda t: t[0]),
+       policy=st.sampled_from(["reject", "quarantine"]), chunk_rows=st.sampled_from([5, 65_536]))
+@settings(max_examples=60, deadline=None)
+def test_damaged_feed_messages_are_refused_and_counted(plan: list[tuple[int, int]], policy: str, chunk_rows: int) -> None:
+    lines = list(FEED_LINES)
+    bad: dict[int, str] = {}
+    for i, k in plan:
+        table = TRADE_DAMAGES if b"@trade" in lines[i] else QUOTE_DAMAGES
+        reason, fn = list(table.values())[k % len(table)]
+        lines[i] = fn(lines[i])
+        bad[i + 1] = reason
+    with tempfile.TemporaryDirectory() as d:
+        path = Path(d) / "feed.jsonl"
+        path.write_bytes(b"\n".join(lines) + b"\n")
+        q = Path(d) / "q.jsonl"
+        replay = Replay([Source(path, policy=policy, quarantine=q if policy == "quarantine" else None)], chunk_rows=chunk_rows)
+        delivered = sum(len(b["ts_ns"]) for b in replay.iter_arrays(64))
+        replay.accounting.check()
+        counts = replay.accounting.sources[str(path)]
+        assert counts.read == len(TICK_LINES) and delivered == len(TICK_LINES) - len(bad)
+        assert dict(counts.by_reason) == dict(collections.Counter(bad.values()))
+        assert replay.accounting.ignored[str(path)] == len(FEED_LINES) - len(TICK_LINES)
+        if policy == "quarantine" and bad:
+            entries = [orjson.loads(x) for x in q.read_bytes().splitlines()]
+            assert sorted((e["record"], e["reason"]) for e in entries) == sorted(bad.items())

@@ -6,7 +6,8 @@ refuses one row instead of failing the file. The fast path is one pyarrow/numpy 
 column; a per-element Python loop runs only on a column that already failed the fast path,
 i.e. only in damaged chunks.
 
-Timestamp units (``ts_unit``): ``s`` (int or decimal), ``ms``, ``us``, ``ns``; ``iso``
+Timestamp units (``ts_unit``): ``s`` (int or decimal; decimals go through float64, so below
+about 0.25 µs the digits are rounded), ``ms``, ``us``, ``ns``; ``iso``
 (ISO-8601 text; a naive time is taken as UTC); ``auto`` (integers, unit guessed *per value*
 by magnitude: < 1e11 s, < 1e14 ms, < 1e17 µs, else ns; Binance spot switched from ms to µs on
 2025-01-01, so the unit is never assumed).
