@@ -270,3 +270,20 @@ def test_source_shares_policy_and_quarantine_with_the_replay(sample_dir: Path, t
     assert n == 9
     (entry,) = [orjson.loads(x) for x in q.read_bytes().splitlines()]
     assert entry["record"] == 4 and entry["field"] == "side" and entry["value"] == "sideways"
+
+
+def test_dbn_undefined_price_sentinel_is_refused_as_not_finite(sample_dir: Path, tmp_path: Path) -> None:
+    import struct
+
+    import databento_dbn as dbn
+
+    with pa.input_stream(str(sample_dir / "databento-glbx-futures-trades-20240701.dbn.zst"), compression="zstd") as s:
+        raw = s.read()
+    first_price = struct.pack("<q", 5_528_750_000_000)  # record 1: 5528.75 as fixed-point 1e-9
+    at = raw.find(first_price)
+    assert at > 0
+    p = tmp_path / "undef.dbn"
+    p.write_bytes(raw[:at] + struct.pack("<q", dbn.UNDEF_PRICE) + raw[at + 8 :])
+    delivered, v = run(p, "reject", chunk_rows=4096)
+    assert 1 not in delivered and len(delivered) == 119
+    assert v.accounting.total.by_reason == {"price_not_finite": 1}

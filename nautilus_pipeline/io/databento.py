@@ -17,7 +17,7 @@ Mapping:
 - Other records (MBO, status, definitions, ...) are not ticks and are counted as ``ignored``.
 
 Prices are fixed-point int64 × 1e-9; the undefined-price sentinel (``UNDEF_PRICE``, e.g. an
-empty side of the book) becomes NaN, which the checks refuse as "price not finite".
+empty side of the book) becomes NaN (and ``UNDEF_ORDER_SIZE`` a NaN size), which the checks refuse as "price not finite".
 ``ts_event`` is ``ts_ns``, ``ts_recv`` is ``ts_recv_ns``. Symbols come from the metadata's
 symbol mappings (``instrument_id`` -> raw symbol); unmapped ids appear as their number.
 """
@@ -37,14 +37,6 @@ from nautilus_pipeline.io.files import check_file, decoding_errors, open_stream
 
 PRICE_SCALE = 1e-9
 _SIDE = {"A": SIDE_SELL, "B": SIDE_BUY, "N": SIDE_UNKNOWN}
-
-
-def _px(v: int) -> float:
-    return float("nan") if v == dbn.UNDEF_PRICE else v * PRICE_SCALE
-
-
-def _side(s: object) -> int:
-    return _SIDE.get(getattr(s, "value", s), SIDE_UNKNOWN)  # type: ignore[call-overload]
 
 
 class DatabentoReader:
@@ -94,23 +86,25 @@ class DatabentoReader:
             raise DataError(f"{self.path}: the DBN file ends in the middle of a record ({len(dec.buffer())} bytes left); it is truncated: re-download it")
 
     def chunks(self, chunk_rows: int = 65_536) -> Iterator[TickChunk]:
-        """Chunks of at most ``chunk_rows`` rows; record = 1-based record number after the metadata."""
+        """Chunks of at most ``chunk_rows`` rows; record = 1-based record number after the metadata.
+
+        Each record's raw integer fields go into a tuple; scaling, the undefined-price
+        sentinel and side codes are then converted per chunk with numpy.
+        """
         rows: list[tuple] = []
         total = 0
+        undef = dbn.UNDEF_PRICE
+        tbbo = self.schema == "tbbo"
         for recno, rec in enumerate(self._records(), start=1):
-            is_trade = isinstance(rec, dbn.TradeMsg)
-            if is_trade:
-                rows.append((recno, rec.ts_event, rec.ts_recv, rec.instrument_id, KIND_TRADE, _px(rec.price),
-                             float(rec.size), _side(rec.side), np.nan, np.nan, np.nan, np.nan))
-            elif isinstance(rec, dbn.MBP1Msg):
-                tbbo = self.schema == "tbbo"
-                action = getattr(rec.action, "value", rec.action)
-                if tbbo or (self.trades and action == "T"):
-                    rows.append((recno, rec.ts_event, rec.ts_recv, rec.instrument_id, KIND_TRADE, _px(rec.price),
-                                 float(rec.size), _side(rec.side), np.nan, np.nan, np.nan, np.nan))
-                lvl = rec.levels[0]
-                rows.append((recno, rec.ts_event, rec.ts_recv, rec.instrument_id, KIND_QUOTE, np.nan, np.nan, 0,
-                             _px(lvl.bid_px), _px(lvl.ask_px), float(lvl.bid_sz), float(lvl.ask_sz)))
+            if isinstance(rec, dbn.MBP1Msg):
+                if tbbo or (self.trades and str(rec.action) in ("T", "Action.TRADE")):
+                    rows.append((recno, rec.ts_event, rec.ts_recv, rec.instrument_id, KIND_TRADE, rec.price,
+                                 rec.size, str(rec.side), undef, undef, -1, -1))
+                rows.append((recno, rec.ts_event, rec.ts_recv, rec.instrument_id, KIND_QUOTE, undef, -1, "N",
+                             rec.bid_px_00, rec.ask_px_00, rec.bid_sz_00, rec.ask_sz_00))
+            elif isinstance(rec, dbn.TradeMsg):
+                rows.append((recno, rec.ts_event, rec.ts_recv, rec.instrument_id, KIND_TRADE, rec.price,
+                             rec.size, str(rec.side), undef, undef, -1, -1))
             else:
                 self.ignored += 1
                 continue
@@ -130,17 +124,28 @@ class DatabentoReader:
         uniq = sorted(set(cols[3]))
         names = [self.symbol] if self.symbol else [self._symbols.get(i, str(i)) for i in uniq]
         codes = np.zeros(len(rows), dtype=np.uint32) if self.symbol else np.searchsorted(np.array(uniq), ids).astype(np.uint32)
+        kind = np.array(cols[4], dtype=np.uint8)
+        trade = kind == KIND_TRADE
+
+        def px(values: tuple) -> np.ndarray:
+            raw = np.array(values, dtype=np.int64)
+            return np.where(raw == dbn.UNDEF_PRICE, np.nan, raw * PRICE_SCALE)
+
+        def qty(values: tuple) -> np.ndarray:
+            raw = np.array(values, dtype=np.int64)
+            return np.where((raw < 0) | (raw == dbn.UNDEF_ORDER_SIZE), np.nan, raw.astype(np.float64))
+
+        sides = np.array([_SIDE.get(c[-1], SIDE_UNKNOWN) for c in cols[7]], dtype=np.int8)
         data = {
             "ts_ns": np.array(cols[1], dtype=np.int64), "ts_recv_ns": np.array(cols[2], dtype=np.int64),
-            "symbol_id": codes, "kind": np.array(cols[4], dtype=np.uint8),
-            "price": np.array(cols[5], dtype=np.float64), "size": np.array(cols[6], dtype=np.float64),
-            "side": np.array(cols[7], dtype=np.int8), "bid": np.array(cols[8], dtype=np.float64),
-            "ask": np.array(cols[9], dtype=np.float64), "bid_size": np.array(cols[10], dtype=np.float64),
-            "ask_size": np.array(cols[11], dtype=np.float64),
+            "symbol_id": codes, "kind": kind, "price": px(cols[5]), "size": qty(cols[6]),
+            "side": np.where(trade, sides, 0).astype(np.int8), "bid": px(cols[8]), "ask": px(cols[9]),
+            "bid_size": qty(cols[10]), "ask_size": qty(cols[11]),
         }
         records = np.array(cols[0], dtype=np.int64)
         by_row = rows
+        keys = ("record", "ts_event", "ts_recv", "instrument_id", "kind", "price", "size", "side",
+                "bid_px_00", "ask_px_00", "bid_sz_00", "ask_sz_00")
         return TickChunk(self.path, data, records, names,
                          field_map={"price": "price", "bid": "bid_px_00", "ask": "ask_px_00", "ts_ns": "ts_event"},
-                         raw=lambda i: dict(zip(("record", "ts_event", "ts_recv", "instrument_id", "kind", "price", "size",
-                                                 "side", "bid", "ask", "bid_size", "ask_size"), by_row[i], strict=True)))
+                         raw=lambda i: dict(zip(keys, by_row[i], strict=True)))
