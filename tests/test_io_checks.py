@@ -287,3 +287,15 @@ def test_dbn_undefined_price_sentinel_is_refused_as_not_finite(sample_dir: Path,
     delivered, v = run(p, "reject", chunk_rows=4096)
     assert 1 not in delivered and len(delivered) == 119
     assert v.accounting.total.by_reason == {"price_not_finite": 1}
+
+
+def test_a_file_of_only_refused_lines_counts_each_with_its_line(tmp_path: Path) -> None:
+    p = trades_file(tmp_path, ["garbage", "1,2", "a,b,c"])
+    mapping = {"ts": "time", "ts_unit": "ms", "price": "price", "size": "qty"}
+    delivered, v = run(p, "reject", format="csv", mapping=mapping)
+    assert delivered == []
+    assert v.accounting.total.read == 3 and v.accounting.total.by_reason == {"wrong_field_count": 3}
+    with pytest.raises(DataError, match=r"line/record 2\b"):
+        run(p, "fail", format="csv", mapping=mapping)
+    with pytest.raises(DataError, match="wrong columns"):
+        open_reader(p, format="binance_trades")  # the layout is told by the first row

@@ -118,7 +118,8 @@ class CsvReader:
             )
         if not data_lines:
             raise DataError(f"{self.path}: the file has a header but no rows; nothing to replay")
-        self._sample = _split(data_lines[0].rstrip(b"\r"), opts.delimiter)
+        rows = (_split(ln.rstrip(b"\r"), opts.delimiter) for ln in data_lines)
+        self._sample = next((r for r in rows if len(r) == len(names)), [""] * len(names))
         return names, 2 if opts.header else 1
 
     def _types(self, robust: bool) -> dict[str, pa.DataType]:
@@ -233,6 +234,8 @@ class CsvReader:
                         chunk.dropped = [self._dropped_row(d) for d in new_dropped]
                         self._dropped_upto = max(d[0] or 0 for d in new_dropped)
                     yield chunk
+        if dropped and threads:
+            raise _Restart(False, robust)  # refused lines but no rows: get their line numbers
         rest = [d for d in dropped[reported:] if (d[0] or 0) > self._dropped_upto]
         if rest:
             self._dropped_upto = max(d[0] or 0 for d in rest)
