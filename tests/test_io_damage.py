@@ -194,3 +194,25 @@ def test_damaged_feed_messages_are_refused_and_counted(plan: list[tuple[int, int
         if policy == "quarantine" and bad:
             entries = [orjson.loads(x) for x in q.read_bytes().splitlines()]
             assert sorted((e["record"], e["reason"]) for e in entries) == sorted(bad.items())
+
+
+def _packed() -> dict[str, bytes]:
+    raw = SAMPLE.read_bytes()[:200_000]
+    return {"gz": gzip.compress(raw), "zst": zstandard.ZstdCompressor().compress(raw),
+            "dbn.zst": (SAMPLE.parent / "databento-glbx-futures-mbp1-20240701.dbn.zst").read_bytes(),
+            "jsonl.gz": FEED.read_bytes()[:300_000]}
+
+
+PACKED = _packed()
+
+
+@given(kind=st.sampled_from(sorted(PACKED)), frac=st.floats(0.01, 0.99))
+@settings(max_examples=40, deadline=None)
+def test_cut_off_archives_fail_with_a_data_error_saying_truncated(kind: str, frac: float) -> None:
+    data = PACKED[kind]
+    with tempfile.TemporaryDirectory() as d:
+        path = Path(d) / f"BTCUSDT-trades-2024-08-08.{kind}"
+        path.write_bytes(data[: max(16, int(len(data) * frac))])
+        with pytest.raises(DataError, match="truncated"):
+            for _ in Replay([Source(path, policy="reject", symbol="X")]).iter_arrays(4096):
+                pass
