@@ -140,7 +140,7 @@ class Pipeline:
             out = None if last else f"pipeline.{self.name}.{stage.name}"
             runner = StageRunner(
                 stage, input_topic=topic, output_topic=out, ctx=self.ctx,
-                queue_size=self.queue_size, sink=last,
+                queue_size=self.queue_size,
             )
             await runner.start()
             self.runners.append(runner)
@@ -187,7 +187,7 @@ class Pipeline:
 
     async def _wait_idle(self) -> None:
         idle = asyncio.ensure_future(self.pool.wait_idle())
-        closed = asyncio.ensure_future(self.bus._closed.wait())
+        closed = asyncio.ensure_future(self.bus.wait_closed())
         try:
             await asyncio.wait({idle, closed}, return_when=asyncio.FIRST_COMPLETED)
         finally:

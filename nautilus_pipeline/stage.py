@@ -128,14 +128,12 @@ class StageRunner:
         output_topic: str | None,
         ctx: StageContext,
         queue_size: int = 16,
-        sink: bool = False,
     ):
         self.stage = stage
         self.input_topic = input_topic
         self.output_topic = output_topic
         self.ctx = ctx
         self.queue_size = queue_size
-        self.sink = sink
         self.metrics = StageMetrics()
         self.selection = choose(list(stage.streams), stage=stage.name)
         self.stream: ComputeStream = create_stream(self.selection.primary, offload=stage.offload)
