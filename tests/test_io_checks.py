@@ -68,7 +68,7 @@ def test_each_check_rejects_the_row_and_names_it(tmp_path: Path, bad_line: str, 
     assert dict(counts.by_reason) == {reason: 1}
     (entry,) = [orjson.loads(x) for x in q.read_bytes().splitlines()]
     assert entry["record"] == 4 and entry["reason"] == reason and entry["field"] == field
-    assert entry["raw"] is not None
+    assert entry["raw"] == bad_line  # the line as it is in the file
 
     with pytest.raises(DataError) as err:
         run(p, "fail")

@@ -118,6 +118,7 @@ def test_damaged_rows_are_refused_and_counted(plan: list[tuple[int, str]], polic
             entries = [orjson.loads(x) for x in q.read_bytes().splitlines()] if q.exists() else []
             assert sorted((e["record"], e["reason"]) for e in entries) == sorted(bad.items())
             assert all(e["message"].startswith(f"{path}, line/record {e['record']}") for e in entries)
+            assert all(e["raw"] == lines[e["record"] - 2] for e in entries)  # the damaged text itself
 
 
 @given(plan=damage_plan, codec=st.sampled_from(["none", "gzip"]), chunk_rows=st.sampled_from([7, 65_536]))
@@ -194,6 +195,7 @@ def test_damaged_feed_messages_are_refused_and_counted(plan: list[tuple[int, int
         if policy == "quarantine" and bad:
             entries = [orjson.loads(x) for x in q.read_bytes().splitlines()]
             assert sorted((e["record"], e["reason"]) for e in entries) == sorted(bad.items())
+            assert all(e["raw"] == lines[e["record"] - 1].decode() for e in entries)
 
 
 def _packed() -> dict[str, bytes]:

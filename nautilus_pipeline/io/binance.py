@@ -131,9 +131,9 @@ class BinanceFeedReader:
         d = msg.get("data") or {}
         try:
             if kind in ("trade", "aggTrade"):
-                acc.add_trade(lineno, recv, d, "t" if kind == "trade" else "a")
+                acc.add_trade(lineno, recv, d, "t" if kind == "trade" else "a", line)
             elif kind == "bookTicker":
-                acc.add_quote(lineno, recv, d)
+                acc.add_quote(lineno, recv, d, line)
             else:
                 self.ignored += 1
         except (KeyError, TypeError, ValueError) as e:
@@ -152,31 +152,31 @@ class _FeedBatch:
         self.sym: list[str] = []
         self.vals: list[tuple[float, float, int, int, float, float, float, float]] = []
         self.dropped: list[BadRow] = []
-        self.lines: dict[int, object] = {}
+        self.lines: list[bytes] = []
 
     def __len__(self) -> int:
         return len(self.records)
 
-    def add_trade(self, lineno: int, recv: int, d: dict, id_key: str) -> None:
+    def add_trade(self, lineno: int, recv: int, d: dict, id_key: str, line: bytes) -> None:
         nan = float("nan")
         row = (float(d["p"]), float(d["q"]), SIDE_SELL if d["m"] else SIDE_BUY, int(d[id_key]), nan, nan, nan, nan)
         ts = int(d["T"]) * 1_000_000
-        self._push(lineno, recv, ts, KIND_TRADE, d["s"], row, d)
+        self._push(lineno, recv, ts, KIND_TRADE, d["s"], row, line)
 
-    def add_quote(self, lineno: int, recv: int, d: dict) -> None:
+    def add_quote(self, lineno: int, recv: int, d: dict, line: bytes) -> None:
         nan = float("nan")
         row = (nan, nan, 0, -1, float(d["b"]), float(d["a"]), float(d["B"]), float(d["A"]))
         ts = int(d["T"]) * 1_000_000 if "T" in d else recv
-        self._push(lineno, recv, ts, KIND_QUOTE, d["s"], row, d)
+        self._push(lineno, recv, ts, KIND_QUOTE, d["s"], row, line)
 
-    def _push(self, lineno: int, recv: int, ts: int, kind: int, sym: str, row: tuple, d: dict) -> None:
+    def _push(self, lineno: int, recv: int, ts: int, kind: int, sym: str, row: tuple, line: bytes) -> None:
         self.records.append(lineno)
         self.recv.append(recv)
         self.ts.append(ts)
         self.kind.append(kind)
         self.sym.append(sym)
         self.vals.append(row)
-        self.lines[len(self.records) - 1] = d
+        self.lines.append(line)
 
     def chunk(self, source: str, symbol: str | None) -> TickChunk:
         n = len(self.records)
@@ -194,4 +194,6 @@ class _FeedBatch:
                      "ask_size": "A", "ts_ns": "T", "ts_recv_ns": "<receive ts>"}
         lines = self.lines
         return TickChunk(source, cols, np.array(self.records, dtype=np.int64), names or [""],
-                         field_map=field_map, dropped=self.dropped, raw=lines.get)
+                         field_map=field_map, dropped=self.dropped,
+                         raw=lambda i: orjson.loads(lines[i].partition(b" ")[2]).get("data"),
+                         raw_line=lambda i: lines[i].decode("utf-8", "replace"))

@@ -15,8 +15,8 @@ and the first failing check names the row's :class:`~nautilus_pipeline.io.chunk.
 Policies (per source): ``fail`` raises :class:`DataError` on the first bad row (file,
 line/record, field, value, what to do); ``reject`` drops and counts; ``quarantine`` drops,
 counts and appends ``{"source", "record", "reason", "field", "value", "symbol", "message",
-"raw"}`` as one JSON line (orjson) to a side file. For CSV rows that parsed, ``raw`` is the
-row as parsed (a dict of the file's columns); for lines a parser refused, the line's text.
+"raw"}`` as one JSON line (orjson) to a side file. ``raw`` is the line's text as it is in the
+file for CSV and JSON lines; for Parquet and DBN, the record as parsed (a dict).
 
 Duplicate trade ids are remembered as ranges of consecutive ids (Binance and Nautilus ids are
 contiguous, so one range per symbol): memory grows with the gaps between ids, not the rows.
@@ -396,6 +396,8 @@ class Validator:
         sym = None
         if chunk.symbols and "symbol_id" in chunk.columns:
             sym = chunk.symbols[int(chunk.columns["symbol_id"][i])]
+        if chunk.raw_line is not None:
+            raw = chunk.raw_line(i)
         return BadRow(chunk.source, int(chunk.records[i]), why, fld, value, raw, sym)
 
     def _handle_bad(self, chunk: TickChunk, reason: np.ndarray, bad_idx: np.ndarray) -> None:

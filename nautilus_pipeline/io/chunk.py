@@ -96,8 +96,9 @@ class TickChunk:
     ``columns["symbol_id"]`` holds codes into ``symbols`` (local to the chunk). ``bad`` holds a
     :class:`Reason` per row found by the reader (parse errors), with ``bad_field`` naming the
     field for those rows (the file's column name); ``field_map`` maps layout names to the file's
-column names for messages. ``raw(i)`` returns the original record of row ``i`` (a text line or a
-    dict), called only for refused rows.
+    column names for messages. ``raw(i)`` returns the record of row ``i`` as parsed (a dict, or
+    the line for JSON readers); ``raw_line(i)``, where a reader offers it, the line's text as it
+    is in the file (for quarantine). Both are called only for refused rows.
     """
 
     source: str
@@ -109,6 +110,7 @@ column names for messages. ``raw(i)`` returns the original record of row ``i`` (
     field_map: dict[str, str] = field(default_factory=dict)
     dropped: list[BadRow] = field(default_factory=list)
     raw: Callable[[int], object] | None = None
+    raw_line: Callable[[int], str] | None = None
 
     def __len__(self) -> int:
         return len(self.records)

@@ -49,7 +49,13 @@ import pyarrow.csv as pacsv
 
 from nautilus_pipeline.errors import ConfigError, DataError
 from nautilus_pipeline.io.chunk import BadRow, Reason, TickChunk
-from nautilus_pipeline.io.files import check_file, decoding_errors, open_stream, read_head
+from nautilus_pipeline.io.files import (
+    check_file,
+    decoding_errors,
+    iter_lines,
+    open_stream,
+    read_head,
+)
 from nautilus_pipeline.io.table import FieldMap, arrays_to_chunk
 
 
@@ -87,6 +93,7 @@ class CsvReader:
         self.symbol = symbol if symbol is not None else (None if fmap.symbol else Path(path).name.split(".")[0])
         self.ignored = 0
         self._dropped_upto = 0
+        self._lines = LineFetcher(self.path)
         self._names, self._first_line = self._check_layout()
 
     def _check_layout(self) -> tuple[list[str], int]:
@@ -230,6 +237,7 @@ class CsvReader:
                     arrays = {fld: part.column(col) for fld, col in fields.items()}
                     chunk = arrays_to_chunk(self.path, arrays, self.fmap, records, symbol=self.symbol,
                                             raw=_raw_of(part))
+                    chunk.raw_line = lambda i, r=records: self._lines.get(int(r[i]))
                     if new_dropped:
                         chunk.dropped = [self._dropped_row(d) for d in new_dropped]
                         self._dropped_upto = max(d[0] or 0 for d in new_dropped)
@@ -248,6 +256,30 @@ class CsvReader:
         number, text, actual = d
         return BadRow(self.path, number or -1, Reason.WRONG_FIELD_COUNT, None,
                       f"{actual} fields, expected {len(self._names)}", text, self.symbol)
+
+
+class LineFetcher:
+    """The text of given line numbers, read on demand by a second pass over the file.
+
+    Used only for refused rows (quarantine); requests come in increasing order within a
+    pass, so the whole file is read at most once more (from the start again if asked for an
+    earlier line).
+    """
+
+    def __init__(self, path: str):
+        self.path = path
+        self._it: Iterator[tuple[int, bytes]] | None = None
+        self._at = 0
+
+    def get(self, lineno: int) -> str:
+        if self._it is None or lineno <= self._at:
+            self._it, self._at = iter_lines(self.path), 0
+        for n, line in self._it:
+            self._at = n
+            if n == lineno:
+                return line.decode("utf-8", "replace")
+        self._it = None
+        return ""
 
 
 def _conversion_error(e: Exception) -> bool:

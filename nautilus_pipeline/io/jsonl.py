@@ -57,8 +57,8 @@ class JsonLinesReader:
         fields = self.fmap.columns()
         rows: list[dict] = []
         lines: list[int] = []
+        texts: list[bytes] = []
         dropped: list[BadRow] = []
-        total = 0
         for lineno, line in iter_lines(self.path):
             if not line.strip():
                 continue
@@ -72,19 +72,20 @@ class JsonLinesReader:
                 continue
             rows.append(obj)
             lines.append(lineno)
+            texts.append(line)
             if len(rows) >= chunk_rows:
-                total += len(rows)
-                yield self._chunk(rows, lines, dropped, fields)
-                rows, lines, dropped = [], [], []
+                yield self._chunk(rows, lines, texts, dropped, fields)
+                rows, lines, texts, dropped = [], [], [], []
         if rows or dropped:
-            total += len(rows)
-            yield self._chunk(rows, lines, dropped, fields)
+            yield self._chunk(rows, lines, texts, dropped, fields)
 
-    def _chunk(self, rows: list[dict], lines: list[int], dropped: list[BadRow], fields: Mapping[str, str]) -> TickChunk:
+    def _chunk(self, rows: list[dict], lines: list[int], texts: list[bytes], dropped: list[BadRow],
+               fields: Mapping[str, str]) -> TickChunk:
         arrays = {fld: _column([r.get(col) for r in rows]) for fld, col in fields.items()}
         chunk = arrays_to_chunk(self.path, arrays, self.fmap, np.array(lines, dtype=np.int64),
                                 symbol=self.symbol, raw=rows.__getitem__)
         chunk.dropped = dropped
+        chunk.raw_line = lambda i: texts[i].decode("utf-8", "replace")
         return chunk
 
 
