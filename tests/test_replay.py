@@ -251,3 +251,25 @@ async def test_stopping_a_replay_early_returns_every_slab(sample_dir: Path) -> N
             lease.release()
             break
     assert pool.in_use == 0 and replay.progress.ticks_delivered == 100
+
+
+@pytest.mark.parametrize("after", range(0, 40, 3))
+async def test_cancelling_the_consumer_at_any_point_closes_cleanly(sample_dir: Path, after: int) -> None:
+    pool = BufferPool(TICK_COLUMNS, capacity=512, slabs=2)
+    replay = Replay([sample_dir / UM, sample_dir / SPOT], chunk_rows=2048)
+
+    async def consume() -> None:
+        from contextlib import aclosing
+
+        async with aclosing(replay.batches(pool)) as batches:
+            async for lease in batches:
+                lease.release()
+                await asyncio.sleep(0)
+
+    task = asyncio.create_task(consume())
+    for _ in range(after):
+        await asyncio.sleep(0)
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    assert pool.in_use == 0

@@ -36,6 +36,7 @@ quarantined once the replay has run to the end (``delivered`` counts rows yielde
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from collections.abc import AsyncIterator, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -261,20 +262,25 @@ class Replay:
         """Fill pool slabs with the merged stream, paced by ``speed``; the consumer releases each.
 
         ``batch_size`` defaults to (and may not exceed) the pool's slab capacity. Reading and
-        parsing run in a worker thread so the event loop stays responsive.
+        parsing run in a worker thread so the event loop stays responsive; if the consumer is
+        cancelled meanwhile, the generator waits for that read to end before closing the files.
         """
         size = batch_size or pool.capacity
         if size > pool.capacity:
             raise ConfigError(f"batch_size {size} exceeds the pool's slab capacity {pool.capacity}")
         blocks = _rebatch(self._blocks(), size)
         sentinel: dict[str, np.ndarray] = {}
+        loop = asyncio.get_running_loop()
+        inflight: asyncio.Future[dict[str, np.ndarray]] | None = None
         pending: dict[str, np.ndarray] | None = None
         t0_wall: float | None = None
         t0_key = 0
         try:
             while True:
                 if pending is None:
-                    pending = await asyncio.to_thread(next, blocks, sentinel)
+                    inflight = loop.run_in_executor(None, next, blocks, sentinel)
+                    pending = await asyncio.shield(inflight)  # a cancel must not orphan the thread
+                    inflight = None
                     if pending is sentinel:
                         return
                 keys = pending[_KEY]
@@ -304,6 +310,9 @@ class Replay:
                     raise
                 yield lease
         finally:
+            if inflight is not None:  # cancelled while a worker thread reads: let it finish first
+                with contextlib.suppress(Exception):
+                    await inflight
             blocks.close()
 
 
