@@ -89,8 +89,6 @@ def binance_agg_trades(path: str | Path, *, symbol: str | None = None) -> CsvRea
 class BinanceFeedReader:
     """Reads a Binance websocket capture (``<ts_ns> <json>`` lines, .gz/.zst transparent)."""
 
-    default_order_by = "ts_recv_ns"
-
     def __init__(self, path: str | Path, *, symbol: str | None = None):
         self.path = str(check_file(path))
         self.symbol = symbol

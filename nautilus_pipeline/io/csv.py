@@ -40,7 +40,7 @@ from __future__ import annotations
 import itertools
 import re
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -71,7 +71,6 @@ class CsvOptions:
     column_names: tuple[str, ...] | None = None
     delimiter: str = ","
     block_size: int | None = None
-    extra: dict[str, str] = field(default_factory=dict)
 
 
 def _split(line: bytes, delimiter: str) -> list[str]:

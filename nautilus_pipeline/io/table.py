@@ -12,7 +12,7 @@ size is simply unknown (-1 / NaN).
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, fields
 
 import numpy as np
 import pyarrow as pa
@@ -59,7 +59,6 @@ class FieldMap:
     ts_layout: Mapping[str, tuple[int, int]] | None = None
     ts_offset_ns: int = 0
     price_scale: float | None = None
-    extra: Mapping[str, str] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if self.kind not in (None, "trade", "quote"):
