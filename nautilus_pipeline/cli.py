@@ -267,11 +267,14 @@ def _estimate_rows(sources: list[Any]) -> int | None:
 
 
 def _summary(definition, pipe, replay, sink, wall: float, interrupted: bool) -> dict[str, Any]:
+    from .machine import describe
+
     acct = replay.accounting.total
     stats = pipe.stats()
     return {
         "pipeline": definition.name,
         "definition": str(definition.path),
+        "machine": describe(),
         "interrupted": interrupted,
         "wall_s": wall,
         "ticks": {
@@ -331,6 +334,7 @@ def _print_summary(summary: dict[str, Any], out_dir: Path) -> None:
     console.print(pool)
     outs = ", ".join(f"{k}: {v:,}" for k, v in summary["outputs"].items()) or "none"
     console.print(f"outputs ({outs}) in {out_dir}/; draw them with: nautilus-pipeline report {out_dir}")
+    console.print(f"machine: {summary['machine']}", markup=False)
     if summary["leaked_leases"]:
         console.print(f"[red]leaked leases: {summary['leaked_leases']}")
 

@@ -17,14 +17,12 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import os
-import platform
-import sys
 import time
 
 import numpy as np
 
 from nautilus_pipeline.bus import EventBus
+from nautilus_pipeline.machine import describe
 from nautilus_pipeline.memory import BufferPool
 from nautilus_pipeline.metrics import LatencyHistogram
 from nautilus_pipeline.runtime import configure_logging, loop_factory
@@ -135,19 +133,7 @@ def run_case(loop_name: str, fn, n_events: int, batch: int, latency_mode: bool, 
 
 
 def machine() -> str:
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as fh:
-            for line in fh:
-                if line.startswith("model name"):
-                    cpu = line.split(":", 1)[1].strip()
-                    break
-    except OSError:
-        pass
-    return (
-        f"{cpu}, {os.cpu_count()} cores, {platform.system()} {platform.release()}, "
-        f"Python {sys.version.split()[0]}, numpy {np.__version__}"
-    )
+    return f"{describe()}, numpy {np.__version__}"
 
 
 def main() -> None:

@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import sys
 import time
 from pathlib import Path
@@ -30,6 +29,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from nautilus_pipeline.kernels.mlp import mlp_reference
+from nautilus_pipeline.machine import describe
 from nautilus_pipeline.model.runners import calibrate, make_runner, runner_usable, time_calls
 from nautilus_pipeline.model.spec import ModelSpec, load_default_model, random_weights
 
@@ -56,19 +56,7 @@ VARIANTS: tuple[tuple[str, str, dict[str, Any]], ...] = (
 
 def machine() -> list[str]:
     """CPU model, cores, GPU and library versions, for the table's header."""
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    out = [
-        f"cpu: {cpu}, {cores} cores usable ({os.cpu_count()} online), {platform.system()} "
-        f"{platform.release()}, python {platform.python_version()}, numpy {np.__version__}"
-    ]
+    out = [f"cpu: {describe()}, numpy {np.__version__}"]
     libs = []
     try:
         import torch

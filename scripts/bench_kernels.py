@@ -26,7 +26,6 @@ its cache, torch initialises). Run:
 from __future__ import annotations
 
 import argparse
-import os
 import platform
 import sys
 import time
@@ -64,6 +63,7 @@ from nautilus_pipeline.kernels.vpin import (
     vpin_update,
     vpin_update_torch,
 )
+from nautilus_pipeline.machine import describe
 
 BATCH = 4096
 REAL = (
@@ -73,15 +73,6 @@ REAL = (
     / "binance-um-btcusdt-trades-20240808.csv"
 )
 
-
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def best(fn: Callable[[], object], repeat: int) -> float:
@@ -207,10 +198,7 @@ def main() -> None:
     if args.gpu:
         args.backend, args.device, args.vpin_device = "torch", "cuda", "cuda"
 
-    aff = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    print(
-        f"machine: {cpu_model()}, {os.cpu_count()} cores ({aff} usable), {platform.system()} {platform.machine()}"
-    )
+    print(f"machine: {describe()}")
     print(
         f"python {platform.python_version()}, numpy {np.__version__}, scipy {scipy.__version__}, "
         f"numba {numba.__version__}; numba threads {numba.get_num_threads()} (kernels are single-threaded)"

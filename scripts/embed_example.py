@@ -17,7 +17,13 @@ import time
 import numpy as np
 
 import nautilus_pipeline as nt
-from nautilus_pipeline.stages import FeaturesStage, InferenceStage, RiskStage, SignalStage, VpinStage
+from nautilus_pipeline.stages import (
+    FeaturesStage,
+    InferenceStage,
+    RiskStage,
+    SignalStage,
+    VpinStage,
+)
 
 
 async def live_feed(pipe: nt.Pipeline, rate: float, stop: asyncio.Event) -> int:

@@ -1,0 +1,49 @@
+"""What machine a measurement ran on: every benchmark and every run summary prints it.
+
+Figures without their machine are the seeds' mistake; this is the one place that says
+what "this machine" is (CPU model, usable cores, OS, Python, GPU where torch sees one).
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import sys
+from pathlib import Path
+
+
+def cpu_model() -> str:
+    """The CPU's model name (from /proc/cpuinfo on Linux, else what platform knows)."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def usable_cores() -> int:
+    """Cores this process may run on (affinity), not merely those online."""
+    if hasattr(os, "sched_getaffinity"):
+        return len(os.sched_getaffinity(0))
+    return os.cpu_count() or 1
+
+
+def gpu_name() -> str | None:
+    """The first CUDA device's name when torch is already imported and sees one."""
+    torch = sys.modules.get("torch")
+    if torch is not None and torch.cuda.is_available():
+        return torch.cuda.get_device_name(0)
+    return None
+
+
+def describe() -> str:
+    """One line: CPU, cores, OS, Python (and the GPU when torch sees one)."""
+    line = (
+        f"{cpu_model()}, {usable_cores()} cores usable ({os.cpu_count()} online), "
+        f"{platform.system()} {platform.release()} {platform.machine()}, "
+        f"Python {platform.python_version()}"
+    )
+    gpu = gpu_name()
+    return f"{line}, GPU {gpu}" if gpu else line
