@@ -17,7 +17,13 @@ from nautilus_pipeline.kernels.features import FEATURE_NAMES
 from nautilus_pipeline.kernels.risk import RiskParams
 from nautilus_pipeline.kernels.signal import SignalParams
 from nautilus_pipeline.stage import Stage
-from nautilus_pipeline.stages import FeaturesStage, InferenceStage, RiskStage, SignalStage, VpinStage
+from nautilus_pipeline.stages import (
+    FeaturesStage,
+    InferenceStage,
+    RiskStage,
+    SignalStage,
+    VpinStage,
+)
 from nautilus_pipeline.testing import run_replay
 
 COLUMNS = ("features", "prediction", "vpin", "vpin_cdf", "toxic", "position", "equity", "pnl",
