@@ -158,19 +158,12 @@ class CsvReader:
                 types[col] = pa.float64()
         return types
 
-    def _open(self, threads: bool, robust: bool, dropped: list[tuple[int | None, str, int]]) -> pacsv.CSVStreamingReader:
+    def _parse_options(self, robust: bool, dropped: list[tuple[int | None, str, int]]) -> tuple[pacsv.ParseOptions, pacsv.ConvertOptions]:
         def on_invalid(row: pacsv.InvalidRow) -> str:
             dropped.append((row.number, row.text, row.actual_columns))
             return "skip"
 
-        opts = self.options
-        read = pacsv.ReadOptions(
-            use_threads=threads,
-            block_size=opts.block_size or (1 << 22),
-            column_names=self._names if opts.column_names is not None else None,
-            skip_rows=1 if opts.header and opts.column_names is not None else 0,
-        )
-        parse = pacsv.ParseOptions(delimiter=opts.delimiter, invalid_row_handler=on_invalid, ignore_empty_lines=False)
+        parse = pacsv.ParseOptions(delimiter=self.options.delimiter, invalid_row_handler=on_invalid, ignore_empty_lines=False)
         conv = pacsv.ConvertOptions(
             include_columns=list(dict.fromkeys(self.fmap.columns().values())),
             column_types=self._types(robust),
@@ -178,7 +171,75 @@ class CsvReader:
             strings_can_be_null=True,
             quoted_strings_can_be_null=True,
         )
-        return pacsv.open_csv(open_stream(self.path), read_options=read, parse_options=parse, convert_options=conv)
+        return parse, conv
+
+    def _batches(self, threads: bool, robust: bool, dropped: list[tuple[int | None, str, int]]) -> Iterator[pa.RecordBatch]:
+        """Arrow batches in file order: threaded byte blocks, or pyarrow's streaming reader."""
+        if threads:
+            yield from self._block_batches(robust, dropped)
+            return
+        parse, conv = self._parse_options(robust, dropped)
+        opts = self.options
+        read = pacsv.ReadOptions(
+            use_threads=False,
+            block_size=opts.block_size or (1 << 22),
+            column_names=self._names if opts.column_names is not None else None,
+            skip_rows=1 if opts.header and opts.column_names is not None else 0,
+        )
+        reader = pacsv.open_csv(open_stream(self.path), read_options=read, parse_options=parse, convert_options=conv)
+        while True:
+            try:
+                yield reader.read_next_batch()
+            except StopIteration:
+                return
+
+    def _block_batches(self, robust: bool, dropped: list[tuple[int | None, str, int]]) -> Iterator[pa.RecordBatch]:
+        """The fast path: the file in bounded byte blocks cut at line ends, each parsed by
+        ``read_csv`` with threads (faster than ``read_csv`` on the whole file; see the table).
+
+        Plain files are memory-mapped and sliced without a copy; decompressed streams are
+        re-joined at the cut line. Any refused line restarts the file on the exact
+        (single-threaded) path, which knows its line number.
+        """
+        parse, conv = self._parse_options(robust, dropped)
+        read = pacsv.ReadOptions(use_threads=True, block_size=1 << 20, column_names=self._names)
+        size = self.options.block_size or (1 << 23)
+        header = self.options.header
+        rest = b""
+        with open_stream(self.path) as stream:
+            mapped = isinstance(stream, pa.MemoryMappedFile)
+            while True:
+                if mapped:
+                    pos = stream.tell()
+                    buf = stream.read_buffer(size)
+                    at_end = buf.size < size
+                    cut = buf.size if at_end else _after_last_newline(buf)
+                    if cut == 0:  # a line longer than the block: read more at once
+                        size *= 2
+                        stream.seek(pos)
+                        continue
+                    block: pa.Buffer | bytes = buf.slice(0, cut)
+                    stream.seek(pos + cut)
+                else:
+                    raw = stream.read(size)
+                    at_end = not raw  # a stream may return short reads before its end
+                    data = rest + raw if rest else raw
+                    cut = len(data) if at_end else data.rfind(b"\n") + 1
+                    if cut == 0 and not at_end:  # no line end yet: read on
+                        rest = data
+                        continue
+                    block, rest = (data, b"") if cut == len(data) else (data[:cut], data[cut:])
+                if header and len(block):
+                    nl = np.flatnonzero(np.frombuffer(block, dtype=np.uint8, count=min(len(block), 1 << 16)) == 10)
+                    block = block[int(nl[0]) + 1 :] if len(nl) else b""
+                    header = False
+                if len(block):
+                    table = pacsv.read_csv(pa.BufferReader(block), read_options=read, parse_options=parse, convert_options=conv)
+                    if dropped:
+                        raise _Restart(False, robust)
+                    yield from table.to_batches()
+                if at_end:
+                    return
 
     def chunks(self, chunk_rows: int = 65_536) -> Iterator[TickChunk]:
         """Chunks of at most ``chunk_rows`` rows, in file order, with exact line numbers."""
@@ -200,15 +261,10 @@ class CsvReader:
         seen = 0
         fields = self.fmap.columns()
         with decoding_errors(self.path):
-            try:
-                reader = self._open(threads, robust, dropped)
-            except pa.ArrowInvalid as e:
-                if not robust and _conversion_error(e):
-                    raise _Restart(False, True) from e
-                raise DataError(f"{self.path}: cannot parse the start of the file as CSV ({e})") from e
+            batches = self._batches(threads, robust, dropped)
             while True:
                 try:
-                    batch = reader.read_next_batch()
+                    batch = next(batches)
                 except StopIteration:
                     break
                 except pa.ArrowInvalid as e:
@@ -279,6 +335,17 @@ class LineFetcher:
                 return line.decode("utf-8", "replace")
         self._it = None
         return ""
+
+
+def _after_last_newline(buf: pa.Buffer) -> int:
+    """Offset just after the last newline in ``buf`` (0 if none), scanning from the end."""
+    arr = np.frombuffer(buf, dtype=np.uint8)
+    step = 1 << 16
+    for end in range(len(arr), 0, -step):
+        hits = np.flatnonzero(arr[max(0, end - step) : end] == 10)
+        if len(hits):
+            return max(0, end - step) + int(hits[-1]) + 1
+    return 0
 
 
 def _conversion_error(e: Exception) -> bool:
