@@ -237,7 +237,7 @@ class CsvReader:
                     table = pacsv.read_csv(pa.BufferReader(block), read_options=read, parse_options=parse, convert_options=conv)
                     if dropped:
                         raise _Restart(False, robust)
-                    yield from table.to_batches()
+                    yield from table.combine_chunks().to_batches()  # one batch a block: fewer, larger chunks
                 if at_end:
                     return
 
