@@ -339,16 +339,19 @@ class Subscription:
                 result = handler(event)
                 if is_coroutine or inspect.isawaitable(result):
                     result = await result
-            except asyncio.CancelledError:
-                self._finish(event)
-                raise
             except Exception as exc:
                 self.errors += 1
                 self._finish(event)
-                self.bus._handler_failed(self, event, exc)
+                try:
+                    await self.bus._handler_failed(self, event, exc)
+                except Exception:  # reporting must never kill the consumer and hang the bus
+                    self.bus._report_errors += 1
                 if self.bus._failure is not None:
                     return
                 continue
+            except BaseException:  # cancellation (or exit): the lease still goes back
+                self._finish(event)
+                raise
             if timed:  # LatencyHistogram.record, inlined
                 ns = perf() - t0
                 if ns < 32:
@@ -427,6 +430,7 @@ class EventBus:
         self._stopper: asyncio.Task | None = None
         self._started = False
         self._unrouted = 0
+        self._report_errors = 0  # failures while reporting a handler failure (logging broke)
         self._names: collections.Counter[str] = collections.Counter()
 
     # --- lifecycle ---------------------------------------------------------------------
@@ -660,7 +664,7 @@ class EventBus:
             ) from None
 
     # --- failures ----------------------------------------------------------------------
-    def _handler_failed(self, sub: Subscription, event: Event, exc: Exception) -> None:
+    async def _handler_failed(self, sub: Subscription, event: Event, exc: Exception) -> None:
         log.error(
             "handler_failed",
             bus=self.name,
@@ -694,8 +698,10 @@ class EventBus:
         letter = DeadLetter(event, sub.name, exc)
         dl_topic = DEADLETTER_PREFIX + event.topic
         for dl_sub in self._route(dl_topic):
+            if dl_sub is sub:
+                continue  # a catch-all that just failed would wait on its own full queue
             self._seq += 1
-            dl_sub._queue_event_sync(Event(dl_topic, letter, self._seq, dl_topic, None))
+            await dl_sub._put(Event(dl_topic, letter, self._seq, dl_topic, None))
 
     # --- introspection -----------------------------------------------------------------
     @property
@@ -711,6 +717,7 @@ class EventBus:
         return {
             "published": self._seq,
             "unrouted": self._unrouted,
+            "report_errors": self._report_errors,
             "subscriptions": {s.name: s.stats() for s in self._subs},
         }
 

@@ -38,11 +38,35 @@ def run(main: Coroutine[Any, Any, T], *, use_uvloop: bool = True, debug: bool = 
         return runner.run(main)
 
 
+class _CurrentStderr:
+    """Writes to whatever ``sys.stderr`` is at the time of each write.
+
+    Binding a logger to the stderr object of the moment breaks as soon as someone swaps
+    it (pytest's capture, a daemon closing fds): the next log line raises on a closed file.
+    """
+
+    def __init__(self, binary: bool):
+        self.binary = binary
+
+    def write(self, data):
+        err = sys.stderr
+        if self.binary:
+            buf = getattr(err, "buffer", None)
+            if buf is not None:
+                return buf.write(data)
+            return err.write(data.decode("utf-8", "replace"))
+        return err.write(data)
+
+    def flush(self) -> None:
+        sys.stderr.flush()
+
+
 def configure_logging(fmt: str = "auto", level: str = "info", stream=None) -> None:
-    """Logs through structlog: JSON lines (via orjson) when not on a terminal, console otherwise."""
-    stream = stream or sys.stderr
+    """Logs through structlog to stderr: JSON lines (orjson) when not on a terminal, console
+    otherwise. Call it once in an application that embeds the pipeline; without it
+    structlog's defaults print everything, debug included, to stdout."""
     if fmt == "auto":
-        fmt = "console" if stream.isatty() else "json"
+        fmt = "console" if (stream or sys.stderr).isatty() else "json"
     shared = [
         structlog.contextvars.merge_contextvars,
         structlog.processors.add_log_level,
@@ -54,10 +78,12 @@ def configure_logging(fmt: str = "auto", level: str = "info", stream=None) -> No
             structlog.processors.dict_tracebacks,
             structlog.processors.JSONRenderer(serializer=orjson.dumps),
         ]
-        factory = structlog.BytesLoggerFactory(file=getattr(stream, "buffer", stream))
+        factory = structlog.BytesLoggerFactory(
+            file=getattr(stream, "buffer", stream) if stream is not None else _CurrentStderr(True)
+        )
     else:
         processors = [*shared, structlog.dev.ConsoleRenderer()]
-        factory = structlog.PrintLoggerFactory(file=stream)
+        factory = structlog.PrintLoggerFactory(file=stream if stream is not None else _CurrentStderr(False))
     structlog.configure(
         processors=processors,
         wrapper_class=structlog.make_filtering_bound_logger(logging.getLevelName(level.upper())),

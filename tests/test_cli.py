@@ -13,6 +13,15 @@ import pytest
 from nautilus_pipeline.cli import main
 
 REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(autouse=True)
+def _restore_logging():
+    """main() configures structlog for the process; give later tests the defaults back."""
+    yield
+    import structlog
+
+    structlog.reset_defaults()
 DEFAULT = str(REPO / "pipelines" / "default.toml")
 
 
