@@ -1,38 +1,43 @@
-"""Generic CSV reader with a column mapping: pyarrow's streaming CSV parser, no per-row Python.
+"""Generic CSV reader with a column mapping: pyarrow's CSV parser in blocks, no per-row Python.
 
-How it reads. ``pyarrow.csv.open_csv`` parses the file block by block (multi-threaded) into
-typed Arrow batches; only the mapped columns are converted (``include_columns``), then each
-column becomes a numpy array in one call (``table.arrays_to_chunk``). Line numbers are exact:
-data line ``i`` is ``first_line + i`` except for lines the parser refused, which pyarrow reports
-through ``invalid_row_handler`` (wrong number of fields) and which are counted as rows with
-reason ``wrong_field_count``. Empty lines are rows too (with missing fields), so numbering
-never drifts. Quoted fields spanning lines are not supported (no tick format uses them).
+How it reads. The file is cut into byte blocks of 8 MiB at line ends (memory-mapped without a
+copy for plain files; from the decompressing stream for .gz/.zst) and each block is parsed by
+``pyarrow.csv.read_csv`` with threads into typed columns. Only the mapped columns are
+converted (``include_columns``); each becomes a numpy array in one call
+(``table.arrays_to_chunk``). Memory stays at a block or two whatever the size of the file.
 
-Why two fallbacks instead of a lenient parser. A typed parse is what makes the reader as fast as
-``pyarrow.csv.read_csv`` itself, but pyarrow refuses a whole block on one unparsable value, and
+Line numbers are exact: data line ``i`` is ``first_line + i``, except for lines the parser
+refused (wrong number of fields), which pyarrow reports through ``invalid_row_handler`` and
+which count as rows with reason ``wrong_field_count``. Empty lines are rows too (with missing
+fields), so numbering never drifts. Only an empty field is missing: ``nan`` or ``inf`` parse
+as numbers, so the checks name them ("price not finite"). Quoted fields spanning lines are not
+supported (no tick format uses them).
+
+Why fallbacks instead of a lenient parser. A typed, threaded parse is what makes the reader
+as fast as ``read_csv`` itself, but pyarrow refuses a whole block on one unparsable value, and
 with threads it cannot tell the line of a refused row. So the reader starts typed and threaded;
-on the first refused line it restarts single-threaded (exact line numbers), and on the first
-conversion error it restarts with text columns converted per column by ``convert.py`` (one bad
-value marks one row). Restarts skip the rows already delivered, so clean files pay nothing and
-damaged ones give the same rows, just slower.
+on the first refused line it restarts on pyarrow's single-threaded streaming reader
+(``open_csv``: exact line numbers), and on the first conversion error with text columns that
+``convert.py`` converts per column (one bad value refuses one row). Restarts skip the rows
+already delivered, so clean files pay nothing and damaged ones give the same rows, slower.
 
-Measured (``scripts/bench_readers.py --repeat 3``; Intel Xeon VM, 2 cores, pyarrow 26.0.1),
-million trades/s, best of 3; plain = ``pyarrow.csv.read_csv`` of the whole file, same columns
-and types:
+Measured (``scripts/bench_readers.py --repeat 5``; Intel Xeon VM, 2 cores, pyarrow 26.0.1,
+other jobs sharing the machine), million trades/s, best of the runs; plain =
+``pyarrow.csv.read_csv`` of the whole file with the same columns and types:
 
 =====================================  ==========  =====  ======  =======  ======
 file                                   rows        plain  reader  +checks  replay
 =====================================  ==========  =====  ======  =======  ======
-generated Binance USD-M trades         10,000,000  5.88   6.14    5.74     4.66
-binance-um-btcusdt-trades-20240808     21,313      7.30   6.12    6.54     5.36
-binance-spot-ethusdt-trades-20240808   6,106       6.49   3.24    3.20     2.80
+generated Binance USD-M trades         10,000,000  6.48   9.13    8.59     6.55
+binance-um-btcusdt-trades-20240808     21,313      7.60   5.34    4.92     5.23
+binance-spot-ethusdt-trades-20240808   6,106       4.50   3.64    3.17     3.21
 =====================================  ==========  =====  ======  =======  ======
 
-On small files a fixed ~1 ms per file (format sniffing, the streaming reader's setup)
-dominates; from about 20k rows on the streaming reader is within 1.2x of ``read_csv``.
-
-Only an empty field is missing: ``nan`` or
-``inf`` parse as numbers, so the checks name them ("price not finite"). Measured by ``scripts/bench_readers.py``.
+The plain call varies most with the machine's load (6.5 to 12.8 M/s over the runs on the
+10M file, against 9.1 to 10.3 M/s for the reader), so the ratio moved between 0.7x and 1.25x.
+Byte blocks also beat pyarrow's own streaming reader (``open_csv`` measured about 6.9 M/s in
+the same conditions), which is why the fast path does not use it. On small files a fixed ~1 ms per file (sniffing
+the format, opening) dominates.
 """
 
 from __future__ import annotations
