@@ -91,7 +91,10 @@ class Pipeline:
         self.ctx = StageContext(bus=self.bus, pipeline=name, symbols=self.symbols)
         self.runners: list[StageRunner] = []
         self.ticks_in = 0
+        self.ticks_not_delivered = 0
         self._pending: Lease | None = None
+        self._pending_deadline = 0.0
+        self._armed = asyncio.Event()
         self._flusher: asyncio.Task | None = None
         self._started = False
         self._closed = False
@@ -161,6 +164,7 @@ class Pipeline:
         self._closed = True
         try:
             if self._flusher is not None:
+                # Cancelling is safe: a flush in progress is finished before the task ends.
                 self._flusher.cancel()
                 await asyncio.gather(self._flusher, return_exceptions=True)
                 self._flusher = None
@@ -217,10 +221,17 @@ class Pipeline:
         await self._send(lease, holder)
 
     async def _send(self, lease: Lease, holder: str) -> None:
+        rows = lease.length
         try:
-            if lease.length:
-                self.ticks_in += lease.length
+            if rows:
                 await self.bus.publish(self.ingress_topic, lease)
+                self.ticks_in += rows
+        except BaseException:
+            if rows:
+                self.ticks_not_delivered += rows
+                log.warning("batch_not_delivered", pipeline=self.name, batch=lease.seq, rows=rows,
+                            holder=holder)
+            raise
         finally:
             lease.release(holder)
 
@@ -238,6 +249,9 @@ class Pipeline:
         if "ts_ns" not in columns:
             raise ConfigError("ingest: the ts_ns column is required")
         n = len(columns["ts_ns"])
+        lengths = {name: len(col) for name, col in columns.items()}
+        if len(set(lengths.values())) > 1:
+            raise ConfigError(f"ingest: columns differ in length: {lengths}")
         for start in range(0, n, self.batch_size):
             stop = min(start + self.batch_size, n)
             lease = await self.pool.acquire("ingress")
@@ -257,6 +271,7 @@ class Pipeline:
         lease = self._pending
         if lease is None:
             lease = self._pending = await self.pool.acquire("ingress")
+            self._pending_deadline = asyncio.get_running_loop().time() + self.max_delay_s
             self._arm_flusher()
         i = lease.length
         cols = lease.columns
@@ -294,14 +309,37 @@ class Pipeline:
         await self._send(lease, "ingress")
 
     def _arm_flusher(self) -> None:
+        """Make sure the deadline task runs and knows a new micro-batch has started."""
         if self._flusher is None or self._flusher.done():
             self._flusher = asyncio.get_running_loop().create_task(
-                self._flush_after_delay(), name=f"{self.name}:batcher"
+                self._flush_at_deadlines(), name=f"{self.name}:batcher"
             )
+        self._armed.set()
 
-    async def _flush_after_delay(self) -> None:
-        await asyncio.sleep(self.max_delay_s)
-        await self.flush()
+    async def _flush_at_deadlines(self) -> None:
+        """Publish each micro-batch ``max_delay_us`` after its first tick, if still pending.
+
+        One long-lived task, owned by the pipeline (cancelled at close). Each pending batch
+        gets its deadline even when the previous flush is held up by backpressure, and a
+        flush that has started is completed even if the task is cancelled meanwhile, so
+        closing never drops a batch that was on its way.
+        """
+        loop = asyncio.get_running_loop()
+        while True:
+            await self._armed.wait()
+            self._armed.clear()
+            while self._pending is not None:
+                lease = self._pending
+                delay = self._pending_deadline - loop.time()
+                if delay > 0:
+                    await asyncio.sleep(delay)
+                if self._pending is lease:
+                    inflight = asyncio.ensure_future(self.flush())
+                    try:
+                        await asyncio.shield(inflight)
+                    except asyncio.CancelledError:
+                        await inflight
+                        raise
 
     # --- introspection -----------------------------------------------------------------
     def stats(self) -> dict[str, Any]:
@@ -311,6 +349,7 @@ class Pipeline:
             "pipeline": self.name,
             "ticks": {
                 "ticks_in": self.ticks_in,
+                "ticks_not_delivered": self.ticks_not_delivered,
                 "ticks_out": sink_rows,
                 "ticks_failed": failed,
                 "in_flight": self.ticks_in - sink_rows - failed,

@@ -104,7 +104,7 @@ async def test_four_stages_give_the_same_numbers_for_any_batch_size(batch_size):
     np.testing.assert_allclose(np.concatenate(sink.double), 2 * data["price"] * data["size"], rtol=0)
     np.testing.assert_allclose(np.concatenate(sink.cum), np.cumsum(data["size"]), rtol=1e-12)
     t = pipe.stats()["ticks"]
-    assert t == {"ticks_in": 3000, "ticks_out": 3000, "ticks_failed": 0, "in_flight": 0}
+    assert t == {"ticks_in": 3000, "ticks_not_delivered": 0, "ticks_out": 3000, "ticks_failed": 0, "in_flight": 0}
     assert sink.finished
     assert pipe.pool.in_use == 0 and pipe.leaked == []
 
@@ -175,7 +175,7 @@ async def test_a_failing_stage_is_reported_with_context_and_does_not_hang_the_bu
         bus.subscribe("deadletter.>", lambda e: letters.append(e.payload))
         async with Pipeline(stages, batch_size=10, slabs=2, memory="host", bus=bus) as pipe:
             await asyncio.wait_for(pipe.ingest(ticks(50)), 5)
-    assert pipe.stats()["ticks"] == {"ticks_in": 50, "ticks_out": 40, "ticks_failed": 10, "in_flight": 0}
+    assert pipe.stats()["ticks"] == {"ticks_in": 50, "ticks_not_delivered": 0, "ticks_out": 40, "ticks_failed": 10, "in_flight": 0}
     assert len(letters) == 1
     assert "stage 'broken' failed on batch" in str(letters[0].error)
     assert "10 rows" in str(letters[0].error)
@@ -237,3 +237,45 @@ async def test_unknown_symbols_are_rejected_when_the_pipeline_lists_its_symbols(
         await pipe.publish_tick(TradeTick("ETHUSDT", 1, 1.0, 1.0))
         with pytest.raises(ConfigError, match="unknown symbol 'DOGEUSDT'"):
             await pipe.publish_tick(TradeTick("DOGEUSDT", 2, 1.0, 1.0))
+
+
+class SlowSink(Stage):
+    name = "slow"
+    reads = ("ts_ns",)
+
+    def __init__(self):
+        self.rows = 0
+
+    async def process(self, lease, stream, ctx):
+        await asyncio.sleep(0.05)
+        self.rows += lease.length
+
+
+async def test_every_micro_batch_gets_its_deadline_even_behind_backpressure():
+    sink = SlowSink()
+    async with Pipeline([sink], batch_size=1000, max_delay_us=1000, queue_size=1, slabs=8,
+                        memory="host") as pipe:
+        for i in range(3):
+            await pipe.publish_tick(TradeTick("X", 1_000 + i, 1.0, 1.0, 1))
+            await asyncio.sleep(0.01)
+        await pipe.publish_tick(TradeTick("X", 2_000, 1.0, 1.0, 1))  # the flusher is blocked now
+        await asyncio.sleep(0.5)
+        assert sink.rows == 4, "the last tick must not wait for more ticks to fill its batch"
+
+
+async def test_closing_while_a_deadline_flush_waits_delivers_that_batch():
+    sink = SlowSink()
+    pipe = Pipeline([sink], batch_size=1000, max_delay_us=1000, queue_size=1, slabs=8, memory="host")
+    async with pipe:
+        for i in range(3):
+            await pipe.publish_tick(TradeTick("X", 1_000 + i, 1.0, 1.0, 1))
+            await asyncio.sleep(0.01)
+    assert sink.rows == 3
+    assert pipe.stats()["ticks"]["ticks_not_delivered"] == 0
+
+
+async def test_ingest_refuses_columns_of_different_lengths():
+    _, pipe = toy(batch_size=8, slabs=2, memory="host")
+    async with pipe:
+        with pytest.raises(ConfigError, match="differ in length"):
+            await pipe.ingest({"ts_ns": np.arange(3), "price": np.ones(2)})
