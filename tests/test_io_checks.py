@@ -299,3 +299,10 @@ def test_a_file_of_only_refused_lines_counts_each_with_its_line(tmp_path: Path) 
         run(p, "fail", format="csv", mapping=mapping)
     with pytest.raises(DataError, match="wrong columns"):
         open_reader(p, format="binance_trades")  # the layout is told by the first row
+
+
+def test_unknown_reader_options_are_a_config_error(sample_dir: Path) -> None:
+    with pytest.raises(ConfigError, match=r"format 'binance_trades' takes no option \['mapping'\]"):
+        Source(sample_dir / "binance-um-btcusdt-trades-20240808.csv", options={"mapping": {}}).open()
+    reader, _ = Source(sample_dir / "databento-glbx-futures-mbp1-20240701.dbn.zst", options={"trades": True}).open()
+    assert reader.trades is True

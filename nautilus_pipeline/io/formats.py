@@ -21,6 +21,7 @@ format                 recognised by
 
 from __future__ import annotations
 
+import inspect
 import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -163,7 +164,12 @@ class Source:
     def open(self, accounting: Accounting | None = None) -> tuple[TickReader, Validator]:
         """The reader and the validator (checks + policy) of this source."""
         fmt = self.resolved_format()
-        reader = READERS[fmt](self.path, symbol=self.symbol, **dict(self.options))
+        options = dict(self.options)
+        allowed = set(inspect.signature(READERS[fmt]).parameters) - {"path", "symbol"}
+        unknown = sorted(set(options) - allowed)
+        if unknown:
+            raise ConfigError(f"source {self.path}: format {fmt!r} takes no option {unknown}; it takes {sorted(allowed)}")
+        reader = READERS[fmt](self.path, symbol=self.symbol, **options)
         order_by = self.order_by or DEFAULT_ORDER_BY.get(fmt, "ts_ns")
         validator = Validator(self.key, self.policy, accounting=accounting, quarantine=self.quarantine,
                               allow_equal_ts=self.allow_equal_ts, order_by=order_by)
