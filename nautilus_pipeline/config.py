@@ -331,26 +331,30 @@ def build_stages(definition: PipelineDef, sources: list[Any] | None = None) -> l
 
 
 def build_pipeline(definition: PipelineDef, stages: list[Any], *, batch_size: int | None = None,
-                   symbols: Any = None) -> Any:
-    """The :class:`~nautilus_pipeline.pipeline.Pipeline` of a definition."""
+                   symbols: Any = None, **overrides: Any) -> Any:
+    """The :class:`~nautilus_pipeline.pipeline.Pipeline` of a definition; keyword arguments
+    override its ``[pipeline]`` settings (``None`` keeps the definition's)."""
     from .pipeline import Pipeline
     from .symbols import SymbolTable
 
     p = definition.pipeline
     if symbols is None:
         symbols = SymbolTable(allowed=p["symbols"]) if p["symbols"] else SymbolTable()
-    return Pipeline(
-        stages,
-        name=p["name"],
-        batch_size=batch_size or p["batch_size"],
-        slabs=p["slabs"],
-        memory=p["memory"],
-        max_delay_us=p["max_delay_us"],
-        queue_size=p["queue_size"],
-        on_error=p["on_error"],
-        symbols=symbols,
-        blas_threads=p["blas_threads"] or None,
-    )
+    settings = {
+        "name": p["name"],
+        "batch_size": batch_size or p["batch_size"],
+        "slabs": p["slabs"],
+        "memory": p["memory"],
+        "max_delay_us": p["max_delay_us"],
+        "queue_size": p["queue_size"],
+        "on_error": p["on_error"],
+        "blas_threads": p["blas_threads"] or None,
+    }
+    unknown = set(overrides) - set(settings)
+    if unknown:
+        raise ConfigError(f"build_pipeline: unknown settings {sorted(unknown)}; use {sorted(settings)}")
+    settings.update({k: v for k, v in overrides.items() if v is not None})
+    return Pipeline(stages, symbols=symbols, **settings)
 
 
 def _load_registries() -> None:

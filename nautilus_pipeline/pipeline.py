@@ -235,13 +235,18 @@ class Pipeline:
         finally:
             lease.release(holder)
 
-    async def ingest(self, columns: Mapping[str, np.ndarray]) -> int:
+    async def ingest(self, columns: Mapping[str, np.ndarray], *, symbol: str | None = None) -> int:
         """Copy a struct of arrays (tick column name → array) into slabs and publish them.
 
         Missing columns take their defaults (``side`` 0, ``trade_id`` −1, NaN quotes).
+        ``symbol`` names the instrument of every row (its ``symbol_id`` from the pipeline's
+        symbol table); without it, ``symbol_id`` must be given or defaults to 0.
         Returns the number of rows published.
         """
         self._check_running()
+        if symbol is not None:
+            sid = self.symbols.id_of(symbol)
+            columns = {**columns, "symbol_id": np.full(len(columns["ts_ns"]), sid, dtype=np.uint32)}
         await self.flush()
         unknown = set(columns) - set(TICK_COLUMN_NAMES)
         if unknown:

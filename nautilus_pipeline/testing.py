@@ -3,10 +3,12 @@
 Use it from your own tests with ``pytest_plugins = ["nautilus_pipeline.testing"]`` in
 ``conftest.py`` (and ``asyncio_mode = "auto"`` for pytest-asyncio), then::
 
+    from nautilus_pipeline.testing import trades_frame
+
     async def test_my_strategy(pipeline_from, collect):
         pipe = await pipeline_from("pipelines/default.toml", batch_size=256)
         signals = collect(pipe, "signals.>")
-        await pipe.ingest(trades_frame(1000, seed=1))
+        await pipe.ingest(trades_frame(5000, seed=1), symbol="BTCUSDT-PERP")
         await pipe.drain()
         assert signals.payloads
 
@@ -79,8 +81,11 @@ class Collector:
 
 
 def trades_frame(n: int, *, seed: int = 0, symbol_id: int = 0, start_ns: int = 1_700_000_000_000_000_000,
-                 price: float = 100.0) -> dict[str, np.ndarray]:
-    """``n`` synthetic trades (a random walk, exponential sizes and gaps) as tick columns."""
+                 price: float = 60_000.0) -> dict[str, np.ndarray]:
+    """``n`` synthetic trades (a random walk, exponential sizes and gaps) as tick columns.
+
+    Pass ``symbol=`` to :meth:`Pipeline.ingest` to name their instrument.
+    """
     rng = np.random.default_rng(seed)
     return {
         "ts_ns": start_ns + np.cumsum(rng.exponential(5e6, n)).astype(np.int64),
@@ -120,7 +125,9 @@ def manual_clock() -> ManualClock:
 async def pipeline_from() -> AsyncIterator[Any]:
     """``await pipeline_from(stages_or_toml_path, **pipeline_kwargs)``: a started pipeline.
 
-    Every pipeline made is closed (drained) when the test ends.
+    With a definition file, keyword arguments override its ``[pipeline]`` settings
+    (``batch_size``, ``slabs``, ``memory``, ...). Every pipeline made is closed (drained)
+    when the test ends.
     """
     opened: list[Pipeline] = []
 
@@ -130,7 +137,7 @@ async def pipeline_from() -> AsyncIterator[Any]:
 
             definition = config.load(what)
             stages = config.build_stages(definition, config.make_sources(definition, None, None))
-            pipe = config.build_pipeline(definition, stages, batch_size=kwargs.pop("batch_size", None))
+            pipe = config.build_pipeline(definition, stages, **kwargs)
         else:
             pipe = Pipeline(list(what), **kwargs)
         await pipe.start()

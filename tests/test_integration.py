@@ -4,6 +4,7 @@ against the notebook batch API, the kill switch, and tick accounting."""
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import numpy as np
 import orjson
@@ -247,3 +248,16 @@ async def test_vpin_on_a_torch_stream_matches_the_cpu_kernel(sample_dir, pipelin
     assert [b.bucket for b in torch_] == [b.bucket for b in cpu]
     np.testing.assert_allclose([b.buy_volume for b in torch_], [b.buy_volume for b in cpu], rtol=0, atol=1e-9 * 5.0)
     np.testing.assert_allclose([b.vpin for b in torch_], [b.vpin for b in cpu], rtol=0, atol=1e-9)
+
+
+async def test_the_testing_kit_example_from_its_docstring(pipeline_from, collect):
+    from nautilus_pipeline.testing import trades_frame
+
+    pipe = await pipeline_from(str(Path(__file__).resolve().parents[1] / "pipelines" / "default.toml"),
+                               batch_size=256)
+    signals = collect(pipe, "signals.>")
+    await pipe.ingest(trades_frame(5000, seed=1), symbol="BTCUSDT-PERP")
+    await pipe.drain()
+    assert signals.payloads
+    assert pipe.batch_size == 256
+    assert pipe.stats()["ticks"]["ticks_failed"] == 0
