@@ -27,6 +27,7 @@ from nautilus_pipeline.stages import (
 )
 from nautilus_pipeline.testing import run_replay
 
+DEFAULT_PIPELINE = Path(__file__).resolve().parents[1] / "pipelines" / "default.toml"
 COLUMNS = ("features", "prediction", "vpin", "vpin_cdf", "toxic", "position", "equity", "pnl",
            "drawdown", "kill", "breach", "signal_side", "signal_target")
 RULE = SignalParams(long_threshold=0.55, short_threshold=0.45, max_position=0.01)
@@ -253,8 +254,7 @@ async def test_vpin_on_a_torch_stream_matches_the_cpu_kernel(sample_dir, pipelin
 async def test_the_testing_kit_example_from_its_docstring(pipeline_from, collect):
     from nautilus_pipeline.testing import trades_frame
 
-    pipe = await pipeline_from(str(Path(__file__).resolve().parents[1] / "pipelines" / "default.toml"),
-                               batch_size=256)
+    pipe = await pipeline_from(DEFAULT_PIPELINE, batch_size=256)
     signals = collect(pipe, "signals.>")
     await pipe.ingest(trades_frame(5000, seed=1), symbol="BTCUSDT-PERP")
     await pipe.drain()
