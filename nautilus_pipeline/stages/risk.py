@@ -20,6 +20,7 @@ trades on the stage's compute stream: numpy, torch or MLX).
 
 from __future__ import annotations
 
+import asyncio
 import math
 from collections.abc import Sequence
 
@@ -117,8 +118,10 @@ class RiskStage(Stage):
         self._device: str | None = None
 
     async def bind(self, stream: ComputeStream) -> None:
-        # Load (or JIT-compile) the numba account scan now, not inside the first batch.
-        risk_update(new_risk_state(self.limits), np.arange(2, dtype=np.int64), np.ones(2), np.zeros(2))
+        # Load (or JIT-compile) the numba account scan before the first batch, off the loop.
+        await asyncio.to_thread(
+            risk_update, new_risk_state(self.limits), np.arange(2, dtype=np.int64), np.ones(2), np.zeros(2)
+        )
         if stream.backend == "torch":
             self._backend, self._device = "torch", str(getattr(stream, "device", "cpu"))
         elif stream.backend == "mlx":

@@ -24,6 +24,7 @@ CPU path only.
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Mapping, Sequence
 
 import numpy as np
@@ -99,9 +100,17 @@ class VpinStage(Stage):
     async def bind(self, stream: ComputeStream) -> None:
         if stream.backend == "torch" and self.params["bar_ns"] == 0:
             self._torch_device = str(stream.device)
-        # Load (or JIT-compile) the numba kernels now, not inside the first batch's latency.
-        one = np.ones(2)
-        vpin_update(new_vpin_state(1.0, **self.params), np.arange(2, dtype=np.int64), one, one)
+        await asyncio.to_thread(self._warm_up)
+
+    def _warm_up(self) -> None:
+        """Load (or JIT-compile: seconds on a cold cache) every numba kernel before the first
+        batch, off the event loop: 64 one-unit trades, one bar each, half-unit buckets and a
+        window of 2 reach the bar scan, the bucket sums and the VPIN CDF."""
+        n, step = 64, max(self.params["bar_ns"], 1)
+        warm = new_vpin_state(0.5, window=2, bar_ns=self.params["bar_ns"], sigma_window=2)
+        prices = 100.0 + np.sin(np.arange(n))
+        warm, _ = vpin_update(warm, np.arange(n, dtype=np.int64) * step, prices, np.ones(n))
+        vpin_flush(warm)
 
     def _update(self, state: VpinState, ts, price, size):
         if self._torch_device is not None and ts.shape[0] >= self.gpu_min_batch:
