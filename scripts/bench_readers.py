@@ -24,8 +24,6 @@ from __future__ import annotations
 
 import argparse
 import importlib.metadata as md
-import os
-import platform
 import sys
 import time
 from collections.abc import Callable
@@ -41,22 +39,15 @@ from nautilus_pipeline.io import Replay, Validator, detect_format, open_reader
 from nautilus_pipeline.io.checks import validated
 from nautilus_pipeline.io.csv import CsvReader
 from nautilus_pipeline.io.files import iter_lines, open_stream
+from nautilus_pipeline.machine import describe
 
 DATA = Path(__file__).resolve().parents[1] / "nautilus_pipeline" / "data"
 
 
 def machine() -> str:
-    cpu = platform.processor() or "?"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
+    """The machine (one description for every benchmark) and the reader libraries' versions."""
     libs = ", ".join(f"{p} {md.version(p)}" for p in ("numpy", "pyarrow", "databento-dbn", "orjson"))
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    return f"{cpu}; {cores} cores usable ({os.cpu_count()} online); {platform.system()} {platform.release()}\nPython {platform.python_version()}; {libs}"
+    return f"{describe()}\n{libs}"
 
 
 def best(fn: Callable[[], int], repeat: int) -> tuple[float, int]:
