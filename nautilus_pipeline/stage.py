@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any
 import structlog
 
 from .compute import ComputeStream, choose, create_stream
-from .errors import StageError
+from .errors import PipelineError, StageError
 from .events import ColumnSpec
 from .memory import Lease
 from .metrics import LatencyHistogram
@@ -184,7 +184,9 @@ class StageRunner:
         try:
             await self._process_on(lease, self.stream)
         except Exception as exc:
-            fallback = self.fallback_stream
+            # Our own errors (bad data, bad configuration) fail the same way on any device:
+            # only other failures (device errors, out of memory) are worth a rerun.
+            fallback = None if isinstance(exc, PipelineError) else self.fallback_stream
             if fallback is None:
                 raise
             self.metrics.fallbacks += 1

@@ -279,3 +279,22 @@ async def test_ingest_refuses_columns_of_different_lengths():
     async with pipe:
         with pytest.raises(ConfigError, match="differ in length"):
             await pipe.ingest({"ts_ns": np.arange(3), "price": np.ones(2)})
+
+
+async def test_bad_data_is_not_rerun_on_the_fallback_stream():
+    from nautilus_pipeline.errors import DataError
+
+    class Picky(Notional):
+        name = "picky"
+        streams = ("torch:cpu", "cpu")
+
+        async def process(self, lease, stream, ctx):
+            raise DataError("price is NaN at row 3")
+
+    pytest.importorskip("torch", reason="torch is not installed")
+    async with Pipeline([Picky(), Double(), CumVolume(), Sink()], batch_size=10, slabs=2,
+                        memory="host") as pipe:
+        await pipe.ingest(ticks(10))
+    runner = pipe.runners[0]
+    assert runner.metrics.fallbacks == 0
+    assert runner.metrics.failed_rows == 10
