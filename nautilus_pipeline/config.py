@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .errors import ConfigError
+from .errors import ConfigError, PipelineError
 
 PACKAGE_DATA = Path(__file__).resolve().parent / "data"
 PACKAGE_MODELS = Path(__file__).resolve().parent / "models"
@@ -271,14 +271,18 @@ class BuildContext:
         if not self.sources:
             raise ConfigError("bucket_volume = 'auto' needs sources to calibrate on")
         replay = Replay(self.sources)
-        sizes: dict[int, list[np.ndarray]] = {}
-        for block in replay.iter_arrays():
-            trades = block["kind"] == KIND_TRADE
-            for sid in np.unique(block["symbol_id"][trades]):
-                sizes.setdefault(int(sid), []).append(block["size"][trades & (block["symbol_id"] == sid)])
+        volumes: dict[int, list[float]] = {}  # per symbol: the volume of each block read
+        try:
+            for block in replay.iter_arrays():
+                trades = block["kind"] == KIND_TRADE
+                for sid in np.unique(block["symbol_id"][trades]):
+                    picked = trades & (block["symbol_id"] == sid)
+                    volumes.setdefault(int(sid), []).append(float(block["size"][picked].sum()))
+        except PipelineError as exc:
+            raise type(exc)(f"reading the sources to compute bucket_volume = 'auto': {exc}") from None
         return {
-            replay.symbols.name_of(sid): propose_bucket_volume(np.concatenate(parts), buckets)
-            for sid, parts in sizes.items()
+            replay.symbols.name_of(sid): propose_bucket_volume(np.asarray(parts), buckets)
+            for sid, parts in volumes.items()
         }
 
 

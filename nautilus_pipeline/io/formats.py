@@ -51,7 +51,9 @@ def _generic_csv(path: str | Path, *, symbol: str | None = None, mapping: FieldM
 
         raise ConfigError(
             f"{path}: a generic CSV needs a column mapping (ts, price, size, side, ... or bid, ask); "
-            f"its first line is {sniff_names(path, delimiter)}"
+            f"its first line is {sniff_names(path, delimiter)}. Give it in a pipeline definition: "
+            '[[sources]] options = { mapping = { ts = "...", price = "...", size = "..." } } '
+            "(pipelines/README.md lists the keys)"
         )
     fmap = mapping if isinstance(mapping, FieldMap) else FieldMap.from_dict(mapping)
     names = tuple(column_names) if column_names is not None else None
