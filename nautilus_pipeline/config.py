@@ -113,7 +113,8 @@ PIPELINE_KEYS = {
 
 REPLAY_KEYS = {
     "speed": Key(float, 0.0, "0 = as fast as possible; N = N times faster than the market"),
-    "order_by": Key(str, "ts_event", "timestamp that orders the merged stream",
+    "order_by": Key(str, None, "timestamp that orders the merged stream (default per format: "
+                    "event time; receive time for captures whose quotes lack it)",
                     choices=("ts_event", "ts_recv")),
 }
 
@@ -290,8 +291,9 @@ def make_sources(definition: PipelineDef, ticks: list[str] | None, out_dir: Path
     """``io.Source`` objects for the definition's sources, or for ``ticks`` files if given."""
     from .io import Source
 
-    order = {"ts_event": "ts_ns", "ts_recv": "ts_recv_ns"}
+    order = {"ts_event": "ts_ns", "ts_recv": "ts_recv_ns", None: None}
     default_order = definition.replay["order_by"]
+    allowed = definition.pipeline["symbols"]
     if ticks:
         tables = [take({"path": t}, SOURCE_KEYS, f"ticks[{i}]", "--ticks") for i, t in enumerate(ticks)]
         paths = [Path(t) for t in ticks]
@@ -315,6 +317,7 @@ def make_sources(definition: PipelineDef, ticks: list[str] | None, out_dir: Path
                 order_by=order[t["order_by"] or default_order],
                 options=t["options"],
                 name=t["name"],
+                symbols_allowed=allowed,
             )
         )
     return out

@@ -85,3 +85,22 @@ def test_auto_bucket_volume_is_the_sources_volume_over_the_bucket_count():
     (volume,) = stage.bucket_volume.values()
     assert volume == pytest.approx(total / 40, rel=1e-12)
     assert np.isfinite(volume)
+
+
+def test_symbols_outside_the_allow_list_are_bad_rows_under_the_source_policy(tmp_path):
+    from nautilus_pipeline.io import Replay
+
+    text = MINIMAL.replace("[[sources]]", '[pipeline]\nsymbols = ["ETHUSDT"]\n\n[[sources]]').replace(
+        'path = "package:binance-um-btcusdt-trades-20240808.csv"',
+        'path = "package:binance-um-btcusdt-trades-20240808.csv"\nsymbol = "BTCUSDT-PERP"\n'
+        'on_bad_row = "quarantine"',
+    )
+    definition = config.loads(text, "x.toml")
+    sources = config.make_sources(definition, None, tmp_path)
+    replay = Replay(sources)
+    assert sum(len(b["ts_ns"]) for b in replay.iter_arrays()) == 0
+    total = replay.accounting.total
+    assert total.read == total.quarantined == 21313
+    assert total.by_reason == {"unknown_symbol": 21313}
+    line = (tmp_path / "quarantine-0-binance-um-btcusdt-trades-20240808.jsonl").read_text().splitlines()[0]
+    assert "BTCUSDT-PERP" in line and "symbols list" in line

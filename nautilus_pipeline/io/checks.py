@@ -31,7 +31,7 @@ from __future__ import annotations
 
 import collections
 import enum
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
@@ -183,6 +183,7 @@ _FIELD_OF_REASON = {
     Reason.SIZE_NOT_POSITIVE: "size",
     Reason.DUPLICATE_TRADE_ID: "trade_id",
     Reason.CROSSED_QUOTE: "bid",
+    Reason.UNKNOWN_SYMBOL: "symbol",
 }
 
 
@@ -226,8 +227,10 @@ class Validator:
         quarantine: Quarantine | str | Path | None = None,
         allow_equal_ts: bool = True,
         order_by: str = "ts_ns",
+        symbols_allowed: Iterable[str] | None = None,
     ):
         self.source = source
+        self.symbols_allowed = frozenset(symbols_allowed) if symbols_allowed is not None else None
         self.policy = Policy.parse(policy)
         if order_by not in ("ts_ns", "ts_recv_ns"):
             raise ConfigError(f"order_by {order_by!r} must be 'ts_ns' or 'ts_recv_ns'")
@@ -277,6 +280,11 @@ class Validator:
             self.accounting.add(self.source, names[k], what, int(counts[k]), reason)
 
     def _field_checks(self, chunk: TickChunk, reason: np.ndarray) -> None:
+        if self.symbols_allowed is not None:
+            unknown = [i for i, name in enumerate(chunk.symbols) if name not in self.symbols_allowed]
+            if unknown:
+                m = np.isin(chunk.column("symbol_id"), unknown) & (reason == 0)
+                reason[m] = Reason.UNKNOWN_SYMBOL
         kind = chunk.column("kind")
         trade = kind == KIND_TRADE
         quote = kind == KIND_QUOTE

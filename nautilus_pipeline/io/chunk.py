@@ -41,6 +41,7 @@ class Reason(enum.IntEnum):
     UNKNOWN_SIDE = 8
     CROSSED_QUOTE = 9
     WRONG_FIELD_COUNT = 10
+    UNKNOWN_SYMBOL = 11
 
     @property
     def advice(self) -> str:
@@ -63,6 +64,10 @@ _ADVICE: dict[Reason, str] = {
     Reason.UNKNOWN_SIDE: "use buy/sell, B/S, 1/-1/0 or is_buyer_maker true/false, or set side_encoding",
     Reason.CROSSED_QUOTE: "bid must not exceed ask: remove the row or use policy='reject'",
     Reason.WRONG_FIELD_COUNT: "the line has a different number of fields than the header: fix it",
+    Reason.UNKNOWN_SYMBOL: (
+        "the pipeline trades only the symbols in its [pipeline] symbols list: add this one, "
+        "or filter the file"
+    ),
 }
 
 

@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import inspect
 import re
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -138,7 +138,8 @@ class Source:
     ``ts_ns`` (event time) or ``ts_recv_ns``; default per format (:data:`DEFAULT_ORDER_BY`).
     ``quarantine``: side file for policy ``quarantine``. ``options``: reader keywords
     (``mapping=`` for generic CSV/Parquet/JSONL, ``trades=True`` for DBN MBP-1, ...).
-    ``name``: key in the accounting (default: the path).
+    ``name``: key in the accounting (default: the path). ``symbols_allowed``: when given,
+    rows of other symbols are bad rows (``UNKNOWN_SYMBOL``) under the source's policy.
     """
 
     path: str | Path
@@ -150,6 +151,7 @@ class Source:
     order_by: str | None = None
     options: Mapping[str, Any] = field(default_factory=dict)
     name: str | None = None
+    symbols_allowed: Iterable[str] | None = None
 
     def __post_init__(self) -> None:
         self.policy = Policy.parse(self.policy)
@@ -174,7 +176,8 @@ class Source:
         reader = READERS[fmt](self.path, symbol=self.symbol, **options)
         order_by = self.order_by or DEFAULT_ORDER_BY.get(fmt, "ts_ns")
         validator = Validator(self.key, self.policy, accounting=accounting, quarantine=self.quarantine,
-                              allow_equal_ts=self.allow_equal_ts, order_by=order_by)
+                              allow_equal_ts=self.allow_equal_ts, order_by=order_by,
+                              symbols_allowed=self.symbols_allowed)
         return reader, validator
 
 
