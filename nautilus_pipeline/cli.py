@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import math
 import signal
 import sys
@@ -24,11 +25,12 @@ from .errors import ConfigError, DataError, PipelineError
 
 EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_CONFIG, EXIT_DATA, EXIT_INTERRUPTED = 0, 1, 2, 3, 4, 130
 
-EXAMPLES = {
+EXAMPLES = {  # shown under each command's --help
     "run": """examples:
   nautilus-pipeline run pipelines/default.toml
   nautilus-pipeline run pipelines/vpin.toml --ticks my_trades.csv.gz --batch 1024 --out out/vpin
   nautilus-pipeline run pipelines/default.toml --speed 10          # 10x faster than the market
+  nautilus-pipeline run pipelines/vpin.toml --ticks ETHUSDT-trades-2024-08-08.csv --format binance_trades --symbol ETHUSDT
   nautilus-pipeline run pipelines/default.toml --log-format json 2> run.log""",
     "report": """examples:
   nautilus-pipeline report out/default              # writes out/default/report.png
@@ -38,9 +40,11 @@ EXAMPLES = {
   nautilus-pipeline devices --calibrate             # time the model on every usable backend""",
     "inspect": """examples:
   nautilus-pipeline inspect trades.csv
+  nautilus-pipeline inspect data/*.csv data/*.parquet
   nautilus-pipeline inspect glbx-mbp1.dbn.zst --format databento""",
     "validate": """examples:
-  nautilus-pipeline validate pipelines/default.toml""",
+  nautilus-pipeline validate pipelines/default.toml
+  nautilus-pipeline validate pipelines/*.toml""",
 }
 
 
@@ -59,6 +63,8 @@ def _parser() -> argparse.ArgumentParser:
                          formatter_class=fmt)
     run.add_argument("pipeline", help="pipeline definition (TOML), e.g. pipelines/default.toml")
     run.add_argument("--ticks", nargs="+", metavar="FILE", help="replay these files instead of the definition's sources")
+    run.add_argument("--format", help="reader for the --ticks files (default: detected; see 'inspect')")
+    run.add_argument("--symbol", help="instrument name for single-symbol --ticks files")
     run.add_argument("--speed", type=float, help="0 = as fast as possible; X = X times faster than the market")
     run.add_argument("--batch", type=int, help="ticks per batch (overrides pipeline.batch_size)")
     run.add_argument("--out", help="output folder (overrides outputs.dir)")
@@ -83,13 +89,13 @@ def _parser() -> argparse.ArgumentParser:
 
     ins = sub.add_parser("inspect", help="format, columns, rows, time span, symbols and bad rows of a tick file",
                          epilog=EXAMPLES["inspect"], formatter_class=fmt)
-    ins.add_argument("file")
+    ins.add_argument("files", nargs="+", metavar="FILE")
     ins.add_argument("--format", help="reader to use (default: detected)")
     ins.add_argument("--symbol", help="instrument name for single-symbol files")
 
     val = sub.add_parser("validate", help="check a pipeline definition without running it",
                          epilog=EXAMPLES["validate"], formatter_class=fmt)
-    val.add_argument("pipeline")
+    val.add_argument("pipelines", nargs="+", metavar="PIPELINE")
     return ap
 
 
@@ -143,6 +149,10 @@ async def _run(args: argparse.Namespace) -> int:
     definition = config.load(args.pipeline)
     out_dir = Path(args.out or definition.outputs["dir"])
     sources = config.make_sources(definition, args.ticks, out_dir)
+    if args.ticks:
+        for src in sources:
+            src.format = args.format or src.format
+            src.symbol = args.symbol or src.symbol
     if not sources:
         raise ConfigError(f"{definition.path}: no [[sources]]; give tick files with --ticks FILE")
     stages = config.build_stages(definition, sources)
@@ -175,14 +185,7 @@ async def _run(args: argparse.Namespace) -> int:
         async with pipe:
             sink.attach(pipe.bus)
             with _progress(err, show_progress, expected) as advance:
-                async for lease in replay.batches(pipe.pool):
-                    await pipe.publish_batch(lease, "replay")
-                    advance(replay.progress.ticks_delivered, replay.progress.ts_reached_ns)
-                    if metrics is not None:
-                        metrics.update(pipe, replay)
-                    if stop.is_set():
-                        interrupted = True
-                        break
+                interrupted = await _replay_into(pipe, replay, advance, metrics, stop)
         if metrics is not None:
             metrics.update(pipe, replay)
     finally:
@@ -200,6 +203,19 @@ async def _run(args: argparse.Namespace) -> int:
     if not interrupted:
         replay.accounting.check()
     return EXIT_INTERRUPTED if interrupted else EXIT_OK
+
+
+async def _replay_into(pipe, replay, advance, metrics, stop: asyncio.Event) -> bool:
+    """Feed the replay's batches to the pipeline until the end or Ctrl-C; True if interrupted."""
+    async with contextlib.aclosing(replay.batches(pipe.pool)) as batches:
+        async for lease in batches:
+            await pipe.publish_batch(lease, "replay")
+            advance(replay.progress.ticks_delivered, replay.progress.ts_reached_ns)
+            if metrics is not None:
+                metrics.update(pipe, replay)
+            if stop.is_set():
+                return True
+    return False
 
 
 class _progress:
@@ -312,6 +328,9 @@ def _print_summary(summary: dict[str, Any], out_dir: Path) -> None:
     console.print(ticks)
     if t["by_reason"]:
         console.print("bad rows by reason: " + ", ".join(f"{k}={v:,}" for k, v in t["by_reason"].items()))
+    unsent = t["read"] - t["delivered"] - t["rejected"] - t["quarantined"]
+    if summary["interrupted"] and unsent:
+        console.print(f"read ahead but not replayed before the interrupt: {unsent:,} rows")
 
     st = Table(title="stages (latency per batch)", title_justify="left")
     for col in ("stage", "stream", "fallback", "batches", "rows/s", "p50 µs", "p95 µs", "p99 µs", "max µs", "fallbacks"):
@@ -382,16 +401,23 @@ def cmd_devices(args: argparse.Namespace) -> int:
 
 # --- inspect ---------------------------------------------------------------------------
 def cmd_inspect(args: argparse.Namespace) -> int:
+    for i, name in enumerate(args.files):
+        if i:
+            print()
+        _inspect_one(Path(name), args.format, args.symbol)
+    return EXIT_OK
+
+
+def _inspect_one(path: Path, format: str | None, symbol: str | None) -> None:
     import numpy as np
 
     from .events import KIND_TRADE
     from .io import Replay, Source, detect_format
 
-    path = Path(args.file)
     if not path.is_file():
         raise DataError(f"{path}: no such file")
-    fmt = args.format or detect_format(path)
-    replay = Replay([Source(path, format=fmt, symbol=args.symbol, policy="reject")])
+    fmt = format or detect_format(path)
+    replay = Replay([Source(path, format=fmt, symbol=symbol, policy="reject")])
     rows = trades = 0
     first = last = None
     present: set[str] = set()
@@ -423,7 +449,7 @@ def cmd_inspect(args: argparse.Namespace) -> int:
         "ticks": rows,
         "trades": trades,
         "quotes": rows - trades,
-        "columns": sorted(present | {"ts_ns", "symbol_id", "kind"}),
+        "tick_columns_filled": sorted(present | {"ts_ns", "symbol_id", "kind"}),
         "first_ts": iso(first),
         "last_ts": iso(last),
         "span_s": span,
@@ -435,14 +461,19 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     width = max(len(k) for k in info)
     for k, v in info.items():
         print(f"{k:<{width}}  {', '.join(map(str, v)) if isinstance(v, list) else v}")
-    return EXIT_OK
 
 
 # --- validate --------------------------------------------------------------------------
 def cmd_validate(args: argparse.Namespace) -> int:
+    for name in args.pipelines:
+        _validate_one(name)
+    return EXIT_OK
+
+
+def _validate_one(name: str) -> None:
     from . import config
 
-    definition = config.load(args.pipeline)
+    definition = config.load(name)
     sources = config.make_sources(definition, None, None)
     for src in sources:
         if not Path(src.path).is_file():
@@ -451,7 +482,6 @@ def cmd_validate(args: argparse.Namespace) -> int:
     pipe = config.build_pipeline(definition, stages)
     print(f"{definition.path}: ok — pipeline {definition.name!r}, {len(sources)} source(s), "
           f"stages {' → '.join(s.name for s in pipe.stages)}, batch {pipe.batch_size}")
-    return EXIT_OK
 
 
 if __name__ == "__main__":  # pragma: no cover
