@@ -308,6 +308,8 @@ def _summary(definition, pipe, replay, sink, wall: float, interrupted: bool) -> 
         "pool": stats["pool"],
         "leaked_leases": stats["leaked_leases"],
         "outputs": dict(sink.counts),
+        "vpin_threshold": next((s.params["threshold"] for s in pipe.stages if hasattr(s, "params")
+                                and isinstance(s.params, dict) and "threshold" in s.params), 0.9),
         "symbols": pipe.symbols.names,
     }
 

@@ -67,7 +67,7 @@ def write_report(run_dir: Path, *, html_page: bool = False) -> list[Path]:
                 price = np.interp(signals["ts_ns"][m], trace["ts_ns"][sel], trace["price"][sel])
                 ax_price.scatter(ts, price, marker=marker, s=28, color=color, label=f"{side} ({int(m.sum())})", zorder=3)
     ax_price.set_ylabel("price")
-    ax_price.legend(loc="upper left", fontsize=8)
+    ax_price.legend(loc="best", fontsize=8, framealpha=0.6)
     t0 = summary["ticks"]
     ax_price.set_title(
         f"{summary['pipeline']}: {t0['processed']:,} ticks of {', '.join(summary['symbols'])} "
@@ -81,11 +81,18 @@ def write_report(run_dir: Path, *, html_page: bool = False) -> list[Path]:
         ax_vpin.step(vt, vpin["vpin"][v_sel], where="post", color="tab:purple", label="VPIN")
         tox = vpin["toxic"][v_sel].astype(bool)
         if tox.any():
-            ax_vpin.scatter(vt[tox], vpin["vpin"][v_sel][tox], color="tab:red", s=14, label="toxic (CDF > threshold)", zorder=3)
-        defined = vpin["vpin"][v_sel][~np.isnan(vpin["vpin"][v_sel].astype(float))]
-        if defined.size:
-            level = np.quantile(defined, 0.9)
-            ax_vpin.axhline(level, ls="--", color="tab:red", lw=0.8, label="90th percentile of VPIN")
+            ax_vpin.scatter(vt[tox], vpin["vpin"][v_sel][tox], color="tab:red", s=14,
+                            label="toxic bucket", zorder=3)
+        # The flag is the running empirical CDF of VPIN (no hindsight): draw that CDF and
+        # its threshold on their own axis rather than a quantile of the whole run.
+        ax_cdf = ax_vpin.twinx()
+        ax_cdf.step(vt, vpin["cdf"][v_sel], where="post", color="tab:gray", lw=0.7, alpha=0.7,
+                    label="running CDF of VPIN")
+        threshold = summary.get("vpin_threshold", 0.9)
+        ax_cdf.axhline(threshold, ls="--", color="tab:red", lw=0.8, label=f"toxic above CDF {threshold:g}")
+        ax_cdf.set_ylim(0, 1.05)
+        ax_cdf.set_ylabel("CDF")
+        ax_cdf.legend(loc="lower right", fontsize=8)
         ax_vpin.legend(loc="upper left", fontsize=8)
     else:
         ax_vpin.text(0.5, 0.5, "no VPIN buckets completed", transform=ax_vpin.transAxes, ha="center")
@@ -113,7 +120,8 @@ def write_report(run_dir: Path, *, html_page: bool = False) -> list[Path]:
             ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
             p99 = st["batch_latency"]["p99_us"]
             ax.axvline(p99, color="tab:red", lw=0.8)
-        ax.set_title(f"{st['stage']} @ {st['stream']}\np50 {st['batch_latency']['p50_us']:,.0f} µs, "
+        ax.set_title(f"{st['stage']} @ {st['stream']} ({st['batches']:,} batches)\n"
+                     f"p50 {st['batch_latency']['p50_us']:,.0f} µs, "
                      f"p99 {st['batch_latency']['p99_us']:,.0f} µs", fontsize=8)
         ax.set_xlabel("µs per batch", fontsize=7)
         ax.tick_params(labelsize=7)
