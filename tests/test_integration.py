@@ -159,6 +159,7 @@ async def test_a_drawdown_breach_turns_the_kill_switch_on_and_signals_go_flat(sa
     )
     breaches = [e for e in risk if e.kind == "breach"]
     assert breaches and breaches[0].breaches == ("max_drawdown",)
+    assert len(breaches) == len({e.breaches for e in breaches}), "one event per change, not per row"
     first = breaches[0].ts_ns
     after = [s for s in signals if s.ts_ns >= first]
     assert after, "a signal follows the breach"

@@ -12,7 +12,8 @@ take the rule (``SignalParams``) from the pipeline definition's ``signal`` stage
 
 Rows: the account moves on trade rows; quote rows carry the symbol's latest values.
 Events on ``risk.<symbol>``: a ``breach`` :class:`~nautilus_pipeline.events.RiskEvent`
-on every row that breaks a limit, and a ``var`` report every ``var_every`` trades of a
+when the set of breached limits changes to a non-empty one (the kill switch trips), and a
+``var`` report every ``var_every`` trades of a
 symbol (parametric from the features' EWMA volatility, historical from the last
 ``var_window`` log returns, Monte Carlo with ``var_paths`` paths over ``var_horizon``
 trades on the stage's compute stream: numpy, torch or MLX).
@@ -153,7 +154,12 @@ class RiskStage(Stage):
                     (out["position"], out["equity"], out["pnl"], out["drawdown"],
                      out["kill"], out["breach"])
                 )
-                for i in np.flatnonzero(out["breach"]):
+                # An event when a symbol's set of breached limits changes to a non-empty one
+                # (the kill switch just tripped, or another limit joined), not on every row
+                # a limit stays breached.
+                breach = out["breach"]
+                prev = np.concatenate(([int(last[key][5]) if key in last else 0], breach[:-1]))
+                for i in np.flatnonzero((breach != 0) & (breach != prev)):
                     events.append((key, int(trade_rows[i]), None))
                 if self.var_every:
                     before = trades.get(key, 0)
