@@ -25,7 +25,7 @@ def sample_dir() -> Path:
 @pytest.fixture(scope="session")
 def shared_data() -> Path:
     if not SHARED_DATA.is_dir():
-        pytest.skip(f"needs the real data set in {SHARED_DATA} (not part of a fresh clone)")
+        pytest.skip(reason=f"needs the real data set in {SHARED_DATA} (not part of a fresh clone)")
     return SHARED_DATA
 
 

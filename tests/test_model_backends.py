@@ -57,7 +57,7 @@ def _skip_unless(backend: str) -> pytest.MarkDecorator:
 @pytest.mark.parametrize("n", [1, 7, 300])
 def test_cpu_backends_match_the_reference_in_float32(backend: str, options: dict, n: int) -> None:
     if not _usable(backend):
-        pytest.skip(f"{backend}: {runner_usable(backend)[1]}")
+        pytest.skip(reason=f"{backend}: {runner_usable(backend)[1]}")
     w = weights(1)
     x = rows(w, n)
     got = make_runner(backend, SPEC, w, **options).predict(x)
@@ -70,7 +70,7 @@ def test_cpu_backends_match_the_reference_in_float32(backend: str, options: dict
 @pytest.mark.parametrize("backend", ["numpy", "torch:cpu", "mlx:cpu"])
 def test_every_activation_agrees_across_backends(activation: str, backend: str) -> None:
     if not _usable(backend):
-        pytest.skip(f"{backend}: {runner_usable(backend)[1]}")
+        pytest.skip(reason=f"{backend}: {runner_usable(backend)[1]}")
     spec = ModelSpec(SPEC.input_names, hidden=(32, 16), activation=activation)
     w = random_weights(spec, 2)
     x = rows(w, 64)
@@ -91,7 +91,7 @@ def test_reduced_precision_compute_stays_within_its_tolerance(
     backend: str, dtype: str, atol: float
 ) -> None:
     if not _usable(backend):
-        pytest.skip(f"{backend}: {runner_usable(backend)[1]}")
+        pytest.skip(reason=f"{backend}: {runner_usable(backend)[1]}")
     w = weights(3)
     x = rows(w, 2048)
     got = make_runner(backend, SPEC, w, dtype=dtype).predict(x)
@@ -115,7 +115,7 @@ def test_reduced_precision_weights_stay_within_their_tolerance(storage: str, ato
 def test_raw_features_in_the_thousands_keep_their_precision_in_float16() -> None:
     """Normalisation runs in float32 before the cast, so BTC-sized inputs do not collapse."""
     if not _usable("torch:cpu"):
-        pytest.skip(f"torch:cpu: {runner_usable('torch:cpu')[1]}")
+        pytest.skip(reason=f"torch:cpu: {runner_usable('torch:cpu')[1]}")
     w0 = weights(6)
     errs = []
     for shift in (0.0, 60_000.0):
@@ -182,7 +182,7 @@ def test_float64_input_is_accepted_and_converted() -> None:
 def test_compiled_mlx_runner_survives_batch_sizes_that_shrink_and_grow() -> None:
     """Shapeless mx.compile corrupted the heap on 300 → 1 rows (MLX 0.32.4); per-shape must not."""
     if not _usable("mlx:cpu"):
-        pytest.skip(f"mlx:cpu: {runner_usable('mlx:cpu')[1]}")
+        pytest.skip(reason=f"mlx:cpu: {runner_usable('mlx:cpu')[1]}")
     w = weights()
     r = make_runner("mlx:cpu", SPEC, w, compile=True)
     for n in (300, 1, 7, 300, 1):
@@ -193,7 +193,7 @@ def test_compiled_mlx_runner_survives_batch_sizes_that_shrink_and_grow() -> None
 def test_mlx_runner_works_from_another_thread() -> None:
     """The runtime may call predict from an executor thread; MLX streams are thread-bound."""
     if not _usable("mlx:cpu"):
-        pytest.skip(f"mlx:cpu: {runner_usable('mlx:cpu')[1]}")
+        pytest.skip(reason=f"mlx:cpu: {runner_usable('mlx:cpu')[1]}")
     w = weights()
     x = rows(w, 16)
     r = make_runner("mlx:cpu", SPEC, w)
