@@ -96,6 +96,7 @@ class Pipeline:
         self._pending_deadline = 0.0
         self._armed = asyncio.Event()
         self._flusher: asyncio.Task | None = None
+        self._stats_sub: Any = None
         self._started = False
         self._closed = False
         self.leaked: list[Lease] = []
@@ -148,7 +149,7 @@ class Pipeline:
             await runner.start()
             self.runners.append(runner)
             topic = out
-        self.bus.respond(f"control.{self.name}.stats", lambda event: self.stats())
+        self._stats_sub = self.bus.respond(f"control.{self.name}.stats", lambda event: self.stats())
         log.info(
             "pipeline_started",
             pipeline=self.name,
@@ -178,6 +179,13 @@ class Pipeline:
                 self._pending = None
             if self._own_bus:
                 await self.bus.close(drain=drain and self.bus.failure is None)
+            elif not self.bus.closed:
+                # A shared bus outlives the pipeline: take our subscriptions (and their
+                # consumer tasks) off it.
+                subs = [r.subscription for r in self.runners if r.subscription is not None]
+                for sub in [*subs, self._stats_sub]:
+                    if sub is not None:
+                        await self.bus.unsubscribe(sub, drain=drain)
         finally:
             for runner in self.runners:
                 runner.close()

@@ -298,3 +298,15 @@ async def test_bad_data_is_not_rerun_on_the_fallback_stream():
     runner = pipe.runners[0]
     assert runner.metrics.fallbacks == 0
     assert runner.metrics.failed_rows == 10
+
+
+async def test_a_pipeline_on_a_shared_bus_leaves_no_subscription_behind():
+    async with EventBus() as bus:
+        before = set(asyncio.all_tasks())
+        _, pipe = toy(batch_size=16, slabs=2, memory="host", bus=bus)
+        async with pipe:
+            await pipe.ingest(ticks(40))
+        await asyncio.sleep(0)
+        assert bus.subscriptions == []
+        assert set(asyncio.all_tasks()) == before
+        assert not bus.closed, "the owner's bus keeps running"
