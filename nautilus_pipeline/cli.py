@@ -385,15 +385,18 @@ def cmd_devices(args: argparse.Namespace) -> int:
     infos = discover()
     for info in infos:
         table.add_row(info.name, "yes" if info.usable else "no", escape(info.reason))
-    console = Console()
+    console = Console(width=None if sys.stdout.isatty() else 160)
     console.print(table)
     if args.calibrate:
         from .model.runners import calibrate
         from .model.spec import DEFAULT_MODEL_PATH, load_model
 
         spec, weights = load_model(args.model or DEFAULT_MODEL_PATH)
+        from threadpoolctl import threadpool_limits
+
         usable = [("numpy" if i.name == "cpu" else i.name) for i in infos if i.usable]
-        cal = calibrate(usable, spec, weights)
+        with threadpool_limits(1, user_api="blas"):  # as a running pipeline has it
+            cal = calibrate(usable, spec, weights)
         console.print(f"\nmodel {Path(args.model or DEFAULT_MODEL_PATH).name}: "
                       f"{spec.n_inputs} inputs → {' → '.join(map(str, spec.hidden))} → 1")
         console.print(cal.format(), markup=False)
