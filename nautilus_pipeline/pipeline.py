@@ -17,7 +17,8 @@ end-of-stream results), the bus drains and closes, streams close, and the pool r
 leaked leases. Nothing is left running.
 
 BLAS threads. While it runs, a pipeline limits BLAS (OpenBLAS/MKL) to ``blas_threads``
-threads (default 1, through threadpoolctl; ``None`` leaves them alone). Stages call their
+threads for the whole process (default 1, through threadpoolctl; ``None`` leaves them
+alone, as an app with its own BLAS-heavy work may prefer). Stages call their
 kernels one batch at a time, and a multi-threaded BLAS fighting the event loop and the
 other stages for cores was far slower: the default model on a 4096-row batch took 1.6 ms
 with one OpenBLAS thread and 24 ms with two on the 2-core dev VM under load.

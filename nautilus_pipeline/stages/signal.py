@@ -14,6 +14,7 @@ from collections.abc import Sequence
 import numpy as np
 
 from ..compute import ComputeStream
+from ..errors import ConfigError
 from ..events import KIND_TRADE, ColumnSpec, Side, Signal
 from ..kernels.features import symbol_groups
 from ..kernels.signal import (
@@ -52,8 +53,7 @@ class SignalStage(Stage):
         self.topic_prefix = topic_prefix
 
     def connect(self, upstream: Sequence[Stage]) -> None:
-        from ..errors import ConfigError
-        from .risk import RiskStage
+        from .risk import RiskStage  # risk imports the signal kernel: import late
 
         for stage in upstream:
             if isinstance(stage, RiskStage) and stage.rule != self.rule:
