@@ -60,8 +60,8 @@ async def test_cpu_stream_runs_inline_or_on_its_own_thread():
     offloaded.close()
 
 
-async def test_offloaded_work_keeps_the_loop_responsive():
-    stream = create_stream("cpu", offload=True)
+async def ticks_while(awaitable, pause: float = 0.0) -> int:
+    """How often the event loop ran another task while ``awaitable`` was awaited."""
     ticks = 0
     done = False
 
@@ -69,12 +69,19 @@ async def test_offloaded_work_keeps_the_loop_responsive():
         nonlocal ticks
         while not done:
             ticks += 1
-            await asyncio.sleep(0.001)
+            await asyncio.sleep(pause)
 
     t = asyncio.ensure_future(ticker())
-    await stream.run(lambda: np.linalg.svd(np.random.default_rng(0).random((400, 400))))
+    await awaitable
     done = True
     await t
+    return ticks
+
+
+async def test_offloaded_work_keeps_the_loop_responsive():
+    stream = create_stream("cpu", offload=True)
+    svd = stream.run(lambda: np.linalg.svd(np.random.default_rng(0).random((400, 400))))
+    ticks = await ticks_while(svd, pause=0.001)
     stream.close()
     assert ticks > 1, "the loop ran other work while the kernel ran"
 
@@ -144,18 +151,6 @@ async def test_cuda_stream_copies_once_and_counts_bytes():
 async def test_cuda_work_does_not_block_the_loop():
     stream = create_stream("torch:cuda")
     x = torch.randn(4096, 4096, device="cuda")
-    ticks = 0
-    done = False
-
-    async def ticker():
-        nonlocal ticks
-        while not done:
-            ticks += 1
-            await asyncio.sleep(0)
-
-    t = asyncio.ensure_future(ticker())
-    await stream.run(lambda: [x @ x for _ in range(20)][-1].sum())
-    done = True
-    await t
+    ticks = await ticks_while(stream.run(lambda: [x @ x for _ in range(20)][-1].sum()))
     stream.close()
     assert ticks > 1
