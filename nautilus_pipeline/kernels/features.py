@@ -57,6 +57,7 @@ from scipy.signal import lfilter
 
 from nautilus_pipeline.errors import ConfigError, DataError
 from nautilus_pipeline.events import KIND_TRADE
+from nautilus_pipeline.kernels.rows import ffill_rows, symbol_groups
 
 __all__ = [
     "ALL_FEATURE_NAMES",
@@ -71,7 +72,6 @@ __all__ = [
     "features_update_rows",
     "new_feature_state",
     "quote_features",
-    "symbol_groups",
 ]
 
 F64 = np.float64
@@ -318,30 +318,6 @@ def quote_features(
     return out
 
 
-def symbol_groups(symbol_id: np.ndarray) -> list[tuple[int, np.ndarray]]:
-    """``(symbol_id, row indices)`` per symbol in a batch, rows in stream order.
-
-    A stable sort keeps each symbol's rows in the order they arrived, so per-symbol
-    kernels see their stream as it was; symbols come in ascending id order (deterministic).
-    """
-    sym = np.asarray(symbol_id)
-    if sym.shape[0] == 0:
-        return []
-    order = np.argsort(sym, kind="stable")
-    s = sym[order]
-    starts = np.flatnonzero(np.concatenate(([True], s[1:] != s[:-1])))
-    ends = np.append(starts[1:], s.shape[0])
-    return [(int(s[a]), order[a:b]) for a, b in zip(starts, ends, strict=True)]
-
-
-def _ffill_rows(values: np.ndarray, has: np.ndarray, carry: np.ndarray) -> np.ndarray:
-    """Each row gets the values of the latest row with ``has`` at or before it, else ``carry``."""
-    idx = np.where(has, np.arange(has.shape[0]), -1)
-    np.maximum.accumulate(idx, out=idx)
-    filled = np.concatenate((carry[None, :], values))
-    return filled[idx + 1]
-
-
 def features_update_rows(
     states: Mapping[int, FeatureState],
     symbol_id: np.ndarray,
@@ -389,13 +365,13 @@ def features_update_rows(
         )
         full_t = np.empty((rows.shape[0], kt))
         full_t[tr] = tout
-        out[rows, :kt] = _ffill_rows(full_t, tr, carry_trade)
+        out[rows, :kt] = ffill_rows(full_t, tr, carry_trade)
         if has_quotes and not tr.all():
             q_rows = rows[~tr]
             qout = quote_features(bid[q_rows], ask[q_rows], bid_size[q_rows], ask_size[q_rows])
             full_q = np.empty((rows.shape[0], 3))
             full_q[~tr] = qout
-            out[rows, kt:] = _ffill_rows(full_q, ~tr, st.last_quote)
+            out[rows, kt:] = ffill_rows(full_q, ~tr, st.last_quote)
             st = replace(st, last_quote=qout[-1].copy())
         else:
             out[rows, kt:] = st.last_quote

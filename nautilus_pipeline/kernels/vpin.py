@@ -73,7 +73,7 @@ from numba import njit
 
 from nautilus_pipeline.errors import ConfigError, DataError
 from nautilus_pipeline.events import KIND_TRADE
-from nautilus_pipeline.kernels.features import symbol_groups
+from nautilus_pipeline.kernels.rows import symbol_groups
 
 __all__ = [
     "VPIN_OUTPUT_FIELDS",

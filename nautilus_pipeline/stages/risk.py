@@ -30,7 +30,6 @@ import numpy as np
 from ..compute import ComputeStream
 from ..errors import ConfigError
 from ..events import KIND_TRADE, ColumnSpec, RiskEvent
-from ..kernels.features import symbol_groups
 from ..kernels.risk import (
     RiskParams,
     RiskState,
@@ -40,6 +39,7 @@ from ..kernels.risk import (
     risk_update,
     var_report,
 )
+from ..kernels.rows import ffill_rows, symbol_groups
 from ..kernels.signal import SignalParams, SignalState, new_signal_state, signal_update
 from ..memory import Lease
 from ..stage import Stage, StageContext
@@ -176,9 +176,7 @@ class RiskStage(Stage):
                     returns[key] = return_window(window, r[start:], self.var_window)
                     trades[key] = after
             carry = last.get(key, np.array([0.0, np.nan, np.nan, np.nan, 0.0, 0.0]))
-            idx = np.where(is_trade, np.arange(rows.shape[0]), -1)
-            np.maximum.accumulate(idx, out=idx)
-            filled = np.concatenate((carry[None, :], values))[idx + 1]
+            filled = ffill_rows(values, is_trade, carry)
             cols[rows] = filled
             last[key] = filled[-1].copy()
             accounts[key], intents[key] = acct, intent

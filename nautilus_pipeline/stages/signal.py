@@ -16,7 +16,7 @@ import numpy as np
 from ..compute import ComputeStream
 from ..errors import ConfigError
 from ..events import KIND_TRADE, ColumnSpec, Side, Signal
-from ..kernels.features import symbol_groups
+from ..kernels.rows import symbol_groups
 from ..kernels.signal import (
     SignalParams,
     SignalState,

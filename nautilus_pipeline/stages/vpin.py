@@ -32,7 +32,7 @@ import numpy as np
 from ..compute import ComputeStream
 from ..errors import ConfigError
 from ..events import KIND_TRADE, ColumnSpec, VpinBucket
-from ..kernels.features import symbol_groups
+from ..kernels.rows import ffill_rows, symbol_groups
 from ..kernels.vpin import VpinState, new_vpin_state, vpin_flush, vpin_update, vpin_update_torch
 from ..memory import Lease
 from ..stage import Stage, StageContext
@@ -153,9 +153,7 @@ class VpinStage(Stage):
                 values[pos[final], 1] = out["cdf"][final]
                 values[pos[final], 2] = out["toxic"][final]
                 has[pos[final]] = True
-            idx = np.where(has, np.arange(rows.shape[0]), -1)
-            np.maximum.accumulate(idx, out=idx)
-            filled = np.concatenate((carry[None, :], values))[idx + 1]
+            filled = ffill_rows(values, has, carry)
             cols[rows] = filled
             last[key] = filled[-1].copy()
         return new_states, outputs, cols, last
