@@ -40,10 +40,10 @@ log = structlog.get_logger("nautilus_pipeline.inference")
 DEFAULT_STREAMS = ("coreml:ane", "mlx:gpu", "torch:cuda", "torch:mps", "cpu")
 
 # Rows are padded to a multiple of 64 before the model runs. BLAS picks other kernels (and
-# so another float32 summation order) for matrices of few rows: on this project's dev VM
-# (OpenBLAS) batches of 1-33 rows differed from batch 4096 in the last bit, padded ones do
-# not. The padding costs little (a batch of 1 computes 64 rows) and makes predictions as
-# independent of the batch size as the BLAS allows.
+# so another float32 summation order) for matrices of few rows: on the dev VM (OpenBLAS)
+# small batches differed from batch 4096 in the last bit while padded ones did not. The
+# padding costs little (a batch of 1 computes 64 rows) and makes predictions as independent
+# of the batch size as the BLAS allows; tests/test_integration.py bounds what remains.
 ROW_MULTIPLE = 64
 
 
