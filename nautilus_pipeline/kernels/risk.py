@@ -47,6 +47,7 @@ from numba import njit
 from scipy.special import ndtri
 
 from nautilus_pipeline.errors import BackendUnavailableError, ConfigError, DataError
+from nautilus_pipeline.kernels.montecarlo import McSampler
 
 __all__ = [
     "BREACH_DRAWDOWN",
@@ -60,6 +61,7 @@ __all__ = [
     "breach_names",
     "historical_var",
     "mc_var",
+    "new_generator",
     "new_risk_state",
     "parametric_var",
     "reset_kill_switch",
@@ -171,7 +173,7 @@ def reset_kill_switch(state: RiskState, *, reset_peak: bool = True) -> RiskState
     return replace(state, f=f, i=i)
 
 
-@njit(cache=True)
+@njit(cache=True, nogil=True)
 def _risk_scan(ts, price, target, fs, ist, ring, lim, max_orders, window_ns, o):
     pos, cash, pending, peak, equity = fs[0], fs[1], fs[2], fs[3], fs[4]
     kill, count, rpos = ist[0], ist[1], ist[2]
@@ -332,23 +334,6 @@ def historical_var(
     return np.partition(losses, k)[k]
 
 
-class _Numpy:
-    def __init__(self, seed: int, device: str | None) -> None:
-        self.rng = np.random.default_rng(seed)
-
-    def normal(self, shape: tuple[int, int]) -> Any:
-        return self.rng.standard_normal(shape)
-
-    def bootstrap(self, r: Any, shape: tuple[int, int]) -> Any:
-        return r[self.rng.integers(0, r.shape[0], size=shape)]
-
-    def asarray(self, x: np.ndarray) -> Any:
-        return x
-
-    def sort_to_numpy(self, parts: list[Any]) -> np.ndarray:
-        return np.sort(np.concatenate(parts))
-
-
 class _Torch:
     def __init__(self, seed: int, device: str | None) -> None:
         try:
@@ -417,7 +402,7 @@ class _Mlx:
         return np.asarray(s.astype(self.mx.float64, stream=self.mx.cpu), dtype=np.float64)
 
 
-_BACKENDS = {"numpy": _Numpy, "torch": _Torch, "mlx": _Mlx}
+_BACKENDS = {"numpy": McSampler, "torch": _Torch, "mlx": _Mlx}
 
 
 def mc_var(
@@ -431,6 +416,7 @@ def mc_var(
     device: str | None = None,
     *,
     chunk_elements: int = 1 << 24,
+    generator: Any = None,
 ) -> np.ndarray:
     """Monte Carlo VaR (quote currency), one value per level, as a float64 numpy array.
 
@@ -445,22 +431,37 @@ def mc_var(
     at most ``chunk_elements`` numbers to bound memory. Deterministic for one seed and
     backend; different backends draw different numbers, so they agree only to Monte Carlo
     error. MPS and the MLX GPU compute in float32.
+
+    ``generator``: a generator made by :func:`new_generator` for this backend; its state
+    advances with every call, so successive reports draw fresh paths from one seed (the
+    risk stage keeps one per symbol). Without it, one is made from ``seed`` for this call.
+    On numpy the paths are drawn, gathered and summed in one fused loop
+    (:mod:`~nautilus_pipeline.kernels.montecarlo`), with no temporary beyond the losses.
     """
     lv = _check_levels(levels)
     if horizon < 1 or n_paths < 1:
         raise ConfigError(f"mc_var: horizon and n_paths must be >= 1, got {horizon}, {n_paths}")
     if backend not in _BACKENDS:
         raise ConfigError(f"mc_var: backend must be one of {sorted(_BACKENDS)}, got {backend!r}")
-    xp = _BACKENDS[backend](seed, device)
+    xp = generator if generator is not None else new_generator(backend, seed, device)
     rs = np.asarray(returns_or_sigma, dtype=np.float64)
     bootstrap = rs.ndim > 0
     if bootstrap:
         rs = rs[~np.isnan(rs)]
         if rs.size == 0:
             raise DataError("mc_var: no non-NaN returns to bootstrap from")
-        r_dev = xp.asarray(rs)
     elif not (math.isfinite(float(rs)) and float(rs) >= 0.0):
         raise DataError(f"mc_var: sigma must be finite and >= 0, got {float(rs)}")
+    k = _quantile_index(lv, n_paths)
+    if isinstance(xp, McSampler):
+        if bootstrap:
+            losses = xp.bootstrap(rs, horizon, n_paths, position)
+        else:
+            losses = xp.normal(float(rs), horizon, n_paths, position)
+        losses.partition(k)
+        return losses[k]
+    if bootstrap:
+        r_dev = xp.asarray(rs)
     rows = max(1, chunk_elements // horizon)
     parts = []
     done = 0
@@ -473,7 +474,21 @@ def mc_var(
         parts.append(-float(position) * total)
         done += c
     losses = xp.sort_to_numpy(parts)
-    return losses[_quantile_index(lv, n_paths)]
+    return losses[k]
+
+
+def new_generator(backend: str = "numpy", seed: int = 0, device: str | None = None,
+                  stream: int = 0) -> Any:
+    """A generator for :func:`mc_var` on ``backend`` whose state advances with each call.
+
+    ``stream`` (e.g. a symbol id) selects an independent sequence for the same ``seed``.
+    """
+    if backend not in _BACKENDS:
+        raise ConfigError(f"mc_var: backend must be one of {sorted(_BACKENDS)}, got {backend!r}")
+    if backend == "numpy":
+        return McSampler(seed, stream)
+    mixed = int(seed) if not stream else (int(seed) * 1_000_003 + int(stream)) % (1 << 63)
+    return _BACKENDS[backend](mixed, device)
 
 
 def return_window(window: np.ndarray, new_returns: np.ndarray, length: int) -> np.ndarray:
@@ -495,6 +510,7 @@ def var_report(
     seed: int = 0,
     backend: str = "numpy",
     device: str | None = None,
+    generator: Any = None,
 ) -> dict[str, np.ndarray]:
     """The three VaR estimates of one exposure, one value per level each (quote currency).
 
@@ -507,7 +523,8 @@ def var_report(
     r = r[~np.isnan(r)]
     hist = historical_var(r, exposure, levels) * math.sqrt(horizon)
     source = r if r.size else sigma
-    mc = mc_var(source, exposure, horizon, n_paths, levels, seed, backend, device)
+    mc = mc_var(source, exposure, horizon, n_paths, levels, seed, backend, device,
+                generator=generator)
     return {
         "parametric": parametric_var(sigma, exposure, horizon, levels),
         "historical": hist,
