@@ -19,9 +19,8 @@ from ..events import ColumnSpec
 from ..kernels.features import (
     DEFAULT_FEATURE_CONFIG,
     FeatureConfig,
-    FeatureState,
+    FeatureTable,
     all_feature_names,
-    features_update_rows,
 )
 from ..memory import Lease
 from ..stage import Stage, StageContext
@@ -58,14 +57,21 @@ class FeaturesStage(Stage):
         self.writes = (ColumnSpec(FEATURES_COLUMN, np.dtype(np.float64), (len(self.names),), np.nan),)
         index = [available.index(n) for n in self.names]
         self._index = None if index == list(range(len(available))) else np.asarray(index)
-        self.states: dict[int, FeatureState] = {}
+        self.table = FeatureTable(config)
+        self._out = np.empty((0, len(available)))
 
     async def start(self, ctx: StageContext) -> None:
-        self.states = {}
+        self.table = FeatureTable(self.config)
 
-    def _compute(self, lease: Lease) -> dict[int, FeatureState]:
-        states, out = features_update_rows(
-            self.states,
+    def _compute(self, lease: Lease) -> None:
+        n = lease.length
+        if self._index is None:
+            out = lease[FEATURES_COLUMN]
+        else:
+            if self._out.shape[0] < lease.capacity:
+                self._out = np.empty((lease.capacity, self._out.shape[1]))
+            out = self._out[:n]
+        self.table.update(
             lease["symbol_id"],
             lease["kind"],
             lease["ts_ns"],
@@ -76,13 +82,13 @@ class FeaturesStage(Stage):
             lease["ask"],
             lease["bid_size"],
             lease["ask_size"],
-            config=self.config,
+            out,
         )
-        lease[FEATURES_COLUMN][...] = out if self._index is None else out[:, self._index]
-        return states
+        if self._index is not None:
+            np.take(out, self._index, axis=1, out=lease[FEATURES_COLUMN])
 
     async def process(self, lease: Lease, stream: ComputeStream, ctx: StageContext) -> None:
-        self.states = await stream.run(self._compute, lease)
+        await stream.run(self._compute, lease)
 
     def stats(self) -> dict[str, object]:
-        return {"symbols": len(self.states), "width": len(self.names)}
+        return {"symbols": self.table.symbols, "width": len(self.names)}
