@@ -19,8 +19,13 @@ def symbol_groups(symbol_id: np.ndarray) -> list[tuple[int, np.ndarray]]:
     kernels see their stream as it was; symbols come in ascending id order (deterministic).
     """
     sym = np.asarray(symbol_id)
-    if sym.shape[0] == 0:
+    n = sym.shape[0]
+    if n == 0:
         return []
+    first = sym[0]
+    if n == 1 or (sym[-1] == first and (sym == first).all()):
+        # one symbol (every live batch of one row, most replays): no sort
+        return [(int(first), np.arange(n))]
     order = np.argsort(sym, kind="stable")
     s = sym[order]
     starts = np.flatnonzero(np.concatenate(([True], s[1:] != s[:-1])))
@@ -34,6 +39,8 @@ def ffill_rows(values: np.ndarray, has: np.ndarray, carry: np.ndarray) -> np.nda
     ``values`` is ``[n, k]`` (rows without ``has`` are ignored), ``carry`` ``[k]``: the
     last values before this batch.
     """
+    if has.all():
+        return values
     idx = np.where(has, np.arange(has.shape[0]), -1)
     np.maximum.accumulate(idx, out=idx)
     filled = np.concatenate((carry[None, :], values))

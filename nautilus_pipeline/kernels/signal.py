@@ -23,6 +23,7 @@ import math
 from dataclasses import dataclass, replace
 
 import numpy as np
+from numba import njit
 
 from nautilus_pipeline.errors import ConfigError
 
@@ -101,6 +102,50 @@ def new_signal_state(params: SignalParams | None = None) -> SignalState:
     return SignalState(params or SignalParams())
 
 
+@njit(cache=True, nogil=True)
+def _signal_rows(prob, toxic, kill, last_prob, last_side, last_target, long_t, short_t,
+                 max_pos, proportional, step_aside, side, strength, target, reasons, emit):
+    """The rule row by row (see :func:`signal_update`); returns the last (prob, side, target)."""
+    for i in range(prob.shape[0]):
+        p = prob[i]
+        if p == p:
+            last_prob = p
+        f = last_prob
+        s = 0
+        if f >= long_t:
+            s = 1
+            r = REASON_MODEL_LONG
+        elif f <= short_t:
+            s = -1
+            r = REASON_MODEL_SHORT
+        elif f != f:
+            r = REASON_NO_MODEL
+        else:
+            r = REASON_MODEL_NEUTRAL
+        st = abs(2.0 * f - 1.0) if s != 0 else 0.0
+        if step_aside and toxic[i]:
+            r |= REASON_TOXIC_FLOW
+            s = 0
+        if kill[i]:
+            r |= REASON_KILL_SWITCH
+            s = 0
+        if s == 0:
+            st = 0.0
+        if proportional:
+            t = s * st * max_pos
+        else:
+            t = s * max_pos
+        t = t + 0.0  # no −0.0 targets
+        side[i] = s
+        strength[i] = st
+        target[i] = t
+        reasons[i] = r
+        emit[i] = s != last_side or t != last_target
+        last_side = s
+        last_target = t
+    return last_prob, last_side, last_target
+
+
 def signal_update(
     state: SignalState, prob: np.ndarray, toxic: np.ndarray, kill: np.ndarray
 ) -> tuple[SignalState, dict[str, np.ndarray]]:
@@ -112,50 +157,25 @@ def signal_update(
     mask (:func:`reason_names`), ``emit`` bool.
     """
     prm = state.params
-    pr = np.asarray(prob, dtype=np.float64)
-    tox = np.asarray(toxic, dtype=bool)
-    kl = np.asarray(kill, dtype=bool)
+    pr = np.ascontiguousarray(prob, dtype=np.float64)
+    tox = np.ascontiguousarray(toxic, dtype=np.bool_)
+    kl = np.ascontiguousarray(kill, dtype=np.bool_)
     n = pr.shape[0]
-    # forward-fill NaN probabilities from the last known one
-    idx = np.where(np.isnan(pr), -1, np.arange(n))
-    np.maximum.accumulate(idx, out=idx)
-    filled = np.concatenate(([state.last_prob], pr))[idx + 1]
-    no_model = np.isnan(filled)
-
-    side = np.zeros(n, dtype=np.int8)
-    reasons = np.zeros(n, dtype=np.int64)
-    is_long = filled >= prm.long_threshold
-    is_short = filled <= prm.short_threshold
-    side[is_long] = 1
-    side[is_short] = -1
-    reasons[is_long] = REASON_MODEL_LONG
-    reasons[is_short] = REASON_MODEL_SHORT
-    reasons[~(is_long | is_short)] = REASON_MODEL_NEUTRAL
-    reasons[no_model] = REASON_NO_MODEL
-    strength = np.where(side != 0, np.abs(2.0 * filled - 1.0), 0.0)
-    if prm.step_aside_on_toxic:
-        reasons[tox] |= REASON_TOXIC_FLOW
-        side[tox] = 0
-    reasons[kl] |= REASON_KILL_SWITCH
-    side[kl] = 0
-    strength[side == 0] = 0.0
-    if prm.sizing == "fixed":
-        target = side * prm.max_position
-    else:
-        target = side * strength * prm.max_position
-    target = target.astype(np.float64) + 0.0  # no −0.0 targets
-
-    prev_side = np.concatenate(([state.last_side], side[:-1]))
-    prev_target = np.concatenate(([state.last_target], target[:-1]))
-    emit = (side != prev_side) | (target != prev_target)
+    side = np.empty(n, dtype=np.int8)
+    strength = np.empty(n)
+    target = np.empty(n)
+    reasons = np.empty(n, dtype=np.int64)
+    emit = np.empty(n, dtype=np.bool_)
+    last_prob, last_side, last_target = _signal_rows(
+        pr, tox, kl, state.last_prob, state.last_side, state.last_target,
+        prm.long_threshold, prm.short_threshold, prm.max_position,
+        prm.sizing == "proportional", prm.step_aside_on_toxic,
+        side, strength, target, reasons, emit,
+    )
     new = state
     if n:
-        new = replace(
-            state,
-            last_prob=float(filled[-1]),
-            last_side=int(side[-1]),
-            last_target=float(target[-1]),
-        )
+        new = replace(state, last_prob=last_prob, last_side=int(last_side),
+                      last_target=last_target)
     return new, {
         "side": side,
         "strength": strength,

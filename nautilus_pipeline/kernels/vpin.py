@@ -199,7 +199,7 @@ def propose_bucket_volume(size: np.ndarray, n_buckets: int = 50) -> float:
     return total / n_buckets
 
 
-@njit(cache=True, inline="always")
+@njit(cache=True, nogil=True, inline="always")
 def _compensated_add(s: float, c: float, x: float) -> tuple[float, float]:
     """Compensated ``s + x``: Knuth's branch-free TwoSum error goes into ``c``."""
     t = s + x
@@ -208,7 +208,7 @@ def _compensated_add(s: float, c: float, x: float) -> tuple[float, float]:
     return t, c
 
 
-@njit(cache=True)
+@njit(cache=True, nogil=True)
 def _recentre(ring, count, shift):
     """Sums of the window shifted by its mean, from scratch: O(window), rare."""
     s1 = 0.0
@@ -223,7 +223,7 @@ def _recentre(ring, count, shift):
     return s1, c1, s2, c2, shift
 
 
-@njit(cache=True, inline="always")
+@njit(cache=True, nogil=True, inline="always")
 def _close_bar(price, prev, s1, c1, s2, c2, last_dp, shift, pos, count, run, ring):
     """Close a bar (not the first) at ``price``: roll the dP window, return f and the state.
 
@@ -258,7 +258,7 @@ def _close_bar(price, prev, s1, c1, s2, c2, last_dp, shift, pos, count, run, rin
     return f, s1, c1, s2, c2, dp, shift, pos, count, run
 
 
-@njit(cache=True)
+@njit(cache=True, nogil=True)
 def _bar_scan(ts, price, size, bar_ns, bi, bf, ring, flush, o_ts, o_vol, o_f, o_row):
     """Scan trades into closed bars; returns how many were written to the o_* arrays.
 
@@ -336,7 +336,7 @@ def _bar_scan(ts, price, size, bar_ns, bi, bf, ring, flush, o_ts, o_vol, o_f, o_
     return m
 
 
-@njit(cache=True)
+@njit(cache=True, nogil=True)
 def _ecdf_counts(hist_sorted, new):
     """For each new value: how many of history + new values up to it are <= it."""
     m = new.shape[0]
@@ -361,7 +361,7 @@ def _ecdf_counts(hist_sorted, new):
     return out
 
 
-@njit(cache=True)
+@njit(cache=True, nogil=True)
 def _bucket_sums(cum, f, done_bar, j0, V, partial):
     """Buy volume of the buckets completing in bars ``done_bar``, plus the open bucket's.
 

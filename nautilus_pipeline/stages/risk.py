@@ -34,6 +34,7 @@ from ..kernels.risk import (
     RiskParams,
     RiskState,
     breach_names,
+    new_generator,
     new_risk_state,
     return_window,
     risk_update,
@@ -115,6 +116,7 @@ class RiskStage(Stage):
         self.last: dict[int, np.ndarray] = {}
         self.breaches = 0
         self.var_reports = 0
+        self.generators: dict[int, object] = {}
         self._backend = "numpy"
         self._device: str | None = None
 
@@ -180,7 +182,30 @@ class RiskStage(Stage):
             cols[rows] = filled
             last[key] = filled[-1].copy()
             accounts[key], intents[key] = acct, intent
+        for key, row, var in events:
+            if var is not None:
+                var["report"] = self._var_report(key, row, cols, price, feats, var["window"])
         return (accounts, intents, returns, trades, last), cols, events
+
+    def _var_report(self, key, row, cols, price, feats, window) -> dict[str, np.ndarray]:
+        """The VaR report of one symbol at one row, run here on the stage's stream (off the
+        loop for a large batch): parametric, historical and Monte Carlo."""
+        exposure = float(cols[row, 0]) * float(price[row])
+        sigma = float(feats[row, self._vol_col])
+        if not math.isfinite(sigma):
+            sigma = 0.0
+        gen = self.generators.get(key)
+        if gen is None:
+            # one generator per symbol, advancing from report to report: a symbol's
+            # numbers do not depend on which other symbols shared its batches
+            gen = self.generators[key] = new_generator(
+                self._backend, self.seed, self._device, stream=key
+            )
+        return var_report(
+            exposure, sigma, window, self.var_horizon, self.var_levels,
+            n_paths=self.var_paths, seed=self.seed, backend=self._backend, device=self._device,
+            generator=gen,
+        )
 
     async def process(self, lease: Lease, stream: ComputeStream, ctx: StageContext) -> None:
         state, cols, events = await stream.run(self._compute, lease)
@@ -202,14 +227,7 @@ class RiskStage(Stage):
                               breaches=breach_names(int(lease["breach"][row])))
         else:
             self.var_reports += 1
-            exposure = pos * float(lease["price"][row])
-            sigma = float(lease[FEATURES_COLUMN][row, self._vol_col])
-            if not math.isfinite(sigma):
-                sigma = 0.0
-            report = await stream.run(
-                var_report, exposure, sigma, var["window"], self.var_horizon, self.var_levels,
-                n_paths=self.var_paths, seed=self.seed, backend=self._backend, device=self._device,
-            )
+            report = var["report"]
             levels = [f"{lv:g}" for lv in self.var_levels]
             event = RiskEvent(
                 ts, symbol, "var", pos, eq, dd,
