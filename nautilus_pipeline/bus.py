@@ -425,6 +425,9 @@ class EventBus:
         self._routes: dict[str, tuple[Subscription, ...]] = {}
         self._seq = 0
         self._closing = False
+        # publish refuses while this is set: before ``async with`` (nobody would consume
+        # the queues, so a publish would block forever) and from close on
+        self._refuse = True
         self._closed = asyncio.Event()
         self._failure: HandlerError | None = None
         self._close_started = False
@@ -437,6 +440,7 @@ class EventBus:
     # --- lifecycle ---------------------------------------------------------------------
     async def __aenter__(self) -> EventBus:
         self._started = True
+        self._refuse = self._closing
         for sub in self._subs:
             self._start(sub)
         return self
@@ -472,6 +476,7 @@ class EventBus:
             return
         self._close_started = True
         self._closing = True
+        self._refuse = True
         tasks = [s._task for s in self._subs if s._task is not None]
         if drain and self._failure is None:
             for sub in self._subs:
@@ -588,6 +593,11 @@ class EventBus:
             raise self._failure
         if self._closing:
             raise BusClosedError(f"cannot publish on {topic!r}: bus {self.name!r} is closed")
+        if not self._started:
+            raise BusClosedError(
+                f"cannot publish on {topic!r}: bus {self.name!r} is not running; enter it "
+                "first ('async with EventBus() as bus:')"
+            )
 
     async def publish(self, topic: str, payload: Any, *, key: Any = None) -> int:
         """Deliver ``payload`` to every subscription matching ``topic``; return how many.
@@ -595,7 +605,7 @@ class EventBus:
         Under ``block`` this awaits room in full queues (backpressure). ``key`` groups
         events for ``conflate`` subscriptions (default: the topic).
         """
-        if self._closing:
+        if self._refuse:
             self._check_open(topic)
         subs = self._routes.get(topic)
         if subs is None:
@@ -690,6 +700,7 @@ class EventBus:
                 err.event = event  # type: ignore[attr-defined]
                 self._failure = err
                 self._closing = True
+                self._refuse = True
                 # Stop from a fresh task: close() awaits this very consumer task.
                 loop = asyncio.get_running_loop()
                 self._stopper = loop.create_task(self.close(drain=False), name=f"{self.name}:fail_fast")

@@ -67,6 +67,8 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--symbol", help="instrument name for single-symbol --ticks files")
     run.add_argument("--speed", type=float, help="0 = as fast as possible; X = X times faster than the market")
     run.add_argument("--batch", type=int, help="ticks per batch (overrides pipeline.batch_size)")
+    run.add_argument("--execution", choices=("concurrent", "serial"),
+                     help="overrides pipeline.execution (serial: every stage on the loop thread)")
     run.add_argument("--out", help="output folder (overrides outputs.dir)")
     run.add_argument("--log-format", choices=("auto", "json", "console"), default="auto",
                      help="logs on stderr: JSON lines or console (default: console on a terminal)")
@@ -161,7 +163,8 @@ async def _run(args: argparse.Namespace) -> int:
     written = {c.name for s in stages for c in s.writes} | {"ts_ns", "symbol_id", "price"}
     stages.append(RecorderStage(out_dir / "trace.parquet", every=every,
                                 available=tuple(c for c in TRACE_COLUMNS if c in written)))
-    pipe = config.build_pipeline(definition, stages, batch_size=args.batch)
+    pipe = config.build_pipeline(definition, stages, batch_size=args.batch,
+                                 execution=args.execution)
     speed = args.speed if args.speed is not None else definition.replay["speed"]
     replay = Replay(sources, speed=speed or None, symbols=pipe.symbols)
     sink = EventSink(out_dir, definition.outputs["topics"], definition.outputs["formats"])

@@ -109,6 +109,9 @@ PIPELINE_KEYS = {
     "queue_size": Key(int, 4, "batches queued per stage before upstream waits"),
     "symbols": Key(list, None, "allow-list of symbols; others are rejected"),
     "blas_threads": Key(int, 1, "BLAS threads while the pipeline runs (0 = leave as is)"),
+    "execution": Key(str, "concurrent", "concurrent: large batches run on stage worker threads, "
+                     "stages side by side; serial: everything on the loop thread",
+                     choices=("concurrent", "serial")),
 }
 
 REPLAY_KEYS = {
@@ -356,6 +359,7 @@ def build_pipeline(definition: PipelineDef, stages: list[Any], *, batch_size: in
         "queue_size": p["queue_size"],
         "on_error": p["on_error"],
         "blas_threads": p["blas_threads"] or None,
+        "execution": p["execution"],
     }
     unknown = set(overrides) - set(settings)
     if unknown:

@@ -75,14 +75,11 @@ def _resolve_memory(memory: str) -> str:
         raise ConfigError(f"unknown pool memory kind {memory!r}: use host, pinned, unified or auto")
     if memory != "auto":
         return memory
-    try:
-        import torch
+    # pinned host memory only where torch sees a CUDA device; asked through the registry,
+    # which rules CUDA out without importing torch on a host with no NVIDIA driver
+    from .compute.registry import unusable_reason
 
-        if torch.cuda.is_available():
-            return "pinned"
-    except ImportError:
-        pass
-    return "host"
+    return "pinned" if unusable_reason("torch:cuda") is None else "host"
 
 
 class Slab:

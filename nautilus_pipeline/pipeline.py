@@ -8,8 +8,22 @@ queueing without limit; the pool's fixed number of slabs bounds everything in fl
 
 Ingress. Sources that already produce batches (the replay) fill slabs themselves and hand
 leases to :meth:`Pipeline.publish_batch`. A live feed publishing one tick at a time goes
-through the micro-batcher: ticks accumulate in a lease until ``batch_size`` rows or
-``max_delay_us`` after the first row, whichever comes first.
+through the micro-batcher: ticks accumulate in a lease until the producer gives the loop
+back (the end of the current burst: the batcher task, woken by the first tick, runs only
+then), ``batch_size`` rows, or ``max_delay_us`` after the first row, whichever comes first.
+A tick published into an idle pipeline so goes out at once. The first version waited for
+a loop timer instead: loop timers run on a 1 ms grid, so every deadline from 500 to
+2,000 µs became ~1.1 ms of latency (issue 9's measurements); ``max_delay_us`` is now only
+the upper bound for a producer that publishes a long burst without yielding.
+
+Execution. Each stage consumes its own bounded queue in its own task, so batch k+1 can be
+in stage i while batch k is in stage i+1. With ``execution="concurrent"`` (the default) a
+CPU stage runs the kernels of a large batch on its stream's worker thread (numpy, BLAS and
+the numba kernels release the GIL), so stages run side by side on several cores while the
+loop only routes leases; small batches stay inline (see ``OFFLOAD_MIN_ROWS`` in
+:mod:`nautilus_pipeline.stage`). ``execution="serial"`` runs everything on the loop thread,
+one kernel at a time: the same numbers, bit for bit (each stage still sees its batches one
+at a time, in order), which the tests check.
 
 Shutdown, in order: the ingress stops (a partial batch is flushed), in-flight batches
 drain (the pool becomes idle), each stage's ``finish`` runs in pipeline order (emitting
@@ -32,6 +46,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import time
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -65,6 +80,7 @@ class Pipeline:
         bus: EventBus | None = None,
         symbols: SymbolTable | None = None,
         blas_threads: int | None = 1,
+        execution: str = "concurrent",
     ):
         if not stages:
             raise ConfigError(f"pipeline {name!r} has no stages")
@@ -73,6 +89,13 @@ class Pipeline:
             raise ConfigError(f"pipeline {name!r}: stage names must be unique, got {names}")
         if batch_size < 1:
             raise ConfigError(f"pipeline {name!r}: batch_size must be >= 1, got {batch_size}")
+        if execution not in ("concurrent", "serial"):
+            raise ConfigError(
+                f"pipeline {name!r}: execution must be 'concurrent' or 'serial', got {execution!r}"
+            )
+        if not max_delay_us >= 0:
+            raise ConfigError(f"pipeline {name!r}: max_delay_us must be >= 0, got {max_delay_us}")
+        self.execution = execution
         self.name = name
         self.stages = list(stages)
         self.batch_size = batch_size
@@ -130,9 +153,21 @@ class Pipeline:
         await self.close(drain=exc_type is None)
 
     async def start(self) -> None:
+        """Start the bus (if owned) and every stage; a failure unwinds what was started."""
         if self._started:
             return
         self._started = True
+        try:
+            await self._start()
+        except BaseException:
+            try:
+                await self.close(drain=False)
+            except Exception as exc:  # the start failure is the one to report
+                log.warning("pipeline_unwind_failed", pipeline=self.name,
+                            error=f"{type(exc).__name__}: {exc}")
+            raise
+
+    async def _start(self) -> None:
         if self.blas_threads is not None:
             from threadpoolctl import threadpool_limits
 
@@ -145,10 +180,10 @@ class Pipeline:
             out = None if last else f"pipeline.{self.name}.{stage.name}"
             runner = StageRunner(
                 stage, input_topic=topic, output_topic=out, ctx=self.ctx,
-                queue_size=self.queue_size,
+                queue_size=self.queue_size, serial=self.execution == "serial",
             )
+            self.runners.append(runner)  # closed by close() even if its start fails
             await runner.start()
-            self.runners.append(runner)
             topic = out
         self._stats_sub = self.bus.respond(f"control.{self.name}.stats", lambda event: self.stats())
         log.info(
@@ -285,7 +320,7 @@ class Pipeline:
         lease = self._pending
         if lease is None:
             lease = self._pending = await self.pool.acquire("ingress")
-            self._pending_deadline = asyncio.get_running_loop().time() + self.max_delay_s
+            self._pending_deadline = time.monotonic() + self.max_delay_s
             self._arm_flusher()
         i = lease.length
         cols = lease.columns
@@ -311,7 +346,7 @@ class Pipeline:
             cols["bid_size"][i] = tick.bid_size
             cols["ask_size"][i] = tick.ask_size
         lease.length = i + 1
-        if lease.length >= lease.capacity:
+        if lease.length >= lease.capacity or time.monotonic() >= self._pending_deadline:
             await self.flush()
 
     async def flush(self) -> None:
@@ -331,29 +366,24 @@ class Pipeline:
         self._armed.set()
 
     async def _flush_at_deadlines(self) -> None:
-        """Publish each micro-batch ``max_delay_us`` after its first tick, if still pending.
+        """Publish each micro-batch as soon as the producer gives the loop back.
 
-        One long-lived task, owned by the pipeline (cancelled at close). Each pending batch
-        gets its deadline even when the previous flush is held up by backpressure, and a
-        flush that has started is completed even if the task is cancelled meanwhile, so
-        closing never drops a batch that was on its way.
+        One long-lived task, owned by the pipeline (cancelled at close), woken by the first
+        tick of each micro-batch: it runs when the producer's burst ends, so it flushes
+        whatever the burst added. Each pending batch is flushed even when the previous
+        flush is held up by backpressure, and a flush that has started is completed even
+        if the task is cancelled meanwhile, so closing never drops a batch on its way.
         """
-        loop = asyncio.get_running_loop()
         while True:
             await self._armed.wait()
             self._armed.clear()
             while self._pending is not None:
-                lease = self._pending
-                delay = self._pending_deadline - loop.time()
-                if delay > 0:
-                    await asyncio.sleep(delay)
-                if self._pending is lease:
-                    inflight = asyncio.ensure_future(self.flush())
-                    try:
-                        await asyncio.shield(inflight)
-                    except asyncio.CancelledError:
-                        await inflight
-                        raise
+                inflight = asyncio.ensure_future(self.flush())
+                try:
+                    await asyncio.shield(inflight)
+                except asyncio.CancelledError:
+                    await inflight
+                    raise
 
     # --- introspection -----------------------------------------------------------------
     def stats(self) -> dict[str, Any]:

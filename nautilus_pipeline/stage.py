@@ -32,6 +32,9 @@ if TYPE_CHECKING:
 
 log = structlog.get_logger("nautilus_pipeline.stage")
 
+OFFLOAD_MIN_ROWS = 256
+"""Batches of at least this many rows run on the stage's worker thread (see the module doc)."""
+
 
 @dataclass
 class StageContext:
@@ -58,16 +61,16 @@ class Stage:
     - ``reads``: slab columns the stage reads (checked at build: someone must provide them).
     - ``writes``: output columns the stage adds to every slab (name, dtype, per-row shape).
     - ``streams``: compute stream preference list, first usable wins.
-    - ``max_batch``: largest number of rows handed to the kernel at once (``None``: the
-      whole lease); larger leases are processed in consecutive row ranges.
+    - ``offload``: where a CPU stream runs the stage's kernels: ``OFFLOAD_MIN_ROWS`` (the
+      default) on the stream's worker thread for batches of at least that many rows and
+      inline on the loop below; ``True`` always on the worker; ``False`` always inline.
     """
 
     name: str = "stage"
     reads: tuple[str, ...] = ()
     writes: tuple[ColumnSpec, ...] = ()
     streams: Sequence[str] = ("cpu",)
-    max_batch: int | None = None
-    offload: bool = False
+    offload: bool | int = OFFLOAD_MIN_ROWS
 
     def connect(self, upstream: Sequence[Stage]) -> None:
         """Check, when the pipeline is built, that the stages before this one suit it."""
@@ -128,6 +131,7 @@ class StageRunner:
         output_topic: str | None,
         ctx: StageContext,
         queue_size: int = 16,
+        serial: bool = False,
     ):
         self.stage = stage
         self.input_topic = input_topic
@@ -136,7 +140,8 @@ class StageRunner:
         self.queue_size = queue_size
         self.metrics = StageMetrics()
         self.selection = choose(list(stage.streams), stage=stage.name)
-        self.stream: ComputeStream = create_stream(self.selection.primary, offload=stage.offload)
+        self._offload = False if serial else stage.offload
+        self.stream: ComputeStream = create_stream(self.selection.primary, offload=self._offload)
         self._fallback: ComputeStream | None = None
         self._fallback_bound = False
         self.subscription: Subscription | None = None
@@ -145,7 +150,7 @@ class StageRunner:
     @property
     def fallback_stream(self) -> ComputeStream | None:
         if self._fallback is None and self.selection.fallback is not None:
-            self._fallback = create_stream(self.selection.fallback, offload=self.stage.offload)
+            self._fallback = create_stream(self.selection.fallback, offload=self._offload)
         return self._fallback
 
     async def start(self) -> None:
@@ -205,6 +210,7 @@ class StageRunner:
             await self._process_on(lease, fallback)
 
     async def _process_on(self, lease: Lease, stream: ComputeStream) -> None:
+        stream.batch_rows = lease.length
         await self.stage.process(lease, stream, self.ctx)
         if self._write_names:
             lease.mark_written(self._write_names, device=getattr(stream, "_cache_tag", None))
@@ -224,6 +230,7 @@ class StageRunner:
             "stream": self.stream.name,
             "fallback": self.selection.fallback,
             "skipped_streams": [f"{n}: {r}" for n, r in self.selection.skipped],
+            "offloaded_calls": getattr(self.stream, "offloaded", 0),
             **self.metrics.summary(),
             **self.stage.stats(),
         }

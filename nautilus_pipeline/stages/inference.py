@@ -32,7 +32,7 @@ from ..memory import Lease
 from ..model.base import ModelRunner
 from ..model.runners import Calibration, calibrate, make_runner
 from ..model.spec import DEFAULT_MODEL_PATH, check_inputs, load_model
-from ..stage import Stage, StageContext
+from ..stage import OFFLOAD_MIN_ROWS, Stage, StageContext
 from .features import FEATURES_COLUMN, FeaturesStage
 
 log = structlog.get_logger("nautilus_pipeline.inference")
@@ -65,7 +65,7 @@ class InferenceStage(Stage):
         route: str = "first",
         coreml_package: str | Path | None = None,
         name: str = "inference",
-        offload: bool = False,
+        offload: bool | int = OFFLOAD_MIN_ROWS,
     ):
         if route not in ("first", "calibrated"):
             raise ConfigError(f"inference: route must be 'first' or 'calibrated', got {route!r}")
