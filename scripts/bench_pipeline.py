@@ -1,0 +1,222 @@
+"""Benchmark: the whole pipeline, as a replay and live, serial beside concurrent, in one run.
+
+Replay. ``nautilus-pipeline run pipelines/default.toml`` on generated trades
+(``scripts/make_synthetic_trades.py``), each configuration in its own process, one after
+the other: ``--execution serial`` (every stage on the loop thread, one kernel at a time)
+and ``--execution concurrent`` (large batches on the stages' worker threads). Reported:
+ticks/s of the replay (the run's own ``wall_s``), whole-process wall time, cores busy
+(the process's user + system CPU time over its wall time), per-stage p50 per batch, and
+whether the outputs (signals, VPIN buckets, risk events) are byte-identical to the serial
+run's.
+
+Live. The full default chain (VPIN with a fixed bucket volume) and a one-stage chain
+(features only), a probe stage at the end recording publish → last-stage time per tick;
+ticks published one at a time with ``Pipeline.publish_tick``, paced (1,000 ticks/s) and
+at the maximum rate, ``batch_size`` 1 and 4096 (the micro-batcher). Beside them, in the
+same process, the floor: one tick passed through a chain of 4 ``asyncio.Queue`` hops.
+
+Ratios measured side by side in one run are what count on a noisy machine. Run:
+``python scripts/bench_pipeline.py [--rows 2000000 10000000] [--live-ticks 5000]``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import pathlib
+import subprocess
+import sys
+import tempfile
+import time
+
+import numpy as np
+import orjson
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+OUTPUTS = ("signals.jsonl", "vpin.jsonl", "risk.jsonl")
+
+
+# --- replay ------------------------------------------------------------------------------
+def make_trades(rows: int, folder: pathlib.Path) -> pathlib.Path:
+    path = folder / f"trades-{rows}.csv"
+    if not path.exists():
+        subprocess.run(
+            [sys.executable, str(ROOT / "scripts/make_synthetic_trades.py"), "--rows", str(rows),
+             "--out", str(path)],
+            check=True, stdout=subprocess.DEVNULL,
+        )
+    return path
+
+
+def run_replay(ticks: pathlib.Path, execution: str, out: pathlib.Path, batch: int | None) -> dict:
+    cmd = [
+        sys.executable, "-m", "nautilus_pipeline.cli", "run", str(ROOT / "pipelines/default.toml"),
+        "--ticks", str(ticks), "--format", "binance_trades", "--symbol", "BTCUSDT-PERP",
+        "--out", str(out), "--execution", execution, "--no-progress",
+    ]
+    if batch:
+        cmd += ["--batch", str(batch)]
+    t0 = time.perf_counter()
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    _, status, usage = os.wait4(proc.pid, 0)
+    wall = time.perf_counter() - t0
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    err = proc.stderr.read().decode() if proc.stderr else ""
+    if proc.returncode != 0:
+        raise SystemExit(f"run failed ({proc.returncode}): {' '.join(cmd)}\n{err[-2000:]}")
+    summary = orjson.loads((out / "summary.json").read_bytes())
+    return {
+        "summary": summary,
+        "process_wall": wall,
+        "cores": (usage.ru_utime + usage.ru_stime) / wall,
+        "rss_mb": usage.ru_maxrss / 1024,
+    }
+
+
+def same_outputs(a: pathlib.Path, b: pathlib.Path) -> bool:
+    return all((a / n).read_bytes() == (b / n).read_bytes() for n in OUTPUTS)
+
+
+def replay_table(rows_list: list[int], folder: pathlib.Path, batch: int | None) -> None:
+    print("\nreplay: pipelines/default.toml on generated trades (each run its own process)")
+    head = (f"{'trades':>11} {'execution':>10} {'ticks/s':>11} {'process s':>9} {'cores':>5} "
+            f"{'RSS MB':>6} {'same':>5}  per-stage p50 µs per batch")
+    print(head)
+    print("-" * len(head))
+    for rows in rows_list:
+        ticks = make_trades(rows, folder)
+        base = None
+        for execution in ("serial", "concurrent"):
+            out = folder / f"out-{rows}-{execution}"
+            r = run_replay(ticks, execution, out, batch)
+            s = r["summary"]
+            delivered = s["ticks"]["delivered"]
+            rate = delivered / s["wall_s"]
+            same = "-" if base is None else ("yes" if same_outputs(base, out) else "NO")
+            base = base or out
+            stages = " ".join(
+                f"{st['stage']} {st['batch_latency']['p50_us']:,.0f}" for st in s["stages"]
+            )
+            print(f"{rows:>11,} {execution:>10} {rate:>11,.0f} {r['process_wall']:>9.2f} "
+                  f"{r['cores']:>5.2f} {r['rss_mb']:>6.0f} {same:>5}  {stages}")
+
+
+# --- live --------------------------------------------------------------------------------
+def live_definition(folder: pathlib.Path) -> pathlib.Path:
+    text = (ROOT / "pipelines/default.toml").read_text()
+    text = text.replace('bucket_volume = "auto"', "bucket_volume = 2.0")
+    path = folder / "live.toml"
+    path.write_text(text)
+    return path
+
+
+async def live_run(definition: pathlib.Path, n: int, batch: int, paced: bool, full: bool):
+    from nautilus_pipeline import config
+    from nautilus_pipeline.events import TradeTick
+    from nautilus_pipeline.stage import Stage
+
+    t_pub = np.zeros(n, dtype=np.int64)
+    lat = np.zeros(n, dtype=np.int64)
+
+    class Probe(Stage):
+        name = "probe"
+        reads = ("ts_ns",)
+        done = 0
+
+        async def process(self, lease, stream, ctx):
+            now = time.perf_counter_ns()
+            ts = lease["ts_ns"]
+            lat[ts] = now - t_pub[ts]
+            Probe.done += lease.length
+
+    d = config.load(definition)
+    stages = config.build_stages(d, [])
+    if not full:
+        stages = stages[:1]
+    stages.append(Probe())
+    pipe = config.build_pipeline(d, stages, batch_size=batch)
+    rng = np.random.default_rng(1)
+    prices = 100.0 * np.exp(np.cumsum(rng.normal(0.0, 1e-4, n)))
+    ticks = [TradeTick("BTCUSDT-PERP", i, float(prices[i]), 0.01, 1 if i % 2 else -1)
+             for i in range(n)]
+    async with pipe:
+        t0 = time.perf_counter()
+        for i, tick in enumerate(ticks):
+            t_pub[i] = time.perf_counter_ns()
+            await pipe.publish_tick(tick)
+            if paced:
+                await asyncio.sleep(0.001)
+        await pipe.drain()
+        wall = time.perf_counter() - t0
+    us = lat[n // 10 :] / 1e3  # the first tenth warms caches up
+    return np.percentile(us, 50), np.percentile(us, 99), us.max(), n / wall
+
+
+async def queue_floor(n: int, hops: int = 4):
+    """One tick at a time through ``hops`` asyncio.Queue hops: the loop's own floor."""
+    queues = [asyncio.Queue() for _ in range(hops + 1)]
+    lat = np.zeros(n, dtype=np.int64)
+
+    async def hop(i):
+        while True:
+            item = await queues[i].get()
+            await queues[i + 1].put(item)
+
+    tasks = [asyncio.create_task(hop(i)) for i in range(hops)]
+    try:
+        for i in range(n):
+            t0 = time.perf_counter_ns()
+            await queues[0].put(i)
+            await queues[hops].get()
+            lat[i] = time.perf_counter_ns() - t0
+    finally:
+        for t in tasks:
+            t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+    us = lat[n // 10 :] / 1e3
+    return np.percentile(us, 50), np.percentile(us, 99), us.max(), float("nan")
+
+
+def live_table(n: int, folder: pathlib.Path) -> None:
+    from nautilus_pipeline.runtime import configure_logging, run
+
+    configure_logging(level="error")
+    definition = live_definition(folder)
+    print(f"\nlive: publish_tick → last stage, {n:,} ticks each, uvloop where installed")
+    head = f"{'chain':<26} {'batch':>5} {'rate':>10} {'p50 µs':>9} {'p99 µs':>9} {'max µs':>9} {'ticks/s':>10}"
+    print(head)
+    print("-" * len(head))
+    p50, p99, mx, _ = run(queue_floor(n))
+    print(f"{'4 asyncio.Queue hops':<26} {'-':>5} {'max':>10} {p50:>9.1f} {p99:>9.1f} {mx:>9.1f} {'-':>10}")
+    for full in (True, False):
+        label = "full default chain" if full else "features only"
+        for batch in (1, 4096):
+            for paced in (True, False):
+                paced_n = min(n, 2000) if paced else n
+                p50, p99, mx, rate = run(live_run(definition, paced_n, batch, paced, full))
+                print(f"{label:<26} {batch:>5} {'1,000/s' if paced else 'max':>10} {p50:>9.1f} "
+                      f"{p99:>9.1f} {mx:>9.1f} {rate:>10,.0f}")
+
+
+def main() -> None:
+    from nautilus_pipeline.machine import describe
+
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--rows", type=int, nargs="*", default=[2_000_000, 10_000_000],
+                    help="sizes of the generated replays (none: skip the replay table)")
+    ap.add_argument("--batch", type=int, help="replay batch size (default: the definition's)")
+    ap.add_argument("--live-ticks", type=int, default=5000, help="0: skip the live table")
+    ap.add_argument("--data", help="folder for the generated files (default: a temporary one)")
+    args = ap.parse_args()
+    print(f"machine: {describe()}")
+    folder = pathlib.Path(args.data or tempfile.mkdtemp(prefix="bench_pipeline-"))
+    folder.mkdir(parents=True, exist_ok=True)
+    if args.rows:
+        replay_table(args.rows, folder, args.batch)
+    if args.live_ticks:
+        live_table(args.live_ticks, folder)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,234 @@
+"""The execution engine: concurrent stages give the serial numbers, bit for bit; the Monte
+Carlo sampler against a plain reference; live ingress; start-up that unwinds; no torch on a
+CPU-only host."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+import numpy as np
+import orjson
+import pytest
+from reference_analytics import generated_trades
+from test_integration import COLUMNS, Capture, btc_trades, chain
+
+from nautilus_pipeline.bus import EventBus
+from nautilus_pipeline.errors import BusClosedError
+from nautilus_pipeline.events import TradeTick
+from nautilus_pipeline.kernels.montecarlo import LANES, McSampler, splitmix_seed
+from nautilus_pipeline.kernels.risk import mc_var, new_generator
+from nautilus_pipeline.pipeline import Pipeline
+from nautilus_pipeline.stage import OFFLOAD_MIN_ROWS, Stage
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+async def run_chain(data, batch_size, execution):
+    stages = chain()
+    capture = Capture(("ts_ns", *COLUMNS))
+    pipe = Pipeline([*stages, capture], batch_size=batch_size, slabs=4, memory="host",
+                    execution=execution)
+    events: dict[str, list] = {"signals": [], "vpin": [], "risk": []}
+    async with pipe:
+        for name, got in events.items():
+            pipe.bus.subscribe(f"{name}.>", lambda e, got=got: got.append(e.payload))
+        pipe.symbols.id_of("BTCUSDT-PERP")
+        await pipe.ingest(data)
+    offloaded = sum(r.stats()["offloaded_calls"] for r in pipe.runners)
+    return capture.result(), {k: orjson.dumps(v) for k, v in events.items()}, offloaded
+
+
+@pytest.mark.parametrize("batch_size", [1, 7, 4096])
+async def test_concurrent_stages_give_the_serial_numbers_bit_for_bit_on_real_trades(
+    sample_dir, batch_size
+):
+    data = btc_trades(sample_dir, 3000 if batch_size < 4096 else None)
+    serial, serial_events, none = await run_chain(data, batch_size, "serial")
+    concurrent, events, offloaded = await run_chain(data, batch_size, "concurrent")
+    assert none == 0
+    # batches of at least OFFLOAD_MIN_ROWS rows ran on worker threads, smaller ones inline
+    assert (offloaded > 0) == (batch_size >= OFFLOAD_MIN_ROWS)
+    assert b"var" in events["risk"] and len(events["signals"]) > 10
+    for key, col in serial.items():
+        np.testing.assert_array_equal(concurrent[key], col, err_msg=key)
+    assert events == serial_events
+
+
+async def test_concurrent_stages_give_the_serial_numbers_on_generated_trades():
+    data = generated_trades(20_000, seed=3)
+    data = {k: data[k] for k in ("ts_ns", "price", "size", "side")}
+    serial, serial_events, _ = await run_chain(data, 4096, "serial")
+    concurrent, events, offloaded = await run_chain(data, 4096, "concurrent")
+    assert offloaded > 0
+    for key, col in serial.items():
+        np.testing.assert_array_equal(concurrent[key], col, err_msg=key)
+    assert events == serial_events
+
+
+async def test_var_reports_do_not_depend_on_the_batch_size(sample_dir):
+    data = btc_trades(sample_dir, 3000)
+    _, one, _ = await run_chain(data, 1, "concurrent")
+    _, big, _ = await run_chain(data, 4096, "concurrent")
+    reports = [e for e in orjson.loads(big["risk"]) if e["kind"] == "var"]
+    assert len(reports) >= 6
+    held = [e for e in reports if e["position"] != 0]  # flat: every VaR is 0
+    assert len(held) >= 2
+    assert len({orjson.dumps(e["var"]["mc"]) for e in held}) == len(held), (
+        "every report draws fresh paths: the generator advances, it is not re-seeded"
+    )
+    assert one["risk"] == big["risk"]
+
+
+# --- the Monte Carlo sampler against a plain reference ----------------------------------
+M64 = (1 << 64) - 1
+
+
+def ref_xoshiro(state: list[int]):
+    """xoshiro256+ as published (Blackman & Vigna), on Python ints."""
+    s = list(state)
+    while True:
+        result = (s[0] + s[3]) & M64
+        t = (s[1] << 17) & M64
+        s[2] ^= s[0]
+        s[3] ^= s[1]
+        s[1] ^= s[2]
+        s[0] ^= s[3]
+        s[2] ^= t
+        s[3] = ((s[3] << 45) | (s[3] >> 19)) & M64
+        yield result
+
+
+def ref_bootstrap_losses(state: np.ndarray, r: np.ndarray, horizon: int, n_paths: int,
+                         position: float) -> np.ndarray:
+    """Path p uses lane p mod LANES; each 64-bit draw gives two steps, high half first; an
+    index is floor(u32 · n / 2³²); the path's steps are summed in order."""
+    lanes = [ref_xoshiro([int(x) for x in state[j]]) for j in range(LANES)]
+    n = len(r)
+    out = np.empty(n_paths)
+    for group in range(0, n_paths, LANES):
+        for j in range(LANES):
+            total = 0.0
+            draws = []
+            for _ in range((horizon + 1) // 2):
+                x = next(lanes[j])
+                draws += [x >> 32, x & 0xFFFFFFFF]
+            for u in draws[:horizon]:
+                total += r[(u * n) >> 32]
+            if group + j < n_paths:
+                out[group + j] = -position * total
+    return out
+
+
+@pytest.mark.parametrize(("horizon", "n_paths"), [(1, 8), (7, 10), (100, 13)])
+def test_the_fused_bootstrap_equals_the_plain_reference(horizon, n_paths):
+    r = np.random.default_rng(5).normal(0, 1e-3, 37)
+    sampler = McSampler(seed=11, stream=3)
+    state = sampler.state.copy()
+    got = sampler.bootstrap(r, horizon, n_paths, 2.5e4).copy()
+    np.testing.assert_array_equal(got, ref_bootstrap_losses(state, r, horizon, n_paths, 2.5e4))
+
+
+def test_the_sampler_advances_and_one_seed_fixes_every_report():
+    r = np.random.default_rng(1).normal(0, 1e-3, 1000)
+    a, b = new_generator("numpy", 7), new_generator("numpy", 7)
+    first = [mc_var(r, 1e5, 100, 10_000, generator=a) for _ in range(3)]
+    again = [mc_var(r, 1e5, 100, 10_000, generator=b) for _ in range(3)]
+    assert all(np.array_equal(x, y) for x, y in zip(first, again, strict=True))
+    assert not np.array_equal(first[0], first[1])
+    other = mc_var(r, 1e5, 100, 10_000, generator=new_generator("numpy", 7, stream=1))
+    assert not np.array_equal(other, first[0])
+    assert not np.array_equal(splitmix_seed(7, 0), splitmix_seed(7, 1))
+
+
+def test_the_normal_sampler_has_the_right_moments():
+    losses = McSampler(seed=2).normal(0.01, 4, 200_000, 1e4)
+    # loss = −1e4 · 0.01 · Σ₄ Z: mean 0, standard deviation 100 · √4 = 200
+    assert abs(losses.mean()) < 3 * 200 / np.sqrt(200_000)
+    assert abs(losses.std() / 200 - 1) < 0.01
+
+
+# --- live ingress, lifecycle ------------------------------------------------------------
+class Arrivals(Stage):
+    name = "arrivals"
+    reads = ("ts_ns",)
+
+    def __init__(self):
+        self.got = asyncio.Event()
+        self.rows = 0
+
+    async def process(self, lease, stream, ctx):
+        self.rows += lease.length
+        self.got.set()
+
+
+async def test_a_tick_into_an_idle_pipeline_goes_out_without_waiting_for_the_deadline():
+    sink = Arrivals()
+    async with Pipeline([sink], batch_size=4096, max_delay_us=60e6, memory="host") as pipe:
+        await pipe.publish_tick(TradeTick("X", 1, 1.0, 1.0, 1))
+        # a 60 s deadline: the batch must leave once the producer gives the loop back
+        await asyncio.wait_for(sink.got.wait(), timeout=10)
+        assert sink.rows == 1
+
+
+async def test_a_burst_published_without_yielding_stays_one_batch():
+    sink = Arrivals()
+    async with Pipeline([sink], batch_size=4096, max_delay_us=60e6, memory="host") as pipe:
+        for i in range(100):
+            await pipe.publish_tick(TradeTick("X", i, 1.0, 1.0, 1))
+        await asyncio.wait_for(sink.got.wait(), timeout=10)
+        await pipe.drain()
+    assert pipe.runners[0].metrics.batches == 1 and sink.rows == 100
+
+
+async def test_a_bus_that_was_not_entered_refuses_to_publish():
+    bus = EventBus()
+    bus.subscribe("t", lambda e: None)
+    with pytest.raises(BusClosedError, match="not running"):
+        await bus.publish("t", 1)
+
+
+async def test_a_failure_during_start_unwinds_what_was_started():
+    class Breaks(Stage):
+        name = "breaks"
+        reads = ("ts_ns",)
+
+        async def bind(self, stream):
+            raise RuntimeError("no device")
+
+    from threadpoolctl import threadpool_info
+
+    blas_before = [i["num_threads"] for i in threadpool_info() if i["user_api"] == "blas"]
+    threads_before = threading.active_count()
+    tasks_before = asyncio.all_tasks()
+    pipe = Pipeline([Arrivals(), Breaks()], memory="host", blas_threads=1)
+    with pytest.raises(RuntimeError, match="no device"):
+        await pipe.start()
+    await asyncio.sleep(0)
+    assert asyncio.all_tasks() == tasks_before
+    assert pipe.bus.tasks() == []
+    assert [i["num_threads"] for i in threadpool_info() if i["user_api"] == "blas"] == blas_before
+    assert threading.active_count() <= threads_before
+
+
+@pytest.mark.skipif(
+    any(os.path.exists(p) for p in ("/proc/driver/nvidia/version", "/dev/nvidiactl", "/dev/dxg"))
+    or sys.platform != "linux",
+    reason="this host has an NVIDIA driver (or is not Linux): asking torch about CUDA is right here",
+)
+def test_a_cpu_only_run_does_not_import_torch(tmp_path):
+    code = (
+        "import sys\n"
+        "from nautilus_pipeline.cli import main\n"
+        f"sys.argv = ['nautilus-pipeline', 'run', {str(ROOT / 'pipelines/default.toml')!r},"
+        f" '--out', {str(tmp_path)!r}, '--no-progress']\n"
+        "try:\n    main()\nexcept SystemExit as e:\n    assert e.code in (0, None), e.code\n"
+        "print('torch' in sys.modules, 'mlx.core' in sys.modules)\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          timeout=300, check=True)
+    assert done.stdout.strip().splitlines()[-1] == "False False"
