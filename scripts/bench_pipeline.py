@@ -49,14 +49,23 @@ def make_trades(rows: int, folder: pathlib.Path) -> pathlib.Path:
     return path
 
 
-def run_replay(ticks: pathlib.Path, execution: str, out: pathlib.Path, batch: int | None) -> dict:
-    cmd = [
-        sys.executable, "-m", "nautilus_pipeline.cli", "run", str(ROOT / "pipelines/default.toml"),
+def run_replay(ticks: pathlib.Path, execution: str, out: pathlib.Path, batch: int | None,
+               switch: float | None = None) -> dict:
+    argv = [
+        "nautilus-pipeline", "run", str(ROOT / "pipelines/default.toml"),
         "--ticks", str(ticks), "--format", "binance_trades", "--symbol", "BTCUSDT-PERP",
         "--out", str(out), "--execution", execution, "--no-progress",
     ]
     if batch:
-        cmd += ["--batch", str(batch)]
+        argv += ["--batch", str(batch)]
+    code = (
+        "import sys\n"
+        + (f"sys.setswitchinterval({switch})\n" if switch else "")
+        + f"sys.argv = {argv!r}\n"
+        "from nautilus_pipeline.cli import main\n"
+        "sys.exit(main())\n"
+    )
+    cmd = [sys.executable, "-c", code]
     t0 = time.perf_counter()
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     _, status, usage = os.wait4(proc.pid, 0)
@@ -78,7 +87,8 @@ def same_outputs(a: pathlib.Path, b: pathlib.Path) -> bool:
     return all((a / n).read_bytes() == (b / n).read_bytes() for n in OUTPUTS)
 
 
-def replay_table(rows_list: list[int], folder: pathlib.Path, batch: int | None) -> None:
+def replay_table(rows_list: list[int], folder: pathlib.Path, batch: int | None,
+                 switch: float | None) -> None:
     print("\nreplay: pipelines/default.toml on generated trades (each run its own process)")
     head = (f"{'trades':>11} {'execution':>10} {'ticks/s':>11} {'process s':>9} {'cores':>5} "
             f"{'RSS MB':>6} {'same':>5}  per-stage p50 µs per batch")
@@ -87,9 +97,12 @@ def replay_table(rows_list: list[int], folder: pathlib.Path, batch: int | None) 
     for rows in rows_list:
         ticks = make_trades(rows, folder)
         base = None
-        for execution in ("serial", "concurrent"):
-            out = folder / f"out-{rows}-{execution}"
-            r = run_replay(ticks, execution, out, batch)
+        configs = [("serial", None), ("concurrent", None)]
+        if switch:
+            configs.append(("concurrent", switch))
+        for execution, sw in configs:
+            out = folder / f"out-{rows}-{execution}-{sw}"
+            r = run_replay(ticks, execution, out, batch, sw)
             s = r["summary"]
             delivered = s["ticks"]["delivered"]
             rate = delivered / s["wall_s"]
@@ -98,7 +111,8 @@ def replay_table(rows_list: list[int], folder: pathlib.Path, batch: int | None) 
             stages = " ".join(
                 f"{st['stage']} {st['batch_latency']['p50_us']:,.0f}" for st in s["stages"]
             )
-            print(f"{rows:>11,} {execution:>10} {rate:>11,.0f} {r['process_wall']:>9.2f} "
+            label = execution if sw is None else f"conc+{sw * 1e6:.0f}µs"
+            print(f"{rows:>11,} {label:>10} {rate:>11,.0f} {r['process_wall']:>9.2f} "
                   f"{r['cores']:>5.2f} {r['rss_mb']:>6.0f} {same:>5}  {stages}")
 
 
@@ -207,13 +221,15 @@ def main() -> None:
                     help="sizes of the generated replays (none: skip the replay table)")
     ap.add_argument("--batch", type=int, help="replay batch size (default: the definition's)")
     ap.add_argument("--live-ticks", type=int, default=5000, help="0: skip the live table")
+    ap.add_argument("--switch-interval", type=float,
+                    help="also run concurrent with this GIL switch interval (s), e.g. 0.0005")
     ap.add_argument("--data", help="folder for the generated files (default: a temporary one)")
     args = ap.parse_args()
     print(f"machine: {describe()}")
     folder = pathlib.Path(args.data or tempfile.mkdtemp(prefix="bench_pipeline-"))
     folder.mkdir(parents=True, exist_ok=True)
     if args.rows:
-        replay_table(args.rows, folder, args.batch)
+        replay_table(args.rows, folder, args.batch, args.switch_interval)
     if args.live_ticks:
         live_table(args.live_ticks, folder)
 
