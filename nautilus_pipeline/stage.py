@@ -32,7 +32,7 @@ if TYPE_CHECKING:
 
 log = structlog.get_logger("nautilus_pipeline.stage")
 
-OFFLOAD_MIN_ROWS = 256
+OFFLOAD_MIN_ROWS = 1024
 """Batches of at least this many rows run on the stage's worker thread (see the module doc)."""
 
 

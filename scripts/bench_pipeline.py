@@ -213,6 +213,65 @@ def live_table(n: int, folder: pathlib.Path) -> None:
                       f"{p99:>9.1f} {mx:>9.1f} {rate:>10,.0f}")
 
 
+async def offload_rows(definition: pathlib.Path, sizes: tuple[int, ...], reps: int):
+    """Per stage, the time of one batch inline by rows, and the worker-thread round trip."""
+    from nautilus_pipeline import config
+    from nautilus_pipeline.compute.cpu import CpuStream
+
+    d = config.load(definition)
+    pipe = config.build_pipeline(d, config.build_stages(d, []), batch_size=max(sizes),
+                                 execution="serial")
+    rng = np.random.default_rng(0)
+    table = {}
+    async with pipe:
+        lease = await pipe.pool.acquire("bench")
+        cols = lease.columns
+        n_max = max(sizes)
+        ts0 = 0
+        for n in sizes:
+            times = {r.stage.name: [] for r in pipe.runners}
+            for _ in range(reps):
+                lease.length = n
+                cols["ts_ns"][:n] = ts0 + np.arange(n) * 1_000_000
+                ts0 += n * 1_000_000
+                cols["price"][:n] = 100.0 * np.exp(np.cumsum(rng.normal(0, 1e-4, n)))
+                cols["size"][:n] = 0.01
+                cols["side"][:n] = 1
+                cols["kind"][:n] = 0
+                cols["symbol_id"][:n] = 0
+                for r in pipe.runners:
+                    t = time.perf_counter_ns()
+                    await r._process(lease)
+                    times[r.stage.name].append(time.perf_counter_ns() - t)
+            table[n] = {k: float(np.median(v)) / 1e3 for k, v in times.items()}
+        lease.release("bench")
+        assert n_max
+    worker = CpuStream(offload=True)
+    hops = []
+    for _ in range(2000):
+        t = time.perf_counter_ns()
+        await worker.run(int)
+        hops.append(time.perf_counter_ns() - t)
+    worker.close()
+    return table, float(np.median(hops)) / 1e3
+
+
+def offload_table(folder: pathlib.Path) -> None:
+    from nautilus_pipeline.runtime import configure_logging, run
+
+    configure_logging(level="error")
+    sizes = (1, 16, 64, 256, 1024, 4096)
+    table, hop = run(offload_rows(live_definition(folder), sizes, 30))
+    names = list(table[sizes[0]])
+    print(f"\noffload: one batch inline per stage (µs, median of 30) vs a worker round trip "
+          f"of {hop:.1f} µs")
+    head = f"{'rows':>6} " + " ".join(f"{n:>10}" for n in names)
+    print(head)
+    print("-" * len(head))
+    for n in sizes:
+        print(f"{n:>6} " + " ".join(f"{table[n][k]:>10.1f}" for k in names))
+
+
 def main() -> None:
     from nautilus_pipeline.machine import describe
 
@@ -223,6 +282,7 @@ def main() -> None:
     ap.add_argument("--live-ticks", type=int, default=5000, help="0: skip the live table")
     ap.add_argument("--switch-interval", type=float,
                     help="also run concurrent with this GIL switch interval (s), e.g. 0.0005")
+    ap.add_argument("--offload", action="store_true", help="also print the offload table")
     ap.add_argument("--data", help="folder for the generated files (default: a temporary one)")
     args = ap.parse_args()
     print(f"machine: {describe()}")
@@ -230,6 +290,8 @@ def main() -> None:
     folder.mkdir(parents=True, exist_ok=True)
     if args.rows:
         replay_table(args.rows, folder, args.batch, args.switch_interval)
+    if args.offload:
+        offload_table(folder)
     if args.live_ticks:
         live_table(args.live_ticks, folder)
 
