@@ -10,6 +10,27 @@ from the same state and gives the same numbers.
 The :class:`StageRunner` owns what every stage needs and none should write twice: the
 subscription on the bus, the stream selection and fallback, per-batch latency and
 throughput metrics, and error context (stage, topic, batch, rows) for failures.
+
+Where a stage's kernels run (``Stage.offload``, ``OFFLOAD_MIN_ROWS``). Each stage consumes
+its own queue in its own task, so stages overlap as soon as their kernels leave the event
+loop: a CPU stream runs a batch of at least ``OFFLOAD_MIN_ROWS`` rows on the stage's own
+worker thread (one per stage: a stage's batches stay in order, and no stage waits behind
+another's kernel), smaller batches inline. The threshold comes from
+``python scripts/bench_pipeline.py --offload``: one batch of the default chain per stage,
+inline, beside the worker round trip (2-core dev VM, µs, medians; the machine was shared
+with other jobs, so absolute numbers are high, the crossover is what counts)::
+
+      rows   features  inference       vpin       risk     signal     (round trip 52 µs)
+         1       26.1       74.9       62.3       90.2       34.8
+        64       41.6       94.8       89.7      146.8       54.8
+       256       72.1      218.8      131.1      185.2       63.7
+      1024      201.2      825.9      610.7     1470.4      320.7
+      4096      702.0     3480.3     1265.0     6162.4     1844.8
+
+Below ~256 rows a hop costs as much as the batch, so a live batch of one row stays inline;
+from 1024 rows every stage's batch is several round trips long, and running it beside the
+others pays. One worker shared by all stages was the alternative: it would serialise the
+stages' kernels again, which is what this replaces.
 """
 
 from __future__ import annotations
