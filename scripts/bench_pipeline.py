@@ -50,7 +50,7 @@ def make_trades(rows: int, folder: pathlib.Path) -> pathlib.Path:
 
 
 def run_replay(ticks: pathlib.Path, execution: str, out: pathlib.Path, batch: int | None,
-               switch: float | None = None) -> dict:
+               switch: float | None = None, env: dict[str, str] | None = None) -> dict:
     argv = [
         "nautilus-pipeline", "run", str(ROOT / "pipelines/default.toml"),
         "--ticks", str(ticks), "--format", "binance_trades", "--symbol", "BTCUSDT-PERP",
@@ -67,7 +67,8 @@ def run_replay(ticks: pathlib.Path, execution: str, out: pathlib.Path, batch: in
     )
     cmd = [sys.executable, "-c", code]
     t0 = time.perf_counter()
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                            env={**os.environ, **(env or {})})
     _, status, usage = os.wait4(proc.pid, 0)
     wall = time.perf_counter() - t0
     proc.returncode = os.waitstatus_to_exitcode(status)
@@ -88,7 +89,7 @@ def same_outputs(a: pathlib.Path, b: pathlib.Path) -> bool:
 
 
 def replay_table(rows_list: list[int], folder: pathlib.Path, batch: int | None,
-                 switch: float | None) -> None:
+                 switch: float | None, malloc_pad: bool) -> None:
     print("\nreplay: pipelines/default.toml on generated trades (each run its own process)")
     head = (f"{'trades':>11} {'execution':>10} {'ticks/s':>11} {'process s':>9} {'cores':>5} "
             f"{'RSS MB':>6} {'same':>5}  per-stage p50 µs per batch")
@@ -97,12 +98,16 @@ def replay_table(rows_list: list[int], folder: pathlib.Path, batch: int | None,
     for rows in rows_list:
         ticks = make_trades(rows, folder)
         base = None
-        configs = [("serial", None), ("concurrent", None)]
+        configs = [("serial", None, None), ("concurrent", None, None)]
         if switch:
-            configs.append(("concurrent", switch))
-        for execution, sw in configs:
-            out = folder / f"out-{rows}-{execution}-{sw}"
-            r = run_replay(ticks, execution, out, batch, sw)
+            configs.append(("concurrent", switch, None))
+        if malloc_pad:
+            # the allocator's top pad made a 25-30 % difference while VaR reports allocated
+            # ~8 MB of temporaries each (issue 9); with no per-batch temporaries it makes none
+            configs.append(("concurrent", None, {"MALLOC_TOP_PAD_": str(64 << 20)}))
+        for execution, sw, env in configs:
+            out = folder / f"out-{rows}-{execution}-{sw}-{bool(env)}"
+            r = run_replay(ticks, execution, out, batch, sw, env)
             s = r["summary"]
             delivered = s["ticks"]["delivered"]
             rate = delivered / s["wall_s"]
@@ -112,6 +117,7 @@ def replay_table(rows_list: list[int], folder: pathlib.Path, batch: int | None,
                 f"{st['stage']} {st['batch_latency']['p50_us']:,.0f}" for st in s["stages"]
             )
             label = execution if sw is None else f"conc+{sw * 1e6:.0f}µs"
+            label = "conc+pad" if env else label
             print(f"{rows:>11,} {label:>10} {rate:>11,.0f} {r['process_wall']:>9.2f} "
                   f"{r['cores']:>5.2f} {r['rss_mb']:>6.0f} {same:>5}  {stages}")
 
@@ -282,6 +288,8 @@ def main() -> None:
     ap.add_argument("--live-ticks", type=int, default=5000, help="0: skip the live table")
     ap.add_argument("--switch-interval", type=float,
                     help="also run concurrent with this GIL switch interval (s), e.g. 0.0005")
+    ap.add_argument("--malloc-pad", action="store_true",
+                    help="also run concurrent with MALLOC_TOP_PAD_=64MiB (allocation churn check)")
     ap.add_argument("--offload", action="store_true", help="also print the offload table")
     ap.add_argument("--data", help="folder for the generated files (default: a temporary one)")
     args = ap.parse_args()
@@ -289,7 +297,7 @@ def main() -> None:
     folder = pathlib.Path(args.data or tempfile.mkdtemp(prefix="bench_pipeline-"))
     folder.mkdir(parents=True, exist_ok=True)
     if args.rows:
-        replay_table(args.rows, folder, args.batch, args.switch_interval)
+        replay_table(args.rows, folder, args.batch, args.switch_interval, args.malloc_pad)
     if args.offload:
         offload_table(folder)
     if args.live_ticks:
