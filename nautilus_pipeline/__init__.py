@@ -19,8 +19,19 @@ from .errors import (
     PoolExhaustedError,
     RequestTimeoutError,
     StageError,
+    WouldBlockError,
 )
-from .events import TICK_COLUMNS, ColumnSpec, QuoteTick, Side, Signal, TradeTick
+from .events import (
+    TICK_COLUMNS,
+    ColumnSpec,
+    QuoteTick,
+    RiskEvent,
+    Side,
+    Signal,
+    TradeTick,
+    VpinBucket,
+)
+from .io import Replay, Source, detect_format
 from .memory import BufferPool, Lease
 from .pipeline import Pipeline
 from .runtime import configure_logging, run
@@ -50,18 +61,24 @@ __all__ = [
     "PipelineError",
     "PoolExhaustedError",
     "QuoteTick",
+    "Replay",
     "RequestTimeoutError",
+    "RiskEvent",
     "Side",
     "Signal",
+    "Source",
     "Stage",
     "StageContext",
     "StageError",
     "Subscription",
     "SymbolTable",
     "TradeTick",
+    "VpinBucket",
+    "WouldBlockError",
     "choose",
     "configure_logging",
     "create_stream",
+    "detect_format",
     "discover",
     "run",
 ]

@@ -56,7 +56,14 @@ from typing import Any
 
 import structlog
 
-from .errors import BusClosedError, ConfigError, HandlerError, NoResponderError, RequestTimeoutError
+from .errors import (
+    BusClosedError,
+    ConfigError,
+    HandlerError,
+    NoResponderError,
+    RequestTimeoutError,
+    WouldBlockError,
+)
 from .memory import Lease
 from .metrics import LatencyHistogram, SubscriptionMetrics
 
@@ -215,44 +222,24 @@ class Subscription:
         return m
 
     async def _put(self, event: Event) -> None:
-        self.published += 1
         q = self._queue
-        if len(q) >= self.maxsize:
-            if self.overflow is Overflow.BLOCK:
-                while len(q) >= self.maxsize and self.active:
-                    fut = asyncio.get_running_loop().create_future()
-                    self._not_full.append(fut)
-                    try:
-                        await fut
-                    finally:
-                        if fut in self._not_full:
-                            self._not_full.remove(fut)
-                if not self.active:
-                    self.dropped += 1
-                    return
-            elif self.overflow is Overflow.CONFLATE and event.key in self._conflated:
-                old = self._conflated[event.key]
-                i = _index_of(q, old)
-                q[i] = event
-                self._conflated[event.key] = event
-                self._drop(old)
-                return
-            elif self.overflow is Overflow.DROP_NEWEST:
+        if len(q) >= self.maxsize and self.overflow is Overflow.BLOCK:
+            while len(q) >= self.maxsize and self.active:
+                fut = asyncio.get_running_loop().create_future()
+                self._not_full.append(fut)
+                try:
+                    await fut
+                finally:
+                    if fut in self._not_full:
+                        self._not_full.remove(fut)
+            if not self.active:
+                self.published += 1
                 self.dropped += 1
-                log.debug("event_dropped", subscription=self.name, topic=event.topic, policy="drop_newest")
                 return
-            else:  # DROP_OLDEST, or CONFLATE with a new key: evict the oldest
-                self._drop(self._pop())
-        self._push(event)
-
-    def _put_nowait(self, event: Event) -> bool:
-        """Queue without waiting; False when a ``block`` subscription is full."""
-        if len(self._queue) >= self.maxsize and self.overflow is Overflow.BLOCK:
-            return False
         self._queue_event_sync(event)
-        return True
 
     def _queue_event_sync(self, event: Event) -> None:
+        """Queue now, applying the drop policies (a ``block`` queue has room: callers wait)."""
         self.published += 1
         q = self._queue
         if len(q) >= self.maxsize:
@@ -264,8 +251,10 @@ class Subscription:
                 return
             if self.overflow is Overflow.DROP_NEWEST:
                 self.dropped += 1
+                log.debug("event_dropped", subscription=self.name, topic=event.topic,
+                          policy="drop_newest")
                 return
-            self._drop(self._pop())
+            self._drop(self._pop())  # DROP_OLDEST, or CONFLATE with a new key
         self._push(event)
 
     def _push(self, event: Event) -> None:
@@ -583,6 +572,13 @@ class EventBus:
     def _route(self, topic: str) -> tuple[Subscription, ...]:
         subs = self._routes.get(topic)
         if subs is None:
+            # checked once per distinct topic (routes are cached): events go to concrete
+            # topics; a wildcard is for subscribing ("signals.*" must not reach "signals.>")
+            if any(seg in ("*", ">", "**") for seg in topic.split(".")):
+                raise ConfigError(
+                    f"cannot publish on {topic!r}: wildcards are for subscriptions; publish on "
+                    "a concrete topic such as 'signals.BTCUSDT'"
+                )
             subs = tuple(s for s in self._subs if topic_matches(s.parts, topic))
             self._routes[topic] = subs
         return subs
@@ -634,8 +630,8 @@ class EventBus:
         return len(subs)
 
     def publish_nowait(self, topic: str, payload: Any, *, key: Any = None) -> int:
-        """Publish from synchronous code. Full ``block`` subscriptions raise ``BufferError``
-        instead of waiting (drop policies apply as usual)."""
+        """Publish from synchronous code. Full ``block`` subscriptions raise
+        :class:`WouldBlockError` instead of waiting (drop policies apply as usual)."""
         self._check_open(topic)
         subs = self._route(topic)
         if not subs:
@@ -643,7 +639,7 @@ class EventBus:
             return 0
         full = [s.name for s in subs if s.overflow is Overflow.BLOCK and len(s._queue) >= s.maxsize]
         if full:
-            raise BufferError(
+            raise WouldBlockError(
                 f"publish_nowait on {topic!r}: queues of {full} are full (policy block); "
                 "await publish() to wait for room"
             )
@@ -693,11 +689,10 @@ class EventBus:
             if self._failure is None:
                 err = HandlerError(
                     f"handler {sub.name!r} failed on {event.topic!r} (event {event.seq}): "
-                    f"{type(exc).__name__}: {exc}"
+                    f"{type(exc).__name__}: {exc}",
+                    subscription=sub.name, topic=event.topic, event=event,
                 )
                 err.__cause__ = exc
-                err.subscription = sub.name  # type: ignore[attr-defined]
-                err.event = event  # type: ignore[attr-defined]
                 self._failure = err
                 self._closing = True
                 self._refuse = True

@@ -24,7 +24,21 @@ class BusClosedError(PipelineError):
 
 
 class HandlerError(PipelineError):
-    """A handler raised under the ``fail_fast`` policy; ``__cause__`` is the original error."""
+    """A handler raised under the ``fail_fast`` policy; ``__cause__`` is the original error.
+
+    Context as attributes: ``subscription`` (its name), ``topic``, ``event`` (the event).
+    """
+
+    def __init__(self, message: str, *, subscription: str | None = None,
+                 topic: str | None = None, event: object = None):
+        super().__init__(message)
+        self.subscription = subscription
+        self.topic = topic
+        self.event = event
+
+
+class WouldBlockError(PipelineError):
+    """``EventBus.publish_nowait`` found a ``block`` queue full (``await publish`` waits)."""
 
 
 class RequestTimeoutError(PipelineError, TimeoutError):
@@ -48,4 +62,14 @@ class BackendUnavailableError(PipelineError):
 
 
 class StageError(PipelineError):
-    """A stage failed on a batch (carries stage, topic and batch context)."""
+    """A stage failed on a batch. Context as attributes: ``stage``, ``topic``, ``batch`` (the
+    lease's sequence number), ``rows``, ``stream``; ``__cause__`` is the original error."""
+
+    def __init__(self, message: str, *, stage: str | None = None, topic: str | None = None,
+                 batch: int | None = None, rows: int | None = None, stream: str | None = None):
+        super().__init__(message)
+        self.stage = stage
+        self.topic = topic
+        self.batch = batch
+        self.rows = rows
+        self.stream = stream

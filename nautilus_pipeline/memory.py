@@ -238,11 +238,6 @@ class Lease:
             self.device_cache.clear()
             self._pool._return(self)
 
-    def transfer(self, old: str, new: str) -> None:
-        """Hand one reference from ``old`` to ``new`` without returning the slab."""
-        self.retain(new)
-        self.release(old)
-
     def _check_live(self) -> None:
         if not self._holders:
             raise LeaseError(
@@ -347,12 +342,6 @@ class BufferPool:
                 if fut in self._waiters:
                     self._waiters.remove(fut)
         return self._lease(slab, holder)
-
-    def try_acquire(self, holder: str = "source") -> Lease | None:
-        """Lease a free slab now, or ``None`` if all are in use."""
-        if self._closed or not self._free or self._waiters:
-            return None
-        return self._lease(self._free.popleft(), holder)
 
     def _lease(self, slab: Slab, holder: str) -> Lease:
         self._seq += 1

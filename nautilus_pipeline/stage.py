@@ -195,7 +195,9 @@ class StageRunner:
             self.metrics.failed_rows += lease.length
             raise StageError(
                 f"stage {self.stage.name!r} failed on batch {lease.seq} ({lease.length} rows, "
-                f"topic {event.topic!r}, stream {self.stream.name}): {type(exc).__name__}: {exc}"
+                f"topic {event.topic!r}, stream {self.stream.name}): {type(exc).__name__}: {exc}",
+                stage=self.stage.name, topic=event.topic, batch=lease.seq, rows=lease.length,
+                stream=self.stream.name,
             ) from exc
         dt = time.perf_counter_ns() - t0
         m = self.metrics

@@ -232,3 +232,53 @@ def test_a_cpu_only_run_does_not_import_torch(tmp_path):
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                           timeout=300, check=True)
     assert done.stdout.strip().splitlines()[-1] == "False False"
+
+
+async def test_publishing_on_a_wildcard_topic_is_refused():
+    from nautilus_pipeline.errors import ConfigError
+
+    async with EventBus() as bus:
+        bus.subscribe("signals.>", lambda e: None)
+        for topic in ("signals.*", "signals.>", "signals.**"):
+            with pytest.raises(ConfigError, match="wildcards are for subscriptions"):
+                await bus.publish(topic, 1)
+
+
+async def test_publish_nowait_on_a_full_block_queue_raises_would_block():
+    from nautilus_pipeline.errors import PipelineError, WouldBlockError
+
+    gate = asyncio.Event()
+
+    async def slow(event):
+        await gate.wait()
+
+    async with EventBus() as bus:
+        bus.subscribe("t", slow, maxsize=1, overflow="block")
+        bus.publish_nowait("t", 1)
+        await asyncio.sleep(0)  # the consumer takes it and waits
+        bus.publish_nowait("t", 2)
+        with pytest.raises(WouldBlockError, match="full") as info:
+            bus.publish_nowait("t", 3)
+        assert isinstance(info.value, PipelineError)
+        gate.set()
+
+
+async def test_a_stage_error_carries_its_context_as_attributes():
+    from nautilus_pipeline.errors import StageError
+
+    class Fails(Stage):
+        name = "fails"
+        reads = ("ts_ns",)
+
+        async def process(self, lease, stream, ctx):
+            raise ValueError("boom")
+
+    pipe = Pipeline([Fails()], batch_size=8, memory="host", on_error="fail_fast")
+    with pytest.raises(Exception) as info:
+        async with pipe:
+            await pipe.ingest({"ts_ns": np.arange(5)})
+            await pipe.drain()
+    err = info.value.__cause__
+    assert isinstance(err, StageError)
+    assert (err.stage, err.topic, err.rows, err.stream) == ("fails", "pipeline.default.ticks", 5, "cpu")
+    assert isinstance(err.batch, int) and isinstance(err.__cause__, ValueError)
