@@ -23,6 +23,7 @@ from .errors import (
 )
 from .events import (
     TICK_COLUMNS,
+    AggressorSide,
     ColumnSpec,
     QuoteTick,
     RiskEvent,
@@ -42,6 +43,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "TICK_COLUMNS",
+    "AggressorSide",
     "BackendUnavailableError",
     "BufferPool",
     "BusClosedError",

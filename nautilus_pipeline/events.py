@@ -24,6 +24,8 @@ from typing import NamedTuple
 
 import numpy as np
 
+from .errors import ConfigError
+
 
 class ColumnSpec(NamedTuple):
     """One named column of a slab: dtype and the per-row shape (``()`` for scalars)."""
@@ -37,9 +39,20 @@ class ColumnSpec(NamedTuple):
 KIND_TRADE = 0
 KIND_QUOTE = 1
 
-SIDE_BUY = 1
-SIDE_SELL = -1
-SIDE_UNKNOWN = 0
+class AggressorSide(enum.IntEnum):
+    """Who took liquidity in a trade: the ``side`` of a :class:`TradeTick` (an int8 column).
+
+    Not to be confused with :class:`Side`, the direction of a :class:`Signal`.
+    """
+
+    BUY = 1
+    SELL = -1
+    UNKNOWN = 0
+
+
+SIDE_BUY = AggressorSide.BUY.value
+SIDE_SELL = AggressorSide.SELL.value
+SIDE_UNKNOWN = AggressorSide.UNKNOWN.value
 
 TICK_COLUMNS: tuple[ColumnSpec, ...] = (
     ColumnSpec("ts_ns", np.dtype(np.int64)),  # event time (exchange), ns since epoch
@@ -62,7 +75,7 @@ TICK_COLUMN_NAMES: tuple[str, ...] = tuple(c.name for c in TICK_COLUMNS)
 
 @dataclass(frozen=True, slots=True)
 class TradeTick:
-    """One trade. ``side`` is the aggressor (+1 buy, -1 sell, 0 unknown)."""
+    """One trade. ``side`` is the aggressor: :class:`AggressorSide` or +1 buy, −1 sell, 0 unknown."""
 
     symbol: str
     ts_ns: int
@@ -71,6 +84,14 @@ class TradeTick:
     side: int = SIDE_UNKNOWN
     trade_id: int = -1
     ts_recv_ns: int = -1
+
+    def __post_init__(self) -> None:
+        if self.side not in (1, -1, 0):  # an IntEnum compares equal to its value
+            raise ConfigError(
+                f"TradeTick.side is the aggressor, AggressorSide.BUY/SELL/UNKNOWN (+1/-1/0), "
+                f"got {self.side!r}" + (" (Side is a signal's direction)"
+                                        if isinstance(self.side, Side) else "")
+            )
 
 
 @dataclass(frozen=True, slots=True)
@@ -87,6 +108,8 @@ class QuoteTick:
 
 
 class Side(enum.StrEnum):
+    """The direction of a :class:`Signal` (not a trade's aggressor: :class:`AggressorSide`)."""
+
     BUY = "BUY"
     SELL = "SELL"
     FLAT = "FLAT"

@@ -282,3 +282,11 @@ async def test_a_stage_error_carries_its_context_as_attributes():
     assert isinstance(err, StageError)
     assert (err.stage, err.topic, err.rows, err.stream) == ("fails", "pipeline.default.ticks", 5, "cpu")
     assert isinstance(err.batch, int) and isinstance(err.__cause__, ValueError)
+
+
+def test_a_trade_tick_takes_the_aggressor_side_and_refuses_a_signal_direction():
+    import nautilus_pipeline as nt
+
+    assert nt.TradeTick("X", 1, 1.0, 1.0, nt.AggressorSide.SELL).side == -1
+    with pytest.raises(nt.ConfigError, match="Side is a signal's direction"):
+        nt.TradeTick("X", 1, 1.0, 1.0, nt.Side.BUY)

@@ -37,6 +37,7 @@ positive loss, with the linear (delta) P&L ``e·R`` of a horizon log return ``R`
 
 from __future__ import annotations
 
+import enum
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
@@ -56,6 +57,7 @@ __all__ = [
     "BREACH_ORDER_RATE",
     "BREACH_POSITION",
     "RISK_OUTPUT_FIELDS",
+    "Breach",
     "RiskParams",
     "RiskState",
     "breach_names",
@@ -70,16 +72,21 @@ __all__ = [
     "var_report",
 ]
 
-BREACH_POSITION = 1
-BREACH_NOTIONAL = 2
-BREACH_DRAWDOWN = 4
-BREACH_ORDER_RATE = 8
-BREACH_NAMES: dict[int, str] = {
-    BREACH_POSITION: "max_position",
-    BREACH_NOTIONAL: "max_notional",
-    BREACH_DRAWDOWN: "max_drawdown",
-    BREACH_ORDER_RATE: "max_order_rate",
-}
+class Breach(enum.IntFlag):
+    """The bits of the ``breach`` mask; a member's lower-case name is the limit's name."""
+
+    MAX_POSITION = 1
+    MAX_NOTIONAL = 2
+    MAX_DRAWDOWN = 4
+    MAX_ORDER_RATE = 8
+
+
+# plain ints for the numba scan
+BREACH_POSITION = int(Breach.MAX_POSITION)
+BREACH_NOTIONAL = int(Breach.MAX_NOTIONAL)
+BREACH_DRAWDOWN = int(Breach.MAX_DRAWDOWN)
+BREACH_ORDER_RATE = int(Breach.MAX_ORDER_RATE)
+BREACH_NAMES: dict[int, str] = {int(b): b.name.lower() for b in Breach}
 
 RISK_OUTPUT_FIELDS: tuple[str, ...] = (
     "position",
@@ -97,7 +104,7 @@ RISK_OUTPUT_FIELDS: tuple[str, ...] = (
 
 def breach_names(mask: int) -> tuple[str, ...]:
     """The limit names set in a ``breach`` bit mask, e.g. ``("max_drawdown",)``."""
-    return tuple(name for bit, name in BREACH_NAMES.items() if mask & bit)
+    return tuple(b.name.lower() for b in Breach if mask & b)
 
 
 @dataclass(frozen=True, slots=True)

@@ -14,11 +14,13 @@ BUY/SELL and 0 for FLAT. Target position (base units): ``side · max_position`` 
 ``sizing = "fixed"``, or ``side · strength · max_position`` with ``"proportional"``.
 ``emit`` marks the rows whose (side, target) differ from the previous row's, the first
 row of a symbol included: the stage publishes a :class:`~nautilus_pipeline.events.Signal`
-only there (emit on change). The rule has no other memory, so it is vectorised.
+only there (emit on change). The rule runs as one numba loop over the rows: the numpy
+version (a dozen array ops) cost ~60 µs per call for one row, paid twice per live tick.
 """
 
 from __future__ import annotations
 
+import enum
 import math
 from dataclasses import dataclass, replace
 
@@ -35,6 +37,7 @@ __all__ = [
     "REASON_NAMES",
     "REASON_NO_MODEL",
     "REASON_TOXIC_FLOW",
+    "Reason",
     "SignalParams",
     "SignalState",
     "new_signal_state",
@@ -42,25 +45,30 @@ __all__ = [
     "signal_update",
 ]
 
-REASON_MODEL_LONG = 1
-REASON_MODEL_SHORT = 2
-REASON_MODEL_NEUTRAL = 4
-REASON_TOXIC_FLOW = 8
-REASON_KILL_SWITCH = 16
-REASON_NO_MODEL = 32
-REASON_NAMES: dict[int, str] = {
-    REASON_MODEL_LONG: "model_long",
-    REASON_MODEL_SHORT: "model_short",
-    REASON_MODEL_NEUTRAL: "model_neutral",
-    REASON_TOXIC_FLOW: "toxic_flow",
-    REASON_KILL_SWITCH: "risk_kill_switch",
-    REASON_NO_MODEL: "no_model",
-}
+class Reason(enum.IntFlag):
+    """The bits of a signal's ``reasons`` mask; a member's lower-case name is the reason."""
+
+    MODEL_LONG = 1
+    MODEL_SHORT = 2
+    MODEL_NEUTRAL = 4
+    TOXIC_FLOW = 8
+    RISK_KILL_SWITCH = 16
+    NO_MODEL = 32
+
+
+# plain ints for the numba rule
+REASON_MODEL_LONG = int(Reason.MODEL_LONG)
+REASON_MODEL_SHORT = int(Reason.MODEL_SHORT)
+REASON_MODEL_NEUTRAL = int(Reason.MODEL_NEUTRAL)
+REASON_TOXIC_FLOW = int(Reason.TOXIC_FLOW)
+REASON_KILL_SWITCH = int(Reason.RISK_KILL_SWITCH)
+REASON_NO_MODEL = int(Reason.NO_MODEL)
+REASON_NAMES: dict[int, str] = {int(r): r.name.lower() for r in Reason}
 
 
 def reason_names(mask: int) -> tuple[str, ...]:
     """The reason names in a ``reasons`` bit mask, in a fixed order."""
-    return tuple(name for bit, name in REASON_NAMES.items() if mask & bit)
+    return tuple(r.name.lower() for r in Reason if mask & r)
 
 
 @dataclass(frozen=True, slots=True)
