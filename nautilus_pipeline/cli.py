@@ -158,7 +158,7 @@ async def _run(args: argparse.Namespace) -> int:
     stages = config.build_stages(definition, sources)
     expected = _estimate_rows(sources)
     every = args.trace_every or max(1, (expected or 0) // 200_000)
-    written = {c.name for s in stages for c in s.writes} | {"ts_ns", "symbol_id", "price"}
+    written = {c.name for s in stages for c in s.writes} | {"ts_ns", "symbol_id", "kind", "price", "bid", "ask"}
     stages.append(RecorderStage(out_dir / "trace.parquet", every=every,
                                 available=tuple(c for c in TRACE_COLUMNS if c in written)))
     pipe = config.build_pipeline(definition, stages, batch_size=args.batch)
@@ -179,13 +179,18 @@ async def _run(args: argparse.Namespace) -> int:
         from .prometheus import MetricsExporter
 
         metrics = MetricsExporter(args.metrics_port)
+    from .report.timeline import TIMELINE_FILE, LatencyTimeline
+
+    timeline = LatencyTimeline()
     t0 = time.perf_counter()
     interrupted = False
     try:
         async with pipe:
             sink.attach(pipe.bus)
             with _progress(err, show_progress, expected) as advance:
-                interrupted = await _replay_into(pipe, replay, advance, metrics, stop)
+                interrupted = await _replay_into(pipe, replay, advance, metrics, stop, timeline)
+        timeline.sample(pipe, replay.progress.ts_reached_ns)
+        timeline.write(out_dir / TIMELINE_FILE)
         if metrics is not None:
             metrics.update(pipe, replay)
     finally:
@@ -200,17 +205,20 @@ async def _run(args: argparse.Namespace) -> int:
     summary = _summary(definition, pipe, replay, sink, wall, interrupted)
     (out_dir / "summary.json").write_bytes(orjson.dumps(summary, option=orjson.OPT_INDENT_2 | orjson.OPT_SERIALIZE_NUMPY))
     _print_summary(summary, out_dir)
+    _warn_if_nothing_traded(summary)
     if not interrupted:
         replay.accounting.check()
     return EXIT_INTERRUPTED if interrupted else EXIT_OK
 
 
-async def _replay_into(pipe, replay, advance, metrics, stop: asyncio.Event) -> bool:
+async def _replay_into(pipe, replay, advance, metrics, stop: asyncio.Event, timeline=None) -> bool:
     """Feed the replay's batches to the pipeline until the end or Ctrl-C; True if interrupted."""
     async with contextlib.aclosing(replay.batches(pipe.pool)) as batches:
         async for lease in batches:
             await pipe.publish_batch(lease, "replay")
             advance(replay.progress.ticks_delivered, replay.progress.ts_reached_ns)
+            if timeline is not None:
+                timeline.maybe_sample(pipe, replay.progress.ts_reached_ns)
             if metrics is not None:
                 metrics.update(pipe, replay)
             if stop.is_set():
@@ -311,7 +319,45 @@ def _summary(definition, pipe, replay, sink, wall: float, interrupted: bool) -> 
         "vpin_threshold": next((s.params["threshold"] for s in pipe.stages if hasattr(s, "params")
                                 and isinstance(s.params, dict) and "threshold" in s.params), 0.9),
         "symbols": pipe.symbols.names,
+        **_report_fields(pipe, replay),
     }
+
+
+def _report_fields(pipe, replay) -> dict[str, Any]:
+    """What ``report`` needs beyond the counters: files, fees, code version, trades seen."""
+    from .kernels.risk import RiskParams
+
+    limits = next((s.limits for s in pipe.stages if isinstance(getattr(s, "limits", None), RiskParams)), None)
+    return {
+        "files": [str(s.path) for s in replay.sources],
+        "code_version": _code_version(),
+        "fees": None if limits is None else {"fee_rate": limits.fee_rate,
+                                             "fee_per_order": limits.fee_per_order},
+    }
+
+
+def _code_version() -> str:
+    """``0.1.0`` plus the git commit of the checkout when there is one (``0.1.0+g1a2b3c4``)."""
+    import subprocess
+
+    try:
+        out = subprocess.run(["git", "describe", "--always", "--dirty"], cwd=Path(__file__).parent,
+                             capture_output=True, text=True, timeout=5)
+    except (OSError, subprocess.SubprocessError):
+        return __version__
+    return f"{__version__}+g{out.stdout.strip()}" if out.returncode == 0 and out.stdout.strip() else __version__
+
+
+def _warn_if_nothing_traded(summary: dict[str, Any]) -> None:
+    """A run that produced no outputs says so (on stderr, as a warning), not only rc 0."""
+    if not any(summary["outputs"].values()):
+        import structlog
+
+        structlog.get_logger("nautilus_pipeline.cli").warning(
+            "run_produced_nothing", pipeline=summary["pipeline"],
+            ticks=summary["ticks"]["processed"],
+            hint="no signal, VPIN bucket or risk event: the files may hold no trades "
+                 "(see 'nautilus-pipeline inspect FILE')")
 
 
 def _print_summary(summary: dict[str, Any], out_dir: Path) -> None:
