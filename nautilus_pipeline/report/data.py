@@ -129,6 +129,12 @@ class RunData:
             return None
         return max(self.views, key=lambda v: (v.trade_ts.size, v.quote_ts.size))
 
+    def title(self) -> str:
+        v = self.primary
+        if v is None or self.nothing_to_draw():
+            return f"{self.summary['pipeline']} — nothing to draw"
+        return f"{self.summary['pipeline']} — {v.symbol} — {self.market_span()}"
+
     def header(self) -> list[tuple[str, str]]:
         s, t = self.summary, self.summary["ticks"]
         files = s.get("files") or list(s.get("accounting", {}).get("sources", {}))
@@ -162,9 +168,9 @@ class RunData:
         if any(v.trade_ts.size or v.quote_ts.size for v in self.views):
             return None
         t = self.summary["ticks"]
-        return (f"nothing to draw: the run delivered {t['delivered']:,} ticks, none of them a "
-                f"trade or quote the stages kept (read {t['read']:,}, rejected {t['rejected']:,}, "
-                f"quarantined {t['quarantined']:,}); outputs: "
+        return (f"nothing to draw: no trade or quote reached the stages (read {t['read']:,}, "
+                f"delivered {t['delivered']:,}, rejected {t['rejected']:,}, quarantined "
+                f"{t['quarantined']:,}); outputs: "
                 f"{', '.join(f'{k} {v:,}' for k, v in self.summary.get('outputs', {}).items()) or 'none'}")
 
 

@@ -39,14 +39,17 @@ def _no_data(ax, text: str) -> None:
 def _price(ax, v: SymbolView) -> None:
     if v.quote_ts.size:
         i = downsample(v.bid, DISPLAY_POINTS)
-        ax.fill_between(_dt(v.quote_ts[i]), v.bid[i], v.ask[i], step="post", color="tab:blue",
-                        alpha=0.25, lw=0, label=f"bid/ask ({v.quote_ts.size:,} quotes)")
+        t = _dt(v.quote_ts[i])
+        ax.fill_between(t, v.bid[i], v.ask[i], step="post", color="tab:blue", alpha=0.25, lw=0)
+        ax.step(t, v.bid[i], where="post", color="tab:blue", lw=0.6,
+                label=f"bid ({v.quote_ts.size:,} quotes)")
+        ax.step(t, v.ask[i], where="post", color="tab:red", lw=0.6, label="ask")
         if not v.trade_ts.size:
             mid = (v.bid[i] + v.ask[i]) / 2
-            ax.plot(_dt(v.quote_ts[i]), mid, lw=0.6, color="tab:blue", label="mid")
+            ax.plot(_dt(v.quote_ts[i]), mid, lw=0.6, color="0.2", label="mid")
     if v.trade_ts.size:
         i = downsample(v.price, DISPLAY_POINTS, v.fill_idx)
-        ax.plot(_dt(v.trade_ts[i]), v.price[i], lw=0.7, color="0.2",
+        ax.plot(_dt(v.trade_ts[i]), v.price[i], lw=0.6, color="0.15",
                 label=f"trade price ({v.trade_ts.size:,} trades)")
     if v.position is not None and v.entries.size + v.exits.size:
         pos = v.position
@@ -125,7 +128,7 @@ def _latency(ax, run: RunData) -> None:
     for stage, color in colors.items():
         m = lat["stage"] == stage
         x = lat["elapsed_s"][m]
-        ax.plot(x, lat["p50_ns"][m] / 1e3, color=color, lw=1, marker=".", ms=3, label=f"{stage} p50")
+        ax.plot(x, lat["p50_ns"][m] / 1e3, color=color, lw=1, marker="o", ms=4, label=f"{stage} p50")
         ax.plot(x, lat["p99_ns"][m] / 1e3, color=color, lw=0.8, ls="--")
     ax.set_yscale("log")
     ax.set_ylabel("µs per batch")
@@ -167,7 +170,7 @@ def write_png(run: RunData, path: Path) -> Path:
 
     v = run.primary
     empty = run.nothing_to_draw()
-    title = f"{run.summary['pipeline']} — {v.symbol if v else 'no symbol'} — {run.market_span()}"
+    title = run.title()
     if empty:
         fig = plt.figure(figsize=(14, 5), constrained_layout=True)
         grid = fig.add_gridspec(1, 2, width_ratios=[1.3, 1])
@@ -180,46 +183,72 @@ def write_png(run: RunData, path: Path) -> Path:
         plt.close(fig)
         return path
 
-    fig = plt.figure(figsize=(16, 16), constrained_layout=True)
-    grid = fig.add_gridspec(6, 2, width_ratios=[4.2, 1], height_ratios=[0.9, 3, 0.8, 1.8, 1.5, 1.6])
-    _text_table(fig.add_subplot(grid[0, :]), "run", run.header())
-    ax_price = fig.add_subplot(grid[1, 0])
-    ax_pos = fig.add_subplot(grid[2, 0], sharex=ax_price)
-    ax_pnl = fig.add_subplot(grid[3, 0], sharex=ax_price)
-    ax_vpin = fig.add_subplot(grid[4, 0], sharex=ax_price)
-    _price(ax_price, v)
-    _position(ax_pos, v)
-    _pnl(ax_pnl, v)
-    _vpin(ax_vpin, v, run.vpin_threshold)
+    # (name, height, draw(ax), side table title, side rows), only for what the run has.
+    market_rows = [("span", run.market_span()), ("trades", f"{v.trade_ts.size:,} traced"),
+                   ("quotes", f"{v.quote_ts.size:,} traced"), ("units", v.ccy)]
+    if v.quote_ts.size:
+        market_rows.append(("median spread", f"{np.median(v.ask - v.bid):,.4g} {v.ccy}"))
+    if len(run.views) > 1:
+        market_rows.append(("not drawn", ", ".join(o.symbol for o in run.views if o is not v)))
+    panels = [("price", 3.0, lambda ax: _price(ax, v), "market", market_rows)]
+    if v.position is not None:
+        panels.append(("position", 0.8, lambda ax: _position(ax, v), None, None))
+        panels.append(("pnl", 1.8, lambda ax: _pnl(ax, v), f"figures ({v.symbol})",
+                       v.figures.rows(v.ccy)))
+    if v.vpin is not None:
+        panels.append(("vpin", 1.5, lambda ax: _vpin(ax, v, run.vpin_threshold), "VPIN",
+                       _vpin_rows(run, v)))
+    missing = _missing(run, v)
+    header = run.header() + ([("not drawn", "; ".join(missing))] if missing else [])
+    heights = [0.2 + 0.075 * len(header), *(h for _, h, *_ in panels), 1.6]
+    fig = plt.figure(figsize=(16, 3 + 1.9 * sum(heights[1:])), constrained_layout=True)
+    grid = fig.add_gridspec(len(heights), 2, width_ratios=[4.2, 1], height_ratios=heights)
+    _text_table(fig.add_subplot(grid[0, :]), "run", header)
     loc = mdates.AutoDateLocator()
-    for ax in (ax_price, ax_pos, ax_pnl, ax_vpin):
+    first = None
+    titles = {"price": f"{v.symbol}: price, bid/ask and entries/exits",
+              "position": "position", "pnl": "simulated P&L after fees, and drawdown",
+              "vpin": "VPIN, toxic buckets and the running CDF that flags them"}
+    for row, (name, _, draw, side_title, side_rows) in enumerate(panels, start=1):
+        ax = fig.add_subplot(grid[row, 0], sharex=first)
+        first = first or ax
+        draw(ax)
         ax.xaxis.set_major_locator(loc)
-        ax.set_xlim(*_span(v))
         ax.xaxis.set_major_formatter(mdates.ConciseDateFormatter(loc, show_offset=True))
+        ax.set_xlim(*_span(v))
         ax.grid(alpha=0.25)
-    ax_vpin.set_xlabel("market time (UTC)")
-    ax_price.set_title(f"{v.symbol}: price, bid/ask and entries/exits", fontsize=10, loc="left")
-    ax_pnl.set_title("simulated P&L after fees, and drawdown", fontsize=10, loc="left")
-    ax_vpin.set_title("VPIN, toxic buckets and the running CDF that flags them", fontsize=10, loc="left")
-    ax_lat = fig.add_subplot(grid[5, 0])
+        if name != "position":
+            ax.set_title(titles[name], fontsize=10, loc="left")
+        if side_title:
+            _text_table(fig.add_subplot(grid[row, 1]), side_title, side_rows)
+    ax.set_xlabel("market time (UTC)")
+    ax_lat = fig.add_subplot(grid[len(heights) - 1, 0])
     _latency(ax_lat, run)
     ax_lat.set_title("per-stage batch latency over the run", fontsize=10, loc="left")
     ax_lat.grid(alpha=0.25, which="both")
-    if v.figures is not None:
-        _text_table(fig.add_subplot(grid[3, 1]), f"figures ({v.symbol})", v.figures.rows(v.ccy))
-    else:
-        _text_table(fig.add_subplot(grid[3, 1]), "figures", [("P&L", "no risk stage")])
-    _text_table(fig.add_subplot(grid[1, 1]), "market", [
-        ("span", run.market_span()), ("trades", f"{v.trade_ts.size:,} traced"),
-        ("quotes", f"{v.quote_ts.size:,} traced"), ("units", v.ccy),
-        *((("others", ", ".join(o.symbol for o in run.views if o is not v)),) if len(run.views) > 1 else ()),
-    ])
-    _text_table(fig.add_subplot(grid[4, 1]), "VPIN", _vpin_rows(run, v))
-    _text_table(fig.add_subplot(grid[5, 1]), "latency (whole run)", _latency_rows(run))
+    _text_table(fig.add_subplot(grid[len(heights) - 1, 1]), "latency (whole run)", _latency_rows(run))
     fig.suptitle(title, fontsize=13, fontweight="bold")
     fig.savefig(path, dpi=100)
     plt.close(fig)
     return path
+
+
+def _missing(run: RunData, v: SymbolView) -> list[str]:
+    """The panels this run cannot have, and why (said in the header, not drawn empty)."""
+    out = []
+    if not v.trade_ts.size:
+        out.append("trades (none in the input: quotes only)")
+    has_risk = any(st["stage"] == "risk" for st in run.summary.get("stages", []))
+    if v.position is None:
+        out.append("position and P&L (" + ("no trade to fill on" if has_risk
+                                          else "no risk stage in this pipeline") + ")")
+    if v.vpin is None:
+        out.append("VPIN (no bucket completed, or no VPIN stage)")
+    if not v.quote_ts.size:
+        out.append("bid/ask (no quotes in the input)")
+    if run.latency is None:
+        out.append("latency over time (no latency.parquet: a run by an older version)")
+    return out
 
 
 def _span(v: SymbolView) -> tuple[np.datetime64, np.datetime64]:
