@@ -28,7 +28,7 @@ import orjson
 from ..errors import DataError
 from .timeline import TIMELINE_FILE
 
-_QUOTE_CURRENCIES = ("USDT", "USDC", "BUSD", "FDUSD", "TUSD", "USD", "EUR", "GBP", "JPY", "CHF",
+_QUOTE_CURRENCIES = ("USDT", "USDC", "BUSD", "FDUSD", "USD", "EUR", "GBP", "JPY", "CHF",
                      "AUD", "CAD", "BTC", "ETH")
 
 

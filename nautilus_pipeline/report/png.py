@@ -162,6 +162,18 @@ def _vpin_rows(run: RunData, v: SymbolView) -> list[tuple[str, str]]:
 
 
 def write_png(run: RunData, path: Path) -> Path:
+    """Draw the report and save it as ``path`` (PNG, 100 dpi)."""
+    import matplotlib.pyplot as plt
+
+    fig, _ = build_figure(run)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+def build_figure(run: RunData):
+    """The report's figure and its axes by panel name (``price``, ``position``, ``pnl``,
+    ``vpin``, ``latency``, or ``message`` when there is nothing to draw)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -179,9 +191,7 @@ def write_png(run: RunData, path: Path) -> Path:
         ax.axis("off")
         ax.text(0, 0.9, "\n".join(_wrap(empty, 60)), va="top", fontsize=11, color="tab:red")
         fig.suptitle(title, fontsize=12, fontweight="bold")
-        fig.savefig(path, dpi=100)
-        plt.close(fig)
-        return path
+        return fig, {"message": ax}
 
     # (name, height, draw(ax), side table title, side rows), only for what the run has.
     market_rows = [("span", run.market_span()), ("trades", f"{v.trade_ts.size:,} traced"),
@@ -206,12 +216,14 @@ def write_png(run: RunData, path: Path) -> Path:
     _text_table(fig.add_subplot(grid[0, :]), "run", header)
     loc = mdates.AutoDateLocator()
     first = None
+    axes = {}
     titles = {"price": f"{v.symbol}: price, bid/ask and entries/exits",
               "position": "position", "pnl": "simulated P&L after fees, and drawdown",
               "vpin": "VPIN, toxic buckets and the running CDF that flags them"}
     for row, (name, _, draw, side_title, side_rows) in enumerate(panels, start=1):
         ax = fig.add_subplot(grid[row, 0], sharex=first)
         first = first or ax
+        axes[name] = ax
         draw(ax)
         ax.xaxis.set_major_locator(loc)
         ax.xaxis.set_major_formatter(mdates.ConciseDateFormatter(loc, show_offset=True))
@@ -228,9 +240,8 @@ def write_png(run: RunData, path: Path) -> Path:
     ax_lat.grid(alpha=0.25, which="both")
     _text_table(fig.add_subplot(grid[len(heights) - 1, 1]), "latency (whole run)", _latency_rows(run))
     fig.suptitle(title, fontsize=13, fontweight="bold")
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
+    axes["latency"] = ax_lat
+    return fig, axes
 
 
 def _missing(run: RunData, v: SymbolView) -> list[str]:
