@@ -72,8 +72,10 @@ def _parser() -> argparse.ArgumentParser:
                      help="logs on stderr: JSON lines or console (default: console on a terminal)")
     run.add_argument("--log-level", default="warning", choices=("debug", "info", "warning", "error"))
     run.add_argument("--no-progress", action="store_true", help="no progress bar even on a terminal")
-    run.add_argument("--metrics-port", type=int, metavar="PORT",
-                     help="serve Prometheus metrics on this port while the run lasts")
+    run.add_argument("--metrics-addr", metavar="HOST:PORT",
+                     help="serve Prometheus metrics on HOST:PORT while the run lasts "
+                          "(host defaults to 127.0.0.1: ':9100' is local only)")
+    run.add_argument("--metrics-port", metavar="PORT", help="same as --metrics-addr 127.0.0.1:PORT")
     run.add_argument("--trace-every", type=int, default=0,
                      help="keep every Nth trade in trace.parquet for the report (default: about 200k points)")
 
@@ -106,8 +108,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     configure_logging(getattr(args, "log_format", "auto"), getattr(args, "log_level", "warning"))
     handlers = {"run": cmd_run, "report": cmd_report, "devices": cmd_devices,
                 "inspect": cmd_inspect, "validate": cmd_validate}
+    from .prometheus import MetricsAddressError
+
     try:
         return handlers[args.command](args)
+    except MetricsAddressError as exc:
+        return _fail(exc, EXIT_USAGE)
     except ConfigError as exc:
         return _fail(exc, EXIT_CONFIG)
     except DataError as exc:
@@ -135,7 +141,20 @@ def cmd_run(args: argparse.Namespace) -> int:
     for f in args.ticks or ():
         if not Path(f).is_file():
             raise DataError(f"--ticks {f}: no such file")
+    _metrics_address(args)
     return run(_run(args))
+
+
+def _metrics_address(args: argparse.Namespace) -> str | None:
+    """``--metrics-addr`` (or ``--metrics-port``) checked before the run: exit 2 when malformed."""
+    from .prometheus import MetricsAddressError, parse_address
+
+    if args.metrics_addr is not None and args.metrics_port is not None:
+        raise MetricsAddressError("give --metrics-addr HOST:PORT or --metrics-port PORT, not both")
+    address = args.metrics_addr if args.metrics_addr is not None else args.metrics_port
+    if address is not None:
+        parse_address(address)
+    return address
 
 
 async def _run(args: argparse.Namespace) -> int:
@@ -175,10 +194,10 @@ async def _run(args: argparse.Namespace) -> int:
     except (NotImplementedError, RuntimeError):  # pragma: no cover - Windows
         pass
     metrics = None
-    if args.metrics_port is not None:
+    if _metrics_address(args) is not None:
         from .prometheus import MetricsExporter
 
-        metrics = MetricsExporter(args.metrics_port)
+        metrics = MetricsExporter(_metrics_address(args), pipeline=definition.name)
     from .report.timeline import TIMELINE_FILE, LatencyTimeline
 
     timeline = LatencyTimeline()
@@ -192,7 +211,7 @@ async def _run(args: argparse.Namespace) -> int:
         timeline.sample(pipe, replay.progress.ts_reached_ns)
         timeline.write(out_dir / TIMELINE_FILE)
         if metrics is not None:
-            metrics.update(pipe, replay)
+            metrics.update(pipe, replay, force=True)
     finally:
         if metrics is not None:
             metrics.close()

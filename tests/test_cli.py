@@ -163,7 +163,7 @@ def test_metrics_port_serves_prometheus_metrics_during_a_run(tmp_path):
             except OSError:
                 continue
         assert 'nautilus_ticks_total{outcome="processed"}' in body
-        assert 'nautilus_stage_batch_latency_seconds{quantile="p99",stage="features"}' in body
+        assert 'nautilus_stage_batch_latency_seconds_count{stage="features"}' in body
     finally:
         proc.send_signal(__import__("signal").SIGINT)
         proc.communicate(timeout=60)
