@@ -41,7 +41,8 @@ EXAMPLES = {  # shown under each command's --help
     "inspect": """examples:
   nautilus-pipeline inspect trades.csv
   nautilus-pipeline inspect data/*.csv data/*.parquet
-  nautilus-pipeline inspect glbx-mbp1.dbn.zst --format databento""",
+  nautilus-pipeline inspect glbx-mbp1.dbn.zst --format databento
+  nautilus-pipeline inspect data/* --json > inventory.json   # exit code: the worst file's""",
     "validate": """examples:
   nautilus-pipeline validate pipelines/default.toml
   nautilus-pipeline validate pipelines/*.toml""",
@@ -94,6 +95,10 @@ def _parser() -> argparse.ArgumentParser:
     ins.add_argument("files", nargs="+", metavar="FILE")
     ins.add_argument("--format", help="reader to use (default: detected)")
     ins.add_argument("--symbol", help="instrument name for single-symbol files")
+    ins.add_argument("--json", action="store_true", help="one JSON array on stdout, an object per file")
+    ins.add_argument("--log-format", choices=("auto", "json", "console"), default="auto",
+                     help="logs and errors on stderr: JSON lines or console (default: console on a terminal)")
+    ins.add_argument("--log-level", default="warning", choices=("debug", "info", "warning", "error"))
 
     val = sub.add_parser("validate", help="check a pipeline definition without running it",
                          epilog=EXAMPLES["validate"], formatter_class=fmt)
@@ -106,6 +111,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     from .runtime import configure_logging
 
     configure_logging(getattr(args, "log_format", "auto"), getattr(args, "log_level", "warning"))
+    _ERRORS.json = getattr(args, "log_format", "auto") == "json"
     handlers = {"run": cmd_run, "report": cmd_report, "devices": cmd_devices,
                 "inspect": cmd_inspect, "validate": cmd_validate}
     from .prometheus import MetricsAddressError
@@ -125,8 +131,21 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_INTERRUPTED
 
 
+class _ERRORS:
+    """How the final error is written: one plain line, or (``--log-format json``) one JSON
+    log line like every other line on stderr."""
+
+    json = False
+
+
 def _fail(exc: Exception, code: int) -> int:
-    print(f"nautilus-pipeline: error: {exc}", file=sys.stderr)
+    if _ERRORS.json:
+        import structlog
+
+        structlog.get_logger("nautilus_pipeline.cli").error(
+            "command_failed", error=str(exc), error_type=type(exc).__name__, exit_code=code)
+    else:
+        print(f"nautilus-pipeline: error: {exc}", file=sys.stderr)
     return code
 
 
@@ -206,7 +225,7 @@ async def _run(args: argparse.Namespace) -> int:
     try:
         async with pipe:
             sink.attach(pipe.bus)
-            with _progress(err, show_progress, expected) as advance:
+            with _progress(err, show_progress, expected, sources) as advance:
                 interrupted = await _replay_into(pipe, replay, advance, metrics, stop, timeline)
         timeline.sample(pipe, replay.progress.ts_reached_ns)
         timeline.write(out_dir / TIMELINE_FILE)
@@ -246,18 +265,23 @@ async def _replay_into(pipe, replay, advance, metrics, stop: asyncio.Event, time
 
 
 class _progress:
-    """A rich progress bar (ticks, ticks/s, ETA) on a terminal; nothing when piped."""
+    """A rich progress bar on a terminal (nothing when piped): ticks, ticks/s, market time,
+    and a total with ETA: by rows when they are cheap to count (Parquet metadata, lines of
+    plain text less the header), else by compressed bytes read (``.gz``/``.zst``/``.dbn``;
+    see :class:`_BytesRead`)."""
 
-    def __init__(self, console: Any, enabled: bool, total: int | None):
+    def __init__(self, console: Any, enabled: bool, total: int | None, sources: Sequence[Any] = ()):
         self.enabled = enabled
         self.total = total
         self.console = console
+        self.bytes_read = _BytesRead.of(sources) if total is None else None
 
     def __enter__(self):
         if not self.enabled:
             return lambda ticks, ts: None
         from rich.progress import (
             BarColumn,
+            DownloadColumn,
             MofNCompleteColumn,
             Progress,
             TextColumn,
@@ -265,21 +289,24 @@ class _progress:
             TimeRemainingColumn,
         )
 
+        by_bytes = self.bytes_read is not None
         self.bar = Progress(
-            TextColumn("[bold]replay"), BarColumn(), MofNCompleteColumn(),
-            TextColumn("{task.fields[rate]} ticks/s"), TextColumn("{task.fields[market]}"),
+            TextColumn("[bold]replay"), BarColumn(), DownloadColumn() if by_bytes else MofNCompleteColumn(),
+            TextColumn("{task.fields[ticks]}{task.fields[rate]} ticks/s"), TextColumn("{task.fields[market]}"),
             TimeElapsedColumn(), TimeRemainingColumn(),
             console=self.console, transient=True,
         )
         self.bar.start()
-        task = self.bar.add_task("replay", total=self.total, rate="-", market="")
+        total = self.bytes_read.total if by_bytes else self.total
+        task = self.bar.add_task("replay", total=total, rate="-", market="", ticks="")
         t0 = time.perf_counter()
 
         def advance(ticks: int, ts: int | None) -> None:
             dt = time.perf_counter() - t0
             market = time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(ts / 1e9)) if ts else ""
-            self.bar.update(task, completed=ticks, rate=f"{ticks / dt:,.0f}" if dt > 0 else "-",
-                            market=market)
+            done = self.bytes_read() if by_bytes else ticks
+            self.bar.update(task, completed=done, rate=f"{ticks / dt:,.0f}" if dt > 0 else "-",
+                            market=market, ticks=f"{ticks:,} ticks, " if by_bytes else "")
 
         return advance
 
@@ -288,8 +315,66 @@ class _progress:
             self.bar.stop()
 
 
+class _BytesRead:
+    """Bytes of the sources' files consumed so far, for inputs whose rows cannot be counted
+    cheaply (compressed text, DBN). The readers stream through ``io.files.open_stream``
+    (pyarrow), which reads the file through one descriptor; its offset, from
+    ``/proc/self/fdinfo`` (Linux), is how far the decompressor has got. A file seen open and
+    now closed counts whole. Elsewhere (no ``/proc``) there is no total, as before."""
+
+    def __init__(self, sizes: dict[str, int]):
+        self.sizes = sizes
+        self.total = sum(sizes.values())
+        self._seen: set[str] = set()
+        self._last = (0.0, 0)
+
+    @classmethod
+    def of(cls, sources: Sequence[Any]) -> _BytesRead | None:
+        import os
+
+        if not sources or not os.path.isdir("/proc/self/fdinfo"):
+            return None
+        sizes = {}
+        for src in sources:
+            path = Path(src.path)
+            if not path.name.lower().endswith((".gz", ".zst", ".dbn")):
+                return None  # plain text is memory-mapped: no offset to read; rows counted instead
+            try:
+                sizes[os.path.realpath(path)] = path.stat().st_size
+            except OSError:
+                return None
+        return cls(sizes)
+
+    def __call__(self) -> int:
+        import os
+
+        now = time.perf_counter()
+        if now - self._last[0] < 0.2:
+            return self._last[1]
+        pos: dict[str, int] = {}
+        for fd in os.listdir("/proc/self/fd"):
+            try:
+                target = os.readlink(f"/proc/self/fd/{fd}")
+                if target in self.sizes:
+                    with open(f"/proc/self/fdinfo/{fd}") as fh:
+                        offset = int(fh.readline().split()[1])
+                    pos[target] = max(pos.get(target, 0), offset)
+            except (OSError, ValueError, IndexError):
+                continue
+        done = 0
+        for path, size in self.sizes.items():
+            if path in pos:
+                self._seen.add(path)
+                done += min(pos[path], size)
+            elif path in self._seen:
+                done += size
+        self._last = (now, done)
+        return done
+
+
 def _estimate_rows(sources: list[Any]) -> int | None:
-    """Rows in the sources when cheap to know (Parquet metadata, newlines of plain text)."""
+    """Data rows in the sources when cheap to know: Parquet metadata, or the lines of plain
+    text (a last line without a newline counted, a header line not)."""
     total = 0
     for src in sources:
         path = Path(src.path)
@@ -300,13 +385,38 @@ def _estimate_rows(sources: list[Any]) -> int | None:
 
                 total += pq.ParquetFile(path).metadata.num_rows
             elif name.endswith((".csv", ".jsonl", ".txt")) and path.stat().st_size < 8 << 30:
-                with open(path, "rb") as fh:
-                    total += sum(chunk.count(b"\n") for chunk in iter(lambda: fh.read(1 << 24), b""))
+                total += _count_data_lines(path)
             else:
                 return None
         except OSError:
             return None
     return total or None
+
+
+def _count_data_lines(path: Path) -> int:
+    lines, first, last_byte = 0, b"", b"\n"
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 24), b""):
+            if not first:
+                first = chunk[:4096].split(b"\n", 1)[0]
+            lines += chunk.count(b"\n")
+            last_byte = chunk[-1:]
+    if last_byte != b"\n":
+        lines += 1
+    return lines - int(_is_header(first))
+
+
+def _is_header(line: bytes) -> bool:
+    """A first line of names, not values: a field that is neither a number nor a date/time,
+    or a JSON line (never a header)."""
+    text = line.decode("utf-8", "replace").strip()
+    if not text or text.startswith("{"):
+        return False
+    for field in text.replace(";", ",").replace("\t", ",").split(","):
+        f = field.strip().strip('"')
+        if f and not any(ch.isdigit() for ch in f) and f.lower() not in ("true", "false", "buy", "sell"):
+            return True
+    return False
 
 
 def _summary(definition, pipe, replay, sink, wall: float, interrupted: bool) -> dict[str, Any]:
@@ -471,38 +581,76 @@ def cmd_devices(args: argparse.Namespace) -> int:
 
 # --- inspect ---------------------------------------------------------------------------
 def cmd_inspect(args: argparse.Namespace) -> int:
+    """Every file, even after one fails; the exit code is the worst of them (0 < 1 < 3 < 4)."""
+    results, worst = [], EXIT_OK
     for i, name in enumerate(args.files):
-        if i:
-            print()
-        _inspect_one(Path(name), args.format, args.symbol)
-    return EXIT_OK
+        try:
+            info = _inspect_one(Path(name), args.format, args.symbol)
+        except PipelineError as exc:
+            code = _exit_code_of(exc)
+            worst = max(worst, code)
+            _fail(exc, code)
+            info = {"file": name, "error": str(exc), "exit_code": code}
+        results.append(info)
+        if not args.json and "error" not in info:
+            if i:
+                print()
+            _print_inspect(info)
+    if args.json:
+        sys.stdout.buffer.write(orjson.dumps(results, option=orjson.OPT_INDENT_2 | orjson.OPT_SERIALIZE_NUMPY) + b"\n")
+        sys.stdout.flush()
+    return worst
 
 
-def _inspect_one(path: Path, format: str | None, symbol: str | None) -> None:
+def _exit_code_of(exc: PipelineError) -> int:
+    if isinstance(exc, ConfigError):
+        return EXIT_CONFIG
+    if isinstance(exc, DataError):
+        return EXIT_DATA
+    return EXIT_ERROR
+
+
+def _print_inspect(info: dict[str, Any]) -> None:
+    width = max(len(k) for k in info)
+    for k, v in info.items():
+        if isinstance(v, list):
+            v = ", ".join(map(str, v))
+        elif isinstance(v, dict):
+            v = ", ".join(f"{a}={b:,}" if isinstance(b, int) else f"{a}={b}" for a, b in v.items()) or "-"
+        print(f"{k:<{width}}  {v}")
+
+
+def _inspect_one(path: Path, format: str | None, symbol: str | None) -> dict[str, Any]:
     import numpy as np
 
-    from .events import KIND_TRADE
+    from .events import KIND_TRADE, SIDE_BUY, SIDE_SELL, TICK_COLUMNS
     from .io import Replay, Source, detect_format
 
     if not path.is_file():
         raise DataError(f"{path}: no such file")
     fmt = format or detect_format(path)
     replay = Replay([Source(path, format=fmt, symbol=symbol, policy="reject")])
-    rows = trades = 0
+    rows = trades = buys = sells = 0
     first = last = None
     present: set[str] = set()
+    fills = {c.name: c.fill for c in TICK_COLUMNS}
     for block in replay.iter_arrays():
         n = len(block["ts_ns"])
         if not n:
             continue
         rows += n
-        trades += int((block["kind"] == KIND_TRADE).sum())
+        is_trade = block["kind"] == KIND_TRADE
+        trades += int(is_trade.sum())
+        buys += int((is_trade & (block["side"] == SIDE_BUY)).sum())
+        sells += int((is_trade & (block["side"] == SIDE_SELL)).sum())
         first = int(block["ts_ns"][0]) if first is None else first
         last = int(block["ts_ns"][-1])
         for name, col in block.items():
-            if col.dtype.kind == "f" and not np.isnan(col).all():
-                present.add(name)
-            elif col.dtype.kind in "iu" and name not in ("symbol_id", "kind") and (col != -1).any():
+            if name in ("symbol_id", "kind", "ts_ns") or name in present:
+                continue
+            fill = fills.get(name, 0)
+            empty = np.isnan(col) if col.dtype.kind == "f" else col == fill
+            if not empty.all():
                 present.add(name)
     acct = replay.accounting.total
 
@@ -512,25 +660,23 @@ def _inspect_one(path: Path, format: str | None, symbol: str | None) -> None:
         return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(ns / 1e9)) + f".{ns % 1_000_000_000:09d}Z"
 
     span = (last - first) / 1e9 if first is not None and last is not None else math.nan
-    info = {
+    return {
         "file": str(path),
         "format": fmt,
         "rows_read": acct.read,
         "ticks": rows,
         "trades": trades,
         "quotes": rows - trades,
+        "trade_sides": {"buy": buys, "sell": sells, "unknown": trades - buys - sells},
         "tick_columns_filled": sorted(present | {"ts_ns", "symbol_id", "kind"}),
         "first_ts": iso(first),
         "last_ts": iso(last),
-        "span_s": span,
+        "span_s": span if not math.isnan(span) else None,
         "symbols": replay.symbols.names,
         "bad_rows": acct.rejected,
         "bad_rows_by_reason": dict(acct.by_reason),
         "lines_ignored": sum(replay.accounting.ignored.values()),
     }
-    width = max(len(k) for k in info)
-    for k, v in info.items():
-        print(f"{k:<{width}}  {', '.join(map(str, v)) if isinstance(v, list) else v}")
 
 
 # --- validate --------------------------------------------------------------------------
