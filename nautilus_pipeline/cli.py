@@ -225,7 +225,7 @@ async def _run(args: argparse.Namespace) -> int:
     try:
         async with pipe:
             sink.attach(pipe.bus)
-            with _progress(err, show_progress, expected, sources) as advance:
+            with _progress(err, show_progress, expected, replay) as advance:
                 interrupted = await _replay_into(pipe, replay, advance, metrics, stop, timeline)
         timeline.sample(pipe, replay.progress.ts_reached_ns)
         timeline.write(out_dir / TIMELINE_FILE)
@@ -265,23 +265,23 @@ async def _replay_into(pipe, replay, advance, metrics, stop: asyncio.Event, time
 
 
 class _progress:
-    """A rich progress bar on a terminal (nothing when piped): ticks, ticks/s, market time,
-    and a total with ETA: by rows when they are cheap to count (Parquet metadata, lines of
-    plain text less the header), else by compressed bytes read (``.gz``/``.zst``/``.dbn``;
-    see :class:`_BytesRead`)."""
+    """A rich progress bar on a terminal (nothing when piped): ticks of a total, ticks/s,
+    market time and ETA. The total is exact when rows are cheap to count (Parquet metadata,
+    lines of plain text less the header); for compressed or binary inputs (``.gz``/``.zst``/
+    ``.dbn``) it is estimated from the bytes read so far (:class:`_TotalEstimate`) and
+    becomes exact once every file has been read."""
 
-    def __init__(self, console: Any, enabled: bool, total: int | None, sources: Sequence[Any] = ()):
+    def __init__(self, console: Any, enabled: bool, total: int | None, replay: Any = None):
         self.enabled = enabled
         self.total = total
         self.console = console
-        self.bytes_read = _BytesRead.of(sources) if total is None else None
+        self.estimate = _TotalEstimate.of(replay) if total is None and replay is not None else None
 
     def __enter__(self):
         if not self.enabled:
             return lambda ticks, ts: None
         from rich.progress import (
             BarColumn,
-            DownloadColumn,
             MofNCompleteColumn,
             Progress,
             TextColumn,
@@ -289,24 +289,22 @@ class _progress:
             TimeRemainingColumn,
         )
 
-        by_bytes = self.bytes_read is not None
         self.bar = Progress(
-            TextColumn("[bold]replay"), BarColumn(), DownloadColumn() if by_bytes else MofNCompleteColumn(),
-            TextColumn("{task.fields[ticks]}{task.fields[rate]} ticks/s"), TextColumn("{task.fields[market]}"),
+            TextColumn("[bold]replay"), BarColumn(), MofNCompleteColumn(),
+            TextColumn("{task.fields[rate]} ticks/s"), TextColumn("{task.fields[market]}"),
             TimeElapsedColumn(), TimeRemainingColumn(),
             console=self.console, transient=True,
         )
         self.bar.start()
-        total = self.bytes_read.total if by_bytes else self.total
-        task = self.bar.add_task("replay", total=total, rate="-", market="", ticks="")
+        task = self.bar.add_task("replay", total=self.total, rate="-", market="")
         t0 = time.perf_counter()
 
         def advance(ticks: int, ts: int | None) -> None:
             dt = time.perf_counter() - t0
             market = time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(ts / 1e9)) if ts else ""
-            done = self.bytes_read() if by_bytes else ticks
-            self.bar.update(task, completed=done, rate=f"{ticks / dt:,.0f}" if dt > 0 else "-",
-                            market=market, ticks=f"{ticks:,} ticks, " if by_bytes else "")
+            extra = {"total": self.estimate()} if self.estimate is not None else {}
+            self.bar.update(task, completed=ticks, rate=f"{ticks / dt:,.0f}" if dt > 0 else "-",
+                            market=market, **extra)
 
         return advance
 
@@ -315,44 +313,59 @@ class _progress:
             self.bar.stop()
 
 
-class _BytesRead:
-    """Bytes of the sources' files consumed so far, for inputs whose rows cannot be counted
-    cheaply (compressed text, DBN). The readers stream through ``io.files.open_stream``
-    (pyarrow), which reads the file through one descriptor; its offset, from
-    ``/proc/self/fdinfo`` (Linux), is how far the decompressor has got. A file seen open and
-    now closed counts whole. Elsewhere (no ``/proc``) there is no total, as before."""
+class _TotalEstimate:
+    """The ticks a replay of compressed or binary files will deliver, estimated from the
+    bytes its readers have consumed: ``rows read × file bytes / bytes read``, exact
+    (``rows read − bad rows``) once every source is read. The readers stream through
+    ``io.files.open_stream`` (pyarrow), one descriptor per file; its offset, from
+    ``/proc/self/fdinfo`` (Linux), is how far the decompressor has got; a file seen open and
+    now closed counts whole, and so do all once rows were read and none is open (small files
+    are read in one block before the first poll). Without ``/proc`` the estimate waits for
+    the end of the reading."""
 
-    def __init__(self, sizes: dict[str, int]):
+    def __init__(self, replay: Any, sizes: dict[str, int]):
+        self.replay = replay
         self.sizes = sizes
-        self.total = sum(sizes.values())
+        self.total_bytes = sum(sizes.values())
         self._seen: set[str] = set()
-        self._last = (0.0, 0)
+        self._last = (-1.0, None)
 
     @classmethod
-    def of(cls, sources: Sequence[Any]) -> _BytesRead | None:
+    def of(cls, replay: Any) -> _TotalEstimate | None:
         import os
 
-        if not sources or not os.path.isdir("/proc/self/fdinfo"):
-            return None
         sizes = {}
-        for src in sources:
+        for src in replay.sources:
             path = Path(src.path)
             if not path.name.lower().endswith((".gz", ".zst", ".dbn")):
-                return None  # plain text is memory-mapped: no offset to read; rows counted instead
+                return None  # plain text is memory-mapped: rows are counted up front instead
             try:
                 sizes[os.path.realpath(path)] = path.stat().st_size
             except OSError:
                 return None
-        return cls(sizes)
+        return cls(replay, sizes) if sizes else None
 
-    def __call__(self) -> int:
-        import os
-
+    def __call__(self) -> int | None:
         now = time.perf_counter()
         if now - self._last[0] < 0.2:
             return self._last[1]
+        p = self.replay.progress
+        if p.sources and p.sources_done == p.sources:
+            acct = self.replay.accounting.total
+            estimate = p.rows_read - acct.rejected - acct.quarantined
+        else:
+            done = self.bytes_read()
+            estimate = round(p.rows_read * self.total_bytes / done) if done and p.rows_read else None
+        self._last = (now, estimate)
+        return estimate
+
+    def bytes_read(self) -> int:
+        """Compressed bytes consumed so far, over every source file."""
+        import os
+
         pos: dict[str, int] = {}
-        for fd in os.listdir("/proc/self/fd"):
+        fds = os.listdir("/proc/self/fd") if os.path.isdir("/proc/self/fdinfo") else []
+        for fd in fds:
             try:
                 target = os.readlink(f"/proc/self/fd/{fd}")
                 if target in self.sizes:
@@ -361,6 +374,8 @@ class _BytesRead:
                     pos[target] = max(pos.get(target, 0), offset)
             except (OSError, ValueError, IndexError):
                 continue
+        if not pos and self.replay.progress.rows_read:
+            self._seen.update(self.sizes)  # rows read and no file open: every file was read
         done = 0
         for path, size in self.sizes.items():
             if path in pos:
@@ -368,7 +383,6 @@ class _BytesRead:
                 done += min(pos[path], size)
             elif path in self._seen:
                 done += size
-        self._last = (now, done)
         return done
 
 

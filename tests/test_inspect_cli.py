@@ -10,7 +10,7 @@ from pathlib import Path
 import orjson
 import pytest
 
-from nautilus_pipeline.cli import _BytesRead, _estimate_rows, _progress, main
+from nautilus_pipeline.cli import _estimate_rows, _progress, _TotalEstimate, main
 from nautilus_pipeline.io import Replay, Source
 
 REPO = Path(__file__).resolve().parents[1]
@@ -87,28 +87,30 @@ def test_row_total_does_not_count_the_header(sample_dir):
 NO_PROC = not os.path.isdir("/proc/self/fdinfo")
 
 
-@pytest.mark.skipif(NO_PROC, reason="bytes read come from /proc/self/fdinfo (Linux)")
 @pytest.mark.parametrize("name", ["binance-feed-spot-ethusdt_20240808.jsonl.gz",
                                   "databento-glbx-futures-mbp1-20240701.dbn.zst"])
-def test_compressed_and_binary_inputs_get_a_total_in_bytes(sample_dir, name):
-    path = sample_dir / name
-    src = Source(path)
-    assert _estimate_rows([src]) is None  # no cheap row count: the bar counts bytes instead
-    bar = _progress(None, False, None, [src])
-    assert bar.bytes_read is not None and bar.bytes_read.total == path.stat().st_size
+def test_compressed_and_binary_inputs_get_an_exact_total_once_read(sample_dir, name):
+    src = Source(sample_dir / name)
+    assert _estimate_rows([src]) is None  # no cheap row count up front
+    replay = Replay([src])
+    bar = _progress(None, False, None, replay)
+    assert bar.estimate is not None
+    delivered = sum(len(b["ts_ns"]) for b in replay.iter_arrays(batch_size=256))
+    assert bar.estimate() == delivered > 0
 
 
 @pytest.mark.skipif(NO_PROC, reason="bytes read come from /proc/self/fdinfo (Linux)")
-def test_bytes_read_follow_the_reader_through_a_compressed_file(shared_data):
+def test_total_is_estimated_from_the_bytes_read_while_reading(shared_data):
     path = shared_data / "binance-feed-usdm-btcusdt_20240808.jsonl.gz"
-    src = Source(path)
-    counter = _BytesRead.of([src])
-    replay = Replay([src])
-    during = []
-    for _ in replay.iter_arrays(batch_size=4096):
-        counter._last = (0.0, 0)  # past the 0.2 s throttle: read the offset now
-        during.append(counter())
-    assert 0 < during[0] < path.stat().st_size  # part of the file read when the first batch is out
-    assert during == sorted(during)
-    counter._last = (0.0, 0)
-    assert counter() == path.stat().st_size  # closed after the last row: all of it
+    replay = Replay([Source(path)])
+    estimate = _TotalEstimate.of(replay)
+    blocks = replay.iter_arrays(batch_size=4096)
+    next(blocks)
+    read = estimate.bytes_read()
+    assert 0 < read < path.stat().st_size  # part of the file read when the first batch is out
+    early = estimate()
+    delivered = 4096 + sum(len(b["ts_ns"]) for b in blocks)
+    assert early is not None and 0.5 * delivered < early < 2 * delivered
+    estimate._last = (-1.0, None)  # past the 0.2 s throttle
+    assert estimate() == delivered
+    assert estimate.bytes_read() == path.stat().st_size  # closed after the last row: all of it
