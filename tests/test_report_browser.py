@@ -149,7 +149,7 @@ async def test_html_report_draws_every_chart_without_console_errors(browser, def
     assert state["figures"] == [
         "BTCUSDT-PERP: price, bid/ask and entries/exits", "position",
         "simulated P&L after fees, and drawdown",
-        "VPIN, toxic buckets and the running CDF that flags them",
+        "VPIN, toxic buckets and the running CDF that flags them (dashed: toxic above CDF 0.9)",
         "per-stage batch latency over the run (solid p50, dashed p99)",
     ]
     assert state["elements"] == 5 and state["canvases"] >= 5

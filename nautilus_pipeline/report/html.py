@@ -150,7 +150,8 @@ def _pnl(v: SymbolView, x_range):
 def _vpin(v: SymbolView, threshold: float, x_range):
     from bokeh.models import ColumnDataSource, LinearAxis, Range1d, Span
 
-    fig = _figure("VPIN, toxic buckets and the running CDF that flags them", "VPIN", x_range=x_range)
+    fig = _figure("VPIN, toxic buckets and the running CDF that flags them "
+                  f"(dashed: toxic above CDF {threshold:g})", "VPIN", x_range=x_range)
     src = ColumnDataSource({"t": _dt(v.vpin_ts), "vpin": v.vpin, "cdf": v.cdf})
     line = fig.step("t", "vpin", source=src, mode="after", color="#9467bd", line_width=1.5,
                     legend_label="VPIN")
