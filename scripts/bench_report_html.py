@@ -6,6 +6,12 @@ display, whatever the run's tick count), writes one self-contained file with the
 library's JavaScript inlined, and prints the file size and the time to build and write it.
 
     python scripts/bench_report_html.py --points 4000
+
+``--trace-rows N --from-run DIR`` also times ``write_report`` (PNG + HTML) on a run folder
+whose ``trace.parquet`` has N trade rows: DIR's ``summary.json`` and latency windows with a
+synthetic random-walk trace (positions changing every ~50 rows), because a real 10M-tick
+run takes longer than this 2-core box should spend on it. It shows that the report's cost
+and size are bounded by the display thinning, not by the tick count.
 """
 
 from __future__ import annotations
@@ -58,10 +64,48 @@ def bokeh_page(d: dict[str, np.ndarray], path: Path) -> None:
     path.write_text(file_html(column(p1, *rest), INLINE, "bench"), encoding="utf-8")
 
 
+def bench_report(rows: int, from_run: Path) -> None:
+    import shutil
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from nautilus_pipeline.report import write_report
+
+    rng = np.random.default_rng(1)
+    with tempfile.TemporaryDirectory() as tmp:
+        run = Path(tmp)
+        for name in ("summary.json", "latency.parquet", "vpin.parquet"):
+            if (from_run / name).exists():
+                shutil.copy(from_run / name, run / name)
+        ts = 1_723_161_256_000_000_000 + np.cumsum(rng.integers(1, 20_000_000, rows))
+        price = 61_800 + np.cumsum(rng.normal(0, 0.5, rows))
+        change = rng.random(rows) < 0.02
+        position = np.where(change, rng.choice([-0.01, 0.0, 0.01], rows), np.nan)
+        position[0] = 0.0
+        idx = np.where(~np.isnan(position), np.arange(rows), 0)
+        position = position[np.maximum.accumulate(idx)]
+        pnl = np.cumsum(np.concatenate(([0.0], position[:-1] * np.diff(price))))
+        dd = np.maximum.accumulate(pnl) - pnl
+        pq.write_table(pa.table({"ts_ns": ts, "kind": np.zeros(rows, np.uint8), "price": price,
+                                 "position": position, "pnl": pnl, "drawdown": dd,
+                                 "symbol": np.full(rows, "BTCUSDT-PERP", dtype=object)}), run / "trace.parquet")
+        t0 = time.perf_counter()
+        paths = write_report(run, html_page=True)
+        dt = time.perf_counter() - t0
+        sizes = ", ".join(f"{p.name} {p.stat().st_size / 1024:,.0f} KiB" for p in paths)
+        print(f"write_report on {rows:,} trace rows: {dt:.2f} s (PNG + HTML); {sizes}")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--points", type=int, default=4000)
+    ap.add_argument("--trace-rows", type=int, default=0)
+    ap.add_argument("--from-run", type=Path)
     args = ap.parse_args()
+    if args.trace_rows:
+        bench_report(args.trace_rows, args.from_run)
+        return
     import platform
 
     import bokeh

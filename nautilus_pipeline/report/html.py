@@ -50,13 +50,15 @@ def _table(title: str, rows: list[tuple[str, str]]) -> str:
     return f"<section><h2>{html.escape(title)}</h2><table>{body}</table></section>"
 
 
-def _figure(title: str, y_label: str, x_range=None, height: int = 260, datetime: bool = True):
+def _figure(title: str, y_label: str, x_range=None, height: int = 260, datetime: bool = True,
+            y_log: bool = False):
     from bokeh.models import DatetimeTickFormatter
     from bokeh.plotting import figure
 
     kw = {"x_range": x_range} if x_range is not None else {}
     fig = figure(title=title, height=height, width=_WIDTH, tools="xpan,xwheel_zoom,box_zoom,reset,save",
-                 active_scroll="xwheel_zoom", x_axis_type="datetime" if datetime else "linear", **kw)
+                 active_scroll="xwheel_zoom", x_axis_type="datetime" if datetime else "linear",
+                 y_axis_type="log" if y_log else "linear", **kw)
     fig.yaxis.axis_label = y_label
     if datetime:
         fig.xaxis.axis_label = "market time (UTC)"
@@ -174,8 +176,7 @@ def _latency(run: RunData):
 
     lat = run.latency
     fig = _figure("per-stage batch latency over the run (solid p50, dashed p99)", "µs per batch",
-                  height=300, datetime=False)
-    fig = _log_figure(fig)
+                  height=300, datetime=False, y_log=True)
     fig.xaxis.axis_label = "run time (s since start)"
     for stage, color in zip(dict.fromkeys(lat["stage"].tolist()), _STAGE_COLORS, strict=False):
         m = lat["stage"] == stage
@@ -192,16 +193,6 @@ def _latency(run: RunData):
                           ("slabs in use", "@pool")])
     _legend_above(fig)
     return fig
-
-
-def _log_figure(fig):
-    from bokeh.plotting import figure
-
-    new = figure(title=fig.title.text, height=fig.height, width=fig.width, y_axis_type="log",
-                 tools=fig.tools, active_scroll="auto")
-    new.yaxis.axis_label = fig.yaxis[0].axis_label
-    new.toolbar.logo = None
-    return new
 
 
 _CSS = """
