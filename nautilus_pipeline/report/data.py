@@ -275,6 +275,16 @@ def _view(sym: str, trace, vpin, fees) -> SymbolView | None:
     return v
 
 
+MAX_MARKERS = 1500
+
+
+def thin(idx: np.ndarray, n: int = MAX_MARKERS) -> np.ndarray:
+    """At most ``n`` of the indices ``idx``, evenly spaced (markers for display only)."""
+    if idx.size <= n:
+        return idx
+    return idx[np.linspace(0, idx.size - 1, n).round().astype(np.int64)]
+
+
 def downsample(x: np.ndarray, n: int, *keep: np.ndarray) -> np.ndarray:
     """Indices of at most about ``n`` points of a series for display: evenly spaced, plus the
     min and max of each stride (so spikes stay visible) and the indices in ``keep`` (fills).

@@ -17,8 +17,21 @@ bokeh's page is 3.6x smaller (BokehJS is about 1 MB against plotly.js's 4.6 MB, 
 ships numpy arrays base64-encoded where plotly writes decimal text); plotly builds faster,
 but both take under a second, while a 5-14 MB file is what people mail around. A 10M-tick
 run does not change these sizes: the series are thinned for display to ``DISPLAY_POINTS``
-per panel (``data.downsample``: min/max per stride, every fill kept); the figures in the
-tables are computed on every row.
+per panel (``data.downsample``: min/max per stride) and the entry/exit markers to
+``data.MAX_MARKERS`` each; the figures in the tables are computed on every row. Measured
+with ``scripts/bench_report_html.py --trace-rows N --from-run out/default`` (PNG + HTML,
+a synthetic trace with a fill every ~50 rows):
+
+===========  ============  ==========  ===========
+trace rows   write_report  report.png  report.html
+===========  ============  ==========  ===========
+21,313 [1]_  2.6 s         341 KiB     1,393 KiB
+1,000,000    3.4 s         405 KiB     1,820 KiB
+10,000,000   10.4 s        394 KiB     1,855 KiB
+===========  ============  ==========  ===========
+
+.. [1] the default pipeline's real run. ``run`` keeps about 200k trade rows in the trace
+   (plus every fill) whatever the input's size, so 10M rows is the worst case.
 
 The charts share the market-time axis (pan or zoom one, all follow); hovering shows the
 values. The page has no external request: it opens from a mail attachment or a CI artefact.
@@ -31,8 +44,8 @@ from pathlib import Path
 
 import numpy as np
 
-from .data import RunData, SymbolView, downsample
-from .png import _latency_rows, _vpin_rows
+from .data import RunData, SymbolView, downsample, thin
+from .png import _latency_rows, _marker_label, _position_steps, _vpin_rows
 from .png import _missing as missing_parts
 
 DISPLAY_POINTS = 6000
@@ -95,7 +108,7 @@ def _price(v: SymbolView):
                        fill_color="#1f77b4", fill_alpha=0.25,
                        legend_label=f"bid/ask ({v.quote_ts.size:,} quotes)")
     if v.trade_ts.size:
-        i = downsample(v.price, DISPLAY_POINTS, v.fill_idx)
+        i = downsample(v.price, DISPLAY_POINTS, thin(v.fill_idx))
         src = ColumnDataSource({"t": _dt(v.trade_ts[i]), "price": v.price[i]})
         line = fig.line("t", "price", source=src, color="#333333", line_width=1,
                         legend_label=f"trade price ({v.trade_ts.size:,} trades)")
@@ -111,10 +124,11 @@ def _price(v: SymbolView):
             (v.exits, "x", "#000000", "exit"),
         ):
             if idx.size:
-                src = ColumnDataSource({"t": _dt(v.trade_ts[idx]), "price": v.price[idx],
-                                        "position": pos[idx], "pnl": v.pnl[idx]})
+                shown = thin(idx)
+                src = ColumnDataSource({"t": _dt(v.trade_ts[shown]), "price": v.price[shown],
+                                        "position": pos[shown], "pnl": v.pnl[shown]})
                 r = fig.scatter("t", "price", source=src, marker=marker, size=7, color=color,
-                                legend_label=f"{label} ({idx.size:,})")
+                                legend_label=_marker_label(label, idx, shown))
                 _hover(fig, [r], [("time", "@t{%F %T.%3N}"), ("price", "@price{0,0.00}"),
                                   ("position after", "@position"), ("net P&L", "@pnl{0,0.00}")])
     _legend_above(fig)
@@ -123,8 +137,7 @@ def _price(v: SymbolView):
 
 def _position(v: SymbolView, x_range):
     fig = _figure("position", "base units", x_range=x_range, height=150)
-    keep = np.unique(np.concatenate([[0, v.position.size - 1], v.fill_idx, v.fill_idx - 1]))
-    keep = keep[(keep >= 0) & (keep < v.position.size)]
+    keep = _position_steps(v)
     fig.step(_dt(v.trade_ts[keep]), v.position[keep], mode="after", color="#ff7f0e")
     return fig
 
@@ -133,7 +146,7 @@ def _pnl(v: SymbolView, x_range):
     from bokeh.models import ColumnDataSource
 
     fig = _figure("simulated P&L after fees, and drawdown", f"P&L ({v.ccy})", x_range=x_range)
-    i = downsample(v.pnl, DISPLAY_POINTS, v.fill_idx)
+    i = downsample(v.pnl, DISPLAY_POINTS, thin(v.fill_idx))
     src = ColumnDataSource({"t": _dt(v.trade_ts[i]), "net": v.pnl[i], "gross": v.gross[i],
                             "fees": -(v.gross[i] - v.pnl[i]), "dd": -v.drawdown[i],
                             "zero": np.zeros(i.size)})

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .data import RunData, SymbolView, downsample
+from .data import RunData, SymbolView, downsample, thin
 
 DISPLAY_POINTS = 6000
 _TAB = {"fontsize": 7.5, "family": "monospace", "va": "top"}
@@ -48,7 +48,7 @@ def _price(ax, v: SymbolView) -> None:
             mid = (v.bid[i] + v.ask[i]) / 2
             ax.plot(_dt(v.quote_ts[i]), mid, lw=0.6, color="0.2", label="mid")
     if v.trade_ts.size:
-        i = downsample(v.price, DISPLAY_POINTS, v.fill_idx)
+        i = downsample(v.price, DISPLAY_POINTS, thin(v.fill_idx))
         ax.plot(_dt(v.trade_ts[i]), v.price[i], lw=0.6, color="0.15",
                 label=f"trade price ({v.trade_ts.size:,} trades)")
     if v.position is not None and v.entries.size + v.exits.size:
@@ -59,11 +59,30 @@ def _price(ax, v: SymbolView) -> None:
                                           (short_in, "v", "tab:red", "short entry"),
                                           (v.exits, "x", "black", "exit")):
             if idx.size:
-                ax.scatter(_dt(v.trade_ts[idx]), v.price[idx], marker=marker, s=18, color=color,
-                           lw=1, zorder=4, label=f"{label} ({idx.size:,})")
+                shown = thin(idx)
+                ax.scatter(_dt(v.trade_ts[shown]), v.price[shown], marker=marker, s=18, color=color,
+                           lw=1, zorder=4, label=_marker_label(label, idx, shown))
     ax.set_ylabel(f"price ({v.ccy})")
     ax.ticklabel_format(axis="y", useOffset=False, style="plain")
     ax.legend(loc="upper left", fontsize=7, framealpha=0.8, ncol=3)
+
+
+def _marker_label(label: str, idx: np.ndarray, shown: np.ndarray) -> str:
+    if shown.size == idx.size:
+        return f"{label} ({idx.size:,})"
+    return f"{label} ({idx.size:,}, {shown.size:,} drawn)"
+
+
+def _position_steps(v: SymbolView) -> np.ndarray:
+    """Rows that draw the position's step line: every fill (and the row before it) when
+    there are few; else the thinned series (min/max per stride) so a busy run stays light."""
+    n = v.position.size
+    if v.fill_idx.size <= DISPLAY_POINTS:
+        keep = np.concatenate([[0, n - 1], v.fill_idx, v.fill_idx - 1])
+    else:
+        keep = downsample(v.position, DISPLAY_POINTS)
+    keep = np.unique(keep)
+    return keep[(keep >= 0) & (keep < n)]
 
 
 def _position(ax, v: SymbolView) -> None:
@@ -71,8 +90,7 @@ def _position(ax, v: SymbolView) -> None:
         _no_data(ax, "no position (no risk stage)")
         ax.set_ylabel("position")
         return
-    keep = np.unique(np.concatenate([[0, v.position.size - 1], v.fill_idx, v.fill_idx - 1]))
-    keep = keep[(keep >= 0) & (keep < v.position.size)]
+    keep = _position_steps(v)
     ax.step(_dt(v.trade_ts[keep]), v.position[keep], where="post", color="tab:orange", lw=0.8)
     ax.fill_between(_dt(v.trade_ts[keep]), 0, v.position[keep], step="post", color="tab:orange",
                     alpha=0.3, lw=0)
@@ -85,7 +103,7 @@ def _pnl(ax, v: SymbolView) -> None:
         _no_data(ax, "no simulated account in this pipeline (no risk stage): no P&L")
         ax.set_ylabel("P&L")
         return
-    i = downsample(v.pnl, DISPLAY_POINTS, v.fill_idx)
+    i = downsample(v.pnl, DISPLAY_POINTS, thin(v.fill_idx))
     t = _dt(v.trade_ts[i])
     fees = v.gross - v.pnl
     ax.fill_between(t, 0, -v.drawdown[i], color="tab:red", alpha=0.18, lw=0, label="drawdown")
