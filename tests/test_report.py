@@ -180,3 +180,13 @@ def test_downsample_keeps_extremes_and_fills_for_display_only():
                                              ("XBTUSD", "USD"), ("ESU4", None)])
 def test_quote_currency_from_the_symbol_name(symbol, ccy):
     assert quote_currency(symbol) == ccy
+
+
+def test_sparse_trace_keeps_every_fill_so_the_figures_do_not_change(default_run, tmp_path_factory):
+    sparse = _run(tmp_path_factory, "default", "--trace-every", "50")
+    full, thin = load_run(default_run).primary.figures, load_run(sparse).primary.figures
+    rows = pq.read_metadata(sparse / "trace.parquet").num_rows
+    assert rows < 21313 / 50 + full.fills + 2
+    assert (thin.fills, thin.round_trips) == (full.fills, full.round_trips)
+    assert thin.fees == pytest.approx(full.fees) and thin.turnover == pytest.approx(full.turnover)
+    assert thin.net_pnl == pytest.approx(full.net_pnl) and thin.max_drawdown <= full.max_drawdown

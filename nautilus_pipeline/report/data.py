@@ -14,6 +14,9 @@ the summary, so ``gross = net + fees``. A *round trip* opens when the position l
 and closes when it returns to zero or flips sign; its P&L is the net P&L between those rows,
 and the hit rate is the share of round trips with a positive P&L. Exposure time is the
 share of the traced time span with a non-zero position. Money is in the quote currency.
+The trace keeps every fill and each symbol's last trade, so fills, fees, turnover, round
+trips and net P&L are exact however sparse its sampling (``run --trace-every``); the max
+drawdown is over the traced rows, so a sparse trace can miss a trough between two of them.
 """
 
 from __future__ import annotations

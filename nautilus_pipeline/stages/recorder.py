@@ -4,8 +4,9 @@ The command line appends it after the signal stage when it writes outputs, so th
 ``nautilus-pipeline report`` can draw price, signals, VPIN and P&L without keeping every
 tick: it keeps one trade row in ``every`` per symbol (every one by default), one quote row
 in ``every`` when ``bid``/``ask`` are recorded (for the report's bid/ask band), and every
-trade row where the simulated position changed (the fills, so that the report's fill
-count, fees and turnover are exact however sparse the sampling), and writes
+trade row where the simulated position changed and each symbol's last trade row (the
+fills and the final mark, so that the report's fill count, fees, turnover and net P&L are
+exact however sparse the sampling), and writes
 ``<dir>/trace.parquet`` at the end. Sampling is by each symbol's trade (or quote) count,
 so the trace does not depend on the batch size.
 """
@@ -40,6 +41,7 @@ class RecorderStage(Stage):
         self._parts: dict[str, list[np.ndarray]] = {c: [] for c in self.columns}
         self._seen: dict[tuple[int, int], int] = {}
         self._position: dict[int, float] = {}
+        self._tail: dict[int, dict[str, np.ndarray] | None] = {}  # last trade row, if not kept
 
     async def process(self, lease: Lease, stream: ComputeStream, ctx: StageContext) -> None:
         kind, sym = lease["kind"], lease["symbol_id"]
@@ -55,8 +57,14 @@ class RecorderStage(Stage):
                 seen = self._seen.get((int(key), k), 0)
                 keep[rows[(seen + np.arange(rows.size)) % self.every == 0]] = True
                 self._seen[(int(key), k)] = seen + rows.size
-        if "position" in self.columns and self.every > 1:
-            keep |= self._fills(lease, kind == KIND_TRADE, sym)
+        if self.every > 1:
+            trades = kind == KIND_TRADE
+            if "position" in self.columns:
+                keep |= self._fills(lease, trades, sym)
+            for key in np.unique(sym[trades]):
+                last = np.flatnonzero(trades & (sym == key))[-1]
+                self._tail[int(key)] = None if keep[last] else {
+                    c: lease[c][last:last + 1].copy() for c in self.columns}
         for c in self.columns:
             self._parts[c].append(lease[c][keep].copy())
 
@@ -73,6 +81,9 @@ class RecorderStage(Stage):
         return fills
 
     async def finish(self, ctx: StageContext) -> None:
+        for tail in self._tail.values():
+            for c, value in (tail or {}).items():
+                self._parts[c].append(value)
         if not self._parts or not self._parts[self.columns[0]]:
             return
         table = {c: np.concatenate(self._parts[c]) for c in self.columns}
