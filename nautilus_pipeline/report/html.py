@@ -45,7 +45,7 @@ from pathlib import Path
 import numpy as np
 
 from .data import RunData, SymbolView, downsample, thin
-from .png import _latency_rows, _marker_label, _position_steps, _vpin_rows
+from .png import _latency_rows, _marker_label, _market_rows, _position_steps, _vpin_rows
 from .png import _missing as missing_parts
 
 DISPLAY_POINTS = 6000
@@ -104,9 +104,11 @@ def _price(v: SymbolView):
     fig = _figure(f"{v.symbol}: price, bid/ask and entries/exits", f"price ({v.ccy})", height=380)
     if v.quote_ts.size:
         i = downsample(v.bid, DISPLAY_POINTS)
-        fig.varea_step(x=_dt(v.quote_ts[i]), y1=v.bid[i], y2=v.ask[i], step_mode="after",
-                       fill_color="#1f77b4", fill_alpha=0.25,
-                       legend_label=f"bid/ask ({v.quote_ts.size:,} quotes)")
+        t = _dt(v.quote_ts[i])
+        fig.varea_step(x=t, y1=v.bid[i], y2=v.ask[i], step_mode="after", fill_color="#1f77b4",
+                       fill_alpha=0.25, legend_label=f"bid/ask ({v.quote_ts.size:,} quotes)")
+        fig.step(t, v.bid[i], mode="after", color="#1f77b4", line_width=0.8, legend_label="bid")
+        fig.step(t, v.ask[i], mode="after", color="#d62728", line_width=0.8, legend_label="ask")
     if v.trade_ts.size:
         i = downsample(v.price, DISPLAY_POINTS, thin(v.fill_idx))
         src = ColumnDataSource({"t": _dt(v.trade_ts[i]), "price": v.price[i]})
@@ -243,6 +245,7 @@ def write_html(run: RunData, path: Path) -> Path:
     empty = run.nothing_to_draw()
     charts = []
     if empty is None:
+        parts.append(_table("market", _market_rows(run, v)))
         if v.figures is not None:
             parts.append(_table(f"figures ({v.symbol})", v.figures.rows(v.ccy)))
         else:

@@ -212,13 +212,7 @@ def build_figure(run: RunData):
         return fig, {"message": ax}
 
     # (name, height, draw(ax), side table title, side rows), only for what the run has.
-    market_rows = [("span", run.market_span()), ("trades", f"{v.trade_ts.size:,} traced"),
-                   ("quotes", f"{v.quote_ts.size:,} traced"), ("units", v.ccy)]
-    if v.quote_ts.size:
-        market_rows.append(("median spread", f"{np.median(v.ask - v.bid):,.4g} {v.ccy}"))
-    if len(run.views) > 1:
-        market_rows.append(("not drawn", ", ".join(o.symbol for o in run.views if o is not v)))
-    panels = [("price", 3.0, lambda ax: _price(ax, v), "market", market_rows)]
+    panels = [("price", 3.0, lambda ax: _price(ax, v), "market", _market_rows(run, v))]
     if v.position is not None:
         panels.append(("position", 0.8, lambda ax: _position(ax, v), None, None))
         panels.append(("pnl", 1.8, lambda ax: _pnl(ax, v), f"figures ({v.symbol})",
@@ -260,6 +254,16 @@ def build_figure(run: RunData):
     fig.suptitle(title, fontsize=13, fontweight="bold")
     axes["latency"] = ax_lat
     return fig, axes
+
+
+def _market_rows(run: RunData, v: SymbolView) -> list[tuple[str, str]]:
+    rows = [("span", run.market_span()), ("trades", f"{v.trade_ts.size:,} traced"),
+            ("quotes", f"{v.quote_ts.size:,} traced"), ("units", v.ccy)]
+    if v.quote_ts.size:
+        rows.append(("median spread", f"{np.median(v.ask - v.bid):,.4g} {v.ccy}"))
+    if len(run.views) > 1:
+        rows.append(("not drawn", ", ".join(o.symbol for o in run.views if o is not v)))
+    return rows
 
 
 def _missing(run: RunData, v: SymbolView) -> list[str]:
