@@ -147,7 +147,11 @@ def _latency(ax, run: RunData) -> None:
         m = lat["stage"] == stage
         x = lat["elapsed_s"][m]
         ax.plot(x, lat["p50_ns"][m] / 1e3, color=color, lw=1, marker="o", ms=4, label=f"{stage} p50")
-        ax.plot(x, lat["p99_ns"][m] / 1e3, color=color, lw=0.8, ls="--")
+        ax.plot(x, lat["p99_ns"][m] / 1e3, color=color, lw=0.8, ls="--", marker="_", ms=8)
+    if len(np.unique(lat["elapsed_s"])) == 1:
+        ax.text(0.02, 0.06, f"one window: every batch finished within {lat['elapsed_s'][0]:.2f} s "
+                "of the start; dots p50, dashes p99", transform=ax.transAxes,
+                fontsize=8, color="0.35")
     ax.set_yscale("log")
     ax.set_ylabel("µs per batch")
     ax.set_xlabel("run time (s since start): solid p50, dashed p99 of the batches in each window")
