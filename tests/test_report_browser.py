@@ -116,6 +116,8 @@ class Browser:
         return mpimg.imread(io.BytesIO(base64.b64decode(shot["data"])), format="png")
 
     def close(self) -> None:
+        if getattr(self, "ws", None) is not None:
+            self.ws.close()
         self.proc.kill()
         self.proc.wait(timeout=10)
         self.proc.stderr.close()
