@@ -5,6 +5,7 @@ latency) of ``--points`` points each (what the report keeps after downsampling f
 display, whatever the run's tick count), writes one self-contained file with the
 library's JavaScript inlined, and prints the file size and the time to build and write it.
 
+    pip install plotly   # only for this comparison; the report itself needs bokeh alone
     python scripts/bench_report_html.py --points 4000
 
 ``--trace-rows N --from-run DIR`` also times ``write_report`` (PNG + HTML) on a run folder
