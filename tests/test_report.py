@@ -190,3 +190,16 @@ def test_sparse_trace_keeps_every_fill_so_the_figures_do_not_change(default_run,
     assert (thin.fills, thin.round_trips) == (full.fills, full.round_trips)
     assert thin.fees == pytest.approx(full.fees) and thin.turnover == pytest.approx(full.turnover)
     assert thin.net_pnl == pytest.approx(full.net_pnl) and thin.max_drawdown <= full.max_drawdown
+
+
+def test_two_symbol_run_draws_the_busiest_and_gives_everyones_figures(sample_dir, tmp_path):
+    files = [sample_dir / "binance-um-btcusdt-trades-20240808.csv",
+             sample_dir / "binance-spot-ethusdt-trades-20240808.csv"]
+    assert main(["run", str(REPO / "pipelines" / "default.toml"), "--ticks", *map(str, files),
+                 "--format", "binance_trades", "--out", str(tmp_path)]) == 0
+    run = load_run(tmp_path)
+    assert [v.symbol for v in run.views] == ["BTCUSDT", "ETHUSDT"] and run.primary.symbol == "BTCUSDT"
+    assert all(v.figures is not None and v.figures.fills > 0 for v in run.views)
+    write_report(tmp_path, html_page=True)
+    page = (tmp_path / "report.html").read_text()
+    assert "figures (BTCUSDT)" in page and "figures (ETHUSDT)" in page

@@ -247,7 +247,8 @@ def write_html(run: RunData, path: Path) -> Path:
     if empty is None:
         parts.append(_table("market", _market_rows(run, v)))
         if v.figures is not None:
-            parts.append(_table(f"figures ({v.symbol})", v.figures.rows(v.ccy)))
+            for o in [v, *(o for o in run.views if o is not v and o.figures is not None)]:
+                parts.append(_table(f"figures ({o.symbol})", o.figures.rows(o.ccy)))
         else:
             parts.append(_table("figures", [("P&L", "no risk stage in this pipeline: no P&L")]))
         parts.append(_table("VPIN", _vpin_rows(run, v)))

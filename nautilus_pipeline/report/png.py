@@ -265,8 +265,11 @@ def _market_rows(run: RunData, v: SymbolView) -> list[tuple[str, str]]:
             ("quotes", f"{v.quote_ts.size:,} traced"), ("units", v.ccy)]
     if v.quote_ts.size:
         rows.append(("median spread", f"{np.median(v.ask - v.bid):,.4g} {v.ccy}"))
-    if len(run.views) > 1:
-        rows.append(("not drawn", ", ".join(o.symbol for o in run.views if o is not v)))
+    for o in run.views:
+        if o is not v:
+            f = o.figures
+            rows.append((o.symbol, "not drawn" if f is None else
+                         f"not drawn; net {f.net_pnl:,.2f} {o.ccy}, {f.fills:,} fills"))
     return rows
 
 
