@@ -41,7 +41,8 @@ EXAMPLES = {  # shown under each command's --help
     "inspect": """examples:
   nautilus-pipeline inspect trades.csv
   nautilus-pipeline inspect data/*.csv data/*.parquet
-  nautilus-pipeline inspect glbx-mbp1.dbn.zst --format databento""",
+  nautilus-pipeline inspect glbx-mbp1.dbn.zst --format databento
+  nautilus-pipeline inspect data/* --json > inventory.json   # exit code: the worst file's""",
     "validate": """examples:
   nautilus-pipeline validate pipelines/default.toml
   nautilus-pipeline validate pipelines/*.toml""",
@@ -74,8 +75,10 @@ def _parser() -> argparse.ArgumentParser:
                      help="logs on stderr: JSON lines or console (default: console on a terminal)")
     run.add_argument("--log-level", default="warning", choices=("debug", "info", "warning", "error"))
     run.add_argument("--no-progress", action="store_true", help="no progress bar even on a terminal")
-    run.add_argument("--metrics-port", type=int, metavar="PORT",
-                     help="serve Prometheus metrics on this port while the run lasts")
+    run.add_argument("--metrics-addr", metavar="HOST:PORT",
+                     help="serve Prometheus metrics on HOST:PORT while the run lasts "
+                          "(host defaults to 127.0.0.1: ':9100' is local only)")
+    run.add_argument("--metrics-port", metavar="PORT", help="same as --metrics-addr 127.0.0.1:PORT")
     run.add_argument("--trace-every", type=int, default=0,
                      help="keep every Nth trade in trace.parquet for the report (default: about 200k points)")
 
@@ -94,6 +97,10 @@ def _parser() -> argparse.ArgumentParser:
     ins.add_argument("files", nargs="+", metavar="FILE")
     ins.add_argument("--format", help="reader to use (default: detected)")
     ins.add_argument("--symbol", help="instrument name for single-symbol files")
+    ins.add_argument("--json", action="store_true", help="one JSON array on stdout, an object per file")
+    ins.add_argument("--log-format", choices=("auto", "json", "console"), default="auto",
+                     help="logs and errors on stderr: JSON lines or console (default: console on a terminal)")
+    ins.add_argument("--log-level", default="warning", choices=("debug", "info", "warning", "error"))
 
     val = sub.add_parser("validate", help="check a pipeline definition without running it",
                          epilog=EXAMPLES["validate"], formatter_class=fmt)
@@ -106,10 +113,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     from .runtime import configure_logging
 
     configure_logging(getattr(args, "log_format", "auto"), getattr(args, "log_level", "warning"))
+    _ERRORS.json = getattr(args, "log_format", "auto") == "json"
     handlers = {"run": cmd_run, "report": cmd_report, "devices": cmd_devices,
                 "inspect": cmd_inspect, "validate": cmd_validate}
+    from .prometheus import MetricsAddressError
+
     try:
         return handlers[args.command](args)
+    except MetricsAddressError as exc:
+        return _fail(exc, EXIT_USAGE)
     except ConfigError as exc:
         return _fail(exc, EXIT_CONFIG)
     except DataError as exc:
@@ -121,8 +133,21 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_INTERRUPTED
 
 
+class _ERRORS:
+    """How the final error is written: one plain line, or (``--log-format json``) one JSON
+    log line like every other line on stderr."""
+
+    json = False
+
+
 def _fail(exc: Exception, code: int) -> int:
-    print(f"nautilus-pipeline: error: {exc}", file=sys.stderr)
+    if _ERRORS.json:
+        import structlog
+
+        structlog.get_logger("nautilus_pipeline.cli").error(
+            "command_failed", error=str(exc), error_type=type(exc).__name__, exit_code=code)
+    else:
+        print(f"nautilus-pipeline: error: {exc}", file=sys.stderr)
     return code
 
 
@@ -137,7 +162,20 @@ def cmd_run(args: argparse.Namespace) -> int:
     for f in args.ticks or ():
         if not Path(f).is_file():
             raise DataError(f"--ticks {f}: no such file")
+    _metrics_address(args)
     return run(_run(args))
+
+
+def _metrics_address(args: argparse.Namespace) -> str | None:
+    """``--metrics-addr`` (or ``--metrics-port``) checked before the run: exit 2 when malformed."""
+    from .prometheus import MetricsAddressError, parse_address
+
+    if args.metrics_addr is not None and args.metrics_port is not None:
+        raise MetricsAddressError("give --metrics-addr HOST:PORT or --metrics-port PORT, not both")
+    address = args.metrics_addr if args.metrics_addr is not None else args.metrics_port
+    if address is not None:
+        parse_address(address)
+    return address
 
 
 async def _run(args: argparse.Namespace) -> int:
@@ -159,8 +197,8 @@ async def _run(args: argparse.Namespace) -> int:
         raise ConfigError(f"{definition.path}: no [[sources]]; give tick files with --ticks FILE")
     stages = config.build_stages(definition, sources)
     expected = _estimate_rows(sources)
-    every = args.trace_every or max(1, (expected or 0) // 200_000)
-    written = {c.name for s in stages for c in s.writes} | {"ts_ns", "symbol_id", "price"}
+    every = args.trace_every or max(1, (expected or _rows_upper_bound(sources)) // 200_000)
+    written = {c.name for s in stages for c in s.writes} | {"ts_ns", "symbol_id", "kind", "price", "bid", "ask"}
     stages.append(RecorderStage(out_dir / "trace.parquet", every=every,
                                 available=tuple(c for c in TRACE_COLUMNS if c in written)))
     pipe = config.build_pipeline(definition, stages, batch_size=args.batch,
@@ -178,19 +216,24 @@ async def _run(args: argparse.Namespace) -> int:
     except (NotImplementedError, RuntimeError):  # pragma: no cover - Windows
         pass
     metrics = None
-    if args.metrics_port is not None:
+    if _metrics_address(args) is not None:
         from .prometheus import MetricsExporter
 
-        metrics = MetricsExporter(args.metrics_port)
+        metrics = MetricsExporter(_metrics_address(args), pipeline=definition.name)
+    from .report.timeline import TIMELINE_FILE, LatencyTimeline
+
+    timeline = LatencyTimeline()
     t0 = time.perf_counter()
     interrupted = False
     try:
         async with pipe:
             sink.attach(pipe.bus)
-            with _progress(err, show_progress, expected) as advance:
-                interrupted = await _replay_into(pipe, replay, advance, metrics, stop)
+            with _progress(err, show_progress, expected, replay) as advance:
+                interrupted = await _replay_into(pipe, replay, advance, metrics, stop, timeline)
+        timeline.sample(pipe, replay.progress.ts_reached_ns)
+        timeline.write(out_dir / TIMELINE_FILE)
         if metrics is not None:
-            metrics.update(pipe, replay)
+            metrics.update(pipe, replay, force=True)
     finally:
         if metrics is not None:
             metrics.close()
@@ -203,17 +246,20 @@ async def _run(args: argparse.Namespace) -> int:
     summary = _summary(definition, pipe, replay, sink, wall, interrupted)
     (out_dir / "summary.json").write_bytes(orjson.dumps(summary, option=orjson.OPT_INDENT_2 | orjson.OPT_SERIALIZE_NUMPY))
     _print_summary(summary, out_dir)
+    _warn_if_nothing_produced(summary)
     if not interrupted:
         replay.accounting.check()
     return EXIT_INTERRUPTED if interrupted else EXIT_OK
 
 
-async def _replay_into(pipe, replay, advance, metrics, stop: asyncio.Event) -> bool:
+async def _replay_into(pipe, replay, advance, metrics, stop: asyncio.Event, timeline=None) -> bool:
     """Feed the replay's batches to the pipeline until the end or Ctrl-C; True if interrupted."""
     async with contextlib.aclosing(replay.batches(pipe.pool)) as batches:
         async for lease in batches:
             await pipe.publish_batch(lease, "replay")
             advance(replay.progress.ticks_delivered, replay.progress.ts_reached_ns)
+            if timeline is not None:
+                timeline.maybe_sample(pipe, replay.progress.ts_reached_ns)
             if metrics is not None:
                 metrics.update(pipe, replay)
             if stop.is_set():
@@ -222,12 +268,17 @@ async def _replay_into(pipe, replay, advance, metrics, stop: asyncio.Event) -> b
 
 
 class _progress:
-    """A rich progress bar (ticks, ticks/s, ETA) on a terminal; nothing when piped."""
+    """A rich progress bar on a terminal (nothing when piped): ticks of a total, ticks/s,
+    market time and ETA. The total is exact when rows are cheap to count (Parquet metadata,
+    lines of plain text less the header); for compressed or binary inputs (``.gz``/``.zst``/
+    ``.dbn``) it is estimated from the bytes read so far (:class:`_TotalEstimate`) and
+    becomes exact once every file has been read."""
 
-    def __init__(self, console: Any, enabled: bool, total: int | None):
+    def __init__(self, console: Any, enabled: bool, total: int | None, replay: Any = None):
         self.enabled = enabled
         self.total = total
         self.console = console
+        self.estimate = _TotalEstimate.of(replay) if total is None and replay is not None else None
 
     def __enter__(self):
         if not self.enabled:
@@ -254,8 +305,9 @@ class _progress:
         def advance(ticks: int, ts: int | None) -> None:
             dt = time.perf_counter() - t0
             market = time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(ts / 1e9)) if ts else ""
+            extra = {"total": self.estimate()} if self.estimate is not None else {}
             self.bar.update(task, completed=ticks, rate=f"{ticks / dt:,.0f}" if dt > 0 else "-",
-                            market=market)
+                            market=market, **extra)
 
         return advance
 
@@ -264,8 +316,82 @@ class _progress:
             self.bar.stop()
 
 
+class _TotalEstimate:
+    """The ticks a replay of compressed or binary files will deliver, estimated from the
+    bytes its readers have consumed: ``rows read × file bytes / bytes read``, exact
+    (``rows read − bad rows``) once every source is read. The readers stream through
+    ``io.files.open_stream`` (pyarrow), one descriptor per file; its offset, from
+    ``/proc/self/fdinfo`` (Linux), is how far the decompressor has got; a file seen open and
+    now closed counts whole, and so do all once rows were read and none is open (small files
+    are read in one block before the first poll). Without ``/proc`` the estimate waits for
+    the end of the reading."""
+
+    def __init__(self, replay: Any, sizes: dict[str, int]):
+        self.replay = replay
+        self.sizes = sizes
+        self.total_bytes = sum(sizes.values())
+        self._seen: set[str] = set()
+        self._last = (-1.0, None)
+
+    @classmethod
+    def of(cls, replay: Any) -> _TotalEstimate | None:
+        import os
+
+        sizes = {}
+        for src in replay.sources:
+            path = Path(src.path)
+            if not path.name.lower().endswith((".gz", ".zst", ".dbn")):
+                return None  # plain text is memory-mapped: rows are counted up front instead
+            try:
+                sizes[os.path.realpath(path)] = path.stat().st_size
+            except OSError:
+                return None
+        return cls(replay, sizes) if sizes else None
+
+    def __call__(self) -> int | None:
+        now = time.perf_counter()
+        if now - self._last[0] < 0.2:
+            return self._last[1]
+        p = self.replay.progress
+        if p.sources and p.sources_done == p.sources:
+            acct = self.replay.accounting.total
+            estimate = p.rows_read - acct.rejected - acct.quarantined
+        else:
+            done = self.bytes_read()
+            estimate = round(p.rows_read * self.total_bytes / done) if done and p.rows_read else None
+        self._last = (now, estimate)
+        return estimate
+
+    def bytes_read(self) -> int:
+        """Compressed bytes consumed so far, over every source file."""
+        import os
+
+        pos: dict[str, int] = {}
+        fds = os.listdir("/proc/self/fd") if os.path.isdir("/proc/self/fdinfo") else []
+        for fd in fds:
+            try:
+                target = os.readlink(f"/proc/self/fd/{fd}")
+                if target in self.sizes:
+                    with open(f"/proc/self/fdinfo/{fd}") as fh:
+                        offset = int(fh.readline().split()[1])
+                    pos[target] = max(pos.get(target, 0), offset)
+            except (OSError, ValueError, IndexError):
+                continue
+        if not pos and self.replay.progress.rows_read:
+            self._seen.update(self.sizes)  # rows read and no file open: every file was read
+        done = 0
+        for path, size in self.sizes.items():
+            if path in pos:
+                self._seen.add(path)
+                done += min(pos[path], size)
+            elif path in self._seen:
+                done += size
+        return done
+
+
 def _estimate_rows(sources: list[Any]) -> int | None:
-    """Rows in the sources when cheap to know (Parquet metadata, newlines of plain text)."""
+    """Data rows in the sources when cheap to know: Parquet metadata, or the lines of plain
+    text (a last line without a newline counted, a header line not)."""
     total = 0
     for src in sources:
         path = Path(src.path)
@@ -276,13 +402,48 @@ def _estimate_rows(sources: list[Any]) -> int | None:
 
                 total += pq.ParquetFile(path).metadata.num_rows
             elif name.endswith((".csv", ".jsonl", ".txt")) and path.stat().st_size < 8 << 30:
-                with open(path, "rb") as fh:
-                    total += sum(chunk.count(b"\n") for chunk in iter(lambda: fh.read(1 << 24), b""))
+                total += _count_data_lines(path)
             else:
                 return None
         except OSError:
             return None
     return total or None
+
+
+def _rows_upper_bound(sources: list[Any]) -> int:
+    """Rows a compressed or binary input may hold, for the trace's sampling only: at most
+    one per 10 bytes of file (the bundled captures take 19-41 compressed bytes per tick)."""
+    total = 0
+    for src in sources:
+        with contextlib.suppress(OSError):
+            total += Path(src.path).stat().st_size // 10
+    return total
+
+
+def _count_data_lines(path: Path) -> int:
+    lines, first, last_byte = 0, b"", b"\n"
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 24), b""):
+            if not first:
+                first = chunk[:4096].split(b"\n", 1)[0]
+            lines += chunk.count(b"\n")
+            last_byte = chunk[-1:]
+    if last_byte != b"\n":
+        lines += 1
+    return lines - int(_is_header(first))
+
+
+def _is_header(line: bytes) -> bool:
+    """A first line of names, not values: a field that is neither a number nor a date/time,
+    or a JSON line (never a header)."""
+    text = line.decode("utf-8", "replace").strip()
+    if not text or text.startswith("{"):
+        return False
+    for field in text.replace(";", ",").replace("\t", ",").split(","):
+        f = field.strip().strip('"')
+        if f and not any(ch.isdigit() for ch in f) and f.lower() not in ("true", "false", "buy", "sell"):
+            return True
+    return False
 
 
 def _summary(definition, pipe, replay, sink, wall: float, interrupted: bool) -> dict[str, Any]:
@@ -314,7 +475,45 @@ def _summary(definition, pipe, replay, sink, wall: float, interrupted: bool) -> 
         "vpin_threshold": next((s.params["threshold"] for s in pipe.stages if hasattr(s, "params")
                                 and isinstance(s.params, dict) and "threshold" in s.params), 0.9),
         "symbols": pipe.symbols.names,
+        **_report_fields(pipe, replay),
     }
+
+
+def _report_fields(pipe, replay) -> dict[str, Any]:
+    """What ``report`` needs beyond the counters: files, fees, code version, trades seen."""
+    from .kernels.risk import RiskParams
+
+    limits = next((s.limits for s in pipe.stages if isinstance(getattr(s, "limits", None), RiskParams)), None)
+    return {
+        "files": [str(s.path) for s in replay.sources],
+        "code_version": _code_version(),
+        "fees": None if limits is None else {"fee_rate": limits.fee_rate,
+                                             "fee_per_order": limits.fee_per_order},
+    }
+
+
+def _code_version() -> str:
+    """``0.1.0`` plus the git commit of the checkout when there is one (``0.1.0+g1a2b3c4``)."""
+    import subprocess
+
+    try:
+        out = subprocess.run(["git", "describe", "--always", "--dirty"], cwd=Path(__file__).parent,
+                             capture_output=True, text=True, timeout=5)
+    except (OSError, subprocess.SubprocessError):
+        return __version__
+    return f"{__version__}+g{out.stdout.strip()}" if out.returncode == 0 and out.stdout.strip() else __version__
+
+
+def _warn_if_nothing_produced(summary: dict[str, Any]) -> None:
+    """A run that produced no outputs says so (on stderr, as a warning), not only rc 0."""
+    if not any(summary["outputs"].values()):
+        import structlog
+
+        structlog.get_logger("nautilus_pipeline.cli").warning(
+            "run_produced_nothing", pipeline=summary["pipeline"],
+            ticks=summary["ticks"]["processed"],
+            hint="no signal, VPIN bucket or risk event: the files may hold no trades "
+                 "(see 'nautilus-pipeline inspect FILE')")
 
 
 def _print_summary(summary: dict[str, Any], out_dir: Path) -> None:
@@ -409,38 +608,76 @@ def cmd_devices(args: argparse.Namespace) -> int:
 
 # --- inspect ---------------------------------------------------------------------------
 def cmd_inspect(args: argparse.Namespace) -> int:
+    """Every file, even after one fails; the exit code is the worst of them (0 < 1 < 3 < 4)."""
+    results, worst = [], EXIT_OK
     for i, name in enumerate(args.files):
-        if i:
-            print()
-        _inspect_one(Path(name), args.format, args.symbol)
-    return EXIT_OK
+        try:
+            info = _inspect_one(Path(name), args.format, args.symbol)
+        except PipelineError as exc:
+            code = _exit_code_of(exc)
+            worst = max(worst, code)
+            _fail(exc, code)
+            info = {"file": name, "error": str(exc), "exit_code": code}
+        results.append(info)
+        if not args.json and "error" not in info:
+            if i:
+                print()
+            _print_inspect(info)
+    if args.json:
+        sys.stdout.buffer.write(orjson.dumps(results, option=orjson.OPT_INDENT_2 | orjson.OPT_SERIALIZE_NUMPY) + b"\n")
+        sys.stdout.flush()
+    return worst
 
 
-def _inspect_one(path: Path, format: str | None, symbol: str | None) -> None:
+def _exit_code_of(exc: PipelineError) -> int:
+    if isinstance(exc, ConfigError):
+        return EXIT_CONFIG
+    if isinstance(exc, DataError):
+        return EXIT_DATA
+    return EXIT_ERROR
+
+
+def _print_inspect(info: dict[str, Any]) -> None:
+    width = max(len(k) for k in info)
+    for k, v in info.items():
+        if isinstance(v, list):
+            v = ", ".join(map(str, v))
+        elif isinstance(v, dict):
+            v = ", ".join(f"{a}={b:,}" if isinstance(b, int) else f"{a}={b}" for a, b in v.items()) or "-"
+        print(f"{k:<{width}}  {v}")
+
+
+def _inspect_one(path: Path, format: str | None, symbol: str | None) -> dict[str, Any]:
     import numpy as np
 
-    from .events import KIND_TRADE
+    from .events import KIND_TRADE, SIDE_BUY, SIDE_SELL, TICK_COLUMNS
     from .io import Replay, Source, detect_format
 
     if not path.is_file():
         raise DataError(f"{path}: no such file")
     fmt = format or detect_format(path)
     replay = Replay([Source(path, format=fmt, symbol=symbol, policy="reject")])
-    rows = trades = 0
+    rows = trades = buys = sells = 0
     first = last = None
     present: set[str] = set()
+    fills = {c.name: c.fill for c in TICK_COLUMNS}
     for block in replay.iter_arrays():
         n = len(block["ts_ns"])
         if not n:
             continue
         rows += n
-        trades += int((block["kind"] == KIND_TRADE).sum())
+        is_trade = block["kind"] == KIND_TRADE
+        trades += int(is_trade.sum())
+        buys += int((is_trade & (block["side"] == SIDE_BUY)).sum())
+        sells += int((is_trade & (block["side"] == SIDE_SELL)).sum())
         first = int(block["ts_ns"][0]) if first is None else first
         last = int(block["ts_ns"][-1])
         for name, col in block.items():
-            if col.dtype.kind == "f" and not np.isnan(col).all():
-                present.add(name)
-            elif col.dtype.kind in "iu" and name not in ("symbol_id", "kind") and (col != -1).any():
+            if name in ("symbol_id", "kind", "ts_ns") or name in present:
+                continue
+            fill = fills.get(name, 0)
+            empty = np.isnan(col) if col.dtype.kind == "f" else col == fill
+            if not empty.all():
                 present.add(name)
     acct = replay.accounting.total
 
@@ -450,25 +687,23 @@ def _inspect_one(path: Path, format: str | None, symbol: str | None) -> None:
         return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(ns / 1e9)) + f".{ns % 1_000_000_000:09d}Z"
 
     span = (last - first) / 1e9 if first is not None and last is not None else math.nan
-    info = {
+    return {
         "file": str(path),
         "format": fmt,
         "rows_read": acct.read,
         "ticks": rows,
         "trades": trades,
         "quotes": rows - trades,
+        "trade_sides": {"buy": buys, "sell": sells, "unknown": trades - buys - sells},
         "tick_columns_filled": sorted(present | {"ts_ns", "symbol_id", "kind"}),
         "first_ts": iso(first),
         "last_ts": iso(last),
-        "span_s": span,
+        "span_s": span if not math.isnan(span) else None,
         "symbols": replay.symbols.names,
         "bad_rows": acct.rejected,
         "bad_rows_by_reason": dict(acct.by_reason),
         "lines_ignored": sum(replay.accounting.ignored.values()),
     }
-    width = max(len(k) for k in info)
-    for k, v in info.items():
-        print(f"{k:<{width}}  {', '.join(map(str, v)) if isinstance(v, list) else v}")
 
 
 # --- validate --------------------------------------------------------------------------

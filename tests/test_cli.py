@@ -59,7 +59,7 @@ def test_report_draws_a_png_and_html(default_run):
     assert main(["report", str(default_run), "--html"]) == 0
     png = (default_run / "report.png").read_bytes()
     assert png.startswith(b"\x89PNG") and len(png) > 20_000
-    assert b"data:image/png;base64" in (default_run / "report.html").read_bytes()
+    assert b"Bokeh" in (default_run / "report.html").read_bytes()
 
 
 def test_bad_definition_exits_3_with_one_line(tmp_path, capsys):
@@ -163,7 +163,7 @@ def test_metrics_port_serves_prometheus_metrics_during_a_run(tmp_path):
             except OSError:
                 continue
         assert 'nautilus_ticks_total{outcome="processed"}' in body
-        assert 'nautilus_stage_batch_latency_seconds{quantile="p99",stage="features"}' in body
+        assert 'nautilus_stage_batch_latency_seconds_count{stage="features"}' in body
     finally:
         proc.send_signal(__import__("signal").SIGINT)
         proc.communicate(timeout=60)

@@ -2,9 +2,13 @@
 
 The command line appends it after the signal stage when it writes outputs, so that
 ``nautilus-pipeline report`` can draw price, signals, VPIN and P&L without keeping every
-tick: it keeps one trade row in ``every`` per symbol (every one by default) and writes
-``<dir>/trace.parquet`` at the end. Sampling is by each symbol's trade count, so the trace
-does not depend on the batch size.
+tick: it keeps one trade row in ``every`` per symbol (every one by default), one quote row
+in ``every`` when ``bid``/``ask`` are recorded (for the report's bid/ask band), and every
+trade row where the simulated position changed and each symbol's last trade row (the
+fills and the final mark, so that the report's fill count, fees, turnover and net P&L are
+exact however sparse the sampling), and writes
+``<dir>/trace.parquet`` at the end. Sampling is by each symbol's trade (or quote) count,
+so the trace does not depend on the batch size.
 """
 
 from __future__ import annotations
@@ -16,12 +20,12 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from ..compute import ComputeStream
-from ..events import KIND_TRADE
+from ..events import KIND_QUOTE, KIND_TRADE
 from ..memory import Lease
 from ..stage import Stage, StageContext
 
-TRACE_COLUMNS = ("ts_ns", "symbol_id", "price", "prediction", "vpin", "toxic", "position", "pnl",
-                 "drawdown", "kill", "signal_side")
+TRACE_COLUMNS = ("ts_ns", "symbol_id", "kind", "price", "bid", "ask", "prediction", "vpin", "toxic",
+                 "position", "pnl", "drawdown", "kill", "signal_side")
 
 
 class RecorderStage(Stage):
@@ -33,25 +37,53 @@ class RecorderStage(Stage):
         self.path = Path(path)
         self.every = max(int(every), 1)
         self.columns = tuple(c for c in TRACE_COLUMNS if c in available)
-        self.reads = (*self.columns, "kind")
+        self.reads = tuple(dict.fromkeys((*self.columns, "kind", "symbol_id")))
         self._parts: dict[str, list[np.ndarray]] = {c: [] for c in self.columns}
-        self._seen: dict[int, int] = {}
+        self._seen: dict[tuple[int, int], int] = {}
+        self._position: dict[int, float] = {}
+        self._tail: dict[int, dict[str, np.ndarray] | None] = {}  # last trade row, if not kept
 
     async def process(self, lease: Lease, stream: ComputeStream, ctx: StageContext) -> None:
-        trades = lease["kind"] == KIND_TRADE
-        if self.every > 1:
-            sym = lease["symbol_id"]
-            keep = np.zeros(lease.length, dtype=bool)
-            for key in np.unique(sym[trades]):
-                rows = np.flatnonzero(trades & (sym == key))
-                seen = self._seen.get(int(key), 0)
+        kind, sym = lease["kind"], lease["symbol_id"]
+        kinds = (KIND_TRADE, KIND_QUOTE) if "bid" in self.columns else (KIND_TRADE,)
+        keep = np.zeros(lease.length, dtype=bool)
+        for k in kinds:
+            of_kind = kind == k
+            if self.every == 1:
+                keep |= of_kind
+                continue
+            for key in np.unique(sym[of_kind]):
+                rows = np.flatnonzero(of_kind & (sym == key))
+                seen = self._seen.get((int(key), k), 0)
                 keep[rows[(seen + np.arange(rows.size)) % self.every == 0]] = True
-                self._seen[int(key)] = seen + rows.size
-            trades = keep
+                self._seen[(int(key), k)] = seen + rows.size
+        if self.every > 1:
+            trades = kind == KIND_TRADE
+            if "position" in self.columns:
+                keep |= self._fills(lease, trades, sym)
+            for key in np.unique(sym[trades]):
+                last = np.flatnonzero(trades & (sym == key))[-1]
+                self._tail[int(key)] = None if keep[last] else {
+                    c: lease[c][last:last + 1].copy() for c in self.columns}
         for c in self.columns:
-            self._parts[c].append(lease[c][trades].copy())
+            self._parts[c].append(lease[c][keep].copy())
+
+    def _fills(self, lease: Lease, trades: np.ndarray, sym: np.ndarray) -> np.ndarray:
+        """Trade rows where a symbol's position differs from its previous trade row's."""
+        fills = np.zeros(lease.length, dtype=bool)
+        position = lease["position"]
+        for key in np.unique(sym[trades]):
+            rows = np.flatnonzero(trades & (sym == key))
+            pos = position[rows]
+            prev = np.concatenate(([self._position.get(int(key), 0.0)], pos[:-1]))
+            fills[rows[pos != prev]] = True
+            self._position[int(key)] = float(pos[-1])
+        return fills
 
     async def finish(self, ctx: StageContext) -> None:
+        for tail in self._tail.values():
+            for c, value in (tail or {}).items():
+                self._parts[c].append(value)
         if not self._parts or not self._parts[self.columns[0]]:
             return
         table = {c: np.concatenate(self._parts[c]) for c in self.columns}
