@@ -8,7 +8,7 @@
 # while the machine is warm (30 s), hence two calls, the second right after the first:
 #
 #   1) carry [".whl", ".mlx-a"]:          bash scripts/gpu_check.sh stage
-#   2) carry [".mlx-b", ...]:             bash scripts/gpu_check.sh [all|tests|pipeline|bench]
+#   2) carry [".mlx-b", ...]:             bash scripts/gpu_check.sh [all|tests,pipeline,bench]
 #
 # Without the MLX halves step 2 runs everything else and says that MLX was not carried.
 # (From a helper's worktree: copy it into the session checkout's ignored .gpuwt/, carry
@@ -16,6 +16,7 @@
 set -uo pipefail
 cd "$(dirname "$0")/.."
 what=${1:-all}
+want() { [ "$what" = all ] || [[ ",$what," == *",$1,"* ]]; }
 out=${OUT:-gpu_out}
 mkdir -p "$out"
 root=$PWD  # where .whl/.mlx-a/.mlx-b are: here, or the checkout above a copied .gpuwt/
@@ -66,12 +67,12 @@ fi
 } 2>&1 | tee "$out/machine.txt"
 
 rc=0
-if [ "$what" = tests ] || [ "$what" = all ]; then
+if want tests; then
   # the whole suite: GPU tests run here; tests needing coremltools or a Mac skip with the reason
   timeout 300 python3 -m pytest -q -p no:cacheprovider -rs tests 2>&1 | tail -n 60 | tee "$out/tests.txt"
   rc=${PIPESTATUS[0]}
   # the GPU and MLX tests by name, so the log shows each one passed
-  timeout 120 python3 -m pytest -q -p no:cacheprovider -rs -v tests -k "mlx or cuda or gpu" 2>&1 | grep -E "PASS|FAIL|SKIP|ERROR|passed|failed" | tee "$out/tests_gpu.txt"
+  timeout 120 python3 -m pytest -p no:cacheprovider -rs -v tests -k "mlx or cuda or gpu" 2>&1 | grep -E "PASS|FAIL|SKIP|ERROR|passed|failed" | tee "$out/tests_gpu.txt"
   # why MLX-GPU was 5.3e-4 from float64: TF32 matmuls; each process latches its setting
   if python3 -c 'import mlx.core as mx, sys; sys.exit(0 if mx.is_available(mx.gpu) else 1)' 2>/dev/null; then
     for v in 1 0; do
@@ -90,40 +91,52 @@ PY
     done
   fi
 fi
-if [ "$what" = pipeline ] || [ "$what" = all ]; then
+if want pipeline; then
   timeout 120 python3 -m nautilus_pipeline.cli run pipelines/gpu.toml --no-progress \
     --out /tmp/gpu-run 2>&1 | tee "$out/gpu_pipeline.txt" | tail -n 40
-  # 10M generated trades: gpu.toml on the GPU, and the same definition on the host CPU alone
+  # 10M generated trades: gpu.toml on the GPU at two batch sizes, and the same definition on
+  # the host CPU alone (1M of them: Monte Carlo VaR on 16 cores is the slow part there)
   python3 scripts/make_synthetic_trades.py --rows 10000000 --out /tmp/trades10m.csv | tail -n 1
   head -n 1000001 /tmp/trades10m.csv > /tmp/trades1m.csv
   sed -E -e 's/^streams = \[.*/streams = ["cpu"]/' -e 's/^memory = .*/memory = "host"/' \
     pipelines/gpu.toml > /tmp/gpu_on_cpu.toml
   ticks=(--format binance_trades --symbol BTCUSDT-PERP --no-progress --log-level warning)
-  timeout 150 python3 -m nautilus_pipeline.cli run pipelines/gpu.toml --ticks /tmp/trades10m.csv \
-    "${ticks[@]}" --out /tmp/g10m 2>&1 | tee "$out/gpu_pipeline_10m.txt" | tail -n 32
-  timeout 60 python3 -m nautilus_pipeline.cli run pipelines/gpu.toml --ticks /tmp/trades1m.csv \
-    "${ticks[@]}" --out /tmp/g1m > "$out/gpu_pipeline_1m.txt" 2>&1
-  timeout 150 python3 -m nautilus_pipeline.cli run /tmp/gpu_on_cpu.toml --ticks /tmp/trades1m.csv \
-    "${ticks[@]}" --out /tmp/c1m 2>&1 | tee "$out/cpu_pipeline_1m.txt" | tail -n 32
-  # outputs of the GPU run against the CPU run, 1M trades: VPIN buckets and signals
-  python3 - <<'PY' 2>&1 | tee "$out/gpu_vs_cpu_1m.txt"
+  for b in 4096 65536; do
+    echo "== pipelines/gpu.toml, 10M generated trades, --batch $b"
+    timeout 150 python3 -m nautilus_pipeline.cli run pipelines/gpu.toml --ticks /tmp/trades10m.csv \
+      "${ticks[@]}" --batch $b --out /tmp/g10m-$b 2>&1 | tail -n 32
+    python3 -c "import json; s=json.load(open('/tmp/g10m-$b/summary.json')); print({k: v for k, v in s.items() if k in ('pool', 'stages')})" 2>&1 | cut -c1-3000
+  done 2>&1 | tee "$out/pipeline_10m.txt" | grep -E "ticks/s|==|features |inference |risk "
+  {
+    for b in 4096 65536; do
+      echo "== pipelines/gpu.toml on the GPU, 1M generated trades, --batch $b"
+      timeout 60 python3 -m nautilus_pipeline.cli run pipelines/gpu.toml --ticks /tmp/trades1m.csv \
+        "${ticks[@]}" --batch $b --out /tmp/g1m-$b 2>&1 | tail -n 32
+    done
+    echo "== the same definition on the host CPU alone (every stream 'cpu'), 1M generated trades"
+    timeout 150 python3 -m nautilus_pipeline.cli run /tmp/gpu_on_cpu.toml --ticks /tmp/trades1m.csv \
+      "${ticks[@]}" --out /tmp/c1m 2>&1 | tail -n 32
+    # outputs of the GPU runs against the CPU run: VPIN buckets and signals
+    python3 - <<'PY'
 import numpy as np, pyarrow.parquet as pq
-for name, key in (("vpin", "bucket"), ("signals", "ts_ns")):
-    g, c = pq.read_table(f"/tmp/g1m/{name}.parquet"), pq.read_table(f"/tmp/c1m/{name}.parquet")
-    same_cols = [n for n in g.column_names if n in c.column_names]
-    print(f"{name}: gpu {g.num_rows:,} rows, cpu {c.num_rows:,} rows")
-    if g.num_rows != c.num_rows:
-        continue
-    for col in same_cols:
-        a, b = g[col].to_numpy(zero_copy_only=False), c[col].to_numpy(zero_copy_only=False)
-        if a.dtype.kind == "f":
-            d = np.nanmax(np.abs(a - b)) if a.size else 0.0
-            print(f"  {col}: max |gpu - cpu| {d:.3g}, identical {np.array_equal(a, b, equal_nan=True)}")
-        else:
-            print(f"  {col}: identical {np.array_equal(a, b)} ({int((a != b).sum())} rows differ)")
+for b in (4096, 65536):
+    for name in ("vpin", "signals"):
+        g, c = pq.read_table(f"/tmp/g1m-{b}/{name}.parquet"), pq.read_table(f"/tmp/c1m/{name}.parquet")
+        print(f"GPU --batch {b} vs CPU, {name}: {g.num_rows:,} vs {c.num_rows:,} rows")
+        if g.num_rows != c.num_rows:
+            continue
+        for col in [n for n in g.column_names if n in c.column_names]:
+            a, z = g[col].to_numpy(zero_copy_only=False), c[col].to_numpy(zero_copy_only=False)
+            if a.dtype.kind == "f":
+                d = float(np.nanmax(np.abs(a - z))) if a.size else 0.0
+                print(f"  {col}: identical {np.array_equal(a, z, equal_nan=True)}, max |diff| {d:.3g}")
+            else:
+                same = [x == y for x, y in zip(a.tolist(), z.tolist())]
+                print(f"  {col}: identical {all(same)} ({len(same) - sum(same)} rows differ)")
 PY
+  } 2>&1 | tee "$out/pipeline_1m_gpu_vs_cpu.txt" | grep -E "ticks/s|==|vs CPU|identical False"
 fi
-if [ "$what" = bench ] || [ "$what" = all ]; then
+if want bench; then
   timeout 150 python3 scripts/bench_gpu.py 2>&1 | tee "$out/bench_gpu.txt"
   timeout 150 python3 scripts/bench_inference.py --gpu --calibrate 2>&1 | tee "$out/bench_inference.txt"
 fi

@@ -63,6 +63,10 @@ class TorchStream(ComputeStream):
         done.synchronize()
         return result
 
+    def has_on_device(self, lease: Lease, column: str) -> bool:
+        """Whether a stage before left ``column`` of this batch on this stream's device."""
+        return self.needs_copy and (self._cache_tag, column) in lease.device_cache
+
     def to_device(self, lease: Lease, column: str) -> Any:
         torch = self._torch
         host = torch.from_numpy(lease[column])

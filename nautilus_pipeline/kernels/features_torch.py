@@ -95,34 +95,26 @@ def features_update_device(
     """:func:`~nautilus_pipeline.kernels.features.features_update` on ``device``; the output
     stays there (a float64 tensor (n, width)) for the next stage on the same device.
 
-    The host copies are the four input columns (25 bytes a trade); the new state comes back
-    in one small copy.
+    The inputs are numpy arrays or tensors (already on ``device``: the stage passes the
+    lease's cached device columns); the host copies are then the four input columns (25
+    bytes a trade), and the new state comes back in one small copy.
     """
     torch = _torch()
     cfg = state.config
-    n = int(np.shape(price)[0])
+    n = int(price.shape[0])
     if n == 0 or state.n_trades == 0 or state.rsi_changes < cfg.rsi_period:
-        new, out = features_update(state, ts_ns, price, size, side)
+        host = [c.cpu().numpy() if isinstance(c, torch.Tensor) else c
+                for c in (ts_ns, price, size, side)]
+        new, out = features_update(state, *host)
         return new, torch.as_tensor(out, device=device)
-    p_host = np.asarray(price, dtype=np.float64)
-    v_host = np.asarray(size, dtype=np.float64)
-    if not (
-        p_host.min() > 0.0
-        and v_host.min() >= 0.0
-        and math.isfinite(float(p_host.sum()) + float(v_host.sum()))
-    ):
-        raise DataError(
-            "features_update: prices must be finite and > 0 (log returns) and sizes finite "
-            "and >= 0; drop or fix such trades before the features stage"
-        )
     dev = torch.device(device)
     f64 = torch.float64
-    pin = dev.type == "cuda"
-    ts = torch.as_tensor(np.asarray(ts_ns, dtype=np.int64)).to(dev, non_blocking=pin)
-    p = torch.as_tensor(p_host).to(dev, non_blocking=pin)
-    v = torch.as_tensor(v_host).to(dev, non_blocking=pin)
-    s = torch.as_tensor(np.asarray(side)).to(dev, non_blocking=pin).to(f64)
 
+    def put(x: Any, dtype: Any) -> Any:
+        t = x if isinstance(x, torch.Tensor) else torch.as_tensor(np.asarray(x))
+        return t.to(dev, non_blocking=t.is_pinned()).to(dtype)
+
+    ts, p, v, s = put(ts_ns, torch.int64), put(price, f64), put(size, f64), put(side, f64)
     p_prev = torch.cat((torch.tensor([state.last_price], dtype=f64, device=dev), p[:-1]))
     ts_prev = torch.cat((torch.tensor([state.last_ts_ns], dtype=torch.int64, device=dev), ts[:-1]))
     r = torch.log(p / p_prev)
@@ -163,18 +155,25 @@ def features_update_device(
     out[:, 2 + 3 * k] = torch.where(total > 0.0, 100.0 * g / total, torch.full_like(total, 50.0))
     out[:, 3 + 3 * k] = torch.log(p / (y[:, base + 1] / y[:, base + 2]))
 
-    tail = torch.cat((y[-1], out[-1])).cpu().numpy()
+    # one copy back: the checks, the new state and the last row
+    checks = torch.stack((p.min(), v.min(), p.sum() + v.sum(), p[-1]))
+    tail = torch.cat((checks, y[-1], out[-1])).cpu().numpy()
+    if not (tail[0] > 0.0 and tail[1] >= 0.0 and math.isfinite(tail[2])):
+        raise DataError(
+            "features_update: prices must be finite and > 0 (log returns) and sizes finite "
+            "and >= 0; drop or fix such trades before the features stage"
+        )
     m = y.shape[1]
     new = replace(
         state,
         n_trades=state.n_trades + n,
-        last_price=float(p_host[-1]),
-        last_ts_ns=int(np.asarray(ts_ns)[-1]),
-        ewma=tail[: m - 2].copy(),
+        last_price=float(tail[3]),
+        last_ts_ns=int(ts[-1]),
+        ewma=tail[4 : 4 + m - 2].copy(),
         rsi_changes=state.rsi_changes + n,
-        rsi_avg_gain=float(tail[m - 2]),
-        rsi_avg_loss=float(tail[m - 1]),
-        last_trade=tail[m:].copy(),
+        rsi_avg_gain=float(tail[4 + m - 2]),
+        rsi_avg_loss=float(tail[4 + m - 1]),
+        last_trade=tail[4 + m :].copy(),
     )
     return new, out
 
