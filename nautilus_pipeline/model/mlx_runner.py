@@ -25,8 +25,8 @@ its first matrix product and keeps it for the process, so it must be set before 
 GEMM; :func:`mlx_tf32_error` measures which mode the process got, and a float32 GPU runner
 logs ``mlx_tf32_active`` when it finds TF32 (an earlier MLX matmul latched it on).
 ``tests/test_model_backends.py`` holds ``mlx:gpu`` to the float32 tolerance, 1e-5. With it
-off, ``mlx:gpu`` ran 3.3M rows/s at batch 4096 on the H200 (the TF32 speed was not measured
-beside it; at 50→128→64→32→1 the products are too small for the matrix units to matter).
+off, ``mlx:gpu`` ran 3.3M rows/s at batch 4096 on the H200 (TF32's speed on this model was
+not measured beside it).
 
 ``compile=True`` wraps the forward in ``mx.compile`` (one trace per batch shape, ~0.5 s for
 the first, cached after). ``shapeless=True`` was tried and rejected: with MLX 0.32.4 on Linux
