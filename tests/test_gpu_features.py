@@ -84,3 +84,25 @@ def test_bad_prices_are_rejected_as_on_the_cpu() -> None:
     args[1][3] = -1.0
     with pytest.raises(DataError, match="prices must be finite"):
         features_update_torch(st, *args, device="cpu")
+
+
+@pytest.mark.parametrize("device", DEVICES)
+async def test_calibrated_routes_measure_a_crossover_on_the_stage_device(device: str) -> None:
+    from nautilus_pipeline.compute import create_stream
+    from nautilus_pipeline.stages import FeaturesStage, RiskStage, VpinStage
+
+    stream = create_stream(f"torch:{device}")
+    vpin = VpinStage(5.0, bar_ns=0, window=10, route="calibrated", gpu_min_batch=-1)
+    await vpin.bind(stream)
+    assert vpin.gpu_min_batch in (16_384, 65_536, 262_144, 1 << 62), "a size measured, or never"
+    risk = RiskStage(route="calibrated", var_paths=1000, var_horizon=10)
+    await risk.start(None)
+    await risk.bind(stream)
+    assert (risk._backend, risk._device) in (("numpy", None), ("torch", device)), (
+        "VaR on the faster of the host and the stream's device"
+    )
+    if device == "cuda":
+        feats = FeaturesStage(route="calibrated", gpu_min_batch=-1)
+        await feats.bind(stream)
+        assert feats.gpu_min_batch in (4096, 16_384, 65_536, 262_144, 1 << 62)
+    stream.close()

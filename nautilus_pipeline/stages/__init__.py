@@ -95,6 +95,8 @@ def _inference(p: dict[str, Any], ctx: BuildContext) -> InferenceStage:
         "threshold": Key(float, 0.9, "CDF level above which flow is toxic"),
         "gpu_min_batch": Key(int, 65_536, "on a torch stream, trades per symbol and batch "
                              "from which the GPU kernel runs (bar_ns = 0)"),
+        "route": Key(str, "first", "'calibrated': measure gpu_min_batch at start",
+                     choices=("first", "calibrated")),
     },
 )
 def _vpin(p: dict[str, Any], ctx: BuildContext) -> VpinStage:
@@ -112,6 +114,7 @@ def _vpin(p: dict[str, Any], ctx: BuildContext) -> VpinStage:
         name=p["name"] or "vpin",
         streams=p["streams"],
         gpu_min_batch=p["gpu_min_batch"],
+        route=p["route"],
     )
 
 
