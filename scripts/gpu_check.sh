@@ -10,6 +10,8 @@
 #   1) carry [".whl", ".mlx-a"]:          bash scripts/gpu_check.sh stage
 #   2) carry [".mlx-b", ...]:             bash scripts/gpu_check.sh [all|tests,pipeline,bench]
 #
+# "gputests" runs only the GPU and MLX tests (by name), e.g. "gputests,pipeline" in one call.
+#
 # Without the MLX halves step 2 runs everything else and says that MLX was not carried.
 # (From a helper's worktree: copy it into the session checkout's ignored .gpuwt/, carry
 # that too, and run from there; the wheels and MLX halves stay in the checkout's root.)
@@ -71,8 +73,12 @@ if want tests; then
   # the whole suite: GPU tests run here; tests needing coremltools or a Mac skip with the reason
   timeout 300 python3 -m pytest -q -p no:cacheprovider -rs tests 2>&1 | tail -n 60 | tee "$out/tests.txt"
   rc=${PIPESTATUS[0]}
+fi
+if want tests || want gputests; then
   # the GPU and MLX tests by name, so the log shows each one passed
-  timeout 120 python3 -m pytest -p no:cacheprovider -rs -v tests -k "mlx or cuda or gpu" 2>&1 | grep -E "PASS|FAIL|SKIP|ERROR|passed|failed" | tee "$out/tests_gpu.txt"
+  timeout 120 python3 -m pytest -p no:cacheprovider -rs -v tests -k "mlx or cuda or gpu" 2>&1 \
+    | grep -E "PASS|FAIL|SKIP|ERROR|passed|failed" | tee "$out/tests_gpu.txt"
+  [ "${PIPESTATUS[0]}" = 0 ] || rc=1
   # why MLX-GPU was 5.3e-4 from float64: TF32 matmuls; each process latches its setting
   if python3 -c 'import mlx.core as mx, sys; sys.exit(0 if mx.is_available(mx.gpu) else 1)' 2>/dev/null; then
     for v in 1 0; do
