@@ -25,6 +25,8 @@ Memory kinds (chosen by ``memory=``):
   slower than a pageable copy; see ``../shared/BACKENDS.md``).
 - ``"unified"``: MLX arrays (Apple silicon unified memory) with writable numpy views
   (``np.array(a, copy=False)``), so MLX, numpy and torch (via DLPack) see the same bytes.
+  float64 columns are the exception: no MLX GPU (Metal, CUDA) has float64, so they stay
+  numpy host arrays and a GPU stream reads them as float32 device copies (counted).
 - ``"auto"``: pinned where torch sees a CUDA device, otherwise host.
 
 Every slab column is a view into one backing buffer per slab, each column aligned to 64
@@ -114,20 +116,32 @@ class Slab:
             offset += size
 
     def _allocate_unified(self, specs: Sequence[ColumnSpec], capacity: int) -> None:
-        """One MLX array per column (MLX arrays carry their dtype), numpy views onto each."""
+        """One MLX array per column that a GPU can hold, with a numpy view onto each.
+
+        float64 columns stay plain numpy host arrays: Metal and MLX's CUDA build have no
+        float64 (``mx.zeros(..., float64)`` on the default GPU device fails with "float64 is
+        not supported on the GPU"). A GPU stage reads them through
+        ``MlxStream.to_device``, which converts to float32 once per batch and caches the
+        device copy on the lease (counted as a host→device copy). The source values stay
+        float64 on the host for the CPU stages.
+        """
         import mlx.core as mx
 
         self.mlx_columns = {}
         self.columns = {}
         for spec in specs:
-            arr = mx.zeros((capacity, *spec.shape), dtype=getattr(mx, spec.dtype.name))
-            mx.eval(arr)
-            view = np.array(arr, copy=False)
+            shape = (capacity, *spec.shape)
+            if spec.dtype == np.float64:
+                view = np.empty(shape, dtype=spec.dtype)
+            else:
+                arr = mx.zeros(shape, dtype=getattr(mx, spec.dtype.name), stream=mx.cpu)
+                mx.eval(arr)
+                view = np.array(arr, copy=False)
+                self.mlx_columns[spec.name] = arr
             view.fill(spec.fill)
-            self.mlx_columns[spec.name] = arr
             self.columns[spec.name] = view
         self.backing = None
-        self.owner = self.mlx_columns
+        self.owner = (self.mlx_columns, self.columns)
 
     @property
     def nbytes(self) -> int:

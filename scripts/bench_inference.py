@@ -48,6 +48,7 @@ VARIANTS: tuple[tuple[str, str, dict[str, Any]], ...] = (
     ),
     ("torch-mps eager", "torch:mps", {}),
     ("mlx-gpu eager", "mlx:gpu", {}),
+    ("mlx-gpu compiled", "mlx:gpu", {"compile": True}),
     ("coreml-ane", "coreml:ane", {}),
     ("coreml-all", "coreml:all", {}),
     ("coreml-cpu", "coreml:cpu", {}),

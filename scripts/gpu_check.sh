@@ -1,36 +1,156 @@
 #!/usr/bin/env bash
-# One call on the lent GPU machine: install the carried wheels, run the GPU tests and the
-# GPU benchmarks, and leave the outputs in $OUT (or ./gpu_out). The machine has torch, CuPy,
-# numpy, scipy, numba, pyarrow, uvloop and pytest but no internet: the rest travels as
-# wheels in .whl/ (see README, "GPU check").
+# The GPU check on the lent GPU machine: install the carried wheels (MLX's CUDA build too,
+# when its two halves were carried), run the tests, the pipelines and the GPU benchmarks, and
+# leave every output in $OUT (or ./gpu_out). The machine has torch, numpy, scipy, numba,
+# pyarrow, uvloop and pytest but no internet: the rest travels as wheels in .whl/ (README,
+# "GPU check"), MLX's CUDA wheel (90 MB, over one call's 64 MiB) in two halves, .mlx-a/ and
+# .mlx-b/, made by ../shared/tools/mlx-cuda/prepare.sh. /tmp survives between two calls only
+# while the machine is warm (30 s), hence two calls, the second right after the first:
 #
-#   usage (from the device tool): bash scripts/gpu_check.sh [tests|bench|all]
+#   1) carry [".whl", ".mlx-a"]:          bash scripts/gpu_check.sh stage
+#   2) carry [".mlx-b", ...]:             bash scripts/gpu_check.sh [all|tests,pipeline,bench]
+#
+# "gputests" runs only the GPU and MLX tests (by name), e.g. "gputests,pipeline" in one call.
+#
+# Without the MLX halves step 2 runs everything else and says that MLX was not carried.
+# (From a helper's worktree: copy it into the session checkout's ignored .gpuwt/, carry
+# that too, and run from there; the wheels and MLX halves stay in the checkout's root.)
 set -uo pipefail
 cd "$(dirname "$0")/.."
 what=${1:-all}
+want() { [ "$what" = all ] || [[ ",$what," == *",$1,"* ]]; }
 out=${OUT:-gpu_out}
 mkdir -p "$out"
-export PYTHONUNBUFFERED=1 PYTHONPATH="/tmp/site:$PWD${PYTHONPATH:+:$PYTHONPATH}"
+root=$PWD  # where .whl/.mlx-a/.mlx-b are: here, or the checkout above a copied .gpuwt/
+[ -d .whl ] || [ -d .mlx-b ] || [ -d .mlx-a ] || root=$(cd .. && pwd)
+export PYTHONUNBUFFERED=1 PYTHONPATH="/tmp/mlx/site:/tmp/site:$PWD${PYTHONPATH:+:$PYTHONPATH}"
 
-if [ -d .whl ]; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
-    --target /tmp/site .whl/*.whl || exit 1
+install_wheels() {
+  if [ -d "$root/.whl" ] && ls "$root"/.whl/*.whl >/dev/null 2>&1; then
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+      --target /tmp/site "$root"/.whl/*.whl || exit 1
+    echo "wheels: installed $(ls "$root"/.whl | wc -l) from .whl into /tmp/site"
+  elif python3 -c 'import structlog, orjson' 2>/dev/null; then
+    echo "wheels: none carried, the ones installed before are there"
+  else
+    echo "wheels: none carried and structlog/orjson missing: carry .whl (README, GPU check)"; exit 1
+  fi
+}
+
+if [ "$what" = stage ]; then
+  install_wheels
+  mkdir -p /tmp/mlx
+  if [ -d "$root/.mlx-a" ]; then cp "$root"/.mlx-a/* /tmp/mlx/ && echo "mlx: first half staged in /tmp/mlx"
+  else echo "mlx: .mlx-a not carried, nothing staged"; fi
+  exit 0
+fi
+
+python3 -c 'import structlog' 2>/dev/null || install_wheels
+# MLX's CUDA build: reassemble the two halves, check, install both mlx wheels in ONE pip call
+if python3 -c 'import mlx.core' 2>/dev/null; then
+  mlx_note="mlx: $(python3 -c 'import mlx.core as mx; print(mx.__version__, mx.default_device())') (installed before)"
+elif [ -f "$root/.mlx-b/part.01" ] && [ -f /tmp/mlx/part.00 ]; then
+  read -r sum name < "$root/.mlx-b/wheel.sha256"
+  cat /tmp/mlx/part.00 "$root/.mlx-b/part.01" > "/tmp/mlx/$name"
+  if echo "$sum  /tmp/mlx/$name" | sha256sum -c --quiet - && python3 -m pip install -q --no-index \
+      --no-deps --no-compile --target /tmp/mlx/site /tmp/mlx/mlx-*-cp312-*.whl "/tmp/mlx/$name"; then
+    mlx_note="mlx: CUDA build from the carried halves, $(python3 -c 'import mlx.core as mx; print(mx.__version__, "default device", mx.default_device())')"
+  else
+    mlx_note="mlx: the carried halves did not reassemble (sha256) or install: MLX tests skip"
+  fi
+else
+  mlx_note="mlx: not carried (stage .mlx-a, then carry .mlx-b: ../shared/tools/mlx-cuda/README.md); MLX tests skip"
 fi
 {
   nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
   python3 -c 'import sys, torch, numpy; print("python", sys.version.split()[0], "torch", torch.__version__, "cuda", torch.version.cuda, "numpy", numpy.__version__)'
+  echo "$mlx_note"
+  nproc
 } 2>&1 | tee "$out/machine.txt"
 
 rc=0
-if [ "$what" = tests ] || [ "$what" = all ]; then
-  # the whole suite: GPU tests run here, tests needing MLX or coremltools (absent) skip
+if want tests; then
+  # the whole suite: GPU tests run here; tests needing coremltools or a Mac skip with the reason
   timeout 300 python3 -m pytest -q -p no:cacheprovider -rs tests 2>&1 | tail -n 60 | tee "$out/tests.txt"
   rc=${PIPESTATUS[0]}
-  # the gpu pipeline end to end: which stream each stage got, copies counted
-  timeout 120 python3 -m nautilus_pipeline.cli run pipelines/gpu.toml --out "$out/gpu-run" 2>&1 | tee "$out/gpu_pipeline.txt"
 fi
-if [ "$what" = bench ] || [ "$what" = all ]; then
+if want tests || want gputests; then
+  # the GPU and MLX tests by name, so the log shows each one passed
+  timeout 120 python3 -m pytest -p no:cacheprovider -rs -v tests -k "mlx or cuda or gpu" 2>&1 \
+    | grep -E "PASS|FAIL|SKIP|ERROR|passed|failed" | tee "$out/tests_gpu.txt"
+  [ "${PIPESTATUS[0]}" = 0 ] || rc=1
+  # why MLX-GPU was 5.3e-4 from float64: TF32 matmuls; each process latches its setting
+  if python3 -c 'import mlx.core as mx, sys; sys.exit(0 if mx.is_available(mx.gpu) else 1)' 2>/dev/null; then
+    for v in 1 0; do
+      MLX_ENABLE_TF32=$v python3 - <<'PY' 2>&1 | tee -a "$out/tests_gpu.txt"
+import os, sys
+sys.path.insert(0, "tests")
+import numpy as np
+from model_helpers import SPEC, reference, rows, weights
+from nautilus_pipeline.model.mlx_runner import mlx_tf32_error
+from nautilus_pipeline.model.runners import make_runner
+w = weights(1); x = rows(w, 4096)
+err = np.abs(make_runner("mlx:gpu", SPEC, w).predict(x) - reference(SPEC, w, x)).max()
+print(f"MLX_ENABLE_TF32={os.environ['MLX_ENABLE_TF32']}: 128x128 matmul rel err "
+      f"{mlx_tf32_error('gpu'):.1e}, model max err vs float64 {err:.1e} (4096 rows)")
+PY
+    done
+  fi
+fi
+if want pipeline; then
+  # QUICK=1 (a short lease): no run on the bundled sample, and 1M trades at one batch size
+  sizes_1m="4096 65536"
+  if [ -z "${QUICK:-}" ]; then
+    timeout 120 python3 -m nautilus_pipeline.cli run pipelines/gpu.toml --no-progress \
+      --out /tmp/gpu-run 2>&1 | tee "$out/gpu_pipeline.txt" | tail -n 40
+  else
+    sizes_1m="65536"
+  fi
+  # 10M generated trades: gpu.toml on the GPU at two batch sizes, and the same definition on
+  # the host CPU alone (1M of them: Monte Carlo VaR on 16 cores is the slow part there)
+  python3 scripts/make_synthetic_trades.py --rows 10000000 --out /tmp/trades10m.csv | tail -n 1
+  head -n 1000001 /tmp/trades10m.csv > /tmp/trades1m.csv
+  sed -E -e 's/^streams = \[.*/streams = ["cpu"]/' -e 's/^memory = .*/memory = "host"/' \
+    pipelines/gpu.toml > /tmp/gpu_on_cpu.toml
+  ticks=(--format binance_trades --symbol BTCUSDT-PERP --no-progress --log-level warning)
+  for b in 4096 65536; do
+    echo "== pipelines/gpu.toml, 10M generated trades, --batch $b"
+    timeout 150 python3 -m nautilus_pipeline.cli run pipelines/gpu.toml --ticks /tmp/trades10m.csv \
+      "${ticks[@]}" --batch $b --out /tmp/g10m-$b 2>&1 | tail -n 32
+    python3 -c "import json; s=json.load(open('/tmp/g10m-$b/summary.json')); print({k: v for k, v in s.items() if k in ('pool', 'stages')})" 2>&1 | cut -c1-3000
+  done 2>&1 | tee "$out/pipeline_10m.txt" | grep -E "ticks/s|==|features |inference |risk "
+  {
+    for b in $sizes_1m; do
+      echo "== pipelines/gpu.toml on the GPU, 1M generated trades, --batch $b"
+      timeout 60 python3 -m nautilus_pipeline.cli run pipelines/gpu.toml --ticks /tmp/trades1m.csv \
+        "${ticks[@]}" --batch $b --out /tmp/g1m-$b 2>&1 | tail -n 32
+    done
+    echo "== the same definition on the host CPU alone (every stream 'cpu'), 1M generated trades"
+    timeout 150 python3 -m nautilus_pipeline.cli run /tmp/gpu_on_cpu.toml --ticks /tmp/trades1m.csv \
+      "${ticks[@]}" --out /tmp/c1m 2>&1 | tail -n 32
+    # outputs of the GPU runs against the CPU run: VPIN buckets and signals
+    SIZES_1M="$sizes_1m" python3 - <<'PY'
+import numpy as np, pyarrow.parquet as pq
+import os
+for b in [int(x) for x in os.environ["SIZES_1M"].split()]:
+    for name in ("vpin", "signals"):
+        g, c = pq.read_table(f"/tmp/g1m-{b}/{name}.parquet"), pq.read_table(f"/tmp/c1m/{name}.parquet")
+        print(f"GPU --batch {b} vs CPU, {name}: {g.num_rows:,} vs {c.num_rows:,} rows")
+        if g.num_rows != c.num_rows:
+            continue
+        for col in [n for n in g.column_names if n in c.column_names]:
+            a, z = g[col].to_numpy(zero_copy_only=False), c[col].to_numpy(zero_copy_only=False)
+            if a.dtype.kind == "f":
+                d = float(np.nanmax(np.abs(a - z))) if a.size else 0.0
+                print(f"  {col}: identical {np.array_equal(a, z, equal_nan=True)}, max |diff| {d:.3g}")
+            else:
+                same = [x == y for x, y in zip(g[col].to_pylist(), c[col].to_pylist())]
+                print(f"  {col}: identical {all(same)} ({len(same) - sum(same)} rows differ)")
+PY
+  } 2>&1 | tee "$out/pipeline_1m_gpu_vs_cpu.txt" | grep -E "ticks/s|==|vs CPU|identical False"
+fi
+if want bench; then
+  timeout 150 python3 scripts/bench_gpu.py 2>&1 | tee "$out/bench_gpu.txt"
   timeout 150 python3 scripts/bench_inference.py --gpu --calibrate 2>&1 | tee "$out/bench_inference.txt"
-  timeout 200 python3 scripts/bench_kernels.py --gpu 2>&1 | tee "$out/bench_kernels.txt"
 fi
 exit $rc

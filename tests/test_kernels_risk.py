@@ -189,10 +189,27 @@ def test_historical_var_is_the_sorted_loss_quantile(real_trades) -> None:
             assert got.tolist() == ref
 
 
-@pytest.mark.parametrize(("backend", "device"), [("numpy", None), ("torch", "cpu"), ("mlx", "cpu")])
+def _gpu(stream: str) -> list:
+    from nautilus_pipeline.compute import unusable_reason
+
+    why = unusable_reason(stream)
+    return [pytest.mark.gpu, pytest.mark.skipif(why is not None, reason=f"{stream}: {why}")]
+
+
+@pytest.mark.parametrize(
+    ("backend", "device"),
+    [
+        ("numpy", None),
+        ("torch", "cpu"),
+        ("mlx", "cpu"),
+        pytest.param("torch", "cuda", marks=_gpu("torch:cuda")),
+        pytest.param("mlx", "gpu", marks=_gpu("mlx:gpu")),
+    ],
+)
 def test_mc_var_of_normal_returns_converges_to_parametric(backend: str, device: str | None) -> None:
+    """Every backend and device, float64 on CPUs and CUDA, float32 on MLX's GPU."""
     if backend != "numpy":
-        pytest.importorskip(backend)
+        pytest.importorskip(backend, reason=f"{backend} is not installed")
     sigma, exposure, horizon = 0.002, 250_000.0, 10
     got = mc_var(
         sigma, exposure, horizon, 400_000, (0.95, 0.99), seed=7, backend=backend, device=device
@@ -204,6 +221,24 @@ def test_mc_var_of_normal_returns_converges_to_parametric(backend: str, device: 
         sigma, exposure, horizon, 400_000, (0.95, 0.99), seed=7, backend=backend, device=device
     )
     assert np.array_equal(got, again)
+
+
+@pytest.mark.parametrize(
+    ("backend", "device"),
+    [
+        ("mlx", "cpu"),
+        pytest.param("torch", "cuda", marks=_gpu("torch:cuda")),
+        pytest.param("mlx", "gpu", marks=_gpu("mlx:gpu")),
+    ],
+)
+def test_mc_var_bootstrap_on_every_device_matches_numpy_within_mc_error(
+    backend: str, device: str
+) -> None:
+    pytest.importorskip(backend, reason=f"{backend} is not installed")
+    r = np.random.default_rng(11).standard_t(4, size=2000) * 1e-3
+    want = mc_var(r, 1e6, 5, 400_000, (0.95, 0.99), seed=1)
+    got = mc_var(r, 1e6, 5, 400_000, (0.95, 0.99), seed=1, backend=backend, device=device)
+    assert got == pytest.approx(want, rel=0.02), "quantile error at 400k paths is <0.5%"
 
 
 def test_mc_var_bootstrap_of_one_step_converges_to_historical(real_trades) -> None:

@@ -163,11 +163,53 @@ async def test_steady_state_allocates_nothing_per_tick():
 
 async def test_unified_memory_slabs_are_mlx_arrays_with_numpy_views():
     mx = pytest.importorskip("mlx.core", reason="mlx is not installed")
-    pool = BufferPool(capacity=8, slabs=1, memory="unified")
+    pool = BufferPool.with_outputs([FEATURES], capacity=8, slabs=1, memory="unified")
     lease = await pool.acquire("x")
     lease.length = 3
-    lease["price"][:] = [1.0, 2.0, 3.0]
-    arr = lease.slab.mlx_columns["price"]
-    assert isinstance(arr, mx.array)
-    assert np.array(arr[:3]).tolist() == [1.0, 2.0, 3.0], "MLX sees what numpy wrote"
+    lease["ts_ns"][:] = [10, 20, 30]
+    lease["features"][:, 0] = [0.5, 1.5, 2.5]
+    for name in ("ts_ns", "features"):
+        arr = lease.slab.mlx_columns[name]
+        assert isinstance(arr, mx.array)
+        assert np.shares_memory(np.array(arr, copy=False), lease.columns[name])
+    assert np.array(lease.slab.mlx_columns["ts_ns"][:3]).tolist() == [10, 20, 30], (
+        "MLX sees what numpy wrote"
+    )
+    assert np.array(lease.slab.mlx_columns["features"][:3, 0]).tolist() == [0.5, 1.5, 2.5]
     lease.release("x")
+
+
+async def test_unified_memory_keeps_float64_columns_on_the_host():
+    pytest.importorskip("mlx.core", reason="mlx is not installed")
+    pool = BufferPool(capacity=8, slabs=1, memory="unified")
+    lease = await pool.acquire("x")
+    assert "price" not in lease.slab.mlx_columns, "no MLX GPU has float64: price stays numpy"
+    assert lease.columns["price"].dtype == np.float64
+    assert np.isnan(lease.columns["bid"]).all(), "host columns get their fill too"
+    lease.release("x")
+
+
+@pytest.mark.parametrize("device", ["cpu", "gpu"])
+async def test_mlx_stream_reads_a_float64_column_once_per_batch(device: str):
+    mx = pytest.importorskip("mlx.core", reason="mlx is not installed")
+    from nautilus_pipeline.compute import create_stream, unusable_reason
+
+    why = unusable_reason(f"mlx:{device}")
+    if why is not None:
+        pytest.skip(reason=f"mlx:{device}: {why}")
+    stream = create_stream(f"mlx:{device}")
+    pool = BufferPool(capacity=16, slabs=1, memory="unified")
+    lease = await pool.acquire("x")
+    lease.length = 4
+    lease["price"][:] = [61_800.1, 61_800.2, 61_800.3, 61_800.4]
+    first = stream.to_device(lease, "price")
+    again = stream.to_device(lease, "price")
+    assert again is first, "the second stage on the device takes the cached copy"
+    want = mx.float32 if device == "gpu" else mx.float64
+    assert first.dtype == want
+    total = await stream.run(lambda a: mx.sum(a), first)
+    np.testing.assert_allclose(float(total), lease["price"].sum(), rtol=1e-6)
+    itemsize = 4 if device == "gpu" else 8
+    assert pool.stats().bytes_copied_h2d == 4 * itemsize, "one counted copy of 4 rows"
+    lease.release("x")
+    stream.close()

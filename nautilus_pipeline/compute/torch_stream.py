@@ -9,7 +9,10 @@ synchronise, so "asynchronous" launches are not reliably non-blocking. Host slab
 
 Columns copied to the device are cached on the lease under ``(device, column)``. The next
 GPU stage reading the same column takes the cached tensor (making its own stream wait on
-the producer's stream), so a column crosses the bus once per batch, not once per stage.
+the producer's stream), so a column crosses the bus once per batch, not once per stage; a
+result written back with ``to_host`` stays cached too, so the next stage on the device reads
+it there (``has_on_device`` says whether it is: the features stage's GPU path leaves the
+features for the inference stage this way, and only the four input columns cross in).
 
 MPS: released torch exposes only the default MPS stream (``torch.mps.synchronize``), so
 ``torch:mps`` serialises on it and waits in the worker thread; multi-stream MPS is not
@@ -62,6 +65,10 @@ class TorchStream(ComputeStream):
             done.record(self.cuda_stream)
         done.synchronize()
         return result
+
+    def has_on_device(self, lease: Lease, column: str) -> bool:
+        """Whether a stage before left ``column`` of this batch on this stream's device."""
+        return self.needs_copy and (self._cache_tag, column) in lease.device_cache
 
     def to_device(self, lease: Lease, column: str) -> Any:
         torch = self._torch

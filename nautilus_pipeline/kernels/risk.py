@@ -32,11 +32,25 @@ positive loss, with the linear (delta) P&L ``e·R`` of a horizon log return ``R`
   returns, ``L_(k)`` with ``k = ceil(α·n)`` in the sorted losses (inverted CDF).
 - :func:`mc_var`: N paths of h steps, normal (σ given) or bootstrapped (returns given);
   the same quantile of the N path losses. Runs on numpy, torch (cpu/cuda/mps) or MLX with
-  the same code, through a small backend shim; seeded, so deterministic per backend.
+  the same code, through a small backend shim; seeded, so deterministic per backend. On a
+  device the paths are sorted there and only the quantiles come back (copying the 1M sorted
+  losses to the host was most of the 1.4 ms torch CUDA took before). MLX's ops run inside
+  ``mx.stream(device)``: MLX's default device is its GPU wherever it has one, and the GPU
+  has no float64. Measured on the lent H200 (``scripts/bench_gpu.py``,
+  ``docs/measurements/gpu_bench_gpu_h200.txt``), 1M paths × 10 normal steps, median:
+
+  =============  =======  ====================================
+  backend        dtype    ms
+  =============  =======  ====================================
+  numpy (host)   float64  176 (the unfused sampler of before)
+  torch CUDA     float64  0.51
+  MLX GPU        float32  1.41
+  =============  =======  ====================================
 """
 
 from __future__ import annotations
 
+import contextlib
 import enum
 import math
 from collections.abc import Sequence
@@ -369,12 +383,25 @@ class _Torch:
     def asarray(self, x: np.ndarray) -> Any:
         return self.torch.as_tensor(x, dtype=self.dtype, device=self.device)
 
-    def sort_to_numpy(self, parts: list[Any]) -> np.ndarray:
+    def order_stats(self, parts: list[Any], k: np.ndarray) -> np.ndarray:
+        # sort and pick on the device: only len(k) numbers come back, not n_paths
         s = self.torch.sort(self.torch.cat(parts)).values
-        return s.to("cpu", dtype=self.torch.float64).numpy()
+        picked = s[self.torch.as_tensor(k, device=self.device)]
+        return picked.to("cpu", dtype=self.torch.float64).numpy()
+
+    def scope(self) -> contextlib.AbstractContextManager[Any]:
+        return contextlib.nullcontext()
 
 
 class _Mlx:
+    """MLX on the device named explicitly: ``mx.cpu`` in float64, ``mx.gpu`` in float32.
+
+    Every op runs inside :meth:`scope` (``mx.stream(device)``), so the operators in
+    :func:`mc_var` (``sum``, ``*``) go to that device too. Without it they went to the
+    *default* device, which is the GPU wherever MLX has one: the CPU path then asked the GPU
+    for float64 and failed ("float64 is not supported on the GPU", seen on the H200).
+    """
+
     def __init__(self, seed: int, device: str | None) -> None:
         try:
             import mlx.core as mx
@@ -382,14 +409,19 @@ class _Mlx:
             raise BackendUnavailableError(
                 "mc_var: backend 'mlx' needs mlx (pip install mlx)"
             ) from exc
+        if device not in (None, "cpu", "gpu"):
+            raise ConfigError(f"mc_var: MLX device must be 'cpu' or 'gpu', got {device!r}")
         self.mx = mx
         self.stream = mx.gpu if device == "gpu" else mx.cpu
-        # Metal has no float64: the GPU computes in float32
+        # Metal and MLX's CUDA build have no float64: the GPU computes in float32
         self.dtype = mx.float32 if device == "gpu" else mx.float64
         self.key = mx.random.key(seed)
 
+    def scope(self) -> contextlib.AbstractContextManager[Any]:
+        return self.mx.stream(self.stream)
+
     def _next_key(self) -> Any:
-        self.key, sub = self.mx.random.split(self.key)
+        self.key, sub = self.mx.random.split(self.key, stream=self.mx.cpu)
         return sub
 
     def normal(self, shape: tuple[int, int]) -> Any:
@@ -404,9 +436,11 @@ class _Mlx:
     def asarray(self, x: np.ndarray) -> Any:
         return self.mx.array(x, dtype=self.dtype)
 
-    def sort_to_numpy(self, parts: list[Any]) -> np.ndarray:
-        s = self.mx.sort(self.mx.concatenate(parts), stream=self.stream)
-        return np.asarray(s.astype(self.mx.float64, stream=self.mx.cpu), dtype=np.float64)
+    def order_stats(self, parts: list[Any], k: np.ndarray) -> np.ndarray:
+        mx = self.mx
+        s = mx.sort(mx.concatenate(parts, stream=self.stream), stream=self.stream)
+        picked = mx.take(s, mx.array(k.astype(np.int32)), stream=self.stream)
+        return np.array(picked).astype(np.float64)
 
 
 _BACKENDS = {"numpy": McSampler, "torch": _Torch, "mlx": _Mlx}
@@ -472,16 +506,16 @@ def mc_var(
     rows = max(1, chunk_elements // horizon)
     parts = []
     done = 0
-    while done < n_paths:
-        c = min(rows, n_paths - done)
-        steps = xp.bootstrap(r_dev, (c, horizon)) if bootstrap else xp.normal((c, horizon))
-        total = steps.sum(axis=1)
-        if not bootstrap:
-            total = total * float(rs)
-        parts.append(-float(position) * total)
-        done += c
-    losses = xp.sort_to_numpy(parts)
-    return losses[k]
+    with xp.scope():  # MLX: every op on the device asked for, not the default one
+        while done < n_paths:
+            c = min(rows, n_paths - done)
+            steps = xp.bootstrap(r_dev, (c, horizon)) if bootstrap else xp.normal((c, horizon))
+            total = steps.sum(axis=1)
+            if not bootstrap:
+                total = total * float(rs)
+            parts.append(-float(position) * total)
+            done += c
+        return xp.order_stats(parts, k)
 
 
 def new_generator(backend: str = "numpy", seed: int = 0, device: str | None = None,

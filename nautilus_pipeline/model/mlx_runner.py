@@ -6,6 +6,28 @@ The model is an ``mlx.nn.Module`` holding the same tensors as the safetensors fi
 ``mx.new_stream``: recent MLX ties a new stream to the thread that created it
 (BACKENDS.md), and the runtime may call ``predict`` from an executor thread.
 
+float32 on a GPU. MLX runs float32 matrix products as TF32 on GPUs with matrix units
+(``MLX_ENABLE_TF32``, default 1: its CUDA build on the H200, M5-class Macs), a 10-bit
+mantissa for the operands: that was the 5.3e-4 (``bench_inference`` ``max err``) of
+``mlx:gpu`` against float64 where every float32 backend lands at ~4e-7. Measured on the
+lent H200, MLX 0.32.4, a fresh process each (``scripts/gpu_check.sh``,
+``docs/measurements/gpu_tests_mlx_h200.txt``):
+
+=================  ========================  ===============================
+MLX_ENABLE_TF32    128×128 matmul rel. err   this model, max err, 4096 rows
+=================  ========================  ===============================
+1 (MLX default)    2.4e-4                    1.3e-3
+0 (set here)       3.3e-7                    5.3e-7
+=================  ========================  ===============================
+
+So this module sets ``MLX_ENABLE_TF32=0`` unless the user set it. MLX reads the variable at
+its first matrix product and keeps it for the process, so it must be set before any MLX
+GEMM; :func:`mlx_tf32_error` measures which mode the process got, and a float32 GPU runner
+logs ``mlx_tf32_active`` when it finds TF32 (an earlier MLX matmul latched it on).
+``tests/test_model_backends.py`` holds ``mlx:gpu`` to the float32 tolerance, 1e-5. With it
+off, ``mlx:gpu`` ran 3.3M rows/s at batch 4096 on the H200 (TF32's speed on this model was
+not measured beside it).
+
 ``compile=True`` wraps the forward in ``mx.compile`` (one trace per batch shape, ~0.5 s for
 the first, cached after). ``shapeless=True`` was tried and rejected: with MLX 0.32.4 on Linux
 CPU a shapeless-compiled pair of ``Linear`` layers corrupts the heap when a smaller batch
@@ -17,13 +39,20 @@ before converting, so the numpy result is final.
 from __future__ import annotations
 
 import itertools
+import os
 from typing import Any
 
 import numpy as np
+import structlog
 
 from nautilus_pipeline.errors import BackendUnavailableError, ConfigError
 from nautilus_pipeline.model.base import ModelRunner, write_out
 from nautilus_pipeline.model.spec import MLPWeights, ModelSpec
+
+# Before the first MLX matrix product of the process (see the module docstring).
+os.environ.setdefault("MLX_ENABLE_TF32", "0")
+
+log = structlog.get_logger("nautilus_pipeline.mlx_runner")
 
 try:
     import mlx.core as mx
@@ -38,6 +67,23 @@ def mlx_usable(device: str) -> tuple[bool, str]:
     from nautilus_pipeline.compute import usable
 
     return usable(f"mlx:{device}")
+
+
+def mlx_tf32_error(device: str = "gpu") -> float:
+    """Relative error of a float32 128×128 MLX matmul on ``device`` against float64.
+
+    ~1e-7 when the product runs in float32, ~5e-4 when it runs in TF32. Fresh random inputs
+    each call, scaled so the product's entries are of order one.
+    """
+    rng = np.random.default_rng()
+    a = rng.standard_normal((128, 128)).astype(np.float32)
+    b = rng.standard_normal((128, 128)).astype(np.float32)
+    exact = a.astype(np.float64) @ b.astype(np.float64)
+    dev = mx.cpu if device == "cpu" else mx.gpu
+    got = mx.matmul(mx.array(a), mx.array(b), stream=dev)
+    mx.eval(got)
+    err = np.abs(np.array(got).astype(np.float64) - exact).max()
+    return float(err / np.abs(exact).max())
 
 
 if mnn is not None:
@@ -106,6 +152,17 @@ class MLXRunner(ModelRunner):
         self._device = mx.cpu if device == "cpu" else mx.gpu
         self._model = build_mlx_mlp(spec, weights, dtype)
         self._fn = mx.compile(self._model) if compile else self._model
+        self.tf32 = False
+        if device == "gpu" and dtype == "float32":
+            err = mlx_tf32_error(device)
+            self.tf32 = err > 1e-5
+            if self.tf32:
+                log.warning(
+                    "mlx_tf32_active", runner=self.name, matmul_rel_err=err,
+                    env=os.environ.get("MLX_ENABLE_TF32"),
+                    why="MLX runs float32 matmuls as TF32: outputs ~5e-4 from float64; set "
+                    "MLX_ENABLE_TF32=0 before the process's first MLX matmul",
+                )
 
     def predict(self, x: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
         """See :meth:`ModelRunner.predict`; evaluates on this runner's device before returning."""

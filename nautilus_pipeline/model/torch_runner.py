@@ -201,6 +201,16 @@ class TorchRunner(ModelRunner):
                 y = y.cpu()
             return write_out(y.numpy(), out)
 
+    def predict_tensor(self, x: Any) -> Any:
+        """Probabilities (float32 ``[n]``, on this runner's device) for ``x`` already there.
+
+        For a batch whose features a previous stage left on the device: no host copy in,
+        and the caller decides what comes back. Runs the eager module (the graphs read their
+        pinned host buffers); on the caller's current CUDA stream.
+        """
+        with torch.inference_mode():
+            return self._module(x.to(self.device, torch.float32)).to(torch.float32).reshape(-1)
+
     def _replay(self, a: np.ndarray, res: np.ndarray) -> None:
         """Run ``a`` (at most the largest bucket's rows) through its bucket's graph into ``res``."""
         n = a.shape[0]

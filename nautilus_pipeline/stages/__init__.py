@@ -37,6 +37,10 @@ NAME = Key(str, None, "stage name (default: its type)")
         "intensity_half_life": Key(int, 100, "half-life of the inter-arrival EWMA"),
         "vwap_half_life": Key(int, 100, "half-life of the EWMA VWAP"),
         "rsi_period": Key(int, 14, "Wilder RSI period in price changes"),
+        "gpu_min_batch": Key(int, 16_384, "on a torch GPU stream, one symbol's trades per batch "
+                             "from which the scan kernel runs on the device"),
+        "route": Key(str, "first", "'calibrated': measure the CPU/GPU crossover at start",
+                     choices=("first", "calibrated")),
     },
 )
 def _features(p: dict[str, Any], ctx: BuildContext) -> FeaturesStage:
@@ -51,7 +55,8 @@ def _features(p: dict[str, Any], ctx: BuildContext) -> FeaturesStage:
         inference = ctx.params_of("inference")
         if inference is not None:
             names = list(_inference(inference, ctx).input_names)
-    return FeaturesStage(names, config=config, name=p["name"] or "features", streams=p["streams"])
+    return FeaturesStage(names, config=config, name=p["name"] or "features", streams=p["streams"],
+                         gpu_min_batch=p["gpu_min_batch"], route=p["route"])
 
 
 @register_stage(
@@ -90,6 +95,8 @@ def _inference(p: dict[str, Any], ctx: BuildContext) -> InferenceStage:
         "threshold": Key(float, 0.9, "CDF level above which flow is toxic"),
         "gpu_min_batch": Key(int, 65_536, "on a torch stream, trades per symbol and batch "
                              "from which the GPU kernel runs (bar_ns = 0)"),
+        "route": Key(str, "first", "'calibrated': measure gpu_min_batch at start",
+                     choices=("first", "calibrated")),
     },
 )
 def _vpin(p: dict[str, Any], ctx: BuildContext) -> VpinStage:
@@ -107,6 +114,7 @@ def _vpin(p: dict[str, Any], ctx: BuildContext) -> VpinStage:
         name=p["name"] or "vpin",
         streams=p["streams"],
         gpu_min_batch=p["gpu_min_batch"],
+        route=p["route"],
     )
 
 
@@ -161,6 +169,8 @@ INF = math.inf
         "var_paths": Key(int, 10_000, "Monte Carlo paths per VaR report"),
         "vol_feature": Key(str, "vol_ewma_100", "feature used as the per-trade volatility"),
         "seed": Key(int, 0, "Monte Carlo seed"),
+        "route": Key(str, "first", "'calibrated': Monte Carlo VaR on the faster of the host "
+                     "and the stage's device, timed at start", choices=("first", "calibrated")),
     },
 )
 def _risk(p: dict[str, Any], ctx: BuildContext) -> RiskStage:
@@ -186,4 +196,5 @@ def _risk(p: dict[str, Any], ctx: BuildContext) -> RiskStage:
         seed=p["seed"],
         name=p["name"] or "risk",
         streams=p["streams"],
+        route=p["route"],
     )

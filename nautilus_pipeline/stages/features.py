@@ -5,27 +5,65 @@ per-symbol state is carried between batches and committed only after a batch suc
 so every row gets the same numbers whatever the batch size. The vector's width and order
 are fixed when the pipeline is built (``names``, default: every trade and quote feature),
 and the model that consumes it is told those names.
+
+GPU. On a torch stream with a device (``torch:cuda``), a batch of one symbol's trades of at
+least ``gpu_min_batch`` rows runs the scan form of the kernel
+(:mod:`~nautilus_pipeline.kernels.features_torch`): the four input columns are copied to
+the device through the stream (counted, cached on the lease), the features stay there in
+the lease's device cache for the next stage on that device (the inference stage reads
+them without a copy), and one device→host copy fills the slab column for the CPU stages.
+Mixed or smaller batches run the CPU kernel; both share one state. Measured on the lent
+H200 (``scripts/bench_gpu.py``, ``docs/measurements/gpu_bench_gpu_h200.txt``), one symbol's
+trades, CPU kernel vs scan, M rows/s:
+
+=========  =====  =====  =======
+batch       cpu   cuda   gpu/cpu
+=========  =====  =====  =======
+4,096       5.61   2.65   0.47×
+16,384      5.47   9.44   1.73×
+65,536      5.36  26.39   4.92×
+262,144     3.16  55.78  17.66×
+=========  =====  =====  =======
+
+hence the default ``gpu_min_batch = 16_384``; ``route = "calibrated"`` re-measures the
+crossover on the stage's own device when it binds. The scan agrees with the CPU kernel to
+``FEATURES_ATOL`` (1e-9, ~4e-14 seen), not to the bit, so exact batch-size independence holds
+on the CPU path only.
 """
 
 from __future__ import annotations
 
+import time
 from collections.abc import Sequence
 
 import numpy as np
+import structlog
 
 from ..compute import ComputeStream
 from ..errors import ConfigError
-from ..events import ColumnSpec
+from ..events import KIND_TRADE, ColumnSpec
 from ..kernels.features import (
     DEFAULT_FEATURE_CONFIG,
     FeatureConfig,
     FeatureTable,
     all_feature_names,
+    features_update,
+    new_feature_state,
 )
 from ..memory import Lease
 from ..stage import Stage, StageContext
 
 FEATURES_COLUMN = "features"
+GPU_INPUTS = ("ts_ns", "price", "size", "side")
+
+log = structlog.get_logger("nautilus_pipeline.features")
+
+
+def on_device(stream: ComputeStream) -> str | None:
+    """The torch device of ``stream`` when its data must be copied there (``cuda:0``), else None."""
+    if stream.backend == "torch" and stream.needs_copy:
+        return str(stream.device)
+    return None
 
 
 class FeaturesStage(Stage):
@@ -40,7 +78,14 @@ class FeaturesStage(Stage):
         config: FeatureConfig = DEFAULT_FEATURE_CONFIG,
         name: str = "features",
         streams: Sequence[str] = ("cpu",),
+        gpu_min_batch: int = 16_384,
+        route: str = "first",
     ):
+        if route not in ("first", "calibrated"):
+            raise ConfigError(f"features: route must be 'first' or 'calibrated', got {route!r}")
+        self.gpu_min_batch = gpu_min_batch
+        self.route = route
+        self.gpu_batches = 0
         available = all_feature_names(config)
         self.names: tuple[str, ...] = tuple(names) if names is not None else available
         unknown = [n for n in self.names if n not in available]
@@ -63,7 +108,75 @@ class FeaturesStage(Stage):
     async def start(self, ctx: StageContext) -> None:
         self.table = FeatureTable(self.config)
 
-    def _compute(self, lease: Lease) -> None:
+    async def bind(self, stream: ComputeStream) -> None:
+        device = on_device(stream)
+        if device is not None and self.route == "calibrated":
+            self.gpu_min_batch = await stream.run(self._calibrate, device)
+
+    def _calibrate(self, device: str) -> int:
+        """Smallest batch (of 4,096 … 262,144) at which the scan on ``device`` beats the CPU
+        kernel, timed here on a random walk; above all of them if it never does."""
+        from ..kernels.features_torch import features_update_torch
+
+        rng = np.random.default_rng(0)
+        n = 262_144 + 64
+        ts = np.cumsum(rng.integers(0, 3, n)).astype(np.int64) * 1_000_000
+        price = 100.0 * np.exp(np.cumsum(rng.standard_normal(n) * 1e-4))
+        size = rng.exponential(1.0, n)
+        side = rng.choice(np.array([-1, 1], dtype=np.int8), n)
+        st, _ = features_update(new_feature_state(self.config), ts[:64], price[:64], size[:64],
+                                side[:64])
+        table = {}
+        for batch in (4096, 16_384, 65_536, 262_144):
+            args = (ts[64 : 64 + batch], price[64 : 64 + batch], size[64 : 64 + batch],
+                    side[64 : 64 + batch])
+            best = []
+            for fn in (lambda a=args: features_update(st, *a),
+                       lambda a=args: features_update_torch(st, *a, device=device)):
+                fn()
+                t0 = time.perf_counter()
+                for _ in range(3):
+                    fn()
+                best.append((time.perf_counter() - t0) / 3)
+            table[batch] = best[0] / best[1]
+        chosen = next((b for b, r in table.items() if r > 1.0), 1 << 62)
+        log.info("features_calibrated", stage=self.name, device=device, gpu_min_batch=chosen,
+                 speedup={b: round(r, 2) for b, r in table.items()})
+        return chosen
+
+    def _gpu_batch(self, lease: Lease, device: str | None) -> bool:
+        if device is None or lease.length < self.gpu_min_batch:
+            return False
+        sym, kind = lease["symbol_id"], lease["kind"]
+        if not (sym.min() == sym.max() and (kind == KIND_TRADE).all()):
+            return False
+        key = int(sym[0])  # a symbol's first trades and RSI seed: CPU kernel
+        tab = self.table
+        return (key < tab.ist.shape[0] and tab.ist[key, 0] > 0
+                and tab.ist[key, 2] >= self.config.rsi_period)
+
+    def _compute_device(self, lease: Lease, stream: ComputeStream) -> None:
+        """One symbol's trades on the stream's device; the result stays cached there."""
+        import torch
+
+        from ..kernels.features_torch import features_update_device
+
+        key = int(lease["symbol_id"][0])
+        st = self.table.state(key)
+        cols = [stream.to_device(lease, c) for c in GPU_INPUTS]
+        new, trade = features_update_device(st, *cols, device=str(stream.device))
+        quote = torch.as_tensor(st.last_quote, device=trade.device).expand(trade.shape[0], 3)
+        full = torch.cat((trade, quote), dim=1)
+        if self._index is not None:
+            full = full[:, torch.as_tensor(self._index, device=trade.device)]
+        stream.to_host(lease, FEATURES_COLUMN, full)
+        self.gpu_batches += 1
+        self.table.load(key, new)  # committed once the batch is through
+
+    def _compute(self, lease: Lease, stream: ComputeStream | None = None) -> None:
+        if stream is not None and self._gpu_batch(lease, on_device(stream)):
+            self._compute_device(lease, stream)
+            return
         n = lease.length
         if self._index is None:
             out = lease[FEATURES_COLUMN]
@@ -88,7 +201,8 @@ class FeaturesStage(Stage):
             np.take(out, self._index, axis=1, out=lease[FEATURES_COLUMN])
 
     async def process(self, lease: Lease, stream: ComputeStream, ctx: StageContext) -> None:
-        await stream.run(self._compute, lease)
+        await stream.run(self._compute, lease, stream)
 
     def stats(self) -> dict[str, object]:
-        return {"symbols": self.table.symbols, "width": len(self.names)}
+        return {"symbols": self.table.symbols, "width": len(self.names),
+                "gpu_batches": self.gpu_batches, "gpu_min_batch": self.gpu_min_batch}

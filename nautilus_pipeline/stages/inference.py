@@ -13,6 +13,12 @@ batches to the GPU. Backends agree to float32 tolerance, not bit for bit, so a c
 stage trades exact batch-size independence of ``prediction`` for speed; the default
 (``route = "first"``) keeps one backend and identical numbers.
 
+Device-resident features. When the stage before left ``features`` on this stage's CUDA
+device (the features stage's GPU path caches it on the lease), a ``torch:cuda`` runner
+reads it there: no host→device copy, the model runs on the device tensor, and only
+``prediction`` (4 bytes a row) comes back. Otherwise the features are cast to float32 on the
+host and copied in (``k``·4 bytes a row), as before; both are counted in the pool's stats.
+
 The model's input names must equal the feature stage's output names, in order: a mismatch
 fails when the pipeline is built, listing both.
 """
@@ -126,19 +132,43 @@ class InferenceStage(Stage):
         n = lease.length
         k = self.spec.n_inputs
         rows = -(-n // ROW_MULTIPLE) * ROW_MULTIPLE
+        runner = self._runner(stream, rows)
+        if self._on_device(lease, stream, runner):
+            await stream.run(self._predict_on_device, lease, stream, runner, rows)
+            self.rows_by_backend[runner.name] = self.rows_by_backend.get(runner.name, 0) + n
+            return
         if self._x32 is None or self._x32.shape[0] < rows:
             self._x32 = np.zeros((max(rows, lease.capacity), k), dtype=np.float32)
             self._p32 = np.empty(self._x32.shape[0], dtype=np.float32)
         x = self._x32[:rows]
         np.copyto(x[:n], lease[FEATURES_COLUMN], casting="same_kind")
         x[n:] = 0.0
-        runner = self._runner(stream, rows)
         await stream.run(runner.predict, x, self._p32[:rows])
         lease["prediction"][...] = self._p32[:n]
-        if runner.name.startswith(("torch:cuda", "torch:mps")):
-            lease.pool.count_copy("h2d", x.nbytes)
-            lease.pool.count_copy("d2h", rows * 4)
+        if runner.name.startswith(("torch:cuda", "torch:mps", "mlx:gpu")):
+            lease.pool.count_copy("h2d", n * k * 4)
+            lease.pool.count_copy("d2h", n * 4)
         self.rows_by_backend[runner.name] = self.rows_by_backend.get(runner.name, 0) + n
+
+    @staticmethod
+    def _on_device(lease: Lease, stream: ComputeStream, runner: ModelRunner) -> bool:
+        """Whether the features wait on ``stream``'s CUDA device and ``runner`` runs there."""
+        has = getattr(stream, "has_on_device", None)
+        return (
+            has is not None
+            and runner.backend == stream.name == "torch:cuda"
+            and hasattr(runner, "predict_tensor")
+            and has(lease, FEATURES_COLUMN)
+        )
+
+    def _predict_on_device(self, lease: Lease, stream, runner, rows: int) -> None:
+        import torch
+
+        n = lease.length
+        x = stream.to_device(lease, FEATURES_COLUMN)  # cached: no copy
+        if rows > n:  # the same row padding as the host path (see ROW_MULTIPLE)
+            x = torch.cat((x, x.new_zeros((rows - n, x.shape[1]))))
+        stream.to_host(lease, "prediction", runner.predict_tensor(x)[:n])
 
     def close(self) -> None:
         for r in self.runners.values():

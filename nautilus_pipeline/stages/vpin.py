@@ -19,15 +19,19 @@ state. The default threshold is the crossover measured on the lent H200
 (``scripts/bench_kernels.py --gpu``, 4M trades): the GPU ran at 0.44× the CPU kernel's
 speed with 16,384-trade batches and 1.5× with 65,536. The torch variant agrees with the
 CPU kernel to ~1e-10 of V, not to the bit, so exact batch-size independence holds on the
-CPU path only.
+CPU path only. ``route = "calibrated"`` re-measures the crossover on the stage's own device
+when it binds (16,384 … 262,144 trades of a random walk, the smallest size at which the
+torch kernel wins becomes ``gpu_min_batch``).
 """
 
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import Mapping, Sequence
 
 import numpy as np
+import structlog
 
 from ..compute import ComputeStream
 from ..errors import ConfigError
@@ -38,6 +42,7 @@ from ..memory import Lease
 from ..stage import Stage, StageContext
 
 F64 = np.dtype(np.float64)
+log = structlog.get_logger("nautilus_pipeline.vpin")
 
 
 class VpinStage(Stage):
@@ -62,7 +67,11 @@ class VpinStage(Stage):
         streams: Sequence[str] = ("cpu",),
         topic_prefix: str = "vpin",
         gpu_min_batch: int = 65_536,
+        route: str = "first",
     ):
+        if route not in ("first", "calibrated"):
+            raise ConfigError(f"vpin: route must be 'first' or 'calibrated', got {route!r}")
+        self.route = route
         self.name = name
         self.streams = tuple(streams)
         self.bucket_volume = bucket_volume
@@ -101,6 +110,34 @@ class VpinStage(Stage):
         if stream.backend == "torch" and self.params["bar_ns"] == 0:
             self._torch_device = str(stream.device)
         await asyncio.to_thread(self._warm_up)
+        if self._torch_device is not None and self.route == "calibrated":
+            self.gpu_min_batch = await stream.run(self._calibrate, self._torch_device)
+
+    def _calibrate(self, device: str) -> int:
+        """Smallest batch at which the torch kernel on ``device`` beats the CPU kernel."""
+        rng = np.random.default_rng(0)
+        n = 262_144
+        ts = np.arange(n, dtype=np.int64)
+        price = 100.0 * np.exp(np.cumsum(rng.standard_normal(n) * 1e-4))
+        size = rng.exponential(1.0, n)
+        params = {**self.params, "window": min(self.params["window"], 50)}
+        speedup = {}
+        for batch in (16_384, 65_536, 262_144):
+            st = new_vpin_state(float(size[:batch].sum()) / 200, **params)
+            args = (ts[:batch], price[:batch], size[:batch])
+            times = []
+            for fn in (lambda a=args, s=st: vpin_update(s, *a),
+                       lambda a=args, s=st: vpin_update_torch(s, *a, device=device)):
+                fn()
+                t0 = time.perf_counter()
+                for _ in range(3):
+                    fn()
+                times.append(time.perf_counter() - t0)
+            speedup[batch] = times[0] / times[1]
+        chosen = next((b for b, r in speedup.items() if r > 1.0), 1 << 62)
+        log.info("vpin_calibrated", stage=self.name, device=device, gpu_min_batch=chosen,
+                 speedup={b: round(r, 2) for b, r in speedup.items()})
+        return chosen
 
     def _warm_up(self) -> None:
         """Load (or JIT-compile: seconds on a cold cache) every numba kernel before the first
