@@ -8,7 +8,7 @@
 # while the machine is warm (30 s), hence two calls, the second right after the first:
 #
 #   1) carry [".whl", ".mlx-a"]:          bash scripts/gpu_check.sh stage
-#   2) carry [".mlx-b", ...]:             bash scripts/gpu_check.sh [all|tests,pipeline,bench]
+#   2) carry [".mlx-b", ...]:             bash scripts/gpu_check.sh [all|tests,pipeline,engine,bench]
 #
 # "gputests" runs only the GPU and MLX tests (by name), e.g. "gputests,pipeline" in one call.
 #
@@ -148,6 +148,11 @@ for b in [int(x) for x in os.environ["SIZES_1M"].split()]:
                 print(f"  {col}: identical {all(same)} ({len(same) - sum(same)} rows differ)")
 PY
   } 2>&1 | tee "$out/pipeline_1m_gpu_vs_cpu.txt" | grep -E "ticks/s|==|vs CPU|identical False"
+fi
+if want engine; then
+  # the execution engine on the host's cores: serial beside concurrent, offload table, live
+  timeout 200 python3 scripts/bench_pipeline.py --rows 2000000 --live-ticks 2000 --offload \
+    --data /tmp/engine 2>&1 | tee "$out/bench_pipeline.txt"
 fi
 if want bench; then
   timeout 150 python3 scripts/bench_gpu.py 2>&1 | tee "$out/bench_gpu.txt"
