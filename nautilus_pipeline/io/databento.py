@@ -27,7 +27,7 @@ sentinel (``UNDEF_PRICE``) becomes NaN and ``UNDEF_ORDER_SIZE`` a NaN size.
 One-sided books: an MBP-1/TBBO record whose bid or ask is undefined (an option or equity book
 with nothing on one side) keeps its defined side; the missing side's price *and size* are NaN.
 Downstream a NaN side means "no order on that side", not zero: the checks accept a quote with
-one side missing (not both), and the quote features built from both sides (spread,
+one side missing (not both; ``TickChunk.one_sided_quotes``, set by this reader only), and the quote features built from both sides (spread,
 microprice, imbalance) are NaN for it.
 
 Replay clock: ``ts_event`` is ``ts_ns``, ``ts_recv`` is ``ts_recv_ns``. Venues whose event times
@@ -206,4 +206,4 @@ class DatabentoReader:
                 "bid_px_00", "ask_px_00", "bid_sz_00", "ask_sz_00")
         return TickChunk(self.path, data, records, names,
                          field_map={"price": "price", "bid": "bid_px_00", "ask": "ask_px_00", "ts_ns": "ts_event"},
-                         raw=lambda i: dict(zip(keys, by_row[i], strict=True)))
+                         raw=lambda i: dict(zip(keys, by_row[i], strict=True)), one_sided_quotes=True)
