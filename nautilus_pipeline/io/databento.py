@@ -17,7 +17,8 @@ Mapping:
   the quote first
   (the schema is read from the metadata, which the decoder returns before the first record;
   it used to be compared before decoding, so TBBO files lost their trades).
-- Other records (MBO, status, definitions, ...) are not ticks and are counted as ``ignored``.
+- Other records (MBO, status, definitions, ...) are not ticks and are counted as ``ignored``;
+  an MBO file's order book is rebuilt as price-level deltas by ``io/mbo.py``.
 
 Prices are fixed-point int64 in units of 1e-9, converted to the float64 *nearest* to
 ``raw / 10**9`` (:func:`scale_prices`): ``3720250000000`` is ``3720.25``, not the
