@@ -66,6 +66,9 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--ticks", nargs="+", metavar="FILE", help="replay these files instead of the definition's sources")
     run.add_argument("--format", help="reader for the --ticks files (default: detected; see 'inspect')")
     run.add_argument("--symbol", help="instrument name for single-symbol --ticks files")
+    run.add_argument("--order-by", choices=("ts_event", "ts_recv"),
+                     help="timestamp every source is replayed by (overrides the definition; default "
+                          "per source: event time, receive time where the venue's event times go back)")
     run.add_argument("--speed", type=float, help="0 = as fast as possible; X = X times faster than the market")
     run.add_argument("--batch", type=int, help="ticks per batch (overrides pipeline.batch_size)")
     run.add_argument("--execution", choices=("concurrent", "serial"),
@@ -193,6 +196,9 @@ async def _run(args: argparse.Namespace) -> int:
         for src in sources:
             src.format = args.format or src.format
             src.symbol = args.symbol or src.symbol
+    if args.order_by:
+        for src in sources:
+            src.order_by = {"ts_event": "ts_ns", "ts_recv": "ts_recv_ns"}[args.order_by]
     if not sources:
         raise ConfigError(f"{definition.path}: no [[sources]]; give tick files with --ticks FILE")
     stages = config.build_stages(definition, sources)

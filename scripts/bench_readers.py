@@ -17,7 +17,12 @@ The ratio column is ``reader`` time / ``plain`` time (the target: at most 1.5 fo
 the last line checks the 5M trades/s target for the 10M-trade CSV. Prints the machine (CPU,
 cores, library versions) first: numbers are only comparable on the same machine.
 
-    python scripts/bench_readers.py [--rows 10000000] [--repeat 3] [--skip-big]
+Book rows (also alone with ``--books``): the Databento MBO file of the shared data set through
+``io.mbo.mbo_level_deltas`` (records/s and level deltas/s; plain = ``DBNDecoder`` alone), and
+the L2 book kernel ``kernels.book.book_update`` over those deltas (deltas/s, features included).
+Target from issue 13: >= 5M book updates/s on one core.
+
+    python scripts/bench_readers.py [--rows 10000000] [--repeat 3] [--skip-big] [--books]
 """
 
 from __future__ import annotations
@@ -124,6 +129,40 @@ def row(name: str, path: Path, repeat: int) -> str:
             f"{rate(t_checks, n)} | {rate(t_replay, n)} | {t_reader / t_plain:5.2f} |")
 
 
+def book_rows(repeat: int) -> None:
+    """MBO reader and book kernel rates on the shared MBO file (skipped when it is absent)."""
+    import databento_dbn as dbn
+
+    from nautilus_pipeline.io.mbo import mbo_level_deltas
+    from nautilus_pipeline.kernels.book import book_update, new_book_state
+
+    path = Path(__file__).resolve().parents[2] / "shared" / "data" / "databento-glbx-esh4-mbo-20231225.dbn.zst"
+    if not path.exists():
+        print(f"(book rows skipped: {path} absent)")
+        return
+
+    def decode() -> int:
+        with open_stream(path) as s:
+            dec = dbn.DBNDecoder()
+            dec.write(s.read())
+            return len(dec.decode()) - 1
+
+    t_plain, records = best(decode, repeat)
+    t_read, _ = best(lambda: len(mbo_level_deltas(path)["side"]), repeat)
+    d = mbo_level_deltas(path)
+    cols = (d["side"], d["price"], d["size"], d["action"])
+    book_update(new_book_state(2048), *(c[:10] for c in cols))  # JIT compile / cache load
+    t_kernel, deltas = best(lambda: book_update(new_book_state(2048), *cols)[1].shape[0], repeat)
+    print()
+    print(f"book updates/s in millions (best of {repeat}), {path.name}: {records:,} MBO records, {deltas:,} level deltas")
+    print("| step | M records/s | M level deltas/s |")
+    print("|---|---|---|")
+    print(f"| DBNDecoder alone (plain) | {records / t_plain / 1e6:.2f} | |")
+    print(f"| mbo_level_deltas (decode + order book to levels) | {records / t_read / 1e6:.2f} | {deltas / t_read / 1e6:.2f} |")
+    print(f"| book_update kernel (levels + 7 features) | | {deltas / t_kernel / 1e6:.2f} |")
+    print(f"target >= 5M book updates/s: reader {deltas / t_read / 1e6:.2f}, kernel {deltas / t_kernel / 1e6:.2f}")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--rows", type=int, default=10_000_000, help="rows of the generated trades CSV")
@@ -131,8 +170,12 @@ def main() -> None:
                     help="the generated file; made with --rows rows if it does not exist")
     ap.add_argument("--repeat", type=int, default=3)
     ap.add_argument("--skip-big", action="store_true")
+    ap.add_argument("--books", action="store_true", help="only the order-book rows")
     args = ap.parse_args()
     print(machine())
+    if args.books:
+        book_rows(args.repeat)
+        return
     print()
     print(f"ticks/s in millions (best of {args.repeat}); ratio = reader time / plain library call time")
     print(f"| {'file':46} | {'format':14} | {'rows':>10} | {'plain':>8} | {'reader':>8} | {'+checks':>8} | {'replay':>8} | ratio |")
@@ -141,6 +184,7 @@ def main() -> None:
         if p.name == "README.md" or p.name.startswith("__"):
             continue
         print(row(p.name, p, args.repeat), flush=True)
+    book_rows(args.repeat)
     if args.skip_big:
         return
     if not args.big.exists():

@@ -304,7 +304,11 @@ class Validator:
             bid, ask = chunk.column("bid"), chunk.column("ask")
             bsz, asz = chunk.column("bid_size"), chunk.column("ask_size")
             with np.errstate(invalid="ignore"):
-                flag(quote & ~(np.isfinite(bid) & np.isfinite(ask)), Reason.PRICE_NOT_FINITE)
+                if chunk.one_sided_quotes:  # NaN side = nothing on it (e.g. a DBN option book)
+                    flag(quote & (np.isinf(bid) | np.isinf(ask) | (np.isnan(bid) & np.isnan(ask))),
+                         Reason.PRICE_NOT_FINITE)
+                else:
+                    flag(quote & ~(np.isfinite(bid) & np.isfinite(ask)), Reason.PRICE_NOT_FINITE)
                 flag(quote & ((bid <= 0) | (ask <= 0)), Reason.PRICE_NOT_POSITIVE)
                 for s in (bsz, asz):
                     flag(quote & ~np.isnan(s) & ~(np.isfinite(s) & (s >= 0)), Reason.SIZE_NOT_POSITIVE)

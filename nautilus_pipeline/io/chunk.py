@@ -104,6 +104,9 @@ class TickChunk:
     column names for messages. ``raw(i)`` returns the record of row ``i`` as parsed (a dict, or
     the line for JSON readers); ``raw_line(i)``, where a reader offers it, the line's text as it
     is in the file (for quarantine). Both are called only for refused rows.
+    ``one_sided_quotes``: the reader marks a quote side that is absent at the source (an empty
+    book side) as NaN price and size, so the checks accept a quote with one side missing (never
+    both); other readers leave it False and a NaN bid or ask is refused.
     """
 
     source: str
@@ -116,6 +119,7 @@ class TickChunk:
     dropped: list[BadRow] = field(default_factory=list)
     raw: Callable[[int], object] | None = None
     raw_line: Callable[[int], str] | None = None
+    one_sided_quotes: bool = False
 
     def __len__(self) -> int:
         return len(self.records)

@@ -13,13 +13,32 @@ Mapping:
   *after* the event. With ``trades=True`` an action ``T`` record also yields a trade (before its
   quote, same record number); off by default because the ``trades`` schema file of the same
   session holds the same trades.
-- Schema ``tbbo``: every record is a trade plus the quote just before it: both are yielded.
-- Other records (MBO, status, definitions, ...) are not ticks and are counted as ``ignored``.
+- Schema ``tbbo``: every record is a trade plus the quote just before it: both are yielded,
+  the quote first
+  (the schema is read from the metadata, which the decoder returns before the first record;
+  it used to be compared before decoding, so TBBO files lost their trades).
+- Other records (MBO, status, definitions, ...) are not ticks and are counted as ``ignored``;
+  an MBO file's order book is rebuilt as price-level deltas by ``io/mbo.py``.
 
-Prices are fixed-point int64 × 1e-9; the undefined-price sentinel (``UNDEF_PRICE``, e.g. an
-empty side of the book) becomes NaN (and ``UNDEF_ORDER_SIZE`` a NaN size), which the checks refuse as "price not finite".
-``ts_event`` is ``ts_ns``, ``ts_recv`` is ``ts_recv_ns``. Symbols come from the metadata's
-symbol mappings (``instrument_id`` -> raw symbol); unmapped ids appear as their number.
+Prices are fixed-point int64 in units of 1e-9, converted to the float64 *nearest* to
+``raw / 10**9`` (:func:`scale_prices`): ``3720250000000`` is ``3720.25``, not the
+``3720.2500000000005`` that ``raw * 1e-9`` gives (1e-9 is not a float). The undefined-price
+sentinel (``UNDEF_PRICE``) becomes NaN and ``UNDEF_ORDER_SIZE`` a NaN size.
+
+One-sided books: an MBP-1/TBBO record whose bid or ask is undefined (an option or equity book
+with nothing on one side) keeps its defined side; the missing side's price *and size* are NaN.
+Downstream a NaN side means "no order on that side", not zero: the checks accept a quote with
+one side missing (not both; ``TickChunk.one_sided_quotes``, set by this reader only), and the quote features built from both sides (spread,
+microprice, imbalance) are NaN for it.
+
+Replay clock: ``ts_event`` is ``ts_ns``, ``ts_recv`` is ``ts_recv_ns``. Venues whose event times
+are known to go backwards while receive times rise (ICE's ``*.IMPACT`` datasets: the matching
+engine's times of different instruments interleave) get ``default_order_by = "ts_recv_ns"``, which
+:class:`~nautilus_pipeline.io.formats.Source` uses unless ``order_by`` is given; ordering them
+by ``ts_event`` rejected 3 of 4 trades of an ICE Futures Europe file as ``ts_backwards``.
+
+Symbols come from the metadata's symbol mappings (``instrument_id`` -> raw symbol); unmapped ids
+appear as their number.
 """
 
 from __future__ import annotations
@@ -35,8 +54,29 @@ from nautilus_pipeline.events import KIND_QUOTE, KIND_TRADE, SIDE_BUY, SIDE_SELL
 from nautilus_pipeline.io.chunk import TickChunk
 from nautilus_pipeline.io.files import check_file, decoding_errors, open_stream
 
-PRICE_SCALE = 1e-9
+PRICE_SCALE = 1_000_000_000
+"""DBN prices are integers in units of 1 / PRICE_SCALE."""
+RECV_ORDERED_DATASETS = ("IFEU.", "IFUS.", "IFLL.", "NDEX.")
+"""Dataset prefixes whose ``ts_event`` is not monotonic in file order (replay by ``ts_recv``)."""
+_EXACT = 1 << 53  # every integer below this is a float64, so raw / 1e9 is one correct rounding
 _SIDE = {"A": SIDE_SELL, "B": SIDE_BUY, "N": SIDE_UNKNOWN}
+
+
+def scale_prices(raw: np.ndarray) -> np.ndarray:
+    """float64 nearest to ``raw / 10**9`` for int64 fixed-point prices (UNDEF_PRICE -> NaN).
+
+    ``float(raw)`` is exact below 2**53 and IEEE division is correctly rounded, so ``raw / 1e9``
+    is the nearest float there (prices up to ~9e6). Larger magnitudes go through exact
+    rational arithmetic (``int / int`` in Python rounds correctly), element by element.
+    """
+    raw = np.asarray(raw, dtype=np.int64)
+    undef = raw == dbn.UNDEF_PRICE
+    out = raw / float(PRICE_SCALE)
+    big = np.flatnonzero(~undef & (np.abs(raw) >= _EXACT))
+    for i in big:
+        out[i] = int(raw[i]) / PRICE_SCALE
+    out[undef] = np.nan
+    return out
 
 
 class DatabentoReader:
@@ -50,9 +90,20 @@ class DatabentoReader:
         self.ignored = 0
         self.schema: str | None = None
         self._symbols: dict[int, str] = {}
+        self.dataset: str | None = None
+
+    @property
+    def default_order_by(self) -> str:
+        """``ts_recv_ns`` for datasets of :data:`RECV_ORDERED_DATASETS`, else ``ts_ns``."""
+        if self.dataset is None:
+            for _ in self._records():
+                break
+        return "ts_recv_ns" if (self.dataset or "").startswith(RECV_ORDERED_DATASETS) else "ts_ns"
 
     def _metadata(self, meta: dbn.Metadata) -> None:
         self.schema = str(getattr(meta.schema, "value", meta.schema)) if meta.schema is not None else None
+        self.dataset = str(meta.dataset) if meta.dataset else None
+        self._symbols = {}
         mappings = meta.mappings
         items = mappings.items() if isinstance(mappings, dict) else ((m.raw_symbol, m.intervals) for m in mappings)
         for raw, intervals in items:
@@ -94,14 +145,19 @@ class DatabentoReader:
         rows: list[tuple] = []
         total = 0
         undef = dbn.UNDEF_PRICE
-        tbbo = self.schema == "tbbo"
+        self.ignored = 0
         for recno, rec in enumerate(self._records(), start=1):
             if isinstance(rec, dbn.MBP1Msg):
+                quote = (recno, rec.ts_event, rec.ts_recv, rec.instrument_id, KIND_QUOTE, undef, -1, "N",
+                         rec.bid_px_00, rec.ask_px_00, rec.bid_sz_00, rec.ask_sz_00)
+                tbbo = self.schema == "tbbo"  # known here: the metadata precedes every record
+                if tbbo:
+                    rows.append(quote)  # TBBO: the book just before the trade
                 if tbbo or (self.trades and str(rec.action) in ("T", "Action.TRADE")):
                     rows.append((recno, rec.ts_event, rec.ts_recv, rec.instrument_id, KIND_TRADE, rec.price,
                                  rec.size, str(rec.side), undef, undef, -1, -1))
-                rows.append((recno, rec.ts_event, rec.ts_recv, rec.instrument_id, KIND_QUOTE, undef, -1, "N",
-                             rec.bid_px_00, rec.ask_px_00, rec.bid_sz_00, rec.ask_sz_00))
+                if not tbbo:
+                    rows.append(quote)  # MBP-1: the book after the event
             elif isinstance(rec, dbn.TradeMsg):
                 rows.append((recno, rec.ts_event, rec.ts_recv, rec.instrument_id, KIND_TRADE, rec.price,
                              rec.size, str(rec.side), undef, undef, -1, -1))
@@ -128,19 +184,22 @@ class DatabentoReader:
         trade = kind == KIND_TRADE
 
         def px(values: tuple) -> np.ndarray:
-            raw = np.array(values, dtype=np.int64)
-            return np.where(raw == dbn.UNDEF_PRICE, np.nan, raw * PRICE_SCALE)
+            return scale_prices(np.array(values, dtype=np.int64))
 
-        def qty(values: tuple) -> np.ndarray:
+        def qty(values: tuple, price: np.ndarray | None = None) -> np.ndarray:
             raw = np.array(values, dtype=np.int64)
-            return np.where((raw < 0) | (raw == dbn.UNDEF_ORDER_SIZE), np.nan, raw.astype(np.float64))
+            out = np.where((raw < 0) | (raw == dbn.UNDEF_ORDER_SIZE), np.nan, raw.astype(np.float64))
+            if price is not None:
+                out[np.isnan(price)] = np.nan  # an empty side has no size either
+            return out
 
         sides = np.array([_SIDE.get(c[-1], SIDE_UNKNOWN) for c in cols[7]], dtype=np.int8)
+        bid, ask = px(cols[8]), px(cols[9])
         data = {
             "ts_ns": np.array(cols[1], dtype=np.int64), "ts_recv_ns": np.array(cols[2], dtype=np.int64),
             "symbol_id": codes, "kind": kind, "price": px(cols[5]), "size": qty(cols[6]),
-            "side": np.where(trade, sides, 0).astype(np.int8), "bid": px(cols[8]), "ask": px(cols[9]),
-            "bid_size": qty(cols[10]), "ask_size": qty(cols[11]),
+            "side": np.where(trade, sides, 0).astype(np.int8), "bid": bid, "ask": ask,
+            "bid_size": qty(cols[10], bid), "ask_size": qty(cols[11], ask),
         }
         records = np.array(cols[0], dtype=np.int64)
         by_row = rows
@@ -148,4 +207,4 @@ class DatabentoReader:
                 "bid_px_00", "ask_px_00", "bid_sz_00", "ask_sz_00")
         return TickChunk(self.path, data, records, names,
                          field_map={"price": "price", "bid": "bid_px_00", "ask": "ask_px_00", "ts_ns": "ts_event"},
-                         raw=lambda i: dict(zip(keys, by_row[i], strict=True)))
+                         raw=lambda i: dict(zip(keys, by_row[i], strict=True)), one_sided_quotes=True)

@@ -135,7 +135,9 @@ class Source:
 
     ``format`` None: detected. ``symbol``: the name for single-symbol files (default from the
     file or its name); sources with the same symbol name share a ``symbol_id``. ``order_by``:
-    ``ts_ns`` (event time) or ``ts_recv_ns``; default per format (:data:`DEFAULT_ORDER_BY`).
+    ``ts_ns`` (event time) or ``ts_recv_ns``; default: the reader's ``default_order_by`` where it
+    has one (DBN: receive time for venues with non-monotonic event times), else per format
+    (:data:`DEFAULT_ORDER_BY`).
     ``quarantine``: side file for policy ``quarantine``. ``options``: reader keywords
     (``mapping=`` for generic CSV/Parquet/JSONL, ``trades=True`` for DBN MBP-1, ...).
     ``name``: key in the accounting (default: the path). ``symbols_allowed``: when given,
@@ -174,7 +176,8 @@ class Source:
         if unknown:
             raise ConfigError(f"source {self.path}: format {fmt!r} takes no option {unknown}; it takes {sorted(allowed)}")
         reader = READERS[fmt](self.path, symbol=self.symbol, **options)
-        order_by = self.order_by or DEFAULT_ORDER_BY.get(fmt, "ts_ns")
+        order_by = (self.order_by or getattr(reader, "default_order_by", None)
+                    or DEFAULT_ORDER_BY.get(fmt, "ts_ns"))
         validator = Validator(self.key, self.policy, accounting=accounting, quarantine=self.quarantine,
                               allow_equal_ts=self.allow_equal_ts, order_by=order_by,
                               symbols_allowed=self.symbols_allowed)

@@ -1,0 +1,76 @@
+"""Databento MBO to level deltas: the order bookkeeping and the flags, on real and rebuilt files."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import databento_dbn as dbn
+import numpy as np
+import pytest
+
+from nautilus_pipeline.errors import DataError
+from nautilus_pipeline.io.mbo import F_BAD_TS_RECV, F_LAST, F_SNAPSHOT, mbo_level_deltas
+from nautilus_pipeline.kernels.book import ACTION_CLEAR, book_update, new_book_state
+
+HEAD = Path(__file__).parent / "data" / "databento-glbx-esh4-mbo-20231225-head.dbn.zst"
+
+
+def write_mbo(path: Path, records: list) -> Path:
+    meta = dbn.Metadata(dataset="GLBX.MDP3", schema=dbn.Schema.MBO, start=1, stype_in=dbn.SType.RAW_SYMBOL,
+                        stype_out=dbn.SType.INSTRUMENT_ID, end=None, symbols=["X"], partial=[],
+                        not_found=[], mappings=[])
+    path.write_bytes(meta.encode() + b"".join(bytes(r) for r in records))
+    return path
+
+
+def mbo(action, side, price, size, oid, flags=F_LAST, ts=1):
+    return dbn.MBOMsg(publisher_id=1, instrument_id=7, ts_event=ts, order_id=oid, price=int(price * 10**9),
+                      size=size, flags=flags, channel_id=0, action=getattr(dbn.Action, action),
+                      side=getattr(dbn.Side, side), ts_recv=ts + 5, ts_in_delta=0, sequence=ts)
+
+
+def test_add_cancel_modify_keep_level_totals(tmp_path: Path) -> None:
+    path = write_mbo(tmp_path / "m.dbn", [
+        mbo("ADD", "BID", 100.0, 3, 1), mbo("ADD", "BID", 100.0, 2, 2), mbo("ADD", "ASK", 101.0, 4, 3),
+        mbo("CANCEL", "BID", 100.0, 1, 1),  # partial cancel: 3 -> 2
+        mbo("MODIFY", "BID", 99.5, 2, 2),  # moves: level 100 loses 2, level 99.5 gains 2
+        mbo("FILL", "ASK", 101.0, 1, 3),  # no book change
+        mbo("CANCEL", "ASK", 101.0, 4, 3),
+        mbo("CANCEL", "ASK", 101.0, 1, 99),  # never seen: counted, no delta
+    ])
+    d = mbo_level_deltas(path)
+    got = list(zip(d["side"].tolist(), d["price"].tolist(), d["size"].tolist(), strict=True))
+    assert got == [(1, 100.0, 3.0), (1, 100.0, 5.0), (-1, 101.0, 4.0), (1, 100.0, 4.0),
+                   (1, 100.0, 2.0), (1, 99.5, 2.0), (-1, 101.0, 0.0)]
+    assert int(d["unknown_orders"]) == 1
+    assert d["last"].tolist() == [True, True, True, True, False, True, True]
+
+
+def test_snapshot_replaces_the_book_and_bad_ts_recv_is_unknown(tmp_path: Path) -> None:
+    snap = F_SNAPSHOT | F_BAD_TS_RECV
+    path = write_mbo(tmp_path / "s.dbn", [
+        mbo("ADD", "BID", 100.0, 3, 1),
+        mbo("CLEAR", "NONE", 0.0, 0, 0, flags=snap), mbo("ADD", "BID", 98.0, 1, 5, flags=snap | F_LAST),
+        mbo("ADD", "ASK", 99.0, 1, 6, ts=4),
+    ])
+    d = mbo_level_deltas(path)
+    assert d["action"].tolist() == [0, ACTION_CLEAR, 0, 0]
+    assert d["ts_recv_ns"].tolist() == [6, -1, -1, 9]
+    _, out = book_update(new_book_state(), d["side"], d["price"], d["size"], d["action"])
+    assert out[-1, 0] == 1.0  # 99 - 98: the pre-snapshot bid at 100 is gone
+
+
+def test_real_mbo_head_starts_with_its_snapshot() -> None:
+    d = mbo_level_deltas(HEAD)
+    assert d["action"][0] == ACTION_CLEAR and d["side"][0] == 0
+    assert (d["ts_recv_ns"][:100] == -1).all()  # the snapshot's records carry BAD_TS_RECV
+    assert int(d["unknown_orders"]) == 0
+    _, out = book_update(new_book_state(), d["side"], d["price"], d["size"], d["action"])
+    first_live = np.flatnonzero(d["ts_recv_ns"] != -1)[0]
+    spread = out[first_live - 1, 0]
+    assert 0 < spread < 5 and np.round(out[first_live - 1, 1] * 8) / 8 == out[first_live - 1, 1]
+
+
+def test_a_non_mbo_file_is_refused(sample_dir: Path) -> None:
+    with pytest.raises(DataError, match="no MBO records"):
+        mbo_level_deltas(sample_dir / "databento-glbx-futures-trades-20240701.dbn.zst")
