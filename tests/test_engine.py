@@ -290,3 +290,15 @@ def test_a_trade_tick_takes_the_aggressor_side_and_refuses_a_signal_direction():
     assert nt.TradeTick("X", 1, 1.0, 1.0, nt.AggressorSide.SELL).side == -1
     with pytest.raises(nt.ConfigError, match="Side is a signal's direction"):
         nt.TradeTick("X", 1, 1.0, 1.0, nt.Side.BUY)
+
+
+async def test_a_concurrent_pipeline_lowers_the_gil_switch_interval_only_while_it_runs():
+    from nautilus_pipeline.pipeline import GIL_SWITCH_S
+
+    before = sys.getswitchinterval()
+    async with Pipeline([Arrivals()], memory="host") as pipe:
+        assert sys.getswitchinterval() == pytest.approx(min(before, GIL_SWITCH_S))
+        await pipe.ingest({"ts_ns": np.arange(3)})
+    assert sys.getswitchinterval() == before
+    async with Pipeline([Arrivals()], memory="host", execution="serial"):
+        assert sys.getswitchinterval() == before
