@@ -45,6 +45,7 @@ feed capture) are counted apart as ``ignored`` and are not rows.
 from __future__ import annotations
 
 import collections
+import contextlib
 import enum
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -55,7 +56,7 @@ import numba
 import numpy as np
 import orjson
 
-from nautilus_pipeline.errors import ConfigError, DataError
+from nautilus_pipeline.errors import ConfigError, DataError, PipelineError
 from nautilus_pipeline.events import KIND_QUOTE, KIND_TRADE
 from nautilus_pipeline.io.chunk import BadRow, Reason, TickChunk
 
@@ -268,7 +269,11 @@ def _jsonable(v: object) -> object:
 
 
 class Quarantine:
-    """Appends refused rows as JSON lines; opened on the first row, closed by :meth:`close`."""
+    """Appends refused rows as JSON lines; opened on the first row, closed by :meth:`close`.
+
+    A write that fails (a full disk) cuts the file back to its last whole line and raises a
+    :class:`PipelineError` naming the file: the run stops, the file stays valid.
+    """
 
     def __init__(self, path: str | Path):
         self.path = Path(path)
@@ -276,9 +281,22 @@ class Quarantine:
         self.count = 0
 
     def write(self, row: BadRow) -> None:
+        try:
+            self._write(row)
+        except OSError as e:
+            if self._fh is not None:
+                with contextlib.suppress(OSError):
+                    self._fh.truncate(self._good)
+                    self._fh.close()
+                self._fh = None
+            raise PipelineError(f"{self.path}: cannot write the quarantine file ({e.strerror or e}); "
+                                "free some space or point quarantine= elsewhere") from e
+
+    def _write(self, row: BadRow) -> None:
         if self._fh is None:
             self.path.parent.mkdir(parents=True, exist_ok=True)
-            self._fh = self.path.open("ab")
+            self._fh = self.path.open("ab", buffering=0)
+            self._good = self._fh.seek(0, 2)
         rec = {"source": row.source, "record": row.record, "reason": row.reason.name.lower(),
                "field": row.field, "value": row.value, "symbol": row.symbol,
                "message": row.message(), "raw": row.raw}
@@ -287,7 +305,10 @@ class Quarantine:
             line = orjson.dumps(rec, default=str, option=option)
         except orjson.JSONEncodeError:  # integers beyond 64 bits, surrogates: kept as text
             line = orjson.dumps(_jsonable(rec), default=str, option=option)
-        self._fh.write(line)
+        view = memoryview(line)
+        while view:
+            view = view[self._fh.write(view):]
+        self._good += len(line)
         self.count += 1
 
     def close(self) -> None:

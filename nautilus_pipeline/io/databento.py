@@ -69,10 +69,10 @@ class DatabentoReader:
                 buf = s.read(self.block)
                 if not buf:
                     break
-                dec.write(buf)
                 try:
+                    dec.write(buf)
                     recs = dec.decode()
-                except (ValueError, RuntimeError) as e:
+                except (ValueError, RuntimeError, dbn.DBNError) as e:
                     raise DataError(f"{self.path}: not a readable DBN stream ({e}); wrong format or corrupt file") from e
                 for r in recs:
                     if isinstance(r, dbn.Metadata):

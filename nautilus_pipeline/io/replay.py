@@ -194,10 +194,13 @@ class Replay:
                 f"a replay needs each source in {order_by} order across its symbols: sort the file, "
                 "or split it into one source per symbol"
             )
-        lut = np.array([self.symbols.id_of(s) for s in chunk.symbols], dtype=np.uint32)
         n = len(chunk)
+        codes = chunk.column("symbol_id")
+        lut = np.zeros(len(chunk.symbols), dtype=np.uint32)
+        for k in np.unique(codes).tolist() if n else ():  # only names with rows left (not refused ones)
+            lut[k] = self.symbols.id_of(chunk.symbols[k])
         new = {name: chunk.column(name) for name in TICK_COLUMN_NAMES}
-        new["symbol_id"] = lut[chunk.column("symbol_id")] if n else new["symbol_id"]
+        new["symbol_id"] = lut[codes] if n else new["symbol_id"]
         new[_KEY] = key
         new[_SRC] = np.full(n, lane.index, dtype=np.uint16)
         lane.cols = {k: np.concatenate([lane.cols[k], v]) for k, v in new.items()} if lane.rows else new
