@@ -273,6 +273,7 @@ async def _run(args: argparse.Namespace) -> int:
             loop.add_signal_handler(sig, on_signal, sig)
     t0 = time.perf_counter()
     interrupted = False
+    write_error: OSError | None = None
     try:
         async with pipe:
             sink.attach(pipe.bus)
@@ -280,6 +281,8 @@ async def _run(args: argparse.Namespace) -> int:
                 interrupted = await _replay_into(pipe, replay, advance, metrics, stop, sink)
         if metrics is not None:
             metrics.update(pipe, replay)
+    except OSError as exc:  # a stage writing its file at the end (trace.parquet) on a full disk
+        write_error = exc
     finally:
         if metrics is not None:
             metrics.close()
@@ -290,12 +293,16 @@ async def _run(args: argparse.Namespace) -> int:
         sink.close()
     wall = time.perf_counter() - t0
     summary = _summary(definition, pipe, replay, sink, wall, interrupted)
-    _write_atomic(out_dir / "summary.json", orjson.dumps(summary, option=orjson.OPT_INDENT_2 | orjson.OPT_SERIALIZE_NUMPY))
+    write_error = write_error or sink.error
+    try:
+        _write_atomic(out_dir / "summary.json", orjson.dumps(summary, option=orjson.OPT_INDENT_2 | orjson.OPT_SERIALIZE_NUMPY))
+    except OSError as exc:
+        write_error = write_error or exc
     _print_summary(summary, out_dir)
-    if sink.error is not None:
-        e = sink.error
-        raise PipelineError(f"cannot write the outputs ({e.strerror or e}{': ' + str(e.filename) if e.filename else ''}); "
-                            f"the run stopped; what {out_dir} holds was written whole")
+    if write_error is not None:
+        e = write_error
+        raise PipelineError(f"cannot write the outputs in {out_dir} ({e.strerror or e}); the run stopped there: "
+                            "its JSON lines end at a whole line, files that could not be written whole are not there")
     if interrupted and got:
         return EXIT_TERMINATED if got[0] == signal.SIGTERM else EXIT_INTERRUPTED
     replay.accounting.check()

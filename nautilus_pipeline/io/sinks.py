@@ -77,11 +77,14 @@ class _Lines:
         self.buf.clear()
 
     def close(self) -> None:
+        if self.fd < 0:
+            return
         try:
             if self.buf:
                 self.flush()
         finally:
             os.close(self.fd)
+            self.fd = -1
 
 
 class EventSink:
@@ -96,6 +99,7 @@ class EventSink:
         self._subs: list[Subscription] = []
         self.counts: dict[str, int] = {}
         self.error: OSError | None = None
+        self._closed = False
 
     def attach(self, bus: EventBus) -> None:
         self.dir.mkdir(parents=True, exist_ok=True)
@@ -105,7 +109,7 @@ class EventSink:
             )
 
     def _write(self, event: Event) -> None:
-        if self.error is not None:
+        if self.error is not None or self._closed:
             return
         family = event.topic.split(".", 1)[0]
         row = event_record(event)
@@ -133,7 +137,9 @@ class EventSink:
         self._rows.clear()
 
     def close(self) -> dict[str, Path]:
-        """Flush JSON lines, write Parquet files; return family → parquet path."""
+        """Flush JSON lines, write Parquet files; return family → parquet path. Events that
+        arrive later (a bus not closed after an error) are not written."""
+        self._closed = True
         for fh in list(self._files.values()):
             try:
                 fh.close()
