@@ -43,6 +43,12 @@ def _raise_terminated(signum: int, frame: object) -> None:
     raise Terminated()
 
 
+def _raise_interrupted(signum: int, frame: object) -> None:
+    # Not signal.default_int_handler: asyncio.Runner would replace that with a handler that
+    # only cancels the main task at its next await, i.e. after a long synchronous pre-read.
+    raise KeyboardInterrupt()
+
+
 def _ranged(kind: type, lo: float | None = None, hi: float | None = None, what: str = ""):
     """An argparse ``type`` accepting ``kind`` values in ``[lo, hi]`` (argparse exits 2 otherwise)."""
 
@@ -193,11 +199,15 @@ def cmd_run(args: argparse.Namespace) -> int:
             check_file(f)
         except DataError as exc:
             raise DataError(f"--ticks {exc}") from None
-    previous = signal.signal(signal.SIGTERM, _raise_terminated)  # until the run handles it itself
+    # Until the run is under way (and again after it), a signal stops at once: reading the
+    # sources for bucket_volume = "auto" or building the stages can take long.
+    previous = {signal.SIGINT: signal.signal(signal.SIGINT, _raise_interrupted),
+                signal.SIGTERM: signal.signal(signal.SIGTERM, _raise_terminated)}
     try:
         return run(_run(args))
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
 
 
 def _check_out(out: Path, what: str, error: type[PipelineError]) -> None:
@@ -289,6 +299,7 @@ async def _run(args: argparse.Namespace) -> int:
         for sig in (signal.SIGINT, signal.SIGTERM):
             with contextlib.suppress(NotImplementedError, RuntimeError):  # pragma: no cover
                 loop.remove_signal_handler(sig)
+        signal.signal(signal.SIGINT, _raise_interrupted)
         signal.signal(signal.SIGTERM, _raise_terminated)
         sink.close()
     wall = time.perf_counter() - t0

@@ -332,6 +332,10 @@ class BuildContext:
 
         if not self.sources:
             raise ConfigError("bucket_volume = 'auto' needs sources to calibrate on")
+        import structlog
+
+        structlog.get_logger("nautilus_pipeline.config").info(
+            "bucket_volume_calibration", sources=[str(s.path) for s in self.sources], buckets=buckets)
         replay = Replay(self.sources)
         volumes: dict[int, list[float]] = {}  # per symbol: the volume of each block read
         try:

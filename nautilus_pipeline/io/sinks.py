@@ -128,7 +128,7 @@ class EventSink:
 
     def _fail(self, e: OSError) -> None:
         if self.error is None:
-            self.error = e
+            self.error = e.with_traceback(None)  # no frames kept alive (pyarrow's open writer)
         for fh in self._files.values():
             with contextlib.suppress(OSError):
                 fh.buf.clear()
@@ -153,7 +153,7 @@ class EventSink:
                 try:
                     pq.write_table(pa.Table.from_pylist(rows), path)
                 except OSError as e:
-                    self.error = e
+                    self.error = self.error or e.with_traceback(None)
                     with contextlib.suppress(OSError):
                         path.unlink()
                     continue
