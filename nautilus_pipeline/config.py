@@ -251,7 +251,7 @@ def loads(text: str, path: str | Path = "<string>") -> PipelineDef:
                 f"{source}: {where} needs a type; one of {', '.join(sorted(STAGE_TYPES))}"
             )
         kind = s["type"]
-        if kind not in STAGE_TYPES:
+        if not isinstance(kind, str) or kind not in STAGE_TYPES:
             close = difflib.get_close_matches(str(kind), list(STAGE_TYPES), n=1)
             hint = f" (did you mean {close[0]!r}?)" if close else ""
             raise ConfigError(

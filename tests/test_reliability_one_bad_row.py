@@ -71,9 +71,8 @@ def test_not_utf8_with_a_wrong_field_count_is_one_row_and_prints_no_traceback(tm
     lines = list(LINES)
     lines[700] = b"\xff\xfe,garbage"  # line 701
     p = write(tmp_path, lines)
-    code = ("from nautilus_pipeline.io import Replay, Source; r = Replay([Source(%r, format='binance_trades', "
-            "policy='reject')]); n = sum(len(b['ts_ns']) for b in r.iter_arrays()); print(n, r.accounting.total.rejected)"
-            % str(p))
+    code = (f"from nautilus_pipeline.io import Replay, Source; r = Replay([Source({str(p)!r}, format='binance_trades', "
+            "policy='reject')]); n = sum(len(b['ts_ns']) for b in r.iter_arrays()); print(n, r.accounting.total.rejected)")
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, timeout=120)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.split() == ["2999", "1"]
@@ -100,7 +99,7 @@ def test_a_blank_first_line_before_the_header_is_not_a_row(tmp_path: Path) -> No
 def test_a_blank_first_line_before_a_generic_header(tmp_path: Path) -> None:
     p = write(tmp_path, [b"", *LINES])
     mapping = {"ts": "time", "ts_unit": "ms", "price": "price", "size": "qty", "trade_id": "id"}
-    ids, r = read(p, fmt="csv", policy="fail", options={"mapping": mapping}, symbol="BTCUSDT")
+    ids, _r = read(p, fmt="csv", policy="fail", options={"mapping": mapping}, symbol="BTCUSDT")
     assert ids == ids_without()
 
 

@@ -572,6 +572,23 @@ class Validator:
             self.quarantine.close()
 
 
+READER_ERRORS = (ValueError, TypeError, OverflowError, KeyError, IndexError, UnicodeError, AttributeError,
+                 MemoryError)
+"""What a third-party decoder may raise on a damaged file (pyarrow's errors are ValueErrors and
+OSErrors); :func:`validated` turns them into a :class:`DataError` naming the source, so that
+only this package's errors reach a user."""
+
+
+def _next_chunk(it: Iterator[TickChunk], source: str) -> TickChunk | None:
+    try:
+        return next(it, None)
+    except PipelineError:
+        raise
+    except READER_ERRORS as e:
+        raise DataError(f"{source}: the file cannot be read ({type(e).__name__}: {e}); it is damaged, "
+                        "or not in the format its reader expects") from e
+
+
 class _Ahead:
     """The first :data:`VOTE_REACH` rows of the chunks after the current one, per symbol."""
 
@@ -643,7 +660,7 @@ def validated(chunks: Iterator[TickChunk], validator: Validator) -> Iterator[Tic
     try:
         while True:
             while not done and (not pending or ahead < VOTE_REACH):
-                c = next(it, None)
+                c = _next_chunk(it, validator.source)
                 if c is None:
                     done = True
                     break

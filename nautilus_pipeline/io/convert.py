@@ -335,6 +335,10 @@ def symbol_codes(values: pa.Array | np.ndarray | list) -> tuple[np.ndarray, list
         arr = arr.dictionary_encode()
     names = [str(v) for v in arr.dictionary.to_pylist()]
     codes = arr.indices.fill_null(0).to_numpy(zero_copy_only=False).astype(np.uint32)
+    if missing.any() or not names:  # rows without a symbol get a code of their own: ""
+        if "" not in names:
+            names.append("")
+        codes[missing] = names.index("")
     return codes, names, missing
 
 

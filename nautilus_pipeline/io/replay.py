@@ -47,7 +47,7 @@ import numpy as np
 
 from nautilus_pipeline.errors import ConfigError, DataError
 from nautilus_pipeline.events import TICK_COLUMN_NAMES
-from nautilus_pipeline.io.checks import Accounting, Validator, validated
+from nautilus_pipeline.io.checks import READER_ERRORS, Accounting, Validator, validated
 from nautilus_pipeline.io.chunk import TickChunk, TickReader
 from nautilus_pipeline.io.formats import Source
 from nautilus_pipeline.memory import BufferPool, Lease
@@ -160,7 +160,11 @@ class Replay:
         self.progress = Progress(sources=len(self.sources))
         lanes = []
         for i, src in enumerate(self.sources):
-            reader, validator = src.open(self.accounting)
+            try:
+                reader, validator = src.open(self.accounting)
+            except READER_ERRORS as e:  # a decoder's own exception on a damaged file
+                raise DataError(f"{src.path}: the file cannot be read ({type(e).__name__}: {e}); it is damaged, "
+                                "or not in the format its reader expects") from e
             lanes.append(_Lane(i, src, reader, validator, validated(reader.chunks(self.chunk_rows), validator)))
         return lanes
 
