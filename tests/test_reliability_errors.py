@@ -164,6 +164,15 @@ def test_out_that_is_a_file_exits_2_before_reading(capsys, tmp_path: Path) -> No
     assert rc == 2 and "is a file, not a folder" in one_line(err)
 
 
+def test_out_not_writable_exits_2_even_as_root(capsys, tmp_path: Path, monkeypatch) -> None:
+    from nautilus_pipeline import cli as cli_module
+
+    out, real = tmp_path / "out", os.access
+    monkeypatch.setattr(cli_module.os, "access", lambda path, mode: Path(path) != out and real(path, mode))
+    rc, err = cli(capsys, "run", VPIN, "--out", str(out))  # what a read-only folder says to a user
+    assert rc == 2 and "not writable" in one_line(err)
+
+
 @pytest.mark.skipif(os.geteuid() == 0, reason="root writes into read-only folders")
 def test_out_in_a_read_only_folder_exits_2(capsys, tmp_path: Path) -> None:
     ro = tmp_path / "ro"
@@ -320,6 +329,17 @@ def test_a_folder_or_fifo_given_as_a_file_says_what_it_is(capsys, tmp_path: Path
     os.mkfifo(fifo)
     rc, err = cli(capsys, "inspect", str(fifo))
     assert rc == 4 and "FIFO" in one_line(err)
+
+
+def test_a_file_without_read_permission_is_rc_4_even_as_root(capsys, tmp_path: Path, monkeypatch) -> None:
+    from nautilus_pipeline.io import files
+
+    p = tmp_path / "BTCUSDT-trades.csv"
+    p.write_bytes(BINANCE.read_bytes())
+    real = os.access
+    monkeypatch.setattr(files.os, "access", lambda path, mode: Path(path) != p and real(path, mode))
+    rc, err = cli(capsys, "run", VPIN, "--ticks", str(p), "--out", str(tmp_path / "o"))
+    assert rc == 4 and "permission denied" in one_line(err)
 
 
 @pytest.mark.skipif(os.geteuid() == 0, reason="root reads any file")

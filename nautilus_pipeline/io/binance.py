@@ -113,9 +113,11 @@ class BinanceFeedReader:
 
     def _parse(self, lineno: int, line: bytes, acc: _FeedBatch) -> None:
         head, _, body = line.partition(b" ")
-        text = line.decode("utf-8", "replace")
+        d = None
         try:
-            recv = _int64(head.decode("ascii", "replace"), "<receive ts>")
+            recv = int(head) if head.isdigit() and len(head) <= 19 else _int64(head.decode("ascii", "replace"), "<receive ts>")
+            if recv > _INT64:
+                raise _Bad(Reason.UNPARSABLE, "<receive ts>", head.decode("ascii", "replace"))
             try:
                 msg = orjson.loads(body)
             except orjson.JSONDecodeError as e:
@@ -140,9 +142,8 @@ class BinanceFeedReader:
             else:
                 acc.add_trade(lineno, recv, d, "t" if kind == "trade" else "a", line)
         except _Bad as e:
-            sym = None
-            if "d" in locals() and isinstance(d, dict) and isinstance(d.get("s"), str):
-                sym = d["s"]
+            text = line.decode("utf-8", "replace")
+            sym = d["s"] if isinstance(d, dict) and isinstance(d.get("s"), str) else None
             value = e.value if e.value is None or isinstance(e.value, str | int | float | bool) else repr(e.value)[:200]
             acc.dropped.append(BadRow(self.path, lineno, e.reason, e.field, value if e.field else text[:200],
                                       text, self.symbol or sym))
@@ -154,6 +155,7 @@ class _Bad(Exception):
 
 
 _INT64 = (1 << 63) - 1
+_T_MAX = _INT64 // 1_000_000  # ms that fit int64 once in ns
 
 
 def _get(d: dict, key: str) -> object:
@@ -213,7 +215,16 @@ class _FeedBatch:
 
     def add_trade(self, lineno: int, recv: int, d: dict, id_key: str, line: bytes) -> None:
         nan = float("nan")
-        maker = _get(d, "m")
+        p, q, maker, tid, t, sym = d.get("p"), d.get("q"), d.get("m"), d.get(id_key), d.get("T"), d.get("s")
+        if (type(p) is str and type(q) is str and type(maker) is bool and type(tid) is int and type(t) is int
+                and type(sym) is str and sym and -_INT64 <= tid <= _INT64 and -_T_MAX <= t <= _T_MAX):
+            try:  # the shape every Binance message has: no further checks needed
+                row = (float(p), float(q), SIDE_SELL if maker else SIDE_BUY, tid, nan, nan, nan, nan)
+            except ValueError:
+                pass
+            else:
+                self._push(lineno, recv, t * 1_000_000, KIND_TRADE, sym, row, line)
+                return
         if not isinstance(maker, bool):
             raise _Bad(Reason.UNKNOWN_SIDE, "m", maker)
         row = (_number(_get(d, "p"), "p"), _number(_get(d, "q"), "q"), SIDE_SELL if maker else SIDE_BUY,
@@ -223,6 +234,16 @@ class _FeedBatch:
 
     def add_quote(self, lineno: int, recv: int, d: dict, line: bytes) -> None:
         nan = float("nan")
+        b, a, bs, az, t, sym = d.get("b"), d.get("a"), d.get("B"), d.get("A"), d.get("T"), d.get("s")
+        if (type(b) is str and type(a) is str and type(bs) is str and type(az) is str and type(sym) is str and sym
+                and (t is None or (type(t) is int and -_T_MAX <= t <= _T_MAX))):
+            try:  # the shape every Binance message has: no further checks needed
+                row = (nan, nan, 0, -1, float(b), float(a), float(bs), float(az))
+            except ValueError:
+                pass
+            else:
+                self._push(lineno, recv, recv if t is None else t * 1_000_000, KIND_QUOTE, sym, row, line)
+                return
         row = (nan, nan, 0, -1, *(_number(_get(d, k), k) for k in ("b", "a", "B", "A")))
         ts = _int64(d["T"], "T", 1_000_000) if d.get("T") is not None else recv
         self._push(lineno, recv, ts, KIND_QUOTE, _symbol(d), row, line)
