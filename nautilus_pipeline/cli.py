@@ -1,8 +1,11 @@
 """The ``nautilus-pipeline`` command line: run, report, devices, inspect, validate.
 
 Exit codes: 0 success; 2 bad arguments; 3 bad pipeline definition; 4 unreadable or bad
-data; 1 any other pipeline error; 130 interrupted (Ctrl-C: the run drains, writes what it
-processed and prints its summary first). Errors are one line on stderr, no traceback.
+data; 5 the run finished but a stage failed on some batches (their ticks were dead-lettered;
+``summary.json`` counts them); 1 any other error (an output that cannot be written: a full
+disk); 130 interrupted by Ctrl-C (SIGINT) and 143 terminated (SIGTERM): the run drains,
+writes what it processed and prints its summary first; a second signal stops at once.
+Errors are one line on stderr, no traceback.
 """
 
 from __future__ import annotations
@@ -11,6 +14,7 @@ import argparse
 import asyncio
 import contextlib
 import math
+import os
 import signal
 import sys
 import time
@@ -24,6 +28,50 @@ from . import __version__
 from .errors import ConfigError, DataError, PipelineError
 
 EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_CONFIG, EXIT_DATA, EXIT_INTERRUPTED = 0, 1, 2, 3, 4, 130
+EXIT_STAGE_FAILED, EXIT_TERMINATED = 5, 143
+
+
+class UsageError(PipelineError):
+    """A command-line argument that is wrong in a way argparse cannot see (exit 2)."""
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM arrived before the run was under way (while reading, calibrating, building)."""
+
+
+def _raise_terminated(signum: int, frame: object) -> None:
+    raise Terminated()
+
+
+def _raise_interrupted(signum: int, frame: object) -> None:
+    # Not signal.default_int_handler: asyncio.Runner would replace that with a handler that
+    # only cancels the main task at its next await, i.e. after a long synchronous pre-read.
+    raise KeyboardInterrupt()
+
+
+def _ranged(kind: type, lo: float | None = None, hi: float | None = None, what: str = ""):
+    """An argparse ``type`` accepting ``kind`` values in ``[lo, hi]`` (argparse exits 2 otherwise)."""
+
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not {what}") from None
+        if (isinstance(value, float) and not math.isfinite(value)) or (lo is not None and value < lo) \
+                or (hi is not None and value > hi):
+            bounds = f">= {lo}" if hi is None else f"from {lo} to {hi:,}"
+            raise argparse.ArgumentTypeError(f"{text} is out of range: {what} {bounds}")
+        return value
+
+    return parse
+
+
+def _format_name(text: str) -> str:
+    from .io import READERS
+
+    if text not in READERS:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a format; one of {', '.join(sorted(READERS))}")
+    return text
 
 EXAMPLES = {  # shown under each command's --help
     "run": """examples:
@@ -63,14 +111,18 @@ def _parser() -> argparse.ArgumentParser:
     run = sub.add_parser("run", help="replay tick files through a pipeline", epilog=EXAMPLES["run"],
                          formatter_class=fmt)
     run.add_argument("pipeline", help="pipeline definition (TOML), e.g. pipelines/default.toml")
+    from .config import MAX_BATCH_SIZE
+
     run.add_argument("--ticks", nargs="+", metavar="FILE", help="replay these files instead of the definition's sources")
-    run.add_argument("--format", help="reader for the --ticks files (default: detected; see 'inspect')")
+    run.add_argument("--format", type=_format_name, help="reader for the --ticks files (default: detected; see 'inspect')")
     run.add_argument("--symbol", help="instrument name for single-symbol --ticks files")
     run.add_argument("--order-by", choices=("ts_event", "ts_recv"),
                      help="timestamp every source is replayed by (overrides the definition; default "
                           "per source: event time, receive time where the venue's event times go back)")
-    run.add_argument("--speed", type=float, help="0 = as fast as possible; X = X times faster than the market")
-    run.add_argument("--batch", type=int, help="ticks per batch (overrides pipeline.batch_size)")
+    run.add_argument("--speed", type=_ranged(float, 0, None, "a speed"),
+                     help="0 = as fast as possible; X = X times faster than the market")
+    run.add_argument("--batch", type=_ranged(int, 1, MAX_BATCH_SIZE, "a number of ticks"),
+                     help="ticks per batch (overrides pipeline.batch_size)")
     run.add_argument("--execution", choices=("concurrent", "serial"),
                      help="overrides pipeline.execution (serial: every stage on the loop thread)")
     run.add_argument("--out", help="output folder (overrides outputs.dir)")
@@ -82,7 +134,7 @@ def _parser() -> argparse.ArgumentParser:
                      help="serve Prometheus metrics on HOST:PORT while the run lasts "
                           "(host defaults to 127.0.0.1: ':9100' is local only)")
     run.add_argument("--metrics-port", metavar="PORT", help="same as --metrics-addr 127.0.0.1:PORT")
-    run.add_argument("--trace-every", type=int, default=0,
+    run.add_argument("--trace-every", type=_ranged(int, 0, None, "a number of trades"), default=0,
                      help="keep every Nth trade in trace.parquet for the report (default: about 200k points)")
 
     rep = sub.add_parser("report", help="draw price, signals, VPIN, P&L and latencies of a run",
@@ -98,7 +150,7 @@ def _parser() -> argparse.ArgumentParser:
     ins = sub.add_parser("inspect", help="format, columns, rows, time span, symbols and bad rows of a tick file",
                          epilog=EXAMPLES["inspect"], formatter_class=fmt)
     ins.add_argument("files", nargs="+", metavar="FILE")
-    ins.add_argument("--format", help="reader to use (default: detected)")
+    ins.add_argument("--format", type=_format_name, help="reader to use (default: detected)")
     ins.add_argument("--symbol", help="instrument name for single-symbol files")
     ins.add_argument("--json", action="store_true", help="one JSON array on stdout, an object per file")
     ins.add_argument("--log-format", choices=("auto", "json", "console"), default="auto",
@@ -123,7 +175,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     try:
         return handlers[args.command](args)
-    except MetricsAddressError as exc:
+    except (MetricsAddressError, UsageError) as exc:
         return _fail(exc, EXIT_USAGE)
     except ConfigError as exc:
         return _fail(exc, EXIT_CONFIG)
@@ -131,6 +183,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _fail(exc, EXIT_DATA)
     except PipelineError as exc:
         return _fail(exc, EXIT_ERROR)
+    except OSError as exc:  # an output that cannot be written (full disk, removed folder)
+        where = f": {exc.filename}" if getattr(exc, "filename", None) else ""
+        return _fail(f"{exc.strerror or exc}{where}", EXIT_ERROR)
+    except Terminated:
+        print("terminated", file=sys.stderr)
+        return EXIT_TERMINATED
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return EXIT_INTERRUPTED
@@ -143,7 +201,7 @@ class _ERRORS:
     json = False
 
 
-def _fail(exc: Exception, code: int) -> int:
+def _fail(exc: Exception | str, code: int) -> int:
     if _ERRORS.json:
         import structlog
 
@@ -156,17 +214,41 @@ def _fail(exc: Exception, code: int) -> int:
 
 # --- run -------------------------------------------------------------------------------
 def cmd_run(args: argparse.Namespace) -> int:
+    from .io.files import check_file
     from .runtime import run
 
-    if args.batch is not None and args.batch < 1:
-        raise ConfigError(f"--batch must be >= 1, got {args.batch}")
-    if args.speed is not None and args.speed < 0:
-        raise ConfigError(f"--speed must be >= 0, got {args.speed}")
+    if (args.format or args.symbol) and not args.ticks:
+        raise UsageError(f"--{'format' if args.format else 'symbol'} applies to --ticks files; give --ticks FILE "
+                         "(or set it in the definition's [[sources]])")
+    if args.out is not None:
+        _check_out(Path(args.out), "--out", UsageError)
     for f in args.ticks or ():
-        if not Path(f).is_file():
-            raise DataError(f"--ticks {f}: no such file")
-    _metrics_address(args)
-    return run(_run(args))
+        try:
+            check_file(f)
+        except DataError as exc:
+            raise DataError(f"--ticks {exc}") from None
+    # Until the run is under way (and again after it), a signal stops at once: reading the
+    # sources for bucket_volume = "auto" or building the stages can take long.
+    _metrics_address(args)  # a malformed address is refused before anything is read
+    previous = {signal.SIGINT: signal.signal(signal.SIGINT, _raise_interrupted),
+                signal.SIGTERM: signal.signal(signal.SIGTERM, _raise_terminated)}
+    try:
+        return run(_run(args))
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+def _check_out(out: Path, what: str, error: type[PipelineError]) -> None:
+    """Refuse an output folder that cannot be written, before anything is read."""
+    if out.exists() and not out.is_dir():
+        raise error(f"{what} {out}: is a file, not a folder; give a folder for the outputs")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise error(f"{what} {out}: cannot create the output folder ({exc.strerror or exc})") from None
+    if not os.access(out, os.W_OK | os.X_OK):
+        raise error(f"{what} {out}: the output folder is not writable; pick another with --out")
 
 
 def _metrics_address(args: argparse.Namespace) -> str | None:
@@ -177,7 +259,13 @@ def _metrics_address(args: argparse.Namespace) -> str | None:
         raise MetricsAddressError("give --metrics-addr HOST:PORT or --metrics-port PORT, not both")
     address = args.metrics_addr if args.metrics_addr is not None else args.metrics_port
     if address is not None:
-        parse_address(address)
+        try:
+            parse_address(address)
+        except MetricsAddressError as exc:
+            if args.metrics_addr is None:  # name the option the user gave
+                raise MetricsAddressError(
+                    str(exc).replace("--metrics-addr", "--metrics-port", 1)) from None
+            raise
     return address
 
 
@@ -191,6 +279,8 @@ async def _run(args: argparse.Namespace) -> int:
 
     definition = config.load(args.pipeline)
     out_dir = Path(args.out or definition.outputs["dir"])
+    if args.out is None:
+        _check_out(out_dir, f"{definition.path}: outputs.dir", ConfigError)
     sources = config.make_sources(definition, args.ticks, out_dir)
     if args.ticks:
         for src in sources:
@@ -215,62 +305,134 @@ async def _run(args: argparse.Namespace) -> int:
     err = Console(stderr=True)
     show_progress = err.is_terminal and not args.no_progress
 
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    try:
-        loop.add_signal_handler(signal.SIGINT, stop.set)
-    except (NotImplementedError, RuntimeError):  # pragma: no cover - Windows
-        pass
     metrics = None
     if _metrics_address(args) is not None:
-        from .prometheus import MetricsExporter
+        from .prometheus import MetricsAddressError, MetricsExporter
 
-        metrics = MetricsExporter(_metrics_address(args), pipeline=definition.name)
+        try:
+            metrics = MetricsExporter(_metrics_address(args), pipeline=definition.name)
+        except MetricsAddressError as exc:
+            if args.metrics_addr is not None:
+                raise
+            raise MetricsAddressError(str(exc).replace("--metrics-addr", "--metrics-port", 1)) from None
     from .report.timeline import TIMELINE_FILE, LatencyTimeline
 
     timeline = LatencyTimeline()
+    stop = asyncio.Event()
+    got: list[int] = []  # signals received, in order
+    loop = asyncio.get_running_loop()
+
+    def on_signal(signum: int) -> None:
+        got.append(signum)
+        if len(got) == 1:
+            stop.set()  # drain, write, summarise
+        else:  # a second signal: stop at once (the default action of that signal)
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):
+                    loop.remove_signal_handler(sig)
+            signal.signal(signum, signal.SIG_DFL if signum != signal.SIGINT else signal.default_int_handler)
+            os.kill(os.getpid(), signum)
+
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        with contextlib.suppress(NotImplementedError, RuntimeError):  # pragma: no cover - Windows
+            loop.add_signal_handler(sig, on_signal, sig)
     t0 = time.perf_counter()
     interrupted = False
+    write_error: OSError | None = None
     try:
         async with pipe:
             sink.attach(pipe.bus)
             with _progress(err, show_progress, expected, replay) as advance:
-                interrupted = await _replay_into(pipe, replay, advance, metrics, stop, timeline)
+                interrupted = await _replay_into(pipe, replay, advance, metrics, stop, sink, timeline)
         timeline.sample(pipe, replay.progress.ts_reached_ns)
         timeline.write(out_dir / TIMELINE_FILE)
         if metrics is not None:
             metrics.update(pipe, replay, force=True)
+    except OSError as exc:  # a stage writing its file at the end (trace.parquet) on a full disk
+        write_error = exc
     finally:
         if metrics is not None:
             metrics.close()
-        try:
-            loop.remove_signal_handler(signal.SIGINT)
-        except (NotImplementedError, RuntimeError):  # pragma: no cover
-            pass
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            with contextlib.suppress(NotImplementedError, RuntimeError):  # pragma: no cover
+                loop.remove_signal_handler(sig)
+        signal.signal(signal.SIGINT, _raise_interrupted)
+        signal.signal(signal.SIGTERM, _raise_terminated)
         sink.close()
     wall = time.perf_counter() - t0
     summary = _summary(definition, pipe, replay, sink, wall, interrupted)
-    (out_dir / "summary.json").write_bytes(orjson.dumps(summary, option=orjson.OPT_INDENT_2 | orjson.OPT_SERIALIZE_NUMPY))
+    write_error = write_error or sink.error
+    try:
+        _write_atomic(out_dir / "summary.json", orjson.dumps(summary, option=orjson.OPT_INDENT_2 | orjson.OPT_SERIALIZE_NUMPY))
+    except OSError as exc:
+        write_error = write_error or exc
     _print_summary(summary, out_dir)
     _warn_if_nothing_produced(summary)
-    if not interrupted:
-        replay.accounting.check()
-    return EXIT_INTERRUPTED if interrupted else EXIT_OK
+    if write_error is not None:
+        e = write_error
+        raise PipelineError(f"cannot write the outputs in {out_dir} ({e.strerror or e}); the run stopped there: "
+                            "its JSON lines end at a whole line, files that could not be written whole are not there")
+    if interrupted and got:
+        return EXIT_TERMINATED if got[0] == signal.SIGTERM else EXIT_INTERRUPTED
+    replay.accounting.check()
+    failed = summary["ticks"]["failed_batches"]
+    if failed:
+        stages = ", ".join(f"{s['stage']} ({s['failures']})" for s in summary["stages"] if s["failures"])
+        print(f"nautilus-pipeline: error: {failed} batch(es) failed in stages: {stages}; their "
+              f"{summary['ticks']['failed_in_stages']:,} ticks were dead-lettered (see the logs)", file=sys.stderr)
+        return EXIT_STAGE_FAILED
+    return EXIT_OK
 
 
-async def _replay_into(pipe, replay, advance, metrics, stop: asyncio.Event, timeline=None) -> bool:
-    """Feed the replay's batches to the pipeline until the end or Ctrl-C; True if interrupted."""
+def _write_atomic(path: Path, data: bytes) -> None:
+    """Write a file whole or not at all (a full disk leaves no half summary.json)."""
+    tmp = path.with_name(path.name + ".tmp")
+    try:
+        tmp.write_bytes(data)
+        os.replace(tmp, path)
+    except OSError:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        raise
+
+
+async def _replay_into(pipe, replay, advance, metrics, stop: asyncio.Event, sink=None,
+                       timeline=None) -> bool:
+    """Feed the replay's batches to the pipeline until the end, a signal or a write error;
+    True if stopped early. Waiting for the next batch (a paced replay across a gap, a slow
+    read) races the stop event, so a signal is never held up by a wait."""
     async with contextlib.aclosing(replay.batches(pipe.pool)) as batches:
-        async for lease in batches:
-            await pipe.publish_batch(lease, "replay")
-            advance(replay.progress.ticks_delivered, replay.progress.ts_reached_ns)
-            if timeline is not None:
-                timeline.maybe_sample(pipe, replay.progress.ts_reached_ns)
-            if metrics is not None:
-                metrics.update(pipe, replay)
-            if stop.is_set():
-                return True
-    return False
+        stopped = asyncio.ensure_future(stop.wait())
+        try:
+            while True:
+                nxt = asyncio.ensure_future(_next(batches))
+                await asyncio.wait({nxt, stopped}, return_when=asyncio.FIRST_COMPLETED)
+                if not nxt.done():
+                    nxt.cancel()
+                    late = (await asyncio.gather(nxt, return_exceptions=True))[0]
+                    if hasattr(late, "release"):  # the batch was ready as the stop came: not sent
+                        late.release("replay")
+                    return True
+                lease = nxt.result()
+                if lease is None:
+                    return False
+                await pipe.publish_batch(lease, "replay")
+                advance(replay.progress.ticks_delivered, replay.progress.ts_reached_ns)
+                if timeline is not None:
+                    timeline.maybe_sample(pipe, replay.progress.ts_reached_ns)
+                if metrics is not None:
+                    metrics.update(pipe, replay)
+                if stop.is_set() or (sink is not None and sink.error is not None):
+                    return True
+        finally:
+            stopped.cancel()
+
+
+async def _next(batches):
+    try:
+        return await anext(batches)
+    except StopAsyncIteration:
+        return None
 
 
 class _progress:
@@ -411,7 +573,7 @@ def _estimate_rows(sources: list[Any]) -> int | None:
                 total += _count_data_lines(path)
             else:
                 return None
-        except OSError:
+        except Exception:  # a damaged file: its reader will say what is wrong with it
             return None
     return total or None
 
@@ -471,6 +633,7 @@ def _summary(definition, pipe, replay, sink, wall: float, interrupted: bool) -> 
             "by_reason": dict(acct.by_reason),
             "processed": stats["ticks"]["ticks_out"],
             "failed_in_stages": stats["ticks"]["ticks_failed"],
+            "failed_batches": sum(s["failures"] for s in stats["stages"]),
             "ticks_per_s": stats["ticks"]["ticks_out"] / wall if wall > 0 else 0.0,
         },
         "accounting": replay.accounting.as_dict(),
@@ -531,6 +694,8 @@ def _print_summary(summary: dict[str, Any], out_dir: Path) -> None:
     title = f"{summary['pipeline']}: {t['processed']:,} ticks in {summary['wall_s']:.2f} s ({t['ticks_per_s']:,.0f} ticks/s)"
     if summary["interrupted"]:
         title += " (interrupted: partial run)"
+    if t["failed_batches"]:
+        title += f" ({t['failed_batches']} batches failed in stages)"
     ticks = Table(title=title, title_justify="left")
     for col in ("read", "delivered", "rejected", "quarantined", "failed in stages"):
         ticks.add_column(col, justify="right")
@@ -658,9 +823,9 @@ def _inspect_one(path: Path, format: str | None, symbol: str | None) -> dict[str
 
     from .events import KIND_TRADE, SIDE_BUY, SIDE_SELL, TICK_COLUMNS
     from .io import Replay, Source, detect_format
+    from .io.files import check_file
 
-    if not path.is_file():
-        raise DataError(f"{path}: no such file")
+    check_file(path)
     fmt = format or detect_format(path)
     replay = Replay([Source(path, format=fmt, symbol=symbol, policy="reject")])
     rows = trades = buys = sells = 0
@@ -724,9 +889,13 @@ def _validate_one(name: str) -> None:
 
     definition = config.load(name)
     sources = config.make_sources(definition, None, None)
+    from .io.files import check_file
+
     for src in sources:
-        if not Path(src.path).is_file():
-            raise DataError(f"{definition.path}: source {src.path} does not exist")
+        try:
+            check_file(src.path)
+        except DataError as exc:
+            raise DataError(f"{definition.path}: source {exc}") from None
     stages = config.build_stages(definition, sources)
     pipe = config.build_pipeline(definition, stages)
     print(f"{definition.path}: ok — pipeline {definition.name!r}, {len(sources)} source(s), "

@@ -13,6 +13,8 @@ messages (file, dotted key, allowed keys, closest match) matter more than genera
 from __future__ import annotations
 
 import difflib
+import math
+import os
 import tomllib
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -79,6 +81,38 @@ def take(table: Any, schema: Mapping[str, Key], where: str, source: str) -> dict
                 raise ConfigError(f"{source}: {where}.{key} is required ({spec.doc})")
             out[key] = spec.default
     return out
+
+
+MAX_BATCH_SIZE = 1 << 24
+"""Largest ``batch_size`` (rows per slab); the pool's memory is checked against the machine too."""
+MAX_SLABS = 4096
+
+
+def check_batch_size(value: int, where: str) -> None:
+    """A ConfigError unless ``1 <= value <= MAX_BATCH_SIZE`` (also used for the CLI's --batch)."""
+    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= MAX_BATCH_SIZE:
+        raise ConfigError(f"{where} must be an integer from 1 to {MAX_BATCH_SIZE:,}, got {value!r}")
+
+
+def _check_pipeline(pipeline: dict[str, Any], source: str) -> None:
+    """Ranges of the [pipeline] settings: refused here, not as a MemoryError or at the first tick."""
+    check_batch_size(pipeline["batch_size"], f"{source}: pipeline.batch_size")
+    if not 1 <= pipeline["slabs"] <= MAX_SLABS:
+        raise ConfigError(f"{source}: pipeline.slabs must be from 1 to {MAX_SLABS}, got {pipeline['slabs']}")
+    if not 1 <= pipeline["queue_size"] <= 1 << 20:
+        raise ConfigError(f"{source}: pipeline.queue_size must be from 1 to {1 << 20:,}, got {pipeline['queue_size']}")
+    delay = pipeline["max_delay_us"]
+    if not (math.isfinite(delay) and 0 <= delay <= 3.6e9):
+        raise ConfigError(f"{source}: pipeline.max_delay_us must be a number of µs from 0 to 3.6e9 (an hour), got {delay}")
+    if not 0 <= pipeline["blas_threads"] <= 4096:
+        raise ConfigError(f"{source}: pipeline.blas_threads must be >= 0 (0 = leave as is), got {pipeline['blas_threads']}")
+    symbols = pipeline["symbols"]
+    if symbols is not None:
+        bad = [x for x in symbols if not isinstance(x, str) or not x.strip()]
+        if bad:
+            raise ConfigError(f"{source}: pipeline.symbols must be a list of symbol names (strings), got {bad!r} in it")
+        if len(set(symbols)) != len(symbols):
+            raise ConfigError(f"{source}: pipeline.symbols names a symbol twice: {symbols}")
 
 
 def resolve_path(value: str, base: Path) -> Path:
@@ -200,12 +234,10 @@ def loads(text: str, path: str | Path = "<string>") -> PipelineDef:
         raise ConfigError(f"{source}: not valid TOML: {exc}") from None
     top = take(raw, TOP_KEYS, "(top level)", source)
     pipeline = take(top["pipeline"], PIPELINE_KEYS, "pipeline", source)
-    for key in ("batch_size", "slabs", "queue_size"):
-        if pipeline[key] < 1:
-            raise ConfigError(f"{source}: pipeline.{key} must be >= 1, got {pipeline[key]}")
+    _check_pipeline(pipeline, source)
     replay = take(top["replay"], REPLAY_KEYS, "replay", source)
-    if replay["speed"] < 0:
-        raise ConfigError(f"{source}: replay.speed must be >= 0 (0 = as fast as possible)")
+    if not (math.isfinite(replay["speed"]) and replay["speed"] >= 0):
+        raise ConfigError(f"{source}: replay.speed must be a number >= 0 (0 = as fast as possible), got {replay['speed']}")
     outputs = take(top["outputs"], OUTPUT_KEYS, "outputs", source)
     bad = [f for f in outputs["formats"] if f not in ("jsonl", "parquet")]
     if bad:
@@ -222,7 +254,7 @@ def loads(text: str, path: str | Path = "<string>") -> PipelineDef:
                 f"{source}: {where} needs a type; one of {', '.join(sorted(STAGE_TYPES))}"
             )
         kind = s["type"]
-        if kind not in STAGE_TYPES:
+        if not isinstance(kind, str) or kind not in STAGE_TYPES:
             close = difflib.get_close_matches(str(kind), list(STAGE_TYPES), n=1)
             hint = f" (did you mean {close[0]!r}?)" if close else ""
             raise ConfigError(
@@ -264,6 +296,35 @@ class BuildContext:
                 return sd.params
         return None
 
+    def known_symbols(self) -> tuple[set[str], bool]:
+        """Symbols the run will see, as far as they can be known before reading the data:
+        the ``[pipeline] symbols`` allow-list, else each source's symbol (given, or from its
+        file name), else those of its first chunk. Returns (names, complete)."""
+        allowed = self.definition.pipeline["symbols"]
+        if allowed:
+            return set(allowed), True
+        names: set[str] = set()
+        complete = True
+        for src in self.sources:
+            if src.symbol:
+                names.add(src.symbol)
+                continue
+            reader, _ = src.open()
+            if getattr(reader, "symbol", None):
+                names.add(reader.symbol)
+                continue
+            complete = False
+            chunks = reader.chunks(4096)
+            try:
+                first = next(iter(chunks), None)
+            finally:
+                close = getattr(chunks, "close", None)
+                if close is not None:
+                    close()
+            if first is not None:
+                names.update(first.symbols)
+        return names, complete
+
     def propose_bucket_volumes(self, buckets: int) -> dict[str, float]:
         """VPIN bucket volume per symbol: its total traded volume in the sources / ``buckets``."""
         import numpy as np
@@ -274,6 +335,10 @@ class BuildContext:
 
         if not self.sources:
             raise ConfigError("bucket_volume = 'auto' needs sources to calibrate on")
+        import structlog
+
+        structlog.get_logger("nautilus_pipeline.config").info(
+            "bucket_volume_calibration", sources=[str(s.path) for s in self.sources], buckets=buckets)
         replay = Replay(self.sources)
         volumes: dict[int, list[float]] = {}  # per symbol: the volume of each block read
         try:
@@ -337,6 +402,9 @@ def build_stages(definition: PipelineDef, sources: list[Any] | None = None) -> l
             out.append(factory(sd.params, ctx))
         except ConfigError as exc:
             raise ConfigError(f"{definition.path}: {sd.where} ({sd.type}): {exc}") from None
+        except (ValueError, TypeError, OverflowError, ZeroDivisionError) as exc:  # a parameter no check caught
+            raise ConfigError(f"{definition.path}: {sd.where} ({sd.type}): a parameter is out of range "
+                              f"({type(exc).__name__}: {exc}); see pipelines/README.md") from None
     return out
 
 
@@ -365,7 +433,32 @@ def build_pipeline(definition: PipelineDef, stages: list[Any], *, batch_size: in
     if unknown:
         raise ConfigError(f"build_pipeline: unknown settings {sorted(unknown)}; use {sorted(settings)}")
     settings.update({k: v for k, v in overrides.items() if v is not None})
-    return Pipeline(stages, symbols=symbols, **settings)
+    check_batch_size(settings["batch_size"], f"{definition.path}: batch_size")
+    _check_pool_memory(stages, settings["batch_size"], settings["slabs"], definition.path)
+    try:
+        return Pipeline(stages, symbols=symbols, **settings)
+    except MemoryError:
+        raise ConfigError(f"{definition.path}: not enough memory for {settings['slabs']} slabs of "
+                          f"{settings['batch_size']:,} rows; lower batch_size or slabs") from None
+
+
+def _check_pool_memory(stages: list[Any], batch_size: int, slabs: int, where: Path) -> None:
+    """Refuse a pool larger than half the machine's memory before allocating it."""
+    import numpy as np
+
+    from .events import TICK_COLUMNS
+
+    specs = [*TICK_COLUMNS, *(c for s in stages for c in getattr(s, "writes", ()))]
+    row = sum(c.dtype.itemsize * int(np.prod(c.shape or (1,))) for c in specs)
+    need = row * batch_size * slabs
+    try:
+        total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):  # pragma: no cover - not POSIX
+        return
+    if need > total // 2:
+        raise ConfigError(f"{where}: the buffer pool would need {need / 2**30:,.1f} GiB ({slabs} slabs × "
+                          f"{batch_size:,} rows × {row} bytes) of the machine's {total / 2**30:,.1f} GiB; "
+                          "lower batch_size or slabs")
 
 
 def _load_registries() -> None:

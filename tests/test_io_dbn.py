@@ -147,9 +147,11 @@ def test_ice_dbn_file_replays_by_receive_time_by_default(tmp_path: Path) -> None
     assert delivered(Source(path)) == [80.0, 80.01, 80.02, 80.03]
 
 
-def test_ordering_the_ice_file_by_event_time_loses_three_of_four(tmp_path: Path) -> None:
+def test_ordering_the_ice_file_by_event_time_refuses_the_trade_that_looks_ahead(tmp_path: Path) -> None:
+    # by event time the first trade (400) is ahead of the three after it: under the
+    # ts_ahead policy (io/checks.py) it alone is refused, where the old check lost the rest
     path = ice_file(tmp_path)
-    assert delivered(Source(path, order_by="ts_ns", policy="reject")) == [80.0]
+    assert delivered(Source(path, order_by="ts_ns", policy="reject")) == [80.01, 80.02, 80.03]
 
 
 def test_cme_file_keeps_event_time_order(sample_dir: Path) -> None:
@@ -165,6 +167,6 @@ def test_cli_order_by_overrides_the_definition(tmp_path: Path, capsys) -> None:
         '[[stages]]\ntype = "vpin"\nbucket_volume = 1.0\n[outputs]\nformats = ["jsonl"]\n'
     )
     assert main(["run", str(definition), "--out", str(tmp_path / "a"), "--no-progress"]) == 4
-    assert "ts_backwards" in capsys.readouterr().err.replace(" ", "_")
+    assert "ts_ahead" in capsys.readouterr().err.replace(" ", "_")  # record 1 is ahead of the rest
     assert main(["run", str(definition), "--out", str(tmp_path / "b"), "--no-progress",
                  "--order-by", "ts_recv"]) == 0

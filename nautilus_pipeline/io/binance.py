@@ -36,7 +36,7 @@ from nautilus_pipeline.errors import DataError
 from nautilus_pipeline.events import KIND_QUOTE, KIND_TRADE, SIDE_BUY, SIDE_SELL
 from nautilus_pipeline.io.chunk import BadRow, Reason, TickChunk
 from nautilus_pipeline.io.csv import CsvOptions, CsvReader, sniff_names
-from nautilus_pipeline.io.files import check_file, iter_lines
+from nautilus_pipeline.io.files import check_file, check_text, iter_lines, read_head
 from nautilus_pipeline.io.table import FieldMap
 
 TRADE_NAMES = ("id", "price", "qty", "quote_qty", "time", "is_buyer_maker", "is_best_match")
@@ -54,8 +54,6 @@ def _layout(path: str | Path, agg: bool) -> tuple[bool, tuple[str, ...]]:
     first = sniff_names(path)
     header = not first[0].lstrip("-").isdigit()
     if header:
-        from nautilus_pipeline.io.files import read_head
-
         lines = [ln for ln in read_head(path).split(b"\n", 64) if ln.strip()]
         if len(lines) < 2:
             raise DataError(f"{path}: the file has a header but no rows; nothing to replay")
@@ -91,6 +89,7 @@ class BinanceFeedReader:
 
     def __init__(self, path: str | Path, *, symbol: str | None = None):
         self.path = str(check_file(path))
+        check_text(self.path)
         self.symbol = symbol
         self.ignored = 0
 
@@ -114,29 +113,88 @@ class BinanceFeedReader:
 
     def _parse(self, lineno: int, line: bytes, acc: _FeedBatch) -> None:
         head, _, body = line.partition(b" ")
+        d = None
         try:
-            recv = int(head)
-            msg = orjson.loads(body)
-        except (ValueError, orjson.JSONDecodeError):
-            acc.dropped.append(BadRow(self.path, lineno, Reason.UNPARSABLE, None, line[:200].decode("utf-8", "replace"),
-                                      line.decode("utf-8", "replace"), None))
-            return
-        stream = msg.get("stream") if isinstance(msg, dict) else None
-        if stream is None:
-            self.ignored += 1
-            return
-        kind = stream.rpartition("@")[2] if "@depth" not in stream else "depth"
-        d = msg.get("data") or {}
-        try:
-            if kind in ("trade", "aggTrade"):
-                acc.add_trade(lineno, recv, d, "t" if kind == "trade" else "a", line)
-            elif kind == "bookTicker":
+            recv = int(head) if head.isdigit() and len(head) <= 19 else _int64(head.decode("ascii", "replace"), "<receive ts>")
+            if recv > _INT64:
+                raise _Bad(Reason.UNPARSABLE, "<receive ts>", head.decode("ascii", "replace"))
+            try:
+                msg = orjson.loads(body)
+            except orjson.JSONDecodeError as e:
+                raise _Bad(Reason.UNPARSABLE, None, f"not JSON ({e})") from None
+            if not isinstance(msg, dict):
+                raise _Bad(Reason.UNPARSABLE, None, f"a JSON {type(msg).__name__}, expected an object")
+            stream = msg.get("stream")
+            if stream is None:
+                self.ignored += 1  # the REST depth snapshot lines
+                return
+            if not isinstance(stream, str):
+                raise _Bad(Reason.UNPARSABLE, "stream", stream)
+            kind = stream.rpartition("@")[2] if "@depth" not in stream else "depth"
+            if kind not in ("trade", "aggTrade", "bookTicker"):
+                self.ignored += 1
+                return
+            d = msg.get("data")
+            if not isinstance(d, dict):
+                raise _Bad(Reason.MISSING_FIELD if d is None else Reason.UNPARSABLE, "data", d)
+            if kind == "bookTicker":
                 acc.add_quote(lineno, recv, d, line)
             else:
-                self.ignored += 1
-        except (KeyError, TypeError, ValueError) as e:
-            acc.dropped.append(BadRow(self.path, lineno, Reason.MISSING_FIELD if isinstance(e, KeyError) else Reason.UNPARSABLE,
-                                      str(e).strip("'"), None, line.decode("utf-8", "replace"), d.get("s") if isinstance(d, dict) else None))
+                acc.add_trade(lineno, recv, d, "t" if kind == "trade" else "a", line)
+        except _Bad as e:
+            text = line.decode("utf-8", "replace")
+            sym = d["s"] if isinstance(d, dict) and isinstance(d.get("s"), str) else None
+            value = e.value if e.value is None or isinstance(e.value, str | int | float | bool) else repr(e.value)[:200]
+            acc.dropped.append(BadRow(self.path, lineno, e.reason, e.field, value if e.field else text[:200],
+                                      text, self.symbol or sym))
+
+
+class _Bad(Exception):
+    def __init__(self, reason: Reason, field: str | None, value: object):
+        self.reason, self.field, self.value = reason, field, value
+
+
+_INT64 = (1 << 63) - 1
+_T_MAX = _INT64 // 1_000_000  # ms that fit int64 once in ns
+
+
+def _get(d: dict, key: str) -> object:
+    v = d.get(key)
+    if v is None:
+        raise _Bad(Reason.MISSING_FIELD, key, None)
+    return v
+
+
+def _int64(v: object, key: str, scale: int = 1) -> int:
+    """An integer field (an int, or digits as text) that fits int64 after ``* scale``."""
+    if isinstance(v, bool) or not isinstance(v, int | str):
+        raise _Bad(Reason.UNPARSABLE, key, v)
+    try:
+        x = int(v)
+    except ValueError:
+        raise _Bad(Reason.UNPARSABLE, key, v) from None
+    if isinstance(v, str) and not v.strip().lstrip("-").isdigit():
+        raise _Bad(Reason.UNPARSABLE, key, v)
+    if not -_INT64 <= x * scale <= _INT64:
+        raise _Bad(Reason.UNPARSABLE, key, v)  # beyond int64: refused, never wrapped
+    return x * scale
+
+
+def _number(v: object, key: str) -> float:
+    """A price or size: Binance sends decimal text; numbers are accepted, booleans are not."""
+    if isinstance(v, bool) or not isinstance(v, int | float | str):
+        raise _Bad(Reason.UNPARSABLE, key, v)
+    try:
+        return float(v)
+    except (ValueError, OverflowError):
+        raise _Bad(Reason.UNPARSABLE, key, v) from None
+
+
+def _symbol(d: dict) -> str:
+    s = _get(d, "s")
+    if not isinstance(s, str) or not s:
+        raise _Bad(Reason.UNPARSABLE, "s", s)
+    return s
 
 
 class _FeedBatch:
@@ -157,15 +215,38 @@ class _FeedBatch:
 
     def add_trade(self, lineno: int, recv: int, d: dict, id_key: str, line: bytes) -> None:
         nan = float("nan")
-        row = (float(d["p"]), float(d["q"]), SIDE_SELL if d["m"] else SIDE_BUY, int(d[id_key]), nan, nan, nan, nan)
-        ts = int(d["T"]) * 1_000_000
-        self._push(lineno, recv, ts, KIND_TRADE, d["s"], row, line)
+        p, q, maker, tid, t, sym = d.get("p"), d.get("q"), d.get("m"), d.get(id_key), d.get("T"), d.get("s")
+        if (type(p) is str and type(q) is str and type(maker) is bool and type(tid) is int and type(t) is int
+                and type(sym) is str and sym and -_INT64 <= tid <= _INT64 and -_T_MAX <= t <= _T_MAX):
+            try:  # the shape every Binance message has: no further checks needed
+                row = (float(p), float(q), SIDE_SELL if maker else SIDE_BUY, tid, nan, nan, nan, nan)
+            except ValueError:
+                pass
+            else:
+                self._push(lineno, recv, t * 1_000_000, KIND_TRADE, sym, row, line)
+                return
+        if not isinstance(maker, bool):
+            raise _Bad(Reason.UNKNOWN_SIDE, "m", maker)
+        row = (_number(_get(d, "p"), "p"), _number(_get(d, "q"), "q"), SIDE_SELL if maker else SIDE_BUY,
+               _int64(_get(d, id_key), id_key), nan, nan, nan, nan)
+        ts = _int64(_get(d, "T"), "T", 1_000_000)
+        self._push(lineno, recv, ts, KIND_TRADE, _symbol(d), row, line)
 
     def add_quote(self, lineno: int, recv: int, d: dict, line: bytes) -> None:
         nan = float("nan")
-        row = (nan, nan, 0, -1, float(d["b"]), float(d["a"]), float(d["B"]), float(d["A"]))
-        ts = int(d["T"]) * 1_000_000 if "T" in d else recv
-        self._push(lineno, recv, ts, KIND_QUOTE, d["s"], row, line)
+        b, a, bs, az, t, sym = d.get("b"), d.get("a"), d.get("B"), d.get("A"), d.get("T"), d.get("s")
+        if (type(b) is str and type(a) is str and type(bs) is str and type(az) is str and type(sym) is str and sym
+                and (t is None or (type(t) is int and -_T_MAX <= t <= _T_MAX))):
+            try:  # the shape every Binance message has: no further checks needed
+                row = (nan, nan, 0, -1, float(b), float(a), float(bs), float(az))
+            except ValueError:
+                pass
+            else:
+                self._push(lineno, recv, recv if t is None else t * 1_000_000, KIND_QUOTE, sym, row, line)
+                return
+        row = (nan, nan, 0, -1, *(_number(_get(d, k), k) for k in ("b", "a", "B", "A")))
+        ts = _int64(d["T"], "T", 1_000_000) if d.get("T") is not None else recv
+        self._push(lineno, recv, ts, KIND_QUOTE, _symbol(d), row, line)
 
     def _push(self, lineno: int, recv: int, ts: int, kind: int, sym: str, row: tuple, line: bytes) -> None:
         self.records.append(lineno)

@@ -9,14 +9,29 @@ and the first failing check names the row's :class:`~nautilus_pipeline.io.chunk.
 2. trades: price finite and > 0, size finite and > 0; quotes: bid/ask finite and > 0, sizes
    (where present) finite and >= 0, not crossed (bid > ask; a locked book bid == ask passes);
 3. duplicate trade id within a symbol (where ids exist, i.e. ``trade_id >= 0``);
-4. time going backwards within a symbol, on the source's replay clock (``ts_ns`` or
-   ``ts_recv_ns``); equal timestamps pass unless ``allow_equal_ts=False``.
+4. time order within a symbol, on the source's replay clock (``ts_ns`` or ``ts_recv_ns``);
+   equal timestamps pass unless ``allow_equal_ts=False``. See "Time order" below.
 
 Policies (per source): ``fail`` raises :class:`DataError` on the first bad row (file,
 line/record, field, value, what to do); ``reject`` drops and counts; ``quarantine`` drops,
 counts and appends ``{"source", "record", "reason", "field", "value", "symbol", "message",
 "raw"}`` as one JSON line (orjson) to a side file. ``raw`` is the line's text as it is in the
 file for CSV and JSON lines; for Parquet and DBN, the record as parsed (a dict).
+
+Time order: the outlier is refused, not the file. Judged against the highest time seen, one
+corrupt *future* timestamp (a flipped digit, a wrapped unit) would be delivered and every
+later row refused as going backwards. So a row is judged against its neighbours: a row
+earlier than the last accepted row of its symbol is ``ts_backwards``; a row whose next row
+is earlier than it (the first with another time) is put to a vote of the next :data:`VOTE_ROWS` rows of its symbol (among
+the next :data:`VOTE_REACH` rows of the file, not counting rows already behind the last
+accepted time): when most of them, and at least two, are earlier, the row is the odd one
+out and is refused as ``ts_ahead``, and the rows after it are kept (with one row of evidence,
+at the end of a file, the later row is refused as before). A real jump forward (a weekend gap) is followed
+by later rows and passes; a run of late rows after a good one is refused row by row as
+before. Fewer than ``VOTE_ROWS // 2`` consecutive corrupt rows are refused this way. The
+votes see the rows after the chunk (:func:`validated` reads ahead), so the verdicts do not
+depend on the chunk size. The sequential scan runs (numba) only for a chunk that is not in
+order; an ordered chunk costs one comparison per row as before.
 
 Duplicate trade ids are remembered as ranges of consecutive ids (Binance and Nautilus ids are
 contiguous, so one range per symbol): memory grows with the gaps between ids, not the rows.
@@ -30,20 +45,73 @@ feed capture) are counted apart as ``ignored`` and are not rows.
 from __future__ import annotations
 
 import collections
+import contextlib
 import enum
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
 
+import numba
 import numpy as np
 import orjson
 
-from nautilus_pipeline.errors import ConfigError, DataError
+from nautilus_pipeline.errors import ConfigError, DataError, PipelineError
 from nautilus_pipeline.events import KIND_QUOTE, KIND_TRADE
 from nautilus_pipeline.io.chunk import BadRow, Reason, TickChunk
 
 UNKNOWN_SYMBOL = "<unknown>"
+
+VOTE_ROWS = 16
+"""Rows of the same symbol after an out-of-order row that decide whether it is the outlier."""
+VOTE_REACH = 4096
+"""How far ahead (rows of the file) the votes are looked for; also the read-ahead of :func:`validated`."""
+
+_BACKWARDS, _AHEAD = 1, 2
+
+
+@numba.njit(cache=True, nogil=True)
+def _time_order(t, pos, cand, last, have, strict, votes, reach):  # pragma: no cover - numba
+    """Verdicts for the candidate rows of one symbol (see the module docstring).
+
+    ``t``: times of the rows that vote (candidates and others with a readable time), then the
+    read-ahead rows; ``pos``: their row positions in the file (for ``reach``); ``cand``: which
+    are judged. Returns (verdict 0/backwards/ahead, the time each refused row is compared
+    with, the last accepted time, whether there is one).
+    """
+    n = t.shape[0]
+    out = np.zeros(n, np.uint8)
+    ref = np.zeros(n, np.int64)
+    for a in range(n):
+        if not cand[a]:
+            continue
+        ti = t[a]
+        if have and (ti < last or (strict and ti == last)):
+            out[a] = _BACKWARDS
+            ref[a] = last
+            continue
+        d = a + 1
+        while d < n and t[d] == ti and d - a <= votes:
+            d += 1  # the first of the next rows with another time decides whether to vote
+        if d < n and d - a <= votes and pos[d] - pos[a] <= reach and t[d] < ti:
+            before = 0
+            count = 0
+            for c in range(a + 1, n):
+                if pos[c] - pos[a] > reach or count >= votes:
+                    break
+                x = t[c]
+                if have and x < last:
+                    continue
+                count += 1
+                if x < ti:
+                    before += 1
+            if 2 * before > count and before >= 2:
+                out[a] = _AHEAD
+                ref[a] = t[d]
+                continue
+        last = ti
+        have = True
+    return out, ref, last, have
 
 
 class Policy(enum.StrEnum):
@@ -187,8 +255,25 @@ _FIELD_OF_REASON = {
 }
 
 
+def _jsonable(v: object) -> object:
+    """``v`` with what orjson cannot write (ints beyond 64 bits, lone surrogates) as text."""
+    if isinstance(v, dict):
+        return {str(k): _jsonable(x) for k, x in v.items()}
+    if isinstance(v, list | tuple):
+        return [_jsonable(x) for x in v]
+    if isinstance(v, int) and not isinstance(v, bool) and not -(1 << 63) <= v < (1 << 64):
+        return str(v)
+    if isinstance(v, str):
+        return v.encode("utf-8", "replace").decode("utf-8")
+    return v
+
+
 class Quarantine:
-    """Appends refused rows as JSON lines; opened on the first row, closed by :meth:`close`."""
+    """Appends refused rows as JSON lines; opened on the first row, closed by :meth:`close`.
+
+    A write that fails (a full disk) cuts the file back to its last whole line and raises a
+    :class:`PipelineError` naming the file: the run stops, the file stays valid.
+    """
 
     def __init__(self, path: str | Path):
         self.path = Path(path)
@@ -196,13 +281,34 @@ class Quarantine:
         self.count = 0
 
     def write(self, row: BadRow) -> None:
+        try:
+            self._write(row)
+        except OSError as e:
+            if self._fh is not None:
+                with contextlib.suppress(OSError):
+                    self._fh.truncate(self._good)
+                    self._fh.close()
+                self._fh = None
+            raise PipelineError(f"{self.path}: cannot write the quarantine file ({e.strerror or e}); "
+                                "free some space or point quarantine= elsewhere") from e
+
+    def _write(self, row: BadRow) -> None:
         if self._fh is None:
             self.path.parent.mkdir(parents=True, exist_ok=True)
-            self._fh = self.path.open("ab")
+            self._fh = self.path.open("ab", buffering=0)
+            self._good = self._fh.seek(0, 2)
         rec = {"source": row.source, "record": row.record, "reason": row.reason.name.lower(),
                "field": row.field, "value": row.value, "symbol": row.symbol,
                "message": row.message(), "raw": row.raw}
-        self._fh.write(orjson.dumps(rec, default=str, option=orjson.OPT_SERIALIZE_NUMPY | orjson.OPT_APPEND_NEWLINE))
+        option = orjson.OPT_SERIALIZE_NUMPY | orjson.OPT_APPEND_NEWLINE
+        try:
+            line = orjson.dumps(rec, default=str, option=option)
+        except orjson.JSONEncodeError:  # integers beyond 64 bits, surrogates: kept as text
+            line = orjson.dumps(_jsonable(rec), default=str, option=option)
+        view = memoryview(line)
+        while view:
+            view = view[self._fh.write(view):]
+        self._good += len(line)
         self.count += 1
 
     def close(self) -> None:
@@ -247,10 +353,15 @@ class Validator:
         self._back_prev: dict[int, int] = {}
 
     # --- per chunk ---------------------------------------------------------------------
-    def process(self, chunk: TickChunk) -> TickChunk:
-        """Return the chunk's good rows; count, raise on or quarantine the others."""
+    def process(self, chunk: TickChunk, lookahead: Sequence[TickChunk] = ()) -> TickChunk:
+        """Return the chunk's good rows; count, raise on or quarantine the others.
+
+        ``lookahead``: the chunks that follow (unchecked), whose first :data:`VOTE_REACH`
+        rows vote on out-of-order rows near the end of this one (:func:`validated` passes them).
+        """
         n = len(chunk)
         self._back_prev: dict[int, int] = {}
+        self._ahead = _Ahead(lookahead, self.order_by)
         reason = np.zeros(n, dtype=np.uint8) if chunk.bad is None else chunk.bad.astype(np.uint8, copy=True)
         if n:
             self._field_checks(chunk, reason)
@@ -318,19 +429,24 @@ class Validator:
         codes = chunk.column("symbol_id")
         present = np.unique(codes) if len(chunk.symbols) > 1 else np.zeros(1, dtype=np.uint32)
         clean = not reason.any()
+        readable = None if chunk.bad is None else chunk.bad == 0  # rows whose time can vote
         for code in present:
             name = chunk.symbols[int(code)]
             if len(present) == 1 and clean:
                 rows = None  # every row: slices instead of fancy indexing (the common case)
+                voters = None
             else:
-                mask = reason == 0 if len(present) == 1 else (codes == code) & (reason == 0)
-                rows = np.flatnonzero(mask)
+                mine = codes == code if len(present) > 1 else np.ones(len(codes), dtype=bool)
+                rows = np.flatnonzero(mine & (reason == 0))
+                voters = np.flatnonzero(mine if readable is None else mine & readable)
                 if len(rows) == 0:
                     continue
-            self._check_symbol(chunk, name, rows, reason)
+            self._check_symbol(chunk, name, rows, voters, reason)
 
-    def _check_symbol(self, chunk: TickChunk, name: str, rows: np.ndarray | None, reason: np.ndarray) -> None:
-        """Duplicate ids, then time order, for the candidate ``rows`` (None: all) of one symbol."""
+    def _check_symbol(self, chunk: TickChunk, name: str, rows: np.ndarray | None, voters: np.ndarray | None,
+                      reason: np.ndarray) -> None:
+        """Duplicate ids, then time order, for the candidate ``rows`` (None: all) of one symbol;
+        ``voters`` (None: all) are the rows whose times vote on the order (see the docstring)."""
 
         def take(a: np.ndarray) -> np.ndarray:
             return a if rows is None else a[rows]
@@ -357,30 +473,45 @@ class Validator:
             full[np.flatnonzero(has_id)[dup]] = True
             reason[index(full)] = Reason.DUPLICATE_TRADE_ID
             keep &= ~full
-        # time order within the symbol, carried across chunks (rejected rows never move it)
-        t = take(chunk.column(self.order_by))
+        # time order within the symbol, carried across chunks (refused rows never move it)
+        t_all = chunk.column(self.order_by)
+        t = take(t_all)
+        tv = t_all if voters is None else t_all[voters]
         last = self._last_ts.get(name)
-        k = keep.all()
-        tk = t if k else t[keep]
-        if len(tk) == 0:
+        if not keep.any():
             return
-        ordered = (last is None or tk[0] >= last) and bool((tk[1:] >= tk[:-1]).all())
-        if not ordered or (not self.allow_equal_ts and ((last is not None and tk[0] == last) or (tk[1:] == tk[:-1]).any())):
-            floor = np.iinfo(np.int64).min if last is None else last
-            prev = np.maximum.accumulate(np.concatenate([[floor], tk]))[:-1]
-            back = tk < prev if self.allow_equal_ts else tk <= prev
-            if back.any():
-                kept = np.flatnonzero(keep)
-                full = np.zeros(len(t), dtype=bool)
-                full[kept[back]] = True
-                bad_rows = index(full)
-                reason[bad_rows] = Reason.TS_BACKWARDS
-                self._back_prev.update(zip(bad_rows.tolist(), prev[back].tolist(), strict=True))
-                keep &= ~full
-                tk = t[keep]
-        if len(tk) == 0:
-            return
-        self._last_ts[name] = int(tk.max()) if last is None else max(last, int(tk.max()))
+        tk = t if keep.all() else t[keep]
+        in_order = bool((tv[1:] >= tv[:-1]).all()) and (last is None or tk[0] >= last)
+        if in_order:
+            nxt = self._ahead.next_other(name, int(tv[-1]))
+            in_order = nxt is None or tv[-1] < nxt
+        if in_order and not self.allow_equal_ts:
+            in_order = bool((tk[1:] > tk[:-1]).all()) and (last is None or tk[0] > last)
+        if in_order:
+            new_last = int(tk[-1])
+        else:
+            ahead_t, ahead_pos = self._ahead.of(name)
+            vpos = np.arange(len(t_all), dtype=np.int64) if voters is None else voters.astype(np.int64)
+            cand_rows = index(keep)
+            cand = np.zeros(len(vpos) + len(ahead_t), dtype=bool)
+            cand[: len(vpos)] = np.isin(vpos, cand_rows, assume_unique=True)
+            verdict, ref, new_last, have = _time_order(
+                np.concatenate([tv, ahead_t]).astype(np.int64), np.concatenate([vpos, len(t_all) + ahead_pos]),
+                cand, np.int64(0 if last is None else last), last is not None, not self.allow_equal_ts,
+                VOTE_ROWS, VOTE_REACH)
+            verdict, ref = verdict[: len(vpos)], ref[: len(vpos)]
+            refused = np.flatnonzero(verdict)
+            if len(refused):
+                bad_rows = vpos[refused]
+                reason[bad_rows] = np.where(verdict[refused] == _AHEAD, Reason.TS_AHEAD, Reason.TS_BACKWARDS)
+                self._back_prev.update(zip(bad_rows.tolist(), ref[refused].tolist(), strict=True))
+                gone = np.zeros(len(t_all), dtype=bool)
+                gone[bad_rows] = True
+                keep &= ~take(gone)
+            if not have:
+                return
+            new_last = int(new_last)
+        self._last_ts[name] = new_last if last is None else max(last, new_last)
         ok = has_id & keep
         if ok.any():
             self._ids.setdefault(name, IdSet()).add(tid if ok.all() else tid[ok])
@@ -389,7 +520,7 @@ class Validator:
     def _bad_row(self, chunk: TickChunk, i: int, why: Reason) -> BadRow:
         """Describe row ``i``: ``field`` is the file's column name where the reader knows it."""
         ours = _FIELD_OF_REASON.get(why)
-        if why is Reason.TS_BACKWARDS:
+        if why in (Reason.TS_BACKWARDS, Reason.TS_AHEAD):
             ours = self.order_by
         raw = chunk.raw_record(i)
         value: object = None
@@ -405,6 +536,8 @@ class Validator:
                 value = {"bid": value, "ask": chunk.columns["ask"][i].item()}
             elif why is Reason.TS_BACKWARDS:
                 value = {"ts": value, "latest_before": self._back_prev.get(i)}
+            elif why is Reason.TS_AHEAD:
+                value = {"ts": value, "next": self._back_prev.get(i)}
         sym = None
         if chunk.symbols and "symbol_id" in chunk.columns:
             sym = chunk.symbols[int(chunk.columns["symbol_id"][i])]
@@ -443,12 +576,111 @@ class Validator:
             self.quarantine.close()
 
 
-def validated(chunks: Iterator[TickChunk], validator: Validator) -> Iterator[TickChunk]:
-    """The good rows of ``chunks``, chunk by chunk (empty chunks skipped)."""
+READER_ERRORS = (ValueError, TypeError, OverflowError, KeyError, IndexError, UnicodeError, AttributeError,
+                 MemoryError)
+"""What a third-party decoder may raise on a damaged file (pyarrow's errors are ValueErrors and
+OSErrors); :func:`validated` turns them into a :class:`DataError` naming the source, so that
+only this package's errors reach a user."""
+
+
+def _next_chunk(it: Iterator[TickChunk], source: str) -> TickChunk | None:
     try:
-        for c in chunks:
-            good = validator.process(c)
+        return next(it, None)
+    except PipelineError:
+        raise
+    except READER_ERRORS as e:
+        raise DataError(f"{source}: the file cannot be read ({type(e).__name__}: {e}); it is damaged, "
+                        "or not in the format its reader expects") from e
+
+
+class _Ahead:
+    """The first :data:`VOTE_REACH` rows of the chunks after the current one, per symbol."""
+
+    def __init__(self, chunks: Sequence[TickChunk], order_by: str):
+        self.chunks = chunks
+        self.order_by = order_by
+        self._by_name: dict[str, tuple[np.ndarray, np.ndarray]] | None = None
+
+    def next_other(self, name: str, value: int) -> int | None:
+        """The first time other than ``value`` among ``name``'s next :data:`VOTE_ROWS` rows
+        after the current chunk (within the reach), if any: whether the chunk's last rows
+        would be put to a vote depends on it."""
+        at = 0
+        seen = 0
+        for c in self.chunks:
+            if at >= VOTE_REACH or seen >= VOTE_ROWS:
+                break
+            n = min(len(c), VOTE_REACH - at)
+            k = c.symbols.index(name) if name in c.symbols else -1
+            if n and k >= 0:
+                sel = np.ones(n, dtype=bool) if c.bad is None else c.bad[:n] == 0
+                if len(c.symbols) > 1:
+                    sel &= c.column("symbol_id")[:n] == k
+                t = c.column(self.order_by)[:n][sel][: VOTE_ROWS - seen]
+                other = np.flatnonzero(t != value)
+                if len(other):
+                    return int(t[other[0]])
+                seen += len(t)
+            at += n
+        return None
+
+    def of(self, name: str) -> tuple[np.ndarray, np.ndarray]:
+        """Times and positions (0 = the first row after the current chunk) of ``name``'s rows."""
+        if self._by_name is None:
+            self._by_name = {}
+            parts: dict[str, list[tuple[np.ndarray, np.ndarray]]] = {}
+            at = 0
+            for c in self.chunks:
+                if at >= VOTE_REACH:
+                    break
+                n = min(len(c), VOTE_REACH - at)
+                if n:
+                    t = c.column(self.order_by)[:n]
+                    ok = np.ones(n, dtype=bool) if c.bad is None else c.bad[:n] == 0
+                    codes = c.column("symbol_id")[:n]
+                    for k, sym in enumerate(c.symbols):
+                        sel = ok & (codes == k) if len(c.symbols) > 1 else ok
+                        if sel.any():
+                            parts.setdefault(sym, []).append((t[sel], at + np.flatnonzero(sel)))
+                at += n
+            for sym, ps in parts.items():
+                self._by_name[sym] = (np.concatenate([p[0] for p in ps]), np.concatenate([p[1] for p in ps]))
+        return self._by_name.get(name, (_EMPTY, _EMPTY))
+
+
+_EMPTY = np.empty(0, dtype=np.int64)
+
+
+def validated(chunks: Iterator[TickChunk], validator: Validator) -> Iterator[TickChunk]:
+    """The good rows of ``chunks``, chunk by chunk (empty chunks skipped).
+
+    Reads ahead until :data:`VOTE_REACH` rows follow the chunk being checked (or the file
+    ends), so that the rows after it can vote on its time order.
+    """
+    pending: collections.deque[TickChunk] = collections.deque()
+    ahead = 0  # rows in pending after its first chunk
+    it = iter(chunks)
+    done = False
+    try:
+        while True:
+            while not done and (not pending or ahead < VOTE_REACH):
+                c = _next_chunk(it, validator.source)
+                if c is None:
+                    done = True
+                    break
+                if pending:
+                    ahead += len(c)
+                pending.append(c)
+            if not pending:
+                return
+            c = pending.popleft()
+            if pending:
+                ahead -= len(pending[0])
+            good = validator.process(c, pending)
             if len(good):
                 yield good
     finally:
         validator.close()
+        close = getattr(it, "close", None)
+        if close is not None:
+            close()

@@ -42,6 +42,7 @@ class Reason(enum.IntEnum):
     CROSSED_QUOTE = 9
     WRONG_FIELD_COUNT = 10
     UNKNOWN_SYMBOL = 11
+    TS_AHEAD = 12
 
     @property
     def advice(self) -> str:
@@ -67,6 +68,10 @@ _ADVICE: dict[Reason, str] = {
     Reason.UNKNOWN_SYMBOL: (
         "the pipeline trades only the symbols in its [pipeline] symbols list: add this one, "
         "or filter the file"
+    ),
+    Reason.TS_AHEAD: (
+        "the time is later than most of the next rows of its symbol (a corrupt timestamp?): "
+        "fix the row; policy 'reject'/'quarantine' drops it and keeps the rows after it"
     ),
 }
 

@@ -11,6 +11,11 @@ about 0.25 µs the digits are rounded), ``ms``, ``us``, ``ns``; ``iso``
 (ISO-8601 text; a naive time is taken as UTC); ``auto`` (integers, unit guessed *per value*
 by magnitude: < 1e11 s, < 1e14 ms, < 1e17 µs, else ns; Binance spot switched from ms to µs on
 2025-01-01, so the unit is never assumed).
+
+Range. Nanoseconds since the epoch in int64 reach 2262-04-11; a value whose conversion to ns
+would pass that (a ns timestamp read as µs, a corrupt digit, an id beyond 2^63 - 1) is
+*unparsable*: the row is refused, never wrapped to a plausible time. The check is on the
+value before it is scaled (``|v| <= (2^63 - 1) // ns_per_unit``), so no product overflows.
 """
 
 from __future__ import annotations
@@ -30,6 +35,7 @@ TS_UNITS = ("s", "ms", "us", "ns", "iso", "auto")
 SIDE_ENCODINGS = ("auto", "buy_sell", "sign", "is_buyer_maker", "nautilus", "databento")
 
 _UNIT_NS = {"s": 1_000_000_000, "ms": 1_000_000, "us": 1_000, "ns": 1}
+INT64_MAX = np.iinfo(np.int64).max
 
 _SIDE_WORDS: dict[str, int] = {
     "buy": SIDE_BUY, "b": SIDE_BUY, "bid": SIDE_BUY, "buyer": SIDE_BUY, "1": SIDE_BUY, "+1": SIDE_BUY,
@@ -72,7 +78,8 @@ def to_float(values: pa.Array | np.ndarray | list, scale: float | None = None) -
     missing = _nulls(arr)
     bad = np.zeros(len(arr), dtype=bool)
     if pa.types.is_floating(arr.type) or pa.types.is_integer(arr.type) or pa.types.is_null(arr.type):
-        out = arr.cast(pa.float64()).to_numpy(zero_copy_only=False)
+        # integers beyond 2^53 lose digits as float64 (a price never has that many): no error
+        out = arr.cast(pa.float64(), safe=False).to_numpy(zero_copy_only=False)
     elif pa.types.is_dictionary(arr.type):
         return to_float(arr.dictionary_decode(), scale)
     else:
@@ -137,25 +144,56 @@ def _numeric_text(arr: pa.Array) -> pa.Array | None:
     """Text holding only numbers, cast to int64 (or float64); None if any value is not one."""
     blank = pc.equal(pc.utf8_trim_whitespace(arr), "")
     arr = pc.if_else(blank, pa.scalar(None, pa.string()), arr)
-    for t in (pa.int64(), pa.float64()):
+    try:
+        return arr.cast(pa.int64())
+    except (pa.ArrowInvalid, pa.ArrowNotImplementedError):
+        pass
+    if not pc.any(pc.match_substring_regex(arr, r"[.eE]")).as_py() or \
+            pc.any(pc.match_substring_regex(arr, r"^\s*[-+]?[0-9]{16,}\s*$")).as_py():
+        return None  # long integers among bad values: per value, so they keep every digit
+    try:
+        return arr.cast(pa.float64())
+    except (pa.ArrowInvalid, pa.ArrowNotImplementedError):
+        return None
+
+
+def _auto_factor(mag: int) -> int:
+    return 1_000_000_000 if mag < 10**11 else 1_000_000 if mag < 10**14 else 1_000 if mag < 10**17 else 1
+
+
+def _one_ns(text: str, unit: str) -> int:
+    """One timestamp given as text, in ns (raises ValueError/OverflowError when it is none)."""
+    if unit == "iso":
+        ns = _iso_one(text)
+    elif "_" in text:
+        raise ValueError(text)
+    else:
         try:
-            return arr.cast(t)
-        except (pa.ArrowInvalid, pa.ArrowNotImplementedError):
-            continue
-    return None
+            whole = int(text)  # exact: 19-digit ns survive (float64 keeps 15-16)
+            ns = whole * (_auto_factor(abs(whole)) if unit == "auto" else _UNIT_NS[unit])
+        except ValueError:
+            try:
+                ns = round(_strict_float(text) * _UNIT_NS["s" if unit == "auto" else unit])
+            except ValueError:
+                if unit != "auto":
+                    raise
+                ns = _iso_one(text)
+    if not -INT64_MAX <= ns <= INT64_MAX:
+        raise OverflowError(text)
+    return ns
 
 
 def _text_ns(arr: pa.Array, unit: str, missing: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Per-value fallback for numeric timestamps given as text with some bad values."""
+    """Per-value fallback for timestamps given as text with some bad values."""
     out = np.zeros(len(arr), dtype=np.int64)
     bad = np.zeros(len(arr), dtype=bool)
     for i, v in enumerate(arr.to_pylist()):
-        if v is None or not str(v).strip():
+        text = "" if v is None else str(v).strip()
+        if not text:
             missing[i] = True
             continue
         try:
-            x = _strict_float(v) if any(c in str(v) for c in ".eE") else int(_strict_float(v))
-            out[i] = round(x * _UNIT_NS[unit])
+            out[i] = _one_ns(text, unit)
         except (TypeError, ValueError, OverflowError):
             bad[i] = True
     return out, missing, bad
@@ -170,8 +208,15 @@ def to_ns(values: pa.Array | np.ndarray | list, unit: str) -> tuple[np.ndarray, 
         arr = arr.dictionary_decode()
     missing = _nulls(arr)
     if pa.types.is_timestamp(arr.type):
-        ns = arr.cast(pa.timestamp("ns", arr.type.tz)).cast(pa.int64()).fill_null(0)
-        return ns.to_numpy(zero_copy_only=False), missing, np.zeros(len(arr), dtype=bool)
+        try:
+            ns = arr.cast(pa.timestamp("ns", arr.type.tz)).cast(pa.int64()).fill_null(0)
+            return ns.to_numpy(zero_copy_only=False), missing, np.zeros(len(arr), dtype=bool)
+        except pa.ArrowInvalid:  # some value beyond 2262 once in ns: refuse those rows only
+            raw = arr.cast(pa.int64()).fill_null(0).to_numpy(zero_copy_only=False)
+            return _scale_checked(raw, _UNIT_NS[arr.type.unit], missing)
+    if pa.types.is_date(arr.type):
+        days = arr.cast(pa.date32()).cast(pa.int32()).fill_null(0).to_numpy(zero_copy_only=False)
+        return _scale_checked(days.astype(np.int64), 86_400 * 1_000_000_000, missing)
     if pa.types.is_string(arr.type) and unit != "iso":
         numeric = _numeric_text(arr)
         if numeric is not None:
@@ -179,25 +224,16 @@ def to_ns(values: pa.Array | np.ndarray | list, unit: str) -> tuple[np.ndarray, 
         if unit != "auto":
             return _text_ns(arr, unit, missing)
     if unit == "iso" or (pa.types.is_string(arr.type) and unit == "auto"):
-        bad = np.zeros(len(arr), dtype=bool)
         try:
             ns = arr.cast(pa.timestamp("ns", "UTC")).cast(pa.int64()).fill_null(0)
-            return ns.to_numpy(zero_copy_only=False), missing, bad
+            return ns.to_numpy(zero_copy_only=False), missing, np.zeros(len(arr), dtype=bool)
         except (pa.ArrowInvalid, pa.ArrowNotImplementedError, pa.ArrowTypeError):
-            out = np.zeros(len(arr), dtype=np.int64)
-            for i, v in enumerate(arr.to_pylist()):
-                if v is None or str(v).strip() == "":
-                    missing[i] = True
-                    continue
-                try:
-                    out[i] = _iso_one(str(v))
-                except (ValueError, TypeError, OverflowError):
-                    bad[i] = True
-            return out, missing, bad
+            return _text_ns(arr.cast(pa.string()), unit, missing)
     if unit == "s" or pa.types.is_floating(arr.type):
         if pa.types.is_integer(arr.type) and unit != "auto":
             raw, missing, bad = to_int(arr, 0)
-            return raw * _UNIT_NS[unit], missing, bad
+            ns, _, over = _scale_checked(raw, _UNIT_NS[unit], missing)
+            return ns, missing, bad | over
         f, missing, bad = to_float(arr)
         factor = _UNIT_NS["s" if unit == "auto" else unit]
         with np.errstate(invalid="ignore"):
@@ -209,8 +245,19 @@ def to_ns(values: pa.Array | np.ndarray | list, unit: str) -> tuple[np.ndarray, 
     if unit == "auto":
         mag = np.abs(raw)
         factor = np.where(mag < 10**11, 1_000_000_000, np.where(mag < 10**14, 1_000_000, np.where(mag < 10**17, 1_000, 1)))
-        return raw * factor, missing, bad
-    return raw * _UNIT_NS[unit], missing, bad
+    else:
+        factor = _UNIT_NS[unit]
+    ns, _, over = _scale_checked(raw, factor, missing)
+    return ns, missing, bad | over
+
+
+def _scale_checked(raw: np.ndarray, factor: int | np.ndarray, missing: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """``raw * factor`` as int64 ns, with rows whose product would pass int64 flagged (and 0)."""
+    limit = INT64_MAX // np.asarray(factor, dtype=np.int64)
+    over = (raw > limit) | (raw < -limit)
+    if over.any():
+        raw = np.where(over, 0, raw)
+    return raw * factor, missing, over & ~missing
 
 
 def _lookup(arr: pa.Array, table: Callable[[object], int | None]) -> tuple[np.ndarray, np.ndarray]:
@@ -288,6 +335,10 @@ def symbol_codes(values: pa.Array | np.ndarray | list) -> tuple[np.ndarray, list
         arr = arr.dictionary_encode()
     names = [str(v) for v in arr.dictionary.to_pylist()]
     codes = arr.indices.fill_null(0).to_numpy(zero_copy_only=False).astype(np.uint32)
+    if missing.any() or not names:  # rows without a symbol get a code of their own: ""
+        if "" not in names:
+            names.append("")
+        codes[missing] = names.index("")
     return codes, names, missing
 
 

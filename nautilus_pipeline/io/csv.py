@@ -6,20 +6,32 @@ copy for plain files; from the decompressing stream for .gz/.zst) and each block
 converted (``include_columns``); each becomes a numpy array in one call
 (``table.arrays_to_chunk``). Memory stays at a block or two whatever the size of the file.
 
-Line numbers are exact: data line ``i`` is ``first_line + i``, except for lines the parser
-refused (wrong number of fields), which pyarrow reports through ``invalid_row_handler`` and
-which count as rows with reason ``wrong_field_count``. Empty lines are rows too (with missing
-fields), so numbering never drifts. Only an empty field is missing: ``nan`` or ``inf`` parse
-as numbers, so the checks name them ("price not finite"). Quoted fields spanning lines are not
-supported (no tick format uses them).
+Every line is accounted for. A *line* is what ends in ``\\n`` (a ``\\r`` before it is
+dropped), numbered from 1 as a text editor shows it; every data line becomes exactly one row
+or one refused row, so rows parsed + refused = data lines, always. Each block's newlines are
+counted (numpy, about 6 % of the parse) and a block whose row count differs is never
+delivered. Empty lines are rows too (with missing fields). Only an empty field is missing:
+``nan`` or ``inf`` parse as numbers, so the checks name them ("price not finite"). Blank lines
+before a header are not data; a UTF-8 byte-order mark is skipped.
 
-Why fallbacks instead of a lenient parser. A typed, threaded parse is what makes the reader
-as fast as ``read_csv`` itself, but pyarrow refuses a whole block on one unparsable value, and
-with threads it cannot tell the line of a refused row. So the reader starts typed and threaded;
-on the first refused line it restarts on pyarrow's single-threaded streaming reader
-(``open_csv``: exact line numbers), and on the first conversion error with text columns that
-``convert.py`` converts per column (one bad value refuses one row). Restarts skip the rows
-already delivered, so clean files pay nothing and damaged ones give the same rows, slower.
+Quotes. Tick files do not quote their fields, and pyarrow's quote handling is what let one
+stray ``"`` swallow the rest of a file into one field. So quoting is off unless the start of
+the file shows quoted fields (pandas' ``QUOTE_ALL``, spreadsheet exports): then the fast path
+reads them quoted, and the exact path (below) strips a pair of quotes around a value. A stray
+quote is then a character in a field: that row is unparsable, the others are read. Quoted
+fields holding the delimiter or a newline are not supported (no tick format has them).
+
+Why two paths instead of a lenient parser. A typed, threaded parse is what makes the reader
+as fast as ``read_csv`` itself, but pyarrow refuses a whole block on one unparsable value or
+one line with the wrong number of fields, and cannot say which line. So the reader starts on
+the *fast* path; on the first block that pyarrow refuses, or whose rows do not match its
+lines, it restarts on the *exact* path, which splits each block at its line ends itself
+(numpy over the bytes) and sets aside, with their line numbers, the lines pyarrow would
+misread: a wrong number of fields, bytes that are not UTF-8, a carriage return inside a line,
+a line over 1 MiB. The rest is parsed with threads as before. On the first conversion error
+with typed columns the exact path restarts once more with text columns that ``convert.py``
+converts per column (one bad value refuses one row). Restarts skip the lines already
+delivered, so clean files pay nothing and damaged ones give the same rows, slower.
 
 Measured (``scripts/bench_readers.py --repeat 5``; Intel Xeon VM, 2 cores, pyarrow 26.0.1,
 other jobs sharing the machine), million trades/s, best of the runs; plain =
@@ -50,18 +62,26 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.csv as pacsv
 
 from nautilus_pipeline.errors import ConfigError, DataError
 from nautilus_pipeline.io.chunk import BadRow, Reason, TickChunk
 from nautilus_pipeline.io.files import (
+    UTF8_BOM,
     check_file,
+    check_text,
     decoding_errors,
     iter_lines,
     open_stream,
     read_head,
 )
 from nautilus_pipeline.io.table import FieldMap, arrays_to_chunk
+
+MAX_LINE = 1 << 20
+"""Longest line read (bytes); a longer one is a refused row (no tick row is near it)."""
+
+_RAW_KEEP = 4096  # characters of a refused line kept in its quarantine record
 
 
 @dataclass(frozen=True)
@@ -83,8 +103,15 @@ def _split(line: bytes, delimiter: str) -> list[str]:
 
 
 class _Restart(Exception):
-    def __init__(self, threads: bool, robust: bool):
-        self.threads, self.robust = threads, robust
+    def __init__(self, robust: bool):
+        self.robust = robust
+
+
+@dataclass(slots=True)
+class _Block:
+    first: int  # line number of the block's first line
+    data: pa.Buffer | bytes  # whole lines; the last may lack its newline at the end of the file
+    lines: int
 
 
 class CsvReader:
@@ -94,19 +121,25 @@ class CsvReader:
         self.path = str(path)
         self.fmap = fmap
         self.options = options or CsvOptions()
+        if len(self.options.delimiter) != 1:
+            raise ConfigError(f"{self.path}: the delimiter must be one character, got {self.options.delimiter!r}")
         self.symbol = symbol if symbol is not None else (None if fmap.symbol else Path(path).name.split(".")[0])
         self.ignored = 0
-        self._dropped_upto = 0
+        self._upto = 0
         self._lines = LineFetcher(self.path)
         self._names, self._first_line = self._check_layout()
 
     def _check_layout(self) -> tuple[list[str], int]:
         check_file(self.path)
+        check_text(self.path)
         head = read_head(self.path)
-        lines = [ln for ln in head.split(b"\n", 64) if ln.strip()]
+        numbered = [(i + 1, ln) for i, ln in enumerate(head.split(b"\n", 64)) if ln.strip()]
+        lines = [ln for _, ln in numbered]
         opts = self.options
         if not lines:
             raise DataError(f"{self.path}: the file has no lines (only whitespace); nothing to replay")
+        self._quoted = b'"' in head
+        self._header_line = numbered[0][0] if opts.header else 0
         first = _split(lines[0].rstrip(b"\r"), opts.delimiter)
         data_lines = lines[1:] if opts.header else lines
         if opts.column_names is None:
@@ -121,6 +154,9 @@ class CsvReader:
                     f"{self.path}: the first row has {len(sample)} fields {sample!r} but the format "
                     f"expects {len(names)} ({', '.join(names)}): wrong columns, or a different format"
                 )
+        if len(set(names)) != len(names):
+            dupes = sorted({n for n in names if names.count(n) > 1})
+            raise DataError(f"{self.path}: the header names columns {dupes} more than once; rename them")
         missing = [c for c in self.fmap.columns().values() if c not in names]
         if missing:
             raise DataError(
@@ -131,7 +167,7 @@ class CsvReader:
             raise DataError(f"{self.path}: the file has a header but no rows; nothing to replay")
         rows = (_split(ln.rstrip(b"\r"), opts.delimiter) for ln in data_lines)
         self._sample = next((r for r in rows if len(r) == len(names)), [""] * len(names))
-        return names, 2 if opts.header else 1
+        return names, self._header_line + 1
 
     def _types(self, robust: bool) -> dict[str, pa.DataType]:
         cols = self.fmap.columns()
@@ -163,12 +199,9 @@ class CsvReader:
                 types[col] = pa.float64()
         return types
 
-    def _parse_options(self, robust: bool, dropped: list[tuple[int | None, str, int]]) -> tuple[pacsv.ParseOptions, pacsv.ConvertOptions]:
-        def on_invalid(row: pacsv.InvalidRow) -> str:
-            dropped.append((row.number, row.text, row.actual_columns))
-            return "skip"
-
-        parse = pacsv.ParseOptions(delimiter=self.options.delimiter, invalid_row_handler=on_invalid, ignore_empty_lines=False)
+    def _parse(self, data: pa.Buffer | bytes, *, robust: bool, quoted: bool, block_size: int) -> pa.Table:
+        parse = pacsv.ParseOptions(delimiter=self.options.delimiter, ignore_empty_lines=False,
+                                   quote_char='"' if quoted else False)
         conv = pacsv.ConvertOptions(
             include_columns=list(dict.fromkeys(self.fmap.columns().values())),
             column_types=self._types(robust),
@@ -176,40 +209,20 @@ class CsvReader:
             strings_can_be_null=True,
             quoted_strings_can_be_null=True,
         )
-        return parse, conv
+        read = pacsv.ReadOptions(use_threads=True, block_size=block_size, column_names=self._names)
+        return pacsv.read_csv(pa.BufferReader(data), read_options=read, parse_options=parse, convert_options=conv)
 
-    def _batches(self, threads: bool, robust: bool, dropped: list[tuple[int | None, str, int]]) -> Iterator[pa.RecordBatch]:
-        """Arrow batches in file order: threaded byte blocks, or pyarrow's streaming reader."""
-        if threads:
-            yield from self._block_batches(robust, dropped)
-            return
-        parse, conv = self._parse_options(robust, dropped)
-        opts = self.options
-        read = pacsv.ReadOptions(
-            use_threads=False,
-            block_size=opts.block_size or (1 << 22),
-            column_names=self._names if opts.column_names is not None else None,
-            skip_rows=1 if opts.header and opts.column_names is not None else 0,
-        )
-        reader = pacsv.open_csv(open_stream(self.path), read_options=read, parse_options=parse, convert_options=conv)
-        while True:
-            try:
-                yield reader.read_next_batch()
-            except StopIteration:
-                return
-
-    def _block_batches(self, robust: bool, dropped: list[tuple[int | None, str, int]]) -> Iterator[pa.RecordBatch]:
-        """The fast path: the file in bounded byte blocks cut at line ends, each parsed by
-        ``read_csv`` with threads (faster than ``read_csv`` on the whole file; see the table).
+    # --- blocks ------------------------------------------------------------------------
+    def _blocks(self) -> Iterator[_Block]:
+        """Byte blocks at line ends, numbered; header (and blank lines before it) and BOM removed.
 
         Plain files are memory-mapped and sliced without a copy; decompressed streams are
-        re-joined at the cut line. Any refused line restarts the file on the exact
-        (single-threaded) path, which knows its line number.
+        re-joined at the cut line. A line longer than the block makes the block grow.
         """
-        parse, conv = self._parse_options(robust, dropped)
-        read = pacsv.ReadOptions(use_threads=True, block_size=1 << 20, column_names=self._names)
         size = self.options.block_size or (1 << 23)
-        header = self.options.header
+        skip = self._header_line  # lines before the data
+        line = 1
+        first = True
         rest = b""
         with open_stream(self.path) as stream:
             mapped = isinstance(stream, pa.MemoryMappedFile)
@@ -234,88 +247,174 @@ class CsvReader:
                         rest = data
                         continue
                     block, rest = (data, b"") if cut == len(data) else (data[:cut], data[cut:])
-                if header and len(block):
-                    nl = np.flatnonzero(np.frombuffer(block, dtype=np.uint8, count=min(len(block), 1 << 16)) == 10)
-                    block = block[int(nl[0]) + 1 :] if len(nl) else b""
-                    header = False
+                if first:
+                    first = False
+                    if len(block) >= 3 and bytes(block[:3]) == UTF8_BOM:
+                        block = block[3:]
+                newlines = _count_newlines(block)
+                if skip and len(block):
+                    nl = np.flatnonzero(np.frombuffer(block, dtype=np.uint8) == 10)
+                    if len(nl) < skip:  # (blank lines before a header filling a block)
+                        skip -= len(nl)
+                        line += len(nl)
+                        block, newlines = block[len(block):], 0
+                    else:
+                        block = block[int(nl[skip - 1]) + 1 :]
+                        line += skip
+                        newlines -= skip
+                        skip = 0
                 if len(block):
-                    table = pacsv.read_csv(pa.BufferReader(block), read_options=read, parse_options=parse, convert_options=conv)
-                    if dropped:
-                        raise _Restart(False, robust)
-                    yield from table.combine_chunks().to_batches()  # one batch a block: fewer, larger chunks
+                    lines = newlines + (0 if block[len(block) - 1] == 10 else 1)
+                    yield _Block(line, block, lines)
+                    line += lines
                 if at_end:
                     return
 
+    # --- chunks ------------------------------------------------------------------------
     def chunks(self, chunk_rows: int = 65_536) -> Iterator[TickChunk]:
         """Chunks of at most ``chunk_rows`` rows, in file order, with exact line numbers."""
-        threads, robust = True, False
-        emitted = 0
+        self._upto = 0  # last line delivered (as a row or a refused row)
+        self._any = False
+        exact, robust = False, False
         while True:
             try:
-                for c in self._chunks(chunk_rows, threads, robust, emitted):
-                    emitted += len(c)
-                    yield c
-                return
+                with decoding_errors(self.path):
+                    yield from (self._exact(chunk_rows, robust) if exact else self._fast(chunk_rows))
+                break
             except _Restart as r:
-                threads, robust = r.threads, r.robust
-
-    def _chunks(self, chunk_rows: int, threads: bool, robust: bool, skip: int) -> Iterator[TickChunk]:
-        dropped: list[tuple[int | None, str, int]] = []
-        reported = 0
-        line = self._first_line
-        seen = 0
-        fields = self.fmap.columns()
-        with decoding_errors(self.path):
-            batches = self._batches(threads, robust, dropped)
-            while True:
-                try:
-                    batch = next(batches)
-                except StopIteration:
-                    break
-                except pa.ArrowInvalid as e:
-                    if not robust and _conversion_error(e):
-                        raise _Restart(False, True) from e
-                    raise DataError(f"{self.path}: the CSV cannot be parsed after line {line} ({e}); check the delimiter and layout") from e
-                if dropped and threads:
-                    raise _Restart(False, robust)
-                for start in range(0, batch.num_rows, chunk_rows):
-                    part = batch.slice(start, chunk_rows)
-                    n = part.num_rows
-                    pending = sorted(d[0] for d in dropped[reported:] if d[0] is not None)
-                    records = _line_numbers(line, n, pending)
-                    line = int(records[-1]) + 1 if n else line
-                    new_dropped = [d for d in dropped[reported:] if d[0] is None or d[0] < line]
-                    reported += len(new_dropped)
-                    new_dropped = [d for d in new_dropped if (d[0] or 0) > self._dropped_upto]
-                    if seen + n <= skip:
-                        seen += n
-                        continue
-                    lo = max(0, skip - seen)
-                    seen += n
-                    if lo:
-                        part, records = part.slice(lo), records[lo:]
-                    arrays = {fld: part.column(col) for fld, col in fields.items()}
-                    chunk = arrays_to_chunk(self.path, arrays, self.fmap, records, symbol=self.symbol,
-                                            raw=_raw_of(part))
-                    chunk.raw_line = lambda i, r=records: self._lines.get(int(r[i]))
-                    if new_dropped:
-                        chunk.dropped = [self._dropped_row(d) for d in new_dropped]
-                        self._dropped_upto = max(d[0] or 0 for d in new_dropped)
-                    yield chunk
-        if dropped and threads:
-            raise _Restart(False, robust)  # refused lines but no rows: get their line numbers
-        rest = [d for d in dropped[reported:] if (d[0] or 0) > self._dropped_upto]
-        if rest:
-            self._dropped_upto = max(d[0] or 0 for d in rest)
-            yield TickChunk(self.path, {}, np.empty(0, dtype=np.int64), [self.symbol or ""],
-                            dropped=[self._dropped_row(d) for d in rest])
-        if seen == 0 and not dropped and skip == 0:
+                exact, robust = True, robust or r.robust
+        if not self._any:
             raise DataError(f"{self.path}: the file has a header but no rows; nothing to replay")
 
-    def _dropped_row(self, d: tuple[int | None, str, int]) -> BadRow:
-        number, text, actual = d
-        return BadRow(self.path, number or -1, Reason.WRONG_FIELD_COUNT, None,
-                      f"{actual} fields, expected {len(self._names)}", text, self.symbol)
+    def _fast(self, chunk_rows: int) -> Iterator[TickChunk]:
+        for blk in self._blocks():
+            self._any = True
+            try:
+                table = self._parse(blk.data, robust=False, quoted=self._quoted, block_size=1 << 20)
+            except pa.ArrowException as e:
+                raise _Restart(robust=_conversion_error(e)) from e
+            if table.num_rows != blk.lines:  # a stray quote or carriage return: lines merged/split
+                raise _Restart(robust=False)
+            yield from self._emit(table, np.arange(blk.first, blk.first + blk.lines, dtype=np.int64), [], chunk_rows)
+
+    def _exact(self, chunk_rows: int, robust: bool) -> Iterator[TickChunk]:
+        robust = robust or self._quoted  # quoted values go through the text path (quotes stripped)
+        for blk in self._blocks():
+            self._any = True
+            last = blk.first + blk.lines - 1
+            if last <= self._upto:
+                continue  # delivered before the restart
+            data = blk.data.to_pybytes() if isinstance(blk.data, pa.Buffer) else bytes(blk.data)
+            buffer, kept, bad, longest = self._sort_lines(data, blk.first)
+            if len(kept):
+                try:
+                    table = self._parse(buffer, robust=robust, quoted=False, block_size=max(1 << 20, 2 * longest + 2))
+                except pa.ArrowException as e:
+                    if not robust and _conversion_error(e):
+                        raise _Restart(robust=True) from e
+                    raise DataError(f"{self.path}: lines {blk.first}-{last} cannot be parsed ({e}); "
+                                    "check the delimiter and layout") from e
+                if table.num_rows != len(kept):
+                    raise DataError(f"{self.path}: lines {blk.first}-{last}: {table.num_rows} rows parsed from "
+                                    f"{len(kept)} lines; cannot account for every line, so nothing of them is used")
+                if robust:
+                    table = _unquote(table)
+            else:
+                table = None
+            yield from self._emit(table, kept, bad, chunk_rows)
+
+    def _sort_lines(self, data: bytes, first: int) -> tuple[bytes, np.ndarray, list[BadRow], int]:
+        """Split a block into the lines pyarrow reads right and the refused ones.
+
+        Returns the parse buffer (kept lines, each ending in a newline), their line numbers,
+        the refused lines as :class:`BadRow` (in line order) and the longest kept line.
+        """
+        a = np.frombuffer(data, dtype=np.uint8)
+        nl = np.flatnonzero(a == 10)
+        complete = bool(len(a)) and a[-1] == 10
+        n = len(nl) + (0 if complete else 1)
+        starts = np.empty(n, dtype=np.int64)
+        starts[0] = 0
+        starts[1:] = nl[: n - 1] + 1
+        ends = nl[:n] if complete else np.append(nl, len(a)).astype(np.int64)
+        cr_end = (ends > starts) & (a[np.maximum(ends - 1, 0)] == 13)
+        ends_eff = ends - cr_end
+        length = ends_eff - starts
+        why: dict[int, tuple[Reason, str]] = {}
+        for i in np.flatnonzero(length > MAX_LINE).tolist():
+            why[i] = (Reason.UNPARSABLE, f"a line of {int(length[i]):,} bytes (at most {MAX_LINE:,} are read)")
+
+        def line_of(pos: np.ndarray) -> np.ndarray:
+            return np.searchsorted(starts, pos, side="right") - 1
+
+        high = np.flatnonzero(a >= 0x80)
+        for i in np.unique(line_of(high)).tolist() if len(high) else ():
+            if i in why:
+                continue
+            try:
+                data[starts[i] : ends_eff[i]].decode("utf-8")
+            except UnicodeDecodeError as e:
+                why[i] = (Reason.UNPARSABLE, f"not UTF-8 text (byte 0x{data[starts[i] + e.start]:02x} at "
+                          f"character {e.start + 1})")
+        cr = np.flatnonzero(a == 13)
+        if len(cr):
+            at = line_of(cr)
+            for i in np.unique(at[cr < ends_eff[at]]).tolist():
+                why.setdefault(i, (Reason.UNPARSABLE, "a carriage return inside the line"))
+        delims = np.flatnonzero(a == ord(self.options.delimiter))
+        fields = np.bincount(line_of(delims), minlength=n) + 1 if len(delims) else np.ones(n, dtype=np.int64)
+        expected = len(self._names)
+        for i in np.flatnonzero((fields != expected) & (length > 0)).tolist():
+            why.setdefault(i, (Reason.WRONG_FIELD_COUNT, f"{int(fields[i])} fields, expected {expected}"))
+        numbers = np.arange(first, first + n, dtype=np.int64)
+        if not why:
+            buffer = data if complete else data + b"\n"
+            return buffer, numbers, [], int(length.max()) if n else 0
+        refused = sorted(why)
+        keep = np.ones(n, dtype=bool)
+        keep[refused] = False
+        bad = []
+        for i in refused:
+            reason, value = why[i]
+            text = data[starts[i] : min(ends_eff[i], starts[i] + _RAW_KEEP)].decode("utf-8", "replace")
+            bad.append(BadRow(self.path, int(numbers[i]), reason, None, value, text, self.symbol))
+        idx = np.flatnonzero(keep)
+        parts = []
+        if len(idx):
+            runs = np.split(idx, np.flatnonzero(np.diff(idx) != 1) + 1)
+            for run in runs:
+                lo, hi = int(starts[run[0]]), int(ends[run[-1]])
+                parts.append(data[lo:hi])
+        buffer = b"\n".join(parts) + b"\n" if parts else b""
+        return buffer, numbers[keep], bad, int(length[keep].max()) if len(idx) else 0
+
+    def _emit(self, table: pa.Table | None, records: np.ndarray, bad: list[BadRow], chunk_rows: int) -> Iterator[TickChunk]:
+        """Chunks of a parsed block, each with the refused lines up to its last row."""
+        fields = self.fmap.columns()
+        upto = self._upto
+        bad = [b for b in bad if b.record > upto]
+        batch = table.combine_chunks().to_batches()[0] if table is not None and table.num_rows else None
+        n = 0 if batch is None else batch.num_rows
+        if n and records[0] <= upto:  # lines delivered before a restart
+            lo = int(np.searchsorted(records, upto, side="right"))
+            batch, records, n = batch.slice(lo), records[lo:], n - lo
+        if n == 0:
+            if bad:
+                self._upto = bad[-1].record
+                yield TickChunk(self.path, {}, np.empty(0, dtype=np.int64), [self.symbol or ""], dropped=bad)
+            return
+        for start in range(0, n, chunk_rows):
+            part = batch.slice(start, chunk_rows)
+            recs = records[start : start + chunk_rows]
+            last_part = start + chunk_rows >= n
+            cut = len(bad) if last_part else int(np.searchsorted([b.record for b in bad], recs[-1], side="right"))
+            mine, bad = bad[:cut], bad[cut:]
+            arrays = {fld: part.column(col) for fld, col in fields.items()}
+            chunk = arrays_to_chunk(self.path, arrays, self.fmap, recs, symbol=self.symbol, raw=_raw_of(part))
+            chunk.raw_line = lambda i, r=recs: self._lines.get(int(r[i]))
+            chunk.dropped = mine
+            self._upto = max(int(recs[-1]), mine[-1].record if mine else 0)
+            yield chunk
 
 
 class LineFetcher:
@@ -337,7 +436,7 @@ class LineFetcher:
         for n, line in self._it:
             self._at = n
             if n == lineno:
-                return line.decode("utf-8", "replace")
+                return line[:_RAW_KEEP].decode("utf-8", "replace")
         self._it = None
         return ""
 
@@ -353,9 +452,26 @@ def _after_last_newline(buf: pa.Buffer) -> int:
     return 0
 
 
+def _count_newlines(block: pa.Buffer | bytes) -> int:
+    """Newlines in ``block``, in cache-sized pieces (faster than one pass over 8 MiB)."""
+    arr = np.frombuffer(block, dtype=np.uint8)
+    step = 1 << 18
+    return sum(int(np.count_nonzero(arr[i : i + step] == 10)) for i in range(0, len(arr), step))
+
+
 def _conversion_error(e: Exception) -> bool:
     text = str(e).lower()
     return "conversion error" in text or "invalid value" in text
+
+
+def _unquote(table: pa.Table) -> pa.Table:
+    """Text columns with a pair of double quotes around a value stripped (``"1.5"`` -> ``1.5``)."""
+    cols = []
+    for col in table.columns:
+        if pa.types.is_string(col.type) and pc.any(pc.starts_with(col, '"')).as_py():
+            col = pc.replace_substring_regex(col, pattern=r'^\s*"(.*)"\s*$', replacement=r"\1")
+        cols.append(col)
+    return pa.table(cols, names=table.column_names)
 
 
 def _raw_of(batch: pa.RecordBatch):
@@ -365,17 +481,9 @@ def _raw_of(batch: pa.RecordBatch):
     return raw
 
 
-def _line_numbers(start: int, n: int, dropped: list[int]) -> np.ndarray:
-    """Lines of ``n`` consecutive parsed rows from ``start``, skipping ``dropped`` lines."""
-    if not dropped or dropped[0] >= start + n + len(dropped):
-        return np.arange(start, start + n, dtype=np.int64)
-    cand = np.arange(start, start + n + len(dropped), dtype=np.int64)
-    keep = ~np.isin(cand, np.asarray(dropped, dtype=np.int64))
-    return cand[keep][:n]
-
-
 def sniff_names(path: str | Path, delimiter: str = ",") -> list[str]:
     """The fields of the first line of the (decompressed) file."""
+    check_text(path)
     head = read_head(path, 8192)
     first = next(itertools.chain((ln for ln in head.split(b"\n", 64) if ln.strip()), [b""]))
     return _split(first.rstrip(b"\r"), delimiter)

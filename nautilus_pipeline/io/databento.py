@@ -120,11 +120,14 @@ class DatabentoReader:
                 buf = s.read(self.block)
                 if not buf:
                     break
-                dec.write(buf)
                 try:
+                    dec.write(buf)
                     recs = dec.decode()
-                except (ValueError, RuntimeError) as e:
-                    raise DataError(f"{self.path}: not a readable DBN stream ({e}); wrong format or corrupt file") from e
+                except BaseException as e:  # DBNError, ValueError; a Rust panic is a BaseException
+                    if not isinstance(e, Exception) and type(e).__name__ != "PanicException":
+                        raise
+                    raise DataError(f"{self.path}: not a readable DBN stream ({str(e).splitlines()[0] if str(e) else type(e).__name__}); "
+                                    "wrong format or corrupt file") from None
                 for r in recs:
                     if isinstance(r, dbn.Metadata):
                         self._metadata(r)

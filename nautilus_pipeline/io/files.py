@@ -4,11 +4,22 @@ Compression is recognised by the file's magic bytes (gzip ``1f 8b``, zstd ``28 b
 not its name, so a renamed file still opens. Decompression streams through pyarrow's native
 codecs (no Python per block for CSV), and a cut-off archive raises a :class:`DataError`
 saying the file is truncated instead of an ``OSError`` from inside the codec.
+
+Text encodings. Tick text files are read as UTF-8 (ASCII in practice). A UTF-8 byte-order
+mark is skipped (Excel writes one), so it never becomes part of the first field. A UTF-16 or
+UTF-32 file (a byte-order mark, or NUL bytes in every other position, as Windows tools write
+"Unicode" text) is refused up front with a :class:`DataError` that says how to convert it:
+read as UTF-8 every row would be refused, which says nothing about the cause.
+
+Paths. A path that is a folder, a FIFO or a device, or a file that cannot be read
+(permissions), is a :class:`DataError` saying which, not "no such file" or an ``OSError``.
 """
 
 from __future__ import annotations
 
 import contextlib
+import os
+import stat
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -18,12 +29,25 @@ from nautilus_pipeline.errors import DataError
 
 GZIP_MAGIC = b"\x1f\x8b"
 ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
+UTF8_BOM = b"\xef\xbb\xbf"
+_WIDE_BOMS = {b"\xff\xfe\x00\x00": "UTF-32-LE", b"\x00\x00\xfe\xff": "UTF-32-BE",
+              b"\xff\xfe": "UTF-16-LE", b"\xfe\xff": "UTF-16-BE"}
+
+
+def _read_error(p: Path, e: OSError) -> DataError:
+    why = e.strerror or str(e)
+    if isinstance(e, PermissionError):
+        return DataError(f"{p}: cannot read the file ({why}); check its permissions")
+    return DataError(f"{p}: cannot read the file ({why})")
 
 
 def compression_of(path: str | Path) -> str | None:
     """``"gzip"``, ``"zstd"`` or ``None``, from the first bytes of the file."""
-    with open(path, "rb") as fh:
-        head = fh.read(4)
+    try:
+        with open(path, "rb") as fh:
+            head = fh.read(4)
+    except OSError as e:
+        raise _read_error(Path(path), e) from None
     if head.startswith(GZIP_MAGIC):
         return "gzip"
     if head.startswith(ZSTD_MAGIC):
@@ -34,10 +58,22 @@ def compression_of(path: str | Path) -> str | None:
 def check_file(path: str | Path) -> Path:
     """The path, after checking it exists and is not empty (else a clear DataError)."""
     p = Path(path)
-    if not p.is_file():
-        raise DataError(f"{p}: no such file; check the path in the source definition")
-    if p.stat().st_size == 0:
+    try:
+        st = p.stat()
+    except FileNotFoundError:
+        raise DataError(f"{p}: no such file; check the path in the source definition") from None
+    except OSError as e:
+        raise _read_error(p, e) from None
+    if stat.S_ISDIR(st.st_mode):
+        raise DataError(f"{p}: is a folder, not a tick file; name a file in it")
+    if not stat.S_ISREG(st.st_mode):
+        kind = "a FIFO (named pipe)" if stat.S_ISFIFO(st.st_mode) else "not a regular file"
+        raise DataError(f"{p}: is {kind}; tick files are read twice (sniffing, then reading), "
+                        "so copy the data to a regular file first")
+    if st.st_size == 0:
         raise DataError(f"{p}: the file is empty (0 bytes); nothing to replay")
+    if not os.access(p, os.R_OK):
+        raise DataError(f"{p}: cannot read the file (permission denied); check its permissions")
     return p
 
 
@@ -45,9 +81,12 @@ def open_stream(path: str | Path) -> pa.NativeFile:
     """A decompressed byte stream of ``path`` (pyarrow native)."""
     p = check_file(path)
     codec = compression_of(p)
-    if codec is None:
-        return pa.memory_map(str(p), "r")
-    return pa.input_stream(str(p), compression=codec)
+    try:
+        if codec is None:
+            return pa.memory_map(str(p), "r")
+        return pa.input_stream(str(p), compression=codec)
+    except OSError as e:
+        raise _read_error(p, e) from None
 
 
 @contextlib.contextmanager
@@ -62,27 +101,64 @@ def decoding_errors(path: str | Path) -> Iterator[None]:
                 f"{path}: the compressed file is truncated or corrupt ({text}); "
                 "re-download or re-copy it (its checksum will not match)"
             ) from e
-        raise
+        raise _read_error(Path(path), e) from e
 
 
 def read_head(path: str | Path, nbytes: int = 65_536) -> bytes:
-    """Up to ``nbytes`` of the decompressed start of the file, for sniffing formats."""
+    """Up to ``nbytes`` of the decompressed start of the file, for sniffing formats.
+
+    A UTF-8 byte-order mark is removed (it is not part of the first field).
+    """
     with decoding_errors(path), open_stream(path) as s:
-        return s.read(nbytes)
+        head = s.read(nbytes)
+    return head[len(UTF8_BOM):] if head.startswith(UTF8_BOM) else head
+
+
+def wide_encoding(head: bytes) -> str | None:
+    """``"UTF-16-LE"`` etc. when ``head`` (the raw start of a text file) is UTF-16/32, else None.
+
+    Recognised by a byte-order mark, or without one by NUL bytes: text tick files have
+    none, while UTF-16 text of ASCII characters has one in every other byte.
+    """
+    for bom, name in _WIDE_BOMS.items():
+        if head.startswith(bom):
+            return name
+    sample = head[:4096]
+    if len(sample) >= 8 and sample.count(0) * 4 >= len(sample):
+        even, odd = sample[0::2].count(0), sample[1::2].count(0)
+        return "UTF-16-BE" if even > odd else "UTF-16-LE"
+    return None
+
+
+def check_text(path: str | Path) -> None:
+    """Raise a :class:`DataError` when a text tick file is UTF-16/32 (see the module docstring)."""
+    with decoding_errors(path), open_stream(path) as s:
+        head = s.read(4096)
+    enc = wide_encoding(head)
+    if enc is not None:
+        raise DataError(
+            f"{path}: the file is {enc} text; tick files are read as UTF-8: convert it first, "
+            f"e.g. iconv -f {enc} -t UTF-8 {Path(path).name} > converted.csv"
+        )
 
 
 def iter_lines(path: str | Path, block: int = 1 << 20) -> Iterator[tuple[int, bytes]]:
     """``(line_number, line)`` for every line (1-based, without the newline), streamed.
 
-    A last line without a newline is still yielded.
+    A last line without a newline is still yielded; a UTF-8 byte-order mark is skipped.
     """
     lineno = 0
     rest = b""
+    first = True
     with decoding_errors(path), open_stream(path) as s:
         while True:
             buf = s.read(block)
             if not buf:
                 break
+            if first:
+                first = False
+                if buf.startswith(UTF8_BOM):
+                    buf = buf[len(UTF8_BOM):]
             buf = rest + buf
             parts = buf.split(b"\n")
             rest = parts.pop()

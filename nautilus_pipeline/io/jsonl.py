@@ -18,16 +18,24 @@ import pyarrow as pa
 
 from nautilus_pipeline.errors import DataError
 from nautilus_pipeline.io.chunk import BadRow, Reason, TickChunk
-from nautilus_pipeline.io.files import check_file, iter_lines
+from nautilus_pipeline.io.files import check_file, check_text, iter_lines
 from nautilus_pipeline.io.parquet import auto_fieldmap
 from nautilus_pipeline.io.table import FieldMap, arrays_to_chunk
 
+_EXACT = ("ts", "ts_recv", "trade_id")  # integers that must keep every digit
 
-def _column(values: list[object]) -> pa.Array:
+
+def _column(values: list[object], exact: bool = False) -> pa.Array:
+    """One key's values as an Arrow column; mixed or out-of-range values become text, which
+    ``convert.py`` converts (or refuses) per value. With ``exact`` integers mixed with floats
+    become text as well, so that a 19-digit ns timestamp is not rounded through float64."""
     try:
-        return pa.array(values)
-    except (pa.ArrowInvalid, pa.ArrowTypeError):
-        return pa.array([None if v is None else str(v) for v in values], type=pa.string())
+        arr = pa.array(values)
+        if not (exact and pa.types.is_floating(arr.type) and any(type(v) is int for v in values)):
+            return arr
+    except (pa.ArrowInvalid, pa.ArrowTypeError, OverflowError):
+        pass
+    return pa.array([None if v is None else str(v) for v in values], type=pa.string())
 
 
 class JsonLinesReader:
@@ -40,16 +48,29 @@ class JsonLinesReader:
         self.symbol = symbol if symbol is not None else (None if self.fmap.symbol else Path(path).name.split(".")[0])
 
     def _sniff(self) -> FieldMap:
+        """The mapping, from the keys of the first JSON object among the first 64 lines
+        (a damaged first line is then one bad row, not a refused file)."""
+        check_text(self.path)
+        first_error = None
+        seen = 0
         for lineno, line in iter_lines(self.path):
             if not line.strip():
                 continue
+            seen += 1
             try:
                 obj = orjson.loads(line)
             except orjson.JSONDecodeError as e:
-                raise DataError(f"{self.path}, line {lineno}: not JSON ({e}); is this a JSON-lines file?") from e
-            if not isinstance(obj, dict):
-                raise DataError(f"{self.path}, line {lineno}: a JSON {type(obj).__name__}, expected an object per line")
-            return auto_fieldmap(list(obj), {k: pa.array([v]).type for k, v in obj.items() if v is not None})
+                obj, why = None, f"not JSON ({e})"
+            else:
+                why = f"a JSON {type(obj).__name__}, expected an object per line"
+            if isinstance(obj, dict):
+                return auto_fieldmap(list(obj), {k: pa.int64() if type(v) is int else _column([v]).type
+                                                 for k, v in obj.items() if v is not None})
+            first_error = first_error or f"{self.path}, line {lineno}: {why}"
+            if seen >= 64:
+                break
+        if first_error is not None:
+            raise DataError(f"{first_error}; no JSON object in the first {seen} lines: is this a JSON-lines file?")
         raise DataError(f"{self.path}: no JSON lines in the file (only blank lines); nothing to replay")
 
     def chunks(self, chunk_rows: int = 65_536) -> Iterator[TickChunk]:
@@ -81,7 +102,7 @@ class JsonLinesReader:
 
     def _chunk(self, rows: list[dict], lines: list[int], texts: list[bytes], dropped: list[BadRow],
                fields: Mapping[str, str]) -> TickChunk:
-        arrays = {fld: _column([r.get(col) for r in rows]) for fld, col in fields.items()}
+        arrays = {fld: _column([r.get(col) for r in rows], fld in _EXACT) for fld, col in fields.items()}
         chunk = arrays_to_chunk(self.path, arrays, self.fmap, np.array(lines, dtype=np.int64),
                                 symbol=self.symbol, raw=rows.__getitem__)
         chunk.dropped = dropped

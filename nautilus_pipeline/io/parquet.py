@@ -15,6 +15,12 @@ Columns are found by name (:func:`auto_fieldmap`) unless a :class:`FieldMap` is 
   bid_size, ask_size``.
 
 The record number of a row is its 1-based position in the file.
+
+Damage. The file is read row group by row group and each must yield the rows its metadata
+counts: a flipped bit in a page can make pyarrow decode a column chunk as fewer (or no) rows
+without an error, which would otherwise pass as a short file. A row group that cannot be
+decoded, or yields another number of rows, is a :class:`DataError` naming it and its rows;
+so is a file whose footer or schema cannot be read (whatever exception pyarrow raises).
 """
 
 from __future__ import annotations
@@ -30,6 +36,11 @@ from nautilus_pipeline.errors import ConfigError, DataError
 from nautilus_pipeline.io.chunk import TickChunk
 from nautilus_pipeline.io.files import check_file
 from nautilus_pipeline.io.table import FieldMap, arrays_to_chunk
+
+_ERRORS = (pa.ArrowException, OSError, UnicodeDecodeError, ValueError, KeyError, IndexError, TypeError,
+           OverflowError, MemoryError)
+"""What pyarrow raises on a damaged file, seen in fuzzing: invalid, not implemented (a bit
+flipped in a type), decode errors of metadata, allocation failures of a corrupt length."""
 
 _CANDIDATES: dict[str, tuple[str, ...]] = {
     "ts": ("ts_ns", "ts_event", "timestamp", "ts", "time", "T"),
@@ -92,9 +103,11 @@ class ParquetReader:
         self.ignored = 0
         try:
             self._file = pq.ParquetFile(self.path)
-        except (pa.ArrowInvalid, OSError) as e:
-            raise DataError(f"{self.path}: not a readable Parquet file ({e}); truncated or another format?") from e
-        schema = self._file.schema_arrow
+            schema = self._file.schema_arrow
+            self._groups = [self._file.metadata.row_group(i).num_rows for i in range(self._file.metadata.num_row_groups)]
+        except _ERRORS as e:
+            raise DataError(f"{self.path}: not a readable Parquet file ({type(e).__name__}: {e}); "
+                            "truncated, corrupt, or another format?") from e
         types = {f.name: f.type for f in schema}
         self.fmap = fmap or auto_fieldmap(schema.names, types)
         missing = [c for c in self.fmap.columns().values() if c not in schema.names]
@@ -113,16 +126,35 @@ class ParquetReader:
         fields = self.fmap.columns()
         cols = list(dict.fromkeys(fields.values()))
         row = 1
-        try:
-            for batch in self._file.iter_batches(batch_size=chunk_rows, columns=cols):
-                n = batch.num_rows
-                records = np.arange(row, row + n, dtype=np.int64)
+        for group, expected in enumerate(self._groups):
+            first, got = row, 0
+            where = f"{self.path}: row group {group} (rows {first}-{first + expected - 1})"
+            batches = self._file.iter_batches(batch_size=chunk_rows, columns=cols, row_groups=[group])
+            while True:
+                try:
+                    batch = next(batches, None)
+                    if batch is None:
+                        break
+                    n = batch.num_rows
+                    got += n
+                    if got > expected:
+                        break
+                    arrays = {fld: batch.column(col) for fld, col in fields.items()}
+                    batch.validate(full=True)  # corrupt offsets or UTF-8 surface here, not in a kernel
+                except _ERRORS as e:
+                    raise DataError(f"{where} cannot be decoded ({type(e).__name__}: {e}); the file is corrupt "
+                                    "or truncated: re-download or re-export it") from e
+                try:
+                    chunk = arrays_to_chunk(self.path, arrays, self.fmap, np.arange(row, row + n, dtype=np.int64),
+                                            symbol=self.symbol, raw=lambda i, b=batch: b.slice(i, 1).to_pylist()[0])
+                except pa.ArrowException as e:
+                    raise DataError(f"{where} cannot be decoded ({type(e).__name__}: {e}); the file is corrupt "
+                                    "or truncated: re-download or re-export it") from e
                 row += n
-                arrays = {fld: batch.column(col) for fld, col in fields.items()}
-                yield arrays_to_chunk(self.path, arrays, self.fmap, records, symbol=self.symbol,
-                                      raw=lambda i, b=batch: b.slice(i, 1).to_pylist()[0])
-        except (pa.ArrowInvalid, OSError) as e:
-            raise DataError(f"{self.path}: the Parquet file is corrupt or truncated near row {row} ({e})") from e
+                yield chunk
+            if got != expected:
+                raise DataError(f"{where}: decoded {got} rows where the file's metadata counts {expected}; "
+                                "a page is corrupt: re-download or re-export the file")
 
 
 def tick_table(columns: Mapping[str, np.ndarray], symbols: Sequence[str]) -> pa.Table:

@@ -47,7 +47,7 @@ import numpy as np
 
 from nautilus_pipeline.errors import ConfigError, DataError
 from nautilus_pipeline.events import TICK_COLUMN_NAMES
-from nautilus_pipeline.io.checks import Accounting, Validator, validated
+from nautilus_pipeline.io.checks import READER_ERRORS, Accounting, Validator, validated
 from nautilus_pipeline.io.chunk import TickChunk, TickReader
 from nautilus_pipeline.io.formats import Source
 from nautilus_pipeline.memory import BufferPool, Lease
@@ -160,7 +160,11 @@ class Replay:
         self.progress = Progress(sources=len(self.sources))
         lanes = []
         for i, src in enumerate(self.sources):
-            reader, validator = src.open(self.accounting)
+            try:
+                reader, validator = src.open(self.accounting)
+            except READER_ERRORS as e:  # a decoder's own exception on a damaged file
+                raise DataError(f"{src.path}: the file cannot be read ({type(e).__name__}: {e}); it is damaged, "
+                                "or not in the format its reader expects") from e
             lanes.append(_Lane(i, src, reader, validator, validated(reader.chunks(self.chunk_rows), validator)))
         return lanes
 
@@ -194,10 +198,13 @@ class Replay:
                 f"a replay needs each source in {order_by} order across its symbols: sort the file, "
                 "or split it into one source per symbol"
             )
-        lut = np.array([self.symbols.id_of(s) for s in chunk.symbols], dtype=np.uint32)
         n = len(chunk)
+        codes = chunk.column("symbol_id")
+        lut = np.zeros(len(chunk.symbols), dtype=np.uint32)
+        for k in np.unique(codes).tolist() if n else ():  # only names with rows left (not refused ones)
+            lut[k] = self.symbols.id_of(chunk.symbols[k])
         new = {name: chunk.column(name) for name in TICK_COLUMN_NAMES}
-        new["symbol_id"] = lut[chunk.column("symbol_id")] if n else new["symbol_id"]
+        new["symbol_id"] = lut[codes] if n else new["symbol_id"]
         new[_KEY] = key
         new[_SRC] = np.full(n, lane.index, dtype=np.uint16)
         lane.cols = {k: np.concatenate([lane.cols[k], v]) for k, v in new.items()} if lane.rows else new

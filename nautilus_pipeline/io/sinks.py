@@ -5,14 +5,22 @@ An :class:`EventSink` subscribes to topic patterns and appends each event to
 already written), then writes ``<dir>/<family>.parquet`` with pyarrow at close. The family
 is the topic's first segment (``signals.BTCUSDT`` → ``signals``). Events are dataclasses;
 the symbol is taken from the event, the topic is kept in a ``topic`` field.
+
+Write errors (a full disk, a folder removed under the run). The first ``OSError`` is kept in
+``EventSink.error`` and writing stops: each JSON-lines file is cut back to its last complete
+line, a Parquet file that could not be written whole is removed, and nothing is retried per
+event (the command line stops the run and reports the error once). Lines are buffered
+(64 KiB) and written with ``os.write`` so the sink knows the offset of the last whole line.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import os
 from collections.abc import Sequence
 from pathlib import Path
-from typing import IO, Any
+from typing import Any
 
 import orjson
 import pyarrow as pa
@@ -39,6 +47,46 @@ def event_record(event: Event) -> dict[str, Any]:
     return row
 
 
+class _Lines:
+    """An append-only file of whole lines: buffered, and cut back to the last whole line on error."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self.fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        self.buf = bytearray()
+        self.good = 0  # bytes of the file that are whole lines
+
+    def write(self, line: bytes) -> None:
+        self.buf += line
+        if len(self.buf) >= 1 << 16:
+            self.flush()
+
+    def flush(self) -> None:
+        view = memoryview(self.buf)
+        try:
+            while view:
+                n = os.write(self.fd, view)
+                view = view[n:]
+        except OSError:
+            with contextlib.suppress(OSError):
+                os.ftruncate(self.fd, self.good)
+            raise
+        finally:
+            view.release()
+        self.good += len(self.buf)
+        self.buf.clear()
+
+    def close(self) -> None:
+        if self.fd < 0:
+            return
+        try:
+            if self.buf:
+                self.flush()
+        finally:
+            os.close(self.fd)
+            self.fd = -1
+
+
 class EventSink:
     """Writes every event matching ``topics`` to JSON lines now and Parquet at close."""
 
@@ -47,9 +95,11 @@ class EventSink:
         self.topics = list(topics)
         self.formats = set(formats)
         self._rows: dict[str, list[dict[str, Any]]] = {}
-        self._files: dict[str, IO[bytes]] = {}
+        self._files: dict[str, _Lines] = {}
         self._subs: list[Subscription] = []
         self.counts: dict[str, int] = {}
+        self.error: OSError | None = None
+        self._closed = False
 
     def attach(self, bus: EventBus) -> None:
         self.dir.mkdir(parents=True, exist_ok=True)
@@ -59,27 +109,54 @@ class EventSink:
             )
 
     def _write(self, event: Event) -> None:
+        if self.error is not None or self._closed:
+            return
         family = event.topic.split(".", 1)[0]
         row = event_record(event)
         self.counts[family] = self.counts.get(family, 0) + 1
-        if "jsonl" in self.formats:
-            fh = self._files.get(family)
-            if fh is None:
-                fh = self._files[family] = open(self.dir / f"{family}.jsonl", "wb")
-            fh.write(orjson.dumps(row, option=orjson.OPT_SERIALIZE_NUMPY | orjson.OPT_APPEND_NEWLINE))
+        try:
+            if "jsonl" in self.formats:
+                fh = self._files.get(family)
+                if fh is None:
+                    fh = self._files[family] = _Lines(self.dir / f"{family}.jsonl")
+                fh.write(orjson.dumps(row, option=orjson.OPT_SERIALIZE_NUMPY | orjson.OPT_APPEND_NEWLINE))
+        except OSError as e:
+            self._fail(e)
+            return
         if "parquet" in self.formats:
             self._rows.setdefault(family, []).append(row)
 
-    def close(self) -> dict[str, Path]:
-        """Flush JSON lines, write Parquet files; return family → parquet path."""
+    def _fail(self, e: OSError) -> None:
+        if self.error is None:
+            self.error = e.with_traceback(None)  # no frames kept alive (pyarrow's open writer)
         for fh in self._files.values():
-            fh.close()
+            with contextlib.suppress(OSError):
+                fh.buf.clear()
+                fh.close()
+        self._files.clear()
+        self._rows.clear()
+
+    def close(self) -> dict[str, Path]:
+        """Flush JSON lines, write Parquet files; return family → parquet path. Events that
+        arrive later (a bus not closed after an error) are not written."""
+        self._closed = True
+        for fh in list(self._files.values()):
+            try:
+                fh.close()
+            except OSError as e:
+                self._fail(e)
         self._files.clear()
         written = {}
         for family, rows in self._rows.items():
-            if rows:
+            if rows and self.error is None:
                 path = self.dir / f"{family}.parquet"
-                pq.write_table(pa.Table.from_pylist(rows), path)
+                try:
+                    pq.write_table(pa.Table.from_pylist(rows), path)
+                except OSError as e:
+                    self.error = self.error or e.with_traceback(None)
+                    with contextlib.suppress(OSError):
+                        path.unlink()
+                    continue
                 written[family] = path
         self._rows.clear()
         return written

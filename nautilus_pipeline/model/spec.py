@@ -273,10 +273,30 @@ def save_model(
 
 
 def load_model(path: str | Path) -> tuple[ModelSpec, MLPWeights]:
-    """Read a file written by :func:`save_model`; metadata lands in ``weights.metadata``."""
+    """Read a file written by :func:`save_model`; metadata lands in ``weights.metadata``.
+
+    Nothing in a model file is executed: ``.npz`` is read with ``allow_pickle=False`` (a
+    pickle renamed ``.npz``, or an object array inside one, is refused, never unpickled) and
+    safetensors holds only raw tensors. A file that is not a readable model of this format
+    (garbage, truncated, a wrong spec) is a :class:`ConfigError` naming it, not a traceback.
+    """
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"model file {path} does not exist")
+    if path.suffix not in (".npz", ".safetensors"):
+        raise ConfigError(f"{path}: model files end in .npz or .safetensors")
+    try:
+        return _load_model(path)
+    except ConfigError as e:
+        if str(path) in str(e):
+            raise
+        raise ConfigError(f"{path}: {e}") from None
+    except Exception as e:  # numpy, zipfile, safetensors, json: whatever a damaged file raises
+        raise ConfigError(f"{path}: not a readable model file ({type(e).__name__}: {e}); "
+                          "write it with save_model or scripts/export_model.py") from None
+
+
+def _load_model(path: Path) -> tuple[ModelSpec, MLPWeights]:
     if path.suffix == ".safetensors":
         from safetensors import safe_open
 
@@ -289,6 +309,8 @@ def load_model(path: str | Path) -> tuple[ModelSpec, MLPWeights]:
         header = {k: str(raw.pop(k)) for k in (_SPEC_KEY, _META_KEY) if k in raw}
         tensors = {}
         for name, a in raw.items():
+            if a.dtype.kind not in "fiu":
+                raise ConfigError(f"tensor {name!r} holds {a.dtype} values, not numbers")
             if name.endswith(".q8"):
                 base = name[: -len(".q8")]
                 tensors[base] = a.astype(np.float32) * raw[base + ".scale"][:, None]
@@ -296,12 +318,18 @@ def load_model(path: str | Path) -> tuple[ModelSpec, MLPWeights]:
                 tensors[name[: -len(".f16")]] = a.astype(np.float32)
             elif not name.endswith(".scale"):
                 tensors[name] = a
-    else:
-        raise ConfigError(f"{path}: model files end in .npz or .safetensors")
     if _SPEC_KEY not in header:
         raise ConfigError(f"{path}: no model spec inside; was it written by save_model?")
-    spec = ModelSpec.from_dict(json.loads(header[_SPEC_KEY]))
+    spec_dict = json.loads(header[_SPEC_KEY])
+    if not isinstance(spec_dict, dict):
+        raise ConfigError(f"the model spec is a JSON {type(spec_dict).__name__}, not an object")
+    try:
+        spec = ModelSpec.from_dict(spec_dict)
+    except (KeyError, TypeError, ValueError) as e:
+        raise ConfigError(f"the model spec is incomplete or of the wrong types ({type(e).__name__}: {e})") from None
     meta = json.loads(header.get(_META_KEY, "{}"))
+    if not isinstance(meta, dict):
+        meta = {"metadata": meta}
     weights = MLPWeights.from_tensors(tensors, meta)
     weights.check(spec)
     return spec, weights

@@ -26,6 +26,24 @@ STREAMS = Key(list, ["cpu"], "compute stream preference list, first usable wins"
 NAME = Key(str, None, "stage name (default: its type)")
 
 
+def _positive_ints(values: list[Any], key: str) -> tuple[int, ...]:
+    if not values or any(isinstance(v, bool) or not isinstance(v, int) or v <= 0 for v in values):
+        raise ConfigError(f"{key} must be a non-empty list of positive integers, got {values!r}")
+    return tuple(values)
+
+
+def _volume(value: Any, key: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, int | float) or not (math.isfinite(value) and value > 0):
+        raise ConfigError(f"{key} must be a positive volume in base units, got {value!r}")
+    return float(value)
+
+
+def _levels(values: list[Any]) -> tuple[float, ...]:
+    if not values or any(isinstance(x, bool) or not isinstance(x, int | float) or not 0 < x < 1 for x in values):
+        raise ConfigError(f"var_levels must be confidence levels between 0 and 1 (e.g. [0.95, 0.99]), got {values!r}")
+    return tuple(float(x) for x in values)
+
+
 @register_stage(
     "features",
     {
@@ -45,16 +63,21 @@ NAME = Key(str, None, "stage name (default: its type)")
 )
 def _features(p: dict[str, Any], ctx: BuildContext) -> FeaturesStage:
     config = FeatureConfig(
-        half_lives=tuple(int(h) for h in p["half_lives"]),
+        half_lives=_positive_ints(p["half_lives"], "half_lives"),
         intensity_half_life=p["intensity_half_life"],
         vwap_half_life=p["vwap_half_life"],
         rsi_period=p["rsi_period"],
     )
     names = p["names"]
+    if names is not None and any(not isinstance(n, str) for n in names):
+        raise ConfigError(f"names must be a list of feature names (strings), got {names!r}")
     if names is None:
         inference = ctx.params_of("inference")
         if inference is not None:
-            names = list(_inference(inference, ctx).input_names)
+            try:
+                names = list(_inference(inference, ctx).input_names)
+            except ConfigError:
+                names = None  # a bad model: the inference stage's own build names it
     return FeaturesStage(names, config=config, name=p["name"] or "features", streams=p["streams"],
                          gpu_min_batch=p["gpu_min_batch"], route=p["route"])
 
@@ -104,7 +127,18 @@ def _vpin(p: dict[str, Any], ctx: BuildContext) -> VpinStage:
     if isinstance(v, str):
         if v != "auto":
             raise ConfigError(f"bucket_volume must be a number, a table or 'auto', got {v!r}")
+        if p["buckets_per_source"] < 1:
+            raise ConfigError(f"buckets_per_source must be >= 1, got {p['buckets_per_source']}")
         v = ctx.propose_bucket_volumes(p["buckets_per_source"])
+    elif isinstance(v, dict):
+        if not v:
+            raise ConfigError("bucket_volume is an empty table; give symbol = V for each symbol")
+        v = {str(sym): _volume(x, f"bucket_volume.{sym}") for sym, x in v.items()}
+        names, _ = ctx.known_symbols()
+        missing = sorted(names - set(v))
+        if missing:
+            raise ConfigError(f"bucket_volume has no entry for {missing} (given for {sorted(v)}); "
+                              "add them, or give one number for every symbol")
     return VpinStage(
         v,
         window=p["window"],
@@ -188,7 +222,7 @@ def _risk(p: dict[str, Any], ctx: BuildContext) -> RiskStage:
         limits,
         signal_rule(ctx.params_of("signal")),
         var_every=p["var_every"],
-        var_levels=tuple(float(x) for x in p["var_levels"]),
+        var_levels=_levels(p["var_levels"]),
         var_horizon=p["var_horizon"],
         var_window=p["var_window"],
         var_paths=p["var_paths"],
