@@ -290,7 +290,7 @@ def _moments_numpy(win: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray,
 def _moments_torch(win: np.ndarray, device: str):
     import torch
 
-    t = torch.as_tensor(np.ascontiguousarray(win), device=device)
+    t = torch.from_numpy(np.array(win)).to(device)
     w = t.shape[1]
     mean = t.sum(dim=1) / w
     x = t - mean[:, None, :]
