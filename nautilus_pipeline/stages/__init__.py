@@ -211,8 +211,9 @@ def _risk(p: dict[str, Any], ctx: BuildContext) -> RiskStage:
         "horizon_bars": Key(int, 1, "VaR horizon in bars"),
         "target_weights": Key(dict, None, "table symbol = weight for the target portfolio's "
                               "variance and VaR (default: equal weights)"),
-        "accel_min_symbols": Key(int, ACCEL_MIN_SYMBOLS, "on a torch or mlx stream, symbols "
-                                 "from which covariance and eigh run there (else numpy)"),
+        "accel_min_symbols": Key(int, None, f"on a torch stream, symbols from which covariance "
+                                 f"and eigh run there (default {ACCEL_MIN_SYMBOLS}; mlx streams "
+                                 "use numpy unless this is given: MLX did not pay)"),
     },
 )
 def _portfolio(p: dict[str, Any], ctx: BuildContext) -> PortfolioStage:

@@ -14,11 +14,24 @@ ever emitted (the definition waits for every symbol), which ``stats()`` states i
 summary (``symbols_without_trades`` and a note) and a warning logs; a singular covariance
 (identical prices) gives NaN weights, counted in ``singular``.
 
-Compute streams. The heavy part (covariance and ``eigh`` of every window) runs on the
-stage's stream: numpy on ``cpu``, torch on ``torch:*``, MLX (CPU, float64) on ``mlx:*``,
-from ``accel_min_symbols`` symbols on (below it, numpy: a 2-symbol book is launch-bound
-anywhere else). The default is the crossover measured with ``scripts/bench_kernels.py
---portfolio-only`` (table in :mod:`nautilus_pipeline.kernels.portfolio`).
+Compute streams. The heavy part (covariance and ``eigh`` of every window) can run on the
+stage's stream: torch on ``torch:*`` from ``accel_min_symbols`` symbols on (default 100),
+numpy below it and on ``cpu``. MLX (CPU, float64: its GPU has no float64 and its ``eigh``
+is CPU-only) ran at 0.17-0.75× numpy here, so an ``mlx:*`` stream uses numpy unless
+``accel_min_symbols`` is given explicitly. Measured with ``scripts/bench_kernels.py
+--portfolio-only`` (window 500, one thread, 2-core Xeon VM; output bars/s):
+
+=======  =======  =========  =====
+symbols  numpy    torch cpu  mlx
+=======  =======  =========  =====
+10       18,694   26,611     14,068
+100      648      467        190
+500      23.4     24.2       3.9
+=======  =======  =========  =====
+
+Torch CPU and numpy are within this shared VM's noise of each other (both call LAPACK's
+``syevd``); the threshold of 100 is where a CUDA device is expected to start paying (the
+eigh of a 100×100 matrix is no longer launch-bound), not a measured CUDA crossover.
 """
 
 from __future__ import annotations
@@ -65,7 +78,7 @@ class PortfolioStage(Stage):
         name: str = "portfolio",
         streams: Sequence[str] = ("cpu",),
         topic_prefix: str = "portfolio",
-        accel_min_symbols: int = ACCEL_MIN_SYMBOLS,
+        accel_min_symbols: int | None = None,
     ):
         names = [str(s) for s in symbols]
         if len(set(names)) != len(names):
@@ -93,7 +106,8 @@ class PortfolioStage(Stage):
         self.name = name
         self.streams = tuple(streams)
         self.topic_prefix = topic_prefix
-        self.accel_min_symbols = accel_min_symbols
+        self._mlx_allowed = accel_min_symbols is not None
+        self.accel_min_symbols = ACCEL_MIN_SYMBOLS if accel_min_symbols is None else accel_min_symbols
         self._backend: tuple[str, str | None] = ("numpy", None)
         self._reset()
 
@@ -110,7 +124,7 @@ class PortfolioStage(Stage):
     async def bind(self, stream: ComputeStream) -> None:
         if stream.backend == "torch":
             self._backend = ("torch", str(getattr(stream, "device", "cpu")))
-        elif stream.backend == "mlx":
+        elif stream.backend == "mlx" and self._mlx_allowed:
             self._backend = ("mlx", None)
         else:
             self._backend = ("numpy", None)
