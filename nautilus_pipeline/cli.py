@@ -718,6 +718,9 @@ def _print_summary(summary: dict[str, Any], out_dir: Path) -> None:
     skipped = [(s["stage"], x) for s in summary["stages"] for x in s["skipped_streams"]]
     for stage, why in skipped:
         console.print(f"  {stage}: skipped {why}", markup=False)
+    for s in summary["stages"]:
+        for note in s.get("notes", ()):
+            console.print(f"  {s['stage']}: {note}", markup=False)
 
     p = summary["pool"]
     pool = Table(title="buffer pool", title_justify="left")

@@ -158,7 +158,8 @@ REPLAY_KEYS = {
 OUTPUT_KEYS = {
     "dir": Key(str, "out", "folder for outputs (the CLI's --out overrides it)"),
     "formats": Key(list, ["jsonl", "parquet"], "jsonl and/or parquet"),
-    "topics": Key(list, ["signals.>", "vpin.>", "risk.>"], "bus topics written to files"),
+    "topics": Key(list, ["signals.>", "vpin.>", "risk.>", "portfolio.>"],
+                  "bus topics written to files"),
 }
 
 TOP_KEYS = {

@@ -153,3 +153,28 @@ class RiskEvent:
     drawdown: float
     breaches: tuple[str, ...] = ()
     var: dict[str, dict[str, float]] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, slots=True)
+class PortfolioEvent:
+    """One portfolio bar (see ``kernels/portfolio.py``): weights, factors and VaR.
+
+    Vectors are in ``symbols`` order (sorted names); variances and VaR in log-return units
+    (VaR over the stage's ``horizon_bars``), keyed by level (``"0.95"``). ``factor_1`` is the
+    first eigenvector (the loadings of the largest factor); NaN weights where ``singular``.
+    """
+
+    ts_ns: int  # bar end
+    pipeline: str
+    symbols: tuple[str, ...]
+    weights_min_var: tuple[float, ...]
+    weights_target: tuple[float, ...]
+    eigenvalues: tuple[float, ...]
+    explained_variance: tuple[float, ...]
+    factor_1: tuple[float, ...]
+    volatility: tuple[float, ...]  # per-bar standard deviation of each symbol's return
+    variance_min_var: float
+    variance_target: float
+    var_min_var: dict[str, float] = field(default_factory=dict)
+    var_target: dict[str, float] = field(default_factory=dict)
+    singular: bool = False

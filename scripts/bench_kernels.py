@@ -21,6 +21,12 @@ by batch size, CPU kernel against ``vpin_update_torch`` on that device: where th
 to pay off. Timings are the best of ``--repeat`` runs, after one warm-up call (numba loads
 its cache, torch initialises). Run:
 ``.venv/bin/python scripts/bench_kernels.py [--n 4000000] [--repeat 3] [--gpu]``.
+
+The portfolio kernel (issue 17) gets its own table: output bars per second for 10, 100 and
+500 symbols with a window of 500 returns, the heavy part (covariance and ``eigh`` of every
+window) on numpy, torch CPU and MLX CPU, and on ``--portfolio-device`` (``--gpu``: cuda),
+each with ``--portfolio-threads`` BLAS/torch threads (default 1, as the pipeline runs).
+``--portfolio-only`` prints just that table.
 """
 
 from __future__ import annotations
@@ -192,11 +198,22 @@ def main() -> None:
     ap.add_argument("--device", default=None, help="device of --backend: cuda, mps, gpu, cpu")
     ap.add_argument("--vpin-device", default=None, help="torch device for the VPIN crossover table")
     ap.add_argument(
-        "--gpu", action="store_true", help="--backend torch --device cuda --vpin-device cuda"
+        "--gpu", action="store_true",
+        help="--backend torch --device cuda --vpin-device cuda --portfolio-device cuda",
     )
+    ap.add_argument("--portfolio-only", action="store_true", help="only the portfolio table")
+    ap.add_argument("--portfolio-device", default=None, help="extra torch device, e.g. cuda")
+    ap.add_argument("--portfolio-symbols", default="10,100,500", help="symbol counts")
+    ap.add_argument("--portfolio-window", type=int, default=500, help="returns per window")
+    ap.add_argument("--portfolio-threads", type=int, default=1, help="BLAS and torch threads")
     args = ap.parse_args()
     if args.gpu:
         args.backend, args.device, args.vpin_device = "torch", "cuda", "cuda"
+        args.portfolio_device = "cuda"
+    if args.portfolio_only:
+        print(f"machine: {describe()}")
+        portfolio_table(args)
+        return
 
     print(f"machine: {describe()}")
     print(
@@ -339,6 +356,7 @@ def main() -> None:
         )
     if args.vpin_device:
         vpin_crossover(t, args.vpin_device, rep)
+    portfolio_table(args)
 
 
 def vpin_crossover(trades: dict[str, np.ndarray], device: str, repeat: int) -> None:
@@ -368,6 +386,79 @@ def vpin_crossover(trades: dict[str, np.ndarray], device: str, repeat: int) -> N
         cpu = n / best(lambda b=batch: stream(vpin_update, b), repeat)
         gpu = n / best(lambda b=batch: stream(vpin_update_torch, b, device=device), repeat)
         print(f"{batch:>10,}{cpu / 1e6:10.1f}{gpu / 1e6:10.1f}{gpu / cpu:8.2f}×")
+
+
+def portfolio_stream(n: int, bars: int, window: int, seed: int = 0) -> dict[str, np.ndarray]:
+    """``bars`` one-second bars in which each of ``n`` symbols trades once (one factor + noise)."""
+    rng = np.random.default_rng(seed)
+    r = rng.normal(0, 1e-4, (bars, n)) + rng.normal(0, 2e-4, (bars, 1))
+    close = 100.0 * np.exp(np.cumsum(r, axis=0))
+    return {
+        "symbol_index": np.tile(np.arange(n, dtype=np.int64), bars),
+        "ts_ns": np.repeat(np.arange(bars, dtype=np.int64) * 1_000_000_000, n)
+        + np.tile(np.arange(n, dtype=np.int64), bars),
+        "price": close.reshape(-1),
+    }
+
+
+def portfolio_table(args: argparse.Namespace) -> None:
+    """Output bars/s of the portfolio kernel by symbol count and backend (after a full window)."""
+    from threadpoolctl import threadpool_limits
+
+    from nautilus_pipeline.kernels.portfolio import (
+        new_portfolio_state,
+        portfolio_flush,
+        portfolio_update,
+    )
+
+    window, threads = args.portfolio_window, args.portfolio_threads
+    runs: list[tuple[str, str | None]] = [("numpy", None), ("torch", "cpu"), ("mlx", None)]
+    if args.portfolio_device:
+        runs.append(("torch", args.portfolio_device))
+    try:
+        import torch
+
+        torch.set_num_threads(threads)
+    except ImportError:
+        torch = None
+    counts = [int(x) for x in args.portfolio_symbols.split(",")]
+    results: dict[tuple[int, str], float] = {}
+    print(f"\nportfolio kernel, window {window}, {threads} BLAS/torch thread(s): output bars/s")
+    with threadpool_limits(threads):
+        for n in counts:
+            timed = max(8, min(2000, 2_000_000 // (n * n)))
+            t = portfolio_stream(n, window + 2 + timed, window)
+            warm_rows = (window + 2) * n
+            state0 = new_portfolio_state(n, bar_ns=1_000_000_000, window=window)
+            state0, _ = portfolio_update(
+                state0, *(t[k][:warm_rows] for k in ("symbol_index", "ts_ns", "price"))
+            )
+            rest = tuple(t[k][warm_rows:] for k in ("symbol_index", "ts_ns", "price"))
+            for backend, device in runs:
+                label = backend if device is None else f"{backend}:{device}"
+
+                def go(backend=backend, device=device, state0=state0, rest=rest) -> int:
+                    s, out = portfolio_update(state0, *rest, backend=backend, device=device)
+                    _, tail = portfolio_flush(s, backend=backend, device=device)
+                    return out["ts_ns"].shape[0] + tail["ts_ns"].shape[0]
+
+                try:
+                    assert go() == timed + 1  # the open warm-up bar closes here too
+                    sec = best(go, max(1, min(args.repeat, 3)))
+                except ImportError as exc:
+                    print(f"  {label}: unavailable ({exc})")
+                    continue
+                results[(n, label)] = (timed + 1) / sec
+                print(f"  measured n={n} {label}: {timed + 1} bars in {sec:.3f} s", flush=True)
+    labels = [lb for lb in dict.fromkeys(lb for _, lb in results)]
+    print(f"{'symbols':>8}" + "".join(f"{lb:>14}" for lb in labels) + f"{'best':>14}")
+    for n in counts:
+        rates = {lb: results[(n, lb)] for lb in labels if (n, lb) in results}
+        top = max(rates, key=rates.get)
+        print(f"{n:>8}" + "".join(f"{rates.get(lb, float('nan')):14,.1f}" for lb in labels)
+              + f"{top:>14}")
+    if torch is not None and not any(d and d.startswith("cuda") for _, d in runs):
+        print("torch CUDA not measured here (no --portfolio-device cuda / --gpu)")
 
 
 if __name__ == "__main__":

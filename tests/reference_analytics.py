@@ -361,3 +361,167 @@ def ref_signal(
         last = (side, target)
         out.append((side, strength, target, tuple(reasons), emit))
     return out
+
+
+# --------------------------------------------------------------------------- portfolio
+
+
+def _ref_jacobi_eigh(a: list[list[float]]) -> tuple[list[float], list[list[float]]]:
+    """Eigenvalues and eigenvectors (columns) of a symmetric matrix by cyclic Jacobi rotations."""
+    n = len(a)
+    a = [row[:] for row in a]
+    v = [[1.0 if i == j else 0.0 for j in range(n)] for i in range(n)]
+    for _ in range(100):
+        off = sum(a[i][j] ** 2 for i in range(n) for j in range(n) if i != j)
+        scale = sum(a[i][j] ** 2 for i in range(n) for j in range(n))
+        if off <= 1e-36 * scale or off == 0.0:
+            break
+        for p in range(n - 1):
+            for q in range(p + 1, n):
+                if a[p][q] == 0.0:
+                    continue
+                theta = (a[q][q] - a[p][p]) / (2.0 * a[p][q])
+                t = math.copysign(1.0, theta) / (abs(theta) + math.sqrt(theta * theta + 1.0))
+                c = 1.0 / math.sqrt(t * t + 1.0)
+                s = t * c
+                for k in range(n):
+                    akp, akq = a[k][p], a[k][q]
+                    a[k][p] = c * akp - s * akq
+                    a[k][q] = s * akp + c * akq
+                for k in range(n):
+                    apk, aqk = a[p][k], a[q][k]
+                    a[p][k] = c * apk - s * aqk
+                    a[q][k] = s * apk + c * aqk
+                for k in range(n):
+                    vkp, vkq = v[k][p], v[k][q]
+                    v[k][p] = c * vkp - s * vkq
+                    v[k][q] = s * vkp + c * vkq
+    return [a[i][i] for i in range(n)], v
+
+
+def _ref_solve(a: list[list[float]], b: list[float]) -> list[float]:
+    """Gaussian elimination with partial pivoting."""
+    n = len(a)
+    m = [[*a[i], b[i]] for i in range(n)]
+    for c in range(n):
+        piv = max(range(c, n), key=lambda r: abs(m[r][c]))
+        m[c], m[piv] = m[piv], m[c]
+        for r in range(c + 1, n):
+            f = m[r][c] / m[c][c]
+            for k in range(c, n + 1):
+                m[r][k] -= f * m[c][k]
+    x = [0.0] * n
+    for r in range(n - 1, -1, -1):
+        x[r] = (m[r][n] - sum(m[r][k] * x[k] for k in range(r + 1, n))) / m[r][r]
+    return x
+
+
+def ref_portfolio(
+    ts_ns: list[int],
+    symbol: list[str],
+    price: list[float],
+    *,
+    bar_ns: int,
+    window: int,
+    ridge: float = 0.0,
+    levels: tuple[float, ...] = (0.95, 0.99),
+    horizon_bars: int = 1,
+    target_weights: list[float] | None = None,
+    symbols: list[str] | None = None,
+) -> dict:
+    """Issue 17's portfolio per output bar, end of stream included: one trade at a time.
+
+    ``symbols`` fixes the portfolio (default: the sorted names seen). Returns lists per bar:
+    ``ts_ns``, ``row`` (trade that closed the bar, −1 at the end), ``mean``, ``cov``, ``corr``,
+    ``eigenvalues``, ``eigenvectors`` (columns), ``explained_variance``, ``weights_min_var``,
+    ``singular``, ``variance_*``, ``var_*`` (one value per level).
+    """
+    names = sorted(set(symbol)) if symbols is None else list(symbols)
+    index = {s: j for j, s in enumerate(names)}
+    n = len(names)
+    closes: list[float | None] = [None] * n
+    bars: list[tuple[int, list[float], int]] = []  # (bar end, closes, row that closed it)
+    open_id = None
+    for i, (t, s, p) in enumerate(zip(ts_ns, symbol, price, strict=True)):
+        if s not in index:
+            continue
+        bar_id = int(t) // bar_ns
+        if open_id is not None and bar_id <= open_id:
+            closes[index[s]] = float(p)
+            continue
+        if open_id is not None and all(c is not None for c in closes):
+            bars.append(((open_id + 1) * bar_ns, list(closes), i))
+        open_id = bar_id
+        closes[index[s]] = float(p)
+    if open_id is not None and all(c is not None for c in closes):
+        bars.append(((open_id + 1) * bar_ns, list(closes), -1))
+
+    z = [statistics.NormalDist().inv_cdf(lv) for lv in levels]
+    eps = 2.0**-52
+    target = [1.0 / n] * n if target_weights is None else [float(x) for x in target_weights]
+    keys = ("ts_ns", "row", "mean", "cov", "corr", "eigenvalues", "eigenvectors",
+            "explained_variance", "weights_min_var", "singular", "variance_min_var",
+            "variance_equal", "variance_target", "var_min_var", "var_equal", "var_target")
+    out: dict[str, list] = {k: [] for k in keys}
+    rets: list[list[float]] = []
+    for k in range(1, len(bars)):
+        rets.append([math.log(bars[k][1][j] / bars[k - 1][1][j]) for j in range(n)])
+        if len(rets) < window:
+            continue
+        win = rets[-window:]
+        mean = []
+        for j in range(n):
+            s = 0.0
+            for row in win:
+                s += row[j]
+            mean.append(s / window)
+        cov = [[0.0] * n for _ in range(n)]
+        for a in range(n):
+            for b in range(a, n):
+                s = 0.0
+                for row in win:
+                    s += (row[a] - mean[a]) * (row[b] - mean[b])
+                cov[a][b] = cov[b][a] = s / (window - 1)
+        corr = [[cov[a][b] / math.sqrt(cov[a][a] * cov[b][b])
+                 if cov[a][a] > 0.0 and cov[b][b] > 0.0 else math.nan for b in range(n)]
+                for a in range(n)]
+        lam, vec = _ref_jacobi_eigh(cov)
+        order = sorted(range(n), key=lambda c: -lam[c])
+        lam = [lam[c] for c in order]
+        cols = []
+        for c in order:
+            col = [vec[r][c] for r in range(n)]
+            big = max(range(n), key=lambda r: (abs(col[r]), -r))
+            if col[big] < 0.0:
+                col = [-x for x in col]
+            cols.append(col)
+        vecs = [[cols[c][r] for c in range(n)] for r in range(n)]
+        total = sum(lam)
+        explained = [x / total if total != 0.0 else math.nan for x in lam]
+        delta = ridge * sum(cov[j][j] for j in range(n)) / n
+        lam_r = [x + delta for x in lam]
+        singular = not lam_r[-1] > n * eps * lam_r[0]
+        if singular:
+            w = [math.nan] * n
+        else:
+            cov_r = [[cov[a][b] + (delta if a == b else 0.0) for b in range(n)] for a in range(n)]
+            x = _ref_solve(cov_r, [1.0] * n)
+            w = [xi / sum(x) for xi in x]
+
+        def quad(wv: list[float], cov=cov) -> float:
+            return sum(wv[a] * cov[a][b] * wv[b] for a in range(n) for b in range(n))
+
+        v_mv = math.nan if singular else quad(w)
+        v_eq, v_tg = quad([1.0 / n] * n), quad(target)
+        for name, value in (("variance_min_var", v_mv), ("variance_equal", v_eq),
+                            ("variance_target", v_tg)):
+            out[name].append(value)
+            out["var" + name.removeprefix("variance")].append(
+                [zz * math.sqrt(horizon_bars * value) if value >= 0.0 else math.nan for zz in z]
+            )
+        for name, value in (("ts_ns", bars[k][0]), ("row", bars[k][2]), ("mean", mean),
+                            ("cov", cov), ("corr", corr), ("eigenvalues", lam),
+                            ("eigenvectors", vecs), ("explained_variance", explained),
+                            ("weights_min_var", w), ("singular", singular)):
+            out[name].append(value)
+    return out

@@ -16,11 +16,19 @@ from ..kernels.risk import RiskParams
 from ..kernels.signal import SignalParams
 from .features import FeaturesStage
 from .inference import DEFAULT_STREAMS, InferenceStage
+from .portfolio import ACCEL_MIN_SYMBOLS, PortfolioStage
 from .risk import RiskStage
 from .signal import SignalStage
 from .vpin import VpinStage
 
-__all__ = ["FeaturesStage", "InferenceStage", "RiskStage", "SignalStage", "VpinStage"]
+__all__ = [
+    "FeaturesStage",
+    "InferenceStage",
+    "PortfolioStage",
+    "RiskStage",
+    "SignalStage",
+    "VpinStage",
+]
 
 STREAMS = Key(list, ["cpu"], "compute stream preference list, first usable wins")
 NAME = Key(str, None, "stage name (default: its type)")
@@ -231,4 +239,52 @@ def _risk(p: dict[str, Any], ctx: BuildContext) -> RiskStage:
         name=p["name"] or "risk",
         streams=p["streams"],
         route=p["route"],
+    )
+
+
+@register_stage(
+    "portfolio",
+    {
+        "name": NAME,
+        "streams": STREAMS,
+        "symbols": Key(list, None, "the portfolio's symbols, at least two (default: the "
+                       "sources' symbol names)"),
+        "bar_ns": Key(int, 60_000_000_000, "time bar length in ns"),
+        "window": Key(int, 500, "returns in the rolling covariance window (>= 2)"),
+        "ridge": Key(float, 0.0, "shrinkage: Σ + ridge·(tr Σ / n)·I before the min-variance solve"),
+        "levels": Key(list, [0.95, 0.99], "VaR confidence levels"),
+        "horizon_bars": Key(int, 1, "VaR horizon in bars"),
+        "target_weights": Key(dict, None, "table symbol = weight for the target portfolio's "
+                              "variance and VaR (default: equal weights)"),
+        "accel_min_symbols": Key(int, None, f"on a torch stream, symbols from which covariance "
+                                 f"and eigh run there (default {ACCEL_MIN_SYMBOLS}; mlx streams "
+                                 "use numpy unless this is given: MLX did not pay)"),
+    },
+)
+def _portfolio(p: dict[str, Any], ctx: BuildContext) -> PortfolioStage:
+    symbols = p["symbols"]
+    if symbols is None:
+        named = [getattr(s, "symbol", None) for s in ctx.sources]
+        if not named or any(s is None for s in named):
+            raise ConfigError(
+                "portfolio: list the portfolio's symbols (symbols = [\"A\", \"B\"]); they can "
+                "be taken from the sources only when every source names its symbol"
+            )
+        symbols = list(dict.fromkeys(named))
+    if len(set(symbols)) < 2:
+        raise ConfigError(
+            f"portfolio: needs at least two symbols, got {sorted(set(symbols))}; add a second "
+            "source (or list symbols = [...]) to build a portfolio"
+        )
+    return PortfolioStage(
+        [str(s) for s in symbols],
+        bar_ns=p["bar_ns"],
+        window=p["window"],
+        ridge=p["ridge"],
+        levels=tuple(float(x) for x in p["levels"]),
+        horizon_bars=p["horizon_bars"],
+        target_weights=p["target_weights"],
+        name=p["name"] or "portfolio",
+        streams=p["streams"],
+        accel_min_symbols=p["accel_min_symbols"],
     )
