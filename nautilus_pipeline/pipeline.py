@@ -50,7 +50,8 @@ still 1.44 ms. Robust beats 25 % on an idle box.
 
 Accounting: ``ticks_in`` = rows published into the pipeline = rows that reached the sink
 + rows of batches that a stage failed on (logged with context, sent to the dead-letter
-topic). ``stats()["ticks"]`` holds the identity; the replay adds rejected/quarantined.
+topic) + rows discarded by a close without draining (a cancelled owner, a fail-fast stop)
++ rows still in flight. ``stats()["ticks"]`` holds the identity; the replay adds rejected/quarantined.
 """
 
 from __future__ import annotations
@@ -132,6 +133,7 @@ class Pipeline:
         self.runners: list[StageRunner] = []
         self.ticks_in = 0
         self.ticks_not_delivered = 0
+        self.ticks_discarded = 0
         self._pending: Lease | None = None
         self._pending_deadline = 0.0
         self._armed = asyncio.Event()
@@ -251,6 +253,11 @@ class Pipeline:
                 sys.setswitchinterval(self._switch_before)
                 self._switch_before = None
             self.leaked = self.pool.close()
+            if not drain or self.bus.failure is not None:
+                # batches cancelled in a stage or dropped from its queue: counted, not "in flight"
+                sink_rows = self.runners[-1].metrics.rows if self.runners else 0
+                failed = sum(r.metrics.failed_rows for r in self.runners)
+                self.ticks_discarded = self.ticks_in - sink_rows - failed
             log.info("pipeline_closed", pipeline=self.name, **self.stats()["ticks"])
         if self._own_bus and self.bus.failure is not None:
             raise self.bus.failure
@@ -418,7 +425,8 @@ class Pipeline:
                 "ticks_not_delivered": self.ticks_not_delivered,
                 "ticks_out": sink_rows,
                 "ticks_failed": failed,
-                "in_flight": self.ticks_in - sink_rows - failed,
+                "ticks_discarded": self.ticks_discarded,
+                "in_flight": self.ticks_in - sink_rows - failed - self.ticks_discarded,
             },
             "stages": [r.stats() for r in self.runners],
             "pool": dataclasses.asdict(self.pool.stats()),

@@ -147,7 +147,7 @@ async def test_streaming_stages_equal_the_notebook_batch_api(sample_dir, pipelin
 async def test_every_tick_reaches_the_sink(sample_dir, pipeline_from, collect):
     data = btc_trades(sample_dir)
     pipe, cap, *_ = await run_chain(pipeline_from, collect, data, 4096)
-    assert pipe.stats()["ticks"] == {"ticks_in": 21313, "ticks_not_delivered": 0, "ticks_out": 21313, "ticks_failed": 0, "in_flight": 0}
+    assert pipe.stats()["ticks"] == {"ticks_in": 21313, "ticks_not_delivered": 0, "ticks_out": 21313, "ticks_failed": 0, "ticks_discarded": 0, "in_flight": 0}
     assert sum(cap.batch_sizes) == 21313
     assert pipe.leaked == []
 

@@ -104,7 +104,7 @@ async def test_four_stages_give_the_same_numbers_for_any_batch_size(batch_size):
     np.testing.assert_allclose(np.concatenate(sink.double), 2 * data["price"] * data["size"], rtol=0)
     np.testing.assert_allclose(np.concatenate(sink.cum), np.cumsum(data["size"]), rtol=1e-12)
     t = pipe.stats()["ticks"]
-    assert t == {"ticks_in": 3000, "ticks_not_delivered": 0, "ticks_out": 3000, "ticks_failed": 0, "in_flight": 0}
+    assert t == {"ticks_in": 3000, "ticks_not_delivered": 0, "ticks_out": 3000, "ticks_failed": 0, "ticks_discarded": 0, "in_flight": 0}
     assert sink.finished
     assert pipe.pool.in_use == 0 and pipe.leaked == []
 
@@ -175,7 +175,7 @@ async def test_a_failing_stage_is_reported_with_context_and_does_not_hang_the_bu
         bus.subscribe("deadletter.>", lambda e: letters.append(e.payload))
         async with Pipeline(stages, batch_size=10, slabs=2, memory="host", bus=bus) as pipe:
             await asyncio.wait_for(pipe.ingest(ticks(50)), 5)
-    assert pipe.stats()["ticks"] == {"ticks_in": 50, "ticks_not_delivered": 0, "ticks_out": 40, "ticks_failed": 10, "in_flight": 0}
+    assert pipe.stats()["ticks"] == {"ticks_in": 50, "ticks_not_delivered": 0, "ticks_out": 40, "ticks_failed": 10, "ticks_discarded": 0, "in_flight": 0}
     assert len(letters) == 1
     assert "stage 'broken' failed on batch" in str(letters[0].error)
     assert "10 rows" in str(letters[0].error)

@@ -1,9 +1,7 @@
 """Cancelling the task that runs a pipeline: the batches it discards are counted (issue 12, 12).
 
-Today ``Pipeline.close(drain=False)`` drops the batches in flight but ``stats()`` keeps
-reporting them as ``in_flight``, so ``ticks_in = ticks_out + ticks_failed + in_flight`` holds
-only by calling lost ticks "in flight" forever. The fix lives in ``pipeline.py`` (owned by the
-main engineer): this test states the behaviour and is marked ``xfail(strict=True)`` until then.
+``Pipeline.close(drain=False)`` drops the batches in flight; ``stats()`` counts them as
+``ticks_discarded`` (they used to be reported as ``in_flight`` forever).
 """
 
 from __future__ import annotations
@@ -11,7 +9,6 @@ from __future__ import annotations
 import asyncio
 
 import numpy as np
-import pytest
 
 from nautilus_pipeline.events import ColumnSpec
 from nautilus_pipeline.pipeline import Pipeline
@@ -59,8 +56,6 @@ async def test_cancelled_pipeline_accounts_every_published_tick_today() -> None:
     assert t["ticks_in"] == t["ticks_out"] + t["ticks_failed"] + t["in_flight"] + t.get("ticks_discarded", 0)
 
 
-@pytest.mark.xfail(strict=True, reason="issue 12.12: pipeline.py must count batches dropped by a cancel as "
-                                       "ticks_discarded (see the report of the reliability session)")
 async def test_batches_dropped_by_a_cancel_are_counted_as_discarded_not_in_flight() -> None:
     t = await _run_and_cancel()
     assert t["in_flight"] == 0
