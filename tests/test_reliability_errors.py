@@ -216,7 +216,7 @@ def test_a_real_full_disk_on_a_tiny_tmpfs(capsys, tmp_path: Path) -> None:
     mnt = tmp_path / "mnt"
     mnt.mkdir()
     if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=100k", "tmpfs", str(mnt)], capture_output=True).returncode:
-        pytest.skip("cannot mount a tmpfs here (needs root)")
+        pytest.skip(reason="cannot mount a tmpfs here (needs root)")
     try:
         rc, err = cli(capsys, "run", DEFAULT, "--out", str(mnt / "o"))
         assert rc == 1 and "No space left on device" in one_line(err)
