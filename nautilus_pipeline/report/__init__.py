@@ -19,7 +19,8 @@ __all__ = ["RunData", "load_run", "write_report"]
 
 
 def write_report(run_dir: str | Path, *, html_page: bool = False) -> list[Path]:
-    """Draw ``run_dir/report.png`` (and ``report.html``); return the paths written."""
+    """Draw ``run_dir/report.png`` (and ``report.html``, and ``report_portfolio.png`` for a
+    run with a portfolio stage); return the paths written."""
     from .png import write_png
 
     run = load_run(run_dir)
@@ -28,4 +29,7 @@ def write_report(run_dir: str | Path, *, html_page: bool = False) -> list[Path]:
         from .html import write_html
 
         written.append(write_html(run, run.dir / "report.html"))
+    from ..report_portfolio import write_portfolio_report
+
+    written += write_portfolio_report(run.dir)  # nothing for a run without a portfolio stage
     return written
