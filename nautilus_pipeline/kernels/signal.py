@@ -15,7 +15,8 @@ BUY/SELL and 0 for FLAT. Target position (base units): ``side · max_position`` 
 ``emit`` marks the rows whose (side, target) differ from the previous row's, the first
 row of a symbol included: the stage publishes a :class:`~nautilus_pipeline.events.Signal`
 only there (emit on change). The rule runs as one numba loop over the rows: the numpy
-version (a dozen array ops) cost ~60 µs per call for one row, paid twice per live tick.
+version (a dozen array ops) cost 61 µs per one-row call under cProfile on the dev VM
+(a live pipeline of 3,000 one-tick batches), paid twice per tick.
 """
 
 from __future__ import annotations
