@@ -8,6 +8,7 @@ import numpy as np
 import orjson
 import pyarrow.parquet as pq
 import pytest
+from report_helpers import all_quarantined_run as all_quarantined_run_in
 
 from nautilus_pipeline.cli import main
 from nautilus_pipeline.report import load_run, write_report
@@ -49,17 +50,7 @@ def quotes_run(tmp_path_factory):
 @pytest.fixture(scope="module")
 def all_quarantined_run(tmp_path_factory):
     """Every row has a negative price: all quarantined, nothing reaches the stages."""
-    out = tmp_path_factory.mktemp("allbad")
-    src = REPO / "nautilus_pipeline" / "data" / "binance-um-btcusdt-trades-20240808.csv"
-    lines = src.read_text().splitlines()[:40]
-    bad = [lines[0]] + [",".join([f[0], "-5", *f[2:]]) for f in (ln.split(",") for ln in lines[1:])]
-    (out / "bad.csv").write_text("\n".join(bad) + "\n")
-    (out / "p.toml").write_text(
-        '[pipeline]\nname = "allbad"\n[[sources]]\npath = "bad.csv"\nformat = "binance_trades"\n'
-        'symbol = "BTCUSDT"\non_bad_row = "quarantine"\n[[stages]]\ntype = "vpin"\n'
-        'bucket_volume = 10.0\n[outputs]\ndir = "out"\n')
-    assert main(["run", str(out / "p.toml"), "--out", str(out / "out")]) == 0
-    return out / "out"
+    return all_quarantined_run_in(tmp_path_factory.mktemp("allbad"), 39)
 
 
 def _ink(png: np.ndarray, ax) -> float:

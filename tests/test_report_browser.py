@@ -19,6 +19,7 @@ from pathlib import Path
 import numpy as np
 import orjson
 import pytest
+from report_helpers import all_quarantined_run
 
 from nautilus_pipeline.cli import main
 
@@ -170,16 +171,7 @@ async def test_html_report_draws_every_chart_without_console_errors(browser, def
 @pytest.fixture(scope="module")
 def empty_report(tmp_path_factory) -> Path:
     """A run whose every row is quarantined (negative prices): nothing reaches the stages."""
-    out = tmp_path_factory.mktemp("allbad")
-    src = REPO / "nautilus_pipeline" / "data" / "binance-um-btcusdt-trades-20240808.csv"
-    lines = src.read_text().splitlines()[:20]
-    bad = [lines[0]] + [",".join([f[0], "-5", *f[2:]]) for f in (ln.split(",") for ln in lines[1:])]
-    (out / "bad.csv").write_text("\n".join(bad) + "\n")
-    (out / "p.toml").write_text(
-        '[pipeline]\nname = "allbad"\n[[sources]]\npath = "bad.csv"\nformat = "binance_trades"\n'
-        'symbol = "BTCUSDT"\non_bad_row = "quarantine"\n[[stages]]\ntype = "vpin"\n'
-        'bucket_volume = 10.0\n[outputs]\ndir = "out"\n')
-    assert main(["run", str(out / "p.toml"), "--out", str(out / "out")]) == 0
+    out = all_quarantined_run(tmp_path_factory.mktemp("allbad"), 19).parent
     assert main(["report", str(out / "out"), "--html"]) == 0
     import structlog
 
