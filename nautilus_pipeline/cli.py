@@ -240,15 +240,9 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def _check_out(out: Path, what: str, error: type[PipelineError]) -> None:
-    """Refuse an output folder that cannot be written, before anything is read."""
-    if out.exists() and not out.is_dir():
-        raise error(f"{what} {out}: is a file, not a folder; give a folder for the outputs")
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise error(f"{what} {out}: cannot create the output folder ({exc.strerror or exc})") from None
-    if not os.access(out, os.W_OK | os.X_OK):
-        raise error(f"{what} {out}: the output folder is not writable; pick another with --out")
+    from .app import check_out_dir
+
+    check_out_dir(out, what, error)
 
 
 def _metrics_address(args: argparse.Namespace) -> str | None:
@@ -272,36 +266,12 @@ def _metrics_address(args: argparse.Namespace) -> str | None:
 async def _run(args: argparse.Namespace) -> int:
     from rich.console import Console
 
-    from . import config
-    from .io import Replay
-    from .io.sinks import EventSink
-    from .stages.recorder import TRACE_COLUMNS, RecorderStage
+    from .app import Run
 
-    definition = config.load(args.pipeline)
-    out_dir = Path(args.out or definition.outputs["dir"])
-    if args.out is None:
-        _check_out(out_dir, f"{definition.path}: outputs.dir", ConfigError)
-    sources = config.make_sources(definition, args.ticks, out_dir)
-    if args.ticks:
-        for src in sources:
-            src.format = args.format or src.format
-            src.symbol = args.symbol or src.symbol
-    if args.order_by:
-        for src in sources:
-            src.order_by = {"ts_event": "ts_ns", "ts_recv": "ts_recv_ns"}[args.order_by]
-    if not sources:
-        raise ConfigError(f"{definition.path}: no [[sources]]; give tick files with --ticks FILE")
-    stages = config.build_stages(definition, sources)
-    expected = _estimate_rows(sources)
-    every = args.trace_every or max(1, (expected or _rows_upper_bound(sources)) // 200_000)
-    written = {c.name for s in stages for c in s.writes} | {"ts_ns", "symbol_id", "kind", "price", "bid", "ask"}
-    stages.append(RecorderStage(out_dir / "trace.parquet", every=every,
-                                available=tuple(c for c in TRACE_COLUMNS if c in written)))
-    pipe = config.build_pipeline(definition, stages, batch_size=args.batch,
-                                 execution=args.execution)
-    speed = args.speed if args.speed is not None else definition.replay["speed"]
-    replay = Replay(sources, speed=speed or None, symbols=pipe.symbols)
-    sink = EventSink(out_dir, definition.outputs["topics"], definition.outputs["formats"])
+    run = Run(args.pipeline, ticks=args.ticks, format=args.format, symbol=args.symbol,
+              order_by=args.order_by, speed=args.speed, batch_size=args.batch,
+              execution=args.execution, out_dir=args.out, trace_every=args.trace_every)
+    pipe, replay = run.pipeline, run.replay
     err = Console(stderr=True)
     show_progress = err.is_terminal and not args.no_progress
 
@@ -310,14 +280,11 @@ async def _run(args: argparse.Namespace) -> int:
         from .prometheus import MetricsAddressError, MetricsExporter
 
         try:
-            metrics = MetricsExporter(_metrics_address(args), pipeline=definition.name)
+            metrics = MetricsExporter(_metrics_address(args), pipeline=run.name)
         except MetricsAddressError as exc:
             if args.metrics_addr is not None:
                 raise
             raise MetricsAddressError(str(exc).replace("--metrics-addr", "--metrics-port", 1)) from None
-    from .report.timeline import TIMELINE_FILE, LatencyTimeline
-
-    timeline = LatencyTimeline()
     stop = asyncio.Event()
     got: list[int] = []  # signals received, in order
     loop = asyncio.get_running_loop()
@@ -336,20 +303,18 @@ async def _run(args: argparse.Namespace) -> int:
     for sig in (signal.SIGINT, signal.SIGTERM):
         with contextlib.suppress(NotImplementedError, RuntimeError):  # pragma: no cover - Windows
             loop.add_signal_handler(sig, on_signal, sig)
-    t0 = time.perf_counter()
-    interrupted = False
-    write_error: OSError | None = None
     try:
-        async with pipe:
-            sink.attach(pipe.bus)
-            with _progress(err, show_progress, expected, replay) as advance:
-                interrupted = await _replay_into(pipe, replay, advance, metrics, stop, sink, timeline)
-        timeline.sample(pipe, replay.progress.ts_reached_ns)
-        timeline.write(out_dir / TIMELINE_FILE)
-        if metrics is not None:
+        expected = run.estimate_rows() if show_progress else None
+        with _progress(err, show_progress, expected, replay) as advance:
+
+            def on_batch() -> None:
+                advance(replay.progress.ticks_delivered, replay.progress.ts_reached_ns)
+                if metrics is not None:
+                    metrics.update(pipe, replay)
+
+            summary = await run.execute(stop=stop, on_batch=on_batch)
+        if metrics is not None and summary.write_error is None:
             metrics.update(pipe, replay, force=True)
-    except OSError as exc:  # a stage writing its file at the end (trace.parquet) on a full disk
-        write_error = exc
     finally:
         if metrics is not None:
             metrics.close()
@@ -358,81 +323,23 @@ async def _run(args: argparse.Namespace) -> int:
                 loop.remove_signal_handler(sig)
         signal.signal(signal.SIGINT, _raise_interrupted)
         signal.signal(signal.SIGTERM, _raise_terminated)
-        sink.close()
-    wall = time.perf_counter() - t0
-    summary = _summary(definition, pipe, replay, sink, wall, interrupted)
-    write_error = write_error or sink.error
-    try:
-        _write_atomic(out_dir / "summary.json", orjson.dumps(summary, option=orjson.OPT_INDENT_2 | orjson.OPT_SERIALIZE_NUMPY))
-    except OSError as exc:
-        write_error = write_error or exc
-    _print_summary(summary, out_dir)
-    _warn_if_nothing_produced(summary)
-    if write_error is not None:
-        e = write_error
-        raise PipelineError(f"cannot write the outputs in {out_dir} ({e.strerror or e}); the run stopped there: "
+    out_dir = run.out_dir
+    report = summary.as_dict()
+    _print_summary(report, out_dir)
+    _warn_if_nothing_produced(report)
+    if summary.write_error is not None:
+        raise PipelineError(f"cannot write the outputs in {out_dir} ({summary.write_error}); the run stopped there: "
                             "its JSON lines end at a whole line, files that could not be written whole are not there")
-    if interrupted and got:
+    if summary.interrupted and got:
         return EXIT_TERMINATED if got[0] == signal.SIGTERM else EXIT_INTERRUPTED
     replay.accounting.check()
-    failed = summary["ticks"]["failed_batches"]
+    failed = summary.ticks.failed_batches
     if failed:
-        stages = ", ".join(f"{s['stage']} ({s['failures']})" for s in summary["stages"] if s["failures"])
+        stages = ", ".join(f"{s['stage']} ({s['failures']})" for s in summary.stages if s["failures"])
         print(f"nautilus-pipeline: error: {failed} batch(es) failed in stages: {stages}; their "
-              f"{summary['ticks']['failed_in_stages']:,} ticks were dead-lettered (see the logs)", file=sys.stderr)
+              f"{summary.ticks.failed_in_stages:,} ticks were dead-lettered (see the logs)", file=sys.stderr)
         return EXIT_STAGE_FAILED
     return EXIT_OK
-
-
-def _write_atomic(path: Path, data: bytes) -> None:
-    """Write a file whole or not at all (a full disk leaves no half summary.json)."""
-    tmp = path.with_name(path.name + ".tmp")
-    try:
-        tmp.write_bytes(data)
-        os.replace(tmp, path)
-    except OSError:
-        with contextlib.suppress(OSError):
-            tmp.unlink()
-        raise
-
-
-async def _replay_into(pipe, replay, advance, metrics, stop: asyncio.Event, sink=None,
-                       timeline=None) -> bool:
-    """Feed the replay's batches to the pipeline until the end, a signal or a write error;
-    True if stopped early. Waiting for the next batch (a paced replay across a gap, a slow
-    read) races the stop event, so a signal is never held up by a wait."""
-    async with contextlib.aclosing(replay.batches(pipe.pool)) as batches:
-        stopped = asyncio.ensure_future(stop.wait())
-        try:
-            while True:
-                nxt = asyncio.ensure_future(_next(batches))
-                await asyncio.wait({nxt, stopped}, return_when=asyncio.FIRST_COMPLETED)
-                if not nxt.done():
-                    nxt.cancel()
-                    late = (await asyncio.gather(nxt, return_exceptions=True))[0]
-                    if hasattr(late, "release"):  # the batch was ready as the stop came: not sent
-                        late.release("replay")
-                    return True
-                lease = nxt.result()
-                if lease is None:
-                    return False
-                await pipe.publish_batch(lease, "replay")
-                advance(replay.progress.ticks_delivered, replay.progress.ts_reached_ns)
-                if timeline is not None:
-                    timeline.maybe_sample(pipe, replay.progress.ts_reached_ns)
-                if metrics is not None:
-                    metrics.update(pipe, replay)
-                if stop.is_set() or (sink is not None and sink.error is not None):
-                    return True
-        finally:
-            stopped.cancel()
-
-
-async def _next(batches):
-    try:
-        return await anext(batches)
-    except StopAsyncIteration:
-        return None
 
 
 class _progress:
@@ -555,122 +462,6 @@ class _TotalEstimate:
             elif path in self._seen:
                 done += size
         return done
-
-
-def _estimate_rows(sources: list[Any]) -> int | None:
-    """Data rows in the sources when cheap to know: Parquet metadata, or the lines of plain
-    text (a last line without a newline counted, a header line not)."""
-    total = 0
-    for src in sources:
-        path = Path(src.path)
-        name = path.name.lower()
-        try:
-            if name.endswith(".parquet"):
-                import pyarrow.parquet as pq
-
-                total += pq.ParquetFile(path).metadata.num_rows
-            elif name.endswith((".csv", ".jsonl", ".txt")) and path.stat().st_size < 8 << 30:
-                total += _count_data_lines(path)
-            else:
-                return None
-        except Exception:  # a damaged file: its reader will say what is wrong with it
-            return None
-    return total or None
-
-
-def _rows_upper_bound(sources: list[Any]) -> int:
-    """Rows a compressed or binary input may hold, for the trace's sampling only: at most
-    one per 10 bytes of file (the bundled captures take 19-41 compressed bytes per tick)."""
-    total = 0
-    for src in sources:
-        with contextlib.suppress(OSError):
-            total += Path(src.path).stat().st_size // 10
-    return total
-
-
-def _count_data_lines(path: Path) -> int:
-    lines, first, last_byte = 0, b"", b"\n"
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 24), b""):
-            if not first:
-                first = chunk[:4096].split(b"\n", 1)[0]
-            lines += chunk.count(b"\n")
-            last_byte = chunk[-1:]
-    if last_byte != b"\n":
-        lines += 1
-    return lines - int(_is_header(first))
-
-
-def _is_header(line: bytes) -> bool:
-    """A first line of names, not values: a field that is neither a number nor a date/time,
-    or a JSON line (never a header)."""
-    text = line.decode("utf-8", "replace").strip()
-    if not text or text.startswith("{"):
-        return False
-    for field in text.replace(";", ",").replace("\t", ",").split(","):
-        f = field.strip().strip('"')
-        if f and not any(ch.isdigit() for ch in f) and f.lower() not in ("true", "false", "buy", "sell"):
-            return True
-    return False
-
-
-def _summary(definition, pipe, replay, sink, wall: float, interrupted: bool) -> dict[str, Any]:
-    from .machine import describe
-
-    acct = replay.accounting.total
-    stats = pipe.stats()
-    return {
-        "pipeline": definition.name,
-        "definition": str(definition.path),
-        "machine": describe(),
-        "interrupted": interrupted,
-        "wall_s": wall,
-        "ticks": {
-            "read": acct.read,
-            "delivered": acct.delivered,
-            "rejected": acct.rejected,
-            "quarantined": acct.quarantined,
-            "by_reason": dict(acct.by_reason),
-            "processed": stats["ticks"]["ticks_out"],
-            "failed_in_stages": stats["ticks"]["ticks_failed"],
-            "failed_batches": sum(s["failures"] for s in stats["stages"]),
-            "ticks_per_s": stats["ticks"]["ticks_out"] / wall if wall > 0 else 0.0,
-        },
-        "accounting": replay.accounting.as_dict(),
-        "stages": stats["stages"],
-        "pool": stats["pool"],
-        "leaked_leases": stats["leaked_leases"],
-        "outputs": dict(sink.counts),
-        "vpin_threshold": next((s.params["threshold"] for s in pipe.stages if hasattr(s, "params")
-                                and isinstance(s.params, dict) and "threshold" in s.params), 0.9),
-        "symbols": pipe.symbols.names,
-        **_report_fields(pipe, replay),
-    }
-
-
-def _report_fields(pipe, replay) -> dict[str, Any]:
-    """What ``report`` needs beyond the counters: files, fees, code version, trades seen."""
-    from .kernels.risk import RiskParams
-
-    limits = next((s.limits for s in pipe.stages if isinstance(getattr(s, "limits", None), RiskParams)), None)
-    return {
-        "files": [str(s.path) for s in replay.sources],
-        "code_version": _code_version(),
-        "fees": None if limits is None else {"fee_rate": limits.fee_rate,
-                                             "fee_per_order": limits.fee_per_order},
-    }
-
-
-def _code_version() -> str:
-    """``0.1.0`` plus the git commit of the checkout when there is one (``0.1.0+g1a2b3c4``)."""
-    import subprocess
-
-    try:
-        out = subprocess.run(["git", "describe", "--always", "--dirty"], cwd=Path(__file__).parent,
-                             capture_output=True, text=True, timeout=5)
-    except (OSError, subprocess.SubprocessError):
-        return __version__
-    return f"{__version__}+g{out.stdout.strip()}" if out.returncode == 0 and out.stdout.strip() else __version__
 
 
 def _warn_if_nothing_produced(summary: dict[str, Any]) -> None:
@@ -889,19 +680,18 @@ def cmd_validate(args: argparse.Namespace) -> int:
 
 def _validate_one(name: str) -> None:
     from . import config
-
-    definition = config.load(name)
-    sources = config.make_sources(definition, None, None)
+    from .app import Run
     from .io.files import check_file
 
-    for src in sources:
+    definition = config.load(name)
+    for src in config.make_sources(definition, None, None):
         try:
             check_file(src.path)
         except DataError as exc:
             raise DataError(f"{definition.path}: source {exc}") from None
-    stages = config.build_stages(definition, sources)
-    pipe = config.build_pipeline(definition, stages)
-    print(f"{definition.path}: ok — pipeline {definition.name!r}, {len(sources)} source(s), "
+    run = Run(definition, outputs=False)
+    pipe = run.pipeline
+    print(f"{definition.path}: ok — pipeline {definition.name!r}, {len(run.sources)} source(s), "
           f"stages {' → '.join(s.name for s in pipe.stages)}, batch {pipe.batch_size}")
 
 

@@ -286,6 +286,7 @@ class BuildContext:
 
     definition: PipelineDef
     sources: list[Any]  # io.Source objects of this run (the CLI's --ticks may replace them)
+    replay: Any = None  # the run's Replay: a calibration read is kept for it (read once)
 
     def path(self, value: str) -> Path:
         return resolve_path(value, self.definition.path.parent)
@@ -340,10 +341,10 @@ class BuildContext:
 
         structlog.get_logger("nautilus_pipeline.config").info(
             "bucket_volume_calibration", sources=[str(s.path) for s in self.sources], buckets=buckets)
-        replay = Replay(self.sources)
+        replay = self.replay if self.replay is not None else Replay(self.sources)
         volumes: dict[int, list[float]] = {}  # per symbol: the volume of each block read
         try:
-            for block in replay.iter_arrays():
+            for block in replay.scan():
                 trades = block["kind"] == KIND_TRADE
                 for sid in np.unique(block["symbol_id"][trades]):
                     picked = trades & (block["symbol_id"] == sid)
@@ -356,15 +357,23 @@ class BuildContext:
         }
 
 
-def make_sources(definition: PipelineDef, ticks: list[str] | None, out_dir: Path | None) -> list[Any]:
-    """``io.Source`` objects for the definition's sources, or for ``ticks`` files if given."""
+def make_sources(definition: PipelineDef, ticks: list[str] | None, out_dir: Path | None, *,
+                 format: str | None = None, symbol: str | None = None,
+                 order_by: str | None = None) -> list[Any]:
+    """``io.Source`` objects for the definition's sources, or for ``ticks`` files if given
+    (``format`` and ``symbol`` apply to those); ``order_by`` (``ts_event``/``ts_recv``)
+    overrides every source's replay clock. Each source validates itself when made."""
     from .io import Source
 
     order = {"ts_event": "ts_ns", "ts_recv": "ts_recv_ns", None: None}
+    if order_by not in order:
+        raise ConfigError(f"order_by must be 'ts_event' or 'ts_recv', got {order_by!r}")
     default_order = definition.replay["order_by"]
     allowed = definition.pipeline["symbols"]
     if ticks:
-        tables = [take({"path": t}, SOURCE_KEYS, f"ticks[{i}]", "--ticks") for i, t in enumerate(ticks)]
+        given = {k: v for k, v in (("format", format), ("symbol", symbol)) if v is not None}
+        tables = [take({"path": t, **given}, SOURCE_KEYS, f"ticks[{i}]", "--ticks")
+                  for i, t in enumerate(ticks)]
         paths = [Path(t) for t in ticks]
     else:
         tables = definition.sources
@@ -383,7 +392,7 @@ def make_sources(definition: PipelineDef, ticks: list[str] | None, out_dir: Path
                 policy=t["on_bad_row"],
                 quarantine=quarantine,
                 allow_equal_ts=t["allow_equal_ts"],
-                order_by=order[t["order_by"] or default_order],
+                order_by=order[order_by or t["order_by"] or default_order],
                 options=t["options"],
                 name=t["name"],
                 symbols_allowed=allowed,
@@ -392,10 +401,14 @@ def make_sources(definition: PipelineDef, ticks: list[str] | None, out_dir: Path
     return out
 
 
-def build_stages(definition: PipelineDef, sources: list[Any] | None = None) -> list[Any]:
-    """The stage objects of a definition, in order (errors name the file and stage)."""
+def build_stages(definition: PipelineDef, sources: list[Any] | None = None,
+                 replay: Any = None) -> list[Any]:
+    """The stage objects of a definition, in order (errors name the file and stage).
+
+    ``replay``: the run's replay of ``sources``; a stage that must read the input first
+    (``bucket_volume = "auto"``) reads it through it, so the replay does not read it again."""
     _load_registries()
-    ctx = BuildContext(definition, sources or [])
+    ctx = BuildContext(definition, sources or [], replay)
     out = []
     for sd in definition.stages:
         _, factory = STAGE_TYPES[sd.type]

@@ -109,8 +109,9 @@ async def feed(pipe: Pipeline, ticks: Iterable[TradeTick | QuoteTick]) -> int:
 
 async def run_replay(pipe: Pipeline, replay: Any) -> None:
     """Push a :class:`~nautilus_pipeline.io.Replay` through a running pipeline, then drain."""
-    async for lease in replay.batches(pipe.pool):
-        await pipe.publish_batch(lease, "replay")
+    from .app import replay_into
+
+    await replay_into(pipe, replay)
     await pipe.drain()
 
 
@@ -133,11 +134,9 @@ async def pipeline_from() -> AsyncIterator[Any]:
 
     async def make(what: Sequence[Stage] | str | Path, **kwargs: Any) -> Pipeline:
         if isinstance(what, (str, Path)):
-            from . import config
+            from .app import Run
 
-            definition = config.load(what)
-            stages = config.build_stages(definition, config.make_sources(definition, None, None))
-            pipe = config.build_pipeline(definition, stages, **kwargs)
+            pipe = Run(what, outputs=False, pipeline_settings=kwargs).pipeline
         else:
             pipe = Pipeline(list(what), **kwargs)
         await pipe.start()

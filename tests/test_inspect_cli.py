@@ -10,7 +10,8 @@ from pathlib import Path
 import orjson
 import pytest
 
-from nautilus_pipeline.cli import _estimate_rows, _progress, _TotalEstimate, main
+from nautilus_pipeline.app import estimate_rows as _estimate_rows
+from nautilus_pipeline.cli import _progress, _TotalEstimate, main
 from nautilus_pipeline.io import Replay, Source
 
 REPO = Path(__file__).resolve().parents[1]

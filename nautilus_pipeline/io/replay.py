@@ -31,6 +31,13 @@ time, so no test really sleeps.
 
 Accounting. ``Replay.accounting`` counts per source and symbol: read = delivered + rejected +
 quarantined once the replay has run to the end (``delivered`` counts rows yielded).
+
+Reading once. A run that must see its whole input before it starts (``bucket_volume =
+"auto"`` sums each symbol's volume) calls :meth:`Replay.scan`: it reads, checks and merges the
+sources as the replay would, and keeps the merged blocks (up to ``max_bytes``) so that the
+replay that follows serves them instead of reading the files again; the accounting and the
+quarantine files of that one read are the run's. An input larger than the budget is read
+again by the replay (logged), as before.
 """
 
 from __future__ import annotations
@@ -44,6 +51,7 @@ from pathlib import Path
 from typing import Protocol
 
 import numpy as np
+import structlog
 
 from nautilus_pipeline.errors import ConfigError, DataError
 from nautilus_pipeline.events import TICK_COLUMN_NAMES
@@ -52,6 +60,11 @@ from nautilus_pipeline.io.chunk import TickChunk, TickReader
 from nautilus_pipeline.io.formats import Source
 from nautilus_pipeline.memory import BufferPool, Lease
 from nautilus_pipeline.symbols import SymbolTable
+
+log = structlog.get_logger("nautilus_pipeline.replay")
+
+READ_ONCE_MAX_BYTES = 2 << 30
+"""What :meth:`Replay.scan` keeps for the replay (merged columns, ~70 bytes a tick)."""
 
 _KEY = "_key"
 _SRC = "_src"
@@ -153,6 +166,32 @@ class Replay:
         self.chunk_rows = chunk_rows
         self.accounting = Accounting()
         self.progress = Progress(sources=len(self.sources))
+        self._kept: list[dict[str, np.ndarray]] | None = None
+        self.kept_rows: int | None = None
+        """Rows kept by :meth:`scan` for the replay (exact, known before it starts), else None."""
+
+    def scan(self, max_bytes: int = READ_ONCE_MAX_BYTES) -> Iterator[dict[str, np.ndarray]]:
+        """Read the merged stream once before the replay (see "Reading once" above).
+
+        Yields the merged blocks (tick columns, not yet counted as delivered); keeps them for
+        the next :meth:`batches`/:meth:`iter_arrays` while they fit in ``max_bytes``.
+        """
+        kept: list[dict[str, np.ndarray]] | None = []
+        size = 0
+        self._kept = self.kept_rows = None
+        for block in self._blocks():
+            if kept is not None:
+                size += sum(v.nbytes for v in block.values())
+                if size <= max_bytes:
+                    kept.append(block)
+                else:
+                    kept = None
+                    log.info("replay_read_twice", sources=[str(s.path) for s in self.sources],
+                             max_bytes=max_bytes, reason="the input does not fit the read-once budget")
+            yield {k: v for k, v in block.items() if k not in (_KEY, _SRC)}
+        if kept is not None:
+            self._kept = kept
+            self.kept_rows = sum(len(b[_KEY]) for b in kept)
 
     # --- merge -------------------------------------------------------------------------
     def _open(self) -> list[_Lane]:
@@ -213,6 +252,12 @@ class Replay:
 
     def _blocks(self) -> Iterator[dict[str, np.ndarray]]:
         """Merged blocks (any size) in the final order; columns plus ``_key``/``_src``."""
+        if self._kept is not None:  # read by scan(): serve those blocks, once
+            kept, self._kept = self._kept, None
+            self.progress = Progress(sources=len(self.sources), sources_done=len(self.sources),
+                                     rows_read=self.progress.rows_read)
+            yield from kept
+            return
         lanes = self._open()
         try:
             for lane in lanes:

@@ -92,6 +92,11 @@ class VpinStage(Stage):
         self.last: dict[int, np.ndarray] = {}  # symbol → [vpin, cdf, toxic] as of its last row
         self.buckets = 0
 
+    @property
+    def threshold(self) -> float:
+        """The CDF level above which a bucket's flow is flagged toxic."""
+        return self.params["threshold"]
+
     def _volume_for(self, symbol: str) -> float:
         v = self.bucket_volume
         if isinstance(v, Mapping):
