@@ -5,6 +5,7 @@
 copies. What users import is listed here; everything else is internal.
 """
 
+from .app import Run, Summary, TickCounts
 from .bus import DeadLetter, Event, EventBus, Overflow, Subscription
 from .compute import ComputeStream, choose, create_stream, discover
 from .errors import (
@@ -64,6 +65,7 @@ __all__ = [
     "PoolExhaustedError",
     "QuoteTick",
     "Replay",
+    "Run",
     "RequestTimeoutError",
     "RiskEvent",
     "Side",
@@ -73,7 +75,9 @@ __all__ = [
     "StageContext",
     "StageError",
     "Subscription",
+    "Summary",
     "SymbolTable",
+    "TickCounts",
     "TradeTick",
     "VpinBucket",
     "WouldBlockError",

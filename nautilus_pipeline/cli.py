@@ -75,6 +75,7 @@ def _format_name(text: str) -> str:
 
 EXAMPLES = {  # shown under each command's --help
     "run": """examples:
+  nautilus-pipeline run default                               # a bundled definition, from any folder
   nautilus-pipeline run pipelines/default.toml
   nautilus-pipeline run pipelines/vpin.toml --ticks my_trades.csv.gz --batch 1024 --out out/vpin
   nautilus-pipeline run pipelines/default.toml --speed 10          # 10x faster than the market
@@ -110,7 +111,8 @@ def _parser() -> argparse.ArgumentParser:
 
     run = sub.add_parser("run", help="replay tick files through a pipeline", epilog=EXAMPLES["run"],
                          formatter_class=fmt)
-    run.add_argument("pipeline", help="pipeline definition (TOML), e.g. pipelines/default.toml")
+    run.add_argument("pipeline", help="pipeline definition: a TOML file, or the name of a bundled "
+                     "one (default, vpin, quotes, portfolio, gpu)")
     from .config import MAX_BATCH_SIZE
 
     run.add_argument("--ticks", nargs="+", metavar="FILE", help="replay these files instead of the definition's sources")

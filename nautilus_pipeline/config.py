@@ -25,6 +25,28 @@ from .errors import ConfigError, PipelineError
 
 PACKAGE_DATA = Path(__file__).resolve().parent / "data"
 PACKAGE_MODELS = Path(__file__).resolve().parent / "models"
+PACKAGE_PIPELINES = Path(__file__).resolve().parent / "pipelines"
+"""The bundled definitions (the checkout's top-level ``pipelines/`` links here)."""
+
+
+def bundled_pipelines() -> list[str]:
+    """Names of the definitions shipped with the package (``default``, ``vpin``, ...)."""
+    return sorted(p.stem for p in PACKAGE_PIPELINES.glob("*.toml"))
+
+
+def find_definition(name: str | Path) -> Path:
+    """A definition file: a path that exists, else a bundled definition by name
+    (``default``, ``default.toml``, or ``package:default``), so that
+    ``nautilus-pipeline run default`` works from any folder after ``pip install``."""
+    text = str(name)
+    path = Path(text).expanduser()
+    if path.exists() or (path.suffix == ".toml" and len(path.parts) > 1 and not text.startswith("package:")):
+        return path
+    stem = text.removeprefix("package:").removesuffix(".toml")
+    bundled = PACKAGE_PIPELINES / f"{stem}.toml"
+    if "/" not in stem and bundled.exists():
+        return bundled
+    return path
 
 
 def _typename(t: type | tuple[type, ...]) -> str:
@@ -269,12 +291,13 @@ def loads(text: str, path: str | Path = "<string>") -> PipelineDef:
 
 
 def load(path: str | Path) -> PipelineDef:
-    """Read and validate a definition file."""
-    path = Path(path)
+    """Read and validate a definition file (a path, or a bundled definition's name)."""
+    path = find_definition(path)
     try:
         text = path.read_text(encoding="utf-8")
     except FileNotFoundError:
-        raise ConfigError(f"pipeline definition {path} does not exist") from None
+        raise ConfigError(f"pipeline definition {path} does not exist; bundled definitions: "
+                          f"{', '.join(bundled_pipelines())}") from None
     except OSError as exc:
         raise ConfigError(f"cannot read pipeline definition {path}: {exc.strerror}") from None
     return loads(text, path)

@@ -6,7 +6,7 @@ Use it from your own tests with ``pytest_plugins = ["nautilus_pipeline.testing"]
     from nautilus_pipeline.testing import trades_frame
 
     async def test_my_strategy(pipeline_from, collect):
-        pipe = await pipeline_from("pipelines/default.toml", batch_size=256)
+        pipe = await pipeline_from("default", batch_size=256)
         signals = collect(pipe, "signals.>")
         await pipe.ingest(trades_frame(5000, seed=1), symbol="BTCUSDT-PERP")
         await pipe.drain()
