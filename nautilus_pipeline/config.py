@@ -7,21 +7,24 @@ mean"), never silently ignored. See ``pipelines/README.md`` for the schema and
 ``pipelines/*.toml`` for ready-to-run examples.
 
 Why hand-written validation rather than a schema library: the schema is small, and the
-messages (file, dotted key, allowed keys, closest match) matter more than generality.
+messages (file, dotted key, allowed keys, closest match) matter more than generality. A
+stage's keys are not written here: they are read off its ``Params`` dataclass
+(:mod:`nautilus_pipeline.params`), so a stage is defined once.
 """
 
 from __future__ import annotations
 
 import difflib
+import importlib
 import math
 import os
 import tomllib
-from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from .errors import ConfigError, PipelineError
+from .params import Key, build_params, schema_of, take
 
 PACKAGE_DATA = Path(__file__).resolve().parent / "data"
 PACKAGE_MODELS = Path(__file__).resolve().parent / "models"
@@ -47,62 +50,6 @@ def find_definition(name: str | Path) -> Path:
     if "/" not in stem and bundled.exists():
         return bundled
     return path
-
-
-def _typename(t: type | tuple[type, ...]) -> str:
-    if isinstance(t, tuple):
-        return " or ".join(_typename(x) for x in t)
-    return {str: "a string", int: "an integer", float: "a number", bool: "true/false",
-            list: "a list", dict: "a table"}.get(t, t.__name__)
-
-
-@dataclass(frozen=True)
-class Key:
-    """One allowed key of a table: its type, default (``REQUIRED`` if none) and meaning."""
-
-    type: type | tuple[type, ...]
-    default: Any = None
-    doc: str = ""
-    required: bool = False
-    choices: tuple[Any, ...] | None = None
-
-
-def take(table: Any, schema: Mapping[str, Key], where: str, source: str) -> dict[str, Any]:
-    """Validate ``table`` against ``schema``; return the values with defaults filled in.
-
-    ``where`` is the dotted location (``stages[2]``), ``source`` the file, both for messages.
-    """
-    if not isinstance(table, dict):
-        raise ConfigError(f"{source}: {where} must be a table, got {type(table).__name__}")
-    out: dict[str, Any] = {}
-    for key, value in table.items():
-        if key not in schema:
-            close = difflib.get_close_matches(key, list(schema), n=1)
-            hint = f" (did you mean {close[0]!r}?)" if close else ""
-            raise ConfigError(
-                f"{source}: unknown key {where}.{key}{hint}; allowed: {', '.join(sorted(schema))}"
-            )
-        spec = schema[key]
-        types = spec.type if isinstance(spec.type, tuple) else (spec.type,)
-        ok = isinstance(value, types) and not (isinstance(value, bool) and bool not in types)
-        if not ok and float in types and isinstance(value, int) and not isinstance(value, bool):
-            value, ok = float(value), True
-        if not ok:
-            raise ConfigError(
-                f"{source}: {where}.{key} must be {_typename(spec.type)}, got {value!r}"
-            )
-        if spec.choices is not None and value not in spec.choices:
-            raise ConfigError(
-                f"{source}: {where}.{key} = {value!r} is not allowed; choose one of "
-                f"{', '.join(repr(c) for c in spec.choices)}"
-            )
-        out[key] = value
-    for key, spec in schema.items():
-        if key not in out:
-            if spec.required:
-                raise ConfigError(f"{source}: {where}.{key} is required ({spec.doc})")
-            out[key] = spec.default
-    return out
 
 
 MAX_BATCH_SIZE = 1 << 24
@@ -195,9 +142,21 @@ TOP_KEYS = {
 
 @dataclass
 class StageDef:
+    """One validated ``[[stages]]`` table: its type, class, parameters, name and streams."""
+
     type: str
-    params: dict[str, Any]
+    cls: type
+    values: dict[str, Any]  # the table's keys, type-checked, defaults filled in
+    name: str
+    streams: tuple[str, ...]
     where: str
+
+    @property
+    def params(self) -> Any:
+        """The stage's ``Params`` (its checks run here: at build, like the stage's own), or
+        None for a stage class without one."""
+        params_cls = getattr(self.cls, "Params", None)
+        return None if params_cls is None else build_params(params_cls, self.values)
 
 
 @dataclass
@@ -233,18 +192,68 @@ SOURCE_KEYS = {
     "options": Key(dict, {}, "reader options (column mapping for generic CSV, ...)"),
 }
 
-# stage type → (parameter schema, factory(params, BuildContext) -> Stage); filled by stages/
-STAGE_TYPES: dict[str, tuple[dict[str, Key], Callable[[dict[str, Any], BuildContext], Any]]] = {}
+def stage_class(type_name: str, where: str, source: str) -> type:
+    """The Stage class of a ``type``: a built-in name, or ``"package.module:ClassName"``."""
+    from .stage import Stage
+    from .stages import STAGE_TYPES
+
+    if ":" in type_name:
+        module, _, attr = type_name.partition(":")
+        try:
+            cls = getattr(importlib.import_module(module), attr)
+        except (ImportError, AttributeError) as exc:
+            raise ConfigError(f"{source}: {where}.type = {type_name!r} cannot be imported "
+                              f"({type(exc).__name__}: {exc})") from None
+        if not (isinstance(cls, type) and issubclass(cls, Stage)):
+            raise ConfigError(f"{source}: {where}.type = {type_name!r} is not a Stage subclass")
+        return cls
+    if type_name not in STAGE_TYPES:
+        close = difflib.get_close_matches(str(type_name), list(STAGE_TYPES), n=1)
+        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        raise ConfigError(f"{source}: {where}.type = {type_name!r} is unknown{hint}; one of "
+                          f"{', '.join(sorted(STAGE_TYPES))}, or a class as 'package.module:Class'")
+    return STAGE_TYPES[type_name]
 
 
-def register_stage(type_name: str, schema: dict[str, Key]):
-    """Decorator for a factory that builds a stage of ``type_name`` from validated params."""
+def stage_schema(cls: type) -> dict[str, Key]:
+    """The keys a ``[[stages]]`` table of this class takes (besides ``type``)."""
+    params = getattr(cls, "Params", None)
+    return {
+        "name": Key(str, None, "stage name (default: its type)"),
+        "streams": Key(list, list(cls.streams), "compute stream preference list, first usable wins"),
+        **(schema_of(params) if params is not None else {}),
+    }
 
-    def wrap(factory):
-        STAGE_TYPES[type_name] = (schema, factory)
-        return factory
 
-    return wrap
+STAGE_DOCS_BEGIN = "<!-- stage keys: generated by scripts/gen_pipeline_docs.py from each stage's Params -->"
+STAGE_DOCS_END = "<!-- end of generated stage keys -->"
+
+
+def stage_reference() -> str:
+    """The keys of every built-in stage type, as Markdown (the generated part of
+    ``pipelines/README.md``; a test checks that it is current)."""
+    from .params import schema_markdown
+    from .stages import STAGE_TYPES
+
+    return "\n".join(schema_markdown(name, cls) for name, cls in STAGE_TYPES.items())
+
+
+def _stage_def(table: Any, i: int, source: str) -> StageDef:
+    where = f"stages[{i}]"
+    if not isinstance(table, dict) or "type" not in table:
+        from .stages import STAGE_TYPES
+
+        raise ConfigError(f"{source}: {where} needs a type; one of {', '.join(sorted(STAGE_TYPES))}")
+    kind = table["type"]
+    if not isinstance(kind, str):
+        raise ConfigError(f"{source}: {where}.type must be a string, got {kind!r}")
+    cls = stage_class(kind, where, source)
+    values = take({k: v for k, v in table.items() if k != "type"}, stage_schema(cls), where, source)
+    streams = values.pop("streams")
+    if not streams or any(not isinstance(x, str) for x in streams):
+        raise ConfigError(f"{source}: {where}.streams must be a non-empty list of stream names, got {streams!r}")
+    name = values.pop("name") or kind.rpartition(":")[2].lower()
+    return StageDef(kind, cls, values, name, tuple(streams), where)
 
 
 def loads(text: str, path: str | Path = "<string>") -> PipelineDef:
@@ -265,28 +274,10 @@ def loads(text: str, path: str | Path = "<string>") -> PipelineDef:
     bad = [f for f in outputs["formats"] if f not in ("jsonl", "parquet")]
     if bad:
         raise ConfigError(f"{source}: outputs.formats has {bad}; allowed: 'jsonl', 'parquet'")
-    _load_registries()
     sources = [take(s, SOURCE_KEYS, f"sources[{i}]", source) for i, s in enumerate(top["sources"])]
-    stages = []
     if not top["stages"]:
         raise ConfigError(f"{source}: stages is empty; a pipeline needs at least one stage")
-    for i, s in enumerate(top["stages"]):
-        where = f"stages[{i}]"
-        if not isinstance(s, dict) or "type" not in s:
-            raise ConfigError(
-                f"{source}: {where} needs a type; one of {', '.join(sorted(STAGE_TYPES))}"
-            )
-        kind = s["type"]
-        if not isinstance(kind, str) or kind not in STAGE_TYPES:
-            close = difflib.get_close_matches(str(kind), list(STAGE_TYPES), n=1)
-            hint = f" (did you mean {close[0]!r}?)" if close else ""
-            raise ConfigError(
-                f"{source}: {where}.type = {kind!r} is unknown{hint}; "
-                f"one of {', '.join(sorted(STAGE_TYPES))}"
-            )
-        schema, _ = STAGE_TYPES[kind]
-        params = take({k: v for k, v in s.items() if k != "type"}, schema, where, source)
-        stages.append(StageDef(kind, params, where))
+    stages = [_stage_def(t, i, source) for i, t in enumerate(top["stages"])]
     return PipelineDef(path, pipeline, replay, sources, stages, outputs)
 
 
@@ -314,12 +305,25 @@ class BuildContext:
     def path(self, value: str) -> Path:
         return resolve_path(value, self.definition.path.parent)
 
-    def params_of(self, stage_type: str) -> dict[str, Any] | None:
-        """Validated parameters of the first stage of ``stage_type``, or None."""
+    def params_of(self, stage_type: str) -> Any:
+        """The ``Params`` of the first stage of ``stage_type`` in the definition, or None."""
         for sd in self.definition.stages:
             if sd.type == stage_type:
                 return sd.params
         return None
+
+    def model_inputs(self) -> list[str] | None:
+        """The input names of the inference stage's model (None without one, or when the
+        model cannot be read: the inference stage's own build then says why)."""
+        from .model.spec import DEFAULT_MODEL_PATH, read_input_names
+
+        p = self.params_of("inference")
+        if p is None:
+            return None
+        try:
+            return list(read_input_names(self.path(p.model) if p.model else DEFAULT_MODEL_PATH))
+        except ConfigError:
+            return None
 
     def known_symbols(self) -> tuple[set[str], bool]:
         """Symbols the run will see, as far as they can be known before reading the data:
@@ -430,13 +434,15 @@ def build_stages(definition: PipelineDef, sources: list[Any] | None = None,
 
     ``replay``: the run's replay of ``sources``; a stage that must read the input first
     (``bucket_volume = "auto"``) reads it through it, so the replay does not read it again."""
-    _load_registries()
     ctx = BuildContext(definition, sources or [], replay)
     out = []
     for sd in definition.stages:
-        _, factory = STAGE_TYPES[sd.type]
         try:
-            out.append(factory(sd.params, ctx))
+            params = sd.params
+            if params is None:
+                out.append(sd.cls(name=sd.name, streams=sd.streams))
+            else:
+                out.append(sd.cls.from_params(params, ctx, name=sd.name, streams=sd.streams))
         except ConfigError as exc:
             raise ConfigError(f"{definition.path}: {sd.where} ({sd.type}): {exc}") from None
         except (ValueError, TypeError, OverflowError, ZeroDivisionError) as exc:  # a parameter no check caught
@@ -496,8 +502,3 @@ def _check_pool_memory(stages: list[Any], batch_size: int, slabs: int, where: Pa
         raise ConfigError(f"{where}: the buffer pool would need {need / 2**30:,.1f} GiB ({slabs} slabs × "
                           f"{batch_size:,} rows × {row} bytes) of the machine's {total / 2**30:,.1f} GiB; "
                           "lower batch_size or slabs")
-
-
-def _load_registries() -> None:
-    """Import the module that registers the stage types."""
-    from . import stages  # noqa: F401  (registers stage factories)

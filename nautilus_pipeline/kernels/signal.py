@@ -24,6 +24,7 @@ from __future__ import annotations
 import enum
 import math
 from dataclasses import dataclass, replace
+from typing import ClassVar, Literal
 
 import numpy as np
 from numba import njit
@@ -76,10 +77,17 @@ def reason_names(mask: int) -> tuple[str, ...]:
 class SignalParams:
     """Thresholds on the model probability, stepping aside on toxic flow, sizing."""
 
+    DOCS: ClassVar[dict[str, str]] = {  # the keys of a [[stages]] type = "signal" table
+        "long_threshold": "P(up) at or above which the signal is BUY",
+        "short_threshold": "P(up) at or below which the signal is SELL",
+        "max_position": "target position size in base units",
+        "sizing": "fixed, or proportional to strength",
+        "step_aside_on_toxic": "go flat while VPIN flags toxic flow",
+    }
     long_threshold: float = 0.55
     short_threshold: float = 0.45
     max_position: float = 1.0
-    sizing: str = "fixed"
+    sizing: Literal["fixed", "proportional"] = "fixed"
     step_aside_on_toxic: bool = True
 
     def __post_init__(self) -> None:

@@ -335,6 +335,28 @@ def _load_model(path: Path) -> tuple[ModelSpec, MLPWeights]:
     return spec, weights
 
 
+def read_input_names(path: str | Path) -> tuple[str, ...]:
+    """A model file's input names, from its spec header only (no weights are read): what
+    a features stage needs to know to produce the model's inputs."""
+    path = Path(path)
+    try:
+        if path.suffix == ".npz":
+            with np.load(path, allow_pickle=False) as z:
+                spec = json.loads(str(z[_SPEC_KEY]))
+        elif path.suffix == ".safetensors":
+            from safetensors import safe_open
+
+            with safe_open(str(path), framework="numpy") as fh:
+                spec = json.loads((fh.metadata() or {})[_SPEC_KEY])
+        else:
+            raise ConfigError(f"{path}: model files end in .npz or .safetensors")
+        return tuple(str(n) for n in spec["input_names"])
+    except ConfigError:
+        raise
+    except Exception as e:  # a missing or damaged file: load_model says what is wrong with it
+        raise ConfigError(f"{path}: cannot read the model's input names ({type(e).__name__}: {e})") from None
+
+
 def load_default_model() -> tuple[ModelSpec, MLPWeights]:
     """The shipped default model: default trade features → 128 → 64 → 32 → P(up)."""
     return load_model(DEFAULT_MODEL_PATH)

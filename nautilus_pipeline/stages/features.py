@@ -35,6 +35,8 @@ from __future__ import annotations
 
 import time
 from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any, ClassVar, Literal
 
 import numpy as np
 import structlog
@@ -51,6 +53,7 @@ from ..kernels.features import (
     new_feature_state,
 )
 from ..memory import Lease
+from ..params import param
 from ..stage import Stage, StageContext
 
 FEATURES_COLUMN = "features"
@@ -66,10 +69,45 @@ def on_device(stream: ComputeStream) -> str | None:
     return None
 
 
+@dataclass(frozen=True, slots=True)
+class FeaturesParams(FeatureConfig):
+    """The features stage's parameters: the kernel's :class:`FeatureConfig` plus the columns
+    and the GPU routing."""
+
+    DOCS: ClassVar[dict[str, str]] = {
+        "half_lives": "EWMA half-lives in trades",
+        "intensity_half_life": "half-life of the inter-arrival EWMA",
+        "vwap_half_life": "half-life of the EWMA VWAP",
+        "rsi_period": "Wilder RSI period in price changes",
+    }
+    names: tuple[str, ...] | None = param(None, "feature columns in order (default: the model's "
+                                          "inputs, or every trade and quote feature)")
+    gpu_min_batch: int = param(16_384, "on a torch GPU stream, one symbol's trades per batch from "
+                               "which the scan kernel runs on the device")
+    route: Literal["first", "calibrated"] = param("first", "'calibrated': measure the CPU/GPU "
+                                                  "crossover at start")
+
+    def kernel_config(self) -> FeatureConfig:
+        return FeatureConfig(self.half_lives, self.intensity_half_life, self.vwap_half_life,
+                             self.rsi_period)
+
+
 class FeaturesStage(Stage):
     """Writes ``features`` (float64[n, k]) for every row: trades and quotes, as of that row."""
 
     reads = ("ts_ns", "symbol_id", "kind", "price", "size", "side", "bid", "ask", "bid_size", "ask_size")
+
+    Params = FeaturesParams
+
+    @classmethod
+    def from_params(cls, p: FeaturesParams, ctx: Any, *, name: str, streams: Sequence[str]) -> FeaturesStage:
+        names = p.names
+        if names is not None and any(not isinstance(n, str) for n in names):
+            raise ConfigError(f"names must be a list of feature names (strings), got {list(names)!r}")
+        if names is None:
+            names = ctx.model_inputs()  # the inference stage's model, when the pipeline has one
+        return cls(names, config=p.kernel_config(), name=name, streams=streams,
+                   gpu_min_batch=p.gpu_min_batch, route=p.route)
 
     def __init__(
         self,

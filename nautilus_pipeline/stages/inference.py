@@ -26,7 +26,9 @@ fails when the pipeline is built, listing both.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, Literal
 
 import numpy as np
 import structlog
@@ -38,6 +40,7 @@ from ..memory import Lease
 from ..model.base import ModelRunner
 from ..model.runners import Calibration, calibrate, make_runner
 from ..model.spec import DEFAULT_MODEL_PATH, check_inputs, load_model
+from ..params import param
 from ..stage import OFFLOAD_MIN_ROWS, Stage, StageContext
 from .features import FEATURES_COLUMN, FeaturesStage
 
@@ -57,11 +60,30 @@ def _backend_of(stream_name: str) -> str:
     return "numpy" if stream_name == "cpu" else stream_name
 
 
+@dataclass(frozen=True, slots=True)
+class InferenceParams:
+    """The inference stage's parameters: which model, and how to pick its backend."""
+
+    model: str | None = param(None, "model file (.npz/.safetensors; default: the bundled model)")
+    coreml_package: str | None = param(None, "exported .mlpackage for the coreml streams")
+    route: Literal["first", "calibrated"] = param("first", "first usable backend, or calibrated "
+                                                  "per batch size")
+
+
 class InferenceStage(Stage):
     """Reads ``features`` (float64[n, k]); writes ``prediction`` (float32[n], P(up))."""
 
     reads = (FEATURES_COLUMN,)
     writes = (ColumnSpec("prediction", np.dtype(np.float32), fill=np.nan),)
+
+    Params = InferenceParams
+    streams = DEFAULT_STREAMS
+
+    @classmethod
+    def from_params(cls, p: InferenceParams, ctx: Any, *, name: str,
+                    streams: Sequence[str]) -> InferenceStage:
+        return cls(ctx.path(p.model) if p.model else None, streams=streams, route=p.route,
+                   coreml_package=ctx.path(p.coreml_package) if p.coreml_package else None, name=name)
 
     def __init__(
         self,

@@ -38,6 +38,8 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import structlog
@@ -52,6 +54,7 @@ from ..kernels.portfolio import (
     portfolio_update,
 )
 from ..memory import Lease
+from ..params import param
 from ..stage import Stage, StageContext
 
 log = structlog.get_logger("nautilus_pipeline.stages.portfolio")
@@ -59,11 +62,52 @@ log = structlog.get_logger("nautilus_pipeline.stages.portfolio")
 ACCEL_MIN_SYMBOLS = 100
 
 
+@dataclass(frozen=True, slots=True)
+class PortfolioParams:
+    """The portfolio stage's parameters."""
+
+    symbols: tuple[str, ...] | None = param(None, "the portfolio's symbols, at least two (default: "
+                                            "the sources' symbol names)")
+    bar_ns: int = param(60_000_000_000, "time bar length in ns")
+    window: int = param(500, "returns in the rolling covariance window (>= 2)")
+    ridge: float = param(0.0, "shrinkage: Σ + ridge·(tr Σ / n)·I before the min-variance solve")
+    levels: tuple[float, ...] = param((0.95, 0.99), "VaR confidence levels")
+    horizon_bars: int = param(1, "VaR horizon in bars")
+    target_weights: dict[str, float] | None = param(None, "table symbol = weight for the target "
+                                                    "portfolio's variance and VaR (default: equal weights)")
+    accel_min_symbols: int | None = param(None, f"on a torch stream, symbols from which covariance and "
+                                          f"eigh run there (default {ACCEL_MIN_SYMBOLS}; mlx streams use "
+                                          "numpy unless this is given: MLX did not pay)")
+
+
 class PortfolioStage(Stage):
     """Publishes ``portfolio.<pipeline>`` events per bar of the portfolio of ``symbols``."""
 
     reads = ("ts_ns", "symbol_id", "kind", "price")
     writes = ()
+
+    Params = PortfolioParams
+
+    @classmethod
+    def from_params(cls, p: PortfolioParams, ctx: Any, *, name: str, streams: Sequence[str]) -> PortfolioStage:
+        symbols = p.symbols
+        if symbols is None:
+            named = [getattr(s, "symbol", None) for s in ctx.sources]
+            if not named or any(s is None for s in named):
+                raise ConfigError(
+                    "portfolio: list the portfolio's symbols (symbols = [\"A\", \"B\"]); they can "
+                    "be taken from the sources only when every source names its symbol"
+                )
+            symbols = list(dict.fromkeys(named))
+        if len(set(symbols)) < 2:
+            raise ConfigError(
+                f"portfolio: needs at least two symbols, got {sorted(set(symbols))}; add a second "
+                "source (or list symbols = [...]) to build a portfolio"
+            )
+        return cls([str(s) for s in symbols], bar_ns=p.bar_ns, window=p.window, ridge=p.ridge,
+                   levels=tuple(float(x) for x in p.levels), horizon_bars=p.horizon_bars,
+                   target_weights=p.target_weights, name=name, streams=streams,
+                   accel_min_symbols=p.accel_min_symbols)
 
     def __init__(
         self,

@@ -31,6 +31,8 @@ import asyncio
 import math
 import time
 from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any, ClassVar, Literal
 
 import numpy as np
 import structlog
@@ -52,6 +54,7 @@ from ..kernels.risk import (
 from ..kernels.rows import ffill_rows, symbol_groups
 from ..kernels.signal import SignalParams, SignalState, new_signal_state, signal_update
 from ..memory import Lease
+from ..params import param
 from ..stage import Stage, StageContext
 from .features import FEATURES_COLUMN, FeaturesStage
 
@@ -59,6 +62,44 @@ log = structlog.get_logger("nautilus_pipeline.risk")
 
 F64 = np.dtype(np.float64)
 RISK_COLUMNS = ("position", "equity", "pnl", "drawdown")
+
+
+@dataclass(frozen=True, slots=True)
+class RiskStageParams(RiskParams):
+    """The risk stage's parameters: the kernel's limits and fees (:class:`RiskParams`) plus
+    Monte Carlo VaR. The signal rule comes from the pipeline's signal stage."""
+
+    DOCS: ClassVar[dict[str, str]] = {
+        "max_position": "limit on |position| (base units)",
+        "max_notional": "limit on |position|·price (quote currency)",
+        "max_drawdown": "limit on peak-to-trough equity (quote currency)",
+        "max_orders": "limit on orders per order_window_ns (0 = none)",
+        "order_window_ns": "window of the order-rate limit",
+        "fee_rate": "fee as a fraction of notional (1 bp = 1e-4)",
+        "fee_per_order": "fixed fee per fill (quote currency)",
+        "initial_cash": "starting cash (quote currency)",
+    }
+    var_every: int = param(1000, "trades of a symbol between VaR reports (0 = off)")
+    var_levels: tuple[float, ...] = param((0.95, 0.99), "VaR confidence levels")
+    var_horizon: int = param(100, "VaR horizon in trades")
+    var_window: int = param(1000, "returns in the historical VaR window")
+    var_paths: int = param(10_000, "Monte Carlo paths per VaR report")
+    vol_feature: str = param("vol_ewma_100", "feature used as the per-trade volatility")
+    seed: int = param(0, "Monte Carlo seed")
+    route: Literal["first", "calibrated"] = param("first", "'calibrated': Monte Carlo VaR on the "
+                                                  "faster of the host and the stage's device, timed at start")
+
+    def __post_init__(self) -> None:
+        RiskParams.__post_init__(self)
+        levels = self.var_levels
+        if not levels or any(isinstance(x, bool) or not isinstance(x, int | float) or not 0 < x < 1
+                             for x in levels):
+            raise ConfigError(f"var_levels must be confidence levels between 0 and 1 (e.g. [0.95, 0.99]), "
+                              f"got {list(levels)!r}")
+
+    def limits(self) -> RiskParams:
+        return RiskParams(self.max_position, self.max_notional, self.max_drawdown, self.max_orders,
+                          self.order_window_ns, self.fee_rate, self.fee_per_order, self.initial_cash)
 
 
 class RiskStage(Stage):
@@ -71,6 +112,15 @@ class RiskStage(Stage):
         ColumnSpec("kill", np.dtype(np.uint8)),
         ColumnSpec("breach", np.dtype(np.int64)),
     )
+
+    Params = RiskStageParams
+
+    @classmethod
+    def from_params(cls, p: RiskStageParams, ctx: Any, *, name: str, streams: Sequence[str]) -> RiskStage:
+        return cls(p.limits(), ctx.params_of("signal") or SignalParams(), var_every=p.var_every,
+                   var_levels=tuple(float(x) for x in p.var_levels), var_horizon=p.var_horizon,
+                   var_window=p.var_window, var_paths=p.var_paths, vol_feature=p.vol_feature,
+                   seed=p.seed, name=name, streams=streams, route=p.route)
 
     def __init__(
         self,

@@ -10,6 +10,7 @@ the last stage: when it returns, the bus releases the batch back to the pool.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 
@@ -38,6 +39,12 @@ class SignalStage(Stage):
         ColumnSpec("signal_side", np.dtype(np.int8)),
         ColumnSpec("signal_target", np.dtype(np.float64), fill=np.nan),
     )
+
+    Params = SignalParams
+
+    @classmethod
+    def from_params(cls, p: SignalParams, ctx: Any, *, name: str, streams: Sequence[str]) -> SignalStage:
+        return cls(p, name=name, streams=streams)
 
     def __init__(
         self,

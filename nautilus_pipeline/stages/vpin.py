@@ -27,8 +27,11 @@ torch kernel wins becomes ``gpu_min_batch``).
 from __future__ import annotations
 
 import asyncio
+import math
 import time
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, Literal
 
 import numpy as np
 import structlog
@@ -37,12 +40,58 @@ from ..compute import ComputeStream
 from ..errors import ConfigError
 from ..events import KIND_TRADE, ColumnSpec, VpinBucket
 from ..kernels.rows import ffill_rows, symbol_groups
-from ..kernels.vpin import VpinState, new_vpin_state, vpin_flush, vpin_update, vpin_update_torch
+from ..kernels.vpin import (
+    VpinParams,
+    VpinState,
+    new_vpin_state,
+    vpin_flush,
+    vpin_update,
+    vpin_update_torch,
+)
 from ..memory import Lease
+from ..params import param
 from ..stage import Stage, StageContext
 
 F64 = np.dtype(np.float64)
 log = structlog.get_logger("nautilus_pipeline.vpin")
+
+
+@dataclass(frozen=True, slots=True)
+class VpinStageParams:
+    """The VPIN stage's parameters; the per-symbol kernel parameters (:class:`VpinParams`) are
+    made of these and each symbol's bucket volume."""
+
+    bucket_volume: float | str | dict = param(doc="V in base units: a number, a table symbol = V, "
+                                              "or 'auto' (total volume / buckets_per_source)")
+    buckets_per_source: int = param(50, "with bucket_volume = 'auto': buckets per source file")
+    window: int = param(50, "n: buckets in the VPIN window")
+    bar_ns: int = param(60_000_000_000, "time bar length in ns (0 = one bar per trade)")
+    sigma_window: int = param(100, "bars in the dP standard deviation")
+    threshold: float = param(0.9, "CDF level above which flow is toxic")
+    gpu_min_batch: int = param(65_536, "on a torch stream, trades per symbol and batch from which "
+                               "the GPU kernel runs (bar_ns = 0)")
+    route: Literal["first", "calibrated"] = param("first", "'calibrated': measure gpu_min_batch at start")
+
+    def __post_init__(self) -> None:
+        VpinParams(1.0, self.window, self.bar_ns, self.sigma_window, self.threshold)  # its checks
+        v = self.bucket_volume
+        if isinstance(v, str) and v != "auto":
+            raise ConfigError(f"bucket_volume must be a number, a table or 'auto', got {v!r}")
+        if isinstance(v, str) and self.buckets_per_source < 1:
+            raise ConfigError(f"buckets_per_source must be >= 1, got {self.buckets_per_source}")
+        if isinstance(v, dict):
+            if not v:
+                raise ConfigError("bucket_volume is an empty table; give symbol = V for each symbol")
+            for sym, x in v.items():
+                _volume(x, f"bucket_volume.{sym}")
+        elif not isinstance(v, str):
+            VpinParams(float(v), self.window, self.bar_ns, self.sigma_window, self.threshold)
+
+
+def _volume(value: Any, key: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, int | float) or not (math.isfinite(value) and value > 0):
+        raise ConfigError(f"{key} must be a positive volume in base units, got {value!r}")
+    return float(value)
 
 
 class VpinStage(Stage):
@@ -54,6 +103,24 @@ class VpinStage(Stage):
         ColumnSpec("vpin_cdf", F64, fill=np.nan),
         ColumnSpec("toxic", np.dtype(np.uint8)),
     )
+
+    Params = VpinStageParams
+
+    @classmethod
+    def from_params(cls, p: VpinStageParams, ctx: Any, *, name: str, streams: Sequence[str]) -> VpinStage:
+        v = p.bucket_volume
+        if v == "auto":
+            v = ctx.propose_bucket_volumes(p.buckets_per_source)
+        elif isinstance(v, dict):
+            v = {str(sym): float(x) for sym, x in v.items()}
+            names, _ = ctx.known_symbols()
+            missing = sorted(names - set(v))
+            if missing:
+                raise ConfigError(f"bucket_volume has no entry for {missing} (given for {sorted(v)}); "
+                                  "add them, or give one number for every symbol")
+        return cls(v, window=p.window, bar_ns=p.bar_ns, sigma_window=p.sigma_window,
+                   threshold=p.threshold, name=name, streams=streams,
+                   gpu_min_batch=p.gpu_min_batch, route=p.route)
 
     def __init__(
         self,
