@@ -66,10 +66,10 @@ from .errors import (
 )
 from .memory import Lease
 from .metrics import LatencyHistogram, SubscriptionMetrics
+from .topics import DEADLETTER_PREFIX, deadletter
 
 log = structlog.get_logger("nautilus_pipeline.bus")
 
-DEADLETTER_PREFIX = "deadletter."
 
 # Handler latency is timed for the first _TIME_ALL events of a subscription, then for one
 # event in _SAMPLE_MASK + 1: two clock reads and a histogram update per event were the
@@ -703,7 +703,7 @@ class EventBus:
         if event.topic.startswith(DEADLETTER_PREFIX):
             return  # a failing dead-letter handler must not loop
         letter = DeadLetter(event, sub.name, exc)
-        dl_topic = DEADLETTER_PREFIX + event.topic
+        dl_topic = deadletter(event.topic)
         for dl_sub in self._route(dl_topic):
             if dl_sub is sub:
                 continue  # a catch-all that just failed would wait on its own full queue

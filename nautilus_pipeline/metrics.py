@@ -16,13 +16,6 @@ _SUB = 1 << _SUB_BITS  # sub-buckets per octave
 _N_BUCKETS = 64 * _SUB  # enough for any int64 nanosecond value: no clamp on the hot path
 
 
-def _bucket(ns: int) -> int:
-    if ns < 2 * _SUB:
-        return max(ns, 0)
-    shift = ns.bit_length() - _SUB_BITS - 1
-    return (shift << _SUB_BITS) + (ns >> shift)
-
-
 def _bucket_upper(idx: int) -> int:
     """Largest value that falls in bucket ``idx`` (so percentiles never under-report)."""
     if idx < 2 * _SUB:

@@ -154,18 +154,30 @@ def build_params(cls: type, values: Mapping[str, Any]) -> Any:
         if name not in values:
             continue
         v = values[name]
-        if isinstance(v, list) and _wants_tuple(hint):
-            v = tuple(v)
+        if isinstance(v, list):
+            v = _list_items(name, v, hint)
         kwargs[name] = v
     return cls(**kwargs)
 
 
-def _wants_tuple(hint: Any) -> bool:
-    if get_origin(hint) is tuple or hint is tuple:
-        return True
-    if get_origin(hint) in (typing.Union, types.UnionType):
-        return any(_wants_tuple(a) for a in get_args(hint))
-    return False
+def _list_items(name: str, values: list, hint: Any) -> Any:
+    """A TOML list checked against ``tuple[X, ...]`` (a tuple of X; ints taken as floats)."""
+    for h in (get_args(hint) if get_origin(hint) in (typing.Union, types.UnionType) else (hint,)):
+        if get_origin(h) is tuple:
+            args = get_args(h)
+            item = args[0] if args else Any
+            if item in _TOML_TYPES:
+                out = []
+                for x in values:
+                    if item is float and isinstance(x, int) and not isinstance(x, bool):
+                        x = float(x)
+                    if not isinstance(x, item) or (isinstance(x, bool) and item is not bool):
+                        raise ConfigError(f"{name} must be a list of {_typename(item).split(' ', 1)[1]}s, "
+                                          f"got {values!r}")
+                    out.append(x)
+                return tuple(out)
+            return tuple(values)
+    return values
 
 
 def params_as_toml(params: Any) -> dict[str, Any]:

@@ -66,6 +66,7 @@ from typing import Any
 import numpy as np
 import structlog
 
+from . import topics
 from .bus import EventBus
 from .errors import ConfigError, PipelineError
 from .events import KIND_QUOTE, KIND_TRADE, TICK_COLUMN_NAMES, TICK_COLUMNS, QuoteTick, TradeTick
@@ -128,7 +129,7 @@ class Pipeline:
         self.pool = BufferPool.with_outputs(
             outputs, capacity=batch_size, slabs=slabs, memory=memory, name=f"pool:{name}"
         )
-        self.ingress_topic = f"pipeline.{name}.ticks"
+        self.ingress_topic = topics.ingress(name)
         self.ctx = StageContext(bus=self.bus, pipeline=name, symbols=self.symbols)
         self.runners: list[StageRunner] = []
         self.ticks_in = 0
@@ -198,7 +199,7 @@ class Pipeline:
         topic = self.ingress_topic
         for i, stage in enumerate(self.stages):
             last = i == len(self.stages) - 1
-            out = None if last else f"pipeline.{self.name}.{stage.name}"
+            out = None if last else topics.stage_output(self.name, stage.name)
             runner = StageRunner(
                 stage, input_topic=topic, output_topic=out, ctx=self.ctx,
                 queue_size=self.queue_size, serial=self.execution == "serial",
@@ -206,7 +207,7 @@ class Pipeline:
             self.runners.append(runner)  # closed by close() even if its start fails
             await runner.start()
             topic = out
-        self._stats_sub = self.bus.respond(f"control.{self.name}.stats", lambda event: self.stats())
+        self._stats_sub = self.bus.respond(topics.stats(self.name), lambda event: self.stats())
         log.info(
             "pipeline_started",
             pipeline=self.name,

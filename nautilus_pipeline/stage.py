@@ -248,6 +248,13 @@ class StageRunner:
             self._fallback.close()
 
     def stats(self) -> dict[str, Any]:
+        """The runner's counters (which win) and the stage's own; a stage key that would
+        overwrite one of the runner's is kept as ``stage.<key>`` instead."""
+        own = self._runner_stats()
+        extra = self.stage.stats()
+        return {**own, **{(f"stage.{k}" if k in own else k): v for k, v in extra.items()}}
+
+    def _runner_stats(self) -> dict[str, Any]:
         return {
             "stage": self.stage.name,
             "stream": self.stream.name,
@@ -255,5 +262,4 @@ class StageRunner:
             "skipped_streams": [f"{n}: {r}" for n, r in self.selection.skipped],
             "offloaded_calls": getattr(self.stream, "offloaded", 0),
             **self.metrics.summary(),
-            **self.stage.stats(),
         }

@@ -97,3 +97,37 @@ def test_the_stage_keys_in_pipelines_readme_are_generated_from_the_params():
     done = subprocess.run([sys.executable, "scripts/gen_pipeline_docs.py", "--check"], cwd=ROOT,
                           capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
+
+
+async def test_a_stage_stat_cannot_overwrite_the_runners_counters():
+    import numpy as np
+
+    from nautilus_pipeline import Pipeline
+    from nautilus_pipeline.testing import trades_frame
+
+    class Boastful(Stage):
+        name = "boastful"
+
+        async def process(self, lease, stream, ctx) -> None:
+            pass
+
+        def stats(self):
+            return {"rows": -1, "mine": 7}
+
+    async with Pipeline([Boastful()], batch_size=64) as pipe:
+        await pipe.ingest(trades_frame(100))
+        await pipe.drain()
+        (st,) = pipe.stats()["stages"]
+    assert st["rows"] == 100 and st["stage.rows"] == -1 and st["mine"] == 7
+    assert np.isfinite(st["rows_per_s"])
+
+
+def test_topics_are_built_in_one_module_and_refuse_segments_that_change_their_shape():
+    from nautilus_pipeline import topics
+
+    assert topics.signals("BTCUSDT-PERP") == "signals.BTCUSDT-PERP"
+    assert topics.ticks("trades", "BINANCE", "ETHUSDT") == "ticks.trades.BINANCE.ETHUSDT"
+    assert topics.deadletter("pipeline.x.ticks") == "deadletter.pipeline.x.ticks"
+    for bad in ("BRK.B", "A B", "*", ">", ""):
+        with pytest.raises(ConfigError, match="topic segment"):
+            topics.ticks("trades", "XNAS", bad)

@@ -44,6 +44,7 @@ from typing import Any
 import numpy as np
 import structlog
 
+from .. import topics
 from ..compute import ComputeStream
 from ..errors import ConfigError
 from ..events import KIND_TRADE, PortfolioEvent
@@ -121,7 +122,7 @@ class PortfolioStage(Stage):
         target_weights: Mapping[str, float] | None = None,
         name: str = "portfolio",
         streams: Sequence[str] = ("cpu",),
-        topic_prefix: str = "portfolio",
+        topic_prefix: str = topics.PORTFOLIO,
         accel_min_symbols: int | None = None,
     ):
         names = [str(s) for s in symbols]
@@ -239,7 +240,7 @@ class PortfolioStage(Stage):
         m = out["ts_ns"].shape[0]
         if not m:
             return
-        topic = f"{self.topic_prefix}.{ctx.pipeline}"
+        topic = topics.event(self.topic_prefix, ctx.pipeline)
         levels = [f"{lv:g}" for lv in self.params["levels"]]
         n = len(self.symbols)
         target = self.params["target_weights"] or [1.0 / n] * n

@@ -37,6 +37,7 @@ from typing import Any, ClassVar, Literal
 import numpy as np
 import structlog
 
+from .. import topics
 from ..compute import ComputeStream
 from ..errors import ConfigError
 from ..events import KIND_TRADE, ColumnSpec, RiskEvent
@@ -136,7 +137,7 @@ class RiskStage(Stage):
         seed: int = 0,
         name: str = "risk",
         streams: Sequence[str] = ("cpu",),
-        topic_prefix: str = "risk",
+        topic_prefix: str = topics.RISK,
         route: str = "first",
     ):
         if route not in ("first", "calibrated"):
@@ -319,7 +320,7 @@ class RiskStage(Stage):
                 var={method: dict(zip(levels, map(float, values), strict=True))
                      for method, values in report.items()},
             )
-        await ctx.publish(f"{self.topic_prefix}.{symbol}", event)
+        await ctx.publish(topics.event(self.topic_prefix, symbol), event)
 
     def stats(self) -> dict[str, object]:
         return {

@@ -14,6 +14,7 @@ from typing import Any
 
 import numpy as np
 
+from .. import topics
 from ..compute import ComputeStream
 from ..errors import ConfigError
 from ..events import KIND_TRADE, ColumnSpec, Side, Signal
@@ -52,7 +53,7 @@ class SignalStage(Stage):
         *,
         name: str = "signal",
         streams: Sequence[str] = ("cpu",),
-        topic_prefix: str = "signals",
+        topic_prefix: str = topics.SIGNALS,
     ):
         self.name = name
         self.streams = tuple(streams)
@@ -120,7 +121,7 @@ class SignalStage(Stage):
             )
             self.emitted += 1
             self.by_side[signal.side.value] += 1
-            await ctx.publish(f"{self.topic_prefix}.{symbol}", signal)
+            await ctx.publish(topics.event(self.topic_prefix, symbol), signal)
 
     def stats(self) -> dict[str, object]:
         return {"signals": self.emitted, "by_side": dict(self.by_side)}

@@ -36,6 +36,7 @@ from typing import Any, Literal
 import numpy as np
 import structlog
 
+from .. import topics
 from ..compute import ComputeStream
 from ..errors import ConfigError
 from ..events import KIND_TRADE, ColumnSpec, VpinBucket
@@ -132,7 +133,7 @@ class VpinStage(Stage):
         threshold: float = 0.9,
         name: str = "vpin",
         streams: Sequence[str] = ("cpu",),
-        topic_prefix: str = "vpin",
+        topic_prefix: str = topics.VPIN,
         gpu_min_batch: int = 65_536,
         route: str = "first",
     ):
@@ -284,7 +285,7 @@ class VpinStage(Stage):
 
     async def _publish(self, ctx: StageContext, key: int, out: dict[str, np.ndarray]) -> None:
         symbol = ctx.symbol_name(key)
-        topic = f"{self.topic_prefix}.{symbol}"
+        topic = topics.event(self.topic_prefix, symbol)
         for i in range(out["bucket"].shape[0]):
             self.buckets += 1
             await ctx.publish(
