@@ -53,16 +53,18 @@ from __future__ import annotations
 import contextlib
 import enum
 import math
+import statistics
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from typing import Any
 
 import numpy as np
 from numba import njit
-from scipy.special import ndtri
 
 from nautilus_pipeline.errors import BackendUnavailableError, ConfigError, DataError
 from nautilus_pipeline.kernels.montecarlo import McSampler
+
+_NORMAL = statistics.NormalDist()  # its inv_cdf (Wichura's AS241): no scipy import at start-up
 
 __all__ = [
     "BREACH_DRAWDOWN",
@@ -323,7 +325,7 @@ def parametric_var(
     ``sigma``: per-step volatility of log returns (dimensionless); ``exposure``: signed
     position × price; ``horizon`` in steps of ``sigma``.
     """
-    z = ndtri(_check_levels(levels))
+    z = np.array([_NORMAL.inv_cdf(x) for x in _check_levels(levels)])
     scale = (
         np.asarray(sigma, dtype=np.float64)
         * math.sqrt(horizon)
