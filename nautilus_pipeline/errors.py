@@ -16,7 +16,18 @@ class ConfigError(PipelineError):
 
 
 class DataError(PipelineError):
-    """A tick file cannot be read, or a row breaks a check under the ``fail`` policy."""
+    """A tick file cannot be read, or a row breaks a check under the ``fail`` policy.
+
+    ``file`` and ``line`` (the line, or record number of a binary file) say where, when one
+    row is to blame; ``reason`` names the check it broke (``ts_backwards``, ``bad_price``...).
+    """
+
+    def __init__(self, message: str, *, file: str | None = None, line: int | None = None,
+                 reason: str | None = None):
+        super().__init__(message)
+        self.file = file
+        self.line = line
+        self.reason = reason
 
 
 class BusClosedError(PipelineError):

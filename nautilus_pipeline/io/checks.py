@@ -554,7 +554,8 @@ class Validator:
                 if first is None or d.record < first.record:
                     first = d
             assert first is not None
-            raise DataError(first.message() + " (policy 'fail'; 'reject' or 'quarantine' drop and count such rows)")
+            raise DataError(first.message() + " (policy 'fail'; 'reject' or 'quarantine' drop and count such rows)",
+                            file=str(first.source), line=int(first.record), reason=first.reason.name.lower())
         what = "quarantined" if self.policy is Policy.QUARANTINE else "rejected"
         for d in chunk.dropped:
             self.accounting.add(self.source, d.symbol or UNKNOWN_SYMBOL, what, 1, d.reason.name.lower())

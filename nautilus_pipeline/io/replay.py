@@ -223,7 +223,8 @@ class Replay:
             i = int(np.flatnonzero(key < 0)[0])
             raise DataError(
                 f"{lane.source.path}, line/record {int(chunk.records[i])}: no receive timestamp "
-                "(ts_recv_ns) to replay by; use order_by='ts_ns' for this source"
+                "(ts_recv_ns) to replay by; use order_by='ts_ns' for this source",
+                file=str(lane.source.path), line=int(chunk.records[i]), reason="no_ts_recv",
             )
         back = np.flatnonzero(np.diff(key) < 0)
         first_bad = int(back[0]) + 1 if len(back) else None
@@ -235,7 +236,8 @@ class Replay:
                 f"{lane.source.path}, line/record {int(chunk.records[first_bad])}: {order_by} "
                 f"{int(key[first_bad])} is earlier than {prev} of the row before (another symbol); "
                 f"a replay needs each source in {order_by} order across its symbols: sort the file, "
-                "or split it into one source per symbol"
+                "or split it into one source per symbol",
+                file=str(lane.source.path), line=int(chunk.records[first_bad]), reason="source_out_of_order",
             )
         n = len(chunk)
         codes = chunk.column("symbol_id")
