@@ -3,6 +3,24 @@
 ``ticks → features → inference → VPIN / risk → signal``, each stage on a compute stream
 (numpy, torch, MLX, Core ML), batches carried between stages in pooled slabs without
 copies. What users import is listed here; everything else is internal.
+
+- Run a definition: ``Run`` (→ ``Summary``, ``TickCounts``); ``run`` (uvloop),
+  ``configure_logging``.
+- Build and embed: ``Pipeline`` (``TickFlow``), ``Stage``, ``StageContext``, ``EventBus``,
+  ``Event``, ``Subscription``, ``Overflow``, ``DeadLetter``, ``BufferPool``, ``Lease``,
+  ``SymbolTable``; compute streams: ``ComputeStream``, ``choose``, ``create_stream``, ``discover``.
+- Ticks and events: ``TradeTick``, ``QuoteTick``, ``AggressorSide`` (a trade's aggressor),
+  ``Signal``, ``Side`` (a signal's direction), ``VpinBucket``, ``RiskEvent``,
+  ``TICK_COLUMNS``, ``ColumnSpec``.
+- Reading files: ``Replay``, ``Source``, ``detect_format``.
+- Errors, all ``PipelineError``: ``ConfigError``, ``DataError`` (file, line, reason),
+  ``StageError`` (stage, topic, batch, rows, stream), ``HandlerError``, ``WouldBlockError``,
+  ``BusClosedError``, ``LeaseError``, ``PoolExhaustedError``, ``BackendUnavailableError``,
+  ``RequestTimeoutError``, ``NoResponderError``.
+
+Modules for more: ``nautilus_pipeline.stages`` (the built-in stages and their ``Params``),
+``.testing`` (pytest fixtures), ``.topics`` (every published topic), ``.params`` (a stage's
+parameters as a dataclass), ``.io`` (readers), ``.config`` (definitions).
 """
 
 from .app import Run, Summary, TickCounts
@@ -35,7 +53,7 @@ from .events import (
 )
 from .io import Replay, Source, detect_format
 from .memory import BufferPool, Lease
-from .pipeline import Pipeline
+from .pipeline import Pipeline, TickFlow
 from .runtime import configure_logging, run
 from .stage import Stage, StageContext
 from .symbols import SymbolTable
@@ -78,6 +96,7 @@ __all__ = [
     "Summary",
     "SymbolTable",
     "TickCounts",
+    "TickFlow",
     "TradeTick",
     "VpinBucket",
     "WouldBlockError",

@@ -21,10 +21,16 @@ import os
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .errors import ConfigError, PipelineError
 from .params import Key, build_params, schema_of, take
+
+if TYPE_CHECKING:
+    from .io import Replay, Source
+    from .pipeline import Pipeline
+    from .stage import Stage
+    from .symbols import SymbolTable
 
 PACKAGE_DATA = Path(__file__).resolve().parent / "data"
 PACKAGE_MODELS = Path(__file__).resolve().parent / "models"
@@ -299,8 +305,8 @@ class BuildContext:
     """What stage factories may consult: the definition, its sources, other stages' params."""
 
     definition: PipelineDef
-    sources: list[Any]  # io.Source objects of this run (the CLI's --ticks may replace them)
-    replay: Any = None  # the run's Replay: a calibration read is kept for it (read once)
+    sources: list[Source]  # of this run (the CLI's --ticks may replace the definition's)
+    replay: Replay | None = None  # the run's replay: a calibration read is kept for it (read once)
 
     def path(self, value: str) -> Path:
         return resolve_path(value, self.definition.path.parent)
@@ -386,7 +392,7 @@ class BuildContext:
 
 def make_sources(definition: PipelineDef, ticks: list[str] | None, out_dir: Path | None, *,
                  format: str | None = None, symbol: str | None = None,
-                 order_by: str | None = None) -> list[Any]:
+                 order_by: str | None = None) -> list[Source]:
     """``io.Source`` objects for the definition's sources, or for ``ticks`` files if given
     (``format`` and ``symbol`` apply to those); ``order_by`` (``ts_event``/``ts_recv``)
     overrides every source's replay clock. Each source validates itself when made."""
@@ -428,8 +434,8 @@ def make_sources(definition: PipelineDef, ticks: list[str] | None, out_dir: Path
     return out
 
 
-def build_stages(definition: PipelineDef, sources: list[Any] | None = None,
-                 replay: Any = None) -> list[Any]:
+def build_stages(definition: PipelineDef, sources: list[Source] | None = None,
+                 replay: Replay | None = None) -> list[Stage]:
     """The stage objects of a definition, in order (errors name the file and stage).
 
     ``replay``: the run's replay of ``sources``; a stage that must read the input first
@@ -451,8 +457,8 @@ def build_stages(definition: PipelineDef, sources: list[Any] | None = None,
     return out
 
 
-def build_pipeline(definition: PipelineDef, stages: list[Any], *, batch_size: int | None = None,
-                   symbols: Any = None, **overrides: Any) -> Any:
+def build_pipeline(definition: PipelineDef, stages: list[Stage], *, batch_size: int | None = None,
+                   symbols: SymbolTable | None = None, **overrides: Any) -> Pipeline:
     """The :class:`~nautilus_pipeline.pipeline.Pipeline` of a definition; keyword arguments
     override its ``[pipeline]`` settings (``None`` keeps the definition's)."""
     from .pipeline import Pipeline
@@ -485,7 +491,7 @@ def build_pipeline(definition: PipelineDef, stages: list[Any], *, batch_size: in
                           f"{settings['batch_size']:,} rows; lower batch_size or slabs") from None
 
 
-def _check_pool_memory(stages: list[Any], batch_size: int, slabs: int, where: Path) -> None:
+def _check_pool_memory(stages: list[Stage], batch_size: int, slabs: int, where: Path) -> None:
     """Refuse a pool larger than half the machine's memory before allocating it."""
     import numpy as np
 
