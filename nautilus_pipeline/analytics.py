@@ -9,20 +9,20 @@ from __future__ import annotations
 
 import numpy as np
 
-from nautilus_pipeline.kernels.features import (
+from .kernels.features import (
     DEFAULT_FEATURE_CONFIG,
     FeatureConfig,
     feature_names,
     features_update,
     new_feature_state,
 )
-from nautilus_pipeline.kernels.portfolio import (
+from .kernels.portfolio import (
     concat_outputs,
     new_portfolio_state,
     portfolio_flush,
     portfolio_update,
 )
-from nautilus_pipeline.kernels.vpin import new_vpin_state, vpin_flush, vpin_update
+from .kernels.vpin import new_vpin_state, vpin_flush, vpin_update
 
 __all__ = ["features_frame", "portfolio_frame", "vpin_frame"]
 

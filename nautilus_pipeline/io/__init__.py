@@ -10,11 +10,11 @@ Public API (see each module's docstring for the why and the units)::
     FieldMap                                     # column mapping for CSV / Parquet / JSON lines
 """
 
-from nautilus_pipeline.io.checks import Accounting, Counts, Policy, Validator
-from nautilus_pipeline.io.chunk import BadRow, Reason, TickChunk, TickReader
-from nautilus_pipeline.io.formats import READERS, Source, detect_format, open_reader
-from nautilus_pipeline.io.replay import ManualClock, MonotonicClock, Progress, Replay, SymbolTable
-from nautilus_pipeline.io.table import FieldMap
+from .checks import Accounting, Counts, Policy, Validator
+from .chunk import BadRow, Reason, TickChunk, TickReader
+from .formats import READERS, Source, detect_format, open_reader
+from .replay import ManualClock, MonotonicClock, Progress, Replay, SymbolTable
+from .table import FieldMap
 
 __all__ = [
     "READERS",

@@ -32,12 +32,12 @@ from pathlib import Path
 import numpy as np
 import orjson
 
-from nautilus_pipeline.errors import DataError
-from nautilus_pipeline.events import KIND_QUOTE, KIND_TRADE, SIDE_BUY, SIDE_SELL
-from nautilus_pipeline.io.chunk import BadRow, Reason, TickChunk
-from nautilus_pipeline.io.csv import CsvOptions, CsvReader, sniff_names
-from nautilus_pipeline.io.files import check_file, check_text, iter_lines, read_head
-from nautilus_pipeline.io.table import FieldMap
+from ..errors import DataError
+from ..events import KIND_QUOTE, KIND_TRADE, SIDE_BUY, SIDE_SELL
+from .chunk import BadRow, Reason, TickChunk
+from .csv import CsvOptions, CsvReader, sniff_names
+from .files import check_file, check_text, iter_lines, read_head
+from .table import FieldMap
 
 TRADE_NAMES = ("id", "price", "qty", "quote_qty", "time", "is_buyer_maker", "is_best_match")
 AGG_NAMES = ("agg_trade_id", "price", "qty", "first_trade_id", "last_trade_id", "time", "is_buyer_maker", "is_best_match")

@@ -56,9 +56,9 @@ import numba
 import numpy as np
 import orjson
 
-from nautilus_pipeline.errors import ConfigError, DataError, PipelineError
-from nautilus_pipeline.events import KIND_QUOTE, KIND_TRADE
-from nautilus_pipeline.io.chunk import BadRow, Reason, TickChunk
+from ..errors import ConfigError, DataError, PipelineError
+from ..events import KIND_QUOTE, KIND_TRADE
+from .chunk import BadRow, Reason, TickChunk
 
 UNKNOWN_SYMBOL = "<unknown>"
 

@@ -22,7 +22,7 @@ from typing import Protocol
 
 import numpy as np
 
-from nautilus_pipeline.events import TICK_COLUMNS, ColumnSpec
+from ..events import TICK_COLUMNS, ColumnSpec
 
 SPECS: dict[str, ColumnSpec] = {c.name: c for c in TICK_COLUMNS}
 

@@ -28,8 +28,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from nautilus_pipeline.errors import ConfigError
-from nautilus_pipeline.events import SIDE_BUY, SIDE_SELL, SIDE_UNKNOWN
+from ..errors import ConfigError
+from ..events import SIDE_BUY, SIDE_SELL, SIDE_UNKNOWN
 
 TS_UNITS = ("s", "ms", "us", "ns", "iso", "auto")
 SIDE_ENCODINGS = ("auto", "buy_sell", "sign", "is_buyer_maker", "nautilus", "databento")

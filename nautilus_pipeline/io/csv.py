@@ -65,9 +65,9 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.csv as pacsv
 
-from nautilus_pipeline.errors import ConfigError, DataError
-from nautilus_pipeline.io.chunk import BadRow, Reason, TickChunk
-from nautilus_pipeline.io.files import (
+from ..errors import ConfigError, DataError
+from .chunk import BadRow, Reason, TickChunk
+from .files import (
     UTF8_BOM,
     check_file,
     check_text,
@@ -76,7 +76,7 @@ from nautilus_pipeline.io.files import (
     open_stream,
     read_head,
 )
-from nautilus_pipeline.io.table import FieldMap, arrays_to_chunk
+from .table import FieldMap, arrays_to_chunk
 
 MAX_LINE = 1 << 20
 """Longest line read (bytes); a longer one is a refused row (no tick row is near it)."""

@@ -49,10 +49,10 @@ from pathlib import Path
 import databento_dbn as dbn
 import numpy as np
 
-from nautilus_pipeline.errors import DataError
-from nautilus_pipeline.events import KIND_QUOTE, KIND_TRADE, SIDE_BUY, SIDE_SELL, SIDE_UNKNOWN
-from nautilus_pipeline.io.chunk import TickChunk
-from nautilus_pipeline.io.files import check_file, decoding_errors, open_stream
+from ..errors import DataError
+from ..events import KIND_QUOTE, KIND_TRADE, SIDE_BUY, SIDE_SELL, SIDE_UNKNOWN
+from .chunk import TickChunk
+from .files import check_file, decoding_errors, open_stream
 
 PRICE_SCALE = 1_000_000_000
 """DBN prices are integers in units of 1 / PRICE_SCALE."""

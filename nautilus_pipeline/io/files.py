@@ -25,7 +25,7 @@ from pathlib import Path
 
 import pyarrow as pa
 
-from nautilus_pipeline.errors import DataError
+from ..errors import DataError
 
 GZIP_MAGIC = b"\x1f\x8b"
 ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"

@@ -28,18 +28,18 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from nautilus_pipeline.errors import ConfigError, DataError
-from nautilus_pipeline.io.binance import BinanceFeedReader, binance_agg_trades, binance_trades
-from nautilus_pipeline.io.checks import Accounting, Policy, Validator
-from nautilus_pipeline.io.chunk import TickReader
-from nautilus_pipeline.io.csv import CsvOptions, CsvReader
-from nautilus_pipeline.io.databento import DatabentoReader
-from nautilus_pipeline.io.files import check_file, read_head
-from nautilus_pipeline.io.fx import histdata_quotes, truefx_quotes
-from nautilus_pipeline.io.jsonl import JsonLinesReader
-from nautilus_pipeline.io.parquet import ParquetReader
-from nautilus_pipeline.io.table import FieldMap
-from nautilus_pipeline.io.tardis import QUOTES_HEADER, TRADES_HEADER, tardis_quotes, tardis_trades
+from ..errors import ConfigError, DataError
+from .binance import BinanceFeedReader, binance_agg_trades, binance_trades
+from .checks import Accounting, Policy, Validator
+from .chunk import TickReader
+from .csv import CsvOptions, CsvReader
+from .databento import DatabentoReader
+from .files import check_file, read_head
+from .fx import histdata_quotes, truefx_quotes
+from .jsonl import JsonLinesReader
+from .parquet import ParquetReader
+from .table import FieldMap
+from .tardis import QUOTES_HEADER, TRADES_HEADER, tardis_quotes, tardis_trades
 
 _BOOL = {"true", "false"}
 
@@ -47,7 +47,7 @@ _BOOL = {"true", "false"}
 def _generic_csv(path: str | Path, *, symbol: str | None = None, mapping: FieldMap | Mapping[str, Any] | None = None,
                  header: bool = True, column_names: tuple[str, ...] | None = None, delimiter: str = ",") -> CsvReader:
     if mapping is None:
-        from nautilus_pipeline.io.csv import sniff_names
+        from .csv import sniff_names
 
         raise ConfigError(
             f"{path}: a generic CSV needs a column mapping (ts, price, size, side, ... or bid, ask); "

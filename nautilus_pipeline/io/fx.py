@@ -16,9 +16,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from nautilus_pipeline.io.csv import CsvOptions, CsvReader, sniff_names
-from nautilus_pipeline.io.files import check_file
-from nautilus_pipeline.io.table import FieldMap
+from .csv import CsvOptions, CsvReader, sniff_names
+from .files import check_file
+from .table import FieldMap
 
 EST_TO_UTC_NS = 5 * 3600 * 1_000_000_000
 """HistData's fixed EST (UTC-5, no DST) to UTC."""

@@ -16,11 +16,11 @@ import numpy as np
 import orjson
 import pyarrow as pa
 
-from nautilus_pipeline.errors import DataError
-from nautilus_pipeline.io.chunk import BadRow, Reason, TickChunk
-from nautilus_pipeline.io.files import check_file, check_text, iter_lines
-from nautilus_pipeline.io.parquet import auto_fieldmap
-from nautilus_pipeline.io.table import FieldMap, arrays_to_chunk
+from ..errors import DataError
+from .chunk import BadRow, Reason, TickChunk
+from .files import check_file, check_text, iter_lines
+from .parquet import auto_fieldmap
+from .table import FieldMap, arrays_to_chunk
 
 _EXACT = ("ts", "ts_recv", "trade_id")  # integers that must keep every digit
 

@@ -32,10 +32,10 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from nautilus_pipeline.errors import ConfigError, DataError
-from nautilus_pipeline.io.chunk import TickChunk
-from nautilus_pipeline.io.files import check_file
-from nautilus_pipeline.io.table import FieldMap, arrays_to_chunk
+from ..errors import ConfigError, DataError
+from .chunk import TickChunk
+from .files import check_file
+from .table import FieldMap, arrays_to_chunk
 
 _ERRORS = (pa.ArrowException, OSError, UnicodeDecodeError, ValueError, KeyError, IndexError, TypeError,
            OverflowError, MemoryError)

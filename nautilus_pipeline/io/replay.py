@@ -53,13 +53,13 @@ from typing import Protocol
 import numpy as np
 import structlog
 
-from nautilus_pipeline.errors import ConfigError, DataError
-from nautilus_pipeline.events import TICK_COLUMN_NAMES
-from nautilus_pipeline.io.checks import READER_ERRORS, Accounting, Validator, validated
-from nautilus_pipeline.io.chunk import TickChunk, TickReader
-from nautilus_pipeline.io.formats import Source
-from nautilus_pipeline.memory import BufferPool, Lease
-from nautilus_pipeline.symbols import SymbolTable
+from ..errors import ConfigError, DataError
+from ..events import TICK_COLUMN_NAMES
+from ..memory import BufferPool, Lease
+from ..symbols import SymbolTable
+from .checks import READER_ERRORS, Accounting, Validator, validated
+from .chunk import TickChunk, TickReader
+from .formats import Source
 
 log = structlog.get_logger("nautilus_pipeline.replay")
 

@@ -17,10 +17,10 @@ from dataclasses import dataclass, fields
 import numpy as np
 import pyarrow as pa
 
-from nautilus_pipeline.errors import ConfigError
-from nautilus_pipeline.events import KIND_QUOTE, KIND_TRADE
-from nautilus_pipeline.io import convert
-from nautilus_pipeline.io.chunk import Reason, TickChunk
+from ..errors import ConfigError
+from ..events import KIND_QUOTE, KIND_TRADE
+from . import convert
+from .chunk import Reason, TickChunk
 
 FIELD_NAMES = ("ts", "ts_recv", "price", "size", "side", "symbol", "trade_id", "bid", "ask", "bid_size", "ask_size")
 

@@ -19,9 +19,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from nautilus_pipeline.io.csv import CsvOptions, CsvReader
-from nautilus_pipeline.io.files import check_file, check_text, read_head
-from nautilus_pipeline.io.table import FieldMap
+from .csv import CsvOptions, CsvReader
+from .files import check_file, check_text, read_head
+from .table import FieldMap
 
 TRADES_HEADER = ("exchange", "symbol", "timestamp", "local_timestamp", "id", "side", "price", "amount")
 QUOTES_HEADER = ("exchange", "symbol", "timestamp", "local_timestamp", "ask_amount", "ask_price", "bid_price", "bid_amount")

@@ -41,7 +41,7 @@ from dataclasses import dataclass
 import numpy as np
 from numba import njit
 
-from nautilus_pipeline.errors import ConfigError
+from ..errors import ConfigError
 
 __all__ = [
     "ACTION_CLEAR",

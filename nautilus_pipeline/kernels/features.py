@@ -57,8 +57,8 @@ from dataclasses import dataclass, field
 import numpy as np
 from numba import njit
 
-from nautilus_pipeline.errors import ConfigError, DataError
-from nautilus_pipeline.events import KIND_TRADE
+from ..errors import ConfigError, DataError
+from ..events import KIND_TRADE
 
 __all__ = [
     "ALL_FEATURE_NAMES",

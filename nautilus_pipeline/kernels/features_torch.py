@@ -35,8 +35,8 @@ from typing import Any
 
 import numpy as np
 
-from nautilus_pipeline.errors import BackendUnavailableError, DataError
-from nautilus_pipeline.kernels.features import (
+from ..errors import BackendUnavailableError, DataError
+from .features import (
     FeatureState,
     _decay,
     feature_names,

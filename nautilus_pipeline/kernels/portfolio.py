@@ -81,7 +81,7 @@ from typing import Any
 import numpy as np
 from numba import njit
 
-from nautilus_pipeline.errors import ConfigError, DataError
+from ..errors import ConfigError, DataError
 
 __all__ = [
     "PORTFOLIO_OUTPUT_FIELDS",

@@ -61,8 +61,8 @@ from typing import Any
 import numpy as np
 from numba import njit
 
-from nautilus_pipeline.errors import BackendUnavailableError, ConfigError, DataError
-from nautilus_pipeline.kernels.montecarlo import McSampler
+from ..errors import BackendUnavailableError, ConfigError, DataError
+from .montecarlo import McSampler
 
 _NORMAL = statistics.NormalDist()  # its inv_cdf (Wichura's AS241): no scipy import at start-up
 

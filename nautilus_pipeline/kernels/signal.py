@@ -29,7 +29,7 @@ from typing import ClassVar, Literal
 import numpy as np
 from numba import njit
 
-from nautilus_pipeline.errors import ConfigError
+from ..errors import ConfigError
 
 __all__ = [
     "REASON_KILL_SWITCH",

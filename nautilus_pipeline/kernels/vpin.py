@@ -71,9 +71,9 @@ from dataclasses import dataclass, field, replace
 import numpy as np
 from numba import njit
 
-from nautilus_pipeline.errors import ConfigError, DataError
-from nautilus_pipeline.events import KIND_TRADE
-from nautilus_pipeline.kernels.rows import symbol_groups
+from ..errors import ConfigError, DataError
+from ..events import KIND_TRADE
+from .rows import symbol_groups
 
 __all__ = [
     "VPIN_OUTPUT_FIELDS",

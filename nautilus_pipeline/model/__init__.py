@@ -5,15 +5,15 @@ runs it on a backend; ``calibrate`` measures the backends and routes each batch 
 fastest; ``export`` turns a user's torch module into Core ML / ``.npz`` / safetensors.
 """
 
-from nautilus_pipeline.model.base import ModelRunner
-from nautilus_pipeline.model.runners import (
+from .base import ModelRunner
+from .runners import (
     BACKENDS,
     Calibration,
     calibrate,
     make_runner,
     runner_usable,
 )
-from nautilus_pipeline.model.spec import (
+from .spec import (
     MLPWeights,
     ModelSpec,
     check_inputs,

@@ -11,8 +11,8 @@ from abc import ABC, abstractmethod
 
 import numpy as np
 
-from nautilus_pipeline.errors import ConfigError
-from nautilus_pipeline.model.spec import ModelSpec
+from ..errors import ConfigError
+from .spec import ModelSpec
 
 
 class ModelRunner(ABC):

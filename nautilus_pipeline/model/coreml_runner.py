@@ -19,15 +19,15 @@ from typing import Any
 
 import numpy as np
 
-from nautilus_pipeline.compute.coreml_stream import COMPUTE_UNITS  # suffix → ComputeUnit member
-from nautilus_pipeline.errors import BackendUnavailableError, ConfigError
-from nautilus_pipeline.model.base import ModelRunner, bucket_for, write_out
-from nautilus_pipeline.model.spec import ModelSpec
+from ..compute.coreml_stream import COMPUTE_UNITS  # suffix → ComputeUnit member
+from ..errors import BackendUnavailableError, ConfigError
+from .base import ModelRunner, bucket_for, write_out
+from .spec import ModelSpec
 
 
 def coreml_usable(units: str = "ane") -> tuple[bool, str]:
     """Whether ``coreml:<units>`` can run here, and why not (``compute.registry`` decides)."""
-    from nautilus_pipeline.compute import usable
+    from ..compute import usable
 
     return usable(f"coreml:{units}")
 

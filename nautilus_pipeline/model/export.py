@@ -28,9 +28,9 @@ from typing import Any
 
 import numpy as np
 
-from nautilus_pipeline.errors import ConfigError
-from nautilus_pipeline.kernels.mlp import mlp_reference
-from nautilus_pipeline.model.spec import (
+from ..errors import ConfigError
+from ..kernels.mlp import mlp_reference
+from .spec import (
     MLPWeights,
     ModelSpec,
     WeightStorage,
@@ -339,7 +339,7 @@ def export_all(
         result["npz"] = result["safetensors"] = f"not exported: {e}"
     coreml_model = module
     if mean is not None or std is not None:
-        from nautilus_pipeline.model.torch_runner import Normalize
+        from .torch_runner import Normalize
 
         torch = _torch()
         k = len(tuple(input_names))

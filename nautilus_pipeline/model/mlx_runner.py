@@ -45,9 +45,9 @@ from typing import Any
 import numpy as np
 import structlog
 
-from nautilus_pipeline.errors import BackendUnavailableError, ConfigError
-from nautilus_pipeline.model.base import ModelRunner, write_out
-from nautilus_pipeline.model.spec import MLPWeights, ModelSpec
+from ..errors import BackendUnavailableError, ConfigError
+from .base import ModelRunner, write_out
+from .spec import MLPWeights, ModelSpec
 
 # Before the first MLX matrix product of the process (see the module docstring).
 os.environ.setdefault("MLX_ENABLE_TF32", "0")
@@ -64,7 +64,7 @@ except ImportError:  # pragma: no cover - exercised where mlx is not installed
 
 def mlx_usable(device: str) -> tuple[bool, str]:
     """Whether ``mlx:<device>`` can run here, and why not (``compute.registry`` decides)."""
-    from nautilus_pipeline.compute import usable
+    from ..compute import usable
 
     return usable(f"mlx:{device}")
 

@@ -7,9 +7,9 @@ from __future__ import annotations
 
 import numpy as np
 
-from nautilus_pipeline.kernels.mlp import MLPWorkspace, mlp_forward
-from nautilus_pipeline.model.base import ModelRunner
-from nautilus_pipeline.model.spec import MLPWeights, ModelSpec
+from ..kernels.mlp import MLPWorkspace, mlp_forward
+from .base import ModelRunner
+from .spec import MLPWeights, ModelSpec
 
 
 class NumpyRunner(ModelRunner):

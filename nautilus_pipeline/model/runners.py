@@ -49,10 +49,10 @@ from typing import Any
 
 import numpy as np
 
-from nautilus_pipeline.errors import BackendUnavailableError, ConfigError
-from nautilus_pipeline.kernels.mlp import mlp_reference
-from nautilus_pipeline.model.base import ModelRunner
-from nautilus_pipeline.model.spec import MLPWeights, ModelSpec
+from ..errors import BackendUnavailableError, ConfigError
+from ..kernels.mlp import mlp_reference
+from .base import ModelRunner
+from .spec import MLPWeights, ModelSpec
 
 BACKENDS: tuple[str, ...] = (
     "numpy",
@@ -86,7 +86,7 @@ def runner_usable(backend: str) -> tuple[bool, str]:
         family, _ = _split(backend)
     except ConfigError as e:
         return False, str(e)
-    from nautilus_pipeline.compute import usable
+    from ..compute import usable
 
     return usable("cpu" if family in ("numpy", "cpu") else backend)
 
@@ -111,22 +111,22 @@ def make_runner(
     if not ok:
         raise BackendUnavailableError(f"{backend}: {why}")
     if family in ("numpy", "cpu"):
-        from nautilus_pipeline.model.numpy_runner import NumpyRunner
+        from .numpy_runner import NumpyRunner
 
         return NumpyRunner(spec, weights, **options)
     if family == "torch":
-        from nautilus_pipeline.model.torch_runner import TorchRunner
+        from .torch_runner import TorchRunner
 
         return TorchRunner(spec, weights, device, **options)
     if family == "mlx":
-        from nautilus_pipeline.model.mlx_runner import MLXRunner
+        from .mlx_runner import MLXRunner
 
         return MLXRunner(spec, weights, device, **options)
-    from nautilus_pipeline.model.coreml_runner import CoreMLRunner
+    from .coreml_runner import CoreMLRunner
 
     if coreml_package is None:
-        from nautilus_pipeline.model.export import export_coreml
-        from nautilus_pipeline.model.torch_runner import build_torch_mlp
+        from .export import export_coreml
+        from .torch_runner import build_torch_mlp
 
         out = Path(tempfile.mkdtemp(prefix="nautilus-coreml-")) / "model.mlpackage"
         coreml_package = export_coreml(build_torch_mlp(spec, weights), spec.input_names, out)

@@ -33,7 +33,7 @@ from typing import Any, Literal
 
 import numpy as np
 
-from nautilus_pipeline.errors import ConfigError
+from ..errors import ConfigError
 
 ACTIVATIONS: tuple[str, ...] = ("relu", "tanh", "silu")
 """Hidden activations every backend implements (the output is always a sigmoid)."""

@@ -33,9 +33,9 @@ from typing import Any
 
 import numpy as np
 
-from nautilus_pipeline.errors import BackendUnavailableError, ConfigError
-from nautilus_pipeline.model.base import ModelRunner, bucket_for, write_out
-from nautilus_pipeline.model.spec import MLPWeights, ModelSpec
+from ..errors import BackendUnavailableError, ConfigError
+from .base import ModelRunner, bucket_for, write_out
+from .spec import MLPWeights, ModelSpec
 
 try:
     import torch
@@ -50,7 +50,7 @@ _DTYPES = ("float32", "float16", "bfloat16")
 
 def torch_usable(device: str) -> tuple[bool, str]:
     """Whether ``torch:<device>`` can run here, and why not (``compute.registry`` decides)."""
-    from nautilus_pipeline.compute import usable
+    from ..compute import usable
 
     return usable(f"torch:{device}")
 
