@@ -15,7 +15,7 @@ summary (``symbols_without_trades`` and a note) and a warning logs; a singular c
 (identical prices) gives NaN weights, counted in ``singular``.
 
 Compute streams. The heavy part (covariance and ``eigh`` of every window) can run on the
-stage's stream: torch on ``torch:*`` from ``accel_min_symbols`` symbols on (default 100),
+stage's stream: torch on ``torch:*`` from ``accel_min_symbols`` symbols on (default 200),
 numpy below it and on ``cpu``. MLX (CPU, float64: its GPU has no float64 and its ``eigh``
 is CPU-only) ran at 0.17-0.75× numpy here, so an ``mlx:*`` stream uses numpy unless
 ``accel_min_symbols`` is given explicitly. Measured with ``scripts/bench_kernels.py
@@ -30,8 +30,23 @@ symbols  numpy    torch cpu  mlx
 =======  =======  =========  =====
 
 Torch CPU and numpy are within this shared VM's noise of each other (both call LAPACK's
-``syevd``); the threshold of 100 is where a CUDA device is expected to start paying (the
-eigh of a 100×100 matrix is no longer launch-bound), not a measured CUDA crossover.
+``syevd``). On the lent H200 (``docs/measurements/gpu_bench_portfolio_h200.txt``, same
+command with ``--portfolio-device cuda --portfolio-symbols 10,50,100,200,500``; one host
+thread; bars/s, the whole call with its host<->device copies):
+
+=======  =======  =========  ==========
+symbols  numpy    torch cpu  torch cuda
+=======  =======  =========  ==========
+10       25,582   30,501     79,013
+50       2,565    3,052      1,458
+100      805      909        654
+200      226      237        349
+500      21.6     22.9       98.8
+=======  =======  =========  ==========
+
+CUDA loses at 50-100 symbols and wins from 200 on (1.5x, 4.3x at 500), so the default
+threshold is 200. It also wins at 10 symbols, where the stage costs ~40 µs a bar anyway
+and a GPU stream is not worth binding for it. Not measured: 101-199 symbols.
 """
 
 from __future__ import annotations
@@ -60,7 +75,7 @@ from ..stage import Stage, StageContext
 
 log = structlog.get_logger("nautilus_pipeline.stages.portfolio")
 
-ACCEL_MIN_SYMBOLS = 100
+ACCEL_MIN_SYMBOLS = 200
 
 
 @dataclass(frozen=True, slots=True)
