@@ -154,3 +154,24 @@ async def test_cuda_work_does_not_block_the_loop():
     ticks = await ticks_while(stream.run(lambda: [x @ x for _ in range(20)][-1].sum()))
     stream.close()
     assert ticks > 1
+
+
+def test_a_stream_names_its_runner_backend_and_kernel_device():
+    """Stages ask the stream (one registry), never parse its name: ``cpu`` is the numpy runner."""
+    from nautilus_pipeline.compute import runner_backend
+
+    assert runner_backend("cpu") == runner_backend("numpy") == "numpy"
+    assert runner_backend("torch") == "torch:cpu"
+    cpu = create_stream("cpu")
+    try:
+        assert (cpu.backend, cpu.kernel_device, cpu.runner_backend) == ("numpy", None, "numpy")
+    finally:
+        cpu.close()
+    if unusable_reason("torch:cpu") is None:
+        t = create_stream("torch:cpu")
+        try:
+            assert (t.backend, t.kernel_device, t.runner_backend) == ("torch", "cpu", "torch:cpu")
+        finally:
+            t.close()
+    with pytest.raises(ConfigError, match="unknown compute stream"):
+        runner_backend("gpu:quantum")

@@ -10,6 +10,7 @@ from .registry import (
     choose,
     create_stream,
     discover,
+    runner_backend,
     unusable_reason,
     usable,
 )
@@ -24,6 +25,7 @@ __all__ = [
     "choose",
     "create_stream",
     "discover",
+    "runner_backend",
     "unusable_reason",
     "usable",
 ]

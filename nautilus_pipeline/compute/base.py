@@ -32,6 +32,16 @@ class ComputeStream(abc.ABC):
     backend: str
     #: Whether data in host slabs must be copied to reach this stream's device.
     needs_copy: bool = False
+    #: The ``device`` argument that kernels of ``backend`` take for this stream (torch:
+    #: ``"cuda:0"``, ``"cpu"``; MLX: ``"gpu"``, ``"cpu"``); None where there is one device.
+    kernel_device: str | None = None
+
+    @property
+    def runner_backend(self) -> str:
+        """The model runner's backend name for this stream (``cpu`` runs the numpy runner)."""
+        from .registry import runner_backend
+
+        return runner_backend(self.name)
 
     @abc.abstractmethod
     async def run(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:

@@ -34,6 +34,7 @@ class MlxStream(ComputeStream):
         self._mx = mx
         self.device_kind = device
         self.name = f"mlx:{device}"
+        self.kernel_device = device
         self.needs_copy = False  # unified memory on Apple silicon; CPU otherwise
         self._stream = None
         self._thread = StreamThread(self.name, initializer=self._make_stream)

@@ -54,6 +54,13 @@ def canonical(name: str) -> str:
     return name
 
 
+def runner_backend(name: str) -> str:
+    """The model runner / kernel backend name of a stream name: ``numpy`` for the CPU
+    stream (``cpu``, ``numpy``), the canonical stream name otherwise (``torch:cuda``)."""
+    name = canonical(name)
+    return "numpy" if name == "cpu" else name
+
+
 def _no_nvidia_driver() -> bool:
     """True when this host visibly has no NVIDIA driver (Linux: no /proc/driver/nvidia, no
     /dev/nvidiactl, no WSL GPU): then CUDA is ruled out without importing torch or MLX."""

@@ -39,6 +39,7 @@ class TorchStream(ComputeStream):
         self.device = torch.device(device)
         kind = self.device.type
         self.name = f"torch:{kind}"
+        self.kernel_device = str(self.device)
         self.needs_copy = kind != "cpu"
         self._cache_tag = str(self.device) if kind != "cuda" else f"cuda:{self.device.index or 0}"
         self.cuda_stream = torch.cuda.Stream(device=self.device) if kind == "cuda" else None

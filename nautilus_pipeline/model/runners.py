@@ -49,6 +49,7 @@ from typing import Any
 
 import numpy as np
 
+from ..compute.registry import canonical, runner_backend, usable
 from ..errors import BackendUnavailableError, ConfigError
 from ..kernels.mlp import mlp_reference
 from .base import ModelRunner
@@ -83,12 +84,10 @@ def runner_usable(backend: str) -> tuple[bool, str]:
     stage, ``nautilus-pipeline devices`` and calibration all give the same answer.
     """
     try:
-        family, _ = _split(backend)
+        _split(backend)
     except ConfigError as e:
         return False, str(e)
-    from ..compute import usable
-
-    return usable("cpu" if family in ("numpy", "cpu") else backend)
+    return usable(canonical(backend))
 
 
 def make_runner(
@@ -110,7 +109,7 @@ def make_runner(
     ok, why = runner_usable(backend)
     if not ok:
         raise BackendUnavailableError(f"{backend}: {why}")
-    if family in ("numpy", "cpu"):
+    if runner_backend(backend) == "numpy":
         from .numpy_runner import NumpyRunner
 
         return NumpyRunner(spec, weights, **options)

@@ -33,7 +33,7 @@ from typing import Any, Literal
 import numpy as np
 import structlog
 
-from ..compute import ComputeStream, unusable_reason
+from ..compute import ComputeStream, runner_backend, unusable_reason
 from ..errors import ConfigError
 from ..events import ColumnSpec
 from ..memory import Lease
@@ -54,10 +54,6 @@ DEFAULT_STREAMS = ("coreml:ane", "mlx:gpu", "torch:cuda", "torch:mps", "cpu")
 # padding costs little (a batch of 1 computes 64 rows) and makes predictions as independent
 # of the batch size as the BLAS allows; tests/test_integration.py bounds what remains.
 ROW_MULTIPLE = 64
-
-
-def _backend_of(stream_name: str) -> str:
-    return "numpy" if stream_name == "cpu" else stream_name
 
 
 @dataclass(frozen=True, slots=True)
@@ -125,7 +121,7 @@ class InferenceStage(Stage):
         check_inputs(self.spec, feats[-1].names)
 
     async def bind(self, stream: ComputeStream) -> None:
-        backend = _backend_of(stream.name)
+        backend = stream.runner_backend
         if backend in self.runners:
             return
         options = {"coreml_package": self.coreml_package} if backend.startswith("coreml") else {}
@@ -135,7 +131,7 @@ class InferenceStage(Stage):
         log.info("inference_backend", stage=self.name, backend=self.runners[backend].name,
                  model=str(self.model_path))
         if self.route == "calibrated" and self.calibration is None:
-            usable = [_backend_of(s) for s in self.streams if unusable_reason(s) is None]
+            usable = [runner_backend(s) for s in self.streams if unusable_reason(s) is None]
             self.calibration = calibrate(list(dict.fromkeys(usable)), self.spec, self.weights)
             log.info("inference_calibrated", stage=self.name, table="\n" + self.calibration.format(),
                      **{"route": self.calibration.to_dict()["route"]})
@@ -143,7 +139,7 @@ class InferenceStage(Stage):
     def _runner(self, stream: ComputeStream, n: int) -> ModelRunner:
         if self.calibration is not None and stream is self._primary:
             return self.calibration.runner_for(n)
-        return self.runners[_backend_of(stream.name)]
+        return self.runners[stream.runner_backend]
 
     async def start(self, ctx: StageContext) -> None:
         self._primary = None
@@ -178,7 +174,7 @@ class InferenceStage(Stage):
         has = getattr(stream, "has_on_device", None)
         return (
             has is not None
-            and runner.backend == stream.name == "torch:cuda"
+            and runner.backend == stream.runner_backend == "torch:cuda"
             and hasattr(runner, "predict_tensor")
             and has(lease, FEATURES_COLUMN)
         )

@@ -191,10 +191,8 @@ class RiskStage(Stage):
         await asyncio.to_thread(
             risk_update, new_risk_state(self.limits), np.arange(2, dtype=np.int64), np.ones(2), np.zeros(2)
         )
-        if stream.backend == "torch":
-            self._backend, self._device = "torch", str(getattr(stream, "device", "cpu"))
-        elif stream.backend == "mlx":
-            self._backend, self._device = "mlx", stream.name.split(":", 1)[1]
+        if stream.backend in ("torch", "mlx"):  # the kernels' other backends
+            self._backend, self._device = stream.backend, stream.kernel_device
         if self.route == "calibrated" and self._backend != "numpy":
             self._backend, self._device = await stream.run(self._calibrate)
 
