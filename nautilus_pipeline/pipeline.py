@@ -242,6 +242,7 @@ class Pipeline:
         if self._closed:
             return
         self._closed = True
+        finish_error: BaseException | None = None
         try:
             if self._flusher is not None:
                 # Cancelling is safe: a flush in progress is finished before the task ends.
@@ -251,8 +252,16 @@ class Pipeline:
             if drain and self.bus.failure is None:
                 await self.flush()
                 await self._wait_idle()
+                # Every stage gets to finish (write its outputs) and the bus is closed even
+                # when one stage's finish fails (a recorder on a full disk): the first error is
+                # raised once everything is shut down, the others are logged.
                 for runner in self.runners:
-                    await runner.finish()
+                    try:
+                        await runner.finish()
+                    except Exception as exc:
+                        log.error("stage_finish_failed", pipeline=self.name, stage=runner.stage.name,
+                                  error=f"{type(exc).__name__}: {exc}")
+                        finish_error = finish_error or exc
             elif self._pending is not None:
                 self._pending.release("ingress")
                 self._pending = None
@@ -283,6 +292,8 @@ class Pipeline:
             log.info("pipeline_closed", pipeline=self.name, **self.stats()["ticks"])
         if self._own_bus and self.bus.failure is not None:
             raise self.bus.failure
+        if finish_error is not None:
+            raise finish_error
 
     async def _wait_idle(self) -> None:
         idle = asyncio.ensure_future(self.pool.wait_idle())

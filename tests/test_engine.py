@@ -302,3 +302,39 @@ async def test_a_concurrent_pipeline_lowers_the_gil_switch_interval_only_while_i
     assert sys.getswitchinterval() == before
     async with Pipeline([Arrivals()], memory="host", execution="serial"):
         assert sys.getswitchinterval() == before
+
+
+async def test_a_stage_whose_finish_fails_does_not_stop_the_others_or_leave_the_bus_running():
+    """A recorder on a full disk fails in ``finish()``: the later stages still finish, the bus
+    and its consumer tasks are closed, and close() raises that first error afterwards."""
+    finished: list[str] = []
+
+    class FailsToFinish(Stage):
+        name = "fails_to_finish"
+        reads = ("ts_ns",)
+
+        async def process(self, lease, stream, ctx):
+            pass
+
+        async def finish(self, ctx):
+            finished.append(self.name)
+            raise OSError(28, "No space left on device")
+
+    class Finishes(Arrivals):
+        name = "finishes"
+
+        async def finish(self, ctx):
+            finished.append(self.name)
+
+    tasks_before = asyncio.all_tasks()
+    sink = Finishes()
+    pipe = Pipeline([FailsToFinish(), sink], memory="host")
+    await pipe.start()
+    await pipe.publish_tick(TradeTick("X", 1, 1.0, 1.0, 1))
+    with pytest.raises(OSError, match="No space left"):
+        await pipe.close()
+    await asyncio.sleep(0)
+    assert finished == ["fails_to_finish", "finishes"]
+    assert sink.rows == 1
+    assert pipe.bus.closed and pipe.bus.tasks() == []
+    assert asyncio.all_tasks() == tasks_before
