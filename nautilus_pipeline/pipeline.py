@@ -28,7 +28,7 @@ at a time, in order), which the tests check.
 The GIL bounds what threads give. A worker that leaves a GIL-free kernel waits for the GIL
 while the loop thread runs Python (reading, routing), up to the interpreter's switch
 interval (5 ms by default), so a concurrent pipeline lowers it to ``GIL_SWITCH_S`` while it
-runs and restores it at close, as it does the BLAS threads. ``scripts/bench_pipeline.py
+runs and the last one to close restores it, as it does the BLAS threads. ``scripts/bench_pipeline.py
 --switch-interval`` on the lent H200 host (16 cores, 2M generated trades through
 ``default.toml``, two runs): serial 617K / 726K ticks/s, concurrent 737K / 765K,
 concurrent with 500 µs 816K, with 100 µs 842K ticks/s; cores busy 1.6 → 1.8. Threads so
@@ -59,6 +59,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import sys
+import threading
 import time
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -78,6 +79,31 @@ log = structlog.get_logger("nautilus_pipeline.pipeline")
 
 GIL_SWITCH_S = 0.0005
 """The GIL switch interval while a concurrent pipeline runs (see the module docstring)."""
+
+
+class _SwitchInterval:
+    """The process-wide GIL switch interval, lowered while *any* concurrent pipeline runs and
+    restored when the last one closes (two pipelines in one process must not undo each other)."""
+
+    _lock = threading.Lock()
+    _holders = 0
+    _saved: float | None = None
+
+    @classmethod
+    def acquire(cls) -> None:
+        with cls._lock:
+            if cls._holders == 0 and sys.getswitchinterval() > GIL_SWITCH_S:
+                cls._saved = sys.getswitchinterval()
+                sys.setswitchinterval(GIL_SWITCH_S)
+            cls._holders += 1
+
+    @classmethod
+    def release(cls) -> None:
+        with cls._lock:
+            cls._holders -= 1
+            if cls._holders == 0 and cls._saved is not None:
+                sys.setswitchinterval(cls._saved)
+                cls._saved = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -141,7 +167,7 @@ class Pipeline:
         self.queue_size = queue_size
         self.blas_threads = blas_threads
         self._blas_limits: Any = None
-        self._switch_before: float | None = None
+        self._switch_held = False
         self.symbols = symbols if symbols is not None else SymbolTable()
         self._own_bus = bus is None
         self.bus = bus or EventBus(on_error=on_error, name=f"bus:{name}")
@@ -212,9 +238,9 @@ class Pipeline:
             from threadpoolctl import threadpool_limits
 
             self._blas_limits = threadpool_limits(self.blas_threads, user_api="blas")
-        if self.execution == "concurrent" and sys.getswitchinterval() > GIL_SWITCH_S:
-            self._switch_before = sys.getswitchinterval()
-            sys.setswitchinterval(GIL_SWITCH_S)
+        if self.execution == "concurrent":
+            _SwitchInterval.acquire()
+            self._switch_held = True
         if self._own_bus:
             await self.bus.__aenter__()
         topic = self.ingress_topic
@@ -280,9 +306,9 @@ class Pipeline:
             if self._blas_limits is not None:
                 self._blas_limits.restore_original_limits()
                 self._blas_limits = None
-            if self._switch_before is not None:
-                sys.setswitchinterval(self._switch_before)
-                self._switch_before = None
+            if self._switch_held:
+                _SwitchInterval.release()
+                self._switch_held = False
             self.leaked = self.pool.close()
             if not drain or self.bus.failure is not None:
                 # batches cancelled in a stage or dropped from its queue: counted, not "in flight"

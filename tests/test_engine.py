@@ -304,6 +304,21 @@ async def test_a_concurrent_pipeline_lowers_the_gil_switch_interval_only_while_i
         assert sys.getswitchinterval() == before
 
 
+async def test_two_concurrent_pipelines_keep_the_switch_interval_lowered_until_the_last_closes():
+    from nautilus_pipeline.pipeline import GIL_SWITCH_S
+
+    before = sys.getswitchinterval()
+    lowered = min(before, GIL_SWITCH_S)
+    first = Pipeline([Arrivals()], memory="host")
+    second = Pipeline([Arrivals()], memory="host")
+    await first.start()
+    await second.start()
+    await first.close()
+    assert sys.getswitchinterval() == pytest.approx(lowered)  # the second still runs
+    await second.close()
+    assert sys.getswitchinterval() == before
+
+
 async def test_a_stage_whose_finish_fails_does_not_stop_the_others_or_leave_the_bus_running():
     """A recorder on a full disk fails in ``finish()``: the later stages still finish, the bus
     and its consumer tasks are closed, and close() raises that first error afterwards."""
