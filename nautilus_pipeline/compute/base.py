@@ -32,8 +32,8 @@ class ComputeStream(abc.ABC):
     backend: str
     #: Whether data in host slabs must be copied to reach this stream's device.
     needs_copy: bool = False
-    #: The ``device`` argument that kernels of ``backend`` take for this stream (torch:
-    #: ``"cuda:0"``, ``"cpu"``; MLX: ``"gpu"``, ``"cpu"``); None where there is one device.
+    #: The ``device`` argument that kernels of ``backend`` take for this stream (torch: the
+    #: stream's ``torch.device`` as a string, ``"cuda"``, ``"cpu"``; MLX: ``"gpu"``, ``"cpu"``).
     kernel_device: str | None = None
 
     @property
