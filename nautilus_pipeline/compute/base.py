@@ -15,6 +15,7 @@ GPU stage reading the same column does not copy it again.
 from __future__ import annotations
 
 import abc
+import functools
 from collections.abc import Callable
 from typing import Any
 
@@ -36,9 +37,10 @@ class ComputeStream(abc.ABC):
     #: stream's ``torch.device`` as a string, ``"cuda"``, ``"cpu"``; MLX: ``"gpu"``, ``"cpu"``).
     kernel_device: str | None = None
 
-    @property
+    @functools.cached_property
     def runner_backend(self) -> str:
-        """The model runner's backend name for this stream (``cpu`` runs the numpy runner)."""
+        """The model runner's backend name for this stream (``cpu`` runs the numpy runner);
+        worked out once, since the inference stage asks for it on every batch."""
         from .registry import runner_backend
 
         return runner_backend(self.name)
