@@ -298,3 +298,30 @@ async def test_the_testing_kit_example_from_its_docstring(pipeline_from, collect
     assert signals.payloads
     assert pipe.batch_size == 256
     assert pipe.stats()["ticks"]["ticks_failed"] == 0
+
+
+def test_stages_agree_on_labelled_columns_not_on_each_others_classes():
+    """A features stage of one's own feeds the inference stage when its ``features`` column
+    carries the model's input names as labels; wrong labels are refused at build."""
+    from nautilus_pipeline.events import ColumnSpec
+    from nautilus_pipeline.pipeline import Pipeline
+    from nautilus_pipeline.stage import Stage, upstream_column
+
+    inference = InferenceStage(streams=("cpu",))
+    names = inference.input_names
+
+    class MyFeatures(Stage):
+        def __init__(self, labels):
+            self.name = "my_features"
+            self.writes = (ColumnSpec("features", np.dtype(np.float64), (len(labels),), np.nan,
+                                      labels=tuple(labels)),)
+
+        async def process(self, lease, stream, ctx):
+            lease["features"][...] = 0.0
+
+    mine = MyFeatures(names)
+    pipe = Pipeline([mine, inference])
+    assert upstream_column(pipe.stages[:1], "features").labels == tuple(names)
+    assert upstream_column(pipe.stages[:1], "prediction") is None
+    with pytest.raises(ConfigError, match="model inputs missing from the features"):
+        Pipeline([MyFeatures(["log_return"]), InferenceStage(streams=("cpu",))])

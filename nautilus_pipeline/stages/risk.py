@@ -57,8 +57,8 @@ from ..kernels.rows import ffill_rows, symbol_groups
 from ..kernels.signal import SignalParams, SignalState, new_signal_state, signal_update
 from ..memory import Lease
 from ..params import param
-from ..stage import Stage, StageContext
-from .features import FEATURES_COLUMN, FeaturesStage
+from ..stage import Stage, StageContext, upstream_column
+from .features import FEATURES_COLUMN
 
 log = structlog.get_logger("nautilus_pipeline.risk")
 
@@ -175,8 +175,8 @@ class RiskStage(Stage):
         self._vol_col = self._ret_col = None
 
     def connect(self, upstream: Sequence[Stage]) -> None:
-        feats = [s for s in upstream if isinstance(s, FeaturesStage)]
-        names = feats[-1].names if feats else ()
+        feats = upstream_column(upstream, FEATURES_COLUMN)
+        names = feats.labels if feats is not None else ()
         missing = [n for n in ("log_return", self.vol_feature) if n not in names]
         if missing:
             raise ConfigError(
