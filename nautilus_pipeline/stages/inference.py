@@ -197,3 +197,14 @@ class InferenceStage(Stage):
 
     def stats(self) -> dict[str, object]:
         return {"model": self.model_path.name, "rows_by_backend": dict(self.rows_by_backend)}
+
+    def snapshot_params(self) -> dict[str, object]:
+        """The model's spec and weights: another model gives other predictions."""
+        return {"spec": self.spec, "weights": self.weights}
+
+    def snapshot_state(self) -> dict[str, object]:
+        """Nothing: a prediction depends on its row's features only."""
+        return {}
+
+    def restore_state(self, state: dict[str, object]) -> None:
+        """Nothing to restore (see ``snapshot_state``)."""

@@ -358,3 +358,56 @@ class RiskStage(Stage):
             "var_reports": self.var_reports,
             "kill_switch_on": sorted(k for k, a in self.accounts.items() if a.kill),
         }
+
+    def snapshot_params(self) -> dict[str, object]:
+        return {"limits": self.limits, "rule": self.rule, "var_every": self.var_every,
+                "var_levels": self.var_levels, "var_horizon": self.var_horizon,
+                "var_window": self.var_window, "var_paths": self.var_paths,
+                "vol_feature": self.vol_feature, "seed": self.seed}
+
+    def snapshot_state(self) -> dict[str, object]:
+        """Each symbol's account and limits, intended signal, VaR return window, trade count,
+        carried row values and Monte Carlo generator position."""
+        return {"accounts": dict(self.accounts), "intents": dict(self.intents),
+                "returns": dict(self.returns), "trades": dict(self.trades),
+                "last": {k: v.copy() for k, v in self.last.items()},
+                "generators": {k: _generator_state(g) for k, g in self.generators.items()}}
+
+    def restore_state(self, state: dict[str, object]) -> None:
+        self.accounts = dict(state["accounts"])
+        self.intents = dict(state["intents"])
+        self.returns = dict(state["returns"])
+        self.trades = dict(state["trades"])
+        self.last = dict(state["last"])
+        self.generators = {}
+        for key, (kind, value) in state["generators"].items():
+            gen = new_generator(self._backend, self.seed, self._device, stream=key)
+            _set_generator_state(gen, kind, value, self.name)
+            self.generators[key] = gen
+
+
+def _generator_state(gen: Any) -> tuple[str, np.ndarray]:
+    """(kind, position) of a Monte Carlo generator: xoshiro (numpy), torch or mlx."""
+    from ..kernels.montecarlo import McSampler
+
+    if isinstance(gen, McSampler):
+        return "xoshiro", gen.get_state()
+    if hasattr(gen, "gen"):  # torch.Generator
+        return "torch", gen.gen.get_state().numpy().copy()
+    return "mlx", np.array(gen.key)
+
+
+def _set_generator_state(gen: Any, kind: str, value: np.ndarray, stage: str) -> None:
+    from ..kernels.montecarlo import McSampler
+    from ..snapshot import SnapshotError
+
+    have = _generator_state(gen)[0]
+    if have != kind:
+        raise SnapshotError(f"risk stage {stage!r}: the snapshot's Monte Carlo generator is {kind}, "
+                            f"this stage's is {have} (another compute stream); restore on the same one")
+    if isinstance(gen, McSampler):
+        gen.set_state(value)
+    elif kind == "torch":
+        gen.gen.set_state(gen.torch.from_numpy(np.ascontiguousarray(value)))
+    else:
+        gen.key = gen.mx.array(value)
