@@ -265,7 +265,8 @@ async def test_replay_to_pipeline_accounts_for_every_row_read(sample_dir, pipeli
 
 def test_features_column_is_float64_of_the_declared_width():
     stage = FeaturesStage(["log_return", "spread"])
-    assert stage.writes == (ColumnSpec("features", np.dtype(np.float64), (2,), np.nan),)
+    assert stage.writes == (ColumnSpec("features", np.dtype(np.float64), (2,), np.nan,
+                                       labels=("log_return", "spread")),)
 
 
 async def test_vpin_on_a_torch_stream_matches_the_cpu_kernel(sample_dir, pipeline_from, collect):

@@ -366,9 +366,10 @@ class RiskStage(Stage):
                 "vol_feature": self.vol_feature, "seed": self.seed}
 
     def snapshot_state(self) -> dict[str, object]:
-        """Each symbol's account and limits, intended signal, VaR return window, trade count,
-        carried row values and Monte Carlo generator position."""
+        """Each symbol's account and limits, intended and final signal, VaR return window,
+        trade count, carried row values and Monte Carlo generator position."""
         return {"accounts": dict(self.accounts), "intents": dict(self.intents),
+                "signals": dict(self.signals),
                 "returns": dict(self.returns), "trades": dict(self.trades),
                 "last": {k: v.copy() for k, v in self.last.items()},
                 "generators": {k: _generator_state(g) for k, g in self.generators.items()}}
@@ -376,6 +377,7 @@ class RiskStage(Stage):
     def restore_state(self, state: dict[str, object]) -> None:
         self.accounts = dict(state["accounts"])
         self.intents = dict(state["intents"])
+        self.signals = dict(state["signals"])
         self.returns = dict(state["returns"])
         self.trades = dict(state["trades"])
         self.last = dict(state["last"])

@@ -81,12 +81,9 @@ class SignalStage(Stage):
     def stats(self) -> dict[str, object]:
         return {"signals": self.emitted, "by_side": dict(self.by_side)}
 
-    def snapshot_params(self) -> dict[str, object]:
-        return {"rule": self.rule}
-
     def snapshot_state(self) -> dict[str, object]:
-        """Each symbol's last probability and (side, target): what decides the next emit."""
-        return {"states": dict(self.states)}
+        """Nothing: the emit-on-change state is the risk stage's (it applies the rule)."""
+        return {}
 
     def restore_state(self, state: dict[str, object]) -> None:
-        self.states = dict(state["states"])
+        pass
