@@ -19,6 +19,8 @@ import pytest
 
 nats = pytest.importorskip("nats", reason="the NATS bridge needs the live extra (nats-py)")
 
+from nats.js.api import AckPolicy, ConsumerConfig  # noqa: E402
+
 from nautilus_pipeline import Pipeline  # noqa: E402
 from nautilus_pipeline.bridge import (  # noqa: E402
     NatsBridge,
@@ -69,7 +71,7 @@ async def _stream_events(url: str, stream: str = "EVENTS") -> list[dict]:
     try:
         js = nc.jetstream()
         info = await js.stream_info(stream)
-        sub = await js.pull_subscribe(">", stream=stream)
+        sub = await js.pull_subscribe(">", stream=stream, config=ConsumerConfig(ack_policy=AckPolicy.NONE))
         out: list = []
         while len(out) < info.state.messages:
             out.extend(await sub.fetch(info.state.messages - len(out), timeout=2))

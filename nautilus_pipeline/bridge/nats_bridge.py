@@ -13,6 +13,12 @@ ingress task. On exit it stops fetching, drains the pipeline, stores a last snap
 acknowledges what it covers, closes the pipeline if it owns it (so the stages'
 end-of-stream events are exported too), flushes the exports and closes the connection.
 A task that failed (the server gone for good, a refused export) is raised there.
+``bridge.end_of_stream = False`` before exit stops without closing what only the stream's
+end closes (the open VPIN bar): the next run resumes from the snapshot and closes it.
+
+Exported events carry ``Nats-Msg-Id = <instance>:<topic>:<n>``, the instance being the
+durable name (else the pipeline's): two consumers of one definition on different streams
+must not de-duplicate each other's events.
 
 State is kept when a durable name is given and the pipeline can snapshot itself
 (``Pipeline.snapshot``/``restore``); ``state=False`` turns it off (acks then follow the
@@ -23,7 +29,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import structlog
@@ -66,6 +72,8 @@ class NatsBridge:
         fetch_timeout: float = 0.25,
         duplicate_window_s: float = 600.0,
         connect_options: dict[str, Any] | None = None,
+        on_restore: Callable[[SavedState | None], None] | None = None,
+        save_extra: Callable[[], dict[str, Any]] | None = None,
     ):
         self.pipe = pipe
         self.servers = [servers] if isinstance(servers, str) else list(servers)
@@ -98,6 +106,10 @@ class NatsBridge:
         self.fetch_timeout = fetch_timeout
         self.duplicate_window_s = duplicate_window_s
         self.connect_options = dict(connect_options or {})
+        self.on_restore = on_restore
+        self.save_extra = save_extra
+        self.end_of_stream = True
+        self.instance = self.durable or pipe.name
         self.nc: Any = None
         self.js: Any = None
         self.egress: Egress | None = None
@@ -135,7 +147,7 @@ class NatsBridge:
         self.nc = await nats.connect(self.servers, **self.connect_options)
         self.js = self.nc.jetstream(publish_async_max_pending=max(self.max_in_flight, 1))
         if self.export:
-            self.egress = Egress(self.pipe.name, self.pipe.bus, self.js, self.export,
+            self.egress = Egress(self.instance, self.pipe.bus, self.js, self.export,
                                  max_in_flight=self.max_in_flight, overflow=self.overflow)
             await ensure_stream(self.js, self.export_stream, self.egress.subjects,
                                 duplicate_window_s=self.duplicate_window_s)
@@ -151,6 +163,8 @@ class NatsBridge:
                     self.egress.seqs = dict(self.restored.egress_seqs)
                 log.info("bridge_state_restored", durable=self.durable, stream_seq=covered,
                          ticks=self.restored.ticks)
+        if self.on_restore is not None:
+            self.on_restore(self.restored)
         if self.egress is not None:
             self.egress.start()
         if self.ingest is not None:
@@ -197,6 +211,8 @@ class NatsBridge:
             await self.pipe.drain()
             if self.state and self._batches_since:
                 await self.snapshot()
+            if not self.end_of_stream:
+                self.pipe.end_segment()  # the stream goes on in the next run, from the snapshot
             if self._own_pipe:
                 await self.pipe.close()
             if self.egress is not None:
@@ -251,6 +267,7 @@ class NatsBridge:
             dict(self.egress.seqs) if self.egress is not None else {},
             ticks=(prev.ticks if prev else 0) + ing.stats.ticks,
             batches=(prev.batches if prev else 0) + ing.stats.batches,
+            extra=self.save_extra() if self.save_extra is not None else {},
         )
         await self.store.save(saved)
         await ing.ack_covered(seq)

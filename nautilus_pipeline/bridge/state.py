@@ -44,11 +44,13 @@ class SavedState:
     egress_seqs: dict[str, int] = field(default_factory=dict)
     ticks: int = 0
     batches: int = 0
+    extra: dict[str, Any] = field(default_factory=dict)
+    """What the bridge's owner stores beside the snapshot (the command line: its output files' lengths)."""
 
     def encode(self) -> bytes:
         header = orjson.dumps({"pipeline": self.pipeline, "stream_seq": self.stream_seq,
                                "egress_seqs": self.egress_seqs, "ticks": self.ticks,
-                               "batches": self.batches})
+                               "batches": self.batches, "extra": self.extra})
         return MAGIC + _LEN.pack(len(header)) + header + self.snapshot
 
     @classmethod
@@ -59,7 +61,8 @@ class SavedState:
         try:
             h = orjson.loads(data[8 : 8 + hlen])
             return cls(h["pipeline"], int(h["stream_seq"]), bytes(data[8 + hlen :]),
-                       dict(h["egress_seqs"]), int(h["ticks"]), int(h["batches"]))
+                       dict(h["egress_seqs"]), int(h["ticks"]), int(h["batches"]),
+                       dict(h.get("extra") or {}))
         except (orjson.JSONDecodeError, KeyError, TypeError, ValueError) as exc:
             raise StateError(f"{where}: stored state header unreadable: {exc}") from None
 
