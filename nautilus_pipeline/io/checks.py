@@ -8,6 +8,8 @@ and the first failing check names the row's :class:`~nautilus_pipeline.io.chunk.
    number of fields;
 2. trades: price finite and > 0, size finite and > 0; quotes: bid/ask finite and > 0, sizes
    (where present) finite and >= 0, not crossed (bid > ask; a locked book bid == ask passes);
+   book level deltas (``KIND_BOOK``): side +1/-1 with a finite price > 0 and a finite size
+   >= 0 (0 removes the level), or side 0 (a clear) with a NaN price;
 3. duplicate trade id within a symbol (where ids exist, i.e. ``trade_id >= 0``);
 4. time order within a symbol, on the source's replay clock (``ts_ns`` or ``ts_recv_ns``);
    equal timestamps pass unless ``allow_equal_ts=False``. See "Time order" below.
@@ -57,7 +59,7 @@ import numpy as np
 import orjson
 
 from ..errors import ConfigError, DataError, PipelineError
-from ..events import KIND_QUOTE, KIND_TRADE
+from ..events import KIND_BOOK, KIND_QUOTE, KIND_TRADE
 from .chunk import BadRow, Reason, TickChunk
 
 UNKNOWN_SYMBOL = "<unknown>"
@@ -424,6 +426,16 @@ class Validator:
                 for s in (bsz, asz):
                     flag(quote & ~np.isnan(s) & ~(np.isfinite(s) & (s >= 0)), Reason.SIZE_NOT_POSITIVE)
                 flag(quote & (bid > ask), Reason.CROSSED_QUOTE)
+        book = kind == KIND_BOOK
+        if book.any():
+            price, size, side = chunk.column("price"), chunk.column("size"), chunk.column("side")
+            level = book & (side != 0)
+            with np.errstate(invalid="ignore"):
+                flag(book & ~np.isin(side, (-1, 0, 1)), Reason.UNKNOWN_SIDE)
+                flag(book & (side == 0) & ~np.isnan(price), Reason.UNKNOWN_SIDE)
+                flag(level & ~np.isfinite(price), Reason.PRICE_NOT_FINITE)
+                flag(level & (price <= 0), Reason.PRICE_NOT_POSITIVE)
+                flag(level & ~(np.isfinite(size) & (size >= 0)), Reason.SIZE_NOT_POSITIVE)
 
     def _sequence_checks(self, chunk: TickChunk, reason: np.ndarray) -> None:
         codes = chunk.column("symbol_id")

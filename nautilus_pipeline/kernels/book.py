@@ -32,6 +32,11 @@ Output per row, the book *after* the delta (``BOOK_FEATURE_NAMES``):
 
 All are NaN while a side they need is empty (a one-sided book has no spread, mid or
 microprice; the imbalances are defined as long as one side has size).
+
+Levels (optional, ``levels_out`` of shape (n, 4, L)): the best ``L`` levels after each row,
+``[bid price, bid size, ask price, ask size]``, best first; NaN price and size where a side
+has fewer than ``L`` levels. A row with ``side = 0`` and ``action = ACTION_SET`` changes
+nothing: the book stage passes a symbol's trade rows so, to get the book as of each trade.
 """
 
 from __future__ import annotations
@@ -108,9 +113,10 @@ def _set_level(px, sz, n, s, price, size):
         n[s] = m + 1
 
 
-@njit(cache=True)
-def _update(px, sz, n, side, price, size, action, out):
+@njit(cache=True, nogil=True)
+def _update(px, sz, n, side, price, size, action, out, lv):
     nan = np.nan
+    depth = lv.shape[2]
     for r in range(side.shape[0]):
         has_b0, has_a0 = n[0] > 0, n[1] > 0
         b0 = px[0, 0] if has_b0 else nan
@@ -156,15 +162,29 @@ def _update(px, sz, n, side, price, size, action, out):
             out[r, 6] = e
         else:
             out[r, 6] = 0.0
+        for s in range(2):
+            for j in range(depth):
+                if j < n[s]:
+                    lv[r, 2 * s, j] = px[s, j]
+                    lv[r, 2 * s + 1, j] = sz[s, j]
+                else:
+                    lv[r, 2 * s, j] = nan
+                    lv[r, 2 * s + 1, j] = nan
 
 
 def book_update(
-    state: BookState, side: np.ndarray, price: np.ndarray, size: np.ndarray, action: np.ndarray
+    state: BookState, side: np.ndarray, price: np.ndarray, size: np.ndarray, action: np.ndarray,
+    levels_out: np.ndarray | None = None,
 ) -> tuple[BookState, np.ndarray]:
-    """Apply the deltas of one symbol in order; returns the new state and features (n, 7)."""
+    """Apply the deltas of one symbol in order; returns the new state and features (n, 7).
+
+    ``levels_out`` (n, 4, L), when given, receives the best L levels after each row."""
     px, sz, n = state.px.copy(), state.sz.copy(), state.n.copy()
     rows = np.asarray(side).shape[0]
     out = np.empty((rows, len(BOOK_FEATURE_NAMES)))
+    lv = np.empty((rows, 4, 0)) if levels_out is None else levels_out
+    if lv.shape[:2] != (rows, 4):
+        raise ValueError(f"levels_out must be shaped ({rows}, 4, L), got {lv.shape}")
     _update(px, sz, n, np.asarray(side, dtype=np.int8), np.asarray(price, dtype=np.float64),
-            np.asarray(size, dtype=np.float64), np.asarray(action, dtype=np.uint8), out)
+            np.asarray(size, dtype=np.float64), np.asarray(action, dtype=np.uint8), out, lv)
     return BookState(px, sz, n), out
