@@ -6,6 +6,7 @@ import math
 from pathlib import Path
 
 import numpy as np
+import orjson
 import pytest
 from book_reference import reference
 
@@ -204,3 +205,37 @@ async def test_bundled_book_pipeline_runs_end_to_end(tmp_path: Path) -> None:
     book = next(s for s in summary.stages if s["stage"] == "book")
     assert book["book_rows"] == 12_058 and book["symbols"] == 1
     assert math.isfinite(book["rows_per_s"])
+
+
+def test_inspect_reports_the_book_of_an_mbo_file(capsys) -> None:
+    from nautilus_pipeline.cli import main
+
+    assert main(["inspect", str(MBO), "--json"]) == 0
+    (info,) = orjson.loads(capsys.readouterr().out)
+    assert info["book_updates"] == 12_057 and info["book_snapshots"] == 1
+    assert info["quotes"] == 0 and info["ticks"] == 12_058
+    assert info["book_gaps"] == 0 and info["book_unknown_orders"] == 0
+    # the deepest each side got, from a plain dict book over the same rows
+    data = mbo_ticks()
+    book = data["kind"] == KIND_BOOK
+    levels = {1: {}, -1: {}}
+    deepest = {1: 0, -1: 0}
+    for s, p, q in zip(data["side"][book].tolist(), data["price"][book].tolist(),
+                       data["size"][book].tolist(), strict=True):
+        if s == 0:
+            levels = {1: {}, -1: {}}
+            continue
+        if q > 0:
+            levels[s][p] = q
+        else:
+            levels[s].pop(p, None)
+        deepest[s] = max(deepest[s], len(levels[s]))
+    assert info["book_levels_max"] == {"bid": deepest[1], "ask": deepest[-1]}
+
+
+def test_a_file_without_book_rows_has_no_book_fields(sample_dir, capsys) -> None:
+    from nautilus_pipeline.cli import main
+
+    assert main(["inspect", str(sample_dir / "databento-glbx-futures-mbp1-20240701.dbn.zst"), "--json"]) == 0
+    (info,) = orjson.loads(capsys.readouterr().out)
+    assert "book_updates" not in info and info["quotes"] == 2_288

@@ -154,11 +154,15 @@ class Counts:
 
 @dataclass
 class Accounting:
-    """Counts per source, and per symbol within each source; ``ignored`` lines per source."""
+    """Counts per source, and per symbol within each source; ``ignored`` lines per source;
+    ``book_gaps`` per source: sequence gaps a book reader found (and resynchronised after),
+    ``unknown_orders``: MBO cancels/modifies of orders it never saw (no delta made)."""
 
     sources: dict[str, Counts] = field(default_factory=dict)
     symbols: dict[tuple[str, str], Counts] = field(default_factory=dict)
     ignored: collections.Counter[str] = field(default_factory=collections.Counter)
+    book_gaps: collections.Counter[str] = field(default_factory=collections.Counter)
+    unknown_orders: collections.Counter[str] = field(default_factory=collections.Counter)
 
     def _get(self, source: str, symbol: str) -> tuple[Counts, Counts]:
         src = self.sources.setdefault(source, Counts())
@@ -199,6 +203,8 @@ class Accounting:
             "sources": {k: v.as_dict() for k, v in self.sources.items()},
             "symbols": {f"{s}:{y}": v.as_dict() for (s, y), v in self.symbols.items()},
             "ignored": dict(self.ignored),
+            **({"book_gaps": dict(self.book_gaps)} if self.book_gaps else {}),
+            **({"unknown_orders": dict(self.unknown_orders)} if self.unknown_orders else {}),
         }
 
 

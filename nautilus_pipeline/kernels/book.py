@@ -53,6 +53,7 @@ __all__ = [
     "ACTION_SET",
     "BOOK_FEATURE_NAMES",
     "BookState",
+    "book_depth_scan",
     "book_update",
     "new_book_state",
 ]
@@ -80,6 +81,7 @@ class BookState:
 
 
 def new_book_state(capacity: int = 64) -> BookState:
+    """An empty book keeping up to ``capacity`` levels per side."""
     if capacity < max(DEPTHS):
         raise ConfigError(f"book capacity must be >= {max(DEPTHS)} levels, got {capacity}")
     return BookState(np.zeros((2, capacity)), np.zeros((2, capacity)), np.zeros(2, dtype=np.int64))
@@ -188,3 +190,28 @@ def book_update(
     _update(px, sz, n, np.asarray(side, dtype=np.int8), np.asarray(price, dtype=np.float64),
             np.asarray(size, dtype=np.float64), np.asarray(action, dtype=np.uint8), out, lv)
     return BookState(px, sz, n), out
+
+
+@njit(cache=True, nogil=True)
+def _depth_scan(px, sz, n, side, price, size, action, deepest):
+    for r in range(side.shape[0]):
+        if action[r] == 1:
+            n[0] = 0
+            n[1] = 0
+        if np.isfinite(price[r]) and (side[r] == 1 or side[r] == -1):
+            s = 0 if side[r] == 1 else 1
+            _set_level(px, sz, n, s, price[r], size[r])
+            if n[s] > deepest[s]:
+                deepest[s] = n[s]
+
+
+def book_depth_scan(
+    state: BookState, side: np.ndarray, price: np.ndarray, size: np.ndarray, action: np.ndarray,
+    deepest: np.ndarray,
+) -> BookState:
+    """Apply deltas as :func:`book_update` does, without features; ``deepest`` (int64[2]) is
+    raised to the most levels each side held (what ``inspect`` reports as a file's depth)."""
+    px, sz, n = state.px.copy(), state.sz.copy(), state.n.copy()
+    _depth_scan(px, sz, n, np.asarray(side, dtype=np.int8), np.asarray(price, dtype=np.float64),
+                np.asarray(size, dtype=np.float64), np.asarray(action, dtype=np.uint8), deepest)
+    return BookState(px, sz, n)
