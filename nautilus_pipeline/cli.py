@@ -226,7 +226,12 @@ def cmd_run(args: argparse.Namespace) -> int:
         _check_out(Path(args.out), "--out", UsageError)
     for f in args.ticks or ():
         try:
-            check_file(f)
+            if Path(f).is_dir():  # a NautilusTrader catalog folder: its files are checked
+                from .io.nautilus import catalog_files
+
+                catalog_files(f)
+            else:
+                check_file(f)
         except DataError as exc:
             raise DataError(f"--ticks {exc}") from None
     # Until the run is under way (and again after it), a signal stops at once: reading the
