@@ -58,7 +58,9 @@ class Sampler:
         names = {}
         while not self._stop.wait(self.interval_s):
             for t in threading.enumerate():
-                names[t.ident] = t.name
+                if t.ident not in names:  # stream workers share names: number them
+                    same = sum(1 for n in names.values() if n.split("#")[0] == t.name)
+                    names[t.ident] = f"{t.name}#{same}" if same else t.name
             self.samples += 1
             for ident, frame in sys._current_frames().items():
                 if ident == me:
