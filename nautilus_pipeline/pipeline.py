@@ -419,10 +419,10 @@ class Pipeline:
         """Add one tick to the current micro-batch (sent at ``batch_size`` or ``max_delay_us``)."""
         self._check_running()
         lease = self._pending
-        if lease is None:
+        first = lease is None
+        if first:
             lease = self._pending = await self.pool.acquire("ingress")
             self._pending_deadline = time.monotonic() + self.max_delay_s
-            self._arm_flusher()
         i = lease.length
         cols = lease.columns
         cols["ts_ns"][i] = tick.ts_ns
@@ -449,6 +449,10 @@ class Pipeline:
         lease.length = i + 1
         if lease.length >= lease.capacity or time.monotonic() >= self._pending_deadline:
             await self.flush()
+        elif first:
+            # the batcher flushes it when this burst gives the loop back; a batch that is
+            # already full (batch_size=1) went out above without waking it
+            self._arm_flusher()
 
     async def flush(self) -> None:
         """Publish the partial micro-batch now."""

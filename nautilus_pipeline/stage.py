@@ -238,7 +238,7 @@ class StageRunner:
         self.inline_max_rows = INLINE_CHAIN_MAX_ROWS
         self._inside = 0
         self._inline_busy = False
-        self._inline_done = asyncio.Event()
+        self._inline_waiters: list[asyncio.Future] = []  # bus consumers behind an inline batch
 
     @property
     def fallback_stream(self) -> ComputeStream | None:
@@ -262,7 +262,9 @@ class StageRunner:
         self._inside += 1
         try:
             while self._inline_busy:
-                await self._inline_done.wait()
+                waiter = asyncio.get_running_loop().create_future()
+                self._inline_waiters.append(waiter)
+                await waiter
             await self._handle(event)
         finally:
             self._inside -= 1
@@ -293,7 +295,6 @@ class StageRunner:
         event = Event(topic, lease, bus._seq, topic, None)
         sub.published += 1
         self._inline_busy = True
-        self._inline_done.clear()
         try:
             await self._handle(event)
         except Exception as exc:
@@ -305,7 +306,11 @@ class StageRunner:
             return
         finally:
             self._inline_busy = False
-            self._inline_done.set()
+            waiters = self._inline_waiters
+            while waiters:
+                w = waiters.pop()
+                if not w.done():
+                    w.set_result(None)
         sub.delivered += 1
 
     async def _handle(self, event: Event) -> None:
