@@ -53,6 +53,7 @@ def split_real(sample_dir: Path, folder: Path, *, damage: bool = True) -> dict[s
 
 def generated(folder: Path, symbol: str = "SYNUSDT", days: int = 2, n: int = 4000, seed: int = 3) -> list[Path]:
     """Generated trades in Binance's USD-M layout, ``days`` consecutive files."""
+    folder.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(seed)
     total = days * n
     ts = 1_722_470_400_000 + np.cumsum(rng.integers(0, 40, total))

@@ -29,6 +29,11 @@ import numpy as np
 from .. import config
 from ..errors import ConfigError, DataError, PipelineError
 
+
+class InputError(ConfigError):
+    """The set of input files is unusable as a whole (a pattern matches nothing, mixed formats)."""
+
+
 TRACE_POINTS = 200_000
 """About this many trace rows per chain (as ``run`` keeps per run)."""
 
@@ -84,13 +89,13 @@ def expand_inputs(patterns: Sequence[str]) -> list[Path]:
         if glob.has_magic(pattern):
             hits = sorted(p for p in glob.glob(pattern, recursive=True) if not Path(p).is_dir())
             if not hits:
-                raise ConfigError(f"{pattern}: the pattern matches no file")
+                raise InputError(f"{pattern}: the pattern matches no file")
         else:
             hits = [pattern]
         for h in hits:
             out.setdefault(str(Path(h).resolve()), Path(h))
     if not out:
-        raise ConfigError("no input files given")
+        raise InputError("no input files given")
     return list(out.values())
 
 
@@ -151,7 +156,7 @@ def plan(definition: config.PipelineDef, files: Sequence[str | Path], *, format:
             formats.setdefault(info.format, info.path)
     if len(formats) > 1:
         listed = "; ".join(f"{fmt}: {p}" for fmt, p in formats.items())
-        raise ConfigError(f"the input files are of mixed formats ({listed}); a batch replays files of "
+        raise InputError(f"the input files are of mixed formats ({listed}); a batch replays files of "
                           "one format: narrow the glob or run one batch per format")
     by_symbol: dict[str, list[FileInfo]] = {}
     for info in infos:
