@@ -94,7 +94,8 @@ class Stage:
     offload: bool | int = OFFLOAD_MIN_ROWS
 
     def connect(self, upstream: Sequence[Stage]) -> None:
-        """Check, when the pipeline is built, that the stages before this one suit it."""
+        """Check, when the pipeline is built, that the stages before this one suit it
+        (:func:`upstream_column` says what an earlier stage wrote)."""
 
     async def start(self, ctx: StageContext) -> None:
         """Called once before the first batch (reset state, open outputs)."""
@@ -306,3 +307,13 @@ class StageRunner:
             "offloaded_calls": getattr(self.stream, "offloaded", 0),
             **self.metrics.summary(),
         }
+
+
+def upstream_column(upstream: Sequence[Stage], name: str) -> ColumnSpec | None:
+    """The spec of column ``name`` as the last of ``upstream`` that writes it declared it,
+    or None. Stages agree on columns (name, dtype, labels), never on each other's classes."""
+    for stage in reversed(upstream):
+        for spec in stage.writes:
+            if spec.name == name:
+                return spec
+    return None

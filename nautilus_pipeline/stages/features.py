@@ -137,7 +137,8 @@ class FeaturesStage(Stage):
         self.name = name
         self.streams = tuple(streams)
         self.config = config
-        self.writes = (ColumnSpec(FEATURES_COLUMN, np.dtype(np.float64), (len(self.names),), np.nan),)
+        self.writes = (ColumnSpec(FEATURES_COLUMN, np.dtype(np.float64), (len(self.names),), np.nan,
+                                  labels=self.names),)
         index = [available.index(n) for n in self.names]
         self._index = None if index == list(range(len(available))) else np.asarray(index)
         self.table = FeatureTable(config)
