@@ -52,16 +52,25 @@ def run_batch(definition: str | Path, inputs: Sequence[str | Path], out: str | P
     out = Path(out)
     check_out_dir(out, "--out")
     files = expand_inputs([str(i) for i in inputs])
-    chains = plan(d, files, format=format, symbol=symbol, trace_every=trace_every)
-    work = Work(str(d.path), str(out), batch_size=batch_size, format=format, symbol=symbol,
-                log_level=log_level, calibrate=bool(needs_calibration(d)))
     runner = (RayExecutor(workers, address=ray_address) if executor == "ray"
               else LocalExecutor(workers))
+    if isinstance(runner, LocalExecutor):
+        runner.prepare(log_level)
+    try:
+        chains = plan(d, files, format=format, symbol=symbol, trace_every=trace_every)
+    except BaseException:
+        runner.close()
+        raise
+    work = Work(str(d.path), str(out), batch_size=batch_size, format=format, symbol=symbol,
+                log_level=log_level, calibrate=bool(needs_calibration(d)))
     progress = progress or Progress()
     progress.start(sum(len(c.files) for c in chains))
+    t_plan = time.perf_counter()
     outcome = runner.run(work, chains, progress)
     _remove_leftovers(out)
+    t_run = time.perf_counter()
     merged = merge_outputs(out, outcome.results)
+    t_merge = time.perf_counter()
     overheads = {r.job_id: outcome.returned_at[r.job_id] - outcome.submitted_at[r.job_id] - r.wall_s
                  for r in outcome.results if r.job_id in outcome.returned_at and r.job_id in outcome.submitted_at}
     summary = summarise(chains, outcome.results, outcome.failures, merged, meta={
@@ -69,6 +78,7 @@ def run_batch(definition: str | Path, inputs: Sequence[str | Path], out: str | P
         "workers": getattr(runner, "workers", None), "ray_address": ray_address,
         "interrupted": outcome.interrupted, "retries": outcome.retries,
         "executor_startup_s": outcome.startup_s, "wall_s": time.perf_counter() - t0,
+        "plan_s": t_plan - t0, "run_s": t_run - t_plan, "merge_s": t_merge - t_run,
         "code_version": code_version(),
     })
     for job in summary["jobs"]:

@@ -120,6 +120,16 @@ def run_job(work: Work, spec: JobSpec, overrides: dict[str, Any], trace_every: i
                       batch_size=work.batch_size, format=work.format, symbol=work.symbol)
 
 
+def warm_up(log_level: str) -> int:
+    """Imports a job needs (the stages, the readers, numba's cached kernels), done while the
+    driver plans the batch; returns the worker's pid."""
+    _worker_setup(log_level)
+    from .. import app, stages  # noqa: F401
+    from ..io import Replay  # noqa: F401
+
+    return os.getpid()
+
+
 def run_calibration(work: Work, chain: Chain) -> dict[str, Any]:
     _worker_setup(work.log_level)
     return calibrate_chain(work.definition, [f.path for f in chain.files], chain.symbol,
@@ -148,14 +158,27 @@ class LocalExecutor:
     def __init__(self, workers: int | None = None, *, max_retries: int = 2):
         self.workers = workers or os.cpu_count() or 1
         self.max_retries = max_retries
+        self._ready: cf.ProcessPoolExecutor | None = None
+
+    def prepare(self, log_level: str) -> None:
+        """Start the workers now (spawn and imports take seconds), while the batch is planned."""
+        self._ready = self._pool(Work("", "", log_level=log_level))
+        for _ in range(self.workers):
+            self._ready.submit(warm_up, log_level)
 
     def _pool(self, work: Work) -> cf.ProcessPoolExecutor:
         return cf.ProcessPoolExecutor(max_workers=self.workers, mp_context=multiprocessing.get_context("spawn"),
                                       initializer=_pool_init, initargs=(work.log_level,))
 
+    def close(self) -> None:
+        """Stop workers started by :meth:`prepare` that no batch used."""
+        if self._ready is not None:
+            self._ready.shutdown(wait=False, cancel_futures=True)
+            self._ready = None
+
     def run(self, work: Work, chains: list[Chain], progress: Progress) -> Outcome:
         out = Outcome()
-        pool = self._pool(work)
+        pool, self._ready = self._ready or self._pool(work), None
         pending: dict[cf.Future, _Task] = {}
         by_chain: dict[str, list[JobResult]] = {c.key: [] for c in chains}
 
@@ -249,6 +272,9 @@ class RayExecutor:
         self.workers = workers
         self.address = address
         self.max_retries = max_retries
+
+    def close(self) -> None:
+        """Nothing to stop before :meth:`run` (Ray starts there)."""
 
     def _init(self) -> bool:
         try:

@@ -35,35 +35,33 @@ COUNTS = ("read", "delivered", "rejected", "quarantined")
 
 
 def merge_outputs(out: Path, results: Sequence[JobResult]) -> dict[str, dict[str, Any]]:
-    """One dataset per kind of the jobs' Parquet outputs; returns kind → rows and folder."""
-    by_kind: dict[str, list[tuple[tuple[str, int], str]]] = {}
-    for order, res in enumerate(results):
+    """One dataset per kind of the jobs' Parquet outputs; returns kind → rows and folder.
+
+    A chain's jobs are concatenated in chain order; a part already in time order (the usual
+    case: a chain is ordered by first timestamp) is written as it is, otherwise it is sorted
+    (stable) first, so merging costs one read and one write, not a global sort."""
+    by_kind: dict[str, list[tuple[str, str]]] = {}
+    for res in results:
         for kind, path in res.paths.items():
             if kind not in SKIPPED_KINDS:
-                by_kind.setdefault(kind, []).append(((res.job_id, order), path))
+                by_kind.setdefault(kind, []).append((res.job_id, path))
     merged = {}
     for kind, parts in sorted(by_kind.items()):
-        tables = [pq.read_table(p) for _, p in sorted(parts)]
-        tables = [t for t in tables if t.num_rows]
         folder = out / kind
         tmp = out / f".{kind}.merging"
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
         rows = 0
-        if tables:
-            table = pa.concat_tables(tables, promote_options="permissive")
-            keys = [(k, "ascending") for k in ("symbol", "ts_ns") if k in table.column_names]
-            if keys:
-                table = table.take(pc.sort_indices(table, sort_keys=keys))
+        tables = [t for t in (pq.read_table(p) for _, p in sorted(parts)) if t.num_rows]
+        if tables and all("symbol" in t.column_names for t in tables):
+            for sym, table in _by_symbol(tables):
+                rows += table.num_rows
+                (tmp / f"symbol={sym}").mkdir()
+                pq.write_table(table.drop_columns(["symbol"]), tmp / f"symbol={sym}" / "part-0.parquet")
+        elif tables:
+            table = _in_time_order(pa.concat_tables(tables, promote_options="permissive"))
             rows = table.num_rows
-            if "symbol" in table.column_names:
-                symbols = table["symbol"].cast(pa.string())
-                for sym in pc.unique(symbols).to_pylist():
-                    part = table.filter(pc.equal(symbols, sym)).drop_columns(["symbol"])
-                    (tmp / f"symbol={sym}").mkdir()
-                    pq.write_table(part, tmp / f"symbol={sym}" / "part-0.parquet")
-            else:
-                pq.write_table(table, tmp / "part-0.parquet")
+            pq.write_table(table, tmp / "part-0.parquet")
         old = out / f".{kind}.old"
         shutil.rmtree(old, ignore_errors=True)
         if folder.exists():
@@ -72,6 +70,32 @@ def merge_outputs(out: Path, results: Sequence[JobResult]) -> dict[str, dict[str
         shutil.rmtree(old, ignore_errors=True)
         merged[kind] = {"rows": rows, "path": str(folder)}
     return merged
+
+
+def _by_symbol(tables: list[pa.Table]) -> list[tuple[str, pa.Table]]:
+    """(symbol, its rows in time order), symbols sorted; a job's table normally holds one."""
+    groups: dict[str, list[pa.Table]] = {}
+    for t in tables:
+        symbols = t["symbol"].cast(pa.string())
+        names = pc.unique(symbols).to_pylist()
+        if len(names) == 1:
+            groups.setdefault(names[0], []).append(t)
+            continue
+        for name in names:
+            groups.setdefault(name, []).append(t.filter(pc.equal(symbols, name)))
+    return [(name, _in_time_order(pa.concat_tables(groups[name], promote_options="permissive")))
+            for name in sorted(groups)]
+
+
+def _in_time_order(table: pa.Table) -> pa.Table:
+    """``table`` sorted by ``ts_ns`` (stable; as it is when already in order)."""
+    if "ts_ns" not in table.column_names or table.num_rows < 2:
+        return table
+    ts = table["ts_ns"].to_numpy()
+    if (ts[1:] >= ts[:-1]).all():
+        return table
+    keys = [(k, "ascending") for k in ("symbol", "ts_ns") if k in table.column_names]
+    return table.take(pc.sort_indices(table, sort_keys=keys))
 
 
 def summarise(chains: Sequence[Chain], results: Sequence[JobResult], failures: dict[str, str],

@@ -34,6 +34,8 @@ class InputError(ConfigError):
     """The set of input files is unusable as a whole (a pattern matches nothing, mixed formats)."""
 
 
+PLAN_BLOCK_BYTES = 1 << 16
+"""Bytes of a text file read to plan it (its first timestamp, its symbol)."""
 TRACE_POINTS = 200_000
 """About this many trace rows per chain (as ``run`` keeps per run)."""
 
@@ -115,6 +117,10 @@ def inspect_file(definition: config.PipelineDef, path: Path, *, format: str | No
         (src,) = config.make_sources(definition, [str(path)], None, format=format, symbol=symbol)
         fmt = src.resolved_format()
         reader, _ = src.open()
+        options = getattr(reader, "options", None)
+        if dataclasses.is_dataclass(options) and hasattr(options, "block_size"):
+            # the first rows only: a CSV reader's default block is 8 MB, most of a day's file
+            reader.options = dataclasses.replace(options, block_size=PLAN_BLOCK_BYTES)
         name = symbol or getattr(reader, "symbol", None)
         chunks = reader.chunks(4096)
         try:
