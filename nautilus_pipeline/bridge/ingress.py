@@ -92,8 +92,6 @@ class Ingress:
     # --- the fetch loop ----------------------------------------------------------------
     async def run(self, stop: asyncio.Event) -> None:
         """Until ``stop`` is set: fetch what the pool can hold, feed it, ack what is done."""
-        import nats.errors
-
         while not stop.is_set():
             await self._ack_done()
             free = self._slabs - self.pipe.pool.in_use
@@ -106,7 +104,7 @@ class Ingress:
                 continue
             try:
                 msgs = await self.sub.fetch(free, timeout=self.fetch_timeout)
-            except nats.errors.TimeoutError:
+            except TimeoutError:  # nats.errors.TimeoutError, or asyncio's from a late fetch
                 if self.on_idle is not None:
                     await self.on_idle()
                 continue
