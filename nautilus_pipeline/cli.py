@@ -139,6 +139,9 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--trace-every", type=_ranged(int, 0, None, "a number of trades"), default=0,
                      help="keep every Nth trade in trace.parquet for the report (default: about 200k points)")
 
+    from .bridge.cli import add_publish_parser, add_run_arguments  # the NATS bridge's options
+
+    add_run_arguments(run)
     rep = sub.add_parser("report", help="draw price, signals, VPIN, P&L and latencies of a run",
                          epilog=EXAMPLES["report"], formatter_class=fmt)
     rep.add_argument("dir", help="a run's output folder")
@@ -163,6 +166,7 @@ def _parser() -> argparse.ArgumentParser:
                          epilog=EXAMPLES["validate"], formatter_class=fmt)
     val.add_argument("pipelines", nargs="+", metavar="PIPELINE")
     _add_batch_parser(sub, fmt)
+    add_publish_parser(sub, fmt, _format_name)
     return ap
 
 
@@ -173,7 +177,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     configure_logging(getattr(args, "log_format", "auto"), getattr(args, "log_level", "warning"))
     _ERRORS.json = getattr(args, "log_format", "auto") == "json"
     handlers = {"run": cmd_run, "report": cmd_report, "devices": cmd_devices,
-                "inspect": cmd_inspect, "validate": cmd_validate, "batch": cmd_batch}
+                "inspect": cmd_inspect, "validate": cmd_validate, "batch": cmd_batch,
+                "publish": _cmd_publish}
     from .prometheus import MetricsAddressError
 
     try:
@@ -220,6 +225,10 @@ def cmd_run(args: argparse.Namespace) -> int:
     from .io.files import check_file
     from .runtime import run
 
+    if args.nats is None and (args.durable or args.until_idle is not None or args.export is not None):
+        raise UsageError("--durable, --until-idle and --export apply to --nats runs")
+    if args.nats is not None and args.ticks:
+        raise UsageError("--nats consumes a stream instead of files: give --ticks or --nats, not both")
     if (args.format or args.symbol) and not args.ticks:
         raise UsageError(f"--{'format' if args.format else 'symbol'} applies to --ticks files; give --ticks FILE "
                          "(or set it in the definition's [[sources]])")
@@ -241,10 +250,20 @@ def cmd_run(args: argparse.Namespace) -> int:
     previous = {signal.SIGINT: signal.signal(signal.SIGINT, _raise_interrupted),
                 signal.SIGTERM: signal.signal(signal.SIGTERM, _raise_terminated)}
     try:
+        if args.nats is not None:
+            from .bridge.cli import run_live
+
+            return run(run_live(args))
         return run(_run(args))
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
+
+
+def _cmd_publish(args: argparse.Namespace) -> int:
+    from .bridge.cli import cmd_publish
+
+    return cmd_publish(args)
 
 
 def _check_out(out: Path, what: str, error: type[PipelineError]) -> None:

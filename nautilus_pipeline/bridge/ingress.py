@@ -104,7 +104,7 @@ class Ingress:
                 continue
             try:
                 msgs = await self.sub.fetch(free, timeout=self.fetch_timeout)
-            except TimeoutError:  # nats.errors.TimeoutError, or asyncio's when the deadline ran out first
+            except TimeoutError:  # nats.errors.TimeoutError, or asyncio's from a late fetch
                 if self.on_idle is not None:
                     await self.on_idle()
                 continue
