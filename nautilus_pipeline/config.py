@@ -254,6 +254,9 @@ def _stage_def(table: Any, i: int, source: str) -> StageDef:
     if not isinstance(kind, str):
         raise ConfigError(f"{source}: {where}.type must be a string, got {kind!r}")
     cls = stage_class(kind, where, source)
+    for key, moved in getattr(cls, "MOVED_KEYS", {}).items():
+        if key in table:
+            raise ConfigError(f"{source}: {where}.{key} is no longer a key of a {kind!r} stage: {moved}")
     values = take({k: v for k, v in table.items() if k != "type"}, stage_schema(cls), where, source)
     streams = values.pop("streams")
     if not streams or any(not isinstance(x, str) for x in streams):

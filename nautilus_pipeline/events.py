@@ -32,12 +32,16 @@ from .errors import ConfigError
 
 
 class ColumnSpec(NamedTuple):
-    """One named column of a slab: dtype and the per-row shape (``()`` for scalars)."""
+    """One named column of a slab: dtype and the per-row shape (``()`` for scalars).
+
+    ``labels`` names the entries of a per-row vector (the features column's feature names),
+    so a later stage learns what it reads from the column, not from the stage that wrote it."""
 
     name: str
     dtype: np.dtype
     shape: tuple[int, ...] = ()
     fill: float | int = 0
+    labels: tuple[str, ...] = ()
 
 
 KIND_TRADE = 0

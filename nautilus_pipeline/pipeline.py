@@ -496,3 +496,63 @@ class Pipeline:
             "pool": dataclasses.asdict(self.pool.stats()),
             "leaked_leases": [repr(lease) for lease in self.leaked],
         }
+
+    # --- snapshots (see nautilus_pipeline.snapshot) ------------------------------------
+    def _check_boundary(self, what: str) -> None:
+        from .snapshot import SnapshotError
+
+        if not self._started or self._closed:
+            raise SnapshotError(f"pipeline {self.name!r}: {what} needs a running pipeline "
+                                "(inside 'async with pipeline:', before it closes)")
+        flow = self.tick_flow()
+        if self._pending is not None or flow.in_flight:
+            raise SnapshotError(f"pipeline {self.name!r}: {what} at a batch boundary only: "
+                                f"{flow.in_flight} rows in flight; 'await pipeline.drain()' first")
+
+    def _layout(self) -> list[list[str]]:
+        return [[s.name, f"{type(s).__module__}:{type(s).__qualname__}"] for s in self.stages]
+
+    def snapshot(self) -> bytes:
+        """Every stage's state and the symbol table, at a batch boundary (after ``drain()``):
+        a new pipeline of the same definition resumes from it with :meth:`restore` and gives
+        the outputs the uninterrupted run would have given."""
+        from .snapshot import encode, fingerprint
+
+        self._check_boundary("snapshot")
+        stages = {s.name: np.frombuffer(s.snapshot(), dtype=np.uint8) for s in self.stages}
+        return encode("pipeline", fingerprint(self._layout()),
+                      {"symbols": self.symbols.names, "stages": stages},
+                      pipeline=self.name, layout=self._layout())
+
+    def restore(self, data: bytes) -> None:
+        """Restore a :meth:`snapshot` of a pipeline of the same definition, after ``start`` and
+        before the first batch. A snapshot of another definition, version or parameters is a
+        :class:`~nautilus_pipeline.snapshot.SnapshotError` naming what differs."""
+        from .snapshot import SnapshotError, decode
+
+        self._check_boundary("restore")
+        head = decode(data, kind="pipeline", what=f"pipeline {self.name!r}")
+        layout = head.meta.get("layout")
+        if layout != self._layout():
+            theirs = [n for n, _ in layout or []]
+            raise SnapshotError(
+                f"pipeline {self.name!r}: the snapshot is of another pipeline definition "
+                f"({head.meta.get('pipeline')!r}, stages {theirs}; this one "
+                f"{[s.name for s in self.stages]}, or other stage types)")
+        mine, theirs = self.symbols.names, list(head.state["symbols"])
+        common = min(len(mine), len(theirs))
+        if mine[:common] != theirs[:common]:
+            raise SnapshotError(
+                f"pipeline {self.name!r}: symbol ids differ (here {mine}, in the snapshot {theirs}); "
+                "restore before any tick of another symbol is read")
+        for name in theirs[common:]:
+            self.symbols.id_of(name)
+        for stage in self.stages:
+            stage.restore(head.state["stages"][stage.name].tobytes())
+
+    def end_segment(self) -> None:
+        """After a :meth:`snapshot` whose stream goes on in another pipeline: the stages drop
+        what closing would emit early (the open VPIN bar, the trace's last-row mark)."""
+        for stage in self.stages:
+            stage.end_segment()
+

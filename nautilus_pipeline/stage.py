@@ -94,7 +94,8 @@ class Stage:
     offload: bool | int = OFFLOAD_MIN_ROWS
 
     def connect(self, upstream: Sequence[Stage]) -> None:
-        """Check, when the pipeline is built, that the stages before this one suit it."""
+        """Check, when the pipeline is built, that the stages before this one suit it
+        (:func:`upstream_column` says what an earlier stage wrote)."""
 
     async def start(self, ctx: StageContext) -> None:
         """Called once before the first batch (reset state, open outputs)."""
@@ -116,6 +117,49 @@ class Stage:
     def stats(self) -> dict[str, Any]:
         """Stage-specific counters, merged into the runner's stats."""
         return {}
+
+    # --- snapshots (see nautilus_pipeline.snapshot) --------------------------------------
+    def snapshot_state(self) -> Any:
+        """The state carried between batches, as arrays, scalars, containers and this
+        package's dataclasses (what ``restore_state`` takes back). A stage that keeps state
+        defines it; the default refuses, so that no state is silently left behind."""
+        from .snapshot import SnapshotError
+
+        raise SnapshotError(f"stage {self.name!r} ({type(self).__qualname__}) cannot be snapshotted: "
+                            "it defines no snapshot_state()/restore_state()")
+
+    def restore_state(self, state: Any) -> None:
+        """Take back what ``snapshot_state`` returned (called after ``start``)."""
+        from .snapshot import SnapshotError
+
+        raise SnapshotError(f"stage {self.name!r} ({type(self).__qualname__}) cannot be restored: "
+                            "it defines no snapshot_state()/restore_state()")
+
+    def snapshot_params(self) -> Any:
+        """What shapes the stage's numbers (its parameters): a snapshot restores only into a
+        stage with the same ones."""
+        return {}
+
+    def end_segment(self) -> None:
+        """The stream goes on elsewhere from a snapshot just taken (the next file of a chain):
+        drop what ``finish`` would close early (an open bar, a last-row mark), since the next
+        segment carries it on. Called after the snapshot, before the pipeline closes."""
+
+    def snapshot(self) -> bytes:
+        """The stage's state between batches as versioned bytes (see :mod:`..snapshot`)."""
+        from .snapshot import encode, fingerprint
+
+        return encode(f"stage:{type(self).__module__}:{type(self).__qualname__}",
+                      fingerprint(self.snapshot_params()), self.snapshot_state(), name=self.name)
+
+    def restore(self, data: bytes) -> None:
+        """Restore a snapshot of a stage of this type and parameters (after ``start``); another
+        version, type or parameters is a :class:`~nautilus_pipeline.snapshot.SnapshotError`."""
+        from .snapshot import decode, fingerprint
+
+        decoded = decode(data, kind=f"stage:{type(self).__module__}:{type(self).__qualname__}",
+                         params=fingerprint(self.snapshot_params()), what=f"stage {self.name!r}")
+        self.restore_state(decoded.state)
 
 
 @dataclass
@@ -263,3 +307,13 @@ class StageRunner:
             "offloaded_calls": getattr(self.stream, "offloaded", 0),
             **self.metrics.summary(),
         }
+
+
+def upstream_column(upstream: Sequence[Stage], name: str) -> ColumnSpec | None:
+    """The spec of column ``name`` as the last of ``upstream`` that writes it declared it,
+    or None. Stages agree on columns (name, dtype, labels), never on each other's classes."""
+    for stage in reversed(upstream):
+        for spec in stage.writes:
+            if spec.name == name:
+                return spec
+    return None

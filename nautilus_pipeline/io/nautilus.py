@@ -116,6 +116,6 @@ def catalog_files(folder: str | Path) -> list[Path]:
     if root.name in CATALOG_TYPES or root.parent.name in CATALOG_TYPES:
         found = sorted(root.rglob("*.parquet"))
     if not found:
-        raise DataError(f"{root}: is a folder, but no NautilusTrader catalog tick files in it "
+        raise DataError(f"{root} is a folder, but no NautilusTrader catalog tick files in it "
                         f"(looked for {', '.join(CATALOG_TYPES)} under data/); give the files instead")
     return found

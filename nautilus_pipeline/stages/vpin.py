@@ -305,3 +305,18 @@ class VpinStage(Stage):
     def stats(self) -> dict[str, object]:
         return {"buckets": self.buckets, "symbols": len(self.states), "gpu_batches": self.gpu_batches}
 
+    def snapshot_params(self) -> dict[str, object]:
+        return {"bucket_volume": self.bucket_volume, **self.params}
+
+    def snapshot_state(self) -> dict[str, object]:
+        """Each symbol's VPIN state (the open bar and bucket, the window, the CDF history) and
+        the values its next rows carry forward."""
+        return {"states": dict(self.states), "last": {k: v.copy() for k, v in self.last.items()}}
+
+    def restore_state(self, state: dict[str, object]) -> None:
+        self.states = dict(state["states"])
+        self.last = dict(state["last"])
+
+    def end_segment(self) -> None:
+        """The open bar carries on in the next segment: nothing to close at this one's end."""
+        self.states = {}
