@@ -13,6 +13,8 @@ format                 recognised by
 ``json``               the text starts with ``[`` (a JSON array of objects)
 ``tardis_trades``      Tardis ``trades`` header
 ``tardis_quotes``      Tardis ``quotes`` header
+``tardis_book_l2``     Tardis ``incremental_book_L2`` header (book rows)
+``tardis_book_snapshot`` Tardis ``book_snapshot_N`` header (book rows)
 ``truefx``             ``timestamp,bid,ask`` header, or ``PAIR,YYYYMMDD HH:MM:SS.fff,bid,ask``
 ``histdata``           ``YYYYMMDD HHMMSSmmm,bid,ask,volume``
 ``binance_trades``     numeric id, 6-7 fields, ``true``/``false`` in field 6 (header optional)
@@ -47,6 +49,12 @@ from .jsonl import JsonArrayReader, JsonLinesReader
 from .parquet import ParquetReader
 from .table import FieldMap
 from .tardis import QUOTES_HEADER, TRADES_HEADER, tardis_quotes, tardis_trades
+from .tardis_book import (
+    INCREMENTAL_HEADER,
+    snapshot_depth,
+    tardis_book_snapshot,
+    tardis_incremental_book,
+)
 
 _BOOL = {"true", "false"}
 
@@ -82,6 +90,8 @@ READERS: dict[str, Callable[..., TickReader]] = {
     "binance_feed": BinanceFeedReader,
     "tardis_trades": tardis_trades,
     "tardis_quotes": tardis_quotes,
+    "tardis_book_l2": tardis_incremental_book,
+    "tardis_book_snapshot": tardis_book_snapshot,
     "databento": DatabentoReader,
     "parquet": _with_mapping(ParquetReader),
     "jsonl": _with_mapping(JsonLinesReader),
@@ -149,6 +159,10 @@ def detect_format(path: str | Path) -> str:
         return "tardis_trades"
     if tuple(low) == QUOTES_HEADER:
         return "tardis_quotes"
+    if tuple(low) == INCREMENTAL_HEADER:
+        return "tardis_book_l2"
+    if snapshot_depth(fields) is not None:
+        return "tardis_book_snapshot"
     if low[:3] == ["timestamp", "bid", "ask"] or (len(fields) == 4 and re.match(r"^\d{8} \d\d:\d\d:\d\d", fields[1])):
         return "truefx"
     if len(fields) == 4 and re.match(r"^\d{8} \d{9}$", fields[0]):
