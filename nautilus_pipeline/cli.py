@@ -66,6 +66,24 @@ def _ranged(kind: type, lo: float | None = None, hi: float | None = None, what: 
     return parse
 
 
+FORMAT_NAMES = ("arrow", "binance_agg_trades", "binance_feed", "binance_trades", "csv", "databento", "histdata",
+                "json", "jsonl", "parquet", "tardis_book_l2", "tardis_book_snapshot", "tardis_quotes", "tardis_trades",
+                "truefx")
+"""The readers' format names (``io.READERS``; a test keeps the two equal), for ``--help``."""
+MAP_HELP = ("column mapping for generic CSV/Parquet/JSON files: field=column[:option],... e.g. "
+            "ts=time:ms,price=px,size=qty,side=side:buy/sell (pipelines/README.md lists the fields)")
+
+
+def _column_map(text: str) -> dict:
+    from .errors import ConfigError
+    from .io.table import mapping_from_text
+
+    try:
+        return mapping_from_text(text)
+    except ConfigError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
 def _format_name(text: str) -> str:
     from .io import READERS
 
@@ -116,7 +134,9 @@ def _parser() -> argparse.ArgumentParser:
     from .config import MAX_BATCH_SIZE
 
     run.add_argument("--ticks", nargs="+", metavar="FILE", help="replay these files instead of the definition's sources")
-    run.add_argument("--format", type=_format_name, help="reader for the --ticks files (default: detected; see 'inspect')")
+    run.add_argument("--format", type=_format_name, help="reader for the --ticks files (default: detected; see "
+                     f"'inspect'): {', '.join(FORMAT_NAMES)}")
+    run.add_argument("--map", type=_column_map, metavar="FIELD=COL,...", help=MAP_HELP + "; applies to --ticks")
     run.add_argument("--symbol", help="instrument name for single-symbol --ticks files")
     run.add_argument("--order-by", choices=("ts_event", "ts_recv"),
                      help="timestamp every source is replayed by (overrides the definition; default "
@@ -155,7 +175,8 @@ def _parser() -> argparse.ArgumentParser:
     ins = sub.add_parser("inspect", help="format, columns, rows, time span, symbols and bad rows of a tick file",
                          epilog=EXAMPLES["inspect"], formatter_class=fmt)
     ins.add_argument("files", nargs="+", metavar="FILE")
-    ins.add_argument("--format", type=_format_name, help="reader to use (default: detected)")
+    ins.add_argument("--format", type=_format_name, help=f"reader to use (default: detected): {', '.join(FORMAT_NAMES)}")
+    ins.add_argument("--map", type=_column_map, metavar="FIELD=COL,...", help=MAP_HELP)
     ins.add_argument("--symbol", help="instrument name for single-symbol files")
     ins.add_argument("--json", action="store_true", help="one JSON array on stdout, an object per file")
     ins.add_argument("--log-format", choices=("auto", "json", "console"), default="auto",
@@ -229,8 +250,8 @@ def cmd_run(args: argparse.Namespace) -> int:
         raise UsageError("--durable, --until-idle and --export apply to --nats runs")
     if args.nats is not None and args.ticks:
         raise UsageError("--nats consumes a stream instead of files: give --ticks or --nats, not both")
-    if (args.format or args.symbol) and not args.ticks:
-        raise UsageError(f"--{'format' if args.format else 'symbol'} applies to --ticks files; give --ticks FILE "
+    if (args.format or args.symbol or args.map) and not args.ticks:
+        raise UsageError(f"--{'format' if args.format else 'symbol' if args.symbol else 'map'} applies to --ticks files; give --ticks FILE "
                          "(or set it in the definition's [[sources]])")
     if args.out is not None:
         _check_out(Path(args.out), "--out", UsageError)
@@ -295,7 +316,7 @@ async def _run(args: argparse.Namespace) -> int:
 
     from .app import Run
 
-    run = Run(args.pipeline, ticks=args.ticks, format=args.format, symbol=args.symbol,
+    run = Run(args.pipeline, ticks=args.ticks, format=args.format, symbol=args.symbol, mapping=args.map,
               order_by=args.order_by, speed=args.speed, batch_size=args.batch,
               execution=args.execution, out_dir=args.out, trace_every=args.trace_every)
     pipe, replay = run.pipeline, run.replay
@@ -604,7 +625,7 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     results, worst = [], EXIT_OK
     for i, name in enumerate(args.files):
         try:
-            info = _inspect_one(Path(name), args.format, args.symbol)
+            info = _inspect_one(Path(name), args.format, args.symbol, args.map)
         except PipelineError as exc:
             code = _exit_code_of(exc)
             worst = max(worst, code)
@@ -639,7 +660,7 @@ def _print_inspect(info: dict[str, Any]) -> None:
         print(f"{k:<{width}}  {v}")
 
 
-def _inspect_one(path: Path, format: str | None, symbol: str | None) -> dict[str, Any]:
+def _inspect_one(path: Path, format: str | None, symbol: str | None, mapping: dict | None = None) -> dict[str, Any]:
     import numpy as np
 
     from .events import KIND_BOOK, KIND_TRADE, SIDE_BUY, SIDE_SELL, TICK_COLUMNS
@@ -649,7 +670,8 @@ def _inspect_one(path: Path, format: str | None, symbol: str | None) -> dict[str
 
     check_file(path)
     fmt = format or detect_format(path)
-    replay = Replay([Source(path, format=fmt, symbol=symbol, policy="reject")])
+    options = {"mapping": mapping} if mapping else {}
+    replay = Replay([Source(path, format=fmt, symbol=symbol, policy="reject", options=options)])
     rows = trades = buys = sells = book_rows = 0
     books = BookInventory()
     first = last = None
