@@ -195,6 +195,13 @@ class RiskStage(Stage):
             self._backend, self._device = stream.backend, stream.kernel_device
         if self.route == "calibrated" and self._backend != "numpy":
             self._backend, self._device = await stream.run(self._calibrate)
+        if self._backend != "numpy":  # compile var_batch's fused kernel (Triton) before the first batch
+            await stream.run(self._warm_var_reports)
+
+    def _warm_var_reports(self) -> None:
+        gen = new_generator(self._backend, self.seed, self._device)
+        var_reports([VarRequest(1.0, 0.0, np.array([0.0, 1e-3]), gen)], self.var_horizon,
+                    self.var_levels, n_paths=self.var_paths)
 
     def _calibrate(self) -> tuple[str, str | None]:
         """The faster of numpy and the stream's device for one VaR report of this stage."""
