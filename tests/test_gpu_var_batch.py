@@ -222,3 +222,21 @@ def test_chunked_paths_and_a_bad_sigma(backend: str, device: str | None) -> None
 
 def test_no_requests_no_reports() -> None:
     assert var_reports([], 10, LEVELS) == []
+
+
+@pytest.mark.parametrize(("backend", "device"), BACKENDS)
+def test_copies_are_counted_on_a_gpu_only(backend: str, device: str | None) -> None:
+    if backend != "numpy":
+        pytest.importorskip(backend, reason=f"{backend} is not installed")
+    items = _windows(np.random.default_rng(3))
+    gens = {s: new_generator(backend, 4, device, stream=s) for s in range(3)}
+    copies: list[tuple[str, int]] = []
+    var_reports([VarRequest(e, s, w, gens[sym]) for sym, e, s, w in items], 10, LEVELS,
+                n_paths=1000, count_copy=lambda d, n: copies.append((d, n)))
+    if device in ("cuda", "gpu"):
+        item = 4 if backend == "mlx" else 8
+        windows = [int((~np.isnan(w)).sum()) for *_, w in items if (~np.isnan(w)).sum()]
+        meta = 5 * 8 * len(windows) if _uses_fused(backend, device) else 0
+        assert copies == [("h2d", sum(windows) * item + meta), ("d2h", len(items) * len(LEVELS) * item)]
+    else:
+        assert copies == []

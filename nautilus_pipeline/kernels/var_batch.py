@@ -36,7 +36,7 @@ from __future__ import annotations
 import functools
 import math
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -76,10 +76,13 @@ def var_reports(
     n_paths: int = 100_000,
     chunk_elements: int = 1 << 24,
     group_bytes: int = GROUP_BYTES,
+    count_copy: Callable[[str, int], None] | None = None,
 ) -> list[dict[str, np.ndarray]]:
     """``var_report`` of every request, in order, each ``{"parametric", "historical", "mc"}``.
 
     The generators say the backend (all of one kind: those of :func:`~.risk.new_generator`).
+    ``count_copy(direction, nbytes)`` (a pool's :meth:`~nautilus_pipeline.memory.BufferPool.count_copy`)
+    hears of every host↔device copy when the generators are on a GPU.
     """
     if not requests:
         return []
@@ -100,9 +103,24 @@ def var_reports(
     for lo in range(0, len(requests), per_group):
         hi = min(lo + per_group, len(requests))
         picks = _mc_group(requests[lo:hi], sources[lo:hi], horizon, lv, n_paths, chunk_elements)
+        xp = requests[0].generator
+        if count_copy is not None and _on_gpu(xp):
+            # in: the windows (the device's dtype) and, fused, 5 numbers a report; out: the picks
+            item = np.dtype(str(xp.dtype).rsplit(".", 1)[-1]).itemsize
+            boot = [s.shape[0] for s in sources[lo:hi] if s.ndim > 0]
+            meta = 5 * 8 * len(boot) if boot and _fused_kernel(xp) is not None else 0
+            count_copy("h2d", sum(boot) * item + meta)
+            count_copy("d2h", picks.size * item)
         for i in range(lo, hi):
             out[i]["mc"] = picks[i - lo]
     return out
+
+
+def _on_gpu(xp: Any) -> bool:
+    device = getattr(xp, "device", None)
+    if device is not None:  # torch
+        return device.type != "cpu"
+    return getattr(xp, "dtype", None) is not None and xp.stream == xp.mx.gpu  # MLX
 
 
 def report_key(seed: int, count: int) -> int:

@@ -277,8 +277,9 @@ class RiskStage(Stage):
         requests = [self._var_request(key, row, cols, price, feats, var["window"])
                     for key, row, var in events if var is not None]
         # the batch's reports together: on a device one copy in and one out for all of them
-        for var, report in zip(due, var_reports(requests, self.var_horizon, self.var_levels,
-                                                n_paths=self.var_paths), strict=True):
+        reports = var_reports(requests, self.var_horizon, self.var_levels, n_paths=self.var_paths,
+                              count_copy=lease.pool.count_copy)
+        for var, report in zip(due, reports, strict=True):
             var["report"] = report
         return (accounts, intents, returns, trades, last), cols, events
 
