@@ -287,3 +287,22 @@ async def test_quotes_and_trades_travel_on_their_own_subjects(nats_server):
                           state=False) as bridge:
         await bridge.wait_idle(0.3)
     assert gate.rows == int((kind == 1).sum())
+
+
+async def test_a_batch_slower_than_ack_wait_is_not_processed_twice(nats_server):
+    await _publish(nats_server.url, trades_frame(300, seed=6), batch_size=100)
+    gate = _Gate()
+    pipe = Pipeline([gate], batch_size=100, slabs=4, execution="serial")
+    async with NatsBridge(pipe, servers=nats_server.url, ingest="ticks.>", durable="slowack",
+                          state=False, ack_wait_s=0.5) as bridge:
+        for _ in range(300):  # held past ack_wait: the server redelivers what is unacked
+            if bridge.ingress.stats.dropped_redelivered:
+                break
+            await asyncio.sleep(0.01)
+        gate.open.set()
+        await bridge.wait_idle(0.3)
+        st = bridge.ingress.stats
+        assert st.redelivered >= 1 and st.dropped_redelivered == st.redelivered
+        await bridge.nc.flush()
+        assert await _ack_pending(bridge.js, "slowack") == 0
+    assert gate.rows == 300  # each tick once
