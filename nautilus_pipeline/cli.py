@@ -234,7 +234,12 @@ def cmd_run(args: argparse.Namespace) -> int:
         _check_out(Path(args.out), "--out", UsageError)
     for f in args.ticks or ():
         try:
-            check_file(f)
+            if Path(f).is_dir():  # a NautilusTrader catalog folder: its files are checked
+                from .io.nautilus import catalog_files
+
+                catalog_files(f)
+            else:
+                check_file(f)
         except DataError as exc:
             raise DataError(f"--ticks {exc}") from None
     # Until the run is under way (and again after it), a signal stops at once: reading the
@@ -635,14 +640,16 @@ def _print_inspect(info: dict[str, Any]) -> None:
 def _inspect_one(path: Path, format: str | None, symbol: str | None) -> dict[str, Any]:
     import numpy as np
 
-    from .events import KIND_TRADE, SIDE_BUY, SIDE_SELL, TICK_COLUMNS
+    from .events import KIND_BOOK, KIND_TRADE, SIDE_BUY, SIDE_SELL, TICK_COLUMNS
     from .io import Replay, Source, detect_format
+    from .io.books import BookInventory
     from .io.files import check_file
 
     check_file(path)
     fmt = format or detect_format(path)
     replay = Replay([Source(path, format=fmt, symbol=symbol, policy="reject")])
-    rows = trades = buys = sells = 0
+    rows = trades = buys = sells = book_rows = 0
+    books = BookInventory()
     first = last = None
     present: set[str] = set()
     fills = {c.name: c.fill for c in TICK_COLUMNS}
@@ -655,6 +662,8 @@ def _inspect_one(path: Path, format: str | None, symbol: str | None) -> dict[str
         trades += int(is_trade.sum())
         buys += int((is_trade & (block["side"] == SIDE_BUY)).sum())
         sells += int((is_trade & (block["side"] == SIDE_SELL)).sum())
+        book_rows += int((block["kind"] == KIND_BOOK).sum())
+        books.add(block)
         first = int(block["ts_ns"][0]) if first is None else first
         last = int(block["ts_ns"][-1])
         for name, col in block.items():
@@ -678,7 +687,7 @@ def _inspect_one(path: Path, format: str | None, symbol: str | None) -> dict[str
         "rows_read": acct.read,
         "ticks": rows,
         "trades": trades,
-        "quotes": rows - trades,
+        "quotes": rows - trades - book_rows,
         "trade_sides": {"buy": buys, "sell": sells, "unknown": trades - buys - sells},
         "tick_columns_filled": sorted(present | {"ts_ns", "symbol_id", "kind"}),
         "first_ts": iso(first),
@@ -688,6 +697,7 @@ def _inspect_one(path: Path, format: str | None, symbol: str | None) -> dict[str
         "bad_rows": acct.rejected,
         "bad_rows_by_reason": dict(acct.by_reason),
         "lines_ignored": sum(replay.accounting.ignored.values()),
+        **books.summary(replay.accounting),
     }
 
 

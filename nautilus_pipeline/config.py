@@ -414,8 +414,12 @@ def make_sources(definition: PipelineDef, ticks: list[str] | None, out_dir: Path
     else:
         tables = definition.sources
         paths = [resolve_path(t["path"], definition.path.parent) for t in tables]
+    from .io.nautilus import catalog_files  # a NautilusTrader catalog folder: its tick files
+
+    pairs = [(t, f) for t, p in zip(tables, paths, strict=True)
+             for f in (catalog_files(p) if p.is_dir() else [p])]
     out = []
-    for i, (t, p) in enumerate(zip(tables, paths, strict=True)):
+    for i, (t, p) in enumerate(pairs):
         quarantine = t["quarantine"]
         if t["on_bad_row"] == "quarantine" and quarantine is None:
             folder = out_dir or Path(definition.outputs["dir"])

@@ -108,7 +108,7 @@ class Ingress:
                 continue
             try:
                 msgs = await self.sub.fetch(free, timeout=self.fetch_timeout)
-            except TimeoutError:  # nats.errors.TimeoutError, or asyncio's from a late fetch
+            except TimeoutError:  # nats.errors.TimeoutError, or asyncio's when the deadline ran out first
                 if self.on_idle is not None:
                     await self.on_idle()
                 continue

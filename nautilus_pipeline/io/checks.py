@@ -8,6 +8,8 @@ and the first failing check names the row's :class:`~nautilus_pipeline.io.chunk.
    number of fields;
 2. trades: price finite and > 0, size finite and > 0; quotes: bid/ask finite and > 0, sizes
    (where present) finite and >= 0, not crossed (bid > ask; a locked book bid == ask passes);
+   book level deltas (``KIND_BOOK``): side +1/-1 with a finite price > 0 and a finite size
+   >= 0 (0 removes the level), or side 0 (a clear) with a NaN price;
 3. duplicate trade id within a symbol (where ids exist, i.e. ``trade_id >= 0``);
 4. time order within a symbol, on the source's replay clock (``ts_ns`` or ``ts_recv_ns``);
    equal timestamps pass unless ``allow_equal_ts=False``. See "Time order" below.
@@ -57,7 +59,7 @@ import numpy as np
 import orjson
 
 from ..errors import ConfigError, DataError, PipelineError
-from ..events import KIND_QUOTE, KIND_TRADE
+from ..events import KIND_BOOK, KIND_QUOTE, KIND_TRADE
 from .chunk import BadRow, Reason, TickChunk
 
 UNKNOWN_SYMBOL = "<unknown>"
@@ -152,11 +154,15 @@ class Counts:
 
 @dataclass
 class Accounting:
-    """Counts per source, and per symbol within each source; ``ignored`` lines per source."""
+    """Counts per source, and per symbol within each source; ``ignored`` lines per source;
+    ``book_gaps`` per source: sequence gaps a book reader found (and resynchronised after),
+    ``unknown_orders``: MBO cancels/modifies of orders it never saw (no delta made)."""
 
     sources: dict[str, Counts] = field(default_factory=dict)
     symbols: dict[tuple[str, str], Counts] = field(default_factory=dict)
     ignored: collections.Counter[str] = field(default_factory=collections.Counter)
+    book_gaps: collections.Counter[str] = field(default_factory=collections.Counter)
+    unknown_orders: collections.Counter[str] = field(default_factory=collections.Counter)
 
     def _get(self, source: str, symbol: str) -> tuple[Counts, Counts]:
         src = self.sources.setdefault(source, Counts())
@@ -197,6 +203,8 @@ class Accounting:
             "sources": {k: v.as_dict() for k, v in self.sources.items()},
             "symbols": {f"{s}:{y}": v.as_dict() for (s, y), v in self.symbols.items()},
             "ignored": dict(self.ignored),
+            **({"book_gaps": dict(self.book_gaps)} if self.book_gaps else {}),
+            **({"unknown_orders": dict(self.unknown_orders)} if self.unknown_orders else {}),
         }
 
 
@@ -424,6 +432,16 @@ class Validator:
                 for s in (bsz, asz):
                     flag(quote & ~np.isnan(s) & ~(np.isfinite(s) & (s >= 0)), Reason.SIZE_NOT_POSITIVE)
                 flag(quote & (bid > ask), Reason.CROSSED_QUOTE)
+        book = kind == KIND_BOOK
+        if book.any():
+            price, size, side = chunk.column("price"), chunk.column("size"), chunk.column("side")
+            level = book & (side != 0)
+            with np.errstate(invalid="ignore"):
+                flag(book & ~np.isin(side, (-1, 0, 1)), Reason.UNKNOWN_SIDE)
+                flag(book & (side == 0) & ~np.isnan(price), Reason.UNKNOWN_SIDE)
+                flag(level & ~np.isfinite(price), Reason.PRICE_NOT_FINITE)
+                flag(level & (price <= 0), Reason.PRICE_NOT_POSITIVE)
+                flag(level & ~(np.isfinite(size) & (size >= 0)), Reason.SIZE_NOT_POSITIVE)
 
     def _sequence_checks(self, chunk: TickChunk, reason: np.ndarray) -> None:
         codes = chunk.column("symbol_id")

@@ -32,9 +32,10 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from ..errors import ConfigError, DataError
+from ..errors import DataError
 from .chunk import TickChunk
 from .files import check_file
+from .nautilus import fixed_point_to_float, is_fixed_point, precision_of
 from .table import FieldMap, arrays_to_chunk
 
 _ERRORS = (pa.ArrowException, OSError, UnicodeDecodeError, ValueError, KeyError, IndexError, TypeError,
@@ -113,13 +114,14 @@ class ParquetReader:
         missing = [c for c in self.fmap.columns().values() if c not in schema.names]
         if missing:
             raise DataError(f"{self.path}: wrong columns: {missing} not in {schema.names}; fix the column mapping")
-        for fld in ("price", "bid", "ask", "size"):
-            col = self.fmap.columns().get(fld)
-            if col is not None and pa.types.is_fixed_size_binary(types[col]):
-                raise ConfigError(f"{self.path}: column {col!r} is fixed-size binary (Nautilus high-precision); export prices as float64")
+        meta = schema.metadata or {}
+        self._fixed = {fld: precision_of(meta, col) for fld, col in self.fmap.columns().items()
+                       if fld in ("price", "size", "bid", "ask", "bid_size", "ask_size") and is_fixed_point(types[col])}
         if self._file.metadata.num_rows == 0:
             raise DataError(f"{self.path}: the Parquet file has no rows; nothing to replay")
-        self.symbol = symbol if symbol is not None else (None if self.fmap.symbol else Path(path).name.split(".")[0])
+        instrument = meta.get(b"instrument_id", b"").decode("utf-8", "replace") or None
+        self.symbol = symbol if symbol is not None else (
+            None if self.fmap.symbol else instrument or Path(path).name.split(".")[0])
 
     def chunks(self, chunk_rows: int = 65_536) -> Iterator[TickChunk]:
         """Batches of at most ``chunk_rows`` rows, in file order."""
@@ -139,8 +141,9 @@ class ParquetReader:
                     got += n
                     if got > expected:
                         break
-                    arrays = {fld: batch.column(col) for fld, col in fields.items()}
                     batch.validate(full=True)  # corrupt offsets or UTF-8 surface here, not in a kernel
+                    arrays = {fld: (fixed_point_to_float(batch.column(col), self._fixed[fld]) if fld in self._fixed
+                                    else batch.column(col)) for fld, col in fields.items()}
                 except _ERRORS as e:
                     raise DataError(f"{where} cannot be decoded ({type(e).__name__}: {e}); the file is corrupt "
                                     "or truncated: re-download or re-export it") from e
