@@ -85,32 +85,35 @@ class BinanceWebsocketFeed:
         from websockets.exceptions import ConnectionClosed, ConnectionClosedOK
 
         stop = stop or asyncio.Event()
+        loop = asyncio.get_running_loop()
         failures = 0
         acc = _FeedBatch()
-        first_at = 0.0
+        due = 0.0  # when the batch in ``acc`` must leave
         while not stop.is_set():
             try:
                 async with connect(self.url, max_size=1 << 22, compression=None) as ws:
                     while not stop.is_set():
+                        out = None
                         try:
-                            if len(acc):
-                                async with asyncio.timeout(max(0.0, first_at + self.flush_s - time.monotonic())):
+                            # One timer per batch (set at its first tick), not one per frame:
+                            # a timeout context per frame cost as much as parsing the frame.
+                            async with asyncio.timeout(due if len(acc) else None) as deadline:
+                                while out is None and not stop.is_set():
                                     frame = await ws.recv(decode=False)
-                            else:
-                                frame = await ws.recv(decode=False)
-                        except TimeoutError:
-                            for item in self._flush(acc):
-                                yield item
+                                    failures = 0
+                                    empty = not len(acc)
+                                    self._parse(frame, acc)
+                                    if empty and len(acc):
+                                        due = loop.time() + self.flush_s
+                                        deadline.reschedule(due)
+                                    if len(acc) >= self.flush_ticks or (len(acc) and loop.time() >= due):
+                                        out = self._flush(acc)
+                                        acc = _FeedBatch()
+                        except TimeoutError:  # the batch's flush_us ran out before flush_ticks
+                            out = self._flush(acc)
                             acc = _FeedBatch()
-                            continue
-                        failures = 0
-                        if not len(acc):
-                            first_at = time.monotonic()
-                        self._parse(frame, acc)
-                        if len(acc) >= self.flush_ticks or time.monotonic() - first_at >= self.flush_s:
-                            for item in self._flush(acc):
-                                yield item
-                            acc = _FeedBatch()
+                        for item in out or ():
+                            yield item
             except ConnectionClosedOK:
                 if self.end_on_close:
                     break
