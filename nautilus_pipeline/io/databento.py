@@ -98,8 +98,11 @@ def scale_prices(raw: np.ndarray) -> np.ndarray:
 class DatabentoReader:
     """Streams a DBN file of trades, MBP-1/TBBO/BBO/CMBP-1 (quotes), MBP-10 or MBO (book rows)."""
 
-    def __init__(self, path: str | Path, *, symbol: str | None = None, trades: bool = False, block: int = 1 << 20):
+    def __init__(self, path: str | Path, *, symbol: str | None = None, trades: bool = False, block: int = 1 << 20,
+                 fast_mbo: bool = True):
         self.path = str(check_file(path))
+        self.fast_mbo = fast_mbo  # pure MBO files through io/mbo_fast.py (False: the reference path)
+        self._fast: tuple | None = None
         self.symbol = symbol
         self.trades = trades
         self.block = block
@@ -168,6 +171,17 @@ class DatabentoReader:
         undef = dbn.UNDEF_PRICE
         self.ignored = 0
         self.books = None
+        self._fast = None
+        if self.fast_mbo:
+            from .mbo_fast import NotPureMbo, record_blocks
+
+            try:
+                meta, blocks = record_blocks(self.path)
+            except NotPureMbo:
+                pass
+            else:
+                yield from self._fast_chunks(meta, blocks, chunk_rows)
+                return
         self._mbp10: dict[int, np.ndarray] = {}
         for recno, rec in enumerate(self._records(), start=1):
             if isinstance(rec, dbn.MBOMsg):
@@ -211,7 +225,47 @@ class DatabentoReader:
     @property
     def unknown_orders(self) -> int:
         """MBO cancels/modifies of orders never seen (no snapshot before them): no delta."""
+        if self._fast is not None:
+            return int(self._fast[2][1])
         return self.books.unknown_orders if self.books is not None else 0
+
+    def _fast_chunks(self, meta: dbn.Metadata, blocks: Iterator[np.ndarray], chunk_rows: int) -> Iterator[TickChunk]:
+        """Pure MBO files: the numba path of ``io/mbo_fast.py`` (same rows as ``_mbo_rows``)."""
+        from .mbo_fast import mbo_rows, new_state
+
+        self._metadata(meta)
+        self._fast = new_state()
+        base = 0
+        total = 0
+        for block in blocks:
+            out = mbo_rows(block, self._fast, self.trades)
+            self.ignored += int((~out["produced"]).sum())
+            rec = out["rec"]
+            recs = block[rec]
+            kind = out["kind"]
+            ids = recs["instrument_id"].astype(np.int64)
+            uniq = np.unique(ids)
+            names = [self.symbol] if self.symbol else [self._symbols.get(int(i), str(int(i))) for i in uniq]
+            codes = (np.zeros(len(rec), np.uint32) if self.symbol
+                     else np.searchsorted(uniq, ids).astype(np.uint32))
+            recv = np.where(recs["flags"] & F_BAD_TS_RECV, -1, recs["ts_recv"].astype(np.int64))
+            size = out["size"].astype(np.float64)
+            cols = {"ts_ns": recs["ts_event"].astype(np.int64), "ts_recv_ns": recv, "symbol_id": codes,
+                    "kind": kind, "price": scale_prices(out["price"]), "size": size, "side": out["side"],
+                    "trade_id": np.full(len(rec), -1, np.int64)}
+            records = base + rec + 1
+            base += len(block)
+            total += len(rec)
+            for lo in range(0, len(rec), chunk_rows):
+                sl = slice(lo, lo + chunk_rows)
+                part = {k: v[sl] for k, v in cols.items()}
+                sub = recs[sl]
+                yield TickChunk(self.path, part, records[sl], names, one_sided_quotes=True,
+                                field_map={"price": "price", "ts_ns": "ts_event"},
+                                raw=lambda i, b=sub: dict(zip(b.dtype.names, b[i].tolist(), strict=True)))
+        if total == 0:
+            raise DataError(f"{self.path}: no trade, MBP-1, TBBO, BBO, CMBP-1, MBP-10 or MBO records (schema "
+                            f"{self.schema}, {self.ignored} other records); this reader reads those schemas only")
 
     def _mbp10_rows(self, recno: int, rec: dbn.MBP10Msg, rows: list[tuple]) -> None:
         """The changes of one MBP-10 record's top 10 (and its trade, with ``trades``)."""
