@@ -74,7 +74,7 @@ class LobsterReader:
         except ValueError:
             raise ConfigError(f"{self.path}: date {day!r} is not YYYY-MM-DD") from None
         epoch_days = (midnight - Date(1970, 1, 1)).days
-        self.midnight_ns = epoch_days * 86_400 * 10**9 - int(round(utc_offset_hours * 3600)) * 10**9
+        self.midnight_ns = epoch_days * 86_400 * 10**9 - round(utc_offset_hours * 3600) * 10**9
         ob = Path(orderbook) if orderbook else Path(self.path).with_name(
             re.sub("message", "orderbook", Path(self.path).name, count=1, flags=re.I))
         self.orderbook = str(ob) if ob.is_file() and ob != Path(self.path) else None
