@@ -259,14 +259,15 @@ class RiskStage(Stage):
                     after = before + trade_rows.size
                     due = np.arange((before // self.var_every + 1) * self.var_every, after + 1,
                                     self.var_every) - before - 1
+                    # each report's window: the last var_window returns up to its trade, as
+                    # views of one array (return_window's result, without a copy per report)
                     window = returns.get(key, np.zeros(0))
-                    r = feats[trade_rows, self._ret_col]
-                    start = 0
-                    for i in due:
-                        window = return_window(window, r[start : i + 1], self.var_window)
-                        start = i + 1
-                        events.append((key, int(trade_rows[i]), {"window": window}))
-                    returns[key] = return_window(window, r[start:], self.var_window)
+                    ext = return_window(window, feats[trade_rows, self._ret_col], window.shape[0]
+                                        + trade_rows.size)
+                    ends = (due + 1 + window.shape[0]).tolist()
+                    for row, end in zip(trade_rows[due].tolist(), ends, strict=True):
+                        events.append((key, row, {"window": ext[max(end - self.var_window, 0) : end]}))
+                    returns[key] = return_window(ext, ext[:0], self.var_window)
                     trades[key] = after
             carry = last.get(key, np.array([0.0, np.nan, np.nan, np.nan, 0.0, 0.0]))
             filled = ffill_rows(values, is_trade, carry)
