@@ -212,7 +212,7 @@ class RiskStage(Stage):
                        seed=self.seed, backend=b, device=d)
 
             once()  # warm-up: generators, kernels, handles
-            t0 = time.perf_counter()  # one call: the two differ ~100x at the paths that matter
+            t0 = time.perf_counter()  # one timed call each: the start counts in a run's wall time
             once()
             timed[(backend, device)] = time.perf_counter() - t0
         best = min(timed, key=timed.__getitem__)
