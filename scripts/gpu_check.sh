@@ -119,7 +119,7 @@ if want pipeline; then
   sed -E -e 's/^streams = \[.*/streams = ["cpu"]/' -e 's/^memory = .*/memory = "host"/' \
     pipelines/gpu.toml > /tmp/gpu_on_cpu.toml
   ticks=(--format binance_trades --symbol BTCUSDT-PERP --no-progress --log-level warning)
-  for b in 4096 65536; do
+  for b in ${SIZES_10M-4096 65536}; do  # SIZES_10M="": none (the profile section times them)
     echo "== pipelines/gpu.toml, 10M generated trades, --batch $b"
     timeout 150 python3 -m nautilus_pipeline.cli run pipelines/gpu.toml --ticks /tmp/trades10m.csv \
       "${ticks[@]}" --batch $b --out /tmp/g10m-$b 2>&1 | tail -n 32
