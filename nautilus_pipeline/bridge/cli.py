@@ -179,7 +179,8 @@ async def run_live(args: argparse.Namespace) -> int:
     wall = time.perf_counter() - t0
     flow = pipe.tick_flow()
     summary = {"pipeline": run.name, "nats": args.nats, "durable": args.durable, "wall_s": wall,
-               "ticks": {"processed": flow.ticks_out, "failed_in_stages": flow.ticks_failed},
+               "ticks": {"processed": flow.ticks_out, "failed_in_stages": flow.ticks_failed,
+                         "bad_messages": (bridge.stats().get("ingress") or {}).get("bad_messages", 0)},
                "bridge": bridge.stats(), "stages": pipe.stats()["stages"],
                "outputs": dict(sink.counts) if sink is not None else {}}
     write_atomic(run.out_dir / "summary.json",
@@ -190,4 +191,8 @@ async def run_live(args: argparse.Namespace) -> int:
           f"outputs in {Path(run.out_dir)}", file=sys.stderr)
     if got:
         return 143 if got[0] == signal.SIGTERM else 130
+    if summary["ticks"]["bad_messages"]:  # messages refused as unreadable: bad data, exit 4
+        print(f"{run.name}: {summary['ticks']['bad_messages']} messages were not tick batches this "
+              "pipeline can read (logged as bad_tick_message; terminated, not redelivered)", file=sys.stderr)
+        return 4
     return 5 if flow.ticks_failed else 0
