@@ -132,6 +132,10 @@ async def run_live(args: argparse.Namespace) -> int:
     run = Run(args.pipeline, out_dir=args.out, trace_every=args.trace_every,
               **{k: v for k, v in _nats_pipe_settings(args).items() if v is not None})
     pipe, sink = run.pipeline, run.sink
+    if any(sd.values.get("bucket_volume") == "auto" for sd in run.definition.stages):
+        print(f"warning: {run.name}: bucket_volume = \"auto\" was worked out from the definition's own "
+              "files, not from the stream; symbols that they do not hold have no bucket volume. Give "
+              "a number or a table per symbol for live runs.", file=sys.stderr)
     stop = asyncio.Event()
     got: list[int] = []
     loop = asyncio.get_running_loop()
