@@ -61,7 +61,7 @@ import dataclasses
 import sys
 import threading
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
@@ -190,6 +190,7 @@ class Pipeline:
         self._started = False
         self._closed = False
         self.leaked: list[Lease] = []
+        self._ingest_gate: Any = None
 
     def _check_columns(self) -> None:
         available = set(TICK_COLUMN_NAMES)
@@ -380,28 +381,27 @@ class Pipeline:
         finally:
             lease.release(holder)
 
-    async def ingest(self, columns: Mapping[str, np.ndarray], *, symbol: str | None = None) -> int:
-        """Copy a struct of arrays (tick column name → array) into slabs and publish them.
+    async def ingest(self, columns: Any, *, symbol: str | None = None, policy: str = "fail",
+                     quarantine: str | None = None) -> int:
+        """Copy ticks into slabs and publish them: a struct of arrays (tick column name → array)
+        or a pandas, polars or pyarrow table with those column names.
 
         Missing columns take their defaults (``side`` 0, ``trade_id`` −1, NaN quotes).
         ``symbol`` names the instrument of every row (its ``symbol_id`` from the pipeline's
-        symbol table); without it, ``symbol_id`` must be given or defaults to 0.
-        Returns the number of rows published.
+        symbol table); without it, ``symbol_id`` must be given or defaults to 0. The rows go
+        through the readers' checks (``io/frames.py``) under ``policy`` (``fail`` raises a
+        ``DataError`` naming the row; ``reject``/``quarantine`` drop and count them in
+        ``ingest_accounting``). Returns the number of rows published.
         """
         self._check_running()
-        if symbol is not None:
-            sid = self.symbols.id_of(symbol)
-            columns = {**columns, "symbol_id": np.full(len(columns["ts_ns"]), sid, dtype=np.uint32)}
+        sid = None if symbol is None else self.symbols.id_of(symbol)
+        if self._ingest_gate is None:
+            from .io.frames import IngestGate
+
+            self._ingest_gate = IngestGate(self.symbols)
+        columns = self._ingest_gate.admit(columns, symbol_id=sid, policy=policy, quarantine=quarantine)
         await self.flush()
-        unknown = set(columns) - set(TICK_COLUMN_NAMES)
-        if unknown:
-            raise ConfigError(f"ingest: unknown tick columns {sorted(unknown)}; use {TICK_COLUMN_NAMES}")
-        if "ts_ns" not in columns:
-            raise ConfigError("ingest: the ts_ns column is required")
         n = len(columns["ts_ns"])
-        lengths = {name: len(col) for name, col in columns.items()}
-        if len(set(lengths.values())) > 1:
-            raise ConfigError(f"ingest: columns differ in length: {lengths}")
         for start in range(0, n, self.batch_size):
             stop = min(start + self.batch_size, n)
             lease = await self.pool.acquire("ingress")
@@ -491,6 +491,11 @@ class Pipeline:
                     raise
 
     # --- introspection -----------------------------------------------------------------
+    @property
+    def ingest_accounting(self) -> Any:
+        """Rows given to :meth:`ingest`: read = delivered + rejected + quarantined (None before any)."""
+        return None if self._ingest_gate is None else self._ingest_gate.accounting
+
     def tick_flow(self) -> TickFlow:
         """The tick accounting now (see :class:`TickFlow`)."""
         sink_rows = self.runners[-1].metrics.rows if self.runners else 0
