@@ -330,12 +330,13 @@ class RiskStage(Stage):
 
     async def process(self, lease: Lease, stream: ComputeStream, ctx: StageContext) -> None:
         state, cols, signal_cols, events = await stream.run(self._compute, lease)
+        slab, n = lease.columns, lease.length  # one liveness check for the 11 writes
         for j, c in enumerate(RISK_COLUMNS):
-            lease[c][...] = cols[:, j]
-        lease["kill"][...] = cols[:, 4]
-        lease["breach"][...] = cols[:, 5]
+            slab[c][:n] = cols[:, j]
+        slab["kill"][:n] = cols[:, 4]
+        slab["breach"][:n] = cols[:, 5]
         for spec, values in zip(SIGNAL_COLUMNS, signal_cols, strict=True):
-            lease[spec.name][...] = values
+            slab[spec.name][:n] = values
         self.accounts, self.intents, self.signals, self.returns, self.trades, self.last = state
         for key, row, var in events:
             await self._publish(lease, stream, ctx, key, row, var)
