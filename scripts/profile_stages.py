@@ -7,7 +7,11 @@ kernels, its publishing). Printed: per-stage p50 and min in µs, then, for each 
 in ``--profile``, the top cProfile entries by own time (cProfile inflates small calls;
 read the ranking, not the absolute numbers). Beside them: the framework's own cost per
 live tick, ``publish_tick`` with ``batch_size=1`` through one stage that does nothing,
-and ``publish_tick`` into a micro-batch (no flush).
+and ``publish_tick`` into a micro-batch (no flush). ``--live N``: also the full default chain
+fed N ticks one at a time with ``batch_size=1`` (paced at 1,000/s, then at the maximum
+rate): ``publish_tick`` → last stage p50/p99 and each stage's batch p50 from the runners'
+histograms inside that chain. Run it with ``PYTHONPATH`` at two checkouts, one after the
+other, to compare them on a busy machine.
 
 Run: ``python scripts/profile_stages.py [--rows 1 4096] [--reps 300] [--profile risk]``.
 """
@@ -15,6 +19,7 @@ Run: ``python scripts/profile_stages.py [--rows 1 4096] [--reps 300] [--profile 
 from __future__ import annotations
 
 import argparse
+import asyncio
 import cProfile
 import io
 import pathlib
@@ -101,6 +106,32 @@ async def framework_cost(ticks: int = 4000):
     return out
 
 
+async def live_chain(n: int, paced: bool):
+    from bench_pipeline import live_definition
+
+    from nautilus_pipeline import config
+    from nautilus_pipeline.events import TradeTick
+
+    d = config.load(live_definition(pathlib.Path(tempfile.mkdtemp(prefix="profile_stages-"))))
+    pipe = config.build_pipeline(d, config.build_stages(d, []), batch_size=1)
+    rng = np.random.default_rng(1)
+    prices = 100.0 * np.exp(np.cumsum(rng.normal(0.0, 1e-4, n)))
+    tape = [TradeTick("BTCUSDT-PERP", i, float(prices[i]), 0.01, 1 if i % 2 else -1)
+            for i in range(n)]
+    lat = np.zeros(n)
+    async with pipe:
+        for i, tick in enumerate(tape):
+            t = time.perf_counter_ns()
+            await pipe.publish_tick(tick)  # idle pipeline, batch_size=1: the chain runs inline
+            await pipe.drain()
+            lat[i] = (time.perf_counter_ns() - t) / 1e3
+            if paced:
+                await asyncio.sleep(0.001)
+        stages = {r.stage.name: r.metrics.latency.summary() for r in pipe.runners}
+    us = lat[n // 10:]
+    return float(np.percentile(us, 50)), float(np.percentile(us, 99)), stages
+
+
 def main() -> None:
     from nautilus_pipeline.machine import describe
     from nautilus_pipeline.runtime import configure_logging, run
@@ -109,6 +140,7 @@ def main() -> None:
     ap.add_argument("--rows", type=int, nargs="*", default=[1, 4096])
     ap.add_argument("--reps", type=int, default=300)
     ap.add_argument("--profile", nargs="*", default=[], help="stages to cProfile (e.g. risk)")
+    ap.add_argument("--live", type=int, default=0, help="ticks through the live chain (0: skip)")
     args = ap.parse_args()
     configure_logging(level="error")
     print(f"machine: {describe()}")
@@ -130,6 +162,12 @@ def main() -> None:
     print("\nframework per live tick, µs (median of 5 runs of 4,000 ticks)")
     for label, us in run(framework_cost()).items():
         print(f"{label:<46} {us:>8.2f}")
+    if args.live:
+        print(f"\nlive: full default chain, batch_size=1, {args.live:,} ticks, publish → drained, µs")
+        for paced in (True, False):
+            p50, p99, stages = run(live_chain(args.live, paced))
+            per = " ".join(f"{k} {v['p50_us']:.0f}" for k, v in stages.items())
+            print(f"{'1,000/s' if paced else 'max':>8}  p50 {p50:8.1f}  p99 {p99:8.1f}   stage p50: {per}")
 
 
 if __name__ == "__main__":
