@@ -14,7 +14,12 @@ then), ``batch_size`` rows, or ``max_delay_us`` after the first row, whichever c
 A tick published into an idle pipeline so goes out at once. The first version waited for
 a loop timer instead: loop timers run on a 1 ms grid, so every deadline from 500 to
 2,000 µs became ~1.1 ms of latency (issue 9's measurements); ``max_delay_us`` is now only
-the upper bound for a producer that publishes a long burst without yielding.
+the upper bound for a producer that publishes a long burst without yielding. A flushed
+micro-batch of at most ``INLINE_CHAIN_MAX_ROWS`` rows goes into an idle first stage
+without a queue hop, and on from stage to stage the same way (the inline hand-off, see
+:mod:`nautilus_pipeline.stage`): a tick into an idle pipeline with ``batch_size=1`` is
+through the whole chain when ``publish_tick`` returns. A batch that is full at once does
+not wake the batcher task at all.
 
 Execution. Each stage consumes its own bounded queue in its own task, so batch k+1 can be
 in stage i while batch k is in stage i+1. With ``execution="concurrent"`` (the default) a

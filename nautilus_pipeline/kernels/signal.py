@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import enum
 import math
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import ClassVar, Literal
 
 import numpy as np
@@ -191,8 +191,8 @@ def signal_update(
     )
     new = state
     if n:
-        new = replace(state, last_prob=last_prob, last_side=int(last_side),
-                      last_target=last_target)
+        # positional, not dataclasses.replace (~3 µs, twice per risk batch: live ticks pay it)
+        new = SignalState(prm, last_prob, int(last_side), last_target)
     return new, {
         "side": side,
         "strength": strength,

@@ -250,21 +250,20 @@ class RiskStage(Stage):
         trades, last = dict(self.trades), dict(self.last)
         events: list[tuple[int, int, dict[str, np.ndarray] | None]] = []
         for key, rows in symbol_groups(sym):
-            trade_rows = rows[kind[rows] == KIND_TRADE]
+            is_trade = kind[rows] == KIND_TRADE
+            trade_rows = rows[is_trade]
             acct = accounts.get(key) or new_risk_state(self.limits)
             intent = intents.get(key) or new_signal_state(self.rule)
             values = np.full((rows.shape[0], 6), np.nan)
-            is_trade = kind[rows] == KIND_TRADE
             if trade_rows.size:
+                p_trades, tox_trades = prob[trade_rows], toxic[trade_rows].astype(bool)
                 intent, plan = signal_update(
-                    intent, prob[trade_rows], toxic[trade_rows].astype(bool),
-                    np.zeros(trade_rows.size, dtype=bool),
+                    intent, p_trades, tox_trades, np.zeros(trade_rows.size, dtype=bool),
                 )
                 acct, out = risk_update(acct, ts[trade_rows], price[trade_rows], plan["target"])
                 # the final signals: the rule again, with the kill switch as of each row
                 final = signals.get(key) or new_signal_state(self.rule)
-                final, sig = signal_update(final, prob[trade_rows], toxic[trade_rows].astype(bool),
-                                           out["kill"].astype(bool))
+                final, sig = signal_update(final, p_trades, tox_trades, out["kill"])
                 signals[key] = final
                 sig_side[trade_rows] = sig["side"]
                 sig_strength[trade_rows] = sig["strength"]
@@ -331,12 +330,13 @@ class RiskStage(Stage):
 
     async def process(self, lease: Lease, stream: ComputeStream, ctx: StageContext) -> None:
         state, cols, signal_cols, events = await stream.run(self._compute, lease)
+        slab, n = lease.columns, lease.length  # one liveness check for the 11 writes
         for j, c in enumerate(RISK_COLUMNS):
-            lease[c][...] = cols[:, j]
-        lease["kill"][...] = cols[:, 4]
-        lease["breach"][...] = cols[:, 5]
+            slab[c][:n] = cols[:, j]
+        slab["kill"][:n] = cols[:, 4]
+        slab["breach"][:n] = cols[:, 5]
         for spec, values in zip(SIGNAL_COLUMNS, signal_cols, strict=True):
-            lease[spec.name][...] = values
+            slab[spec.name][:n] = values
         self.accounts, self.intents, self.signals, self.returns, self.trades, self.last = state
         for key, row, var in events:
             await self._publish(lease, stream, ctx, key, row, var)

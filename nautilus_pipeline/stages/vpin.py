@@ -273,9 +273,10 @@ class VpinStage(Stage):
 
     async def process(self, lease: Lease, stream: ComputeStream, ctx: StageContext) -> None:
         new_states, outputs, cols, last = await stream.run(self._compute, lease, ctx)
-        lease["vpin"][...] = cols[:, 0]
-        lease["vpin_cdf"][...] = cols[:, 1]
-        lease["toxic"][...] = cols[:, 2]
+        slab, n = lease.columns, lease.length
+        slab["vpin"][:n] = cols[:, 0]
+        slab["vpin_cdf"][:n] = cols[:, 1]
+        slab["toxic"][:n] = cols[:, 2]
         self.states, self.last = new_states, last
         for key, out in outputs.items():
             await self._publish(ctx, key, out)
