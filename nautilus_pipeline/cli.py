@@ -66,6 +66,24 @@ def _ranged(kind: type, lo: float | None = None, hi: float | None = None, what: 
     return parse
 
 
+FORMAT_NAMES = ("arrow", "binance_agg_trades", "binance_feed", "binance_trades", "csv", "databento", "histdata",
+                "json", "jsonl", "parquet", "tardis_book_l2", "tardis_book_snapshot", "tardis_quotes", "tardis_trades",
+                "truefx")
+"""The readers' format names (``io.READERS``; a test keeps the two equal), for ``--help``."""
+MAP_HELP = ("column mapping for generic CSV/Parquet/JSON files: field=column[:option],... e.g. "
+            "ts=time:ms,price=px,size=qty,side=side:buy/sell (pipelines/README.md lists the fields)")
+
+
+def _column_map(text: str) -> dict:
+    from .errors import ConfigError
+    from .io.table import mapping_from_text
+
+    try:
+        return mapping_from_text(text)
+    except ConfigError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
 def _format_name(text: str) -> str:
     from .io import READERS
 
@@ -116,7 +134,9 @@ def _parser() -> argparse.ArgumentParser:
     from .config import MAX_BATCH_SIZE
 
     run.add_argument("--ticks", nargs="+", metavar="FILE", help="replay these files instead of the definition's sources")
-    run.add_argument("--format", type=_format_name, help="reader for the --ticks files (default: detected; see 'inspect')")
+    run.add_argument("--format", type=_format_name, help="reader for the --ticks files (default: detected; see "
+                     f"'inspect'): {', '.join(FORMAT_NAMES)}")
+    run.add_argument("--map", type=_column_map, metavar="FIELD=COL,...", help=MAP_HELP + "; applies to --ticks")
     run.add_argument("--symbol", help="instrument name for single-symbol --ticks files")
     run.add_argument("--order-by", choices=("ts_event", "ts_recv"),
                      help="timestamp every source is replayed by (overrides the definition; default "
@@ -139,6 +159,9 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--trace-every", type=_ranged(int, 0, None, "a number of trades"), default=0,
                      help="keep every Nth trade in trace.parquet for the report (default: about 200k points)")
 
+    from .bridge.cli import add_publish_parser, add_run_arguments  # the NATS bridge's options
+
+    add_run_arguments(run)
     rep = sub.add_parser("report", help="draw price, signals, VPIN, P&L and latencies of a run",
                          epilog=EXAMPLES["report"], formatter_class=fmt)
     rep.add_argument("dir", help="a run's output folder")
@@ -152,7 +175,8 @@ def _parser() -> argparse.ArgumentParser:
     ins = sub.add_parser("inspect", help="format, columns, rows, time span, symbols and bad rows of a tick file",
                          epilog=EXAMPLES["inspect"], formatter_class=fmt)
     ins.add_argument("files", nargs="+", metavar="FILE")
-    ins.add_argument("--format", type=_format_name, help="reader to use (default: detected)")
+    ins.add_argument("--format", type=_format_name, help=f"reader to use (default: detected): {', '.join(FORMAT_NAMES)}")
+    ins.add_argument("--map", type=_column_map, metavar="FIELD=COL,...", help=MAP_HELP)
     ins.add_argument("--symbol", help="instrument name for single-symbol files")
     ins.add_argument("--json", action="store_true", help="one JSON array on stdout, an object per file")
     ins.add_argument("--log-format", choices=("auto", "json", "console"), default="auto",
@@ -163,6 +187,7 @@ def _parser() -> argparse.ArgumentParser:
                          epilog=EXAMPLES["validate"], formatter_class=fmt)
     val.add_argument("pipelines", nargs="+", metavar="PIPELINE")
     _add_batch_parser(sub, fmt)
+    add_publish_parser(sub, fmt, _format_name)
     return ap
 
 
@@ -173,7 +198,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     configure_logging(getattr(args, "log_format", "auto"), getattr(args, "log_level", "warning"))
     _ERRORS.json = getattr(args, "log_format", "auto") == "json"
     handlers = {"run": cmd_run, "report": cmd_report, "devices": cmd_devices,
-                "inspect": cmd_inspect, "validate": cmd_validate, "batch": cmd_batch}
+                "inspect": cmd_inspect, "validate": cmd_validate, "batch": cmd_batch,
+                "publish": _cmd_publish}
     from .prometheus import MetricsAddressError
 
     try:
@@ -220,14 +246,23 @@ def cmd_run(args: argparse.Namespace) -> int:
     from .io.files import check_file
     from .runtime import run
 
-    if (args.format or args.symbol) and not args.ticks:
-        raise UsageError(f"--{'format' if args.format else 'symbol'} applies to --ticks files; give --ticks FILE "
+    if args.nats is None and (args.durable or args.until_idle is not None or args.export is not None):
+        raise UsageError("--durable, --until-idle and --export apply to --nats runs")
+    if args.nats is not None and args.ticks:
+        raise UsageError("--nats consumes a stream instead of files: give --ticks or --nats, not both")
+    if (args.format or args.symbol or args.map) and not args.ticks:
+        raise UsageError(f"--{'format' if args.format else 'symbol' if args.symbol else 'map'} applies to --ticks files; give --ticks FILE "
                          "(or set it in the definition's [[sources]])")
     if args.out is not None:
         _check_out(Path(args.out), "--out", UsageError)
     for f in args.ticks or ():
         try:
-            check_file(f)
+            if Path(f).is_dir():  # a NautilusTrader catalog folder: its files are checked
+                from .io.nautilus import catalog_files
+
+                catalog_files(f)
+            else:
+                check_file(f)
         except DataError as exc:
             raise DataError(f"--ticks {exc}") from None
     # Until the run is under way (and again after it), a signal stops at once: reading the
@@ -236,10 +271,20 @@ def cmd_run(args: argparse.Namespace) -> int:
     previous = {signal.SIGINT: signal.signal(signal.SIGINT, _raise_interrupted),
                 signal.SIGTERM: signal.signal(signal.SIGTERM, _raise_terminated)}
     try:
+        if args.nats is not None:
+            from .bridge.cli import run_live
+
+            return run(run_live(args))
         return run(_run(args))
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
+
+
+def _cmd_publish(args: argparse.Namespace) -> int:
+    from .bridge.cli import cmd_publish
+
+    return cmd_publish(args)
 
 
 def _check_out(out: Path, what: str, error: type[PipelineError]) -> None:
@@ -271,7 +316,7 @@ async def _run(args: argparse.Namespace) -> int:
 
     from .app import Run
 
-    run = Run(args.pipeline, ticks=args.ticks, format=args.format, symbol=args.symbol,
+    run = Run(args.pipeline, ticks=args.ticks, format=args.format, symbol=args.symbol, mapping=args.map,
               order_by=args.order_by, speed=args.speed, batch_size=args.batch,
               execution=args.execution, out_dir=args.out, trace_every=args.trace_every)
     pipe, replay = run.pipeline, run.replay
@@ -580,7 +625,7 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     results, worst = [], EXIT_OK
     for i, name in enumerate(args.files):
         try:
-            info = _inspect_one(Path(name), args.format, args.symbol)
+            info = _inspect_one(Path(name), args.format, args.symbol, args.map)
         except PipelineError as exc:
             code = _exit_code_of(exc)
             worst = max(worst, code)
@@ -615,17 +660,20 @@ def _print_inspect(info: dict[str, Any]) -> None:
         print(f"{k:<{width}}  {v}")
 
 
-def _inspect_one(path: Path, format: str | None, symbol: str | None) -> dict[str, Any]:
+def _inspect_one(path: Path, format: str | None, symbol: str | None, mapping: dict | None = None) -> dict[str, Any]:
     import numpy as np
 
-    from .events import KIND_TRADE, SIDE_BUY, SIDE_SELL, TICK_COLUMNS
+    from .events import KIND_BOOK, KIND_TRADE, SIDE_BUY, SIDE_SELL, TICK_COLUMNS
     from .io import Replay, Source, detect_format
+    from .io.books import BookInventory
     from .io.files import check_file
 
     check_file(path)
     fmt = format or detect_format(path)
-    replay = Replay([Source(path, format=fmt, symbol=symbol, policy="reject")])
-    rows = trades = buys = sells = 0
+    options = {"mapping": mapping} if mapping else {}
+    replay = Replay([Source(path, format=fmt, symbol=symbol, policy="reject", options=options)])
+    rows = trades = buys = sells = book_rows = 0
+    books = BookInventory()
     first = last = None
     present: set[str] = set()
     fills = {c.name: c.fill for c in TICK_COLUMNS}
@@ -638,6 +686,8 @@ def _inspect_one(path: Path, format: str | None, symbol: str | None) -> dict[str
         trades += int(is_trade.sum())
         buys += int((is_trade & (block["side"] == SIDE_BUY)).sum())
         sells += int((is_trade & (block["side"] == SIDE_SELL)).sum())
+        book_rows += int((block["kind"] == KIND_BOOK).sum())
+        books.add(block)
         first = int(block["ts_ns"][0]) if first is None else first
         last = int(block["ts_ns"][-1])
         for name, col in block.items():
@@ -661,7 +711,7 @@ def _inspect_one(path: Path, format: str | None, symbol: str | None) -> dict[str
         "rows_read": acct.read,
         "ticks": rows,
         "trades": trades,
-        "quotes": rows - trades,
+        "quotes": rows - trades - book_rows,
         "trade_sides": {"buy": buys, "sell": sells, "unknown": trades - buys - sells},
         "tick_columns_filled": sorted(present | {"ts_ns", "symbol_id", "kind"}),
         "first_ts": iso(first),
@@ -671,6 +721,7 @@ def _inspect_one(path: Path, format: str | None, symbol: str | None) -> dict[str
         "bad_rows": acct.rejected,
         "bad_rows_by_reason": dict(acct.by_reason),
         "lines_ignored": sum(replay.accounting.ignored.values()),
+        **books.summary(replay.accounting),
     }
 
 

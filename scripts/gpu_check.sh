@@ -11,6 +11,9 @@
 #   2) carry [".mlx-b", ...]:             bash scripts/gpu_check.sh [all|tests,pipeline,engine,bench]
 #
 # "gputests" runs only the GPU and MLX tests (by name), e.g. "gputests,pipeline" in one call.
+# "profile": scripts/profile_pipeline.py on 10M generated trades through pipelines/gpu.toml at
+# each of PROFILE_BATCHES (phases, stages' busy time, pool), then one sampled run at
+# SAMPLE_BATCH; BEFORE=/path/of/another/checkout runs that checkout's package first, same file.
 #
 # Without the MLX halves step 2 runs everything else and says that MLX was not carried.
 # (From a helper's worktree: copy it into the session checkout's ignored .gpuwt/, carry
@@ -21,8 +24,11 @@ what=${1:-all}
 want() { [ "$what" = all ] || [[ ",$what," == *",$1,"* ]]; }
 out=${OUT:-gpu_out}
 mkdir -p "$out"
-root=$PWD  # where .whl/.mlx-a/.mlx-b are: here, or the checkout above a copied .gpuwt/
-[ -d .whl ] || [ -d .mlx-b ] || [ -d .mlx-a ] || root=$(cd .. && pwd)
+# where .whl/.mlx-a/.mlx-b are: here, or the checkout above a copied .gpuwt/ (or .gpuwt/NAME/)
+root=$PWD
+for up in . .. ../..; do
+  if [ -d "$up/.whl" ] || [ -d "$up/.mlx-b" ] || [ -d "$up/.mlx-a" ]; then root=$(cd "$up" && pwd); break; fi
+done
 export PYTHONUNBUFFERED=1 PYTHONPATH="/tmp/mlx/site:/tmp/site:$PWD${PYTHONPATH:+:$PYTHONPATH}"
 
 install_wheels() {
@@ -148,6 +154,27 @@ for b in [int(x) for x in os.environ["SIZES_1M"].split()]:
                 print(f"  {col}: identical {all(same)} ({len(same) - sum(same)} rows differ)")
 PY
   } 2>&1 | tee "$out/pipeline_1m_gpu_vs_cpu.txt" | grep -E "ticks/s|==|vs CPU|identical False"
+fi
+if want profile; then
+  [ -f /tmp/trades10m.csv ] || python3 scripts/make_synthetic_trades.py --rows 10000000 --out /tmp/trades10m.csv | tail -n 1
+  pargs=(--ticks /tmp/trades10m.csv --format binance_trades --symbol BTCUSDT-PERP)
+  {
+    if [ -n "${BEFORE:-}" ]; then
+      for b in ${PROFILE_BATCHES:-65536}; do
+        echo "== before: the package at $BEFORE ($(git -C "$BEFORE" log --oneline -1 2>/dev/null | cut -c1-60)), --batch $b"
+        PYTHONPATH="/tmp/site:$BEFORE" timeout 150 python3 scripts/profile_pipeline.py "$BEFORE/pipelines/gpu.toml" \
+          "${pargs[@]}" --batch "$b" --no-sample --out "/tmp/p-before-$b"
+      done
+    fi
+    for b in ${PROFILE_BATCHES:-65536 262144}; do
+      echo "== this tree, --batch $b"
+      timeout 150 python3 scripts/profile_pipeline.py pipelines/gpu.toml "${pargs[@]}" --batch "$b" \
+        --no-sample --out "/tmp/p-$b"
+    done
+    b=${SAMPLE_BATCH:-65536}
+    echo "== this tree, --batch $b, every thread sampled every 2 ms"
+    timeout 150 python3 scripts/profile_pipeline.py pipelines/gpu.toml "${pargs[@]}" --batch "$b" --out "/tmp/p-s-$b"
+  } 2>&1 | tee "$out/profile_10m.txt"
 fi
 if want engine; then
   # the execution engine on the host's cores: serial beside concurrent, offload table, live

@@ -374,6 +374,8 @@ class _Torch:
         # MPS has no float64
         self.dtype = torch.float32 if self.device.type == "mps" else torch.float64
         self.gen = torch.Generator(device=self.device).manual_seed(seed)
+        self.seed = seed  # and a report counter: var_batch's fused kernel derives per-report keys
+        self.reports = 0
 
     def normal(self, shape: tuple[int, int]) -> Any:
         return self.torch.randn(shape, generator=self.gen, device=self.device, dtype=self.dtype)
@@ -487,14 +489,8 @@ def mc_var(
     if backend not in _BACKENDS:
         raise ConfigError(f"mc_var: backend must be one of {sorted(_BACKENDS)}, got {backend!r}")
     xp = generator if generator is not None else new_generator(backend, seed, device)
-    rs = np.asarray(returns_or_sigma, dtype=np.float64)
+    rs = check_mc_source(returns_or_sigma)
     bootstrap = rs.ndim > 0
-    if bootstrap:
-        rs = rs[~np.isnan(rs)]
-        if rs.size == 0:
-            raise DataError("mc_var: no non-NaN returns to bootstrap from")
-    elif not (math.isfinite(float(rs)) and float(rs) >= 0.0):
-        raise DataError(f"mc_var: sigma must be finite and >= 0, got {float(rs)}")
     k = _quantile_index(lv, n_paths)
     if isinstance(xp, McSampler):
         if bootstrap:
@@ -503,21 +499,43 @@ def mc_var(
             losses = xp.normal(float(rs), horizon, n_paths, position)
         losses.partition(k)
         return losses[k]
-    if bootstrap:
-        r_dev = xp.asarray(rs)
+    with xp.scope():  # MLX: every op on the device asked for, not the default one
+        r_dev = xp.asarray(rs) if bootstrap else None
+        parts = device_losses(xp, r_dev, float(rs) if not bootstrap else 0.0, position,
+                              horizon, n_paths, chunk_elements)
+        return xp.order_stats(parts, k)
+
+
+def check_mc_source(returns_or_sigma: float | np.ndarray) -> np.ndarray:
+    """The non-NaN returns to bootstrap from (1-d), or the checked σ (0-d), as :func:`mc_var` takes them."""
+    rs = np.asarray(returns_or_sigma, dtype=np.float64)
+    if rs.ndim > 0:
+        rs = rs[~np.isnan(rs)]
+        if rs.size == 0:
+            raise DataError("mc_var: no non-NaN returns to bootstrap from")
+    elif not (math.isfinite(float(rs)) and float(rs) >= 0.0):
+        raise DataError(f"mc_var: sigma must be finite and >= 0, got {float(rs)}")
+    return rs
+
+
+def device_losses(xp: Any, r_dev: Any, sigma: float, position: float, horizon: int,
+                  n_paths: int, chunk_elements: int = 1 << 24) -> list[Any]:
+    """The ``n_paths`` path losses on a device backend (``_Torch``/``_Mlx``), in chunks:
+    bootstrapped from ``r_dev`` (a device array) when given, else normal with ``sigma``.
+    Launches only (nothing synchronises): :mod:`.var_batch` runs many reports this way and
+    brings their quantiles back in one copy."""
     rows = max(1, chunk_elements // horizon)
     parts = []
     done = 0
-    with xp.scope():  # MLX: every op on the device asked for, not the default one
-        while done < n_paths:
-            c = min(rows, n_paths - done)
-            steps = xp.bootstrap(r_dev, (c, horizon)) if bootstrap else xp.normal((c, horizon))
-            total = steps.sum(axis=1)
-            if not bootstrap:
-                total = total * float(rs)
-            parts.append(-float(position) * total)
-            done += c
-        return xp.order_stats(parts, k)
+    while done < n_paths:
+        c = min(rows, n_paths - done)
+        steps = xp.bootstrap(r_dev, (c, horizon)) if r_dev is not None else xp.normal((c, horizon))
+        total = steps.sum(axis=1)
+        if r_dev is None:
+            total = total * sigma
+        parts.append(-float(position) * total)
+        done += c
+    return parts
 
 
 def new_generator(backend: str = "numpy", seed: int = 0, device: str | None = None,

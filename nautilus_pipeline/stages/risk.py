@@ -51,10 +51,10 @@ from ..kernels.risk import (
     new_risk_state,
     return_window,
     risk_update,
-    var_report,
 )
 from ..kernels.rows import ffill_rows, symbol_groups
 from ..kernels.signal import SignalParams, SignalState, new_signal_state, signal_update
+from ..kernels.var_batch import VarRequest, var_reports
 from ..memory import Lease
 from ..params import param
 from ..stage import Stage, StageContext, upstream_column
@@ -208,6 +208,13 @@ class RiskStage(Stage):
             self._backend, self._device = stream.backend, stream.kernel_device
         if self.route == "calibrated" and self._backend != "numpy":
             self._backend, self._device = await stream.run(self._calibrate)
+        if self._backend != "numpy":  # compile var_batch's fused kernel (Triton) before the first batch
+            await stream.run(self._warm_var_reports)
+
+    def _warm_var_reports(self) -> None:
+        gen = new_generator(self._backend, self.seed, self._device)
+        var_reports([VarRequest(1.0, 0.0, np.array([0.0, 1e-3]), gen)], self.var_horizon,
+                    self.var_levels, n_paths=self.var_paths)
 
     def _calibrate(self) -> tuple[str, str | None]:
         """The faster of numpy and the stream's device for one VaR report of this stage."""
@@ -295,15 +302,20 @@ class RiskStage(Stage):
             cols[rows] = filled
             last[key] = filled[-1].copy()
             accounts[key], intents[key] = acct, intent
-        for key, row, var in events:
-            if var is not None:
-                var["report"] = self._var_report(key, row, cols, price, feats, var["window"])
+        due = [var for _, _, var in events if var is not None]
+        requests = [self._var_request(key, row, cols, price, feats, var["window"])
+                    for key, row, var in events if var is not None]
+        # the batch's reports together: on a device one copy in and one out for all of them
+        reports = var_reports(requests, self.var_horizon, self.var_levels, n_paths=self.var_paths,
+                              count_copy=lease.pool.count_copy)
+        for var, report in zip(due, reports, strict=True):
+            var["report"] = report
         signal_cols = (sig_side, sig_strength, sig_target, sig_reasons, sig_emit)
         return (accounts, intents, signals, returns, trades, last), cols, signal_cols, events
 
-    def _var_report(self, key, row, cols, price, feats, window) -> dict[str, np.ndarray]:
-        """The VaR report of one symbol at one row, run here on the stage's stream (off the
-        loop for a large batch): parametric, historical and Monte Carlo."""
+    def _var_request(self, key, row, cols, price, feats, window) -> VarRequest:
+        """What the VaR report of one symbol at one row needs (parametric, historical and
+        Monte Carlo, run on the stage's stream: off the loop for a large batch)."""
         exposure = float(cols[row, 0]) * float(price[row])
         sigma = float(feats[row, self._vol_col])
         if not math.isfinite(sigma):
@@ -315,11 +327,7 @@ class RiskStage(Stage):
             gen = self.generators[key] = new_generator(
                 self._backend, self.seed, self._device, stream=key
             )
-        return var_report(
-            exposure, sigma, window, self.var_horizon, self.var_levels,
-            n_paths=self.var_paths, seed=self.seed, backend=self._backend, device=self._device,
-            generator=gen,
-        )
+        return VarRequest(exposure, sigma, window, gen)
 
     async def process(self, lease: Lease, stream: ComputeStream, ctx: StageContext) -> None:
         state, cols, signal_cols, events = await stream.run(self._compute, lease)
