@@ -297,13 +297,13 @@ class RayExecutor:
             return False
         kwargs: dict[str, Any] = {"include_dashboard": False, "log_to_driver": False,
                                   "configure_logging": False}
-        if self.address:
+        if self.address:  # the cluster's workers must have nautilus_pipeline installed
             ray.init(address=self.address, **kwargs)
         else:
-            root = str(Path(__file__).resolve().parents[2])
-            path = os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH")) if p)
-            ray.init(num_cpus=self.workers or os.cpu_count(), runtime_env={"env_vars": {"PYTHONPATH": path}},
-                     **kwargs)
+            # A local Ray's workers inherit this process's environment (PYTHONPATH included);
+            # a runtime_env with env_vars would do the same, and starts a runtime-env agent
+            # that made ray.init seconds slower on the dev VM.
+            ray.init(num_cpus=self.workers or os.cpu_count(), **kwargs)
         return True
 
     def run(self, work: Work, chains: list[Chain], progress: Progress) -> Outcome:
