@@ -7,7 +7,10 @@ Starts its own ``nats-server -js`` (temporary store, free port) and measures, in
    pull consumer, acked and decoded: ticks/s each way;
 2. **one-tick hop**: one 1-tick batch at a time, publish → durable pull consumer (a fetch
    waiting at the server), p50/p99 µs over ``--hops`` messages;
-3. **pipeline**: the default pipeline fed (a) in-process by ``Pipeline.ingest`` of the
+3. **websocket source**: the bundled Binance capture served by a local replay server in
+   another process (``bridge/ws_replay.py``, as fast as the client takes it) into
+   ``BinanceWebsocketFeed`` (websockets client, parsing, gap checks, micro-batching): frames/s;
+4. **pipeline**: the default pipeline fed (a) in-process by ``Pipeline.ingest`` of the
    batches and (b) through ``NatsBridge`` from the stream another process filled, each run
    ending when the last tick is through the last stage; alternating a/b ``--repeat`` times;
    ticks/s and the ratio b/a (medians).
@@ -120,6 +123,49 @@ async def one_tick_hops(url: str, hops: int) -> list[float]:
     return out
 
 
+WS_SERVER = """
+import asyncio, sys
+from nautilus_pipeline.bridge.ws_replay import CaptureReplayServer
+
+async def main(path):
+    async with CaptureReplayServer(path) as server:
+        print(server.url, flush=True)
+        await asyncio.sleep(3600)
+
+asyncio.run(main(sys.argv[1]))
+"""
+
+
+async def websocket_feed_rate(raw: bool = False) -> tuple[int, float]:
+    """(frames, s) for the bundled capture through the websocket source (``raw``: the bare
+    websockets client, receiving only), the server in another process."""
+    from websockets.asyncio.client import connect
+
+    from nautilus_pipeline.bridge.websocket_feed import BinanceWebsocketFeed
+
+    capture = REPO / "nautilus_pipeline" / "data" / "binance-feed-spot-ethusdt_20240808.jsonl.gz"
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    proc = await asyncio.create_subprocess_exec(sys.executable, "-c", WS_SERVER, str(capture), env=env,
+                                                stdout=asyncio.subprocess.PIPE)
+    try:
+        url = (await proc.stdout.readline()).decode().strip()
+        if raw:
+            n = 0
+            t0 = time.perf_counter()
+            async with connect(url, compression=None, max_size=1 << 22) as ws:
+                async for _ in ws:
+                    n += 1
+            return n, time.perf_counter() - t0
+        feed = BinanceWebsocketFeed(url, end_on_close=True)
+        t0 = time.perf_counter()
+        async for _ in feed.batches():
+            pass
+        return feed.stats.frames, time.perf_counter() - t0
+    finally:
+        proc.kill()
+        await proc.wait()
+
+
 def default_pipeline():
     from nautilus_pipeline import Run
 
@@ -175,6 +221,13 @@ async def main(args: argparse.Namespace) -> None:
         print(f"| one-tick hop publish → durable consumer ({args.hops} hops) | p50 µs | p99 µs |")
         print("|---|---:|---:|")
         print(f"| loopback | {pct(hops, 50):.1f} | {pct(hops, 99):.1f} |\n")
+
+        raw_frames, raw_s = await websocket_feed_rate(raw=True)
+        frames, ws_s = await websocket_feed_rate()
+        print("| websocket, bundled capture, server in another process | frames | frames/s |")
+        print("|---|---:|---:|")
+        print(f"| websockets client alone (receive) | {raw_frames:,} | {raw_frames / raw_s:,.0f} |")
+        print(f"| BinanceWebsocketFeed: + parse, gap checks, micro-batches | {frames:,} | {frames / ws_s:,.0f} |\n")
 
         frame = trades_frame(n, seed=7)
         await in_process(trades_frame(BATCH * 4, seed=1))  # warm-up: numba caches, imports
