@@ -20,7 +20,8 @@ copies. What users import is listed here; everything else is internal.
 
 Modules for more: ``nautilus_pipeline.stages`` (the built-in stages and their ``Params``),
 ``.testing`` (pytest fixtures), ``.topics`` (every published topic), ``.params`` (a stage's
-parameters as a dataclass), ``.io`` (readers), ``.config`` (definitions).
+parameters as a dataclass), ``.io`` (readers), ``.config`` (definitions), ``.batch``
+(sharded batch replays: ``run_batch``, ``replay_job``), ``.snapshot`` (stage state as bytes).
 """
 
 from .app import Run, Summary, TickCounts

@@ -98,6 +98,42 @@ def sequential_child(defn: str, out: str, files: list[str]) -> None:
     print(orjson.dumps({"ticks": ticks, "wall_s": time.perf_counter() - t0}).decode())
 
 
+def control_child(defn: str, out: str, file: str, start_at: float) -> None:
+    """Run in a child process: one file through ``replay_job``, started at ``start_at`` (so
+    that N children replay at the same time); prints its job time."""
+    import nautilus_pipeline as nt
+    from nautilus_pipeline.batch import replay_job
+
+    nt.configure_logging(level="warning")
+    import pyarrow
+
+    pyarrow.set_cpu_count(1)
+    sample = ROOT / "nautilus_pipeline" / "data" / "binance-um-btcusdt-trades-20240808.csv"
+    replay_job(defn, [sample], out + "-warm", None, trace_every=1)  # load the kernels first
+    time.sleep(max(0.0, start_at - time.time()))
+    t0 = time.perf_counter()
+    res = replay_job(defn, [file], out, None, trace_every=1)
+    print(orjson.dumps({"ticks": res.ticks["read"], "job_s": time.perf_counter() - t0}).decode())
+
+
+def control(defn: Path, work: Path, files: list[Path], counts: list[int]) -> None:
+    """N independent processes, each one job on its own file, all at once: how the machine
+    itself scales (no pool, no scheduling, no merge), beside the batch rows."""
+    print()
+    print("| independent processes at once | mean job s | ticks/s together | vs 1 process |")
+    print("|---:|---:|---:|---:|")
+    base = None
+    for n in counts:
+        start_at = time.time() + 25.0  # after every child's imports and warm-up
+        procs = [subprocess.Popen([sys.executable, __file__, "--control-child", str(defn),
+                                   str(work / f"ctl-{n}-{i}"), str(files[i % len(files)]), str(start_at)],
+                                  stdout=subprocess.PIPE, text=True) for i in range(n)]
+        results = [orjson.loads(p.communicate()[0].strip().splitlines()[-1]) for p in procs]
+        rate = sum(r["ticks"] for r in results) / max(r["job_s"] for r in results)
+        base = base or rate
+        print(f"| {n} | {np.mean([r['job_s'] for r in results]):.2f} | {rate:,.0f} | {rate / base:.2f}x |")
+
+
 def merged_digest(out: Path) -> dict[str, int]:
     """Rows per merged kind, and a digest of the signals in (symbol, ts) order."""
     digest = {}
@@ -119,8 +155,15 @@ def main() -> None:
     ap.add_argument("--ray", action="store_true", help="also on a local Ray (largest --workers)")
     ap.add_argument("--no-sequential", action="store_true")
     ap.add_argument("--dir", help="work folder (default: a temporary one)")
+    ap.add_argument("--control", type=int, nargs="+", metavar="N",
+                    help="only: N independent one-job processes at once, for each N (machine scaling)")
     ap.add_argument("--sequential-child", nargs="+", help=argparse.SUPPRESS)
+    ap.add_argument("--control-child", nargs=4, help=argparse.SUPPRESS)
     args = ap.parse_args()
+    if args.control_child:
+        defn, out, file, start_at = args.control_child
+        control_child(defn, out, file, float(start_at))
+        return
     if args.sequential_child:
         defn, out, *files = args.sequential_child
         sequential_child(defn, out, files)
@@ -138,6 +181,9 @@ def main() -> None:
     print(f"machine: {describe()}; {os.cpu_count()} cores")
     print(f"input: {args.symbols} symbols x {args.days} days x {args.trades:,} trades = "
           f"{len(files) * args.trades:,} trades in {len(files)} files (generated in {time.perf_counter() - t0:.1f} s)")
+    if args.control:
+        control(defn, work, files, args.control)
+        return
     rows = []
     if not args.no_sequential:
         t = time.perf_counter()
@@ -162,7 +208,9 @@ def main() -> None:
         rows.append({"config": f"{executor} --workers {n}", "n": n, "wall": wall, "ticks": s["totals"]["read"],
                      "jobs": len(jobs), "overhead": (wall * slots - busy) / len(jobs), "job_s": busy / len(jobs),
                      "startup": s["executor_startup_s"] if executor == "ray" else None,
-                     "plan": s["plan_s"], "merge": s["merge_s"]})
+                     "plan": s["plan_s"], "merge": s["merge_s"],
+                     "setup": float(np.median([j["wall_s"] - j["run_s"] for j in jobs])),
+                     "transfer": float(np.median([j["overhead_s"] for j in jobs if j["overhead_s"] is not None]))})
         digests[(executor, n)] = merged_digest(out)
     same = len({tuple(sorted(d.items())) for d in digests.values()}) <= 1
     base = next((r for r in rows if r["config"].startswith("local") and r["n"] == 1), None)
@@ -183,7 +231,9 @@ def main() -> None:
     print(f"merged outputs identical across the batch runs: {'yes' if same else 'NO'}")
     for r in rows:
         if "plan" in r:
-            print(f"  {r['config']}: plan {r['plan']:.2f} s, merge {r['merge']:.2f} s")
+            print(f"  {r['config']}: plan {r['plan']:.2f} s, merge {r['merge']:.2f} s; per job (median): "
+                  f"set-up in the worker {r['setup']:.3f} s, submit-to-result minus job time {r['transfer']:.3f} s "
+                  "(includes waiting for a free worker or for the chain's previous job)")
 
 
 if __name__ == "__main__":

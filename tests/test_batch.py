@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import gzip
 import os
+import re
 import signal
 import threading
 import time
@@ -20,7 +21,7 @@ import pytest
 import nautilus_pipeline as nt
 from nautilus_pipeline.batch import expand_inputs, plan, replay_job, run_batch
 from nautilus_pipeline.batch.job import TMP_MARK
-from nautilus_pipeline.config import load
+from nautilus_pipeline.config import find_definition, load
 
 KINDS = ("signals", "vpin", "risk", "trace")
 BTC_HEADER = "id,price,qty,quote_qty,time,is_buyer_maker"
@@ -98,6 +99,7 @@ def assert_merged_equals_sequential(out: Path, report, groups: dict[str, list[Pa
     assert set(refs) <= set(report.summary["outputs"])
     for kind, tables in refs.items():
         merged = pq.read_table(out / kind)
+        merged = merged.filter(pc.is_in(merged["symbol"].cast(pa.string()), pa.array(sorted(groups))))
         want = pa.concat_tables(tables, promote_options="permissive")
         assert merged.num_rows == want.num_rows, kind
         assert sorted_rows(merged) == sorted_rows(want), kind
@@ -256,3 +258,26 @@ def test_a_symbol_with_a_slash_is_one_uri_encoded_partition(tmp_path):
     assert sorted(p.name for p in (tmp_path / "out" / "signals").iterdir()) == ["symbol=EUR%2FUSD", "symbol=USDJPY"]
     table = ds.dataset(tmp_path / "out" / "signals", partitioning="hive").to_table()
     assert sorted(set(table["symbol"].to_pylist())) == ["EUR/USD", "USDJPY"]
+
+
+def test_a_file_that_breaks_mid_chain_fails_its_symbol_after_the_files_before_it(sample_dir, tmp_path):
+    groups = split_real(sample_dir, tmp_path / "in", damage=False)
+    middle = groups["BTCUSDT"][1]  # the chain's second file, by time
+    cut = tmp_path / "in" / (middle.name + ".gz")
+    packed = gzip.compress(middle.read_bytes())
+    cut.write_bytes(packed[: len(packed) // 2])  # its first rows read, then the stream ends short
+    middle.unlink()
+    out = tmp_path / "out"
+    definition = tmp_path / "fixed.toml"  # no 'auto' volume: its calibration would read the file first
+    definition.write_text(re.sub(r'bucket_volume = "auto".*', "bucket_volume = 20.0",
+                                 find_definition("default").read_text()))
+    report = run_batch(str(definition), [str(tmp_path / "in" / "*")], out, workers=2)
+    s = report.summary
+    assert report.exit_code == 4
+    assert s["failed"][0]["symbol"] == "BTCUSDT" and str(cut) in s["failed"][0]["error"]
+    statuses = [s["files"][str(p)]["status"] for p in (groups["BTCUSDT"][0], cut, groups["BTCUSDT"][2])]
+    assert statuses == ["done", "failed", "not_run"]
+    assert {c["symbol"]: c["status"] for c in s["chains"]} == {"BTCUSDT": "failed", "ETHUSDT": "done"}
+    assert_accounting_closes(s)
+    assert pq.read_table(out / "trace" / "symbol=BTCUSDT").num_rows == s["files"][str(groups["BTCUSDT"][0])]["delivered"]
+    assert_merged_equals_sequential(out, report, {"ETHUSDT": groups["ETHUSDT"]}, tmp_path, str(definition))

@@ -83,3 +83,21 @@ def test_ctrl_c_stops_the_jobs_and_merges_what_finished(tmp_path):
     assert {f["status"] for f in summary["files"].values()} == {"done", "not_run"}
     assert pq.read_table(out / "trace").num_rows == sum(f["delivered"] for f in done)
     assert_accounting_closes(summary)
+
+
+def test_the_progress_bar_counts_jobs_ticks_and_failed_symbols():
+    import io
+
+    from rich.console import Console
+
+    from nautilus_pipeline.batch.job import JobResult
+    from nautilus_pipeline.cli import _BatchProgress
+
+    text = io.StringIO()
+    with _BatchProgress(Console(file=text, force_terminal=True, width=120), True) as bar:
+        bar.start(3)
+        bar.job_done(JobResult("A/0000", ("a.csv",), "o", {}, {}, {"read": 1234}, {}, b""))
+        bar.chain_failed("B", "DataError: b.csv: cut short", 2)
+        bar.bar.refresh()
+        assert bar.bar.tasks[0].completed == 3 and bar.bar.tasks[0].total == 3
+    assert "1,234 ticks" in text.getvalue() and "1 failed" in text.getvalue()

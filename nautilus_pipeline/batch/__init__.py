@@ -14,6 +14,7 @@ dying), 130 interrupted (what finished is merged and summarised).
 
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -22,7 +23,15 @@ from typing import Any
 
 from .. import config
 from ..app import check_out_dir, code_version
-from .executors import EXECUTORS, LocalExecutor, Outcome, Progress, RayExecutor, Work
+from .executors import (
+    EXECUTORS,
+    LocalExecutor,
+    Outcome,
+    Progress,
+    RayExecutor,
+    Work,
+    threads_per_worker,
+)
 from .job import JobResult, replay_job
 from .merge import merge_outputs, summarise, write_summary
 from .plan import Chain, JobSpec, calibrate_chain, expand_inputs, needs_calibration, plan
@@ -62,7 +71,8 @@ def run_batch(definition: str | Path, inputs: Sequence[str | Path], out: str | P
         runner.close()
         raise
     work = Work(str(d.path), str(out), batch_size=batch_size, format=format, symbol=symbol,
-                log_level=log_level, calibrate=bool(needs_calibration(d)))
+                log_level=log_level, calibrate=bool(needs_calibration(d)),
+                threads=threads_per_worker(workers or os.cpu_count() or 1))
     progress = progress or Progress()
     progress.start(sum(len(c.files) for c in chains))
     t_plan = time.perf_counter()

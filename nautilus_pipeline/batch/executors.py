@@ -52,6 +52,7 @@ class Work:
     symbol: str | None = None
     log_level: str = "warning"
     calibrate: bool = False
+    threads: int = 1  # pyarrow threads per worker: the machine's cores / workers
 
     def job_dir(self, spec: JobSpec) -> str:
         safe = spec.chain.replace(os.sep, "_").replace("/", "_")
@@ -97,33 +98,43 @@ class Progress:
 _CONFIGURED = False
 
 
-def _worker_setup(log_level: str) -> None:
+def _worker_setup(log_level: str, threads: int) -> None:
+    """Once per worker process: JSON logs on stderr, and pyarrow's thread pool cut to this
+    worker's share of the cores (by default each process would start one thread per core
+    for its CSV parsing: N workers, N × cores threads)."""
     global _CONFIGURED
     if not _CONFIGURED:
+        import pyarrow
+
         from ..runtime import configure_logging
 
         configure_logging("json", log_level)
+        pyarrow.set_cpu_count(max(1, threads))
         _CONFIGURED = True
 
 
-def _pool_init(log_level: str) -> None:
+def threads_per_worker(workers: int) -> int:
+    return max(1, (os.cpu_count() or 1) // max(1, workers))
+
+
+def _pool_init(log_level: str, threads: int) -> None:
     """Process pool workers leave SIGINT to the driver (it cancels and keeps what finished)."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    _worker_setup(log_level)
+    _worker_setup(log_level, threads)
 
 
 def run_job(work: Work, spec: JobSpec, overrides: dict[str, Any], trace_every: int,
             state: bytes | None) -> JobResult:
-    _worker_setup(work.log_level)
+    _worker_setup(work.log_level, work.threads)
     return replay_job(work.definition, spec.files, work.job_dir(spec), state, job_id=spec.job_id,
                       last=spec.last, overrides=overrides, trace_every=trace_every,
                       batch_size=work.batch_size, format=work.format, symbol=work.symbol)
 
 
-def warm_up(log_level: str) -> int:
-    """Imports a job needs (the stages, the readers, numba's cached kernels), done while the
-    driver plans the batch; returns the worker's pid."""
-    _worker_setup(log_level)
+def warm_up(log_level: str, threads: int) -> int:
+    """Imports a job needs (the stages, the readers), done while the driver plans the batch;
+    returns the worker's pid."""
+    _worker_setup(log_level, threads)
     from .. import app, stages  # noqa: F401
     from ..io import Replay  # noqa: F401
 
@@ -131,7 +142,7 @@ def warm_up(log_level: str) -> int:
 
 
 def run_calibration(work: Work, chain: Chain) -> dict[str, Any]:
-    _worker_setup(work.log_level)
+    _worker_setup(work.log_level, work.threads)
     return calibrate_chain(work.definition, [f.path for f in chain.files], chain.symbol,
                            format=work.format)
 
@@ -162,13 +173,14 @@ class LocalExecutor:
 
     def prepare(self, log_level: str) -> None:
         """Start the workers now (spawn and imports take seconds), while the batch is planned."""
-        self._ready = self._pool(Work("", "", log_level=log_level))
+        threads = threads_per_worker(self.workers)
+        self._ready = self._pool(Work("", "", log_level=log_level, threads=threads))
         for _ in range(self.workers):
-            self._ready.submit(warm_up, log_level)
+            self._ready.submit(warm_up, log_level, threads)
 
     def _pool(self, work: Work) -> cf.ProcessPoolExecutor:
         return cf.ProcessPoolExecutor(max_workers=self.workers, mp_context=multiprocessing.get_context("spawn"),
-                                      initializer=_pool_init, initargs=(work.log_level,))
+                                      initializer=_pool_init, initargs=(work.log_level, work.threads))
 
     def close(self) -> None:
         """Stop workers started by :meth:`prepare` that no batch used."""
@@ -285,13 +297,13 @@ class RayExecutor:
             return False
         kwargs: dict[str, Any] = {"include_dashboard": False, "log_to_driver": False,
                                   "configure_logging": False}
-        if self.address:
+        if self.address:  # the cluster's workers must have nautilus_pipeline installed
             ray.init(address=self.address, **kwargs)
         else:
-            root = str(Path(__file__).resolve().parents[2])
-            path = os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH")) if p)
-            ray.init(num_cpus=self.workers or os.cpu_count(), runtime_env={"env_vars": {"PYTHONPATH": path}},
-                     **kwargs)
+            # A local Ray's workers inherit this process's environment (PYTHONPATH included);
+            # a runtime_env with env_vars would do the same, and starts a runtime-env agent
+            # that made ray.init seconds slower on the dev VM.
+            ray.init(num_cpus=self.workers or os.cpu_count(), **kwargs)
         return True
 
     def run(self, work: Work, chains: list[Chain], progress: Progress) -> Outcome:

@@ -109,7 +109,7 @@ def summarise(chains: Sequence[Chain], results: Sequence[JobResult], failures: d
     files: dict[str, dict[str, Any]] = {}
     chain_rows = []
     for chain in chains:
-        status_left = "failed" if chain.key in failures else "not_run"
+        error = failures.get(chain.key) or ""
         for info in chain.files:
             if info.path in done:
                 res, counts = done[info.path]
@@ -117,7 +117,9 @@ def summarise(chains: Sequence[Chain], results: Sequence[JobResult], failures: d
                                     **{k: int(counts[k]) for k in COUNTS},
                                     "by_reason": dict(counts.get("by_reason", {}))}
             else:
-                files[info.path] = {"symbol": chain.symbol, "status": status_left,
+                # the file an error names failed; the chain's files after it were not run
+                status = "failed" if info.path in error or info.error else "not_run"
+                files[info.path] = {"symbol": chain.symbol, "status": status,
                                     **dict.fromkeys(COUNTS, 0), "by_reason": {}}
                 if info.error:
                     files[info.path]["error"] = info.error
