@@ -151,23 +151,25 @@ async def test_several_symbols_interleaved_keep_their_own_books() -> None:
 
 
 async def test_snapshot_and_restore_continue_the_books_exactly(mbo_data) -> None:
+    from nautilus_pipeline.snapshot import SnapshotError
+
     data, (want_feats, _) = mbo_data
     half = 6001
     first = {k: v[:half] for k, v in data.items()}
     rest = {k: v[half:] for k, v in data.items()}
     book, cap1 = await run_book(first, 4096)
-    snap = book.snapshot_state()
+    snap = book.snapshot()  # versioned bytes, as a chain of jobs carries them
     resumed = BookStage(levels=LEVELS)
-    resumed.restore_state(snap)
     cap2 = Capture((BOOK_FEATURES_COLUMN,))
     async with Pipeline([resumed, cap2], batch_size=512, slabs=4, memory="host") as pipe:
-        resumed.restore_state(snap)  # start() resets; restore after it, as a resumed run would
+        resumed.restore(snap)  # after start(), as a resumed run does
         await pipe.ingest(rest)
         await pipe.drain()
     got = np.concatenate([cap1.column(BOOK_FEATURES_COLUMN), cap2.column(BOOK_FEATURES_COLUMN)])
     assert same(got, want_feats)
-    with pytest.raises(ConfigError, match="capacity"):
-        BookStage(capacity=32).restore_state(snap)
+    assert resumed.stats()["book_rows"] == int((data["kind"] == KIND_BOOK).sum())
+    with pytest.raises(SnapshotError):
+        BookStage(levels=LEVELS, capacity=32).restore(snap)  # other parameters: refused
 
 
 def test_levels_and_capacity_are_checked() -> None:

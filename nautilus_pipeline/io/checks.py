@@ -329,6 +329,7 @@ class Validator:
     """Applies the checks and the policy of one source to its chunks, in file order.
 
     ``order_by`` names the replay clock the time check runs on (``ts_ns`` or ``ts_recv_ns``).
+    ``zero_size_trades``: a trade of size 0 passes (``Pipeline.ingest``: the kernels define it).
     State (last timestamp, ids seen per symbol) persists across chunks.
     """
 
@@ -342,8 +343,10 @@ class Validator:
         allow_equal_ts: bool = True,
         order_by: str = "ts_ns",
         symbols_allowed: Iterable[str] | None = None,
+        zero_size_trades: bool = False,
     ):
         self.source = source
+        self.zero_size_trades = zero_size_trades
         self.symbols_allowed = frozenset(symbols_allowed) if symbols_allowed is not None else None
         self.policy = Policy.parse(policy)
         if order_by not in ("ts_ns", "ts_recv_ns"):
@@ -418,7 +421,8 @@ class Validator:
             with np.errstate(invalid="ignore"):
                 flag(trade & ~np.isfinite(price), Reason.PRICE_NOT_FINITE)
                 flag(trade & (price <= 0), Reason.PRICE_NOT_POSITIVE)
-                flag(trade & ~(np.isfinite(size) & (size > 0)), Reason.SIZE_NOT_POSITIVE)
+                ok_size = (size >= 0) if self.zero_size_trades else (size > 0)
+                flag(trade & ~(np.isfinite(size) & ok_size), Reason.SIZE_NOT_POSITIVE)
         if quote.any():
             bid, ask = chunk.column("bid"), chunk.column("ask")
             bsz, asz = chunk.column("bid_size"), chunk.column("ask_size")

@@ -48,7 +48,7 @@ _CANDIDATES: dict[str, tuple[str, ...]] = {
     "ts_recv": ("ts_recv_ns", "ts_init", "ts_recv", "local_timestamp"),
     "price": ("price", "p"),
     "size": ("size", "quantity", "qty", "amount", "q"),
-    "side": ("side", "aggressor_side", "buyer_maker", "is_buyer_maker", "m"),
+    "side": ("side", "aggressor_side", "buyer_maker", "is_buyer_maker", "isBuyerMaker", "m"),
     "symbol": ("symbol", "instrument_id", "s"),
     "trade_id": ("trade_id", "id", "t"),
     "bid": ("bid", "bid_price", "b"),
@@ -78,7 +78,8 @@ def auto_fieldmap(names: Sequence[str], types: Mapping[str, pa.DataType] | None 
     side_col = found.get("side")
     if side_col is not None:
         kw["side_encoding"] = {"aggressor_side": "nautilus", "buyer_maker": "is_buyer_maker",
-                               "is_buyer_maker": "is_buyer_maker", "m": "is_buyer_maker"}.get(side_col, "auto")
+                               "is_buyer_maker": "is_buyer_maker", "isBuyerMaker": "is_buyer_maker",
+                               "m": "is_buyer_maker"}.get(side_col, "auto")
         if side_col == "side" and types is not None and pa.types.is_integer(types.get("side", pa.string())):
             kw["side_encoding"] = "sign"
     if "kind" in names:

@@ -56,6 +56,7 @@ __all__ = [
     "book_depth_scan",
     "book_update",
     "new_book_state",
+    "snapshot_deltas",
 ]
 
 ACTION_SET = 0
@@ -215,3 +216,75 @@ def book_depth_scan(
     _depth_scan(px, sz, n, np.asarray(side, dtype=np.int8), np.asarray(price, dtype=np.float64),
                 np.asarray(size, dtype=np.float64), np.asarray(action, dtype=np.uint8), deepest)
     return BookState(px, sz, n)
+
+
+@njit(cache=True, nogil=True)
+def _snapshot_deltas(prev, have_prev, book, side, price, size, owner):
+    """Level changes from ``prev`` (4, d) to each of ``book``'s (m, 4, d) snapshots in turn."""
+    m, d = book.shape[0], book.shape[2]
+    k = 0
+    for r in range(m):
+        if not have_prev:
+            side[k] = 0
+            price[k] = np.nan
+            size[k] = 0.0
+            owner[k] = r
+            k += 1
+        for s in range(2):
+            sd = 1 if s == 0 else -1
+            pp, ps, cp, cs = 2 * s, 2 * s + 1, 2 * s, 2 * s + 1
+            if have_prev:
+                for i in range(d):  # levels gone from the snapshot
+                    p = prev[pp, i]
+                    if np.isnan(p):
+                        continue
+                    found = False
+                    for j in range(d):
+                        if book[r, cp, j] == p:
+                            found = True
+                            break
+                    if not found:
+                        side[k] = sd
+                        price[k] = p
+                        size[k] = 0.0
+                        owner[k] = r
+                        k += 1
+            for j in range(d):  # levels new or changed
+                p = book[r, cp, j]
+                if np.isnan(p):
+                    continue
+                q = book[r, cs, j]
+                same = False
+                if have_prev:
+                    for i in range(d):
+                        if prev[pp, i] == p:
+                            same = prev[ps, i] == q
+                            break
+                if not same:
+                    side[k] = sd
+                    price[k] = p
+                    size[k] = q
+                    owner[k] = r
+                    k += 1
+        for a in range(4):
+            for j in range(d):
+                prev[a, j] = book[r, a, j]
+        have_prev = True
+    return k
+
+
+def snapshot_deltas(prev: np.ndarray | None, book: np.ndarray, depth: int):
+    """Book rows that turn a top-``depth`` snapshot into the next (``book``: (m, 4, depth) of bid
+    price, bid size, ask price, ask size, NaN where a side is shorter), starting from ``prev``
+    (the last snapshot, (4, depth), or None: a clear first). Returns ``side``, ``price``,
+    ``size``, ``owner`` (the snapshot each row belongs to) and the new ``prev``. After each
+    snapshot's rows the book holds exactly that snapshot."""
+    m = book.shape[0]
+    cap = m * (4 * depth + 1)
+    side = np.empty(cap, np.int8)
+    price = np.empty(cap)
+    size = np.empty(cap)
+    owner = np.empty(cap, np.int64)
+    state = np.full((4, depth), np.nan) if prev is None else prev.copy()
+    k = _snapshot_deltas(state, prev is not None, np.ascontiguousarray(book, dtype=np.float64), side, price, size, owner)
+    return side[:k], price[:k], size[:k], owner[:k], state

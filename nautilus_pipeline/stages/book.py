@@ -20,8 +20,9 @@ rows without a new slab column. Quote rows (``KIND_QUOTE``) do not touch the boo
 
 State: one :class:`~nautilus_pipeline.kernels.book.BookState` per symbol, replaced only after
 a batch succeeded, so any batch split gives the same numbers bit for bit (the tests compare
-against a plain dict-of-levels loop). ``snapshot_state``/``restore_state`` carry the books as
-plain arrays.
+against a plain dict-of-levels loop). ``snapshot()``/``restore()`` (``stage.py``) carry the books
+to the next file of a chain: nothing is open at a segment's end, so ``end_segment`` has nothing
+to drop.
 """
 
 from __future__ import annotations
@@ -144,23 +145,22 @@ class BookStage(Stage):
         self.book_rows += book_rows
         self.clears += clears
 
+    def snapshot_params(self) -> dict[str, int]:
+        return {"levels": self.levels, "capacity": self.capacity}
+
     def snapshot_state(self) -> dict[str, Any]:
-        """The books as plain data (``symbol_id`` -> price/size arrays and depths)."""
-        return {"capacity": self.capacity,
-                "books": {k: {"px": b.px.copy(), "sz": b.sz.copy(), "n": b.n.copy()}
-                          for k, b in self.books.items()},
-                "book_rows": self.book_rows, "clears": self.clears}
+        """Each symbol's book (``BookState``: price/size arrays and depths) and the counters."""
+        return {"books": dict(self.books), "book_rows": self.book_rows, "clears": self.clears}
 
     def restore_state(self, state: dict[str, Any]) -> None:
-        """Continue from :meth:`snapshot_state`'s data (same ``capacity``)."""
-        if int(state["capacity"]) != self.capacity:
-            raise ConfigError(f"book: a snapshot of capacity {state['capacity']} cannot be restored "
-                              f"into a stage of capacity {self.capacity}")
-        self.books = {int(k): BookState(np.array(b["px"], dtype=F64), np.array(b["sz"], dtype=F64),
-                                        np.array(b["n"], dtype=np.int64))
-                      for k, b in state["books"].items()}
-        self.book_rows = int(state.get("book_rows", 0))
-        self.clears = int(state.get("clears", 0))
+        books = {int(k): b for k, b in state["books"].items()}
+        for b in books.values():
+            if b.capacity != self.capacity:
+                raise ConfigError(f"book: a book of capacity {b.capacity} cannot be restored into a stage "
+                                  f"of capacity {self.capacity}")
+        self.books = books
+        self.book_rows = int(state["book_rows"])
+        self.clears = int(state["clears"])
 
     def stats(self) -> dict[str, object]:
         return {"symbols": len(self.books), "book_rows": self.book_rows, "clears": self.clears}

@@ -132,7 +132,10 @@ class InferenceStage(Stage):
                  model=str(self.model_path))
         if self.route == "calibrated" and self.calibration is None:
             usable = [runner_backend(s) for s in self.streams if unusable_reason(s) is None]
-            self.calibration = calibrate(list(dict.fromkeys(usable)), self.spec, self.weights)
+            # 10 ms of calls per backend and size (at least 5, after 3 warm-ups): the start
+            # counts in a run's wall time, and 50 ms made it ~1 s longer with four backends
+            self.calibration = calibrate(list(dict.fromkeys(usable)), self.spec, self.weights,
+                                         budget_s=0.01)
             log.info("inference_calibrated", stage=self.name, table="\n" + self.calibration.format(),
                      **{"route": self.calibration.to_dict()["route"]})
 

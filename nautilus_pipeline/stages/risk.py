@@ -208,6 +208,13 @@ class RiskStage(Stage):
             self._backend, self._device = stream.backend, stream.kernel_device
         if self.route == "calibrated" and self._backend != "numpy":
             self._backend, self._device = await stream.run(self._calibrate)
+        if self._backend != "numpy":  # compile var_batch's fused kernel (Triton) before the first batch
+            await stream.run(self._warm_var_reports)
+
+    def _warm_var_reports(self) -> None:
+        gen = new_generator(self._backend, self.seed, self._device)
+        var_reports([VarRequest(1.0, 0.0, np.array([0.0, 1e-3]), gen)], self.var_horizon,
+                    self.var_levels, n_paths=self.var_paths)
 
     def _calibrate(self) -> tuple[str, str | None]:
         """The faster of numpy and the stream's device for one VaR report of this stage."""
@@ -299,8 +306,9 @@ class RiskStage(Stage):
         requests = [self._var_request(key, row, cols, price, feats, var["window"])
                     for key, row, var in events if var is not None]
         # the batch's reports together: on a device one copy in and one out for all of them
-        for var, report in zip(due, var_reports(requests, self.var_horizon, self.var_levels,
-                                                n_paths=self.var_paths), strict=True):
+        reports = var_reports(requests, self.var_horizon, self.var_levels, n_paths=self.var_paths,
+                              count_copy=lease.pool.count_copy)
+        for var, report in zip(due, reports, strict=True):
             var["report"] = report
         signal_cols = (sig_side, sig_strength, sig_target, sig_reasons, sig_emit)
         return (accounts, intents, signals, returns, trades, last), cols, signal_cols, events
