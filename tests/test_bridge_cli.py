@@ -154,3 +154,42 @@ def test_a_message_that_is_not_a_tick_batch_makes_the_run_exit_4_and_says_so(nat
     assert "1 messages were not tick batches" in err
     summary = orjson.loads((tmp_path / "o" / "summary.json").read_bytes())
     assert summary["ticks"]["bad_messages"] == 1
+
+
+def test_sigterm_drains_and_the_next_run_carries_on_to_the_outputs_of_one_run(nats_server, reference, tmp_path):
+    assert _publish(nats_server.url, 256)["messages"] == 84
+    out = tmp_path / "live"
+    common = ("run", "default", "--nats", nats_server.url, "--durable", "termed", "--out", str(out),
+              "--snapshot-every", "4")
+    first = _cli(*common)  # no --until-idle: runs until a signal
+    try:
+        asyncio.run(_wait_for_state(nats_server.url, "termed"))
+    finally:
+        first.send_signal(signal.SIGTERM)
+        _, err = first.communicate(timeout=120)
+    assert first.returncode == 143, err[-3000:]
+    stopped = orjson.loads((out / "summary.json").read_bytes())
+    assert 0 < stopped["ticks"]["processed"] < 21_313  # stopped mid-stream
+
+    _ok(*common, "--until-idle", "1")
+    summary = orjson.loads((out / "summary.json").read_bytes())
+    assert summary["ticks"]["processed"] + stopped["ticks"]["processed"] == 21_313
+    _assert_same_outputs(reference, out)
+
+
+def test_no_server_is_one_error_line_and_exit_1(tmp_path):
+    from nautilus_pipeline.bridge.server import free_port
+
+    url = f"nats://127.0.0.1:{free_port()}"
+    for args in (("publish", str(FILE), "--nats", url),
+                 ("run", "default", "--nats", url, "--durable", "x", "--out", str(tmp_path / "o"))):
+        proc = _cli(*args)
+        _, err = proc.communicate(timeout=120)
+        assert proc.returncode == 1, err[-2000:]
+        assert "cannot connect to NATS" in err and "Traceback" not in err
+
+
+def test_nats_options_without_nats_are_refused():
+    proc = _cli("run", "default", "--durable", "x")
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 2 and "apply to --nats runs" in err

@@ -9,14 +9,15 @@ local ``nats-server`` for tests and benchmarks). Needs the ``live`` extra (``nat
 """
 
 from .egress import EgressError
-from .nats_bridge import EVENTS_STREAM, STATE_BUCKET, NatsBridge
+from .nats_bridge import EVENTS_STREAM, STATE_BUCKET, NatsBridge, NatsConnectError
 from .publisher import TICKS_STREAM, TickPublisher, ensure_stream
 from .state import SavedState, StateError
 from .subjects import SubjectError, subject, subject_pattern
 from .wire import WireError, decode_batch, decode_event, encode_batch, encode_event
 
 __all__ = [
-    "EVENTS_STREAM", "STATE_BUCKET", "TICKS_STREAM", "EgressError", "NatsBridge", "SavedState",
+    "EVENTS_STREAM", "STATE_BUCKET", "TICKS_STREAM", "EgressError", "NatsBridge", "NatsConnectError",
+    "SavedState",
     "StateError", "SubjectError", "TickPublisher", "WireError", "decode_batch", "decode_event",
     "encode_batch", "encode_event", "ensure_stream", "subject", "subject_pattern",
 ]

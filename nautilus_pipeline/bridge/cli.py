@@ -81,18 +81,18 @@ def cmd_publish(args: argparse.Namespace) -> int:
 
 
 async def _publish(args: argparse.Namespace) -> int:
-    import nats
     import numpy as np
 
     from ..events import TICK_COLUMN_NAMES
     from ..io import Replay, Source
     from ..memory import BufferPool
+    from .nats_bridge import connect
     from .publisher import TICKS_SUBJECTS, TickPublisher, ensure_stream
 
     sources = [Source(f, format=args.format, symbol=args.symbol) for f in args.files]
     replay = Replay(sources, speed=args.speed)
     pool = BufferPool(capacity=args.batch, slabs=2, name="publish")
-    nc = await nats.connect(args.nats)
+    nc = await connect(args.nats)
     t0 = time.perf_counter()
     try:
         js = nc.jetstream()

@@ -6,8 +6,9 @@ the pipeline instead of losing events). Its handler encodes the event (orjson) a
 publishes it asynchronously; at most ``max_in_flight`` publishes wait for their JetStream
 ack at a time, the handler awaiting the oldest when the window is full.
 
-De-duplication. Every message carries ``Nats-Msg-Id = <pipeline>:<topic>:<n>``, ``n`` the
-event's number on its topic (1, 2, ...). The numbers are part of the bridge's stored state,
+De-duplication. Every message carries ``Nats-Msg-Id = <instance>:<topic>:<n>``, ``n`` the
+event's number on its topic (1, 2, ...) and the instance the bridge's durable name (else the
+pipeline's name). The numbers are part of the bridge's stored state,
 so a pipeline restored from a snapshot after a crash numbers the events it emits again
 exactly as before, and JetStream stores each of them once (within the stream's duplicate
 window, which the bridge sets to ``duplicate_window_s``). A drop policy other than
@@ -50,12 +51,12 @@ class EgressStats:
 class Egress:
     """Bus events on ``patterns`` → JetStream subjects (the topics themselves)."""
 
-    def __init__(self, pipeline: str, bus: EventBus, js: Any, patterns: Sequence[str], *,
+    def __init__(self, instance: str, bus: EventBus, js: Any, patterns: Sequence[str], *,
                  max_in_flight: int = 256, overflow: str | None = None, maxsize: int | None = None,
                  ack_timeout: float = 10.0):
         if max_in_flight < 1:
             raise PipelineError(f"egress max_in_flight must be >= 1, got {max_in_flight}")
-        self.pipeline = pipeline
+        self.instance = instance
         self.bus = bus
         self.js = js
         self.patterns = list(patterns)
@@ -98,7 +99,7 @@ class Egress:
         while len(self._inflight) >= self.max_in_flight:
             await self._settle_one()
         fut = await self.js.publish_async(
-            subj, data, headers={"Nats-Msg-Id": f"{self.pipeline}:{topic}:{n}"})
+            subj, data, headers={"Nats-Msg-Id": f"{self.instance}:{topic}:{n}"})
         self._inflight.append(fut)
         self.stats.published += 1
         while self._inflight and self._inflight[0].done():

@@ -49,6 +49,34 @@ EVENTS_STREAM = "EVENTS"
 STATE_BUCKET = "nautilus_state"
 
 
+class NatsConnectError(PipelineError):
+    """No NATS server answered at the given address(es)."""
+
+
+async def connect(servers: str | Sequence[str], **options: Any) -> Any:
+    """``nats.connect``, failing fast with one :class:`NatsConnectError` when no server answers.
+
+    nats-py retries a first connection as long as later reconnections (60 tries, 2 s apart):
+    a first attempt without retries says at once that nothing listens. Connection errors are
+    logged as one line each (nats-py's default prints a traceback), and the connection then
+    reconnects by itself, so a restarted server is picked up again."""
+    import nats
+
+    async def log_error(exc: Exception) -> None:
+        log.warning("nats_connection_error", error=f"{type(exc).__name__}: {exc}")
+
+    options.setdefault("error_cb", log_error)
+    try:
+        probe = await nats.connect(servers, allow_reconnect=False, max_reconnect_attempts=1,
+                                   reconnect_time_wait=0.05, connect_timeout=2,
+                                   error_cb=options["error_cb"])
+        await probe.close()
+        return await nats.connect(servers, **options)
+    except Exception as exc:  # NoServersError, OSError, a refused URL...
+        raise NatsConnectError(f"cannot connect to NATS at {servers}: {type(exc).__name__}: {exc}; "
+                               "is nats-server running (with -js)?") from None
+
+
 class NatsBridge:
     """Feed ``pipe`` from a JetStream stream and export its events (see the module docstring)."""
 
@@ -140,12 +168,10 @@ class NatsBridge:
             await self._abort()
 
     async def _open(self) -> None:
-        import nats
-
         if not self.pipe._started:
             await self.pipe.start()
             self._own_pipe = True
-        self.nc = await nats.connect(self.servers, **self.connect_options)
+        self.nc = await connect(self.servers, **self.connect_options)
         self.js = self.nc.jetstream(publish_async_max_pending=max(self.max_in_flight, 1))
         if self.export:
             self.egress = Egress(self.instance, self.pipe.bus, self.js, self.export,
