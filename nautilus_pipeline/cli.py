@@ -159,6 +159,9 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--trace-every", type=_ranged(int, 0, None, "a number of trades"), default=0,
                      help="keep every Nth trade in trace.parquet for the report (default: about 200k points)")
 
+    from .bridge.cli import add_publish_parser, add_run_arguments  # the NATS bridge's options
+
+    add_run_arguments(run)
     rep = sub.add_parser("report", help="draw price, signals, VPIN, P&L and latencies of a run",
                          epilog=EXAMPLES["report"], formatter_class=fmt)
     rep.add_argument("dir", help="a run's output folder")
@@ -183,6 +186,8 @@ def _parser() -> argparse.ArgumentParser:
     val = sub.add_parser("validate", help="check a pipeline definition without running it",
                          epilog=EXAMPLES["validate"], formatter_class=fmt)
     val.add_argument("pipelines", nargs="+", metavar="PIPELINE")
+    _add_batch_parser(sub, fmt)
+    add_publish_parser(sub, fmt, _format_name)
     return ap
 
 
@@ -193,7 +198,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     configure_logging(getattr(args, "log_format", "auto"), getattr(args, "log_level", "warning"))
     _ERRORS.json = getattr(args, "log_format", "auto") == "json"
     handlers = {"run": cmd_run, "report": cmd_report, "devices": cmd_devices,
-                "inspect": cmd_inspect, "validate": cmd_validate}
+                "inspect": cmd_inspect, "validate": cmd_validate, "batch": cmd_batch,
+                "publish": _cmd_publish}
     from .prometheus import MetricsAddressError
 
     try:
@@ -240,6 +246,10 @@ def cmd_run(args: argparse.Namespace) -> int:
     from .io.files import check_file
     from .runtime import run
 
+    if args.nats is None and (args.durable or args.until_idle is not None or args.export is not None):
+        raise UsageError("--durable, --until-idle and --export apply to --nats runs")
+    if args.nats is not None and args.ticks:
+        raise UsageError("--nats consumes a stream instead of files: give --ticks or --nats, not both")
     if (args.format or args.symbol or args.map) and not args.ticks:
         raise UsageError(f"--{'format' if args.format else 'symbol' if args.symbol else 'map'} applies to --ticks files; give --ticks FILE "
                          "(or set it in the definition's [[sources]])")
@@ -261,10 +271,20 @@ def cmd_run(args: argparse.Namespace) -> int:
     previous = {signal.SIGINT: signal.signal(signal.SIGINT, _raise_interrupted),
                 signal.SIGTERM: signal.signal(signal.SIGTERM, _raise_terminated)}
     try:
+        if args.nats is not None:
+            from .bridge.cli import run_live
+
+            return run(run_live(args))
         return run(_run(args))
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
+
+
+def _cmd_publish(args: argparse.Namespace) -> int:
+    from .bridge.cli import cmd_publish
+
+    return cmd_publish(args)
 
 
 def _check_out(out: Path, what: str, error: type[PipelineError]) -> None:
@@ -727,6 +747,133 @@ def _validate_one(name: str) -> None:
     pipe = run.pipeline
     print(f"{definition.path}: ok — pipeline {definition.name!r}, {len(run.sources)} source(s), "
           f"stages {' → '.join(s.name for s in pipe.stages)}, batch {pipe.batch_size}")
+
+
+# --- batch -----------------------------------------------------------------------------
+BATCH_EXAMPLES = """examples:
+  nautilus-pipeline batch default 'data/*-trades-2024-08-*.csv' --out out/aug --workers 8
+  nautilus-pipeline batch default 'data/**/*.csv.gz' --out out/all --executor ray
+  nautilus-pipeline batch default 'data/*.csv' --out out/c --executor ray --ray-address ray://head:10001
+
+Files are grouped by symbol, each symbol's files replayed in time order with the state
+carried from file to file; symbols run in parallel. Outputs: OUT/<kind>/symbol=<S>/ (Parquet,
+one dataset per kind), OUT/summary.json, each job's own outputs in OUT/jobs/.
+Exit codes: 0 ok, 2 bad arguments (a pattern matching nothing, mixed formats), 3 bad
+definition, 4 a symbol's file could not be read (named; the other symbols completed), 5 a
+stage failed on some batches, 1 other failures, 130 interrupted (what finished is merged)."""
+
+
+def _add_batch_parser(sub: Any, fmt: type) -> None:
+    from .config import MAX_BATCH_SIZE
+
+    b = sub.add_parser("batch", help="replay many files in parallel (by symbol), merged into one dataset",
+                       epilog=BATCH_EXAMPLES, formatter_class=fmt)
+    b.add_argument("pipeline", help="pipeline definition: a TOML file, or the name of a bundled one")
+    b.add_argument("inputs", nargs="+", metavar="FILE_OR_GLOB", help="tick files or glob patterns (quote them)")
+    b.add_argument("--out", required=True, help="output folder")
+    b.add_argument("--executor", choices=("local", "ray"), default="local",
+                   help="local: a process pool on this machine (default); ray: Ray tasks")
+    b.add_argument("--workers", type=_ranged(int, 1, None, "a number of workers"),
+                   help="processes (local) or CPUs of a local Ray (default: the machine's cores)")
+    b.add_argument("--ray-address", metavar="ADDR", help="a running Ray cluster (default: start a local one)")
+    b.add_argument("--format", type=_format_name, help="reader for the files (default: detected)")
+    b.add_argument("--symbol", help="instrument name, for one-symbol files whose name does not say it")
+    b.add_argument("--batch", type=_ranged(int, 1, MAX_BATCH_SIZE, "a number of ticks"),
+                   help="ticks per batch (overrides pipeline.batch_size)")
+    b.add_argument("--trace-every", type=_ranged(int, 0, None, "a number of trades"), default=0,
+                   help="keep every Nth trade in the trace (default: about 200k points per symbol)")
+    b.add_argument("--no-progress", action="store_true", help="no progress bar even on a terminal")
+    b.add_argument("--log-format", choices=("auto", "json", "console"), default="auto",
+                   help="logs on stderr: JSON lines or console (default: console on a terminal)")
+    b.add_argument("--log-level", default="warning", choices=("debug", "info", "warning", "error"))
+
+
+def cmd_batch(args: argparse.Namespace) -> int:
+    """``batch``: plan, run on the executor, merge; Ctrl-C (or SIGTERM) stops the jobs and
+    merges what finished."""
+    from rich.console import Console
+
+    from .batch import run_batch
+    from .batch.plan import InputError
+
+    if args.ray_address and args.executor != "ray":
+        raise UsageError("--ray-address needs --executor ray")
+    err = Console(stderr=True)
+    got: list[int] = []
+
+    def on_term(signum: int, frame: object) -> None:
+        got.append(signum)
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, on_term)
+    try:
+        with _BatchProgress(err, err.is_terminal and not args.no_progress) as progress:
+            report = run_batch(args.pipeline, args.inputs, args.out, executor=args.executor,
+                               workers=args.workers, ray_address=args.ray_address, batch_size=args.batch,
+                               format=args.format, symbol=args.symbol, trace_every=args.trace_every,
+                               progress=progress, log_level=args.log_level)
+    except InputError as exc:
+        raise UsageError(str(exc)) from None
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    s = report.summary
+    t = s["totals"]
+    done = sum(1 for f in s["files"].values() if f["status"] == "done")
+    print(f"{s['pipeline']}: {done} of {len(s['files'])} files, {t['read']:,} ticks read = "
+          f"{t['delivered']:,} delivered + {t['rejected']:,} rejected + {t['quarantined']:,} quarantined; "
+          f"{len(s['jobs'])} jobs on {s['executor']} ({s['workers'] or 'cluster'} workers) in {s['wall_s']:.1f} s")
+    for kind, o in s["outputs"].items():
+        print(f"  {kind}: {o['rows']:,} rows in {o['path']}")
+    for f in s["failed"]:
+        _fail(f"{f['symbol']}: {f['error']}", EXIT_DATA)
+    if s["interrupted"]:
+        print("interrupted: what finished is merged (summary.json lists the files not run)", file=sys.stderr)
+        return EXIT_TERMINATED if got else EXIT_INTERRUPTED
+    return report.exit_code
+
+
+class _BatchProgress:
+    """A rich progress bar over a batch's jobs on a terminal (nothing when piped)."""
+
+    def __init__(self, console: Any, enabled: bool):
+        self.console, self.enabled = console, enabled
+        self.bar: Any = None
+
+    def __enter__(self) -> _BatchProgress:
+        if self.enabled:
+            from rich.progress import (
+                BarColumn,
+                MofNCompleteColumn,
+                Progress,
+                TextColumn,
+                TimeElapsedColumn,
+            )
+
+            self.bar = Progress(TextColumn("[bold]batch"), BarColumn(), MofNCompleteColumn(),
+                                TextColumn("jobs {task.fields[ticks]} ticks {task.fields[failed]}"),
+                                TimeElapsedColumn(), console=self.console, transient=True)
+            self.bar.start()
+            self.task = self.bar.add_task("batch", total=None, ticks="0", failed="")
+        self.ticks, self.failed = 0, 0
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.bar is not None:
+            self.bar.stop()
+
+    def start(self, jobs: int) -> None:
+        if self.bar is not None:
+            self.bar.update(self.task, total=jobs)
+
+    def job_done(self, result: Any) -> None:
+        self.ticks += result.ticks["read"]
+        if self.bar is not None:
+            self.bar.update(self.task, advance=1, ticks=f"{self.ticks:,}")
+
+    def chain_failed(self, chain: str, error: str, jobs_left: int) -> None:
+        self.failed += 1
+        if self.bar is not None:
+            self.bar.update(self.task, advance=jobs_left, failed=f"[red]{self.failed} failed")
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -252,6 +252,8 @@ class Pipeline:
                 stage, input_topic=topic, output_topic=out, ctx=self.ctx,
                 queue_size=self.queue_size, serial=self.execution == "serial",
             )
+            if self.runners:
+                self.runners[-1].downstream = runner
             self.runners.append(runner)  # closed by close() even if its start fails
             await runner.start()
             topic = out
@@ -353,14 +355,25 @@ class Pipeline:
         self._check_running()
         await self._send(lease, holder)
 
-    async def _send(self, lease: Lease, holder: str) -> None:
+    async def _send(self, lease: Lease, holder: str, inline: bool = False) -> None:
+        """Hand ``lease`` to the first stage: through its queue, or with ``inline`` (the
+        micro-batcher's flushes) in this task when it is small and the stage idle (see
+        :mod:`nautilus_pipeline.stage`). Sources of whole batches keep the queue, so that
+        ``publish_batch``/``ingest`` return once a batch is queued."""
         rows = lease.length
+        counted = False
         try:
             if rows:
-                await self.bus.publish(self.ingress_topic, lease)
-                self.ticks_in += rows
+                first = self.runners[0] if inline and self.runners else None
+                if first is not None and first.can_take_inline(rows, self.ingress_topic):
+                    self.ticks_in += rows  # in the pipeline from here on, as a queued batch is
+                    counted = True
+                    await first.take_inline(lease, self.ingress_topic)
+                else:
+                    await self.bus.publish(self.ingress_topic, lease)
+                    self.ticks_in += rows
         except BaseException:
-            if rows:
+            if rows and not counted:
                 self.ticks_not_delivered += rows
                 log.warning("batch_not_delivered", pipeline=self.name, batch=lease.seq, rows=rows,
                             holder=holder)
@@ -406,10 +419,10 @@ class Pipeline:
         """Add one tick to the current micro-batch (sent at ``batch_size`` or ``max_delay_us``)."""
         self._check_running()
         lease = self._pending
-        if lease is None:
+        first = lease is None
+        if first:
             lease = self._pending = await self.pool.acquire("ingress")
             self._pending_deadline = time.monotonic() + self.max_delay_s
-            self._arm_flusher()
         i = lease.length
         cols = lease.columns
         cols["ts_ns"][i] = tick.ts_ns
@@ -436,6 +449,10 @@ class Pipeline:
         lease.length = i + 1
         if lease.length >= lease.capacity or time.monotonic() >= self._pending_deadline:
             await self.flush()
+        elif first:
+            # the batcher flushes it when this burst gives the loop back; a batch that is
+            # already full (batch_size=1) went out above without waking it
+            self._arm_flusher()
 
     async def flush(self) -> None:
         """Publish the partial micro-batch now."""
@@ -443,7 +460,7 @@ class Pipeline:
         if lease is None:
             return
         self._pending = None
-        await self._send(lease, "ingress")
+        await self._send(lease, "ingress", inline=True)
 
     def _arm_flusher(self) -> None:
         """Make sure the deadline task runs and knows a new micro-batch has started."""

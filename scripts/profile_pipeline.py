@@ -40,6 +40,7 @@ class Sampler:
         self.interval_s = interval_s
         self.depth = depth
         self.samples = 0
+        self.phase = "start"  # the pipeline's start, then "run"
         self.leaf: dict[str, collections.Counter[str]] = collections.defaultdict(collections.Counter)
         self.pkg: dict[str, collections.Counter[str]] = collections.defaultdict(collections.Counter)
         self._stop = threading.Event()
@@ -65,7 +66,7 @@ class Sampler:
             for ident, frame in sys._current_frames().items():
                 if ident == me:
                     continue
-                thread = names.get(ident, str(ident))
+                thread = f"{names.get(ident, str(ident))} [{self.phase}]"
                 self.leaf[thread][_where(frame)] += 1
                 f, chain = frame, []
                 while f is not None and len(chain) < self.depth:
@@ -93,7 +94,7 @@ def _table(title: str, counts: dict[str, collections.Counter[str]], samples: int
     return lines
 
 
-async def _execute(run, marks: dict[str, float]):
+async def _execute(run, marks: dict[str, float], sampler: Sampler | None = None):
     pipe = run.pipeline
     start, close = pipe.start, pipe.close
 
@@ -102,6 +103,8 @@ async def _execute(run, marks: dict[str, float]):
         await start()
         marks["start_s"] = time.perf_counter() - t
         marks["started_at"] = time.perf_counter()
+        if sampler is not None:
+            sampler.phase = "run"
 
     async def timed_close(*a, **k):
         marks["last_batch_in_at"] = time.perf_counter()
@@ -147,7 +150,7 @@ def main() -> None:
         sampler = None
     else:
         with Sampler(a.interval_ms / 1e3) as sampler:
-            summary = asyncio.run(_execute(run, marks))
+            summary = asyncio.run(_execute(run, marks, sampler))
     s = summary.as_dict()
     ticks = s["ticks"]["processed"]
     lines = [f"{a.definition}: {ticks:,} ticks, batch {run.pipeline.batch_size:,}; "

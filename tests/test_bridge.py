@@ -180,6 +180,15 @@ class _Gate(Stage):
             await self.open.wait()
 
 
+async def _until(condition, timeout: float = 60.0) -> None:
+    """Poll ``condition`` (the bridge's counters have no event to wait on) for ``timeout`` s."""
+    for _ in range(int(timeout / 0.01)):
+        if condition():
+            return
+        await asyncio.sleep(0.01)
+    raise TimeoutError(f"condition not met after {timeout}s")
+
+
 async def _ack_pending(js, durable: str) -> int:
     return (await js.consumer_info("TICKS", durable)).num_ack_pending
 
@@ -287,3 +296,82 @@ async def test_quotes_and_trades_travel_on_their_own_subjects(nats_server):
                           state=False) as bridge:
         await bridge.wait_idle(0.3)
     assert gate.rows == int((kind == 1).sum())
+
+
+async def test_a_batch_slower_than_ack_wait_is_not_processed_twice(nats_server):
+    await _publish(nats_server.url, trades_frame(300, seed=6), batch_size=100)
+    gate = _Gate()
+    pipe = Pipeline([gate], batch_size=100, slabs=4, execution="serial")
+    async with NatsBridge(pipe, servers=nats_server.url, ingest="ticks.>", durable="slowack",
+                          state=False, ack_wait_s=0.5) as bridge:
+        for _ in range(300):  # held past ack_wait: the server redelivers what is unacked
+            if bridge.ingress.stats.dropped_redelivered:
+                break
+            await asyncio.sleep(0.01)
+        gate.open.set()
+        await bridge.wait_idle(0.3)
+        st = bridge.ingress.stats
+        assert st.redelivered >= 1 and st.dropped_redelivered == st.redelivered
+        await bridge.nc.flush()
+        assert await _ack_pending(bridge.js, "slowack") == 0
+    assert gate.rows == 300  # each tick once
+
+
+async def test_a_server_killed_mid_stream_and_restarted_loses_and_repeats_nothing(nats_server):
+    await _publish(nats_server.url, trades_frame(4000, seed=8), batch_size=100)  # 40 messages
+    gate = _Gate(delay_s=0.02)
+    pipe = Pipeline([gate], batch_size=100, slabs=2, execution="serial")
+    async with NatsBridge(pipe, servers=nats_server.url, ingest="ticks.>", durable="srv",
+                          state=False, connect_options={"reconnect_time_wait": 0.1,
+                                                        "max_reconnect_attempts": -1}) as bridge:
+        await _until(lambda: bridge.ingress.stats.messages >= 10)
+        nats_server.kill()
+        await asyncio.sleep(0.5)
+        nats_server.start()
+        await _until(lambda: gate.rows >= 4000)
+        await bridge.wait_idle(0.5)
+    assert gate.rows == 4000
+    assert bridge.ingress.stats.ticks == 4000
+
+
+class _Fails(Stage):
+    name = "fails"
+    reads = ("price",)
+    writes = ()
+    streams = ("cpu",)
+
+    async def process(self, lease, stream, ctx):
+        if lease["price"][0] > 0:
+            raise ValueError("a bad batch")
+
+
+async def test_a_failed_batch_is_acked_and_its_dead_letter_exported(nats_server):
+    await _publish(nats_server.url, trades_frame(200, seed=3), batch_size=100)
+    pipe = Pipeline([_Fails()], batch_size=100, slabs=2, execution="serial")
+    async with NatsBridge(pipe, servers=nats_server.url, ingest="ticks.>", durable="dl",
+                          state=False, export=["deadletter.>"]) as bridge:
+        await bridge.wait_idle(0.3)
+        await bridge.nc.flush()
+        assert await _ack_pending(bridge.js, "dl") == 0
+    assert pipe.tick_flow().ticks_failed == 200
+    letters = await _stream_events(nats_server.url)
+    assert len(letters) == 2
+    assert all(e["topic"].startswith("deadletter.") and "a bad batch" in e["payload"]["error"]
+               for e in letters)
+
+
+async def test_state_needs_every_stage_to_snapshot(nats_server):
+    from nautilus_pipeline.errors import ConfigError
+
+    await _publish(nats_server.url, trades_frame(200, seed=3), batch_size=100)
+    gate = _Gate()
+    gate.open.set()
+    pipe = Pipeline([gate], batch_size=100, slabs=2, execution="serial")
+    with pytest.raises(ConfigError, match="cannot be snapshotted"):
+        async with NatsBridge(pipe, servers=nats_server.url, ingest="ticks.>", durable="st", state=True):
+            pass
+    pipe = Pipeline([gate], batch_size=100, slabs=2, execution="serial")
+    async with NatsBridge(pipe, servers=nats_server.url, ingest="ticks.>", durable="st") as bridge:
+        assert not bridge.state  # by default: no state, acks follow the leases
+        await bridge.wait_idle(0.3)
+    assert gate.rows == 200

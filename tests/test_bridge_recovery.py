@@ -26,7 +26,6 @@ nats = pytest.importorskip("nats", reason="the NATS bridge needs the live extra 
 
 from nats.js.api import AckPolicy, ConsumerConfig  # noqa: E402
 
-from nautilus_pipeline import Pipeline  # noqa: E402
 from nautilus_pipeline.bridge import STATE_BUCKET, TickPublisher, decode_event, ensure_stream  # noqa: E402
 from nautilus_pipeline.bridge.server import NatsServer  # noqa: E402
 from nautilus_pipeline.testing import trades_frame  # noqa: E402
@@ -113,8 +112,6 @@ async def _wait_for_snapshot(js, durable: str, timeout: float = 60.0) -> None:
     raise TimeoutError(f"no snapshot of {durable!r} stored after {timeout}s")
 
 
-@pytest.mark.skipif(not hasattr(Pipeline, "snapshot"),
-                    reason="needs Pipeline.snapshot()/restore() (issue 10, branch batch, not yet in main)")
 async def test_sigkill_of_the_consumer_then_restart_loses_and_duplicates_nothing(nats_server):
     frame = trades_frame(80 * BATCH, seed=21)
     reference = await _reference(frame)

@@ -12,7 +12,9 @@ batches and is acknowledged after the last of them. With a state store
 (:mod:`~nautilus_pipeline.bridge.state`) the acknowledgement also waits until a stored
 snapshot covers the message: a crash then redelivers exactly what the restored state has
 not seen. A redelivered message already covered by the restored state is acknowledged and
-dropped (counted as ``dropped_covered``).
+dropped (``dropped_covered``); one redelivered while still in the pipeline or waiting for
+its snapshot (a batch slower than ``ack_wait``), or just acknowledged, is dropped too
+(``dropped_redelivered``), so no tick is processed twice.
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ from typing import Any
 
 import structlog
 
-from ..errors import PipelineError
+from ..errors import ConfigError, PipelineError
 from ..events import TICK_COLUMNS
 from ..memory import Lease
 from ..pipeline import Pipeline
@@ -46,6 +48,7 @@ class IngressStats:
     acked: int = 0
     redelivered: int = 0
     dropped_covered: int = 0
+    dropped_redelivered: int = 0
     bad_messages: int = 0
     fetches: int = 0
     last_seq: int = 0
@@ -85,6 +88,7 @@ class Ingress:
         self._slabs = len(pipe.pool.slabs)
         self._done: list[_Pending] = []  # released, waiting for an ack
         self._unacked: list[_Pending] = []  # all fetched, not yet acked (state mode)
+        self._open: dict[int, _Pending] = {}  # stream sequence → fetched, not yet acked
         self._wake = asyncio.Event()
         self._loop = asyncio.get_running_loop()
         self._thread = threading.get_ident()
@@ -128,24 +132,36 @@ class Ingress:
             await msg.ack()
             st.acked += 1
             return
+        if seq <= st.last_seq:
+            # redelivered after ack_wait while still in the pipeline (or waiting for its
+            # snapshot), or just after its ack: processing it twice would count its ticks
+            # twice. An open one is acknowledged later (this newest delivery), a done one now.
+            st.dropped_redelivered += 1
+            again = self._open.get(seq)
+            if again is not None:
+                again.msg = msg
+            else:
+                await msg.ack()
+            return
+        st.last_seq = seq
         try:
             batch = decode_batch(msg.data)
-        except (WireError, ValueError) as exc:
+            sid = self.pipe.symbols.id_of(batch.symbol)
+        except (WireError, ConfigError, ValueError) as exc:  # not a batch; a symbol not allowed
             st.bad_messages += 1
             log.error("bad_tick_message", subject=msg.subject, stream_seq=seq, error=str(exc))
             await msg.term()  # never redelivered; counted and logged
             return
-        st.last_seq = max(st.last_seq, seq)
         size = self.pipe.batch_size
         starts = range(0, batch.length, size)
         pending = _Pending(msg, seq, len(starts))
+        self._open[seq] = pending
         if not self.ack_on_release:
             self._unacked.append(pending)
         if not starts:  # an empty batch: nothing to wait for
             if self.ack_on_release:
                 self._done.append(pending)
             return
-        sid = self.pipe.symbols.id_of(batch.symbol)
         cols = batch.columns
         for start in starts:
             stop = min(start + size, batch.length)
@@ -180,6 +196,7 @@ class Ingress:
     async def _ack_done(self) -> None:
         done, self._done = self._done, []
         for pending in done:
+            del self._open[pending.seq]
             await pending.msg.ack()
         self.stats.acked += len(done)
 
@@ -192,6 +209,7 @@ class Ingress:
                 if pending.left > 0:
                     raise PipelineError(f"message {pending.seq} is still in the pipeline; "
                                         "snapshots are taken only when it is idle")
+                del self._open[pending.seq]
                 await pending.msg.ack()
                 self.stats.acked += 1
             else:

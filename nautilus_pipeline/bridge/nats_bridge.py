@@ -90,6 +90,7 @@ class NatsBridge:
             raise ConfigError("NatsBridge(state=True) needs a durable consumer name (durable=...)")
         self.state = bool(durable is not None and ingest is not None and can_snapshot
                           if state is None else state)
+        self._state_asked = bool(state)
         self.state_bucket = check_name(state_bucket, "bucket")
         if snapshot_every < 1:
             raise ConfigError(f"snapshot_every must be >= 1, got {snapshot_every}")
@@ -153,6 +154,8 @@ class NatsBridge:
                                 duplicate_window_s=self.duplicate_window_s)
         covered = 0
         if self.state:
+            self._check_snapshots()
+        if self.state:
             self.store = StateStore(self.js, self.state_bucket, self.durable)
             await self.store.open()
             self.restored = await self.store.load(self.pipe.name)
@@ -176,6 +179,21 @@ class NatsBridge:
             )
             self._task = asyncio.get_running_loop().create_task(
                 self.ingress.run(self._stop), name=f"nats-ingress:{self.pipe.name}")
+
+    def _check_snapshots(self) -> None:
+        """Every stage must snapshot for the state to mean anything: find out now, not at the
+        first snapshot mid-stream. Asked for (``state=True``): an error; by default: no state."""
+        from ..snapshot import SnapshotError
+
+        try:
+            self.pipe.snapshot()
+        except SnapshotError as exc:
+            if self._state_asked:
+                raise ConfigError(f"NatsBridge(state=True): {exc}") from None
+            log.warning("bridge_state_off", durable=self.durable, reason=str(exc),
+                        effect="acks follow the leases; a restart replays unacknowledged messages "
+                               "into a fresh pipeline")
+            self.state = False
 
     async def _consumer(self, covered: int) -> Any:
         """The pull subscription: resumed from the stored state, else from the consumer's ack floor."""

@@ -311,14 +311,17 @@ def _moments_mlx(win: np.ndarray):
     import mlx.core as mx
 
     cpu = mx.cpu
-    t = mx.array(np.ascontiguousarray(win), dtype=mx.float64)
-    w = t.shape[1]
-    mean = mx.sum(t, axis=1, stream=cpu) / w
-    x = mx.subtract(t, mean[:, None, :], stream=cpu)
-    c = mx.matmul(mx.swapaxes(x, 1, 2, stream=cpu), x, stream=cpu)
-    cov = mx.divide(0.5 * (c + mx.swapaxes(c, 1, 2, stream=cpu)), w - 1, stream=cpu)
-    lam, vec = mx.linalg.eigh(cov, stream=cpu)
-    mx.eval(mean, cov, lam, vec)
+    # every op on the CPU, the operators (/, +, *) too: MLX's default device is its GPU
+    # wherever it has one, and the GPU has no float64 (failed so on the H200)
+    with mx.stream(cpu):
+        t = mx.array(np.ascontiguousarray(win), dtype=mx.float64)
+        w = t.shape[1]
+        mean = mx.sum(t, axis=1, stream=cpu) / w
+        x = mx.subtract(t, mean[:, None, :], stream=cpu)
+        c = mx.matmul(mx.swapaxes(x, 1, 2, stream=cpu), x, stream=cpu)
+        cov = mx.divide(0.5 * (c + mx.swapaxes(c, 1, 2, stream=cpu)), w - 1, stream=cpu)
+        lam, vec = mx.linalg.eigh(cov, stream=cpu)
+        mx.eval(mean, cov, lam, vec)
     return tuple(np.array(a) for a in (mean, cov, lam, vec))
 
 

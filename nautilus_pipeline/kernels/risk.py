@@ -374,6 +374,8 @@ class _Torch:
         # MPS has no float64
         self.dtype = torch.float32 if self.device.type == "mps" else torch.float64
         self.gen = torch.Generator(device=self.device).manual_seed(seed)
+        self.seed = seed  # and a report counter: var_batch's fused kernel derives per-report keys
+        self.reports = 0
 
     def normal(self, shape: tuple[int, int]) -> Any:
         return self.torch.randn(shape, generator=self.gen, device=self.device, dtype=self.dtype)

@@ -223,17 +223,18 @@ class FeaturesStage(Stage):
             if self._out.shape[0] < lease.capacity:
                 self._out = np.empty((lease.capacity, self._out.shape[1]))
             out = self._out[:n]
+        cols = lease.columns  # one liveness check, not one per column
         self.table.update(
-            lease["symbol_id"],
-            lease["kind"],
-            lease["ts_ns"],
-            lease["price"],
-            lease["size"],
-            lease["side"],
-            lease["bid"],
-            lease["ask"],
-            lease["bid_size"],
-            lease["ask_size"],
+            cols["symbol_id"][:n],
+            cols["kind"][:n],
+            cols["ts_ns"][:n],
+            cols["price"][:n],
+            cols["size"][:n],
+            cols["side"][:n],
+            cols["bid"][:n],
+            cols["ask"][:n],
+            cols["bid_size"][:n],
+            cols["ask_size"][:n],
             out,
         )
         if self._index is not None:
