@@ -97,6 +97,6 @@ class ArrowReader:
                                             symbol=self.symbol, raw=lambda i, b=part: b.slice(i, 1).to_pylist()[0])
                     row += n
                     yield chunk
-        except pa.ArrowException as e:
+        except (pa.ArrowException, OSError, ValueError) as e:  # a corrupt compressed buffer is an OSError
             raise DataError(f"{self.path}, rows from {row}: cannot be decoded ({type(e).__name__}: {e}); "
                             "the file is corrupt or truncated") from e

@@ -380,8 +380,9 @@ class Validator:
         names = chunk.symbols
         codes = chunk.column("symbol_id") if n else np.empty(0, dtype=np.uint32)
         self._count(names, codes, "read", None)
-        for d in chunk.dropped:
-            self.accounting.add(self.source, d.symbol or UNKNOWN_SYMBOL, "read", 1)
+        if chunk.dropped:  # counted per symbol at once: a damaged file can hold a million of them
+            for sym, k in collections.Counter(d.symbol or UNKNOWN_SYMBOL for d in chunk.dropped).items():
+                self.accounting.add(self.source, sym, "read", k)
         bad_idx = np.flatnonzero(reason)
         if len(bad_idx) or chunk.dropped:
             self._handle_bad(chunk, reason, bad_idx)
@@ -579,9 +580,11 @@ class Validator:
             raise DataError(first.message() + " (policy 'fail'; 'reject' or 'quarantine' drop and count such rows)",
                             file=str(first.source), line=int(first.record), reason=first.reason.name.lower())
         what = "quarantined" if self.policy is Policy.QUARANTINE else "rejected"
-        for d in chunk.dropped:
-            self.accounting.add(self.source, d.symbol or UNKNOWN_SYMBOL, what, 1, d.reason.name.lower())
-            if self.quarantine is not None and self.policy is Policy.QUARANTINE:
+        groups = collections.Counter((d.symbol or UNKNOWN_SYMBOL, d.reason.name.lower()) for d in chunk.dropped)
+        for (sym, why), k in groups.items():
+            self.accounting.add(self.source, sym, what, k, why)
+        if self.quarantine is not None and self.policy is Policy.QUARANTINE:
+            for d in chunk.dropped:
                 self.quarantine.write(d)
         if not len(bad_idx):
             return

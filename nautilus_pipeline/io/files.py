@@ -31,6 +31,7 @@ import io
 import os
 import stat
 import zipfile
+import zlib
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -117,7 +118,7 @@ class _ZipMember(io.RawIOBase):
     def readinto(self, b) -> int:  # type: ignore[override]
         try:
             return self._f.readinto(b)
-        except (zipfile.BadZipFile, EOFError) as e:  # a CRC mismatch, a cut-off member
+        except (zipfile.BadZipFile, EOFError, zlib.error) as e:  # a CRC mismatch, a cut-off or damaged member
             raise OSError(f"zip member is corrupt or truncated ({e})") from e
 
     def close(self) -> None:

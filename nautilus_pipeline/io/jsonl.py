@@ -157,16 +157,20 @@ class JsonArrayReader(JsonLinesReader):
     def chunks(self, chunk_rows: int = 65_536) -> Iterator[TickChunk]:
         """Chunks of at most ``chunk_rows`` rows; record = the element's position (1-based)."""
         fields = self.fmap.columns()
-        items = self._items()
-        for lo in range(0, len(items), chunk_rows):
-            rows, lines, texts, dropped = [], [], [], []
-            for i, obj in enumerate(items[lo:lo + chunk_rows], start=lo + 1):
-                text = orjson.dumps(obj)
-                if not isinstance(obj, dict):
-                    t = text.decode("utf-8", "replace")
-                    dropped.append(BadRow(self.path, i, Reason.UNPARSABLE, None, t[:200], t, self.symbol))
-                    continue
-                rows.append(obj)
-                lines.append(i)
-                texts.append(text)
+        rows: list[dict] = []
+        lines: list[int] = []
+        texts: list[bytes] = []
+        dropped: list[BadRow] = []
+        for i, obj in enumerate(self._items(), start=1):
+            if not isinstance(obj, dict):
+                t = orjson.dumps(obj).decode("utf-8", "replace")
+                dropped.append(BadRow(self.path, i, Reason.UNPARSABLE, None, t[:200], t, self.symbol))
+                continue
+            rows.append(obj)
+            lines.append(i)
+            texts.append(orjson.dumps(obj))
+            if len(rows) >= chunk_rows:
+                yield self._chunk(rows, lines, texts, dropped, fields)
+                rows, lines, texts, dropped = [], [], [], []
+        if rows or dropped:
             yield self._chunk(rows, lines, texts, dropped, fields)
