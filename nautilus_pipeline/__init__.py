@@ -16,7 +16,7 @@ copies. What users import is listed here; everything else is internal.
 - Errors, all ``PipelineError``: ``ConfigError``, ``DataError`` (file, line, reason),
   ``StageError`` (stage, topic, batch, rows, stream), ``HandlerError``, ``WouldBlockError``,
   ``BusClosedError``, ``LeaseError``, ``PoolExhaustedError``, ``BackendUnavailableError``,
-  ``RequestTimeoutError``, ``NoResponderError``.
+  ``RequestTimeoutError``, ``NoResponderError``, ``SnapshotError``.
 
 Modules for more: ``nautilus_pipeline.stages`` (the built-in stages and their ``Params``),
 ``.testing`` (pytest fixtures), ``.topics`` (every published topic), ``.params`` (a stage's
@@ -55,6 +55,7 @@ from .io import Replay, Source, detect_format
 from .memory import BufferPool, Lease
 from .pipeline import Pipeline, TickFlow
 from .runtime import configure_logging, run
+from .snapshot import SnapshotError
 from .stage import Stage, StageContext
 from .symbols import SymbolTable
 
@@ -88,6 +89,7 @@ __all__ = [
     "Run",
     "Side",
     "Signal",
+    "SnapshotError",
     "Source",
     "Stage",
     "StageContext",

@@ -146,6 +146,7 @@ class Run:
         format: str | None = None,
         symbol: str | None = None,
         order_by: str | None = None,
+        mapping: Mapping[str, Any] | None = None,
         speed: float | None = None,
         batch_size: int | None = None,
         execution: str | None = None,
@@ -161,15 +162,16 @@ class Run:
         self.definition = (definition if isinstance(definition, config.PipelineDef)
                            else config.load(definition))
         d = self.definition
-        if (format or symbol) and not ticks:
-            raise ConfigError(f"{'format' if format else 'symbol'} applies to ticks files; give ticks "
+        if (format or symbol or mapping) and not ticks:
+            raise ConfigError(f"{'format' if format else 'symbol' if symbol else 'mapping'} applies to ticks files; give ticks "
                               "(or set it in the definition's [[sources]])")
         self.out_dir = Path(out_dir if out_dir is not None else d.outputs["dir"])
         self.writes_outputs = outputs
         if outputs:  # before anything is read
             check_out_dir(self.out_dir, "out_dir" if out_dir is not None else f"{d.path}: outputs.dir")
         self.sources = config.make_sources(d, [str(t) for t in ticks] if ticks else None, self.out_dir,
-                                           format=format, symbol=symbol, order_by=order_by)
+                                           format=format, symbol=symbol, order_by=order_by,
+                                           mapping=dict(mapping) if mapping else None)
         if not self.sources:
             raise ConfigError(f"{d.path}: no [[sources]]; give tick files with --ticks FILE")
         settings = {k: v for k, v in dict(pipeline_settings or {}).items() if v is not None}

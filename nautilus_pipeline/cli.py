@@ -66,6 +66,24 @@ def _ranged(kind: type, lo: float | None = None, hi: float | None = None, what: 
     return parse
 
 
+FORMAT_NAMES = ("arrow", "binance_agg_trades", "binance_feed", "binance_trades", "csv", "databento", "histdata",
+                "json", "jsonl", "parquet", "tardis_book_l2", "tardis_book_snapshot", "tardis_quotes", "tardis_trades",
+                "truefx")
+"""The readers' format names (``io.READERS``; a test keeps the two equal), for ``--help``."""
+MAP_HELP = ("column mapping for generic CSV/Parquet/JSON files: field=column[:option],... e.g. "
+            "ts=time:ms,price=px,size=qty,side=side:buy/sell (pipelines/README.md lists the fields)")
+
+
+def _column_map(text: str) -> dict:
+    from .errors import ConfigError
+    from .io.table import mapping_from_text
+
+    try:
+        return mapping_from_text(text)
+    except ConfigError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
 def _format_name(text: str) -> str:
     from .io import READERS
 
@@ -116,7 +134,9 @@ def _parser() -> argparse.ArgumentParser:
     from .config import MAX_BATCH_SIZE
 
     run.add_argument("--ticks", nargs="+", metavar="FILE", help="replay these files instead of the definition's sources")
-    run.add_argument("--format", type=_format_name, help="reader for the --ticks files (default: detected; see 'inspect')")
+    run.add_argument("--format", type=_format_name, help="reader for the --ticks files (default: detected; see "
+                     f"'inspect'): {', '.join(FORMAT_NAMES)}")
+    run.add_argument("--map", type=_column_map, metavar="FIELD=COL,...", help=MAP_HELP + "; applies to --ticks")
     run.add_argument("--symbol", help="instrument name for single-symbol --ticks files")
     run.add_argument("--order-by", choices=("ts_event", "ts_recv"),
                      help="timestamp every source is replayed by (overrides the definition; default "
@@ -139,6 +159,9 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--trace-every", type=_ranged(int, 0, None, "a number of trades"), default=0,
                      help="keep every Nth trade in trace.parquet for the report (default: about 200k points)")
 
+    from .bridge.cli import add_publish_parser, add_run_arguments  # the NATS bridge's options
+
+    add_run_arguments(run)
     rep = sub.add_parser("report", help="draw price, signals, VPIN, P&L and latencies of a run",
                          epilog=EXAMPLES["report"], formatter_class=fmt)
     rep.add_argument("dir", help="a run's output folder")
@@ -152,7 +175,8 @@ def _parser() -> argparse.ArgumentParser:
     ins = sub.add_parser("inspect", help="format, columns, rows, time span, symbols and bad rows of a tick file",
                          epilog=EXAMPLES["inspect"], formatter_class=fmt)
     ins.add_argument("files", nargs="+", metavar="FILE")
-    ins.add_argument("--format", type=_format_name, help="reader to use (default: detected)")
+    ins.add_argument("--format", type=_format_name, help=f"reader to use (default: detected): {', '.join(FORMAT_NAMES)}")
+    ins.add_argument("--map", type=_column_map, metavar="FIELD=COL,...", help=MAP_HELP)
     ins.add_argument("--symbol", help="instrument name for single-symbol files")
     ins.add_argument("--json", action="store_true", help="one JSON array on stdout, an object per file")
     ins.add_argument("--log-format", choices=("auto", "json", "console"), default="auto",
@@ -162,6 +186,8 @@ def _parser() -> argparse.ArgumentParser:
     val = sub.add_parser("validate", help="check a pipeline definition without running it",
                          epilog=EXAMPLES["validate"], formatter_class=fmt)
     val.add_argument("pipelines", nargs="+", metavar="PIPELINE")
+    _add_batch_parser(sub, fmt)
+    add_publish_parser(sub, fmt, _format_name)
     return ap
 
 
@@ -172,7 +198,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     configure_logging(getattr(args, "log_format", "auto"), getattr(args, "log_level", "warning"))
     _ERRORS.json = getattr(args, "log_format", "auto") == "json"
     handlers = {"run": cmd_run, "report": cmd_report, "devices": cmd_devices,
-                "inspect": cmd_inspect, "validate": cmd_validate}
+                "inspect": cmd_inspect, "validate": cmd_validate, "batch": cmd_batch,
+                "publish": _cmd_publish}
     from .prometheus import MetricsAddressError
 
     try:
@@ -219,14 +246,23 @@ def cmd_run(args: argparse.Namespace) -> int:
     from .io.files import check_file
     from .runtime import run
 
-    if (args.format or args.symbol) and not args.ticks:
-        raise UsageError(f"--{'format' if args.format else 'symbol'} applies to --ticks files; give --ticks FILE "
+    if args.nats is None and (args.durable or args.until_idle is not None or args.export is not None):
+        raise UsageError("--durable, --until-idle and --export apply to --nats runs")
+    if args.nats is not None and args.ticks:
+        raise UsageError("--nats consumes a stream instead of files: give --ticks or --nats, not both")
+    if (args.format or args.symbol or args.map) and not args.ticks:
+        raise UsageError(f"--{'format' if args.format else 'symbol' if args.symbol else 'map'} applies to --ticks files; give --ticks FILE "
                          "(or set it in the definition's [[sources]])")
     if args.out is not None:
         _check_out(Path(args.out), "--out", UsageError)
     for f in args.ticks or ():
         try:
-            check_file(f)
+            if Path(f).is_dir():  # a NautilusTrader catalog folder: its files are checked
+                from .io.nautilus import catalog_files
+
+                catalog_files(f)
+            else:
+                check_file(f)
         except DataError as exc:
             raise DataError(f"--ticks {exc}") from None
     # Until the run is under way (and again after it), a signal stops at once: reading the
@@ -235,10 +271,20 @@ def cmd_run(args: argparse.Namespace) -> int:
     previous = {signal.SIGINT: signal.signal(signal.SIGINT, _raise_interrupted),
                 signal.SIGTERM: signal.signal(signal.SIGTERM, _raise_terminated)}
     try:
+        if args.nats is not None:
+            from .bridge.cli import run_live
+
+            return run(run_live(args))
         return run(_run(args))
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
+
+
+def _cmd_publish(args: argparse.Namespace) -> int:
+    from .bridge.cli import cmd_publish
+
+    return cmd_publish(args)
 
 
 def _check_out(out: Path, what: str, error: type[PipelineError]) -> None:
@@ -270,7 +316,7 @@ async def _run(args: argparse.Namespace) -> int:
 
     from .app import Run
 
-    run = Run(args.pipeline, ticks=args.ticks, format=args.format, symbol=args.symbol,
+    run = Run(args.pipeline, ticks=args.ticks, format=args.format, symbol=args.symbol, mapping=args.map,
               order_by=args.order_by, speed=args.speed, batch_size=args.batch,
               execution=args.execution, out_dir=args.out, trace_every=args.trace_every)
     pipe, replay = run.pipeline, run.replay
@@ -579,7 +625,7 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     results, worst = [], EXIT_OK
     for i, name in enumerate(args.files):
         try:
-            info = _inspect_one(Path(name), args.format, args.symbol)
+            info = _inspect_one(Path(name), args.format, args.symbol, args.map)
         except PipelineError as exc:
             code = _exit_code_of(exc)
             worst = max(worst, code)
@@ -614,17 +660,20 @@ def _print_inspect(info: dict[str, Any]) -> None:
         print(f"{k:<{width}}  {v}")
 
 
-def _inspect_one(path: Path, format: str | None, symbol: str | None) -> dict[str, Any]:
+def _inspect_one(path: Path, format: str | None, symbol: str | None, mapping: dict | None = None) -> dict[str, Any]:
     import numpy as np
 
-    from .events import KIND_TRADE, SIDE_BUY, SIDE_SELL, TICK_COLUMNS
+    from .events import KIND_BOOK, KIND_TRADE, SIDE_BUY, SIDE_SELL, TICK_COLUMNS
     from .io import Replay, Source, detect_format
+    from .io.books import BookInventory
     from .io.files import check_file
 
     check_file(path)
     fmt = format or detect_format(path)
-    replay = Replay([Source(path, format=fmt, symbol=symbol, policy="reject")])
-    rows = trades = buys = sells = 0
+    options = {"mapping": mapping} if mapping else {}
+    replay = Replay([Source(path, format=fmt, symbol=symbol, policy="reject", options=options)])
+    rows = trades = buys = sells = book_rows = 0
+    books = BookInventory()
     first = last = None
     present: set[str] = set()
     fills = {c.name: c.fill for c in TICK_COLUMNS}
@@ -637,6 +686,8 @@ def _inspect_one(path: Path, format: str | None, symbol: str | None) -> dict[str
         trades += int(is_trade.sum())
         buys += int((is_trade & (block["side"] == SIDE_BUY)).sum())
         sells += int((is_trade & (block["side"] == SIDE_SELL)).sum())
+        book_rows += int((block["kind"] == KIND_BOOK).sum())
+        books.add(block)
         first = int(block["ts_ns"][0]) if first is None else first
         last = int(block["ts_ns"][-1])
         for name, col in block.items():
@@ -660,7 +711,7 @@ def _inspect_one(path: Path, format: str | None, symbol: str | None) -> dict[str
         "rows_read": acct.read,
         "ticks": rows,
         "trades": trades,
-        "quotes": rows - trades,
+        "quotes": rows - trades - book_rows,
         "trade_sides": {"buy": buys, "sell": sells, "unknown": trades - buys - sells},
         "tick_columns_filled": sorted(present | {"ts_ns", "symbol_id", "kind"}),
         "first_ts": iso(first),
@@ -670,6 +721,7 @@ def _inspect_one(path: Path, format: str | None, symbol: str | None) -> dict[str
         "bad_rows": acct.rejected,
         "bad_rows_by_reason": dict(acct.by_reason),
         "lines_ignored": sum(replay.accounting.ignored.values()),
+        **books.summary(replay.accounting),
     }
 
 
@@ -695,6 +747,133 @@ def _validate_one(name: str) -> None:
     pipe = run.pipeline
     print(f"{definition.path}: ok — pipeline {definition.name!r}, {len(run.sources)} source(s), "
           f"stages {' → '.join(s.name for s in pipe.stages)}, batch {pipe.batch_size}")
+
+
+# --- batch -----------------------------------------------------------------------------
+BATCH_EXAMPLES = """examples:
+  nautilus-pipeline batch default 'data/*-trades-2024-08-*.csv' --out out/aug --workers 8
+  nautilus-pipeline batch default 'data/**/*.csv.gz' --out out/all --executor ray
+  nautilus-pipeline batch default 'data/*.csv' --out out/c --executor ray --ray-address ray://head:10001
+
+Files are grouped by symbol, each symbol's files replayed in time order with the state
+carried from file to file; symbols run in parallel. Outputs: OUT/<kind>/symbol=<S>/ (Parquet,
+one dataset per kind), OUT/summary.json, each job's own outputs in OUT/jobs/.
+Exit codes: 0 ok, 2 bad arguments (a pattern matching nothing, mixed formats), 3 bad
+definition, 4 a symbol's file could not be read (named; the other symbols completed), 5 a
+stage failed on some batches, 1 other failures, 130 interrupted (what finished is merged)."""
+
+
+def _add_batch_parser(sub: Any, fmt: type) -> None:
+    from .config import MAX_BATCH_SIZE
+
+    b = sub.add_parser("batch", help="replay many files in parallel (by symbol), merged into one dataset",
+                       epilog=BATCH_EXAMPLES, formatter_class=fmt)
+    b.add_argument("pipeline", help="pipeline definition: a TOML file, or the name of a bundled one")
+    b.add_argument("inputs", nargs="+", metavar="FILE_OR_GLOB", help="tick files or glob patterns (quote them)")
+    b.add_argument("--out", required=True, help="output folder")
+    b.add_argument("--executor", choices=("local", "ray"), default="local",
+                   help="local: a process pool on this machine (default); ray: Ray tasks")
+    b.add_argument("--workers", type=_ranged(int, 1, None, "a number of workers"),
+                   help="processes (local) or CPUs of a local Ray (default: the machine's cores)")
+    b.add_argument("--ray-address", metavar="ADDR", help="a running Ray cluster (default: start a local one)")
+    b.add_argument("--format", type=_format_name, help="reader for the files (default: detected)")
+    b.add_argument("--symbol", help="instrument name, for one-symbol files whose name does not say it")
+    b.add_argument("--batch", type=_ranged(int, 1, MAX_BATCH_SIZE, "a number of ticks"),
+                   help="ticks per batch (overrides pipeline.batch_size)")
+    b.add_argument("--trace-every", type=_ranged(int, 0, None, "a number of trades"), default=0,
+                   help="keep every Nth trade in the trace (default: about 200k points per symbol)")
+    b.add_argument("--no-progress", action="store_true", help="no progress bar even on a terminal")
+    b.add_argument("--log-format", choices=("auto", "json", "console"), default="auto",
+                   help="logs on stderr: JSON lines or console (default: console on a terminal)")
+    b.add_argument("--log-level", default="warning", choices=("debug", "info", "warning", "error"))
+
+
+def cmd_batch(args: argparse.Namespace) -> int:
+    """``batch``: plan, run on the executor, merge; Ctrl-C (or SIGTERM) stops the jobs and
+    merges what finished."""
+    from rich.console import Console
+
+    from .batch import run_batch
+    from .batch.plan import InputError
+
+    if args.ray_address and args.executor != "ray":
+        raise UsageError("--ray-address needs --executor ray")
+    err = Console(stderr=True)
+    got: list[int] = []
+
+    def on_term(signum: int, frame: object) -> None:
+        got.append(signum)
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, on_term)
+    try:
+        with _BatchProgress(err, err.is_terminal and not args.no_progress) as progress:
+            report = run_batch(args.pipeline, args.inputs, args.out, executor=args.executor,
+                               workers=args.workers, ray_address=args.ray_address, batch_size=args.batch,
+                               format=args.format, symbol=args.symbol, trace_every=args.trace_every,
+                               progress=progress, log_level=args.log_level)
+    except InputError as exc:
+        raise UsageError(str(exc)) from None
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    s = report.summary
+    t = s["totals"]
+    done = sum(1 for f in s["files"].values() if f["status"] == "done")
+    print(f"{s['pipeline']}: {done} of {len(s['files'])} files, {t['read']:,} ticks read = "
+          f"{t['delivered']:,} delivered + {t['rejected']:,} rejected + {t['quarantined']:,} quarantined; "
+          f"{len(s['jobs'])} jobs on {s['executor']} ({s['workers'] or 'cluster'} workers) in {s['wall_s']:.1f} s")
+    for kind, o in s["outputs"].items():
+        print(f"  {kind}: {o['rows']:,} rows in {o['path']}")
+    for f in s["failed"]:
+        _fail(f"{f['symbol']}: {f['error']}", EXIT_DATA)
+    if s["interrupted"]:
+        print("interrupted: what finished is merged (summary.json lists the files not run)", file=sys.stderr)
+        return EXIT_TERMINATED if got else EXIT_INTERRUPTED
+    return report.exit_code
+
+
+class _BatchProgress:
+    """A rich progress bar over a batch's jobs on a terminal (nothing when piped)."""
+
+    def __init__(self, console: Any, enabled: bool):
+        self.console, self.enabled = console, enabled
+        self.bar: Any = None
+
+    def __enter__(self) -> _BatchProgress:
+        if self.enabled:
+            from rich.progress import (
+                BarColumn,
+                MofNCompleteColumn,
+                Progress,
+                TextColumn,
+                TimeElapsedColumn,
+            )
+
+            self.bar = Progress(TextColumn("[bold]batch"), BarColumn(), MofNCompleteColumn(),
+                                TextColumn("jobs {task.fields[ticks]} ticks {task.fields[failed]}"),
+                                TimeElapsedColumn(), console=self.console, transient=True)
+            self.bar.start()
+            self.task = self.bar.add_task("batch", total=None, ticks="0", failed="")
+        self.ticks, self.failed = 0, 0
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.bar is not None:
+            self.bar.stop()
+
+    def start(self, jobs: int) -> None:
+        if self.bar is not None:
+            self.bar.update(self.task, total=jobs)
+
+    def job_done(self, result: Any) -> None:
+        self.ticks += result.ticks["read"]
+        if self.bar is not None:
+            self.bar.update(self.task, advance=1, ticks=f"{self.ticks:,}")
+
+    def chain_failed(self, chain: str, error: str, jobs_left: int) -> None:
+        self.failed += 1
+        if self.bar is not None:
+            self.bar.update(self.task, advance=jobs_left, failed=f"[red]{self.failed} failed")
 
 
 if __name__ == "__main__":  # pragma: no cover

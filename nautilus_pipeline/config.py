@@ -254,6 +254,9 @@ def _stage_def(table: Any, i: int, source: str) -> StageDef:
     if not isinstance(kind, str):
         raise ConfigError(f"{source}: {where}.type must be a string, got {kind!r}")
     cls = stage_class(kind, where, source)
+    for key, moved in getattr(cls, "MOVED_KEYS", {}).items():
+        if key in table:
+            raise ConfigError(f"{source}: {where}.{key} is no longer a key of a {kind!r} stage: {moved}")
     values = take({k: v for k, v in table.items() if k != "type"}, stage_schema(cls), where, source)
     streams = values.pop("streams")
     if not streams or any(not isinstance(x, str) for x in streams):
@@ -392,10 +395,12 @@ class BuildContext:
 
 def make_sources(definition: PipelineDef, ticks: list[str] | None, out_dir: Path | None, *,
                  format: str | None = None, symbol: str | None = None,
-                 order_by: str | None = None) -> list[Source]:
+                 order_by: str | None = None, mapping: dict | None = None) -> list[Source]:
     """``io.Source`` objects for the definition's sources, or for ``ticks`` files if given
-    (``format`` and ``symbol`` apply to those); ``order_by`` (``ts_event``/``ts_recv``)
-    overrides every source's replay clock. Each source validates itself when made."""
+    (``format``, ``symbol`` and a column ``mapping`` apply to those; without a mapping they take
+    the definition's when all its sources share one, so ``--ticks`` does not drop it);
+    ``order_by`` (``ts_event``/``ts_recv``) overrides every source's replay clock. Each source
+    validates itself when made."""
     from .io import Source
 
     order = {"ts_event": "ts_ns", "ts_recv": "ts_recv_ns", None: None}
@@ -405,14 +410,23 @@ def make_sources(definition: PipelineDef, ticks: list[str] | None, out_dir: Path
     allowed = definition.pipeline["symbols"]
     if ticks:
         given = {k: v for k, v in (("format", format), ("symbol", symbol)) if v is not None}
+        maps = {repr(m) for m in (t["options"].get("mapping") for t in definition.sources) if m}
+        if mapping is None and len(maps) == 1 and all(t["options"].get("mapping") for t in definition.sources):
+            mapping = definition.sources[0]["options"]["mapping"]
+        if mapping is not None:
+            given["options"] = {"mapping": mapping}
         tables = [take({"path": t, **given}, SOURCE_KEYS, f"ticks[{i}]", "--ticks")
                   for i, t in enumerate(ticks)]
         paths = [Path(t) for t in ticks]
     else:
         tables = definition.sources
         paths = [resolve_path(t["path"], definition.path.parent) for t in tables]
+    from .io.nautilus import catalog_files  # a NautilusTrader catalog folder: its tick files
+
+    pairs = [(t, f) for t, p in zip(tables, paths, strict=True)
+             for f in (catalog_files(p) if p.is_dir() else [p])]
     out = []
-    for i, (t, p) in enumerate(zip(tables, paths, strict=True)):
+    for i, (t, p) in enumerate(pairs):
         quarantine = t["quarantine"]
         if t["on_bad_row"] == "quarantine" and quarantine is None:
             folder = out_dir or Path(definition.outputs["dir"])

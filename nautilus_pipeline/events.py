@@ -9,8 +9,12 @@ units:
 - prices are ``float64`` in the quote currency; sizes ``float64`` in base units
   (contracts for inverse/COIN-M instruments, as the venue reports them);
 - ``side`` is the aggressor: ``+1`` buyer-initiated, ``-1`` seller-initiated, ``0`` unknown;
-- ``kind`` tells trades (``0``) from quotes (``1``) so that both can share one stream;
-  columns that do not apply to a row's kind hold NaN (floats) or ``-1`` (ids).
+- ``kind`` tells trades (``0``) from quotes (``1``) and order-book level deltas (``2``) so
+  that all share one stream; columns that do not apply to a row's kind hold NaN (floats) or
+  ``-1`` (ids). A book row (``KIND_BOOK``) sets one price level: ``side`` is the *book* side
+  (``+1`` bid, ``-1`` ask), ``price`` the level, ``size`` its new total (``0`` removes it);
+  ``side = 0`` with a NaN price clears the symbol's book (a snapshot follows). The ``book``
+  stage (``stages/book.py``) keeps the books and writes the top of book into ``bid``/``ask``.
 
 ``TradeTick``/``QuoteTick``/``Signal`` are the per-event objects users see at the edges
 (publishing from their own feed, reading signals); they convert to and from the arrays.
@@ -28,16 +32,21 @@ from .errors import ConfigError
 
 
 class ColumnSpec(NamedTuple):
-    """One named column of a slab: dtype and the per-row shape (``()`` for scalars)."""
+    """One named column of a slab: dtype and the per-row shape (``()`` for scalars).
+
+    ``labels`` names the entries of a per-row vector (the features column's feature names),
+    so a later stage learns what it reads from the column, not from the stage that wrote it."""
 
     name: str
     dtype: np.dtype
     shape: tuple[int, ...] = ()
     fill: float | int = 0
+    labels: tuple[str, ...] = ()
 
 
 KIND_TRADE = 0
 KIND_QUOTE = 1
+KIND_BOOK = 2
 
 class AggressorSide(enum.IntEnum):
     """Who took liquidity in a trade: the ``side`` of a :class:`TradeTick` (an int8 column).

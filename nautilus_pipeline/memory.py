@@ -37,7 +37,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -157,7 +157,7 @@ class Lease:
     slab returns to the pool.
     """
 
-    __slots__ = ("_holders", "_pool", "device_cache", "length", "meta", "seq", "slab")
+    __slots__ = ("_holders", "_pool", "device_cache", "length", "meta", "on_release", "seq", "slab")
 
     def __init__(self, pool: BufferPool, slab: Slab, holder: str, seq: int):
         self._pool = pool
@@ -167,6 +167,8 @@ class Lease:
         self.meta: dict[str, Any] = {}
         self.device_cache: dict[tuple[str, str], Any] = {}
         self._holders: dict[str, int] = {holder: 1}
+        # Called with the lease once its slab is back in the pool (the NATS bridge acks then).
+        self.on_release: Callable[[Lease], None] | None = None
 
     # --- data access -------------------------------------------------------------------
     @property
@@ -251,6 +253,8 @@ class Lease:
         if not self._holders:
             self.device_cache.clear()
             self._pool._return(self)
+            if self.on_release is not None:
+                self.on_release(self)
 
     def _check_live(self) -> None:
         if not self._holders:

@@ -9,7 +9,9 @@ choices (``Literal``), the one-line docs (field metadata), the "did you mean" me
 the schema tables of ``pipelines/README.md`` (:func:`schema_markdown`).
 
 Keys every stage takes besides its ``Params``: ``type``, ``name`` (default: the type) and
-``streams`` (default: the class's ``streams``).
+``streams`` (default: the class's ``streams``). A field whose type is itself a Params
+dataclass is a nested TOML table (the risk stage's ``signal = { long_threshold = 0.55 }``),
+validated key by key like the outer one.
 """
 
 from __future__ import annotations
@@ -41,6 +43,7 @@ class Key:
     doc: str = ""
     required: bool = False
     choices: tuple[Any, ...] | None = None
+    schema: Mapping[str, Key] | None = None  # a nested table's own keys
 
 
 def _typename(t: type | tuple[type, ...]) -> str:
@@ -77,6 +80,8 @@ def take(table: Any, schema: Mapping[str, Key], where: str, source: str) -> dict
                 f"{source}: {where}.{key} = {value!r} is not allowed; choose one of "
                 f"{', '.join(repr(c) for c in spec.choices)}"
             )
+        if spec.schema is not None:
+            value = take(value, spec.schema, f"{where}.{key}", source)
         out[key] = value
     for key, spec in schema.items():
         if key not in out:
@@ -129,6 +134,10 @@ def schema_of(cls: type) -> dict[str, Key]:
     """The TOML keys of a Params dataclass (without ``name``/``streams``)."""
     out = {}
     for name, (f, hint) in fields_of(cls).items():
+        if dataclasses.is_dataclass(hint):
+            default = f.default if f.default is not MISSING else f.default_factory()
+            out[name] = Key(dict, params_as_toml(default), _field_doc(cls, f), schema=schema_of(hint))
+            continue
         accepted, choices = _toml_types(hint)
         if f.default is not MISSING:
             default = f.default
@@ -156,6 +165,8 @@ def build_params(cls: type, values: Mapping[str, Any]) -> Any:
         v = values[name]
         if isinstance(v, list):
             v = _list_items(name, v, hint)
+        elif isinstance(v, Mapping) and dataclasses.is_dataclass(hint):
+            v = build_params(hint, v)
         kwargs[name] = v
     return cls(**kwargs)
 
@@ -182,7 +193,11 @@ def _list_items(name: str, values: list, hint: Any) -> Any:
 
 def params_as_toml(params: Any) -> dict[str, Any]:
     """A Params instance as TOML-ready values (the inverse of :func:`build_params`)."""
-    return {k: _toml_default(getattr(params, k)) for k in fields_of(type(params))}
+    out = {}
+    for k in fields_of(type(params)):
+        v = getattr(params, k)
+        out[k] = params_as_toml(v) if dataclasses.is_dataclass(v) else _toml_default(v)
+    return out
 
 
 def schema_markdown(type_name: str, stage_cls: type) -> str:
@@ -194,7 +209,7 @@ def schema_markdown(type_name: str, stage_cls: type) -> str:
             f"| `streams` | list | `{list(stage_cls.streams)}` | compute stream preference list, first usable wins |"]
     params_cls = getattr(stage_cls, "Params", None)
     if params_cls is not None:
-        for name, key in schema_of(params_cls).items():
+        for name, key in _flat_keys(schema_of(params_cls)):
             kind = " or ".join(_typename(t).removeprefix("a ").removeprefix("an ")
                                for t in (key.type if isinstance(key.type, tuple) else (key.type,)))
             if key.choices:
@@ -202,6 +217,17 @@ def schema_markdown(type_name: str, stage_cls: type) -> str:
             default = "required" if key.required else f"`{_md_value(key.default)}`"
             rows.append(f"| `{name}` | {kind} | {default} | {key.doc} |")
     return "\n".join(rows) + "\n"
+
+
+def _flat_keys(schema: Mapping[str, Key], prefix: str = "") -> list[tuple[str, Key]]:
+    """A schema's keys with nested tables spelled out as ``table.key``."""
+    out = []
+    for name, key in schema.items():
+        if key.schema is not None:
+            out.extend(_flat_keys(key.schema, f"{prefix}{name}."))
+        else:
+            out.append((prefix + name, key))
+    return out
 
 
 def _md_value(v: Any) -> str:

@@ -61,7 +61,7 @@ import dataclasses
 import sys
 import threading
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
@@ -190,6 +190,7 @@ class Pipeline:
         self._started = False
         self._closed = False
         self.leaked: list[Lease] = []
+        self._ingest_gate: Any = None
 
     def _check_columns(self) -> None:
         available = set(TICK_COLUMN_NAMES)
@@ -251,6 +252,8 @@ class Pipeline:
                 stage, input_topic=topic, output_topic=out, ctx=self.ctx,
                 queue_size=self.queue_size, serial=self.execution == "serial",
             )
+            if self.runners:
+                self.runners[-1].downstream = runner
             self.runners.append(runner)  # closed by close() even if its start fails
             await runner.start()
             topic = out
@@ -352,14 +355,25 @@ class Pipeline:
         self._check_running()
         await self._send(lease, holder)
 
-    async def _send(self, lease: Lease, holder: str) -> None:
+    async def _send(self, lease: Lease, holder: str, inline: bool = False) -> None:
+        """Hand ``lease`` to the first stage: through its queue, or with ``inline`` (the
+        micro-batcher's flushes) in this task when it is small and the stage idle (see
+        :mod:`nautilus_pipeline.stage`). Sources of whole batches keep the queue, so that
+        ``publish_batch``/``ingest`` return once a batch is queued."""
         rows = lease.length
+        counted = False
         try:
             if rows:
-                await self.bus.publish(self.ingress_topic, lease)
-                self.ticks_in += rows
+                first = self.runners[0] if inline and self.runners else None
+                if first is not None and first.can_take_inline(rows, self.ingress_topic):
+                    self.ticks_in += rows  # in the pipeline from here on, as a queued batch is
+                    counted = True
+                    await first.take_inline(lease, self.ingress_topic)
+                else:
+                    await self.bus.publish(self.ingress_topic, lease)
+                    self.ticks_in += rows
         except BaseException:
-            if rows:
+            if rows and not counted:
                 self.ticks_not_delivered += rows
                 log.warning("batch_not_delivered", pipeline=self.name, batch=lease.seq, rows=rows,
                             holder=holder)
@@ -367,28 +381,27 @@ class Pipeline:
         finally:
             lease.release(holder)
 
-    async def ingest(self, columns: Mapping[str, np.ndarray], *, symbol: str | None = None) -> int:
-        """Copy a struct of arrays (tick column name → array) into slabs and publish them.
+    async def ingest(self, columns: Any, *, symbol: str | None = None, policy: str = "fail",
+                     quarantine: str | None = None) -> int:
+        """Copy ticks into slabs and publish them: a struct of arrays (tick column name → array)
+        or a pandas, polars or pyarrow table with those column names.
 
         Missing columns take their defaults (``side`` 0, ``trade_id`` −1, NaN quotes).
         ``symbol`` names the instrument of every row (its ``symbol_id`` from the pipeline's
-        symbol table); without it, ``symbol_id`` must be given or defaults to 0.
-        Returns the number of rows published.
+        symbol table); without it, ``symbol_id`` must be given or defaults to 0. The rows go
+        through the readers' checks (``io/frames.py``) under ``policy`` (``fail`` raises a
+        ``DataError`` naming the row; ``reject``/``quarantine`` drop and count them in
+        ``ingest_accounting``). Returns the number of rows published.
         """
         self._check_running()
-        if symbol is not None:
-            sid = self.symbols.id_of(symbol)
-            columns = {**columns, "symbol_id": np.full(len(columns["ts_ns"]), sid, dtype=np.uint32)}
+        sid = None if symbol is None else self.symbols.id_of(symbol)
+        if self._ingest_gate is None:
+            from .io.frames import IngestGate
+
+            self._ingest_gate = IngestGate(self.symbols)
+        columns = self._ingest_gate.admit(columns, symbol_id=sid, policy=policy, quarantine=quarantine)
         await self.flush()
-        unknown = set(columns) - set(TICK_COLUMN_NAMES)
-        if unknown:
-            raise ConfigError(f"ingest: unknown tick columns {sorted(unknown)}; use {TICK_COLUMN_NAMES}")
-        if "ts_ns" not in columns:
-            raise ConfigError("ingest: the ts_ns column is required")
         n = len(columns["ts_ns"])
-        lengths = {name: len(col) for name, col in columns.items()}
-        if len(set(lengths.values())) > 1:
-            raise ConfigError(f"ingest: columns differ in length: {lengths}")
         for start in range(0, n, self.batch_size):
             stop = min(start + self.batch_size, n)
             lease = await self.pool.acquire("ingress")
@@ -406,10 +419,10 @@ class Pipeline:
         """Add one tick to the current micro-batch (sent at ``batch_size`` or ``max_delay_us``)."""
         self._check_running()
         lease = self._pending
-        if lease is None:
+        first = lease is None
+        if first:
             lease = self._pending = await self.pool.acquire("ingress")
             self._pending_deadline = time.monotonic() + self.max_delay_s
-            self._arm_flusher()
         i = lease.length
         cols = lease.columns
         cols["ts_ns"][i] = tick.ts_ns
@@ -436,6 +449,10 @@ class Pipeline:
         lease.length = i + 1
         if lease.length >= lease.capacity or time.monotonic() >= self._pending_deadline:
             await self.flush()
+        elif first:
+            # the batcher flushes it when this burst gives the loop back; a batch that is
+            # already full (batch_size=1) went out above without waking it
+            self._arm_flusher()
 
     async def flush(self) -> None:
         """Publish the partial micro-batch now."""
@@ -443,7 +460,7 @@ class Pipeline:
         if lease is None:
             return
         self._pending = None
-        await self._send(lease, "ingress")
+        await self._send(lease, "ingress", inline=True)
 
     def _arm_flusher(self) -> None:
         """Make sure the deadline task runs and knows a new micro-batch has started."""
@@ -474,6 +491,11 @@ class Pipeline:
                     raise
 
     # --- introspection -----------------------------------------------------------------
+    @property
+    def ingest_accounting(self) -> Any:
+        """Rows given to :meth:`ingest`: read = delivered + rejected + quarantined (None before any)."""
+        return None if self._ingest_gate is None else self._ingest_gate.accounting
+
     def tick_flow(self) -> TickFlow:
         """The tick accounting now (see :class:`TickFlow`)."""
         sink_rows = self.runners[-1].metrics.rows if self.runners else 0
@@ -491,3 +513,63 @@ class Pipeline:
             "pool": dataclasses.asdict(self.pool.stats()),
             "leaked_leases": [repr(lease) for lease in self.leaked],
         }
+
+    # --- snapshots (see nautilus_pipeline.snapshot) ------------------------------------
+    def _check_boundary(self, what: str) -> None:
+        from .snapshot import SnapshotError
+
+        if not self._started or self._closed:
+            raise SnapshotError(f"pipeline {self.name!r}: {what} needs a running pipeline "
+                                "(inside 'async with pipeline:', before it closes)")
+        flow = self.tick_flow()
+        if self._pending is not None or flow.in_flight:
+            raise SnapshotError(f"pipeline {self.name!r}: {what} at a batch boundary only: "
+                                f"{flow.in_flight} rows in flight; 'await pipeline.drain()' first")
+
+    def _layout(self) -> list[list[str]]:
+        return [[s.name, f"{type(s).__module__}:{type(s).__qualname__}"] for s in self.stages]
+
+    def snapshot(self) -> bytes:
+        """Every stage's state and the symbol table, at a batch boundary (after ``drain()``):
+        a new pipeline of the same definition resumes from it with :meth:`restore` and gives
+        the outputs the uninterrupted run would have given."""
+        from .snapshot import encode, fingerprint
+
+        self._check_boundary("snapshot")
+        stages = {s.name: np.frombuffer(s.snapshot(), dtype=np.uint8) for s in self.stages}
+        return encode("pipeline", fingerprint(self._layout()),
+                      {"symbols": self.symbols.names, "stages": stages},
+                      pipeline=self.name, layout=self._layout())
+
+    def restore(self, data: bytes) -> None:
+        """Restore a :meth:`snapshot` of a pipeline of the same definition, after ``start`` and
+        before the first batch. A snapshot of another definition, version or parameters is a
+        :class:`~nautilus_pipeline.snapshot.SnapshotError` naming what differs."""
+        from .snapshot import SnapshotError, decode
+
+        self._check_boundary("restore")
+        head = decode(data, kind="pipeline", what=f"pipeline {self.name!r}")
+        layout = head.meta.get("layout")
+        if layout != self._layout():
+            theirs = [n for n, _ in layout or []]
+            raise SnapshotError(
+                f"pipeline {self.name!r}: the snapshot is of another pipeline definition "
+                f"({head.meta.get('pipeline')!r}, stages {theirs}; this one "
+                f"{[s.name for s in self.stages]}, or other stage types)")
+        mine, theirs = self.symbols.names, list(head.state["symbols"])
+        common = min(len(mine), len(theirs))
+        if mine[:common] != theirs[:common]:
+            raise SnapshotError(
+                f"pipeline {self.name!r}: symbol ids differ (here {mine}, in the snapshot {theirs}); "
+                "restore before any tick of another symbol is read")
+        for name in theirs[common:]:
+            self.symbols.id_of(name)
+        for stage in self.stages:
+            stage.restore(head.state["stages"][stage.name].tobytes())
+
+    def end_segment(self) -> None:
+        """After a :meth:`snapshot` whose stream goes on in another pipeline: the stages drop
+        what closing would emit early (the open VPIN bar, the trace's last-row mark)."""
+        for stage in self.stages:
+            stage.end_segment()
+

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from book_reference import reference
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -20,65 +21,6 @@ from nautilus_pipeline.kernels.book import (
 )
 
 MBO = Path(__file__).parent / "data" / "databento-glbx-esh4-mbo-20231225-head.dbn.zst"
-
-
-def reference(side, price, size, action, capacity=64):
-    """Dict book, sorted on every row; the definition in kernels/book.py, term by term."""
-    books = {1: {}, -1: {}}
-    out = []
-    nan = math.nan
-
-    def best(s):
-        levels = sorted(books[s].items(), reverse=(s == 1))
-        return levels
-
-    for sd, p, q, a in zip(side, price, size, action, strict=True):
-        bids, asks = best(1), best(-1)
-        before = (bids[0] if bids else None, asks[0] if asks else None)
-        if a == ACTION_CLEAR:
-            books[1].clear()
-            books[-1].clear()
-        if math.isfinite(p) and sd in (1, -1):
-            book = books[sd]
-            if q > 0:
-                book[p] = q
-                if len(book) > capacity:
-                    worst = min(book) if sd == 1 else max(book)
-                    del book[worst]
-            else:
-                book.pop(p, None)
-        bids, asks = best(1), best(-1)
-        row = []
-        if bids and asks:
-            (b, qb), (a_, qa) = bids[0], asks[0]
-            row += [a_ - b, (a_ + b) / 2.0, (b * qa + a_ * qb) / (qb + qa)]
-        else:
-            row += [nan, nan, nan]
-        for k in (1, 5, 10):
-            sb = 0.0
-            for _, s_ in bids[:k]:
-                sb += s_
-            sa = 0.0
-            for _, s_ in asks[:k]:
-                sa += s_
-            row.append((sb - sa) / (sb + sa) if sb + sa > 0 else nan)
-        if bids and asks and before[0] and before[1]:
-            (b, qb), (a_, qa) = bids[0], asks[0]
-            (b0, qb0), (a0, qa0) = before
-            e = 0.0
-            if b >= b0:
-                e += qb
-            if b <= b0:
-                e -= qb0
-            if a_ <= a0:
-                e -= qa
-            if a_ >= a0:
-                e += qa0
-            row.append(e)
-        else:
-            row.append(0.0)
-        out.append(row)
-    return np.array(out).reshape(-1, len(BOOK_FEATURE_NAMES))
 
 
 def run_split(cols, cuts, capacity=64):
@@ -171,3 +113,27 @@ def test_full_real_mbo_day_rebuilds_a_book_with_every_level(shared_data: Path) -
     assert state.n.tolist() == [922, 565]  # levels left at the end of the day, none truncated
     last = out[-1]
     assert last[0] == 0.25 and last[1] == 4810.125  # one tick wide at the close of the file
+
+
+@settings(deadline=None, max_examples=60)
+@given(deltas, st.lists(st.integers(0, 200), max_size=4), st.integers(1, 12))
+def test_levels_out_are_the_loop_books_best_levels(rows, cuts, levels) -> None:
+    cols = columns(rows)
+    _, want_lv = reference(*cols, levels=levels)
+    state = new_book_state()
+    edges = [0, *sorted(c for c in cuts if c <= len(rows)), len(rows)]
+    got = []
+    for lo, hi in itertools.pairwise(edges):
+        lv = np.empty((hi - lo, 4, levels))
+        state, _ = book_update(state, *(c[lo:hi] for c in cols), levels_out=lv)
+        got.append(lv)
+    got_lv = np.concatenate(got)
+    assert same(got_lv.reshape(len(rows), -1), want_lv.reshape(len(rows), -1))
+
+
+def test_a_row_with_side_zero_and_no_clear_leaves_the_book_as_it_is() -> None:
+    side = np.array([1, -1, 0], dtype=np.int8)
+    price = np.array([100.0, 101.0, np.nan])
+    size = np.array([2.0, 3.0, np.nan])
+    _, out = book_update(new_book_state(), side, price, size, np.zeros(3, dtype=np.uint8))
+    assert same(out[2, :6], out[1, :6]) and out[2, 6] == 0.0

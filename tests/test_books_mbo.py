@@ -74,3 +74,14 @@ def test_real_mbo_head_starts_with_its_snapshot() -> None:
 def test_a_non_mbo_file_is_refused(sample_dir: Path) -> None:
     with pytest.raises(DataError, match="no MBO records"):
         mbo_level_deltas(sample_dir / "databento-glbx-futures-trades-20240701.dbn.zst")
+
+
+def test_after_the_open_the_book_is_uncrossed_at_every_events_last_delta() -> None:
+    d = mbo_level_deltas(HEAD)
+    lv = np.empty((len(d["side"]), 4, 1))
+    book_update(new_book_state(), d["side"], d["price"], d["size"], d["action"], levels_out=lv)
+    bid, ask = lv[:, 0, 0], lv[:, 2, 0]
+    opened = (d["ts_ns"] > 1_703_545_203 * 10**9) & np.isfinite(bid) & np.isfinite(ask)
+    crossed = opened & (bid >= ask)
+    assert opened.sum() > 1000 and crossed.sum() == 2  # inside one exchange event each
+    assert not (crossed & d["last"]).any()

@@ -276,7 +276,7 @@ async def test_a_stage_error_carries_its_context_as_attributes():
     pipe = Pipeline([Fails()], batch_size=8, memory="host", on_error="fail_fast")
     with pytest.raises(Exception) as info:
         async with pipe:
-            await pipe.ingest({"ts_ns": np.arange(5)})
+            await pipe.ingest({"ts_ns": np.arange(5), "price": np.ones(5), "size": np.ones(5)})
             await pipe.drain()
     err = info.value.__cause__
     assert isinstance(err, StageError)
@@ -298,7 +298,7 @@ async def test_a_concurrent_pipeline_lowers_the_gil_switch_interval_only_while_i
     before = sys.getswitchinterval()
     async with Pipeline([Arrivals()], memory="host") as pipe:
         assert sys.getswitchinterval() == pytest.approx(min(before, GIL_SWITCH_S))
-        await pipe.ingest({"ts_ns": np.arange(3)})
+        await pipe.ingest({"ts_ns": np.arange(3), "price": np.ones(3), "size": np.ones(3)})
     assert sys.getswitchinterval() == before
     async with Pipeline([Arrivals()], memory="host", execution="serial"):
         assert sys.getswitchinterval() == before

@@ -74,7 +74,7 @@ def chain(limits: RiskParams | None = None, bucket_volume: float = 5.0):
         VpinStage(bucket_volume, window=10, bar_ns=1_000_000_000),
         RiskStage(limits or RiskParams(max_drawdown=500.0, fee_rate=4e-4), RULE, var_every=500,
                   var_paths=2000),
-        SignalStage(RULE),
+        SignalStage(),
     ]
 
 
@@ -200,13 +200,49 @@ def test_risk_needs_the_volatility_feature():
                   VpinStage(5.0), RiskStage(vol_feature="vol_ewma_7"), SignalStage()])
 
 
-def test_signal_and_risk_must_share_the_rule():
+def test_the_signal_stage_needs_the_risk_stage_before_it():
     from nautilus_pipeline.pipeline import Pipeline
 
     inference = InferenceStage(streams=("cpu",))
-    with pytest.raises(ConfigError, match="same rule"):
-        Pipeline([FeaturesStage(inference.input_names), inference, VpinStage(5.0),
-                  RiskStage(rule=RULE), SignalStage(SignalParams(long_threshold=0.6))])
+    with pytest.raises(ConfigError, match="signal_emit"):
+        Pipeline([FeaturesStage(inference.input_names), inference, VpinStage(5.0), SignalStage()])
+
+
+def _definition(risk: str, signal: str = "") -> str:
+    return (f'[pipeline]\nname = "t"\n\n[[stages]]\ntype = "features"\n\n[[stages]]\ntype = "risk"\n{risk}\n'
+            f'[[stages]]\ntype = "signal"\n{signal}\n')
+
+
+def test_the_rule_is_a_table_of_the_risk_stage():
+    from nautilus_pipeline.config import loads
+
+    d = loads(_definition("max_position = 2.0\nsignal = { long_threshold = 0.6, max_position = 0.01 }"))
+    risk = d.stages[1].params
+    assert risk.max_position == 2.0  # the account's limit ...
+    assert risk.signal == SignalParams(long_threshold=0.6, max_position=0.01)  # ... and the rule's size
+    assert loads(_definition("")).stages[1].params.signal == SignalParams()
+
+
+@pytest.mark.parametrize(("risk", "signal", "message"), [
+    ("", "long_threshold = 0.6", r"stages\[2\]\.long_threshold is no longer a key of a 'signal' stage.*risk stage"),
+    ("signal = { long_treshold = 0.6 }", "", r"unknown key stages\[1\]\.signal\.long_treshold \(did you mean 'long_threshold'\?\)"),
+    ("signal = { sizing = 'half' }", "", r"stages\[1\]\.signal\.sizing = 'half' is not allowed"),
+    ("signal = { max_position = 'big' }", "", r"stages\[1\]\.signal\.max_position must be a number"),
+    ("signal = 0.5", "", r"stages\[1\]\.signal must be a table"),
+])
+def test_rule_keys_in_the_wrong_place_or_shape_are_refused_with_their_location(risk, signal, message):
+    from nautilus_pipeline.config import loads
+
+    with pytest.raises(ConfigError, match=message):
+        loads(_definition(risk, signal))
+
+
+def test_a_rule_the_kernel_refuses_is_refused_at_build():
+    from nautilus_pipeline.config import build_stages, loads
+
+    d = loads(_definition("signal = { long_threshold = 0.4, short_threshold = 0.6 }"))
+    with pytest.raises(ConfigError, match=r"stages\[1\] \(risk\).*short_threshold < long_threshold"):
+        build_stages(d)
 
 
 async def test_replay_to_pipeline_accounts_for_every_row_read(sample_dir, pipeline_from, collect, tmp_path):
@@ -229,7 +265,8 @@ async def test_replay_to_pipeline_accounts_for_every_row_read(sample_dir, pipeli
 
 def test_features_column_is_float64_of_the_declared_width():
     stage = FeaturesStage(["log_return", "spread"])
-    assert stage.writes == (ColumnSpec("features", np.dtype(np.float64), (2,), np.nan),)
+    assert stage.writes == (ColumnSpec("features", np.dtype(np.float64), (2,), np.nan,
+                                       labels=("log_return", "spread")),)
 
 
 async def test_vpin_on_a_torch_stream_matches_the_cpu_kernel(sample_dir, pipeline_from, collect):
@@ -262,3 +299,30 @@ async def test_the_testing_kit_example_from_its_docstring(pipeline_from, collect
     assert signals.payloads
     assert pipe.batch_size == 256
     assert pipe.stats()["ticks"]["ticks_failed"] == 0
+
+
+def test_stages_agree_on_labelled_columns_not_on_each_others_classes():
+    """A features stage of one's own feeds the inference stage when its ``features`` column
+    carries the model's input names as labels; wrong labels are refused at build."""
+    from nautilus_pipeline.events import ColumnSpec
+    from nautilus_pipeline.pipeline import Pipeline
+    from nautilus_pipeline.stage import Stage, upstream_column
+
+    inference = InferenceStage(streams=("cpu",))
+    names = inference.input_names
+
+    class MyFeatures(Stage):
+        def __init__(self, labels):
+            self.name = "my_features"
+            self.writes = (ColumnSpec("features", np.dtype(np.float64), (len(labels),), np.nan,
+                                      labels=tuple(labels)),)
+
+        async def process(self, lease, stream, ctx):
+            lease["features"][...] = 0.0
+
+    mine = MyFeatures(names)
+    pipe = Pipeline([mine, inference])
+    assert upstream_column(pipe.stages[:1], "features").labels == tuple(names)
+    assert upstream_column(pipe.stages[:1], "prediction") is None
+    with pytest.raises(ConfigError, match="model inputs missing from the features"):
+        Pipeline([MyFeatures(["log_return"]), InferenceStage(streams=("cpu",))])

@@ -52,6 +52,7 @@ EXPECTED_FORMATS = {
     "nautilus-binance-btcusdt-quotes.parquet": "parquet",
     "databento-glbx-futures-trades-20240701.dbn.zst": "databento",
     "databento-glbx-futures-mbp1-20240701.dbn.zst": "databento",
+    "databento-glbx-esh4-mbo-20231225-head.dbn.zst": "databento",
     "truefx-usdjpy-quotes.csv": "truefx",
     "histdata-eurusd-quotes.csv": "histdata",
 }
@@ -222,11 +223,14 @@ def test_databento_mbp1_as_quotes_and_optionally_trades(sample_dir: Path) -> Non
     assert np.array_equal(both["ts_ns"][trades], dbn_trades["ts_ns"])
 
 
-def test_databento_mbo_is_refused_with_the_schema_named(shared_data: Path) -> None:
-    from nautilus_pipeline.errors import DataError
+def test_databento_mbo_is_read_as_book_rows(shared_data: Path) -> None:
+    from nautilus_pipeline.events import KIND_BOOK
 
-    with pytest.raises(DataError, match="schema mbo"):
-        read_all(shared_data / "databento-glbx-esh4-mbo-20231225.dbn.zst")
+    cols, names, records, _, reader = read_all(shared_data / "databento-glbx-esh4-mbo-20231225.dbn.zst")
+    assert names == ["ESH4"] and (cols["kind"] == KIND_BOOK).all() and len(records) == 69_346
+    assert cols["side"][0] == 0 and np.isnan(cols["price"][0])  # the snapshot's clear
+    assert set(np.unique(cols["side"][1:]).tolist()) == {-1, 1} and (cols["size"] >= 0).all()
+    assert reader.unknown_orders == 0 and reader.ignored > 0  # fills and trades change no level
 
 
 def test_truefx_iso_quotes(sample_dir: Path) -> None:

@@ -129,7 +129,7 @@ def test_progress_and_accounting_on_every_bundled_file(sample_dir: Path) -> None
                 "tardis-huobi-btcusd-quotes.csv": 10, "nautilus-binance-btcusdt-trades.parquet": 2_001,
                 "nautilus-binance-btcusdt-quotes.parquet": 451, "databento-glbx-futures-trades-20240701.dbn.zst": 120,
                 "databento-glbx-futures-mbp1-20240701.dbn.zst": 2_288, "truefx-usdjpy-quotes.csv": 1_000,
-                "histdata-eurusd-quotes.csv": 9_500}
+                "histdata-eurusd-quotes.csv": 9_500, "databento-glbx-esh4-mbo-20231225-head.dbn.zst": 12_058}
     assert {n: replay.accounting.sources[str(sample_dir / n)].delivered for n in names} == expected
     assert replay.accounting.ignored[str(sample_dir / FEED)] == 3_435
 

@@ -79,7 +79,13 @@ def test_an_import_path_that_is_not_a_stage_is_refused():
         config.loads(missing, "u.toml")
 
 
-@pytest.mark.parametrize("type_name", sorted(STAGE_TYPES))
+def test_the_signal_stage_takes_no_keys_but_name_and_streams():
+    # the rule is the risk stage's (its signal table); publishing needs no parameters
+    assert not hasattr(STAGE_TYPES["signal"], "Params")
+    assert set(config.stage_schema(STAGE_TYPES["signal"])) == {"name", "streams"}
+
+
+@pytest.mark.parametrize("type_name", sorted(set(STAGE_TYPES) - {"signal"}))
 def test_every_builtin_stage_has_params_whose_defaults_match_its_constructor(type_name):
     cls = STAGE_TYPES[type_name]
     schema = schema_of(cls.Params)

@@ -8,6 +8,8 @@ and the first failing check names the row's :class:`~nautilus_pipeline.io.chunk.
    number of fields;
 2. trades: price finite and > 0, size finite and > 0; quotes: bid/ask finite and > 0, sizes
    (where present) finite and >= 0, not crossed (bid > ask; a locked book bid == ask passes);
+   book level deltas (``KIND_BOOK``): side +1/-1 with a finite price > 0 and a finite size
+   >= 0 (0 removes the level), or side 0 (a clear) with a NaN price;
 3. duplicate trade id within a symbol (where ids exist, i.e. ``trade_id >= 0``);
 4. time order within a symbol, on the source's replay clock (``ts_ns`` or ``ts_recv_ns``);
    equal timestamps pass unless ``allow_equal_ts=False``. See "Time order" below.
@@ -57,7 +59,7 @@ import numpy as np
 import orjson
 
 from ..errors import ConfigError, DataError, PipelineError
-from ..events import KIND_QUOTE, KIND_TRADE
+from ..events import KIND_BOOK, KIND_QUOTE, KIND_TRADE
 from .chunk import BadRow, Reason, TickChunk
 
 UNKNOWN_SYMBOL = "<unknown>"
@@ -152,11 +154,15 @@ class Counts:
 
 @dataclass
 class Accounting:
-    """Counts per source, and per symbol within each source; ``ignored`` lines per source."""
+    """Counts per source, and per symbol within each source; ``ignored`` lines per source;
+    ``book_gaps`` per source: sequence gaps a book reader found (and resynchronised after),
+    ``unknown_orders``: MBO cancels/modifies of orders it never saw (no delta made)."""
 
     sources: dict[str, Counts] = field(default_factory=dict)
     symbols: dict[tuple[str, str], Counts] = field(default_factory=dict)
     ignored: collections.Counter[str] = field(default_factory=collections.Counter)
+    book_gaps: collections.Counter[str] = field(default_factory=collections.Counter)
+    unknown_orders: collections.Counter[str] = field(default_factory=collections.Counter)
 
     def _get(self, source: str, symbol: str) -> tuple[Counts, Counts]:
         src = self.sources.setdefault(source, Counts())
@@ -197,6 +203,8 @@ class Accounting:
             "sources": {k: v.as_dict() for k, v in self.sources.items()},
             "symbols": {f"{s}:{y}": v.as_dict() for (s, y), v in self.symbols.items()},
             "ignored": dict(self.ignored),
+            **({"book_gaps": dict(self.book_gaps)} if self.book_gaps else {}),
+            **({"unknown_orders": dict(self.unknown_orders)} if self.unknown_orders else {}),
         }
 
 
@@ -321,6 +329,7 @@ class Validator:
     """Applies the checks and the policy of one source to its chunks, in file order.
 
     ``order_by`` names the replay clock the time check runs on (``ts_ns`` or ``ts_recv_ns``).
+    ``zero_size_trades``: a trade of size 0 passes (``Pipeline.ingest``: the kernels define it).
     State (last timestamp, ids seen per symbol) persists across chunks.
     """
 
@@ -334,8 +343,10 @@ class Validator:
         allow_equal_ts: bool = True,
         order_by: str = "ts_ns",
         symbols_allowed: Iterable[str] | None = None,
+        zero_size_trades: bool = False,
     ):
         self.source = source
+        self.zero_size_trades = zero_size_trades
         self.symbols_allowed = frozenset(symbols_allowed) if symbols_allowed is not None else None
         self.policy = Policy.parse(policy)
         if order_by not in ("ts_ns", "ts_recv_ns"):
@@ -410,7 +421,8 @@ class Validator:
             with np.errstate(invalid="ignore"):
                 flag(trade & ~np.isfinite(price), Reason.PRICE_NOT_FINITE)
                 flag(trade & (price <= 0), Reason.PRICE_NOT_POSITIVE)
-                flag(trade & ~(np.isfinite(size) & (size > 0)), Reason.SIZE_NOT_POSITIVE)
+                ok_size = (size >= 0) if self.zero_size_trades else (size > 0)
+                flag(trade & ~(np.isfinite(size) & ok_size), Reason.SIZE_NOT_POSITIVE)
         if quote.any():
             bid, ask = chunk.column("bid"), chunk.column("ask")
             bsz, asz = chunk.column("bid_size"), chunk.column("ask_size")
@@ -424,6 +436,16 @@ class Validator:
                 for s in (bsz, asz):
                     flag(quote & ~np.isnan(s) & ~(np.isfinite(s) & (s >= 0)), Reason.SIZE_NOT_POSITIVE)
                 flag(quote & (bid > ask), Reason.CROSSED_QUOTE)
+        book = kind == KIND_BOOK
+        if book.any():
+            price, size, side = chunk.column("price"), chunk.column("size"), chunk.column("side")
+            level = book & (side != 0)
+            with np.errstate(invalid="ignore"):
+                flag(book & ~np.isin(side, (-1, 0, 1)), Reason.UNKNOWN_SIDE)
+                flag(book & (side == 0) & ~np.isnan(price), Reason.UNKNOWN_SIDE)
+                flag(level & ~np.isfinite(price), Reason.PRICE_NOT_FINITE)
+                flag(level & (price <= 0), Reason.PRICE_NOT_POSITIVE)
+                flag(level & ~(np.isfinite(size) & (size >= 0)), Reason.SIZE_NOT_POSITIVE)
 
     def _sequence_checks(self, chunk: TickChunk, reason: np.ndarray) -> None:
         codes = chunk.column("symbol_id")

@@ -17,8 +17,14 @@ Mapping:
   the quote first
   (the schema is read from the metadata, which the decoder returns before the first record;
   it used to be compared before decoding, so TBBO files lost their trades).
-- Other records (MBO, status, definitions, ...) are not ticks and are counted as ``ignored``;
-  an MBO file's order book is rebuilt as price-level deltas by ``io/mbo.py``.
+- ``MBOMsg`` (schema ``mbo``): the order book is rebuilt per instrument (``io/mbo.py``) and
+  each level it changes becomes a book row (``KIND_BOOK``: book side, level price, the
+  level's new total size; a clear, or the start of a snapshot, a row with side 0 and a NaN
+  price), all with the record's number. With ``trades=True`` an action ``T`` record also
+  yields a trade (side = aggressor). Records that change no level (fills, trades without
+  ``trades=True``, a cancel of an order never seen) are counted as ``ignored``; the unseen
+  orders also in ``unknown_orders``. ``F_BAD_TS_RECV`` records get ``ts_recv_ns = -1``.
+- Other records (status, definitions, ...) are not ticks and are counted as ``ignored``.
 
 Prices are fixed-point int64 in units of 1e-9, converted to the float64 *nearest* to
 ``raw / 10**9`` (:func:`scale_prices`): ``3720250000000`` is ``3720.25``, not the
@@ -50,9 +56,10 @@ import databento_dbn as dbn
 import numpy as np
 
 from ..errors import DataError
-from ..events import KIND_QUOTE, KIND_TRADE, SIDE_BUY, SIDE_SELL, SIDE_UNKNOWN
+from ..events import KIND_BOOK, KIND_QUOTE, KIND_TRADE, SIDE_BUY, SIDE_SELL, SIDE_UNKNOWN
 from .chunk import TickChunk
 from .files import check_file, decoding_errors, open_stream
+from .mbo import F_BAD_TS_RECV, MboBooks
 
 PRICE_SCALE = 1_000_000_000
 """DBN prices are integers in units of 1 / PRICE_SCALE."""
@@ -80,7 +87,7 @@ def scale_prices(raw: np.ndarray) -> np.ndarray:
 
 
 class DatabentoReader:
-    """Streams a DBN file of trades, MBP-1 or TBBO records."""
+    """Streams a DBN file of trades, MBP-1, TBBO or MBO records (MBO as book rows)."""
 
     def __init__(self, path: str | Path, *, symbol: str | None = None, trades: bool = False, block: int = 1 << 20):
         self.path = str(check_file(path))
@@ -91,6 +98,8 @@ class DatabentoReader:
         self.schema: str | None = None
         self._symbols: dict[int, str] = {}
         self.dataset: str | None = None
+        self.books: MboBooks | None = None  # schema mbo: the orders and levels rebuilt so far
+        self.book_gaps = 0
 
     @property
     def default_order_by(self) -> str:
@@ -149,8 +158,16 @@ class DatabentoReader:
         total = 0
         undef = dbn.UNDEF_PRICE
         self.ignored = 0
+        self.books = None
         for recno, rec in enumerate(self._records(), start=1):
-            if isinstance(rec, dbn.MBP1Msg):
+            if isinstance(rec, dbn.MBOMsg):
+                if self.books is None:
+                    self.books = MboBooks()
+                before = len(rows)
+                self._mbo_rows(recno, rec, rows)
+                if len(rows) == before:
+                    self.ignored += 1
+            elif isinstance(rec, dbn.MBP1Msg):
                 quote = (recno, rec.ts_event, rec.ts_recv, rec.instrument_id, KIND_QUOTE, undef, -1, "N",
                          rec.bid_px_00, rec.ask_px_00, rec.bid_sz_00, rec.ask_sz_00)
                 tbbo = self.schema == "tbbo"  # known here: the metadata precedes every record
@@ -175,7 +192,23 @@ class DatabentoReader:
             total += len(rows)
             yield self._chunk(rows)
         if total == 0:
-            raise DataError(f"{self.path}: no trade, MBP-1 or TBBO records (schema {self.schema}, {self.ignored} other records); this reader reads those schemas only")
+            raise DataError(f"{self.path}: no trade, MBP-1, TBBO or MBO records (schema {self.schema}, {self.ignored} other records); this reader reads those schemas only")
+
+    @property
+    def unknown_orders(self) -> int:
+        """MBO cancels/modifies of orders never seen (no snapshot before them): no delta."""
+        return self.books.unknown_orders if self.books is not None else 0
+
+    def _mbo_rows(self, recno: int, rec: dbn.MBOMsg, rows: list[tuple]) -> None:
+        """The book rows (and, with ``trades``, the trade) of one MBO record, in ``_chunk``'s layout."""
+        undef = dbn.UNDEF_PRICE
+        recv = -1 if int(rec.flags) & F_BAD_TS_RECV else rec.ts_recv
+        head = (recno, rec.ts_event, recv, rec.instrument_id)
+        if self.trades and str(rec.action) in ("T", "Action.TRADE"):
+            rows.append((*head, KIND_TRADE, rec.price, rec.size, str(rec.side), undef, undef, -1, -1))
+        for side, px, size, _action in self.books.apply(rec):
+            code = "B" if side == 1 else ("A" if side == -1 else "N")
+            rows.append((*head, KIND_BOOK, px, size, code, undef, undef, -1, -1))
 
     def _chunk(self, rows: list[tuple]) -> TickChunk:
         cols = list(zip(*rows, strict=True))
@@ -201,7 +234,7 @@ class DatabentoReader:
         data = {
             "ts_ns": np.array(cols[1], dtype=np.int64), "ts_recv_ns": np.array(cols[2], dtype=np.int64),
             "symbol_id": codes, "kind": kind, "price": px(cols[5]), "size": qty(cols[6]),
-            "side": np.where(trade, sides, 0).astype(np.int8), "bid": bid, "ask": ask,
+            "side": np.where(trade | (kind == KIND_BOOK), sides, 0).astype(np.int8), "bid": bid, "ask": ask,
             "bid_size": qty(cols[10], bid), "ask_size": qty(cols[11], ask),
         }
         records = np.array(cols[0], dtype=np.int64)

@@ -1,7 +1,15 @@
-"""Opening tick files: transparent .gz/.zst, line iteration, and errors a user can act on.
+"""Opening tick files: transparent .gz/.zst/.bz2/.zip, line iteration, and errors a user can act on.
 
-Compression is recognised by the file's magic bytes (gzip ``1f 8b``, zstd ``28 b5 2f fd``),
-not its name, so a renamed file still opens. Decompression streams through pyarrow's native
+Compression is recognised by the file's magic bytes (gzip ``1f 8b``, zstd ``28 b5 2f fd``,
+bzip2 ``BZh``, zip ``PK 03 04``), not its name, so a renamed file still opens. A zip archive
+(how Binance's public data and Bybit ship files) must hold one file (a ``.CHECKSUM`` member
+aside), streamed from the archive; more files are refused with their names. Containers we do
+not open (xz, 7z, rar, tar, lz4 frames) are named by :func:`unsupported_container`, so the user
+reads "unrecognised container xz", not a column-mapping error about binary bytes.
+
+Checksums. Beside ``X.zip`` Binance publishes ``X.zip.CHECKSUM`` (``<sha256>  X.zip``): when
+such a file sits next to the tick file, the sha256 is verified once per process (per size
+and modification time) and a mismatch is a :class:`DataError` saying to re-download. Decompression streams through pyarrow's native
 codecs (no Python per block for CSV), and a cut-off archive raises a :class:`DataError`
 saying the file is truncated instead of an ``OSError`` from inside the codec.
 
@@ -18,8 +26,11 @@ Paths. A path that is a folder, a FIFO or a device, or a file that cannot be rea
 from __future__ import annotations
 
 import contextlib
+import hashlib
+import io
 import os
 import stat
+import zipfile
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -29,6 +40,11 @@ from ..errors import DataError
 
 GZIP_MAGIC = b"\x1f\x8b"
 ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
+BZ2_MAGIC = b"BZh"
+ZIP_MAGIC = b"PK\x03\x04"
+_OTHER_CONTAINERS = {b"\xfd7zXZ\x00": "xz", b"7z\xbc\xaf\x27\x1c": "7z", b"Rar!\x1a\x07": "rar",
+                     b"\x04\x22\x4d\x18": "lz4 frame", b"PK\x05\x06": "zip (empty archive)",
+                     b"\x89HDF": "HDF5", b"SQLite format 3": "SQLite", b"\x1f\x9d": "compress (.Z)"}
 UTF8_BOM = b"\xef\xbb\xbf"
 _WIDE_BOMS = {b"\xff\xfe\x00\x00": "UTF-32-LE", b"\x00\x00\xfe\xff": "UTF-32-BE",
               b"\xff\xfe": "UTF-16-LE", b"\xfe\xff": "UTF-16-BE"}
@@ -52,7 +68,93 @@ def compression_of(path: str | Path) -> str | None:
         return "gzip"
     if head.startswith(ZSTD_MAGIC):
         return "zstd"
+    if head.startswith(BZ2_MAGIC) and len(head) == 4 and head[3:4].isdigit():
+        return "bz2"
+    if head.startswith(ZIP_MAGIC):
+        return "zip"
     return None
+
+
+def unsupported_container(path: str | Path) -> str | None:
+    """The name of a container this package does not open (xz, 7z, tar, ...), or None."""
+    try:
+        with open(path, "rb") as fh:
+            head = fh.read(512)
+    except OSError as e:
+        raise _read_error(Path(path), e) from None
+    for magic, name in _OTHER_CONTAINERS.items():
+        if head.startswith(magic):
+            return name
+    if head[257:262] == b"ustar":
+        return "tar"
+    return None
+
+
+def zip_member(path: str | Path) -> str:
+    """The one tick file inside a zip archive (a ``.CHECKSUM`` member is not one)."""
+    try:
+        with zipfile.ZipFile(path) as zf:
+            names = [i.filename for i in zf.infolist() if not i.is_dir() and not i.filename.endswith(".CHECKSUM")]
+    except (zipfile.BadZipFile, OSError, EOFError) as e:
+        raise DataError(f"{path}: not a readable zip archive ({e}); truncated or corrupt: re-download it") from None
+    if len(names) != 1:
+        listed = ", ".join(names[:10]) + (", ..." if len(names) > 10 else "")
+        raise DataError(f"{path}: a zip archive of {len(names)} files ({listed or 'none'}); it must hold one "
+                        "tick file: unzip it and name the file")
+    return names[0]
+
+
+class _ZipMember(io.RawIOBase):
+    """A zip member as a raw stream that closes its archive with it."""
+
+    def __init__(self, path: Path, name: str):
+        self._zf = zipfile.ZipFile(path)
+        self._f = self._zf.open(name)
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, b) -> int:  # type: ignore[override]
+        try:
+            return self._f.readinto(b)
+        except (zipfile.BadZipFile, EOFError) as e:  # a CRC mismatch, a cut-off member
+            raise OSError(f"zip member is corrupt or truncated ({e})") from e
+
+    def close(self) -> None:
+        if not self.closed:
+            self._f.close()
+            self._zf.close()
+        super().close()
+
+
+_CHECKED: dict[tuple[str, int, int], str] = {}
+
+
+def verify_checksum(p: Path) -> None:
+    """Compare ``p`` with the sha256 in ``<p>.CHECKSUM`` when that file exists (cached)."""
+    side = p.with_name(p.name + ".CHECKSUM")
+    if not side.is_file():
+        return
+    st = p.stat()
+    key = (str(p.resolve()), st.st_size, st.st_mtime_ns)
+    if key in _CHECKED:
+        return
+    try:
+        words = side.read_text(encoding="utf-8", errors="replace").split()
+    except OSError as e:
+        raise _read_error(side, e) from None
+    want = words[0].lower() if words else ""
+    if len(want) != 64 or any(c not in "0123456789abcdef" for c in want):
+        raise DataError(f"{side}: not a sha256 checksum file (expected '<64 hex digits>  {p.name}')")
+    h = hashlib.sha256()
+    with open(p, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            h.update(block)
+    got = h.hexdigest()
+    if got != want:
+        raise DataError(f"{p}: sha256 {got} does not match {side.name} ({want}); the file is damaged "
+                        "or incomplete: re-download it")
+    _CHECKED[key] = got
 
 
 def check_file(path: str | Path) -> Path:
@@ -81,9 +183,12 @@ def open_stream(path: str | Path) -> pa.NativeFile:
     """A decompressed byte stream of ``path`` (pyarrow native)."""
     p = check_file(path)
     codec = compression_of(p)
+    verify_checksum(p)
     try:
         if codec is None:
             return pa.memory_map(str(p), "r")
+        if codec == "zip":
+            return pa.PythonFile(_ZipMember(p, zip_member(p)), mode="r")
         return pa.input_stream(str(p), compression=codec)
     except OSError as e:
         raise _read_error(p, e) from None
@@ -96,7 +201,8 @@ def decoding_errors(path: str | Path) -> Iterator[None]:
         yield
     except OSError as e:
         text = str(e)
-        if any(w in text.lower() for w in ("truncated", "zstd", "gzip", "deflate", "decompress", "corrupt", "inflate")):
+        if any(w in text.lower() for w in ("truncated", "zstd", "gzip", "deflate", "decompress", "corrupt", "inflate",
+                                           "bz2", "bzip")):
             raise DataError(
                 f"{path}: the compressed file is truncated or corrupt ({text}); "
                 "re-download or re-copy it (its checksum will not match)"

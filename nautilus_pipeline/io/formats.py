@@ -6,17 +6,25 @@
 format                 recognised by
 =====================  ======================================================================
 ``parquet``            ``PAR1`` magic
+``arrow``              ``ARROW1`` (Arrow IPC file, Feather v2), ``FEA1`` (Feather v1), IPC stream
 ``databento``          ``DBN`` magic (after zstd), or ``.dbn``/``.dbn.zst``
 ``binance_feed``       first line ``<16-20 digit ns> {json}``
 ``jsonl``              first line starts with ``{``
+``json``               the text starts with ``[`` (a JSON array of objects)
 ``tardis_trades``      Tardis ``trades`` header
 ``tardis_quotes``      Tardis ``quotes`` header
+``tardis_book_l2``     Tardis ``incremental_book_L2`` header (book rows)
+``tardis_book_snapshot`` Tardis ``book_snapshot_N`` header (book rows)
 ``truefx``             ``timestamp,bid,ask`` header, or ``PAIR,YYYYMMDD HH:MM:SS.fff,bid,ask``
 ``histdata``           ``YYYYMMDD HHMMSSmmm,bid,ask,volume``
 ``binance_trades``     numeric id, 6-7 fields, ``true``/``false`` in field 6 (header optional)
 ``binance_agg_trades`` numeric id, 7-8 fields, ``true``/``false`` in field 7
 ``csv``                anything else with a header: needs a column mapping
 =====================  ======================================================================
+
+Containers (``io/files.py``): ``.gz``, ``.zst``, ``.bz2`` and one-file ``.zip`` are opened by
+their magic bytes and the format is detected inside. Others (xz, 7z, rar, tar, ...) and
+binary data that is none of the formats are refused as "unrecognised container", naming it.
 """
 
 from __future__ import annotations
@@ -29,17 +37,24 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import ConfigError, DataError
+from .arrow import ARROW_FILE_MAGIC, FEATHER_V1_MAGIC, IPC_STREAM_MAGIC, ArrowReader
 from .binance import BinanceFeedReader, binance_agg_trades, binance_trades
 from .checks import Accounting, Policy, Validator
 from .chunk import TickReader
 from .csv import CsvOptions, CsvReader
 from .databento import DatabentoReader
-from .files import check_file, read_head
+from .files import check_file, compression_of, read_head, unsupported_container, wide_encoding
 from .fx import histdata_quotes, truefx_quotes
-from .jsonl import JsonLinesReader
+from .jsonl import JsonArrayReader, JsonLinesReader
 from .parquet import ParquetReader
 from .table import FieldMap
 from .tardis import QUOTES_HEADER, TRADES_HEADER, tardis_quotes, tardis_trades
+from .tardis_book import (
+    INCREMENTAL_HEADER,
+    snapshot_depth,
+    tardis_book_snapshot,
+    tardis_incremental_book,
+)
 
 _BOOL = {"true", "false"}
 
@@ -75,9 +90,13 @@ READERS: dict[str, Callable[..., TickReader]] = {
     "binance_feed": BinanceFeedReader,
     "tardis_trades": tardis_trades,
     "tardis_quotes": tardis_quotes,
+    "tardis_book_l2": tardis_incremental_book,
+    "tardis_book_snapshot": tardis_book_snapshot,
     "databento": DatabentoReader,
     "parquet": _with_mapping(ParquetReader),
     "jsonl": _with_mapping(JsonLinesReader),
+    "json": _with_mapping(JsonArrayReader),
+    "arrow": _with_mapping(ArrowReader),
     "truefx": truefx_quotes,
     "histdata": histdata_quotes,
 }
@@ -87,16 +106,45 @@ DEFAULT_ORDER_BY: dict[str, str] = {"binance_feed": "ts_recv_ns"}
 """Replay clock per format where it is not the event time ``ts_ns`` (see ``binance.py``)."""
 
 
+_CONTROL = bytes(b for b in range(32) if b not in b"\t\n\r")
+
+
+def _binary(sample: bytes) -> bool:
+    """Binary data, not text: a tenth or more of control bytes and bytes that are not UTF-8
+    (a text tick file has none; a damaged one a few)."""
+    if len(sample) < 16:
+        return False
+    control = len(sample) - len(sample.translate(None, _CONTROL))
+    not_utf8 = sample[:-4].decode("utf-8", "replace").count("\ufffd")
+    return (control + not_utf8) * 10 >= len(sample)
+
+
 def detect_format(path: str | Path) -> str:
     """The format name of a tick file (see the module table); DataError when it is none of them."""
     p = check_file(path)
     with open(p, "rb") as fh:
-        magic = fh.read(4)
-    if magic == b"PAR1":
+        magic = fh.read(8)
+    if magic[:4] == b"PAR1":
         return "parquet"
+    if magic.startswith((ARROW_FILE_MAGIC, FEATHER_V1_MAGIC)):
+        return "arrow"
+    other = unsupported_container(p)
+    if other is not None:
+        raise DataError(f"{p}: unrecognised container {other}; decompress or unpack it first "
+                        "(read directly: gzip, zstd, bzip2 and one-file zip)")
     head = read_head(p, 65_536)
     if head.startswith(b"DBN") or p.name.endswith((".dbn", ".dbn.zst")):
         return "databento"
+    if head.startswith(IPC_STREAM_MAGIC) and len(head) > 8:
+        return "arrow"
+    if head.startswith((b"PAR1", ARROW_FILE_MAGIC)) and compression_of(p) is not None:
+        raise DataError(f"{p}: a {'Parquet' if head.startswith(b'PAR1') else 'Arrow'} file inside a "
+                        f"{compression_of(p)} container; these need random access: decompress it first")
+    if _binary(head[:4096]) and wide_encoding(head) is None:
+        raise DataError(f"{p}: unrecognised container (binary data, first bytes {bytes(magic)!r}); "
+                        "not a tick format or compression this package reads")
+    if head.lstrip()[:1] == b"[":
+        return "json"
     lines = [ln.strip(b"\r") for ln in head.split(b"\n", 64) if ln.strip()]
     if not lines:
         raise DataError(f"{p}: no lines to recognise a format from (empty after decompression)")
@@ -111,6 +159,10 @@ def detect_format(path: str | Path) -> str:
         return "tardis_trades"
     if tuple(low) == QUOTES_HEADER:
         return "tardis_quotes"
+    if tuple(low) == INCREMENTAL_HEADER:
+        return "tardis_book_l2"
+    if snapshot_depth(fields) is not None:
+        return "tardis_book_snapshot"
     if low[:3] == ["timestamp", "bid", "ask"] or (len(fields) == 4 and re.match(r"^\d{8} \d\d:\d\d:\d\d", fields[1])):
         return "truefx"
     if len(fields) == 4 and re.match(r"^\d{8} \d{9}$", fields[0]):

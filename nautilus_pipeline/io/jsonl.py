@@ -1,10 +1,15 @@
-"""Generic JSON lines: one object a line, decoded with orjson, columns found by key name.
+"""Generic JSON lines (one object a line) and JSON arrays of objects, decoded with orjson,
+columns found by key name.
 
 Keys are mapped like Parquet columns (:func:`~nautilus_pipeline.io.parquet.auto_fieldmap`,
 e.g. this package's own layout written by :func:`write_jsonl`), or by a given
 :class:`FieldMap`. A line that is not a JSON object is a row refused as unparsable (so it is
 counted and can be quarantined); blank lines are skipped. Values of a chunk are collected per
 key and converted with pyarrow, so types are checked per column, not per row.
+
+A JSON *array* (``[{...}, {...}]``, what REST APIs such as Binance's ``/api/v3/trades``
+return) is one value, so it is decoded whole (:class:`JsonArrayReader`; fine for the sizes
+APIs return, not for day files); its record numbers are element positions (1-based).
 """
 
 from __future__ import annotations
@@ -123,3 +128,45 @@ def write_jsonl(path: str | Path, columns: Mapping[str, np.ndarray], symbols: Se
                 v = lists[k][i]
                 obj[k] = None if isinstance(v, float) and v != v else v
             fh.write(orjson.dumps(obj, option=orjson.OPT_APPEND_NEWLINE))
+
+
+class JsonArrayReader(JsonLinesReader):
+    """A JSON array of trade or quote objects (whole-file decode; see the module docstring)."""
+
+    def _items(self) -> list[object]:
+        from .files import decoding_errors, open_stream
+
+        check_text(self.path)
+        with decoding_errors(self.path), open_stream(self.path) as s:
+            data = s.read()
+        try:
+            items = orjson.loads(data)
+        except orjson.JSONDecodeError as e:
+            raise DataError(f"{self.path}: not valid JSON ({e}); a JSON array of objects was expected") from None
+        if not isinstance(items, list):
+            raise DataError(f"{self.path}: the JSON is a {type(items).__name__}, expected an array of objects")
+        return items
+
+    def _sniff(self) -> FieldMap:
+        for obj in self._items()[:64]:
+            if isinstance(obj, dict):
+                return auto_fieldmap(list(obj), {k: pa.int64() if type(v) is int else _column([v]).type
+                                                 for k, v in obj.items() if v is not None})
+        raise DataError(f"{self.path}: no JSON object among the array's first elements; nothing to replay")
+
+    def chunks(self, chunk_rows: int = 65_536) -> Iterator[TickChunk]:
+        """Chunks of at most ``chunk_rows`` rows; record = the element's position (1-based)."""
+        fields = self.fmap.columns()
+        items = self._items()
+        for lo in range(0, len(items), chunk_rows):
+            rows, lines, texts, dropped = [], [], [], []
+            for i, obj in enumerate(items[lo:lo + chunk_rows], start=lo + 1):
+                text = orjson.dumps(obj)
+                if not isinstance(obj, dict):
+                    t = text.decode("utf-8", "replace")
+                    dropped.append(BadRow(self.path, i, Reason.UNPARSABLE, None, t[:200], t, self.symbol))
+                    continue
+                rows.append(obj)
+                lines.append(i)
+                texts.append(text)
+            yield self._chunk(rows, lines, texts, dropped, fields)

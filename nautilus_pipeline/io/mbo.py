@@ -34,7 +34,6 @@ import numpy as np
 
 from ..errors import DataError
 from ..kernels.book import ACTION_CLEAR, ACTION_SET
-from .databento import DatabentoReader
 
 F_LAST = 1 << 7
 F_SNAPSHOT = 1 << 5
@@ -114,7 +113,7 @@ def mbo_level_deltas(path: str | Path) -> dict[str, np.ndarray]:
     """All level deltas of an MBO file as columns (``DELTA_COLUMNS``; prices float64 as in
     :func:`~nautilus_pipeline.io.databento.scale_prices`, sizes float64, ``side`` int8 ±1 and
     0 on clears, ``action`` uint8, ``last`` bool)."""
-    from .databento import scale_prices
+    from .databento import DatabentoReader, scale_prices
 
     reader = DatabentoReader(path)
     books = MboBooks()

@@ -32,9 +32,10 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from ..errors import ConfigError, DataError
+from ..errors import DataError
 from .chunk import TickChunk
 from .files import check_file
+from .nautilus import fixed_point_to_float, is_fixed_point, precision_of
 from .table import FieldMap, arrays_to_chunk
 
 _ERRORS = (pa.ArrowException, OSError, UnicodeDecodeError, ValueError, KeyError, IndexError, TypeError,
@@ -47,7 +48,7 @@ _CANDIDATES: dict[str, tuple[str, ...]] = {
     "ts_recv": ("ts_recv_ns", "ts_init", "ts_recv", "local_timestamp"),
     "price": ("price", "p"),
     "size": ("size", "quantity", "qty", "amount", "q"),
-    "side": ("side", "aggressor_side", "buyer_maker", "is_buyer_maker", "m"),
+    "side": ("side", "aggressor_side", "buyer_maker", "is_buyer_maker", "isBuyerMaker", "m"),
     "symbol": ("symbol", "instrument_id", "s"),
     "trade_id": ("trade_id", "id", "t"),
     "bid": ("bid", "bid_price", "b"),
@@ -77,7 +78,8 @@ def auto_fieldmap(names: Sequence[str], types: Mapping[str, pa.DataType] | None 
     side_col = found.get("side")
     if side_col is not None:
         kw["side_encoding"] = {"aggressor_side": "nautilus", "buyer_maker": "is_buyer_maker",
-                               "is_buyer_maker": "is_buyer_maker", "m": "is_buyer_maker"}.get(side_col, "auto")
+                               "is_buyer_maker": "is_buyer_maker", "isBuyerMaker": "is_buyer_maker",
+                               "m": "is_buyer_maker"}.get(side_col, "auto")
         if side_col == "side" and types is not None and pa.types.is_integer(types.get("side", pa.string())):
             kw["side_encoding"] = "sign"
     if "kind" in names:
@@ -113,13 +115,14 @@ class ParquetReader:
         missing = [c for c in self.fmap.columns().values() if c not in schema.names]
         if missing:
             raise DataError(f"{self.path}: wrong columns: {missing} not in {schema.names}; fix the column mapping")
-        for fld in ("price", "bid", "ask", "size"):
-            col = self.fmap.columns().get(fld)
-            if col is not None and pa.types.is_fixed_size_binary(types[col]):
-                raise ConfigError(f"{self.path}: column {col!r} is fixed-size binary (Nautilus high-precision); export prices as float64")
+        meta = schema.metadata or {}
+        self._fixed = {fld: precision_of(meta, col) for fld, col in self.fmap.columns().items()
+                       if fld in ("price", "size", "bid", "ask", "bid_size", "ask_size") and is_fixed_point(types[col])}
         if self._file.metadata.num_rows == 0:
             raise DataError(f"{self.path}: the Parquet file has no rows; nothing to replay")
-        self.symbol = symbol if symbol is not None else (None if self.fmap.symbol else Path(path).name.split(".")[0])
+        instrument = meta.get(b"instrument_id", b"").decode("utf-8", "replace") or None
+        self.symbol = symbol if symbol is not None else (
+            None if self.fmap.symbol else instrument or Path(path).name.split(".")[0])
 
     def chunks(self, chunk_rows: int = 65_536) -> Iterator[TickChunk]:
         """Batches of at most ``chunk_rows`` rows, in file order."""
@@ -139,8 +142,9 @@ class ParquetReader:
                     got += n
                     if got > expected:
                         break
-                    arrays = {fld: batch.column(col) for fld, col in fields.items()}
                     batch.validate(full=True)  # corrupt offsets or UTF-8 surface here, not in a kernel
+                    arrays = {fld: (fixed_point_to_float(batch.column(col), self._fixed[fld]) if fld in self._fixed
+                                    else batch.column(col)) for fld, col in fields.items()}
                 except _ERRORS as e:
                     raise DataError(f"{where} cannot be decoded ({type(e).__name__}: {e}); the file is corrupt "
                                     "or truncated: re-download or re-export it") from e

@@ -215,6 +215,10 @@ class Replay:
         lane.done = True
         self.progress.sources_done += 1
         self.accounting.ignored[lane.source.key] += lane.reader.ignored
+        for what in ("book_gaps", "unknown_orders"):  # book readers' own counts
+            n = int(getattr(lane.reader, what, 0) or 0)
+            if n:
+                getattr(self.accounting, what)[lane.source.key] += n
 
     def _append(self, lane: _Lane, chunk: TickChunk) -> None:
         key = chunk.column(lane.validator.order_by)

@@ -47,14 +47,27 @@ def event_record(event: Event) -> dict[str, Any]:
     return row
 
 
+def _nan_for_null(value: Any) -> Any:
+    if value is None:
+        return float("nan")
+    if isinstance(value, dict):
+        return {k: _nan_for_null(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_nan_for_null(v) for v in value]
+    return value
+
+
 class _Lines:
     """An append-only file of whole lines: buffered, and cut back to the last whole line on error."""
 
-    def __init__(self, path: Path):
+    def __init__(self, path: Path, keep: int = 0):
         self.path = path
-        self.fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        self.fd = os.open(path, os.O_WRONLY | os.O_CREAT | (0 if keep else os.O_TRUNC), 0o644)
+        if keep:  # carry on a previous run's file from its first ``keep`` bytes
+            os.ftruncate(self.fd, keep)
+            os.lseek(self.fd, keep, os.SEEK_SET)
         self.buf = bytearray()
-        self.good = 0  # bytes of the file that are whole lines
+        self.good = keep  # bytes of the file that are whole lines
 
     def write(self, line: bytes) -> None:
         self.buf += line
@@ -107,6 +120,32 @@ class EventSink:
             self._subs.append(
                 bus.subscribe(pattern, self._write, name=f"sink:{pattern}", maxsize=65_536)
             )
+
+    def offsets(self) -> dict[str, int]:
+        """Bytes of whole JSON lines per family, flushed now: what :meth:`resume` keeps when a
+        live run restarts from the snapshot taken at this point (the NATS bridge stores them)."""
+        for fh in self._files.values():
+            fh.flush()
+        return {family: fh.good for family, fh in self._files.items()}
+
+    def resume(self, offsets: dict[str, int]) -> None:
+        """Carry on the JSON lines a crashed run wrote, cut back to ``offsets`` (from
+        :meth:`offsets` at its last snapshot), before :meth:`attach`. The rows kept are read
+        back for the Parquet files; orjson wrote NaN as null and no event field is None,
+        so null reads back as NaN."""
+        self.dir.mkdir(parents=True, exist_ok=True)
+        for family, size in offsets.items():
+            path = self.dir / f"{family}.jsonl"
+            with open(path, "rb") as f:
+                data = f.read(size)
+            if len(data) != size:
+                raise OSError(f"{path}: {len(data)} bytes, the stored state says {size}: the "
+                              "output folder is not the one of the interrupted run")
+            rows = [_nan_for_null(orjson.loads(line)) for line in data.splitlines()]
+            self._files[family] = _Lines(path, keep=size)
+            self.counts[family] = len(rows)
+            if "parquet" in self.formats:
+                self._rows[family] = rows
 
     def _write(self, event: Event) -> None:
         if self.error is not None or self._closed:

@@ -173,3 +173,36 @@ def arrays_to_chunk(
     field_map = {_TARGET[f]: c for f, c in mapping.items()}
     return TickChunk(source, cols, records, symbols, bad=reason if bad_field else None,
                      bad_field=bad_field, field_map=field_map, raw=raw)
+
+
+_SIDE_WORDS = {"buy/sell": "buy_sell", "b/s": "buy_sell", "sign": "sign", "1/-1": "sign", "+1/-1": "sign",
+               "maker": "is_buyer_maker", "is_buyer_maker": "is_buyer_maker", "buyer_maker": "is_buyer_maker"}
+
+
+def mapping_from_text(text: str) -> dict[str, object]:
+    """A column mapping from the command line's ``--map``: ``field=column[:option],...``.
+
+    ``ts=time:ms`` maps ``ts`` to column ``time`` in ms (``ts_recv`` likewise: the option is the
+    unit, s/ms/us/ns/auto); ``side=side:buy/sell`` names the side encoding (``buy/sell``,
+    ``sign``, ``maker`` for is_buyer_maker, or an encoding name); other fields take a column
+    (``price=px``); keys of :class:`FieldMap` that are not fields take a value (``kind=quote``).
+    """
+    out: dict[str, object] = {}
+    for part in (p.strip() for p in text.split(",")):
+        if not part:
+            continue
+        key, eq, value = part.partition("=")
+        key, value = key.strip(), value.strip()
+        if not eq or not key or not value:
+            raise ConfigError(f"--map {text!r}: {part!r} is not field=column (e.g. ts=time:ms,price=px,size=qty)")
+        column, colon, option = value.partition(":")
+        if key in ("ts", "ts_recv") and colon:
+            out[key], out[f"{key}_unit"] = column, option
+        elif key == "side" and colon:
+            out["side"], out["side_encoding"] = column, _SIDE_WORDS.get(option.lower(), option)
+        else:
+            out[key] = value
+    if not out:
+        raise ConfigError("--map is empty; give field=column pairs, e.g. ts=time:ms,price=px,size=qty")
+    FieldMap.from_dict(out)  # unknown keys and missing ts are refused here, naming them
+    return out

@@ -191,3 +191,15 @@ class McSampler:
         out = self._out(n_paths)
         _normal_losses(self.state, float(sigma), horizon, float(position), out)
         return out
+
+    def get_state(self) -> np.ndarray:
+        """The generator's position (uint64[LANES, 4], a copy): with :meth:`set_state`, a
+        snapshot resumes the exact sequence of draws."""
+        return self.state.copy()
+
+    def set_state(self, state: np.ndarray) -> None:
+        """Continue from a position :meth:`get_state` returned."""
+        s = np.asarray(state)
+        if s.dtype != np.uint64 or s.shape != (LANES, 4):
+            raise ValueError(f"xoshiro256+ state must be uint64[{LANES}, 4], got {s.dtype}{list(s.shape)}")
+        self.state = np.ascontiguousarray(s).copy()

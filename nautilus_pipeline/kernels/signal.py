@@ -77,7 +77,7 @@ def reason_names(mask: int) -> tuple[str, ...]:
 class SignalParams:
     """Thresholds on the model probability, stepping aside on toxic flow, sizing."""
 
-    DOCS: ClassVar[dict[str, str]] = {  # the keys of a [[stages]] type = "signal" table
+    DOCS: ClassVar[dict[str, str]] = {  # the keys of the risk stage's signal = {...} table
         "long_threshold": "P(up) at or above which the signal is BUY",
         "short_threshold": "P(up) at or below which the signal is SELL",
         "max_position": "target position size in base units",

@@ -509,7 +509,9 @@ def _run(
         o_f,
         dummy_row if o_row is None else o_row,
     )
-    state = replace(state, bar_i=bi, bar_f=bf, ring=ring)
+    # positional, not dataclasses.replace: this runs per batch, one row per batch live
+    state = VpinState(state.params, bi, bf, ring, state.cum_volume, state.bucket,
+                      state.buy_partial, state.oi_tail, state.vpin_sorted)
     if m == 0:
         return state, _empty_output()
     return _buckets(state, o_ts[:m], o_vol[:m], o_f[:m], None if o_row is None else o_row[:m])

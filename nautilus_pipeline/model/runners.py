@@ -49,24 +49,15 @@ from typing import Any
 
 import numpy as np
 
-from ..compute.registry import canonical, runner_backend, usable
+from ..compute.registry import STREAM_NAMES, canonical, runner_backend, usable
 from ..errors import BackendUnavailableError, ConfigError
 from ..kernels.mlp import mlp_reference
 from .base import ModelRunner
 from .spec import MLPWeights, ModelSpec
 
-BACKENDS: tuple[str, ...] = (
-    "numpy",
-    "cpu",
-    "torch:cpu",
-    "torch:cuda",
-    "torch:mps",
-    "mlx:cpu",
-    "mlx:gpu",
-    "coreml:ane",
-    "coreml:all",
-    "coreml:cpu",
-)
+BACKENDS: tuple[str, ...] = ("numpy", *STREAM_NAMES)
+"""The names a model runner takes: the compute streams of ``compute/registry.py`` (one
+registry), and ``numpy`` for the CPU stream's runner."""
 DEFAULT_BATCH_SIZES: tuple[int, ...] = (1, 8, 64, 256, 1024, 4096)
 
 

@@ -8,6 +8,7 @@ user's stage is named by import path instead (``type = "mypkg.stages:MyStage"``)
 
 from __future__ import annotations
 
+from .book import BookStage, BookStageParams
 from .features import FeaturesParams, FeaturesStage
 from .inference import InferenceParams, InferenceStage
 from .portfolio import PortfolioParams, PortfolioStage
@@ -17,6 +18,7 @@ from .signal import SignalStage
 from .vpin import VpinStage, VpinStageParams
 
 STAGE_TYPES: dict[str, type] = {
+    "book": BookStage,
     "features": FeaturesStage,
     "inference": InferenceStage,
     "vpin": VpinStage,
@@ -28,6 +30,8 @@ STAGE_TYPES: dict[str, type] = {
 
 __all__ = [
     "STAGE_TYPES",
+    "BookStage",
+    "BookStageParams",
     "FeaturesParams",
     "FeaturesStage",
     "InferenceParams",

@@ -137,7 +137,8 @@ class FeaturesStage(Stage):
         self.name = name
         self.streams = tuple(streams)
         self.config = config
-        self.writes = (ColumnSpec(FEATURES_COLUMN, np.dtype(np.float64), (len(self.names),), np.nan),)
+        self.writes = (ColumnSpec(FEATURES_COLUMN, np.dtype(np.float64), (len(self.names),), np.nan,
+                                  labels=self.names),)
         index = [available.index(n) for n in self.names]
         self._index = None if index == list(range(len(available))) else np.asarray(index)
         self.table = FeatureTable(config)
@@ -222,17 +223,18 @@ class FeaturesStage(Stage):
             if self._out.shape[0] < lease.capacity:
                 self._out = np.empty((lease.capacity, self._out.shape[1]))
             out = self._out[:n]
+        cols = lease.columns  # one liveness check, not one per column
         self.table.update(
-            lease["symbol_id"],
-            lease["kind"],
-            lease["ts_ns"],
-            lease["price"],
-            lease["size"],
-            lease["side"],
-            lease["bid"],
-            lease["ask"],
-            lease["bid_size"],
-            lease["ask_size"],
+            cols["symbol_id"][:n],
+            cols["kind"][:n],
+            cols["ts_ns"][:n],
+            cols["price"][:n],
+            cols["size"][:n],
+            cols["side"][:n],
+            cols["bid"][:n],
+            cols["ask"][:n],
+            cols["bid_size"][:n],
+            cols["ask_size"][:n],
             out,
         )
         if self._index is not None:
@@ -244,3 +246,22 @@ class FeaturesStage(Stage):
     def stats(self) -> dict[str, object]:
         return {"symbols": self.table.symbols, "width": len(self.names),
                 "gpu_batches": self.gpu_batches, "gpu_min_batch": self.gpu_min_batch}
+
+    def snapshot_params(self) -> dict[str, object]:
+        return {"names": self.names, "config": self.config}
+
+    def snapshot_state(self) -> dict[str, np.ndarray]:
+        """Each symbol's EWMAs, counters and last quote: the feature table's rows."""
+        t = self.table
+        return {"fs": t.fs.copy(), "ist": t.ist.copy(), "seen": t.seen.copy()}
+
+    def restore_state(self, state: dict[str, np.ndarray]) -> None:
+        t = FeatureTable(self.config)
+        if state["fs"].shape[1:] != t.fs.shape[1:]:
+            from ..snapshot import SnapshotError
+
+            raise SnapshotError(f"features stage {self.name!r}: snapshot rows of width "
+                                f"{state['fs'].shape[1]}, this table's {t.fs.shape[1]}")
+        t.fs, t.ist, t.seen = state["fs"].copy(), state["ist"].copy(), state["seen"].copy()
+        t._fs_scratch, t._ist_scratch = t.fs.copy(), t.ist.copy()
+        self.table = t

@@ -41,8 +41,8 @@ from ..model.base import ModelRunner
 from ..model.runners import Calibration, calibrate, make_runner
 from ..model.spec import DEFAULT_MODEL_PATH, check_inputs, load_model
 from ..params import param
-from ..stage import OFFLOAD_MIN_ROWS, Stage, StageContext
-from .features import FEATURES_COLUMN, FeaturesStage
+from ..stage import OFFLOAD_MIN_ROWS, Stage, StageContext, upstream_column
+from .features import FEATURES_COLUMN
 
 log = structlog.get_logger("nautilus_pipeline.inference")
 
@@ -112,13 +112,13 @@ class InferenceStage(Stage):
         return self.spec.input_names
 
     def connect(self, upstream: Sequence[Stage]) -> None:
-        feats = [s for s in upstream if isinstance(s, FeaturesStage)]
-        if not feats:
+        feats = upstream_column(upstream, FEATURES_COLUMN)
+        if feats is None:
             raise ConfigError(
                 f"inference stage {self.name!r} needs a features stage before it "
                 f"(its model takes {list(self.input_names)})"
             )
-        check_inputs(self.spec, feats[-1].names)
+        check_inputs(self.spec, feats.labels)
 
     async def bind(self, stream: ComputeStream) -> None:
         backend = stream.runner_backend
@@ -200,3 +200,14 @@ class InferenceStage(Stage):
 
     def stats(self) -> dict[str, object]:
         return {"model": self.model_path.name, "rows_by_backend": dict(self.rows_by_backend)}
+
+    def snapshot_params(self) -> dict[str, object]:
+        """The model's spec and weights: another model gives other predictions."""
+        return {"spec": self.spec, "weights": self.weights}
+
+    def snapshot_state(self) -> dict[str, object]:
+        """Nothing: a prediction depends on its row's features only."""
+        return {}
+
+    def restore_state(self, state: dict[str, object]) -> None:
+        """Nothing to restore (see ``snapshot_state``)."""

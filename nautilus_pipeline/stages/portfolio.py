@@ -297,3 +297,19 @@ class PortfolioStage(Stage):
         elif self.state.singular:
             stats["notes"] = [f"{self.state.singular} bars with a singular covariance: NaN weights"]
         return stats
+
+    def snapshot_params(self) -> dict[str, object]:
+        return {"symbols": self.symbols, **self.params}
+
+    def snapshot_state(self) -> dict[str, object]:
+        """The open bar, each symbol's close, the returns window; which symbols have traded."""
+        return {"state": self.state, "traded": set(self.traded)}
+
+    def restore_state(self, state: dict[str, object]) -> None:
+        self.state = state["state"]
+        self.traded = set(state["traded"])
+
+    def end_segment(self) -> None:
+        """The open bar closes in the next segment, not at this one's end."""
+        self.state = new_portfolio_state(len(self.symbols), **self.params)
+        self.traded = set(self.symbols)

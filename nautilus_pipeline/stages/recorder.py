@@ -92,3 +92,21 @@ class RecorderStage(Stage):
         table["symbol"] = np.asarray(names, dtype=object)[sym] if names else sym.astype(str)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         pq.write_table(pa.table(table), self.path)
+
+    def snapshot_params(self) -> dict[str, object]:
+        return {"every": self.every, "columns": self.columns}
+
+    def snapshot_state(self) -> dict[str, object]:
+        """The sampling counters, each symbol's last position and unkept last trade row; the
+        rows kept so far are this segment's output (written by ``finish``), not state."""
+        return {"seen": dict(self._seen), "position": dict(self._position),
+                "tail": {k: (None if v is None else dict(v)) for k, v in self._tail.items()}}
+
+    def restore_state(self, state: dict[str, object]) -> None:
+        self._seen = {tuple(k): v for k, v in state["seen"].items()}
+        self._position = dict(state["position"])
+        self._tail = dict(state["tail"])
+
+    def end_segment(self) -> None:
+        """The last trade row is marked at the stream's end, which is not here."""
+        self._tail = {}

@@ -5,10 +5,11 @@ rule sets on one trade at the next trade's price, and the kill switch that a fil
 trip forces the very next signals to flat: signal and risk are one recursion over the
 rows. Computing it as (1) the rule's *intended* targets, a pure function of the model's
 probability and the toxicity flag, then (2) the sequential account and limit scan
-(``kernels.risk.risk_update``, which ignores intentions while the kill switch is on), gives
-the exact per-row result whatever the batch size. The signal stage that follows applies
-the same rule with the kill switch as of each row and publishes the signals. Both stages
-take the rule (``SignalParams``) from the pipeline definition's ``signal`` stage.
+(``kernels.risk.risk_update``, which ignores intentions while the kill switch is on), then
+(3) the rule again with the kill switch as of each row, gives the exact per-row result
+whatever the batch size. The stage owns the rule (its ``signal`` table, ``SignalParams``)
+and writes the final ``signal_side``, ``signal_strength``, ``signal_target``,
+``signal_reasons`` and ``signal_emit`` columns; the signal stage after it only publishes.
 
 Rows: the account moves on trade rows; quote rows carry the symbol's latest values.
 Events on ``risk.<symbol>``: a ``breach`` :class:`~nautilus_pipeline.events.RiskEvent`
@@ -56,19 +57,26 @@ from ..kernels.signal import SignalParams, SignalState, new_signal_state, signal
 from ..kernels.var_batch import VarRequest, var_reports
 from ..memory import Lease
 from ..params import param
-from ..stage import Stage, StageContext
-from .features import FEATURES_COLUMN, FeaturesStage
+from ..stage import Stage, StageContext, upstream_column
+from .features import FEATURES_COLUMN
 
 log = structlog.get_logger("nautilus_pipeline.risk")
 
 F64 = np.dtype(np.float64)
 RISK_COLUMNS = ("position", "equity", "pnl", "drawdown")
+SIGNAL_COLUMNS = (  # the final signal per row; quote rows: side 0, target NaN, no emit
+    ColumnSpec("signal_side", np.dtype(np.int8)),
+    ColumnSpec("signal_strength", F64),
+    ColumnSpec("signal_target", F64, fill=np.nan),
+    ColumnSpec("signal_reasons", np.dtype(np.int64)),
+    ColumnSpec("signal_emit", np.dtype(np.uint8)),
+)
 
 
 @dataclass(frozen=True, slots=True)
 class RiskStageParams(RiskParams):
     """The risk stage's parameters: the kernel's limits and fees (:class:`RiskParams`) plus
-    Monte Carlo VaR. The signal rule comes from the pipeline's signal stage."""
+    Monte Carlo VaR, and the signal rule (the ``signal`` table)."""
 
     DOCS: ClassVar[dict[str, str]] = {
         "max_position": "limit on |position| (base units)",
@@ -89,6 +97,8 @@ class RiskStageParams(RiskParams):
     seed: int = param(0, "Monte Carlo seed")
     route: Literal["first", "calibrated"] = param("first", "'calibrated': Monte Carlo VaR on the "
                                                   "faster of the host and the stage's device, timed at start")
+    signal: SignalParams = param(SignalParams(), "the signal rule, a table: "
+                                 "signal = { long_threshold = 0.55, max_position = 0.01 }")
 
     def __post_init__(self) -> None:
         RiskParams.__post_init__(self)
@@ -105,20 +115,22 @@ class RiskStageParams(RiskParams):
 
 class RiskStage(Stage):
     """Writes ``position``, ``equity``, ``pnl``, ``drawdown`` (float64), ``kill`` (uint8),
-    ``breach`` (int64 bit mask) per row; publishes breaches and VaR reports."""
+    ``breach`` (int64 bit mask) and the ``signal_*`` columns per row; publishes breaches
+    and VaR reports."""
 
     reads = ("ts_ns", "symbol_id", "kind", "price", "prediction", "toxic", FEATURES_COLUMN)
     writes = (
         *(ColumnSpec(c, F64, fill=np.nan) for c in RISK_COLUMNS),
         ColumnSpec("kill", np.dtype(np.uint8)),
         ColumnSpec("breach", np.dtype(np.int64)),
+        *SIGNAL_COLUMNS,
     )
 
     Params = RiskStageParams
 
     @classmethod
     def from_params(cls, p: RiskStageParams, ctx: Any, *, name: str, streams: Sequence[str]) -> RiskStage:
-        return cls(p.limits(), ctx.params_of("signal") or SignalParams(), var_every=p.var_every,
+        return cls(p.limits(), p.signal, var_every=p.var_every,
                    var_levels=tuple(float(x) for x in p.var_levels), var_horizon=p.var_horizon,
                    var_window=p.var_window, var_paths=p.var_paths, vol_feature=p.vol_feature,
                    seed=p.seed, name=name, streams=streams, route=p.route)
@@ -163,8 +175,8 @@ class RiskStage(Stage):
         self._vol_col = self._ret_col = None
 
     def connect(self, upstream: Sequence[Stage]) -> None:
-        feats = [s for s in upstream if isinstance(s, FeaturesStage)]
-        names = feats[-1].names if feats else ()
+        feats = upstream_column(upstream, FEATURES_COLUMN)
+        names = feats.labels if feats is not None else ()
         missing = [n for n in ("log_return", self.vol_feature) if n not in names]
         if missing:
             raise ConfigError(
@@ -177,6 +189,7 @@ class RiskStage(Stage):
     async def start(self, ctx: StageContext) -> None:
         self.accounts: dict[int, RiskState] = {}
         self.intents: dict[int, SignalState] = {}
+        self.signals: dict[int, SignalState] = {}
         self.returns: dict[int, np.ndarray] = {}
         self.trades: dict[int, int] = {}
         self.last: dict[int, np.ndarray] = {}
@@ -227,7 +240,13 @@ class RiskStage(Stage):
         feats = lease[FEATURES_COLUMN]
         n = sym.shape[0]
         cols = np.empty((n, 6))
+        sig_side = np.zeros(n, dtype=np.int8)
+        sig_strength = np.zeros(n)
+        sig_target = np.full(n, np.nan)
+        sig_reasons = np.zeros(n, dtype=np.int64)
+        sig_emit = np.zeros(n, dtype=np.uint8)
         accounts, intents, returns = dict(self.accounts), dict(self.intents), dict(self.returns)
+        signals = dict(self.signals)
         trades, last = dict(self.trades), dict(self.last)
         events: list[tuple[int, int, dict[str, np.ndarray] | None]] = []
         for key, rows in symbol_groups(sym):
@@ -242,6 +261,16 @@ class RiskStage(Stage):
                     np.zeros(trade_rows.size, dtype=bool),
                 )
                 acct, out = risk_update(acct, ts[trade_rows], price[trade_rows], plan["target"])
+                # the final signals: the rule again, with the kill switch as of each row
+                final = signals.get(key) or new_signal_state(self.rule)
+                final, sig = signal_update(final, prob[trade_rows], toxic[trade_rows].astype(bool),
+                                           out["kill"].astype(bool))
+                signals[key] = final
+                sig_side[trade_rows] = sig["side"]
+                sig_strength[trade_rows] = sig["strength"]
+                sig_target[trade_rows] = sig["target"]
+                sig_reasons[trade_rows] = sig["reasons"]
+                sig_emit[trade_rows] = sig["emit"]
                 values[is_trade] = np.column_stack(
                     (out["position"], out["equity"], out["pnl"], out["drawdown"],
                      out["kill"], out["breach"])
@@ -281,7 +310,8 @@ class RiskStage(Stage):
                               count_copy=lease.pool.count_copy)
         for var, report in zip(due, reports, strict=True):
             var["report"] = report
-        return (accounts, intents, returns, trades, last), cols, events
+        signal_cols = (sig_side, sig_strength, sig_target, sig_reasons, sig_emit)
+        return (accounts, intents, signals, returns, trades, last), cols, signal_cols, events
 
     def _var_request(self, key, row, cols, price, feats, window) -> VarRequest:
         """What the VaR report of one symbol at one row needs (parametric, historical and
@@ -300,12 +330,14 @@ class RiskStage(Stage):
         return VarRequest(exposure, sigma, window, gen)
 
     async def process(self, lease: Lease, stream: ComputeStream, ctx: StageContext) -> None:
-        state, cols, events = await stream.run(self._compute, lease)
+        state, cols, signal_cols, events = await stream.run(self._compute, lease)
         for j, c in enumerate(RISK_COLUMNS):
             lease[c][...] = cols[:, j]
         lease["kill"][...] = cols[:, 4]
         lease["breach"][...] = cols[:, 5]
-        self.accounts, self.intents, self.returns, self.trades, self.last = state
+        for spec, values in zip(SIGNAL_COLUMNS, signal_cols, strict=True):
+            lease[spec.name][...] = values
+        self.accounts, self.intents, self.signals, self.returns, self.trades, self.last = state
         for key, row, var in events:
             await self._publish(lease, stream, ctx, key, row, var)
 
@@ -334,3 +366,58 @@ class RiskStage(Stage):
             "var_reports": self.var_reports,
             "kill_switch_on": sorted(k for k, a in self.accounts.items() if a.kill),
         }
+
+    def snapshot_params(self) -> dict[str, object]:
+        return {"limits": self.limits, "rule": self.rule, "var_every": self.var_every,
+                "var_levels": self.var_levels, "var_horizon": self.var_horizon,
+                "var_window": self.var_window, "var_paths": self.var_paths,
+                "vol_feature": self.vol_feature, "seed": self.seed}
+
+    def snapshot_state(self) -> dict[str, object]:
+        """Each symbol's account and limits, intended and final signal, VaR return window,
+        trade count, carried row values and Monte Carlo generator position."""
+        return {"accounts": dict(self.accounts), "intents": dict(self.intents),
+                "signals": dict(self.signals),
+                "returns": dict(self.returns), "trades": dict(self.trades),
+                "last": {k: v.copy() for k, v in self.last.items()},
+                "generators": {k: _generator_state(g) for k, g in self.generators.items()}}
+
+    def restore_state(self, state: dict[str, object]) -> None:
+        self.accounts = dict(state["accounts"])
+        self.intents = dict(state["intents"])
+        self.signals = dict(state["signals"])
+        self.returns = dict(state["returns"])
+        self.trades = dict(state["trades"])
+        self.last = dict(state["last"])
+        self.generators = {}
+        for key, (kind, value) in state["generators"].items():
+            gen = new_generator(self._backend, self.seed, self._device, stream=key)
+            _set_generator_state(gen, kind, value, self.name)
+            self.generators[key] = gen
+
+
+def _generator_state(gen: Any) -> tuple[str, np.ndarray]:
+    """(kind, position) of a Monte Carlo generator: xoshiro (numpy), torch or mlx."""
+    from ..kernels.montecarlo import McSampler
+
+    if isinstance(gen, McSampler):
+        return "xoshiro", gen.get_state()
+    if hasattr(gen, "gen"):  # torch.Generator
+        return "torch", gen.gen.get_state().numpy().copy()
+    return "mlx", np.array(gen.key)
+
+
+def _set_generator_state(gen: Any, kind: str, value: np.ndarray, stage: str) -> None:
+    from ..kernels.montecarlo import McSampler
+    from ..snapshot import SnapshotError
+
+    have = _generator_state(gen)[0]
+    if have != kind:
+        raise SnapshotError(f"risk stage {stage!r}: the snapshot's Monte Carlo generator is {kind}, "
+                            f"this stage's is {have} (another compute stream); restore on the same one")
+    if isinstance(gen, McSampler):
+        gen.set_state(value)
+    elif kind == "torch":
+        gen.gen.set_state(gen.torch.from_numpy(np.ascontiguousarray(value)))
+    else:
+        gen.key = gen.mx.array(value)

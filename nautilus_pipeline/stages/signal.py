@@ -1,55 +1,49 @@
-"""Signal stage: the sink. Model probability + toxic flow + kill switch → ``Signal`` events.
+"""Signal stage: the sink. Publishes the risk stage's signals; knows no rule.
 
-Applies the rule of ``kernels.signal`` per trade row with the toxicity flag and the kill
-switch *as of that row* (written by the VPIN and risk stages), publishes a
-:class:`~nautilus_pipeline.events.Signal` on ``signals.<symbol>`` whenever a symbol's
-(side, target) changes, and writes ``signal_side``/``signal_target`` into the slab. It is
-the last stage: when it returns, the bus releases the batch back to the pool.
+The trading rule (model probability + toxic flow + kill switch → side, strength, target,
+``kernels.signal``) is applied by the risk stage, because the account that fills a signal
+and the kill switch that a fill trips are one recursion with it (``stages/risk.py``). The
+risk stage writes the final ``signal_*`` columns; this stage turns every row marked
+``signal_emit`` (a symbol's (side, target) changed) into a
+:class:`~nautilus_pipeline.events.Signal` on ``signals.<symbol>``, in row order. It is the
+last stage: when it returns, the bus releases the batch back to the pool.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
+from typing import ClassVar
 
 import numpy as np
 
 from .. import topics
 from ..compute import ComputeStream
-from ..errors import ConfigError
-from ..events import KIND_TRADE, ColumnSpec, Side, Signal
-from ..kernels.rows import symbol_groups
-from ..kernels.signal import (
-    SignalParams,
-    SignalState,
-    new_signal_state,
-    reason_names,
-    signal_update,
-)
+from ..events import Side, Signal
+from ..kernels.signal import reason_names
 from ..memory import Lease
 from ..stage import Stage, StageContext
 
 _SIDES = {1: Side.BUY, -1: Side.SELL, 0: Side.FLAT}
 
+_RULE_KEYS = ("long_threshold", "short_threshold", "max_position", "sizing", "step_aside_on_toxic")
+
 
 class SignalStage(Stage):
-    """Reads ``prediction``, ``toxic``, ``kill``; writes ``signal_side`` and ``signal_target``."""
+    """Reads the risk stage's ``signal_*`` columns; publishes ``Signal`` events on change."""
 
-    reads = ("ts_ns", "symbol_id", "kind", "prediction", "toxic", "kill")
-    writes = (
-        ColumnSpec("signal_side", np.dtype(np.int8)),
-        ColumnSpec("signal_target", np.dtype(np.float64), fill=np.nan),
-    )
+    reads = ("ts_ns", "symbol_id", "signal_side", "signal_strength", "signal_target",
+             "signal_reasons", "signal_emit")
+    writes = ()
 
-    Params = SignalParams
-
-    @classmethod
-    def from_params(cls, p: SignalParams, ctx: Any, *, name: str, streams: Sequence[str]) -> SignalStage:
-        return cls(p, name=name, streams=streams)
+    MOVED_KEYS: ClassVar[dict[str, str]] = {
+        k: f"the signal rule is the risk stage's now: write it there as "
+           f"signal = {{ {k} = ... }} (pipelines/README.md)"
+        for k in _RULE_KEYS
+    }
+    """Keys this stage took before the rule moved, and where they went (config says so)."""
 
     def __init__(
         self,
-        rule: SignalParams | None = None,
         *,
         name: str = "signal",
         streams: Sequence[str] = ("cpu",),
@@ -57,67 +51,28 @@ class SignalStage(Stage):
     ):
         self.name = name
         self.streams = tuple(streams)
-        self.rule = rule or SignalParams()
         self.topic_prefix = topic_prefix
 
-    def connect(self, upstream: Sequence[Stage]) -> None:
-        from .risk import RiskStage  # risk imports the signal kernel: import late
-
-        for stage in upstream:
-            if isinstance(stage, RiskStage) and stage.rule != self.rule:
-                raise ConfigError(
-                    f"signal stage {self.name!r} and risk stage {stage.name!r} must use the "
-                    f"same rule (the risk stage simulates the signals): {self.rule} vs {stage.rule}"
-                )
-
     async def start(self, ctx: StageContext) -> None:
-        self.states: dict[int, SignalState] = {}
         self.emitted = 0
         self.by_side = {s.value: 0 for s in Side}
 
-    def _compute(self, lease: Lease):
-        sym, kind = lease["symbol_id"], lease["kind"]
-        n = sym.shape[0]
-        side = np.zeros(n, dtype=np.int8)
-        target = np.full(n, np.nan)
-        states = dict(self.states)
-        emits = []
-        for key, rows in symbol_groups(sym):
-            trade_rows = rows[kind[rows] == KIND_TRADE]
-            if not trade_rows.size:
-                continue
-            st = states.get(key) or new_signal_state(self.rule)
-            st, out = signal_update(
-                st,
-                lease["prediction"][trade_rows],
-                lease["toxic"][trade_rows].astype(bool),
-                lease["kill"][trade_rows].astype(bool),
-            )
-            states[key] = st
-            side[trade_rows] = out["side"]
-            target[trade_rows] = out["target"]
-            for i in np.flatnonzero(out["emit"]):
-                emits.append((int(trade_rows[i]), key, int(out["side"][i]),
-                              float(out["strength"][i]), float(out["target"][i]),
-                              int(out["reasons"][i])))
-        emits.sort()
-        return states, side, target, emits
-
     async def process(self, lease: Lease, stream: ComputeStream, ctx: StageContext) -> None:
-        states, side, target, emits = await stream.run(self._compute, lease)
-        lease["signal_side"][...] = side
-        lease["signal_target"][...] = target
-        self.states = states
-        ts = lease["ts_ns"]
-        for row, key, s, strength, tgt, reasons in emits:
-            symbol = ctx.symbol_name(key)
+        rows = np.flatnonzero(lease["signal_emit"])
+        if not rows.size:
+            return
+        ts, sym = lease["ts_ns"], lease["symbol_id"]
+        side, strength = lease["signal_side"], lease["signal_strength"]
+        target, reasons = lease["signal_target"], lease["signal_reasons"]
+        for row in rows.tolist():
+            symbol = ctx.symbol_name(int(sym[row]))
             signal = Signal(
                 ts_ns=int(ts[row]),
                 symbol=symbol,
-                side=_SIDES[s],
-                strength=strength,
-                target_position=tgt,
-                reasons=reason_names(reasons),
+                side=_SIDES[int(side[row])],
+                strength=float(strength[row]),
+                target_position=float(target[row]),
+                reasons=reason_names(int(reasons[row])),
             )
             self.emitted += 1
             self.by_side[signal.side.value] += 1
@@ -125,3 +80,10 @@ class SignalStage(Stage):
 
     def stats(self) -> dict[str, object]:
         return {"signals": self.emitted, "by_side": dict(self.by_side)}
+
+    def snapshot_state(self) -> dict[str, object]:
+        """Nothing: the emit-on-change state is the risk stage's (it applies the rule)."""
+        return {}
+
+    def restore_state(self, state: dict[str, object]) -> None:
+        pass

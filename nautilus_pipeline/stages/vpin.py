@@ -253,16 +253,19 @@ class VpinStage(Stage):
             carry = last.get(key)
             if carry is None:
                 carry = np.array([np.nan, np.nan, 0.0])
+            out = outputs.get(key)
+            if out is None:  # no bucket completed (most live ticks): every row carries
+                cols[rows] = carry
+                last[key] = carry
+                continue
             values = np.empty((rows.shape[0], 3))
             has = np.zeros(rows.shape[0], dtype=bool)
-            out = outputs.get(key)
-            if out is not None:
-                pos = np.searchsorted(rows, out["row"])
-                final = np.append(pos[1:] != pos[:-1], True)  # the last bucket known at a row
-                values[pos[final], 0] = out["vpin"][final]
-                values[pos[final], 1] = out["cdf"][final]
-                values[pos[final], 2] = out["toxic"][final]
-                has[pos[final]] = True
+            pos = np.searchsorted(rows, out["row"])
+            final = np.append(pos[1:] != pos[:-1], True)  # the last bucket known at a row
+            values[pos[final], 0] = out["vpin"][final]
+            values[pos[final], 1] = out["cdf"][final]
+            values[pos[final], 2] = out["toxic"][final]
+            has[pos[final]] = True
             filled = ffill_rows(values, has, carry)
             cols[rows] = filled
             last[key] = filled[-1].copy()
@@ -305,3 +308,18 @@ class VpinStage(Stage):
     def stats(self) -> dict[str, object]:
         return {"buckets": self.buckets, "symbols": len(self.states), "gpu_batches": self.gpu_batches}
 
+    def snapshot_params(self) -> dict[str, object]:
+        return {"bucket_volume": self.bucket_volume, **self.params}
+
+    def snapshot_state(self) -> dict[str, object]:
+        """Each symbol's VPIN state (the open bar and bucket, the window, the CDF history) and
+        the values its next rows carry forward."""
+        return {"states": dict(self.states), "last": {k: v.copy() for k, v in self.last.items()}}
+
+    def restore_state(self, state: dict[str, object]) -> None:
+        self.states = dict(state["states"])
+        self.last = dict(state["last"])
+
+    def end_segment(self) -> None:
+        """The open bar carries on in the next segment: nothing to close at this one's end."""
+        self.states = {}

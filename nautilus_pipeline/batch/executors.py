@@ -1,0 +1,354 @@
+"""Executors: who runs the jobs of a batch. ``local``, a process pool; ``ray``, Ray tasks.
+
+Both run chains side by side and the jobs of one chain in order, each job given the state the
+one before returned; both retry a job whose worker died (the job's outputs are renamed into
+place, so a retry replaces them, never adds a second copy), and neither retries a job that
+failed on its data (the same file fails the same way again: the chain is reported failed and
+the others go on).
+
+``local``: a ``ProcessPoolExecutor`` of spawned workers (spawn, not fork: a forked child of a
+process with threads, numba's and BLAS's included, can deadlock), reused across jobs, so a
+worker pays its imports and numba cache loads once; the numba cache on disk is shared. A
+worker that dies breaks the whole pool (``BrokenProcessPool`` for every job in it): the pool is
+made again and the jobs that were in it are resubmitted, up to ``max_retries`` times each.
+Workers ignore SIGINT, so a Ctrl-C reaches the driver only, which terminates the workers and
+keeps what finished.
+
+``ray``: one Ray task per job (``max_retries`` for failed workers), a chain's jobs linked by
+object refs (a job's argument is the ref of the previous job's result, so Ray runs it when
+that one is done, wherever it ran). ``address`` connects to a running cluster; without it a
+local Ray starts for the batch (and stops after it).
+"""
+
+from __future__ import annotations
+
+import concurrent.futures as cf
+import multiprocessing
+import os
+import signal
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import structlog
+
+from ..errors import ConfigError, DataError
+from .job import JobResult, replay_job
+from .plan import Chain, JobSpec, calibrate_chain
+
+log = structlog.get_logger("nautilus_pipeline.batch")
+
+
+@dataclass(frozen=True)
+class Work:
+    """What every job of a batch shares."""
+
+    definition: str
+    out: str
+    batch_size: int | None = None
+    format: str | None = None
+    symbol: str | None = None
+    log_level: str = "warning"
+    calibrate: bool = False
+
+    def job_dir(self, spec: JobSpec) -> str:
+        safe = spec.chain.replace(os.sep, "_").replace("/", "_")
+        name = Path(spec.files[0]).name.split(".")[0]
+        return str(Path(self.out) / "jobs" / safe / f"{spec.index:04d}-{name}")
+
+
+@dataclass
+class Outcome:
+    """What an executor did: results in chain order, failed chains (error text and whether it
+    was the data), retries after dead workers, and whether it was interrupted."""
+
+    results: list[JobResult] = field(default_factory=list)
+    failures: dict[str, str] = field(default_factory=dict)
+    data_failures: set[str] = field(default_factory=set)
+    retries: int = 0
+    interrupted: bool = False
+    startup_s: float = 0.0
+    submitted_at: dict[str, float] = field(default_factory=dict)
+    returned_at: dict[str, float] = field(default_factory=dict)
+
+    def fail(self, chain: str, exc: BaseException | str) -> None:
+        if chain in self.failures:
+            return
+        cause = getattr(exc, "cause", None) or exc
+        self.failures[chain] = cause if isinstance(cause, str) else f"{type(cause).__name__}: {cause}"
+        if isinstance(cause, DataError | ConfigError | FileNotFoundError) or (
+                isinstance(cause, str) and " cannot be read" in cause):
+            self.data_failures.add(chain)
+
+
+class Progress:
+    """Callbacks of a batch's progress; the CLI draws a bar with them."""
+
+    def start(self, jobs: int) -> None: ...
+
+    def job_done(self, result: JobResult) -> None: ...
+
+    def chain_failed(self, chain: str, error: str, jobs_left: int) -> None: ...
+
+
+# --- what runs in a worker ------------------------------------------------------------------
+_CONFIGURED = False
+
+
+def _worker_setup(log_level: str) -> None:
+    global _CONFIGURED
+    if not _CONFIGURED:
+        from ..runtime import configure_logging
+
+        configure_logging("json", log_level)
+        _CONFIGURED = True
+
+
+def _pool_init(log_level: str) -> None:
+    """Process pool workers leave SIGINT to the driver (it cancels and keeps what finished)."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    _worker_setup(log_level)
+
+
+def run_job(work: Work, spec: JobSpec, overrides: dict[str, Any], trace_every: int,
+            state: bytes | None) -> JobResult:
+    _worker_setup(work.log_level)
+    return replay_job(work.definition, spec.files, work.job_dir(spec), state, job_id=spec.job_id,
+                      last=spec.last, overrides=overrides, trace_every=trace_every,
+                      batch_size=work.batch_size, format=work.format, symbol=work.symbol)
+
+
+def warm_up(log_level: str) -> int:
+    """Imports a job needs (the stages, the readers, numba's cached kernels), done while the
+    driver plans the batch; returns the worker's pid."""
+    _worker_setup(log_level)
+    from .. import app, stages  # noqa: F401
+    from ..io import Replay  # noqa: F401
+
+    return os.getpid()
+
+
+def run_calibration(work: Work, chain: Chain) -> dict[str, Any]:
+    _worker_setup(work.log_level)
+    return calibrate_chain(work.definition, [f.path for f in chain.files], chain.symbol,
+                           format=work.format)
+
+
+def _ray_job(work: Work, spec: JobSpec, overrides: dict[str, Any], trace_every: int,
+             previous: JobResult | None) -> JobResult:
+    return run_job(work, spec, overrides, trace_every, None if previous is None else previous.state)
+
+
+# --- local ------------------------------------------------------------------------------------
+@dataclass
+class _Task:
+    chain: Chain
+    index: int  # -1: the chain's calibration
+    state: bytes | None = None
+    attempt: int = 0
+
+
+class LocalExecutor:
+    """Jobs on a pool of ``workers`` spawned processes (default: the machine's cores)."""
+
+    name = "local"
+
+    def __init__(self, workers: int | None = None, *, max_retries: int = 2):
+        self.workers = workers or os.cpu_count() or 1
+        self.max_retries = max_retries
+        self._ready: cf.ProcessPoolExecutor | None = None
+
+    def prepare(self, log_level: str) -> None:
+        """Start the workers now (spawn and imports take seconds), while the batch is planned."""
+        self._ready = self._pool(Work("", "", log_level=log_level))
+        for _ in range(self.workers):
+            self._ready.submit(warm_up, log_level)
+
+    def _pool(self, work: Work) -> cf.ProcessPoolExecutor:
+        return cf.ProcessPoolExecutor(max_workers=self.workers, mp_context=multiprocessing.get_context("spawn"),
+                                      initializer=_pool_init, initargs=(work.log_level,))
+
+    def close(self) -> None:
+        """Stop workers started by :meth:`prepare` that no batch used."""
+        if self._ready is not None:
+            self._ready.shutdown(wait=False, cancel_futures=True)
+            self._ready = None
+
+    def run(self, work: Work, chains: list[Chain], progress: Progress) -> Outcome:
+        out = Outcome()
+        pool, self._ready = self._ready or self._pool(work), None
+        pending: dict[cf.Future, _Task] = {}
+        by_chain: dict[str, list[JobResult]] = {c.key: [] for c in chains}
+
+        def submit(task: _Task) -> None:
+            nonlocal pool
+            chain = task.chain
+            if task.index < 0:
+                fut = pool.submit(run_calibration, work, chain)
+            else:
+                spec = chain.jobs()[task.index]
+                out.submitted_at[spec.job_id] = time.perf_counter()
+                fut = pool.submit(run_job, work, spec, chain.overrides, chain.trace_every, task.state)
+            pending[fut] = task
+
+        def fail(chain: Chain, exc: BaseException | str, index: int) -> None:
+            out.fail(chain.key, exc)
+            progress.chain_failed(chain.key, out.failures[chain.key], len(chain.files) - max(index, 0))
+
+        try:
+            for chain in chains:
+                if chain.error is not None:
+                    fail(chain, DataError(chain.error), 0)
+                else:
+                    submit(_Task(chain, -1 if work.calibrate else 0))
+            while pending:
+                done, _ = cf.wait(pending, return_when=cf.FIRST_COMPLETED)
+                broken: list[_Task] = []
+                for fut in done:
+                    task = pending.pop(fut)
+                    chain = task.chain
+                    try:
+                        value = fut.result()
+                    except cf.process.BrokenProcessPool:
+                        broken.append(task)
+                        continue
+                    except Exception as exc:
+                        fail(chain, exc, task.index)
+                        continue
+                    if task.index < 0:
+                        chain.overrides = value
+                        submit(_Task(chain, 0))
+                        continue
+                    out.returned_at[value.job_id] = time.perf_counter()
+                    by_chain[chain.key].append(value)
+                    progress.job_done(value)
+                    if task.index + 1 < len(chain.files):
+                        submit(_Task(chain, task.index + 1, value.state))
+                if broken:
+                    # A worker died: every task in the pool failed with it. Make the pool again
+                    # and resubmit them (their outputs are replaced on rename, never doubled).
+                    again = broken + list(pending.values())
+                    pending.clear()
+                    pool.shutdown(wait=False, cancel_futures=True)
+                    pool = self._pool(work)
+                    log.warning("batch_worker_died", executor=self.name, resubmitted=len(again))
+                    for task in again:
+                        if task.attempt >= self.max_retries:
+                            fail(task.chain, f"a worker died running it {task.attempt + 1} times "
+                                 f"(files from {task.chain.files[max(task.index, 0)].path})", task.index)
+                        else:
+                            out.retries += 1
+                            submit(replace(task, attempt=task.attempt + 1))
+        except KeyboardInterrupt:
+            out.interrupted = True
+            _terminate(pool)
+        finally:
+            pool.shutdown(wait=True, cancel_futures=True)
+        out.results = [r for c in chains for r in by_chain[c.key]]
+        return out
+
+
+def _terminate(pool: cf.ProcessPoolExecutor) -> None:
+    """Stop the workers now (a Ctrl-C): jobs under way are dropped, their temporary folders
+    ignored by the merge."""
+    processes = dict(getattr(pool, "_processes", None) or {})
+    pool.shutdown(wait=False, cancel_futures=True)
+    for proc in processes.values():
+        if proc.is_alive():
+            proc.terminate()
+    for proc in processes.values():
+        proc.join(5)
+
+
+# --- ray ------------------------------------------------------------------------------------
+class RayExecutor:
+    """Jobs as Ray tasks, on ``address``'s cluster or on a local Ray of ``workers`` CPUs."""
+
+    name = "ray"
+
+    def __init__(self, workers: int | None = None, *, address: str | None = None, max_retries: int = 3):
+        self.workers = workers
+        self.address = address
+        self.max_retries = max_retries
+
+    def close(self) -> None:
+        """Nothing to stop before :meth:`run` (Ray starts there)."""
+
+    def _init(self) -> bool:
+        try:
+            import ray
+        except ImportError:
+            raise ConfigError("--executor ray needs Ray: pip install 'nautilus-pipeline[cluster]'") from None
+        if ray.is_initialized():
+            return False
+        kwargs: dict[str, Any] = {"include_dashboard": False, "log_to_driver": False,
+                                  "configure_logging": False}
+        if self.address:
+            ray.init(address=self.address, **kwargs)
+        else:
+            root = str(Path(__file__).resolve().parents[2])
+            path = os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH")) if p)
+            ray.init(num_cpus=self.workers or os.cpu_count(), runtime_env={"env_vars": {"PYTHONPATH": path}},
+                     **kwargs)
+        return True
+
+    def run(self, work: Work, chains: list[Chain], progress: Progress) -> Outcome:
+        out = Outcome()
+        t0 = time.perf_counter()
+        started = self._init()
+        import ray
+
+        out.startup_s = time.perf_counter() - t0
+        try:
+            return self._run(ray, work, chains, progress, out)
+        finally:
+            if started:
+                ray.shutdown()
+
+    def _run(self, ray: Any, work: Work, chains: list[Chain], progress: Progress, out: Outcome) -> Outcome:
+        job = ray.remote(num_cpus=1, max_retries=self.max_retries)(_ray_job)
+        calibrate = ray.remote(num_cpus=1, max_retries=self.max_retries)(run_calibration)
+        refs: dict[Any, tuple[Chain, JobSpec]] = {}
+        by_chain: dict[str, list[JobResult]] = {c.key: [] for c in chains}
+        for chain in chains:
+            if chain.error is not None:
+                out.fail(chain.key, DataError(chain.error))
+                progress.chain_failed(chain.key, out.failures[chain.key], len(chain.files))
+                continue
+            overrides: Any = calibrate.remote(work, chain) if work.calibrate else chain.overrides
+            previous = None
+            for spec in chain.jobs():
+                out.submitted_at[spec.job_id] = time.perf_counter()
+                previous = job.remote(work, spec, overrides, chain.trace_every, previous)
+                refs[previous] = (chain, spec)
+        pending = list(refs)
+        try:
+            while pending:
+                ready, pending = ray.wait(pending, num_returns=1)
+                for ref in ready:
+                    chain, spec = refs[ref]
+                    try:
+                        res = ray.get(ref)
+                    except Exception as exc:
+                        if chain.key not in out.failures:
+                            out.fail(chain.key, exc)
+                            progress.chain_failed(chain.key, out.failures[chain.key],
+                                                  len(chain.files) - spec.index)
+                        continue
+                    out.returned_at[res.job_id] = time.perf_counter()
+                    by_chain[chain.key].append(res)
+                    progress.job_done(res)
+        except KeyboardInterrupt:
+            out.interrupted = True
+            for ref in pending:
+                ray.cancel(ref, force=True)
+        for chain in chains:
+            if work.calibrate and chain.key not in out.failures and by_chain[chain.key]:
+                chain.overrides = by_chain[chain.key][0].overrides
+        out.results = [r for c in chains for r in sorted(by_chain[c.key], key=lambda r: r.job_id)]
+        return out
+
+
+EXECUTORS: dict[str, Callable[..., Any]] = {"local": LocalExecutor, "ray": RayExecutor}

@@ -1,0 +1,157 @@
+"""The unit of work of a batch: one symbol over a run of consecutive files, state in and out.
+
+:func:`replay_job` is pure in the sense that matters to an executor: its inputs are the
+definition, the files, an output folder and the state of the file before (snapshot bytes);
+it returns paths, accounting and the state after, never data. It installs no signal handler
+and runs its own event loop, so it runs on any thread of any process (a process pool worker,
+a Ray task). Its outputs are written under a temporary name beside ``out_dir`` and moved in
+at the end, file by file, replacing what a previous attempt left: a retried job (a worker
+killed mid-job) leaves one copy of its outputs, never two, and a job killed half-way leaves
+only a temporary folder that the merge ignores.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import os
+import shutil
+import time
+import uuid
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import orjson
+
+from .. import config
+from ..app import Run, replay_into, write_atomic
+from .plan import with_overrides
+
+TMP_MARK = ".tmp-"
+"""Temporary job folders are named ``.<job>.tmp-<pid>-<random>`` (the pid: who is writing)."""
+
+
+@dataclass(frozen=True)
+class JobResult:
+    """What a job did: where its outputs are, every row of its files accounted for, the
+    state to carry into the next file, and how long it took (seconds, in the worker)."""
+
+    job_id: str
+    files: tuple[str, ...]
+    out_dir: str
+    paths: dict[str, str]
+    accounting: dict[str, dict[str, Any]]
+    ticks: dict[str, int]
+    outputs: dict[str, int]
+    state: bytes = field(repr=False)
+    wall_s: float = 0.0
+    run_s: float = 0.0
+    pid: int = 0
+    symbols: tuple[str, ...] = ()
+    overrides: dict[str, dict[str, Any]] = field(default_factory=dict)
+
+
+def replay_job(definition: config.PipelineDef | str | Path, files: Sequence[str | Path],
+               out_dir: str | Path, state_in: bytes | None = None, *, job_id: str = "job",
+               last: bool = True, overrides: dict[str, dict[str, Any]] | None = None,
+               trace_every: int = 1, batch_size: int | None = None, format: str | None = None,
+               symbol: str | None = None) -> JobResult:
+    """Replay ``files`` (consecutive, one symbol) from ``state_in`` into ``out_dir``.
+
+    ``last``: the chain ends here (the stream's end closes the open VPIN bar and marks the
+    trace's last row); otherwise what is still open is carried in the returned state.
+    ``overrides``: stage keys by stage name (the chain's ``bucket_volume``).
+    A file that cannot be read raises :class:`~nautilus_pipeline.errors.DataError` naming it.
+    """
+    t0 = time.perf_counter()
+    d = definition if isinstance(definition, config.PipelineDef) else config.load(definition)
+    d = with_overrides(d, overrides or {})
+    d = dataclasses.replace(d, outputs={**d.outputs, "formats": ["parquet"]})
+    final = Path(out_dir)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = final.parent / f".{final.name}{TMP_MARK}{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    try:
+        run = Run(d, ticks=[str(f) for f in files], out_dir=tmp, trace_every=trace_every,
+                  batch_size=batch_size, format=format, symbol=symbol, execution="serial")
+        loop = _new_loop()
+        try:
+            summary, state, run_s = loop.run_until_complete(_execute(run, state_in, last))
+        finally:
+            loop.run_until_complete(loop.shutdown_asyncgens())
+            loop.close()
+        if summary["write_error"]:
+            raise OSError(f"job {job_id}: an output could not be written: {summary['write_error']}")
+        write_atomic(tmp / "summary.json", orjson.dumps(
+            summary["dict"], option=orjson.OPT_INDENT_2 | orjson.OPT_SERIALIZE_NUMPY))
+        names = _publish(tmp, final)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    s = summary["dict"]
+    accounting = {f: s["accounting"]["sources"].get(f, {"read": 0, "delivered": 0, "rejected": 0,
+                                                         "quarantined": 0, "by_reason": {}})
+                  for f in (str(x) for x in files)}
+    t = s["ticks"]
+    return JobResult(
+        job_id=job_id, files=tuple(str(f) for f in files), out_dir=str(final),
+        paths={n.rsplit(".", 1)[0]: str(final / n) for n in names if n.endswith(".parquet")},
+        accounting=accounting,
+        ticks={k: int(t[k]) for k in ("read", "delivered", "rejected", "quarantined", "processed",
+                                      "failed_in_stages", "failed_batches")},
+        outputs=dict(s["outputs"]), state=state, wall_s=time.perf_counter() - t0, run_s=run_s,
+        pid=os.getpid(), symbols=tuple(s["symbols"]), overrides=dict(overrides or {}),
+    )
+
+
+def _new_loop() -> asyncio.AbstractEventLoop:
+    """A fresh loop for this thread (uvloop where installed); unlike ``asyncio.run`` in a main
+    thread, it installs no SIGINT handler."""
+    from ..runtime import loop_factory
+
+    factory = loop_factory(True)
+    return factory() if factory is not None else asyncio.new_event_loop()
+
+
+async def _execute(run: Run, state_in: bytes | None, last: bool) -> tuple[dict[str, Any], bytes, float]:
+    """:meth:`Run.execute` with a restore after start and a snapshot after the drain."""
+    from ..report.timeline import TIMELINE_FILE
+
+    pipe, replay, sink, timeline = run.pipeline, run.replay, run.sink, run.timeline
+    t0 = time.perf_counter()
+    try:
+        async with pipe:
+            sink.attach(pipe.bus)
+            if state_in is not None:
+                pipe.restore(state_in)
+            run.interrupted = await replay_into(pipe, replay)
+            await pipe.drain()
+            state = pipe.snapshot()
+            if not last:
+                pipe.end_segment()
+        timeline.sample(pipe, replay.progress.ts_reached_ns)
+        timeline.write(run.out_dir / TIMELINE_FILE)
+    finally:
+        sink.close()
+    wall = time.perf_counter() - t0
+    summary = run._summarise(wall)
+    error = sink.error
+    return {"dict": summary.as_dict(), "write_error": None if error is None else str(error)}, state, wall
+
+
+def _publish(tmp: Path, final: Path) -> list[str]:
+    """Move every file of ``tmp`` into ``final``, replacing, and remove what a previous
+    attempt left there that this one did not write. Returns the names published."""
+    final.mkdir(parents=True, exist_ok=True)
+    names = sorted(p.name for p in tmp.iterdir() if p.is_file())
+    for name in names:
+        os.replace(tmp / name, final / name)
+    for old in final.iterdir():
+        if old.name not in names and old.is_file():
+            with contextlib.suppress(OSError):
+                old.unlink()
+    return names
+
+
+__all__ = ["JobResult", "replay_job"]

@@ -1,0 +1,149 @@
+"""Merging a batch: the jobs' outputs into one Parquet dataset per kind, and ``summary.json``.
+
+Each output kind (``signals``, ``vpin``, ``risk``, ``trace``, ...) becomes
+``<out>/<kind>/symbol=<S>/part-0.parquet`` (hive partitioning: ``pyarrow.dataset``, DuckDB,
+Polars and Spark read the folder as one table with a ``symbol`` column). Rows are in
+(symbol, ts_ns) order, ties in the order the chain produced them, so a merged kind equals one
+sequential run per symbol over its files, sorted the same way (a stable sort). Files are
+written under a temporary name and renamed.
+
+``summary.json`` accounts for every row of every file: per file and in total,
+``read = delivered + rejected + quarantined``; files of failed or cancelled chains are listed
+with their status (``failed``, ``not_run``) and the error.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import orjson
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from ..app import write_atomic
+from .job import JobResult
+from .plan import Chain
+
+SKIPPED_KINDS = ("latency",)
+"""Per-job outputs that are not merged (latency windows are per process, not per symbol)."""
+COUNTS = ("read", "delivered", "rejected", "quarantined")
+
+
+def merge_outputs(out: Path, results: Sequence[JobResult]) -> dict[str, dict[str, Any]]:
+    """One dataset per kind of the jobs' Parquet outputs; returns kind → rows and folder.
+
+    A chain's jobs are concatenated in chain order; a part already in time order (the usual
+    case: a chain is ordered by first timestamp) is written as it is, otherwise it is sorted
+    (stable) first, so merging costs one read and one write, not a global sort."""
+    by_kind: dict[str, list[tuple[str, str]]] = {}
+    for res in results:
+        for kind, path in res.paths.items():
+            if kind not in SKIPPED_KINDS:
+                by_kind.setdefault(kind, []).append((res.job_id, path))
+    merged = {}
+    for kind, parts in sorted(by_kind.items()):
+        folder = out / kind
+        tmp = out / f".{kind}.merging"
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        rows = 0
+        tables = [t for t in (pq.read_table(p) for _, p in sorted(parts)) if t.num_rows]
+        if tables and all("symbol" in t.column_names for t in tables):
+            for sym, table in _by_symbol(tables):
+                rows += table.num_rows
+                (tmp / f"symbol={sym}").mkdir()
+                pq.write_table(table.drop_columns(["symbol"]), tmp / f"symbol={sym}" / "part-0.parquet")
+        elif tables:
+            table = _in_time_order(pa.concat_tables(tables, promote_options="permissive"))
+            rows = table.num_rows
+            pq.write_table(table, tmp / "part-0.parquet")
+        old = out / f".{kind}.old"
+        shutil.rmtree(old, ignore_errors=True)
+        if folder.exists():
+            os.replace(folder, old)
+        os.replace(tmp, folder)
+        shutil.rmtree(old, ignore_errors=True)
+        merged[kind] = {"rows": rows, "path": str(folder)}
+    return merged
+
+
+def _by_symbol(tables: list[pa.Table]) -> list[tuple[str, pa.Table]]:
+    """(symbol, its rows in time order), symbols sorted; a job's table normally holds one."""
+    groups: dict[str, list[pa.Table]] = {}
+    for t in tables:
+        symbols = t["symbol"].cast(pa.string())
+        names = pc.unique(symbols).to_pylist()
+        if len(names) == 1:
+            groups.setdefault(names[0], []).append(t)
+            continue
+        for name in names:
+            groups.setdefault(name, []).append(t.filter(pc.equal(symbols, name)))
+    return [(name, _in_time_order(pa.concat_tables(groups[name], promote_options="permissive")))
+            for name in sorted(groups)]
+
+
+def _in_time_order(table: pa.Table) -> pa.Table:
+    """``table`` sorted by ``ts_ns`` (stable; as it is when already in order)."""
+    if "ts_ns" not in table.column_names or table.num_rows < 2:
+        return table
+    ts = table["ts_ns"].to_numpy()
+    if (ts[1:] >= ts[:-1]).all():
+        return table
+    keys = [(k, "ascending") for k in ("symbol", "ts_ns") if k in table.column_names]
+    return table.take(pc.sort_indices(table, sort_keys=keys))
+
+
+def summarise(chains: Sequence[Chain], results: Sequence[JobResult], failures: dict[str, str],
+              merged: dict[str, dict[str, Any]], *, meta: dict[str, Any]) -> dict[str, Any]:
+    """The batch's summary: per file, per job, per chain and totals; accounting checked."""
+    done = {f: (res, res.accounting[f]) for res in results for f in res.files}
+    files: dict[str, dict[str, Any]] = {}
+    chain_rows = []
+    for chain in chains:
+        status_left = "failed" if chain.key in failures else "not_run"
+        for info in chain.files:
+            if info.path in done:
+                res, counts = done[info.path]
+                files[info.path] = {"symbol": chain.symbol, "status": "done", "job": res.job_id,
+                                    **{k: int(counts[k]) for k in COUNTS},
+                                    "by_reason": dict(counts.get("by_reason", {}))}
+            else:
+                files[info.path] = {"symbol": chain.symbol, "status": status_left,
+                                    **dict.fromkeys(COUNTS, 0), "by_reason": {}}
+                if info.error:
+                    files[info.path]["error"] = info.error
+        n_done = sum(1 for i in chain.files if i.path in done)
+        chain_rows.append({"symbol": chain.symbol, "files": len(chain.files), "done": n_done,
+                           "status": "failed" if chain.key in failures else
+                           ("done" if n_done == len(chain.files) else "incomplete"),
+                           "error": failures.get(chain.key), "trace_every": chain.trace_every,
+                           "overrides": chain.overrides})
+    totals = {k: sum(f[k] for f in files.values()) for k in COUNTS}
+    for k in ("processed", "failed_in_stages", "failed_batches"):
+        totals[k] = sum(r.ticks[k] for r in results)
+    unbalanced = [p for p, f in files.items() if f["read"] != f["delivered"] + f["rejected"] + f["quarantined"]]
+    closes = not unbalanced and totals["read"] == totals["delivered"] + totals["rejected"] + totals["quarantined"]
+    return {
+        **meta,
+        "files": files,
+        "chains": chain_rows,
+        "jobs": [{"job": r.job_id, "files": list(r.files), "pid": r.pid, "wall_s": r.wall_s,
+                  "run_s": r.run_s, "ticks": r.ticks, "outputs": r.outputs, "out_dir": r.out_dir}
+                 for r in results],
+        "totals": totals,
+        "accounting_closes": closes,
+        "unbalanced_files": unbalanced,
+        "outputs": merged,
+        "failed": [{"symbol": k, "error": v} for k, v in sorted(failures.items())],
+    }
+
+
+def write_summary(out: Path, summary: dict[str, Any]) -> Path:
+    path = out / "summary.json"
+    write_atomic(path, orjson.dumps(summary, option=orjson.OPT_INDENT_2 | orjson.OPT_SERIALIZE_NUMPY))
+    return path

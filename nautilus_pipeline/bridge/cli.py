@@ -1,0 +1,193 @@
+"""The command line's NATS parts: ``publish`` and ``run --nats``.
+
+``nautilus-pipeline publish FILE... --nats URL [--speed X] [--format F --symbol S]`` reads tick
+files (the readers and checks of a replay, paced by ``--speed``) and publishes them as
+batches on ``ticks.<kind>.<venue>.<symbol>`` into the ``TICKS`` stream, created if needed;
+it ends when JetStream has stored every batch.
+
+``nautilus-pipeline run PIPELINE --nats URL --durable NAME [--out DIR] [--until-idle S]``
+consumes that stream live instead of reading files. The outputs are those of a file run
+(signals/VPIN/risk as JSON lines and Parquet, trace, summary). With a durable name the
+bridge keeps its state in the server (see :mod:`.state`), and with it the length of each
+output file at that snapshot: after a crash (``kill -9``) the same command restores the
+state, cuts the output files back to those lengths, and carries on, so its outputs at the
+end equal those of one uninterrupted run (the trace excepted: its sampled rows are written
+at the end of a run, so a restarted run's ``trace.parquet`` holds the rows since the restart).
+It stops at ``--until-idle`` seconds without a message (then closes like the end of a file:
+the open VPIN bar is emitted), or on Ctrl-C/SIGTERM with a drain and a snapshot, leaving
+the stream's end to the next run (exit 130/143).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import signal
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import orjson
+
+DEFAULT_URL = "nats://127.0.0.1:4222"
+SINK_OFFSETS = "sink_offsets"
+
+
+def add_publish_parser(sub: Any, fmt: type, format_type: Any) -> None:
+    """Register ``publish`` on the command line's subparsers."""
+    pub = sub.add_parser(
+        "publish", help="publish tick files into a NATS JetStream stream (for 'run --nats')",
+        formatter_class=fmt, epilog="""examples:
+  nautilus-pipeline publish trades.csv --nats nats://127.0.0.1:4222 --symbol BTCUSDT-PERP
+  nautilus-pipeline publish a.csv b.csv --nats nats://host:4222 --speed 10   # paced, 10x market""")
+    pub.add_argument("files", nargs="+", metavar="FILE")
+    pub.add_argument("--nats", default=DEFAULT_URL, metavar="URL", help=f"server (default {DEFAULT_URL})")
+    pub.add_argument("--format", type=format_type, help="reader for the files (default: detected)")
+    pub.add_argument("--symbol", help="instrument name for single-symbol files")
+    pub.add_argument("--speed", type=float, default=None, help="pace at X times market speed (default: as fast as possible)")
+    pub.add_argument("--batch", type=int, default=4096, help="ticks per message (default 4096)")
+    pub.add_argument("--venue", default="BINANCE", help="venue token of the subjects (default BINANCE)")
+    pub.add_argument("--stream", default="TICKS", help="stream name (default TICKS)")
+    pub.add_argument("--log-format", choices=("auto", "json", "console"), default="auto")
+    pub.add_argument("--log-level", default="warning", choices=("debug", "info", "warning", "error"))
+
+
+def add_run_arguments(run: Any) -> None:
+    """``run``'s options for consuming a stream instead of files."""
+    run.add_argument("--nats", metavar="URL", help="consume tick batches from this NATS server "
+                     "instead of reading files (see 'publish')")
+    run.add_argument("--durable", metavar="NAME", help="with --nats: durable consumer; its state "
+                     "(snapshots, output lengths) is kept in the server, so a restart resumes")
+    run.add_argument("--subject", default="ticks.>", help="with --nats: subjects to consume (default ticks.>)")
+    run.add_argument("--until-idle", type=float, metavar="SECONDS",
+                     help="with --nats: stop after this long without a message")
+    run.add_argument("--snapshot-every", type=int, default=64, metavar="N",
+                     help="with --nats --durable: store the state every N messages (default 64)")
+    run.add_argument("--export", nargs="*", metavar="PATTERN", default=None,
+                     help="with --nats: bus topics to publish to the EVENTS stream (e.g. 'signals.>')")
+
+
+def cmd_publish(args: argparse.Namespace) -> int:
+    from ..errors import ConfigError
+    from ..runtime import run
+
+    if args.batch < 1:
+        raise ConfigError(f"--batch must be >= 1, got {args.batch}")
+    if args.speed is not None and not args.speed > 0:
+        raise ConfigError(f"--speed must be > 0, got {args.speed}")
+    return run(_publish(args))
+
+
+async def _publish(args: argparse.Namespace) -> int:
+    import nats
+    import numpy as np
+
+    from ..events import TICK_COLUMN_NAMES
+    from ..io import Replay, Source
+    from ..memory import BufferPool
+    from .publisher import TICKS_SUBJECTS, TickPublisher, ensure_stream
+
+    sources = [Source(f, format=args.format, symbol=args.symbol) for f in args.files]
+    replay = Replay(sources, speed=args.speed)
+    pool = BufferPool(capacity=args.batch, slabs=2, name="publish")
+    nc = await nats.connect(args.nats)
+    t0 = time.perf_counter()
+    try:
+        js = nc.jetstream()
+        await ensure_stream(js, args.stream, [TICKS_SUBJECTS])
+        pub = TickPublisher(js, venue=args.venue, batch_size=args.batch)
+        ticks = 0
+        async for lease in replay.batches(pool, holder="publish"):
+            try:
+                sids = lease["symbol_id"]
+                for sid in np.unique(sids):
+                    rows = np.flatnonzero(sids == sid)
+                    cols = {name: lease[name][rows] for name in TICK_COLUMN_NAMES
+                            if name != "symbol_id"}
+                    await pub.publish(cols, replay.symbols.name_of(int(sid)))
+                ticks += lease.length
+            finally:
+                lease.release()
+        await pub.flush()
+    finally:
+        await nc.close()
+    replay.accounting.check()
+    wall = time.perf_counter() - t0
+    print(orjson.dumps({"ticks": ticks, "messages": pub.messages, "duplicates": pub.duplicates,
+                        "wall_s": round(wall, 3), "stream": args.stream}).decode())
+    return 0
+
+
+def _nats_pipe_settings(args: argparse.Namespace) -> dict[str, Any]:
+    return {"batch_size": args.batch, "execution": args.execution}
+
+
+async def run_live(args: argparse.Namespace) -> int:
+    """``run PIPELINE --nats URL``: the pipeline of ``Run`` fed by the bridge (see the module docstring)."""
+    from ..app import Run, write_atomic
+    from .nats_bridge import NatsBridge
+
+    run = Run(args.pipeline, out_dir=args.out, trace_every=args.trace_every,
+              **{k: v for k, v in _nats_pipe_settings(args).items() if v is not None})
+    pipe, sink = run.pipeline, run.sink
+    stop = asyncio.Event()
+    got: list[int] = []
+    loop = asyncio.get_running_loop()
+
+    def on_signal(signum: int) -> None:
+        got.append(signum)
+        stop.set()
+
+    def on_restore(saved: Any) -> None:
+        if saved is not None and sink is not None:
+            sink.resume(saved.extra.get(SINK_OFFSETS, {}))
+        if sink is not None:
+            sink.attach(pipe.bus)
+
+    def save_extra() -> dict[str, Any]:
+        return {SINK_OFFSETS: sink.offsets()} if sink is not None else {}
+
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, on_signal, sig)
+    t0 = time.perf_counter()
+    try:
+        bridge = NatsBridge(pipe, servers=args.nats, ingest=args.subject, durable=args.durable,
+                            export=args.export or (), on_restore=on_restore, save_extra=save_extra,
+                            snapshot_every=args.snapshot_every)
+        async with bridge:
+            waiters = [asyncio.ensure_future(stop.wait())]
+            if args.until_idle is not None:
+                waiters.append(asyncio.ensure_future(bridge.wait_idle(args.until_idle)))
+            try:
+                done, _ = await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                for w in waiters:
+                    w.cancel()
+                await asyncio.gather(*waiters, return_exceptions=True)
+            for w in done:
+                w.result()
+            if got:
+                bridge.end_of_stream = False  # a stop, not the stream's end: the next run goes on
+    finally:
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            with contextlib.suppress(NotImplementedError, RuntimeError):
+                loop.remove_signal_handler(sig)
+        if sink is not None:
+            sink.close()
+    wall = time.perf_counter() - t0
+    flow = pipe.tick_flow()
+    summary = {"pipeline": run.name, "nats": args.nats, "durable": args.durable, "wall_s": wall,
+               "ticks": {"processed": flow.ticks_out, "failed_in_stages": flow.ticks_failed},
+               "bridge": bridge.stats(), "stages": pipe.stats()["stages"],
+               "outputs": dict(sink.counts) if sink is not None else {}}
+    write_atomic(run.out_dir / "summary.json",
+                 orjson.dumps(summary, option=orjson.OPT_INDENT_2 | orjson.OPT_SERIALIZE_NUMPY))
+    ing = summary["bridge"]["ingress"] or {}
+    print(f"{run.name}: {flow.ticks_out:,} ticks from {args.nats} ({ing.get('messages', 0)} messages"
+          f", restored from stream sequence {summary['bridge']['restored_from_seq']}), "
+          f"outputs in {Path(run.out_dir)}", file=sys.stderr)
+    if got:
+        return 143 if got[0] == signal.SIGTERM else 130
+    return 5 if flow.ticks_failed else 0

@@ -1,0 +1,213 @@
+"""Ingress: a durable JetStream pull consumer feeding tick batches into a pipeline.
+
+Flow control is the pool's: the consumer fetches no more messages than the pool has free
+slabs (at least one, waiting for a slab first), so JetStream keeps what the pipeline
+cannot hold yet, and ``max_ack_pending`` bounds what is delivered but not yet acknowledged.
+A pull consumer rather than a push one for exactly that reason: the pipeline asks when it
+has room, instead of a server pushing into a client-side buffer.
+
+A message is acknowledged only when the last stage has released the lease of each batch it
+became (``Lease.on_release``); a message larger than ``batch_size`` rows becomes several
+batches and is acknowledged after the last of them. With a state store
+(:mod:`~nautilus_pipeline.bridge.state`) the acknowledgement also waits until a stored
+snapshot covers the message: a crash then redelivers exactly what the restored state has
+not seen. A redelivered message already covered by the restored state is acknowledged and
+dropped (counted as ``dropped_covered``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any
+
+import structlog
+
+from ..errors import PipelineError
+from ..events import TICK_COLUMNS
+from ..memory import Lease
+from ..pipeline import Pipeline
+from .wire import WireError, decode_batch
+
+log = structlog.get_logger("nautilus_pipeline.bridge.ingress")
+
+HOLDER = "nats-ingress"
+
+
+@dataclass
+class IngressStats:
+    """What the ingress did (cumulative)."""
+
+    messages: int = 0
+    batches: int = 0
+    ticks: int = 0
+    acked: int = 0
+    redelivered: int = 0
+    dropped_covered: int = 0
+    bad_messages: int = 0
+    fetches: int = 0
+    last_seq: int = 0
+
+
+class _Pending:
+    """A fetched message and how many of its batches are still in the pipeline."""
+
+    __slots__ = ("left", "msg", "seq")
+
+    def __init__(self, msg: Any, seq: int, left: int):
+        self.msg = msg
+        self.seq = seq
+        self.left = left
+
+
+class Ingress:
+    """Fetch → decode → fill slabs → ``publish_batch``; ack when done (and covered).
+
+    ``ack_on_release`` False defers acks to :meth:`ack_covered` (the state store's
+    snapshots call it); ``after_message`` runs after each message is in the pipeline (the
+    bridge takes its periodic snapshot there).
+    """
+
+    def __init__(self, pipe: Pipeline, sub: Any, *, ack_on_release: bool = True,
+                 covered_seq: int = 0, fetch_timeout: float = 0.25,
+                 on_idle: Callable[[], Awaitable[None]] | None = None,
+                 after_message: Callable[[], Awaitable[None]] | None = None):
+        self.pipe = pipe
+        self.sub = sub
+        self.ack_on_release = ack_on_release
+        self.covered_seq = covered_seq
+        self.fetch_timeout = fetch_timeout
+        self.on_idle = on_idle
+        self.after_message = after_message
+        self.stats = IngressStats(last_seq=covered_seq)
+        self._slabs = len(pipe.pool.slabs)
+        self._done: list[_Pending] = []  # released, waiting for an ack
+        self._unacked: list[_Pending] = []  # all fetched, not yet acked (state mode)
+        self._wake = asyncio.Event()
+        self._loop = asyncio.get_running_loop()
+        self._thread = threading.get_ident()
+
+    # --- the fetch loop ----------------------------------------------------------------
+    async def run(self, stop: asyncio.Event) -> None:
+        """Until ``stop`` is set: fetch what the pool can hold, feed it, ack what is done."""
+        while not stop.is_set():
+            await self._ack_done()
+            free = self._slabs - self.pipe.pool.in_use
+            if free <= 0:
+                self._wake.clear()
+                try:
+                    await asyncio.wait_for(self._wake.wait(), self.fetch_timeout)
+                except TimeoutError:
+                    pass
+                continue
+            try:
+                msgs = await self.sub.fetch(free, timeout=self.fetch_timeout)
+            except TimeoutError:  # nats.errors.TimeoutError, or asyncio's from a late fetch
+                if self.on_idle is not None:
+                    await self.on_idle()
+                continue
+            self.stats.fetches += 1
+            for msg in msgs:
+                await self._feed(msg)
+                if self.after_message is not None:
+                    await self.after_message()
+        await self._ack_done()
+
+    async def _feed(self, msg: Any) -> None:
+        meta = msg.metadata
+        seq = meta.sequence.stream
+        st = self.stats
+        st.messages += 1
+        if meta.num_delivered > 1:
+            st.redelivered += 1
+        if seq <= self.covered_seq:
+            # processed and snapshotted before a crash, its ack lost: the state has it
+            st.dropped_covered += 1
+            await msg.ack()
+            st.acked += 1
+            return
+        try:
+            batch = decode_batch(msg.data)
+        except (WireError, ValueError) as exc:
+            st.bad_messages += 1
+            log.error("bad_tick_message", subject=msg.subject, stream_seq=seq, error=str(exc))
+            await msg.term()  # never redelivered; counted and logged
+            return
+        st.last_seq = max(st.last_seq, seq)
+        size = self.pipe.batch_size
+        starts = range(0, batch.length, size)
+        pending = _Pending(msg, seq, len(starts))
+        if not self.ack_on_release:
+            self._unacked.append(pending)
+        if not starts:  # an empty batch: nothing to wait for
+            if self.ack_on_release:
+                self._done.append(pending)
+            return
+        sid = self.pipe.symbols.id_of(batch.symbol)
+        cols = batch.columns
+        for start in starts:
+            stop = min(start + size, batch.length)
+            lease = await self.pipe.acquire(HOLDER)
+            lease.length = stop - start
+            for spec in TICK_COLUMNS:
+                col = lease[spec.name]
+                if spec.name == "symbol_id":
+                    col.fill(sid)
+                elif spec.name in cols:
+                    col[...] = cols[spec.name][start:stop]
+                else:
+                    col.fill(spec.fill)
+            lease.on_release = _ReleaseHook(self, pending)
+            await self.pipe.publish_batch(lease, HOLDER)
+            st.batches += 1
+            st.ticks += stop - start
+
+    # --- acknowledgements --------------------------------------------------------------
+    def _released(self, pending: _Pending) -> None:
+        if threading.get_ident() == self._thread:
+            self._released_one(pending)
+        else:
+            self._loop.call_soon_threadsafe(self._released_one, pending)
+
+    def _released_one(self, pending: _Pending) -> None:
+        pending.left -= 1
+        if pending.left == 0 and self.ack_on_release:
+            self._done.append(pending)
+        self._wake.set()
+
+    async def _ack_done(self) -> None:
+        done, self._done = self._done, []
+        for pending in done:
+            await pending.msg.ack()
+        self.stats.acked += len(done)
+
+    async def ack_covered(self, seq: int) -> None:
+        """Acknowledge every fetched message up to stream sequence ``seq`` (now in the state)."""
+        self.covered_seq = max(self.covered_seq, seq)
+        keep = []
+        for pending in self._unacked:
+            if pending.seq <= seq:
+                if pending.left > 0:
+                    raise PipelineError(f"message {pending.seq} is still in the pipeline; "
+                                        "snapshots are taken only when it is idle")
+                await pending.msg.ack()
+                self.stats.acked += 1
+            else:
+                keep.append(pending)
+        self._unacked = keep
+
+
+class _ReleaseHook:
+    """``Lease.on_release`` for one batch of a message (a plain callable, no closure cycle)."""
+
+    __slots__ = ("ingress", "pending")
+
+    def __init__(self, ingress: Ingress, pending: _Pending):
+        self.ingress = ingress
+        self.pending = pending
+
+    def __call__(self, lease: Lease) -> None:
+        self.ingress._released(self.pending)
+

@@ -1,0 +1,238 @@
+"""Batch replays: merged outputs equal one sequential run per symbol over its files, bit for
+bit after sorting by (symbol, ts_ns); every row accounted for; bad input and dead workers."""
+
+from __future__ import annotations
+
+import asyncio
+import gzip
+import os
+import signal
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+import pytest
+
+import nautilus_pipeline as nt
+from nautilus_pipeline.batch import expand_inputs, plan, replay_job, run_batch
+from nautilus_pipeline.batch.job import TMP_MARK
+from nautilus_pipeline.config import load
+
+KINDS = ("signals", "vpin", "risk", "trace")
+BTC_HEADER = "id,price,qty,quote_qty,time,is_buyer_maker"
+
+
+# --- inputs -----------------------------------------------------------------------------------
+def split_real(sample_dir: Path, folder: Path, *, damage: bool = True) -> dict[str, list[Path]]:
+    """The bundled BTCUSDT (3 "days", named out of time order, one damaged row) and ETHUSDT
+    (2 days) trade files, split into consecutive files named like Binance's daily files."""
+    folder.mkdir(parents=True, exist_ok=True)
+    lines = (sample_dir / "binance-um-btcusdt-trades-20240808.csv").read_text().splitlines()
+    rows = lines[1:]
+    if damage:
+        fields = rows[9000].split(",")
+        rows[9000] = ",".join([fields[0], "not-a-price", *fields[2:]])
+    btc = []
+    for name, (a, b) in zip(("08-09", "08-07", "08-08"), ((0, 7000), (7000, 15000), (15000, len(rows))),
+                            strict=True):
+        p = folder / f"BTCUSDT-trades-2024-{name}.csv"
+        p.write_text("\n".join([lines[0], *rows[a:b]]) + "\n")
+        btc.append(p)
+    eth_rows = (sample_dir / "binance-spot-ethusdt-trades-20240808.csv").read_text().splitlines()
+    eth = []
+    for i, (a, b) in enumerate(((0, 3000), (3000, len(eth_rows)))):
+        p = folder / f"ETHUSDT-trades-2024-08-0{i + 1}.csv"
+        p.write_text("\n".join(eth_rows[a:b]) + "\n")
+        eth.append(p)
+    return {"BTCUSDT": btc, "ETHUSDT": eth}
+
+
+def generated(folder: Path, symbol: str = "SYNUSDT", days: int = 2, n: int = 4000, seed: int = 3) -> list[Path]:
+    """Generated trades in Binance's USD-M layout, ``days`` consecutive files."""
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    total = days * n
+    ts = 1_722_470_400_000 + np.cumsum(rng.integers(0, 40, total))
+    price = 100.0 * np.exp(np.cumsum(rng.normal(0, 3e-4, total)))
+    qty = np.round(rng.exponential(2.0, total), 3) + 0.001
+    maker = rng.random(total) < 0.5
+    out = []
+    for d in range(days):
+        p = folder / f"{symbol}-trades-2024-08-{d + 1:02d}.csv"
+        body = [f"{i},{price[i]:.4f},{qty[i]:.3f},{price[i] * qty[i]:.4f},{ts[i]},{str(maker[i]).lower()}"
+                for i in range(d * n, (d + 1) * n)]
+        p.write_text("\n".join([BTC_HEADER, *body]) + "\n")
+        out.append(p)
+    return out
+
+
+def sequential(definition: str, files: list[Path], out: Path, trace_every: int) -> dict[str, pa.Table]:
+    """One run over ``files`` (a symbol's, in time order), its outputs by kind."""
+    run = nt.Run(definition, ticks=[str(f) for f in files], out_dir=out, trace_every=trace_every)
+    asyncio.run(run.execute())
+    return {k: pq.read_table(out / f"{k}.parquet") for k in KINDS if (out / f"{k}.parquet").exists()}
+
+
+def sorted_rows(table: pa.Table) -> dict[str, str]:
+    """Each column of ``table`` in (symbol, ts_ns) order (stable), as the repr of its values:
+    equal reprs are equal bits for floats (repr round-trips; -0.0 and NaN are kept apart)."""
+    if "symbol" in table.column_names:
+        table = table.set_column(table.column_names.index("symbol"), "symbol",
+                                 table["symbol"].cast(pa.string()))
+    table = table.take(pc.sort_indices(table, sort_keys=[("symbol", "ascending"), ("ts_ns", "ascending")]))
+    return {c: repr(table[c].to_pylist()) for c in sorted(table.column_names)}
+
+
+def assert_merged_equals_sequential(out: Path, report, groups: dict[str, list[Path]], tmp: Path,
+                                    definition: str = "default") -> None:
+    chains = {c["symbol"]: c for c in report.summary["chains"]}
+    refs: dict[str, list[pa.Table]] = {}
+    for sym, files in groups.items():
+        ordered = sorted(files, key=lambda p: report.summary["files"][str(p)].get("job", ""))
+        for kind, table in sequential(definition, ordered, tmp / f"seq-{sym}", chains[sym]["trace_every"]).items():
+            refs.setdefault(kind, []).append(table)
+    assert set(refs) <= set(report.summary["outputs"])
+    for kind, tables in refs.items():
+        merged = pq.read_table(out / kind)
+        want = pa.concat_tables(tables, promote_options="permissive")
+        assert merged.num_rows == want.num_rows, kind
+        assert sorted_rows(merged) == sorted_rows(want), kind
+
+
+def assert_accounting_closes(summary: dict) -> None:
+    assert summary["accounting_closes"] and not summary["unbalanced_files"]
+    for f in summary["files"].values():
+        assert f["read"] == f["delivered"] + f["rejected"] + f["quarantined"]
+    t = summary["totals"]
+    assert t["read"] == t["delivered"] + t["rejected"] + t["quarantined"]
+    assert t["read"] == sum(f["read"] for f in summary["files"].values())
+
+
+def assert_one_copy_of_each_output(out: Path, summary: dict) -> None:
+    for kind in summary["outputs"]:
+        parts = sorted((out / kind).rglob("*.parquet"))
+        assert all(p.name == "part-0.parquet" for p in parts), parts
+        assert len(parts) == len({p.parent for p in parts})
+    jobs = [p for p in (out / "jobs").glob("*/*") if p.is_dir()]
+    assert not [p for p in (out / "jobs").rglob(f"*{TMP_MARK}*")], "temporary job folders left"
+    assert len(jobs) == len(summary["jobs"]) == len({j["job"] for j in summary["jobs"]})
+
+
+# --- the plan and the unit of work ------------------------------------------------------------------
+def test_plan_groups_by_symbol_and_orders_by_first_timestamp(sample_dir, tmp_path):
+    groups = split_real(sample_dir, tmp_path / "in", damage=False)
+    chains = plan(load("default"), expand_inputs([str(tmp_path / "in" / "*.csv")]))
+    assert [c.symbol for c in chains] == ["BTCUSDT", "ETHUSDT"]
+    btc = [Path(f.path).name for f in chains[0].files]
+    assert btc == [p.name for p in groups["BTCUSDT"]]  # by first timestamp, not by name
+    assert [j.last for j in chains[0].jobs()] == [False, False, True]
+    firsts = [f.first_ts_ns for f in chains[0].files]
+    assert firsts == sorted(firsts)
+
+
+def test_replay_job_runs_on_any_thread_and_a_rerun_replaces_its_outputs(sample_dir, tmp_path):
+    files = split_real(sample_dir, tmp_path / "in", damage=False)["ETHUSDT"][:1]
+    out = tmp_path / "job"
+    handler = signal.getsignal(signal.SIGINT)
+    results = []
+    for _ in range(2):  # the second one is a retry of the first
+        t = threading.Thread(target=lambda: results.append(replay_job("default", files, out, None, last=False)))
+        t.start()
+        t.join()
+    assert signal.getsignal(signal.SIGINT) is handler
+    a, b = results
+    assert a.paths == b.paths and a.accounting == b.accounting and a.state == b.state
+    assert sorted(p.name for p in out.iterdir()) == sorted(
+        [*(os.path.basename(p) for p in a.paths.values()), "summary.json"])
+    assert not [p for p in tmp_path.iterdir() if TMP_MARK in p.name]
+    assert a.ticks["read"] == 3000 and a.accounting[str(files[0])]["delivered"] == 3000
+    from nautilus_pipeline.snapshot import decode
+
+    assert decode(a.state, kind="pipeline").meta["pipeline"] == "default"
+
+
+# --- whole batches ------------------------------------------------------------------------
+def test_merged_outputs_equal_one_sequential_run_per_symbol(sample_dir, tmp_path):
+    groups = split_real(sample_dir, tmp_path / "in")
+    groups["SYNUSDT"] = generated(tmp_path / "in")
+    out = tmp_path / "out"
+    report = run_batch("default", [str(tmp_path / "in" / "*.csv")], out, workers=2)
+    assert report.exit_code == 0, report.summary["failed"]
+    s = report.summary
+    assert [c["status"] for c in s["chains"]] == ["done"] * 3
+    assert s["totals"]["quarantined"] == 1  # the damaged row, in its file
+    damaged = [p for p, f in s["files"].items() if f["quarantined"]]
+    assert damaged == [str(groups["BTCUSDT"][1])]
+    assert_accounting_closes(s)
+    assert_one_copy_of_each_output(out, s)
+    assert sorted(p.name for p in (out / "signals").iterdir()) == [
+        "symbol=BTCUSDT", "symbol=ETHUSDT", "symbol=SYNUSDT"]
+    assert s["outputs"]["vpin"]["rows"] and s["outputs"]["risk"]["rows"]
+    assert_merged_equals_sequential(out, report, groups, tmp_path)
+
+
+def test_empty_glob_and_mixed_formats_are_refused(sample_dir, tmp_path):
+    with pytest.raises(nt.ConfigError, match=r"nothing\*\.csv: the pattern matches no file"):
+        run_batch("default", [str(tmp_path / "nothing*.csv")], tmp_path / "out")
+    split_real(sample_dir, tmp_path / "in", damage=False)
+    (tmp_path / "in" / "quotes.parquet").write_bytes((sample_dir / "nautilus-binance-btcusdt-quotes.parquet").read_bytes())
+    with pytest.raises(nt.ConfigError, match=r"mixed formats \(binance_trades: .*; nautilus_parquet|mixed formats"):
+        run_batch("default", [str(tmp_path / "in" / "*")], tmp_path / "out")
+
+
+def test_one_unreadable_file_fails_its_symbol_and_the_others_complete(sample_dir, tmp_path):
+    groups = split_real(sample_dir, tmp_path / "in", damage=False)
+    bad = tmp_path / "in" / "BTCUSDT-trades-2024-08-10.csv.gz"
+    bad.write_bytes(gzip.compress(b"id,price,qty\n")[:12] + b"\x00garbage" * 50)
+    out = tmp_path / "out"
+    report = run_batch("default", [str(tmp_path / "in" / "*")], out, workers=2)
+    s = report.summary
+    assert report.exit_code == 4
+    (failed,) = s["failed"]
+    assert failed["symbol"] == "BTCUSDT" and str(bad) in failed["error"]
+    assert s["files"][str(bad)]["status"] == "failed"
+    assert {c["symbol"]: c["status"] for c in s["chains"]} == {"BTCUSDT": "failed", "ETHUSDT": "done"}
+    assert sorted(p.name for p in (out / "signals").iterdir()) == ["symbol=ETHUSDT"]
+    assert_accounting_closes(s)
+    assert_merged_equals_sequential(out, report, {"ETHUSDT": groups["ETHUSDT"]}, tmp_path)
+
+
+def kill_a_worker_mid_job(out: Path, stop: threading.Event, killed: list[int], *, after: int = 0) -> None:
+    """SIGKILL the first worker seen writing a job (its temporary folder names its pid),
+    once ``after`` jobs have finished."""
+    while not stop.is_set():
+        done = len([p for p in (out / "jobs").glob("*/*") if p.is_dir() and TMP_MARK not in p.name])
+        if done >= after:
+            for tmp in (out / "jobs").glob(f"*/.*{TMP_MARK}*"):
+                pid = int(tmp.name.split(TMP_MARK)[1].split("-")[0])
+                try:
+                    os.kill(pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    continue
+                killed.append(pid)
+                return
+        time.sleep(0.005)
+
+
+def test_a_worker_killed_mid_job_is_retried_and_nothing_is_doubled(sample_dir, tmp_path):
+    groups = split_real(sample_dir, tmp_path / "in", damage=False)
+    out = tmp_path / "out"
+    stop, killed = threading.Event(), []
+    killer = threading.Thread(target=kill_a_worker_mid_job, args=(out, stop, killed), kwargs={"after": 1})
+    killer.start()
+    try:
+        report = run_batch("default", [str(tmp_path / "in" / "*.csv")], out, workers=2)
+    finally:
+        stop.set()
+        killer.join()
+    assert killed, "no worker was caught mid-job"
+    s = report.summary
+    assert report.exit_code == 0, s["failed"]
+    assert s["retries"] >= 1
+    assert_accounting_closes(s)
+    assert_one_copy_of_each_output(out, s)
+    assert_merged_equals_sequential(out, report, groups, tmp_path)

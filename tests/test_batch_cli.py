@@ -1,0 +1,85 @@
+"""``nautilus-pipeline batch``: exit codes for bad input, one line per failed symbol, and a
+Ctrl-C that stops the jobs and merges what finished."""
+
+from __future__ import annotations
+
+import gzip
+import signal
+import subprocess
+import sys
+import time
+
+import orjson
+import pyarrow.parquet as pq
+import pytest
+from test_batch import assert_accounting_closes, generated, split_real
+
+from nautilus_pipeline.cli import main
+
+
+@pytest.fixture(autouse=True)
+def _restore_logging():
+    """main() configures structlog for the process; give later tests the defaults back."""
+    yield
+    import structlog
+
+    structlog.reset_defaults()
+
+
+def test_help_has_examples():
+    out = subprocess.run([sys.executable, "-m", "nautilus_pipeline.cli", "batch", "--help"],
+                         capture_output=True, text=True, check=True).stdout
+    assert "examples:" in out and "--executor {local,ray}" in out and "--ray-address" in out
+
+
+def test_an_empty_glob_or_mixed_formats_exit_2_naming_them(sample_dir, tmp_path, capsys):
+    assert main(["batch", "default", str(tmp_path / "none-*.csv"), "--out", str(tmp_path / "o")]) == 2
+    assert "none-*.csv: the pattern matches no file" in capsys.readouterr().err
+    split_real(sample_dir, tmp_path / "in", damage=False)
+    (tmp_path / "in" / "x.parquet").write_bytes((sample_dir / "nautilus-binance-btcusdt-trades.parquet").read_bytes())
+    assert main(["batch", "default", str(tmp_path / "in" / "*"), "--out", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err
+    assert "mixed formats" in err and "x.parquet" in err
+    assert main(["batch", "default", str(tmp_path / "in" / "*.csv"), "--out", str(tmp_path / "o"),
+                 "--ray-address", "localhost:6379"]) == 2
+
+
+def test_an_unreadable_file_exits_4_naming_it_and_the_rest_is_merged(sample_dir, tmp_path, capsys):
+    split_real(sample_dir, tmp_path / "in", damage=False)
+    bad = tmp_path / "in" / "ETHUSDT-trades-2024-08-03.csv.gz"
+    bad.write_bytes(gzip.compress(b"1,2,3\n")[:10] + b"\xff" * 64)
+    out = tmp_path / "out"
+    assert main(["batch", "default", str(tmp_path / "in" / "*"), "--out", str(out), "--workers", "2"]) == 4
+    captured = capsys.readouterr()
+    assert f"error: ETHUSDT: DataError: {bad}" in captured.err
+    assert "3 of 6 files" in captured.out
+    assert pq.read_table(out / "signals").num_rows > 0
+    summary = orjson.loads((out / "summary.json").read_bytes())
+    assert summary["files"][str(bad)]["status"] == "failed"
+    assert_accounting_closes(summary)
+
+
+def test_ctrl_c_stops_the_jobs_and_merges_what_finished(tmp_path):
+    files = generated(tmp_path / "in", days=6, n=40_000)
+    out = tmp_path / "out"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "nautilus_pipeline.cli", "batch", "default", str(tmp_path / "in" / "*.csv"),
+         "--out", str(out), "--workers", "1"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and proc.poll() is None:
+        if list((out / "jobs").glob("*/.0001-*")):
+            break  # the second job has started: the driver has the first one's result
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGINT)
+    _, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 130, stderr
+    assert "Traceback" not in stderr
+    summary = orjson.loads((out / "summary.json").read_bytes())
+    assert summary["interrupted"] is True
+    done = [f for f in summary["files"].values() if f["status"] == "done"]
+    assert 1 <= len(done) < len(files)
+    assert {f["status"] for f in summary["files"].values()} == {"done", "not_run"}
+    assert pq.read_table(out / "trace").num_rows == sum(f["delivered"] for f in done)
+    assert_accounting_closes(summary)

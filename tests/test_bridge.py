@@ -1,0 +1,289 @@
+"""The NATS JetStream bridge against a real ``nats-server -js`` (started here, never mocked).
+
+Each test gets its own server on a free loopback port with a temporary store, killed at
+teardown. Specifications: a round trip through JetStream gives the same events as the same
+ticks ingested in-process; a duplicate publish is stored once; a message is acknowledged
+only when the pipeline is done with it; a slow pipeline keeps what is delivered and
+unacknowledged within ``max_ack_pending`` and the pool; messages acknowledged before a
+server crash survive it; batches and events survive the wire unchanged.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+
+import numpy as np
+import orjson
+import pytest
+
+nats = pytest.importorskip("nats", reason="the NATS bridge needs the live extra (nats-py)")
+
+from nats.js.api import AckPolicy, ConsumerConfig  # noqa: E402
+
+from nautilus_pipeline import Pipeline  # noqa: E402
+from nautilus_pipeline.bridge import (  # noqa: E402
+    NatsBridge,
+    SubjectError,
+    TickPublisher,
+    WireError,
+    decode_batch,
+    decode_event,
+    encode_batch,
+    ensure_stream,
+)
+from nautilus_pipeline.bridge.server import NatsServer  # noqa: E402
+from nautilus_pipeline.events import KIND_TRADE, TICK_COLUMNS  # noqa: E402
+from nautilus_pipeline.stage import Stage  # noqa: E402
+from nautilus_pipeline.testing import trades_frame  # noqa: E402
+
+SYMBOL = "BTCUSDT-PERP"
+
+
+@pytest.fixture
+def nats_server(tmp_path):
+    server = NatsServer(tmp_path / "nats").start()
+    yield server
+    server.kill()
+
+
+def _record(payload):
+    """An event payload as JSON (NaN as null, enums as strings) so that lists compare."""
+    row = dataclasses.asdict(payload) if dataclasses.is_dataclass(payload) else payload
+    return orjson.loads(orjson.dumps(row, option=orjson.OPT_SERIALIZE_NUMPY))
+
+
+async def _publish(url: str, frame: dict, *, batch_size: int = 1024, symbol: str = SYMBOL) -> int:
+    nc = await nats.connect(url)
+    try:
+        js = nc.jetstream()
+        await ensure_stream(js, "TICKS", ["ticks.>"])
+        pub = TickPublisher(js, batch_size=batch_size)
+        sent = await pub.publish(frame, symbol)
+        await pub.flush()
+        return sent
+    finally:
+        await nc.close()
+
+
+async def _stream_events(url: str, stream: str = "EVENTS") -> list[dict]:
+    nc = await nats.connect(url)
+    try:
+        js = nc.jetstream()
+        info = await js.stream_info(stream)
+        sub = await js.pull_subscribe(">", stream=stream, config=ConsumerConfig(ack_policy=AckPolicy.NONE))
+        out: list = []
+        while len(out) < info.state.messages:
+            out.extend(await sub.fetch(info.state.messages - len(out), timeout=2))
+        return [decode_event(m.data) for m in out]
+    finally:
+        await nc.close()
+
+
+def _default(**settings):
+    from nautilus_pipeline import Run
+
+    return Run("default", outputs=False, pipeline_settings=settings).pipeline
+
+
+# --- the wire ------------------------------------------------------------------------------
+def test_a_batch_survives_the_wire_column_for_column():
+    frame = trades_frame(1000, seed=3)
+    batch = decode_batch(encode_batch(frame, SYMBOL))
+    assert (batch.symbol, batch.length, batch.first_seq, batch.last_seq) == (SYMBOL, 1000, 0, 999)
+    assert "symbol_id" not in batch.columns
+    for name, col in batch.columns.items():
+        np.testing.assert_array_equal(col, frame[name])
+        assert col.dtype == next(c.dtype for c in TICK_COLUMNS if c.name == name)
+
+
+def test_a_damaged_batch_is_refused_saying_what_is_wrong():
+    data = encode_batch(trades_frame(10), SYMBOL)
+    with pytest.raises(WireError, match="not a tick batch"):
+        decode_batch(b"XXXX" + data[4:])
+    with pytest.raises(WireError, match="cut short"):
+        decode_batch(data[:-40])
+
+
+# --- through a real server -----------------------------------------------------------------
+async def test_round_trip_through_jetstream_equals_in_process(nats_server):
+    frame = trades_frame(6000, seed=11)
+    topics = ["signals.>", "vpin.>", "risk.>"]
+
+    local = _default(batch_size=1024)
+    async with local:
+        got_local = {t: [] for t in topics}
+        for t in topics:
+            local.bus.subscribe(t, lambda e, t=t: got_local[t].append(_record(e.payload)), maxsize=1 << 20)
+        await local.ingest(frame, symbol=SYMBOL)
+        await local.drain()
+
+    sent = await _publish(nats_server.url, frame, batch_size=1024)
+    assert sent == 6
+    remote = _default(batch_size=1024)
+    got_remote = {t: [] for t in topics}
+    for t in topics:
+        remote.bus.subscribe(t, lambda e, t=t: got_remote[t].append(_record(e.payload)), maxsize=1 << 20)
+    async with NatsBridge(remote, servers=nats_server.url, ingest="ticks.>", durable="rt",
+                          export=topics, state=False) as bridge:
+        await bridge.wait_idle(0.5)
+        assert bridge.ingress.stats.ticks == 6000
+    assert remote.tick_flow().ticks_out == 6000
+    for t in topics:
+        assert got_remote[t] == got_local[t], t
+    assert sum(len(v) for v in got_local.values()) > 0
+
+    exported = await _stream_events(nats_server.url)
+    by_family = {t: [e["payload"] for e in exported if e["topic"].startswith(t[:-2])] for t in topics}
+    for t in topics:
+        assert len(by_family[t]) == len(got_local[t]), t
+    sig = [e for e in exported if e["topic"].startswith("signals.")]
+    assert sig and all(e["topic"] == f"signals.{SYMBOL}" for e in sig)
+    assert by_family["signals.>"] == got_local["signals.>"]
+
+
+async def test_a_duplicate_publish_is_stored_once(nats_server):
+    frame = trades_frame(3000, seed=2)
+    assert await _publish(nats_server.url, frame, batch_size=1000) == 3
+    nc = await nats.connect(nats_server.url)
+    try:
+        js = nc.jetstream()
+        pub = TickPublisher(js, batch_size=1000)
+        await pub.publish(frame, SYMBOL)  # the same rows again: a restarted feed handler
+        await pub.flush()
+        assert pub.duplicates == 3
+        assert (await js.stream_info("TICKS")).state.messages == 3
+    finally:
+        await nc.close()
+
+
+class _Gate(Stage):
+    """Holds each batch until the test opens the gate (to look at acks while it waits)."""
+
+    name = "gate"
+    reads = ("ts_ns",)
+    writes = ()
+    streams = ("cpu",)
+
+    def __init__(self, delay_s: float = 0.0):
+        self.open = asyncio.Event()
+        self.seen = 0
+        self.rows = 0
+        self.delay_s = delay_s
+
+    async def process(self, lease, stream, ctx):
+        self.seen += 1
+        self.rows += lease.length
+        if self.delay_s:
+            await asyncio.sleep(self.delay_s)
+        else:
+            await self.open.wait()
+
+
+async def _ack_pending(js, durable: str) -> int:
+    return (await js.consumer_info("TICKS", durable)).num_ack_pending
+
+
+async def test_a_message_is_acked_only_when_the_last_stage_released_its_lease(nats_server):
+    await _publish(nats_server.url, trades_frame(300, seed=1), batch_size=100)
+    gate = _Gate()
+    pipe = Pipeline([gate], batch_size=100, slabs=4, execution="serial")
+    async with NatsBridge(pipe, servers=nats_server.url, ingest="ticks.>", durable="acks",
+                          state=False) as bridge:
+        for _ in range(200):
+            if gate.seen:
+                break
+            await asyncio.sleep(0.01)
+        await asyncio.sleep(0.3)  # time for any (wrong) early ack to reach the server
+        assert bridge.ingress.stats.acked == 0
+        assert await _ack_pending(bridge.js, "acks") == 3
+        gate.open.set()
+        await bridge.wait_idle(0.3)
+        await bridge.nc.flush()
+        assert bridge.ingress.stats.acked == 3
+        assert await _ack_pending(bridge.js, "acks") == 0
+    assert gate.rows == 300
+
+
+async def test_a_slow_pipeline_is_bounded_by_max_ack_pending_and_the_pool(nats_server):
+    await _publish(nats_server.url, trades_frame(4000, seed=4), batch_size=50)  # 80 messages
+    gate = _Gate(delay_s=0.005)
+    pipe = Pipeline([gate], batch_size=50, slabs=3, execution="serial")
+    seen_pending, seen_in_use = [], []
+    async with NatsBridge(pipe, servers=nats_server.url, ingest="ticks.>", durable="slow",
+                          state=False, max_ack_pending=6) as bridge:
+        info = await bridge.js.consumer_info("TICKS", "slow")
+        assert info.config.max_ack_pending == 6
+        while bridge.ingress.stats.messages < 80:
+            seen_pending.append(await _ack_pending(bridge.js, "slow"))
+            seen_in_use.append(pipe.pool.in_use)
+            await asyncio.sleep(0.01)
+        await bridge.wait_idle(0.3)
+    assert gate.rows == 4000
+    assert max(seen_in_use) <= 3
+    assert 0 < max(seen_pending) <= 6
+
+
+def test_max_ack_pending_below_what_the_pool_can_hold_is_refused():
+    pipe = Pipeline([_Gate()], batch_size=50, slabs=4)
+    from nautilus_pipeline.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="max_ack_pending=3 would stall"):
+        NatsBridge(pipe, ingest="ticks.>", durable="x", state=False, max_ack_pending=3)
+
+
+async def test_a_killed_server_restarted_on_its_store_loses_no_acknowledged_message(nats_server):
+    frame = trades_frame(5000, seed=9)
+    await _publish(nats_server.url, frame, batch_size=500)  # acked by JetStream: stored
+    nats_server.kill()
+    nats_server.start()
+    gate = _Gate(delay_s=0.0)
+    gate.open.set()
+    pipe = Pipeline([gate], batch_size=500, slabs=4, execution="serial")
+    async with NatsBridge(pipe, servers=nats_server.url, ingest="ticks.>", durable="after",
+                          state=False) as bridge:
+        await bridge.wait_idle(0.5)
+    assert gate.rows == 5000
+
+
+async def test_a_bad_message_is_counted_and_not_redelivered(nats_server):
+    await _publish(nats_server.url, trades_frame(100, seed=1), batch_size=100)
+    nc = await nats.connect(nats_server.url)
+    await nc.jetstream().publish("ticks.trades.BINANCE.BTCUSDT-PERP", b"not a batch")
+    await nc.close()
+    await _publish(nats_server.url, trades_frame(100, seed=2), batch_size=100)
+    gate = _Gate()
+    gate.open.set()
+    pipe = Pipeline([gate], batch_size=100, slabs=2, execution="serial")
+    async with NatsBridge(pipe, servers=nats_server.url, ingest="ticks.>", durable="bad",
+                          state=False) as bridge:
+        await bridge.wait_idle(0.3)
+        assert bridge.ingress.stats.bad_messages == 1
+        assert await _ack_pending(bridge.js, "bad") == 0
+    assert gate.rows == 200
+
+
+def test_topics_nats_cannot_carry_are_refused_by_name():
+    pipe = Pipeline([_Gate()], batch_size=10)
+    with pytest.raises(SubjectError, match="whitespace"):
+        NatsBridge(pipe, ingest="ticks.trades BINANCE.>")
+    with pytest.raises(SubjectError, match="reserved"):
+        NatsBridge(pipe, ingest="$JS.API.>")
+    with pytest.raises(SubjectError, match="names cannot hold"):
+        NatsBridge(pipe, ingest="ticks.>", durable="a.b")
+
+
+async def test_quotes_and_trades_travel_on_their_own_subjects(nats_server):
+    n = 200
+    frame = trades_frame(n, seed=5)
+    kind = np.where(np.arange(n) % 4 == 0, 1, KIND_TRADE).astype(np.uint8)
+    frame["kind"] = kind
+    frame["bid"] = np.where(kind == 1, 100.0, np.nan)
+    await _publish(nats_server.url, frame, batch_size=64)
+    gate = _Gate()
+    gate.open.set()
+    pipe = Pipeline([gate], batch_size=64, slabs=2, execution="serial")
+    async with NatsBridge(pipe, servers=nats_server.url, ingest="ticks.quotes.>", durable="q",
+                          state=False) as bridge:
+        await bridge.wait_idle(0.3)
+    assert gate.rows == int((kind == 1).sum())

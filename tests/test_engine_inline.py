@@ -1,0 +1,131 @@
+"""The inline hand-off: a small batch into an idle stage runs in the publisher's task (no queue
+hop), gives the numbers of the queued path, keeps every stage's order, and a failure in it
+is the failing stage's, isolated as on the queued path."""
+
+from __future__ import annotations
+
+import asyncio
+
+import numpy as np
+import orjson
+import pytest
+from test_integration import COLUMNS, Capture, btc_trades, chain
+
+from nautilus_pipeline.events import AggressorSide, TradeTick
+from nautilus_pipeline.pipeline import Pipeline
+from nautilus_pipeline.stage import INLINE_CHAIN_MAX_ROWS, Stage
+
+
+def ticks_of(data, n):
+    sides = {1: AggressorSide.BUY, -1: AggressorSide.SELL}
+    return [TradeTick("BTCUSDT-PERP", int(data["ts_ns"][i]), float(data["price"][i]),
+                      float(data["size"][i]), sides[int(data["side"][i])]) for i in range(n)]
+
+
+async def run_live(data, n, batch_size):
+    """The default chain fed one tick at a time (the micro-batcher, inline hand-offs)."""
+    capture = Capture(("ts_ns", *COLUMNS))
+    pipe = Pipeline([*chain(), capture], batch_size=batch_size, slabs=4, memory="host")
+    events: dict[str, list] = {"signals": [], "vpin": [], "risk": []}
+    async with pipe:
+        for name, got in events.items():
+            pipe.bus.subscribe(f"{name}.>", lambda e, got=got: got.append(e.payload))
+        for tick in ticks_of(data, n):
+            await pipe.publish_tick(tick)
+        await pipe.drain()
+    inline = sum(r.subscription.delivered for r in pipe.runners)
+    return capture.result(), {k: orjson.dumps(v) for k, v in events.items()}, pipe, inline
+
+
+async def run_queued(data, n):
+    capture = Capture(("ts_ns", *COLUMNS))
+    pipe = Pipeline([*chain(), capture], batch_size=4096, slabs=4, memory="host", execution="serial")
+    events: dict[str, list] = {"signals": [], "vpin": [], "risk": []}
+    async with pipe:
+        for name, got in events.items():
+            pipe.bus.subscribe(f"{name}.>", lambda e, got=got: got.append(e.payload))
+        pipe.symbols.id_of("BTCUSDT-PERP")
+        await pipe.ingest({k: v[:n] for k, v in data.items()})
+    return capture.result(), {k: orjson.dumps(v) for k, v in events.items()}
+
+
+@pytest.mark.parametrize("batch_size", [1, 7])
+async def test_ticks_fed_one_at_a_time_give_the_numbers_of_whole_batches(sample_dir, batch_size):
+    data = btc_trades(sample_dir)
+    n = 1500
+    live, live_events, pipe, _ = await run_live(data, n, batch_size)
+    ref, ref_events = await run_queued(data, n)
+    assert live_events == ref_events and ref_events["risk"] != b"[]"
+    for c in ("ts_ns", *COLUMNS):
+        if c == "prediction":  # float32 model: BLAS rounding (see test_integration)
+            np.testing.assert_allclose(live[c], ref[c], rtol=0, atol=1e-6)
+        else:
+            np.testing.assert_array_equal(live[c], ref[c], err_msg=c)
+    t = pipe.tick_flow()
+    assert t.ticks_in == t.ticks_out == n
+
+
+class Order(Stage):
+    """Records the batches it sees, and whether it ran in the task that published them."""
+
+    reads = ("ts_ns",)
+
+    def __init__(self, name, gate: asyncio.Event | None = None):
+        self.name = name
+        self.gate = gate
+        self.seen: list[int] = []
+        self.tasks: list[asyncio.Task | None] = []
+
+    async def process(self, lease, stream, ctx):
+        if self.gate is not None and not self.seen:
+            await self.gate.wait()
+        self.seen.append(int(lease["ts_ns"][0]))
+        self.tasks.append(asyncio.current_task())
+
+
+async def test_a_tick_into_an_idle_pipeline_runs_every_stage_in_the_publishing_task():
+    first, last = Order("first"), Order("last")
+    async with Pipeline([first, last], batch_size=1, memory="host") as pipe:
+        await pipe.publish_tick(TradeTick("X", 5, 1.0, 1.0, 1))
+        # batch_size 1: the batch left inside publish_tick and went through both stages there
+        assert first.seen == last.seen == [5]
+        assert first.tasks == last.tasks == [asyncio.current_task()]
+    assert all(r.subscription.delivered == 1 for r in pipe.runners)
+
+
+async def test_a_small_batch_does_not_overtake_one_queued_before_it():
+    gate = asyncio.Event()
+    first, last = Order("first", gate), Order("last")
+    async with Pipeline([first, last], batch_size=INLINE_CHAIN_MAX_ROWS, memory="host") as pipe:
+        # a queued batch that the first stage holds, then small live batches behind it
+        await pipe.ingest({"ts_ns": np.array([1], dtype=np.int64), "price": np.ones(1),
+                           "size": np.ones(1)})
+        await asyncio.sleep(0.01)
+        for ts in (2, 3):
+            await pipe.publish_tick(TradeTick("X", ts, 1.0, 1.0, 1))
+            await pipe.flush()
+        gate.set()
+        await pipe.drain()
+    assert first.seen == last.seen == [1, 2, 3]
+
+
+class Fails(Stage):
+    name = "fails"
+    reads = ("ts_ns",)
+
+    async def process(self, lease, stream, ctx):
+        raise ValueError("boom")
+
+
+async def test_a_stage_failing_on_an_inline_batch_is_isolated_and_counted():
+    last = Order("last")
+    letters = []
+    async with Pipeline([Fails(), last], batch_size=1, memory="host") as pipe:
+        pipe.bus.subscribe("deadletter.>", letters.append)
+        await pipe.publish_tick(TradeTick("X", 1, 1.0, 1.0, 1))  # does not raise in the publisher
+        await pipe.drain()
+        await asyncio.sleep(0.01)
+    t = pipe.tick_flow()
+    assert last.seen == [] and t.ticks_in == t.ticks_failed == 1 and t.in_flight == 0
+    assert pipe.runners[0].metrics.failures == 1 and pipe.runners[0].subscription.errors == 1
+    assert letters and "boom" in str(letters[0].payload)

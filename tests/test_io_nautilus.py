@@ -1,0 +1,93 @@
+"""NautilusTrader catalog Parquet (fixed-point int64/int128 columns) and catalog folders."""
+
+from __future__ import annotations
+
+import shutil
+from fractions import Fraction
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from nautilus_pipeline import config
+from nautilus_pipeline.errors import DataError
+from nautilus_pipeline.io import Replay, Source
+from nautilus_pipeline.io.nautilus import catalog_files, fixed_point_to_float
+
+DATA = Path(__file__).parent / "data"
+SCALE = {8: 9, 16: 16}
+
+
+def independent(path: Path, column: str) -> np.ndarray:
+    """Each raw value as an exact fraction, then the nearest float (Python's own rounding)."""
+    col = pq.read_table(path, columns=[column]).column(column)
+    width = col.type.byte_width
+    return np.array([float(Fraction(int.from_bytes(b, "little", signed=True), 10 ** SCALE[width]))
+                     for b in col.to_pylist()])
+
+
+def read(path: Path) -> dict[str, np.ndarray]:
+    blocks = list(Replay([Source(path)]).iter_arrays())
+    return {k: np.concatenate([b[k] for b in blocks]) for k in blocks[0]}
+
+
+@pytest.mark.parametrize("bits", [64, 128])
+def test_fixed_point_trades_and_quotes_decode_to_the_nearest_float(bits) -> None:
+    trades = DATA / f"nautilus-{bits}-bit-trades.parquet"
+    quotes = DATA / f"nautilus-{bits}-bit-quotes.parquet"
+    t, q = read(trades), read(quotes)
+    assert len(t["price"]) == 100 and len(q["bid"]) == 9_500
+    assert np.array_equal(t["price"], independent(trades, "price"))
+    assert np.array_equal(t["size"], independent(trades, "size"))
+    for ours, theirs in (("bid", "bid_price"), ("ask", "ask_price"), ("bid_size", "bid_size")):
+        assert np.array_equal(q[ours], independent(quotes, theirs))
+    assert t["price"][0] == 123.4 and q["bid"][:3].tolist() == [112.12, 112.12, 112.117]
+    assert (t["side"] == 1).all()  # aggressor_side 1 = buyer
+
+
+def test_64_and_128_bit_files_read_the_same() -> None:
+    for kind in ("trades", "quotes"):
+        a, b = read(DATA / f"nautilus-64-bit-{kind}.parquet"), read(DATA / f"nautilus-128-bit-{kind}.parquet")
+        for k in a:
+            assert np.array_equal(a[k], b[k], equal_nan=a[k].dtype.kind == "f"), k
+
+
+def test_the_instrument_id_in_the_metadata_names_the_symbol() -> None:
+    r = Replay([Source(DATA / "nautilus-64-bit-quotes.parquet")])
+    list(r.iter_arrays())
+    assert r.symbols.names == ["EUR/USD.SIM"]
+
+
+def test_undefined_and_unaligned_raw_values() -> None:
+    raw64 = [1_121_200_000, np.iinfo(np.int64).max, 1_000_000_001, -2_500_000_000]
+    arr = pa.array([int(v).to_bytes(8, "little", signed=True) for v in raw64], pa.binary(8))
+    got = fixed_point_to_float(arr, precision=4).to_numpy(zero_copy_only=False)
+    assert got[0] == 1.1212 and np.isnan(got[1]) and got[2] == 1.000000001 and got[3] == -2.5
+    raw128 = [11_212 * 10**12, (1 << 127) - 1, 10**16 + 1, -(25 * 10**15), 10**30]
+    arr = pa.array([int(v).to_bytes(16, "little", signed=True) for v in raw128], pa.binary(16))
+    got = fixed_point_to_float(arr, precision=4).to_numpy(zero_copy_only=False)
+    assert got[0] == 1.1212 and np.isnan(got[1]) and got[2] == float(Fraction(10**16 + 1, 10**16))
+    assert got[3] == -2.5 and got[4] == 1e14
+
+
+def test_a_catalog_folder_becomes_its_tick_files(tmp_path: Path) -> None:
+    root = tmp_path / "catalog"
+    for kind, name in (("trade_tick", "trades"), ("quote_tick", "quotes")):
+        d = root / "data" / kind / "EURUSD.SIM"
+        d.mkdir(parents=True)
+        shutil.copy(DATA / f"nautilus-64-bit-{name}.parquet", d / "part-0.parquet")
+    files = catalog_files(root)
+    assert [f.parent.parent.name for f in files] == ["trade_tick", "quote_tick"]
+    definition = config.load("quotes")
+    sources = config.make_sources(definition, [str(root)], tmp_path)
+    assert [Path(s.path) for s in sources] == files
+    r = Replay(sources)
+    n = sum(len(b["ts_ns"]) for b in r.iter_arrays())
+    assert n == 9_600 and r.accounting.total.delivered == 9_600
+    assert catalog_files(root / "data" / "trade_tick") == files[:1]  # one data type's folder
+    assert catalog_files(root / "data") == files
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(DataError, match="no NautilusTrader catalog tick files"):
+        catalog_files(tmp_path / "empty")
