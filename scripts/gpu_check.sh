@@ -55,6 +55,9 @@ python3 -c 'import structlog' 2>/dev/null || install_wheels
 # MLX's CUDA build: reassemble the two halves, check, install both mlx wheels in ONE pip call
 if python3 -c 'import mlx.core' 2>/dev/null; then
   mlx_note="mlx: $(python3 -c 'import mlx.core as mx; print(mx.__version__, mx.default_device())') (installed before)"
+elif [ -f "$root/.mlx-b/part.01" ] && [ -f /tmp/mlx/part.00 ] && [ ! -f "$root/.mlx-b/wheel.sha256" ]; then
+  # prepare.sh prints the wheel's sha256 and name; they go into .mlx-b/wheel.sha256 as "SUM NAME"
+  mlx_note="mlx: .mlx-b/wheel.sha256 missing (write 'SHA256 mlx_cuda_13-...whl' there, as prepare.sh prints): MLX tests skip"
 elif [ -f "$root/.mlx-b/part.01" ] && [ -f /tmp/mlx/part.00 ]; then
   read -r sum name < "$root/.mlx-b/wheel.sha256"
   cat /tmp/mlx/part.00 "$root/.mlx-b/part.01" > "/tmp/mlx/$name"
