@@ -338,6 +338,8 @@ class BuildContext:
         """Symbols the run will see, as far as they can be known before reading the data:
         the ``[pipeline] symbols`` allow-list, else each source's symbol (given, or from its
         file name), else those of its first chunk. Returns (names, complete)."""
+        from .io.chunk import first_chunk
+
         allowed = self.definition.pipeline["symbols"]
         if allowed:
             return set(allowed), True
@@ -352,13 +354,7 @@ class BuildContext:
                 names.add(reader.symbol)
                 continue
             complete = False
-            chunks = reader.chunks(4096)
-            try:
-                first = next(iter(chunks), None)
-            finally:
-                close = getattr(chunks, "close", None)
-                if close is not None:
-                    close()
+            first = first_chunk(reader)
             if first is not None:
                 names.update(first.symbols)
         return names, complete

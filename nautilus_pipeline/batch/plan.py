@@ -110,6 +110,7 @@ def _symbol_from_name(path: Path) -> str | None:
 def inspect_file(definition: config.PipelineDef, path: Path, *, format: str | None = None,
                  symbol: str | None = None) -> FileInfo:
     """The symbol, format and first timestamp of one file (its first chunk), or its error."""
+    from ..io.chunk import first_chunk
     from ..io.files import check_file
 
     try:
@@ -122,13 +123,7 @@ def inspect_file(definition: config.PipelineDef, path: Path, *, format: str | No
             # the first rows only: a CSV reader's default block is 8 MB, most of a day's file
             reader.options = dataclasses.replace(options, block_size=PLAN_BLOCK_BYTES)
         name = symbol or getattr(reader, "symbol", None)
-        chunks = reader.chunks(4096)
-        try:
-            first = next(iter(chunks), None)
-        finally:
-            close = getattr(chunks, "close", None)
-            if close is not None:
-                close()
+        first = first_chunk(reader)
         if first is None or not first.columns["ts_ns"].size:
             raise DataError(f"{path}: no rows to replay")
         ts = first.columns["ts_ns"]

@@ -19,8 +19,8 @@ import pyarrow as pa
 from ..errors import DataError
 from .chunk import TickChunk
 from .files import check_file, decoding_errors, open_stream
-from .nautilus import fixed_point_to_float, is_fixed_point, precision_of
-from .parquet import auto_fieldmap
+from .nautilus import fixed_point_to_float
+from .parquet import mapped_fields
 from .table import FieldMap, arrays_to_chunk
 
 ARROW_FILE_MAGIC = b"ARROW1"
@@ -37,14 +37,8 @@ class ArrowReader:
         with open(self.path, "rb") as fh:
             self._magic = fh.read(6)
         schema = self._schema()
-        types = {f.name: f.type for f in schema}
-        self.fmap = fmap or auto_fieldmap(schema.names, types)
-        missing = [c for c in self.fmap.columns().values() if c not in schema.names]
-        if missing:
-            raise DataError(f"{self.path}: wrong columns: {missing} not in {schema.names}; fix the column mapping")
+        self.fmap, self._fixed = mapped_fields(self.path, schema, fmap)
         meta = schema.metadata or {}
-        self._fixed = {fld: precision_of(meta, col) for fld, col in self.fmap.columns().items()
-                       if fld in ("price", "size", "bid", "ask", "bid_size", "ask_size") and is_fixed_point(types[col])}
         instrument = meta.get(b"instrument_id", b"").decode("utf-8", "replace") or None
         self.symbol = symbol if symbol is not None else (
             None if self.fmap.symbol else instrument or Path(path).name.split(".")[0])

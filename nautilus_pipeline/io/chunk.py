@@ -153,3 +153,15 @@ class TickReader(Protocol):
     ignored: int
 
     def chunks(self, chunk_rows: int = 65_536) -> Iterator[TickChunk]: ...
+
+
+def first_chunk(reader: TickReader, rows: int = 4096) -> TickChunk | None:
+    """The first chunk a reader gives (None for an empty file), its generator closed at once:
+    what planning and symbol discovery need, without reading on."""
+    chunks = reader.chunks(rows)
+    try:
+        return next(iter(chunks), None)
+    finally:
+        close = getattr(chunks, "close", None)
+        if close is not None:
+            close()

@@ -97,6 +97,20 @@ def auto_fieldmap(names: Sequence[str], types: Mapping[str, pa.DataType] | None 
     return FieldMap(**kw)  # type: ignore[arg-type]
 
 
+def mapped_fields(path: str, schema: pa.Schema, fmap: FieldMap | None) -> tuple[FieldMap, dict[str, int | None]]:
+    """The field map of an Arrow schema (given, or worked out from its names and types), checked
+    against its columns, and the fixed-point (NautilusTrader) fields with their precision."""
+    types = {f.name: f.type for f in schema}
+    fmap = fmap or auto_fieldmap(schema.names, types)
+    missing = [c for c in fmap.columns().values() if c not in schema.names]
+    if missing:
+        raise DataError(f"{path}: wrong columns: {missing} not in {schema.names}; fix the column mapping")
+    meta = schema.metadata or {}
+    fixed = {fld: precision_of(meta, col) for fld, col in fmap.columns().items()
+             if fld in ("price", "size", "bid", "ask", "bid_size", "ask_size") and is_fixed_point(types[col])}
+    return fmap, fixed
+
+
 class ParquetReader:
     """Streams a Parquet file of trades and/or quotes."""
 
@@ -110,17 +124,11 @@ class ParquetReader:
         except _ERRORS as e:
             raise DataError(f"{self.path}: not a readable Parquet file ({type(e).__name__}: {e}); "
                             "truncated, corrupt, or another format?") from e
-        types = {f.name: f.type for f in schema}
         if fmap is None and DELTA_COLUMNS <= set(schema.names):
             raise DataError(f"{self.path}: NautilusTrader order-book deltas (OrderBookDelta); not read yet, their "
                             "L2/L3 meaning is not in the file: use the venue's MBO/L2 files, or trades and quotes")
-        self.fmap = fmap or auto_fieldmap(schema.names, types)
-        missing = [c for c in self.fmap.columns().values() if c not in schema.names]
-        if missing:
-            raise DataError(f"{self.path}: wrong columns: {missing} not in {schema.names}; fix the column mapping")
+        self.fmap, self._fixed = mapped_fields(self.path, schema, fmap)
         meta = schema.metadata or {}
-        self._fixed = {fld: precision_of(meta, col) for fld, col in self.fmap.columns().items()
-                       if fld in ("price", "size", "bid", "ask", "bid_size", "ask_size") and is_fixed_point(types[col])}
         if self._file.metadata.num_rows == 0:
             raise DataError(f"{self.path}: the Parquet file has no rows; nothing to replay")
         instrument = meta.get(b"instrument_id", b"").decode("utf-8", "replace") or None
