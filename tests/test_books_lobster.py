@@ -121,6 +121,13 @@ def test_times_are_the_trading_dates_local_time_in_utc(tmp_path: Path) -> None:
     assert cols["ts_ns"][0] == first + round(events[0]["time"] * 1e9)
     est, _, _ = read(msg, utc_offset_hours=-5)
     assert est["ts_ns"][0] - cols["ts_ns"][0] == 3600 * 10**9
+    winter = msg.with_name(msg.name.replace("2012-06-21", "2012-01-20"))  # EST: UTC-5 by default
+    msg.rename(winter)
+    msg.with_name(msg.name.replace("message", "orderbook")).rename(
+        winter.with_name(winter.name.replace("message", "orderbook")))
+    jan, _, r = read(winter)
+    assert r.utc_offset_hours == -5.0
+    assert jan["ts_ns"][0] == (1_327_017_600 + 5 * 3600) * 10**9 + round(events[0]["time"] * 1e9)
 
 
 def test_without_the_orderbook_file_only_trades(tmp_path: Path) -> None:

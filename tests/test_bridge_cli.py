@@ -134,3 +134,23 @@ def test_kill_9_mid_stream_then_the_same_run_gives_the_outputs_of_one_run(nats_s
     assert restored is not None and 0 < restored < 84  # it was killed mid-stream
     assert summary["bridge"]["ingress"]["messages"] == 84 - restored
     _assert_same_outputs(reference, out)
+
+
+def test_a_message_that_is_not_a_tick_batch_makes_the_run_exit_4_and_says_so(nats_server, tmp_path):
+    async def garbage() -> None:
+        nc = await nats.connect(nats_server.url)
+        try:
+            js = nc.jetstream()
+            await js.add_stream(name="TICKS", subjects=["ticks.>"])
+            await js.publish("ticks.trades.BINANCE.BTCUSDT-PERP", b"not a batch")
+        finally:
+            await nc.close()
+
+    asyncio.run(garbage())
+    proc = _cli("run", "default", "--nats", nats_server.url, "--durable", "bad", "--out", str(tmp_path / "o"),
+                "--no-progress", "--until-idle", "1")
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode == 4, err[-3000:]
+    assert "1 messages were not tick batches" in err
+    summary = orjson.loads((tmp_path / "o" / "summary.json").read_bytes())
+    assert summary["ticks"]["bad_messages"] == 1

@@ -19,7 +19,8 @@ the top N as it was adds no book row (counted as ignored unless it is a trade).
 
 Times are seconds after midnight of the trading date, in the exchange's time (New York for
 LOBSTER's NASDAQ data): the date comes from ``date="YYYY-MM-DD"`` or the file name, and
-``utc_offset_hours`` (default −4, EDT: pass −5 for EST dates) turns local time into UTC.
+``utc_offset_hours`` turns local time into UTC (default: New York's offset on the trading date,
+−4 under EDT, −5 under EST).
 The orderbook file is found beside the message file (``message`` → ``orderbook`` in the name);
 without it only the trades are read, and the reader says so in ``book_missing``.
 """
@@ -29,17 +30,23 @@ from __future__ import annotations
 import re
 from collections.abc import Iterator
 from datetime import date as Date
+from datetime import datetime
+from datetime import time as dtime
 from pathlib import Path
+from zoneinfo import ZoneInfo
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.csv as pacsv
+import structlog
 
 from ..errors import ConfigError, DataError
 from ..events import KIND_BOOK, KIND_TRADE
 from . import convert
 from .chunk import Reason, TickChunk
 from .files import check_file, decoding_errors, open_stream
+
+log = structlog.get_logger("nautilus_pipeline.io.lobster")
 
 _NAME = re.compile(r"^(?P<ticker>[^_]+)_(?P<date>\d{4}-\d{2}-\d{2})_\d+_\d+_message_(?P<depth>\d+)\.csv", re.I)
 EMPTY_PRICE = 9_999_999_999
@@ -51,7 +58,7 @@ def looks_like_lobster(path: str | Path, first: list[str]) -> bool:
     if _NAME.match(Path(path).name):
         return True
     try:
-        return (len(first) == 6 and 0 <= float(first[0]) < 86_400 and first[1].strip() in "1234567"
+        return (len(first) == 6 and 0 <= float(first[0]) < 86_400 and first[1].strip() in {"1", "2", "3", "4", "5", "6", "7"}
                 and first[5].strip() in ("1", "-1"))
     except ValueError:
         return False
@@ -61,7 +68,7 @@ class LobsterReader:
     """Streams a LOBSTER message file and, beside it, its orderbook file."""
 
     def __init__(self, path: str | Path, *, symbol: str | None = None, date: str | None = None,
-                 utc_offset_hours: float = -4.0, orderbook: str | None = None):
+                 utc_offset_hours: float | None = None, orderbook: str | None = None):
         self.path = str(check_file(path))
         m = _NAME.match(Path(path).name)
         self.symbol = symbol or (m.group("ticker") if m else Path(path).name.split("_")[0])
@@ -74,11 +81,18 @@ class LobsterReader:
         except ValueError:
             raise ConfigError(f"{self.path}: date {day!r} is not YYYY-MM-DD") from None
         epoch_days = (midnight - Date(1970, 1, 1)).days
+        if utc_offset_hours is None:  # New York's offset on that day: EDT (-4) or EST (-5)
+            noon = datetime.combine(midnight, dtime(12), tzinfo=ZoneInfo("America/New_York"))
+            utc_offset_hours = noon.utcoffset().total_seconds() / 3600
+        self.utc_offset_hours = utc_offset_hours
         self.midnight_ns = epoch_days * 86_400 * 10**9 - round(utc_offset_hours * 3600) * 10**9
         ob = Path(orderbook) if orderbook else Path(self.path).with_name(
             re.sub("message", "orderbook", Path(self.path).name, count=1, flags=re.I))
         self.orderbook = str(ob) if ob.is_file() and ob != Path(self.path) else None
         self.book_missing = self.orderbook is None
+        if self.book_missing:
+            log.warning("lobster_orderbook_missing", file=self.path, looked_for=str(ob),
+                        consequence="only the trades are read (no book rows)")
         self.ignored = 0
 
     def _csv(self, path: str, names: list[str] | None) -> Iterator[pa.RecordBatch]:
