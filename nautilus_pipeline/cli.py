@@ -67,7 +67,7 @@ def _ranged(kind: type, lo: float | None = None, hi: float | None = None, what: 
 
 
 FORMAT_NAMES = ("arrow", "binance_agg_trades", "binance_feed", "binance_trades", "csv", "databento", "histdata",
-                "json", "jsonl", "parquet", "tardis_book_l2", "tardis_book_snapshot", "tardis_quotes", "tardis_trades",
+                "json", "jsonl", "lobster", "parquet", "tardis_book_l2", "tardis_book_snapshot", "tardis_quotes", "tardis_trades",
                 "truefx")
 """The readers' format names (``io.READERS``; a test keeps the two equal), for ``--help``."""
 MAP_HELP = ("column mapping for generic CSV/Parquet/JSON files: field=column[:option],... e.g. "

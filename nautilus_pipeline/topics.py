@@ -76,8 +76,12 @@ def stats(pipeline: str) -> str:
     return f"control.{pipeline}.stats"
 
 
+TICK_KINDS = ("trades", "quotes", "book", "mixed")
+
+
 def ticks(kind: str, venue: str, symbol: str) -> str:
-    """``ticks.<kind>.<venue>.<symbol>`` (kind ``trades`` or ``quotes``)."""
-    if kind not in ("trades", "quotes"):
-        raise ConfigError(f"tick kind must be 'trades' or 'quotes', got {kind!r}")
+    """``ticks.<kind>.<venue>.<symbol>``: kind ``trades``, ``quotes``, ``book`` (level
+    changes), or ``mixed`` (rows of several kinds in their original order)."""
+    if kind not in TICK_KINDS:
+        raise ConfigError(f"tick kind must be one of {', '.join(map(repr, TICK_KINDS))}, got {kind!r}")
     return f"ticks.{kind}.{segment(venue, 'venue')}.{segment(symbol)}"

@@ -18,11 +18,14 @@ the last line checks the 5M trades/s target for the 10M-trade CSV. Prints the ma
 cores, library versions) first: numbers are only comparable on the same machine.
 
 Book rows (also alone with ``--books``): the Databento MBO file of the shared data set through
-``io.mbo.mbo_level_deltas`` (records/s and level deltas/s; plain = ``DBNDecoder`` alone), and
-the L2 book kernel ``kernels.book.book_update`` over those deltas (deltas/s, features included).
-Target from issue 13: >= 5M book updates/s on one core.
+``io.mbo.mbo_level_deltas`` and through the streaming reader (records/s and level deltas/s;
+plain = ``DBNDecoder`` alone); a generated Tardis ``incremental_book_L2`` CSV (``--book-lines``
+lines, written to /tmp once; plain = pyarrow's streaming CSV parse of the same text columns);
+the shared USD-M Binance capture with ``book=True`` (plain = ``orjson.loads`` of every line);
+and the L2 book kernel ``kernels.book.book_update`` over the MBO deltas (deltas/s, features
+included). Target from issue 13: >= 5M book updates/s on one core.
 
-    python scripts/bench_readers.py [--rows 10000000] [--repeat 3] [--skip-big] [--books]
+    python scripts/bench_readers.py [--rows 10000000] [--repeat 3] [--skip-big] [--books] [--book-lines 1000000]
 """
 
 from __future__ import annotations
@@ -129,14 +132,40 @@ def row(name: str, path: Path, repeat: int) -> str:
             f"{rate(t_checks, n)} | {rate(t_replay, n)} | {t_reader / t_plain:5.2f} |")
 
 
-def book_rows(repeat: int) -> None:
-    """MBO reader and book kernel rates on the shared MBO file (skipped when it is absent)."""
-    import databento_dbn as dbn
+def tardis_l2_file(lines: int, path: Path) -> Path:
+    """A Tardis incremental_book_L2 CSV shaped like Deribit's (a snapshot, then updates)."""
+    if path.exists():
+        return path
+    import numpy as np
 
+    rng = np.random.default_rng(0)
+    ts = 1_585_699_200_245_000 + np.cumsum(rng.integers(0, 1000, lines))
+    side = np.where(rng.random(lines) < 0.5, "bid", "ask")
+    px = 6421.0 + rng.integers(-200, 200, lines) * 0.5
+    amount = rng.integers(0, 20_000, lines)
+    with open(path, "w") as fh:
+        fh.write("exchange,symbol,timestamp,local_timestamp,is_snapshot,side,price,amount\n")
+        for i in range(lines):
+            snap = "true" if i < 1000 else "false"
+            fh.write(f"deribit,BTC-PERPETUAL,{ts[i]},{ts[i] + 1000},{snap},{side[i]},{px[i]:.1f},{amount[i]}\n")
+    return path
+
+
+def book_rows(repeat: int, book_lines: int = 1_000_000) -> None:
+    """MBO, Tardis L2 and Binance depth readers and the book kernel (shared files: skipped when absent)."""
+    import databento_dbn as dbn
+    import orjson
+    import pyarrow as pa
+    import pyarrow.csv as pacsv
+
+    from nautilus_pipeline.io.binance import BinanceFeedReader
+    from nautilus_pipeline.io.databento import DatabentoReader
     from nautilus_pipeline.io.mbo import mbo_level_deltas
+    from nautilus_pipeline.io.tardis_book import TardisIncrementalBookReader
     from nautilus_pipeline.kernels.book import book_update, new_book_state
 
-    path = Path(__file__).resolve().parents[2] / "shared" / "data" / "databento-glbx-esh4-mbo-20231225.dbn.zst"
+    shared = Path(__file__).resolve().parents[2] / "shared" / "data"
+    path = shared / "databento-glbx-esh4-mbo-20231225.dbn.zst"
     if not path.exists():
         print(f"(book rows skipped: {path} absent)")
         return
@@ -147,20 +176,58 @@ def book_rows(repeat: int) -> None:
             dec.write(s.read())
             return len(dec.decode()) - 1
 
+    def rows_of(reader) -> int:
+        return sum(len(c) for c in reader.chunks())
+
+    print()
+    print(f"book updates/s in millions (best of {repeat}); each file's rows measured side by side")
+    print("| input | step | M records or lines/s | M book rows/s |")
+    print("|---|---|---:|---:|")
     t_plain, records = best(decode, repeat)
     t_read, _ = best(lambda: len(mbo_level_deltas(path)["side"]), repeat)
+    t_stream, rows = best(lambda: rows_of(DatabentoReader(path)), repeat)
     d = mbo_level_deltas(path)
+    deltas = len(d["side"])
+    name = f"{path.name} ({records:,} records)"
+    print(f"| {name} | DBNDecoder alone (plain) | {records / t_plain / 1e6:.2f} | |")
+    print(f"| {name} | mbo_level_deltas | {records / t_read / 1e6:.2f} | {deltas / t_read / 1e6:.2f} |")
+    print(f"| {name} | DatabentoReader (streaming book rows) | {records / t_stream / 1e6:.2f} | {rows / t_stream / 1e6:.2f} |")
+
+    l2 = tardis_l2_file(book_lines, Path(f"/tmp/tardis-incremental-book-l2-{book_lines}.csv"))
+    names = ["exchange", "symbol", "timestamp", "local_timestamp", "is_snapshot", "side", "price", "amount"]
+    conv = pacsv.ConvertOptions(column_types={n: pa.string() for n in names})
+
+    def parse() -> int:
+        with open_stream(l2) as s:
+            return sum(b.num_rows for b in pacsv.open_csv(s, read_options=pacsv.ReadOptions(block_size=1 << 22,
+                                                                                            use_threads=False),
+                                                          convert_options=conv))
+
+    t_plain, lines = best(parse, repeat)
+    t_read, rows = best(lambda: rows_of(TardisIncrementalBookReader(l2)), repeat)
+    name = f"Tardis incremental_book_L2, generated ({lines:,} lines)"
+    print(f"| {name} | pyarrow open_csv, text columns (plain) | {lines / t_plain / 1e6:.2f} | |")
+    print(f"| {name} | TardisIncrementalBookReader | {lines / t_read / 1e6:.2f} | {rows / t_read / 1e6:.2f} |")
+
+    feed = shared / "binance-feed-usdm-btcusdt_20240808.jsonl.gz"
+    if feed.exists():
+        def loads() -> int:
+            n = 0
+            for _, line in iter_lines(feed):
+                orjson.loads(line.partition(b" ")[2])
+                n += 1
+            return n
+
+        t_plain, lines = best(loads, repeat)
+        t_read, rows = best(lambda: rows_of(BinanceFeedReader(feed, book=True)), repeat)
+        name = f"{feed.name} ({lines:,} lines)"
+        print(f"| {name} | orjson.loads per line (plain) | {lines / t_plain / 1e6:.2f} | |")
+        print(f"| {name} | BinanceFeedReader(book=True) | {lines / t_read / 1e6:.2f} | {rows / t_read / 1e6:.2f} |")
+
     cols = (d["side"], d["price"], d["size"], d["action"])
     book_update(new_book_state(2048), *(c[:10] for c in cols))  # JIT compile / cache load
-    t_kernel, deltas = best(lambda: book_update(new_book_state(2048), *cols)[1].shape[0], repeat)
-    print()
-    print(f"book updates/s in millions (best of {repeat}), {path.name}: {records:,} MBO records, {deltas:,} level deltas")
-    print("| step | M records/s | M level deltas/s |")
-    print("|---|---|---|")
-    print(f"| DBNDecoder alone (plain) | {records / t_plain / 1e6:.2f} | |")
-    print(f"| mbo_level_deltas (decode + order book to levels) | {records / t_read / 1e6:.2f} | {deltas / t_read / 1e6:.2f} |")
-    print(f"| book_update kernel (levels + 7 features) | | {deltas / t_kernel / 1e6:.2f} |")
-    print(f"target >= 5M book updates/s: reader {deltas / t_read / 1e6:.2f}, kernel {deltas / t_kernel / 1e6:.2f}")
+    t_kernel, _ = best(lambda: book_update(new_book_state(2048), *cols)[1].shape[0], repeat)
+    print(f"| MBO level deltas | book_update kernel (levels + 7 features) | | {deltas / t_kernel / 1e6:.2f} |")
 
 
 def main() -> None:
@@ -171,10 +238,11 @@ def main() -> None:
     ap.add_argument("--repeat", type=int, default=3)
     ap.add_argument("--skip-big", action="store_true")
     ap.add_argument("--books", action="store_true", help="only the order-book rows")
+    ap.add_argument("--book-lines", type=int, default=1_000_000, help="lines of the generated Tardis L2 CSV")
     args = ap.parse_args()
     print(machine())
     if args.books:
-        book_rows(args.repeat)
+        book_rows(args.repeat, args.book_lines)
         return
     print()
     print(f"ticks/s in millions (best of {args.repeat}); ratio = reader time / plain library call time")
@@ -184,7 +252,7 @@ def main() -> None:
         if p.name == "README.md" or p.name.startswith("__"):
             continue
         print(row(p.name, p, args.repeat), flush=True)
-    book_rows(args.repeat)
+    book_rows(args.repeat, args.book_lines)
     if args.skip_big:
         return
     if not args.big.exists():

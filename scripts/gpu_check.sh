@@ -13,7 +13,7 @@
 # "gputests" runs only the GPU and MLX tests (by name), e.g. "gputests,pipeline" in one call.
 # "profile": scripts/profile_pipeline.py on 10M generated trades through pipelines/gpu.toml at
 # each of PROFILE_BATCHES (phases, stages' busy time, pool), then one sampled run at
-# SAMPLE_BATCH; BEFORE=/path/of/another/checkout runs that checkout's package first, same file.
+# SAMPLE_BATCH (none: no sampled run); BEFORE=/path/of/another/checkout runs that checkout's package first, same file.
 #
 # Without the MLX halves step 2 runs everything else and says that MLX was not carried.
 # (From a helper's worktree: copy it into the session checkout's ignored .gpuwt/, carry
@@ -119,7 +119,7 @@ if want pipeline; then
   sed -E -e 's/^streams = \[.*/streams = ["cpu"]/' -e 's/^memory = .*/memory = "host"/' \
     pipelines/gpu.toml > /tmp/gpu_on_cpu.toml
   ticks=(--format binance_trades --symbol BTCUSDT-PERP --no-progress --log-level warning)
-  for b in 4096 65536; do
+  for b in ${SIZES_10M-4096 65536}; do  # SIZES_10M="": none (the profile section times them)
     echo "== pipelines/gpu.toml, 10M generated trades, --batch $b"
     timeout 150 python3 -m nautilus_pipeline.cli run pipelines/gpu.toml --ticks /tmp/trades10m.csv \
       "${ticks[@]}" --batch $b --out /tmp/g10m-$b 2>&1 | tail -n 32
@@ -172,8 +172,10 @@ if want profile; then
         --no-sample --out "/tmp/p-$b"
     done
     b=${SAMPLE_BATCH:-65536}
-    echo "== this tree, --batch $b, every thread sampled every 2 ms"
-    timeout 150 python3 scripts/profile_pipeline.py pipelines/gpu.toml "${pargs[@]}" --batch "$b" --out "/tmp/p-s-$b"
+    if [ "$b" != none ]; then
+      echo "== this tree, --batch $b, every thread sampled every 2 ms"
+      timeout 150 python3 scripts/profile_pipeline.py pipelines/gpu.toml "${pargs[@]}" --batch "$b" --out "/tmp/p-s-$b"
+    fi
   } 2>&1 | tee "$out/profile_10m.txt"
 fi
 if want engine; then

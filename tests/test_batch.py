@@ -236,3 +236,23 @@ def test_a_worker_killed_mid_job_is_retried_and_nothing_is_doubled(sample_dir, t
     assert_accounting_closes(s)
     assert_one_copy_of_each_output(out, s)
     assert_merged_equals_sequential(out, report, groups, tmp_path)
+
+
+def test_a_symbol_with_a_slash_is_one_uri_encoded_partition(tmp_path):
+    import pyarrow as pa
+    import pyarrow.dataset as ds
+    import pyarrow.parquet as pq
+
+    from nautilus_pipeline.batch.job import JobResult
+    from nautilus_pipeline.batch.merge import merge_outputs
+
+    results = []
+    for i, sym in enumerate(("EUR/USD", "USDJPY")):
+        path = tmp_path / f"signals-{i}.parquet"
+        pq.write_table(pa.table({"symbol": [sym, sym], "ts_ns": [1, 2], "x": [0.5, 1.5]}), path)
+        results.append(JobResult(f"j{i}", (), str(tmp_path), {"signals": str(path)}, {}, {}, {}, b""))
+    merged = merge_outputs(tmp_path / "out", results)
+    assert merged["signals"]["rows"] == 4
+    assert sorted(p.name for p in (tmp_path / "out" / "signals").iterdir()) == ["symbol=EUR%2FUSD", "symbol=USDJPY"]
+    table = ds.dataset(tmp_path / "out" / "signals", partitioning="hive").to_table()
+    assert sorted(set(table["symbol"].to_pylist())) == ["EUR/USD", "USDJPY"]

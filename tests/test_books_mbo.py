@@ -85,3 +85,53 @@ def test_after_the_open_the_book_is_uncrossed_at_every_events_last_delta() -> No
     crossed = opened & (bid >= ask)
     assert opened.sum() > 1000 and crossed.sum() == 2  # inside one exchange event each
     assert not (crossed & d["last"]).any()
+
+
+def _rows(path: Path, fast: bool, trades: bool):
+    from nautilus_pipeline.io.databento import DatabentoReader
+
+    r = DatabentoReader(path, fast_mbo=fast, trades=trades)
+    chunks = list(r.chunks(5000))
+    names = [c.symbols[int(k)] for c in chunks for k in c.column("symbol_id")]
+    cols = {k: np.concatenate([c.column(k) for c in chunks])
+            for k in ("ts_ns", "ts_recv_ns", "kind", "price", "size", "side", "trade_id")}
+    cols["records"] = np.concatenate([c.records for c in chunks])
+    return cols, names, r.ignored, r.unknown_orders
+
+
+def _mbo_files(tmp_path: Path) -> list[Path]:
+    snap = F_SNAPSHOT | F_BAD_TS_RECV
+    rebuilt = write_mbo(tmp_path / "r.dbn", [
+        mbo("ADD", "BID", 100.0, 3, 1), mbo("ADD", "BID", 100.0, 3, 1), mbo("ADD", "ASK", 101.0, 4, 3),
+        mbo("CANCEL", "BID", 100.0, 5, 1), mbo("MODIFY", "ASK", 102.0, 2, 3), mbo("MODIFY", "NONE", 102.0, 7, 3),
+        mbo("TRADE", "ASK", 101.0, 1, 0), mbo("FILL", "ASK", 101.0, 1, 3), mbo("CANCEL", "ASK", 1.0, 1, 99),
+        mbo("CLEAR", "NONE", 0.0, 0, 0, flags=snap), mbo("ADD", "BID", 98.0, 1, 5, flags=snap | F_LAST),
+        mbo("CLEAR", "NONE", 0.0, 0, 0), mbo("ADD", "ASK", 99.0, 1, 6, ts=4),
+    ])
+    return [HEAD, rebuilt]
+
+
+@pytest.mark.parametrize("trades", [False, True])
+def test_the_numba_path_gives_the_reference_rows(tmp_path: Path, trades: bool) -> None:
+    for path in _mbo_files(tmp_path):
+        fast, slow = _rows(path, True, trades), _rows(path, False, trades)
+        for k in fast[0]:
+            assert np.array_equal(fast[0][k], slow[0][k], equal_nan=fast[0][k].dtype.kind == "f"), (path.name, k)
+        assert fast[1:] == slow[1:], path.name
+    assert (_rows(HEAD, True, True)[0]["kind"] == 0).sum() == 122
+
+
+@pytest.mark.slow
+def test_the_numba_path_gives_the_reference_rows_on_the_whole_shared_file(shared_data: Path) -> None:
+    path = shared_data / "databento-glbx-esh4-mbo-20231225.dbn.zst"
+    fast, slow = _rows(path, True, True), _rows(path, False, True)
+    for k in fast[0]:
+        assert np.array_equal(fast[0][k], slow[0][k], equal_nan=fast[0][k].dtype.kind == "f"), k
+    assert fast[1:] == slow[1:]
+
+
+def test_a_non_mbo_file_takes_the_reference_path(sample_dir: Path) -> None:
+    from nautilus_pipeline.io.databento import DatabentoReader
+
+    r = DatabentoReader(sample_dir / "databento-glbx-futures-mbp1-20240701.dbn.zst")
+    assert sum(len(c) for c in r.chunks()) == 2_288 and r._fast is None

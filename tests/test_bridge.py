@@ -33,6 +33,7 @@ from nautilus_pipeline.bridge import (  # noqa: E402
     ensure_stream,
 )
 from nautilus_pipeline.bridge.server import NatsServer  # noqa: E402
+from nautilus_pipeline.errors import ConfigError  # noqa: E402
 from nautilus_pipeline.events import KIND_TRADE, TICK_COLUMNS  # noqa: E402
 from nautilus_pipeline.stage import Stage  # noqa: E402
 from nautilus_pipeline.testing import trades_frame  # noqa: E402
@@ -282,20 +283,92 @@ def test_topics_nats_cannot_carry_are_refused_by_name():
         NatsBridge(pipe, ingest="ticks.>", durable="a.b")
 
 
-async def test_quotes_and_trades_travel_on_their_own_subjects(nats_server):
-    n = 200
+class _Record(Stage):
+    """Keeps every row's timestamp and kind, in the order the pipeline saw them."""
+
+    name = "record"
+    reads = ("ts_ns", "kind")
+    writes = ()
+    streams = ("cpu",)
+
+    def __init__(self):
+        self.ts, self.kind = [], []
+
+    async def process(self, lease, stream, ctx):
+        self.ts.append(lease["ts_ns"].copy())
+        self.kind.append(lease["kind"].copy())
+
+
+async def test_interleaved_quotes_and_trades_keep_their_order_and_one_kind_batches_their_subject(nats_server):
+    n = 192  # three 64-row batches: all trades, interleaved, all quotes
     frame = trades_frame(n, seed=5)
-    kind = np.where(np.arange(n) % 4 == 0, 1, KIND_TRADE).astype(np.uint8)
+    kind = np.full(n, KIND_TRADE, np.uint8)
+    kind[64:128:4] = 1
+    kind[128:] = 1
     frame["kind"] = kind
     frame["bid"] = np.where(kind == 1, 100.0, np.nan)
+    frame["ask"] = np.where(kind == 1, 100.5, np.nan)
+    frame["bid_size"] = np.where(kind == 1, 1.0, np.nan)
+    frame["ask_size"] = np.where(kind == 1, 1.0, np.nan)
     await _publish(nats_server.url, frame, batch_size=64)
-    gate = _Gate()
-    gate.open.set()
-    pipe = Pipeline([gate], batch_size=64, slabs=2, execution="serial")
-    async with NatsBridge(pipe, servers=nats_server.url, ingest="ticks.quotes.>", durable="q",
+    nc = await nats.connect(nats_server.url)
+    try:
+        info = await nc.jetstream().stream_info("TICKS", subjects_filter=">")
+        assert info.state.subjects == {f"ticks.trades.BINANCE.{SYMBOL}": 1,
+                                       f"ticks.mixed.BINANCE.{SYMBOL}": 1,
+                                       f"ticks.quotes.BINANCE.{SYMBOL}": 1}
+    finally:
+        await nc.close()
+    rec = _Record()
+    pipe = Pipeline([rec], batch_size=64, slabs=2, execution="serial")
+    async with NatsBridge(pipe, servers=nats_server.url, ingest="ticks.>", durable="order",
                           state=False) as bridge:
         await bridge.wait_idle(0.3)
-    assert gate.rows == int((kind == 1).sum())
+    np.testing.assert_array_equal(np.concatenate(rec.ts), frame["ts_ns"])
+    np.testing.assert_array_equal(np.concatenate(rec.kind), kind)
+
+
+async def test_rows_of_a_kind_without_a_subject_are_refused_not_dropped(nats_server):
+    frame = trades_frame(10, seed=5)
+    frame["kind"] = np.full(10, 7, np.uint8)
+    nc = await nats.connect(nats_server.url)
+    try:
+        js = nc.jetstream()
+        await ensure_stream(js, "TICKS", ["ticks.>"])
+        with pytest.raises(ConfigError, match=r"rows of kind \[7\] have no ticks subject"):
+            await TickPublisher(js).publish(frame, SYMBOL)
+    finally:
+        await nc.close()
+
+
+async def test_two_different_batches_with_the_same_first_timestamp_and_length_are_both_stored(nats_server):
+    a = trades_frame(50, seed=3)
+    b = {k: v.copy() for k, v in a.items()}
+    b["price"] = b["price"] + 1.0  # same ts, ids and length; other rows
+    nc = await nats.connect(nats_server.url)
+    try:
+        js = nc.jetstream()
+        await ensure_stream(js, "TICKS", ["ticks.>"])
+        pub = TickPublisher(js, batch_size=50)
+        await pub.publish(a, SYMBOL)
+        await pub.publish(b, SYMBOL)
+        await pub.flush()
+        assert pub.duplicates == 0
+        assert (await js.stream_info("TICKS")).state.messages == 2
+    finally:
+        await nc.close()
+
+
+def test_a_batch_header_of_the_wrong_shape_is_a_wire_error_not_a_crash():
+    frame = trades_frame(5, seed=1)
+    data = encode_batch({k: v for k, v in frame.items() if k != "symbol_id"}, SYMBOL)
+    hlen = int.from_bytes(data[4:8], "little")
+    header = orjson.loads(data[8:8 + hlen])
+    for bad in ({**header, "columns": 5}, {**header, "columns": [["ts_ns", "zz", 40]]},
+                {**header, "columns": [["ts_ns"]]}):
+        raw = orjson.dumps(bad)
+        with pytest.raises(WireError):
+            decode_batch(data[:4] + len(raw).to_bytes(4, "little") + raw)
 
 
 async def test_a_batch_slower_than_ack_wait_is_not_processed_twice(nats_server):

@@ -117,3 +117,13 @@ async def test_a_skipped_id_range_is_one_gap_of_its_size(capture):
     assert feed.stats.gaps == natural_gaps + 1
     assert feed.stats.missing_ids == natural_missing + (hi - lo + 1)
     assert len(_split(got)[0]["trade_id"]) == len(ids) - inside
+
+
+def test_trade_and_aggregate_trade_ids_of_one_symbol_are_separate_sequences():
+    feed = BinanceWebsocketFeed("ws://127.0.0.1:1/stream")
+    for i in (100, 101, 102):
+        assert feed._in_sequence("trade", {"s": "BTCUSDT", "t": i})
+        assert feed._in_sequence("aggTrade", {"s": "BTCUSDT", "a": i - 90})  # a lower id space
+    assert feed.stats.duplicates == 0 and feed.stats.gaps == 0
+    assert not feed._in_sequence("trade", {"s": "BTCUSDT", "t": 101})  # a real duplicate
+    assert feed.stats.duplicates == 1

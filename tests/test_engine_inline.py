@@ -14,6 +14,7 @@ from test_integration import COLUMNS, Capture, btc_trades, chain
 from nautilus_pipeline.events import AggressorSide, TradeTick
 from nautilus_pipeline.pipeline import Pipeline
 from nautilus_pipeline.stage import INLINE_CHAIN_MAX_ROWS, Stage
+from nautilus_pipeline.stages import FeaturesStage, InferenceStage
 
 
 def ticks_of(data, n):
@@ -129,3 +130,22 @@ async def test_a_stage_failing_on_an_inline_batch_is_isolated_and_counted():
     assert last.seen == [] and t.ticks_in == t.ticks_failed == 1 and t.in_flight == 0
     assert pipe.runners[0].metrics.failures == 1 and pipe.runners[0].subscription.errors == 1
     assert letters and "boom" in str(letters[0].payload)
+
+
+async def _predictions(data, batch_size):
+    inference = InferenceStage(streams=("cpu",))
+    capture = Capture(("prediction",))
+    pipe = Pipeline([FeaturesStage(inference.input_names), inference, capture],
+                    batch_size=batch_size, slabs=4, memory="host", execution="serial")
+    async with pipe:
+        pipe.symbols.id_of("BTCUSDT-PERP")
+        await pipe.ingest(data)
+    return capture.result()["prediction"]
+
+
+async def test_the_model_gives_the_same_bits_for_batches_of_1_7_and_4096(sample_dir):
+    """Rows padded to ROW_MULTIPLE: BLAS sums every row in one order whatever the batch."""
+    data = {k: v[:3000] for k, v in btc_trades(sample_dir).items()}
+    big = await _predictions(data, 4096)
+    for batch_size in (1, 7):
+        np.testing.assert_array_equal(await _predictions(data, batch_size), big)

@@ -123,3 +123,22 @@ async def test_frames_without_ts_or_with_unknown_columns_say_what_is_wrong() -> 
         await ingest_all([1, 2, 3])
     with pytest.raises(ConfigError, match="column 'price' holds"):
         frame_columns(pa.table({"ts_ns": [1], "price": ["1.5"]}))
+
+
+@pytest.mark.parametrize(("name", "values", "first"), [
+    ("ts_ns", np.array([1.0, 1_700_000_000_123_456_789.0]), "row 1"),  # past float64's 53 bits
+    ("side", np.array([1.0, np.nan, -1.0]), "row 1"),                  # no int for NaN
+    ("trade_id", np.array([1.0, 2.5]), "row 1"),                       # a fraction
+])
+def test_a_column_that_a_cast_would_change_is_refused_with_its_first_row(name, values, first) -> None:
+    cols = {"ts_ns": np.arange(len(values)), name: values}
+    with pytest.raises(ConfigError, match=rf"column {name!r} cannot be held exactly as .*{first}"):
+        frame_columns(cols)
+
+
+def test_exact_casts_go_through() -> None:
+    cols = frame_columns({"ts_ns": np.array([1.0, 2.0, 2.0**52]), "side": np.array([1.0, -1.0, 0.0]),
+                          "price": np.array([1, 2, 3], dtype=np.int32)})
+    assert cols["ts_ns"].dtype == np.int64 and cols["ts_ns"][2] == 2**52
+    np.testing.assert_array_equal(cols["side"], [1, -1, 0])
+    assert cols["price"].dtype == np.float64

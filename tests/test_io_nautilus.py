@@ -91,3 +91,23 @@ def test_a_catalog_folder_becomes_its_tick_files(tmp_path: Path) -> None:
     (tmp_path / "empty").mkdir()
     with pytest.raises(DataError, match="no NautilusTrader catalog tick files"):
         catalog_files(tmp_path / "empty")
+
+
+def test_order_book_deltas_are_refused_not_read_as_trades(tmp_path: Path) -> None:
+    """A deltas file's price/size columns would map to trades; it is refused with the reason."""
+    t = pq.read_table(DATA / "nautilus-64-bit-trades.parquet")
+    n = t.num_rows
+    deltas = pa.table({"action": pa.array([2] * n, pa.uint8()), "side": pa.array([1] * n, pa.uint8()),
+                       "price": t.column("price"), "size": t.column("size"),
+                       "order_id": pa.array(range(n), pa.uint64()), "flags": pa.array([0] * n, pa.uint8()),
+                       "sequence": pa.array([0] * n, pa.uint64()), "ts_event": t.column("ts_event"),
+                       "ts_init": t.column("ts_init")}).replace_schema_metadata(t.schema.metadata)
+    p = tmp_path / "deltas.parquet"
+    pq.write_table(deltas, p)
+    with pytest.raises(DataError, match="order-book deltas"):
+        read(p)
+    d = tmp_path / "catalog" / "data" / "order_book_delta" / "X"
+    d.mkdir(parents=True)
+    pq.write_table(deltas, d / "part-0.parquet")
+    with pytest.raises(DataError, match="holds order-book deltas only"):
+        catalog_files(tmp_path / "catalog")

@@ -19,6 +19,7 @@ import shutil
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote
 
 import orjson
 import pyarrow as pa
@@ -56,8 +57,11 @@ def merge_outputs(out: Path, results: Sequence[JobResult]) -> dict[str, dict[str
         if tables and all("symbol" in t.column_names for t in tables):
             for sym, table in _by_symbol(tables):
                 rows += table.num_rows
-                (tmp / f"symbol={sym}").mkdir()
-                pq.write_table(table.drop_columns(["symbol"]), tmp / f"symbol={sym}" / "part-0.parquet")
+                # Hive partition values are URI-encoded (pyarrow.dataset decodes them): a
+                # symbol such as EUR/USD is one folder, symbol=EUR%2FUSD, not two
+                part = tmp / f"symbol={quote(sym, safe='')}"
+                part.mkdir()
+                pq.write_table(table.drop_columns(["symbol"]), part / "part-0.parquet")
         elif tables:
             table = _in_time_order(pa.concat_tables(tables, promote_options="permissive"))
             rows = table.num_rows

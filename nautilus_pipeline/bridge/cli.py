@@ -132,6 +132,10 @@ async def run_live(args: argparse.Namespace) -> int:
     run = Run(args.pipeline, out_dir=args.out, trace_every=args.trace_every,
               **{k: v for k, v in _nats_pipe_settings(args).items() if v is not None})
     pipe, sink = run.pipeline, run.sink
+    if any(sd.values.get("bucket_volume") == "auto" for sd in run.definition.stages):
+        print(f"warning: {run.name}: bucket_volume = \"auto\" was worked out from the definition's own "
+              "files, not from the stream; symbols that they do not hold have no bucket volume. Give "
+              "a number or a table per symbol for live runs.", file=sys.stderr)
     stop = asyncio.Event()
     got: list[int] = []
     loop = asyncio.get_running_loop()
@@ -179,7 +183,8 @@ async def run_live(args: argparse.Namespace) -> int:
     wall = time.perf_counter() - t0
     flow = pipe.tick_flow()
     summary = {"pipeline": run.name, "nats": args.nats, "durable": args.durable, "wall_s": wall,
-               "ticks": {"processed": flow.ticks_out, "failed_in_stages": flow.ticks_failed},
+               "ticks": {"processed": flow.ticks_out, "failed_in_stages": flow.ticks_failed,
+                         "bad_messages": (bridge.stats().get("ingress") or {}).get("bad_messages", 0)},
                "bridge": bridge.stats(), "stages": pipe.stats()["stages"],
                "outputs": dict(sink.counts) if sink is not None else {}}
     write_atomic(run.out_dir / "summary.json",
@@ -190,4 +195,8 @@ async def run_live(args: argparse.Namespace) -> int:
           f"outputs in {Path(run.out_dir)}", file=sys.stderr)
     if got:
         return 143 if got[0] == signal.SIGTERM else 130
+    if summary["ticks"]["bad_messages"]:  # messages refused as unreadable: bad data, exit 4
+        print(f"{run.name}: {summary['ticks']['bad_messages']} messages were not tick batches this "
+              "pipeline can read (logged as bad_tick_message; terminated, not redelivered)", file=sys.stderr)
+        return 4
     return 5 if flow.ticks_failed else 0

@@ -264,10 +264,23 @@ class NatsBridge:
                 await self.egress.close(drain=True)
         except BaseException as exc:
             error = exc
+            await self._stop_after_error()
         finally:
             await self._close_connection(drain=error is None)
         if error is not None:
             raise error
+
+    async def _stop_after_error(self) -> None:
+        """After a failed close: stop what is still running (the pipeline's tasks, the export
+        subscriptions) without draining, so nothing is left orphaned; unacked messages are
+        redelivered to the next run."""
+        try:
+            if self._own_pipe and self.pipe._started and not self.pipe._closed:
+                await self.pipe.close(drain=False)
+            if self.egress is not None:
+                await self.egress.close(drain=False)
+        except Exception as exc:  # the first error is the one the caller sees
+            log.warning("bridge_close_cleanup_failed", error=f"{type(exc).__name__}: {exc}")
 
     async def _abort(self) -> None:
         """Stop without draining (an error or cancellation in the owner): unacked messages
@@ -303,7 +316,9 @@ class NatsBridge:
             raise PipelineError("this bridge keeps no state (give a durable name)")
         await self.pipe.drain()
         if self.egress is not None:
-            await self.egress.settle()
+            # every exported event of the covered batches stored by JetStream (acked), not
+            # just handed to the client: a crash after the save must not lose one
+            await self.egress.flush()
         ing = self.ingress
         seq = ing.stats.last_seq
         prev = self.restored

@@ -1,24 +1,32 @@
 """Tick batches into the ticks stream (the feed side: ``nautilus-pipeline publish``, tests, bench).
 
-Subjects are ``ticks.<kind>.<venue>.<symbol>`` (``topics.ticks``). Each message carries a
-``Nats-Msg-Id`` made of its subject, first timestamp, first exchange sequence and row count,
-so a publisher that restarts and sends the same rows again is stored once (within the
-stream's duplicate window).
+Subjects are ``ticks.<kind>.<venue>.<symbol>`` (``topics.ticks``): a batch of one kind of row
+goes to ``trades``, ``quotes`` or ``book``; a batch that interleaves kinds goes whole to
+``mixed``, with its ``kind`` column, so the consumer sees the rows in the file's order (split
+by kind, a quote between two trades would reach the features stage out of place). A row of
+any other kind is refused, never dropped. Each message carries a ``Nats-Msg-Id`` made of its
+subject, first timestamp, row count and a hash of its bytes, so a publisher that restarts and
+sends the same rows again is stored once (within the stream's duplicate window), while two
+different batches never share an id.
 """
 
 from __future__ import annotations
 
 import asyncio
 import collections
+import hashlib
 from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
 
 from .. import topics
-from ..events import KIND_QUOTE
+from ..errors import ConfigError
+from ..events import KIND_BOOK, KIND_QUOTE, KIND_TRADE
 from .subjects import name as check_name
 from .wire import encode_batch
+
+_KIND_SUBJECTS = {KIND_TRADE: "trades", KIND_QUOTE: "quotes", KIND_BOOK: "book"}
 
 TICKS_STREAM = "TICKS"
 TICKS_SUBJECTS = "ticks.>"
@@ -58,27 +66,27 @@ class TickPublisher:
         self._inflight: collections.deque[asyncio.Future] = collections.deque()
 
     async def publish(self, columns: Mapping[str, np.ndarray], symbol: str) -> int:
-        """Publish the rows (trades and quotes split by ``kind``); returns messages sent."""
-        kinds = np.asarray(columns.get("kind", np.zeros(len(columns["ts_ns"]), np.uint8)))
+        """Publish the rows in order, ``batch_size`` to a message; returns messages sent."""
+        n = len(columns["ts_ns"])
+        kinds = np.asarray(columns.get("kind", np.zeros(n, np.uint8)))
+        unknown = sorted(set(np.unique(kinds).tolist()) - set(_KIND_SUBJECTS))
+        if unknown:
+            raise ConfigError(f"publish {symbol!r}: rows of kind {unknown} have no ticks subject "
+                              f"(known: {_KIND_SUBJECTS})")
         sent = 0
-        for kind_value, kind in ((0, "trades"), (KIND_QUOTE, "quotes")):
-            rows = np.flatnonzero(kinds == kind_value)
-            if not len(rows):
-                continue
-            whole = len(rows) == len(kinds)
-            subj = topics.ticks(kind, self.venue, symbol)
-            for start in range(0, len(rows), self.batch_size):
-                idx = slice(start, start + self.batch_size) if whole else rows[start:start + self.batch_size]
-                part = {k: np.asarray(v)[idx] for k, v in columns.items() if k != "symbol_id"}
-                await self._send(subj, part, symbol)
-                sent += 1
+        for start in range(0, n, self.batch_size):
+            idx = slice(start, start + self.batch_size)
+            part = {k: np.asarray(v)[idx] for k, v in columns.items() if k != "symbol_id"}
+            k = kinds[idx]
+            kind = _KIND_SUBJECTS[int(k[0])] if (k == k[0]).all() else "mixed"
+            await self._send(topics.ticks(kind, self.venue, symbol), part, symbol)
+            sent += 1
         return sent
 
     async def _send(self, subj: str, part: Mapping[str, np.ndarray], symbol: str) -> None:
         data = encode_batch(part, symbol)
-        ids = part.get("trade_id")
-        first_id = int(ids[0]) if ids is not None and len(ids) else -1
-        msg_id = f"{subj}:{int(part['ts_ns'][0])}:{first_id}:{len(part['ts_ns'])}"
+        digest = hashlib.blake2b(data, digest_size=12).hexdigest()
+        msg_id = f"{subj}:{int(part['ts_ns'][0])}:{len(part['ts_ns'])}:{digest}"
         while len(self._inflight) >= self.max_in_flight:
             await self._settle_one()
         self._inflight.append(await self.js.publish_async(subj, data, headers={"Nats-Msg-Id": msg_id}))

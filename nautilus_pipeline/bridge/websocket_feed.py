@@ -76,8 +76,8 @@ class BinanceWebsocketFeed:
         self.max_reconnects = max_reconnects
         self.end_on_close = end_on_close
         self.stats = FeedStats()
-        self._last_id: dict[str, int] = {}
-        self._last_u: dict[str, int] = {}
+        self._last_id: dict[tuple[str, str], int] = {}
+        self._last_u: dict[tuple[str, str], int] = {}
 
     async def batches(self, stop: asyncio.Event | None = None) -> AsyncIterator[tuple[str, dict[str, np.ndarray]]]:
         """Batches until ``stop`` is set (or the server closes, with ``end_on_close``)."""
@@ -178,6 +178,7 @@ class BinanceWebsocketFeed:
             return True  # malformed: the parser refuses it with the field's name
         st = self.stats
         seen = self._last_u if kind == "bookTicker" else self._last_id
+        sym = (sym, key)  # trade ids (t) and aggregate trade ids (a) are separate sequences
         last = seen.get(sym)
         if last is not None and ident <= last:
             st.duplicates += 1
@@ -185,7 +186,7 @@ class BinanceWebsocketFeed:
         if last is not None and kind != "bookTicker" and ident > last + 1:
             st.gaps += 1
             st.missing_ids += ident - last - 1
-            log.warning("websocket_gap", url=self.url, symbol=sym, after_id=last, next_id=ident,
+            log.warning("websocket_gap", url=self.url, symbol=sym[0], id_field=key, after_id=last, next_id=ident,
                         missing=ident - last - 1)
         seen[sym] = ident
         return True

@@ -100,6 +100,18 @@ def decode_batch(data: bytes) -> Batch:
     except (orjson.JSONDecodeError, KeyError, TypeError, ValueError) as exc:
         raise WireError(f"tick batch header unreadable: {exc}") from None
     offset = 8 + hlen + _pad(8 + hlen)
+    try:
+        columns = _columns(data, symbol, n, cols, offset)
+    except WireError:
+        raise
+    except (TypeError, ValueError, KeyError) as exc:  # a header of the wrong shape: never a crash
+        raise WireError(f"tick batch of {symbol!r}: header's columns unreadable: {exc}") from None
+    if "ts_ns" not in columns:
+        raise WireError(f"tick batch of {symbol!r} has no ts_ns column")
+    return Batch(symbol, n, int(header.get("first_seq", -1)), int(header.get("last_seq", -1)), columns)
+
+
+def _columns(data: bytes, symbol: str, n: int, cols: Any, offset: int) -> dict[str, np.ndarray]:
     columns: dict[str, np.ndarray] = {}
     for name, dtype, nbytes in cols:
         spec = _SPECS.get(name)
@@ -112,9 +124,7 @@ def decode_batch(data: bytes) -> Batch:
             raise WireError(f"tick batch of {symbol!r} cut short in column {name!r}")
         columns[name] = np.frombuffer(data, dtype=spec.dtype, count=n, offset=offset)
         offset += nbytes + _pad(nbytes)
-    if "ts_ns" not in columns:
-        raise WireError(f"tick batch of {symbol!r} has no ts_ns column")
-    return Batch(symbol, n, int(header.get("first_seq", -1)), int(header.get("last_seq", -1)), columns)
+    return columns
 
 
 def _default(value: Any) -> Any:

@@ -19,8 +19,21 @@ the exchange trade time ``T`` (ms) as ``ts_ns``; bookTicker quotes use ``T`` whe
 has it (futures) and the receive time otherwise (spot sends none). Because of that mix, and
 because the capture is written in receive order, these sources replay on ``ts_recv_ns`` by
 default. Depth updates and the REST snapshot line(s) without ``stream`` are not ticks: they
-are counted as ``ignored``. Each line is decoded with orjson (one small dict per message is
-unavoidable for JSON).
+are counted as ``ignored``, unless ``book=True``. Each line is decoded with orjson (one small
+dict per message is unavoidable for JSON).
+
+Order books (``book=True``). The depth updates and REST snapshots of the capture become book
+rows (``KIND_BOOK``, ``events.py``) by Binance's documented procedure for a local book:
+updates before the first snapshot are buffered; at a snapshot (``lastUpdateId`` L) the book is
+cleared and set to it, then the buffered and following updates apply from the first whose
+range covers L (USD-M/COIN-M: ``U <= L <= u``; spot: ``U <= L + 1 <= u``), older ones dropped
+(counted as ignored). After that every update must follow the previous one (USD-M/COIN-M:
+``pu`` equals the previous ``u``; spot: ``U`` is the previous ``u + 1``). When one does not, the
+gap is counted (``book_gaps``), a clear row empties the book (it is unknown, never silently
+wrong) and updates are buffered again until the next snapshot line resynchronises it. Updates
+applied after a snapshot take its receive time when theirs is earlier (they are applied then).
+The snapshot lines carry no symbol: they belong to ``symbol``, or to the capture's one depth
+symbol.
 """
 
 from __future__ import annotations
@@ -33,7 +46,7 @@ import numpy as np
 import orjson
 
 from ..errors import DataError
-from ..events import KIND_QUOTE, KIND_TRADE, SIDE_BUY, SIDE_SELL
+from ..events import KIND_BOOK, KIND_QUOTE, KIND_TRADE, SIDE_BUY, SIDE_SELL
 from .chunk import BadRow, Reason, TickChunk
 from .csv import CsvOptions, CsvReader, sniff_names
 from .files import check_file, check_text, iter_lines, read_head
@@ -87,14 +100,20 @@ def binance_agg_trades(path: str | Path, *, symbol: str | None = None) -> CsvRea
 class BinanceFeedReader:
     """Reads a Binance websocket capture (``<ts_ns> <json>`` lines, .gz/.zst transparent)."""
 
-    def __init__(self, path: str | Path, *, symbol: str | None = None):
+    def __init__(self, path: str | Path, *, symbol: str | None = None, book: bool = False):
         self.path = str(check_file(path))
         check_text(self.path)
         self.symbol = symbol
+        self.book = book
         self.ignored = 0
+        self.book_gaps = 0
+        self._depth: dict[str, _DepthSync] = {}
+        self._pending_snapshot: list[tuple[int, int, dict, bytes]] = []
 
     def chunks(self, chunk_rows: int = 65_536) -> Iterator[TickChunk]:
-        """Trades and quotes in capture order; depth and snapshot lines counted as ignored."""
+        """Trades and quotes (and, with ``book``, book rows) in capture order; other lines ignored."""
+        self.ignored = self.book_gaps = 0
+        self._depth, self._pending_snapshot = {}, []
         acc = _FeedBatch()
         rows = 0
         for lineno, line in iter_lines(self.path):
@@ -105,6 +124,7 @@ class BinanceFeedReader:
                 rows += len(acc)
                 yield acc.chunk(self.path, self.symbol)
                 acc = _FeedBatch()
+        self.ignored += sum(len(d.buffer) for d in self._depth.values()) + len(self._pending_snapshot)
         if len(acc) or acc.dropped:
             rows += len(acc)
             yield acc.chunk(self.path, self.symbol)
@@ -126,18 +146,23 @@ class BinanceFeedReader:
                 raise _Bad(Reason.UNPARSABLE, None, f"a JSON {type(msg).__name__}, expected an object")
             stream = msg.get("stream")
             if stream is None:
-                self.ignored += 1  # the REST depth snapshot lines
+                if self.book and "lastUpdateId" in msg:
+                    self._snapshot(lineno, recv, msg, line, acc)
+                else:
+                    self.ignored += 1  # the REST depth snapshot lines
                 return
             if not isinstance(stream, str):
                 raise _Bad(Reason.UNPARSABLE, "stream", stream)
             kind = stream.rpartition("@")[2] if "@depth" not in stream else "depth"
-            if kind not in ("trade", "aggTrade", "bookTicker"):
+            if kind not in ("trade", "aggTrade", "bookTicker") and not (self.book and kind == "depth"):
                 self.ignored += 1
                 return
             d = msg.get("data")
             if not isinstance(d, dict):
                 raise _Bad(Reason.MISSING_FIELD if d is None else Reason.UNPARSABLE, "data", d)
-            if kind == "bookTicker":
+            if kind == "depth":
+                self._update(lineno, recv, d, line, acc)
+            elif kind == "bookTicker":
                 acc.add_quote(lineno, recv, d, line)
             else:
                 acc.add_trade(lineno, recv, d, "t" if kind == "trade" else "a", line)
@@ -147,6 +172,117 @@ class BinanceFeedReader:
             value = e.value if e.value is None or isinstance(e.value, str | int | float | bool) else repr(e.value)[:200]
             acc.dropped.append(BadRow(self.path, lineno, e.reason, e.field, value if e.field else text[:200],
                                       text, self.symbol or sym))
+
+
+    # --- order book (book=True) -------------------------------------------------------
+    def _sync(self, sym: str) -> _DepthSync:
+        st = self._depth.get(sym)
+        if st is None:
+            st = self._depth[sym] = _DepthSync()
+            if self._pending_snapshot and (self.symbol is None or self.symbol == sym):
+                pending, self._pending_snapshot = self._pending_snapshot, []
+                st.snapshot = pending[-1]
+                self.ignored += len(pending) - 1
+        return st
+
+    def _snapshot(self, lineno: int, recv: int, msg: dict, line: bytes, acc: _FeedBatch) -> None:
+        for key in ("bids", "asks"):
+            if not isinstance(msg.get(key), list):
+                raise _Bad(Reason.MISSING_FIELD if msg.get(key) is None else Reason.UNPARSABLE, key, msg.get(key))
+        _int64(_get(msg, "lastUpdateId"), "lastUpdateId")
+        syms = [self.symbol] if self.symbol else list(self._depth)
+        if len(syms) > 1:
+            raise _Bad(Reason.UNKNOWN_SYMBOL, None, f"a depth snapshot in a capture of {len(syms)} depth symbols")
+        if not syms:
+            self._pending_snapshot.append((lineno, recv, msg, line))
+            return
+        st = self._depth.setdefault(syms[0], _DepthSync())
+        self._apply_snapshot(syms[0], st, (lineno, recv, msg, line), acc)
+
+    def _apply_snapshot(self, sym: str, st: _DepthSync, snap: tuple[int, int, dict, bytes], acc: _FeedBatch) -> None:
+        lineno, recv, msg, line = snap
+        t = msg.get("T") or msg.get("E")
+        ts = _int64(t, "T", 1_000_000) if t is not None else recv
+        levels = [(side, *_level(lv, key)) for key, side in (("bids", 1), ("asks", -1)) for lv in msg[key]]
+        acc.add_level(lineno, recv, ts, sym, 0, float("nan"), 0.0, line)  # every level parsed: now emit
+        for side, p, q in levels:
+            if q > 0:
+                acc.add_level(lineno, recv, ts, sym, side, p, q, line)
+        st.last_id, st.synced, st.live, st.snapshot_recv = int(msg["lastUpdateId"]), False, True, recv
+        pending, st.buffer = st.buffer, []
+        for ev in pending:
+            self._depth_event(sym, st, ev, acc)
+
+    def _update(self, lineno: int, recv: int, d: dict, line: bytes, acc: _FeedBatch) -> None:
+        sym = _symbol(d)
+        first, last = _int64(_get(d, "U"), "U"), _int64(_get(d, "u"), "u")
+        prev = _int64(d["pu"], "pu") if d.get("pu") is not None else None
+        t = d.get("T") or d.get("E")
+        ts = _int64(t, "T", 1_000_000) if t is not None else recv
+        for key in ("b", "a"):
+            if not isinstance(d.get(key), list):
+                raise _Bad(Reason.MISSING_FIELD if d.get(key) is None else Reason.UNPARSABLE, key, d.get(key))
+        levels = [(1, *_level(lv, "b")) for lv in d["b"]] + [(-1, *_level(lv, "a")) for lv in d["a"]]
+        st = self._sync(sym)
+        ev = (lineno, recv, ts, first, last, prev, levels, line)
+        if st.snapshot is not None:
+            snap, st.snapshot = st.snapshot, None
+            self._apply_snapshot(sym, st, snap, acc)
+        self._depth_event(sym, st, ev, acc)
+
+    def _depth_event(self, sym: str, st: _DepthSync, ev: tuple, acc: _FeedBatch) -> None:
+        lineno, recv, ts, first, last, prev, levels, line = ev
+        if not st.live:
+            st.buffer.append(ev)
+            if len(st.buffer) > DEPTH_BUFFER:
+                st.buffer.pop(0)
+                self.ignored += 1
+            return
+        futures = prev is not None
+        if not st.synced:
+            target = st.last_id if futures else st.last_id + 1
+            if last < target:
+                self.ignored += 1  # older than the snapshot
+                return
+            ok = first <= target
+        else:
+            ok = prev == st.last_u if futures else first == st.last_u + 1
+        if not ok:
+            self.book_gaps += 1
+            acc.add_level(lineno, max(recv, st.snapshot_recv), ts, sym, 0, float("nan"), 0.0, line)
+            st.live = st.synced = False
+            st.buffer = []
+            return
+        st.synced, st.last_u = True, last
+        at = max(recv, st.snapshot_recv)
+        for side, p, q in levels:
+            acc.add_level(lineno, at, ts, sym, side, p, q, line)
+
+
+DEPTH_BUFFER = 10_000
+"""Depth updates kept while a symbol waits for a snapshot (older ones are dropped, as ignored)."""
+
+
+class _DepthSync:
+    """One symbol's place in Binance's update-id sequence."""
+
+    def __init__(self) -> None:
+        self.live = False  # a snapshot has been applied (and no gap since)
+        self.synced = False  # the first update after it has been applied
+        self.last_id = 0  # the snapshot's lastUpdateId
+        self.last_u = 0  # the last applied update's u
+        self.snapshot_recv = 0
+        self.buffer: list[tuple] = []
+        self.snapshot: tuple | None = None  # a snapshot seen before the symbol was known
+
+
+def _level(lv: object, key: str) -> tuple[float, float]:
+    if not isinstance(lv, list | tuple) or len(lv) < 2:
+        raise _Bad(Reason.UNPARSABLE, key, lv)
+    p, q = _number(lv[0], key), _number(lv[1], key)
+    if not (p > 0 and q >= 0 and p < float("inf") and q < float("inf")):
+        raise _Bad(Reason.PRICE_NOT_POSITIVE if not p > 0 else Reason.SIZE_NOT_POSITIVE, key, lv)
+    return p, q
 
 
 class _Bad(Exception):
@@ -247,6 +383,11 @@ class _FeedBatch:
         row = (nan, nan, 0, -1, *(_number(_get(d, k), k) for k in ("b", "a", "B", "A")))
         ts = _int64(d["T"], "T", 1_000_000) if d.get("T") is not None else recv
         self._push(lineno, recv, ts, KIND_QUOTE, _symbol(d), row, line)
+
+    def add_level(self, lineno: int, recv: int, ts: int, sym: str, side: int, price: float, size: float,
+                  line: bytes) -> None:
+        nan = float("nan")
+        self._push(lineno, recv, ts, KIND_BOOK, sym, (price, size, side, -1, nan, nan, nan, nan), line)
 
     def _push(self, lineno: int, recv: int, ts: int, kind: int, sym: str, row: tuple, line: bytes) -> None:
         self.records.append(lineno)

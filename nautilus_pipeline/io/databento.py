@@ -24,6 +24,13 @@ Mapping:
   yields a trade (side = aggressor). Records that change no level (fills, trades without
   ``trades=True``, a cancel of an order never seen) are counted as ``ignored``; the unseen
   orders also in ``unknown_orders``. ``F_BAD_TS_RECV`` records get ``ts_recv_ns = -1``.
+- ``MBP10Msg`` (schema ``mbp-10``): the top 10 levels after each event become book rows, the
+  changes from the instrument's previous record (``kernels.book.snapshot_deltas``, after a clear
+  on its first record), so the book after a record's rows is exactly its 10 levels; with
+  ``trades=True`` an action ``T`` record also yields a trade. Prices go through the changes as
+  the raw integers (exact in float64 below 2**53, ~9e6 in price) and are scaled per chunk.
+- ``BBOMsg``/``CBBOMsg``/``CMBP1Msg`` (``bbo-1s``/``-1m``, ``cbbo-*``, ``cmbp-1``): top of book
+  as quotes, like MBP-1 (their last-trade fields are not trades).
 - Other records (status, definitions, ...) are not ticks and are counted as ``ignored``.
 
 Prices are fixed-point int64 in units of 1e-9, converted to the float64 *nearest* to
@@ -61,6 +68,8 @@ from .chunk import TickChunk
 from .files import check_file, decoding_errors, open_stream
 from .mbo import F_BAD_TS_RECV, MboBooks
 
+_TOP_OF_BOOK = (dbn.MBP1Msg, dbn.CMBP1Msg, dbn.BBOMsg, dbn.CBBOMsg)
+
 PRICE_SCALE = 1_000_000_000
 """DBN prices are integers in units of 1 / PRICE_SCALE."""
 RECV_ORDERED_DATASETS = ("IFEU.", "IFUS.", "IFLL.", "NDEX.")
@@ -87,10 +96,13 @@ def scale_prices(raw: np.ndarray) -> np.ndarray:
 
 
 class DatabentoReader:
-    """Streams a DBN file of trades, MBP-1, TBBO or MBO records (MBO as book rows)."""
+    """Streams a DBN file of trades, MBP-1/TBBO/BBO/CMBP-1 (quotes), MBP-10 or MBO (book rows)."""
 
-    def __init__(self, path: str | Path, *, symbol: str | None = None, trades: bool = False, block: int = 1 << 20):
+    def __init__(self, path: str | Path, *, symbol: str | None = None, trades: bool = False, block: int = 1 << 20,
+                 fast_mbo: bool = True):
         self.path = str(check_file(path))
+        self.fast_mbo = fast_mbo  # pure MBO files through io/mbo_fast.py (False: the reference path)
+        self._fast: tuple | None = None
         self.symbol = symbol
         self.trades = trades
         self.block = block
@@ -159,6 +171,18 @@ class DatabentoReader:
         undef = dbn.UNDEF_PRICE
         self.ignored = 0
         self.books = None
+        self._fast = None
+        if self.fast_mbo:
+            from .mbo_fast import NotPureMbo, record_blocks
+
+            try:
+                meta, blocks = record_blocks(self.path)
+            except NotPureMbo:
+                pass
+            else:
+                yield from self._fast_chunks(meta, blocks, chunk_rows)
+                return
+        self._mbp10: dict[int, np.ndarray] = {}
         for recno, rec in enumerate(self._records(), start=1):
             if isinstance(rec, dbn.MBOMsg):
                 if self.books is None:
@@ -167,13 +191,16 @@ class DatabentoReader:
                 self._mbo_rows(recno, rec, rows)
                 if len(rows) == before:
                     self.ignored += 1
-            elif isinstance(rec, dbn.MBP1Msg):
+            elif isinstance(rec, dbn.MBP10Msg):
+                self._mbp10_rows(recno, rec, rows)
+            elif isinstance(rec, _TOP_OF_BOOK):
                 quote = (recno, rec.ts_event, rec.ts_recv, rec.instrument_id, KIND_QUOTE, undef, -1, "N",
                          rec.bid_px_00, rec.ask_px_00, rec.bid_sz_00, rec.ask_sz_00)
                 tbbo = self.schema == "tbbo"  # known here: the metadata precedes every record
                 if tbbo:
                     rows.append(quote)  # TBBO: the book just before the trade
-                if tbbo or (self.trades and str(rec.action) in ("T", "Action.TRADE")):
+                if tbbo or (self.trades and isinstance(rec, dbn.MBP1Msg | dbn.CMBP1Msg)
+                            and str(rec.action) in ("T", "Action.TRADE")):
                     rows.append((recno, rec.ts_event, rec.ts_recv, rec.instrument_id, KIND_TRADE, rec.price,
                                  rec.size, str(rec.side), undef, undef, -1, -1))
                 if not tbbo:
@@ -192,12 +219,74 @@ class DatabentoReader:
             total += len(rows)
             yield self._chunk(rows)
         if total == 0:
-            raise DataError(f"{self.path}: no trade, MBP-1, TBBO or MBO records (schema {self.schema}, {self.ignored} other records); this reader reads those schemas only")
+            raise DataError(f"{self.path}: no trade, MBP-1, TBBO, BBO, CMBP-1, MBP-10 or MBO records (schema {self.schema}, "
+                            f"{self.ignored} other records); this reader reads those schemas only")
 
     @property
     def unknown_orders(self) -> int:
         """MBO cancels/modifies of orders never seen (no snapshot before them): no delta."""
+        if self._fast is not None:
+            return int(self._fast[2][1])
         return self.books.unknown_orders if self.books is not None else 0
+
+    def _fast_chunks(self, meta: dbn.Metadata, blocks: Iterator[np.ndarray], chunk_rows: int) -> Iterator[TickChunk]:
+        """Pure MBO files: the numba path of ``io/mbo_fast.py`` (same rows as ``_mbo_rows``)."""
+        from .mbo_fast import mbo_rows, new_state
+
+        self._metadata(meta)
+        self._fast = new_state()
+        base = 0
+        total = 0
+        for block in blocks:
+            out = mbo_rows(block, self._fast, self.trades)
+            self.ignored += int((~out["produced"]).sum())
+            rec = out["rec"]
+            recs = block[rec]
+            kind = out["kind"]
+            ids = recs["instrument_id"].astype(np.int64)
+            uniq = np.unique(ids)
+            names = [self.symbol] if self.symbol else [self._symbols.get(int(i), str(int(i))) for i in uniq]
+            codes = (np.zeros(len(rec), np.uint32) if self.symbol
+                     else np.searchsorted(uniq, ids).astype(np.uint32))
+            recv = np.where(recs["flags"] & F_BAD_TS_RECV, -1, recs["ts_recv"].astype(np.int64))
+            size = out["size"].astype(np.float64)
+            cols = {"ts_ns": recs["ts_event"].astype(np.int64), "ts_recv_ns": recv, "symbol_id": codes,
+                    "kind": kind, "price": scale_prices(out["price"]), "size": size, "side": out["side"],
+                    "trade_id": np.full(len(rec), -1, np.int64)}
+            records = base + rec + 1
+            base += len(block)
+            total += len(rec)
+            for lo in range(0, len(rec), chunk_rows):
+                sl = slice(lo, lo + chunk_rows)
+                part = {k: v[sl] for k, v in cols.items()}
+                sub = recs[sl]
+                yield TickChunk(self.path, part, records[sl], names, one_sided_quotes=True,
+                                field_map={"price": "price", "ts_ns": "ts_event"},
+                                raw=lambda i, b=sub: dict(zip(b.dtype.names, b[i].tolist(), strict=True)))
+        if total == 0:
+            raise DataError(f"{self.path}: no trade, MBP-1, TBBO, BBO, CMBP-1, MBP-10 or MBO records (schema "
+                            f"{self.schema}, {self.ignored} other records); this reader reads those schemas only")
+
+    def _mbp10_rows(self, recno: int, rec: dbn.MBP10Msg, rows: list[tuple]) -> None:
+        """The changes of one MBP-10 record's top 10 (and its trade, with ``trades``)."""
+        from ..kernels.book import snapshot_deltas
+
+        undef = dbn.UNDEF_PRICE
+        lv = rec.levels
+        raw = np.array([[x.bid_px for x in lv], [x.bid_sz for x in lv], [x.ask_px for x in lv], [x.ask_sz for x in lv]],
+                       dtype=np.float64)
+        for px, sz in ((0, 1), (2, 3)):
+            empty = (raw[px] == float(undef)) | (raw[sz] <= 0)
+            raw[px, empty] = np.nan
+            raw[sz, empty] = np.nan
+        head = (recno, rec.ts_event, rec.ts_recv, rec.instrument_id)
+        if self.trades and str(rec.action) in ("T", "Action.TRADE"):
+            rows.append((*head, KIND_TRADE, rec.price, rec.size, str(rec.side), undef, undef, -1, -1))
+        side, price, size, _, self._mbp10[rec.instrument_id] = snapshot_deltas(
+            self._mbp10.get(rec.instrument_id), raw[None], raw.shape[1])
+        for sd, p, q in zip(side.tolist(), price.tolist(), size.tolist(), strict=True):
+            code = "B" if sd == 1 else ("A" if sd == -1 else "N")
+            rows.append((*head, KIND_BOOK, undef if p != p else int(p), int(q), code, undef, undef, -1, -1))
 
     def _mbo_rows(self, recno: int, rec: dbn.MBOMsg, rows: list[tuple]) -> None:
         """The book rows (and, with ``trades``, the trade) of one MBO record, in ``_chunk``'s layout."""

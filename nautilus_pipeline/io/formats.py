@@ -17,6 +17,7 @@ format                 recognised by
 ``tardis_book_snapshot`` Tardis ``book_snapshot_N`` header (book rows)
 ``truefx``             ``timestamp,bid,ask`` header, or ``PAIR,YYYYMMDD HH:MM:SS.fff,bid,ask``
 ``histdata``           ``YYYYMMDD HHMMSSmmm,bid,ask,volume``
+``lobster``            a LOBSTER ``..._message_N.csv`` name, or its 6-field rows (time, type 1-7, ...)
 ``binance_trades``     numeric id, 6-7 fields, ``true``/``false`` in field 6 (header optional)
 ``binance_agg_trades`` numeric id, 7-8 fields, ``true``/``false`` in field 7
 ``csv``                anything else with a header: needs a column mapping
@@ -46,6 +47,7 @@ from .databento import DatabentoReader
 from .files import check_file, compression_of, read_head, unsupported_container, wide_encoding
 from .fx import histdata_quotes, truefx_quotes
 from .jsonl import JsonArrayReader, JsonLinesReader
+from .lobster import LobsterReader, looks_like_lobster
 from .parquet import ParquetReader
 from .table import FieldMap
 from .tardis import QUOTES_HEADER, TRADES_HEADER, tardis_quotes, tardis_trades
@@ -96,6 +98,7 @@ READERS: dict[str, Callable[..., TickReader]] = {
     "parquet": _with_mapping(ParquetReader),
     "jsonl": _with_mapping(JsonLinesReader),
     "json": _with_mapping(JsonArrayReader),
+    "lobster": LobsterReader,
     "arrow": _with_mapping(ArrowReader),
     "truefx": truefx_quotes,
     "histdata": histdata_quotes,
@@ -167,6 +170,8 @@ def detect_format(path: str | Path) -> str:
         return "truefx"
     if len(fields) == 4 and re.match(r"^\d{8} \d{9}$", fields[0]):
         return "histdata"
+    if looks_like_lobster(p, fields):
+        return "lobster"
     data = fields
     if not fields[0].lstrip("-").isdigit() and len(lines) > 1:
         data = [f.strip() for f in lines[1].decode("utf-8", "replace").split(",")]

@@ -65,8 +65,32 @@ def _column(name: str, values: Any) -> np.ndarray:
     if arr.dtype != want:
         if arr.dtype.kind in "OUS":
             raise ConfigError(f"ingest: column {name!r} holds {arr.dtype} values; give numbers ({want})")
-        arr = arr.astype(want)
+        arr = _exact_cast(name, arr, want)
     return arr
+
+
+def _exact_cast(name: str, arr: np.ndarray, want: np.dtype) -> np.ndarray:
+    """``arr`` as ``want`` where every value survives the cast; otherwise a ConfigError
+    naming the column and the first value that would change (a float ts_ns past 2**53, a
+    NaN side, a fractional id), never a silent rounding."""
+    with np.errstate(invalid="ignore", over="ignore"):
+        out = arr.astype(want)
+        back = out.astype(arr.dtype)
+    if want.kind in "iub" and arr.dtype.kind == "f":
+        # past 2**53 a float64 no longer holds every integer: the value was rounded already
+        bad = ~np.isfinite(arr) | (back != arr) | (np.abs(arr) > 2.0**53)
+    elif want.kind in "iub" and arr.dtype.kind in "iub":
+        bad = back != arr
+    elif want.kind == "f" and arr.dtype.kind in "iu":
+        bad = back != arr  # an int64 beyond float64's 53 bits
+    else:
+        bad = np.zeros(arr.shape, dtype=bool)
+    if bad.any():
+        i = int(np.flatnonzero(bad)[0])
+        raise ConfigError(f"ingest: column {name!r} cannot be held exactly as {want} "
+                          f"({int(bad.sum())} values, the first at row {i}: {arr[i]!r}); "
+                          f"give it as {want}")
+    return out
 
 
 def frame_columns(data: Any) -> dict[str, np.ndarray]:

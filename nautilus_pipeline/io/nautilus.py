@@ -17,8 +17,11 @@ multiple (no precision in the metadata, or an odd file) goes through Python's ex
 ``PRICE_UNDEF``/``QUANTITY_UNDEF`` sentinels (the type's max) become NaN.
 
 Catalog folders. ``ParquetDataCatalog`` writes ``data/<data type>/<instrument id>/*.parquet``;
-:func:`catalog_files` lists, for a folder given as ``--ticks``, the trade, quote and
-order-book-delta files in it (sorted, so a day's files replay in order).
+:func:`catalog_files` lists, for a folder given as ``--ticks``, the trade and quote files in
+it (sorted, so a day's files replay in order). Order-book deltas (``OrderBookDelta``: action,
+side, price, size, order_id, flags) are not read yet: their L2/L3 meaning depends on the
+venue's book type, which the file does not say, so a deltas file is refused with that reason
+(never read as trades, which its ``price``/``size`` columns would otherwise map to).
 """
 
 from __future__ import annotations
@@ -33,7 +36,9 @@ from ..errors import DataError
 
 SCALE_OF_WIDTH = {8: 9, 16: 16}
 """Decimal places of NautilusTrader's raw fixed-point values, by byte width."""
-CATALOG_TYPES = ("trade_tick", "quote_tick", "order_book_delta", "order_book_deltas")
+CATALOG_TYPES = ("trade_tick", "quote_tick")
+DELTA_TYPES = ("order_book_delta", "order_book_deltas", "order_book_depth10")
+DELTA_COLUMNS = frozenset({"action", "side", "price", "size", "order_id", "flags"})
 _I64_MAX = np.iinfo(np.int64).max
 
 
@@ -115,6 +120,9 @@ def catalog_files(folder: str | Path) -> list[Path]:
             return found
     if root.name in CATALOG_TYPES or root.parent.name in CATALOG_TYPES:
         found = sorted(root.rglob("*.parquet"))
+    if not found and (root.name in DELTA_TYPES or any((b / k).is_dir() for b in bases for k in DELTA_TYPES)):
+        raise DataError(f"{root}: the catalog holds order-book deltas only; NautilusTrader OrderBookDelta "
+                        "files are not read yet (see io/nautilus.py): give trade_tick/quote_tick data")
     if not found:
         raise DataError(f"{root} is a folder, but no NautilusTrader catalog tick files in it "
                         f"(looked for {', '.join(CATALOG_TYPES)} under data/); give the files instead")

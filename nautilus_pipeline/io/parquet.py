@@ -35,7 +35,7 @@ import pyarrow.parquet as pq
 from ..errors import DataError
 from .chunk import TickChunk
 from .files import check_file
-from .nautilus import fixed_point_to_float, is_fixed_point, precision_of
+from .nautilus import DELTA_COLUMNS, fixed_point_to_float, is_fixed_point, precision_of
 from .table import FieldMap, arrays_to_chunk
 
 _ERRORS = (pa.ArrowException, OSError, UnicodeDecodeError, ValueError, KeyError, IndexError, TypeError,
@@ -111,6 +111,9 @@ class ParquetReader:
             raise DataError(f"{self.path}: not a readable Parquet file ({type(e).__name__}: {e}); "
                             "truncated, corrupt, or another format?") from e
         types = {f.name: f.type for f in schema}
+        if fmap is None and DELTA_COLUMNS <= set(schema.names):
+            raise DataError(f"{self.path}: NautilusTrader order-book deltas (OrderBookDelta); not read yet, their "
+                            "L2/L3 meaning is not in the file: use the venue's MBO/L2 files, or trades and quotes")
         self.fmap = fmap or auto_fieldmap(schema.names, types)
         missing = [c for c in self.fmap.columns().values() if c not in schema.names]
         if missing:

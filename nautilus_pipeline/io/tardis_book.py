@@ -26,6 +26,7 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.csv as pacsv
 
 from ..errors import DataError
@@ -54,6 +55,12 @@ def snapshot_depth(names: list[str]) -> int | None:
     n = (len(low) - 4) // 4
     want = [f"{s}[{i}].{f}" for i in range(n) for s in ("asks", "bids") for f in ("price", "amount")]
     return n if low[4:] == want else None
+
+
+def _is(col: pa.ChunkedArray, word: str) -> np.ndarray:
+    """Rows whose text is ``word`` (any case), as a numpy bool array, without Python strings."""
+    low = pc.utf8_lower(col.combine_chunks())
+    return pc.fill_null(pc.equal(low, word), False).to_numpy(zero_copy_only=False)
 
 
 class _TardisBookCsv:
@@ -142,17 +149,12 @@ class TardisIncrementalBookReader(_TardisBookCsv):
         ts, recv, bad_ts = self._times(t)
         price, pm, pb = convert.to_float(t.column("price").combine_chunks())
         size, sm, sb = convert.to_float(t.column("amount").combine_chunks())
-        side_txt = t.column("side").combine_chunks()
-        side = np.zeros(n, dtype=np.int8)
-        low = pa.compute.utf8_lower(side_txt).fill_null("").to_numpy(zero_copy_only=False)
-        side[low == "bid"] = 1
-        side[low == "ask"] = -1
-        snap_txt = pa.compute.utf8_lower(t.column("is_snapshot").combine_chunks()).fill_null("")
-        snap_np = snap_txt.to_numpy(zero_copy_only=False)
-        snap = snap_np == "true"
+        side = (_is(t.column("side"), "bid").astype(np.int8) - _is(t.column("side"), "ask").astype(np.int8))
+        snap = _is(t.column("is_snapshot"), "true")
+        not_bool = ~snap & ~_is(t.column("is_snapshot"), "false")
         reason = np.zeros(n, dtype=np.uint8)
         for mask, why in ((bad_ts, Reason.UNPARSABLE), (pm | sm, Reason.MISSING_FIELD), (pb | sb, Reason.UNPARSABLE),
-                          (side == 0, Reason.UNKNOWN_SIDE), (~snap & (snap_np != "false"), Reason.UNPARSABLE)):
+                          (side == 0, Reason.UNKNOWN_SIDE), (not_bool, Reason.UNPARSABLE)):
             reason[mask & (reason == 0)] = why
         # a clear before the first snapshot line of each snapshot, per symbol
         starts = np.zeros(n, dtype=bool)

@@ -49,8 +49,8 @@ from .risk import (
     check_mc_source,
     device_losses,
     historical_var,
+    mc_var,
     parametric_var,
-    var_report,
 )
 
 GROUP_BYTES = 1 << 28
@@ -86,18 +86,18 @@ def var_reports(
     """
     if not requests:
         return []
-    if any(isinstance(q.generator, McSampler) for q in requests):
-        return [var_report(q.exposure, q.sigma, q.returns, horizon, levels, n_paths=n_paths,
-                           generator=q.generator) for q in requests]
     lv = _check_levels(levels)
-    windows = [np.asarray(q.returns, dtype=np.float64) for q in requests]
-    windows = [w[~np.isnan(w)] for w in windows]
-    out = []
-    for q, w in zip(requests, windows, strict=True):
-        out.append({
-            "parametric": parametric_var(q.sigma, q.exposure, horizon, lv),
-            "historical": historical_var(w, q.exposure, lv) * math.sqrt(horizon),
-        })
+    n = len(requests)
+    exposure = np.array([q.exposure for q in requests], dtype=np.float64)
+    sigma = np.array([q.sigma for q in requests], dtype=np.float64)
+    parametric = parametric_var(sigma, exposure, horizon, lv)
+    historical, windows = _historical(requests, exposure, lv, math.sqrt(horizon))
+    if isinstance(requests[0].generator, McSampler):  # numpy: its fused sampler, one at a time
+        mc = [mc_var(w if w.size else q.sigma, q.exposure, horizon, n_paths, lv,
+                     generator=q.generator) for q, w in zip(requests, windows, strict=True)]
+        return [{"parametric": parametric[i], "historical": historical[i], "mc": mc[i]}
+                for i in range(n)]
+    out = [{"parametric": parametric[i], "historical": historical[i]} for i in range(n)]
     sources = [w if w.size else check_mc_source(q.sigma) for q, w in zip(requests, windows, strict=True)]
     per_group = max(1, group_bytes // (8 * n_paths))
     for lo in range(0, len(requests), per_group):
@@ -114,6 +114,37 @@ def var_reports(
         for i in range(lo, hi):
             out[i]["mc"] = picks[i - lo]
     return out
+
+
+def _historical(requests: Sequence[VarRequest], exposure: np.ndarray, lv: np.ndarray,
+                root_h: float) -> tuple[np.ndarray, list[np.ndarray]]:
+    """Historical VaR of every request (``historical_var`` × √h) and its NaN-free window.
+
+    The full windows without NaN (every report after a symbol's first ``var_window`` trades)
+    are partitioned as one ``(reports, window)`` array: the same order statistics as one
+    window at a time, in one call; the others one at a time."""
+    n = len(requests)
+    hist = np.empty((n, lv.shape[0]))
+    windows = [np.asarray(q.returns, dtype=np.float64) for q in requests]
+    lengths = np.array([w.shape[0] for w in windows])
+    clean: list[np.ndarray | None] = [None] * n
+    full = np.flatnonzero((lengths == lengths.max()) & (lengths > 0))
+    if full.size > 1:
+        stack = np.stack([windows[i] for i in full])
+        ok = ~np.isnan(stack).any(axis=1)
+        good = full[ok]
+        if good.size:
+            losses = -exposure[good, None] * stack[ok]
+            k = _quantile_index(lv, stack.shape[1])
+            hist[good] = np.partition(losses, k, axis=1)[:, k] * root_h
+            for i in good.tolist():
+                clean[i] = windows[i]
+    for i in range(n):
+        if clean[i] is None:
+            w = windows[i]
+            clean[i] = w = w[~np.isnan(w)]
+            hist[i] = historical_var(w, exposure[i], lv) * root_h
+    return hist, clean
 
 
 def _on_gpu(xp: Any) -> bool:

@@ -48,12 +48,14 @@ log = structlog.get_logger("nautilus_pipeline.inference")
 
 DEFAULT_STREAMS = ("coreml:ane", "mlx:gpu", "torch:cuda", "torch:mps", "cpu")
 
-# Rows are padded to a multiple of 64 before the model runs. BLAS picks other kernels (and
-# so another float32 summation order) for matrices of few rows: on the dev VM (OpenBLAS)
-# small batches differed from batch 4096 in the last bit while padded ones did not. The
-# padding costs little (a batch of 1 computes 64 rows) and makes predictions as independent
-# of the batch size as the BLAS allows; tests/test_integration.py bounds what remains.
-ROW_MULTIPLE = 64
+# Rows are padded to a multiple of 16 before the model runs. OpenBLAS computes one row with
+# sgemv and row counts that are not a multiple of its micro-kernel's rows with tail kernels,
+# in another float32 summation order: on the dev VM (OpenBLAS 0.3, SkylakeX kernels) blocks
+# of 1, 2, 3, 5, 7, 9 or 13 rows gave predictions that differ in the last bit from batch
+# 4096 (up to 1,302 of 4,096 rows), blocks of any multiple of 4 up to 2,032 rows none.
+# Padding to 16 keeps that margin; it was 64, which made a live batch of one row compute 64
+# (the three matrix products were most of that 1-row batch's ~130 µs).
+ROW_MULTIPLE = 16
 
 
 @dataclass(frozen=True, slots=True)

@@ -4,7 +4,7 @@ Orchestration around :func:`nautilus_pipeline.kernels.vpin.vpin_update_rows`. Ea
 completed bucket is published as a :class:`~nautilus_pipeline.events.VpinBucket` on
 ``vpin.<symbol>``. Every row of the batch also gets the symbol's latest VPIN, its CDF and
 the toxicity flag *as of that row*: a bucket counts from the row at which it became known
-(the trade that closed its last bar), never earlier, so the signal stage sees the same
+(the trade that closed its last bar), never earlier, so the risk stage's rule sees the same
 flags whatever the batch size. At the end of the stream the open bar is closed and the
 buckets it completes are published.
 
