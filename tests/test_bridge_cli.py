@@ -136,26 +136,6 @@ def test_kill_9_mid_stream_then_the_same_run_gives_the_outputs_of_one_run(nats_s
     _assert_same_outputs(reference, out)
 
 
-def test_a_message_that_is_not_a_tick_batch_makes_the_run_exit_4_and_says_so(nats_server, tmp_path):
-    async def garbage() -> None:
-        nc = await nats.connect(nats_server.url)
-        try:
-            js = nc.jetstream()
-            await js.add_stream(name="TICKS", subjects=["ticks.>"])
-            await js.publish("ticks.trades.BINANCE.BTCUSDT-PERP", b"not a batch")
-        finally:
-            await nc.close()
-
-    asyncio.run(garbage())
-    proc = _cli("run", "default", "--nats", nats_server.url, "--durable", "bad", "--out", str(tmp_path / "o"),
-                "--no-progress", "--until-idle", "1")
-    _, err = proc.communicate(timeout=300)
-    assert proc.returncode == 4, err[-3000:]
-    assert "1 messages were not tick batches" in err
-    summary = orjson.loads((tmp_path / "o" / "summary.json").read_bytes())
-    assert summary["ticks"]["bad_messages"] == 1
-
-
 def test_sigterm_drains_and_the_next_run_carries_on_to_the_outputs_of_one_run(nats_server, reference, tmp_path):
     assert _publish(nats_server.url, 256)["messages"] == 84
     out = tmp_path / "live"
@@ -193,3 +173,23 @@ def test_nats_options_without_nats_are_refused():
     proc = _cli("run", "default", "--durable", "x")
     _, err = proc.communicate(timeout=60)
     assert proc.returncode == 2 and "apply to --nats runs" in err
+
+
+def test_a_message_that_is_not_a_tick_batch_makes_the_run_exit_4_and_says_so(nats_server, tmp_path):
+    async def garbage() -> None:
+        nc = await nats.connect(nats_server.url)
+        try:
+            js = nc.jetstream()
+            await js.add_stream(name="TICKS", subjects=["ticks.>"])
+            await js.publish("ticks.trades.BINANCE.BTCUSDT-PERP", b"not a batch")
+        finally:
+            await nc.close()
+
+    asyncio.run(garbage())
+    proc = _cli("run", "default", "--nats", nats_server.url, "--durable", "bad", "--out", str(tmp_path / "o"),
+                "--no-progress", "--until-idle", "1")
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode == 4, err[-3000:]
+    assert "1 messages were not tick batches" in err
+    summary = orjson.loads((tmp_path / "o" / "summary.json").read_bytes())
+    assert summary["ticks"]["bad_messages"] == 1

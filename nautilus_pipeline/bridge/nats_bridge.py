@@ -182,7 +182,8 @@ class NatsBridge:
         if self.state:
             self._check_snapshots()
         if self.state:
-            self.store = StateStore(self.js, self.state_bucket, self.durable)
+            self.store = StateStore(self.js, self.state_bucket, self.durable,
+                                    max_payload=self.nc.max_payload)
             await self.store.open()
             self.restored = await self.store.load(self.pipe.name)
             if self.restored is not None:

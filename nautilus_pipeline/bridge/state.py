@@ -77,8 +77,9 @@ def state_key(durable: str) -> str:
 class StateStore:
     """Load and save one :class:`SavedState` under ``key`` in bucket ``bucket``."""
 
-    def __init__(self, js: Any, bucket: str, key: str):
+    def __init__(self, js: Any, bucket: str, key: str, max_payload: int | None = None):
         self.js = js
+        self.max_payload = max_payload
         self.bucket = bucket
         self.key = state_key(key)
         self.kv: Any = None
@@ -108,5 +109,12 @@ class StateStore:
         return saved
 
     async def save(self, state: SavedState) -> None:
-        await self.kv.put(self.key, state.encode())
+        data = state.encode()
+        limit = self.max_payload
+        if limit and len(data) > limit - 1024:
+            raise StateError(
+                f"the state of {state.pipeline!r} is {len(data):,} bytes, more than the server takes in "
+                f"one message ({limit:,}, its max_payload): raise max_payload in the nats-server "
+                "configuration (up to 64 MB), or give each pipeline fewer symbols")
+        await self.kv.put(self.key, data)
         self.saves += 1
