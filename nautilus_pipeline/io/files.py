@@ -59,7 +59,7 @@ def _read_error(p: Path, e: OSError) -> DataError:
 
 
 def compression_of(path: str | Path) -> str | None:
-    """``"gzip"``, ``"zstd"`` or ``None``, from the first bytes of the file."""
+    """``"gzip"``, ``"zstd"``, ``"bz2"``, ``"zip"`` or ``None``, from the first bytes of the file."""
     try:
         with open(path, "rb") as fh:
             head = fh.read(4)

@@ -43,6 +43,12 @@ def _column(values: list[object], exact: bool = False) -> pa.Array:
     return pa.array([None if v is None else str(v) for v in values], type=pa.string())
 
 
+
+def _fieldmap_of(obj: dict) -> FieldMap:
+    """The field map a JSON object's keys and value types suggest (ints as int64)."""
+    return auto_fieldmap(list(obj), {k: pa.int64() if type(v) is int else _column([v]).type
+                                     for k, v in obj.items() if v is not None})
+
 class JsonLinesReader:
     """Streams a JSON-lines file (optionally .gz/.zst) of trades and/or quotes."""
 
@@ -69,8 +75,7 @@ class JsonLinesReader:
             else:
                 why = f"a JSON {type(obj).__name__}, expected an object per line"
             if isinstance(obj, dict):
-                return auto_fieldmap(list(obj), {k: pa.int64() if type(v) is int else _column([v]).type
-                                                 for k, v in obj.items() if v is not None})
+                return _fieldmap_of(obj)
             first_error = first_error or f"{self.path}, line {lineno}: {why}"
             if seen >= 64:
                 break
@@ -150,8 +155,7 @@ class JsonArrayReader(JsonLinesReader):
     def _sniff(self) -> FieldMap:
         for obj in self._items()[:64]:
             if isinstance(obj, dict):
-                return auto_fieldmap(list(obj), {k: pa.int64() if type(v) is int else _column([v]).type
-                                                 for k, v in obj.items() if v is not None})
+                return _fieldmap_of(obj)
         raise DataError(f"{self.path}: no JSON object among the array's first elements; nothing to replay")
 
     def chunks(self, chunk_rows: int = 65_536) -> Iterator[TickChunk]:
