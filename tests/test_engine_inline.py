@@ -12,6 +12,7 @@ import pytest
 from test_integration import COLUMNS, Capture, btc_trades, chain
 
 from nautilus_pipeline.events import AggressorSide, TradeTick
+from nautilus_pipeline.kernels.risk import RiskParams
 from nautilus_pipeline.pipeline import Pipeline
 from nautilus_pipeline.stage import INLINE_CHAIN_MAX_ROWS, Stage
 from nautilus_pipeline.stages import FeaturesStage, InferenceStage
@@ -23,10 +24,10 @@ def ticks_of(data, n):
                       float(data["size"][i]), sides[int(data["side"][i])]) for i in range(n)]
 
 
-async def run_live(data, n, batch_size):
+async def run_live(data, n, batch_size, limits=None):
     """The default chain fed one tick at a time (the micro-batcher, inline hand-offs)."""
     capture = Capture(("ts_ns", *COLUMNS))
-    pipe = Pipeline([*chain(), capture], batch_size=batch_size, slabs=4, memory="host")
+    pipe = Pipeline([*chain(limits), capture], batch_size=batch_size, slabs=4, memory="host")
     events: dict[str, list] = {"signals": [], "vpin": [], "risk": []}
     async with pipe:
         for name, got in events.items():
@@ -38,9 +39,9 @@ async def run_live(data, n, batch_size):
     return capture.result(), {k: orjson.dumps(v) for k, v in events.items()}, pipe, inline
 
 
-async def run_queued(data, n):
+async def run_queued(data, n, limits=None):
     capture = Capture(("ts_ns", *COLUMNS))
-    pipe = Pipeline([*chain(), capture], batch_size=4096, slabs=4, memory="host", execution="serial")
+    pipe = Pipeline([*chain(limits), capture], batch_size=4096, slabs=4, memory="host", execution="serial")
     events: dict[str, list] = {"signals": [], "vpin": [], "risk": []}
     async with pipe:
         for name, got in events.items():
@@ -64,6 +65,24 @@ async def test_ticks_fed_one_at_a_time_give_the_numbers_of_whole_batches(sample_
             np.testing.assert_array_equal(live[c], ref[c], err_msg=c)
     t = pipe.tick_flow()
     assert t.ticks_in == t.ticks_out == n
+    risk = next(r for r in pipe.runners if r.stage.name == "risk")
+    assert risk.stats()["small_batches"] > 0.9 * n / batch_size  # the risk stage's live kernel ran
+
+
+async def test_the_small_risk_path_trips_the_kill_switch_as_the_batch_path_does(sample_dir):
+    """A drawdown limit the account breaches: the breach events, the kill switch and the flat
+    signals after it are those of whole batches (the small kernel runs every live tick but
+    the ones with a VaR report due)."""
+    data = btc_trades(sample_dir)
+    n = 1500
+    limits = RiskParams(max_drawdown=0.05, fee_rate=4e-4)
+    live, live_events, _, _ = await run_live(data, n, 1, limits)
+    ref, ref_events = await run_queued(data, n, limits)
+    assert b'"breach"' in ref_events["risk"] and live_events == ref_events
+    assert ref["kill"].any()
+    for c in ("ts_ns", *COLUMNS):
+        if c != "prediction":
+            np.testing.assert_array_equal(live[c], ref[c], err_msg=c)
 
 
 class Order(Stage):
