@@ -11,7 +11,7 @@ import orjson
 import pytest
 from test_integration import COLUMNS, Capture, btc_trades, chain
 
-from nautilus_pipeline.events import AggressorSide, TradeTick
+from nautilus_pipeline.events import AggressorSide, QuoteTick, TradeTick
 from nautilus_pipeline.kernels.risk import RiskParams
 from nautilus_pipeline.pipeline import Pipeline
 from nautilus_pipeline.stage import INLINE_CHAIN_MAX_ROWS, Stage
@@ -65,8 +65,38 @@ async def test_ticks_fed_one_at_a_time_give_the_numbers_of_whole_batches(sample_
             np.testing.assert_array_equal(live[c], ref[c], err_msg=c)
     t = pipe.tick_flow()
     assert t.ticks_in == t.ticks_out == n
-    risk = next(r for r in pipe.runners if r.stage.name == "risk")
-    assert risk.stats()["small_batches"] > 0.9 * n / batch_size  # the risk stage's live kernel ran
+    stats = {r.stage.name: r.stats() for r in pipe.runners}
+    assert stats["risk"]["small_batches"] > 0.9 * n / batch_size  # the stages' live kernels ran
+    assert stats["vpin"]["small_batches"] > 0.5 * n / batch_size
+
+
+async def _through_chain(ticks, batch_size):
+    capture = Capture(("ts_ns", *COLUMNS))
+    pipe = Pipeline([*chain(), capture], batch_size=batch_size, slabs=4, memory="host")
+    events: dict[str, list] = {"signals": [], "vpin": [], "risk": []}
+    async with pipe:
+        for name, got in events.items():
+            pipe.bus.subscribe(f"{name}.>", lambda e, got=got: got.append(e.payload))
+        for tick in ticks:
+            await pipe.publish_tick(tick)
+        await pipe.drain()
+    return capture.result(), {k: orjson.dumps(v) for k, v in events.items()}
+
+
+async def test_quotes_among_live_trades_give_the_numbers_of_one_batch(sample_dir):
+    """Quote rows in the live path: carried by the small kernels, or sent to the batch path."""
+    data = btc_trades(sample_dir)
+    ticks = []
+    for i, t in enumerate(ticks_of(data, 1200)):
+        ticks.append(t)
+        if i % 3 == 0:
+            ticks.append(QuoteTick(t.symbol, t.ts_ns, t.price - 0.1, t.price + 0.1, 1.0 + i % 5, 2.0))
+    live, live_events = await _through_chain(ticks, 1)
+    ref, ref_events = await _through_chain(ticks, 4096)
+    assert live_events == ref_events
+    for c in ("ts_ns", *COLUMNS):
+        if c != "prediction":
+            np.testing.assert_array_equal(live[c], ref[c], err_msg=c)
 
 
 async def test_the_small_risk_path_trips_the_kill_switch_as_the_batch_path_does(sample_dir):
