@@ -198,3 +198,25 @@ async def test_the_model_gives_the_same_bits_for_batches_of_1_7_and_4096(sample_
     big = await _predictions(data, 4096)
     for batch_size in (1, 7):
         np.testing.assert_array_equal(await _predictions(data, batch_size), big)
+
+
+def test_the_small_forward_pass_gives_the_padded_blas_bits():
+    """SmallForward (the live path) against mlp_forward on the same padded rows, 1..16 rows,
+    features far outside the training range and NaN included."""
+    from nautilus_pipeline.kernels.mlp import MLPWorkspace, SmallForward, mlp_forward
+    from nautilus_pipeline.model.spec import DEFAULT_MODEL_PATH, load_model
+
+    spec, w = load_model(DEFAULT_MODEL_PATH)
+    ws = MLPWorkspace(w.mean, w.std, w.weights, w.biases, spec.activation, 16)
+    small = SmallForward(MLPWorkspace(w.mean, w.std, w.weights, w.biases, spec.activation, 16), 16)
+    rng = np.random.default_rng(3)
+    for n in range(1, 17):
+        feats = rng.normal(0, 3, (64, spec.n_inputs)) * np.asarray(w.std) + np.asarray(w.mean)
+        feats[0, n % spec.n_inputs] = np.nan if n == 5 else feats[0, 0]
+        x = np.zeros((16, spec.n_inputs), dtype=np.float32)
+        x[:n] = feats[:n]
+        want = mlp_forward(ws, x)[:n]
+        got = np.full(64, -1.0, dtype=np.float32)
+        small(feats, n, got)
+        np.testing.assert_array_equal(got[:n], want)
+        assert (got[n:] == -1.0).all()
