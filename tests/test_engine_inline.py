@@ -200,23 +200,26 @@ async def test_the_model_gives_the_same_bits_for_batches_of_1_7_and_4096(sample_
         np.testing.assert_array_equal(await _predictions(data, batch_size), big)
 
 
-def test_the_small_forward_pass_gives_the_padded_blas_bits():
-    """SmallForward (the live path) against mlp_forward on the same padded rows, 1..16 rows,
-    features far outside the training range and NaN included."""
-    from nautilus_pipeline.kernels.mlp import MLPWorkspace, SmallForward, mlp_forward
+@pytest.mark.parametrize("sizes", [range(1, 17), (17, 100, 4096, 5)])
+def test_the_fused_forward_pass_gives_the_padded_blas_bits(sizes):
+    """PaddedForward against mlp_forward on the same padded rows, live sizes and replay
+    sizes (its buffers grown, then a smaller call), features far outside the training range
+    and NaN included."""
+    from nautilus_pipeline.kernels.mlp import MLPWorkspace, PaddedForward, mlp_forward
     from nautilus_pipeline.model.spec import DEFAULT_MODEL_PATH, load_model
 
     spec, w = load_model(DEFAULT_MODEL_PATH)
     ws = MLPWorkspace(w.mean, w.std, w.weights, w.biases, spec.activation, 16)
-    small = SmallForward(MLPWorkspace(w.mean, w.std, w.weights, w.biases, spec.activation, 16), 16)
+    fused = PaddedForward(MLPWorkspace(w.mean, w.std, w.weights, w.biases, spec.activation, 16), 16)
     rng = np.random.default_rng(3)
-    for n in range(1, 17):
-        feats = rng.normal(0, 3, (64, spec.n_inputs)) * np.asarray(w.std) + np.asarray(w.mean)
+    for n in sizes:
+        feats = rng.normal(0, 3, (n + 64, spec.n_inputs)) * np.asarray(w.std) + np.asarray(w.mean)
         feats[0, n % spec.n_inputs] = np.nan if n == 5 else feats[0, 0]
-        x = np.zeros((16, spec.n_inputs), dtype=np.float32)
+        rows = -(-n // 16) * 16
+        x = np.zeros((rows, spec.n_inputs), dtype=np.float32)
         x[:n] = feats[:n]
         want = mlp_forward(ws, x)[:n]
-        got = np.full(64, -1.0, dtype=np.float32)
-        small(feats, n, got)
+        got = np.full(n + 64, -1.0, dtype=np.float32)
+        fused(feats, n, got)
         np.testing.assert_array_equal(got[:n], want)
         assert (got[n:] == -1.0).all()

@@ -36,7 +36,7 @@ import structlog
 from ..compute import ComputeStream, runner_backend, unusable_reason
 from ..errors import ConfigError
 from ..events import ColumnSpec
-from ..kernels.mlp import SmallForward
+from ..kernels.mlp import PaddedForward
 from ..memory import Lease
 from ..model.base import ModelRunner
 from ..model.numpy_runner import NumpyRunner
@@ -58,9 +58,9 @@ DEFAULT_STREAMS = ("coreml:ane", "mlx:gpu", "torch:cuda", "torch:mps", "cpu")
 # Padding to 16 keeps that margin; it was 64, which made a live batch of one row compute 64
 # (the three matrix products were most of that 1-row batch's ~130 µs).
 ROW_MULTIPLE = 16
-# A live batch of at most ROW_MULTIPLE rows on the numpy runner takes
-# ``kernels.mlp.SmallForward``: the same padded products in 9 calls instead of ~20 numpy
-# calls, a copy and a pad (same bits; tests/test_engine_inline.py).
+# On the numpy runner (relu models) every batch takes ``kernels.mlp.PaddedForward``: the
+# same padded products, the cast, normalisation, bias and relu fused in numba (same bits;
+# tests/test_engine_inline.py); a live batch of at most ROW_MULTIPLE rows runs it inline.
 
 
 @dataclass(frozen=True, slots=True)
@@ -112,7 +112,7 @@ class InferenceStage(Stage):
         self._x32: np.ndarray | None = None
         self._p32: np.ndarray | None = None
         self._primary: ComputeStream | None = None
-        self._small: dict[str, SmallForward | None] = {}
+        self._small: dict[tuple[str, bool], PaddedForward | None] = {}
         self.rows_by_backend: dict[str, int] = {}
 
     @property
@@ -156,28 +156,37 @@ class InferenceStage(Stage):
         self._primary = None
         self._small = {}
 
-    def _small_for(self, stream: ComputeStream) -> SmallForward | None:
-        """The live path's forward pass on ``stream``, where it has one (the numpy runner of
-        a relu model, no calibrated routing)."""
-        small = self._small.get(stream.name, False)
-        if small is False:
+    def _padded_for(self, stream: ComputeStream, live: bool) -> PaddedForward | None:
+        """The fused forward pass on ``stream`` (one for live batches of <= ROW_MULTIPLE
+        rows, one for larger batches), where it has one: the numpy runner of a relu model,
+        no calibrated routing."""
+        key = (stream.name, live)
+        fwd = self._small.get(key, False)
+        if fwd is False:
             runner = self.runners.get(stream.runner_backend)
-            small = None
+            fwd = None
             if (isinstance(runner, NumpyRunner) and self.calibration is None
                     and self.spec.activation == "relu"):
-                small = SmallForward(runner._ws, ROW_MULTIPLE)
-            self._small[stream.name] = small
-        return small
+                fwd = PaddedForward(runner._ws, ROW_MULTIPLE, ROW_MULTIPLE)
+            self._small[key] = fwd
+        return fwd
+
+    def _predict_padded(self, lease: Lease, fwd: PaddedForward) -> None:
+        cols = lease.columns
+        fwd(cols[FEATURES_COLUMN], lease.length, cols["prediction"])
 
     async def process(self, lease: Lease, stream: ComputeStream, ctx: StageContext) -> None:
         if self._primary is None:
             self._primary = stream
         n = lease.length
-        if 0 < n <= ROW_MULTIPLE:
-            small = self._small_for(stream)
-            if small is not None:
-                cols = lease.columns
-                small(cols[FEATURES_COLUMN], n, cols["prediction"])
+        if n:
+            live = n <= ROW_MULTIPLE
+            fwd = self._padded_for(stream, live)
+            if fwd is not None:
+                if live:  # inline, no stream call: a few µs matter here
+                    self._predict_padded(lease, fwd)
+                else:
+                    await stream.run(self._predict_padded, lease, fwd)
                 self.rows_by_backend["numpy"] = self.rows_by_backend.get("numpy", 0) + n
                 return
         k = self.spec.n_inputs
