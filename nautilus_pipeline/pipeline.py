@@ -44,7 +44,12 @@ symbol group or file range), not of more threads.
 Shutdown, in order: the ingress stops (a partial batch is flushed), in-flight batches
 drain (the pool becomes idle), each stage's ``finish`` runs in pipeline order (emitting
 end-of-stream results), the bus drains and closes, streams close, and the pool reports
-leaked leases. Nothing is left running.
+leaked leases. Nothing is left running. Ownership is one ``contextlib.AsyncExitStack`` per
+pipeline (structured concurrency): ``start`` enters the process-wide settings (BLAS threads,
+GIL switch interval), the stages' streams and worker threads, the bus with its consumer
+tasks (or, on a shared bus, the pipeline's subscriptions) and the batcher task, in that
+order; ``close`` runs the drain and the stages' ``finish``, then unwinds the stack in
+reverse, and a ``start`` that fails unwinds exactly what it had entered.
 
 BLAS threads. While it runs, a pipeline limits BLAS (OpenBLAS/MKL) to ``blas_threads``
 threads for the whole process (default 1, through threadpoolctl; ``None`` leaves them
@@ -62,6 +67,7 @@ topic) + rows discarded by a close without draining (a cancelled owner, a fail-f
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import sys
 import threading
@@ -171,8 +177,8 @@ class Pipeline:
         self.max_delay_s = max_delay_us / 1e6
         self.queue_size = queue_size
         self.blas_threads = blas_threads
-        self._blas_limits: Any = None
-        self._switch_held = False
+        self._stack: contextlib.AsyncExitStack | None = None
+        self._drain_bus = True
         self.symbols = symbols if symbols is not None else SymbolTable()
         self._own_bus = bus is None
         self.bus = bus or EventBus(on_error=on_error, name=f"bus:{name}")
@@ -240,15 +246,25 @@ class Pipeline:
             raise
 
     async def _start(self) -> None:
+        # Everything the pipeline starts is entered on one exit stack, in an order whose
+        # reverse is the shutdown's: the batcher, then the bus (its consumer tasks drain the
+        # queued batches), then the stages' streams and worker threads, then the process-wide
+        # settings. A failure here unwinds exactly what was entered.
+        stack = self._stack = contextlib.AsyncExitStack()
         if self.blas_threads is not None:
             from threadpoolctl import threadpool_limits
 
-            self._blas_limits = threadpool_limits(self.blas_threads, user_api="blas")
+            stack.callback(threadpool_limits(self.blas_threads, user_api="blas").restore_original_limits)
         if self.execution == "concurrent":
             _SwitchInterval.acquire()
-            self._switch_held = True
+            stack.callback(_SwitchInterval.release)
+        stack.callback(self._close_runners)
         if self._own_bus:
             await self.bus.__aenter__()
+            stack.push_async_callback(self._close_bus)
+        else:
+            stack.push_async_callback(self._leave_bus)
+        stack.push_async_callback(self._stop_batcher)
         topic = self.ingress_topic
         for i, stage in enumerate(self.stages):
             last = i == len(self.stages) - 1
@@ -259,7 +275,7 @@ class Pipeline:
             )
             if self.runners:
                 self.runners[-1].downstream = runner
-            self.runners.append(runner)  # closed by close() even if its start fails
+            self.runners.append(runner)  # closed by the stack even if its start fails
             await runner.start()
             topic = out
         self._stats_sub = self.bus.respond(topics.stats(self.name), lambda event: self.stats())
@@ -278,11 +294,7 @@ class Pipeline:
         self._closed = True
         finish_error: BaseException | None = None
         try:
-            if self._flusher is not None:
-                # Cancelling is safe: a flush in progress is finished before the task ends.
-                self._flusher.cancel()
-                await asyncio.gather(self._flusher, return_exceptions=True)
-                self._flusher = None
+            await self._stop_batcher()
             if drain and self.bus.failure is None:
                 await self.flush()
                 await self._wait_idle()
@@ -299,35 +311,47 @@ class Pipeline:
             elif self._pending is not None:
                 self._pending.release("ingress")
                 self._pending = None
-            if self._own_bus:
-                await self.bus.close(drain=drain and self.bus.failure is None)
-            elif not self.bus.closed:
-                # A shared bus outlives the pipeline: take our subscriptions (and their
-                # consumer tasks) off it.
-                subs = [r.subscription for r in self.runners if r.subscription is not None]
-                for sub in [*subs, self._stats_sub]:
-                    if sub is not None:
-                        await self.bus.unsubscribe(sub, drain=drain)
         finally:
-            for runner in self.runners:
-                runner.close()
-            if self._blas_limits is not None:
-                self._blas_limits.restore_original_limits()
-                self._blas_limits = None
-            if self._switch_held:
-                _SwitchInterval.release()
-                self._switch_held = False
-            self.leaked = self.pool.close()
-            if not drain or self.bus.failure is not None:
-                # batches cancelled in a stage or dropped from its queue: counted, not "in flight"
-                sink_rows = self.runners[-1].metrics.rows if self.runners else 0
-                failed = sum(r.metrics.failed_rows for r in self.runners)
-                self.ticks_discarded = self.ticks_in - sink_rows - failed
-            log.info("pipeline_closed", pipeline=self.name, **self.stats()["ticks"])
+            self._drain_bus = drain and self.bus.failure is None
+            try:
+                if self._stack is not None:
+                    await self._stack.aclose()  # bus, streams, BLAS and GIL settings
+            finally:
+                self.leaked = self.pool.close()
+                if not drain or self.bus.failure is not None:
+                    # batches cancelled in a stage or dropped from its queue: counted, not "in flight"
+                    sink_rows = self.runners[-1].metrics.rows if self.runners else 0
+                    failed = sum(r.metrics.failed_rows for r in self.runners)
+                    self.ticks_discarded = self.ticks_in - sink_rows - failed
+                log.info("pipeline_closed", pipeline=self.name, **self.stats()["ticks"])
         if self._own_bus and self.bus.failure is not None:
             raise self.bus.failure
         if finish_error is not None:
             raise finish_error
+
+    async def _stop_batcher(self) -> None:
+        if self._flusher is not None:
+            # Cancelling is safe: a flush in progress is finished before the task ends.
+            self._flusher.cancel()
+            await asyncio.gather(self._flusher, return_exceptions=True)
+            self._flusher = None
+
+    async def _close_bus(self) -> None:
+        await self.bus.close(drain=self._drain_bus)
+
+    async def _leave_bus(self) -> None:
+        """A shared bus outlives the pipeline: take our subscriptions (and their consumer
+        tasks) off it."""
+        if self.bus.closed:
+            return
+        subs = [r.subscription for r in self.runners if r.subscription is not None]
+        for sub in [*subs, self._stats_sub]:
+            if sub is not None:
+                await self.bus.unsubscribe(sub, drain=self._drain_bus)
+
+    def _close_runners(self) -> None:
+        for runner in self.runners:
+            runner.close()
 
     async def _wait_idle(self) -> None:
         idle = asyncio.ensure_future(self.pool.wait_idle())
