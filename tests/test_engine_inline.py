@@ -66,7 +66,7 @@ async def test_ticks_fed_one_at_a_time_give_the_numbers_of_whole_batches(sample_
     t = pipe.tick_flow()
     assert t.ticks_in == t.ticks_out == n
     stats = {r.stage.name: r.stats() for r in pipe.runners}
-    assert stats["risk"]["small_batches"] > 0.9 * n / batch_size  # the stages' live kernels ran
+    assert stats["risk"]["fused_batches"] > 0.9 * n / batch_size  # the stages' live kernels ran
     assert stats["vpin"]["small_batches"] > 0.5 * n / batch_size
 
 
@@ -223,3 +223,35 @@ def test_the_fused_forward_pass_gives_the_padded_blas_bits(sizes):
         fused(feats, n, got)
         np.testing.assert_array_equal(got[:n], want)
         assert (got[n:] == -1.0).all()
+
+
+async def _chain_outputs(data, batch_size, limits, fused: bool):
+    stages = chain(limits)
+    risk = stages[3]
+    if not fused:
+        risk._fused = lambda lease: None  # every batch through the batch path
+    capture = Capture(("ts_ns", *COLUMNS))
+    pipe = Pipeline([*stages, capture], batch_size=batch_size, slabs=4, memory="host")
+    events: dict[str, list] = {"signals": [], "vpin": [], "risk": []}
+    async with pipe:
+        for name, got in events.items():
+            pipe.bus.subscribe(f"{name}.>", lambda e, got=got: got.append(e.payload))
+        pipe.symbols.id_of("BTCUSDT-PERP")
+        await pipe.ingest(data)
+    return capture.result(), {k: orjson.dumps(v) for k, v in events.items()}, risk.stats()
+
+
+@pytest.mark.parametrize("batch_size", [1, 7, 4096])
+@pytest.mark.parametrize("max_drawdown", [500.0, 0.05])
+async def test_the_fused_risk_kernel_gives_the_batch_paths_numbers(sample_dir, batch_size, max_drawdown):
+    """The fused kernel (split at every VaR report) against the batch path, on real trades,
+    with VaR reports falling inside batches and a kill switch that trips (tight drawdown)."""
+    data = btc_trades(sample_dir, 3000)
+    limits = RiskParams(max_drawdown=max_drawdown, fee_rate=4e-4)
+    ref, ref_events, ref_stats = await _chain_outputs(data, 4096, limits, fused=False)
+    got, got_events, stats = await _chain_outputs(data, batch_size, limits, fused=True)
+    assert ref_stats["fused_batches"] == 0 and stats["fused_batches"] > 0
+    assert got_events == ref_events and ref_stats["var_reports"] == 6
+    for c in ("ts_ns", *COLUMNS):
+        if c != "prediction":
+            np.testing.assert_array_equal(got[c], ref[c], err_msg=c)

@@ -20,10 +20,13 @@ values), ``i`` int64 (the account's ints, the return window's length, trades see
 in a buffer of twice the VaR window so that an append moves data only once per window).
 
 The kernel declines (returns −1, having changed nothing) a batch it does not cover: rows of
-another symbol or of quotes, a non-finite price (the batch path raises the error), or a
-VaR report falling due in it (the batch path runs the reports). Otherwise it returns the
-number of breach events in the batch (rows where the set of breached limits changes to a
-non-empty one), which the stage then publishes.
+another symbol or of quotes, or a non-finite price (the batch path raises the error).
+Otherwise it runs up to the row at which the next VaR report falls due and returns the
+number of breach events (rows where the set of breached limits changes to a non-empty one)
+and where it stopped; the stage takes the report's window there and calls it again for the
+rest. Every scan here carries its state across such a split, which is why any batch size
+gives the same numbers. A replay batch of one symbol's trades (4,096 rows, two reports)
+takes this path too, on the stage's worker.
 """
 
 from __future__ import annotations
@@ -107,80 +110,86 @@ class SymbolBook:
 
 
 @njit(cache=True, nogil=True)
-def risk_rows_small(n, key, sym, kind, ts, price, prob, toxic, feats, consts_f, consts_i,
+def risk_rows_small(start, n, key, sym, kind, ts, price, prob, toxic, feats, consts_f, consts_i,
                     f, ist, ring, ret, o_pos, o_eq, o_pnl, o_dd, o_kill, o_breach,
                     o_side, o_strength, o_target, o_reasons, o_emit):
-    """Rows ``[0, n)`` of a slab, all trades of symbol ``key``: the risk stage's outputs.
+    """Rows ``[start, stop)`` of a slab's rows ``[0, n)``, all trades of symbol ``key``: the
+    risk stage's outputs; ``stop`` is ``n`` or the row just after the next VaR report falls
+    due (its window is then the book's, for the caller to take before the next call).
 
-    Returns the number of breach events, or −1 (nothing changed) where the batch path must
-    run instead (see the module docstring).
+    Returns ``(breach events, stop)``, or ``(-1, start)`` (nothing changed) where the batch
+    path must run instead (see the module docstring); rows are checked when ``start == 0``.
     """
-    for r in range(n):
-        if sym[r] != key or kind[r] != 0 or not math.isfinite(price[r]):
-            return -1
+    if start == 0:
+        for r in range(n):
+            if sym[r] != key or kind[r] != 0 or not math.isfinite(price[r]):
+                return -1, start
     var_every = consts_i[4]
     trades = ist[4]
-    if var_every > 0 and (trades + n) // var_every > trades // var_every:
-        return -1
+    stop = n
+    if var_every > 0:
+        stop = min(n, start + (trades // var_every + 1) * var_every - trades)
+    m = stop - start
     long_t, short_t, max_pos = consts_f[6], consts_f[7], consts_f[8]
     proportional, step_aside = consts_i[2] != 0, consts_i[3] != 0
-    pr = np.empty(n)
-    tox = np.empty(n, dtype=np.bool_)
-    kill = np.zeros(n, dtype=np.bool_)
-    for r in range(n):
-        pr[r] = prob[r]
-        tox[r] = toxic[r] != 0
-    side = np.empty(n, dtype=np.int8)
-    strength = np.empty(n)
-    target = np.empty(n)
-    reasons = np.empty(n, dtype=np.int64)
-    emit = np.empty(n, dtype=np.bool_)
+    pr = np.empty(m)
+    tox = np.empty(m, dtype=np.bool_)
+    kill = np.zeros(m, dtype=np.bool_)
+    for r in range(m):
+        pr[r] = prob[start + r]
+        tox[r] = toxic[start + r] != 0
+    side = np.empty(m, dtype=np.int8)
+    strength = np.empty(m)
+    target = np.empty(m)
+    reasons = np.empty(m, dtype=np.int64)
+    emit = np.empty(m, dtype=np.bool_)
     # 1. the rule's intended targets
     lp, ls, lt = _signal_rows(pr, tox, kill, f[5], np.int64(f[6]), f[7], long_t, short_t, max_pos,
                               proportional, step_aside, side, strength, target, reasons, emit)
     f[5], f[6], f[7] = lp, ls, lt
     # 2. the account and limits
-    o = np.empty((9, n))
-    tsv = np.ascontiguousarray(ts[:n])
-    pv = np.ascontiguousarray(price[:n])
+    o = np.empty((9, m))
+    tsv = np.ascontiguousarray(ts[start:stop])
+    pv = np.ascontiguousarray(price[start:stop])
     _risk_scan(tsv, pv, target, f[0:5], ist[0:3], ring, consts_f[0:6], consts_i[0], consts_i[1], o)
     # 3. the final signals, with the kill switch as of each row
-    for r in range(n):
+    for r in range(m):
         kill[r] = o[7, r] != 0.0
     lp, ls, lt = _signal_rows(pr, tox, kill, f[8], np.int64(f[9]), f[10], long_t, short_t, max_pos,
                               proportional, step_aside, side, strength, target, reasons, emit)
     f[8], f[9], f[10] = lp, ls, lt
     events = 0
     prev = f[16]
-    for r in range(n):
+    for r in range(m):
         b = o[8, r]
         if b != 0.0 and b != prev:
             events += 1
         prev = b
-        o_pos[r] = o[0, r]
-        o_eq[r] = o[2, r]
-        o_pnl[r] = o[3, r]
-        o_dd[r] = o[4, r]
-        o_kill[r] = np.uint8(o[7, r])
-        o_breach[r] = np.int64(o[8, r])
-        o_side[r] = side[r]
-        o_strength[r] = strength[r]
-        o_target[r] = target[r]
-        o_reasons[r] = reasons[r]
-        o_emit[r] = np.uint8(emit[r])
-    last = n - 1
+        q = start + r
+        o_pos[q] = o[0, r]
+        o_eq[q] = o[2, r]
+        o_pnl[q] = o[3, r]
+        o_dd[q] = o[4, r]
+        o_kill[q] = np.uint8(o[7, r])
+        o_breach[q] = np.int64(o[8, r])
+        o_side[q] = side[r]
+        o_strength[q] = strength[r]
+        o_target[q] = target[r]
+        o_reasons[q] = reasons[r]
+        o_emit[q] = np.uint8(emit[r])
+    last = m - 1
     f[11], f[12], f[13], f[14] = o[0, last], o[2, last], o[3, last], o[4, last]
     f[15], f[16] = o[7, last], o[8, last]
     # the return window: append, keeping the last var_window (a buffer of twice that)
     col = consts_i[5]
     w = consts_i[6]
     length = ist[3]
-    for r in range(n):
+    for r in range(start, stop):
         if length == ret.shape[0]:
             ret[:w] = ret[length - w : length]
             length = w
         ret[length] = feats[r, col]
         length += 1
     ist[3] = length
-    ist[4] = trades + n
-    return events
+    ist[4] = trades + m
+    return events, stop

@@ -19,6 +19,12 @@ symbol (parametric from the features' EWMA volatility, historical from the last
 ``var_window`` log returns, Monte Carlo with ``var_paths`` paths over ``var_horizon``
 trades on the stage's compute stream: numpy, torch or MLX).
 
+The fused path. A batch of one symbol's trades (every live tick, most replay batches) runs
+as one numba call per stretch between VaR reports (``kernels.risk_rows``), over the slab's
+columns and the symbol's state arrays (``SymbolBook``), calling the batch path's own scans:
+the same numbers, without the ~150 µs of Python the batch path spent on a live tick.
+Mixed batches (several symbols, quotes) and bad prices take the batch path.
+
 ``route = "calibrated"``: when the stage binds to a GPU stream, one Monte Carlo VaR of the
 stage's ``var_paths`` × ``var_horizon`` is timed on the host (numpy) and on the stream's
 device, and the reports run on the faster. Measured on the lent H200 at 1M × 10 paths
@@ -72,8 +78,8 @@ SIGNAL_COLUMNS = (  # the final signal per row; quote rows: side 0, target NaN, 
     ColumnSpec("signal_emit", np.dtype(np.uint8)),
 )
 SMALL_MAX_ROWS = INLINE_CHAIN_MAX_ROWS
-"""Batches of at most this many rows (one symbol's trades, no VaR report due) take the
-small-batch kernel (``kernels.risk_rows``): the live path."""
+"""Batches of one symbol's trades take the fused kernel (``kernels.risk_rows``): inline up to
+this many rows (the live path, no stream call), on the stage's stream above."""
 _SMALL_COLUMNS = ("symbol_id", "kind", "ts_ns", "price", "prediction", "toxic", FEATURES_COLUMN,
                   *RISK_COLUMNS, "kill", "breach", *(c.name for c in SIGNAL_COLUMNS))
 
@@ -193,7 +199,7 @@ class RiskStage(Stage):
 
     async def start(self, ctx: StageContext) -> None:
         self.books: dict[int, SymbolBook] = {}
-        self.small_batches = 0
+        self.fused_batches = 0
         self.breaches = 0
         self.var_reports = 0
         self.generators: dict[int, object] = {}
@@ -308,7 +314,8 @@ class RiskStage(Stage):
                 filled = ffill_rows(values, is_trade, carry)
             cols[rows] = filled
         due = [var for _, _, var in events if var is not None]
-        requests = [self._var_request(key, row, cols, price, feats, var["window"])
+        requests = [self._var_request(key, float(cols[row, 0]), float(price[row]),
+                                      float(feats[row, self._vol_col]), var["window"])
                     for key, row, var in events if var is not None]
         # the batch's reports together: on a device one copy in and one out for all of them
         reports = var_reports(requests, self.var_horizon, self.var_levels, n_paths=self.var_paths,
@@ -318,10 +325,11 @@ class RiskStage(Stage):
         signal_cols = (sig_side, sig_strength, sig_target, sig_reasons, sig_emit)
         return books, cols, signal_cols, events
 
-    def _small(self, lease: Lease) -> tuple[int, int, int] | None:
-        """The small-batch path (``kernels.risk_rows``): one kernel call over the slab's
-        columns and the symbol's book, in place. Returns (symbol id, its breach mask before
-        the batch, breach events in it), or None where the batch path must run."""
+    def _fused(self, lease: Lease):
+        """The fused path (``kernels.risk_rows``): one kernel call per stretch of the batch
+        between VaR reports, over the slab's columns and the symbol's book, in place.
+        Returns (symbol id, its breach mask before the batch, breach events in it, the VaR
+        events with their reports), or None where the batch path must run."""
         slab = lease.slab
         cols = self._slab_columns.get(slab.index)
         if cols is None or cols[0] is not slab.columns["symbol_id"]:
@@ -329,21 +337,40 @@ class RiskStage(Stage):
             cols = self._slab_columns[slab.index] = tuple(c[name] for name in _SMALL_COLUMNS)
         key = int(cols[0][0])
         book = self.books.get(key)
-        if book is None:  # a symbol's first batch: the batch path makes its book
-            return None
+        if book is None:  # a symbol's first batch (a new book is what the batch path starts from)
+            book = self.books[key] = SymbolBook.new(self.limits, self.var_window)
+        n, every = lease.length, self.var_every
+        if self._backend != "numpy" and every and (book.trades + n) // every > book.trades // every:
+            return None  # device reports: the batch path (a device error reruns the batch)
         breach_before = int(book.f[F_LAST + 5])
-        events = risk_rows_small(lease.length, key, *cols[:7], self._consts_f, self._consts_i,
-                                 book.f, book.i, book.ring, book.ret, *cols[7:])
-        if events < 0:
-            return None
-        self.small_batches += 1
-        return key, breach_before, events
+        events, start, due = 0, 0, []
+        while start < n:
+            found, stop = risk_rows_small(start, n, key, *cols[:7], self._consts_f, self._consts_i,
+                                          book.f, book.i, book.ring, book.ret, *cols[7:])
+            if found < 0:
+                return None  # checked before any row changed
+            events += found
+            if every and book.trades % every == 0:
+                due.append((stop - 1, book.window().copy()))
+            start = stop
+        var_events = []
+        if due:
+            feats, price, position = cols[6], cols[3], cols[7]
+            requests = [self._var_request(key, float(position[row]), float(price[row]),
+                                          float(feats[row, self._vol_col]), window)
+                        for row, window in due]
+            reports = var_reports(requests, self.var_horizon, self.var_levels,
+                                  n_paths=self.var_paths, count_copy=lease.pool.count_copy)
+            var_events = [(key, row, {"window": window, "report": report})
+                          for (row, window), report in zip(due, reports, strict=True)]
+        self.fused_batches += 1
+        return key, breach_before, events, var_events
 
-    def _var_request(self, key, row, cols, price, feats, window) -> VarRequest:
+    def _var_request(self, key: int, position: float, price: float, sigma: float,
+                     window: np.ndarray) -> VarRequest:
         """What the VaR report of one symbol at one row needs (parametric, historical and
         Monte Carlo, run on the stage's stream: off the loop for a large batch)."""
-        exposure = float(cols[row, 0]) * float(price[row])
-        sigma = float(feats[row, self._vol_col])
+        exposure = position * price
         if not math.isfinite(sigma):
             sigma = 0.0
         gen = self.generators.get(key)
@@ -357,15 +384,18 @@ class RiskStage(Stage):
 
     async def process(self, lease: Lease, stream: ComputeStream, ctx: StageContext) -> None:
         n = lease.length
-        if 0 < n <= SMALL_MAX_ROWS:
-            done = self._small(lease)
+        if n:
+            # a live batch inline (no stream call), a replay batch on the stream's worker
+            done = self._fused(lease) if n <= SMALL_MAX_ROWS else await stream.run(self._fused, lease)
             if done is not None:
-                key, breach_before, events = done
-                if events:
+                key, breach_before, breaches, var_events = done
+                if breaches:  # as the batch path: a symbol's breaches, then its reports
                     breach = lease["breach"]
                     prev = np.concatenate(([breach_before], breach[:-1]))
                     for row in np.flatnonzero((breach != 0) & (breach != prev)).tolist():
                         await self._publish(lease, stream, ctx, key, row, None)
+                for key, row, var in var_events:
+                    await self._publish(lease, stream, ctx, key, row, var)
                 return
         books, cols, signal_cols, events = await stream.run(self._compute, lease)
         slab = lease.columns  # one liveness check for the 11 writes
@@ -402,7 +432,7 @@ class RiskStage(Stage):
         return {
             "breaches": self.breaches,
             "var_reports": self.var_reports,
-            "small_batches": self.small_batches,
+            "fused_batches": self.fused_batches,
             "kill_switch_on": sorted(k for k, b in self.books.items() if b.i[0]),
         }
 
