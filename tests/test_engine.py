@@ -105,8 +105,9 @@ def ref_xoshiro(state: list[int]):
 
 def ref_bootstrap_losses(state: np.ndarray, r: np.ndarray, horizon: int, n_paths: int,
                          position: float) -> np.ndarray:
-    """Path p uses lane p mod LANES; each 64-bit draw gives two steps, high half first; an
-    index is floor(u32 · n / 2³²); the path's steps are summed in order."""
+    """Path p uses lane p mod LANES; each 64-bit draw gives three steps, its 21-bit fields
+    at bits 43, 22 and 1, highest first; an index is floor(u21 · n / 2²¹); the path's steps
+    are summed in order."""
     lanes = [ref_xoshiro([int(x) for x in state[j]]) for j in range(LANES)]
     n = len(r)
     out = np.empty(n_paths)
@@ -114,17 +115,17 @@ def ref_bootstrap_losses(state: np.ndarray, r: np.ndarray, horizon: int, n_paths
         for j in range(LANES):
             total = 0.0
             draws = []
-            for _ in range((horizon + 1) // 2):
+            for _ in range((horizon + 2) // 3):
                 x = next(lanes[j])
-                draws += [x >> 32, x & 0xFFFFFFFF]
+                draws += [(x >> 43) & 0x1FFFFF, (x >> 22) & 0x1FFFFF, (x >> 1) & 0x1FFFFF]
             for u in draws[:horizon]:
-                total += r[(u * n) >> 32]
+                total += r[(u * n) >> 21]
             if group + j < n_paths:
                 out[group + j] = -position * total
     return out
 
 
-@pytest.mark.parametrize(("horizon", "n_paths"), [(1, 8), (7, 10), (100, 13)])
+@pytest.mark.parametrize(("horizon", "n_paths"), [(1, 8), (2, 5), (7, 10), (100, 13)])
 def test_the_fused_bootstrap_equals_the_plain_reference(horizon, n_paths):
     r = np.random.default_rng(5).normal(0, 1e-3, 37)
     sampler = McSampler(seed=11, stream=3)
