@@ -10,7 +10,9 @@ live tick, ``publish_tick`` with ``batch_size=1`` through one stage that does no
 and ``publish_tick`` into a micro-batch (no flush). ``--live N``: also the full default chain
 fed N ticks one at a time with ``batch_size=1`` (paced at 1,000/s, then at the maximum
 rate): ``publish_tick`` → last stage p50/p99 and each stage's batch p50 from the runners'
-histograms inside that chain. Run it with ``PYTHONPATH`` at two checkouts, one after the
+histograms inside that chain. ``--mc N``: also N Monte Carlo VaR draws of one report
+(10,000 paths × 100 steps bootstrapped from 1,000 returns, the numpy sampler), min and
+median ms. Run it with ``PYTHONPATH`` at two checkouts, one after the
 other, to compare them on a busy machine.
 
 Run: ``python scripts/profile_stages.py [--rows 1 4096] [--reps 300] [--profile risk]``.
@@ -78,6 +80,21 @@ async def stage_times(rows: int, reps: int, profile: set[str]):
     return times, profilers
 
 
+def mc_report_ms(reports: int) -> tuple[float, float]:
+    """One risk-stage VaR report's Monte Carlo draws (10,000 × 100 from 1,000 returns)."""
+    from nautilus_pipeline.kernels.montecarlo import McSampler
+
+    r = np.random.default_rng(0).normal(0.0, 1e-3, 1000)
+    sampler = McSampler(seed=0)
+    sampler.bootstrap(r, 100, 10_000, 1e4)
+    times = []
+    for _ in range(reports):
+        t = time.perf_counter_ns()
+        sampler.bootstrap(r, 100, 10_000, 1e4)
+        times.append((time.perf_counter_ns() - t) / 1e6)
+    return float(np.min(times)), float(np.median(times))
+
+
 async def framework_cost(ticks: int = 4000):
     from nautilus_pipeline.events import TradeTick
     from nautilus_pipeline.pipeline import Pipeline
@@ -141,6 +158,7 @@ def main() -> None:
     ap.add_argument("--reps", type=int, default=300)
     ap.add_argument("--profile", nargs="*", default=[], help="stages to cProfile (e.g. risk)")
     ap.add_argument("--live", type=int, default=0, help="ticks through the live chain (0: skip)")
+    ap.add_argument("--mc", type=int, default=0, help="Monte Carlo reports to time (0: skip)")
     args = ap.parse_args()
     configure_logging(level="error")
     print(f"machine: {describe()}")
@@ -162,6 +180,10 @@ def main() -> None:
     print("\nframework per live tick, µs (median of 5 runs of 4,000 ticks)")
     for label, us in run(framework_cost()).items():
         print(f"{label:<46} {us:>8.2f}")
+    if args.mc:
+        lo, mid = mc_report_ms(args.mc)
+        print(f"\nMonte Carlo VaR, 10,000 paths x 100 steps, {args.mc} reports: "
+              f"min {lo:.3f} ms, median {mid:.3f} ms")
     if args.live:
         print(f"\nlive: full default chain, batch_size=1, {args.live:,} ticks, publish → drained, µs")
         for paced in (True, False):
