@@ -281,3 +281,38 @@ def test_a_symbol_with_a_slash_is_one_uri_encoded_partition(tmp_path):
     assert sorted(p.name for p in (tmp_path / "out" / "signals").iterdir()) == ["symbol=EUR%2FUSD", "symbol=USDJPY"]
     table = ds.dataset(tmp_path / "out" / "signals", partitioning="hive").to_table()
     assert sorted(set(table["symbol"].to_pylist())) == ["EUR/USD", "USDJPY"]
+
+
+# --- files of one symbol that overlap in time ------------------------------------------------
+def test_a_file_overlapping_the_one_before_fails_its_symbol_naming_both(sample_dir, tmp_path):
+    groups = split_real(sample_dir, tmp_path / "in", damage=False)
+    first, second = generated(tmp_path / "in", days=2)
+    rows = first.read_text().splitlines()
+    overlap = tmp_path / "in" / "SYNUSDT-trades-2024-08-03.csv"  # a copy of day 1's second half
+    overlap.write_text("\n".join([rows[0], *rows[len(rows) // 2:]]) + "\n")
+    out = tmp_path / "out"
+    report = run_batch("default", [str(tmp_path / "in" / "*.csv")], out, workers=2)
+    s = report.summary
+    assert report.exit_code == 4
+    (failed,) = s["failed"]
+    assert failed["symbol"] == "SYNUSDT"
+    assert str(overlap) in failed["error"] and str(first) in failed["error"] and "overlap" in failed["error"]
+    assert [s["files"][str(p)]["status"] for p in (first, overlap, second)] == ["done", "failed", "not_run"]
+    assert {c["symbol"]: c["status"] for c in s["chains"]}["BTCUSDT"] == "done"
+    assert_accounting_closes(s)
+    assert_merged_equals_sequential(out, report, groups, tmp_path)
+
+
+def test_a_file_starting_at_the_last_tick_of_the_one_before_is_chained(tmp_path):
+    (whole,) = generated(tmp_path / "all", days=1, n=6000)
+    rows = whole.read_text().splitlines()
+    ts = [int(r.split(",")[4]) for r in rows[1:]]
+    cut = next(i for i in range(3000, len(ts)) if ts[i] == ts[i - 1])  # a tie across the boundary
+    a, b = tmp_path / "in" / "SYNUSDT-trades-2024-08-01.csv", tmp_path / "in" / "SYNUSDT-trades-2024-08-02.csv"
+    a.parent.mkdir()
+    a.write_text("\n".join([rows[0], *rows[1:cut + 1]]) + "\n")
+    b.write_text("\n".join([rows[0], *rows[cut + 1:]]) + "\n")
+    out = tmp_path / "out"
+    report = run_batch("default", [str(tmp_path / "in" / "*.csv")], out, workers=1)
+    assert report.exit_code == 0, report.summary["failed"]
+    assert_merged_equals_sequential(out, report, {"SYNUSDT": [a, b]}, tmp_path)

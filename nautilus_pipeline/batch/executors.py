@@ -36,7 +36,7 @@ import structlog
 
 from ..errors import ConfigError, DataError
 from .job import JobResult, replay_job
-from .plan import Chain, JobSpec, calibrate_chain
+from .plan import Chain, JobSpec, calibrate_chain, check_follows
 
 log = structlog.get_logger("nautilus_pipeline.batch")
 
@@ -124,11 +124,18 @@ def _pool_init(log_level: str, threads: int) -> None:
 
 
 def run_job(work: Work, spec: JobSpec, overrides: dict[str, Any], trace_every: int,
-            state: bytes | None) -> JobResult:
+            state: bytes | None, last: tuple[str | None, int | None] | None = None) -> JobResult:
+    """One job in a worker. ``last``: (file, key) of the chain's last tick so far; a file
+    that starts before it is refused (:func:`~.plan.check_follows`), and a job that delivers
+    no tick passes it on."""
     _worker_setup(work.log_level, work.threads)
-    return replay_job(work.definition, spec.files, work.job_dir(spec), state, job_id=spec.job_id,
-                      last=spec.last, overrides=overrides, trace_every=trace_every,
-                      batch_size=work.batch_size, format=work.format, symbol=work.symbol)
+    check_follows(last, spec)
+    res = replay_job(work.definition, spec.files, work.job_dir(spec), state, job_id=spec.job_id,
+                     last=spec.last, overrides=overrides, trace_every=trace_every,
+                     batch_size=work.batch_size, format=work.format, symbol=work.symbol)
+    if res.last_ts_ns is None and last is not None:
+        res = replace(res, last_file=last[0], last_ts_ns=last[1])
+    return res
 
 
 def warm_up(log_level: str, threads: int) -> int:
@@ -149,7 +156,9 @@ def run_calibration(work: Work, chain: Chain) -> dict[str, Any]:
 
 def _ray_job(work: Work, spec: JobSpec, overrides: dict[str, Any], trace_every: int,
              previous: JobResult | None) -> JobResult:
-    return run_job(work, spec, overrides, trace_every, None if previous is None else previous.state)
+    if previous is None:
+        return run_job(work, spec, overrides, trace_every, None)
+    return run_job(work, spec, overrides, trace_every, previous.state, previous.last)
 
 
 # --- local ------------------------------------------------------------------------------------
@@ -159,6 +168,7 @@ class _Task:
     index: int  # -1: the chain's calibration
     state: bytes | None = None
     attempt: int = 0
+    last: tuple[str | None, int | None] | None = None  # the chain's last tick so far
 
 
 class LocalExecutor:
@@ -202,7 +212,7 @@ class LocalExecutor:
             else:
                 spec = chain.jobs()[task.index]
                 out.submitted_at[spec.job_id] = time.perf_counter()
-                fut = pool.submit(run_job, work, spec, chain.overrides, chain.trace_every, task.state)
+                fut = pool.submit(run_job, work, spec, chain.overrides, chain.trace_every, task.state, task.last)
             pending[fut] = task
 
         def fail(chain: Chain, exc: BaseException | str, index: int) -> None:
@@ -237,7 +247,7 @@ class LocalExecutor:
                     by_chain[chain.key].append(value)
                     progress.job_done(value)
                     if task.index + 1 < len(chain.files):
-                        submit(_Task(chain, task.index + 1, value.state))
+                        submit(_Task(chain, task.index + 1, value.state, last=value.last))
                 if broken:
                     # A worker died: every task in the pool failed with it. Make the pool again
                     # and resubmit them (their outputs are replaced on rename, never doubled).
