@@ -203,19 +203,21 @@ def test_one_unreadable_file_fails_its_symbol_and_the_others_complete(sample_dir
     assert_merged_equals_sequential(out, report, {"ETHUSDT": groups["ETHUSDT"]}, tmp_path)
 
 
-def kill_a_worker_mid_job(out: Path, stop: threading.Event, killed: list[int], *, after: int = 0) -> None:
+def kill_a_worker_mid_job(out: Path, stop: threading.Event, killed: list, *, after: int = 0,
+                          busy: int = 1) -> None:
     """SIGKILL the first worker seen writing a job (its temporary folder names its pid),
-    once ``after`` jobs have finished."""
+    once ``after`` jobs have finished and ``busy`` workers are writing one; ``killed`` gets
+    the pid and the job's id (``<chain>/<index>``)."""
     while not stop.is_set():
         done = len([p for p in (out / "jobs").glob("*/*") if p.is_dir() and TMP_MARK not in p.name])
-        if done >= after:
-            for tmp in (out / "jobs").glob(f"*/.*{TMP_MARK}*"):
-                pid = int(tmp.name.split(TMP_MARK)[1].split("-")[0])
+        writing = {int(t.name.split(TMP_MARK)[1].split("-")[0]): t for t in (out / "jobs").glob(f"*/.*{TMP_MARK}*")}
+        if done >= after and len(writing) >= busy:
+            for pid, tmp in writing.items():
                 try:
                     os.kill(pid, signal.SIGKILL)
                 except ProcessLookupError:
                     continue
-                killed.append(pid)
+                killed.extend([pid, f"{tmp.parent.name}/{tmp.name[1:5]}"])
                 return
         time.sleep(0.005)
 
@@ -235,6 +237,30 @@ def test_a_worker_killed_mid_job_is_retried_and_nothing_is_doubled(sample_dir, t
     s = report.summary
     assert report.exit_code == 0, s["failed"]
     assert s["retries"] >= 1
+    assert_accounting_closes(s)
+    assert_one_copy_of_each_output(out, s)
+    assert_merged_equals_sequential(out, report, groups, tmp_path)
+
+
+def test_a_dead_worker_counts_an_attempt_for_its_job_only(tmp_path):
+    groups = {sym: generated(tmp_path / "in", sym, days=2, n=40_000, seed=i)
+              for i, sym in enumerate(("AAAUSDT", "BBBUSDT"))}
+    out = tmp_path / "out"
+    stop, killed = threading.Event(), []
+    killer = threading.Thread(target=kill_a_worker_mid_job, args=(out, stop, killed), kwargs={"busy": 2})
+    killer.start()
+    try:
+        report = run_batch("default", [str(tmp_path / "in" / "*.csv")], out, workers=2)
+    finally:
+        stop.set()
+        killer.join()
+    assert killed, "no two workers were caught mid-job at once"
+    s = report.summary
+    assert report.exit_code == 0, s["failed"]
+    assert s["retries"] == 1
+    attempts = {j["job"]: j["attempts"] for j in s["jobs"]}
+    assert attempts == {job: 2 if job == killed[1] else 1 for job in attempts}
+    assert not (out / ".workers").exists()
     assert_accounting_closes(s)
     assert_one_copy_of_each_output(out, s)
     assert_merged_equals_sequential(out, report, groups, tmp_path)
@@ -281,3 +307,38 @@ def test_a_symbol_with_a_slash_is_one_uri_encoded_partition(tmp_path):
     assert sorted(p.name for p in (tmp_path / "out" / "signals").iterdir()) == ["symbol=EUR%2FUSD", "symbol=USDJPY"]
     table = ds.dataset(tmp_path / "out" / "signals", partitioning="hive").to_table()
     assert sorted(set(table["symbol"].to_pylist())) == ["EUR/USD", "USDJPY"]
+
+
+# --- files of one symbol that overlap in time ------------------------------------------------
+def test_a_file_overlapping_the_one_before_fails_its_symbol_naming_both(sample_dir, tmp_path):
+    groups = split_real(sample_dir, tmp_path / "in", damage=False)
+    first, second = generated(tmp_path / "in", days=2)
+    rows = first.read_text().splitlines()
+    overlap = tmp_path / "in" / "SYNUSDT-trades-2024-08-03.csv"  # a copy of day 1's second half
+    overlap.write_text("\n".join([rows[0], *rows[len(rows) // 2:]]) + "\n")
+    out = tmp_path / "out"
+    report = run_batch("default", [str(tmp_path / "in" / "*.csv")], out, workers=2)
+    s = report.summary
+    assert report.exit_code == 4
+    (failed,) = s["failed"]
+    assert failed["symbol"] == "SYNUSDT"
+    assert str(overlap) in failed["error"] and str(first) in failed["error"] and "overlap" in failed["error"]
+    assert [s["files"][str(p)]["status"] for p in (first, overlap, second)] == ["done", "failed", "not_run"]
+    assert {c["symbol"]: c["status"] for c in s["chains"]}["BTCUSDT"] == "done"
+    assert_accounting_closes(s)
+    assert_merged_equals_sequential(out, report, groups, tmp_path)
+
+
+def test_a_file_starting_at_the_last_tick_of_the_one_before_is_chained(tmp_path):
+    (whole,) = generated(tmp_path / "all", days=1, n=6000)
+    rows = whole.read_text().splitlines()
+    ts = [int(r.split(",")[4]) for r in rows[1:]]
+    cut = next(i for i in range(3000, len(ts)) if ts[i] == ts[i - 1])  # a tie across the boundary
+    a, b = tmp_path / "in" / "SYNUSDT-trades-2024-08-01.csv", tmp_path / "in" / "SYNUSDT-trades-2024-08-02.csv"
+    a.parent.mkdir()
+    a.write_text("\n".join([rows[0], *rows[1:cut + 1]]) + "\n")
+    b.write_text("\n".join([rows[0], *rows[cut + 1:]]) + "\n")
+    out = tmp_path / "out"
+    report = run_batch("default", [str(tmp_path / "in" / "*.csv")], out, workers=1)
+    assert report.exit_code == 0, report.summary["failed"]
+    assert_merged_equals_sequential(out, report, {"SYNUSDT": [a, b]}, tmp_path)

@@ -93,6 +93,7 @@ def run_batch(definition: str | Path, inputs: Sequence[str | Path], out: str | P
     })
     for job in summary["jobs"]:
         job["overhead_s"] = overheads.get(job["job"])
+        job["attempts"] = outcome.attempts.get(job["job"])
     write_summary(out, summary)
     if outcome.interrupted:
         code = EXIT_INTERRUPTED

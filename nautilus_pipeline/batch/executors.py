@@ -9,8 +9,14 @@ the others go on).
 ``local``: a ``ProcessPoolExecutor`` of spawned workers (spawn, not fork: a forked child of a
 process with threads, numba's and BLAS's included, can deadlock), reused across jobs, so a
 worker pays its imports and numba cache loads once; the numba cache on disk is shared. A
-worker that dies breaks the whole pool (``BrokenProcessPool`` for every job in it): the pool is
-made again and the jobs that were in it are resubmitted, up to ``max_retries`` times each.
+worker that dies breaks the whole pool (``BrokenProcessPool`` for every job in it, and the pool
+terminates its other workers): the pool is made again and the jobs that were in it are
+resubmitted. Only the job that was running on the worker that died counts an attempt
+(``max_retries`` each): each job marks its worker as busy with it (a file named by the pid
+under ``<out>/.workers``, removed when it ends), and the dead worker is the one whose exit
+code is not the pool's SIGTERM. A job that was queued, or running on a worker the pool
+terminated, is resubmitted without counting. If no worker can be told apart (one killed by
+a SIGTERM from outside), every job that was running counts one.
 Workers ignore SIGINT, so a Ctrl-C reaches the driver only, which terminates the workers and
 keeps what finished.
 
@@ -23,11 +29,13 @@ local Ray starts for the batch (and stops after it).
 from __future__ import annotations
 
 import concurrent.futures as cf
+import contextlib
 import multiprocessing
 import os
+import shutil
 import signal
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -36,7 +44,7 @@ import structlog
 
 from ..errors import ConfigError, DataError
 from .job import JobResult, replay_job
-from .plan import Chain, JobSpec, calibrate_chain
+from .plan import Chain, JobSpec, calibrate_chain, check_follows
 
 log = structlog.get_logger("nautilus_pipeline.batch")
 
@@ -53,6 +61,7 @@ class Work:
     log_level: str = "warning"
     calibrate: bool = False
     threads: int = 1  # pyarrow threads per worker: the machine's cores / workers
+    busy_dir: str | None = None  # where a local worker marks the job it runs (see the module doc)
 
     def job_dir(self, spec: JobSpec) -> str:
         safe = spec.chain.replace(os.sep, "_").replace("/", "_")
@@ -73,6 +82,7 @@ class Outcome:
     startup_s: float = 0.0
     submitted_at: dict[str, float] = field(default_factory=dict)
     returned_at: dict[str, float] = field(default_factory=dict)
+    attempts: dict[str, int] = field(default_factory=dict)  # job → runs it took (local)
 
     def fail(self, chain: str, exc: BaseException | str) -> None:
         if chain in self.failures:
@@ -124,11 +134,19 @@ def _pool_init(log_level: str, threads: int) -> None:
 
 
 def run_job(work: Work, spec: JobSpec, overrides: dict[str, Any], trace_every: int,
-            state: bytes | None) -> JobResult:
-    _worker_setup(work.log_level, work.threads)
-    return replay_job(work.definition, spec.files, work.job_dir(spec), state, job_id=spec.job_id,
-                      last=spec.last, overrides=overrides, trace_every=trace_every,
-                      batch_size=work.batch_size, format=work.format, symbol=work.symbol)
+            state: bytes | None, last: tuple[str | None, int | None] | None = None) -> JobResult:
+    """One job in a worker. ``last``: (file, key) of the chain's last tick so far; a file
+    that starts before it is refused (:func:`~.plan.check_follows`), and a job that delivers
+    no tick passes it on."""
+    with _busy(work, spec.job_id):
+        _worker_setup(work.log_level, work.threads)
+        check_follows(last, spec)
+        res = replay_job(work.definition, spec.files, work.job_dir(spec), state, job_id=spec.job_id,
+                         last=spec.last, overrides=overrides, trace_every=trace_every,
+                         batch_size=work.batch_size, format=work.format, symbol=work.symbol)
+    if res.last_ts_ns is None and last is not None:
+        res = replace(res, last_file=last[0], last_ts_ns=last[1])
+    return res
 
 
 def warm_up(log_level: str, threads: int) -> int:
@@ -142,14 +160,54 @@ def warm_up(log_level: str, threads: int) -> int:
 
 
 def run_calibration(work: Work, chain: Chain) -> dict[str, Any]:
-    _worker_setup(work.log_level, work.threads)
-    return calibrate_chain(work.definition, [f.path for f in chain.files], chain.symbol,
-                           format=work.format)
+    with _busy(work, _calibration_key(chain)):
+        _worker_setup(work.log_level, work.threads)
+        return calibrate_chain(work.definition, [f.path for f in chain.files], chain.symbol,
+                               format=work.format)
+
+
+def _calibration_key(chain: Chain) -> str:
+    return f"{chain.key}/calibration"
+
+
+@contextlib.contextmanager
+def _busy(work: Work, key: str) -> Iterator[None]:
+    """Mark this worker busy with ``key`` while it runs (the driver reads the mark when a
+    worker dies, to count the attempt of the job that died with it, and only that one)."""
+    if work.busy_dir is None:
+        yield
+        return
+    mark = Path(work.busy_dir) / str(os.getpid())
+    mark.parent.mkdir(parents=True, exist_ok=True)
+    mark.write_text(key)
+    try:
+        yield
+    finally:
+        with contextlib.suppress(OSError):
+            mark.unlink()
+
+
+def _died_with(processes: dict[int, Any], busy_dir: Path) -> set[str]:
+    """Keys of the jobs that were running on the workers that died (``processes``: the
+    broken pool's, all joined). The pool ends its other workers with SIGTERM; a worker with
+    another exit code is one that died. Every mark is removed (those workers are gone)."""
+    running = {}
+    for pid in processes:
+        mark = busy_dir / str(pid)
+        with contextlib.suppress(OSError):
+            running[pid] = mark.read_text()
+            mark.unlink()
+    dead = [pid for pid, proc in processes.items() if proc.exitcode not in (0, -signal.SIGTERM, None)]
+    if not dead:  # no worker tells itself apart: every job that was running counts
+        return set(running.values())
+    return {running[pid] for pid in dead if pid in running}
 
 
 def _ray_job(work: Work, spec: JobSpec, overrides: dict[str, Any], trace_every: int,
              previous: JobResult | None) -> JobResult:
-    return run_job(work, spec, overrides, trace_every, None if previous is None else previous.state)
+    if previous is None:
+        return run_job(work, spec, overrides, trace_every, None)
+    return run_job(work, spec, overrides, trace_every, previous.state, previous.last)
 
 
 # --- local ------------------------------------------------------------------------------------
@@ -159,6 +217,7 @@ class _Task:
     index: int  # -1: the chain's calibration
     state: bytes | None = None
     attempt: int = 0
+    last: tuple[str | None, int | None] | None = None  # the chain's last tick so far
 
 
 class LocalExecutor:
@@ -190,6 +249,8 @@ class LocalExecutor:
 
     def run(self, work: Work, chains: list[Chain], progress: Progress) -> Outcome:
         out = Outcome()
+        busy_dir = Path(work.out) / ".workers"
+        work = replace(work, busy_dir=str(busy_dir))
         pool, self._ready = self._ready or self._pool(work), None
         pending: dict[cf.Future, _Task] = {}
         by_chain: dict[str, list[JobResult]] = {c.key: [] for c in chains}
@@ -202,7 +263,7 @@ class LocalExecutor:
             else:
                 spec = chain.jobs()[task.index]
                 out.submitted_at[spec.job_id] = time.perf_counter()
-                fut = pool.submit(run_job, work, spec, chain.overrides, chain.trace_every, task.state)
+                fut = pool.submit(run_job, work, spec, chain.overrides, chain.trace_every, task.state, task.last)
             pending[fut] = task
 
         def fail(chain: Chain, exc: BaseException | str, index: int) -> None:
@@ -234,20 +295,27 @@ class LocalExecutor:
                         submit(_Task(chain, 0))
                         continue
                     out.returned_at[value.job_id] = time.perf_counter()
+                    out.attempts[value.job_id] = task.attempt + 1
                     by_chain[chain.key].append(value)
                     progress.job_done(value)
                     if task.index + 1 < len(chain.files):
-                        submit(_Task(chain, task.index + 1, value.state))
+                        submit(_Task(chain, task.index + 1, value.state, last=value.last))
                 if broken:
                     # A worker died: every task in the pool failed with it. Make the pool again
-                    # and resubmit them (their outputs are replaced on rename, never doubled).
+                    # and resubmit them (their outputs are replaced on rename, never doubled);
+                    # only the job(s) that died count an attempt.
                     again = broken + list(pending.values())
                     pending.clear()
-                    pool.shutdown(wait=False, cancel_futures=True)
+                    processes = dict(getattr(pool, "_processes", None) or {})
+                    pool.shutdown(wait=True, cancel_futures=True)
+                    died = _died_with(processes, busy_dir)
                     pool = self._pool(work)
-                    log.warning("batch_worker_died", executor=self.name, resubmitted=len(again))
+                    log.warning("batch_worker_died", executor=self.name, died=sorted(died),
+                                resubmitted=len(again))
                     for task in again:
-                        if task.attempt >= self.max_retries:
+                        if _key(task) not in died:
+                            submit(task)
+                        elif task.attempt >= self.max_retries:
                             fail(task.chain, f"a worker died running it {task.attempt + 1} times "
                                  f"(files from {task.chain.files[max(task.index, 0)].path})", task.index)
                         else:
@@ -258,8 +326,13 @@ class LocalExecutor:
             _terminate(pool)
         finally:
             pool.shutdown(wait=True, cancel_futures=True)
+            shutil.rmtree(busy_dir, ignore_errors=True)
         out.results = [r for c in chains for r in by_chain[c.key]]
         return out
+
+
+def _key(task: _Task) -> str:
+    return _calibration_key(task.chain) if task.index < 0 else task.chain.jobs()[task.index].job_id
 
 
 def _terminate(pool: cf.ProcessPoolExecutor) -> None:

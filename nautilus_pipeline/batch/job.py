@@ -52,6 +52,13 @@ class JobResult:
     pid: int = 0
     symbols: tuple[str, ...] = ()
     overrides: dict[str, dict[str, Any]] = field(default_factory=dict)
+    last_ts_ns: int | None = None  # the replay key of the last tick delivered (None: none)
+    last_file: str | None = None  # the file it came from
+
+    @property
+    def last(self) -> tuple[str | None, int | None]:
+        """(file, key) of the last tick: what the chain's next file must not start before."""
+        return self.last_file, self.last_ts_ns
 
 
 def replay_job(definition: config.PipelineDef | str | Path, files: Sequence[str | Path],
@@ -79,6 +86,7 @@ def replay_job(definition: config.PipelineDef | str | Path, files: Sequence[str 
         loop = _new_loop()
         try:
             summary, state, run_s = loop.run_until_complete(_execute(run, state_in, last))
+            last_ts = run.replay.progress.ts_reached_ns
         finally:
             loop.run_until_complete(loop.shutdown_asyncgens())
             loop.close()
@@ -102,6 +110,7 @@ def replay_job(definition: config.PipelineDef | str | Path, files: Sequence[str 
                                       "failed_in_stages", "failed_batches")},
         outputs=dict(s["outputs"]), state=state, wall_s=time.perf_counter() - t0, run_s=run_s,
         pid=os.getpid(), symbols=tuple(s["symbols"]), overrides=dict(overrides or {}),
+        last_ts_ns=last_ts, last_file=None if last_ts is None else str(files[-1]),
     )
 
 

@@ -12,6 +12,16 @@ run (the policy of issue 10: one unreadable file fails that symbol's job, exit c
 ``bucket_volume = "auto"`` is a property of the whole input (its volume / buckets), so it is
 worked out per chain over all its files (:func:`calibrate_chain`, run by the executor)
 before the chain's first job, the same number one sequential run over those files uses.
+
+Overlap. One sequential run over a symbol's files merges them by time (ties by file order);
+a chain replays them one after the other. The two agree only when each file starts at or
+after the last tick of the file before it (a tie at the boundary goes to the earlier file in
+both). A file's last tick is known only once it has been read, so the check is made between
+jobs (:func:`check_follows`): the job before returns its last key, and a file that starts
+before it fails its chain naming both files (exit 4; the files before it are merged, the
+files after it not run), instead of a merge that would silently differ from one run. Reading
+every file's end while planning was the alternative: cheap for a plain CSV (a seek), but a
+second full decompression for a ``.gz`` or ``.zst`` day, done by the driver alone.
 """
 
 from __future__ import annotations
@@ -48,7 +58,7 @@ class FileInfo:
     path: str
     symbol: str
     format: str | None
-    first_ts_ns: int | None
+    first_ts_ns: int | None  # the replay's order key (``ts_ns`` or ``ts_recv_ns``), as replayed
     error: str | None = None
 
 
@@ -61,6 +71,25 @@ class JobSpec:
     index: int
     files: tuple[str, ...]
     last: bool
+    first_ts_ns: int | None = None  # its first file's first key, from the plan
+
+
+class OverlapError(DataError):
+    """A chain's file starts before the last tick of the file before it."""
+
+
+def check_follows(last: tuple[str | None, int | None] | None, spec: JobSpec) -> None:
+    """Refuse ``spec`` if its first tick comes before ``last`` (the file and key of the chain's
+    last tick so far; see the module doc: a chain equals one merged run only when its files do
+    not overlap)."""
+    if last is None or last[1] is None or spec.first_ts_ns is None or spec.first_ts_ns >= last[1]:
+        return
+    previous_file, previous_last_ns = last
+    raise OverlapError(
+        f"{spec.files[0]}: starts at {spec.first_ts_ns} ns, before the last tick of {previous_file} "
+        f"({previous_last_ns} ns): files of one symbol ({spec.chain}) overlap in time, so a chain of "
+        "them would not equal one run over them; remove the duplicate file, or merge the two into one",
+        file=spec.files[0], reason="files_overlap")
 
 
 @dataclass
@@ -79,7 +108,7 @@ class Chain:
 
     def jobs(self) -> list[JobSpec]:
         n = len(self.files)
-        return [JobSpec(f"{self.symbol}/{i:04d}", self.symbol, i, (f.path,), i == n - 1)
+        return [JobSpec(f"{self.symbol}/{i:04d}", self.symbol, i, (f.path,), i == n - 1, f.first_ts_ns)
                 for i, f in enumerate(self.files)]
 
 
@@ -117,7 +146,7 @@ def inspect_file(definition: config.PipelineDef, path: Path, *, format: str | No
         check_file(path)
         (src,) = config.make_sources(definition, [str(path)], None, format=format, symbol=symbol)
         fmt = src.resolved_format()
-        reader, _ = src.open()
+        reader, validator = src.open()
         options = getattr(reader, "options", None)
         if dataclasses.is_dataclass(options) and hasattr(options, "block_size"):
             # the first rows only: a CSV reader's default block is 8 MB, most of a day's file
@@ -126,7 +155,7 @@ def inspect_file(definition: config.PipelineDef, path: Path, *, format: str | No
         first = first_chunk(reader)
         if first is None or not first.columns["ts_ns"].size:
             raise DataError(f"{path}: no rows to replay")
-        ts = first.columns["ts_ns"]
+        ts = first.column(validator.order_by)
         good = ts if first.bad is None else ts[first.bad == 0]
         if name is None:
             names = sorted(set(first.symbols))
