@@ -287,20 +287,22 @@ class StageRunner:
     async def take_inline(self, lease: Lease, topic: str) -> None:
         """Run ``lease`` through this stage (and on, inline where the next one can take it)
         in the caller's task, with the bus's accounting and error isolation: a failure is
-        this stage's, reported on the bus as a consumer's would be, not the caller's."""
+        this stage's, reported on the bus as a consumer's would be, not the caller's. The
+        bus event is only built for a failure's report: the live path pays a sequence
+        number and two counters per hop, not an object."""
         sub = self.subscription
         assert sub is not None
         bus = self.ctx.bus
         bus._seq += 1
-        event = Event(topic, lease, bus._seq, topic, None)
+        seq = bus._seq
         sub.published += 1
         self._inline_busy = True
         try:
-            await self._handle(event)
+            await self._handle_lease(lease, topic)
         except Exception as exc:
             sub.errors += 1
             try:
-                await bus._handler_failed(sub, event, exc)
+                await bus._handler_failed(sub, Event(topic, lease, seq, topic, None), exc)
             except Exception:  # as in the consumer: reporting must not fail the publisher
                 bus._report_errors += 1
             return
@@ -314,17 +316,29 @@ class StageRunner:
         sub.delivered += 1
 
     async def _handle(self, event: Event) -> None:
-        lease: Lease = event.payload
+        await self._handle_lease(event.payload, event.topic)
+
+    async def _handle_lease(self, lease: Lease, topic: str) -> None:
+        """Process one batch (primary stream, the fallback after a device error), measure
+        it, and forward it: inline into an idle next stage, else through the bus."""
         t0 = time.perf_counter_ns()
         try:
-            await self._process(lease)
+            stream = self.stream
+            stream.batch_rows = lease.length
+            try:
+                await self.stage.process(lease, stream, self.ctx)
+            except Exception as exc:
+                await self._rerun_on_fallback(lease, exc)
+            else:
+                if self._write_names and lease.device_cache:
+                    lease.mark_written(self._write_names, device=getattr(stream, "_cache_tag", None))
         except Exception as exc:
             self.metrics.failures += 1
             self.metrics.failed_rows += lease.length
             raise StageError(
                 f"stage {self.stage.name!r} failed on batch {lease.seq} ({lease.length} rows, "
-                f"topic {event.topic!r}, stream {self.stream.name}): {type(exc).__name__}: {exc}",
-                stage=self.stage.name, topic=event.topic, batch=lease.seq, rows=lease.length,
+                f"topic {topic!r}, stream {self.stream.name}): {type(exc).__name__}: {exc}",
+                stage=self.stage.name, topic=topic, batch=lease.seq, rows=lease.length,
                 stream=self.stream.name,
             ) from exc
         dt = time.perf_counter_ns() - t0
@@ -333,37 +347,43 @@ class StageRunner:
         m.rows += lease.length
         m.busy_ns += dt
         m.latency.record(dt)
-        topic = self.output_topic
-        if topic is not None:
+        out = self.output_topic
+        if out is not None:
             nxt = self.downstream
-            if nxt is not None and nxt.can_take_inline(lease.length, topic):
-                await nxt.take_inline(lease, topic)
+            if nxt is not None and nxt.can_take_inline(lease.length, out):
+                await nxt.take_inline(lease, out)
             else:
-                await self.ctx.bus.publish(topic, lease)
+                await self.ctx.bus.publish(out, lease)
 
     async def _process(self, lease: Lease) -> None:
+        """One batch on the primary stream, on the fallback after a device error (what
+        ``_handle_lease`` does, without measuring or forwarding: the profiling scripts')."""
         try:
             await self._process_on(lease, self.stream)
         except Exception as exc:
-            # Our own errors (bad data, bad configuration) fail the same way on any device:
-            # only other failures (device errors, out of memory) are worth a rerun.
-            fallback = None if isinstance(exc, PipelineError) else self.fallback_stream
-            if fallback is None:
-                raise
-            self.metrics.fallbacks += 1
-            log.warning(
-                "stage_fallback",
-                stage=self.stage.name,
-                stream=self.stream.name,
-                fallback=fallback.name,
-                batch=lease.seq,
-                rows=lease.length,
-                error=f"{type(exc).__name__}: {exc}",
-            )
-            if not self._fallback_bound:
-                await self.stage.bind(fallback)
-                self._fallback_bound = True
-            await self._process_on(lease, fallback)
+            await self._rerun_on_fallback(lease, exc)
+
+    async def _rerun_on_fallback(self, lease: Lease, exc: Exception) -> None:
+        """The primary stream failed with ``exc``: rerun on the fallback stream, or re-raise."""
+        # Our own errors (bad data, bad configuration) fail the same way on any device:
+        # only other failures (device errors, out of memory) are worth a rerun.
+        fallback = None if isinstance(exc, PipelineError) else self.fallback_stream
+        if fallback is None:
+            raise exc
+        self.metrics.fallbacks += 1
+        log.warning(
+            "stage_fallback",
+            stage=self.stage.name,
+            stream=self.stream.name,
+            fallback=fallback.name,
+            batch=lease.seq,
+            rows=lease.length,
+            error=f"{type(exc).__name__}: {exc}",
+        )
+        if not self._fallback_bound:
+            await self.stage.bind(fallback)
+            self._fallback_bound = True
+        await self._process_on(lease, fallback)
 
     async def _process_on(self, lease: Lease, stream: ComputeStream) -> None:
         stream.batch_rows = lease.length

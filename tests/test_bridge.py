@@ -449,20 +449,3 @@ async def test_state_needs_every_stage_to_snapshot(nats_server):
         assert not bridge.state  # by default: no state, acks follow the leases
         await bridge.wait_idle(0.3)
     assert gate.rows == 200
-
-
-async def test_a_state_larger_than_the_servers_max_payload_is_refused_saying_so(nats_server):
-    from nautilus_pipeline.bridge import SavedState, StateError
-    from nautilus_pipeline.bridge.state import StateStore
-
-    nc = await nats.connect(nats_server.url)
-    try:
-        store = StateStore(nc.jetstream(), "state_test", "big", max_payload=nc.max_payload)
-        await store.open()
-        await store.save(SavedState("p", 7, b"x" * 1000))
-        assert (await store.load("p")).stream_seq == 7
-        with pytest.raises(StateError, match="max_payload"):
-            await store.save(SavedState("p", 8, b"x" * (nc.max_payload + 1)))
-        assert (await store.load("p")).stream_seq == 7  # the stored state is left as it was
-    finally:
-        await nc.close()

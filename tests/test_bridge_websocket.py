@@ -10,6 +10,8 @@ batches never exceed ``flush_ticks``.
 
 from __future__ import annotations
 
+import asyncio
+
 import numpy as np
 import pytest
 
@@ -127,3 +129,36 @@ def test_trade_and_aggregate_trade_ids_of_one_symbol_are_separate_sequences():
     assert feed.stats.duplicates == 0 and feed.stats.gaps == 0
     assert not feed._in_sequence("trade", {"s": "BTCUSDT", "t": 101})  # a real duplicate
     assert feed.stats.duplicates == 1
+
+
+async def test_a_stop_while_no_batch_is_open_ends_the_feed_without_waiting_for_a_frame(capture):
+    """The server goes quiet (no frame will come) and the feed waits in ``recv()`` with no
+    batch open: setting ``stop`` from another task still ends it, every tick received so far
+    delivered and the connection closed by the client."""
+    path, _ = capture
+    stop = asyncio.Event()
+    async with CaptureReplayServer(path, stall_after=50) as server:
+        feed = BinanceWebsocketFeed(server.url, flush_ticks=1 << 20, flush_us=1000.0)
+        ticks = 0
+        all_in = asyncio.Event()
+
+        async def consume() -> None:
+            nonlocal ticks
+            async for _, cols in feed.batches(stop):
+                ticks += len(cols["ts_ns"])
+                if feed.stats.frames == 50 and ticks == feed.stats.trades + feed.stats.quotes:
+                    all_in.set()
+
+        async def stop_when_all_in() -> None:
+            await all_in.wait()
+            await asyncio.sleep(0.05)  # the feed is back in recv(), waiting for a 51st frame
+            stop.set()
+
+        async with asyncio.timeout(30), asyncio.TaskGroup() as tg:  # a hang guard, not a timing assertion
+            tg.create_task(consume())
+            tg.create_task(stop_when_all_in())
+        async with asyncio.timeout(30):
+            await server.client_closed.wait()
+    assert server.sent == 50 and feed.stats.frames == 50
+    assert ticks == feed.stats.trades + feed.stats.quotes > 0
+    assert feed.stats.reconnects == 0

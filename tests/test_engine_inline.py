@@ -11,7 +11,8 @@ import orjson
 import pytest
 from test_integration import COLUMNS, Capture, btc_trades, chain
 
-from nautilus_pipeline.events import AggressorSide, TradeTick
+from nautilus_pipeline.events import AggressorSide, QuoteTick, TradeTick
+from nautilus_pipeline.kernels.risk import RiskParams
 from nautilus_pipeline.pipeline import Pipeline
 from nautilus_pipeline.stage import INLINE_CHAIN_MAX_ROWS, Stage
 from nautilus_pipeline.stages import FeaturesStage, InferenceStage
@@ -23,10 +24,10 @@ def ticks_of(data, n):
                       float(data["size"][i]), sides[int(data["side"][i])]) for i in range(n)]
 
 
-async def run_live(data, n, batch_size):
+async def run_live(data, n, batch_size, limits=None):
     """The default chain fed one tick at a time (the micro-batcher, inline hand-offs)."""
     capture = Capture(("ts_ns", *COLUMNS))
-    pipe = Pipeline([*chain(), capture], batch_size=batch_size, slabs=4, memory="host")
+    pipe = Pipeline([*chain(limits), capture], batch_size=batch_size, slabs=4, memory="host")
     events: dict[str, list] = {"signals": [], "vpin": [], "risk": []}
     async with pipe:
         for name, got in events.items():
@@ -38,9 +39,9 @@ async def run_live(data, n, batch_size):
     return capture.result(), {k: orjson.dumps(v) for k, v in events.items()}, pipe, inline
 
 
-async def run_queued(data, n):
+async def run_queued(data, n, limits=None):
     capture = Capture(("ts_ns", *COLUMNS))
-    pipe = Pipeline([*chain(), capture], batch_size=4096, slabs=4, memory="host", execution="serial")
+    pipe = Pipeline([*chain(limits), capture], batch_size=4096, slabs=4, memory="host", execution="serial")
     events: dict[str, list] = {"signals": [], "vpin": [], "risk": []}
     async with pipe:
         for name, got in events.items():
@@ -64,6 +65,54 @@ async def test_ticks_fed_one_at_a_time_give_the_numbers_of_whole_batches(sample_
             np.testing.assert_array_equal(live[c], ref[c], err_msg=c)
     t = pipe.tick_flow()
     assert t.ticks_in == t.ticks_out == n
+    stats = {r.stage.name: r.stats() for r in pipe.runners}
+    assert stats["risk"]["small_batches"] > 0.9 * n / batch_size  # the stages' live kernels ran
+    assert stats["vpin"]["small_batches"] > 0.5 * n / batch_size
+
+
+async def _through_chain(ticks, batch_size):
+    capture = Capture(("ts_ns", *COLUMNS))
+    pipe = Pipeline([*chain(), capture], batch_size=batch_size, slabs=4, memory="host")
+    events: dict[str, list] = {"signals": [], "vpin": [], "risk": []}
+    async with pipe:
+        for name, got in events.items():
+            pipe.bus.subscribe(f"{name}.>", lambda e, got=got: got.append(e.payload))
+        for tick in ticks:
+            await pipe.publish_tick(tick)
+        await pipe.drain()
+    return capture.result(), {k: orjson.dumps(v) for k, v in events.items()}
+
+
+async def test_quotes_among_live_trades_give_the_numbers_of_one_batch(sample_dir):
+    """Quote rows in the live path: carried by the small kernels, or sent to the batch path."""
+    data = btc_trades(sample_dir)
+    ticks = []
+    for i, t in enumerate(ticks_of(data, 1200)):
+        ticks.append(t)
+        if i % 3 == 0:
+            ticks.append(QuoteTick(t.symbol, t.ts_ns, t.price - 0.1, t.price + 0.1, 1.0 + i % 5, 2.0))
+    live, live_events = await _through_chain(ticks, 1)
+    ref, ref_events = await _through_chain(ticks, 4096)
+    assert live_events == ref_events
+    for c in ("ts_ns", *COLUMNS):
+        if c != "prediction":
+            np.testing.assert_array_equal(live[c], ref[c], err_msg=c)
+
+
+async def test_the_small_risk_path_trips_the_kill_switch_as_the_batch_path_does(sample_dir):
+    """A drawdown limit the account breaches: the breach events, the kill switch and the flat
+    signals after it are those of whole batches (the small kernel runs every live tick but
+    the ones with a VaR report due)."""
+    data = btc_trades(sample_dir)
+    n = 1500
+    limits = RiskParams(max_drawdown=0.05, fee_rate=4e-4)
+    live, live_events, _, _ = await run_live(data, n, 1, limits)
+    ref, ref_events = await run_queued(data, n, limits)
+    assert b'"breach"' in ref_events["risk"] and live_events == ref_events
+    assert ref["kill"].any()
+    for c in ("ts_ns", *COLUMNS):
+        if c != "prediction":
+            np.testing.assert_array_equal(live[c], ref[c], err_msg=c)
 
 
 class Order(Stage):
@@ -149,3 +198,25 @@ async def test_the_model_gives_the_same_bits_for_batches_of_1_7_and_4096(sample_
     big = await _predictions(data, 4096)
     for batch_size in (1, 7):
         np.testing.assert_array_equal(await _predictions(data, batch_size), big)
+
+
+def test_the_small_forward_pass_gives_the_padded_blas_bits():
+    """SmallForward (the live path) against mlp_forward on the same padded rows, 1..16 rows,
+    features far outside the training range and NaN included."""
+    from nautilus_pipeline.kernels.mlp import MLPWorkspace, SmallForward, mlp_forward
+    from nautilus_pipeline.model.spec import DEFAULT_MODEL_PATH, load_model
+
+    spec, w = load_model(DEFAULT_MODEL_PATH)
+    ws = MLPWorkspace(w.mean, w.std, w.weights, w.biases, spec.activation, 16)
+    small = SmallForward(MLPWorkspace(w.mean, w.std, w.weights, w.biases, spec.activation, 16), 16)
+    rng = np.random.default_rng(3)
+    for n in range(1, 17):
+        feats = rng.normal(0, 3, (64, spec.n_inputs)) * np.asarray(w.std) + np.asarray(w.mean)
+        feats[0, n % spec.n_inputs] = np.nan if n == 5 else feats[0, 0]
+        x = np.zeros((16, spec.n_inputs), dtype=np.float32)
+        x[:n] = feats[:n]
+        want = mlp_forward(ws, x)[:n]
+        got = np.full(64, -1.0, dtype=np.float32)
+        small(feats, n, got)
+        np.testing.assert_array_equal(got[:n], want)
+        assert (got[n:] == -1.0).all()

@@ -111,3 +111,40 @@ def test_order_book_deltas_are_refused_not_read_as_trades(tmp_path: Path) -> Non
     pq.write_table(deltas, d / "part-0.parquet")
     with pytest.raises(DataError, match="holds order-book deltas only"):
         catalog_files(tmp_path / "catalog")
+
+
+def _with_sizes(src: Path, dst: Path, sizes: list[int], width: int) -> Path:
+    """``src`` with its first ``len(sizes)`` raw sizes replaced (unsigned, as NautilusTrader writes them)."""
+    t = pq.read_table(src)
+    raw = t.column("size").to_pylist()
+    raw[: len(sizes)] = [v.to_bytes(width, "little", signed=False) for v in sizes]
+    t = t.set_column(t.schema.get_field_index("size"), t.schema.field("size"),
+                     pa.array(raw, pa.binary(width)))
+    pq.write_table(t, dst)
+    return dst
+
+
+@pytest.mark.parametrize("bits", [64, 128])
+def test_quantities_are_unsigned_and_quantity_undef_is_refused_with_a_reason(bits, tmp_path: Path) -> None:
+    """u64 quantities above i64::MAX raw are valid sizes (64-bit QUANTITY_MAX is 18,446,744,073);
+    QUANTITY_UNDEF (all bits set) becomes NaN and the trade is refused as size_not_positive."""
+    width, scale = bits // 8, SCALE[bits // 8]
+    big = 18_000_000_000 * 10**scale  # 1.8e19 raw at 64 bits: above i64::MAX, read negative when signed
+    undef = (1 << bits) - 1
+    path = _with_sizes(DATA / f"nautilus-{bits}-bit-trades.parquet", tmp_path / "t.parquet", [big, undef], width)
+    got = fixed_point_to_float(pq.read_table(path).column("size"), 4, unsigned=True).to_numpy(zero_copy_only=False)
+    assert got[0] == 18_000_000_000.0 and np.isnan(got[1])
+    assert np.array_equal(got[2:], independent(path, "size")[2:])
+    r = Replay([Source(path, policy="reject")])
+    sizes = np.concatenate([b["size"] for b in r.iter_arrays()])
+    assert sizes[0] == 18_000_000_000.0 and len(sizes) == 99  # the undefined-size trade refused
+    total = r.accounting.total
+    assert (total.read, total.rejected, dict(total.by_reason)) == (100, 1, {"size_not_positive": 1})
+    with pytest.raises(DataError, match="size"):
+        list(Replay([Source(path)]).iter_arrays())  # policy fail: the file, row and field named
+
+
+def test_signed_prices_stay_signed_at_both_widths() -> None:
+    for width in (8, 16):
+        arr = pa.array([(-25 * 10 ** (SCALE[width] - 1)).to_bytes(width, "little", signed=True)], pa.binary(width))
+        assert fixed_point_to_float(arr, 4).to_numpy(zero_copy_only=False)[0] == -2.5

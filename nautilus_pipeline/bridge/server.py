@@ -36,9 +36,11 @@ def free_port() -> int:
 class NatsServer:
     """``nats-server -js`` on 127.0.0.1:``port`` with its store in ``store``."""
 
-    def __init__(self, store: Path, port: int | None = None):
+    def __init__(self, store: Path, port: int | None = None, max_payload: int | None = None):
         self.store = Path(store)
         self.port = port or free_port()
+        self.max_payload = max_payload
+        """Largest message the server takes (its default: 1 MB); smaller in tests of chunking."""
         self.proc: subprocess.Popen | None = None
         self.log_path = self.store / "nats-server.log"
 
@@ -50,6 +52,10 @@ class NatsServer:
         self.store.mkdir(parents=True, exist_ok=True)
         cmd = [find_server(), "-js", "-a", "127.0.0.1", "-p", str(self.port),
                "-sd", str(self.store / "js"), "-l", str(self.log_path)]
+        if self.max_payload is not None:  # no command-line flag for it: a configuration file
+            conf = self.store / "nats-server.conf"
+            conf.write_text(f"max_payload: {int(self.max_payload)}\n")
+            cmd += ["-c", str(conf)]
         self.proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
                                      stderr=subprocess.DEVNULL)
         deadline = time.monotonic() + timeout

@@ -26,6 +26,7 @@ client, reported 2-3x faster) was not measured here: it is not installed on this
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -66,7 +67,7 @@ class BinanceWebsocketFeed:
 
     def __init__(self, url: str, *, flush_ticks: int = 4096, flush_us: float = 1000.0,
                  reconnect_delay_s: float = 0.1, max_reconnects: int = 10,
-                 end_on_close: bool = False):
+                 end_on_close: bool = False, close_timeout_s: float = 1.0):
         if flush_ticks < 1 or not flush_us > 0:
             raise PipelineError(f"flush_ticks must be >= 1 and flush_us > 0, got {flush_ticks}, {flush_us}")
         self.url = url
@@ -75,6 +76,7 @@ class BinanceWebsocketFeed:
         self.reconnect_delay_s = reconnect_delay_s
         self.max_reconnects = max_reconnects
         self.end_on_close = end_on_close
+        self.close_timeout_s = close_timeout_s
         self.stats = FeedStats()
         self._last_id: dict[tuple[str, str], int] = {}
         self._last_u: dict[tuple[str, str], int] = {}
@@ -91,7 +93,8 @@ class BinanceWebsocketFeed:
         due = 0.0  # when the batch in ``acc`` must leave
         while not stop.is_set():
             try:
-                async with connect(self.url, max_size=1 << 22, compression=None) as ws:
+                async with connect(self.url, max_size=1 << 22, compression=None,
+                                   close_timeout=self.close_timeout_s) as ws, _closing_on(stop, ws):
                     while not stop.is_set():
                         out = None
                         try:
@@ -115,17 +118,19 @@ class BinanceWebsocketFeed:
                         for item in out or ():
                             yield item
             except ConnectionClosedOK:
-                if self.end_on_close:
+                if self.end_on_close or stop.is_set():
                     break
                 self._reconnecting("closed by the server")
             except (ConnectionClosed, OSError, TimeoutError) as exc:
+                if stop.is_set():  # closed by ``_closing_on``, or failing as it closed
+                    break
                 failures += 1
                 if failures > self.max_reconnects:
                     raise FeedError(f"{self.url}: no connection after {self.max_reconnects} tries "
                                     f"({type(exc).__name__}: {exc})") from None
                 self._reconnecting(f"{type(exc).__name__}: {exc}")
-            if not stop.is_set():
-                await asyncio.sleep(self.reconnect_delay_s)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), self.reconnect_delay_s)
         for item in self._flush(acc):
             yield item
 
@@ -203,3 +208,23 @@ class BinanceWebsocketFeed:
                 out.append((symbol, {k: v[rows] for k, v in cols.items() if k != "symbol_id"}))
         self.stats.batches += 1
         return out
+
+
+@contextlib.asynccontextmanager
+async def _closing_on(stop: asyncio.Event, ws: Any) -> AsyncIterator[None]:
+    """Close ``ws`` as soon as ``stop`` is set, so a ``recv()`` waiting for a frame that may
+    never come (a quiet market, no batch open and so no flush timer) returns at once.
+
+    A watcher task per connection rather than racing ``recv()`` against ``stop.wait()`` per
+    frame: the race would cost a task and a wait per frame, the watcher nothing."""
+
+    async def watch() -> None:
+        await stop.wait()
+        await ws.close(1000, "feed stopped")
+
+    watcher = asyncio.get_running_loop().create_task(watch(), name="websocket-stop-watcher")
+    try:
+        yield
+    finally:
+        watcher.cancel()
+        await asyncio.gather(watcher, return_exceptions=True)  # a cancel of ours still propagates

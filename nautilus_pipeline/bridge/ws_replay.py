@@ -9,7 +9,9 @@ start), with faults to inject:
 - ``drop_after``: abort the first connection (no close frame) after that many frames;
 - ``lost_on_reconnect``: frames that go by while the client is away (never sent to it);
 - ``malformed_at``: frame numbers sent damaged (cut in half: not JSON);
-- ``skip_trade_ids``: an inclusive range of trade ids never sent (the exchange lost them).
+- ``skip_trade_ids``: an inclusive range of trade ids never sent (the exchange lost them);
+- ``stall_after``: after that many frames, send nothing more and keep the connection open
+  until the client closes it (a quiet market; ``client_closed`` is then set).
 
 At the end it closes with code 1000 ("end of replay").
 """
@@ -41,13 +43,16 @@ class CaptureReplayServer:
 
     def __init__(self, capture: str | Path, *, speed: float | None = None,
                  drop_after: int | None = None, lost_on_reconnect: int = 0,
-                 malformed_at: Iterable[int] = (), skip_trade_ids: tuple[int, int] | None = None):
+                 malformed_at: Iterable[int] = (), skip_trade_ids: tuple[int, int] | None = None,
+                 stall_after: int | None = None):
         self.frames = capture_frames(capture)
         self.speed = speed
         self.drop_after = drop_after
         self.lost_on_reconnect = lost_on_reconnect
         self.malformed_at = set(malformed_at)
         self.skip_trade_ids = skip_trade_ids
+        self.stall_after = stall_after
+        self.client_closed = asyncio.Event()
         self.position = 0
         self.connections = 0
         self.sent = 0
@@ -97,5 +102,9 @@ class CaptureReplayServer:
             sent_here += 1
             if self.connections == 1 and self.drop_after is not None and sent_here >= self.drop_after:
                 ws.transport.abort()  # no close frame: a dropped connection
+                return
+            if self.stall_after is not None and self.sent >= self.stall_after:
+                await ws.wait_closed()
+                self.client_closed.set()
                 return
         await ws.close(1000, "end of replay")

@@ -19,7 +19,7 @@ import pyarrow as pa
 from ..errors import DataError
 from .chunk import TickChunk
 from .files import check_file, decoding_errors, open_stream
-from .nautilus import fixed_point_to_float
+from .nautilus import SIZE_FIELDS, fixed_point_to_float
 from .parquet import mapped_fields
 from .table import FieldMap, arrays_to_chunk
 
@@ -85,8 +85,8 @@ class ArrowReader:
                     part = batch.slice(start, chunk_rows)
                     part.validate(full=True)
                     n = part.num_rows
-                    arrays = {fld: (fixed_point_to_float(part.column(col), self._fixed[fld]) if fld in self._fixed
-                                    else part.column(col)) for fld, col in fields.items()}
+                    arrays = {fld: (fixed_point_to_float(part.column(col), self._fixed[fld], unsigned=fld in SIZE_FIELDS)
+                                    if fld in self._fixed else part.column(col)) for fld, col in fields.items()}
                     chunk = arrays_to_chunk(self.path, arrays, self.fmap, np.arange(row, row + n, dtype=np.int64),
                                             symbol=self.symbol, raw=lambda i, b=part: b.slice(i, 1).to_pylist()[0])
                     row += n

@@ -14,7 +14,16 @@ decimal value (IEEE division is correctly rounded and ``q`` is exact below 2**53
 multiple (no precision in the metadata, or an odd file) goes through Python's exact
 ``int / int`` instead. The 128-bit column is reinterpreted as Arrow ``decimal128`` (the same
 16-byte layout) so that pyarrow does the 128-bit rescale, checking that no digit is lost.
-``PRICE_UNDEF``/``QUANTITY_UNDEF`` sentinels (the type's max) become NaN.
+Signedness. Prices are ``i64``/``i128`` (two's complement), quantities ``u64``/``u128``
+(``QuantityRaw`` is unsigned): a 64-bit size above ``i64::MAX`` raw (9.2e9 units; 64-bit
+``QUANTITY_MAX`` is 18,446,744,073) is a valid quantity, so size columns are decoded unsigned
+(``unsigned=True``), never as a negative number.
+
+Sentinels. ``PRICE_UNDEF`` (the signed type's max) and ``QUANTITY_UNDEF`` (the unsigned type's
+max, ``u64::MAX`` or ``u128::MAX``: all bits set) mean "no value": both become NaN. A NaN trade
+price or size is then refused by the checks (``price_not_finite``/``size_not_positive``, with
+the field and the file's row), a NaN quote size reads as "size unknown" (as a DBN
+``UNDEF_ORDER_SIZE`` does); nothing reaches a stage as a number it is not.
 
 Catalog folders. ``ParquetDataCatalog`` writes ``data/<data type>/<instrument id>/*.parquet``;
 :func:`catalog_files` lists, for a folder given as ``--ticks``, the trade and quote files in
@@ -40,6 +49,9 @@ CATALOG_TYPES = ("trade_tick", "quote_tick")
 DELTA_TYPES = ("order_book_delta", "order_book_deltas", "order_book_depth10")
 DELTA_COLUMNS = frozenset({"action", "side", "price", "size", "order_id", "flags"})
 _I64_MAX = np.iinfo(np.int64).max
+_U64_MAX = np.iinfo(np.uint64).max
+SIZE_FIELDS = frozenset({"size", "bid_size", "ask_size"})
+"""Tick fields that hold NautilusTrader quantities (unsigned raw values)."""
 
 
 def is_fixed_point(t: pa.DataType) -> bool:
@@ -62,8 +74,10 @@ def _exact(raw: list[int], scale: int) -> np.ndarray:
     return np.array([r / 10**scale for r in raw], dtype=np.float64)
 
 
-def fixed_point_to_float(arr: pa.Array | pa.ChunkedArray, precision: int | None) -> pa.Array:
-    """A ``fixed_size_binary[8|16]`` NautilusTrader column as float64 (see the module doc)."""
+def fixed_point_to_float(arr: pa.Array | pa.ChunkedArray, precision: int | None, *,
+                         unsigned: bool = False) -> pa.Array:
+    """A ``fixed_size_binary[8|16]`` NautilusTrader column as float64 (see the module doc);
+    ``unsigned`` for quantity columns (``u64``/``u128`` raw values, ``QUANTITY_UNDEF`` -> NaN)."""
     if isinstance(arr, pa.ChunkedArray):
         arr = arr.combine_chunks()
     width = arr.type.byte_width
@@ -73,11 +87,11 @@ def fixed_point_to_float(arr: pa.Array | pa.ChunkedArray, precision: int | None)
     valid = arr.buffers()[0]
     data = arr.buffers()[1]
     if width == 8:
-        raw = np.frombuffer(data, dtype="<i8", count=n, offset=arr.offset * 8)
-        undef = raw == _I64_MAX
-        step = 10 ** (scale - p)
+        raw = np.frombuffer(data, dtype="<u8" if unsigned else "<i8", count=n, offset=arr.offset * 8)
+        undef = raw == (_U64_MAX if unsigned else _I64_MAX)
+        step = raw.dtype.type(10 ** (scale - p))
         q, rem = np.divmod(raw, step)
-        ok = (rem == 0) & (np.abs(q) < 1 << 53)
+        ok = (rem == 0) & (q < 1 << 53) if unsigned else (rem == 0) & (np.abs(q) < 1 << 53)
         out = q / float(10**p)
         if not ok.all():
             bad = np.flatnonzero(~ok & ~undef)
@@ -85,20 +99,25 @@ def fixed_point_to_float(arr: pa.Array | pa.ChunkedArray, precision: int | None)
     else:
         dec = pa.Array.from_buffers(pa.decimal128(38, scale), n, [valid, data], offset=arr.offset)
         words = np.frombuffer(data, dtype="<i8", count=2 * n, offset=arr.offset * 16).reshape(n, 2)
-        undef = (words[:, 1] == _I64_MAX) & (words[:, 0] == -1)  # i128::MAX
+        if unsigned:  # u128::MAX; a set top bit is a u128 above i128::MAX (the exact path below)
+            undef = (words[:, 1] == -1) & (words[:, 0] == -1)
+            high = words[:, 1] < 0
+        else:  # i128::MAX
+            undef = (words[:, 1] == _I64_MAX) & (words[:, 0] == -1)
+            high = np.zeros(n, dtype=bool)
         try:
             scaled = pc.cast(dec, pa.decimal128(38, p))  # exact rescale, or ArrowInvalid
             sw = np.frombuffer(scaled.buffers()[1], dtype="<i8", count=2 * n, offset=scaled.offset * 16).reshape(n, 2)
             q = sw[:, 0]
             fits = ((sw[:, 1] == 0) & (q >= 0)) | ((sw[:, 1] == -1) & (q < 0))
-            ok = fits & (np.abs(q) < 1 << 53)
+            ok = fits & (np.abs(q) < 1 << 53) & ~high
             out = q / float(10**p)
         except pa.ArrowInvalid:
             ok = np.zeros(n, dtype=bool)
             out = np.empty(n)
         if not ok.all():
             bad = np.flatnonzero(~ok & ~undef)
-            ints = [int.from_bytes(arr[i].as_py(), "little", signed=True) for i in bad.tolist()]
+            ints = [int.from_bytes(arr[i].as_py(), "little", signed=not unsigned) for i in bad.tolist()]
             out[bad] = _exact(ints, scale)
     out[undef] = np.nan
     mask = None if valid is None else ~np.asarray(arr.is_valid())

@@ -35,7 +35,7 @@ import pyarrow.parquet as pq
 from ..errors import DataError
 from .chunk import TickChunk
 from .files import check_file
-from .nautilus import DELTA_COLUMNS, fixed_point_to_float, is_fixed_point, precision_of
+from .nautilus import DELTA_COLUMNS, SIZE_FIELDS, fixed_point_to_float, is_fixed_point, precision_of
 from .table import FieldMap, arrays_to_chunk
 
 _ERRORS = (pa.ArrowException, OSError, UnicodeDecodeError, ValueError, KeyError, IndexError, TypeError,
@@ -154,8 +154,8 @@ class ParquetReader:
                     if got > expected:
                         break
                     batch.validate(full=True)  # corrupt offsets or UTF-8 surface here, not in a kernel
-                    arrays = {fld: (fixed_point_to_float(batch.column(col), self._fixed[fld]) if fld in self._fixed
-                                    else batch.column(col)) for fld, col in fields.items()}
+                    arrays = {fld: (fixed_point_to_float(batch.column(col), self._fixed[fld], unsigned=fld in SIZE_FIELDS)
+                                    if fld in self._fixed else batch.column(col)) for fld, col in fields.items()}
                 except _ERRORS as e:
                     raise DataError(f"{where} cannot be decoded ({type(e).__name__}: {e}); the file is corrupt "
                                     "or truncated: re-download or re-export it") from e

@@ -306,6 +306,32 @@ def _rsi_value(avg_gain, avg_loss):
 _NO_QUOTES = np.full(1, np.nan)
 
 
+@njit(cache=True, nogil=True)
+def _feature_rows_small(n, sym, kind, ts, price, size, side, bid, ask, bid_size, ask_size,
+                        fs, ist, fs_new, ist_new, seen, decays, decay_dt, decay_vwap, rsi_n,
+                        out, index, dest):
+    """The live path of :meth:`FeatureTable.update_small`: rows ``[0, n)`` of the slab's
+    whole columns, the state copied into ``fs_new``/``ist_new`` and advanced there (the
+    batch path's own :func:`_feature_rows`), the chosen columns (``index``) into ``dest``.
+    Returns −2 (nothing done) for a symbol beyond the table, else ``_feature_rows``'s."""
+    rows = fs.shape[0]
+    for i in range(n):
+        if sym[i] >= rows:
+            return -2
+    fs_new[:, :] = fs
+    ist_new[:, :] = ist
+    bad = _feature_rows(sym[:n], kind[:n], ts[:n], price[:n], size[:n], side[:n], bid[:n], ask[:n],
+                        bid_size[:n], ask_size[:n], True, fs_new, ist_new, decays, decay_dt,
+                        decay_vwap, rsi_n, out[:n])
+    if bad >= 0:
+        return bad
+    for i in range(n):
+        seen[sym[i]] = True
+        for c in range(index.shape[0]):
+            dest[i, c] = out[i, index[c]]
+    return -1
+
+
 class FeatureTable:
     """The feature state of every symbol as rows of two arrays, for the numba kernel.
 
@@ -396,6 +422,23 @@ class FeatureTable:
             self.seen[top] = True
         else:
             self.seen[symbol_id] = True
+
+    def update_small(self, n: int, cols: tuple[np.ndarray, ...], out: np.ndarray,
+                     index: np.ndarray, dest: np.ndarray) -> bool:
+        """:meth:`update` for rows ``[0, n)`` of a slab's whole columns (``symbol_id``,
+        ``kind``, ``ts_ns``, ``price``, ``size``, ``side``, ``bid``, ``ask``, ``bid_size``,
+        ``ask_size``), in one kernel call: ``out`` is full-width scratch, ``dest`` gets the
+        ``index`` columns. False (nothing changed) where :meth:`update` must run."""
+        lay = self.layout
+        fs, ist = self._fs_scratch, self._ist_scratch
+        bad = _feature_rows_small(n, *cols, self.fs, self.ist, fs, ist, self.seen, lay.decays,
+                                  lay.decay_dt, lay.decay_vwap, self.config.rsi_period, out,
+                                  index, dest)
+        if bad != -1:
+            return False  # a new symbol's row, or a bad trade (update raises the error)
+        self.fs, self._fs_scratch = fs, self.fs
+        self.ist, self._ist_scratch = ist, self.ist
+        return True
 
     # --- conversion to and from the immutable per-symbol states ------------------------
     def load(self, key: int, state: FeatureState) -> None:

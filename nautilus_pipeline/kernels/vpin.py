@@ -82,6 +82,7 @@ __all__ = [
     "new_vpin_state",
     "propose_bucket_volume",
     "vpin_flush",
+    "vpin_rows_small",
     "vpin_update",
     "vpin_update_rows",
     "vpin_update_torch",
@@ -334,6 +335,40 @@ def _bar_scan(ts, price, size, bar_ns, bi, bf, ring, flush, o_ts, o_vol, o_f, o_
     bf[_F_S1], bf[_F_C1], bf[_F_S2], bf[_F_C2], bf[_F_LAST_DP] = s1, c1, s2, c2, last_dp
     bf[_F_SHIFT] = shift
     return m
+
+
+@njit(cache=True, nogil=True)
+def vpin_rows_small(n, key, sym, kind, ts, price, size, bar_ns, bi, bf, carry, o_vpin, o_cdf, o_toxic):
+    """The live path: rows ``[0, n)`` of a slab, all of symbol ``key``, whose trades all join
+    the open bar (no bar closes, so no bucket can complete): add them to the bar in place
+    (the bar scan's own additions, in order) and give every row the carried values.
+
+    Returns False, having changed nothing, for a batch it does not cover (another symbol,
+    no open bar, a trade opening a new bar, ``bar_ns = 0``, a bad size or price): the
+    batch path runs it (and raises for bad values).
+    """
+    if bar_ns == 0 or bi[_I_OPEN] != 1:
+        return False
+    open_id = bi[_I_OPEN_ID]
+    for i in range(n):
+        if sym[i] != key:
+            return False
+        if kind[i] == KIND_TRADE:
+            if not (size[i] >= 0.0 and math.isfinite(size[i]) and math.isfinite(price[i])):
+                return False
+            if ts[i] // bar_ns > open_id:
+                return False
+    open_vol, open_price, open_ts = bf[_F_OPEN_VOL], bf[_F_OPEN_PRICE], bi[_I_OPEN_TS]
+    for i in range(n):
+        if kind[i] == KIND_TRADE:
+            open_vol += size[i]
+            open_price = price[i]
+            open_ts = ts[i]
+        o_vpin[i] = carry[0]
+        o_cdf[i] = carry[1]
+        o_toxic[i] = np.uint8(carry[2])
+    bf[_F_OPEN_VOL], bf[_F_OPEN_PRICE], bi[_I_OPEN_TS] = open_vol, open_price, open_ts
+    return True
 
 
 @njit(cache=True, nogil=True)

@@ -54,10 +54,12 @@ from ..kernels.features import (
 )
 from ..memory import Lease
 from ..params import param
-from ..stage import Stage, StageContext
+from ..stage import INLINE_CHAIN_MAX_ROWS, Stage, StageContext
 
 FEATURES_COLUMN = "features"
 GPU_INPUTS = ("ts_ns", "price", "size", "side")
+_SMALL_COLUMNS = ("symbol_id", "kind", "ts_ns", "price", "size", "side", "bid", "ask", "bid_size",
+                  "ask_size")
 
 log = structlog.get_logger("nautilus_pipeline.features")
 
@@ -143,6 +145,9 @@ class FeaturesStage(Stage):
         self._index = None if index == list(range(len(available))) else np.asarray(index)
         self.table = FeatureTable(config)
         self._out = np.empty((0, len(available)))
+        self._small_out = np.empty((0, len(available)))
+        self._small_index = np.asarray(index, dtype=np.int64)
+        self._slab_columns: dict[int, tuple[np.ndarray, ...]] = {}
 
     async def start(self, ctx: StageContext) -> None:
         self.table = FeatureTable(self.config)
@@ -241,6 +246,20 @@ class FeaturesStage(Stage):
             np.take(out, self._index, axis=1, out=lease[FEATURES_COLUMN])
 
     async def process(self, lease: Lease, stream: ComputeStream, ctx: StageContext) -> None:
+        n = lease.length
+        if 0 < n <= INLINE_CHAIN_MAX_ROWS:
+            # the live path (small batches never take the GPU scan): one kernel call over
+            # the slab's whole columns
+            columns = lease.columns
+            slab = lease.slab
+            cols = self._slab_columns.get(slab.index)
+            if cols is None or cols[0] is not columns["symbol_id"]:
+                cols = self._slab_columns[slab.index] = tuple(columns[c] for c in _SMALL_COLUMNS)
+            if self._small_out.shape[0] < INLINE_CHAIN_MAX_ROWS:
+                self._small_out = np.empty((INLINE_CHAIN_MAX_ROWS, self._out.shape[1]))
+            if self.table.update_small(n, cols, self._small_out, self._small_index,
+                                       columns[FEATURES_COLUMN]):
+                return
         await stream.run(self._compute, lease, stream)
 
     def stats(self) -> dict[str, object]:

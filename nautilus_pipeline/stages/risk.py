@@ -44,7 +44,6 @@ from ..errors import ConfigError
 from ..events import KIND_TRADE, ColumnSpec, RiskEvent
 from ..kernels.risk import (
     RiskParams,
-    RiskState,
     breach_names,
     mc_var,
     new_generator,
@@ -52,12 +51,13 @@ from ..kernels.risk import (
     return_window,
     risk_update,
 )
+from ..kernels.risk_rows import F_LAST, SymbolBook, risk_rows_small
 from ..kernels.rows import ffill_rows, symbol_groups
-from ..kernels.signal import SignalParams, SignalState, new_signal_state, signal_update
+from ..kernels.signal import SignalParams, signal_update
 from ..kernels.var_batch import VarRequest, var_reports
 from ..memory import Lease
 from ..params import param
-from ..stage import Stage, StageContext, upstream_column
+from ..stage import INLINE_CHAIN_MAX_ROWS, Stage, StageContext, upstream_column
 from .features import FEATURES_COLUMN
 
 log = structlog.get_logger("nautilus_pipeline.risk")
@@ -71,6 +71,11 @@ SIGNAL_COLUMNS = (  # the final signal per row; quote rows: side 0, target NaN, 
     ColumnSpec("signal_reasons", np.dtype(np.int64)),
     ColumnSpec("signal_emit", np.dtype(np.uint8)),
 )
+SMALL_MAX_ROWS = INLINE_CHAIN_MAX_ROWS
+"""Batches of at most this many rows (one symbol's trades, no VaR report due) take the
+small-batch kernel (``kernels.risk_rows``): the live path."""
+_SMALL_COLUMNS = ("symbol_id", "kind", "ts_ns", "price", "prediction", "toxic", FEATURES_COLUMN,
+                  *RISK_COLUMNS, "kill", "breach", *(c.name for c in SIGNAL_COLUMNS))
 
 
 @dataclass(frozen=True, slots=True)
@@ -187,25 +192,35 @@ class RiskStage(Stage):
         self._vol_col = names.index(self.vol_feature)
 
     async def start(self, ctx: StageContext) -> None:
-        self.accounts: dict[int, RiskState] = {}
-        self.intents: dict[int, SignalState] = {}
-        self.signals: dict[int, SignalState] = {}
-        self.returns: dict[int, np.ndarray] = {}
-        self.trades: dict[int, int] = {}
-        self.last: dict[int, np.ndarray] = {}
+        self.books: dict[int, SymbolBook] = {}
+        self.small_batches = 0
         self.breaches = 0
         self.var_reports = 0
         self.generators: dict[int, object] = {}
         self._backend = "numpy"
         self._device: str | None = None
+        lim, rule = self.limits, self.rule
+        self._consts_f = np.array([lim.max_position, lim.max_notional, lim.max_drawdown, lim.fee_rate,
+                                   lim.fee_per_order, lim.initial_cash, rule.long_threshold,
+                                   rule.short_threshold, rule.max_position])
+        self._consts_i = np.array([lim.max_orders, lim.order_window_ns, rule.sizing == "proportional",
+                                   rule.step_aside_on_toxic, self.var_every, self._ret_col or 0,
+                                   self.var_window], dtype=np.int64)
+        self._slab_columns: dict[int, tuple[np.ndarray, ...]] = {}
 
     async def bind(self, stream: ComputeStream) -> None:
         # Load (or JIT-compile) the numba account scan before the first batch, off the loop.
         await asyncio.to_thread(
             risk_update, new_risk_state(self.limits), np.arange(2, dtype=np.int64), np.ones(2), np.zeros(2)
         )
-        if stream.backend in ("torch", "mlx"):  # the kernels' other backends
-            self._backend, self._device = stream.backend, stream.kernel_device
+        backend, device = ((stream.backend, stream.kernel_device)
+                           if stream.backend in ("torch", "mlx") else ("numpy", None))
+        if (backend, device) != (self._backend, self._device) and self.generators:
+            # Bound again, on the fallback stream after a device error: the generators of
+            # the old backend cannot run here. Each symbol's new one starts from the seed,
+            # as on a run that used this stream from the start.
+            self.generators = {}
+        self._backend, self._device = backend, device
         if self.route == "calibrated" and self._backend != "numpy":
             self._backend, self._device = await stream.run(self._calibrate)
         if self._backend != "numpy":  # compile var_batch's fused kernel (Triton) before the first batch
@@ -245,26 +260,25 @@ class RiskStage(Stage):
         sig_target = np.full(n, np.nan)
         sig_reasons = np.zeros(n, dtype=np.int64)
         sig_emit = np.zeros(n, dtype=np.uint8)
-        accounts, intents, returns = dict(self.accounts), dict(self.intents), dict(self.returns)
-        signals = dict(self.signals)
-        trades, last = dict(self.trades), dict(self.last)
+        books = dict(self.books)  # the touched symbols' books are replaced by new ones
         events: list[tuple[int, int, dict[str, np.ndarray] | None]] = []
         for key, rows in symbol_groups(sym):
             is_trade = kind[rows] == KIND_TRADE
             trade_rows = rows[is_trade]
-            acct = accounts.get(key) or new_risk_state(self.limits)
-            intent = intents.get(key) or new_signal_state(self.rule)
+            old = books.get(key) or SymbolBook.new(self.limits, self.var_window)
+            book = books[key] = old.copy()
             values = np.full((rows.shape[0], 6), np.nan)
+            carry = old.last
             if trade_rows.size:
+                intent, final = old.rule_state(self.rule, False), old.rule_state(self.rule, True)
                 p_trades, tox_trades = prob[trade_rows], toxic[trade_rows].astype(bool)
                 intent, plan = signal_update(
                     intent, p_trades, tox_trades, np.zeros(trade_rows.size, dtype=bool),
                 )
-                acct, out = risk_update(acct, ts[trade_rows], price[trade_rows], plan["target"])
+                acct, out = risk_update(old.account(self.limits), ts[trade_rows], price[trade_rows],
+                                        plan["target"])
                 # the final signals: the rule again, with the kill switch as of each row
-                final = signals.get(key) or new_signal_state(self.rule)
                 final, sig = signal_update(final, p_trades, tox_trades, out["kill"])
-                signals[key] = final
                 sig_side[trade_rows] = sig["side"]
                 sig_strength[trade_rows] = sig["strength"]
                 sig_target[trade_rows] = sig["target"]
@@ -278,39 +292,75 @@ class RiskStage(Stage):
                 # (the kill switch just tripped, or another limit joined), not on every row
                 # a limit stays breached.
                 breach = out["breach"]
-                prev = np.concatenate(([int(last[key][5]) if key in last else 0], breach[:-1]))
+                prev = np.concatenate(([int(carry[5])], breach[:-1]))
                 for i in np.flatnonzero((breach != 0) & (breach != prev)):
                     events.append((key, int(trade_rows[i]), None))
+                before = old.trades
+                after = before + trade_rows.size
+                window = old.window()
+                # the return window: the last var_window returns up to each row, as views of
+                # one array (return_window's result, without a copy per report)
+                ext = return_window(window, feats[trade_rows, self._ret_col],
+                                    window.shape[0] + trade_rows.size)
                 if self.var_every:
-                    before = trades.get(key, 0)
-                    after = before + trade_rows.size
                     due = np.arange((before // self.var_every + 1) * self.var_every, after + 1,
                                     self.var_every) - before - 1
-                    # each report's window: the last var_window returns up to its trade, as
-                    # views of one array (return_window's result, without a copy per report)
-                    window = returns.get(key, np.zeros(0))
-                    ext = return_window(window, feats[trade_rows, self._ret_col], window.shape[0]
-                                        + trade_rows.size)
                     ends = (due + 1 + window.shape[0]).tolist()
                     for row, end in zip(trade_rows[due].tolist(), ends, strict=True):
                         events.append((key, row, {"window": ext[max(end - self.var_window, 0) : end]}))
-                    returns[key] = return_window(ext, ext[:0], self.var_window)
-                    trades[key] = after
-            carry = last.get(key, np.array([0.0, np.nan, np.nan, np.nan, 0.0, 0.0]))
-            filled = ffill_rows(values, is_trade, carry)
+                filled = ffill_rows(values, is_trade, carry)
+                book.store(acct, intent, final, ext, after, filled[-1])
+            else:
+                filled = ffill_rows(values, is_trade, carry)
             cols[rows] = filled
-            last[key] = filled[-1].copy()
-            accounts[key], intents[key] = acct, intent
         due = [var for _, _, var in events if var is not None]
         requests = [self._var_request(key, row, cols, price, feats, var["window"])
                     for key, row, var in events if var is not None]
         # the batch's reports together: on a device one copy in and one out for all of them
-        reports = var_reports(requests, self.var_horizon, self.var_levels, n_paths=self.var_paths,
-                              count_copy=lease.pool.count_copy)
+        reports = self._reports(requests, lease)
         for var, report in zip(due, reports, strict=True):
             var["report"] = report
         signal_cols = (sig_side, sig_strength, sig_target, sig_reasons, sig_emit)
-        return (accounts, intents, signals, returns, trades, last), cols, signal_cols, events
+        return books, cols, signal_cols, events
+
+    def _small(self, lease: Lease) -> tuple[int, int, int] | None:
+        """The small-batch path (``kernels.risk_rows``): one kernel call over the slab's
+        columns and the symbol's book, in place. Returns (symbol id, its breach mask before
+        the batch, breach events in it), or None where the batch path must run."""
+        slab = lease.slab
+        cols = self._slab_columns.get(slab.index)
+        if cols is None or cols[0] is not slab.columns["symbol_id"]:
+            c = slab.columns
+            cols = self._slab_columns[slab.index] = tuple(c[name] for name in _SMALL_COLUMNS)
+        key = int(cols[0][0])
+        book = self.books.get(key)
+        if book is None:  # a symbol's first batch: the batch path makes its book
+            return None
+        breach_before = int(book.f[F_LAST + 5])
+        events = risk_rows_small(lease.length, key, *cols[:7], self._consts_f, self._consts_i,
+                                 book.f, book.i, book.ring, book.ret, *cols[7:])
+        if events < 0:
+            return None
+        self.small_batches += 1
+        return key, breach_before, events
+
+    def _reports(self, requests: list[VarRequest], lease: Lease) -> list[dict[str, np.ndarray]]:
+        """The batch's VaR reports; a failure rewinds the generators they drew from.
+
+        The stage commits its state only when a batch succeeds, but the generators advance
+        inside the kernels: without the rewind a batch rerun on the fallback stream (or a
+        batch that failed) would leave them where the failed draws took them.
+        """
+        if not requests:
+            return []
+        before = {id(q.generator): (q.generator, _generator_state(q.generator)) for q in requests}
+        try:
+            return var_reports(requests, self.var_horizon, self.var_levels, n_paths=self.var_paths,
+                               count_copy=lease.pool.count_copy)
+        except BaseException:
+            for gen, (kind, value) in before.values():
+                _set_generator_state(gen, kind, value, self.name)
+            raise
 
     def _var_request(self, key, row, cols, price, feats, window) -> VarRequest:
         """What the VaR report of one symbol at one row needs (parametric, historical and
@@ -329,15 +379,26 @@ class RiskStage(Stage):
         return VarRequest(exposure, sigma, window, gen)
 
     async def process(self, lease: Lease, stream: ComputeStream, ctx: StageContext) -> None:
-        state, cols, signal_cols, events = await stream.run(self._compute, lease)
-        slab, n = lease.columns, lease.length  # one liveness check for the 11 writes
+        n = lease.length
+        if 0 < n <= SMALL_MAX_ROWS:
+            done = self._small(lease)
+            if done is not None:
+                key, breach_before, events = done
+                if events:
+                    breach = lease["breach"]
+                    prev = np.concatenate(([breach_before], breach[:-1]))
+                    for row in np.flatnonzero((breach != 0) & (breach != prev)).tolist():
+                        await self._publish(lease, stream, ctx, key, row, None)
+                return
+        books, cols, signal_cols, events = await stream.run(self._compute, lease)
+        slab = lease.columns  # one liveness check for the 11 writes
         for j, c in enumerate(RISK_COLUMNS):
             slab[c][:n] = cols[:, j]
         slab["kill"][:n] = cols[:, 4]
         slab["breach"][:n] = cols[:, 5]
         for spec, values in zip(SIGNAL_COLUMNS, signal_cols, strict=True):
             slab[spec.name][:n] = values
-        self.accounts, self.intents, self.signals, self.returns, self.trades, self.last = state
+        self.books = books
         for key, row, var in events:
             await self._publish(lease, stream, ctx, key, row, var)
 
@@ -364,7 +425,8 @@ class RiskStage(Stage):
         return {
             "breaches": self.breaches,
             "var_reports": self.var_reports,
-            "kill_switch_on": sorted(k for k, a in self.accounts.items() if a.kill),
+            "small_batches": self.small_batches,
+            "kill_switch_on": sorted(k for k, b in self.books.items() if b.i[0]),
         }
 
     def snapshot_params(self) -> dict[str, object]:
@@ -375,20 +437,24 @@ class RiskStage(Stage):
 
     def snapshot_state(self) -> dict[str, object]:
         """Each symbol's account and limits, intended and final signal, VaR return window,
-        trade count, carried row values and Monte Carlo generator position."""
-        return {"accounts": dict(self.accounts), "intents": dict(self.intents),
-                "signals": dict(self.signals),
-                "returns": dict(self.returns), "trades": dict(self.trades),
-                "last": {k: v.copy() for k, v in self.last.items()},
+        trade count, carried row values and Monte Carlo generator position (copies: the
+        small path updates the books in place)."""
+        books = self.books
+        return {"accounts": {k: b.account(self.limits) for k, b in books.items()},
+                "intents": {k: b.rule_state(self.rule, False) for k, b in books.items()},
+                "signals": {k: b.rule_state(self.rule, True) for k, b in books.items()},
+                "returns": {k: b.window().copy() for k, b in books.items()},
+                "trades": {k: b.trades for k, b in books.items()},
+                "last": {k: b.last.copy() for k, b in books.items()},
                 "generators": {k: _generator_state(g) for k, g in self.generators.items()}}
 
     def restore_state(self, state: dict[str, object]) -> None:
-        self.accounts = dict(state["accounts"])
-        self.intents = dict(state["intents"])
-        self.signals = dict(state["signals"])
-        self.returns = dict(state["returns"])
-        self.trades = dict(state["trades"])
-        self.last = dict(state["last"])
+        self.books = {}
+        for key, acct in state["accounts"].items():
+            book = SymbolBook.new(self.limits, self.var_window)
+            book.store(acct, state["intents"][key], state["signals"][key], state["returns"][key],
+                       int(state["trades"][key]), state["last"][key])
+            self.books[key] = book
         self.generators = {}
         for key, (kind, value) in state["generators"].items():
             gen = new_generator(self._backend, self.seed, self._device, stream=key)

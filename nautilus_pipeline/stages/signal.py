@@ -56,19 +56,34 @@ class SignalStage(Stage):
     async def start(self, ctx: StageContext) -> None:
         self.emitted = 0
         self.by_side = {s.value: 0 for s in Side}
+        self._topics: dict[int, tuple[str, str]] = {}  # symbol id → (name, topic)
 
     async def process(self, lease: Lease, stream: ComputeStream, ctx: StageContext) -> None:
-        rows = np.flatnonzero(lease["signal_emit"])
-        if not rows.size:
-            return
-        ts, sym = lease["ts_ns"], lease["symbol_id"]
-        side, strength = lease["signal_side"], lease["signal_strength"]
-        target, reasons = lease["signal_target"], lease["signal_reasons"]
-        for row in rows.tolist():
-            symbol = ctx.symbol_name(int(sym[row]))
+        cols, n = lease.columns, lease.length
+        emit = cols["signal_emit"]
+        if n == 1:  # a live tick: one scalar read, most ticks change nothing
+            if not emit[0]:
+                return
+            rows = [0]
+        else:
+            rows = np.flatnonzero(emit[:n]).tolist()
+            if not rows:
+                return
+        ts, sym = cols["ts_ns"], cols["symbol_id"]
+        side, strength = cols["signal_side"], cols["signal_strength"]
+        target, reasons = cols["signal_target"], cols["signal_reasons"]
+        topics_of = self._topics
+        for row in rows:
+            key = int(sym[row])
+            named = topics_of.get(key)
+            if named is None:
+                symbol = ctx.symbol_name(key)
+                named = (symbol, topics.event(self.topic_prefix, symbol))
+                if ctx.symbols is not None and key < len(ctx.symbols):  # ids never change name
+                    topics_of[key] = named
             signal = Signal(
                 ts_ns=int(ts[row]),
-                symbol=symbol,
+                symbol=named[0],
                 side=_SIDES[int(side[row])],
                 strength=float(strength[row]),
                 target_position=float(target[row]),
@@ -76,7 +91,7 @@ class SignalStage(Stage):
             )
             self.emitted += 1
             self.by_side[signal.side.value] += 1
-            await ctx.publish(topics.event(self.topic_prefix, symbol), signal)
+            await ctx.publish(named[1], signal)
 
     def stats(self) -> dict[str, object]:
         return {"signals": self.emitted, "by_side": dict(self.by_side)}
