@@ -101,3 +101,55 @@ def test_the_progress_bar_counts_jobs_ticks_and_failed_symbols():
         bar.bar.refresh()
         assert bar.bar.tasks[0].completed == 3 and bar.bar.tasks[0].total == 3
     assert "1,234 ticks" in text.getvalue() and "1 failed" in text.getvalue()
+
+
+def test_sigterm_while_planning_leaves_a_summary_of_nothing_run(sample_dir, tmp_path, monkeypatch, capsys):
+    import importlib
+    import os
+
+    planning = importlib.import_module("nautilus_pipeline.batch.plan")  # the module, not the function
+    split_real(sample_dir, tmp_path / "in", damage=False)
+    inspect = planning.inspect_file
+
+    def inspect_then_sigterm(*args, **kwargs):
+        info = inspect(*args, **kwargs)
+        os.kill(os.getpid(), signal.SIGTERM)  # a real signal, delivered while the plan runs
+        return info
+
+    monkeypatch.setattr(planning, "inspect_file", inspect_then_sigterm)
+    before = signal.getsignal(signal.SIGTERM)
+    out = tmp_path / "out"
+    assert main(["batch", "default", str(tmp_path / "in" / "*.csv"), "--out", str(out), "--workers", "1"]) == 143
+    summary = orjson.loads((out / "summary.json").read_bytes())
+    assert summary["interrupted"] is True and summary["interrupted_in"] == "plan"
+    assert len(summary["files"]) == 5 and {f["status"] for f in summary["files"].values()} == {"not_run"}
+    assert summary["jobs"] == [] and summary["outputs"] == {}
+    assert_accounting_closes(summary)
+    assert signal.getsignal(signal.SIGTERM) is before
+
+
+def test_ctrl_c_while_merging_leaves_a_summary_of_the_kinds_merged(sample_dir, tmp_path, monkeypatch):
+    import os
+
+    from nautilus_pipeline.batch import merge, run_batch
+
+    split_real(sample_dir, tmp_path / "in", damage=False)
+    install = merge._install
+
+    def install_then_sigint(*args, **kwargs):
+        install(*args, **kwargs)
+        os.kill(os.getpid(), signal.SIGINT)  # as the first kind is put in place
+
+    monkeypatch.setattr(merge, "_install", install_then_sigint)
+    out = tmp_path / "out"
+    report = run_batch("default", [str(tmp_path / "in" / "*.csv")], out, workers=2)
+    assert report.exit_code == 130
+    summary = orjson.loads((out / "summary.json").read_bytes())
+    assert summary["interrupted"] is True and summary["interrupted_in"] == "merge"
+    assert {f["status"] for f in summary["files"].values()} == {"done"}
+    (kind,) = summary["outputs"]
+    assert summary["merge_incomplete"] and kind not in summary["merge_incomplete"]
+    assert pq.read_table(out / kind).num_rows == summary["outputs"][kind]["rows"] > 0
+    assert not list(out.glob(".*.merging")) and not any((out / k).exists() for k in summary["merge_incomplete"])
+    assert len(list((out / "jobs").glob("*/*/*.parquet"))) >= len(summary["jobs"])
+    assert_accounting_closes(summary)

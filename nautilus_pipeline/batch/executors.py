@@ -34,6 +34,7 @@ import multiprocessing
 import os
 import shutil
 import signal
+import sys
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field, replace
@@ -71,8 +72,10 @@ class Work:
 
 @dataclass
 class Outcome:
-    """What an executor did: results in chain order, failed chains (error text and whether it
-    was the data), retries after dead workers, and whether it was interrupted."""
+    """What an executor did: results (as they come; :meth:`in_order` sorts them), failed
+    chains (error text and whether it was the data), retries after dead workers, and whether
+    it was interrupted. The caller may pass it in, so that what finished is known even if the
+    executor is stopped half-way."""
 
     results: list[JobResult] = field(default_factory=list)
     failures: dict[str, str] = field(default_factory=dict)
@@ -83,6 +86,11 @@ class Outcome:
     submitted_at: dict[str, float] = field(default_factory=dict)
     returned_at: dict[str, float] = field(default_factory=dict)
     attempts: dict[str, int] = field(default_factory=dict)  # job → runs it took (local)
+
+    def in_order(self, chains: list[Chain]) -> None:
+        """Results in chain order, a chain's jobs in their order."""
+        rank = {c.key: i for i, c in enumerate(chains)}
+        self.results.sort(key=lambda r: (rank.get(r.job_id.rsplit("/", 1)[0], len(rank)), r.job_id))
 
     def fail(self, chain: str, exc: BaseException | str) -> None:
         if chain in self.failures:
@@ -247,13 +255,12 @@ class LocalExecutor:
             self._ready.shutdown(wait=False, cancel_futures=True)
             self._ready = None
 
-    def run(self, work: Work, chains: list[Chain], progress: Progress) -> Outcome:
-        out = Outcome()
+    def run(self, work: Work, chains: list[Chain], progress: Progress, out: Outcome | None = None) -> Outcome:
+        out = Outcome() if out is None else out
         busy_dir = Path(work.out) / ".workers"
         work = replace(work, busy_dir=str(busy_dir))
         pool, self._ready = self._ready or self._pool(work), None
         pending: dict[cf.Future, _Task] = {}
-        by_chain: dict[str, list[JobResult]] = {c.key: [] for c in chains}
 
         def submit(task: _Task) -> None:
             nonlocal pool
@@ -296,7 +303,7 @@ class LocalExecutor:
                         continue
                     out.returned_at[value.job_id] = time.perf_counter()
                     out.attempts[value.job_id] = task.attempt + 1
-                    by_chain[chain.key].append(value)
+                    out.results.append(value)
                     progress.job_done(value)
                     if task.index + 1 < len(chain.files):
                         submit(_Task(chain, task.index + 1, value.state, last=value.last))
@@ -327,7 +334,7 @@ class LocalExecutor:
         finally:
             pool.shutdown(wait=True, cancel_futures=True)
             shutil.rmtree(busy_dir, ignore_errors=True)
-        out.results = [r for c in chains for r in by_chain[c.key]]
+        out.in_order(chains)
         return out
 
 
@@ -357,9 +364,15 @@ class RayExecutor:
         self.workers = workers
         self.address = address
         self.max_retries = max_retries
+        self._started = False
 
     def close(self) -> None:
-        """Nothing to stop before :meth:`run` (Ray starts there)."""
+        """Stop the Ray this executor started, if any (also when stopped half-way through
+        ``ray.init``)."""
+        ray = sys.modules.get("ray")
+        if self._started and ray is not None and ray.is_initialized():
+            ray.shutdown()
+        self._started = False
 
     def _init(self) -> bool:
         try:
@@ -368,6 +381,7 @@ class RayExecutor:
             raise ConfigError("--executor ray needs Ray: pip install 'nautilus-pipeline[cluster]'") from None
         if ray.is_initialized():
             return False
+        self._started = True
         kwargs: dict[str, Any] = {"include_dashboard": False, "log_to_driver": False,
                                   "configure_logging": False}
         if self.address:  # the cluster's workers must have nautilus_pipeline installed
@@ -379,24 +393,23 @@ class RayExecutor:
             ray.init(num_cpus=self.workers or os.cpu_count(), **kwargs)
         return True
 
-    def run(self, work: Work, chains: list[Chain], progress: Progress) -> Outcome:
-        out = Outcome()
+    def run(self, work: Work, chains: list[Chain], progress: Progress, out: Outcome | None = None) -> Outcome:
+        out = Outcome() if out is None else out
         t0 = time.perf_counter()
-        started = self._init()
-        import ray
-
-        out.startup_s = time.perf_counter() - t0
+        self._started = False
         try:
+            self._init()
+            import ray
+
+            out.startup_s = time.perf_counter() - t0
             return self._run(ray, work, chains, progress, out)
         finally:
-            if started:
-                ray.shutdown()
+            self.close()
 
     def _run(self, ray: Any, work: Work, chains: list[Chain], progress: Progress, out: Outcome) -> Outcome:
         job = ray.remote(num_cpus=1, max_retries=self.max_retries)(_ray_job)
         calibrate = ray.remote(num_cpus=1, max_retries=self.max_retries)(run_calibration)
         refs: dict[Any, tuple[Chain, JobSpec]] = {}
-        by_chain: dict[str, list[JobResult]] = {c.key: [] for c in chains}
         for chain in chains:
             if chain.error is not None:
                 out.fail(chain.key, DataError(chain.error))
@@ -423,16 +436,19 @@ class RayExecutor:
                                                   len(chain.files) - spec.index)
                         continue
                     out.returned_at[res.job_id] = time.perf_counter()
-                    by_chain[chain.key].append(res)
+                    out.results.append(res)
                     progress.job_done(res)
         except KeyboardInterrupt:
             out.interrupted = True
             for ref in pending:
                 ray.cancel(ref, force=True)
+        out.in_order(chains)
+        first: dict[str, JobResult] = {}
+        for res in out.results:
+            first.setdefault(res.job_id.rsplit("/", 1)[0], res)
         for chain in chains:
-            if work.calibrate and chain.key not in out.failures and by_chain[chain.key]:
-                chain.overrides = by_chain[chain.key][0].overrides
-        out.results = [r for c in chains for r in sorted(by_chain[c.key], key=lambda r: r.job_id)]
+            if work.calibrate and chain.key not in out.failures and chain.key in first:
+                chain.overrides = first[chain.key].overrides
         return out
 
 

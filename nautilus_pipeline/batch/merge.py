@@ -14,9 +14,12 @@ with their status (``failed``, ``not_run``) and the error.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
-from collections.abc import Sequence
+import signal
+import threading
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 from urllib.parse import quote
@@ -35,8 +38,17 @@ SKIPPED_KINDS = ("latency",)
 COUNTS = ("read", "delivered", "rejected", "quarantined")
 
 
-def merge_outputs(out: Path, results: Sequence[JobResult]) -> dict[str, dict[str, Any]]:
+def output_kinds(results: Sequence[JobResult]) -> list[str]:
+    """The kinds :func:`merge_outputs` merges, in its order."""
+    return sorted({k for r in results for k in r.paths if k not in SKIPPED_KINDS})
+
+
+def merge_outputs(out: Path, results: Sequence[JobResult], *,
+                  merged: dict[str, dict[str, Any]] | None = None) -> dict[str, dict[str, Any]]:
     """One dataset per kind of the jobs' Parquet outputs; returns kind → rows and folder.
+
+    ``merged`` is filled kind by kind as each is in place, so a caller stopped half-way (a
+    Ctrl-C) knows which kinds are complete; a kind cut short leaves no temporary folder.
 
     A chain's jobs are concatenated in chain order; a part already in time order (the usual
     case: a chain is ordered by first timestamp) is written as it is, otherwise it is sorted
@@ -46,34 +58,67 @@ def merge_outputs(out: Path, results: Sequence[JobResult]) -> dict[str, dict[str
         for kind, path in res.paths.items():
             if kind not in SKIPPED_KINDS:
                 by_kind.setdefault(kind, []).append((res.job_id, path))
-    merged = {}
+    merged = {} if merged is None else merged
     for kind, parts in sorted(by_kind.items()):
-        folder = out / kind
         tmp = out / f".{kind}.merging"
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-        rows = 0
-        tables = [t for t in (pq.read_table(p) for _, p in sorted(parts)) if t.num_rows]
-        if tables and all("symbol" in t.column_names for t in tables):
-            for sym, table in _by_symbol(tables):
-                rows += table.num_rows
-                # Hive partition values are URI-encoded (pyarrow.dataset decodes them): a
-                # symbol such as EUR/USD is one folder, symbol=EUR%2FUSD, not two
-                part = tmp / f"symbol={quote(sym, safe='')}"
-                part.mkdir()
-                pq.write_table(table.drop_columns(["symbol"]), part / "part-0.parquet")
-        elif tables:
-            table = _in_time_order(pa.concat_tables(tables, promote_options="permissive"))
-            rows = table.num_rows
-            pq.write_table(table, tmp / "part-0.parquet")
-        old = out / f".{kind}.old"
-        shutil.rmtree(old, ignore_errors=True)
-        if folder.exists():
-            os.replace(folder, old)
-        os.replace(tmp, folder)
-        shutil.rmtree(old, ignore_errors=True)
-        merged[kind] = {"rows": rows, "path": str(folder)}
+        try:
+            rows = _merge_kind(kind, parts, tmp)
+            with deferred_signals():  # in place and recorded, or neither
+                _install(tmp, out / kind)
+                merged[kind] = {"rows": rows, "path": str(out / kind)}
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
     return merged
+
+
+@contextlib.contextmanager
+def deferred_signals() -> Iterator[None]:
+    """SIGINT and SIGTERM held back for the few lines inside, then raised again (main thread
+    only: Python runs signal handlers there)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    got: list[int] = []
+    previous = {s: signal.signal(s, lambda signum, frame: got.append(signum))
+                for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+        if got:
+            signal.raise_signal(got[0])
+
+
+def _install(tmp: Path, folder: Path) -> None:
+    """``tmp`` renamed to ``folder``, replacing an older merge."""
+    old = folder.parent / f".{folder.name}.old"
+    shutil.rmtree(old, ignore_errors=True)
+    if folder.exists():
+        os.replace(folder, old)
+    os.replace(tmp, folder)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def _merge_kind(kind: str, parts: list[tuple[str, str]], tmp: Path) -> int:
+    """One kind's parts written into ``tmp`` (a folder); returns the rows written."""
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    rows = 0
+    tables = [t for t in (pq.read_table(p) for _, p in sorted(parts)) if t.num_rows]
+    if tables and all("symbol" in t.column_names for t in tables):
+        for sym, table in _by_symbol(tables):
+            rows += table.num_rows
+            # Hive partition values are URI-encoded (pyarrow.dataset decodes them): a
+            # symbol such as EUR/USD is one folder, symbol=EUR%2FUSD, not two
+            part = tmp / f"symbol={quote(sym, safe='')}"
+            part.mkdir()
+            pq.write_table(table.drop_columns(["symbol"]), part / "part-0.parquet")
+    elif tables:
+        table = _in_time_order(pa.concat_tables(tables, promote_options="permissive"))
+        rows = table.num_rows
+        pq.write_table(table, tmp / "part-0.parquet")
+    return rows
 
 
 def _by_symbol(tables: list[pa.Table]) -> list[tuple[str, pa.Table]]:
@@ -103,8 +148,10 @@ def _in_time_order(table: pa.Table) -> pa.Table:
 
 
 def summarise(chains: Sequence[Chain], results: Sequence[JobResult], failures: dict[str, str],
-              merged: dict[str, dict[str, Any]], *, meta: dict[str, Any]) -> dict[str, Any]:
-    """The batch's summary: per file, per job, per chain and totals; accounting checked."""
+              merged: dict[str, dict[str, Any]], *, meta: dict[str, Any],
+              unplanned: Sequence[str] = ()) -> dict[str, Any]:
+    """The batch's summary: per file, per job, per chain and totals; accounting checked.
+    ``unplanned``: files the plan did not reach (it was stopped), listed ``not_run``."""
     done = {f: (res, res.accounting[f]) for res in results for f in res.files}
     files: dict[str, dict[str, Any]] = {}
     chain_rows = []
@@ -129,6 +176,8 @@ def summarise(chains: Sequence[Chain], results: Sequence[JobResult], failures: d
                            ("done" if n_done == len(chain.files) else "incomplete"),
                            "error": failures.get(chain.key), "trace_every": chain.trace_every,
                            "overrides": chain.overrides})
+    for path in unplanned:
+        files[path] = {"symbol": None, "status": "not_run", **dict.fromkeys(COUNTS, 0), "by_reason": {}}
     totals = {k: sum(f[k] for f in files.values()) for k in COUNTS}
     for k in ("processed", "failed_in_stages", "failed_batches"):
         totals[k] = sum(r.ticks[k] for r in results)
