@@ -69,8 +69,8 @@ def loop_books(data: dict[str, np.ndarray], levels: int = LEVELS):
     return feats, lv
 
 
-async def run_book(data, batch_size, *, extra=()):
-    book = BookStage(levels=LEVELS)
+async def run_book(data, batch_size, *, extra=(), capacity=None):
+    book = BookStage(levels=LEVELS) if capacity is None else BookStage(levels=LEVELS, capacity=capacity)
     cap = Capture((BOOK_FEATURES_COLUMN, *LEVEL_COLUMNS, "bid", "ask", "bid_size", "ask_size", *extra))
     stages = [book, *([FeaturesStage()] if extra else []), cap]
     async with Pipeline(stages, batch_size=batch_size, slabs=4, memory="host") as pipe:
@@ -95,6 +95,28 @@ async def test_real_mbo_book_features_equal_the_loop_for_any_batch_size(mbo_data
         assert same(cap.column(col), want_lv[:, i, :])
     assert book.stats()["book_rows"] == int((data["kind"] == KIND_BOOK).sum())
     assert book.stats()["clears"] == 1  # the snapshot at the start
+    assert (book.stats()["levels_evicted"], book.stats()["rows_inexact"]) == (0, 0) and "notes" not in book.stats()
+
+
+@pytest.mark.parametrize("batch_size", [7, 4096])
+async def test_a_capacity_below_the_books_depth_is_counted_and_never_publishes_a_wrong_number(
+        mbo_data, batch_size) -> None:
+    """The bundled ESH4 book is hundreds of levels deep; with 16 kept per side levels are
+    pushed out: the stage counts them (stats and a note in the run summary), and every number
+    it still writes equals the full loop book's (NaN only where a feature needed a forgotten level)."""
+    data, (want_feats, want_lv) = mbo_data
+    book, cap = await run_book(data, batch_size, capacity=16)
+    got = cap.column(BOOK_FEATURES_COLUMN)
+    known = ~np.isnan(got)
+    assert np.array_equal(got[known], want_feats[known])
+    for i, col in enumerate(LEVEL_COLUMNS):
+        g = cap.column(col)
+        assert np.array_equal(g[~np.isnan(g)], want_lv[:, i, :][~np.isnan(g)])
+    st = book.stats()
+    assert st["levels_evicted"] > 0 and st["updates_beyond_capacity"] > 0
+    unknown = (np.isnan(got) & ~np.isnan(want_feats)).any(axis=1)
+    assert st["rows_inexact"] == int(unknown.sum()) > 0  # a forgotten level means the full book has a number
+    assert "capacity 16 levels per side" in st["notes"][0]
 
 
 async def test_book_rows_carry_the_top_of_book_as_quotes_and_trades_keep_theirs(mbo_data) -> None:

@@ -40,6 +40,8 @@ from ..kernels.book import (
     ACTION_CLEAR,
     ACTION_SET,
     BOOK_FEATURE_NAMES,
+    COUNT_NAMES,
+    DEFAULT_CAPACITY,
     DEPTHS,
     BookState,
     book_update,
@@ -60,7 +62,8 @@ class BookStageParams:
     """The book stage's parameters."""
 
     levels: int = param(5, "best levels per side written as columns book_bid_price, ... (0: none)")
-    capacity: int = param(64, "levels kept per side (a level pushed out below the worst is forgotten)")
+    capacity: int = param(DEFAULT_CAPACITY, "most levels kept per side; beyond it the worst are forgotten, "
+                          "counted, and features needing them are NaN (kernels/book.py)")
 
     def __post_init__(self) -> None:
         if isinstance(self.levels, bool) or not isinstance(self.levels, int) or self.levels < 0:
@@ -82,7 +85,7 @@ class BookStage(Stage):
     def from_params(cls, p: BookStageParams, ctx: Any, *, name: str, streams: Sequence[str]) -> BookStage:
         return cls(levels=p.levels, capacity=p.capacity, name=name, streams=streams)
 
-    def __init__(self, *, levels: int = 5, capacity: int = 64, name: str = "book",
+    def __init__(self, *, levels: int = 5, capacity: int = DEFAULT_CAPACITY, name: str = "book",
                  streams: Sequence[str] = ("cpu",)):
         BookStageParams(levels, capacity)  # the same checks for direct construction
         self.levels = levels
@@ -163,4 +166,18 @@ class BookStage(Stage):
         self.clears = int(state["clears"])
 
     def stats(self) -> dict[str, object]:
-        return {"symbols": len(self.books), "book_rows": self.book_rows, "clears": self.clears}
+        """Counters; ``levels_evicted``/``updates_beyond_capacity``/``rows_inexact`` (summed over
+        the books, ``kernels.book.COUNT_NAMES``) say whether ``capacity`` cut a deep book, and a
+        note in the run summary says so when it did."""
+        counts = dict.fromkeys(COUNT_NAMES, 0)
+        for b in self.books.values():
+            for name, v in zip(COUNT_NAMES, b.counts.tolist(), strict=True):
+                counts[name] += v
+        out: dict[str, object] = {"symbols": len(self.books), "book_rows": self.book_rows, "clears": self.clears,
+                                  "levels_evicted": counts["evicted"],
+                                  "updates_beyond_capacity": counts["beyond"], "rows_inexact": counts["inexact"]}
+        if counts["evicted"]:
+            out["notes"] = [f"capacity {self.capacity} levels per side: {counts['evicted']:,} levels pushed out, "
+                            f"{counts['beyond']:,} updates beyond the kept levels ignored, {counts['inexact']:,} rows "
+                            "with a feature NaN because it needed a forgotten level (raise capacity)"]
+        return out
