@@ -204,8 +204,14 @@ class RiskStage(Stage):
         await asyncio.to_thread(
             risk_update, new_risk_state(self.limits), np.arange(2, dtype=np.int64), np.ones(2), np.zeros(2)
         )
-        if stream.backend in ("torch", "mlx"):  # the kernels' other backends
-            self._backend, self._device = stream.backend, stream.kernel_device
+        backend, device = ((stream.backend, stream.kernel_device)
+                           if stream.backend in ("torch", "mlx") else ("numpy", None))
+        if (backend, device) != (self._backend, self._device) and self.generators:
+            # Bound again, on the fallback stream after a device error: the generators of
+            # the old backend cannot run here. Each symbol's new one starts from the seed,
+            # as on a run that used this stream from the start.
+            self.generators = {}
+        self._backend, self._device = backend, device
         if self.route == "calibrated" and self._backend != "numpy":
             self._backend, self._device = await stream.run(self._calibrate)
         if self._backend != "numpy":  # compile var_batch's fused kernel (Triton) before the first batch
@@ -305,12 +311,29 @@ class RiskStage(Stage):
         requests = [self._var_request(key, row, cols, price, feats, var["window"])
                     for key, row, var in events if var is not None]
         # the batch's reports together: on a device one copy in and one out for all of them
-        reports = var_reports(requests, self.var_horizon, self.var_levels, n_paths=self.var_paths,
-                              count_copy=lease.pool.count_copy)
+        reports = self._reports(requests, lease)
         for var, report in zip(due, reports, strict=True):
             var["report"] = report
         signal_cols = (sig_side, sig_strength, sig_target, sig_reasons, sig_emit)
         return (accounts, intents, signals, returns, trades, last), cols, signal_cols, events
+
+    def _reports(self, requests: list[VarRequest], lease: Lease) -> list[dict[str, np.ndarray]]:
+        """The batch's VaR reports; a failure rewinds the generators they drew from.
+
+        The stage commits its state only when a batch succeeds, but the generators advance
+        inside the kernels: without the rewind a batch rerun on the fallback stream (or a
+        batch that failed) would leave them where the failed draws took them.
+        """
+        if not requests:
+            return []
+        before = {id(q.generator): (q.generator, _generator_state(q.generator)) for q in requests}
+        try:
+            return var_reports(requests, self.var_horizon, self.var_levels, n_paths=self.var_paths,
+                               count_copy=lease.pool.count_copy)
+        except BaseException:
+            for gen, (kind, value) in before.values():
+                _set_generator_state(gen, kind, value, self.name)
+            raise
 
     def _var_request(self, key, row, cols, price, feats, window) -> VarRequest:
         """What the VaR report of one symbol at one row needs (parametric, historical and
