@@ -9,8 +9,10 @@ import numpy as np
 from nautilus_pipeline.kernels.book import ACTION_CLEAR, BOOK_FEATURE_NAMES
 
 
-def reference(side, price, size, action, capacity=64, levels=0):
-    """Dict book, sorted on every row; the definition in kernels/book.py, term by term.
+def reference(side, price, size, action, levels=0):
+    """Dict book of every level (no capacity), sorted on every row; the definition in
+    kernels/book.py, term by term. A kernel with a smaller capacity must agree wherever it
+    publishes a number (it writes NaN where a feature needs a level it forgot).
 
     With ``levels``, also the best ``levels`` levels after each row, shaped (n, 4, levels):
     bid price, bid size, ask price, ask size, NaN beyond the book's depth."""
@@ -33,9 +35,6 @@ def reference(side, price, size, action, capacity=64, levels=0):
             book = books[sd]
             if q > 0:
                 book[p] = q
-                if len(book) > capacity:
-                    worst = min(book) if sd == 1 else max(book)
-                    del book[worst]
             else:
                 book.pop(p, None)
         bids, asks = best(1), best(-1)

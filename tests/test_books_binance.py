@@ -109,8 +109,8 @@ def test_a_missing_update_is_a_gap_then_a_snapshot_resynchronises(sample_dir: Pa
     upto = rec < resync + 1  # lines are 1-based
     st = book_depth_scan(new_book_state(4096), rows["side"][upto], rows["price"][upto], rows["size"][upto],
                          np.where(rows["side"][upto] == 0, 1, 0).astype(np.uint8), np.zeros(2, np.int64))
-    bids = [[repr(float(p)), repr(float(q))] for p, q in zip(st.px[0, : st.n[0]], st.sz[0, : st.n[0]], strict=True)]
-    asks = [[repr(float(p)), repr(float(q))] for p, q in zip(st.px[1, : st.n[1]], st.sz[1, : st.n[1]], strict=True)]
+    bids = [[repr(float(p)), repr(float(q))] for p, q in zip(*st.levels(1), strict=True)]
+    asks = [[repr(float(p)), repr(float(q))] for p, q in zip(*st.levels(-1), strict=True)]
     first_u = msgs[resync][2]["data"]["U"]
     recv = lines[resync].partition(b" ")[0]
     snapshot = recv + b" " + orjson.dumps({"lastUpdateId": first_u - 1, "bids": bids, "asks": asks}) + b"\n"

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from nautilus_pipeline.errors import DataError
+from nautilus_pipeline.events import KIND_BOOK
 from nautilus_pipeline.io.mbo import F_BAD_TS_RECV, F_LAST, F_SNAPSHOT, mbo_level_deltas
 from nautilus_pipeline.kernels.book import ACTION_CLEAR, book_update, new_book_state
 
@@ -135,3 +136,18 @@ def test_a_non_mbo_file_takes_the_reference_path(sample_dir: Path) -> None:
 
     r = DatabentoReader(sample_dir / "databento-glbx-futures-mbp1-20240701.dbn.zst")
     assert sum(len(c) for c in r.chunks()) == 2_288 and r._fast is None
+
+
+@pytest.mark.parametrize("fast", [True, False])
+def test_f_last_travels_in_the_book_rows_trade_id(fast) -> None:
+    """Both reader paths mark the last book row of each F_LAST record 1, other MBO book rows 0,
+    exactly where the reference's ``last`` column is true."""
+    from nautilus_pipeline.io.databento import DatabentoReader
+    from nautilus_pipeline.io.mbo import mbo_level_deltas
+
+    chunks = list(DatabentoReader(HEAD, fast_mbo=fast, trades=True).chunks(chunk_rows=1000))
+    kind = np.concatenate([c.column("kind") for c in chunks])
+    event = np.concatenate([c.column("trade_id") for c in chunks])
+    d = mbo_level_deltas(HEAD)
+    assert np.array_equal(event[kind == KIND_BOOK], d["last"].astype(np.int64))
+    assert (event[kind != KIND_BOOK] == -1).all() and int(d["last"].sum()) == 2_867

@@ -52,8 +52,34 @@ def mbo_ticks() -> dict[str, np.ndarray]:
     return {k: np.concatenate([b[k] for b in blocks]) for k in blocks[0]}
 
 
-def loop_books(data: dict[str, np.ndarray], levels: int = LEVELS):
-    """Per symbol, the loop reference over its rows (non-book rows leave the book as it is)."""
+def held_at_event_ends(feats, lv, point):
+    """Plain loop: each row repeats the book of the last publish point (an event's end) at or
+    before it; ofi between consecutive published tops at the points, 0 elsewhere."""
+    out_f, out_lv = feats.copy(), lv.copy()
+    hf = np.full(feats.shape[1], np.nan)
+    hf[-1] = 0.0
+    hlv = np.full(lv.shape[1:], np.nan)
+    for i in range(len(point)):
+        if point[i]:
+            b0, qb0, a0, qa0 = hlv[:, 0]
+            b, qb, a, qa = lv[i, :, 0]
+            e = 0.0
+            if not any(math.isnan(x) for x in (b, a, b0, a0)):
+                e = (qb if b >= b0 else 0.0) - (qb0 if b <= b0 else 0.0) - (qa if a <= a0 else 0.0) \
+                    + (qa0 if a >= a0 else 0.0)
+            hf, hlv = feats[i].copy(), lv[i].copy()
+            hf[-1] = e
+            out_f[i], out_lv[i] = hf, hlv
+            hf = hf.copy()
+            hf[-1] = 0.0
+        else:
+            out_f[i], out_lv[i] = hf, hlv
+    return out_f, out_lv
+
+
+def loop_books(data: dict[str, np.ndarray], levels: int = LEVELS, publish: str = "event"):
+    """Per symbol, the loop reference over its rows (non-book rows leave the book as it is);
+    with ``publish="event"`` held between event ends (``trade_id`` 1 or -1 on book rows)."""
     n = len(data["ts_ns"])
     feats = np.empty((n, len(BOOK_FEATURE_NAMES)))
     lv = np.empty((n, 4, levels))
@@ -64,13 +90,16 @@ def loop_books(data: dict[str, np.ndarray], levels: int = LEVELS):
         action = np.where(book & (side == 0), ACTION_CLEAR, ACTION_SET)
         price = np.where(book, data["price"][rows], np.nan)
         size = np.where(book, data["size"][rows], np.nan)
-        f, v = reference(side.tolist(), price.tolist(), size.tolist(), action.tolist(), levels=levels)
-        feats[rows], lv[rows] = f, v
+        f, v = reference(side.tolist(), price.tolist(), size.tolist(), action.tolist(), levels=max(levels, 1))
+        if publish == "event":
+            event = data.get("trade_id", np.full(n, -1))[rows]
+            f, v = held_at_event_ends(f, v, book & (event != 0))
+        feats[rows], lv[rows] = f, v[:, :, :levels]
     return feats, lv
 
 
-async def run_book(data, batch_size, *, extra=()):
-    book = BookStage(levels=LEVELS)
+async def run_book(data, batch_size, *, extra=(), capacity=None, publish="event"):
+    book = BookStage(levels=LEVELS, publish=publish, **({} if capacity is None else {"capacity": capacity}))
     cap = Capture((BOOK_FEATURES_COLUMN, *LEVEL_COLUMNS, "bid", "ask", "bid_size", "ask_size", *extra))
     stages = [book, *([FeaturesStage()] if extra else []), cap]
     async with Pipeline(stages, batch_size=batch_size, slabs=4, memory="host") as pipe:
@@ -95,6 +124,29 @@ async def test_real_mbo_book_features_equal_the_loop_for_any_batch_size(mbo_data
         assert same(cap.column(col), want_lv[:, i, :])
     assert book.stats()["book_rows"] == int((data["kind"] == KIND_BOOK).sum())
     assert book.stats()["clears"] == 1  # the snapshot at the start
+    assert (book.stats()["levels_evicted"], book.stats()["rows_inexact"]) == (0, 0) and "notes" not in book.stats()
+
+
+@pytest.mark.parametrize("batch_size", [7, 4096])
+async def test_a_capacity_below_the_books_depth_is_counted_and_never_publishes_a_wrong_number(
+        mbo_data, batch_size) -> None:
+    """The bundled ESH4 book is hundreds of levels deep; with 16 kept per side levels are
+    pushed out: the stage counts them (stats and a note in the run summary), and every number
+    it still writes equals the full loop book's (NaN only where a feature needed a forgotten level)."""
+    data, _ = mbo_data
+    want_feats, want_lv = loop_books(data, publish="row")  # per delta: the kernel's own rows
+    book, cap = await run_book(data, batch_size, capacity=16, publish="row")
+    got = cap.column(BOOK_FEATURES_COLUMN)
+    known = ~np.isnan(got)
+    assert np.array_equal(got[known], want_feats[known])
+    for i, col in enumerate(LEVEL_COLUMNS):
+        g = cap.column(col)
+        assert np.array_equal(g[~np.isnan(g)], want_lv[:, i, :][~np.isnan(g)])
+    st = book.stats()
+    assert st["levels_evicted"] > 0 and st["updates_beyond_capacity"] > 0
+    unknown = (np.isnan(got) & ~np.isnan(want_feats)).any(axis=1)
+    assert st["rows_inexact"] == int(unknown.sum()) > 0  # a forgotten level means the full book has a number
+    assert "capacity 16 levels per side" in st["notes"][0]
 
 
 async def test_book_rows_carry_the_top_of_book_as_quotes_and_trades_keep_theirs(mbo_data) -> None:
@@ -106,12 +158,14 @@ async def test_book_rows_carry_the_top_of_book_as_quotes_and_trades_keep_theirs(
         assert same(got[is_book], want_lv[is_book, i, 0])
         assert np.isnan(got[~is_book]).all()  # the trades' quote columns are untouched (NaN)
     # CME's pre-open book (Dec 25, before 18:00 ET) is crossed, as auctions are; once the open
-    # has uncrossed it (23:00:03 UTC), only 2 rows inside one exchange event are (between two
-    # F_LAST records; tests/test_books_mbo.py: never at an event's last delta)
-    live = is_book & np.isfinite(cap.column("bid")) & np.isfinite(cap.column("ask"))
-    opened = live & (data["ts_ns"] > 1_703_545_203 * 10**9)
-    assert opened.sum() > 1000 and (cap.column("bid")[opened] >= cap.column("ask")[opened]).sum() == 2
-    assert (cap.column("bid")[live] > cap.column("ask")[live]).sum() > 900
+    # has uncrossed it (23:00:03 UTC), no published book is (features at F_LAST event ends),
+    # while per delta (publish="row") 2 rows inside one exchange event are, between two F_LAST
+    # records (tests/test_books_mbo.py: never at an event's last delta)
+    _, per_row = await run_book(data, 4096, publish="row")
+    for c, n_crossed in ((cap, 0), (per_row, 2)):
+        live = is_book & np.isfinite(c.column("bid")) & np.isfinite(c.column("ask"))
+        opened = live & (data["ts_ns"] > 1_703_545_203 * 10**9)
+        assert opened.sum() > 1000 and (c.column("bid")[opened] >= c.column("ask")[opened]).sum() == n_crossed
 
 
 async def test_the_features_stage_reads_book_rows_as_quotes(mbo_data) -> None:
@@ -148,6 +202,14 @@ async def test_several_symbols_interleaved_keep_their_own_books() -> None:
         assert same(cap.column("book_ask_size"), want_lv[:, 3, :])
         quote = kind == KIND_QUOTE
         assert (cap.column("bid")[quote] == 99.0).all()  # quotes pass as they are
+    # exchange events of 1-4 book rows (trade_id 0 inside, 1 at the end), held across batches
+    data["trade_id"] = np.where(kind == KIND_BOOK, (rng.random(n) < 0.4).astype(np.int64), -1)
+    want_feats, want_lv = loop_books(data)
+    assert not same(want_feats, loop_books(data, publish="row")[0])
+    for batch in (1, 7, 4096):
+        _, cap = await run_book(data, batch)
+        assert same(cap.column(BOOK_FEATURES_COLUMN), want_feats)
+        assert same(cap.column("book_bid_price"), want_lv[:, 0, :])
 
 
 async def test_snapshot_and_restore_continue_the_books_exactly(mbo_data) -> None:

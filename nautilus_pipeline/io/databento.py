@@ -24,6 +24,14 @@ Mapping:
   yields a trade (side = aggressor). Records that change no level (fills, trades without
   ``trades=True``, a cancel of an order never seen) are counted as ``ignored``; the unseen
   orders also in ``unknown_orders``. ``F_BAD_TS_RECV`` records get ``ts_recv_ns = -1``.
+  ``F_LAST`` (the last record of an exchange event for the instrument) travels in the book
+  rows' ``trade_id``, unused by book rows otherwise: ``1`` on the last book row of an
+  ``F_LAST`` record, ``0`` on every other MBO book row (the book is in transition there: an
+  aggressive order half-way through the levels it takes, a snapshot half loaded); ``-1`` on
+  book rows of sources without event flags (every row complete). The book stage publishes
+  features at event ends only by default (``stages/book.py``, ``publish``). In the CME files
+  we have, every ``F_LAST`` record of an event that changed the book changes it itself, so
+  no event end is missed; one that did not would be published with the next event's end.
 - ``MBP10Msg`` (schema ``mbp-10``): the top 10 levels after each event become book rows, the
   changes from the instrument's previous record (``kernels.book.snapshot_deltas``, after a clear
   on its first record), so the book after a record's rows is exactly its 10 levels; with
@@ -66,7 +74,7 @@ from ..errors import DataError
 from ..events import KIND_BOOK, KIND_QUOTE, KIND_TRADE, SIDE_BUY, SIDE_SELL, SIDE_UNKNOWN
 from .chunk import TickChunk
 from .files import check_file, decoding_errors, open_stream
-from .mbo import F_BAD_TS_RECV, MboBooks
+from .mbo import F_BAD_TS_RECV, F_LAST, MboBooks
 
 _TOP_OF_BOOK = (dbn.MBP1Msg, dbn.CMBP1Msg, dbn.BBOMsg, dbn.CBBOMsg)
 
@@ -183,6 +191,8 @@ class DatabentoReader:
                 yield from self._fast_chunks(meta, blocks, chunk_rows)
                 return
         self._mbp10: dict[int, np.ndarray] = {}
+        self._event_rows: list[int] = []  # positions in ``rows`` of MBO book rows (see _chunk)
+        self._event_ends: list[int] = []
         for recno, rec in enumerate(self._records(), start=1):
             if isinstance(rec, dbn.MBOMsg):
                 if self.books is None:
@@ -250,9 +260,12 @@ class DatabentoReader:
                      else np.searchsorted(uniq, ids).astype(np.uint32))
             recv = np.where(recs["flags"] & F_BAD_TS_RECV, -1, recs["ts_recv"].astype(np.int64))
             size = out["size"].astype(np.float64)
+            book = kind == KIND_BOOK
+            last_of_record = book & np.r_[rec[1:] != rec[:-1], True] if len(rec) else book
+            event = np.where(book, (last_of_record & ((recs["flags"] & F_LAST) != 0)).astype(np.int64), -1)
             cols = {"ts_ns": recs["ts_event"].astype(np.int64), "ts_recv_ns": recv, "symbol_id": codes,
                     "kind": kind, "price": scale_prices(out["price"]), "size": size, "side": out["side"],
-                    "trade_id": np.full(len(rec), -1, np.int64)}
+                    "trade_id": event}
             records = base + rec + 1
             base += len(block)
             total += len(rec)
@@ -295,9 +308,13 @@ class DatabentoReader:
         head = (recno, rec.ts_event, recv, rec.instrument_id)
         if self.trades and str(rec.action) in ("T", "Action.TRADE"):
             rows.append((*head, KIND_TRADE, rec.price, rec.size, str(rec.side), undef, undef, -1, -1))
-        for side, px, size, _action in self.books.apply(rec):
+        deltas = self.books.apply(rec)
+        for side, px, size, _action in deltas:
             code = "B" if side == 1 else ("A" if side == -1 else "N")
+            self._event_rows.append(len(rows))
             rows.append((*head, KIND_BOOK, px, size, code, undef, undef, -1, -1))
+        if deltas and int(rec.flags) & F_LAST:
+            self._event_ends.append(len(rows) - 1)
 
     def _chunk(self, rows: list[tuple]) -> TickChunk:
         cols = list(zip(*rows, strict=True))
@@ -327,6 +344,12 @@ class DatabentoReader:
             "bid_size": qty(cols[10], bid), "ask_size": qty(cols[11], ask),
         }
         records = np.array(cols[0], dtype=np.int64)
+        if self._event_rows:  # MBO book rows: 0 inside an exchange event, 1 on its last delta (F_LAST)
+            event = np.full(len(rows), -1, np.int64)
+            event[self._event_rows] = 0
+            event[self._event_ends] = 1
+            data["trade_id"] = event
+            self._event_rows, self._event_ends = [], []
         by_row = rows
         keys = ("record", "ts_event", "ts_recv", "instrument_id", "kind", "price", "size", "side",
                 "bid_px_00", "ask_px_00", "bid_sz_00", "ask_sz_00")

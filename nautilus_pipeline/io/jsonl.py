@@ -83,27 +83,33 @@ class JsonLinesReader:
             raise DataError(f"{first_error}; no JSON object in the first {seen} lines: is this a JSON-lines file?")
         raise DataError(f"{self.path}: no JSON lines in the file (only blank lines); nothing to replay")
 
-    def chunks(self, chunk_rows: int = 65_536) -> Iterator[TickChunk]:
-        """Chunks of at most ``chunk_rows`` rows, in file order; record = line number."""
-        fields = self.fmap.columns()
-        rows: list[dict] = []
-        lines: list[int] = []
-        texts: list[bytes] = []
-        dropped: list[BadRow] = []
+    def _objects(self) -> Iterator[tuple[int, dict | None, bytes]]:
+        """(line number, the line's object or None when it is not one, its text) per non-blank line."""
         for lineno, line in iter_lines(self.path):
             if not line.strip():
                 continue
             try:
                 obj = orjson.loads(line)
-                if not isinstance(obj, dict):
-                    raise TypeError(type(obj).__name__)
-            except (orjson.JSONDecodeError, TypeError):
-                text = line.decode("utf-8", "replace")
-                dropped.append(BadRow(self.path, lineno, Reason.UNPARSABLE, None, text[:200], text, self.symbol))
+            except orjson.JSONDecodeError:
+                obj = None
+            yield lineno, obj if isinstance(obj, dict) else None, line
+
+    def chunks(self, chunk_rows: int = 65_536) -> Iterator[TickChunk]:
+        """Chunks of at most ``chunk_rows`` rows, in file order; record = line number (a JSON
+        array: the element's position), a record that is no JSON object an ``unparsable`` row."""
+        fields = self.fmap.columns()
+        rows: list[dict] = []
+        lines: list[int] = []
+        texts: list[bytes] = []
+        dropped: list[BadRow] = []
+        for recno, obj, raw in self._objects():
+            if obj is None:
+                text = raw.decode("utf-8", "replace")
+                dropped.append(BadRow(self.path, recno, Reason.UNPARSABLE, None, text[:200], text, self.symbol))
                 continue
             rows.append(obj)
-            lines.append(lineno)
-            texts.append(line)
+            lines.append(recno)
+            texts.append(raw)
             if len(rows) >= chunk_rows:
                 yield self._chunk(rows, lines, texts, dropped, fields)
                 rows, lines, texts, dropped = [], [], [], []
@@ -158,23 +164,7 @@ class JsonArrayReader(JsonLinesReader):
                 return _fieldmap_of(obj)
         raise DataError(f"{self.path}: no JSON object among the array's first elements; nothing to replay")
 
-    def chunks(self, chunk_rows: int = 65_536) -> Iterator[TickChunk]:
-        """Chunks of at most ``chunk_rows`` rows; record = the element's position (1-based)."""
-        fields = self.fmap.columns()
-        rows: list[dict] = []
-        lines: list[int] = []
-        texts: list[bytes] = []
-        dropped: list[BadRow] = []
+    def _objects(self) -> Iterator[tuple[int, dict | None, bytes]]:
+        """(position, 1-based; the element or None when it is not an object; its JSON text)."""
         for i, obj in enumerate(self._items(), start=1):
-            if not isinstance(obj, dict):
-                t = orjson.dumps(obj).decode("utf-8", "replace")
-                dropped.append(BadRow(self.path, i, Reason.UNPARSABLE, None, t[:200], t, self.symbol))
-                continue
-            rows.append(obj)
-            lines.append(i)
-            texts.append(orjson.dumps(obj))
-            if len(rows) >= chunk_rows:
-                yield self._chunk(rows, lines, texts, dropped, fields)
-                rows, lines, texts, dropped = [], [], [], []
-        if rows or dropped:
-            yield self._chunk(rows, lines, texts, dropped, fields)
+            yield i, obj if isinstance(obj, dict) else None, orjson.dumps(obj)

@@ -18,6 +18,8 @@ Flags: ``F_SNAPSHOT`` records rebuild the book from a clear; the first snapshot 
 non-snapshot records clears the book first, so a snapshot replaces the book, never adds to it.
 ``F_LAST`` marks the last record of an exchange event: ``last`` is true on the final delta of
 such a record (features computed between two ``last`` deltas are of a book in transition).
+The streaming reader carries the same mark in the book rows' ``trade_id`` (1 / 0, see
+``io/databento.py``), and the book stage publishes features at those event ends.
 ``F_BAD_TS_RECV``: the receive time is unusable, so ``ts_recv_ns`` is ``-1`` (unknown) there.
 
 A cancel or modify of an order the reader never saw (the file starts mid-session without a

@@ -15,10 +15,24 @@ Input, one row per delta (units as in ``events.py``):
   first (a snapshot starts, or an MBO ``R`` clear) and then sets the level when ``price`` is
   finite.
 
-Book: each side keeps at most ``capacity`` levels, sorted best first (bids descending, asks
-ascending). A level inserted into a full side pushes out the worst one, so features up to
-depth ``capacity`` stay exact only while the true book is that shallow or the deltas stay near
-the top; ``capacity`` defaults to 64, above the depth-10 features.
+Book: each side keeps up to ``capacity`` levels (default 4,096; the arrays start at 64 and
+double as a side deepens, so a shallow book costs little). Layout: per side one array of
+*keys* sorted **worst first**, the best level last (key = price for bids, -price for asks, so
+both sides ascend toward the top). Most deltas touch the top of the book, so searching from
+the best level and shifting only the levels above the change costs the distance from the
+top, not the book's depth (a 900-level CME book moved the whole book on every top insert in
+the best-first layout this replaced).
+
+Beyond capacity, exactly. A side is *truncated* once a level had to be pushed out (its worst
+is forgotten: ``evicted``). From then on the kept levels are, always, the best ``n`` levels
+of the true side: a delta worse than the worst kept level is in the forgotten region and is
+ignored (``beyond``: an insert there could have unknown levels above it), everything else is
+applied. So the features stay exact while a truncated side keeps at least the depth they
+need; a feature that would need a forgotten level (``imbalance_10`` on a truncated side
+with 9 levels left, the spread when a truncated side has emptied) is NaN, never a number
+from a wrong book, and the row is counted in ``inexact``. A clear (snapshot) starts the
+book over, truncation included. The counters live in ``BookState.counts``
+(``COUNT_NAMES``), cumulative per book; the book stage reports their sums.
 
 Output per row, the book *after* the delta (``BOOK_FEATURE_NAMES``):
 
@@ -35,7 +49,7 @@ microprice; the imbalances are defined as long as one side has size).
 
 Levels (optional, ``levels_out`` of shape (n, 4, L)): the best ``L`` levels after each row,
 ``[bid price, bid size, ask price, ask size]``, best first; NaN price and size where a side
-has fewer than ``L`` levels. A row with ``side = 0`` and ``action = ACTION_SET`` changes
+has fewer than ``L`` levels (or a truncated side keeps fewer: NaN, unknown). A row with ``side = 0`` and ``action = ACTION_SET`` changes
 nothing: the book stage passes a symbol's trade rows so, to get the book as of each trade.
 """
 
@@ -52,6 +66,8 @@ __all__ = [
     "ACTION_CLEAR",
     "ACTION_SET",
     "BOOK_FEATURE_NAMES",
+    "COUNT_NAMES",
+    "DEFAULT_CAPACITY",
     "BookState",
     "book_depth_scan",
     "book_update",
@@ -67,112 +83,180 @@ BOOK_FEATURE_NAMES: tuple[str, ...] = (
 )
 
 
+DEFAULT_CAPACITY = 4096
+_INITIAL_LEVELS = 64
+COUNT_NAMES = ("evicted", "beyond", "inexact")
+"""``BookState.counts``: levels pushed out of a full side; deltas ignored because they fell in
+a truncated side's forgotten region; rows whose features needed a forgotten level (NaN)."""
+
+
 @dataclass(frozen=True, slots=True)
 class BookState:
-    """One symbol's book: ``px``/``sz`` of shape (2, capacity), row 0 bids, row 1 asks;
-    ``n`` levels used per side. Immutable from the caller's side: updates return a new one."""
+    """One symbol's book. ``key``/``sz`` of shape (2, allocated), row 0 bids, row 1 asks, worst
+    first (``key`` = price for bids, -price for asks); ``n`` levels used per side; ``trunc`` 1
+    where a side had levels pushed out; ``counts`` (``COUNT_NAMES``); ``capacity`` the most
+    levels a side may keep. Immutable from the caller's side: updates return a new one."""
 
-    px: np.ndarray
+    key: np.ndarray
     sz: np.ndarray
     n: np.ndarray
+    trunc: np.ndarray
+    counts: np.ndarray
+    capacity: int
 
-    @property
-    def capacity(self) -> int:
-        return int(self.px.shape[1])
+    def levels(self, side: int) -> tuple[np.ndarray, np.ndarray]:
+        """Prices and sizes of one side (``+1`` bids, ``-1`` asks), best first."""
+        s = 0 if side == 1 else 1
+        m = int(self.n[s])
+        px = self.key[s, :m][::-1]
+        return (px if s == 0 else -px), self.sz[s, :m][::-1].copy()
 
 
-def new_book_state(capacity: int = 64) -> BookState:
+def new_book_state(capacity: int = DEFAULT_CAPACITY) -> BookState:
     """An empty book keeping up to ``capacity`` levels per side."""
-    if capacity < max(DEPTHS):
-        raise ConfigError(f"book capacity must be >= {max(DEPTHS)} levels, got {capacity}")
-    return BookState(np.zeros((2, capacity)), np.zeros((2, capacity)), np.zeros(2, dtype=np.int64))
+    if isinstance(capacity, bool) or not isinstance(capacity, int | np.integer) or capacity < max(DEPTHS):
+        raise ConfigError(f"book capacity must be an integer >= {max(DEPTHS)} levels, got {capacity!r}")
+    alloc = min(int(capacity), _INITIAL_LEVELS)
+    return BookState(np.zeros((2, alloc)), np.zeros((2, alloc)), np.zeros(2, np.int64), np.zeros(2, np.int64),
+                     np.zeros(len(COUNT_NAMES), np.int64), int(capacity))
 
 
-@njit(cache=True)
-def _set_level(px, sz, n, s, price, size):
-    cap = px.shape[1]
+def _grown(key: np.ndarray, sz: np.ndarray, capacity: int) -> tuple[np.ndarray, np.ndarray]:
+    alloc = min(2 * key.shape[1], capacity)
+    k2, s2 = np.zeros((2, alloc)), np.zeros((2, alloc))
+    k2[:, : key.shape[1]] = key
+    s2[:, : sz.shape[1]] = sz
+    return k2, s2
+
+
+@njit(cache=True, inline="always")
+def _set_level(key, sz, n, trunc, counts, s, k, size, capacity):
+    """Set side ``s``'s level of key ``k`` to ``size``; returns False when the arrays must grow
+    first (nothing changed then)."""
     m = n[s]
-    i = 0
-    while i < m and (px[s, i] > price if s == 0 else px[s, i] < price):
-        i += 1
-    if i < m and px[s, i] == price:
+    i = m - 1
+    while i >= 0 and key[s, i] > k:  # from the best level down
+        i -= 1
+    if i >= 0 and key[s, i] == k:
         if size > 0.0:
             sz[s, i] = size
         else:
             for j in range(i, m - 1):
-                px[s, j] = px[s, j + 1]
+                key[s, j] = key[s, j + 1]
                 sz[s, j] = sz[s, j + 1]
             n[s] = m - 1
-        return
-    if size <= 0.0 or i >= cap:
-        return
-    last = m if m < cap else cap - 1
-    for j in range(last, i, -1):
-        px[s, j] = px[s, j - 1]
-        sz[s, j] = sz[s, j - 1]
-    px[s, i] = price
-    sz[s, i] = size
-    if m < cap:
+        return True
+    if trunc[s] != 0 and i < 0:  # worse than every kept level of a truncated side: forgotten region
+        counts[1] += 1
+        return True
+    if size <= 0.0:
+        return True
+    if m < key.shape[1]:  # room: shift the better levels up by one
+        for j in range(m, i + 1, -1):
+            key[s, j] = key[s, j - 1]
+            sz[s, j] = sz[s, j - 1]
+        key[s, i + 1] = k
+        sz[s, i + 1] = size
         n[s] = m + 1
+        return True
+    if m < capacity:
+        return False
+    counts[0] += 1  # full: the worst level (index 0) is pushed out
+    trunc[s] = 1
+    if i < 0:  # the new level itself is the worst: it is the one pushed out
+        return True
+    for j in range(0, i):
+        key[s, j] = key[s, j + 1]
+        sz[s, j] = sz[s, j + 1]
+    key[s, i] = k
+    sz[s, i] = size
+    return True
 
 
 @njit(cache=True, nogil=True)
-def _update(px, sz, n, side, price, size, action, out, lv):
+def _update(key, sz, n, trunc, counts, capacity, side, price, size, action, out, lv, start):
+    """Rows from ``start``; returns the first row not done (``len`` when all are: else grow)."""
     nan = np.nan
     depth = lv.shape[2]
-    for r in range(side.shape[0]):
-        has_b0, has_a0 = n[0] > 0, n[1] > 0
-        b0 = px[0, 0] if has_b0 else nan
-        qb0 = sz[0, 0] if has_b0 else nan
-        a0 = px[1, 0] if has_a0 else nan
-        qa0 = sz[1, 0] if has_a0 else nan
+    for r in range(start, side.shape[0]):
+        nb0, na0 = n[0], n[1]
+        b0 = key[0, nb0 - 1] if nb0 > 0 else nan
+        qb0 = sz[0, nb0 - 1] if nb0 > 0 else nan
+        a0 = -key[1, na0 - 1] if na0 > 0 else nan
+        qa0 = sz[1, na0 - 1] if na0 > 0 else nan
+        # a side with no kept level is truly empty unless truncated (then its top is unknown)
+        empty0 = (nb0 == 0 and trunc[0] == 0) or (na0 == 0 and trunc[1] == 0)
         if action[r] == 1:
             n[0] = 0
             n[1] = 0
-        if np.isfinite(price[r]) and (side[r] == 1 or side[r] == -1):
-            _set_level(px, sz, n, 0 if side[r] == 1 else 1, price[r], size[r])
-        has_b, has_a = n[0] > 0, n[1] > 0
-        if has_b and has_a:
-            b, a, qb, qa = px[0, 0], px[1, 0], sz[0, 0], sz[1, 0]
+            trunc[0] = 0
+            trunc[1] = 0
+        sd = side[r]
+        if (sd == 1 or sd == -1) and np.isfinite(price[r]):
+            s = 0 if sd == 1 else 1
+            k = price[r] if s == 0 else -price[r]
+            if not _set_level(key, sz, n, trunc, counts, s, k, size[r], capacity):
+                return r  # grow, then redo this row (never after a clear: the sides are empty then)
+        nb, na = n[0], n[1]
+        unknown = False
+        if nb > 0 and na > 0:
+            b, a, qb, qa = key[0, nb - 1], -key[1, na - 1], sz[0, nb - 1], sz[1, na - 1]
             out[r, 0] = a - b
             out[r, 1] = (a + b) / 2.0
             out[r, 2] = (b * qa + a * qb) / (qb + qa)
+            if nb0 > 0 and na0 > 0:
+                e = 0.0
+                if b >= b0:
+                    e += qb
+                if b <= b0:
+                    e -= qb0
+                if a <= a0:
+                    e -= qa
+                if a >= a0:
+                    e += qa0
+                out[r, 6] = e
+            elif empty0:
+                out[r, 6] = 0.0
+            else:
+                out[r, 6] = nan
+                unknown = True
         else:
             out[r, 0] = nan
             out[r, 1] = nan
             out[r, 2] = nan
-        for d in range(3):
-            k = 1 if d == 0 else (5 if d == 1 else 10)
-            sb = 0.0
-            for j in range(min(k, n[0])):
-                sb += sz[0, j]
-            sa = 0.0
-            for j in range(min(k, n[1])):
-                sa += sz[1, j]
-            tot = sb + sa
-            out[r, 3 + d] = (sb - sa) / tot if tot > 0.0 else nan
-        if has_b and has_a and has_b0 and has_a0:
-            b, a, qb, qa = px[0, 0], px[1, 0], sz[0, 0], sz[1, 0]
-            e = 0.0
-            if b >= b0:
-                e += qb
-            if b <= b0:
-                e -= qb0
-            if a <= a0:
-                e -= qa
-            if a >= a0:
-                e += qa0
-            out[r, 6] = e
-        else:
-            out[r, 6] = 0.0
+            if (nb == 0 and trunc[0] == 0) or (na == 0 and trunc[1] == 0):
+                out[r, 6] = 0.0
+            else:
+                out[r, 6] = nan
+                unknown = True
+        sb = 0.0
+        sa = 0.0
+        for j in range(10):
+            if j < nb:
+                sb += sz[0, nb - 1 - j]
+            if j < na:
+                sa += sz[1, na - 1 - j]
+            if j == 0 or j == 4 or j == 9:
+                d = 0 if j == 0 else (1 if j == 4 else 2)
+                tot = sb + sa
+                if (trunc[0] != 0 and nb <= j) or (trunc[1] != 0 and na <= j):
+                    out[r, 3 + d] = nan
+                    unknown = True
+                else:
+                    out[r, 3 + d] = (sb - sa) / tot if tot > 0.0 else nan
+        if unknown:
+            counts[2] += 1
         for s in range(2):
+            m = n[s]
+            sign = 1.0 if s == 0 else -1.0
             for j in range(depth):
-                if j < n[s]:
-                    lv[r, 2 * s, j] = px[s, j]
-                    lv[r, 2 * s + 1, j] = sz[s, j]
+                if j < m:
+                    lv[r, 2 * s, j] = sign * key[s, m - 1 - j]
+                    lv[r, 2 * s + 1, j] = sz[s, m - 1 - j]
                 else:
                     lv[r, 2 * s, j] = nan
                     lv[r, 2 * s + 1, j] = nan
+    return side.shape[0]
 
 
 def book_update(
@@ -182,28 +266,22 @@ def book_update(
     """Apply the deltas of one symbol in order; returns the new state and features (n, 7).
 
     ``levels_out`` (n, 4, L), when given, receives the best L levels after each row."""
-    px, sz, n = state.px.copy(), state.sz.copy(), state.n.copy()
+    key, sz = state.key.copy(), state.sz.copy()
+    n, trunc, counts = state.n.copy(), state.trunc.copy(), state.counts.copy()
     rows = np.asarray(side).shape[0]
     out = np.empty((rows, len(BOOK_FEATURE_NAMES)))
     lv = np.empty((rows, 4, 0)) if levels_out is None else levels_out
     if lv.shape[:2] != (rows, 4):
         raise ValueError(f"levels_out must be shaped ({rows}, 4, L), got {lv.shape}")
-    _update(px, sz, n, np.asarray(side, dtype=np.int8), np.asarray(price, dtype=np.float64),
-            np.asarray(size, dtype=np.float64), np.asarray(action, dtype=np.uint8), out, lv)
-    return BookState(px, sz, n), out
-
-
-@njit(cache=True, nogil=True)
-def _depth_scan(px, sz, n, side, price, size, action, deepest):
-    for r in range(side.shape[0]):
-        if action[r] == 1:
-            n[0] = 0
-            n[1] = 0
-        if np.isfinite(price[r]) and (side[r] == 1 or side[r] == -1):
-            s = 0 if side[r] == 1 else 1
-            _set_level(px, sz, n, s, price[r], size[r])
-            if n[s] > deepest[s]:
-                deepest[s] = n[s]
+    cols = (np.asarray(side, dtype=np.int8), np.asarray(price, dtype=np.float64),
+            np.asarray(size, dtype=np.float64), np.asarray(action, dtype=np.uint8))
+    done = 0
+    while True:
+        done = _update(key, sz, n, trunc, counts, state.capacity, *cols, out, lv, done)
+        if done >= rows:
+            break
+        key, sz = _grown(key, sz, state.capacity)
+    return BookState(key, sz, n, trunc, counts, state.capacity), out
 
 
 def book_depth_scan(
@@ -212,10 +290,35 @@ def book_depth_scan(
 ) -> BookState:
     """Apply deltas as :func:`book_update` does, without features; ``deepest`` (int64[2]) is
     raised to the most levels each side held (what ``inspect`` reports as a file's depth)."""
-    px, sz, n = state.px.copy(), state.sz.copy(), state.n.copy()
-    _depth_scan(px, sz, n, np.asarray(side, dtype=np.int8), np.asarray(price, dtype=np.float64),
-                np.asarray(size, dtype=np.float64), np.asarray(action, dtype=np.uint8), deepest)
-    return BookState(px, sz, n)
+    key, sz = state.key.copy(), state.sz.copy()
+    n, trunc, counts = state.n.copy(), state.trunc.copy(), state.counts.copy()
+    cols = (np.asarray(side, dtype=np.int8), np.asarray(price, dtype=np.float64),
+            np.asarray(size, dtype=np.float64), np.asarray(action, dtype=np.uint8))
+    done = 0
+    while True:
+        done = _depth_scan(key, sz, n, trunc, counts, state.capacity, *cols, deepest, done)
+        if done >= cols[0].shape[0]:
+            break
+        key, sz = _grown(key, sz, state.capacity)
+    return BookState(key, sz, n, trunc, counts, state.capacity)
+
+
+@njit(cache=True, nogil=True)
+def _depth_scan(key, sz, n, trunc, counts, capacity, side, price, size, action, deepest, start):
+    for r in range(start, side.shape[0]):
+        if action[r] == 1:
+            n[0] = 0
+            n[1] = 0
+            trunc[0] = 0
+            trunc[1] = 0
+        sd = side[r]
+        if (sd == 1 or sd == -1) and np.isfinite(price[r]):
+            s = 0 if sd == 1 else 1
+            if not _set_level(key, sz, n, trunc, counts, s, price[r] if s == 0 else -price[r], size[r], capacity):
+                return r  # a clear before it is redone harmlessly: the book was emptied already
+            if n[s] > deepest[s]:
+                deepest[s] = n[s]
+    return side.shape[0]
 
 
 @njit(cache=True, nogil=True)
