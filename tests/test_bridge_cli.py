@@ -2,8 +2,9 @@
 
 The bundled Binance file is published into JetStream; ``run default --nats`` consuming it
 writes the same signal, VPIN and risk files (JSON lines byte for byte, Parquet as tables)
-as ``run default`` reading the file. Killed with SIGKILL mid-stream and started again (the
-same command), it still ends with those files: 0 ticks lost, 0 duplicated.
+as ``run default`` reading the file, and the same ``trace.parquet``. Killed with SIGKILL
+mid-stream and started again (the same command), it still ends with those files: 0 ticks
+lost, 0 duplicated, the trace whole.
 """
 
 from __future__ import annotations
@@ -59,6 +60,14 @@ def reference(tmp_path_factory) -> Path:
     return out
 
 
+@pytest.fixture(scope="module")
+def sparse_reference(tmp_path_factory) -> Path:
+    """The same with a trace of one trade in 7 (plus fills and each symbol's last trade)."""
+    out = tmp_path_factory.mktemp("ref7") / "out"
+    _ok("run", "default", "--out", str(out), "--no-progress", "--trace-every", "7")
+    return out
+
+
 def _publish(url: str, batch: int) -> dict:
     return orjson.loads(_ok("publish", str(FILE), "--nats", url, "--symbol", "BTCUSDT-PERP",
                             "--format", "binance_trades", "--batch", str(batch)).strip().splitlines()[-1])
@@ -81,6 +90,10 @@ def _assert_same_outputs(ref: Path, out: Path) -> None:
         mine, theirs = pq.read_table(out / f"{family}.parquet"), pq.read_table(ref / f"{family}.parquet")
         assert mine.schema == theirs.schema, family
         assert _same(mine.to_pylist(), theirs.to_pylist()), family
+    mine, theirs = pq.read_table(out / "trace.parquet"), pq.read_table(ref / "trace.parquet")
+    assert mine.schema == theirs.schema
+    assert mine.num_rows == theirs.num_rows > 0
+    assert _same(mine.to_pylist(), theirs.to_pylist()), "trace"
 
 
 def test_publish_then_run_nats_writes_the_outputs_of_the_file_run(nats_server, reference, tmp_path):
@@ -114,11 +127,14 @@ async def _wait_for_state(url: str, durable: str, timeout: float = 120.0) -> Non
         await nc.close()
 
 
-def test_kill_9_mid_stream_then_the_same_run_gives_the_outputs_of_one_run(nats_server, reference, tmp_path):
+@pytest.mark.parametrize("trace_every", [0, 7])
+def test_kill_9_mid_stream_then_the_same_run_gives_the_outputs_of_one_run(
+        nats_server, reference, sparse_reference, tmp_path, trace_every):
+    reference = sparse_reference if trace_every else reference
     assert _publish(nats_server.url, 256)["messages"] == 84
     out = tmp_path / "live"
     cmd = ("run", "default", "--nats", nats_server.url, "--durable", "crashy", "--out", str(out),
-           "--until-idle", "1", "--snapshot-every", "4")
+           "--until-idle", "1", "--snapshot-every", "4", "--trace-every", str(trace_every))
     first = _cli(*cmd)
     try:
         asyncio.run(_wait_for_state(nats_server.url, "crashy"))
@@ -133,6 +149,7 @@ def test_kill_9_mid_stream_then_the_same_run_gives_the_outputs_of_one_run(nats_s
     restored = summary["bridge"]["restored_from_seq"]
     assert restored is not None and 0 < restored < 84  # it was killed mid-stream
     assert summary["bridge"]["ingress"]["messages"] == 84 - restored
+    assert len(list((out / "trace.parts").glob("*.parquet"))) >= 1  # rows from before the kill
     _assert_same_outputs(reference, out)
 
 

@@ -11,8 +11,8 @@ consumes that stream live instead of reading files. The outputs are those of a f
 bridge keeps its state in the server (see :mod:`.state`), and with it the length of each
 output file at that snapshot: after a crash (``kill -9``) the same command restores the
 state, cuts the output files back to those lengths, and carries on, so its outputs at the
-end equal those of one uninterrupted run (the trace excepted: its sampled rows are written
-at the end of a run, so a restarted run's ``trace.parquet`` holds the rows since the restart).
+end equal those of one uninterrupted run, ``trace.parquet`` included (its rows are spooled to
+``trace.parts/`` at each snapshot: :mod:`.trace_spool`).
 It stops at ``--until-idle`` seconds without a message (then closes like the end of a file:
 the open VPIN bar is emitted), or on Ctrl-C/SIGTERM with a drain and a snapshot, leaving
 the stream's end to the next run (exit 130/143).
@@ -33,6 +33,7 @@ import orjson
 
 DEFAULT_URL = "nats://127.0.0.1:4222"
 SINK_OFFSETS = "sink_offsets"
+TRACE_PARTS = "trace_parts"
 
 
 def add_publish_parser(sub: Any, fmt: type, format_type: Any) -> None:
@@ -127,11 +128,15 @@ def _nats_pipe_settings(args: argparse.Namespace) -> dict[str, Any]:
 async def run_live(args: argparse.Namespace) -> int:
     """``run PIPELINE --nats URL``: the pipeline of ``Run`` fed by the bridge (see the module docstring)."""
     from ..app import Run, write_atomic
+    from ..stages.recorder import RecorderStage
     from .nats_bridge import NatsBridge
+    from .trace_spool import TraceSpool
 
     run = Run(args.pipeline, out_dir=args.out, trace_every=args.trace_every,
               **{k: v for k, v in _nats_pipe_settings(args).items() if v is not None})
     pipe, sink = run.pipeline, run.sink
+    recorder = next((s for s in run.stages if isinstance(s, RecorderStage)), None)
+    trace = TraceSpool(recorder, pipe) if recorder is not None else None
     if any(sd.values.get("bucket_volume") == "auto" for sd in run.definition.stages):
         print(f"warning: {run.name}: bucket_volume = \"auto\" was worked out from the definition's own "
               "files, not from the stream; symbols that they do not hold have no bucket volume. Give "
@@ -149,9 +154,14 @@ async def run_live(args: argparse.Namespace) -> int:
             sink.resume(saved.extra.get(SINK_OFFSETS, {}))
         if sink is not None:
             sink.attach(pipe.bus)
+        if trace is not None:
+            trace.start(saved.extra.get(TRACE_PARTS, 0) if saved is not None else None)
 
     def save_extra() -> dict[str, Any]:
-        return {SINK_OFFSETS: sink.offsets()} if sink is not None else {}
+        extra: dict[str, Any] = {SINK_OFFSETS: sink.offsets()} if sink is not None else {}
+        if trace is not None:
+            extra[TRACE_PARTS] = trace.spool()
+        return extra
 
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, on_signal, sig)
@@ -174,6 +184,8 @@ async def run_live(args: argparse.Namespace) -> int:
                 w.result()
             if got:
                 bridge.end_of_stream = False  # a stop, not the stream's end: the next run goes on
+        if trace is not None:
+            trace.finish()
     finally:
         for sig in (signal.SIGINT, signal.SIGTERM):
             with contextlib.suppress(NotImplementedError, RuntimeError):

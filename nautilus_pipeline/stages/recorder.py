@@ -84,14 +84,24 @@ class RecorderStage(Stage):
         for tail in self._tail.values():
             for c, value in (tail or {}).items():
                 self._parts[c].append(value)
-        if not self._parts or not self._parts[self.columns[0]]:
+        table = self.take_rows(ctx.symbols.names if ctx.symbols is not None else [])
+        if table is None:
             return
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        pq.write_table(table, self.path)
+
+    def take_rows(self, names: list[str]) -> pa.Table | None:
+        """The rows kept since the last call (None: none) as ``trace.parquet``'s table
+        (``names``: the symbol table's), and forget them; the sampling state stays. A live run
+        moves them to disk at each snapshot, so that a restarted run's trace is the
+        uninterrupted one."""
+        if not self._parts or not self._parts[self.columns[0]]:
+            return None
         table = {c: np.concatenate(self._parts[c]) for c in self.columns}
-        names = ctx.symbols.names if ctx.symbols is not None else []
+        self._parts = {c: [] for c in self.columns}
         sym = table.pop("symbol_id")
         table["symbol"] = np.asarray(names, dtype=object)[sym] if names else sym.astype(str)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        pq.write_table(pa.table(table), self.path)
+        return pa.table(table)
 
     def snapshot_params(self) -> dict[str, object]:
         return {"every": self.every, "columns": self.columns}
