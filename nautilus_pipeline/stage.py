@@ -431,6 +431,18 @@ class StageRunner:
         }
 
 
+def slab_columns(cache: dict[int, tuple], lease, names: Sequence[str]) -> tuple:
+    """The lease's slab's whole columns ``names``, cached per slab (the live paths' kernels
+    take them as arguments: building the tuple per tick would cost more than the math).
+    A slab rebuilt under the same index (new arrays) refreshes its entry."""
+    slab = lease.slab
+    cols = cache.get(slab.index)
+    if cols is None or cols[0] is not slab.columns[names[0]]:
+        c = slab.columns
+        cols = cache[slab.index] = tuple(c[name] for name in names)
+    return cols
+
+
 def upstream_column(upstream: Sequence[Stage], name: str) -> ColumnSpec | None:
     """The spec of column ``name`` as the last of ``upstream`` that writes it declared it,
     or None. Stages agree on columns (name, dtype, labels), never on each other's classes."""

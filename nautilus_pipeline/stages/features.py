@@ -54,7 +54,7 @@ from ..kernels.features import (
 )
 from ..memory import Lease
 from ..params import param
-from ..stage import INLINE_CHAIN_MAX_ROWS, Stage, StageContext
+from ..stage import INLINE_CHAIN_MAX_ROWS, Stage, StageContext, slab_columns
 
 FEATURES_COLUMN = "features"
 GPU_INPUTS = ("ts_ns", "price", "size", "side")
@@ -250,15 +250,11 @@ class FeaturesStage(Stage):
         if 0 < n <= INLINE_CHAIN_MAX_ROWS:
             # the live path (small batches never take the GPU scan): one kernel call over
             # the slab's whole columns
-            columns = lease.columns
-            slab = lease.slab
-            cols = self._slab_columns.get(slab.index)
-            if cols is None or cols[0] is not columns["symbol_id"]:
-                cols = self._slab_columns[slab.index] = tuple(columns[c] for c in _SMALL_COLUMNS)
+            cols = slab_columns(self._slab_columns, lease, _SMALL_COLUMNS)
             if self._small_out.shape[0] < INLINE_CHAIN_MAX_ROWS:
                 self._small_out = np.empty((INLINE_CHAIN_MAX_ROWS, self._out.shape[1]))
             if self.table.update_small(n, cols, self._small_out, self._small_index,
-                                       columns[FEATURES_COLUMN]):
+                                       lease.columns[FEATURES_COLUMN]):
                 return
         await stream.run(self._compute, lease, stream)
 

@@ -63,7 +63,7 @@ from ..kernels.signal import SignalParams, signal_update
 from ..kernels.var_batch import VarRequest, var_reports
 from ..memory import Lease
 from ..params import param
-from ..stage import INLINE_CHAIN_MAX_ROWS, Stage, StageContext, upstream_column
+from ..stage import INLINE_CHAIN_MAX_ROWS, Stage, StageContext, slab_columns, upstream_column
 from .features import FEATURES_COLUMN
 
 log = structlog.get_logger("nautilus_pipeline.risk")
@@ -353,11 +353,7 @@ class RiskStage(Stage):
         between VaR reports, over the slab's columns and the symbol's book, in place.
         Returns (symbol id, its breach mask before the batch, breach events in it, the VaR
         events with their reports), or None where the batch path must run."""
-        slab = lease.slab
-        cols = self._slab_columns.get(slab.index)
-        if cols is None or cols[0] is not slab.columns["symbol_id"]:
-            c = slab.columns
-            cols = self._slab_columns[slab.index] = tuple(c[name] for name in _SMALL_COLUMNS)
+        cols = slab_columns(self._slab_columns, lease, _SMALL_COLUMNS)
         key = int(cols[0][0])
         book = self.books.get(key)
         if book is None:  # a symbol's first batch (a new book is what the batch path starts from)

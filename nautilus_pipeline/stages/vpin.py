@@ -59,7 +59,7 @@ from ..kernels.vpin import (
 )
 from ..memory import Lease
 from ..params import param
-from ..stage import INLINE_CHAIN_MAX_ROWS, Stage, StageContext
+from ..stage import INLINE_CHAIN_MAX_ROWS, Stage, StageContext, slab_columns
 
 F64 = np.dtype(np.float64)
 log = structlog.get_logger("nautilus_pipeline.vpin")
@@ -285,11 +285,7 @@ class VpinStage(Stage):
     def _small(self, lease: Lease) -> bool:
         """The live path (``kernels.vpin.vpin_rows_small``): one kernel call when the batch's
         trades all join the open bar of one symbol, updating its state in place."""
-        slab = lease.slab
-        cols = self._slab_columns.get(slab.index)
-        if cols is None or cols[0] is not slab.columns["symbol_id"]:
-            c = slab.columns
-            cols = self._slab_columns[slab.index] = tuple(c[name] for name in _SMALL_COLUMNS)
+        cols = slab_columns(self._slab_columns, lease, _SMALL_COLUMNS)
         key = int(cols[0][0])
         state = self.states.get(key)
         carry = self.last.get(key)
