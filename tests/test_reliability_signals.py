@@ -136,7 +136,10 @@ def test_a_signal_during_a_run_drains_writes_and_exits_with_its_code(tmp_path: P
     finally:
         proc.kill()
     summary = check_outputs(out, err)
-    if rc == 0:  # the machine finished the run first: then everything adds up
+    # The machine finished the run first (rc 0), or the signal came after the command had put
+    # the caller's handlers back, on its way out with every output written (rc -sig, the
+    # signal's default action; a shell shows 128 + sig for both): then everything adds up.
+    if rc == 0 or (rc == -sig and summary["interrupted"] is False):
         assert summary["ticks"]["read"] == summary["ticks"]["delivered"] + summary["ticks"]["rejected"]
         return
     assert rc == CODES[sig] and summary["interrupted"] is True
