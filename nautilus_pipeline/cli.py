@@ -39,14 +39,29 @@ class Terminated(KeyboardInterrupt):
     """SIGTERM arrived before the run was under way (while reading, calibrating, building)."""
 
 
+# Signals whose exception was raised before the run's own handlers took over. Python drops
+# an exception raised while a finaliser or a weakref callback runs ("Exception ignored in"),
+# so a raise alone can be lost; the run checks this list before it starts (see
+# _raise_if_a_signal_was_lost).
+_signals_raised: list[int] = []
+
+
 def _raise_terminated(signum: int, frame: object) -> None:
+    _signals_raised.append(signum)
     raise Terminated()
 
 
 def _raise_interrupted(signum: int, frame: object) -> None:
     # Not signal.default_int_handler: asyncio.Runner would replace that with a handler that
     # only cancels the main task at its next await, i.e. after a long synchronous pre-read.
+    _signals_raised.append(signum)
     raise KeyboardInterrupt()
+
+
+def _raise_if_a_signal_was_lost() -> None:
+    """Stop now if a signal came before the run started and its exception was swallowed."""
+    if _signals_raised:
+        raise Terminated() if _signals_raised[0] == signal.SIGTERM else KeyboardInterrupt()
 
 
 def _ranged(kind: type, lo: float | None = None, hi: float | None = None, what: str = ""):
@@ -268,6 +283,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     # Until the run is under way (and again after it), a signal stops at once: reading the
     # sources for bucket_volume = "auto" or building the stages can take long.
     _metrics_address(args)  # a malformed address is refused before anything is read
+    _signals_raised.clear()
     previous = {signal.SIGINT: signal.signal(signal.SIGINT, _raise_interrupted),
                 signal.SIGTERM: signal.signal(signal.SIGTERM, _raise_terminated)}
     try:
@@ -348,6 +364,7 @@ async def _run(args: argparse.Namespace) -> int:
             signal.signal(signum, signal.SIG_DFL if signum != signal.SIGINT else signal.default_int_handler)
             os.kill(os.getpid(), signum)
 
+    _raise_if_a_signal_was_lost()
     for sig in (signal.SIGINT, signal.SIGTERM):
         with contextlib.suppress(NotImplementedError, RuntimeError):  # pragma: no cover - Windows
             loop.add_signal_handler(sig, on_signal, sig)

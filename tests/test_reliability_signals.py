@@ -143,4 +143,31 @@ def test_a_signal_during_a_run_drains_writes_and_exits_with_its_code(tmp_path: P
         assert summary["ticks"]["read"] == summary["ticks"]["delivered"] + summary["ticks"]["rejected"]
         return
     assert rc == CODES[sig] and summary["interrupted"] is True
-    assert 0 < summary["ticks"]["processed"] < 2_000_000
+    # Stopped before the end; on a loaded machine 1 s may not reach the first batch (0 is then
+    # right: nothing was delivered, and check_outputs saw the accounting close).
+    assert summary["ticks"]["processed"] < 2_000_000
+
+
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")  # the swallowed one
+def test_a_signal_whose_exception_python_swallowed_before_the_run_still_stops_it(monkeypatch, tmp_path: Path) -> None:
+    """A SIGTERM that lands while a finaliser runs: Python prints "Exception ignored" and
+    drops the exception; the command must still exit 143 before the run starts, not run on
+    to the end with exit 0 (which it did)."""
+    from nautilus_pipeline import app, cli
+
+    class Finaliser:
+        def __del__(self) -> None:
+            os.kill(os.getpid(), signal.SIGTERM)  # the handler raises here, inside __del__
+            time.sleep(0.05)
+
+    real_run = app.Run
+
+    def run_after_a_lost_signal(*args, **kwargs):
+        Finaliser()  # dropped at once: its __del__ runs and the signal's exception is swallowed
+        return real_run(*args, **kwargs)
+
+    monkeypatch.setattr(app, "Run", run_after_a_lost_signal)
+    out = tmp_path / "out"
+    rc = cli.main(["run", str(REPO / "pipelines" / "default.toml"), "--out", str(out), "--no-progress"])
+    assert rc == CODES[signal.SIGTERM]
+    assert not (out / "summary.json").exists()

@@ -146,86 +146,86 @@ def mlp_reference(
     return 1.0 / (1.0 + np.exp(-h[:, 0]))
 
 
-@njit(cache=True, nogil=True)
-def _small_input(feats, n, mean, inv_std, h):
-    """Rows ``[0, n)`` of float64 ``feats`` cast to float32 and normalised into ``h``; the
-    padding rows of ``h`` zero, normalised (what the padded BLAS path computes for them)."""
-    k = h.shape[1]
-    for i in range(h.shape[0]):
-        for j in range(k):
-            x = np.float32(feats[i, j]) if i < n else np.float32(0.0)
-            h[i, j] = (x - mean[j]) * inv_std[j]
+ACTIVATION_CODES = {"relu": 0, "tanh": 1, "silu": 2}
+BLOCK_ROWS = 8  # rows a block carries through every layer (its activations stay in L1)
+
+
+@njit(cache=True, nogil=True, inline="always")
+def _dense(x, w, b, out, nr, act):
+    """``out[:nr] = act(x[:nr] @ w + b)``, each output summed over ``k`` in index order."""
+    k_in = w.shape[0]
+    width = w.shape[1]
+    for i in range(nr):
+        o = out[i]
+        for j in range(width):
+            o[j] = np.float32(0.0)
+    for k in range(k_in):
+        wk = w[k]
+        for i in range(nr):
+            xv = x[i, k]
+            o = out[i]
+            for j in range(width):
+                o[j] += xv * wk[j]
+    for i in range(nr):
+        o = out[i]
+        for j in range(width):
+            v = o[j] + b[j]
+            if act == 0:
+                v = v if v >= np.float32(0.0) or v != v else np.float32(0.0)
+            elif act == 1:
+                v = np.tanh(v)
+            elif act == 2:
+                v = v * ((np.tanh(v * np.float32(0.5)) + np.float32(1.0)) * np.float32(0.5))
+            o[j] = v
 
 
 @njit(cache=True, nogil=True)
-def _small_bias_relu(h, b):
-    for i in range(h.shape[0]):
-        for j in range(h.shape[1]):
-            v = h[i, j] + b[j]
-            h[i, j] = v if v >= np.float32(0.0) or v != v else np.float32(0.0)  # np.maximum's rule
+def _forward_rows(feats, n, mean, inv_std, mats, biases, act, scratch, out):
+    """Probabilities of rows ``[0, n)`` of float64 ``feats`` into ``out``, ``BLOCK_ROWS`` rows
+    at a time through all layers; every row takes the same operations in the same order
+    whatever ``n`` and its place in a block."""
+    k0 = feats.shape[1]
+    last = len(mats) - 1
+    x = scratch[0]
+    for r0 in range(0, n, BLOCK_ROWS):
+        nr = min(BLOCK_ROWS, n - r0)
+        for i in range(nr):
+            for k in range(k0):
+                x[i, k] = (np.float32(feats[r0 + i, k]) - mean[k]) * inv_std[k]
+        for layer in range(last + 1):
+            _dense(scratch[layer], mats[layer], biases[layer], scratch[layer + 1], nr,
+                   act if layer < last else -1)
+        z = scratch[last + 1]
+        for i in range(nr):
+            t = np.tanh(z[i, 0] * np.float32(0.5))
+            out[r0 + i] = (t + np.float32(1.0)) * np.float32(0.5)
 
 
-@njit(cache=True, nogil=True)
-def _small_logit_half(h, b, z):
-    for i in range(z.shape[0]):
-        z[i] = (h[i, 0] + b[0]) * np.float32(0.5)
+class RowForward:
+    """The forward pass of :func:`mlp_forward` with the same math, in one numba call whose
+    float32 operations for a row do not depend on the batch it came in: each product is
+    summed over the inputs in index order (no BLAS, no fused multiply-add, no reordering),
+    rows ``BLOCK_ROWS`` at a time. So a replay with batch size 1 and with batch size 4096
+    gives the same predictions to the bit, on any CPU (tested).
 
-
-@njit(cache=True, nogil=True)
-def _small_finish(t, n, out):
-    for i in range(n):
-        out[i] = (t[i] + np.float32(1.0)) * np.float32(0.5)
-
-
-class PaddedForward:
-    """:func:`mlp_forward` of rows padded to a multiple of ``multiple`` (relu models), in as
-    few calls as it can be: one numba call for the cast from float64, the padding and the
-    normalisation, per layer BLAS's ``matmul`` on the same padded shape and one numba call
-    for bias and activation, numpy's ``tanh`` for the sigmoid. The float32 operations are
-    those of :func:`mlp_forward` on the same operands (IEEE add, multiply and max round the
-    same in numba and numpy; no fused multiply-add; ``np.maximum``'s rule for NaN and −0),
-    and the products are the same BLAS call on the same shape, so the output is the same to
-    the bit (tested).
-
-    Why: a live row went through ~20 numpy calls, a copy and a pad (~60 µs → ~25 µs, most
-    of it now the three 16-row products). At 4,096 rows numpy's broadcast bias add and
-    ``maximum`` ran at ~1 element per cycle, 0.6 of the batch's 2.5 ms; fused here they
-    take ~0.15 ms (2-core dev VM; ``scripts/profile_stages.py --rows 4096`` per stage).
-    ``capacity`` rows are allocated once; a call for more rows grows them.
+    Why not BLAS: OpenBLAS picks its kernel by the matrix shape (on AVX-512 machines a
+    small-matrix path, tail kernels for row counts that are not a multiple of its tile) and
+    a row's sum then depends on the batch size *and* on the row's place in it; padding the
+    rows to 16, the earlier rule, held on one CPU and not on the next. Cost, measured side
+    by side on the 2-core dev VM (``scripts/bench_inference.py --fixed-order``): ~4 µs for
+    one row (BLAS's 16-row padded call ~20 µs), ~2-3× BLAS per row at 4,096 rows.
+    ``MLPWorkspace`` gives the weights; the block buffers are allocated once.
     """
 
-    def __init__(self, ws: MLPWorkspace, capacity: int, multiple: int = 16) -> None:
-        if ws.activation != "relu":
-            raise ValueError("PaddedForward covers relu models; others take mlp_forward")
-        self.multiple = multiple
-        self.widths = [ws.n_inputs, *(m.shape[1] for m in ws.mats)]
+    def __init__(self, ws: MLPWorkspace) -> None:
         self.mean, self.inv_std = ws.mean, ws.inv_std
-        self.mats, self.biases = ws.mats, ws.biases
-        self.capacity = 0
-        self._reserve(max(capacity, multiple))
-
-    def _reserve(self, rows: int) -> None:
-        self.h = [np.zeros((rows, w), dtype=F32) for w in self.widths]
-        self.z = np.empty(rows, dtype=F32)
-        self.capacity = rows
-        self._full = (self.h, self.z)
+        self.mats = tuple(ws.mats)
+        self.biases = tuple(ws.biases)
+        self.act = ACTIVATION_CODES[ws.activation]
+        widths = [ws.n_inputs, *(m.shape[1] for m in ws.mats)]
+        self.scratch = tuple(np.zeros((BLOCK_ROWS, w), dtype=F32) for w in widths)
 
     def __call__(self, feats: np.ndarray, n: int, out: np.ndarray) -> None:
         """Probabilities of rows ``[0, n)`` of float64 ``feats`` [≥ n, k] into ``out[:n]``."""
-        rows = -(-n // self.multiple) * self.multiple
-        if rows > self.capacity:
-            self._reserve(rows)
-        if rows == self.capacity:
-            h, z = self._full
-        else:
-            h, z = [a[:rows] for a in self.h], self.z[:rows]
-        _small_input(feats, n, self.mean, self.inv_std, h[0])
-        last = len(self.mats) - 1
-        for i in range(last):
-            nxt = h[i + 1]
-            np.matmul(h[i], self.mats[i], out=nxt)
-            _small_bias_relu(nxt, self.biases[i])
-        np.matmul(h[last], self.mats[last], out=h[last + 1])
-        _small_logit_half(h[last + 1], self.biases[last], z)
-        np.tanh(z, out=z)
-        _small_finish(z, n, out)
+        _forward_rows(feats, n, self.mean, self.inv_std, self.mats, self.biases, self.act,
+                      self.scratch, out)

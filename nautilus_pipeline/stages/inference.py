@@ -36,7 +36,7 @@ import structlog
 from ..compute import ComputeStream, runner_backend, unusable_reason
 from ..errors import ConfigError
 from ..events import ColumnSpec
-from ..kernels.mlp import PaddedForward
+from ..kernels.mlp import RowForward
 from ..memory import Lease
 from ..model.base import ModelRunner
 from ..model.numpy_runner import NumpyRunner
@@ -50,17 +50,17 @@ log = structlog.get_logger("nautilus_pipeline.inference")
 
 DEFAULT_STREAMS = ("coreml:ane", "mlx:gpu", "torch:cuda", "torch:mps", "cpu")
 
-# Rows are padded to a multiple of 16 before the model runs. OpenBLAS computes one row with
-# sgemv and row counts that are not a multiple of its micro-kernel's rows with tail kernels,
-# in another float32 summation order: on the dev VM (OpenBLAS 0.3, SkylakeX kernels) blocks
-# of 1, 2, 3, 5, 7, 9 or 13 rows gave predictions that differ in the last bit from batch
-# 4096 (up to 1,302 of 4,096 rows), blocks of any multiple of 4 up to 2,032 rows none.
-# Padding to 16 keeps that margin; it was 64, which made a live batch of one row compute 64
-# (the three matrix products were most of that 1-row batch's ~130 µs).
+# On the numpy runner every batch takes ``kernels.mlp.RowForward``: the model's float32 math
+# in one numba call that computes a row the same way whatever the batch it came in, so batch
+# sizes 1 and 4096 give the same bits on any CPU (tests/test_engine_inline.py). BLAS could
+# not promise that: OpenBLAS chooses its kernels by shape, and a row's sum depended on the
+# batch size and the row's place in it (padding rows to 16 held on one CPU, not the next).
+# A batch of at most INLINE_MAX_ROWS rows (live use) runs inline, with no stream call.
+INLINE_MAX_ROWS = 16
+# The other runners (torch, MLX, Core ML) get rows padded to a multiple of ROW_MULTIPLE (one
+# compiled shape per size class on the accelerators); their outputs are within the stated
+# tolerance of the reference, not bit-identical across batch sizes.
 ROW_MULTIPLE = 16
-# On the numpy runner (relu models) every batch takes ``kernels.mlp.PaddedForward``: the
-# same padded products, the cast, normalisation, bias and relu fused in numba (same bits;
-# tests/test_engine_inline.py); a live batch of at most ROW_MULTIPLE rows runs it inline.
 
 
 @dataclass(frozen=True, slots=True)
@@ -112,7 +112,7 @@ class InferenceStage(Stage):
         self._x32: np.ndarray | None = None
         self._p32: np.ndarray | None = None
         self._primary: ComputeStream | None = None
-        self._small: dict[tuple[str, bool], PaddedForward | None] = {}
+        self._fixed: dict[str, RowForward | None] = {}
         self.rows_by_backend: dict[str, int] = {}
 
     @property
@@ -154,24 +154,21 @@ class InferenceStage(Stage):
 
     async def start(self, ctx: StageContext) -> None:
         self._primary = None
-        self._small = {}
+        self._fixed = {}
 
-    def _padded_for(self, stream: ComputeStream, live: bool) -> PaddedForward | None:
-        """The fused forward pass on ``stream`` (one for live batches of <= ROW_MULTIPLE
-        rows, one for larger batches), where it has one: the numpy runner of a relu model,
-        no calibrated routing."""
-        key = (stream.name, live)
-        fwd = self._small.get(key, False)
+    def _fixed_order_for(self, stream: ComputeStream) -> RowForward | None:
+        """The batch-size-independent forward pass on ``stream``, where it has one: the
+        numpy runner, no calibrated routing."""
+        fwd = self._fixed.get(stream.name, False)
         if fwd is False:
             runner = self.runners.get(stream.runner_backend)
             fwd = None
-            if (isinstance(runner, NumpyRunner) and self.calibration is None
-                    and self.spec.activation == "relu"):
-                fwd = PaddedForward(runner._ws, ROW_MULTIPLE, ROW_MULTIPLE)
-            self._small[key] = fwd
+            if isinstance(runner, NumpyRunner) and self.calibration is None:
+                fwd = RowForward(runner._ws)
+            self._fixed[stream.name] = fwd
         return fwd
 
-    def _predict_padded(self, lease: Lease, fwd: PaddedForward) -> None:
+    def _predict_fixed(self, lease: Lease, fwd: RowForward) -> None:
         cols = lease.columns
         fwd(cols[FEATURES_COLUMN], lease.length, cols["prediction"])
 
@@ -180,13 +177,12 @@ class InferenceStage(Stage):
             self._primary = stream
         n = lease.length
         if n:
-            live = n <= ROW_MULTIPLE
-            fwd = self._padded_for(stream, live)
+            fwd = self._fixed_order_for(stream)
             if fwd is not None:
-                if live:  # inline, no stream call: a few µs matter here
-                    self._predict_padded(lease, fwd)
+                if n <= INLINE_MAX_ROWS:  # inline, no stream call: a few µs matter here
+                    self._predict_fixed(lease, fwd)
                 else:
-                    await stream.run(self._predict_padded, lease, fwd)
+                    await stream.run(self._predict_fixed, lease, fwd)
                 self.rows_by_backend["numpy"] = self.rows_by_backend.get("numpy", 0) + n
                 return
         k = self.spec.n_inputs
