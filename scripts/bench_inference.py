@@ -1,7 +1,9 @@
 """Inference latency and throughput of every backend present, on one MLP, in one run.
 
 Per runner: latency p50/p99 of single-row calls (batch 1, the live path), and throughput
-(rows/s, from the median call time) at batch 256 and 4096 (replay / backfill). Every
+(rows/s, from the median call time) at batch 256 and 4096 (replay / backfill). ``numpy
+fixed-order`` is what the inference stage runs on the CPU (``kernels.mlp.RowForward``: the
+same math summed in one order whatever the batch), beside the BLAS ``numpy`` runner. Every
 runner's output is checked against the float64 reference first (``max err`` column). Each
 call is synchronous and includes the host→device→host copies, as the pipeline sees it.
 
@@ -28,13 +30,14 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from nautilus_pipeline.kernels.mlp import mlp_reference
+from nautilus_pipeline.kernels.mlp import RowForward, mlp_reference
 from nautilus_pipeline.machine import describe
 from nautilus_pipeline.model.runners import calibrate, make_runner, runner_usable, time_calls
 from nautilus_pipeline.model.spec import ModelSpec, load_default_model, random_weights
 
 VARIANTS: tuple[tuple[str, str, dict[str, Any]], ...] = (
     ("numpy", "numpy", {}),
+    ("numpy fixed-order", "numpy", {"fixed_order": True}),
     ("torch-cpu eager", "torch:cpu", {}),
     ("torch-cpu script", "torch:cpu", {"mode": "script"}),
     ("mlx-cpu eager", "mlx:cpu", {}),
@@ -79,6 +82,19 @@ def machine() -> list[str]:
     load = ", ".join(f"{v:.2f}" for v in os.getloadavg()) if hasattr(os, "getloadavg") else "?"
     out.append(f"OPENBLAS_NUM_THREADS={blas} OMP_NUM_THREADS={omp}; load average: {load}")
     return out
+
+
+class FixedOrder:
+    """The numpy runner's weights through ``RowForward``, behind the runner's ``predict``."""
+
+    def __init__(self, runner: Any) -> None:
+        self.fwd = RowForward(runner._ws)
+        self.close = runner.close
+
+    def predict(self, x: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
+        out = np.empty(x.shape[0], np.float32) if out is None else out
+        self.fwd(x, x.shape[0], out)
+        return out
 
 
 def main() -> None:
@@ -143,7 +159,10 @@ def main() -> None:
             absent.append(f"{label}: {why}")
             continue
         try:
-            runner = make_runner(backend, spec, w, **options)
+            fixed = options.get("fixed_order", False)
+            runner = make_runner(backend, spec, w, **{k: v for k, v in options.items() if k != "fixed_order"})
+            if fixed:
+                runner = FixedOrder(runner)
             err = float(np.max(np.abs(runner.predict(xs[4096]) - ref)))
             x1 = xs[1]
             out1 = np.empty(1, np.float32)
@@ -174,7 +193,8 @@ def main() -> None:
             continue
         results.append(row)
         runner.name = label
-        built.append(runner)
+        if not isinstance(runner, FixedOrder):  # calibrate() routes between real runners
+            built.append(runner)
         print(
             f"| {label:<19} | {row['b1_p50_us']:>10.1f} | {row['b1_p99_us']:>10.1f} | "
             f"{row['b256_rows_per_s']:>12,.0f} | {row['b4096_rows_per_s']:>13,.0f} | "

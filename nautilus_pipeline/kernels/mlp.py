@@ -212,8 +212,9 @@ class RowForward:
     small-matrix path, tail kernels for row counts that are not a multiple of its tile) and
     a row's sum then depends on the batch size *and* on the row's place in it; padding the
     rows to 16, the earlier rule, held on one CPU and not on the next. Cost, measured side
-    by side on the 2-core dev VM (``scripts/bench_inference.py --fixed-order``): ~4 µs for
-    one row (BLAS's 16-row padded call ~20 µs), ~2-3× BLAS per row at 4,096 rows.
+    by side on the 2-core dev VM, loaded (``scripts/bench_inference.py --default-model``):
+    one row 4.4 µs p50 (the BLAS runner 15.4 µs); 1.0M rows/s at 256 and 4,096 rows, where
+    the BLAS runner gave 2.3M and 0.44M (its threads fighting the load).
     ``MLPWorkspace`` gives the weights; the block buffers are allocated once.
     """
 
