@@ -82,7 +82,7 @@ from . import topics
 from .bus import EventBus
 from .errors import ConfigError, PipelineError
 from .events import KIND_QUOTE, KIND_TRADE, TICK_COLUMN_NAMES, TICK_COLUMNS, QuoteTick, TradeTick
-from .memory import BufferPool, Lease
+from .memory import BufferPool, Lease, Slab
 from .stage import Stage, StageContext, StageRunner
 from .symbols import SymbolTable
 
@@ -265,6 +265,7 @@ class Pipeline:
         else:
             stack.push_async_callback(self._leave_bus)
         stack.push_async_callback(self._stop_batcher)
+        warm = self._warm_columns()
         topic = self.ingress_topic
         for i, stage in enumerate(self.stages):
             last = i == len(self.stages) - 1
@@ -276,7 +277,7 @@ class Pipeline:
             if self.runners:
                 self.runners[-1].downstream = runner
             self.runners.append(runner)  # closed by the stack even if its start fails
-            await runner.start()
+            await runner.start(warm)
             topic = out
         self._stats_sub = self.bus.respond(topics.stats(self.name), lambda event: self.stats())
         log.info(
@@ -286,6 +287,18 @@ class Pipeline:
             batch_size=self.batch_size,
             pool_memory=self.pool.memory,
         )
+
+    def _warm_columns(self) -> dict[str, np.ndarray]:
+        """A one-row scratch slab of the pool's columns (the same array types as the pool's
+        slabs), row 0 a trade: what the stages warm their live kernels on at start."""
+        cols = Slab(0, self.pool.specs, 1, "host").columns
+        cols["kind"][0] = KIND_TRADE
+        cols["ts_ns"][0] = cols["ts_recv_ns"][0] = 1
+        cols["symbol_id"][0] = 0
+        cols["price"][0] = 100.0
+        cols["size"][0] = 1.0
+        cols["side"][0] = 1
+        return cols
 
     async def close(self, drain: bool = True) -> None:
         """Stop the ingress, drain in-flight batches, finish stages, close bus and streams."""

@@ -147,6 +147,12 @@ class InferenceStage(Stage):
             log.info("inference_calibrated", stage=self.name, table="\n" + self.calibration.format(),
                      **{"route": self.calibration.to_dict()["route"]})
 
+    def warm_up(self, columns: dict[str, np.ndarray], stream: ComputeStream) -> None:
+        """The fused forward pass of a live row (its numba kernels), where the stream has one."""
+        fwd = self._padded_for(stream, True)
+        if fwd is not None:
+            fwd(columns[FEATURES_COLUMN], 1, columns["prediction"])
+
     def _runner(self, stream: ComputeStream, n: int) -> ModelRunner:
         if self.calibration is not None and stream is self._primary:
             return self.calibration.runner_for(n)
