@@ -52,7 +52,7 @@ Live paths. With the hop gone, a live tick's cost was each stage's per-batch Pyt
 in the model). The default stages now run a small batch as one numba call with few
 arguments over the slab's whole columns and state arrays allocated once (``features``:
 ``FeatureTable.update_small``; ``vpin``: ``vpin_rows_small`` while trades join the open
-bar; ``risk``: ``kernels.risk_rows``; ``inference``: ``kernels.mlp.PaddedForward``;
+bar; ``risk``: ``kernels.risk_rows``; ``inference``: ``kernels.mlp.RowOrderForward``;
 ``signal``: one scalar read), each calling the batch path's own kernels so the numbers are
 the same bits (``tests/test_engine_inline.py``). One row per stage,
 ``scripts/profile_stages.py --rows 1`` on the shared dev VM, p50 µs, before → after:

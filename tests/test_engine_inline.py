@@ -193,36 +193,39 @@ async def _predictions(data, batch_size):
 
 
 async def test_the_model_gives_the_same_bits_for_batches_of_1_7_and_4096(sample_dir):
-    """Rows padded to ROW_MULTIPLE: BLAS sums every row in one order whatever the batch."""
+    """The fixed-order forward pass: every row's sums in one order whatever the batch."""
     data = {k: v[:3000] for k, v in btc_trades(sample_dir).items()}
     big = await _predictions(data, 4096)
     for batch_size in (1, 7):
         np.testing.assert_array_equal(await _predictions(data, batch_size), big)
 
 
-@pytest.mark.parametrize("sizes", [range(1, 17), (17, 100, 4096, 5)])
-def test_the_fused_forward_pass_gives_the_padded_blas_bits(sizes):
-    """PaddedForward against mlp_forward on the same padded rows, live sizes and replay
-    sizes (its buffers grown, then a smaller call), features far outside the training range
-    and NaN included."""
-    from nautilus_pipeline.kernels.mlp import MLPWorkspace, PaddedForward, mlp_forward
+@pytest.mark.parametrize("sizes", [range(1, 18), (100, 4096, 5)])
+def test_the_fixed_order_forward_pass_is_the_same_bits_at_any_batch_and_near_float64(sizes):
+    """RowOrderForward: a batch's rows give the bits of the same rows one at a time (live
+    sizes and replay sizes, every position in a tile), agree with the float64 reference to
+    float32 rounding, write only rows [0, n), and keep NaN as NaN."""
+    from nautilus_pipeline.kernels.mlp import MLPWorkspace, RowOrderForward, mlp_reference
     from nautilus_pipeline.model.spec import DEFAULT_MODEL_PATH, load_model
 
     spec, w = load_model(DEFAULT_MODEL_PATH)
-    ws = MLPWorkspace(w.mean, w.std, w.weights, w.biases, spec.activation, 16)
-    fused = PaddedForward(MLPWorkspace(w.mean, w.std, w.weights, w.biases, spec.activation, 16), 16)
+    fwd = RowOrderForward(MLPWorkspace(w.mean, w.std, w.weights, w.biases, spec.activation, 16))
     rng = np.random.default_rng(3)
     for n in sizes:
         feats = rng.normal(0, 3, (n + 64, spec.n_inputs)) * np.asarray(w.std) + np.asarray(w.mean)
-        feats[0, n % spec.n_inputs] = np.nan if n == 5 else feats[0, 0]
-        rows = -(-n // 16) * 16
-        x = np.zeros((rows, spec.n_inputs), dtype=np.float32)
-        x[:n] = feats[:n]
-        want = mlp_forward(ws, x)[:n]
+        if n == 5:
+            feats[2, 3] = np.nan
         got = np.full(n + 64, -1.0, dtype=np.float32)
-        fused(feats, n, got)
-        np.testing.assert_array_equal(got[:n], want)
+        fwd(feats, n, got)
         assert (got[n:] == -1.0).all()
+        one = np.empty(1, dtype=np.float32)
+        for i in range(n):
+            fwd(feats[i : i + 1], 1, one)
+            assert one.tobytes() == got[i : i + 1].tobytes(), (n, i)
+        ref = mlp_reference(feats[:n].astype(np.float32), w.mean, w.std, w.weights, w.biases)
+        np.testing.assert_allclose(got[:n], ref, rtol=0, atol=2e-6)
+        if n == 5:
+            assert np.isnan(got[2]) and not np.isnan(np.delete(got[:n], 2)).any()
 
 
 async def _chain_outputs(data, batch_size, limits, fused: bool):

@@ -146,86 +146,112 @@ def mlp_reference(
     return 1.0 / (1.0 + np.exp(-h[:, 0]))
 
 
-@njit(cache=True, nogil=True)
-def _small_input(feats, n, mean, inv_std, h):
-    """Rows ``[0, n)`` of float64 ``feats`` cast to float32 and normalised into ``h``; the
-    padding rows of ``h`` zero, normalised (what the padded BLAS path computes for them)."""
-    k = h.shape[1]
-    for i in range(h.shape[0]):
-        for j in range(k):
-            x = np.float32(feats[i, j]) if i < n else np.float32(0.0)
-            h[i, j] = (x - mean[j]) * inv_std[j]
+TILE = 4
+"""Rows per tile of :class:`RowOrderForward` (they share each weight row's loads)."""
 
 
 @njit(cache=True, nogil=True)
-def _small_bias_relu(h, b):
-    for i in range(h.shape[0]):
-        for j in range(h.shape[1]):
-            v = h[i, j] + b[j]
-            h[i, j] = v if v >= np.float32(0.0) or v != v else np.float32(0.0)  # np.maximum's rule
+def _dense_tile(src, width, w, b, dst, relu):
+    """``dst[r, j] = act(b[j] + Σ_k src[r, k]·w[k, j])`` for the ``TILE`` rows of a tile, the
+    sum in ONE order for every row: ``0 + p_0 + p_1 + … + p_{width−1}`` (separate float32
+    multiplies and adds, no reassociation), then the bias, then relu with ``np.maximum``'s
+    rule for NaN. The loop over ``j`` is what the compiler vectorises (outputs side by side);
+    two ``k`` per pass halve the loads and stores of ``dst``, the order staying the same."""
+    m = w.shape[1]
+    d0, d1, d2, d3 = dst[0], dst[1], dst[2], dst[3]
+    s0, s1, s2, s3 = src[0], src[1], src[2], src[3]
+    for j in range(m):
+        d0[j] = d1[j] = d2[j] = d3[j] = np.float32(0.0)
+    k = 0
+    while k + 2 <= width:
+        x0, x1, y0, y1 = s0[k], s0[k + 1], s1[k], s1[k + 1]
+        u0, u1, v0, v1 = s2[k], s2[k + 1], s3[k], s3[k + 1]
+        w0, w1 = w[k], w[k + 1]
+        for j in range(m):
+            a, c = w0[j], w1[j]
+            d0[j] = (d0[j] + x0 * a) + x1 * c
+            d1[j] = (d1[j] + y0 * a) + y1 * c
+            d2[j] = (d2[j] + u0 * a) + u1 * c
+            d3[j] = (d3[j] + v0 * a) + v1 * c
+        k += 2
+    if k < width:
+        x0, y0, u0, v0 = s0[k], s1[k], s2[k], s3[k]
+        w0 = w[k]
+        for j in range(m):
+            a = w0[j]
+            d0[j] = d0[j] + x0 * a
+            d1[j] = d1[j] + y0 * a
+            d2[j] = d2[j] + u0 * a
+            d3[j] = d3[j] + v0 * a
+    for r in range(TILE):
+        d = dst[r]
+        for j in range(m):
+            v = d[j] + b[j]
+            if relu:
+                v = v if v >= np.float32(0.0) or v != v else np.float32(0.0)
+            d[j] = v
 
 
 @njit(cache=True, nogil=True)
-def _small_logit_half(h, b, z):
-    for i in range(z.shape[0]):
-        z[i] = (h[i, 0] + b[0]) * np.float32(0.5)
+def _mlp_rows(feats, n, mean, inv_std, mats, biases, ha, hb, out):
+    """Probabilities of rows ``[0, n)`` of float64 ``feats`` into ``out``: each row cast to
+    float32 and normalised, the hidden layers (relu), the output unit and the sigmoid
+    ``0.5·(1 + tanh(z/2))``, ``TILE`` rows at a time (a tile's missing rows computed from
+    zeros, not written). Every row takes the same operations whatever ``n`` is and wherever
+    it falls in a tile, so its bits do not depend on the batch."""
+    k0 = mean.shape[0]
+    last = len(mats) - 1
+    for i0 in range(0, n, TILE):
+        for r in range(TILE):
+            i = i0 + r
+            for k in range(k0):
+                x = np.float32(feats[i, k]) if i < n else np.float32(0.0)
+                ha[r, k] = (x - mean[k]) * inv_std[k]
+        src, dst = ha, hb
+        width = k0
+        for layer in range(last):
+            _dense_tile(src, width, mats[layer], biases[layer], dst, True)
+            width = mats[layer].shape[1]
+            src, dst = dst, src
+        w = mats[last]
+        b0 = biases[last][0]
+        for r in range(min(TILE, n - i0)):
+            z = np.float32(0.0)
+            for k in range(width):
+                z = z + src[r, k] * w[k, 0]
+            z = (z + b0) * np.float32(0.5)
+            out[i0 + r] = (np.tanh(z) + np.float32(1.0)) * np.float32(0.5)
 
 
-@njit(cache=True, nogil=True)
-def _small_finish(t, n, out):
-    for i in range(n):
-        out[i] = (t[i] + np.float32(1.0)) * np.float32(0.5)
+class RowOrderForward:
+    """The MLP forward pass (relu models) in one numba call, bit for bit the same for a row
+    whatever the batch it comes in.
 
+    Why not BLAS. BLAS picks its kernels by the shape of the product: OpenBLAS sums a row
+    of a 1-row product (sgemv) and of a tail block in another float32 order than rows of a
+    large block, so the same row gave other bits at batch 1 than at 4096. Padding rows to
+    16 hid that on the SkylakeX kernels of the first dev VM; on the Haswell kernels (AMD
+    EPYC) padded blocks of 16 still differed from batch 4,096 (tests/test_engine_inline.py
+    failed). Here the order of every sum is written down (:func:`_dense_tile`), so batch 1
+    and 4,096 agree by construction, and a live row costs one call with no padding: ~2-3 µs
+    against ~11 µs for the three padded 16-row BLAS products. At 4,096 rows it is ~2× slower
+    than BLAS (~1.9 vs ~1.0 ms, no fused multiply-add, dev VM): measured by
+    ``scripts/bench_inference.py --fixed-order``. Against the float64 reference it agrees to
+    float32 rounding as BLAS does (~2e-7 in probability).
 
-class PaddedForward:
-    """:func:`mlp_forward` of rows padded to a multiple of ``multiple`` (relu models), in as
-    few calls as it can be: one numba call for the cast from float64, the padding and the
-    normalisation, per layer BLAS's ``matmul`` on the same padded shape and one numba call
-    for bias and activation, numpy's ``tanh`` for the sigmoid. The float32 operations are
-    those of :func:`mlp_forward` on the same operands (IEEE add, multiply and max round the
-    same in numba and numpy; no fused multiply-add; ``np.maximum``'s rule for NaN and −0),
-    and the products are the same BLAS call on the same shape, so the output is the same to
-    the bit (tested).
-
-    Why: a live row went through ~20 numpy calls, a copy and a pad (~60 µs → ~25 µs, most
-    of it now the three 16-row products). At 4,096 rows numpy's broadcast bias add and
-    ``maximum`` ran at ~1 element per cycle, 0.6 of the batch's 2.5 ms; fused here they
-    take ~0.15 ms (2-core dev VM; ``scripts/profile_stages.py --rows 4096`` per stage).
-    ``capacity`` rows are allocated once; a call for more rows grows them.
+    Scratch: two ``TILE`` × widest-layer float32 buffers, allocated once; not thread-safe
+    (one instance per thread, as the inference stage keeps them).
     """
 
-    def __init__(self, ws: MLPWorkspace, capacity: int, multiple: int = 16) -> None:
+    def __init__(self, ws: MLPWorkspace) -> None:
         if ws.activation != "relu":
-            raise ValueError("PaddedForward covers relu models; others take mlp_forward")
-        self.multiple = multiple
-        self.widths = [ws.n_inputs, *(m.shape[1] for m in ws.mats)]
+            raise ValueError("RowOrderForward covers relu models; others take mlp_forward")
+        widest = max(ws.n_inputs, *(m.shape[1] for m in ws.mats))
         self.mean, self.inv_std = ws.mean, ws.inv_std
-        self.mats, self.biases = ws.mats, ws.biases
-        self.capacity = 0
-        self._reserve(max(capacity, multiple))
-
-    def _reserve(self, rows: int) -> None:
-        self.h = [np.zeros((rows, w), dtype=F32) for w in self.widths]
-        self.z = np.empty(rows, dtype=F32)
-        self.capacity = rows
-        self._full = (self.h, self.z)
+        self.mats, self.biases = tuple(ws.mats), tuple(ws.biases)
+        self._ha = np.zeros((TILE, widest), dtype=F32)
+        self._hb = np.zeros((TILE, widest), dtype=F32)
 
     def __call__(self, feats: np.ndarray, n: int, out: np.ndarray) -> None:
         """Probabilities of rows ``[0, n)`` of float64 ``feats`` [≥ n, k] into ``out[:n]``."""
-        rows = -(-n // self.multiple) * self.multiple
-        if rows > self.capacity:
-            self._reserve(rows)
-        if rows == self.capacity:
-            h, z = self._full
-        else:
-            h, z = [a[:rows] for a in self.h], self.z[:rows]
-        _small_input(feats, n, self.mean, self.inv_std, h[0])
-        last = len(self.mats) - 1
-        for i in range(last):
-            nxt = h[i + 1]
-            np.matmul(h[i], self.mats[i], out=nxt)
-            _small_bias_relu(nxt, self.biases[i])
-        np.matmul(h[last], self.mats[last], out=h[last + 1])
-        _small_logit_half(h[last + 1], self.biases[last], z)
-        np.tanh(z, out=z)
-        _small_finish(z, n, out)
+        _mlp_rows(feats, n, self.mean, self.inv_std, self.mats, self.biases, self._ha, self._hb, out)

@@ -36,7 +36,7 @@ import structlog
 from ..compute import ComputeStream, runner_backend, unusable_reason
 from ..errors import ConfigError
 from ..events import ColumnSpec
-from ..kernels.mlp import PaddedForward
+from ..kernels.mlp import RowOrderForward
 from ..memory import Lease
 from ..model.base import ModelRunner
 from ..model.numpy_runner import NumpyRunner
@@ -50,17 +50,19 @@ log = structlog.get_logger("nautilus_pipeline.inference")
 
 DEFAULT_STREAMS = ("coreml:ane", "mlx:gpu", "torch:cuda", "torch:mps", "cpu")
 
-# Rows are padded to a multiple of 16 before the model runs. OpenBLAS computes one row with
-# sgemv and row counts that are not a multiple of its micro-kernel's rows with tail kernels,
-# in another float32 summation order: on the dev VM (OpenBLAS 0.3, SkylakeX kernels) blocks
-# of 1, 2, 3, 5, 7, 9 or 13 rows gave predictions that differ in the last bit from batch
-# 4096 (up to 1,302 of 4,096 rows), blocks of any multiple of 4 up to 2,032 rows none.
-# Padding to 16 keeps that margin; it was 64, which made a live batch of one row compute 64
-# (the three matrix products were most of that 1-row batch's ~130 µs).
+# On the numpy runner (relu models) every batch takes ``kernels.mlp.RowOrderForward``: one
+# numba call whose sums run in one written-down order, so a row's prediction has the same
+# bits at batch 1, 7 and 4096 by construction (tests/test_engine_inline.py); a live batch of
+# at most LIVE_ROWS rows runs it inline (no stream call).
+LIVE_ROWS = 16
+# The other runners (torch, MLX, Core ML, the numpy runner of tanh/silu models) get rows
+# padded to a multiple of ROW_MULTIPLE. OpenBLAS computes one row with sgemv and row counts
+# that are not a multiple of its micro-kernel's rows with tail kernels, in another float32
+# summation order: on the first dev VM (OpenBLAS 0.3, SkylakeX kernels) blocks of 1, 2, 3,
+# 5, 7, 9 or 13 rows gave predictions that differ in the last bit from batch 4096, blocks
+# of any multiple of 4 none; on OpenBLAS 0.3.31's Haswell kernels (AMD EPYC) padded blocks
+# of 16 still differ, which is why the numpy path no longer relies on it.
 ROW_MULTIPLE = 16
-# On the numpy runner (relu models) every batch takes ``kernels.mlp.PaddedForward``: the
-# same padded products, the cast, normalisation, bias and relu fused in numba (same bits;
-# tests/test_engine_inline.py); a live batch of at most ROW_MULTIPLE rows runs it inline.
 
 
 @dataclass(frozen=True, slots=True)
@@ -112,7 +114,7 @@ class InferenceStage(Stage):
         self._x32: np.ndarray | None = None
         self._p32: np.ndarray | None = None
         self._primary: ComputeStream | None = None
-        self._small: dict[tuple[str, bool], PaddedForward | None] = {}
+        self._fixed: dict[str, RowOrderForward | None] = {}
         self.rows_by_backend: dict[str, int] = {}
 
     @property
@@ -148,8 +150,8 @@ class InferenceStage(Stage):
                      **{"route": self.calibration.to_dict()["route"]})
 
     def warm_up(self, columns: dict[str, np.ndarray], stream: ComputeStream) -> None:
-        """The fused forward pass of a live row (its numba kernels), where the stream has one."""
-        fwd = self._padded_for(stream, True)
+        """The fixed-order forward pass of a live row (its numba kernel), where the stream has one."""
+        fwd = self._fixed_for(stream)
         if fwd is not None:
             fwd(columns[FEATURES_COLUMN], 1, columns["prediction"])
 
@@ -160,24 +162,23 @@ class InferenceStage(Stage):
 
     async def start(self, ctx: StageContext) -> None:
         self._primary = None
-        self._small = {}
+        self._fixed = {}
 
-    def _padded_for(self, stream: ComputeStream, live: bool) -> PaddedForward | None:
-        """The fused forward pass on ``stream`` (one for live batches of <= ROW_MULTIPLE
-        rows, one for larger batches), where it has one: the numpy runner of a relu model,
-        no calibrated routing."""
-        key = (stream.name, live)
-        fwd = self._small.get(key, False)
+    def _fixed_for(self, stream: ComputeStream) -> RowOrderForward | None:
+        """The fixed-order forward pass on ``stream``, where it has one: the numpy runner of
+        a relu model, no calibrated routing. One per stream (a stage runs one batch at a
+        time, inline or on the stream's worker, so its scratch is never shared)."""
+        fwd = self._fixed.get(stream.name, False)
         if fwd is False:
             runner = self.runners.get(stream.runner_backend)
             fwd = None
             if (isinstance(runner, NumpyRunner) and self.calibration is None
                     and self.spec.activation == "relu"):
-                fwd = PaddedForward(runner._ws, ROW_MULTIPLE, ROW_MULTIPLE)
-            self._small[key] = fwd
+                fwd = RowOrderForward(runner._ws)
+            self._fixed[stream.name] = fwd
         return fwd
 
-    def _predict_padded(self, lease: Lease, fwd: PaddedForward) -> None:
+    def _predict_fixed(self, lease: Lease, fwd: RowOrderForward) -> None:
         cols = lease.columns
         fwd(cols[FEATURES_COLUMN], lease.length, cols["prediction"])
 
@@ -186,13 +187,12 @@ class InferenceStage(Stage):
             self._primary = stream
         n = lease.length
         if n:
-            live = n <= ROW_MULTIPLE
-            fwd = self._padded_for(stream, live)
+            fwd = self._fixed_for(stream)
             if fwd is not None:
-                if live:  # inline, no stream call: a few µs matter here
-                    self._predict_padded(lease, fwd)
+                if n <= LIVE_ROWS:  # inline, no stream call: a few µs matter here
+                    self._predict_fixed(lease, fwd)
                 else:
-                    await stream.run(self._predict_padded, lease, fwd)
+                    await stream.run(self._predict_fixed, lease, fwd)
                 self.rows_by_backend["numpy"] = self.rows_by_backend.get("numpy", 0) + n
                 return
         k = self.spec.n_inputs
