@@ -24,7 +24,8 @@ parameters as a dataclass), ``.io`` (readers), ``.config`` (definitions), ``.bat
 (sharded batch replays: ``run_batch``, ``replay_job``), ``.snapshot`` (stage state as bytes).
 """
 
-from .app import Run, Summary, TickCounts
+from typing import TYPE_CHECKING
+
 from .bus import DeadLetter, Event, EventBus, Overflow, Subscription
 from .compute import ComputeStream, choose, create_stream, discover
 from .errors import (
@@ -52,7 +53,6 @@ from .events import (
     TradeTick,
     VpinBucket,
 )
-from .io import Replay, Source, detect_format
 from .memory import BufferPool, Lease
 from .pipeline import Pipeline, TickFlow
 from .runtime import configure_logging, run
@@ -60,7 +60,32 @@ from .snapshot import SnapshotError
 from .stage import Stage, StageContext
 from .symbols import SymbolTable
 
+if TYPE_CHECKING:
+    from .app import Run, Summary, TickCounts
+    from .io import Replay, Source, detect_format
+
 __version__ = "0.1.0"
+
+# Imported on first use (PEP 562): the definitions' runner (``Run``: the config, every
+# built-in stage, the model loaders) and the readers (pyarrow and every format) are ~0.2-0.4 s
+# of a process's start that an app embedding a Pipeline, or a replay of one format, need not pay.
+_LAZY = {"Run": "app", "Summary": "app", "TickCounts": "app",
+         "Replay": "io", "Source": "io", "detect_format": "io"}
+
+
+def __getattr__(name: str):
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    import importlib
+
+    value = getattr(importlib.import_module(f".{module}", __name__), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *_LAZY})
 
 __all__ = [
     "TICK_COLUMNS",

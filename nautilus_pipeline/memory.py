@@ -331,6 +331,13 @@ class BufferPool:
         return cls((*TICK_COLUMNS, *outputs), **kwargs)
 
     # --- leasing -----------------------------------------------------------------------
+    def acquire_nowait(self, holder: str = "source") -> Lease | None:
+        """A free slab now, or None (then ``acquire`` waits for one): the live ingress's fast
+        path, without a coroutine per tick."""
+        if self._closed or not self._free or self._waiters:
+            return None
+        return self._lease(self._free.popleft(), holder)
+
     async def acquire(self, holder: str = "source", timeout: float | None = None) -> Lease:
         """Lease a free slab, waiting (backpressure) while all are in use."""
         if self._closed:

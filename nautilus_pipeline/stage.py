@@ -52,7 +52,7 @@ Live paths. With the hop gone, a live tick's cost was each stage's per-batch Pyt
 in the model). The default stages now run a small batch as one numba call with few
 arguments over the slab's whole columns and state arrays allocated once (``features``:
 ``FeatureTable.update_small``; ``vpin``: ``vpin_rows_small`` while trades join the open
-bar; ``risk``: ``kernels.risk_rows``; ``inference``: ``kernels.mlp.RowForward``;
+bar; ``risk``: ``kernels.risk_rows``; ``inference``: ``kernels.mlp.RowOrderForward``;
 ``signal``: one scalar read), each calling the batch path's own kernels so the numbers are
 the same bits (``tests/test_engine_inline.py``). One row per stage,
 ``scripts/profile_stages.py --rows 1`` on the shared dev VM, p50 µs, before → after:
@@ -137,6 +137,13 @@ class Stage:
     async def bind(self, stream: ComputeStream) -> None:
         """Prepare to run on ``stream`` (load a model onto its device). Called for the primary
         stream at start, and for the fallback stream before its first batch."""
+
+    def warm_up(self, columns: dict[str, Any], stream: ComputeStream) -> None:
+        """Run the live path's kernels once on ``columns`` (a scratch slab of the pipeline's
+        columns, row 0 a trade) and on scratch state, so that the first live tick neither
+        compiles nor loads a kernel from numba's cache (tens of ms each, seconds cold).
+        Called at start after ``bind``, on a worker thread; must leave the stage's state as
+        it was."""
 
     async def process(self, lease: Lease, stream: ComputeStream, ctx: StageContext) -> None:
         """Process rows ``[0, lease.length)`` of the batch, writing the declared columns."""
@@ -259,9 +266,14 @@ class StageRunner:
             self._fallback = create_stream(self.selection.fallback, offload=self._offload)
         return self._fallback
 
-    async def start(self) -> None:
+    async def start(self, warm: dict[str, Any] | None = None) -> None:
+        """Start and bind the stage, warm its live kernels on the scratch columns ``warm``
+        (off the loop), and subscribe it to its input topic."""
         await self.stage.start(self.ctx)
         await self.stage.bind(self.stream)
+        if warm is not None:
+            # on the stream's worker where it has one, inline in serial execution
+            await self.stream.run_setup(self.stage.warm_up, warm, self.stream)
         self.subscription = self.ctx.bus.subscribe(
             self.input_topic,
             self._on_batch,

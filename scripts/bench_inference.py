@@ -1,9 +1,7 @@
 """Inference latency and throughput of every backend present, on one MLP, in one run.
 
 Per runner: latency p50/p99 of single-row calls (batch 1, the live path), and throughput
-(rows/s, from the median call time) at batch 256 and 4096 (replay / backfill). ``numpy
-fixed-order`` is what the inference stage runs on the CPU (``kernels.mlp.RowForward``: the
-same math summed in one order whatever the batch), beside the BLAS ``numpy`` runner. Every
+(rows/s, from the median call time) at batch 256 and 4096 (replay / backfill). Every
 runner's output is checked against the float64 reference first (``max err`` column). Each
 call is synchronous and includes the host→device→host copies, as the pipeline sees it.
 
@@ -13,6 +11,7 @@ M4 Max), or the shipped default model with ``--default-model``. ``torch-cuda gra
 the host↔device copies inside the graph; ``graphs/c`` issues them outside it.
 
     .venv/bin/python scripts/bench_inference.py [--default-model] [--calibrate] [--calls 3000]
+    .venv/bin/python scripts/bench_inference.py --fixed-order   # the inference stage's two CPU paths
     python3 scripts/bench_inference.py --gpu     # on a GPU machine: fails if no GPU backend ran
 """
 
@@ -30,14 +29,13 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from nautilus_pipeline.kernels.mlp import RowForward, mlp_reference
+from nautilus_pipeline.kernels.mlp import mlp_reference
 from nautilus_pipeline.machine import describe
 from nautilus_pipeline.model.runners import calibrate, make_runner, runner_usable, time_calls
 from nautilus_pipeline.model.spec import ModelSpec, load_default_model, random_weights
 
 VARIANTS: tuple[tuple[str, str, dict[str, Any]], ...] = (
     ("numpy", "numpy", {}),
-    ("numpy fixed-order", "numpy", {"fixed_order": True}),
     ("torch-cpu eager", "torch:cpu", {}),
     ("torch-cpu script", "torch:cpu", {"mode": "script"}),
     ("mlx-cpu eager", "mlx:cpu", {}),
@@ -84,17 +82,50 @@ def machine() -> list[str]:
     return out
 
 
-class FixedOrder:
-    """The numpy runner's weights through ``RowForward``, behind the runner's ``predict``."""
+def fixed_order_table(spec: ModelSpec, w: Any, reps_rows: int = 40_000) -> None:
+    """The inference stage's numpy path, ``kernels.mlp.RowOrderForward`` (one numba call,
+    sums in one order), beside BLAS on rows padded to 16 (``mlp_forward``, what the stage
+    ran before): median µs per call by rows, side by side in one run, and whether each gives
+    the bits of batch 4,096 for the same rows (the rule every analytic keeps)."""
+    from nautilus_pipeline.kernels.mlp import MLPWorkspace, RowOrderForward, mlp_forward
 
-    def __init__(self, runner: Any) -> None:
-        self.fwd = RowForward(runner._ws)
-        self.close = runner.close
+    ws = MLPWorkspace(w.mean, w.std, w.weights, w.biases, spec.activation, 4096)
+    fixed = RowOrderForward(ws)
+    rng = np.random.default_rng(1)
+    feats = rng.standard_normal((4096, spec.n_inputs)) * w.std + w.mean
+    x32 = np.zeros((4096, spec.n_inputs), dtype=np.float32)
 
-    def predict(self, x: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
-        out = np.empty(x.shape[0], np.float32) if out is None else out
-        self.fwd(x, x.shape[0], out)
-        return out
+    def blas(n: int, out: np.ndarray) -> None:
+        rows = -(-n // 16) * 16
+        x = x32[:rows]
+        np.copyto(x[:n], feats[:n], casting="same_kind")
+        x[n:] = 0.0
+        out[:n] = mlp_forward(ws, x)[:n]
+
+    def row_order(n: int, out: np.ndarray) -> None:
+        fixed(feats, n, out)
+
+    paths = {"blas (16-row pad)": blas, "row order (numba)": row_order}
+    full = {}
+    for name, fn in paths.items():
+        full[name] = np.empty(4096, np.float32)
+        fn(4096, full[name])
+    print("\nfixed order vs BLAS: median µs per call, same bits as batch 4096 for those rows "
+          "(one BLAS thread, as a pipeline runs it)")
+    print(f"{'rows':>6} " + " ".join(f"{n:>24}" for n in paths))
+    for n in (1, 16, 256, 4096):
+        cells = []
+        for name, fn in paths.items():
+            out = np.empty(4096, np.float32)
+            reps = max(20, reps_rows // n)
+            t = []
+            for _ in range(reps):
+                t0 = time.perf_counter_ns()
+                fn(n, out)
+                t.append(time.perf_counter_ns() - t0)
+            same = out[:n].tobytes() == full[name][:n].tobytes()
+            cells.append(f"{np.median(t) / 1e3:>12.1f} µs  {'same' if same else 'DIFFER':>6}")
+        print(f"{n:>6} " + " ".join(f"{c:>24}" for c in cells))
 
 
 def main() -> None:
@@ -114,9 +145,11 @@ def main() -> None:
         action="store_true",
         help="GPU machine run: exit 1 unless at least one GPU backend was measured",
     )
+    ap.add_argument("--fixed-order", action="store_true",
+                    help="only the inference stage's numpy paths: fixed-order numba vs padded BLAS")
     args = ap.parse_args()
 
-    if args.default_model:
+    if args.default_model or args.fixed_order:
         spec, w = load_default_model()
         model = "default model"
     else:
@@ -136,6 +169,12 @@ def main() -> None:
     )
     for line in header:
         print(line)
+    if args.fixed_order:
+        from threadpoolctl import threadpool_limits
+
+        with threadpool_limits(1, user_api="blas"):  # as a pipeline runs it (blas_threads=1)
+            fixed_order_table(spec, w)
+        return
     print()
     widths = (19, 10, 10, 12, 13, 8)
     names = ("runner", "b=1 p50 µs", "b=1 p99 µs", "b=256 rows/s", "b=4096 rows/s", "max err")
@@ -159,10 +198,7 @@ def main() -> None:
             absent.append(f"{label}: {why}")
             continue
         try:
-            fixed = options.get("fixed_order", False)
-            runner = make_runner(backend, spec, w, **{k: v for k, v in options.items() if k != "fixed_order"})
-            if fixed:
-                runner = FixedOrder(runner)
+            runner = make_runner(backend, spec, w, **options)
             err = float(np.max(np.abs(runner.predict(xs[4096]) - ref)))
             x1 = xs[1]
             out1 = np.empty(1, np.float32)
@@ -193,8 +229,7 @@ def main() -> None:
             continue
         results.append(row)
         runner.name = label
-        if not isinstance(runner, FixedOrder):  # calibrate() routes between real runners
-            built.append(runner)
+        built.append(runner)
         print(
             f"| {label:<19} | {row['b1_p50_us']:>10.1f} | {row['b1_p99_us']:>10.1f} | "
             f"{row['b256_rows_per_s']:>12,.0f} | {row['b4096_rows_per_s']:>13,.0f} | "

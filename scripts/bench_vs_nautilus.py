@@ -45,11 +45,15 @@ target and importing scipy.linalg) is code loading, like their imports: it runs 
 clock starts, and is printed. A first round is discarded (page cache, numba's kernel cache,
 byte code), then the median of ``--repeats`` process runs per side.
 
-Pandas. With pandas installed (nautilus_trader needs it) our reader's first
-``pyarrow.compute.fill_null`` (``io/convert.py``, ``to_int``) makes pyarrow import pandas
-(``pa.scalar`` checks for pandas objects): 0.2-0.6 s inside our end-to-end time that a core
-install without pandas never pays. The row "pandas hidden" runs our side with ``import
-pandas`` failing, as in such an install.
+Pandas and scipy. With pandas installed (nautilus_trader needs it) our reader's first
+Arrow → numpy conversion makes pyarrow import pandas (``pa.scalar`` checks for pandas
+objects, and ``Array.to_numpy`` initialises pyarrow's pandas support; checked on pyarrow
+with this venv's versions): 0.2-0.6 s inside our end-to-end time that a core install without
+pandas never pays. scipy is no dependency of ours either (dropped from the core list: the
+package never imports it), but numba imports ``scipy.linalg`` when its CPU target starts if
+scipy is installed (~0.1-0.4 s, ``scripts/bench_startup.py --hide scipy``). The row "pandas+
+scipy hidden" runs our side with both imports failing, as in an install of our core
+dependencies (before this run the row hid pandas only).
 
 Measured on the 2-core dev VM, shared with other agents (load average 2-3 during the runs):
 the script run three times, each run the median of 3 processes per side; headline ratios
@@ -172,10 +176,11 @@ def child_ours(csv: str, batch_size: int) -> dict:
 
 
 class _HidePandas:
-    """A meta path finder that makes ``import pandas`` fail, as in an install without it."""
+    """A meta path finder that makes ``import pandas`` (and ``import scipy``) fail, as in an
+    install of our core dependencies only (neither is one of them)."""
 
     def find_spec(self, name: str, path: object = None, target: object = None) -> None:
-        if name == "pandas" or name.startswith("pandas."):
+        if name.split(".")[0] in ("pandas", "scipy"):
             raise ModuleNotFoundError(f"No module named {name!r} (hidden by the benchmark)")
 
 
@@ -285,7 +290,7 @@ def make_trades(rows: int, folder: pathlib.Path) -> pathlib.Path:
 
 SIDES = {
     "ours": "nautilus_pipeline",
-    "ours-nopandas": "nautilus_pipeline, pandas hidden",
+    "ours-nopandas": "nautilus_pipeline, pandas+scipy hidden",
     "nautilus": "nautilus_trader",
 }
 

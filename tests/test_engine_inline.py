@@ -193,38 +193,39 @@ async def _predictions(data, batch_size):
 
 
 async def test_the_model_gives_the_same_bits_for_batches_of_1_7_and_4096(sample_dir):
-    """The numpy runner's RowForward sums every row in one order whatever the batch."""
+    """The fixed-order forward pass: every row's sums in one order whatever the batch."""
     data = {k: v[:3000] for k, v in btc_trades(sample_dir).items()}
     big = await _predictions(data, 4096)
     for batch_size in (1, 7):
         np.testing.assert_array_equal(await _predictions(data, batch_size), big)
 
 
-def test_the_fixed_order_forward_pass_gives_a_row_the_same_bits_in_any_batch_and_place():
-    """RowForward on rows taken in batches of every size 1-17, 100 and 4096, at offsets 0, 1,
-    5 and 100 (a row in every place of a block), its buffers used by a big call and then a
-    small one: each row's probability is the same to the bit as in one 4096-row call, a NaN
-    feature spoils its own row only, nothing past ``n`` is written; and it is the float64
-    reference's within float32 rounding (the BLAS runner's tolerance)."""
-    from nautilus_pipeline.kernels.mlp import MLPWorkspace, RowForward, mlp_reference
+@pytest.mark.parametrize("sizes", [range(1, 18), (100, 4096, 5)])
+def test_the_fixed_order_forward_pass_is_the_same_bits_at_any_batch_and_near_float64(sizes):
+    """RowOrderForward: a batch's rows give the bits of the same rows one at a time (live
+    sizes and replay sizes, every position in a tile), agree with the float64 reference to
+    float32 rounding, write only rows [0, n), and keep NaN as NaN."""
+    from nautilus_pipeline.kernels.mlp import MLPWorkspace, RowOrderForward, mlp_reference
     from nautilus_pipeline.model.spec import DEFAULT_MODEL_PATH, load_model
 
     spec, w = load_model(DEFAULT_MODEL_PATH)
-    fwd = RowForward(MLPWorkspace(w.mean, w.std, w.weights, w.biases, spec.activation, 16))
+    fwd = RowOrderForward(MLPWorkspace(w.mean, w.std, w.weights, w.biases, spec.activation, 16))
     rng = np.random.default_rng(3)
-    feats = rng.normal(0, 3, (4200, spec.n_inputs)) * np.asarray(w.std) + np.asarray(w.mean)
-    feats[57, 3] = np.nan
-    whole = np.empty(4200, dtype=np.float32)
-    fwd(feats, 4200, whole)
-    assert np.isnan(whole[57]) and np.isfinite(np.delete(whole, 57)).all()
-    want = mlp_reference(feats, w.mean, w.std, w.weights, w.biases, spec.activation)
-    np.testing.assert_allclose(np.delete(whole, 57), np.delete(want, 57), rtol=1e-5, atol=1e-6)
-    for n in (*range(1, 18), 100, 4096):
-        for start in (0, 1, 5, 100):
-            got = np.full(n + 3, -1.0, dtype=np.float32)
-            fwd(feats[start:start + n], n, got)
-            np.testing.assert_array_equal(got[:n], whole[start:start + n], err_msg=f"n={n} start={start}")
-            assert (got[n:] == -1.0).all()
+    for n in sizes:
+        feats = rng.normal(0, 3, (n + 64, spec.n_inputs)) * np.asarray(w.std) + np.asarray(w.mean)
+        if n == 5:
+            feats[2, 3] = np.nan
+        got = np.full(n + 64, -1.0, dtype=np.float32)
+        fwd(feats, n, got)
+        assert (got[n:] == -1.0).all()
+        one = np.empty(1, dtype=np.float32)
+        for i in range(n):
+            fwd(feats[i : i + 1], 1, one)
+            assert one.tobytes() == got[i : i + 1].tobytes(), (n, i)
+        ref = mlp_reference(feats[:n].astype(np.float32), w.mean, w.std, w.weights, w.biases)
+        np.testing.assert_allclose(got[:n], ref, rtol=0, atol=2e-6)
+        if n == 5:
+            assert np.isnan(got[2]) and not np.isnan(np.delete(got[:n], 2)).any()
 
 
 async def _chain_outputs(data, batch_size, limits, fused: bool):

@@ -49,6 +49,11 @@ class ComputeStream(abc.ABC):
     async def run(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
         """Run ``fn(*args, **kwargs)`` on this stream and return its result once complete."""
 
+    async def run_setup(self, fn: Callable[..., Any], *args: Any) -> Any:
+        """Run set-up work (a stage's warm-up) where the stream's kernels run, off the event
+        loop where the stream has a worker; not counted as a batch's call."""
+        return await self.run(fn, *args)
+
     def to_device(self, lease: Lease, column: str) -> Any:
         """The first ``lease.length`` rows of ``column`` as an array of this backend."""
         return lease[column]

@@ -47,6 +47,12 @@ class CpuStream(ComputeStream):
             return await self._thread.run(lambda: fn(*args, **kwargs))
         return await self._thread.run(fn, *args)
 
+    async def run_setup(self, fn: Callable[..., Any], *args: Any) -> Any:
+        """On the worker thread where the stream has one, else inline; not counted."""
+        if self._thread is None:
+            return fn(*args)
+        return await self._thread.run(fn, *args)
+
     def close(self) -> None:
         if self._thread is not None:
             self._thread.close()

@@ -146,87 +146,127 @@ def mlp_reference(
     return 1.0 / (1.0 + np.exp(-h[:, 0]))
 
 
-ACTIVATION_CODES = {"relu": 0, "tanh": 1, "silu": 2}
-BLOCK_ROWS = 8  # rows a block carries through every layer (its activations stay in L1)
-
-
-@njit(cache=True, nogil=True, inline="always")
-def _dense(x, w, b, out, nr, act):
-    """``out[:nr] = act(x[:nr] @ w + b)``, each output summed over ``k`` in index order."""
-    k_in = w.shape[0]
-    width = w.shape[1]
-    for i in range(nr):
-        o = out[i]
-        for j in range(width):
-            o[j] = np.float32(0.0)
-    for k in range(k_in):
-        wk = w[k]
-        for i in range(nr):
-            xv = x[i, k]
-            o = out[i]
-            for j in range(width):
-                o[j] += xv * wk[j]
-    for i in range(nr):
-        o = out[i]
-        for j in range(width):
-            v = o[j] + b[j]
-            if act == 0:
-                v = v if v >= np.float32(0.0) or v != v else np.float32(0.0)
-            elif act == 1:
-                v = np.tanh(v)
-            elif act == 2:
-                v = v * ((np.tanh(v * np.float32(0.5)) + np.float32(1.0)) * np.float32(0.5))
-            o[j] = v
+TILE = 4
+"""Rows per tile of :class:`RowOrderForward` (they share each weight row's loads)."""
 
 
 @njit(cache=True, nogil=True)
-def _forward_rows(feats, n, mean, inv_std, mats, biases, act, scratch, out):
-    """Probabilities of rows ``[0, n)`` of float64 ``feats`` into ``out``, ``BLOCK_ROWS`` rows
-    at a time through all layers; every row takes the same operations in the same order
-    whatever ``n`` and its place in a block."""
-    k0 = feats.shape[1]
-    last = len(mats) - 1
-    x = scratch[0]
-    for r0 in range(0, n, BLOCK_ROWS):
-        nr = min(BLOCK_ROWS, n - r0)
-        for i in range(nr):
+def _dense_tile(src, width, w, b, dst, relu):
+    """``dst[r, j] = act(b[j] + Σ_k src[r, k]·w[k, j])`` for the ``TILE`` rows of a tile, the
+    sum in ONE order for every row: ``0 + p_0 + p_1 + … + p_{width−1}`` (separate float32
+    multiplies and adds, no reassociation), then the bias, then relu with ``np.maximum``'s
+    rule for NaN. The loop over ``j`` is what the compiler vectorises (outputs side by side);
+    four ``k`` per pass cut the loads and stores of ``dst`` to a quarter, the order staying
+    the same (1.6 vs 2.2 ms at 4,096 rows for two per pass, dev VM)."""
+    m = w.shape[1]
+    d0, d1, d2, d3 = dst[0], dst[1], dst[2], dst[3]
+    s0, s1, s2, s3 = src[0], src[1], src[2], src[3]
+    for j in range(m):
+        d0[j] = d1[j] = d2[j] = d3[j] = np.float32(0.0)
+    k = 0
+    while k + 4 <= width:
+        x0, x1, x2, x3 = s0[k], s0[k + 1], s0[k + 2], s0[k + 3]
+        y0, y1, y2, y3 = s1[k], s1[k + 1], s1[k + 2], s1[k + 3]
+        u0, u1, u2, u3 = s2[k], s2[k + 1], s2[k + 2], s2[k + 3]
+        v0, v1, v2, v3 = s3[k], s3[k + 1], s3[k + 2], s3[k + 3]
+        w0, w1, w2, w3 = w[k], w[k + 1], w[k + 2], w[k + 3]
+        for j in range(m):
+            a, c, e, g = w0[j], w1[j], w2[j], w3[j]
+            d0[j] = (((d0[j] + x0 * a) + x1 * c) + x2 * e) + x3 * g
+            d1[j] = (((d1[j] + y0 * a) + y1 * c) + y2 * e) + y3 * g
+            d2[j] = (((d2[j] + u0 * a) + u1 * c) + u2 * e) + u3 * g
+            d3[j] = (((d3[j] + v0 * a) + v1 * c) + v2 * e) + v3 * g
+        k += 4
+    while k < width:
+        x0, y0, u0, v0 = s0[k], s1[k], s2[k], s3[k]
+        w0 = w[k]
+        for j in range(m):
+            a = w0[j]
+            d0[j] = d0[j] + x0 * a
+            d1[j] = d1[j] + y0 * a
+            d2[j] = d2[j] + u0 * a
+            d3[j] = d3[j] + v0 * a
+        k += 1
+    for r in range(TILE):
+        d = dst[r]
+        for j in range(m):
+            v = d[j] + b[j]
+            if relu:
+                v = v if v >= np.float32(0.0) or v != v else np.float32(0.0)
+            d[j] = v
+
+
+@njit(cache=True, nogil=True)
+def _mlp_rows(feats, n, params, layout, ha, hb, out):
+    """Probabilities of rows ``[0, n)`` of float64 ``feats`` into ``out``: each row cast to
+    float32 and normalised, the hidden layers (relu), the output unit and the sigmoid
+    ``0.5·(1 + tanh(z/2))``, ``TILE`` rows at a time (a tile's missing rows computed from
+    zeros, not written). Every row takes the same operations whatever ``n`` is and wherever
+    it falls in a tile, so its bits do not depend on the batch.
+
+    ``params`` holds mean, 1/std, then each layer's ``(in, out)`` weights and its bias, flat;
+    ``layout`` the widths ``[in, h1, …, 1]`` (one argument each: a live row's call costs
+    the dispatch of ~7 arguments, not of 14 arrays)."""
+    k0 = layout[0]
+    mean, inv_std = params[:k0], params[k0 : 2 * k0]
+    last = layout.shape[0] - 2
+    for i0 in range(0, n, TILE):
+        for r in range(TILE):
+            i = i0 + r
             for k in range(k0):
-                x[i, k] = (np.float32(feats[r0 + i, k]) - mean[k]) * inv_std[k]
-        for layer in range(last + 1):
-            _dense(scratch[layer], mats[layer], biases[layer], scratch[layer + 1], nr,
-                   act if layer < last else -1)
-        z = scratch[last + 1]
-        for i in range(nr):
-            t = np.tanh(z[i, 0] * np.float32(0.5))
-            out[r0 + i] = (t + np.float32(1.0)) * np.float32(0.5)
+                x = np.float32(feats[i, k]) if i < n else np.float32(0.0)
+                ha[r, k] = (x - mean[k]) * inv_std[k]
+        src, dst = ha, hb
+        at = 2 * k0
+        for layer in range(last):
+            width, m = layout[layer], layout[layer + 1]
+            w = params[at : at + width * m].reshape((width, m))
+            _dense_tile(src, width, w, params[at + width * m : at + width * m + m], dst, True)
+            at += width * m + m
+            src, dst = dst, src
+        width, m = layout[last], layout[last + 1]
+        b0 = params[at + width * m]
+        for r in range(min(TILE, n - i0)):
+            z = np.float32(0.0)
+            for k in range(width):
+                z = z + src[r, k] * params[at + k * m]
+            z = (z + b0) * np.float32(0.5)
+            out[i0 + r] = (np.tanh(z) + np.float32(1.0)) * np.float32(0.5)
 
 
-class RowForward:
-    """The forward pass of :func:`mlp_forward` with the same math, in one numba call whose
-    float32 operations for a row do not depend on the batch it came in: each product is
-    summed over the inputs in index order (no BLAS, no fused multiply-add, no reordering),
-    rows ``BLOCK_ROWS`` at a time. So a replay with batch size 1 and with batch size 4096
-    gives the same predictions to the bit, on any CPU (tested).
+class RowOrderForward:
+    """The MLP forward pass (relu models) in one numba call, bit for bit the same for a row
+    whatever the batch it comes in.
 
-    Why not BLAS: OpenBLAS picks its kernel by the matrix shape (on AVX-512 machines a
-    small-matrix path, tail kernels for row counts that are not a multiple of its tile) and
-    a row's sum then depends on the batch size *and* on the row's place in it; padding the
-    rows to 16, the earlier rule, held on one CPU and not on the next. Cost, measured side
-    by side on the 2-core dev VM, loaded (``scripts/bench_inference.py --default-model``):
-    one row 4.4 µs p50 (the BLAS runner 15.4 µs); 1.0M rows/s at 256 and 4,096 rows, where
-    the BLAS runner gave 2.3M and 0.44M (its threads fighting the load).
-    ``MLPWorkspace`` gives the weights; the block buffers are allocated once.
+    Why not BLAS. BLAS picks its kernels by the shape of the product: OpenBLAS sums a row
+    of a 1-row product (sgemv) and of a tail block in another float32 order than rows of a
+    large block, so the same row gave other bits at batch 1 than at 4096. Padding rows to
+    16 hid that on the SkylakeX kernels of the first dev VM; on the Haswell kernels (AMD
+    EPYC) padded blocks of 16 still differed from batch 4,096 (tests/test_engine_inline.py
+    failed). Here the order of every sum is written down (:func:`_dense_tile`), so batch 1
+    and 4,096 agree by construction, and a live row costs one call with no padding.
+    ``scripts/bench_inference.py --fixed-order`` (2-core dev VM, loaded, one BLAS thread,
+    medians of two runs): 1 row 2.4 µs vs 22 µs for the padded BLAS products, 16 rows 7.7 vs
+    22 µs, 256 rows 141 vs 113-126 µs, 4,096 rows 2.5 vs 1.7 ms (BLAS's kernels use fused
+    multiply-adds; ``fastmath="contract"`` here gained nothing measurable). Against the
+    float64 reference it agrees to float32 rounding as BLAS does (~2e-7 in probability).
+
+    Scratch: two ``TILE`` × widest-layer float32 buffers, allocated once; not thread-safe
+    (one instance per thread, as the inference stage keeps them).
     """
 
     def __init__(self, ws: MLPWorkspace) -> None:
-        self.mean, self.inv_std = ws.mean, ws.inv_std
-        self.mats = tuple(ws.mats)
-        self.biases = tuple(ws.biases)
-        self.act = ACTIVATION_CODES[ws.activation]
+        if ws.activation != "relu":
+            raise ValueError("RowOrderForward covers relu models; others take mlp_forward")
         widths = [ws.n_inputs, *(m.shape[1] for m in ws.mats)]
-        self.scratch = tuple(np.zeros((BLOCK_ROWS, w), dtype=F32) for w in widths)
+        parts = [ws.mean, ws.inv_std]
+        for m, b in zip(ws.mats, ws.biases, strict=True):
+            parts += [np.ascontiguousarray(m, dtype=F32).ravel(), np.asarray(b, dtype=F32)]
+        self.params = np.concatenate(parts).astype(F32)
+        self.layout = np.asarray(widths, dtype=np.int64)
+        self._ha = np.zeros((TILE, max(widths)), dtype=F32)
+        self._hb = np.zeros((TILE, max(widths)), dtype=F32)
 
     def __call__(self, feats: np.ndarray, n: int, out: np.ndarray) -> None:
         """Probabilities of rows ``[0, n)`` of float64 ``feats`` [≥ n, k] into ``out[:n]``."""
-        _forward_rows(feats, n, self.mean, self.inv_std, self.mats, self.biases, self.act,
-                      self.scratch, out)
+        _mlp_rows(feats, n, self.params, self.layout, self._ha, self._hb, out)

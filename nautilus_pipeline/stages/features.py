@@ -157,6 +157,13 @@ class FeaturesStage(Stage):
         if device is not None and self.route == "calibrated":
             self.gpu_min_batch = await stream.run(self._calibrate, device)
 
+    def warm_up(self, columns: dict[str, np.ndarray], stream: ComputeStream) -> None:
+        """The live kernel (``FeatureTable.update_small``) on a scratch table."""
+        cols = tuple(columns[c] for c in _SMALL_COLUMNS)
+        out = np.empty((INLINE_CHAIN_MAX_ROWS, self._out.shape[1]))
+        FeatureTable(self.config).update_small(1, cols, out, self._small_index,
+                                               columns[FEATURES_COLUMN])
+
     def _calibrate(self, device: str) -> int:
         """Smallest batch (of 4,096 … 262,144) at which the scan on ``device`` beats the CPU
         kernel, timed here on a random walk; above all of them if it never does."""

@@ -36,7 +36,7 @@ import structlog
 from ..compute import ComputeStream, runner_backend, unusable_reason
 from ..errors import ConfigError
 from ..events import ColumnSpec
-from ..kernels.mlp import RowForward
+from ..kernels.mlp import RowOrderForward
 from ..memory import Lease
 from ..model.base import ModelRunner
 from ..model.numpy_runner import NumpyRunner
@@ -50,16 +50,18 @@ log = structlog.get_logger("nautilus_pipeline.inference")
 
 DEFAULT_STREAMS = ("coreml:ane", "mlx:gpu", "torch:cuda", "torch:mps", "cpu")
 
-# On the numpy runner every batch takes ``kernels.mlp.RowForward``: the model's float32 math
-# in one numba call that computes a row the same way whatever the batch it came in, so batch
-# sizes 1 and 4096 give the same bits on any CPU (tests/test_engine_inline.py). BLAS could
-# not promise that: OpenBLAS chooses its kernels by shape, and a row's sum depended on the
-# batch size and the row's place in it (padding rows to 16 held on one CPU, not the next).
-# A batch of at most INLINE_MAX_ROWS rows (live use) runs inline, with no stream call.
-INLINE_MAX_ROWS = 16
-# The other runners (torch, MLX, Core ML) get rows padded to a multiple of ROW_MULTIPLE (one
-# compiled shape per size class on the accelerators); their outputs are within the stated
-# tolerance of the reference, not bit-identical across batch sizes.
+# On the numpy runner (relu models) every batch takes ``kernels.mlp.RowOrderForward``: one
+# numba call whose sums run in one written-down order, so a row's prediction has the same
+# bits at batch 1, 7 and 4096 by construction (tests/test_engine_inline.py); a live batch of
+# at most LIVE_ROWS rows runs it inline (no stream call).
+LIVE_ROWS = 16
+# The other runners (torch, MLX, Core ML, the numpy runner of tanh/silu models) get rows
+# padded to a multiple of ROW_MULTIPLE. OpenBLAS computes one row with sgemv and row counts
+# that are not a multiple of its micro-kernel's rows with tail kernels, in another float32
+# summation order: on the first dev VM (OpenBLAS 0.3, SkylakeX kernels) blocks of 1, 2, 3,
+# 5, 7, 9 or 13 rows gave predictions that differ in the last bit from batch 4096, blocks
+# of any multiple of 4 none; on OpenBLAS 0.3.31's Haswell kernels (AMD EPYC) padded blocks
+# of 16 still differ, which is why the numpy path no longer relies on it.
 ROW_MULTIPLE = 16
 
 
@@ -112,7 +114,7 @@ class InferenceStage(Stage):
         self._x32: np.ndarray | None = None
         self._p32: np.ndarray | None = None
         self._primary: ComputeStream | None = None
-        self._fixed: dict[str, RowForward | None] = {}
+        self._fixed: dict[str, RowOrderForward | None] = {}
         self.rows_by_backend: dict[str, int] = {}
 
     @property
@@ -147,6 +149,12 @@ class InferenceStage(Stage):
             log.info("inference_calibrated", stage=self.name, table="\n" + self.calibration.format(),
                      **{"route": self.calibration.to_dict()["route"]})
 
+    def warm_up(self, columns: dict[str, np.ndarray], stream: ComputeStream) -> None:
+        """The fixed-order forward pass of a live row (its numba kernel), where the stream has one."""
+        fwd = self._fixed_for(stream)
+        if fwd is not None:
+            fwd(columns[FEATURES_COLUMN], 1, columns["prediction"])
+
     def _runner(self, stream: ComputeStream, n: int) -> ModelRunner:
         if self.calibration is not None and stream is self._primary:
             return self.calibration.runner_for(n)
@@ -156,19 +164,21 @@ class InferenceStage(Stage):
         self._primary = None
         self._fixed = {}
 
-    def _fixed_order_for(self, stream: ComputeStream) -> RowForward | None:
-        """The batch-size-independent forward pass on ``stream``, where it has one: the
-        numpy runner, no calibrated routing."""
+    def _fixed_for(self, stream: ComputeStream) -> RowOrderForward | None:
+        """The fixed-order forward pass on ``stream``, where it has one: the numpy runner of
+        a relu model, no calibrated routing. One per stream (a stage runs one batch at a
+        time, inline or on the stream's worker, so its scratch is never shared)."""
         fwd = self._fixed.get(stream.name, False)
         if fwd is False:
             runner = self.runners.get(stream.runner_backend)
             fwd = None
-            if isinstance(runner, NumpyRunner) and self.calibration is None:
-                fwd = RowForward(runner._ws)
+            if (isinstance(runner, NumpyRunner) and self.calibration is None
+                    and self.spec.activation == "relu"):
+                fwd = RowOrderForward(runner._ws)
             self._fixed[stream.name] = fwd
         return fwd
 
-    def _predict_fixed(self, lease: Lease, fwd: RowForward) -> None:
+    def _predict_fixed(self, lease: Lease, fwd: RowOrderForward) -> None:
         cols = lease.columns
         fwd(cols[FEATURES_COLUMN], lease.length, cols["prediction"])
 
@@ -177,9 +187,9 @@ class InferenceStage(Stage):
             self._primary = stream
         n = lease.length
         if n:
-            fwd = self._fixed_order_for(stream)
+            fwd = self._fixed_for(stream)
             if fwd is not None:
-                if n <= INLINE_MAX_ROWS:  # inline, no stream call: a few µs matter here
+                if n <= LIVE_ROWS:  # inline, no stream call: a few µs matter here
                     self._predict_fixed(lease, fwd)
                 else:
                     await stream.run(self._predict_fixed, lease, fwd)

@@ -233,6 +233,14 @@ class VpinStage(Stage):
         warm, _ = vpin_update(warm, np.arange(n, dtype=np.int64) * step, prices, np.ones(n))
         vpin_flush(warm)
 
+    def warm_up(self, columns: dict[str, np.ndarray], stream: ComputeStream) -> None:
+        """The live kernel (``vpin_rows_small``) on a scratch state (the batch path's kernels
+        were warmed at bind)."""
+        cols = tuple(columns[c] for c in _SMALL_COLUMNS)
+        st = new_vpin_state(1.0, **self.params)
+        vpin_rows_small(1, 0, *cols[:5], st.params.bar_ns, st.bar_i, st.bar_f,
+                        np.array([np.nan, np.nan, 0.0]), *cols[5:])
+
     def _update(self, state: VpinState, ts, price, size):
         if self._torch_device is not None and ts.shape[0] >= self.gpu_min_batch:
             self.gpu_batches += 1
