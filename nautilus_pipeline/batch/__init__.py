@@ -137,7 +137,7 @@ def _summary(d: config.PipelineDef, files: Sequence[Path], chains: list[Chain], 
         "pipeline": d.name, "definition": str(d.path), "executor": executor,
         "workers": getattr(runner, "workers", None), "ray_address": ray_address,
         "interrupted": outcome.interrupted, "interrupted_in": stopped_in, "retries": outcome.retries,
-        "executor_startup_s": outcome.startup_s, "wall_s": time.perf_counter() - t0, **times,
+        "executor_startup_s": outcome.startup_s, "ray_cluster": outcome.cluster, "wall_s": time.perf_counter() - t0, **times,
         "code_version": code_version(),
     }, unplanned=[str(f) for f in files if str(f) not in planned])
     summary["merge_incomplete"] = [k for k in kinds if k not in merged] if stopped_in == "merge" else []

@@ -86,6 +86,7 @@ class Outcome:
     submitted_at: dict[str, float] = field(default_factory=dict)
     returned_at: dict[str, float] = field(default_factory=dict)
     attempts: dict[str, int] = field(default_factory=dict)  # job → runs it took (local)
+    cluster: dict[str, Any] | None = None  # ray: the cluster the jobs ran on
 
     def in_order(self, chains: list[Chain]) -> None:
         """Results in chain order, a chain's jobs in their order."""
@@ -385,7 +386,7 @@ class RayExecutor:
         kwargs: dict[str, Any] = {"include_dashboard": False, "log_to_driver": False,
                                   "configure_logging": False}
         if self.address:  # the cluster's workers must have nautilus_pipeline installed
-            ray.init(address=self.address, **kwargs)
+            _connect(ray, self.address, kwargs)
         else:
             # A local Ray's workers inherit this process's environment (PYTHONPATH included);
             # a runtime_env with env_vars would do the same, and starts a runtime-env agent
@@ -402,6 +403,9 @@ class RayExecutor:
             import ray
 
             out.startup_s = time.perf_counter() - t0
+            out.cluster = {"gcs_address": ray.get_runtime_context().gcs_address,
+                           "nodes": len(ray.nodes()), "cpus": ray.cluster_resources().get("CPU"),
+                           "started_here": self.address is None}
             return self._run(ray, work, chains, progress, out)
         finally:
             self.close()
@@ -450,6 +454,28 @@ class RayExecutor:
             if work.calibrate and chain.key not in out.failures and chain.key in first:
                 chain.overrides = first[chain.key].overrides
         return out
+
+
+class ClusterError(ConfigError):
+    """``--ray-address`` names no Ray cluster that this driver may use (none answers, or it
+    refuses the driver's token)."""
+
+
+TOKEN_HELP = ("a cluster started with token authentication (RAY_AUTH_MODE=token) needs the same "
+              "RAY_AUTH_MODE=token and its token in this driver's environment: RAY_AUTH_TOKEN, "
+              "RAY_AUTH_TOKEN_PATH or ~/.ray/auth_token")
+
+
+def _connect(ray: Any, address: str, kwargs: dict[str, Any]) -> None:
+    """``ray.init(address=...)``, its failures said in one line that names the address."""
+    try:
+        ray.init(address=address, **kwargs)
+    except ray.exceptions.AuthenticationError as exc:
+        raise ClusterError(f"--ray-address {address}: the cluster needs a token and this driver "
+                           f"has none ({str(exc).split('. ')[0]}); {TOKEN_HELP}") from None
+    except ConnectionError as exc:
+        raise ClusterError(f"--ray-address {address}: no Ray cluster this driver can use answered "
+                           f"({exc}); {TOKEN_HELP}") from None
 
 
 EXECUTORS: dict[str, Callable[..., Any]] = {"local": LocalExecutor, "ray": RayExecutor}
