@@ -365,3 +365,64 @@ def test_a_file_starting_at_the_last_tick_of_the_one_before_is_chained(tmp_path)
     report = run_batch("default", [str(tmp_path / "in" / "*.csv")], out, workers=1)
     assert report.exit_code == 0, report.summary["failed"]
     assert_merged_equals_sequential(out, report, {"SYNUSDT": [a, b]}, tmp_path)
+
+
+# --- the merge, part by part ------------------------------------------------------------------
+def _part_result(tmp: Path, i: int, table: pa.Table) -> "nt.batch.JobResult":
+    from nautilus_pipeline.batch.job import JobResult
+
+    path = tmp / f"part-{i}.parquet"
+    pq.write_table(table, path)
+    return JobResult(f"{table['symbol'][0].as_py()}/{i:04d}", (), str(tmp), {"signals": str(path)}, {}, {}, {}, b"")
+
+
+def test_the_merge_appends_parts_one_by_one_and_sorts_a_symbol_whose_parts_overlap(tmp_path):
+    from nautilus_pipeline.batch.merge import merge_outputs
+
+    a = [pa.table({"symbol": ["A"] * 3, "ts_ns": [1, 2, 2], "x": [0.5, -0.0, float("nan")]}),
+         pa.table({"symbol": ["A"] * 2, "ts_ns": [2, 5]}),  # no x: nulls in the merge
+         pa.table({"symbol": ["A"] * 2, "ts_ns": [7, 9], "x": [1.0, 2.0]})]
+    b = [pa.table({"symbol": ["B"] * 2, "ts_ns": [10, 20], "x": [1.0, 2.0]}),
+         pa.table({"symbol": ["B"] * 3, "ts_ns": [5, 10, 30], "x": [3.0, 4.0, 5.0]})]  # starts before
+    results = [_part_result(tmp_path, i, t) for i, t in enumerate(a + b)]
+    merged = merge_outputs(tmp_path / "out", results)
+    assert merged["signals"]["rows"] == 12
+    fa = pq.ParquetFile(tmp_path / "out" / "signals" / "symbol=A" / "part-0.parquet")
+    assert fa.metadata.num_row_groups == 3  # appended part by part, not concatenated in memory
+    ta = fa.read()
+    assert ta["ts_ns"].to_pylist() == [1, 2, 2, 2, 5, 7, 9]
+    assert repr(ta["x"].to_pylist()) == repr([0.5, -0.0, float("nan"), None, None, 1.0, 2.0])
+    tb = pq.read_table(tmp_path / "out" / "signals" / "symbol=B" / "part-0.parquet")
+    assert tb["ts_ns"].to_pylist() == [5, 10, 10, 20, 30]
+    assert tb["x"].to_pylist() == [3.0, 1.0, 4.0, 2.0, 5.0]  # stable: the tie keeps the chain's order
+
+
+MERGE_MEMORY_CHILD = """
+import sys, pathlib, numpy as np, pyarrow as pa, pyarrow.parquet as pq
+from nautilus_pipeline.batch.job import JobResult
+from nautilus_pipeline.batch.merge import merge_outputs
+tmp, parts, rows = pathlib.Path(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3])
+results = []
+for i in range(parts):
+    ts = np.arange(i * rows, (i + 1) * rows, dtype=np.int64)
+    t = pa.table({"symbol": pa.array(["S"] * rows).dictionary_encode(), "ts_ns": ts,
+                  "a": ts * 0.5, "b": ts * 0.25, "c": ts * 0.125})
+    pq.write_table(t, tmp / f"p{i}.parquet")
+    results.append(JobResult(f"S/{i:04d}", (), str(tmp), {"signals": str(tmp / f"p{i}.parquet")}, {}, {}, {}, b""))
+pool = pa.default_memory_pool()
+before = pool.max_memory()
+merge_outputs(tmp / "out", results)
+print(pool.max_memory() - before, rows * 8 * 4)
+"""
+
+
+def test_the_merge_holds_one_part_in_memory_not_the_kind(tmp_path):
+    import subprocess
+    import sys
+
+    parts, rows = 12, 200_000
+    done = subprocess.run([sys.executable, "-c", MERGE_MEMORY_CHILD, str(tmp_path), str(parts), str(rows)],
+                          capture_output=True, text=True, check=True)
+    peak, part_bytes = map(int, done.stdout.split())
+    assert pq.read_table(tmp_path / "out" / "signals")["ts_ns"].to_pylist() == list(range(parts * rows))
+    assert peak < 4 * part_bytes, (peak, part_bytes)  # the whole kind is 12 parts
