@@ -146,13 +146,21 @@ def merged_digest(out: Path) -> dict[str, int]:
     return digest
 
 
+def _counts(text: str) -> list[int]:
+    return [int(x) for x in text.split(",") if x]
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--symbols", type=int, default=2)
     ap.add_argument("--days", type=int, default=4)
     ap.add_argument("--trades", type=int, default=250_000, help="trades per file")
-    ap.add_argument("--workers", type=int, nargs="+", default=[1, 2])
-    ap.add_argument("--ray", action="store_true", help="also on a local Ray (largest --workers)")
+    ap.add_argument("--workers", type=_counts, nargs="+", default=[[1, 2]],
+                    help="worker counts, e.g. 1,2,4,8,16 or 1 2 4 (default 1,2)")
+    ap.add_argument("--executors", default="local",
+                    help="local, ray or local,ray: ray runs each worker count on a local Ray of that "
+                         "many CPUs (needs the cluster extra; local rows need no Ray)")
+    ap.add_argument("--ray", action="store_true", help="also on a local Ray, at the largest --workers")
     ap.add_argument("--no-sequential", action="store_true")
     ap.add_argument("--dir", help="work folder (default: a temporary one)")
     ap.add_argument("--control", type=int, nargs="+", metavar="N",
@@ -193,7 +201,13 @@ def main() -> None:
         r = orjson.loads(proc.stdout.strip().splitlines()[-1])
         rows.append({"config": "sequential (1 process)", "n": 1, "wall": wall, "ticks": r["ticks"],
                      "jobs": len(files), "overhead": None, "job_s": r["wall_s"] / len(files), "startup": None})
-    configs = [("local", n) for n in args.workers] + ([("ray", max(args.workers))] if args.ray else [])
+    counts = sorted({n for group in args.workers for n in group})
+    executors = [e.strip() for e in args.executors.split(",") if e.strip()]
+    if bad := [e for e in executors if e not in ("local", "ray")]:
+        ap.error(f"--executors: unknown {bad} (local, ray)")
+    configs = [(e, n) for e in executors for n in counts]
+    if args.ray and "ray" not in executors:
+        configs.append(("ray", max(counts)))
     digests = {}
     for executor, n in configs:
         out = work / f"out-{executor}-{n}"
@@ -207,7 +221,7 @@ def main() -> None:
         slots = min(n, args.symbols)
         rows.append({"config": f"{executor} --workers {n}", "n": n, "wall": wall, "ticks": s["totals"]["read"],
                      "jobs": len(jobs), "overhead": (wall * slots - busy) / len(jobs), "job_s": busy / len(jobs),
-                     "startup": s["executor_startup_s"] if executor == "ray" else None,
+                     "startup": s["executor_startup_s"], "warm": s.get("workers_warm_s"),
                      "plan": s["plan_s"], "merge": s["merge_s"],
                      "setup": float(np.median([j["wall_s"] - j["run_s"] for j in jobs])),
                      "transfer": float(np.median([j["overhead_s"] for j in jobs if j["overhead_s"] is not None]))})
@@ -216,24 +230,32 @@ def main() -> None:
     base = next((r for r in rows if r["config"].startswith("local") and r["n"] == 1), None)
     print()
     print("| run | ticks/s | wall s | speedup vs 1 worker | efficiency | mean job s | engine overhead / job | "
-          "overhead % of job | Ray start s |")
-    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
+          "overhead % of job | start-up s | workers warm s |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for r in rows:
         rate = r["ticks"] / r["wall"]
         speed = rate / (base["ticks"] / base["wall"]) if base else float("nan")
         eff = speed / r["n"] if not r["config"].startswith("sequential") else float("nan")
         over = "" if r["overhead"] is None else f"{r['overhead']:.2f} s"
         share = "" if r["overhead"] is None else f"{100 * r['overhead'] / r['job_s']:.1f} %"
-        start = "" if r["startup"] is None else f"{r['startup']:.1f}"
+        start = "" if not r["startup"] else f"{r['startup']:.1f}"
+        warm = "" if not r.get("warm") else f"{r['warm']:.1f}"
         print(f"| {r['config']} | {rate:,.0f} | {r['wall']:.1f} | {speed:.2f}x | "
-              f"{'' if eff != eff else f'{eff:.2f}'} | {r['job_s']:.2f} | {over} | {share} | {start} |")
+              f"{'' if eff != eff else f'{eff:.2f}'} | {r['job_s']:.2f} | {over} | {share} | {start} | {warm} |")
     print()
     print(f"merged outputs identical across the batch runs: {'yes' if same else 'NO'}")
+    print("start-up: local, from the pool's spawn to every worker's imports done (while the batch is planned); "
+          "ray, import and ray.init (also while planning), then 'workers warm' when one warm-up task per CPU "
+          "has imported the package")
+    print("engine overhead / job = (wall x min(N, symbols) - sum of job times) / jobs; where it goes:")
     for r in rows:
         if "plan" in r:
-            print(f"  {r['config']}: plan {r['plan']:.2f} s, merge {r['merge']:.2f} s; per job (median): "
-                  f"set-up in the worker {r['setup']:.3f} s, submit-to-result minus job time {r['transfer']:.3f} s "
-                  "(includes waiting for a free worker or for the chain's previous job)")
+            slots = min(r["n"], args.symbols)
+            idle = r["overhead"] * r["jobs"]
+            print(f"  {r['config']}: slot time not replaying {idle:.2f} s = plan {r['plan']:.2f} s x {slots} "
+                  f"+ merge {r['merge']:.2f} s x {slots} + the rest {idle - (r['plan'] + r['merge']) * slots:.2f} s "
+                  f"(start-up not hidden by planning, the chains' tails, waits); per job (median): set-up in the "
+                  f"worker {r['setup']:.3f} s, submit-to-result minus job time {r['transfer']:.3f} s")
 
 
 if __name__ == "__main__":

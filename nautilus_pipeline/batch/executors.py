@@ -35,6 +35,7 @@ import os
 import shutil
 import signal
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field, replace
@@ -82,7 +83,8 @@ class Outcome:
     data_failures: set[str] = field(default_factory=set)
     retries: int = 0
     interrupted: bool = False
-    startup_s: float = 0.0
+    startup_s: float = 0.0  # from prepare to the executor ready to take jobs (ray: ray.init)
+    warm_s: float | None = None  # from prepare to every worker's imports done (warm_up)
     submitted_at: dict[str, float] = field(default_factory=dict)
     returned_at: dict[str, float] = field(default_factory=dict)
     attempts: dict[str, int] = field(default_factory=dict)  # job → runs it took (local)
@@ -242,9 +244,11 @@ class LocalExecutor:
     def prepare(self, log_level: str) -> None:
         """Start the workers now (spawn and imports take seconds), while the batch is planned."""
         threads = threads_per_worker(self.workers)
+        self._t_prepare = time.perf_counter()
         self._ready = self._pool(Work("", "", log_level=log_level, threads=threads))
-        for _ in range(self.workers):
-            self._ready.submit(warm_up, log_level, threads)
+        self._warm = [self._ready.submit(warm_up, log_level, threads) for _ in range(self.workers)]
+        for fut in self._warm:
+            fut.add_done_callback(lambda f: setattr(f, "done_at", time.perf_counter()))
 
     def _pool(self, work: Work) -> cf.ProcessPoolExecutor:
         return cf.ProcessPoolExecutor(max_workers=self.workers, mp_context=multiprocessing.get_context("spawn"),
@@ -261,6 +265,7 @@ class LocalExecutor:
         busy_dir = Path(work.out) / ".workers"
         work = replace(work, busy_dir=str(busy_dir))
         pool, self._ready = self._ready or self._pool(work), None
+        warm, self._warm = getattr(self, "_warm", []), []
         pending: dict[cf.Future, _Task] = {}
 
         def submit(task: _Task) -> None:
@@ -335,6 +340,9 @@ class LocalExecutor:
         finally:
             pool.shutdown(wait=True, cancel_futures=True)
             shutil.rmtree(busy_dir, ignore_errors=True)
+            ends = [getattr(f, "done_at", None) for f in warm]
+            if warm and None not in ends:  # the pool's start: spawn and imports, every worker
+                out.startup_s = out.warm_s = max(ends) - self._t_prepare
         out.in_order(chains)
         return out
 
@@ -366,14 +374,53 @@ class RayExecutor:
         self.address = address
         self.max_retries = max_retries
         self._started = False
+        self._starting: threading.Thread | None = None
+        self._start_error: BaseException | None = None
+        self._times: dict[str, float] = {}
+        self._warm: list[Any] = []
+
+    def prepare(self, log_level: str) -> None:
+        """Start Ray (import, ``ray.init``) and one warm-up task per CPU (the workers' imports)
+        in a thread now, while the driver plans the batch: seconds that no longer add up."""
+        self._times = {"prepare": time.perf_counter()}
+        self._start_error = None
+        self._ready_event, self._hold = threading.Event(), threading.Event()
+
+        def start() -> None:
+            try:
+                self._init()
+                import ray
+
+                self._times["init"] = time.perf_counter()
+                task = ray.remote(num_cpus=1)(warm_up)
+                cpus = int(ray.cluster_resources().get("CPU", 1))
+                threads = threads_per_worker(self.workers or cpus)
+                self._warm = [task.remote(log_level, threads) for _ in range(cpus)]
+            except BaseException as exc:  # raised again in run()
+                self._start_error = exc
+            finally:
+                self._ready_event.set()
+            # A local Ray's processes die with the thread that started them (Linux's parent
+            # death signal is per thread): this one lives until close().
+            self._hold.wait()
+
+        self._starting = threading.Thread(target=start, name="ray-start", daemon=True)
+        self._starting.start()
 
     def close(self) -> None:
         """Stop the Ray this executor started, if any (also when stopped half-way through
         ``ray.init``)."""
+        if self._starting is not None:
+            self._ready_event.wait()  # ray.init is not stopped half-way
         ray = sys.modules.get("ray")
         if self._started and ray is not None and ray.is_initialized():
             ray.shutdown()
         self._started = False
+        self._warm = []
+        if self._starting is not None:
+            self._hold.set()
+            self._starting.join()
+            self._starting = None
 
     def _init(self) -> bool:
         try:
@@ -396,13 +443,21 @@ class RayExecutor:
 
     def run(self, work: Work, chains: list[Chain], progress: Progress, out: Outcome | None = None) -> Outcome:
         out = Outcome() if out is None else out
-        t0 = time.perf_counter()
-        self._started = False
         try:
-            self._init()
+            if self._starting is None:  # not prepared: start now
+                self._started = False
+                self.prepare(work.log_level)
+            self._ready_event.wait()
+            if self._start_error is not None:
+                raise self._start_error
             import ray
 
-            out.startup_s = time.perf_counter() - t0
+            t_prepare = self._times["prepare"]
+            out.startup_s = self._times["init"] - t_prepare
+            warm, self._warm = self._warm, []
+            with contextlib.suppress(Exception):
+                ray.get(warm, timeout=600)  # the jobs queue behind them in any case
+                out.warm_s = time.perf_counter() - t_prepare
             out.cluster = {"gcs_address": ray.get_runtime_context().gcs_address,
                            "nodes": len(ray.nodes()), "cpus": ray.cluster_resources().get("CPU"),
                            "started_here": self.address is None}
