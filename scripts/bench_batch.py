@@ -6,15 +6,21 @@ layout, a random walk per symbol), then, one after the other on this machine:
 - ``sequential``: one process replays each symbol's files in turn (``nt.Run`` per symbol over
   its files), the baseline a user has without ``batch``;
 - ``local N``: ``run_batch(..., executor="local", workers=N)`` for each N of ``--workers``;
-- ``ray N``: the same on a local Ray of N CPUs (``--ray``; needs the ``cluster`` extra).
+- ``ray N``: the same on a local Ray of N CPUs (``--executors local,ray`` for every N, or
+  ``--ray`` for the largest only; needs the ``cluster`` extra, the local rows do not).
+
+E.g. ``python scripts/bench_batch.py --trades 1000000 --workers 1,2 --ray`` (dev VM) or
+``--symbols 16 --days 2 --trades 600000 --workers 1,2,4,8,16 --executors local`` (16 cores).
 
 Printed per row: ticks/s over the wall time (planning, calibration, jobs and merge
 included), the speedup over one local worker and its efficiency (speedup / N; the target is
 ≥ 0.8 up to the core count), and the engine's overhead per job: ``(wall × P − Σ job time) / jobs``
 with P = min(N, symbols), the time a worker slot spends not replaying (pool start, planning,
-scheduling, transfers, merge), also as a share of the mean job time (target ≤ 1 % for jobs ≥ 1 s).
-Ray's start-up (``ray.init``) is its own column (target ≤ 5 s). Every configuration's merged
-outputs are checked equal to the first one's.
+scheduling, transfers, merge), also as a share of the mean job time (target ≤ 1 % for jobs ≥ 1 s),
+and below the table where it goes (planning, merge, the rest). Start-up is its own column:
+the local pool's spawn and imports, or Ray's import and ``ray.init`` (target ≤ 5 s), both
+begun while the batch is planned, then when every worker is warm. Every configuration's
+merged outputs are checked equal to the first one's.
 
 Uses the default pipeline with its model on the CPU stream (``streams = ["cpu"]``), so the
 numbers measure processes, not a GPU shared by all workers.
