@@ -104,6 +104,18 @@ def sequential_child(defn: str, out: str, files: list[str]) -> None:
     print(orjson.dumps({"ticks": ticks, "wall_s": time.perf_counter() - t0}).decode())
 
 
+def batch_child(defn: str, pattern: str, out: str, executor: str, workers: str) -> None:
+    """Run in a child process: one batch; prints its wall time, exit code and summary."""
+    import nautilus_pipeline as nt
+    from nautilus_pipeline.batch import run_batch
+
+    nt.configure_logging(level="warning")
+    t = time.perf_counter()
+    report = run_batch(defn, [pattern], out, executor=executor, workers=int(workers))
+    wall = time.perf_counter() - t
+    print(orjson.dumps({"wall_s": wall, "exit_code": report.exit_code, "summary": report.summary}).decode())
+
+
 def control_child(defn: str, out: str, file: str, start_at: float) -> None:
     """Run in a child process: one file through ``replay_job``, started at ``start_at`` (so
     that N children replay at the same time); prints its job time."""
@@ -173,10 +185,14 @@ def main() -> None:
                     help="only: N independent one-job processes at once, for each N (machine scaling)")
     ap.add_argument("--sequential-child", nargs="+", help=argparse.SUPPRESS)
     ap.add_argument("--control-child", nargs=4, help=argparse.SUPPRESS)
+    ap.add_argument("--batch-child", nargs=5, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.control_child:
         defn, out, file, start_at = args.control_child
         control_child(defn, out, file, float(start_at))
+        return
+    if args.batch_child:
+        batch_child(*args.batch_child)
         return
     if args.sequential_child:
         defn, out, *files = args.sequential_child
@@ -184,7 +200,6 @@ def main() -> None:
         return
 
     import nautilus_pipeline as nt
-    from nautilus_pipeline.batch import run_batch
     from nautilus_pipeline.machine import describe
 
     nt.configure_logging(level="warning")
@@ -217,11 +232,15 @@ def main() -> None:
     digests = {}
     for executor, n in configs:
         out = work / f"out-{executor}-{n}"
-        t = time.perf_counter()
-        report = run_batch(str(defn), [str(work / "in" / "*.csv")], out, executor=executor, workers=n)
-        wall = time.perf_counter() - t
-        s = report.summary
-        assert report.exit_code == 0 and s["accounting_closes"], s["failed"]
+        # each batch in a process of its own, as a CLI run is: it starts its own pool (fork
+        # server) or Ray, none left warm by the row before
+        proc = subprocess.run([sys.executable, __file__, "--batch-child", str(defn), str(work / "in" / "*.csv"),
+                               str(out), executor, str(n)], capture_output=True, text=True)
+        if proc.returncode:
+            raise SystemExit(f"{executor} --workers {n} failed: {proc.stderr[-3000:]}")
+        r = orjson.loads(proc.stdout.strip().splitlines()[-1])
+        s, wall = r["summary"], r["wall_s"]
+        assert r["exit_code"] == 0 and s["accounting_closes"], s["failed"]
         jobs = s["jobs"]
         busy = sum(j["wall_s"] for j in jobs)
         slots = min(n, args.symbols)

@@ -349,9 +349,9 @@ class LocalExecutor:
         return out
 
 
-PRELOAD = ["nautilus_pipeline.batch.executors", "nautilus_pipeline.app", "nautilus_pipeline.stages",
-           "nautilus_pipeline.io"]
-"""What the fork server imports once, so that each worker forked from it starts with it."""
+PRELOAD = ["nautilus_pipeline.batch.executors", "nautilus_pipeline.batch.preload"]
+"""What the fork server imports once, so that each worker forked from it starts with it
+(:mod:`.preload`: the package and numba's kernels, loaded by one replay of the sample)."""
 
 
 def _worker_context() -> Any:
