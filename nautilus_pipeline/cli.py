@@ -775,7 +775,8 @@ BATCH_EXAMPLES = """examples:
 Files are grouped by symbol, each symbol's files replayed in time order with the state
 carried from file to file; symbols run in parallel. Outputs: OUT/<kind>/symbol=<S>/ (Parquet,
 one dataset per kind), OUT/summary.json, each job's own outputs in OUT/jobs/.
-Exit codes: 0 ok, 2 bad arguments (a pattern matching nothing, mixed formats), 3 bad
+Exit codes: 0 ok, 2 bad arguments (a pattern matching nothing, mixed formats, a Ray
+cluster that does not answer or refuses this driver's token), 3 bad
 definition, 4 a symbol's file could not be read (named; the other symbols completed), 5 a
 stage failed on some batches, 1 other failures, 130 interrupted (what finished is merged)."""
 
@@ -811,6 +812,7 @@ def cmd_batch(args: argparse.Namespace) -> int:
     from rich.console import Console
 
     from .batch import run_batch
+    from .batch.executors import ClusterError
     from .batch.plan import InputError
 
     if args.ray_address and args.executor != "ray":
@@ -829,7 +831,7 @@ def cmd_batch(args: argparse.Namespace) -> int:
                                workers=args.workers, ray_address=args.ray_address, batch_size=args.batch,
                                format=args.format, symbol=args.symbol, trace_every=args.trace_every,
                                progress=progress, log_level=args.log_level)
-    except InputError as exc:
+    except (InputError, ClusterError) as exc:
         raise UsageError(str(exc)) from None
     finally:
         signal.signal(signal.SIGTERM, previous)

@@ -80,8 +80,7 @@ def run_batch(definition: str | Path, inputs: Sequence[str | Path], out: str | P
     times = {"plan_s": 0.0, "run_s": 0.0, "merge_s": 0.0}
     t_phase = t0
     try:
-        if isinstance(runner, LocalExecutor):
-            runner.prepare(log_level)
+        runner.prepare(log_level)
         try:
             chains = plan(d, files, format=format, symbol=symbol, trace_every=trace_every)
         except BaseException:
@@ -137,7 +136,8 @@ def _summary(d: config.PipelineDef, files: Sequence[Path], chains: list[Chain], 
         "pipeline": d.name, "definition": str(d.path), "executor": executor,
         "workers": getattr(runner, "workers", None), "ray_address": ray_address,
         "interrupted": outcome.interrupted, "interrupted_in": stopped_in, "retries": outcome.retries,
-        "executor_startup_s": outcome.startup_s, "wall_s": time.perf_counter() - t0, **times,
+        "executor_startup_s": outcome.startup_s, "workers_warm_s": outcome.warm_s,
+        "ray_cluster": outcome.cluster, "wall_s": time.perf_counter() - t0, **times,
         "code_version": code_version(),
     }, unplanned=[str(f) for f in files if str(f) not in planned])
     summary["merge_incomplete"] = [k for k in kinds if k not in merged] if stopped_in == "merge" else []

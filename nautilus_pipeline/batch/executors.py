@@ -6,9 +6,11 @@ place, so a retry replaces them, never adds a second copy), and neither retries 
 failed on its data (the same file fails the same way again: the chain is reported failed and
 the others go on).
 
-``local``: a ``ProcessPoolExecutor`` of spawned workers (spawn, not fork: a forked child of a
-process with threads, numba's and BLAS's included, can deadlock), reused across jobs, so a
-worker pays its imports and numba cache loads once; the numba cache on disk is shared. A
+``local``: a ``ProcessPoolExecutor`` of workers forked from a fork server (not from the
+driver: a forked child of a process with threads, numba's and BLAS's included, can
+deadlock; the fork server is a fresh single-threaded process that imported the package
+once, so a worker starts without importing it again), reused across jobs, so a worker pays
+its numba cache loads once; the numba cache on disk is shared. A
 worker that dies breaks the whole pool (``BrokenProcessPool`` for every job in it, and the pool
 terminates its other workers): the pool is made again and the jobs that were in it are
 resubmitted. Only the job that was running on the worker that died counts an attempt
@@ -35,6 +37,7 @@ import os
 import shutil
 import signal
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field, replace
@@ -82,10 +85,12 @@ class Outcome:
     data_failures: set[str] = field(default_factory=set)
     retries: int = 0
     interrupted: bool = False
-    startup_s: float = 0.0
+    startup_s: float = 0.0  # from prepare to the executor ready to take jobs (ray: ray.init)
+    warm_s: float | None = None  # from prepare to every worker's imports done (warm_up)
     submitted_at: dict[str, float] = field(default_factory=dict)
     returned_at: dict[str, float] = field(default_factory=dict)
     attempts: dict[str, int] = field(default_factory=dict)  # job → runs it took (local)
+    cluster: dict[str, Any] | None = None  # ray: the cluster the jobs ran on
 
     def in_order(self, chains: list[Chain]) -> None:
         """Results in chain order, a chain's jobs in their order."""
@@ -229,7 +234,7 @@ class _Task:
 
 
 class LocalExecutor:
-    """Jobs on a pool of ``workers`` spawned processes (default: the machine's cores)."""
+    """Jobs on a pool of ``workers`` processes (default: the machine's cores)."""
 
     name = "local"
 
@@ -239,14 +244,16 @@ class LocalExecutor:
         self._ready: cf.ProcessPoolExecutor | None = None
 
     def prepare(self, log_level: str) -> None:
-        """Start the workers now (spawn and imports take seconds), while the batch is planned."""
+        """Start the workers now (the fork server's imports take seconds), while the batch is planned."""
         threads = threads_per_worker(self.workers)
+        self._t_prepare = time.perf_counter()
         self._ready = self._pool(Work("", "", log_level=log_level, threads=threads))
-        for _ in range(self.workers):
-            self._ready.submit(warm_up, log_level, threads)
+        self._warm = [self._ready.submit(warm_up, log_level, threads) for _ in range(self.workers)]
+        for fut in self._warm:
+            fut.add_done_callback(lambda f: setattr(f, "done_at", time.perf_counter()))
 
     def _pool(self, work: Work) -> cf.ProcessPoolExecutor:
-        return cf.ProcessPoolExecutor(max_workers=self.workers, mp_context=multiprocessing.get_context("spawn"),
+        return cf.ProcessPoolExecutor(max_workers=self.workers, mp_context=_worker_context(),
                                       initializer=_pool_init, initargs=(work.log_level, work.threads))
 
     def close(self) -> None:
@@ -260,6 +267,7 @@ class LocalExecutor:
         busy_dir = Path(work.out) / ".workers"
         work = replace(work, busy_dir=str(busy_dir))
         pool, self._ready = self._ready or self._pool(work), None
+        warm, self._warm = getattr(self, "_warm", []), []
         pending: dict[cf.Future, _Task] = {}
 
         def submit(task: _Task) -> None:
@@ -334,8 +342,28 @@ class LocalExecutor:
         finally:
             pool.shutdown(wait=True, cancel_futures=True)
             shutil.rmtree(busy_dir, ignore_errors=True)
+            ends = [getattr(f, "done_at", None) for f in warm]
+            if warm and None not in ends:  # the pool's start: fork server, imports, every worker
+                out.startup_s = out.warm_s = max(ends) - self._t_prepare
         out.in_order(chains)
         return out
+
+
+PRELOAD = ["nautilus_pipeline.batch.executors", "nautilus_pipeline.batch.preload"]
+"""What the fork server imports once, so that each worker forked from it starts with it
+(:mod:`.preload`: the package and numba's kernels, loaded by one replay of the sample)."""
+
+
+def _worker_context() -> Any:
+    """Workers forked from a fork server (a fresh process, with no thread of the driver's,
+    that imported :data:`PRELOAD` once): N workers start in milliseconds instead of N
+    interpreters importing numpy, pyarrow and numba side by side. ``spawn`` where there is
+    no fork server (Windows, macOS's default)."""
+    if "forkserver" not in multiprocessing.get_all_start_methods():
+        return multiprocessing.get_context("spawn")
+    ctx = multiprocessing.get_context("forkserver")
+    ctx.set_forkserver_preload(PRELOAD)
+    return ctx
 
 
 def _key(task: _Task) -> str:
@@ -365,14 +393,53 @@ class RayExecutor:
         self.address = address
         self.max_retries = max_retries
         self._started = False
+        self._starting: threading.Thread | None = None
+        self._start_error: BaseException | None = None
+        self._times: dict[str, float] = {}
+        self._warm: list[Any] = []
+
+    def prepare(self, log_level: str) -> None:
+        """Start Ray (import, ``ray.init``) and one warm-up task per CPU (the workers' imports)
+        in a thread now, while the driver plans the batch: seconds that no longer add up."""
+        self._times = {"prepare": time.perf_counter()}
+        self._start_error = None
+        self._ready_event, self._hold = threading.Event(), threading.Event()
+
+        def start() -> None:
+            try:
+                self._init()
+                import ray
+
+                self._times["init"] = time.perf_counter()
+                task = ray.remote(num_cpus=1)(warm_up)
+                cpus = int(ray.cluster_resources().get("CPU", 1))
+                threads = threads_per_worker(self.workers or cpus)
+                self._warm = [task.remote(log_level, threads) for _ in range(cpus)]
+            except BaseException as exc:  # raised again in run()
+                self._start_error = exc
+            finally:
+                self._ready_event.set()
+            # A local Ray's processes die with the thread that started them (Linux's parent
+            # death signal is per thread): this one lives until close().
+            self._hold.wait()
+
+        self._starting = threading.Thread(target=start, name="ray-start", daemon=True)
+        self._starting.start()
 
     def close(self) -> None:
         """Stop the Ray this executor started, if any (also when stopped half-way through
         ``ray.init``)."""
+        if self._starting is not None:
+            self._ready_event.wait()  # ray.init is not stopped half-way
         ray = sys.modules.get("ray")
         if self._started and ray is not None and ray.is_initialized():
             ray.shutdown()
         self._started = False
+        self._warm = []
+        if self._starting is not None:
+            self._hold.set()
+            self._starting.join()
+            self._starting = None
 
     def _init(self) -> bool:
         try:
@@ -385,7 +452,7 @@ class RayExecutor:
         kwargs: dict[str, Any] = {"include_dashboard": False, "log_to_driver": False,
                                   "configure_logging": False}
         if self.address:  # the cluster's workers must have nautilus_pipeline installed
-            ray.init(address=self.address, **kwargs)
+            _connect(ray, self.address, kwargs)
         else:
             # A local Ray's workers inherit this process's environment (PYTHONPATH included);
             # a runtime_env with env_vars would do the same, and starts a runtime-env agent
@@ -395,13 +462,24 @@ class RayExecutor:
 
     def run(self, work: Work, chains: list[Chain], progress: Progress, out: Outcome | None = None) -> Outcome:
         out = Outcome() if out is None else out
-        t0 = time.perf_counter()
-        self._started = False
         try:
-            self._init()
+            if self._starting is None:  # not prepared: start now
+                self._started = False
+                self.prepare(work.log_level)
+            self._ready_event.wait()
+            if self._start_error is not None:
+                raise self._start_error
             import ray
 
-            out.startup_s = time.perf_counter() - t0
+            t_prepare = self._times["prepare"]
+            out.startup_s = self._times["init"] - t_prepare
+            warm, self._warm = self._warm, []
+            with contextlib.suppress(Exception):
+                ray.get(warm, timeout=600)  # the jobs queue behind them in any case
+                out.warm_s = time.perf_counter() - t_prepare
+            out.cluster = {"gcs_address": ray.get_runtime_context().gcs_address,
+                           "nodes": len(ray.nodes()), "cpus": ray.cluster_resources().get("CPU"),
+                           "started_here": self.address is None}
             return self._run(ray, work, chains, progress, out)
         finally:
             self.close()
@@ -450,6 +528,28 @@ class RayExecutor:
             if work.calibrate and chain.key not in out.failures and chain.key in first:
                 chain.overrides = first[chain.key].overrides
         return out
+
+
+class ClusterError(ConfigError):
+    """``--ray-address`` names no Ray cluster that this driver may use (none answers, or it
+    refuses the driver's token)."""
+
+
+TOKEN_HELP = ("a cluster started with token authentication (RAY_AUTH_MODE=token) needs the same "
+              "RAY_AUTH_MODE=token and its token in this driver's environment: RAY_AUTH_TOKEN, "
+              "RAY_AUTH_TOKEN_PATH or ~/.ray/auth_token")
+
+
+def _connect(ray: Any, address: str, kwargs: dict[str, Any]) -> None:
+    """``ray.init(address=...)``, its failures said in one line that names the address."""
+    try:
+        ray.init(address=address, **kwargs)
+    except ray.exceptions.AuthenticationError as exc:
+        raise ClusterError(f"--ray-address {address}: the cluster needs a token and this driver "
+                           f"has none ({str(exc).split('. ')[0]}); {TOKEN_HELP}") from None
+    except ConnectionError as exc:
+        raise ClusterError(f"--ray-address {address}: no Ray cluster this driver can use answered "
+                           f"({exc}); {TOKEN_HELP}") from None
 
 
 EXECUTORS: dict[str, Callable[..., Any]] = {"local": LocalExecutor, "ray": RayExecutor}

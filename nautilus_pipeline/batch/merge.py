@@ -50,9 +50,10 @@ def merge_outputs(out: Path, results: Sequence[JobResult], *,
     ``merged`` is filled kind by kind as each is in place, so a caller stopped half-way (a
     Ctrl-C) knows which kinds are complete; a kind cut short leaves no temporary folder.
 
-    A chain's jobs are concatenated in chain order; a part already in time order (the usual
-    case: a chain is ordered by first timestamp) is written as it is, otherwise it is sorted
-    (stable) first, so merging costs one read and one write, not a global sort."""
+    A chain's jobs are appended in chain order, one part in memory at a time (the chain is
+    ordered by first timestamp and checked not to overlap, so the parts follow each other in
+    time); a symbol whose parts do not is sorted (stable) in memory instead. Merging costs
+    one read and one write of each part, not a global sort."""
     by_kind: dict[str, list[tuple[str, str]]] = {}
     for res in results:
         for kind, path in res.paths.items():
@@ -101,39 +102,78 @@ def _install(tmp: Path, folder: Path) -> None:
 
 
 def _merge_kind(kind: str, parts: list[tuple[str, str]], tmp: Path) -> int:
-    """One kind's parts written into ``tmp`` (a folder); returns the rows written."""
+    """One kind's parts written into ``tmp`` (a folder), part by part; returns the rows written.
+
+    Streaming: a symbol's parts are appended to its file one at a time (one row group or more
+    per part), so memory holds one job's output of the kind, never the whole kind. Parts are
+    taken in chain order; if one is not in time order, or starts before the one before it
+    ends, that symbol is written again from an in-memory stable sort (the rows of one symbol:
+    the old way, which the plan's overlap check makes the rare case)."""
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    rows = 0
-    tables = [t for t in (pq.read_table(p) for _, p in sorted(parts)) if t.num_rows]
-    if tables and all("symbol" in t.column_names for t in tables):
-        for sym, table in _by_symbol(tables):
-            rows += table.num_rows
+    paths = [p for _, p in sorted(parts) if pq.read_metadata(p).num_rows]
+    if not paths:
+        return 0
+    schemas = [pq.read_schema(p) for p in paths]
+    schema = pa.unify_schemas(schemas, promote_options="permissive")
+    if all("symbol" in s.names for s in schemas):
+        rows = 0
+        for sym, sym_paths in _symbols_of(paths).items():
             # Hive partition values are URI-encoded (pyarrow.dataset decodes them): a
             # symbol such as EUR/USD is one folder, symbol=EUR%2FUSD, not two
             part = tmp / f"symbol={quote(sym, safe='')}"
             part.mkdir()
-            pq.write_table(table.drop_columns(["symbol"]), part / "part-0.parquet")
-    elif tables:
-        table = _in_time_order(pa.concat_tables(tables, promote_options="permissive"))
-        rows = table.num_rows
-        pq.write_table(table, tmp / "part-0.parquet")
-    return rows
+            rows += _write_parts(sym_paths, schema, part / "part-0.parquet", symbol=sym)
+        return rows
+    return _write_parts(paths, schema, tmp / "part-0.parquet", symbol=None)
 
 
-def _by_symbol(tables: list[pa.Table]) -> list[tuple[str, pa.Table]]:
-    """(symbol, its rows in time order), symbols sorted; a job's table normally holds one."""
-    groups: dict[str, list[pa.Table]] = {}
-    for t in tables:
-        symbols = t["symbol"].cast(pa.string())
-        names = pc.unique(symbols).to_pylist()
-        if len(names) == 1:
-            groups.setdefault(names[0], []).append(t)
-            continue
-        for name in names:
-            groups.setdefault(name, []).append(t.filter(pc.equal(symbols, name)))
-    return [(name, _in_time_order(pa.concat_tables(groups[name], promote_options="permissive")))
-            for name in sorted(groups)]
+def _symbols_of(paths: list[str]) -> dict[str, list[str]]:
+    """Symbol → the parts holding its rows (in the given order), symbols sorted; only the
+    ``symbol`` column is read. A job's part normally holds one symbol."""
+    groups: dict[str, list[str]] = {}
+    for p in paths:
+        symbols = pq.read_table(p, columns=["symbol"])["symbol"].cast(pa.string())
+        for name in pc.unique(symbols).to_pylist():
+            groups.setdefault(name, []).append(p)
+    return dict(sorted(groups.items()))
+
+
+def _write_parts(paths: list[str], schema: pa.Schema, target: Path, *, symbol: str | None) -> int:
+    """``paths`` (of ``symbol`` only, without its column, when given) appended to ``target``
+    in order; falls back to one sorted write if the parts are not in time order together."""
+    out_schema = schema.remove(schema.get_field_index("symbol")) if symbol is not None else schema
+    rows, last = 0, None
+    with pq.ParquetWriter(target, out_schema) as writer:
+        for p in paths:
+            table = _part(p, schema, symbol)
+            if "ts_ns" in table.column_names and table.num_rows:
+                ts = table["ts_ns"].to_numpy()
+                if (last is not None and ts[0] < last) or not (ts[1:] >= ts[:-1]).all():
+                    break
+                last = ts[-1]
+            writer.write_table(table.cast(out_schema))
+            rows += table.num_rows
+        else:
+            return rows
+    # out of order: this symbol's rows sorted in memory (stable: ties keep the chain's order)
+    table = _in_time_order(pa.concat_tables([_part(p, schema, symbol) for p in paths]))
+    pq.write_table(table.cast(out_schema), target)
+    return table.num_rows
+
+
+def _part(path: str, schema: pa.Schema, symbol: str | None) -> pa.Table:
+    """One part conformed to the kind's unified ``schema`` (a column a part lacks is null;
+    the ``symbol`` column dropped, its rows of ``symbol`` only, when given)."""
+    table = pq.read_table(path)
+    if symbol is not None:
+        symbols = table["symbol"].cast(pa.string())
+        if pc.any(pc.not_equal(symbols, symbol)).as_py():
+            table = table.filter(pc.equal(symbols, symbol))
+    columns = [table[f.name].cast(f.type) if f.name in table.column_names else pa.nulls(table.num_rows, f.type)
+               for f in schema]
+    table = pa.Table.from_arrays(columns, schema=schema)
+    return table.drop_columns(["symbol"]) if symbol is not None else table
 
 
 def _in_time_order(table: pa.Table) -> pa.Table:
