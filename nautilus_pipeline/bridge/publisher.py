@@ -5,16 +5,22 @@ goes to ``trades``, ``quotes`` or ``book``; a batch that interleaves kinds goes 
 ``mixed``, with its ``kind`` column, so the consumer sees the rows in the file's order (split
 by kind, a quote between two trades would reach the features stage out of place). A row of
 any other kind is refused, never dropped. Each message carries a ``Nats-Msg-Id`` made of its
-subject, first timestamp, row count and a hash of its bytes, so a publisher that restarts and
-sends the same rows again is stored once (within the stream's duplicate window), while two
-different batches never share an id.
+subject, first and last timestamps, row count and the CRC-32 of its bytes, so a publisher that
+restarts and sends the same rows again is stored once (within the stream's duplicate window),
+while two different batches share an id only if they agree on all of those and their CRCs
+collide (2^-32). CRC-32 rather than a cryptographic hash: it runs at ~6 GB/s here (21 µs for a
+139 kB batch) where blake2b took 119 µs, a fifth of the whole publish of a 4096-tick batch, and
+nobody forges these ids.
+
+Acknowledgements are asynchronous: up to ``max_in_flight`` messages wait for their JetStream
+ack at once (a bounded window, settled oldest first); ``flush`` waits for all of them.
 """
 
 from __future__ import annotations
 
 import asyncio
 import collections
-import hashlib
+import zlib
 from collections.abc import Mapping
 from typing import Any
 
@@ -56,7 +62,7 @@ class TickPublisher:
     """Publish tick columns as batches of ``batch_size`` rows, at most ``max_in_flight`` unacked."""
 
     def __init__(self, js: Any, *, venue: str = "BINANCE", batch_size: int = 4096,
-                 max_in_flight: int = 64):
+                 max_in_flight: int = 256):
         self.js = js
         self.venue = venue
         self.batch_size = batch_size
@@ -85,8 +91,8 @@ class TickPublisher:
 
     async def _send(self, subj: str, part: Mapping[str, np.ndarray], symbol: str) -> None:
         data = encode_batch(part, symbol)
-        digest = hashlib.blake2b(data, digest_size=12).hexdigest()
-        msg_id = f"{subj}:{int(part['ts_ns'][0])}:{len(part['ts_ns'])}:{digest}"
+        ts = part["ts_ns"]
+        msg_id = f"{subj}:{int(ts[0])}:{int(ts[-1])}:{len(ts)}:{zlib.crc32(data):08x}"
         while len(self._inflight) >= self.max_in_flight:
             await self._settle_one()
         self._inflight.append(await self.js.publish_async(subj, data, headers={"Nats-Msg-Id": msg_id}))
