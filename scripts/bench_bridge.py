@@ -3,10 +3,11 @@
 Starts its own ``nats-server -js`` (temporary store, free port) and measures, in one run:
 
 1. **transport**: 4096-tick batches (the wire format of ``bridge/wire.py``) published by
-   another process with JetStream acks (64 in flight), then consumed here with a durable
-   pull consumer, acked and decoded: ticks/s each way;
-2. **one-tick hop**: one 1-tick batch at a time, publish → durable pull consumer (a fetch
-   waiting at the server), p50/p99 µs over ``--hops`` messages;
+   another process with JetStream acks, then consumed here with a durable pull consumer,
+   acked and decoded: ticks/s each way, the paths of 148a742 and of now alternating;
+2. **one-tick hop**: one 1-tick batch at a time, publish → durable pull consumer waiting for
+   it, p50/p99 µs over ``--hops`` messages, 148a742's ``fetch(1)`` and now's ``PullFeed``
+   alternating in chunks;
 3. **websocket source**: the bundled Binance capture served by a local replay server in
    another process (``bridge/ws_replay.py``, as fast as the client takes it) into
    ``BinanceWebsocketFeed`` (websockets client, parsing, gap checks, micro-batching): frames/s;
@@ -36,6 +37,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from nautilus_pipeline.bridge import NatsBridge, decode_batch, encode_batch, ensure_stream  # noqa: E402
+from nautilus_pipeline.bridge.pull import PullFeed  # noqa: E402
 from nautilus_pipeline.bridge.server import NatsServer  # noqa: E402
 from nautilus_pipeline.machine import describe  # noqa: E402
 from nautilus_pipeline.runtime import configure_logging, loop_factory  # noqa: E402
@@ -45,49 +47,78 @@ SYMBOL = "BTCUSDT-PERP"
 BATCH = 4096
 
 PUBLISHER = """
-import asyncio, sys, time
-import nats
+import asyncio, collections, hashlib, sys, time
+import nats, nats.js.errors, uvloop
 from nautilus_pipeline.bridge import TickPublisher, ensure_stream
 from nautilus_pipeline.testing import trades_frame
 
-async def main(url, n, batch):
+class Before(TickPublisher):
+    # the publisher of 148a742: blake2b message ids, 64 acks in flight, the default loop
+    async def _send(self, subj, part, symbol):
+        from nautilus_pipeline.bridge.wire import encode_batch
+        data = encode_batch(part, symbol)
+        digest = hashlib.blake2b(data, digest_size=12).hexdigest()
+        msg_id = f"{subj}:{int(part['ts_ns'][0])}:{len(part['ts_ns'])}:{digest}"
+        while len(self._inflight) >= self.max_in_flight:
+            await self._settle_one()
+        self._inflight.append(await self.js.publish_async(subj, data, headers={"Nats-Msg-Id": msg_id}))
+        self.messages += 1
+
+async def main(url, n, batch, mode):
     frame = trades_frame(int(n), seed=7)
     nc = await nats.connect(url)
     js = nc.jetstream()
+    try:  # a new stream: a purge would keep the duplicate window, and the same batches again are duplicates
+        await js.delete_stream("TICKS")
+    except nats.js.errors.NotFoundError:
+        pass
     await ensure_stream(js, "TICKS", ["ticks.>"])
-    pub = TickPublisher(js, batch_size=int(batch), max_in_flight=64)
+    pub = (Before(js, batch_size=int(batch), max_in_flight=64) if mode == "before"
+           else TickPublisher(js, batch_size=int(batch)))
     t0 = time.perf_counter()
     await pub.publish(frame, "BTCUSDT-PERP")
     await pub.flush()
     print(time.perf_counter() - t0)
     await nc.close()
 
-asyncio.run(main(*sys.argv[1:]))
+(asyncio.run if sys.argv[4] == "before" else uvloop.run)(main(*sys.argv[1:]))
 """
 
 
-def publish_from_another_process(url: str, n: int) -> float:
-    """Fill the TICKS stream from a child process; returns its publish wall time (s)."""
+def publish_from_another_process(url: str, n: int, mode: str = "now") -> float:
+    """Fill the TICKS stream (made anew) from a child process; returns its publish wall time (s)."""
     env = {**os.environ, "PYTHONPATH": str(REPO)}
-    out = subprocess.run([sys.executable, "-c", PUBLISHER, url, str(n), str(BATCH)], env=env,
+    out = subprocess.run([sys.executable, "-c", PUBLISHER, url, str(n), str(BATCH), mode], env=env,
                          check=True, capture_output=True, text=True).stdout
     return float(out.strip().splitlines()[-1])
 
 
-async def consume_raw(url: str, durable: str, messages: int) -> float:
-    """Durable pull consumer: fetch, decode, ack every message; wall time (s)."""
+async def consume_raw(url: str, durable: str, messages: int, mode: str = "now") -> float:
+    """Durable pull consumer: read, decode, ack every message; wall time (s). ``now``: the
+    ingress's open pull request (``PullFeed``, 64 asked at a time); ``before``: nats-py's
+    ``fetch(64)`` as the ingress of 148a742 did."""
     import nats
     from nats.js.api import AckPolicy, ConsumerConfig
 
     nc = await nats.connect(url)
     js = nc.jetstream()
-    sub = await js.pull_subscribe("ticks.>", durable=durable, stream="TICKS",
-                                  config=ConsumerConfig(ack_policy=AckPolicy.EXPLICIT, max_ack_pending=1024))
+    config = ConsumerConfig(durable_name=durable, ack_policy=AckPolicy.EXPLICIT, max_ack_pending=1024)
+    if mode == "before":
+        sub = await js.pull_subscribe("ticks.>", durable=durable, stream="TICKS", config=config)
+
+        async def take(k: int) -> list:
+            return await sub.fetch(k, timeout=5)
+    else:
+        await js.add_consumer("TICKS", config)
+        feed = await PullFeed(nc, "TICKS", durable).open()
+
+        async def take(k: int) -> list:
+            return await feed.get(k, 5.0)
     t0 = time.perf_counter()
     got = 0
     rows = 0
     while got < messages:
-        for m in await sub.fetch(min(64, messages - got), timeout=5):
+        for m in await take(min(64, messages - got)):
             rows += decode_batch(m.data).length
             await m.ack()
             got += 1
@@ -97,28 +128,48 @@ async def consume_raw(url: str, durable: str, messages: int) -> float:
     return wall
 
 
-async def one_tick_hops(url: str, hops: int) -> list[float]:
-    """µs from publishing a 1-tick batch to its arrival at a durable pull consumer."""
+async def one_tick_hops(url: str, hops: int, mode: str = "now", warmup: int = 50) -> list[float]:
+    """µs from publishing a 1-tick batch to its arrival at a durable pull consumer waiting for
+    it: ``now`` through the ingress's open pull request (``PullFeed.get``), ``before`` a
+    nats-py ``fetch(1)`` issued before the publish (148a742's bench)."""
     import nats
     from nats.js.api import AckPolicy, ConsumerConfig
 
     nc = await nats.connect(url)
     js = nc.jetstream()
     await ensure_stream(js, "HOP", ["hop.>"])
-    sub = await js.pull_subscribe("hop.>", durable="hop", stream="HOP",
-                                  config=ConsumerConfig(ack_policy=AckPolicy.EXPLICIT))
+    durable = f"hop-{mode}"
+    config = ConsumerConfig(durable_name=durable, ack_policy=AckPolicy.EXPLICIT)
+    if mode == "before":
+        sub = await js.pull_subscribe("hop.>", durable=durable, stream="HOP", config=config)
+
+        def take():
+            return sub.fetch(1, timeout=5)
+    else:
+        try:
+            await js.consumer_info("HOP", durable)
+        except nats.js.errors.NotFoundError:
+            await js.add_consumer("HOP", config)
+        feed = await PullFeed(nc, "HOP", durable, expires_s=5.0).open()
+
+        def take():
+            return feed.get(64, 5.0)
     data = encode_batch(trades_frame(1, seed=1), SYMBOL)
     out = []
-    for i in range(hops + 50):
-        fetch = asyncio.ensure_future(sub.fetch(1, timeout=5))
-        await asyncio.sleep(0)  # the pull request goes out first: it waits at the server
+    for i in range(hops + warmup):
+        fetch = asyncio.ensure_future(take())
+        await asyncio.sleep(0)  # the pull request (if one is needed) goes out first
+        await asyncio.sleep(0)
         t0 = time.perf_counter_ns()
         await nc.publish("hop.BTCUSDT-PERP", data)
-        msg = (await fetch)[0]
+        msgs = await fetch
         dt = (time.perf_counter_ns() - t0) / 1e3
-        await msg.ack()
-        if i >= 50:  # warm-up
+        for msg in msgs:
+            await msg.ack()
+        if i >= warmup:
             out.append(dt)
+    if mode != "before":
+        await feed.close()
     await nc.close()
     return out
 
@@ -202,25 +253,53 @@ def pct(xs: list[float], q: float) -> float:
 
 
 async def main(args: argparse.Namespace) -> None:
+    with tempfile.TemporaryDirectory() as tmp, NatsServer(Path(tmp)) as server:
+        try:
+            await measure(args, server)
+        except BaseException:
+            print(f"nats-server's log, last lines:\n{server._log_tail(3000)}", file=sys.stderr)
+            raise
+
+
+async def measure(args: argparse.Namespace, server: NatsServer) -> None:
     n = args.ticks // BATCH * BATCH
     messages = n // BATCH
-    with tempfile.TemporaryDirectory() as tmp, NatsServer(Path(tmp)) as server:
+    if True:
         url = server.url
         print(f"machine: {describe()}")
         print(f"nats-server: {server_version()}, nats-py {nats_version()}; {n:,} ticks in {messages} "
               f"batches of {BATCH}\n")
 
-        pub_s = publish_from_another_process(url, n)
-        con_s = await consume_raw(url, "raw", messages)
-        print("| transport (4096-tick batches, acked) | ticks/s |")
-        print("|---|---:|")
-        print(f"| publish, another process, 64 in flight | {n / pub_s:,.0f} |")
-        print(f"| consume: durable pull, decode, ack | {n / con_s:,.0f} |\n")
+        pub: dict[str, list[float]] = {"before": [], "now": []}
+        con: dict[str, list[float]] = {"before": [], "now": []}
+        for r in range(args.repeat):  # alternating: 148a742's paths, then this commit's
+            for mode in ("before", "now"):
+                pub[mode].append(n / publish_from_another_process(url, n, mode))
+                con[mode].append(n / await consume_raw(url, f"raw-{mode}-{r}", messages, mode))
+        med = {k: statistics.median(v) for k, v in (("pub_b", pub["before"]), ("pub_n", pub["now"]),
+                                                    ("con_b", con["before"]), ("con_n", con["now"]))}
+        print(f"| transport (4096-tick batches, acked), median of {args.repeat} alternating | "
+              "148a742 | now | now ÷ 148a742 |")
+        print("|---|---:|---:|---:|")
+        print(f"| publish, another process (148a742: blake2b ids, 64 in flight, default loop; now: "
+              f"CRC-32 ids, 256 in flight, uvloop) | {med['pub_b']:,.0f} | {med['pub_n']:,.0f} | "
+              f"{med['pub_n'] / med['pub_b']:.2f} |")
+        print(f"| consume: durable pull, decode, ack (148a742: fetch(64); now: open pull request) | "
+              f"{med['con_b']:,.0f} | {med['con_n']:,.0f} | {med['con_n'] / med['con_b']:.2f} |")
+        print(f"\nper run (ticks/s): publish {pub}, consume {con}\n".replace("'", ""))
 
-        hops = await one_tick_hops(url, args.hops)
-        print(f"| one-tick hop publish → durable consumer ({args.hops} hops) | p50 µs | p99 µs |")
+        hops: dict[str, list[float]] = {"before": [], "now": []}
+        chunk = max(args.hops // 4, 1)
+        for _ in range(4):  # alternating chunks
+            for mode in ("before", "now"):
+                hops[mode] += await one_tick_hops(url, chunk, mode)
+        print(f"| one-tick hop publish → durable consumer ({4 * chunk} hops each, alternating) | "
+              "p50 µs | p99 µs |")
         print("|---|---:|---:|")
-        print(f"| loopback | {pct(hops, 50):.1f} | {pct(hops, 99):.1f} |\n")
+        print(f"| 148a742: fetch(1) waiting at the server | {pct(hops['before'], 50):.1f} | "
+              f"{pct(hops['before'], 99):.1f} |")
+        print(f"| now: the ingress's open pull request (PullFeed) | {pct(hops['now'], 50):.1f} | "
+              f"{pct(hops['now'], 99):.1f} |\n")
 
         raw_frames, raw_s = await websocket_feed_rate(raw=True)
         frames, ws_s = await websocket_feed_rate()

@@ -73,22 +73,21 @@ class PullFeed:
         return self
 
     async def close(self, nak_unread: bool = True) -> int:
-        """Unsubscribe; what arrived and was not taken is nak'ed (redelivered at once to the
-        next reader, not after ``ack_wait``). Returns how many."""
-        if self._sub is not None and self._credit > 0 and not self.nc.is_closed:
-            # let the open request end (its 408 comes within expires): a delivery to an
-            # inbox nobody reads would wait ack_wait before anyone sees it again
-            end = time.monotonic() + self.expires_s + 0.1
-            while self._credit > 0 and time.monotonic() < end:
-                await asyncio.sleep(0.005)
-        unread = list(self._ready)
-        self._ready.clear()
+        """Stop reading; what arrived and was not taken is nak'ed (redelivered at once to the
+        next reader, not after ``ack_wait``). Returns how many.
+
+        The subscription is drained (unsubscribe, then a round trip to the server): the
+        server drops a pull request whose reply subject has no interest, so the open request
+        ends with it, and whatever it delivered before lands here and is nak'ed."""
         if self._sub is not None:
             sub, self._sub = self._sub, None
             try:
-                await sub.unsubscribe()
+                await sub.drain()
             except Exception as exc:  # a closed connection: nothing to unsubscribe from
-                log.debug("pull_unsubscribe_failed", error=f"{type(exc).__name__}: {exc}")
+                log.debug("pull_drain_failed", error=f"{type(exc).__name__}: {exc}")
+        self._credit = 0
+        unread = list(self._ready)
+        self._ready.clear()
         if nak_unread and not self.nc.is_closed:
             for msg in unread:
                 await msg.nak()
@@ -126,7 +125,6 @@ class PullFeed:
     async def get(self, want: int, timeout: float) -> list[Any]:
         """The messages that have arrived, waiting up to ``timeout`` s for the first; a pull
         request for ``want`` is opened first when none is open. ``[]``: none came."""
-        loop = asyncio.get_running_loop()
         end = time.monotonic() + timeout
         while not self._ready:
             if self._gone is not None:
@@ -145,16 +143,21 @@ class PullFeed:
                     left = min(left, self._not_before - now)
             if self._credit > 0:
                 left = min(left, max(self._deadline - now, 0.0) + 1e-3)
-            wake = self._wake = loop.create_future()
-            timer = loop.call_later(left, _set_none, wake)
-            try:
-                await wake
-            finally:
-                timer.cancel()
-                self._wake = None
+            await self._wait(left)
         out = list(self._ready)
         self._ready.clear()
         return out
+
+    async def _wait(self, timeout: float) -> None:
+        """Until the next delivery or status, or ``timeout`` s (a timer, not a task per wait)."""
+        loop = asyncio.get_running_loop()
+        wake = self._wake = loop.create_future()
+        timer = loop.call_later(timeout, _set_none, wake)
+        try:
+            await wake
+        finally:
+            timer.cancel()
+            self._wake = None
 
 
 def _set_none(fut: asyncio.Future) -> None:
