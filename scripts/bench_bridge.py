@@ -11,6 +11,8 @@ Starts its own ``nats-server -js`` (temporary store, free port) and measures, in
 3. **websocket source**: the bundled Binance capture served by a local replay server in
    another process (``bridge/ws_replay.py``, as fast as the client takes it) into
    ``BinanceWebsocketFeed`` (websockets client, parsing, gap checks, micro-batching): frames/s;
+5. **hop through the bridge**: publish → the ingress hands the batch to the default pipeline,
+   148a742's ``fetch`` reading and now's ``PullFeed``;
 4. **pipeline**: the default pipeline fed (a) in-process by ``Pipeline.ingest`` of the
    batches and (b) through ``NatsBridge`` from the stream another process filled, each run
    ending when the last tick is through the last stage; alternating a/b ``--repeat`` times;
@@ -174,47 +176,215 @@ async def one_tick_hops(url: str, hops: int, mode: str = "now", warmup: int = 50
     return out
 
 
+class _FetchFeed:
+    """148a742's way of reading the consumer, for the hop through the bridge: nats-py's
+    ``fetch(free slabs)``, which returns when that many came or its timeout ran out."""
+
+    def __init__(self, sub):
+        self.sub = sub
+
+    async def get(self, want: int, timeout: float) -> list:
+        import nats.errors
+
+        try:
+            return await self.sub.fetch(want, timeout=timeout)
+        except (TimeoutError, nats.errors.TimeoutError):
+            return []
+
+    async def close(self, nak_unread: bool = True) -> int:
+        return 0
+
+
+class _Bridge148(NatsBridge):
+    async def _consumer(self, covered: int):
+        feed = await super()._consumer(covered)  # the consumer, made as now
+        await feed.close()
+        return _FetchFeed(await self.js.pull_subscribe_bind(durable=feed.consumer, stream=self.stream))
+
+
+async def bridge_hops(url: str, hops: int, mode: str, warmup: int = 5) -> list[float]:
+    """µs from publishing a 1-tick batch to the ingress handing it to the default pipeline
+    (``publish_batch``), the bridge waiting with an empty stream; each tick through the
+    last stage before the next is sent. A fresh stream and durable per call."""
+    import nats
+
+    nc = await nats.connect(url)
+    js = nc.jetstream()
+    try:
+        await js.delete_stream("TICKS")
+    except nats.js.errors.NotFoundError:
+        pass
+    data = encode_batch(trades_frame(1, seed=1), SYMBOL)
+    pipe = default_pipeline()
+    arrived: list[int] = []
+    wake = asyncio.Event()
+    handoff = pipe.publish_batch
+
+    async def timed(lease, holder):
+        arrived.append(time.perf_counter_ns())
+        wake.set()
+        return await handoff(lease, holder)
+
+    pipe.publish_batch = timed
+    out = []
+    async with pipe:
+        cls = NatsBridge if mode == "now" else _Bridge148
+        async with cls(pipe, servers=url, ingest="ticks.>", durable=f"bhop-{mode}", state=False):
+            await asyncio.sleep(0.3)  # the consumer waiting
+            for i in range(hops + warmup):
+                wake.clear()
+                t0 = time.perf_counter_ns()
+                await nc.publish(f"ticks.trades.BINANCE.{SYMBOL}", data)
+                await wake.wait()
+                if i >= warmup:
+                    out.append((arrived[-1] - t0) / 1e3)
+                await pipe.drain()  # through the last stage before the next
+    await nc.close()
+    return out
+
+
 WS_SERVER = """
-import asyncio, sys
-from nautilus_pipeline.bridge.ws_replay import CaptureReplayServer
+import asyncio, base64, hashlib, struct, sys
+from nautilus_pipeline.bridge.ws_replay import capture_frames
+
+# The capture's frames framed once, up front, and written in large chunks after the
+# handshake, then a close frame (1000): the server costs next to nothing, so the rates
+# measured are the clients'. (CaptureReplayServer, the tests' server, sends frame by
+# frame through websockets and was the bottleneck at ~35-50K frames/s here.) Written in
+# pieces of CHUNK bytes, each drained before the next.
+GUID = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
+
+def frame(payload, opcode=0x1):
+    n = len(payload)
+    if n < 126:
+        head = struct.pack("!BB", 0x80 | opcode, n)
+    elif n < 65536:
+        head = struct.pack("!BBH", 0x80 | opcode, 126, n)
+    else:
+        head = struct.pack("!BBQ", 0x80 | opcode, 127, n)
+    return head + payload
 
 async def main(path):
-    async with CaptureReplayServer(path) as server:
-        print(server.url, flush=True)
-        await asyncio.sleep(3600)
+    blob = b"".join(frame(text.encode()) for _, text in capture_frames(path))
+    close = frame(struct.pack("!H", 1000) + b"end of replay", 0x8)
 
+    async def handle(reader, writer):
+        request = await reader.readuntil(b"\\r\\n\\r\\n")
+        key = next(line.split(b":", 1)[1].strip() for line in request.split(b"\\r\\n")
+                   if line.lower().startswith(b"sec-websocket-key:"))
+        accept = base64.b64encode(hashlib.sha1(key + GUID).digest())
+        writer.write(b"HTTP/1.1 101 Switching Protocols\\r\\nUpgrade: websocket\\r\\n"
+                     b"Connection: Upgrade\\r\\nSec-WebSocket-Accept: " + accept + b"\\r\\n\\r\\n")
+        view = memoryview(blob)
+        for start in range(0, len(blob), CHUNK):
+            writer.write(view[start : start + CHUNK])
+            await writer.drain()
+        writer.write(close)
+        await writer.drain()
+        try:
+            await asyncio.wait_for(reader.read(64), 10)  # the client's close frame
+        except Exception:
+            pass
+        writer.close()  # then the TCP close, which a websockets client waits for
+
+    server = await asyncio.start_server(handle, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    print(f"ws://127.0.0.1:{port}/stream?streams=replay", flush=True)
+    await asyncio.sleep(3600)
+
+CHUNK = int(sys.argv[2])
 asyncio.run(main(sys.argv[1]))
 """
 
 
-async def websocket_feed_rate(raw: bool = False) -> tuple[int, float]:
-    """(frames, s) for the bundled capture through the websocket source (``raw``: the bare
-    websockets client, receiving only), the server in another process."""
-    from websockets.asyncio.client import connect
+async def _picows_native_receive(url: str) -> int:
+    """Frames received by picows's own listener API (no websockets-like layer)."""
+    from picows import WSListener, WSMsgType, ws_connect
 
-    from nautilus_pipeline.bridge.websocket_feed import BinanceWebsocketFeed
+    class Count(WSListener):
+        frames = 0
+
+        def on_ws_frame(self, transport, frame):
+            if frame.msg_type == WSMsgType.TEXT:
+                frame.get_payload_as_bytes()
+                Count.frames += 1
+            elif frame.msg_type == WSMsgType.CLOSE:
+                transport.disconnect()
+
+    transport, _ = await ws_connect(Count, url, max_frame_size=1 << 22)
+    await transport.wait_disconnected()
+    return Count.frames
+
+
+async def websocket_feed_rate(client: str, raw: str | None = None, chunk: int = 1 << 16) -> tuple[int, float]:
+    """(frames, s) for the bundled capture through the websocket source on ``client``
+    (``raw``: ``"api"`` the client's websockets-style ``recv`` loop alone, ``"native"``
+    picows's listener callbacks alone), the replay server in another process."""
+    from nautilus_pipeline.bridge.websocket_feed import BinanceWebsocketFeed, client_api
 
     capture = REPO / "nautilus_pipeline" / "data" / "binance-feed-spot-ethusdt_20240808.jsonl.gz"
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
-    proc = await asyncio.create_subprocess_exec(sys.executable, "-c", WS_SERVER, str(capture), env=env,
-                                                stdout=asyncio.subprocess.PIPE)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
+    proc = await asyncio.create_subprocess_exec(sys.executable, "-c", WS_SERVER, str(capture), str(chunk),
+                                                env=env, stdout=asyncio.subprocess.PIPE)
     try:
         url = (await proc.stdout.readline()).decode().strip()
-        if raw:
-            n = 0
-            t0 = time.perf_counter()
-            async with connect(url, compression=None, max_size=1 << 22) as ws:
-                async for _ in ws:
-                    n += 1
-            return n, time.perf_counter() - t0
-        feed = BinanceWebsocketFeed(url, end_on_close=True)
         t0 = time.perf_counter()
+        if raw == "native":
+            n = await _picows_native_receive(url)
+            return n, time.perf_counter() - t0
+        if raw == "api":
+            _, connect, closed, _ = client_api(client)
+            n = 0
+            async with connect(url, compression=None, max_size=1 << 22) as ws:
+                try:
+                    while True:
+                        await ws.recv(decode=False)
+                        n += 1
+                except closed:
+                    pass
+            return n, time.perf_counter() - t0
+        feed = BinanceWebsocketFeed(url, end_on_close=True, client=client)
         async for _ in feed.batches():
             pass
         return feed.stats.frames, time.perf_counter() - t0
     finally:
         proc.kill()
         await proc.wait()
+
+
+def have_picows() -> bool:
+    try:
+        import picows  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+async def websocket_table(repeat: int) -> None:
+    """The websocket rows: each client alone and under the feed, alternating, medians."""
+    from importlib.metadata import version
+
+    rows = [("websockets", "api", "websockets client alone (`recv` loop)"),
+            ("websockets", None, "BinanceWebsocketFeed on websockets: + parse, gap checks, micro-batches")]
+    if have_picows():
+        rows += [("picows", "native", "picows client alone (its listener callbacks)"),
+                 ("picows", "api", "picows client alone (`picows.websockets` `recv` loop)"),
+                 ("picows", None, "BinanceWebsocketFeed on picows: + parse, gap checks, micro-batches")]
+    rates: dict[int, list[float]] = {i: [] for i in range(len(rows))}
+    frames = 0
+    for _ in range(repeat):
+        for i, (client, raw, _) in enumerate(rows):
+            frames, s = await websocket_feed_rate(client, raw)
+            rates[i].append(frames / s)
+    versions = ", ".join(f"{m} {version(m)}" for m in ("websockets", "picows") if m == "websockets" or have_picows())
+    print(f"| websocket, bundled capture ({frames:,} frames), replay server (websockets) in another "
+          f"process; {versions}; median of {repeat} alternating | frames/s |")
+    print("|---|---:|")
+    for i, (_, _, label) in enumerate(rows):
+        print(f"| {label} | {statistics.median(rates[i]):,.0f} |")
+    if not have_picows():
+        print("| picows | not installed |")
+    print()
 
 
 def default_pipeline():
@@ -301,12 +471,7 @@ async def measure(args: argparse.Namespace, server: NatsServer) -> None:
         print(f"| now: the ingress's open pull request (PullFeed) | {pct(hops['now'], 50):.1f} | "
               f"{pct(hops['now'], 99):.1f} |\n")
 
-        raw_frames, raw_s = await websocket_feed_rate(raw=True)
-        frames, ws_s = await websocket_feed_rate()
-        print("| websocket, bundled capture, server in another process | frames | frames/s |")
-        print("|---|---:|---:|")
-        print(f"| websockets client alone (receive) | {raw_frames:,} | {raw_frames / raw_s:,.0f} |")
-        print(f"| BinanceWebsocketFeed: + parse, gap checks, micro-batches | {frames:,} | {frames / ws_s:,.0f} |\n")
+        await websocket_table(args.repeat)
 
         frame = trades_frame(n, seed=7)
         await in_process(trades_frame(BATCH * 4, seed=1))  # warm-up: numba caches, imports
@@ -320,7 +485,20 @@ async def measure(args: argparse.Namespace, server: NatsServer) -> None:
         print(f"| in-process `ingest` | {ml:,.0f} |")
         print(f"| through JetStream (`NatsBridge`, filled by another process) | {mb:,.0f} |")
         print(f"| ratio (target >= 0.95) | {mb / ml:.3f} |")
-        print(f"\nper run: in-process {[round(x) for x in local]}, bridge {[round(x) for x in bridged]}")
+        print(f"\nper run: in-process {[round(x) for x in local]}, bridge {[round(x) for x in bridged]}\n")
+
+        b148: list[float] = []
+        bnow: list[float] = []
+        for _ in range(2):  # alternating
+            b148 += await bridge_hops(url, args.hops // 4, "before")
+            bnow += await bridge_hops(url, args.hops // 4, "now")
+        print("| one-tick hop publish → the bridge's ingress hands it to the default pipeline | "
+              "hops | p50 µs | p99 µs |")
+        print("|---|---:|---:|---:|")
+        print(f"| 148a742: nats-py fetch(free slabs) | {len(b148)} | {pct(b148, 50):,.1f} | "
+              f"{pct(b148, 99):,.1f} |")
+        print(f"| now: open pull request (PullFeed) | {len(bnow)} | {pct(bnow, 50):,.1f} | "
+              f"{pct(bnow, 99):,.1f} |")
 
 
 def server_version() -> str:
