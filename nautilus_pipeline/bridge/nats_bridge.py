@@ -38,8 +38,8 @@ from ..errors import ConfigError, PipelineError
 from ..pipeline import Pipeline
 from .egress import Egress
 from .ingress import Ingress
-from .pull import PullFeed
 from .publisher import TICKS_STREAM, TICKS_SUBJECTS, ensure_stream
+from .pull import PullFeed
 from .state import SavedState, StateStore
 from .subjects import name as check_name
 from .subjects import subject_pattern
