@@ -282,8 +282,11 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def _cmd_publish(args: argparse.Namespace) -> int:
-    from .bridge.cli import cmd_publish
+    from .bridge.cli import cmd_publish, publish_usage_error
 
+    wrong = publish_usage_error(args)
+    if wrong is not None:
+        raise UsageError(wrong)
     return cmd_publish(args)
 
 
