@@ -50,12 +50,26 @@ BATCH = 4096
 
 PUBLISHER = """
 import asyncio, collections, hashlib, sys, time
-import nats, nats.js.errors, uvloop
+import nats, uvloop
 from nautilus_pipeline.bridge import TickPublisher, ensure_stream
 from nautilus_pipeline.testing import trades_frame
 
 class Before(TickPublisher):
     # the publisher of 148a742: blake2b message ids, 64 acks in flight, the default loop
+    async def publish(self, columns, symbol):
+        import numpy as np
+        from nautilus_pipeline import topics
+        from nautilus_pipeline.bridge.publisher import _KIND_SUBJECTS
+        n = len(columns["ts_ns"])
+        kinds = np.asarray(columns.get("kind", np.zeros(n, np.uint8)))
+        assert not set(np.unique(kinds).tolist()) - set(_KIND_SUBJECTS)
+        for start in range(0, n, self.batch_size):
+            idx = slice(start, start + self.batch_size)
+            part = {k: np.asarray(v)[idx] for k, v in columns.items() if k != "symbol_id"}
+            k = kinds[idx]
+            kind = _KIND_SUBJECTS[int(k[0])] if (k == k[0]).all() else "mixed"
+            await self._send(topics.ticks(kind, self.venue, symbol), part, symbol)
+
     async def _send(self, subj, part, symbol):
         from nautilus_pipeline.bridge.wire import encode_batch
         data = encode_batch(part, symbol)
@@ -70,13 +84,17 @@ async def main(url, n, batch, mode):
     frame = trades_frame(int(n), seed=7)
     nc = await nats.connect(url)
     js = nc.jetstream()
-    try:  # a new stream: a purge would keep the duplicate window, and the same batches again are duplicates
-        await js.delete_stream("TICKS")
-    except nats.js.errors.NotFoundError:
-        pass
-    await ensure_stream(js, "TICKS", ["ticks.>"])
     pub = (Before(js, batch_size=int(batch), max_in_flight=64) if mode == "before"
            else TickPublisher(js, batch_size=int(batch)))
+    # warm-up outside the timing (the client's first publish compiles its header regex and
+    # subscribes its ack inbox; numpy's first calls import), into the stream deleted next
+    await ensure_stream(js, "TICKS", ["ticks.>"])
+    await pub.publish({k: v[: int(batch)] for k, v in frame.items()}, "WARM-UP")
+    await pub.flush()
+    # a new stream: a purge would keep the duplicate window, and the same batches again are duplicates
+    await js.delete_stream("TICKS")
+    await ensure_stream(js, "TICKS", ["ticks.>"])
+    pub.messages = 0
     t0 = time.perf_counter()
     await pub.publish(frame, "BTCUSDT-PERP")
     await pub.flush()

@@ -34,6 +34,9 @@ from .wire import encode_batch
 
 _KIND_SUBJECTS = {KIND_TRADE: "trades", KIND_QUOTE: "quotes", KIND_BOOK: "book"}
 
+_KNOWN_KIND = np.zeros(256, bool)
+_KNOWN_KIND[list(_KIND_SUBJECTS)] = True
+
 TICKS_STREAM = "TICKS"
 TICKS_SUBJECTS = "ticks.>"
 
@@ -73,16 +76,21 @@ class TickPublisher:
 
     async def publish(self, columns: Mapping[str, np.ndarray], symbol: str) -> int:
         """Publish the rows in order, ``batch_size`` to a message; returns messages sent."""
-        n = len(columns["ts_ns"])
-        kinds = np.asarray(columns.get("kind", np.zeros(n, np.uint8)))
-        unknown = sorted(set(np.unique(kinds).tolist()) - set(_KIND_SUBJECTS))
+        cols = {k: np.asarray(v) for k, v in columns.items() if k != "symbol_id"}
+        n = len(cols["ts_ns"])
+        kinds = cols.get("kind", np.zeros(n, np.uint8))
+        if kinds.dtype == np.uint8:  # a table lookup: np.unique sorts (and imports numpy.ma)
+            known = _KNOWN_KIND[kinds]
+            unknown = [] if known.all() else sorted(set(kinds[~known].tolist()))
+        else:
+            unknown = sorted(set(np.unique(kinds).tolist()) - set(_KIND_SUBJECTS))
         if unknown:
             raise ConfigError(f"publish {symbol!r}: rows of kind {unknown} have no ticks subject "
                               f"(known: {_KIND_SUBJECTS})")
         sent = 0
         for start in range(0, n, self.batch_size):
             idx = slice(start, start + self.batch_size)
-            part = {k: np.asarray(v)[idx] for k, v in columns.items() if k != "symbol_id"}
+            part = {k: v[idx] for k, v in cols.items()}
             k = kinds[idx]
             kind = _KIND_SUBJECTS[int(k[0])] if (k == k[0]).all() else "mixed"
             await self._send(topics.ticks(kind, self.venue, symbol), part, symbol)
