@@ -5,11 +5,15 @@ and a real ``nats-server -js``: the command publishes into the TICKS stream exac
 the capture reader gives (trades and quotes, in order), on each websocket client; a skipped
 id range at the exchange is reported in its summary as one more gap of that size; and
 ``run --nats`` (the default chain, its bucket volume set for ETHUSDT) then consumes it all.
+``run PIPELINE --ws URL`` (the websocket in the pipeline's own process) writes the signal, VPIN
+and risk files of a file run over the capture's trades, byte for byte, when its micro-batches
+are the file run's batches (flushed at the batch size only).
 """
 
 from __future__ import annotations
 
 import asyncio
+import gzip
 import os
 import sys
 from pathlib import Path
@@ -92,6 +96,20 @@ async def _stream_rows(url: str) -> tuple[dict, list[int]]:
     return rows, [b.length for b in batches]
 
 
+def _eth_definition(tmp: Path, capture: Path | None = None) -> Path:
+    """The default chain with a bucket volume for ETHUSDT (the bundled one calibrates
+    BTCUSDT-PERP), its source the capture."""
+    default = (REPO / "nautilus_pipeline" / "pipelines" / "default.toml").read_text()
+    old_source = ('path = "package:binance-um-btcusdt-trades-20240808.csv"\nformat = "binance_trades"\n'
+                  'symbol = "BTCUSDT-PERP"')
+    assert 'bucket_volume = "auto"' in default and old_source in default
+    path = tmp / "eth.toml"
+    path.write_text(default.replace('bucket_volume = "auto"', "bucket_volume = 5.0").replace(
+        old_source, f'path = "{capture or REPO / "nautilus_pipeline" / "data" / CAPTURE}"\n'
+                    'format = "binance_feed"'))
+    return path
+
+
 def _split(cols: dict) -> tuple[dict, dict]:
     return ({k: cols[k][cols["kind"] == KIND_TRADE] for k in TRADE_COLS},
             {k: cols[k][cols["kind"] == KIND_QUOTE] for k in QUOTE_COLS})
@@ -134,12 +152,7 @@ async def test_a_skipped_id_range_is_reported_and_run_nats_consumes_what_was_pub
     assert (summary["gaps"], summary["missing_ids"]) == (gaps + 1, missing + hi - lo + 1)
     assert summary["ticks"] == len(ref["ts_ns"]) - 50
 
-    # the default chain with a bucket volume for ETHUSDT (the bundled one calibrates BTCUSDT-PERP)
-    default = (REPO / "nautilus_pipeline" / "pipelines" / "default.toml").read_text()
-    assert 'bucket_volume = "auto"' in default
-    definition = tmp_path / "eth.toml"
-    definition.write_text(default.replace('bucket_volume = "auto"', "bucket_volume = 5.0")
-                          .replace("package:", str(REPO / "nautilus_pipeline" / "data") + "/"))
+    definition = _eth_definition(tmp_path)
     code, _, err = await _cli("run", str(definition), "--nats", nats_server.url, "--durable", "ws",
                               "--out", str(tmp_path / "out"), "--until-idle", "1", "--no-progress")
     assert code == 0, err[-3000:]
@@ -152,3 +165,27 @@ async def test_publish_needs_files_or_ws_not_both():
     for args in ((), ("x.csv", "--ws", "ws://127.0.0.1:1/stream"), ("x.csv", "--until-idle", "1")):
         code, _, err = await _cli("publish", *args)
         assert code == 2 and "nautilus-pipeline: error:" in err, err
+
+
+async def test_run_ws_writes_the_outputs_of_the_file_run_over_the_capture(capture, tmp_path, client):
+    # the capture's trades only: a spot bookTicker has no exchange time, so a replayed quote is
+    # stamped now (the file run: its recorded receive time), which no file run can equal
+    path = tmp_path / "trades.jsonl"
+    with gzip.open(capture[0], "rt") as src:
+        path.write_text("".join(line for line in src if '@trade"' in line))
+    ref = {k: v[capture[1]["kind"] == KIND_TRADE] for k, v in capture[1].items()}
+    definition = _eth_definition(tmp_path, path)
+    code, _, err = await _cli("run", str(definition), "--out", str(tmp_path / "file"), "--no-progress")
+    assert code == 0, err[-3000:]
+    async with CaptureReplayServer(path) as server:
+        code, _, err = await _cli("run", str(definition), "--ws", server.url, "--ws-client", client,
+                                  "--flush-us", "60e6", "--until-idle", "1", "--out", str(tmp_path / "ws"),
+                                  "--no-progress")
+    assert code == 0, err[-3000:]
+    summary = orjson.loads((tmp_path / "ws" / "summary.json").read_bytes())
+    assert summary["client"] == client and summary["feed"]["bad_frames"] == 0
+    assert summary["ticks"]["processed"] == len(ref["ts_ns"]) and summary["ticks"]["rejected"] == 0
+    for family in ("signals", "vpin", "risk"):
+        got = (tmp_path / "ws" / f"{family}.jsonl").read_bytes()
+        assert got == (tmp_path / "file" / f"{family}.jsonl").read_bytes(), family
+        assert got, family  # something to compare
