@@ -8,15 +8,18 @@ Starts its own ``nats-server -js`` (temporary store, free port) and measures, in
 2. **one-tick hop**: one 1-tick batch at a time, publish → durable pull consumer waiting for
    it, p50/p99 µs over ``--hops`` messages, 148a742's ``fetch(1)`` and now's ``PullFeed``
    alternating in chunks;
-3. **websocket source**: the bundled Binance capture served by a local replay server in
-   another process (``bridge/ws_replay.py``, as fast as the client takes it) into
-   ``BinanceWebsocketFeed`` (websockets client, parsing, gap checks, micro-batching): frames/s;
-5. **hop through the bridge**: publish → the ingress hands the batch to the default pipeline,
-   148a742's ``fetch`` reading and now's ``PullFeed``;
+3. **websocket clients**: the bundled Binance capture's frames, framed once and written in
+   64 KiB pieces by a server in another process (as fast as the client takes them), received
+   by websockets and by picows alone and under ``BinanceWebsocketFeed`` (parsing, gap checks,
+   micro-batching): frames/s, alternating;
 4. **pipeline**: the default pipeline fed (a) in-process by ``Pipeline.ingest`` of the
    batches and (b) through ``NatsBridge`` from the stream another process filled, each run
    ending when the last tick is through the last stage; alternating a/b ``--repeat`` times;
-   ticks/s and the ratio b/a (medians).
+   ticks/s and the ratio b/a (medians);
+5. **hop through the bridge**: publish a 1-tick batch → the ingress hands it to the default
+   pipeline, 148a742's ``fetch`` reading and now's ``PullFeed``, alternating.
+
+picows rows appear when picows is installed (the ``live`` extra).
 
 Run: ``python scripts/bench_bridge.py [--ticks N] [--repeat R] [--hops H]``.
 """
@@ -395,7 +398,7 @@ async def websocket_table(repeat: int) -> None:
             frames, s = await websocket_feed_rate(client, raw)
             rates[i].append(frames / s)
     versions = ", ".join(f"{m} {version(m)}" for m in ("websockets", "picows") if m == "websockets" or have_picows())
-    print(f"| websocket, bundled capture ({frames:,} frames), replay server (websockets) in another "
+    print(f"| websocket, bundled capture ({frames:,} frames) pre-framed by a server in another "
           f"process; {versions}; median of {repeat} alternating | frames/s |")
     print("|---|---:|")
     for i, (_, _, label) in enumerate(rows):
