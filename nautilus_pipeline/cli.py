@@ -261,10 +261,17 @@ def cmd_run(args: argparse.Namespace) -> int:
     from .io.files import check_file
     from .runtime import run
 
-    if args.nats is None and (args.durable or args.until_idle is not None or args.export is not None):
-        raise UsageError("--durable, --until-idle and --export apply to --nats runs")
-    if args.nats is not None and args.ticks:
-        raise UsageError("--nats consumes a stream instead of files: give --ticks or --nats, not both")
+    if args.nats is None and (args.durable or args.export is not None):
+        raise UsageError("--durable and --export apply to --nats runs")
+    if args.nats is None and args.ws is None and args.until_idle is not None:
+        raise UsageError("--until-idle applies to --nats and --ws runs")
+    if args.nats is not None and args.ws is not None:
+        raise UsageError("give --nats or --ws, not both ('publish --ws' feeds a stream that 'run --nats' reads)")
+    if (args.nats is not None or args.ws is not None) and args.ticks:
+        raise UsageError(f"--{'nats' if args.nats is not None else 'ws'} feeds the pipeline instead of "
+                         "files: give --ticks or that, not both")
+    if args.ws is not None and not args.flush_us > 0:
+        raise UsageError(f"--flush-us must be > 0, got {args.flush_us}")
     if (args.format or args.symbol or args.map) and not args.ticks:
         raise UsageError(f"--{'format' if args.format else 'symbol' if args.symbol else 'map'} applies to --ticks files; give --ticks FILE "
                          "(or set it in the definition's [[sources]])")
@@ -291,6 +298,10 @@ def cmd_run(args: argparse.Namespace) -> int:
             from .bridge.cli import run_live
 
             return run(run_live(args))
+        if args.ws is not None:
+            from .bridge.cli import run_ws
+
+            return run(run_ws(args))
         return run(_run(args))
     finally:
         for sig, handler in previous.items():
@@ -298,8 +309,11 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def _cmd_publish(args: argparse.Namespace) -> int:
-    from .bridge.cli import cmd_publish
+    from .bridge.cli import cmd_publish, publish_usage_error
 
+    wrong = publish_usage_error(args)
+    if wrong is not None:
+        raise UsageError(wrong)
     return cmd_publish(args)
 
 

@@ -3,17 +3,23 @@
 Starts its own ``nats-server -js`` (temporary store, free port) and measures, in one run:
 
 1. **transport**: 4096-tick batches (the wire format of ``bridge/wire.py``) published by
-   another process with JetStream acks (64 in flight), then consumed here with a durable
-   pull consumer, acked and decoded: ticks/s each way;
-2. **one-tick hop**: one 1-tick batch at a time, publish → durable pull consumer (a fetch
-   waiting at the server), p50/p99 µs over ``--hops`` messages;
-3. **websocket source**: the bundled Binance capture served by a local replay server in
-   another process (``bridge/ws_replay.py``, as fast as the client takes it) into
-   ``BinanceWebsocketFeed`` (websockets client, parsing, gap checks, micro-batching): frames/s;
+   another process with JetStream acks, then consumed here with a durable pull consumer,
+   acked and decoded: ticks/s each way, the paths of 148a742 and of now alternating;
+2. **one-tick hop**: one 1-tick batch at a time, publish → durable pull consumer waiting for
+   it, p50/p99 µs over ``--hops`` messages, 148a742's ``fetch(1)`` and now's ``PullFeed``
+   alternating in chunks;
+3. **websocket clients**: the bundled Binance capture's frames, framed once and written in
+   64 KiB pieces by a server in another process (as fast as the client takes them), received
+   by websockets and by picows alone and under ``BinanceWebsocketFeed`` (parsing, gap checks,
+   micro-batching): frames/s, alternating;
 4. **pipeline**: the default pipeline fed (a) in-process by ``Pipeline.ingest`` of the
    batches and (b) through ``NatsBridge`` from the stream another process filled, each run
    ending when the last tick is through the last stage; alternating a/b ``--repeat`` times;
-   ticks/s and the ratio b/a (medians).
+   ticks/s and the ratio b/a (medians);
+5. **hop through the bridge**: publish a 1-tick batch → the ingress hands it to the default
+   pipeline, 148a742's ``fetch`` reading and now's ``PullFeed``, alternating.
+
+picows rows appear when picows is installed (the ``live`` extra).
 
 Run: ``python scripts/bench_bridge.py [--ticks N] [--repeat R] [--hops H]``.
 """
@@ -36,6 +42,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from nautilus_pipeline.bridge import NatsBridge, decode_batch, encode_batch, ensure_stream  # noqa: E402
+from nautilus_pipeline.bridge.pull import PullFeed  # noqa: E402
 from nautilus_pipeline.bridge.server import NatsServer  # noqa: E402
 from nautilus_pipeline.machine import describe  # noqa: E402
 from nautilus_pipeline.runtime import configure_logging, loop_factory  # noqa: E402
@@ -45,49 +52,96 @@ SYMBOL = "BTCUSDT-PERP"
 BATCH = 4096
 
 PUBLISHER = """
-import asyncio, sys, time
-import nats
+import asyncio, collections, hashlib, sys, time
+import nats, uvloop
 from nautilus_pipeline.bridge import TickPublisher, ensure_stream
 from nautilus_pipeline.testing import trades_frame
 
-async def main(url, n, batch):
+class Before(TickPublisher):
+    # the publisher of 148a742: blake2b message ids, 64 acks in flight, the default loop
+    async def publish(self, columns, symbol):
+        import numpy as np
+        from nautilus_pipeline import topics
+        from nautilus_pipeline.bridge.publisher import _KIND_SUBJECTS
+        n = len(columns["ts_ns"])
+        kinds = np.asarray(columns.get("kind", np.zeros(n, np.uint8)))
+        assert not set(np.unique(kinds).tolist()) - set(_KIND_SUBJECTS)
+        for start in range(0, n, self.batch_size):
+            idx = slice(start, start + self.batch_size)
+            part = {k: np.asarray(v)[idx] for k, v in columns.items() if k != "symbol_id"}
+            k = kinds[idx]
+            kind = _KIND_SUBJECTS[int(k[0])] if (k == k[0]).all() else "mixed"
+            await self._send(topics.ticks(kind, self.venue, symbol), part, symbol)
+
+    async def _send(self, subj, part, symbol):
+        from nautilus_pipeline.bridge.wire import encode_batch
+        data = encode_batch(part, symbol)
+        digest = hashlib.blake2b(data, digest_size=12).hexdigest()
+        msg_id = f"{subj}:{int(part['ts_ns'][0])}:{len(part['ts_ns'])}:{digest}"
+        while len(self._inflight) >= self.max_in_flight:
+            await self._settle_one()
+        self._inflight.append(await self.js.publish_async(subj, data, headers={"Nats-Msg-Id": msg_id}))
+        self.messages += 1
+
+async def main(url, n, batch, mode):
     frame = trades_frame(int(n), seed=7)
     nc = await nats.connect(url)
     js = nc.jetstream()
+    pub = (Before(js, batch_size=int(batch), max_in_flight=64) if mode == "before"
+           else TickPublisher(js, batch_size=int(batch)))
+    # warm-up outside the timing (the client's first publish compiles its header regex and
+    # subscribes its ack inbox; numpy's first calls import), into the stream deleted next
     await ensure_stream(js, "TICKS", ["ticks.>"])
-    pub = TickPublisher(js, batch_size=int(batch), max_in_flight=64)
+    await pub.publish({k: v[: int(batch)] for k, v in frame.items()}, "WARM-UP")
+    await pub.flush()
+    # a new stream: a purge would keep the duplicate window, and the same batches again are duplicates
+    await js.delete_stream("TICKS")
+    await ensure_stream(js, "TICKS", ["ticks.>"])
+    pub.messages = 0
     t0 = time.perf_counter()
     await pub.publish(frame, "BTCUSDT-PERP")
     await pub.flush()
     print(time.perf_counter() - t0)
     await nc.close()
 
-asyncio.run(main(*sys.argv[1:]))
+(asyncio.run if sys.argv[4] == "before" else uvloop.run)(main(*sys.argv[1:]))
 """
 
 
-def publish_from_another_process(url: str, n: int) -> float:
-    """Fill the TICKS stream from a child process; returns its publish wall time (s)."""
+def publish_from_another_process(url: str, n: int, mode: str = "now") -> float:
+    """Fill the TICKS stream (made anew) from a child process; returns its publish wall time (s)."""
     env = {**os.environ, "PYTHONPATH": str(REPO)}
-    out = subprocess.run([sys.executable, "-c", PUBLISHER, url, str(n), str(BATCH)], env=env,
+    out = subprocess.run([sys.executable, "-c", PUBLISHER, url, str(n), str(BATCH), mode], env=env,
                          check=True, capture_output=True, text=True).stdout
     return float(out.strip().splitlines()[-1])
 
 
-async def consume_raw(url: str, durable: str, messages: int) -> float:
-    """Durable pull consumer: fetch, decode, ack every message; wall time (s)."""
+async def consume_raw(url: str, durable: str, messages: int, mode: str = "now") -> float:
+    """Durable pull consumer: read, decode, ack every message; wall time (s). ``now``: the
+    ingress's open pull request (``PullFeed``, 64 asked at a time); ``before``: nats-py's
+    ``fetch(64)`` as the ingress of 148a742 did."""
     import nats
     from nats.js.api import AckPolicy, ConsumerConfig
 
     nc = await nats.connect(url)
     js = nc.jetstream()
-    sub = await js.pull_subscribe("ticks.>", durable=durable, stream="TICKS",
-                                  config=ConsumerConfig(ack_policy=AckPolicy.EXPLICIT, max_ack_pending=1024))
+    config = ConsumerConfig(durable_name=durable, ack_policy=AckPolicy.EXPLICIT, max_ack_pending=1024)
+    if mode == "before":
+        sub = await js.pull_subscribe("ticks.>", durable=durable, stream="TICKS", config=config)
+
+        async def take(k: int) -> list:
+            return await sub.fetch(k, timeout=5)
+    else:
+        await js.add_consumer("TICKS", config)
+        feed = await PullFeed(nc, "TICKS", durable).open()
+
+        async def take(k: int) -> list:
+            return await feed.get(k, 5.0)
     t0 = time.perf_counter()
     got = 0
     rows = 0
     while got < messages:
-        for m in await sub.fetch(min(64, messages - got), timeout=5):
+        for m in await take(min(64, messages - got)):
             rows += decode_batch(m.data).length
             await m.ack()
             got += 1
@@ -97,73 +151,261 @@ async def consume_raw(url: str, durable: str, messages: int) -> float:
     return wall
 
 
-async def one_tick_hops(url: str, hops: int) -> list[float]:
-    """µs from publishing a 1-tick batch to its arrival at a durable pull consumer."""
+async def one_tick_hops(url: str, hops: int, mode: str = "now", warmup: int = 50) -> list[float]:
+    """µs from publishing a 1-tick batch to its arrival at a durable pull consumer waiting for
+    it: ``now`` through the ingress's open pull request (``PullFeed.get``), ``before`` a
+    nats-py ``fetch(1)`` issued before the publish (148a742's bench)."""
     import nats
     from nats.js.api import AckPolicy, ConsumerConfig
 
     nc = await nats.connect(url)
     js = nc.jetstream()
     await ensure_stream(js, "HOP", ["hop.>"])
-    sub = await js.pull_subscribe("hop.>", durable="hop", stream="HOP",
-                                  config=ConsumerConfig(ack_policy=AckPolicy.EXPLICIT))
+    durable = f"hop-{mode}"
+    config = ConsumerConfig(durable_name=durable, ack_policy=AckPolicy.EXPLICIT)
+    if mode == "before":
+        sub = await js.pull_subscribe("hop.>", durable=durable, stream="HOP", config=config)
+
+        def take():
+            return sub.fetch(1, timeout=5)
+    else:
+        try:
+            await js.consumer_info("HOP", durable)
+        except nats.js.errors.NotFoundError:
+            await js.add_consumer("HOP", config)
+        feed = await PullFeed(nc, "HOP", durable, expires_s=5.0).open()
+
+        def take():
+            return feed.get(64, 5.0)
     data = encode_batch(trades_frame(1, seed=1), SYMBOL)
     out = []
-    for i in range(hops + 50):
-        fetch = asyncio.ensure_future(sub.fetch(1, timeout=5))
-        await asyncio.sleep(0)  # the pull request goes out first: it waits at the server
+    for i in range(hops + warmup):
+        fetch = asyncio.ensure_future(take())
+        await asyncio.sleep(0)  # the pull request (if one is needed) goes out first
+        await asyncio.sleep(0)
         t0 = time.perf_counter_ns()
         await nc.publish("hop.BTCUSDT-PERP", data)
-        msg = (await fetch)[0]
+        msgs = await fetch
         dt = (time.perf_counter_ns() - t0) / 1e3
-        await msg.ack()
-        if i >= 50:  # warm-up
+        for msg in msgs:
+            await msg.ack()
+        if i >= warmup:
             out.append(dt)
+    if mode != "before":
+        await feed.close()
+    await nc.close()
+    return out
+
+
+class _FetchFeed:
+    """148a742's way of reading the consumer, for the hop through the bridge: nats-py's
+    ``fetch(free slabs)``, which returns when that many came or its timeout ran out."""
+
+    def __init__(self, sub):
+        self.sub = sub
+
+    async def get(self, want: int, timeout: float) -> list:
+        import nats.errors
+
+        try:
+            return await self.sub.fetch(want, timeout=timeout)
+        except (TimeoutError, nats.errors.TimeoutError):
+            return []
+
+    async def close(self, nak_unread: bool = True) -> int:
+        return 0
+
+
+class _Bridge148(NatsBridge):
+    async def _consumer(self, covered: int):
+        feed = await super()._consumer(covered)  # the consumer, made as now
+        await feed.close()
+        return _FetchFeed(await self.js.pull_subscribe_bind(durable=feed.consumer, stream=self.stream))
+
+
+async def bridge_hops(url: str, hops: int, mode: str, warmup: int = 5) -> list[float]:
+    """µs from publishing a 1-tick batch to the ingress handing it to the default pipeline
+    (``publish_batch``), the bridge waiting with an empty stream; each tick through the
+    last stage before the next is sent. A fresh stream and durable per call."""
+    import nats
+
+    nc = await nats.connect(url)
+    js = nc.jetstream()
+    try:
+        await js.delete_stream("TICKS")
+    except nats.js.errors.NotFoundError:
+        pass
+    data = encode_batch(trades_frame(1, seed=1), SYMBOL)
+    pipe = default_pipeline()
+    arrived: list[int] = []
+    wake = asyncio.Event()
+    handoff = pipe.publish_batch
+
+    async def timed(lease, holder):
+        arrived.append(time.perf_counter_ns())
+        wake.set()
+        return await handoff(lease, holder)
+
+    pipe.publish_batch = timed
+    out = []
+    async with pipe:
+        cls = NatsBridge if mode == "now" else _Bridge148
+        async with cls(pipe, servers=url, ingest="ticks.>", durable=f"bhop-{mode}", state=False):
+            await asyncio.sleep(0.3)  # the consumer waiting
+            for i in range(hops + warmup):
+                wake.clear()
+                t0 = time.perf_counter_ns()
+                await nc.publish(f"ticks.trades.BINANCE.{SYMBOL}", data)
+                await wake.wait()
+                if i >= warmup:
+                    out.append((arrived[-1] - t0) / 1e3)
+                await pipe.drain()  # through the last stage before the next
     await nc.close()
     return out
 
 
 WS_SERVER = """
-import asyncio, sys
-from nautilus_pipeline.bridge.ws_replay import CaptureReplayServer
+import asyncio, base64, hashlib, struct, sys
+from nautilus_pipeline.bridge.ws_replay import capture_frames
+
+# The capture's frames framed once, up front, and written in large chunks after the
+# handshake, then a close frame (1000): the server costs next to nothing, so the rates
+# measured are the clients'. (CaptureReplayServer, the tests' server, sends frame by
+# frame through websockets and was the bottleneck at ~35-50K frames/s here.) Written in
+# pieces of CHUNK bytes, each drained before the next.
+GUID = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
+
+def frame(payload, opcode=0x1):
+    n = len(payload)
+    if n < 126:
+        head = struct.pack("!BB", 0x80 | opcode, n)
+    elif n < 65536:
+        head = struct.pack("!BBH", 0x80 | opcode, 126, n)
+    else:
+        head = struct.pack("!BBQ", 0x80 | opcode, 127, n)
+    return head + payload
 
 async def main(path):
-    async with CaptureReplayServer(path) as server:
-        print(server.url, flush=True)
-        await asyncio.sleep(3600)
+    blob = b"".join(frame(text.encode()) for _, text in capture_frames(path))
+    close = frame(struct.pack("!H", 1000) + b"end of replay", 0x8)
 
+    async def handle(reader, writer):
+        request = await reader.readuntil(b"\\r\\n\\r\\n")
+        key = next(line.split(b":", 1)[1].strip() for line in request.split(b"\\r\\n")
+                   if line.lower().startswith(b"sec-websocket-key:"))
+        accept = base64.b64encode(hashlib.sha1(key + GUID).digest())
+        writer.write(b"HTTP/1.1 101 Switching Protocols\\r\\nUpgrade: websocket\\r\\n"
+                     b"Connection: Upgrade\\r\\nSec-WebSocket-Accept: " + accept + b"\\r\\n\\r\\n")
+        view = memoryview(blob)
+        for start in range(0, len(blob), CHUNK):
+            writer.write(view[start : start + CHUNK])
+            await writer.drain()
+        writer.write(close)
+        await writer.drain()
+        try:
+            await asyncio.wait_for(reader.read(64), 10)  # the client's close frame
+        except Exception:
+            pass
+        writer.close()  # then the TCP close, which a websockets client waits for
+
+    server = await asyncio.start_server(handle, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    print(f"ws://127.0.0.1:{port}/stream?streams=replay", flush=True)
+    await asyncio.sleep(3600)
+
+CHUNK = int(sys.argv[2])
 asyncio.run(main(sys.argv[1]))
 """
 
 
-async def websocket_feed_rate(raw: bool = False) -> tuple[int, float]:
-    """(frames, s) for the bundled capture through the websocket source (``raw``: the bare
-    websockets client, receiving only), the server in another process."""
-    from websockets.asyncio.client import connect
+async def _picows_native_receive(url: str) -> int:
+    """Frames received by picows's own listener API (no websockets-like layer)."""
+    from picows import WSListener, WSMsgType, ws_connect
 
-    from nautilus_pipeline.bridge.websocket_feed import BinanceWebsocketFeed
+    class Count(WSListener):
+        frames = 0
+
+        def on_ws_frame(self, transport, frame):
+            if frame.msg_type == WSMsgType.TEXT:
+                frame.get_payload_as_bytes()
+                Count.frames += 1
+            elif frame.msg_type == WSMsgType.CLOSE:
+                transport.disconnect()
+
+    transport, _ = await ws_connect(Count, url, max_frame_size=1 << 22)
+    await transport.wait_disconnected()
+    return Count.frames
+
+
+async def websocket_feed_rate(client: str, raw: str | None = None, chunk: int = 1 << 16) -> tuple[int, float]:
+    """(frames, s) for the bundled capture through the websocket source on ``client``
+    (``raw``: ``"api"`` the client's websockets-style ``recv`` loop alone, ``"native"``
+    picows's listener callbacks alone), the replay server in another process."""
+    from nautilus_pipeline.bridge.websocket_feed import BinanceWebsocketFeed, client_api
 
     capture = REPO / "nautilus_pipeline" / "data" / "binance-feed-spot-ethusdt_20240808.jsonl.gz"
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
-    proc = await asyncio.create_subprocess_exec(sys.executable, "-c", WS_SERVER, str(capture), env=env,
-                                                stdout=asyncio.subprocess.PIPE)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
+    proc = await asyncio.create_subprocess_exec(sys.executable, "-c", WS_SERVER, str(capture), str(chunk),
+                                                env=env, stdout=asyncio.subprocess.PIPE)
     try:
         url = (await proc.stdout.readline()).decode().strip()
-        if raw:
-            n = 0
-            t0 = time.perf_counter()
-            async with connect(url, compression=None, max_size=1 << 22) as ws:
-                async for _ in ws:
-                    n += 1
-            return n, time.perf_counter() - t0
-        feed = BinanceWebsocketFeed(url, end_on_close=True)
         t0 = time.perf_counter()
+        if raw == "native":
+            n = await _picows_native_receive(url)
+            return n, time.perf_counter() - t0
+        if raw == "api":
+            _, connect, closed, _ = client_api(client)
+            n = 0
+            async with connect(url, compression=None, max_size=1 << 22) as ws:
+                try:
+                    while True:
+                        await ws.recv(decode=False)
+                        n += 1
+                except closed:
+                    pass
+            return n, time.perf_counter() - t0
+        feed = BinanceWebsocketFeed(url, end_on_close=True, client=client)
         async for _ in feed.batches():
             pass
         return feed.stats.frames, time.perf_counter() - t0
     finally:
         proc.kill()
         await proc.wait()
+
+
+def have_picows() -> bool:
+    try:
+        import picows  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+async def websocket_table(repeat: int) -> None:
+    """The websocket rows: each client alone and under the feed, alternating, medians."""
+    from importlib.metadata import version
+
+    rows = [("websockets", "api", "websockets client alone (`recv` loop)"),
+            ("websockets", None, "BinanceWebsocketFeed on websockets: + parse, gap checks, micro-batches")]
+    if have_picows():
+        rows += [("picows", "native", "picows client alone (its listener callbacks)"),
+                 ("picows", "api", "picows client alone (`picows.websockets` `recv` loop)"),
+                 ("picows", None, "BinanceWebsocketFeed on picows: + parse, gap checks, micro-batches")]
+    rates: dict[int, list[float]] = {i: [] for i in range(len(rows))}
+    frames = 0
+    for _ in range(repeat):
+        for i, (client, raw, _) in enumerate(rows):
+            frames, s = await websocket_feed_rate(client, raw)
+            rates[i].append(frames / s)
+    versions = ", ".join(f"{m} {version(m)}" for m in ("websockets", "picows") if m == "websockets" or have_picows())
+    print(f"| websocket, bundled capture ({frames:,} frames) pre-framed by a server in another "
+          f"process; {versions}; median of {repeat} alternating | frames/s |")
+    print("|---|---:|")
+    for i, (_, _, label) in enumerate(rows):
+        print(f"| {label} | {statistics.median(rates[i]):,.0f} |")
+    if not have_picows():
+        print("| picows | not installed |")
+    print()
 
 
 def default_pipeline():
@@ -202,32 +444,55 @@ def pct(xs: list[float], q: float) -> float:
 
 
 async def main(args: argparse.Namespace) -> None:
+    with tempfile.TemporaryDirectory() as tmp, NatsServer(Path(tmp)) as server:
+        try:
+            await measure(args, server)
+        except BaseException:
+            print(f"nats-server's log, last lines:\n{server._log_tail(3000)}", file=sys.stderr)
+            raise
+
+
+async def measure(args: argparse.Namespace, server: NatsServer) -> None:
     n = args.ticks // BATCH * BATCH
     messages = n // BATCH
-    with tempfile.TemporaryDirectory() as tmp, NatsServer(Path(tmp)) as server:
+    if True:
         url = server.url
         print(f"machine: {describe()}")
         print(f"nats-server: {server_version()}, nats-py {nats_version()}; {n:,} ticks in {messages} "
               f"batches of {BATCH}\n")
 
-        pub_s = publish_from_another_process(url, n)
-        con_s = await consume_raw(url, "raw", messages)
-        print("| transport (4096-tick batches, acked) | ticks/s |")
-        print("|---|---:|")
-        print(f"| publish, another process, 64 in flight | {n / pub_s:,.0f} |")
-        print(f"| consume: durable pull, decode, ack | {n / con_s:,.0f} |\n")
+        pub: dict[str, list[float]] = {"before": [], "now": []}
+        con: dict[str, list[float]] = {"before": [], "now": []}
+        for r in range(args.repeat):  # alternating: 148a742's paths, then this commit's
+            for mode in ("before", "now"):
+                pub[mode].append(n / publish_from_another_process(url, n, mode))
+                con[mode].append(n / await consume_raw(url, f"raw-{mode}-{r}", messages, mode))
+        med = {k: statistics.median(v) for k, v in (("pub_b", pub["before"]), ("pub_n", pub["now"]),
+                                                    ("con_b", con["before"]), ("con_n", con["now"]))}
+        print(f"| transport (4096-tick batches, acked), median of {args.repeat} alternating | "
+              "148a742 | now | now ÷ 148a742 |")
+        print("|---|---:|---:|---:|")
+        print(f"| publish, another process (148a742: blake2b ids, 64 in flight, default loop; now: "
+              f"CRC-32 ids, 256 in flight, uvloop) | {med['pub_b']:,.0f} | {med['pub_n']:,.0f} | "
+              f"{med['pub_n'] / med['pub_b']:.2f} |")
+        print(f"| consume: durable pull, decode, ack (148a742: fetch(64); now: open pull request) | "
+              f"{med['con_b']:,.0f} | {med['con_n']:,.0f} | {med['con_n'] / med['con_b']:.2f} |")
+        print(f"\nper run (ticks/s): publish {pub}, consume {con}\n".replace("'", ""))
 
-        hops = await one_tick_hops(url, args.hops)
-        print(f"| one-tick hop publish → durable consumer ({args.hops} hops) | p50 µs | p99 µs |")
+        hops: dict[str, list[float]] = {"before": [], "now": []}
+        chunk = max(args.hops // 4, 1)
+        for _ in range(4):  # alternating chunks
+            for mode in ("before", "now"):
+                hops[mode] += await one_tick_hops(url, chunk, mode)
+        print(f"| one-tick hop publish → durable consumer ({4 * chunk} hops each, alternating) | "
+              "p50 µs | p99 µs |")
         print("|---|---:|---:|")
-        print(f"| loopback | {pct(hops, 50):.1f} | {pct(hops, 99):.1f} |\n")
+        print(f"| 148a742: fetch(1) waiting at the server | {pct(hops['before'], 50):.1f} | "
+              f"{pct(hops['before'], 99):.1f} |")
+        print(f"| now: the ingress's open pull request (PullFeed) | {pct(hops['now'], 50):.1f} | "
+              f"{pct(hops['now'], 99):.1f} |\n")
 
-        raw_frames, raw_s = await websocket_feed_rate(raw=True)
-        frames, ws_s = await websocket_feed_rate()
-        print("| websocket, bundled capture, server in another process | frames | frames/s |")
-        print("|---|---:|---:|")
-        print(f"| websockets client alone (receive) | {raw_frames:,} | {raw_frames / raw_s:,.0f} |")
-        print(f"| BinanceWebsocketFeed: + parse, gap checks, micro-batches | {frames:,} | {frames / ws_s:,.0f} |\n")
+        await websocket_table(args.repeat)
 
         frame = trades_frame(n, seed=7)
         await in_process(trades_frame(BATCH * 4, seed=1))  # warm-up: numba caches, imports
@@ -241,7 +506,20 @@ async def main(args: argparse.Namespace) -> None:
         print(f"| in-process `ingest` | {ml:,.0f} |")
         print(f"| through JetStream (`NatsBridge`, filled by another process) | {mb:,.0f} |")
         print(f"| ratio (target >= 0.95) | {mb / ml:.3f} |")
-        print(f"\nper run: in-process {[round(x) for x in local]}, bridge {[round(x) for x in bridged]}")
+        print(f"\nper run: in-process {[round(x) for x in local]}, bridge {[round(x) for x in bridged]}\n")
+
+        b148: list[float] = []
+        bnow: list[float] = []
+        for _ in range(2):  # alternating
+            b148 += await bridge_hops(url, args.hops // 4, "before")
+            bnow += await bridge_hops(url, args.hops // 4, "now")
+        print("| one-tick hop publish → the bridge's ingress hands it to the default pipeline | "
+              "hops | p50 µs | p99 µs |")
+        print("|---|---:|---:|---:|")
+        print(f"| 148a742: nats-py fetch(free slabs) | {len(b148)} | {pct(b148, 50):,.1f} | "
+              f"{pct(b148, 99):,.1f} |")
+        print(f"| now: open pull request (PullFeed) | {len(bnow)} | {pct(bnow, 50):,.1f} | "
+              f"{pct(bnow, 99):,.1f} |")
 
 
 def server_version() -> str:

@@ -137,11 +137,19 @@ async def main(url, stall_at):
     await store.load("p")
     seq, stall_at = 0, int(stall_at)
     put = store.kv.put
+    stored = set()  # keys whose put the server has acknowledged
     async def stalling_put(key, value):
-        if seq == 2 and key == "big.s0." + str(stall_at):
-            print("mid-save", flush=True)
-            await asyncio.Event().wait()  # killed here, chunks 0..stall_at-1 of seq 2 written
-        return await put(key, value)
+        # seq 2's slot is the one the manifest does not point to: the store's next generation's
+        free = (store.generation + 1) % 2
+        if seq == 2 and key == f"big.s{free}.{stall_at}":
+            # the puts run concurrently: wait until chunks 0..stall_at-1 are stored, then stall
+            while not all(f"big.s{free}.{i}" in stored for i in range(stall_at)):
+                await asyncio.sleep(0.001)
+            print("mid-save", free, flush=True)
+            await asyncio.Event().wait()  # killed here
+        out = await put(key, value)
+        stored.add(key)
+        return out
     if stall_at >= 0:
         store.kv.put = stalling_put
     while True:
@@ -171,16 +179,24 @@ async def test_a_kill_9_between_two_chunk_puts_leaves_the_previous_state_whole(s
     proc = _saver(small_server.url, stall_at=3)
     try:
         lines = [await asyncio.to_thread(proc.stdout.readline) for _ in range(2)]
-        assert lines == ["saved 1\n", "mid-save\n"], proc.stderr.read()[-2000:]
+        assert lines[0] == "saved 1\n" and lines[1].startswith("mid-save "), proc.stderr.read()[-2000:]
     finally:
         _kill(proc)
+    free = int(lines[1].split()[1])
     nc, store = await _store(small_server.url)
     try:
         got = await store.load("p")
         assert got.stream_seq == 1 and got.snapshot == _payload(1)
-        # the free slot holds three chunks of seq 2 and the manifest ignores them
-        keys = set(await _keys(store))
-        assert any({f"big.s{slot}.{i}" for i in range(3)} <= keys for slot in (0, 1)), keys
+        head = orjson.loads((await store.kv.get("big")).value[len(MANIFEST_MAGIC):])
+        assert (head["generation"], head["slot"]) == (1, 1 - free)
+        # the free slot holds seq 2's chunks 0..2, byte for byte, and never chunk 3; the
+        # manifest still points to seq 1's slot and ignores them
+        seq2 = SavedState("p", 2, _payload(2)).encode()
+        step = store.chunk_bytes
+        for i in range(3):
+            assert (await store.kv.get(f"big.s{free}.{i}")).value == seq2[i * step : (i + 1) * step]
+        with pytest.raises(KeyNotFoundError):
+            await store.kv.get(f"big.s{free}.3")
         await store.save(SavedState("p", 3, _payload(3)))  # the next save overwrites them
         assert (await store.load("p")).snapshot == _payload(3)
     finally:

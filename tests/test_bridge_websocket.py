@@ -17,14 +17,23 @@ import pytest
 
 pytest.importorskip("websockets", reason="the websocket source needs the live extra (websockets)")
 
-from nautilus_pipeline.bridge.websocket_feed import BinanceWebsocketFeed
+from nautilus_pipeline.bridge.websocket_feed import CLIENTS, BinanceWebsocketFeed, client_api
 from nautilus_pipeline.bridge.ws_replay import CaptureReplayServer
+from nautilus_pipeline.errors import PipelineError
 from nautilus_pipeline.events import KIND_QUOTE, KIND_TRADE
 from nautilus_pipeline.io.binance import BinanceFeedReader
 
 CAPTURE = "binance-feed-spot-ethusdt_20240808.jsonl.gz"
 TRADE_COLS = ("ts_ns", "price", "size", "side", "trade_id")
 QUOTE_COLS = ("bid", "ask", "bid_size", "ask_size")
+
+
+@pytest.fixture(params=CLIENTS)
+def client(request):
+    """Each websocket client library the feed runs on (the live extra installs both)."""
+    if request.param == "picows":
+        pytest.importorskip("picows", reason="the picows client needs the live extra (picows)")
+    return request.param
 
 
 @pytest.fixture(scope="module")
@@ -35,8 +44,9 @@ def capture(sample_dir):
     return path, cols
 
 
-async def _receive(server: CaptureReplayServer, **kw) -> tuple[BinanceWebsocketFeed, dict, list[int]]:
-    feed = BinanceWebsocketFeed(server.url, end_on_close=True, reconnect_delay_s=0.01, **kw)
+async def _receive(server: CaptureReplayServer, client: str, **kw) -> tuple[BinanceWebsocketFeed, dict, list[int]]:
+    feed = BinanceWebsocketFeed(server.url, end_on_close=True, reconnect_delay_s=0.01, client=client, **kw)
+    assert feed.client == client
     parts, sizes = [], []
     async for symbol, cols in feed.batches():
         assert symbol == "ETHUSDT"
@@ -57,10 +67,10 @@ def _natural_gaps(ids: np.ndarray) -> tuple[int, int]:
     return int((steps > 1).sum()), int((steps[steps > 1] - 1).sum())
 
 
-async def test_a_clean_replay_gives_the_ticks_of_the_capture_reader(capture):
+async def test_a_clean_replay_gives_the_ticks_of_the_capture_reader(capture, client):
     path, ref = capture
     async with CaptureReplayServer(path) as server:
-        feed, got, sizes = await _receive(server, flush_ticks=512)
+        feed, got, sizes = await _receive(server, client, flush_ticks=512)
     ref_t, ref_q = _split(ref)
     got_t, got_q = _split(got)
     for k in TRADE_COLS:
@@ -74,10 +84,10 @@ async def test_a_clean_replay_gives_the_ticks_of_the_capture_reader(capture):
     assert max(sizes) <= 512
 
 
-async def test_a_dropped_connection_is_reopened_and_what_went_by_is_counted(capture):
+async def test_a_dropped_connection_is_reopened_and_what_went_by_is_counted(capture, client):
     path, ref = capture
     async with CaptureReplayServer(path, drop_after=5000, lost_on_reconnect=400) as server:
-        feed, got, _ = await _receive(server)
+        feed, got, _ = await _receive(server, client)
         assert server.connections == 2
     st = feed.stats
     assert st.reconnects == 1
@@ -96,23 +106,23 @@ async def test_a_dropped_connection_is_reopened_and_what_went_by_is_counted(capt
         np.testing.assert_array_equal(got_t[k], ref_t[k][idx], err_msg=k)
 
 
-async def test_a_malformed_frame_is_counted_and_the_rest_arrive(capture):
+async def test_a_malformed_frame_is_counted_and_the_rest_arrive(capture, client):
     path, ref = capture
     async with CaptureReplayServer(path, malformed_at=[100, 2000]) as server:
         damaged = [server.frames[i - 1][1] for i in (100, 2000)]
-        feed, got, _ = await _receive(server)
+        feed, got, _ = await _receive(server, client)
     st = feed.stats
     assert st.bad_frames == 2
     ticks_lost = sum('@trade"' in f or '@bookTicker"' in f for f in damaged)
     assert st.trades + st.quotes == len(ref["ts_ns"]) - ticks_lost == len(got["ts_ns"])
 
 
-async def test_a_skipped_id_range_is_one_gap_of_its_size(capture):
+async def test_a_skipped_id_range_is_one_gap_of_its_size(capture, client):
     path, ref = capture
     ids = _split(ref)[0]["trade_id"]
     lo, hi = int(ids[1000]), int(ids[1049])
     async with CaptureReplayServer(path, skip_trade_ids=(lo, hi)) as server:
-        feed, got, _ = await _receive(server)
+        feed, got, _ = await _receive(server, client)
     natural_gaps, natural_missing = _natural_gaps(ids)
     inside = int(((ids >= lo) & (ids <= hi)).sum())
     assert inside == 50
@@ -131,14 +141,14 @@ def test_trade_and_aggregate_trade_ids_of_one_symbol_are_separate_sequences():
     assert feed.stats.duplicates == 1
 
 
-async def test_a_stop_while_no_batch_is_open_ends_the_feed_without_waiting_for_a_frame(capture):
+async def test_a_stop_while_no_batch_is_open_ends_the_feed_without_waiting_for_a_frame(capture, client):
     """The server goes quiet (no frame will come) and the feed waits in ``recv()`` with no
     batch open: setting ``stop`` from another task still ends it, every tick received so far
     delivered and the connection closed by the client."""
     path, _ = capture
     stop = asyncio.Event()
     async with CaptureReplayServer(path, stall_after=50) as server:
-        feed = BinanceWebsocketFeed(server.url, flush_ticks=1 << 20, flush_us=1000.0)
+        feed = BinanceWebsocketFeed(server.url, flush_ticks=1 << 20, flush_us=1000.0, client=client)
         ticks = 0
         all_in = asyncio.Event()
 
@@ -162,3 +172,8 @@ async def test_a_stop_while_no_batch_is_open_ends_the_feed_without_waiting_for_a
     assert server.sent == 50 and feed.stats.frames == 50
     assert ticks == feed.stats.trades + feed.stats.quotes > 0
     assert feed.stats.reconnects == 0
+
+
+def test_an_unknown_client_is_refused_naming_the_choices():
+    with pytest.raises(PipelineError, match="expected one of auto, picows, websockets"):
+        client_api("aiohttp")

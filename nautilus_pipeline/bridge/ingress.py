@@ -1,10 +1,12 @@
 """Ingress: a durable JetStream pull consumer feeding tick batches into a pipeline.
 
-Flow control is the pool's: the consumer fetches no more messages than the pool has free
+Flow control is the pool's: the consumer asks for no more messages than the pool has free
 slabs (at least one, waiting for a slab first), so JetStream keeps what the pipeline
 cannot hold yet, and ``max_ack_pending`` bounds what is delivered but not yet acknowledged.
 A pull consumer rather than a push one for exactly that reason: the pipeline asks when it
-has room, instead of a server pushing into a client-side buffer.
+has room, instead of a server pushing into a client-side buffer. The pull request stays
+open (:class:`~.pull.PullFeed`), so a message is fed the moment it arrives, not when a
+fetch's batch is full or its timeout has run out.
 
 A message is acknowledged only when the last stage has released the lease of each batch it
 became (``Lease.on_release``); a message larger than ``batch_size`` rows becomes several
@@ -31,6 +33,7 @@ from ..errors import ConfigError, PipelineError
 from ..events import TICK_COLUMNS
 from ..memory import Lease
 from ..pipeline import Pipeline
+from .pull import PullFeed
 from .wire import WireError, decode_batch
 
 log = structlog.get_logger("nautilus_pipeline.bridge.ingress")
@@ -66,19 +69,19 @@ class _Pending:
 
 
 class Ingress:
-    """Fetch → decode → fill slabs → ``publish_batch``; ack when done (and covered).
+    """Pull → decode → fill slabs → ``publish_batch``; ack when done (and covered).
 
     ``ack_on_release`` False defers acks to :meth:`ack_covered` (the state store's
     snapshots call it); ``after_message`` runs after each message is in the pipeline (the
     bridge takes its periodic snapshot there).
     """
 
-    def __init__(self, pipe: Pipeline, sub: Any, *, ack_on_release: bool = True,
+    def __init__(self, pipe: Pipeline, feed: PullFeed, *, ack_on_release: bool = True,
                  covered_seq: int = 0, fetch_timeout: float = 0.25,
                  on_idle: Callable[[], Awaitable[None]] | None = None,
                  after_message: Callable[[], Awaitable[None]] | None = None):
         self.pipe = pipe
-        self.sub = sub
+        self.feed = feed
         self.ack_on_release = ack_on_release
         self.covered_seq = covered_seq
         self.fetch_timeout = fetch_timeout
@@ -106,9 +109,8 @@ class Ingress:
                 except TimeoutError:
                     pass
                 continue
-            try:
-                msgs = await self.sub.fetch(free, timeout=self.fetch_timeout)
-            except TimeoutError:  # nats.errors.TimeoutError, or asyncio's when the deadline ran out first
+            msgs = await self.feed.get(free, self.fetch_timeout)
+            if not msgs:
                 if self.on_idle is not None:
                     await self.on_idle()
                 continue

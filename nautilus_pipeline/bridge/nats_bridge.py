@@ -39,6 +39,7 @@ from ..pipeline import Pipeline
 from .egress import Egress
 from .ingress import Ingress
 from .publisher import TICKS_STREAM, TICKS_SUBJECTS, ensure_stream
+from .pull import PullFeed
 from .state import SavedState, StateStore
 from .subjects import name as check_name
 from .subjects import subject_pattern
@@ -143,6 +144,7 @@ class NatsBridge:
         self.js: Any = None
         self.egress: Egress | None = None
         self.ingress: Ingress | None = None
+        self._feed: PullFeed | None = None
         self.store: StateStore | None = None
         self.restored: SavedState | None = None
         self.snapshots = 0
@@ -198,9 +200,9 @@ class NatsBridge:
         if self.egress is not None:
             self.egress.start()
         if self.ingest is not None:
-            sub = await self._consumer(covered)
+            self._feed = await self._consumer(covered)
             self.ingress = Ingress(
-                self.pipe, sub, ack_on_release=not self.state, covered_seq=covered,
+                self.pipe, self._feed, ack_on_release=not self.state, covered_seq=covered,
                 fetch_timeout=self.fetch_timeout, on_idle=self._on_idle,
                 after_message=self._after_message if self.state else None,
             )
@@ -222,8 +224,8 @@ class NatsBridge:
                                "into a fresh pipeline")
             self.state = False
 
-    async def _consumer(self, covered: int) -> Any:
-        """The pull subscription: resumed from the stored state, else from the consumer's ack floor."""
+    async def _consumer(self, covered: int) -> PullFeed:
+        """The pull consumer: resumed from the stored state, else from the consumer's ack floor."""
         import nats.js.errors
         from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 
@@ -245,8 +247,16 @@ class NatsBridge:
                 pass
             config.deliver_policy = DeliverPolicy.BY_START_SEQUENCE
             config.opt_start_seq = covered + 1
-        return await self.js.pull_subscribe(self.ingest, durable=self.durable, stream=self.stream,
-                                            config=config)
+        name = None
+        if self.durable is not None:
+            config.durable_name = self.durable
+            try:
+                name = (await self.js.consumer_info(self.stream, self.durable)).name
+            except nats.js.errors.NotFoundError:
+                pass
+        if name is None:
+            name = (await self.js.add_consumer(self.stream, config)).name
+        return await PullFeed(self.nc, self.stream, name, expires_s=self.fetch_timeout).open()
 
     async def close(self) -> None:
         """Stop fetching, drain, store the last snapshot, close; raise what failed."""
@@ -289,6 +299,7 @@ class NatsBridge:
         if self._task is not None:
             self._task.cancel()
             await asyncio.gather(self._task, return_exceptions=True)
+        await self._close_feed(nak_unread=False)
         if self._own_pipe and self.pipe._started:
             await self.pipe.close(drain=False)
         if self.egress is not None:
@@ -297,9 +308,21 @@ class NatsBridge:
 
     async def _stop_ingress(self) -> None:
         self._stop.set()
-        if self._task is not None:
-            task, self._task = self._task, None
-            await task  # re-raises what stopped it
+        try:
+            if self._task is not None:
+                task, self._task = self._task, None
+                await task  # re-raises what stopped it
+        finally:
+            await self._close_feed(nak_unread=True)
+
+    async def _close_feed(self, nak_unread: bool) -> None:
+        """End the pull request; what was delivered and not fed is nak'ed (redelivered now)."""
+        if self._feed is not None:
+            feed, self._feed = self._feed, None
+            try:
+                await feed.close(nak_unread=nak_unread)
+            except Exception as exc:  # the connection gone: ack_wait redelivers them
+                log.warning("bridge_pull_close_failed", error=f"{type(exc).__name__}: {exc}")
 
     async def _close_connection(self, drain: bool) -> None:
         if self.nc is not None and not self.nc.is_closed:

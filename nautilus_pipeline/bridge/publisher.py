@@ -5,16 +5,22 @@ goes to ``trades``, ``quotes`` or ``book``; a batch that interleaves kinds goes 
 ``mixed``, with its ``kind`` column, so the consumer sees the rows in the file's order (split
 by kind, a quote between two trades would reach the features stage out of place). A row of
 any other kind is refused, never dropped. Each message carries a ``Nats-Msg-Id`` made of its
-subject, first timestamp, row count and a hash of its bytes, so a publisher that restarts and
-sends the same rows again is stored once (within the stream's duplicate window), while two
-different batches never share an id.
+subject, first and last timestamps, row count and the CRC-32 of its bytes, so a publisher that
+restarts and sends the same rows again is stored once (within the stream's duplicate window),
+while two different batches share an id only if they agree on all of those and their CRCs
+collide (2^-32). CRC-32 rather than a cryptographic hash: it runs at ~6 GB/s here (21 µs for a
+139 kB batch) where blake2b took 119 µs, a fifth of the whole publish of a 4096-tick batch, and
+nobody forges these ids.
+
+Acknowledgements are asynchronous: up to ``max_in_flight`` messages wait for their JetStream
+ack at once (a bounded window, settled oldest first); ``flush`` waits for all of them.
 """
 
 from __future__ import annotations
 
 import asyncio
 import collections
-import hashlib
+import zlib
 from collections.abc import Mapping
 from typing import Any
 
@@ -27,6 +33,9 @@ from .subjects import name as check_name
 from .wire import encode_batch
 
 _KIND_SUBJECTS = {KIND_TRADE: "trades", KIND_QUOTE: "quotes", KIND_BOOK: "book"}
+
+_KNOWN_KIND = np.zeros(256, bool)
+_KNOWN_KIND[list(_KIND_SUBJECTS)] = True
 
 TICKS_STREAM = "TICKS"
 TICKS_SUBJECTS = "ticks.>"
@@ -56,7 +65,7 @@ class TickPublisher:
     """Publish tick columns as batches of ``batch_size`` rows, at most ``max_in_flight`` unacked."""
 
     def __init__(self, js: Any, *, venue: str = "BINANCE", batch_size: int = 4096,
-                 max_in_flight: int = 64):
+                 max_in_flight: int = 256):
         self.js = js
         self.venue = venue
         self.batch_size = batch_size
@@ -67,16 +76,21 @@ class TickPublisher:
 
     async def publish(self, columns: Mapping[str, np.ndarray], symbol: str) -> int:
         """Publish the rows in order, ``batch_size`` to a message; returns messages sent."""
-        n = len(columns["ts_ns"])
-        kinds = np.asarray(columns.get("kind", np.zeros(n, np.uint8)))
-        unknown = sorted(set(np.unique(kinds).tolist()) - set(_KIND_SUBJECTS))
+        cols = {k: np.asarray(v) for k, v in columns.items() if k != "symbol_id"}
+        n = len(cols["ts_ns"])
+        kinds = cols.get("kind", np.zeros(n, np.uint8))
+        if kinds.dtype == np.uint8:  # a table lookup: np.unique sorts (and imports numpy.ma)
+            known = _KNOWN_KIND[kinds]
+            unknown = [] if known.all() else sorted(set(kinds[~known].tolist()))
+        else:
+            unknown = sorted(set(np.unique(kinds).tolist()) - set(_KIND_SUBJECTS))
         if unknown:
             raise ConfigError(f"publish {symbol!r}: rows of kind {unknown} have no ticks subject "
                               f"(known: {_KIND_SUBJECTS})")
         sent = 0
         for start in range(0, n, self.batch_size):
             idx = slice(start, start + self.batch_size)
-            part = {k: np.asarray(v)[idx] for k, v in columns.items() if k != "symbol_id"}
+            part = {k: v[idx] for k, v in cols.items()}
             k = kinds[idx]
             kind = _KIND_SUBJECTS[int(k[0])] if (k == k[0]).all() else "mixed"
             await self._send(topics.ticks(kind, self.venue, symbol), part, symbol)
@@ -85,8 +99,8 @@ class TickPublisher:
 
     async def _send(self, subj: str, part: Mapping[str, np.ndarray], symbol: str) -> None:
         data = encode_batch(part, symbol)
-        digest = hashlib.blake2b(data, digest_size=12).hexdigest()
-        msg_id = f"{subj}:{int(part['ts_ns'][0])}:{len(part['ts_ns'])}:{digest}"
+        ts = part["ts_ns"]
+        msg_id = f"{subj}:{int(ts[0])}:{int(ts[-1])}:{len(ts)}:{zlib.crc32(data):08x}"
         while len(self._inflight) >= self.max_in_flight:
             await self._settle_one()
         self._inflight.append(await self.js.publish_async(subj, data, headers={"Nats-Msg-Id": msg_id}))

@@ -19,8 +19,10 @@ Faults are counted and logged, never silent:
   after ``reconnect_delay_s``, at most ``max_reconnects`` times in a row without a frame; the
   ids then tell what the outage cost.
 
-The client is ``websockets`` (a maintained pure-asyncio library). ``picows`` (a Cython
-client, reported 2-3x faster) was not measured here: it is not installed on this machine.
+The client is ``picows`` when it is installed (a maintained Cython client; its
+``picows.websockets`` layer has the ``websockets`` asyncio API, so the loop below is the same
+for both), else ``websockets`` (pure asyncio); ``client=`` picks one. Measured side by side on
+the bundled capture by ``scripts/bench_bridge.py`` (the README's table).
 """
 
 from __future__ import annotations
@@ -62,12 +64,35 @@ class FeedStats:
     batches: int = 0
 
 
+CLIENTS = ("picows", "websockets")
+
+
+def client_api(client: str = "auto") -> tuple[str, Any, type, type]:
+    """(name, ``connect``, ``ConnectionClosed``, ``ConnectionClosedOK``) of a websocket client
+    library: ``"picows"``, ``"websockets"``, or ``"auto"`` (picows when importable)."""
+    if client not in ("auto", *CLIENTS):
+        raise PipelineError(f"websocket client {client!r}: expected one of auto, {', '.join(CLIENTS)}")
+    if client in ("auto", "picows"):
+        try:
+            from picows.websockets import ConnectionClosed, ConnectionClosedOK, connect
+        except ImportError:
+            if client == "picows":
+                raise PipelineError("websocket client 'picows' is not installed "
+                                    "(pip install picows, or client='websockets')") from None
+        else:
+            return "picows", connect, ConnectionClosed, ConnectionClosedOK
+    from websockets.asyncio.client import connect
+    from websockets.exceptions import ConnectionClosed, ConnectionClosedOK
+
+    return "websockets", connect, ConnectionClosed, ConnectionClosedOK
+
+
 class BinanceWebsocketFeed:
     """``async for symbol, columns in feed.batches():`` ticks of a combined-stream URL."""
 
     def __init__(self, url: str, *, flush_ticks: int = 4096, flush_us: float = 1000.0,
                  reconnect_delay_s: float = 0.1, max_reconnects: int = 10,
-                 end_on_close: bool = False, close_timeout_s: float = 1.0):
+                 end_on_close: bool = False, close_timeout_s: float = 1.0, client: str = "auto"):
         if flush_ticks < 1 or not flush_us > 0:
             raise PipelineError(f"flush_ticks must be >= 1 and flush_us > 0, got {flush_ticks}, {flush_us}")
         self.url = url
@@ -77,15 +102,14 @@ class BinanceWebsocketFeed:
         self.max_reconnects = max_reconnects
         self.end_on_close = end_on_close
         self.close_timeout_s = close_timeout_s
+        self.client, self._connect, self._closed, self._closed_ok = client_api(client)
         self.stats = FeedStats()
         self._last_id: dict[tuple[str, str], int] = {}
         self._last_u: dict[tuple[str, str], int] = {}
 
     async def batches(self, stop: asyncio.Event | None = None) -> AsyncIterator[tuple[str, dict[str, np.ndarray]]]:
         """Batches until ``stop`` is set (or the server closes, with ``end_on_close``)."""
-        from websockets.asyncio.client import connect
-        from websockets.exceptions import ConnectionClosed, ConnectionClosedOK
-
+        connect, ConnectionClosed, ConnectionClosedOK = self._connect, self._closed, self._closed_ok
         stop = stop or asyncio.Event()
         loop = asyncio.get_running_loop()
         failures = 0
