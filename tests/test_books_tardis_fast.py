@@ -4,6 +4,7 @@ with odd lines in them, and any block split."""
 
 from __future__ import annotations
 
+import gzip
 from pathlib import Path
 from unittest import mock
 
@@ -69,12 +70,15 @@ ODD = ("deribit,NA,1585699200000001,1585699200000002,false,bid,1.0,1",  # a null
 
 @settings(max_examples=120, deadline=None, derandomize=True, database=None, suppress_health_check=list(HealthCheck))
 @given(lines=st.lists(st.one_of(plain, plain, plain, st.sampled_from(ODD)), min_size=1, max_size=60),
-       crlf=st.booleans(), last_newline=st.booleans(), block=st.sampled_from((80, 333, 1 << 22)))
-def test_random_files_read_as_the_pyarrow_path_reads_them(tmp_path_factory, lines, crlf, last_newline, block) -> None:
+       crlf=st.booleans(), last_newline=st.booleans(), block=st.sampled_from((80, 333, 1 << 22)), gz=st.booleans())
+def test_random_files_read_as_the_pyarrow_path_reads_them(tmp_path_factory, lines, crlf, last_newline, block,
+                                                          gz) -> None:
+    """Plain files are memory-mapped, compressed ones streamed: both cut in blocks of ``block``."""
     text = [HEADER] + [x if isinstance(x, str) else ",".join(map(str, (*x[:3], x[2] + x[3], *x[4:]))) for x in lines]
     end = "\r\n" if crlf else "\n"
-    path = tmp_path_factory.mktemp("l2") / "l2.csv"
-    path.write_bytes((end.join(text) + (end if last_newline else "")).encode())
+    path = tmp_path_factory.mktemp("l2") / ("l2.csv.gz" if gz else "l2.csv")
+    body = (end.join(text) + (end if last_newline else "")).encode()
+    path.write_bytes(gzip.compress(body) if gz else body)
     with mock.patch.object(tardis_book, "FAST_BLOCK", block):
         same(path)
 

@@ -41,12 +41,13 @@ from .files import (
     byte_blocks,
     check_file,
     check_text,
+    compression_of,
     decoding_errors,
     open_stream,
     read_head,
 )
 from .tardis import _first_row, unit_of
-from .tardis_l2_fast import HEADER
+from .tardis_l2_fast import HEADER, LineColumns, _last_line_end, _line_end, newlines
 
 INCREMENTAL_HEADER = ("exchange", "symbol", "timestamp", "local_timestamp", "is_snapshot", "side", "price", "amount")
 _BLOCK = 1 << 22
@@ -190,14 +191,22 @@ class TardisIncrementalBookReader(_TardisBookCsv):
         codes, names, snap = f["codes"], f["names"], f["snap"]
         n = len(codes)
         starts = np.zeros(n, dtype=bool)
+        one = len(names) == 1 or (n > 0 and int(codes.min()) == int(codes.max()))
         for k, name in enumerate(names):
-            rows = np.flatnonzero(codes == k)
-            if not rows.size:
-                continue
+            rows = slice(None) if one else np.flatnonzero(codes == k)
             s = snap[rows]
+            if not len(s) or (one and int(codes[0]) != k):
+                continue
             prev = np.concatenate(([self._in_snapshot.get(name, False)], s[:-1]))
-            starts[rows[s & ~prev]] = True
+            starts[rows] |= s & ~prev
             self._in_snapshot[name] = bool(s[-1])
+        if not starts.any():  # no snapshot begins here: the lines are the rows
+            cols = {"ts_ns": f["ts"], "ts_recv_ns": f["recv"], "symbol_id": codes, "price": f["price"],
+                    "size": f["size"], "side": f["side"], "kind": np.full(n, KIND_BOOK, np.uint8)}
+            bad = f["reason"]
+            chunk = TickChunk(self.path, cols, np.asarray(lines), names, bad=bad if bad.any() else None, raw=raw)
+            chunk.dropped = skipped
+            return chunk
         pos = np.arange(n) + np.cumsum(starts)  # where each line's row goes, after its clear
         total = n + int(starts.sum())
         clear_at = pos[starts] - 1
@@ -224,7 +233,20 @@ class TardisIncrementalBookReader(_TardisBookCsv):
 
     def _fast_chunks(self, chunk_rows: int) -> Iterator[TickChunk]:
         """The file through ``parse_lines``, in blocks cut at their last line end (the cut-off
-        line is carried to the next block)."""
+        line is carried to the next block); an uncompressed file is memory-mapped, not copied."""
+        if compression_of(self.path) is None:
+            whole = np.frombuffer(pa.memory_map(self.path, "r").read_buffer(), np.uint8)
+            start = len(UTF8_BOM) if bytes(whole[:3]) == UTF8_BOM else 0
+            start = _line_end(whole, start, len(whole))
+            line = 2
+            while start < len(whole):
+                end = min(start + FAST_BLOCK, len(whole))
+                if end < len(whole):
+                    cut = _last_line_end(whole, start, end)
+                    end = cut if cut > start else _line_end(whole, end, len(whole))
+                line = yield from self._fast_block(whole[start:end], line, chunk_rows)
+                start = end
+            return
         carry = b""
         line = 1
         for data in itertools.chain(byte_blocks(self.path, FAST_BLOCK), (None,)):
@@ -246,33 +268,32 @@ class TardisIncrementalBookReader(_TardisBookCsv):
                 carry = data[end:]
                 if not end:
                     continue
-            line = yield from self._fast_block(data, end, line, chunk_rows)
+            line = yield from self._fast_block(np.frombuffer(data, np.uint8, count=end), line, chunk_rows)
 
-    def _fast_block(self, data: bytes, end: int, line: int, chunk_rows: int):
-        from .tardis_l2_fast import LineColumns
-
-        buf = np.frombuffer(data, np.uint8, count=end)
-        c = LineColumns(int(np.count_nonzero(buf == 10)) + 1)
+    def _fast_block(self, buf: np.ndarray, line: int, chunk_rows: int):
+        c = LineColumns(newlines(buf) + 1)
         k, n_sym, next_line = c.parse(buf, line, convert._UNIT_NS[self.ts_unit], convert._UNIT_NS[self.recv_unit])
-        names = [data[o:o + n].decode() for o, n in zip(c.sym_off[:n_sym].tolist(), c.sym_len[:n_sym].tolist(),
+        data = memoryview(buf)
+        names = [bytes(data[o:o + n]).decode() for o, n in zip(c.sym_off[:n_sym].tolist(), c.sym_len[:n_sym].tolist(),
                                                          strict=True)]
-        f = {"codes": c.sym[:k], "names": names, "ts": c.ts[:k], "recv": c.recv[:k], "price": c.price[:k],
-             "size": c.size[:k], "side": c.side[:k], "snap": c.snap[:k], "reason": np.zeros(k, np.uint8)}
-        lines, keep, dropped = c.lineno[:k], np.ones(k, bool), []
+        col = c.columns(k)
+        f = {"codes": col["sym"], "names": names, "ts": col["ts"], "recv": col["recv"], "price": col["price"],
+             "size": col["size"], "side": col["side"], "snap": col["snap"], "reason": np.zeros(k, np.uint8)}
+        lines, keep, dropped = col["lineno"], np.ones(k, bool), []
         odd_rows: dict[int, int] = {}
         table = None
-        idx = np.flatnonzero(c.odd[:k])
+        idx = np.flatnonzero(col["odd"])
         if idx.size:  # lines not in the plain form: pyarrow's verdict, line by line
-            table, keep, dropped, odd_rows = self._odd_lines(data, c, idx, f, keep)
+            table, keep, dropped, odd_rows = self._odd_lines(data, col, idx, f, keep)
         if self.symbol:
             f["codes"], f["names"] = np.zeros(k, np.uint32), [self.symbol]
         rows = np.flatnonzero(keep) if len(dropped) else None  # None: every line is a row
 
-        def raw(i: int, data=data, c=c) -> dict:
+        def raw(i: int, data=data, col=col) -> dict:
             at = int(i)
             if at in odd_rows:
                 return table.slice(odd_rows[at], 1).to_pylist()[0]
-            fields = data[c.lstart[at]:c.lend[at]].decode("utf-8", "replace").split(",")
+            fields = bytes(data[col["lstart"][at]:col["lend"][at]]).decode("utf-8", "replace").split(",")
             return dict(zip(INCREMENTAL_HEADER, fields, strict=True))
 
         n = k if rows is None else len(rows)
@@ -286,12 +307,12 @@ class TardisIncrementalBookReader(_TardisBookCsv):
     def _odd_lines(self, data: bytes, c, idx: np.ndarray, f: dict, keep: np.ndarray):
         """Convert the odd lines ``idx`` with pyarrow (the reference path) into ``f``."""
         bad: list[BadRow] = []
-        text = b"\n".join([HEADER] + [data[c.lstart[i]:c.lend[i]] for i in idx.tolist()]) + b"\n"
+        text = b"\n".join([HEADER] + [bytes(data[c["lstart"][i]:c["lend"][i]]) for i in idx.tolist()]) + b"\n"
 
         def invalid(row: pacsv.InvalidRow) -> str:
             at = int(idx[(row.number or 2) - 2])  # line 2 of the small file is idx[0]
             keep[at] = False
-            bad.append(BadRow(self.path, int(c.lineno[at]), Reason.WRONG_FIELD_COUNT, None, row.text[:200], row.text,
+            bad.append(BadRow(self.path, int(c["lineno"][at]), Reason.WRONG_FIELD_COUNT, None, row.text[:200], row.text,
                               self.symbol))
             return "skip"
 
@@ -301,7 +322,7 @@ class TardisIncrementalBookReader(_TardisBookCsv):
                                    parse_options=pacsv.ParseOptions(invalid_row_handler=invalid), convert_options=conv)
         good = idx[keep[idx]]
         if table.num_rows != len(good):  # a quoted field ran over a line end: no row to line map
-            raise DataError(f"{self.path}: a quoted field spans lines near line {int(c.lineno[idx[0]])}; "
+            raise DataError(f"{self.path}: a quoted field spans lines near line {int(c['lineno'][idx[0]])}; "
                             "this reader reads one line a row")
         g = self._fields(table)
         codes = {name: i for i, name in enumerate(f["names"])}
