@@ -125,3 +125,24 @@ def test_other_tick_records_after_the_first_block_are_a_clear_error(tmp_path: Pa
     path = write_mbo(tmp_path / "m.dbn", [*recs, _trade(50)])
     with mock.patch.object(mbo_fast, "READ_BYTES", 56 * 8), pytest.raises(DataError, match="record 40 is of rtype 0x00"):
         list(DatabentoReader(path).chunks())
+
+
+REAL_DBN = sorted((Path(__file__).parent / "data").glob("*.dbn.zst")) + sorted(
+    (Path(__file__).resolve().parents[1] / "nautilus_pipeline" / "data").glob("*.dbn.zst"))
+
+
+@pytest.mark.parametrize("path", REAL_DBN, ids=lambda p: f"{p.parent.name}/{p.name}")
+def test_every_real_dbn_file_reads_as_the_reference_reads_it(path: Path) -> None:
+    """MBO files take the fast path, the others (TBBO, MBP-1/10, BBO, CMBP-1, trades) the
+    reference; either way the rows, symbols, ignored and unseen-order counts are the reference's."""
+    fast, slow = DatabentoReader(path), DatabentoReader(path, fast_mbo=False)
+    a, b = list(fast.chunks(5000)), list(slow.chunks(5000))
+    assert (fast._fast is not None) == ("-mbo-" in path.name)
+    for key in ("ts_ns", "ts_recv_ns", "kind", "price", "size", "side", "trade_id", "bid", "ask", "bid_size",
+                "ask_size"):
+        x, y = np.concatenate([c.column(key) for c in a]), np.concatenate([c.column(key) for c in b])
+        assert np.array_equal(x, y, equal_nan=x.dtype.kind == "f"), key
+    assert np.array_equal(np.concatenate([c.records for c in a]), np.concatenate([c.records for c in b]))
+    assert [c.symbols[int(k)] for c in a for k in c.column("symbol_id")] == \
+        [c.symbols[int(k)] for c in b for k in c.column("symbol_id")]
+    assert (fast.ignored, fast.unknown_orders) == (slow.ignored, slow.unknown_orders)
