@@ -13,8 +13,12 @@ units:
   that all share one stream; columns that do not apply to a row's kind hold NaN (floats) or
   ``-1`` (ids). A book row (``KIND_BOOK``) sets one price level: ``side`` is the *book* side
   (``+1`` bid, ``-1`` ask), ``price`` the level, ``size`` its new total (``0`` removes it);
-  ``side = 0`` with a NaN price clears the symbol's book (a snapshot follows). The ``book``
-  stage (``stages/book.py``) keeps the books and writes the top of book into ``bid``/``ask``.
+  ``side = 0`` with a NaN price clears the symbol's book (a snapshot follows). A book row's
+  ``trade_id`` (no trade id there) marks exchange events: ``1`` on the last row of an event
+  (Databento MBO ``F_LAST``), ``0`` inside one (the book is in transition), ``-1`` where the
+  source has no event flags (every row complete). The ``book`` stage (``stages/book.py``)
+  keeps the books, writes the top of book into ``bid``/``ask`` and, by default
+  (``publish = "event"``), gives every row the book of its symbol's last completed event.
 
 ``TradeTick``/``QuoteTick``/``Signal`` are the per-event objects users see at the edges
 (publishing from their own feed, reading signals); they convert to and from the arrays.

@@ -18,9 +18,11 @@ the last line checks the 5M trades/s target for the 10M-trade CSV. Prints the ma
 cores, library versions) first: numbers are only comparable on the same machine.
 
 Book rows (also alone with ``--books``): the Databento MBO file of the shared data set through
-``io.mbo.mbo_level_deltas`` and through the streaming reader (records/s and level deltas/s;
-plain = ``DBNDecoder`` alone); a generated Tardis ``incremental_book_L2`` CSV (``--book-lines``
-lines, written to /tmp once; plain = pyarrow's streaming CSV parse of the same text columns);
+``io.mbo.mbo_level_deltas``, the reference reader path and the streaming reader (records/s and
+level deltas/s; plain = ``DBNDecoder`` alone; the zstd decompression alone, and the reader on
+the same records uncompressed, show the codec's share); a generated Tardis
+``incremental_book_L2`` CSV (``--book-lines`` lines, written to /tmp once; plain = pyarrow's
+streaming CSV parse of the same text columns; the reader's numba parser beside its pyarrow path);
 the shared USD-M Binance capture with ``book=True`` (plain = ``orjson.loads`` of every line);
 and the L2 book kernel ``kernels.book.book_update`` over the MBO deltas (deltas/s, features
 included). Target from issue 13: >= 5M book updates/s on one core.
@@ -46,7 +48,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from nautilus_pipeline.io import Replay, Validator, detect_format, open_reader
 from nautilus_pipeline.io.checks import validated
 from nautilus_pipeline.io.csv import CsvReader
-from nautilus_pipeline.io.files import iter_lines, open_stream
+from nautilus_pipeline.io.files import byte_blocks, iter_lines, open_stream
 from nautilus_pipeline.machine import describe
 
 DATA = Path(__file__).resolve().parents[1] / "nautilus_pipeline" / "data"
@@ -179,19 +181,32 @@ def book_rows(repeat: int, book_lines: int = 1_000_000) -> None:
     def rows_of(reader) -> int:
         return sum(len(c) for c in reader.chunks())
 
+    plain_dbn = Path("/tmp") / path.name.removesuffix(".zst")  # the same records, not compressed
+    if not plain_dbn.exists():
+        plain_dbn.write_bytes(b"".join(byte_blocks(path)))
     print()
     print(f"book updates/s in millions (best of {repeat}); each file's rows measured side by side")
     print("| input | step | M records or lines/s | M book rows/s |")
     print("|---|---|---:|---:|")
+    t_zstd, _ = best(lambda: sum(len(b) for b in byte_blocks(path)), repeat)
     t_plain, records = best(decode, repeat)
     t_read, _ = best(lambda: len(mbo_level_deltas(path)["side"]), repeat)
+    t_ref, _ = best(lambda: rows_of(DatabentoReader(path, fast_mbo=False)), repeat)
     t_stream, rows = best(lambda: rows_of(DatabentoReader(path)), repeat)
+    t_unz, _ = best(lambda: rows_of(DatabentoReader(plain_dbn)), repeat)
     d = mbo_level_deltas(path)
     deltas = len(d["side"])
     name = f"{path.name} ({records:,} records)"
+    print(f"| {name} | zstd decompression alone (zstandard, io/files.byte_blocks) | {records / t_zstd / 1e6:.2f} | |")
     print(f"| {name} | DBNDecoder alone (plain) | {records / t_plain / 1e6:.2f} | |")
-    print(f"| {name} | mbo_level_deltas | {records / t_read / 1e6:.2f} | {deltas / t_read / 1e6:.2f} |")
+    print(f"| {name} | mbo_level_deltas (reference deltas) | {records / t_read / 1e6:.2f} | {deltas / t_read / 1e6:.2f} |")
+    print(f"| {name} | DatabentoReader(fast_mbo=False) (reference rows) | {records / t_ref / 1e6:.2f} | "
+          f"{rows / t_ref / 1e6:.2f} |")
     print(f"| {name} | DatabentoReader (streaming book rows) | {records / t_stream / 1e6:.2f} | {rows / t_stream / 1e6:.2f} |")
+    print(f"| {plain_dbn.name} (same records, uncompressed) | DatabentoReader (streaming book rows) | "
+          f"{records / t_unz / 1e6:.2f} | {rows / t_unz / 1e6:.2f} |")
+    mbo_rate = rows / t_stream / 1e6
+    zstd_share = t_zstd / t_stream
 
     l2 = tardis_l2_file(book_lines, Path(f"/tmp/tardis-incremental-book-l2-{book_lines}.csv"))
     names = ["exchange", "symbol", "timestamp", "local_timestamp", "is_snapshot", "side", "price", "amount"]
@@ -204,10 +219,14 @@ def book_rows(repeat: int, book_lines: int = 1_000_000) -> None:
                                                           convert_options=conv))
 
     t_plain, lines = best(parse, repeat)
+    t_arrow, _ = best(lambda: rows_of(TardisIncrementalBookReader(l2, fast=False)), repeat)
     t_read, rows = best(lambda: rows_of(TardisIncrementalBookReader(l2)), repeat)
     name = f"Tardis incremental_book_L2, generated ({lines:,} lines)"
     print(f"| {name} | pyarrow open_csv, text columns (plain) | {lines / t_plain / 1e6:.2f} | |")
-    print(f"| {name} | TardisIncrementalBookReader | {lines / t_read / 1e6:.2f} | {rows / t_read / 1e6:.2f} |")
+    print(f"| {name} | TardisIncrementalBookReader(fast=False) (pyarrow path) | {lines / t_arrow / 1e6:.2f} | "
+          f"{rows / t_arrow / 1e6:.2f} |")
+    print(f"| {name} | TardisIncrementalBookReader (numba parser) | {lines / t_read / 1e6:.2f} | {rows / t_read / 1e6:.2f} |")
+    l2_rate = rows / t_read / 1e6
 
     feed = shared / "binance-feed-usdm-btcusdt_20240808.jsonl.gz"
     if feed.exists():
@@ -228,6 +247,9 @@ def book_rows(repeat: int, book_lines: int = 1_000_000) -> None:
     book_update(new_book_state(2048), *(c[:10] for c in cols))  # JIT compile / cache load
     t_kernel, _ = best(lambda: book_update(new_book_state(2048), *cols)[1].shape[0], repeat)
     print(f"| MBO level deltas | book_update kernel (levels + 7 features) | | {deltas / t_kernel / 1e6:.2f} |")
+    print()
+    print(f"target >= 5M book updates/s: MBO reader {mbo_rate:.2f}M (zstd alone {zstd_share:.0%} of its time), "
+          f"Tardis L2 reader {l2_rate:.2f}M, book kernel {deltas / t_kernel / 1e6:.2f}M")
 
 
 def main() -> None:

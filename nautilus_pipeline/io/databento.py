@@ -110,7 +110,7 @@ class DatabentoReader:
                  fast_mbo: bool = True):
         self.path = str(check_file(path))
         self.fast_mbo = fast_mbo  # pure MBO files through io/mbo_fast.py (False: the reference path)
-        self._fast: tuple | None = None
+        self._fast = None  # io/mbo_fast.MboState while the numba path reads
         self.symbol = symbol
         self.trades = trades
         self.block = block
@@ -236,46 +236,42 @@ class DatabentoReader:
     def unknown_orders(self) -> int:
         """MBO cancels/modifies of orders never seen (no snapshot before them): no delta."""
         if self._fast is not None:
-            return int(self._fast[2][1])
+            return self._fast.unknown_orders
         return self.books.unknown_orders if self.books is not None else 0
 
-    def _fast_chunks(self, meta: dbn.Metadata, blocks: Iterator[np.ndarray], chunk_rows: int) -> Iterator[TickChunk]:
+    def _fast_chunks(self, meta: dbn.Metadata, blocks: Iterator, chunk_rows: int) -> Iterator[TickChunk]:
         """Pure MBO files: the numba path of ``io/mbo_fast.py`` (same rows as ``_mbo_rows``)."""
-        from .mbo_fast import mbo_rows, new_state
+        from .mbo_fast import MboState, mbo_rows
 
         self._metadata(meta)
-        self._fast = new_state()
-        base = 0
+        self._fast = MboState()
         total = 0
+        other = 0  # records of other types (not ticks)
         for block in blocks:
-            out = mbo_rows(block, self._fast, self.trades)
-            self.ignored += int((~out["produced"]).sum())
+            out = mbo_rows(block.words, self._fast, self.trades)
+            other += block.ignored
+            self.ignored = other + self._fast.no_rows
             rec = out["rec"]
-            recs = block[rec]
-            kind = out["kind"]
-            ids = recs["instrument_id"].astype(np.int64)
-            uniq = np.unique(ids)
-            names = [self.symbol] if self.symbol else [self._symbols.get(int(i), str(int(i))) for i in uniq]
-            codes = (np.zeros(len(rec), np.uint32) if self.symbol
-                     else np.searchsorted(uniq, ids).astype(np.uint32))
-            recv = np.where(recs["flags"] & F_BAD_TS_RECV, -1, recs["ts_recv"].astype(np.int64))
-            size = out["size"].astype(np.float64)
-            book = kind == KIND_BOOK
-            last_of_record = book & np.r_[rec[1:] != rec[:-1], True] if len(rec) else book
-            event = np.where(book, (last_of_record & ((recs["flags"] & F_LAST) != 0)).astype(np.int64), -1)
-            cols = {"ts_ns": recs["ts_event"].astype(np.int64), "ts_recv_ns": recv, "symbol_id": codes,
-                    "kind": kind, "price": scale_prices(out["price"]), "size": size, "side": out["side"],
-                    "trade_id": event}
-            records = base + rec + 1
-            base += len(block)
+            ids = out["instrument_id"]
+            if self.symbol:
+                names, codes = [self.symbol], np.zeros(len(rec), np.uint32)
+            elif len(ids) and ids.min() == ids.max():
+                names, codes = [self._symbols.get(int(ids[0]), str(int(ids[0])))], np.zeros(len(rec), np.uint32)
+            else:
+                uniq, inverse = np.unique(ids, return_inverse=True)
+                names = [self._symbols.get(int(i), str(int(i))) for i in uniq]
+                codes = inverse.astype(np.uint32)
+            cols = {"ts_ns": out["ts_ns"], "ts_recv_ns": out["ts_recv_ns"], "symbol_id": codes, "kind": out["kind"],
+                    "price": out["price"], "size": out["size"], "side": out["side"], "trade_id": out["event"]}
+            records = block.record_numbers(rec)
             total += len(rec)
             for lo in range(0, len(rec), chunk_rows):
                 sl = slice(lo, lo + chunk_rows)
                 part = {k: v[sl] for k, v in cols.items()}
-                sub = recs[sl]
                 yield TickChunk(self.path, part, records[sl], names, one_sided_quotes=True,
                                 field_map={"price": "price", "ts_ns": "ts_event"},
-                                raw=lambda i, b=sub: dict(zip(b.dtype.names, b[i].tolist(), strict=True)))
+                                raw=lambda i, b=block.recs, at=rec[sl]: dict(zip(b.dtype.names, b[at[i]].tolist(),
+                                                                                 strict=True)))
         if total == 0:
             raise DataError(f"{self.path}: no trade, MBP-1, TBBO, BBO, CMBP-1, MBP-10 or MBO records (schema "
                             f"{self.schema}, {self.ignored} other records); this reader reads those schemas only")

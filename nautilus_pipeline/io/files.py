@@ -180,6 +180,50 @@ def check_file(path: str | Path) -> Path:
     return p
 
 
+def byte_blocks(path: str | Path, block: int = 1 << 20) -> Iterator[bytes]:
+    """The decompressed bytes of ``path`` in blocks (for the readers that parse bytes themselves).
+
+    zstd goes through ``zstandard``'s decompression object, 256 KiB of compressed bytes at a
+    time (about 1 MB out: larger outputs are slower; 3 ms for the 3.9 MB of the shared MBO file
+    where pyarrow's codec stream takes 7-16 ms), frame
+    after frame; a stream that ends inside a frame is a :class:`DataError` (truncated), which
+    ``zstandard``'s stream reader would not notice. Other codecs: :func:`open_stream`, ``block``
+    bytes at a time.
+    """
+    p = check_file(path)
+    if compression_of(p) != "zstd":
+        with decoding_errors(p), open_stream(p) as s:
+            while buf := s.read(block):
+                yield buf
+        return
+    import zstandard
+
+    verify_checksum(p)
+    pending = False
+    try:
+        with open(p, "rb") as fh:
+            dec = zstandard.ZstdDecompressor().decompressobj()
+            while data := fh.read(1 << 18):
+                while data:
+                    out = dec.decompress(data)
+                    pending = True
+                    if out:
+                        yield out
+                    if dec.eof:  # a frame ended: the rest is the next frame
+                        pending, data = False, dec.unused_data
+                        dec = zstandard.ZstdDecompressor().decompressobj()
+                    else:
+                        data = b""
+    except zstandard.ZstdError as e:
+        raise DataError(f"{p}: the compressed file is truncated or corrupt ({e}); "
+                        "re-download or re-copy it (its checksum will not match)") from None
+    except OSError as e:
+        raise _read_error(p, e) from None
+    if pending:
+        raise DataError(f"{p}: the compressed file is truncated or corrupt (the zstd stream ends inside a frame); "
+                        "re-download or re-copy it (its checksum will not match)")
+
+
 def open_stream(path: str | Path) -> pa.NativeFile:
     """A decompressed byte stream of ``path`` (pyarrow native)."""
     p = check_file(path)

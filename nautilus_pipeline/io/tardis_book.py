@@ -21,6 +21,8 @@ for the trade files. Record numbers are line numbers; a snapshot line's rows sha
 
 from __future__ import annotations
 
+import io
+import itertools
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -34,11 +36,23 @@ from ..events import KIND_BOOK
 from ..kernels.book import snapshot_deltas
 from . import convert
 from .chunk import BadRow, Reason, TickChunk
-from .files import check_file, check_text, decoding_errors, open_stream, read_head
+from .files import (
+    UTF8_BOM,
+    byte_blocks,
+    check_file,
+    check_text,
+    compression_of,
+    decoding_errors,
+    open_stream,
+    read_head,
+)
 from .tardis import _first_row, unit_of
+from .tardis_l2_fast import HEADER, LineColumns, _last_line_end, _line_end, newlines
 
 INCREMENTAL_HEADER = ("exchange", "symbol", "timestamp", "local_timestamp", "is_snapshot", "side", "price", "amount")
 _BLOCK = 1 << 22
+FAST_BLOCK = 1 << 22
+"""Bytes read at a time by the numba path (blocks are cut at the last line end)."""
 
 
 def header_names(path: str | Path) -> list[str]:
@@ -82,7 +96,7 @@ class _TardisBookCsv:
         bad: list[BadRow] = []
 
         def invalid(row: pacsv.InvalidRow) -> str:
-            line = (row.number or 0) + 1  # pyarrow counts data rows from the header (1)
+            line = row.number or 0  # pyarrow's physical line number (the header is line 1)
             bad.append(BadRow(self.path, line, Reason.WRONG_FIELD_COUNT, None, row.text[:200], row.text, self.symbol))
             return "skip"
 
@@ -99,6 +113,8 @@ class _TardisBookCsv:
                 lines = self._lines(line, n, skipped)
                 yield pa.Table.from_batches([batch]), lines, skipped
                 line = int(lines[-1]) + 1 if n else line + len(skipped)
+        if bad:  # refused after the last batch (or a file of refused lines only): still reported
+            yield pa.table({n: pa.array([], pa.string()) for n in names}), np.empty(0, np.int64), bad
 
     @staticmethod
     def _lines(first: int, n: int, skipped: list[BadRow]) -> np.ndarray:
@@ -130,21 +146,31 @@ class _TardisBookCsv:
 
 
 class TardisIncrementalBookReader(_TardisBookCsv):
-    """Streams a Tardis ``incremental_book_L2`` CSV as book rows."""
+    """Streams a Tardis ``incremental_book_L2`` CSV as book rows.
 
-    def __init__(self, path: str | Path, *, symbol: str | None = None):
+    Files with exactly the documented header go through the numba byte parser of
+    ``io/tardis_l2_fast.py`` (``fast=False``: pyarrow only, the reference in the tests); its
+    odd lines, and files with another header, through pyarrow's CSV reader."""
+
+    def __init__(self, path: str | Path, *, symbol: str | None = None, fast: bool = True):
         super().__init__(path, symbol=symbol)
+        self.fast = fast
         self._in_snapshot: dict[str, bool] = {}
 
     def chunks(self, chunk_rows: int = 65_536) -> Iterator[TickChunk]:
         self._in_snapshot = {}
+        if self.fast and read_head(self.path, 4096).split(b"\n", 1)[0].rstrip(b"\r") == HEADER:
+            yield from self._fast_chunks(chunk_rows)
+            return
         for table, lines, skipped in self._tables():
             for lo in range(0, max(table.num_rows, 1), chunk_rows):
                 part = table.slice(lo, chunk_rows)
-                yield self._convert(part, lines[lo:lo + chunk_rows], skipped if lo == 0 else [])
+                f = self._fields(part)
+                yield self._assemble(f, lines[lo:lo + chunk_rows], skipped if lo == 0 else [],
+                                     lambda i, t=part: t.slice(int(i), 1).to_pylist()[0])
 
-    def _convert(self, t: pa.Table, lines: np.ndarray, skipped: list[BadRow]) -> TickChunk:
-        n = t.num_rows
+    def _fields(self, t: pa.Table) -> dict:
+        """Each line's converted fields and verdict (``reason``), from a table of text."""
         codes, names = self._symbols(t.column("symbol"))
         ts, recv, bad_ts = self._times(t)
         price, pm, pb = convert.to_float(t.column("price").combine_chunks())
@@ -152,20 +178,35 @@ class TardisIncrementalBookReader(_TardisBookCsv):
         side = (_is(t.column("side"), "bid").astype(np.int8) - _is(t.column("side"), "ask").astype(np.int8))
         snap = _is(t.column("is_snapshot"), "true")
         not_bool = ~snap & ~_is(t.column("is_snapshot"), "false")
-        reason = np.zeros(n, dtype=np.uint8)
+        reason = np.zeros(t.num_rows, dtype=np.uint8)
         for mask, why in ((bad_ts, Reason.UNPARSABLE), (pm | sm, Reason.MISSING_FIELD), (pb | sb, Reason.UNPARSABLE),
                           (side == 0, Reason.UNKNOWN_SIDE), (not_bool, Reason.UNPARSABLE)):
             reason[mask & (reason == 0)] = why
-        # a clear before the first snapshot line of each snapshot, per symbol
+        return {"codes": codes, "names": names, "ts": ts, "recv": recv, "price": price, "size": size, "side": side,
+                "snap": snap, "reason": reason}
+
+    def _assemble(self, f: dict, lines: np.ndarray, skipped: list[BadRow], raw) -> TickChunk:
+        """Book rows of converted lines: a clear before the first line of each snapshot, per
+        symbol (the state carried across chunks); ``raw(i)`` gives line ``i``'s fields."""
+        codes, names, snap = f["codes"], f["names"], f["snap"]
+        n = len(codes)
         starts = np.zeros(n, dtype=bool)
+        one = len(names) == 1 or (n > 0 and int(codes.min()) == int(codes.max()))
         for k, name in enumerate(names):
-            rows = np.flatnonzero(codes == k)
-            if not rows.size:
-                continue
+            rows = slice(None) if one else np.flatnonzero(codes == k)
             s = snap[rows]
+            if not len(s) or (one and int(codes[0]) != k):
+                continue
             prev = np.concatenate(([self._in_snapshot.get(name, False)], s[:-1]))
-            starts[rows[s & ~prev]] = True
+            starts[rows] |= s & ~prev
             self._in_snapshot[name] = bool(s[-1])
+        if not starts.any():  # no snapshot begins here: the lines are the rows
+            cols = {"ts_ns": f["ts"], "ts_recv_ns": f["recv"], "symbol_id": codes, "price": f["price"],
+                    "size": f["size"], "side": f["side"], "kind": np.full(n, KIND_BOOK, np.uint8)}
+            bad = f["reason"]
+            chunk = TickChunk(self.path, cols, np.asarray(lines), names, bad=bad if bad.any() else None, raw=raw)
+            chunk.dropped = skipped
+            return chunk
         pos = np.arange(n) + np.cumsum(starts)  # where each line's row goes, after its clear
         total = n + int(starts.sum())
         clear_at = pos[starts] - 1
@@ -175,8 +216,8 @@ class TardisIncrementalBookReader(_TardisBookCsv):
         records = np.empty(total, np.int64)
         row_of = np.empty(total, np.int64)
         bad = np.zeros(total, np.uint8)
-        for name, values in (("ts_ns", ts), ("ts_recv_ns", recv), ("symbol_id", codes), ("price", price),
-                             ("size", size), ("side", side)):
+        for name, values in (("ts_ns", f["ts"]), ("ts_recv_ns", f["recv"]), ("symbol_id", codes),
+                             ("price", f["price"]), ("size", f["size"]), ("side", f["side"])):
             cols[name][pos] = values
             if name != "side":
                 cols[name][clear_at] = values[starts] if name != "price" else np.nan
@@ -184,8 +225,116 @@ class TardisIncrementalBookReader(_TardisBookCsv):
         cols["side"][clear_at] = 0
         records[pos], records[clear_at] = lines, lines[starts]
         row_of[pos], row_of[clear_at] = np.arange(n), np.flatnonzero(starts)
-        bad[pos] = reason
-        return self._chunk(cols, records, names, bad, skipped, t, row_of)
+        bad[pos] = f["reason"]
+        chunk = TickChunk(self.path, cols, records, names, bad=bad if bad.any() else None,
+                          raw=lambda i: raw(row_of[i]))
+        chunk.dropped = skipped
+        return chunk
+
+    def _fast_chunks(self, chunk_rows: int) -> Iterator[TickChunk]:
+        """The file through ``parse_lines``, in blocks cut at their last line end (the cut-off
+        line is carried to the next block); an uncompressed file is memory-mapped, not copied."""
+        if compression_of(self.path) is None:
+            whole = np.frombuffer(pa.memory_map(self.path, "r").read_buffer(), np.uint8)
+            start = len(UTF8_BOM) if bytes(whole[:3]) == UTF8_BOM else 0
+            start = _line_end(whole, start, len(whole))
+            line = 2
+            while start < len(whole):
+                end = min(start + FAST_BLOCK, len(whole))
+                if end < len(whole):
+                    cut = _last_line_end(whole, start, end)
+                    end = cut if cut > start else _line_end(whole, end, len(whole))
+                line = yield from self._fast_block(whole[start:end], line, chunk_rows)
+                start = end
+            return
+        carry = b""
+        line = 1
+        for data in itertools.chain(byte_blocks(self.path, FAST_BLOCK), (None,)):
+            if data is None:  # the file's end: a last line without its newline
+                if not carry:
+                    return
+                data, end, carry = carry, len(carry), b""
+            else:
+                data = carry + data if carry else data
+                if line == 1:
+                    if data.startswith(UTF8_BOM):
+                        data = data[len(UTF8_BOM):]
+                    head = data.find(b"\n")
+                    if head < 0:
+                        carry = data
+                        continue
+                    data, line = data[head + 1:], 2
+                end = data.rfind(b"\n") + 1
+                carry = data[end:]
+                if not end:
+                    continue
+            line = yield from self._fast_block(np.frombuffer(data, np.uint8, count=end), line, chunk_rows)
+
+    def _fast_block(self, buf: np.ndarray, line: int, chunk_rows: int):
+        c = LineColumns(newlines(buf) + 1)
+        k, n_sym, next_line = c.parse(buf, line, convert._UNIT_NS[self.ts_unit], convert._UNIT_NS[self.recv_unit])
+        data = memoryview(buf)
+        names = [bytes(data[o:o + n]).decode() for o, n in zip(c.sym_off[:n_sym].tolist(), c.sym_len[:n_sym].tolist(),
+                                                         strict=True)]
+        col = c.columns(k)
+        f = {"codes": col["sym"], "names": names, "ts": col["ts"], "recv": col["recv"], "price": col["price"],
+             "size": col["size"], "side": col["side"], "snap": col["snap"], "reason": np.zeros(k, np.uint8)}
+        lines, keep, dropped = col["lineno"], np.ones(k, bool), []
+        odd_rows: dict[int, int] = {}
+        table = None
+        idx = np.flatnonzero(col["odd"])
+        if idx.size:  # lines not in the plain form: pyarrow's verdict, line by line
+            table, keep, dropped, odd_rows = self._odd_lines(data, col, idx, f, keep)
+        if self.symbol:
+            f["codes"], f["names"] = np.zeros(k, np.uint32), [self.symbol]
+        rows = np.flatnonzero(keep) if len(dropped) else None  # None: every line is a row
+
+        def raw(i: int, data=data, col=col) -> dict:
+            at = int(i)
+            if at in odd_rows:
+                return table.slice(odd_rows[at], 1).to_pylist()[0]
+            fields = bytes(data[col["lstart"][at]:col["lend"][at]]).decode("utf-8", "replace").split(",")
+            return dict(zip(INCREMENTAL_HEADER, fields, strict=True))
+
+        n = k if rows is None else len(rows)
+        for lo in range(0, max(n, 1), chunk_rows):
+            sel = slice(lo, lo + chunk_rows) if rows is None else rows[lo:lo + chunk_rows]
+            at = np.arange(lo, min(lo + chunk_rows, n)) if rows is None else sel
+            part = {key: (v if key == "names" else v[sel]) for key, v in f.items()}
+            yield self._assemble(part, lines[sel], dropped if lo == 0 else [], lambda i, at=at: raw(at[i]))
+        return next_line
+
+    def _odd_lines(self, data: bytes, c, idx: np.ndarray, f: dict, keep: np.ndarray):
+        """Convert the odd lines ``idx`` with pyarrow (the reference path) into ``f``."""
+        bad: list[BadRow] = []
+        text = b"\n".join([HEADER] + [bytes(data[c["lstart"][i]:c["lend"][i]]) for i in idx.tolist()]) + b"\n"
+
+        def invalid(row: pacsv.InvalidRow) -> str:
+            at = int(idx[(row.number or 2) - 2])  # line 2 of the small file is idx[0]
+            keep[at] = False
+            bad.append(BadRow(self.path, int(c["lineno"][at]), Reason.WRONG_FIELD_COUNT, None, row.text[:200], row.text,
+                              self.symbol))
+            return "skip"
+
+        conv = pacsv.ConvertOptions(column_types={n: pa.string() for n in INCREMENTAL_HEADER}, strings_can_be_null=True)
+        with decoding_errors(self.path):
+            table = pacsv.read_csv(io.BytesIO(text), read_options=pacsv.ReadOptions(use_threads=False),
+                                   parse_options=pacsv.ParseOptions(invalid_row_handler=invalid), convert_options=conv)
+        good = idx[keep[idx]]
+        if table.num_rows != len(good):  # a quoted field ran over a line end: no row to line map
+            raise DataError(f"{self.path}: a quoted field spans lines near line {int(c['lineno'][idx[0]])}; "
+                            "this reader reads one line a row")
+        g = self._fields(table)
+        codes = {name: i for i, name in enumerate(f["names"])}
+        for name in g["names"]:
+            codes.setdefault(name, len(f["names"]))
+            if codes[name] == len(f["names"]):
+                f["names"].append(name)
+        remap = np.array([codes[n] for n in g["names"]], np.uint32)
+        f["codes"][good] = remap[g["codes"]] if len(good) else f["codes"][good]
+        for key in ("ts", "recv", "price", "size", "side", "snap", "reason"):
+            f[key][good] = g[key]
+        return table, keep, bad, {int(at): j for j, at in enumerate(good.tolist())}
 
 
 class TardisBookSnapshotReader(_TardisBookCsv):
