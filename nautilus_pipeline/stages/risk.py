@@ -24,6 +24,11 @@ as one numba call per stretch between VaR reports (``kernels.risk_rows``), over 
 columns and the symbol's state arrays (``SymbolBook``), calling the batch path's own scans:
 the same numbers, without the ~150 µs of Python the batch path spent on a live tick.
 Mixed batches (several symbols, quotes) and bad prices take the batch path.
+On a GPU stream too: the per-row state machine stays on the host (numba), and only the
+batch's VaR reports go to the device, all of them in one ``kernels.var_batch`` call (one
+copy of the windows in, one fused Monte Carlo launch, one copy of the quantiles out), on
+the stream's worker, never on the loop's thread. There is one fused risk loop for every
+stream; the batch path is left to the batches it covers alone.
 
 ``route = "calibrated"``: when the stage binds to a GPU stream, one Monte Carlo VaR of the
 stage's ``var_paths`` × ``var_horizon`` is timed on the host (numpy) and on the stream's
@@ -80,6 +85,8 @@ SIGNAL_COLUMNS = (  # the final signal per row; quote rows: side 0, target NaN, 
 SMALL_MAX_ROWS = INLINE_CHAIN_MAX_ROWS
 """Batches of one symbol's trades take the fused kernel (``kernels.risk_rows``): inline up to
 this many rows (the live path, no stream call), on the stage's stream above."""
+ON_STREAM = object()
+"""``RiskStage._fused``'s answer for a live batch whose VaR reports are due on a device."""
 _SMALL_COLUMNS = ("symbol_id", "kind", "ts_ns", "price", "prediction", "toxic", FEATURES_COLUMN,
                   *RISK_COLUMNS, "kill", "breach", *(c.name for c in SIGNAL_COLUMNS))
 
@@ -348,11 +355,15 @@ class RiskStage(Stage):
                 _set_generator_state(gen, kind, value, self.name)
             raise
 
-    def _fused(self, lease: Lease):
+    def _fused(self, lease: Lease, inline: bool = False):
         """The fused path (``kernels.risk_rows``): one kernel call per stretch of the batch
-        between VaR reports, over the slab's columns and the symbol's book, in place.
+        between VaR reports, over the slab's columns and the symbol's book, in place; the
+        batch's VaR reports then go to the stage's stream together (``kernels.var_batch``:
+        on a GPU one round trip for all of them), whichever backend that is.
         Returns (symbol id, its breach mask before the batch, breach events in it, the VaR
-        events with their reports), or None where the batch path must run."""
+        events with their reports), None where the batch path must run, or ``ON_STREAM``
+        for an ``inline`` batch whose reports are due on a device (the caller runs it on
+        the stream's worker instead)."""
         cols = slab_columns(self._slab_columns, lease, _SMALL_COLUMNS)
         key = int(cols[0][0])
         book = self.books.get(key)
@@ -361,9 +372,10 @@ class RiskStage(Stage):
         n, every = lease.length, self.var_every
         reporting = every and (book.trades + n) // every > book.trades // every
         if reporting:
-            if self._backend != "numpy":
-                return None  # device reports: the batch path (a device error reruns the batch)
-            # a report can fail: work on a copy, committed once the reports are in
+            if inline and self._backend != "numpy":
+                return ON_STREAM  # device reports: not on the event loop's thread
+            # a report can fail (on a device: the batch reruns on the fallback stream):
+            # work on a copy, committed once the reports are in
             book = book.copy()
         breach_before = int(book.f[F_LAST + 5])
         events, start, due = 0, 0, []
@@ -410,7 +422,9 @@ class RiskStage(Stage):
         n = lease.length
         if n:
             # a live batch inline (no stream call), a replay batch on the stream's worker
-            done = self._fused(lease) if n <= SMALL_MAX_ROWS else await stream.run(self._fused, lease)
+            done = self._fused(lease, inline=True) if n <= SMALL_MAX_ROWS else ON_STREAM
+            if done is ON_STREAM:
+                done = await stream.run(self._fused, lease)
             if done is not None:
                 key, breach_before, breaches, var_events = done
                 if breaches:  # as the batch path: a symbol's breaches, then its reports
