@@ -41,6 +41,7 @@ from typing import Any, ClassVar, Literal
 import numpy as np
 import structlog
 
+from ..calibration_cache import cached
 from ..compute import ComputeStream
 from ..errors import ConfigError
 from ..events import KIND_TRADE, ColumnSpec
@@ -155,7 +156,10 @@ class FeaturesStage(Stage):
     async def bind(self, stream: ComputeStream) -> None:
         device = on_device(stream)
         if device is not None and self.route == "calibrated":
-            self.gpu_min_batch = await stream.run(self._calibrate, device)
+            # measured once per machine and code, then read back (calibration_cache)
+            self.gpu_min_batch = await stream.run(
+                cached, "features_gpu_min_batch", {"config": self.config}, device,
+                lambda: self._calibrate(device))
 
     def _calibrate(self, device: str) -> int:
         """Smallest batch (of 4,096 … 262,144) at which the scan on ``device`` beats the CPU

@@ -50,6 +50,7 @@ import numpy as np
 import structlog
 
 from .. import topics
+from ..calibration_cache import cached
 from ..compute import ComputeStream
 from ..errors import ConfigError
 from ..events import KIND_TRADE, ColumnSpec, RiskEvent
@@ -235,7 +236,12 @@ class RiskStage(Stage):
             self.generators = {}
         self._backend, self._device = backend, device
         if self.route == "calibrated" and self._backend != "numpy":
-            self._backend, self._device = await stream.run(self._calibrate)
+            # measured once per machine and code, then read back (calibration_cache)
+            inputs = {"paths": self.var_paths, "horizon": self.var_horizon,
+                      "levels": self.var_levels, "candidate": [self._backend, self._device]}
+            backend, device = await stream.run(cached, "risk_var_backend", inputs, self._device,
+                                               self._calibrate)
+            self._backend, self._device = backend, device
         if self._backend != "numpy":  # compile var_batch's fused kernel (Triton) before the first batch
             await stream.run(self._warm_var_reports)
 

@@ -44,6 +44,7 @@ import numpy as np
 import structlog
 
 from .. import topics
+from ..calibration_cache import cached
 from ..compute import ComputeStream
 from ..errors import ConfigError
 from ..events import KIND_TRADE, ColumnSpec, VpinBucket
@@ -195,7 +196,10 @@ class VpinStage(Stage):
             self._torch_device = str(stream.device)
         await asyncio.to_thread(self._warm_up)
         if self._torch_device is not None and self.route == "calibrated":
-            self.gpu_min_batch = await stream.run(self._calibrate, self._torch_device)
+            device = self._torch_device  # measured once per machine and code (calibration_cache)
+            self.gpu_min_batch = await stream.run(
+                cached, "vpin_gpu_min_batch", {"params": self.params}, device,
+                lambda: self._calibrate(device))
 
     def _calibrate(self, device: str) -> int:
         """Smallest batch at which the torch kernel on ``device`` beats the CPU kernel."""
