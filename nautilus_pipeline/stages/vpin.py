@@ -48,7 +48,7 @@ from ..calibration_cache import cached
 from ..compute import ComputeStream
 from ..errors import ConfigError
 from ..events import KIND_TRADE, ColumnSpec, VpinBucket
-from ..kernels.rows import ffill_rows, symbol_groups
+from ..kernels.rows import ffill_rows, fill_events_into, symbol_groups
 from ..kernels.vpin import (
     VpinParams,
     VpinState,
@@ -247,6 +247,8 @@ class VpinStage(Stage):
         sym, kind = lease["symbol_id"], lease["kind"]
         ts, price, size = lease["ts_ns"], lease["price"], lease["size"]
         groups = symbol_groups(sym)
+        if self._one_symbol_batch(groups, kind):
+            return self._one_symbol(lease, ctx, groups[0][0], ts, price, size)
         new_states = dict(self.states)
         outputs: dict[int, dict[str, np.ndarray]] = {}
         for key, rows in groups:
@@ -286,6 +288,27 @@ class VpinStage(Stage):
             last[key] = filled[-1].copy()
         return new_states, outputs, cols, last
 
+    @staticmethod
+    def _one_symbol_batch(groups, kind) -> bool:
+        return len(groups) == 1 and bool((kind == KIND_TRADE).all())
+
+    def _one_symbol(self, lease: Lease, ctx: StageContext, key: int, ts, price, size):
+        """A batch of one symbol's trades (most replay batches): the kernel on the slab's own
+        columns (no gathers), the buckets carried forward straight into the slab's output
+        columns (``kernels.rows.fill_events_into``); the same values as the general path.
+        Returns what ``_compute`` does, with ``cols`` None (already written)."""
+        state = self.states.get(key)
+        if state is None:
+            state = new_vpin_state(self._volume_for(ctx.symbol_name(key)), **self.params)
+        state, out = self._update(state, ts, price, size)
+        carry = self.last.get(key)
+        carry = np.array([np.nan, np.nan, 0.0]) if carry is None else carry.copy()
+        slab, n = lease.columns, lease.length
+        fill_events_into(n, out["row"], out["vpin"], out["cdf"], out["toxic"].astype(np.float64),
+                         carry, slab["vpin"], slab["vpin_cdf"], slab["toxic"])
+        return ({**self.states, key: state}, {key: out} if out["bucket"].size else {}, None,
+                {**self.last, key: carry})
+
     def _small(self, lease: Lease) -> bool:
         """The live path (``kernels.vpin.vpin_rows_small``): one kernel call when the batch's
         trades all join the open bar of one symbol, updating its state in place."""
@@ -304,10 +327,11 @@ class VpinStage(Stage):
         if 0 < lease.length <= INLINE_CHAIN_MAX_ROWS and self._small(lease):
             return
         new_states, outputs, cols, last = await stream.run(self._compute, lease, ctx)
-        slab, n = lease.columns, lease.length
-        slab["vpin"][:n] = cols[:, 0]
-        slab["vpin_cdf"][:n] = cols[:, 1]
-        slab["toxic"][:n] = cols[:, 2]
+        if cols is not None:  # None: written in place (one symbol's trades)
+            slab, n = lease.columns, lease.length
+            slab["vpin"][:n] = cols[:, 0]
+            slab["vpin_cdf"][:n] = cols[:, 1]
+            slab["toxic"][:n] = cols[:, 2]
         self.states, self.last = new_states, last
         for key, out in outputs.items():
             await self._publish(ctx, key, out)
