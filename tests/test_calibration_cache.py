@@ -119,3 +119,7 @@ def test_a_stored_model_route_builds_the_routed_runners_only(cache, monkeypatch)
         np.testing.assert_array_equal(again.runner_for(b).predict(x[:b]),
                                       first.runner_for(b).predict(x[:b]))
     assert "b=64" in again.format()
+    name, runner = next(iter(again.runners.items()))  # one already built (the stage's bound one)
+    reused = calibrate_cached(["numpy", "torch:cpu"], SPEC, w, batch_sizes=(1, 64),
+                              budget_s=0.002, built=[runner])
+    assert reused.runners[name] is runner

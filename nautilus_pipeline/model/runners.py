@@ -254,11 +254,13 @@ def calibrate_cached(
     batch_sizes: Sequence[int] = DEFAULT_BATCH_SIZES,
     *,
     budget_s: float = 0.05,
+    built: Sequence[ModelRunner] = (),
 ) -> Calibration:
     """:func:`calibrate`, measured once per machine, libraries, code and model
     (``calibration_cache``); after that only the runners the stored route names are built
-    (CUDA graphs captured), and the stored table is what ``format()`` prints. A stored
-    runner that now builds under another name (graphs refused, say) measures again."""
+    (CUDA graphs captured; a runner of the same name in ``built`` is taken as it is), and
+    the stored table is what ``format()`` prints. A stored runner that now builds under
+    another name (graphs refused, say) measures again."""
     from ..calibration_cache import cached
 
     fresh: dict[str, Calibration] = {}
@@ -277,13 +279,14 @@ def calibrate_cached(
     if "cal" in fresh:
         return fresh["cal"]
     route = {int(b): name for b, name in value["route"].items()}
+    have = {r.name: r for r in built}
     runners: dict[str, ModelRunner] = {}
     for name in dict.fromkeys(route.values()):
-        runner = make_runner(value["backends"][name], spec, weights)
+        runner = have.get(name) or make_runner(value["backends"][name], spec, weights)
         if runner.name != name:
-            runner.close()
-            for r in runners.values():
-                r.close()
+            for r in (runner, *runners.values()):
+                if r not in built:
+                    r.close()
             return calibrate(backends, spec, weights, batch_sizes, budget_s=budget_s)
         runners[name] = runner
     return Calibration(

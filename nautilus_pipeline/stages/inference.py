@@ -144,7 +144,8 @@ class InferenceStage(Stage):
             # counts in a run's wall time, and 50 ms made it ~1 s longer with four backends
             # measured once per machine, code and model, then read back (calibration_cache)
             self.calibration = calibrate_cached(list(dict.fromkeys(usable)), self.spec,
-                                                self.weights, budget_s=0.01)
+                                                self.weights, budget_s=0.01,
+                                                built=tuple(self.runners.values()))
             log.info("inference_calibrated", stage=self.name, table="\n" + self.calibration.format(),
                      **{"route": self.calibration.to_dict()["route"]})
 

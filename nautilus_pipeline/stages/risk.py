@@ -246,9 +246,17 @@ class RiskStage(Stage):
             await stream.run(self._warm_var_reports)
 
     def _warm_var_reports(self) -> None:
-        gen = new_generator(self._backend, self.seed, self._device)
-        var_reports([VarRequest(1.0, 0.0, np.array([0.0, 1e-3]), gen)], self.var_horizon,
-                    self.var_levels, n_paths=self.var_paths)
+        _warm_var_reports(self._backend, self._device, self.seed, self.var_horizon,
+                          self.var_levels, self.var_paths)
+
+    @classmethod
+    def warm_device(cls, params: RiskStageParams, streams: Sequence[str]) -> None:
+        """Compile the fused VaR kernel (Triton) for these reports on CUDA while the run
+        reads its input (``compute.warmup``); the stage's own warm-up at bind then loads it
+        from Triton's in-process cache."""
+        if params.var_every and any(s.startswith("torch:cuda") for s in streams[:1]):
+            _warm_var_reports("torch", "cuda", params.seed, params.var_horizon,
+                              tuple(float(x) for x in params.var_levels), params.var_paths)
 
     def _calibrate(self) -> tuple[str, str | None]:
         """The faster of numpy and the stream's device for one VaR report of this stage."""
@@ -511,6 +519,13 @@ class RiskStage(Stage):
             gen = new_generator(self._backend, self.seed, self._device, stream=key)
             _set_generator_state(gen, kind, value, self.name)
             self.generators[key] = gen
+
+
+def _warm_var_reports(backend: str, device: str | None, seed: int, horizon: int,
+                      levels: Sequence[float], paths: int) -> None:
+    """One report of these paths and horizon on a throwaway generator: the kernels compiled."""
+    gen = new_generator(backend, seed, device)
+    var_reports([VarRequest(1.0, 0.0, np.array([0.0, 1e-3]), gen)], horizon, levels, n_paths=paths)
 
 
 def _generator_state(gen: Any) -> tuple[str, np.ndarray]:
