@@ -15,7 +15,8 @@
 # host's cores), then `batch pipelines/gpu.toml --workers N` on the same files (GPU_WORKERS).
 # "profile": scripts/profile_pipeline.py on 10M generated trades through pipelines/gpu.toml at
 # each of PROFILE_BATCHES (phases, stages' busy time, pool), then one sampled run at
-# SAMPLE_BATCH (none: no sampled run); BEFORE=/path/of/another/checkout runs that checkout's package first, same file.
+# SAMPLE_BATCH (none: no sampled run); BEFORE=/path/of/another/checkout runs that checkout's package first, same file;
+# PROFILE_COLD=1 adds a run with the calibration cache off (every calibration measured).
 #
 # Without the MLX halves step 2 runs everything else and says that MLX was not carried.
 # (From a helper's worktree: copy it into the session checkout's ignored .gpuwt/, carry
@@ -177,6 +178,12 @@ if want profile; then
         PYTHONPATH="/tmp/site:$BEFORE" timeout 150 python3 scripts/profile_pipeline.py "$BEFORE/pipelines/gpu.toml" \
           "${pargs[@]}" --batch "$b" --no-sample --out "/tmp/p-before-$b"
       done
+    fi
+    if [ -n "${PROFILE_COLD:-}" ]; then  # the calibrations measured, as on a machine's first run
+      b=${PROFILE_BATCHES%% *}; b=${b:-262144}
+      echo "== this tree, --batch $b, calibration cache off (every calibration measured)"
+      NAUTILUS_PIPELINE_CACHE=off timeout 150 python3 scripts/profile_pipeline.py pipelines/gpu.toml \
+        "${pargs[@]}" --batch "$b" --no-sample --out "/tmp/p-cold-$b"
     fi
     for b in ${PROFILE_BATCHES:-65536 262144}; do
       echo "== this tree, --batch $b"
