@@ -14,7 +14,7 @@ from nautilus_pipeline.stages import RiskStage
 
 
 @dataclass
-class FakeDef:
+class FakeDef:  # a StageDef's fields that the warm-up reads
     cls: type
     params: object
     streams: tuple[str, ...]
@@ -24,7 +24,7 @@ class Exploding:
     calls = 0
 
     @classmethod
-    def warm_device(cls, params, streams):
+    def warm_ahead(cls, params, streams, cuda):
         cls.calls += 1
         raise RuntimeError("kernel failed to compile (injected)")
 
@@ -41,11 +41,21 @@ def test_an_unusable_cuda_device_starts_nothing():
 
 
 def test_a_failing_warmup_is_kept_and_dropped():
-    w = warmup.DeviceWarmup([FakeDef(Exploding, object(), ("torch:cuda",))]).start()
+    cuda = unusable_reason("torch:cuda") is None
+    w = warmup.DeviceWarmup([FakeDef(Exploding, object(), ("torch:cuda",))], cuda=cuda).start()
     w.join()
-    assert w.error is not None and w.seconds is not None  # logged, not raised
-    if unusable_reason("torch:cuda") is None:
-        assert Exploding.calls == 1 and "injected" in w.error
+    assert Exploding.calls == 1 and "injected" in w.error  # logged, not raised
+    assert w.seconds is not None
+
+
+def test_the_stages_warm_their_kernels_ahead_on_the_host():
+    """Every hook of the GPU pipeline's stages runs without a device (cuda=False)."""
+    d = config.load("pipelines/gpu.toml")
+    w = warmup.DeviceWarmup(d.stages, cuda=False).start()
+    w.join()
+    assert w.error is None, w.error
+    assert {sd.cls.__name__ for sd in d.stages if hasattr(sd.cls, "warm_ahead")} >= {
+        "FeaturesStage", "VpinStage", "RiskStage"}
 
 
 @pytest.mark.gpu

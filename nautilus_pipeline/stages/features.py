@@ -161,6 +161,20 @@ class FeaturesStage(Stage):
                 cached, "features_gpu_min_batch", {"config": self.config}, device,
                 lambda: self._calibrate(device))
 
+    @classmethod
+    def warm_ahead(cls, params: FeaturesParams, streams: Sequence[str], cuda: bool) -> None:
+        """The batch kernel loaded while the run reads its input (``compute.warmup``)."""
+        n = 64
+        ts = np.arange(n, dtype=np.int64) * 1_000_000
+        price = 100.0 + np.sin(np.arange(n))
+        one = np.ones(n)
+        nan = np.full(n, np.nan)
+        config = params.kernel_config()
+        table = FeatureTable(config)
+        table.update(np.zeros(n, dtype=np.uint32), np.zeros(n, dtype=np.uint8), ts, price, one,
+                     np.ones(n, dtype=np.int8), nan, nan, nan, nan,
+                     np.empty((n, len(all_feature_names(config)))))
+
     def _calibrate(self, device: str) -> int:
         """Smallest batch (of 4,096 … 262,144) at which the scan on ``device`` beats the CPU
         kernel, timed here on a random walk; above all of them if it never does."""

@@ -250,11 +250,13 @@ class RiskStage(Stage):
                           self.var_levels, self.var_paths)
 
     @classmethod
-    def warm_device(cls, params: RiskStageParams, streams: Sequence[str]) -> None:
-        """Compile the fused VaR kernel (Triton) for these reports on CUDA while the run
-        reads its input (``compute.warmup``); the stage's own warm-up at bind then loads it
-        from Triton's in-process cache."""
-        if params.var_every and any(s.startswith("torch:cuda") for s in streams[:1]):
+    def warm_ahead(cls, params: RiskStageParams, streams: Sequence[str], cuda: bool) -> None:
+        """While the run reads its input (``compute.warmup``): the numba kernels loaded, and
+        on CUDA the fused VaR kernel (Triton) compiled for these reports; the stage's own
+        warm-up at bind then finds them in the process."""
+        risk_update(new_risk_state(params.limits()), np.arange(2, dtype=np.int64), np.ones(2),
+                    np.zeros(2))
+        if cuda and params.var_every and any(s.startswith("torch:cuda") for s in streams[:1]):
             _warm_var_reports("torch", "cuda", params.seed, params.var_horizon,
                               tuple(float(x) for x in params.var_levels), params.var_paths)
 
@@ -360,7 +362,10 @@ class RiskStage(Stage):
         """
         if not requests:
             return []
-        before = {id(q.generator): (q.generator, _generator_state(q.generator)) for q in requests}
+        before = {}
+        for q in requests:  # one state per generator (a symbol's reports share one)
+            if id(q.generator) not in before:
+                before[id(q.generator)] = (q.generator, _generator_state(q.generator))
         try:
             return var_reports(requests, self.var_horizon, self.var_levels, n_paths=self.var_paths,
                                count_copy=lease.pool.count_copy)

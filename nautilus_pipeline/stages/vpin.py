@@ -228,14 +228,12 @@ class VpinStage(Stage):
         return chosen
 
     def _warm_up(self) -> None:
-        """Load (or JIT-compile: seconds on a cold cache) every numba kernel before the first
-        batch, off the event loop: 64 one-unit trades, one bar each, half-unit buckets and a
-        window of 2 reach the bar scan, the bucket sums and the VPIN CDF."""
-        n, step = 64, max(self.params["bar_ns"], 1)
-        warm = new_vpin_state(0.5, window=2, bar_ns=self.params["bar_ns"], sigma_window=2)
-        prices = 100.0 + np.sin(np.arange(n))
-        warm, _ = vpin_update(warm, np.arange(n, dtype=np.int64) * step, prices, np.ones(n))
-        vpin_flush(warm)
+        _warm_vpin_kernels(self.params["bar_ns"])
+
+    @classmethod
+    def warm_ahead(cls, params: VpinStageParams, streams: Sequence[str], cuda: bool) -> None:
+        """The numba kernels loaded while the run reads its input (``compute.warmup``)."""
+        _warm_vpin_kernels(params.bar_ns)
 
     def _update(self, state: VpinState, ts, price, size):
         if self._torch_device is not None and ts.shape[0] >= self.gpu_min_batch:
@@ -384,3 +382,15 @@ class VpinStage(Stage):
     def end_segment(self) -> None:
         """The open bar carries on in the next segment: nothing to close at this one's end."""
         self.states = {}
+
+
+def _warm_vpin_kernels(bar_ns: int) -> None:
+    """Load (or JIT-compile: seconds on a cold cache) every numba kernel before the first
+    batch, off the event loop: 64 one-unit trades, one bar each, half-unit buckets and a
+    window of 2 reach the bar scan, the bucket sums and the VPIN CDF."""
+    n, step = 64, max(bar_ns, 1)
+    warm = new_vpin_state(0.5, window=2, bar_ns=bar_ns, sigma_window=2)
+    prices = 100.0 + np.sin(np.arange(n))
+    warm, _ = vpin_update(warm, np.arange(n, dtype=np.int64) * step, prices, np.ones(n))
+    vpin_flush(warm)
+
