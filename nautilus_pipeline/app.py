@@ -156,6 +156,7 @@ class Run:
         clock: Any = None,
         pipeline_settings: Mapping[str, Any] | None = None,
     ):
+        from .compute import warmup
         from .io import Replay
         from .symbols import SymbolTable
 
@@ -183,8 +184,15 @@ class Run:
         self.symbols = settings.pop("symbols", None) or (
             SymbolTable(allowed=allowed) if allowed else SymbolTable())
         speed = speed if speed is not None else d.replay["speed"]
-        self.replay = Replay(self.sources, speed=speed or None, clock=clock, symbols=self.symbols)
-        self.stages = config.build_stages(d, self.sources, self.replay)
+        # CUDA's start and the stages' device kernels on a thread while the input is read
+        # (compute.warmup: None when no stage names a usable CUDA stream)
+        warm = warmup.start(d.stages)
+        try:
+            self.replay = Replay(self.sources, speed=speed or None, clock=clock, symbols=self.symbols)
+            self.stages = config.build_stages(d, self.sources, self.replay)
+        finally:
+            if warm is not None:
+                warm.join()
         self.expected_rows: int | None = self.replay.kept_rows
         if outputs:
             from .stages.recorder import TRACE_COLUMNS, RecorderStage

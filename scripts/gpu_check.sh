@@ -11,9 +11,12 @@
 #   2) carry [".mlx-b", ...]:             bash scripts/gpu_check.sh [all|tests,pipeline,engine,bench]
 #
 # "gputests" runs only the GPU and MLX tests (by name), e.g. "gputests,pipeline" in one call.
+# "batch": scripts/bench_batch.py at BATCH_WORKERS local workers (default pipeline on the
+# host's cores), then `batch pipelines/gpu.toml --workers N` on the same files (GPU_WORKERS).
 # "profile": scripts/profile_pipeline.py on 10M generated trades through pipelines/gpu.toml at
 # each of PROFILE_BATCHES (phases, stages' busy time, pool), then one sampled run at
-# SAMPLE_BATCH (none: no sampled run); BEFORE=/path/of/another/checkout runs that checkout's package first, same file.
+# SAMPLE_BATCH (none: no sampled run); BEFORE=/path/of/another/checkout runs that checkout's package first, same file;
+# PROFILE_COLD=1 adds a run with the calibration cache off (every calibration measured).
 #
 # Without the MLX halves step 2 runs everything else and says that MLX was not carried.
 # (From a helper's worktree: copy it into the session checkout's ignored .gpuwt/, carry
@@ -128,6 +131,13 @@ if want pipeline; then
       "${ticks[@]}" --batch $b --out /tmp/g10m-$b 2>&1 | tail -n 32
     python3 -c "import json; s=json.load(open('/tmp/g10m-$b/summary.json')); print({k: v for k, v in s.items() if k in ('pool', 'stages')})" 2>&1 | cut -c1-3000
   done 2>&1 | tee "$out/pipeline_10m.txt" | grep -E "ticks/s|==|features |inference |risk "
+  # beside it, the same 10M trades through pipelines/default.toml on the host's cores alone
+  sed -E 's/^streams = \[.*/streams = ["cpu"]/' pipelines/default.toml > /tmp/default_cpu.toml
+  {
+    echo "== pipelines/default.toml, every stream 'cpu' (the 16-core host), 10M generated trades"
+    timeout 240 python3 -m nautilus_pipeline.cli run /tmp/default_cpu.toml --ticks /tmp/trades10m.csv \
+      "${ticks[@]}" --out /tmp/d10m 2>&1 | tail -n 32
+  } 2>&1 | tee "$out/pipeline_10m_default_cpu.txt" | grep -E "ticks/s|=="
   {
     for b in $sizes_1m; do
       echo "== pipelines/gpu.toml on the GPU, 1M generated trades, --batch $b"
@@ -169,6 +179,12 @@ if want profile; then
           "${pargs[@]}" --batch "$b" --no-sample --out "/tmp/p-before-$b"
       done
     fi
+    if [ -n "${PROFILE_COLD:-}" ]; then  # the calibrations measured, as on a machine's first run
+      b=${PROFILE_BATCHES%% *}; b=${b:-262144}
+      echo "== this tree, --batch $b, calibration cache off (every calibration measured)"
+      NAUTILUS_PIPELINE_CACHE=off timeout 150 python3 scripts/profile_pipeline.py pipelines/gpu.toml \
+        "${pargs[@]}" --batch "$b" --no-sample --out "/tmp/p-cold-$b"
+    fi
     for b in ${PROFILE_BATCHES:-65536 262144}; do
       echo "== this tree, --batch $b"
       timeout 150 python3 scripts/profile_pipeline.py pipelines/gpu.toml "${pargs[@]}" --batch "$b" \
@@ -185,6 +201,30 @@ if want engine; then
   # the execution engine on the host's cores: serial beside concurrent, offload table, live
   timeout 200 python3 scripts/bench_pipeline.py --rows 2000000 --live-ticks 2000 --offload \
     --data /tmp/engine 2>&1 | tee "$out/bench_pipeline.txt"
+fi
+if want batch; then
+  # issue 10's scaling on this host (default pipeline, CPU streams), then batch --workers N
+  # with pipelines/gpu.toml: every worker a process of its own with a CUDA context on the GPU
+  timeout 300 python3 scripts/bench_batch.py --symbols 16 --days 1 --trades 600000 \
+    --workers ${BATCH_WORKERS:-1 2 4 8 16} --no-sequential --dir /tmp/bb 2>&1 | tee "$out/bench_batch.txt"
+  for w in ${GPU_WORKERS:-16}; do
+    echo "== nautilus-pipeline batch pipelines/gpu.toml --workers $w (the same files)"
+    t0=$(date +%s.%N)
+    timeout 200 python3 -m nautilus_pipeline.cli batch pipelines/gpu.toml '/tmp/bb/in/*.csv' \
+      --out /tmp/bb-gpu-$w --workers $w --no-progress --log-level warning 2>&1 | tail -n 12
+    python3 - "$t0" "/tmp/bb-gpu-$w" <<'PY'
+import json, sys, time
+from pathlib import Path
+wall = time.time() - float(sys.argv[1])
+s = json.loads((Path(sys.argv[2]) / "summary.json").read_text())
+ticks = s["totals"]["processed"]
+jobs = s["jobs"]
+print(f"batch gpu.toml: {ticks:,} ticks processed, wall {wall:.1f} s (the whole command: plan, "
+      f"workers' start, jobs, merge) -> {ticks / wall:,.0f} ticks/s; {len(jobs)} jobs, "
+      f"mean job run {sum(j['run_s'] for j in jobs) / max(len(jobs), 1):.2f} s, "
+      f"accounting closes {s['accounting_closes']}, failed {s['failed']}")
+PY
+  done 2>&1 | tee "$out/batch_gpu.txt"
 fi
 if want bench; then
   timeout 150 python3 scripts/bench_gpu.py 2>&1 | tee "$out/bench_gpu.txt"

@@ -112,6 +112,19 @@ async def _execute(run, marks: dict[str, float], sampler: Sampler | None = None)
         marks["closed_at"] = time.perf_counter()
 
     pipe.start, pipe.close = timed_start, timed_close
+    # each stage's start and bind (calibrations, device start-up, kernel compiles), in order
+    from nautilus_pipeline.stage import StageRunner
+
+    runner_start = StageRunner.start
+
+    async def timed_runner_start(self, *a, **k):
+        t = time.perf_counter()
+        try:
+            return await runner_start(self, *a, **k)
+        finally:
+            marks.setdefault("stage_start", {})[self.stage.name] = time.perf_counter() - t
+
+    StageRunner.start = timed_runner_start
     t0 = time.perf_counter()
     summary = await run.execute()
     marks["wall_s"] = time.perf_counter() - t0
@@ -156,7 +169,8 @@ def main() -> None:
     lines = [f"{a.definition}: {ticks:,} ticks, batch {run.pipeline.batch_size:,}; "
              f"{ticks / marks['wall_s']:,.0f} ticks/s over the run, "
              f"{ticks / max(marks['replay_s'] + marks['drain_finish_s'], 1e-9):,.0f} without the start",
-             "phases (s): " + ", ".join(f"{k[:-2]} {v:.3f}" for k, v in marks.items() if k.endswith("_s"))]
+             "phases (s): " + ", ".join(f"{k[:-2]} {v:.3f}" for k, v in marks.items() if k.endswith("_s")),
+             "start by stage (s): " + ", ".join(f"{k} {v:.3f}" for k, v in marks.get("stage_start", {}).items())]
     pool = s.get("pool", {})
     lines.append("pool: " + ", ".join(f"{k} {pool[k]}" for k in
                                       ("slabs", "capacity", "memory", "high_water", "acquire_waits",

@@ -30,3 +30,10 @@ def shared_data() -> Path:
 
 
 pytest_plugins = ["nautilus_pipeline.testing"]
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _calibration_cache(tmp_path_factory) -> None:
+    """Stored calibrations (``calibration_cache``) go to a folder of the test session, never
+    to the user's cache."""
+    os.environ["NAUTILUS_PIPELINE_CACHE"] = str(tmp_path_factory.mktemp("calibration-cache"))

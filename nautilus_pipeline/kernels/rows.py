@@ -10,6 +10,7 @@ changes a result.
 from __future__ import annotations
 
 import numpy as np
+from numba import njit
 
 
 def symbol_groups(symbol_id: np.ndarray) -> list[tuple[int, np.ndarray]]:
@@ -45,3 +46,26 @@ def ffill_rows(values: np.ndarray, has: np.ndarray, carry: np.ndarray) -> np.nda
     np.maximum.accumulate(idx, out=idx)
     filled = np.concatenate((carry[None, :], values))
     return filled[idx + 1]
+
+
+@njit(cache=True, nogil=True)
+def fill_events_into(n, rows, v0, v1, v2, carry, o0, o1, o2):
+    """:func:`ffill_rows` for sparse events of a one-symbol batch, written straight into
+    three output columns: row ``r`` of ``o0, o1, o2`` (rows ``[0, n)``) gets the values of
+    the last event at a row ``<= r`` (``rows`` ascending; of several events at one row the
+    last one), else ``carry``; ``carry`` ends as the last row's values.
+
+    Why a kernel. The VPIN stage's fill of a 262,144-trade batch (a ``[n, 3]`` float array,
+    ``searchsorted``, ``ffill_rows``' gather, three strided writes to the slab) took ~15 ms
+    on the dev VM, ten times the VPIN kernel itself; this is one pass over the rows.
+    """
+    c0, c1, c2 = carry[0], carry[1], carry[2]
+    j, m = 0, rows.shape[0]
+    for r in range(n):
+        while j < m and rows[j] == r:
+            c0, c1, c2 = v0[j], v1[j], v2[j]
+            j += 1
+        o0[r] = c0
+        o1[r] = c1
+        o2[r] = c2
+    carry[0], carry[1], carry[2] = c0, c1, c2

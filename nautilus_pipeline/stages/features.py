@@ -41,6 +41,7 @@ from typing import Any, ClassVar, Literal
 import numpy as np
 import structlog
 
+from ..calibration_cache import cached
 from ..compute import ComputeStream
 from ..errors import ConfigError
 from ..events import KIND_TRADE, ColumnSpec
@@ -155,7 +156,24 @@ class FeaturesStage(Stage):
     async def bind(self, stream: ComputeStream) -> None:
         device = on_device(stream)
         if device is not None and self.route == "calibrated":
-            self.gpu_min_batch = await stream.run(self._calibrate, device)
+            # measured once per machine and code, then read back (calibration_cache)
+            self.gpu_min_batch = await stream.run(
+                cached, "features_gpu_min_batch", {"config": self.config}, device,
+                lambda: self._calibrate(device))
+
+    @classmethod
+    def warm_ahead(cls, params: FeaturesParams, streams: Sequence[str], cuda: bool) -> None:
+        """The batch kernel loaded while the run reads its input (``compute.warmup``)."""
+        n = 64
+        ts = np.arange(n, dtype=np.int64) * 1_000_000
+        price = 100.0 + np.sin(np.arange(n))
+        one = np.ones(n)
+        nan = np.full(n, np.nan)
+        config = params.kernel_config()
+        table = FeatureTable(config)
+        table.update(np.zeros(n, dtype=np.uint32), np.zeros(n, dtype=np.uint8), ts, price, one,
+                     np.ones(n, dtype=np.int8), nan, nan, nan, nan,
+                     np.empty((n, len(all_feature_names(config)))))
 
     def warm_up(self, columns: dict[str, np.ndarray], stream: ComputeStream) -> None:
         """The live kernel (``FeatureTable.update_small``) on a scratch table."""

@@ -40,7 +40,7 @@ from ..kernels.mlp import RowOrderForward
 from ..memory import Lease
 from ..model.base import ModelRunner
 from ..model.numpy_runner import NumpyRunner
-from ..model.runners import Calibration, calibrate, make_runner
+from ..model.runners import Calibration, calibrate_cached, make_runner
 from ..model.spec import DEFAULT_MODEL_PATH, check_inputs, load_model
 from ..params import param
 from ..stage import OFFLOAD_MIN_ROWS, Stage, StageContext, upstream_column
@@ -144,8 +144,10 @@ class InferenceStage(Stage):
             usable = [runner_backend(s) for s in self.streams if unusable_reason(s) is None]
             # 10 ms of calls per backend and size (at least 5, after 3 warm-ups): the start
             # counts in a run's wall time, and 50 ms made it ~1 s longer with four backends
-            self.calibration = calibrate(list(dict.fromkeys(usable)), self.spec, self.weights,
-                                         budget_s=0.01)
+            # measured once per machine, code and model, then read back (calibration_cache)
+            self.calibration = calibrate_cached(list(dict.fromkeys(usable)), self.spec,
+                                                self.weights, budget_s=0.01,
+                                                built=tuple(self.runners.values()))
             log.info("inference_calibrated", stage=self.name, table="\n" + self.calibration.format(),
                      **{"route": self.calibration.to_dict()["route"]})
 

@@ -24,6 +24,11 @@ as one numba call per stretch between VaR reports (``kernels.risk_rows``), over 
 columns and the symbol's state arrays (``SymbolBook``), calling the batch path's own scans:
 the same numbers, without the ~150 µs of Python the batch path spent on a live tick.
 Mixed batches (several symbols, quotes) and bad prices take the batch path.
+On a GPU stream too: the per-row state machine stays on the host (numba), and only the
+batch's VaR reports go to the device, all of them in one ``kernels.var_batch`` call (one
+copy of the windows in, one fused Monte Carlo launch, one copy of the quantiles out), on
+the stream's worker, never on the loop's thread. There is one fused risk loop for every
+stream; the batch path is left to the batches it covers alone.
 
 ``route = "calibrated"``: when the stage binds to a GPU stream, one Monte Carlo VaR of the
 stage's ``var_paths`` × ``var_horizon`` is timed on the host (numpy) and on the stream's
@@ -45,6 +50,7 @@ import numpy as np
 import structlog
 
 from .. import topics
+from ..calibration_cache import cached
 from ..compute import ComputeStream
 from ..errors import ConfigError
 from ..events import KIND_TRADE, ColumnSpec, RiskEvent
@@ -80,6 +86,8 @@ SIGNAL_COLUMNS = (  # the final signal per row; quote rows: side 0, target NaN, 
 SMALL_MAX_ROWS = INLINE_CHAIN_MAX_ROWS
 """Batches of one symbol's trades take the fused kernel (``kernels.risk_rows``): inline up to
 this many rows (the live path, no stream call), on the stage's stream above."""
+ON_STREAM = object()
+"""``RiskStage._fused``'s answer for a live batch whose VaR reports are due on a device."""
 _SMALL_COLUMNS = ("symbol_id", "kind", "ts_ns", "price", "prediction", "toxic", FEATURES_COLUMN,
                   *RISK_COLUMNS, "kill", "breach", *(c.name for c in SIGNAL_COLUMNS))
 
@@ -228,7 +236,12 @@ class RiskStage(Stage):
             self.generators = {}
         self._backend, self._device = backend, device
         if self.route == "calibrated" and self._backend != "numpy":
-            self._backend, self._device = await stream.run(self._calibrate)
+            # measured once per machine and code, then read back (calibration_cache)
+            inputs = {"paths": self.var_paths, "horizon": self.var_horizon,
+                      "levels": self.var_levels, "candidate": [self._backend, self._device]}
+            backend, device = await stream.run(cached, "risk_var_backend", inputs, self._device,
+                                               self._calibrate)
+            self._backend, self._device = backend, device
         if self._backend != "numpy":  # compile var_batch's fused kernel (Triton) before the first batch
             await stream.run(self._warm_var_reports)
 
@@ -254,9 +267,19 @@ class RiskStage(Stage):
                         self.var_levels, n_paths=100)
 
     def _warm_var_reports(self) -> None:
-        gen = new_generator(self._backend, self.seed, self._device)
-        var_reports([VarRequest(1.0, 0.0, np.array([0.0, 1e-3]), gen)], self.var_horizon,
-                    self.var_levels, n_paths=self.var_paths)
+        _warm_var_reports(self._backend, self._device, self.seed, self.var_horizon,
+                          self.var_levels, self.var_paths)
+
+    @classmethod
+    def warm_ahead(cls, params: RiskStageParams, streams: Sequence[str], cuda: bool) -> None:
+        """While the run reads its input (``compute.warmup``): the numba kernels loaded, and
+        on CUDA the fused VaR kernel (Triton) compiled for these reports; the stage's own
+        warm-up at bind then finds them in the process."""
+        risk_update(new_risk_state(params.limits()), np.arange(2, dtype=np.int64), np.ones(2),
+                    np.zeros(2))
+        if cuda and params.var_every and any(s.startswith("torch:cuda") for s in streams[:1]):
+            _warm_var_reports("torch", "cuda", params.seed, params.var_horizon,
+                              tuple(float(x) for x in params.var_levels), params.var_paths)
 
     def _calibrate(self) -> tuple[str, str | None]:
         """The faster of numpy and the stream's device for one VaR report of this stage."""
@@ -360,7 +383,10 @@ class RiskStage(Stage):
         """
         if not requests:
             return []
-        before = {id(q.generator): (q.generator, _generator_state(q.generator)) for q in requests}
+        before = {}
+        for q in requests:  # one state per generator (a symbol's reports share one)
+            if id(q.generator) not in before:
+                before[id(q.generator)] = (q.generator, _generator_state(q.generator))
         try:
             return var_reports(requests, self.var_horizon, self.var_levels, n_paths=self.var_paths,
                                count_copy=lease.pool.count_copy)
@@ -369,11 +395,15 @@ class RiskStage(Stage):
                 _set_generator_state(gen, kind, value, self.name)
             raise
 
-    def _fused(self, lease: Lease):
+    def _fused(self, lease: Lease, inline: bool = False):
         """The fused path (``kernels.risk_rows``): one kernel call per stretch of the batch
-        between VaR reports, over the slab's columns and the symbol's book, in place.
+        between VaR reports, over the slab's columns and the symbol's book, in place; the
+        batch's VaR reports then go to the stage's stream together (``kernels.var_batch``:
+        on a GPU one round trip for all of them), whichever backend that is.
         Returns (symbol id, its breach mask before the batch, breach events in it, the VaR
-        events with their reports), or None where the batch path must run."""
+        events with their reports), None where the batch path must run, or ``ON_STREAM``
+        for an ``inline`` batch whose reports are due on a device (the caller runs it on
+        the stream's worker instead)."""
         cols = slab_columns(self._slab_columns, lease, _SMALL_COLUMNS)
         key = int(cols[0][0])
         book = self.books.get(key)
@@ -382,9 +412,10 @@ class RiskStage(Stage):
         n, every = lease.length, self.var_every
         reporting = every and (book.trades + n) // every > book.trades // every
         if reporting:
-            if self._backend != "numpy":
-                return None  # device reports: the batch path (a device error reruns the batch)
-            # a report can fail: work on a copy, committed once the reports are in
+            if inline and self._backend != "numpy":
+                return ON_STREAM  # device reports: not on the event loop's thread
+            # a report can fail (on a device: the batch reruns on the fallback stream):
+            # work on a copy, committed once the reports are in
             book = book.copy()
         breach_before = int(book.f[F_LAST + 5])
         events, start, due = 0, 0, []
@@ -431,7 +462,9 @@ class RiskStage(Stage):
         n = lease.length
         if n:
             # a live batch inline (no stream call), a replay batch on the stream's worker
-            done = self._fused(lease) if n <= SMALL_MAX_ROWS else await stream.run(self._fused, lease)
+            done = self._fused(lease, inline=True) if n <= SMALL_MAX_ROWS else ON_STREAM
+            if done is ON_STREAM:
+                done = await stream.run(self._fused, lease)
             if done is not None:
                 key, breach_before, breaches, var_events = done
                 if breaches:  # as the batch path: a symbol's breaches, then its reports
@@ -526,6 +559,13 @@ class _ScratchRows:
 
     def __getitem__(self, name: str) -> np.ndarray:
         return self.columns[name][: self.length]
+
+
+def _warm_var_reports(backend: str, device: str | None, seed: int, horizon: int,
+                      levels: Sequence[float], paths: int) -> None:
+    """One report of these paths and horizon on a throwaway generator: the kernels compiled."""
+    gen = new_generator(backend, seed, device)
+    var_reports([VarRequest(1.0, 0.0, np.array([0.0, 1e-3]), gen)], horizon, levels, n_paths=paths)
 
 
 def _generator_state(gen: Any) -> tuple[str, np.ndarray]:

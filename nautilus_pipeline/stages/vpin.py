@@ -44,10 +44,11 @@ import numpy as np
 import structlog
 
 from .. import topics
+from ..calibration_cache import cached
 from ..compute import ComputeStream
 from ..errors import ConfigError
 from ..events import KIND_TRADE, ColumnSpec, VpinBucket
-from ..kernels.rows import ffill_rows, symbol_groups
+from ..kernels.rows import ffill_rows, fill_events_into, symbol_groups
 from ..kernels.vpin import (
     VpinParams,
     VpinState,
@@ -195,7 +196,10 @@ class VpinStage(Stage):
             self._torch_device = str(stream.device)
         await asyncio.to_thread(self._warm_up)
         if self._torch_device is not None and self.route == "calibrated":
-            self.gpu_min_batch = await stream.run(self._calibrate, self._torch_device)
+            device = self._torch_device  # measured once per machine and code (calibration_cache)
+            self.gpu_min_batch = await stream.run(
+                cached, "vpin_gpu_min_batch", {"params": self.params}, device,
+                lambda: self._calibrate(device))
 
     def _calibrate(self, device: str) -> int:
         """Smallest batch at which the torch kernel on ``device`` beats the CPU kernel."""
@@ -224,14 +228,12 @@ class VpinStage(Stage):
         return chosen
 
     def _warm_up(self) -> None:
-        """Load (or JIT-compile: seconds on a cold cache) every numba kernel before the first
-        batch, off the event loop: 64 one-unit trades, one bar each, half-unit buckets and a
-        window of 2 reach the bar scan, the bucket sums and the VPIN CDF."""
-        n, step = 64, max(self.params["bar_ns"], 1)
-        warm = new_vpin_state(0.5, window=2, bar_ns=self.params["bar_ns"], sigma_window=2)
-        prices = 100.0 + np.sin(np.arange(n))
-        warm, _ = vpin_update(warm, np.arange(n, dtype=np.int64) * step, prices, np.ones(n))
-        vpin_flush(warm)
+        _warm_vpin_kernels(self.params["bar_ns"])
+
+    @classmethod
+    def warm_ahead(cls, params: VpinStageParams, streams: Sequence[str], cuda: bool) -> None:
+        """The numba kernels loaded while the run reads its input (``compute.warmup``)."""
+        _warm_vpin_kernels(params.bar_ns)
 
     def warm_up(self, columns: dict[str, np.ndarray], stream: ComputeStream) -> None:
         """The live kernel (``vpin_rows_small``) on a scratch state (the batch path's kernels
@@ -251,6 +253,8 @@ class VpinStage(Stage):
         sym, kind = lease["symbol_id"], lease["kind"]
         ts, price, size = lease["ts_ns"], lease["price"], lease["size"]
         groups = symbol_groups(sym)
+        if self._one_symbol_batch(groups, kind):
+            return self._one_symbol(lease, ctx, groups[0][0], ts, price, size)
         new_states = dict(self.states)
         outputs: dict[int, dict[str, np.ndarray]] = {}
         for key, rows in groups:
@@ -290,6 +294,27 @@ class VpinStage(Stage):
             last[key] = filled[-1].copy()
         return new_states, outputs, cols, last
 
+    @staticmethod
+    def _one_symbol_batch(groups, kind) -> bool:
+        return len(groups) == 1 and bool((kind == KIND_TRADE).all())
+
+    def _one_symbol(self, lease: Lease, ctx: StageContext, key: int, ts, price, size):
+        """A batch of one symbol's trades (most replay batches): the kernel on the slab's own
+        columns (no gathers), the buckets carried forward straight into the slab's output
+        columns (``kernels.rows.fill_events_into``); the same values as the general path.
+        Returns what ``_compute`` does, with ``cols`` None (already written)."""
+        state = self.states.get(key)
+        if state is None:
+            state = new_vpin_state(self._volume_for(ctx.symbol_name(key)), **self.params)
+        state, out = self._update(state, ts, price, size)
+        carry = self.last.get(key)
+        carry = np.array([np.nan, np.nan, 0.0]) if carry is None else carry.copy()
+        slab, n = lease.columns, lease.length
+        fill_events_into(n, out["row"], out["vpin"], out["cdf"], out["toxic"].astype(np.float64),
+                         carry, slab["vpin"], slab["vpin_cdf"], slab["toxic"])
+        return ({**self.states, key: state}, {key: out} if out["bucket"].size else {}, None,
+                {**self.last, key: carry})
+
     def _small(self, lease: Lease) -> bool:
         """The live path (``kernels.vpin.vpin_rows_small``): one kernel call when the batch's
         trades all join the open bar of one symbol, updating its state in place."""
@@ -308,10 +333,11 @@ class VpinStage(Stage):
         if 0 < lease.length <= INLINE_CHAIN_MAX_ROWS and self._small(lease):
             return
         new_states, outputs, cols, last = await stream.run(self._compute, lease, ctx)
-        slab, n = lease.columns, lease.length
-        slab["vpin"][:n] = cols[:, 0]
-        slab["vpin_cdf"][:n] = cols[:, 1]
-        slab["toxic"][:n] = cols[:, 2]
+        if cols is not None:  # None: written in place (one symbol's trades)
+            slab, n = lease.columns, lease.length
+            slab["vpin"][:n] = cols[:, 0]
+            slab["vpin_cdf"][:n] = cols[:, 1]
+            slab["toxic"][:n] = cols[:, 2]
         self.states, self.last = new_states, last
         for key, out in outputs.items():
             await self._publish(ctx, key, out)
@@ -364,3 +390,15 @@ class VpinStage(Stage):
     def end_segment(self) -> None:
         """The open bar carries on in the next segment: nothing to close at this one's end."""
         self.states = {}
+
+
+def _warm_vpin_kernels(bar_ns: int) -> None:
+    """Load (or JIT-compile: seconds on a cold cache) every numba kernel before the first
+    batch, off the event loop: 64 one-unit trades, one bar each, half-unit buckets and a
+    window of 2 reach the bar scan, the bucket sums and the VPIN CDF."""
+    n, step = 64, max(bar_ns, 1)
+    warm = new_vpin_state(0.5, window=2, bar_ns=bar_ns, sigma_window=2)
+    prices = 100.0 + np.sin(np.arange(n))
+    warm, _ = vpin_update(warm, np.arange(n, dtype=np.int64) * step, prices, np.ones(n))
+    vpin_flush(warm)
+
