@@ -399,6 +399,10 @@ def _warm_vpin_kernels(bar_ns: int) -> None:
     n, step = 64, max(bar_ns, 1)
     warm = new_vpin_state(0.5, window=2, bar_ns=bar_ns, sigma_window=2)
     prices = 100.0 + np.sin(np.arange(n))
-    warm, _ = vpin_update(warm, np.arange(n, dtype=np.int64) * step, prices, np.ones(n))
+    warm, out = vpin_update(warm, np.arange(n, dtype=np.int64) * step, prices, np.ones(n))
     vpin_flush(warm)
+    # the one-symbol batch's fill into the slab's columns (their dtypes: float64, float64, uint8)
+    fill_events_into(n, out["row"], out["vpin"], out["cdf"], out["toxic"].astype(np.float64),
+                     np.array([np.nan, np.nan, 0.0]), np.empty(n), np.empty(n),
+                     np.empty(n, dtype=np.uint8))
 
