@@ -429,7 +429,7 @@ class Pipeline:
             lease.release(holder)
 
     async def ingest(self, columns: Any, *, symbol: str | None = None, policy: str = "fail",
-                     quarantine: str | None = None) -> int:
+                     quarantine: str | None = None, order_by: str = "ts_ns") -> int:
         """Copy ticks into slabs and publish them: a struct of arrays (tick column name → array)
         or a pandas, polars or pyarrow table with those column names.
 
@@ -438,7 +438,9 @@ class Pipeline:
         symbol table); without it, ``symbol_id`` must be given or defaults to 0. The rows go
         through the readers' checks (``io/frames.py``) under ``policy`` (``fail`` raises a
         ``DataError`` naming the row; ``reject``/``quarantine`` drop and count them in
-        ``ingest_accounting``). Returns the number of rows published.
+        ``ingest_accounting``). ``order_by`` is the clock the time-order check runs on
+        (``ts_recv_ns`` for a live feed whose quotes carry no exchange time, as the capture
+        readers replay). Returns the number of rows published.
         """
         self._check_running()
         sid = None if symbol is None else self.symbols.id_of(symbol)
@@ -446,7 +448,8 @@ class Pipeline:
             from .io.frames import IngestGate
 
             self._ingest_gate = IngestGate(self.symbols)
-        columns = self._ingest_gate.admit(columns, symbol_id=sid, policy=policy, quarantine=quarantine)
+        columns = self._ingest_gate.admit(columns, symbol_id=sid, policy=policy, quarantine=quarantine,
+                                          order_by=order_by)
         await self.flush()
         n = len(columns["ts_ns"])
         for start in range(0, n, self.batch_size):

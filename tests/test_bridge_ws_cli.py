@@ -189,3 +189,20 @@ async def test_run_ws_writes_the_outputs_of_the_file_run_over_the_capture(captur
         got = (tmp_path / "ws" / f"{family}.jsonl").read_bytes()
         assert got == (tmp_path / "file" / f"{family}.jsonl").read_bytes(), family
         assert got, family  # something to compare
+
+
+async def test_run_ws_keeps_the_trades_of_a_trade_and_bookticker_stream(capture, tmp_path):
+    """Trades and spot quotes together (the README's own stream): a quote is stamped when
+    received, a trade with its exchange time, earlier; checked on ts_ns every trade after a
+    quote was rejected. The receive order is what is checked, so every tick is processed."""
+    definition = _eth_definition(tmp_path)
+    async with CaptureReplayServer(capture[0]) as server:
+        code, _, err = await _cli("run", str(definition), "--ws", server.url, "--ws-client", "websockets",
+                                  "--flush-us", "60e6", "--until-idle", "1", "--out", str(tmp_path / "ws"),
+                                  "--no-progress")
+    assert code == 0, err[-3000:]
+    summary = orjson.loads((tmp_path / "ws" / "summary.json").read_bytes())
+    feed = summary["feed"]
+    assert feed["trades"] == int((capture[1]["kind"] == KIND_TRADE).sum()) and feed["quotes"] > 0
+    assert summary["ticks"]["rejected"] == 0, summary["ticks"]
+    assert summary["ticks"]["processed"] == feed["trades"] + feed["quotes"]

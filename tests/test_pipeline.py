@@ -310,3 +310,21 @@ async def test_a_pipeline_on_a_shared_bus_leaves_no_subscription_behind():
         assert bus.subscriptions == []
         assert set(asyncio.all_tasks()) == before
         assert not bus.closed, "the owner's bus keeps running"
+
+
+async def test_ingest_checks_the_order_on_the_clock_it_is_given():
+    """A live spot stream: a quote stamped when received, then a trade stamped with its
+    (earlier) exchange time. On ts_ns the trade is out of order and rejected; on the receive
+    clock (``run --ws``) both pass."""
+    cols = {"ts_ns": np.array([1_000_000, 990_000]), "ts_recv_ns": np.array([1_000_000, 1_000_500]),
+            "kind": np.array([1, 0], np.uint8), "price": np.array([np.nan, 100.0]),
+            "size": np.array([np.nan, 1.0]), "side": np.array([0, 1], np.int8),
+            "bid": np.array([99.9, np.nan]), "ask": np.array([100.1, np.nan]),
+            "bid_size": np.array([1.0, np.nan]), "ask_size": np.array([1.0, np.nan])}
+    for order_by, delivered in (("ts_ns", 1), ("ts_recv_ns", 2)):
+        _, pipe = toy(batch_size=8, slabs=2, memory="host")
+        async with pipe:
+            sent = await pipe.ingest(cols, symbol="BTCUSDT", policy="reject", order_by=order_by)
+        assert sent == delivered, order_by
+        total = pipe.ingest_accounting.total.as_dict()
+        assert (total["delivered"], total["rejected"]) == (delivered, 2 - delivered), order_by
