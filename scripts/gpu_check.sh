@@ -12,7 +12,8 @@
 #
 # "gputests" runs only the GPU and MLX tests (by name), e.g. "gputests,pipeline" in one call.
 # "batch": scripts/bench_batch.py at BATCH_WORKERS local workers (default pipeline on the
-# host's cores), then `batch pipelines/gpu.toml --workers N` on the same files (GPU_WORKERS).
+# host's cores), then `batch pipelines/gpu.toml --workers N` on the same files (GPU_WORKERS);
+# BATCH_BIG=N: no scaling table, 16 generated files of N trades each for the gpu.toml runs.
 # "profile": scripts/profile_pipeline.py on 10M generated trades through pipelines/gpu.toml at
 # each of PROFILE_BATCHES (phases, stages' busy time, pool), then one sampled run at
 # SAMPLE_BATCH (none: no sampled run); BEFORE=/path/of/another/checkout runs that checkout's package first, same file;
@@ -204,9 +205,20 @@ if want engine; then
 fi
 if want batch; then
   # issue 10's scaling on this host (default pipeline, CPU streams), then batch --workers N
-  # with pipelines/gpu.toml: every worker a process of its own with a CUDA context on the GPU
-  timeout 300 python3 scripts/bench_batch.py --symbols 16 --days 1 --trades 600000 \
-    --workers ${BATCH_WORKERS:-1 2 4 8 16} --no-sequential --dir /tmp/bb 2>&1 | tee "$out/bench_batch.txt"
+  # with pipelines/gpu.toml: every worker a process of its own with a CUDA context on the GPU.
+  # BATCH_BIG=N: skip the scaling table; 16 files of N generated trades each instead.
+  if [ -n "${BATCH_BIG:-}" ]; then
+    mkdir -p /tmp/bb/in
+    for i in $(seq 0 15); do
+      python3 scripts/make_synthetic_trades.py --rows "$BATCH_BIG" --seed "$i" \
+        --out "/tmp/bb/in/SYM$(printf %02d "$i")USDT-trades-2024-08-01.csv" > /dev/null &
+    done
+    wait
+    echo "input: 16 files x $BATCH_BIG generated trades"
+  else
+    timeout 300 python3 scripts/bench_batch.py --symbols 16 --days 1 --trades 600000 \
+      --workers ${BATCH_WORKERS:-1 2 4 8 16} --no-sequential --dir /tmp/bb 2>&1 | tee "$out/bench_batch.txt"
+  fi
   for w in ${GPU_WORKERS:-16}; do
     echo "== nautilus-pipeline batch pipelines/gpu.toml --workers $w (the same files)"
     t0=$(date +%s.%N)
