@@ -407,3 +407,26 @@ def test_the_merge_holds_one_part_in_memory_not_the_kind(tmp_path):
     peak, part_bytes = map(int, done.stdout.split())
     assert pq.read_table(tmp_path / "out" / "signals")["ts_ns"].to_pylist() == list(range(parts * rows))
     assert peak < 4 * part_bytes, (peak, part_bytes)  # the whole kind is 12 parts
+
+
+def test_workers_get_the_drivers_environment_as_it_is_when_their_pool_starts(monkeypatch):
+    """The fork server lives as long as the driver and its children inherit its environment:
+    a variable changed after the first pool must still reach the next pool's workers (they
+    are spawned then), and an unchanged environment keeps the fork server."""
+    import concurrent.futures as cf
+
+    from nautilus_pipeline.batch import executors
+
+    monkeypatch.delenv("NT_TEST_ENV_REACHES_WORKERS", raising=False)
+    monkeypatch.setattr(executors, "_server_env", None)
+
+    def worker_sees() -> tuple[str, str | None]:
+        ctx = executors._worker_context()
+        with cf.ProcessPoolExecutor(max_workers=1, mp_context=ctx) as pool:
+            return ctx.get_start_method(), pool.submit(os.getenv, "NT_TEST_ENV_REACHES_WORKERS").result(timeout=300)
+
+    assert worker_sees() == ("forkserver", None)
+    monkeypatch.setenv("NT_TEST_ENV_REACHES_WORKERS", "changed")
+    assert worker_sees() == ("spawn", "changed")
+    monkeypatch.delenv("NT_TEST_ENV_REACHES_WORKERS")
+    assert worker_sees() == ("forkserver", None)

@@ -1,5 +1,5 @@
 """The device warm-up that overlaps the read: it runs where a stage names a usable CUDA
-stream, prepares each stage's kernels through its ``warm_device`` hook, and never fails a
+stream, prepares each stage's kernels through its ``warm_ahead`` hook, and never fails a
 run (a failure is logged and kept; the stage's own start meets it again)."""
 
 from __future__ import annotations

@@ -8,8 +8,9 @@ the others go on).
 
 ``local``: a ``ProcessPoolExecutor`` of workers forked from a fork server (not from the
 driver: a forked child of a process with threads, numba's and BLAS's included, can
-deadlock; the fork server is a fresh single-threaded process that imported the package
-once, so a worker starts without importing it again), reused across jobs, so a worker pays
+deadlock; the fork server is a fresh process that imported the package once, with none of
+the driver's threads (its preload leaves only native pool threads, jemalloc's, OpenBLAS's
+and Arrow's, which have at-fork handlers), so a worker starts without importing it again), reused across jobs, so a worker pays
 its numba cache loads once; the numba cache on disk is shared. A
 worker that dies breaks the whole pool (``BrokenProcessPool`` for every job in it, and the pool
 terminates its other workers): the pool is made again and the jobs that were in it are
@@ -354,15 +355,30 @@ PRELOAD = ["nautilus_pipeline.batch.executors", "nautilus_pipeline.batch.preload
 (:mod:`.preload`: the package and numba's kernels, loaded by one replay of the sample)."""
 
 
+_server_env: dict[str, str] | None = None
+"""The environment the fork server started with (one per process, on first use)."""
+
+
 def _worker_context() -> Any:
     """Workers forked from a fork server (a fresh process, with no thread of the driver's,
     that imported :data:`PRELOAD` once): N workers start in milliseconds instead of N
     interpreters importing numpy, pyarrow and numba side by side. ``spawn`` where there is
-    no fork server (Windows, macOS's default)."""
+    no fork server (Windows, macOS's default), and where the one there is would give the
+    workers another environment than the driver's now: the server lives as long as the
+    driver and its workers inherit *its* environment, so a variable set or changed after
+    the first batch (``NAUTILUS_PIPELINE_CACHE``, ``NUMBA_*``, BLAS threads, a test's
+    ``monkeypatch.setenv``) would not reach them. Python's fork server is one per process:
+    an application that uses its own gets this preload in it too."""
+    global _server_env
     if "forkserver" not in multiprocessing.get_all_start_methods():
+        return multiprocessing.get_context("spawn")
+    if _server_env is not None and _server_env != dict(os.environ):
+        log.info("batch_workers_spawned", why="the environment changed since the fork server started")
         return multiprocessing.get_context("spawn")
     ctx = multiprocessing.get_context("forkserver")
     ctx.set_forkserver_preload(PRELOAD)
+    if _server_env is None:
+        _server_env = dict(os.environ)
     return ctx
 
 

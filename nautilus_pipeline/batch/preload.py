@@ -2,7 +2,8 @@
 kernel a job calls (numba's cached machine code), by replaying the bundled sample file once,
 so that each worker forked from the server starts with them loaded instead of loading them
 on its first job. The warm-up logs warnings only, writes into a temporary folder it removes,
-and leaves no thread behind (its event loop and readers are closed before any fork)."""
+and leaves no Python thread behind (its event loop and readers are closed before any fork;
+native pool threads of jemalloc, OpenBLAS and Arrow remain, which have at-fork handlers)."""
 
 from __future__ import annotations
 
