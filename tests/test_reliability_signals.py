@@ -143,9 +143,12 @@ def test_a_signal_during_a_run_drains_writes_and_exits_with_its_code(tmp_path: P
         assert summary["ticks"]["read"] == summary["ticks"]["delivered"] + summary["ticks"]["rejected"]
         return
     assert rc == CODES[sig] and summary["interrupted"] is True
-    # Stopped before the end; on a loaded machine 1 s may not reach the first batch (0 is then
-    # right: nothing was delivered, and check_outputs saw the accounting close).
+    # Stopped before the end. 1 s after the start may not reach the first batch on a loaded
+    # machine (0 is then right: check_outputs saw the accounting close); 4 s does, so that
+    # case checks a drain in the middle of the run.
     assert summary["ticks"]["processed"] < 2_000_000
+    if after >= 4.0:
+        assert summary["ticks"]["processed"] > 0
 
 
 @pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")  # the swallowed one
