@@ -214,7 +214,7 @@ async def one_tick_hops(url: str, hops: int, mode: str = "now", warmup: int = 50
 
 class _FetchFeed:
     """148a742's way of reading the consumer, for the hop through the bridge: nats-py's
-    ``fetch(free slabs)``, which returns when that many came or its timeout ran out."""
+    ``fetch(free slabs)``, a new pull request (or two) per read."""
 
     def __init__(self, sub):
         self.sub = sub
