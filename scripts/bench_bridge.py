@@ -98,22 +98,37 @@ async def main(url, n, batch, mode):
     await js.delete_stream("TICKS")
     await ensure_stream(js, "TICKS", ["ticks.>"])
     pub.messages = 0
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     await pub.publish(frame, "BTCUSDT-PERP")
     await pub.flush()
-    print(time.perf_counter() - t0)
+    print(time.perf_counter() - t0, time.process_time() - c0)
     await nc.close()
 
 (asyncio.run if sys.argv[4] == "before" else uvloop.run)(main(*sys.argv[1:]))
 """
 
 
-def publish_from_another_process(url: str, n: int, mode: str = "now") -> float:
-    """Fill the TICKS stream (made anew) from a child process; returns its publish wall time (s)."""
+CPU: dict[str, list[tuple[float, float]]] = {"before": [], "now": []}
+"""Per publish: (the publishing process's CPU s, nats-server's CPU s) while it published."""
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of process ``pid`` (Linux /proc), s."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def publish_from_another_process(url: str, n: int, mode: str = "now", server_pid: int | None = None) -> float:
+    """Fill the TICKS stream (made anew) from a child process; returns its publish wall time (s)
+    and records its CPU time and the server's in ``CPU[mode]``."""
     env = {**os.environ, "PYTHONPATH": str(REPO)}
+    s0 = cpu_seconds(server_pid) if server_pid else 0.0
     out = subprocess.run([sys.executable, "-c", PUBLISHER, url, str(n), str(BATCH), mode], env=env,
                          check=True, capture_output=True, text=True).stdout
-    return float(out.strip().splitlines()[-1])
+    server_cpu = cpu_seconds(server_pid) - s0 if server_pid else float("nan")  # warm-up included: ~1 batch
+    wall, cpu = map(float, out.strip().splitlines()[-1].split())
+    CPU[mode].append((cpu, server_cpu))
+    return wall
 
 
 async def consume_raw(url: str, durable: str, messages: int, mode: str = "now") -> float:
@@ -199,7 +214,7 @@ async def one_tick_hops(url: str, hops: int, mode: str = "now", warmup: int = 50
 
 class _FetchFeed:
     """148a742's way of reading the consumer, for the hop through the bridge: nats-py's
-    ``fetch(free slabs)``, which returns when that many came or its timeout ran out."""
+    ``fetch(free slabs)``, a new pull request (or two) per read."""
 
     def __init__(self, sub):
         self.sub = sub
@@ -465,7 +480,7 @@ async def measure(args: argparse.Namespace, server: NatsServer) -> None:
         con: dict[str, list[float]] = {"before": [], "now": []}
         for r in range(args.repeat):  # alternating: 148a742's paths, then this commit's
             for mode in ("before", "now"):
-                pub[mode].append(n / publish_from_another_process(url, n, mode))
+                pub[mode].append(n / publish_from_another_process(url, n, mode, server.proc.pid))
                 con[mode].append(n / await consume_raw(url, f"raw-{mode}-{r}", messages, mode))
         med = {k: statistics.median(v) for k, v in (("pub_b", pub["before"]), ("pub_n", pub["now"]),
                                                     ("con_b", con["before"]), ("con_n", con["now"]))}
@@ -477,7 +492,13 @@ async def measure(args: argparse.Namespace, server: NatsServer) -> None:
               f"{med['pub_n'] / med['pub_b']:.2f} |")
         print(f"| consume: durable pull, decode, ack (148a742: fetch(64); now: open pull request) | "
               f"{med['con_b']:,.0f} | {med['con_n']:,.0f} | {med['con_n'] / med['con_b']:.2f} |")
-        print(f"\nper run (ticks/s): publish {pub}, consume {con}\n".replace("'", ""))
+        print(f"\nper run (ticks/s): publish {pub}, consume {con}".replace("'", ""))
+        per = {m: (statistics.median(c for c, _ in CPU[m]) / messages * 1e6,
+                   statistics.median(s for _, s in CPU[m]) / messages * 1e6) for m in CPU}
+        print(f"CPU per 4096-tick batch published (medians): publishing process {per['before'][0]:.0f} µs "
+              f"(148a742) vs {per['now'][0]:.0f} µs (now); nats-server meanwhile {per['before'][1]:.0f} µs "
+              f"vs {per['now'][1]:.0f} µs (its CPU includes the deletion of the last stream and ~1 "
+              "warm-up batch)\n")
 
         hops: dict[str, list[float]] = {"before": [], "now": []}
         chunk = max(args.hops // 4, 1)

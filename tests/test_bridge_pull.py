@@ -1,8 +1,7 @@
 """``PullFeed``: the ingress's open pull request, on a real ``nats-server -js``.
 
 A message published while the feed waits is handed over at once, the request for the rest
-of its batch still open (nats-py's ``fetch(8)`` would hold it until 8 came or its timeout
-ran out); deliveries nobody took are nak'ed at close and redelivered at once; a request the
+of its batch still open for the next read; deliveries nobody took are nak'ed at close and redelivered at once; a request the
 server forgot in a restart is replaced, so the feed goes on.
 """
 

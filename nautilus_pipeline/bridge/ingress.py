@@ -5,8 +5,8 @@ slabs (at least one, waiting for a slab first), so JetStream keeps what the pipe
 cannot hold yet, and ``max_ack_pending`` bounds what is delivered but not yet acknowledged.
 A pull consumer rather than a push one for exactly that reason: the pipeline asks when it
 has room, instead of a server pushing into a client-side buffer. The pull request stays
-open (:class:`~.pull.PullFeed`), so a message is fed the moment it arrives, not when a
-fetch's batch is full or its timeout has run out.
+open across reads (:class:`~.pull.PullFeed`): a message is fed as soon as it arrives, with
+no request, task or timer per read (the one-tick hop of ``scripts/bench_bridge.py``).
 
 A message is acknowledged only when the last stage has released the lease of each batch it
 became (``Lease.on_release``); a message larger than ``batch_size`` rows becomes several

@@ -1,10 +1,9 @@
 """A JetStream pull consumer read as a stream: messages handed over the moment they arrive.
 
-nats-py's ``PullSubscription.fetch(n)`` returns when ``n`` messages are in or its timeout runs
-out: fed one tick at a time, a consumer asking for as many messages as it has free slabs
-waited the whole timeout (0.25 s) for the rest of the batch before seeing the first, and a
-fetch of one paid a new pull request, a task and a timer per message. Here the consumer
-keeps one pull request open (``batch`` = the credit it was given, ``expires`` a short
+nats-py's ``PullSubscription.fetch(n)`` sends up to two pull requests per call (a
+``no_wait`` probe, then a waiting one) and waits through ``next_msg``, which creates a task
+and a timer per message; a request ends with each call. Here the consumer keeps one pull
+request open (``batch`` = the credit it was given, ``expires`` a short
 lease), its deliveries land in a queue through the subscription's callback, and
 :meth:`PullFeed.get` returns whatever has arrived as soon as there is something. The
 request is the JetStream API's own (``$JS.API.CONSUMER.MSG.NEXT.<stream>.<consumer>``,
