@@ -53,12 +53,22 @@ in the model). The default stages now run a small batch as one numba call with f
 arguments over the slab's whole columns and state arrays allocated once (``features``:
 ``FeatureTable.update_small``; ``vpin``: ``vpin_rows_small`` while trades join the open
 bar; ``risk``: ``kernels.risk_rows``; ``inference``: ``kernels.mlp.RowOrderForward``;
-``signal``: one scalar read), each calling the batch path's own kernels so the numbers are
-the same bits (``tests/test_engine_inline.py``). One row per stage,
-``scripts/profile_stages.py --rows 1`` on the shared dev VM, p50 µs, before → after:
-features 39 → 12, inference 104 → 32 (three 16-row products are most of it), VPIN 83 → 8,
-risk 241 → 12, signal 61 → 2-16 (16 when it publishes). The runner's own cost per hop is
-~3.5 µs (``_handle_lease``: one method, no event object on the inline path).
+``signal``: one scalar read), each calling the batch path's own kernels (the model: one
+fixed order of sums for every batch size) so the numbers are the same bits
+(``tests/test_engine_inline.py``). One row per stage, ``scripts/profile_stages.py --rows 1``
+on the shared dev VM, p50 µs, before → after: features 39 → 12, inference 104 → 32 (three
+16-row products) → 3.6 (the fixed-order kernel, AMD EPYC VM, ``bench_pipeline.py
+--offload``), VPIN 83 → 8, risk 241 → 12, signal 61 → 2-16 (16 when it publishes). The
+runner's own cost per hop is ~1.4 µs (five null stages against one, AMD EPYC VM).
+
+Warm-up (``Stage.warm_up``). A numba kernel's first call in a process loads it from the
+cache (or compiles it): ~5-20 ms each warm, ~0.1-1 s for the first one (numba's CPU
+target) and for a cold cache seconds. The live kernels used to pay that on the first live
+tick, the Monte Carlo sampler on the first VaR report (~1 s seen). At start, after
+``bind``, each runner now gives its stage a one-row scratch slab of the pipeline's columns
+(the same array types as the pool's) on the stream's worker, and the stage runs its live
+kernels there on scratch state (``tests/test_engine_warm.py``: no kernel loads after start,
+checked in a fresh interpreter).
 """
 
 from __future__ import annotations
