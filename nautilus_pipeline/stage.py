@@ -27,9 +27,21 @@ with other jobs, so absolute numbers are high, the crossover is what counts)::
       1024      201.2      825.9      610.7     1470.4      320.7
       4096      702.0     3480.3     1265.0     6162.4     1844.8
 
-Below ~256 rows a hop costs as much as the batch, so a live batch of one row stays inline;
-from 1024 rows every stage's batch is several round trips long, and running it beside the
-others pays. One worker shared by all stages was the alternative: it would serialise the
+and again with the live kernels and the fixed-order model (engine branch, AMD EPYC VM at
+load ~6, ``docs/measurements/dev_bench_pipeline_engine_ab.txt``)::
+
+      rows   features  inference       vpin       risk     signal     (round trip 26.5 µs)
+         1        3.3        3.6        2.3        4.6        0.7
+        64        7.1       31.2        2.6        6.1        5.6
+       256       18.1      117.7        6.2       12.7        3.5
+      1024       97.9      473.3      322.8      499.8       74.4
+      4096      323.8     7390.2      779.9     1712.9      456.4
+
+Below ~256 rows a hop costs as much as the batch (the small-batch kernels made that so for
+every stage but inference), so a live batch of one row stays inline; from 1024 rows every
+stage's batch is several round trips long, and running it beside the others pays (the
+4,096-row inference figure of the second table is one swing of the load; 1.1-2.5 ms in
+other runs). One worker shared by all stages was the alternative: it would serialise the
 stages' kernels again, which is what this replaces.
 
 The inline hand-off (``INLINE_CHAIN_MAX_ROWS``). A queue hop costs a publish, a future and
