@@ -27,9 +27,21 @@ with other jobs, so absolute numbers are high, the crossover is what counts)::
       1024      201.2      825.9      610.7     1470.4      320.7
       4096      702.0     3480.3     1265.0     6162.4     1844.8
 
-Below ~256 rows a hop costs as much as the batch, so a live batch of one row stays inline;
-from 1024 rows every stage's batch is several round trips long, and running it beside the
-others pays. One worker shared by all stages was the alternative: it would serialise the
+and again with the live kernels and the fixed-order model (engine branch, AMD EPYC VM at
+load ~6, ``docs/measurements/dev_bench_pipeline_engine_ab.txt``)::
+
+      rows   features  inference       vpin       risk     signal     (round trip 26.5 µs)
+         1        3.3        3.6        2.3        4.6        0.7
+        64        7.1       31.2        2.6        6.1        5.6
+       256       18.1      117.7        6.2       12.7        3.5
+      1024       97.9      473.3      322.8      499.8       74.4
+      4096      323.8     7390.2      779.9     1712.9      456.4
+
+Below ~256 rows a hop costs as much as the batch (the small-batch kernels made that so for
+every stage but inference), so a live batch of one row stays inline; from 1024 rows every
+stage's batch is several round trips long, and running it beside the others pays (the
+4,096-row inference figure of the second table is one swing of the load; 1.1-2.5 ms in
+other runs). One worker shared by all stages was the alternative: it would serialise the
 stages' kernels again, which is what this replaces.
 
 The inline hand-off (``INLINE_CHAIN_MAX_ROWS``). A queue hop costs a publish, a future and
@@ -53,12 +65,22 @@ in the model). The default stages now run a small batch as one numba call with f
 arguments over the slab's whole columns and state arrays allocated once (``features``:
 ``FeatureTable.update_small``; ``vpin``: ``vpin_rows_small`` while trades join the open
 bar; ``risk``: ``kernels.risk_rows``; ``inference``: ``kernels.mlp.RowOrderForward``;
-``signal``: one scalar read), each calling the batch path's own kernels so the numbers are
-the same bits (``tests/test_engine_inline.py``). One row per stage,
-``scripts/profile_stages.py --rows 1`` on the shared dev VM, p50 µs, before → after:
-features 39 → 12, inference 104 → 32 (three 16-row products are most of it), VPIN 83 → 8,
-risk 241 → 12, signal 61 → 2-16 (16 when it publishes). The runner's own cost per hop is
-~3.5 µs (``_handle_lease``: one method, no event object on the inline path).
+``signal``: one scalar read), each calling the batch path's own kernels (the model: one
+fixed order of sums for every batch size) so the numbers are the same bits
+(``tests/test_engine_inline.py``). One row per stage, ``scripts/profile_stages.py --rows 1``
+on the shared dev VM, p50 µs, before → after: features 39 → 12, inference 104 → 32 (three
+16-row products) → 3.6 (the fixed-order kernel, AMD EPYC VM, ``bench_pipeline.py
+--offload``), VPIN 83 → 8, risk 241 → 12, signal 61 → 2-16 (16 when it publishes). The
+runner's own cost per hop is ~1.4 µs (five null stages against one, AMD EPYC VM).
+
+Warm-up (``Stage.warm_up``). A numba kernel's first call in a process loads it from the
+cache (or compiles it): ~5-20 ms each warm, ~0.1-1 s for the first one (numba's CPU
+target) and for a cold cache seconds. The live kernels used to pay that on the first live
+tick, the Monte Carlo sampler on the first VaR report (~1 s seen). At start, after
+``bind``, each runner now gives its stage a one-row scratch slab of the pipeline's columns
+(the same array types as the pool's) on the stream's worker, and the stage runs its live
+kernels there on scratch state (``tests/test_engine_warm.py``: no kernel loads after start,
+checked in a fresh interpreter).
 """
 
 from __future__ import annotations

@@ -35,6 +35,7 @@ import orjson
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 OUTPUTS = ("signals.jsonl", "vpin.jsonl", "risk.jsonl")
+MARKDOWN: list[str] = []  # the same tables as markdown (``--markdown``), for the README
 
 
 # --- replay ------------------------------------------------------------------------------
@@ -95,6 +96,8 @@ def replay_table(rows_list: list[int], folder: pathlib.Path, batch: int | None,
             f"{'RSS MB':>6} {'same':>5}  per-stage p50 µs per batch")
     print(head)
     print("-" * len(head))
+    MARKDOWN.extend(["", "| trades | execution | ticks/s | process s | cores busy | same outputs as serial "
+                     "| per-stage p50 µs per batch |", "|---:|---|---:|---:|---:|---|---|"])
     for rows in rows_list:
         ticks = make_trades(rows, folder)
         base = None
@@ -120,6 +123,8 @@ def replay_table(rows_list: list[int], folder: pathlib.Path, batch: int | None,
             label = "conc+pad" if env else label
             print(f"{rows:>11,} {label:>10} {rate:>11,.0f} {r['process_wall']:>9.2f} "
                   f"{r['cores']:>5.2f} {r['rss_mb']:>6.0f} {same:>5}  {stages}")
+            MARKDOWN.append(f"| {rows:,} | {label} | {rate:,.0f} | {r['process_wall']:.2f} | "
+                            f"{r['cores']:.2f} | {'' if same == '-' else same} | {stages} |")
 
 
 # --- live --------------------------------------------------------------------------------
@@ -209,6 +214,10 @@ def live_table(n: int, folder: pathlib.Path) -> None:
     print("-" * len(head))
     p50, p99, mx, _ = run(queue_floor(n))
     print(f"{'4 asyncio.Queue hops':<26} {'-':>5} {'max':>10} {p50:>9.1f} {p99:>9.1f} {mx:>9.1f} {'-':>10}")
+    MARKDOWN.extend(["", f"| live: publish_tick → last stage, {n:,} ticks | batch | rate | p50 µs "
+                     "| p99 µs | max µs | ticks/s |", "|---|---:|---|---:|---:|---:|---:|",
+                     f"| 4 `asyncio.Queue` hops (the floor) | – | max | {p50:.1f} | {p99:.1f} | "
+                     f"{mx:.1f} | – |"])
     for full in (True, False):
         label = "full default chain" if full else "features only"
         for batch in (1, 4096):
@@ -217,6 +226,8 @@ def live_table(n: int, folder: pathlib.Path) -> None:
                 p50, p99, mx, rate = run(live_run(definition, paced_n, batch, paced, full))
                 print(f"{label:<26} {batch:>5} {'1,000/s' if paced else 'max':>10} {p50:>9.1f} "
                       f"{p99:>9.1f} {mx:>9.1f} {rate:>10,.0f}")
+                MARKDOWN.append(f"| {label} | {batch} | {'1,000/s' if paced else 'max'} | {p50:.1f} "
+                                f"| {p99:.1f} | {mx:.1f} | {rate:,.0f} |")
 
 
 async def offload_rows(definition: pathlib.Path, sizes: tuple[int, ...], reps: int):
@@ -274,8 +285,11 @@ def offload_table(folder: pathlib.Path) -> None:
     head = f"{'rows':>6} " + " ".join(f"{n:>10}" for n in names)
     print(head)
     print("-" * len(head))
+    MARKDOWN.extend(["", f"| rows | {' | '.join(names)} | (worker round trip {hop:.1f} µs) |",
+                     "|---:|" + "---:|" * (len(names) + 1)])
     for n in sizes:
         print(f"{n:>6} " + " ".join(f"{table[n][k]:>10.1f}" for k in names))
+        MARKDOWN.append(f"| {n} | " + " | ".join(f"{table[n][k]:.1f}" for k in names) + " | |")
 
 
 def main() -> None:
@@ -292,8 +306,10 @@ def main() -> None:
                     help="also run concurrent with MALLOC_TOP_PAD_=64MiB (allocation churn check)")
     ap.add_argument("--offload", action="store_true", help="also print the offload table")
     ap.add_argument("--data", help="folder for the generated files (default: a temporary one)")
+    ap.add_argument("--markdown", type=pathlib.Path, help="also write the tables as markdown here")
     args = ap.parse_args()
-    print(f"machine: {describe()}")
+    print(f"machine: {describe()}; load average {os.getloadavg()[0]:.2f} at the start")
+    MARKDOWN.append(f"machine: {describe()}; load average {os.getloadavg()[0]:.2f} at the start")
     folder = pathlib.Path(args.data or tempfile.mkdtemp(prefix="bench_pipeline-"))
     folder.mkdir(parents=True, exist_ok=True)
     if args.rows:
@@ -302,6 +318,10 @@ def main() -> None:
         offload_table(folder)
     if args.live_ticks:
         live_table(args.live_ticks, folder)
+    print(f"load average {os.getloadavg()[0]:.2f} at the end")
+    if args.markdown:
+        MARKDOWN.append(f"\nload average {os.getloadavg()[0]:.2f} at the end")
+        args.markdown.write_text("\n".join(MARKDOWN) + "\n")
 
 
 if __name__ == "__main__":

@@ -143,6 +143,27 @@ async def test_a_tick_into_an_idle_pipeline_runs_every_stage_in_the_publishing_t
     assert all(r.subscription.delivered == 1 for r in pipe.runners)
 
 
+async def test_live_ticks_take_one_slab_at_a_time_and_give_it_back():
+    """publish_tick's slab fast path (``BufferPool.acquire_nowait``): each one-row batch
+    takes a free slab and returns it, with two slabs for 200 ticks (a slab held one tick too
+    long would exhaust the pool and hang: bounded here), and a micro-batch of 7 rows too."""
+    for batch_size in (1, 7):
+        last = Order("last")
+        async with Pipeline([Order("first"), last], batch_size=batch_size, slabs=2,
+                            memory="host") as pipe:
+            async def feed(pipe=pipe):
+                for i in range(200):
+                    await pipe.publish_tick(TradeTick("X", i, 1.0, 1.0, 1))
+                await pipe.drain()
+
+            await asyncio.wait_for(feed(), timeout=60)
+            stats = pipe.pool.stats()
+            assert stats.in_use == 0 and stats.high_water <= 2
+        assert pipe.tick_flow().ticks_out == 200 and not pipe.leaked
+        if batch_size == 1:
+            assert last.seen == list(range(200))
+
+
 async def test_a_small_batch_does_not_overtake_one_queued_before_it():
     gate = asyncio.Event()
     first, last = Order("first", gate), Order("last")

@@ -246,9 +246,10 @@ class RowOrderForward:
     failed). Here the order of every sum is written down (:func:`_dense_tile`), so batch 1
     and 4,096 agree by construction, and a live row costs one call with no padding.
     ``scripts/bench_inference.py --fixed-order`` (2-core dev VM, loaded, one BLAS thread,
-    medians of two runs): 1 row 2.4 µs vs 22 µs for the padded BLAS products, 16 rows 7.7 vs
-    22 µs, 256 rows 141 vs 113-126 µs, 4,096 rows 2.5 vs 1.7 ms (BLAS's kernels use fused
-    multiply-adds; ``fastmath="contract"`` here gained nothing measurable). Against the
+    medians): 1 row 2.4-3.4 µs vs 22-31 µs for the padded BLAS products, 16 rows 7.7-10.7 vs
+    22-32 µs; from 256 rows 1.2-1.8× BLAS's time (BLAS's kernels use fused multiply-adds;
+    ``fastmath="contract"`` here gained nothing measurable; ``bench_pipeline.py --offload``
+    and ``docs/measurements/dev_bench_inference_fixed_order.txt``). Against the
     float64 reference it agrees to float32 rounding as BLAS does (~2e-7 in probability).
 
     Scratch: two ``TILE`` × widest-layer float32 buffers, allocated once; not thread-safe
