@@ -247,10 +247,24 @@ class LocalExecutor:
         """Start the workers now (the fork server's imports take seconds), while the batch is planned."""
         threads = threads_per_worker(self.workers)
         self._t_prepare = time.perf_counter()
-        self._ready = self._pool(Work("", "", log_level=log_level, threads=threads))
-        self._warm = [self._ready.submit(warm_up, log_level, threads) for _ in range(self.workers)]
-        for fut in self._warm:
-            fut.add_done_callback(lambda f: setattr(f, "done_at", time.perf_counter()))
+        pool = self._ready = self._pool(Work("", "", log_level=log_level, threads=threads))
+        self._warm = []
+
+        def start() -> None:
+            # a submit starts a worker, which waits for the fork server's imports: in a thread,
+            # so that the driver plans meanwhile
+            for _ in range(self.workers):
+                fut = pool.submit(warm_up, log_level, threads)
+                fut.add_done_callback(lambda f: setattr(f, "done_at", time.perf_counter()))
+                self._warm.append(fut)
+
+        self._starting = threading.Thread(target=start, name="pool-start", daemon=True)
+        self._starting.start()
+
+    def _join_start(self) -> None:
+        starting, self._starting = getattr(self, "_starting", None), None
+        if starting is not None:
+            starting.join()
 
     def _pool(self, work: Work) -> cf.ProcessPoolExecutor:
         return cf.ProcessPoolExecutor(max_workers=self.workers, mp_context=_worker_context(),
@@ -258,6 +272,7 @@ class LocalExecutor:
 
     def close(self) -> None:
         """Stop workers started by :meth:`prepare` that no batch used."""
+        self._join_start()
         if self._ready is not None:
             self._ready.shutdown(wait=False, cancel_futures=True)
             self._ready = None
@@ -266,6 +281,7 @@ class LocalExecutor:
         out = Outcome() if out is None else out
         busy_dir = Path(work.out) / ".workers"
         work = replace(work, busy_dir=str(busy_dir))
+        self._join_start()
         pool, self._ready = self._ready or self._pool(work), None
         warm, self._warm = getattr(self, "_warm", []), []
         pending: dict[cf.Future, _Task] = {}
@@ -349,9 +365,13 @@ class LocalExecutor:
         return out
 
 
-PRELOAD = ["nautilus_pipeline.batch.executors", "nautilus_pipeline.batch.preload"]
-"""What the fork server imports once, so that each worker forked from it starts with it
-(:mod:`.preload`: the package and numba's kernels, loaded by one replay of the sample)."""
+PRELOAD = ["nautilus_pipeline.batch.executors", "nautilus_pipeline.app", "nautilus_pipeline.stages",
+           "nautilus_pipeline.io"]
+"""What the fork server imports once, so that each worker forked from it starts with it.
+Imports only: the threads they leave (BLAS's, pyarrow's allocator) handle a fork. Numba's
+kernels are loaded by each worker on its first job (a warm-up replay in the server, tried,
+cost a serial 1.5-2 s at start-up for ~0.3 s saved per worker in parallel, and left pyarrow's
+thread pools and an io_uring thread running in the process that forks)."""
 
 
 def _worker_context() -> Any:
