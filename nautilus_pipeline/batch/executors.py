@@ -8,8 +8,8 @@ the others go on).
 
 ``local``: a ``ProcessPoolExecutor`` of workers forked from a fork server (not from the
 driver: a forked child of a process with threads, numba's and BLAS's included, can
-deadlock; the fork server is a fresh single-threaded process that imported the package
-once, so a worker starts without importing it again), reused across jobs, so a worker pays
+deadlock; the fork server is a fresh process, none of the driver's threads in it, that
+imported the package once, so a worker starts without importing it again), reused across jobs, so a worker pays
 its numba cache loads once; the numba cache on disk is shared. A
 worker that dies breaks the whole pool (``BrokenProcessPool`` for every job in it, and the pool
 terminates its other workers): the pool is made again and the jobs that were in it are
@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import concurrent.futures as cf
 import contextlib
+import importlib.util
 import multiprocessing
 import os
 import shutil
@@ -242,6 +243,9 @@ class LocalExecutor:
         self.workers = workers or os.cpu_count() or 1
         self.max_retries = max_retries
         self._ready: cf.ProcessPoolExecutor | None = None
+        self._starting: threading.Thread | None = None
+        self._warm: list[cf.Future] = []
+        self._t_prepare = 0.0
 
     def prepare(self, log_level: str) -> None:
         """Start the workers now (the fork server's imports take seconds), while the batch is planned."""
@@ -262,7 +266,7 @@ class LocalExecutor:
         self._starting.start()
 
     def _join_start(self) -> None:
-        starting, self._starting = getattr(self, "_starting", None), None
+        starting, self._starting = self._starting, None
         if starting is not None:
             starting.join()
 
@@ -283,7 +287,7 @@ class LocalExecutor:
         work = replace(work, busy_dir=str(busy_dir))
         self._join_start()
         pool, self._ready = self._ready or self._pool(work), None
-        warm, self._warm = getattr(self, "_warm", []), []
+        warm, self._warm = self._warm, []
         pending: dict[cf.Future, _Task] = {}
 
         def submit(task: _Task) -> None:
@@ -366,8 +370,10 @@ class LocalExecutor:
 
 
 PRELOAD = ["nautilus_pipeline.batch.executors", "nautilus_pipeline.app", "nautilus_pipeline.stages",
-           "nautilus_pipeline.io"]
+           "nautilus_pipeline.io", *(["pandas"] if importlib.util.find_spec("pandas") else [])]
 """What the fork server imports once, so that each worker forked from it starts with it.
+pandas too where installed: pyarrow imports it at a reader's first ``fill_null`` (0.7 s on
+a quiet 2-core VM, 2.6 s loaded), which every worker's first job paid.
 Imports only: the threads they leave (BLAS's, pyarrow's allocator) handle a fork. Numba's
 kernels are loaded by each worker on its first job (a warm-up replay in the server, tried,
 cost a serial 1.5-2 s at start-up for ~0.3 s saved per worker in parallel, and left pyarrow's
@@ -378,7 +384,7 @@ def _worker_context() -> Any:
     """Workers forked from a fork server (a fresh process, with no thread of the driver's,
     that imported :data:`PRELOAD` once): N workers start in milliseconds instead of N
     interpreters importing numpy, pyarrow and numba side by side. ``spawn`` where there is
-    no fork server (Windows, macOS's default)."""
+    no fork server (Windows)."""
     if "forkserver" not in multiprocessing.get_all_start_methods():
         return multiprocessing.get_context("spawn")
     ctx = multiprocessing.get_context("forkserver")
