@@ -81,7 +81,7 @@ def sequential(definition: str, files: list[Path], out: Path, trace_every: int) 
 MODEL_COLUMNS = {"signals": ("strength",), "trace": ("prediction",)}
 """Columns that are the model's float32 output (or a function of it alone). BLAS may round a
 row's products differently in another batch shape, at another position in the batch or with
-another thread count (it does with OpenBLAS on AVX-512 CPUs), and a job's batches start at
+another thread count (numpy's OpenBLAS does on an AMD EPYC, Haswell kernels), and a job's batches start at
 its file's first row where one run's batches run across the files: these agree to float32
 rounding through the model's layers (1e-5 on a probability; measured: up to 2e-6). Every
 other column, the sides and targets those outputs decide included, is compared bit for bit."""
