@@ -269,7 +269,7 @@ def main() -> None:
               f"{'' if eff != eff else f'{eff:.2f}'} | {r['job_s']:.2f} | {over} | {share} | {start} | {warm} |")
     print()
     print(f"merged outputs identical across the batch runs: {'yes' if same else 'NO'}")
-    print("start-up: local, from the pool's spawn to every worker's imports done (while the batch is planned); "
+    print("start-up: local, from the fork server's start to every worker forked (while the batch is planned); "
           "ray, import and ray.init (also while planning), then 'workers warm' when one warm-up task per CPU "
           "has imported the package")
     print("engine overhead / job = (wall x min(N, symbols) - sum of job times) / jobs; where it goes:")

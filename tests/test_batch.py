@@ -20,7 +20,7 @@ import pytest
 
 import nautilus_pipeline as nt
 from nautilus_pipeline.batch import expand_inputs, plan, replay_job, run_batch
-from nautilus_pipeline.batch.job import TMP_MARK
+from nautilus_pipeline.batch.job import TMP_MARK, JobResult
 from nautilus_pipeline.config import find_definition, load
 
 KINDS = ("signals", "vpin", "risk", "trace")
@@ -298,7 +298,6 @@ def test_a_symbol_with_a_slash_is_one_uri_encoded_partition(tmp_path):
     import pyarrow.dataset as ds
     import pyarrow.parquet as pq
 
-    from nautilus_pipeline.batch.job import JobResult
     from nautilus_pipeline.batch.merge import merge_outputs
 
     results = []
@@ -349,9 +348,7 @@ def test_a_file_starting_at_the_last_tick_of_the_one_before_is_chained(tmp_path)
 
 
 # --- the merge, part by part ------------------------------------------------------------------
-def _part_result(tmp: Path, i: int, table: pa.Table) -> nt.batch.JobResult:
-    from nautilus_pipeline.batch.job import JobResult
-
+def _part_result(tmp: Path, i: int, table: pa.Table) -> JobResult:
     path = tmp / f"part-{i}.parquet"
     pq.write_table(table, path)
     return JobResult(f"{table['symbol'][0].as_py()}/{i:04d}", (), str(tmp), {"signals": str(path)}, {}, {}, {}, b"")

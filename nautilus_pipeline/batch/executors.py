@@ -8,9 +8,8 @@ the others go on).
 
 ``local``: a ``ProcessPoolExecutor`` of workers forked from a fork server (not from the
 driver: a forked child of a process with threads, numba's and BLAS's included, can
-deadlock; the fork server is a fresh process that imported the package once, with none of
-the driver's threads (its preload leaves only native pool threads, jemalloc's, OpenBLAS's
-and Arrow's, which have at-fork handlers), so a worker starts without importing it again), reused across jobs, so a worker pays
+deadlock; the fork server is a fresh process, none of the driver's threads in it, that
+imported the package once, so a worker starts without importing it again), reused across jobs, so a worker pays
 its numba cache loads once; the numba cache on disk is shared. A
 worker that dies breaks the whole pool (``BrokenProcessPool`` for every job in it, and the pool
 terminates its other workers): the pool is made again and the jobs that were in it are
@@ -33,6 +32,7 @@ from __future__ import annotations
 
 import concurrent.futures as cf
 import contextlib
+import importlib.util
 import multiprocessing
 import os
 import shutil
@@ -243,15 +243,32 @@ class LocalExecutor:
         self.workers = workers or os.cpu_count() or 1
         self.max_retries = max_retries
         self._ready: cf.ProcessPoolExecutor | None = None
+        self._starting: threading.Thread | None = None
+        self._warm: list[cf.Future] = []
+        self._t_prepare = 0.0
 
     def prepare(self, log_level: str) -> None:
         """Start the workers now (the fork server's imports take seconds), while the batch is planned."""
         threads = threads_per_worker(self.workers)
         self._t_prepare = time.perf_counter()
-        self._ready = self._pool(Work("", "", log_level=log_level, threads=threads))
-        self._warm = [self._ready.submit(warm_up, log_level, threads) for _ in range(self.workers)]
-        for fut in self._warm:
-            fut.add_done_callback(lambda f: setattr(f, "done_at", time.perf_counter()))
+        pool = self._ready = self._pool(Work("", "", log_level=log_level, threads=threads))
+        self._warm = []
+
+        def start() -> None:
+            # a submit starts a worker, which waits for the fork server's imports: in a thread,
+            # so that the driver plans meanwhile
+            for _ in range(self.workers):
+                fut = pool.submit(warm_up, log_level, threads)
+                fut.add_done_callback(lambda f: setattr(f, "done_at", time.perf_counter()))
+                self._warm.append(fut)
+
+        self._starting = threading.Thread(target=start, name="pool-start", daemon=True)
+        self._starting.start()
+
+    def _join_start(self) -> None:
+        starting, self._starting = self._starting, None
+        if starting is not None:
+            starting.join()
 
     def _pool(self, work: Work) -> cf.ProcessPoolExecutor:
         return cf.ProcessPoolExecutor(max_workers=self.workers, mp_context=_worker_context(),
@@ -259,6 +276,7 @@ class LocalExecutor:
 
     def close(self) -> None:
         """Stop workers started by :meth:`prepare` that no batch used."""
+        self._join_start()
         if self._ready is not None:
             self._ready.shutdown(wait=False, cancel_futures=True)
             self._ready = None
@@ -267,8 +285,9 @@ class LocalExecutor:
         out = Outcome() if out is None else out
         busy_dir = Path(work.out) / ".workers"
         work = replace(work, busy_dir=str(busy_dir))
+        self._join_start()
         pool, self._ready = self._ready or self._pool(work), None
-        warm, self._warm = getattr(self, "_warm", []), []
+        warm, self._warm = self._warm, []
         pending: dict[cf.Future, _Task] = {}
 
         def submit(task: _Task) -> None:
@@ -350,9 +369,15 @@ class LocalExecutor:
         return out
 
 
-PRELOAD = ["nautilus_pipeline.batch.executors", "nautilus_pipeline.batch.preload"]
-"""What the fork server imports once, so that each worker forked from it starts with it
-(:mod:`.preload`: the package and numba's kernels, loaded by one replay of the sample)."""
+PRELOAD = ["nautilus_pipeline.batch.executors", "nautilus_pipeline.app", "nautilus_pipeline.stages",
+           "nautilus_pipeline.io", *(["pandas"] if importlib.util.find_spec("pandas") else [])]
+"""What the fork server imports once, so that each worker forked from it starts with it.
+pandas too where installed: pyarrow imports it at a reader's first ``fill_null`` (0.7 s on
+a quiet 2-core VM, 2.6 s loaded), which every worker's first job paid.
+Imports only: the threads they leave (BLAS's, pyarrow's allocator) handle a fork. Numba's
+kernels are loaded by each worker on its first job (a warm-up replay in the server, tried,
+cost a serial 1.5-2 s at start-up for ~0.3 s saved per worker in parallel, and left pyarrow's
+thread pools and an io_uring thread running in the process that forks)."""
 
 
 _server_env: dict[str, str] | None = None
@@ -363,7 +388,7 @@ def _worker_context() -> Any:
     """Workers forked from a fork server (a fresh process, with no thread of the driver's,
     that imported :data:`PRELOAD` once): N workers start in milliseconds instead of N
     interpreters importing numpy, pyarrow and numba side by side. ``spawn`` where there is
-    no fork server (Windows, macOS's default), and where the one there is would give the
+    no fork server (Windows), and where the one there is would give the
     workers another environment than the driver's now: the server lives as long as the
     driver and its workers inherit *its* environment, so a variable set or changed after
     the first batch (``NAUTILUS_PIPELINE_CACHE``, ``NUMBA_*``, BLAS threads, a test's
