@@ -424,6 +424,10 @@ def _terminate(pool: cf.ProcessPoolExecutor) -> None:
 
 
 # --- ray ------------------------------------------------------------------------------------
+WARM_WAIT_S = 60.0
+"""How long a Ray batch waits for its workers' warm-up tasks before it goes on without them."""
+
+
 class RayExecutor:
     """Jobs as Ray tasks, on ``address``'s cluster or on a local Ray of ``workers`` CPUs."""
 
@@ -455,7 +459,8 @@ class RayExecutor:
                 task = ray.remote(num_cpus=1)(warm_up)
                 cpus = int(ray.cluster_resources().get("CPU", 1))
                 threads = threads_per_worker(self.workers or cpus)
-                self._warm = [task.remote(log_level, threads) for _ in range(cpus)]
+                # one per worker the batch will use, not per CPU of a shared cluster
+                self._warm = [task.remote(log_level, threads) for _ in range(min(cpus, self.workers or cpus))]
             except BaseException as exc:  # raised again in run()
                 self._start_error = exc
             finally:
@@ -515,9 +520,14 @@ class RayExecutor:
             t_prepare = self._times["prepare"]
             out.startup_s = self._times["init"] - t_prepare
             warm, self._warm = self._warm, []
-            with contextlib.suppress(Exception):
-                ray.get(warm, timeout=600)  # the jobs queue behind them in any case
-                out.warm_s = time.perf_counter() - t_prepare
+            # The jobs queue behind the warm-ups in any case: waiting is only to time them, so
+            # a busy cluster that cannot run them soon is said, not sat out in silence.
+            if warm:
+                _, pending = ray.wait(warm, num_returns=len(warm), timeout=WARM_WAIT_S)
+                if pending:
+                    log.warning("ray_workers_not_warm", pending=len(pending), of=len(warm), waited_s=WARM_WAIT_S)
+                else:
+                    out.warm_s = time.perf_counter() - t_prepare
             out.cluster = {"gcs_address": ray.get_runtime_context().gcs_address,
                            "nodes": len(ray.nodes()), "cpus": ray.cluster_resources().get("CPU"),
                            "started_here": self.address is None}
