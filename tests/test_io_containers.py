@@ -62,6 +62,19 @@ def test_a_checksum_mismatch_is_refused(binance_zip: Path) -> None:
         read(binance_zip)
 
 
+def test_a_checksum_file_changed_after_a_good_read_is_compared_again(binance_zip: Path) -> None:
+    """The archive's digest is cached by path, size and mtime; the .CHECKSUM beside it is not:
+    a wrong one written after a good read is refused, the right one put back reads again."""
+    side = binance_zip.with_name(binance_zip.name + ".CHECKSUM")
+    good = side.read_text()
+    assert len(read(binance_zip)["ts_ns"]) == 21_313
+    side.write_text("0" * 64 + f"  {binance_zip.name}\n")
+    with pytest.raises(DataError, match="does not match"):
+        read(binance_zip)
+    side.write_text(good)
+    assert len(read(binance_zip)["ts_ns"]) == 21_313
+
+
 def test_a_zip_of_several_files_names_them(sample_dir: Path, tmp_path: Path) -> None:
     z = tmp_path / "two.zip"
     with zipfile.ZipFile(z, "w") as zf:

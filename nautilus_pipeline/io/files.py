@@ -132,14 +132,14 @@ _CHECKED: dict[tuple[str, int, int], str] = {}
 
 
 def verify_checksum(p: Path) -> None:
-    """Compare ``p`` with the sha256 in ``<p>.CHECKSUM`` when that file exists (cached)."""
+    """Compare ``p`` with the sha256 in ``<p>.CHECKSUM`` when that file exists. The file's
+    digest is cached by (path, size, mtime); the checksum file is read every time, so a
+    corrected or replaced one is compared again."""
     side = p.with_name(p.name + ".CHECKSUM")
     if not side.is_file():
         return
     st = p.stat()
     key = (str(p.resolve()), st.st_size, st.st_mtime_ns)
-    if key in _CHECKED:
-        return
     try:
         words = side.read_text(encoding="utf-8", errors="replace").split()
     except OSError as e:
@@ -147,11 +147,13 @@ def verify_checksum(p: Path) -> None:
     want = words[0].lower() if words else ""
     if len(want) != 64 or any(c not in "0123456789abcdef" for c in want):
         raise DataError(f"{side}: not a sha256 checksum file (expected '<64 hex digits>  {p.name}')")
-    h = hashlib.sha256()
-    with open(p, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            h.update(block)
-    got = h.hexdigest()
+    got = _CHECKED.get(key)
+    if got is None:
+        h = hashlib.sha256()
+        with open(p, "rb") as fh:
+            for block in iter(lambda: fh.read(1 << 20), b""):
+                h.update(block)
+        got = h.hexdigest()
     if got != want:
         raise DataError(f"{p}: sha256 {got} does not match {side.name} ({want}); the file is damaged "
                         "or incomplete: re-download it")
