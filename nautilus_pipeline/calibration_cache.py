@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import importlib.metadata
 import os
 import platform
 import sys
@@ -65,6 +66,13 @@ def code_digest() -> str:
     return h.hexdigest()[:16]
 
 
+def _installed_version(dist: str) -> str | None:
+    try:
+        return importlib.metadata.version(dist)
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
 def device_identity(device: str | None) -> dict[str, Any]:
     """What the answer depends on besides the stage: host, libraries, code and ``device``."""
     import numba
@@ -75,16 +83,18 @@ def device_identity(device: str | None) -> dict[str, Any]:
         "python": platform.python_version(), "numpy": numpy.__version__,
         "numba": numba.__version__, "code": code_digest(), "device": device,
     }
+    # The installed versions, whether or not imported yet: a route measured across backends
+    # (e.g. numpy against mlx:cpu or torch:cpu) depends on them whatever ``device`` is.
+    for dist in ("torch", "mlx"):
+        ident[dist] = _installed_version(dist)
     torch = sys.modules.get("torch")
     if torch is not None:
-        ident["torch"] = torch.__version__
         if device is not None and device.startswith("cuda") and torch.cuda.is_available():
             index = torch.device(device).index or 0
             ident["cuda"] = torch.version.cuda
             ident["device_name"] = torch.cuda.get_device_name(index)
     mx = sys.modules.get("mlx.core")
     if mx is not None and device is not None and device.startswith(("mlx", "gpu")):
-        ident["mlx"] = mx.__version__
         ident["mlx_device"] = str(mx.default_device())
     return ident
 

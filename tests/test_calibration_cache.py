@@ -51,6 +51,20 @@ def test_other_inputs_another_device_or_changed_code_measure_again(cache, monkey
     assert measure.calls == 4
 
 
+def test_an_upgraded_backend_library_measures_again_on_any_device(cache, monkeypatch):
+    """A CPU route measured against mlx:cpu or torch:cpu depends on their versions too, imported
+    or not: another installed mlx (or torch) measures again, device None included."""
+    measure = Counted(1)
+    cached("inference_route", {"rows": 1}, None, measure)
+    cached("inference_route", {"rows": 1}, None, measure)
+    assert measure.calls == 1
+    real = calibration_cache._installed_version
+    monkeypatch.setattr(calibration_cache, "_installed_version",
+                        lambda dist: "99.0" if dist == "mlx" else real(dist))
+    cached("inference_route", {"rows": 1}, None, measure)
+    assert measure.calls == 2
+
+
 def test_off_measures_on_every_start(monkeypatch, tmp_path):
     monkeypatch.setenv("NAUTILUS_PIPELINE_CACHE", "off")
     measure = Counted(1)
