@@ -422,10 +422,10 @@ def record_blocks(path: str) -> tuple[dbn.Metadata, Iterator[MboBlock]]:
     """The metadata and an iterator of MBO record blocks; NotPureMbo when the first block holds
     tick records this path does not read (the reference reads them)."""
     stream = byte_blocks(path, READ_BYTES)
-    head = bytearray()
+    head = b""
     try:
-        for b in stream:
-            head += b
+        for b in stream:  # usually the first block holds the whole metadata: no copy then
+            head = head + b if head else b
             if len(head) >= 8 and (head[:3] != b"DBN" or len(head) >= 8 + struct.unpack("<I", head[4:8])[0]):
                 break
         if len(head) < 8 or head[:3] != b"DBN":
@@ -443,7 +443,7 @@ def record_blocks(path: str) -> tuple[dbn.Metadata, Iterator[MboBlock]]:
             raise NotPureMbo(str(e)) from None
         if not isinstance(meta, dbn.Metadata):
             raise NotPureMbo("no metadata")
-        blocks = _blocks(path, bytes(head[meta_len:]), stream)
+        blocks = _blocks(path, memoryview(head)[meta_len:], stream)
         first = next(blocks, None)
     except (NotPureMbo, DataError):
         stream.close()
@@ -467,7 +467,7 @@ _NOT_TICKS = np.zeros(256, np.bool_)
 _NOT_TICKS[list(NOT_TICKS)] = True
 
 
-def _blocks(path: str, rest: bytes, stream: Iterator[bytes]) -> Iterator[MboBlock]:
+def _blocks(path: str, rest: bytes | memoryview, stream: Iterator[bytes]) -> Iterator[MboBlock]:
     """Blocks of records: ``rest`` (the bytes after the metadata), then the stream's; a record
     cut at a block's end is carried to the next."""
     carry = b""
@@ -485,7 +485,7 @@ def _blocks(path: str, rest: bytes, stream: Iterator[bytes]) -> Iterator[MboBloc
             raise DataError(f"{path}: DBN record {first + count + 1:,} is of rtype 0x{int(buf[stop + 1]):02x} and "
                             f"{int(buf[stop]) * 4} bytes among MBO records, which the MBO path does not read; "
                             "split the file by schema (or read it with fast_mbo=False)")
-        carry = data[used:]
+        carry = bytes(data[used:])
         if not count:
             continue
         if n_mbo == count:
