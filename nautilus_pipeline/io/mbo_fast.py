@@ -46,8 +46,9 @@ RTYPE_MBO = 0xA0
 NOT_TICKS = (0x11, 0x12, 0x13, 0x14, 0x15, 0x16, 0x17, 0x18, 0x20, 0x21, 0x22, 0x23, 0x24)
 """rtypes the reference reader ignores: OHLCV, status, definition, imbalance, error, symbol
 mapping, system, statistics (``dbn.RType``)."""
-READ_BYTES = 1 << 22
-"""Bytes of an uncompressed file read at a time (a zstd file comes in ~1 MB blocks)."""
+READ_BYTES = 1 << 20
+"""Bytes of an uncompressed file read at a time, as a zstd file comes (~1 MB: the rows of a
+block stay in the L2 cache; one 4 MB block was 1.3x slower)."""
 _UNDEF_SIZE = 4294967295
 _UNDEF_PRICE = 9223372036854775807
 _EXACT = 1 << 53  # below this raw / 1e9 is one correctly rounded division (io/databento.scale_prices)
