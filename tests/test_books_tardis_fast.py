@@ -89,3 +89,16 @@ def test_blank_lines_keep_the_physical_line_numbers(tmp_path: Path) -> None:
                     "dex,X,1585699200000003,1585699200000004,false,bid,oops,1\n")
     cols = rows(path, True)[0]
     assert cols["records"].tolist() == [2, 4] and cols["bad"].tolist() == [0, 1]
+
+
+def test_a_file_in_nanoseconds_reads_the_same(tmp_path: Path) -> None:
+    lines = (DATA / "tardis-deribit-incremental-book-l2-btc-perpetual.csv").read_text().splitlines()
+    out = [lines[0]]
+    for ln in lines[1:]:
+        f = ln.split(",")
+        f[2], f[3] = f[2] + "123", f[3] + "456"  # 19 digits: ns
+        out.append(",".join(f))
+    path = tmp_path / "ns.csv"
+    path.write_text("\n".join(out) + "\n")
+    same(path)
+    assert rows(path, True)[0]["ts_ns"][1] == 1_585_699_200_245_000_123

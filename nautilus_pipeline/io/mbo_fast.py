@@ -1,6 +1,8 @@
 """Databento MBO to book rows without a Python object per record: our own DBN record walk over
-the decompressed bytes, the records viewed as a numpy structured array, the order book kept in
-open-addressing hash tables (numpy arrays) by one numba pass that also writes the row columns.
+the decompressed bytes, the records viewed as uint64 words, the order book kept in
+open-addressing hash tables (numpy arrays) by one lean numba loop (six row columns), and a
+second pass for the columns taken from each row's record (nine columns in the loop made it 2x
+slower).
 
 Why. ``DBNDecoder`` returns one Python object per record (2.8-4.8M records/s alone on the dev
 VM), and the first numba path kept its orders in numba typed dicts (~0.5 µs a record), where
@@ -46,8 +48,9 @@ RTYPE_MBO = 0xA0
 NOT_TICKS = (0x11, 0x12, 0x13, 0x14, 0x15, 0x16, 0x17, 0x18, 0x20, 0x21, 0x22, 0x23, 0x24)
 """rtypes the reference reader ignores: OHLCV, status, definition, imbalance, error, symbol
 mapping, system, statistics (``dbn.RType``)."""
-READ_BYTES = 1 << 22
-"""Bytes of an uncompressed file read at a time (a zstd file comes in ~1 MB blocks)."""
+READ_BYTES = 1 << 20
+"""Bytes of an uncompressed file read at a time, as a zstd file comes (~1 MB: the rows of a
+block stay in the L2 cache; one 4 MB block was 1.3x slower)."""
 _UNDEF_SIZE = 4294967295
 _UNDEF_PRICE = 9223372036854775807
 _EXACT = 1 << 53  # below this raw / 1e9 is one correctly rounded division (io/databento.scale_prices)
@@ -422,10 +425,10 @@ def record_blocks(path: str) -> tuple[dbn.Metadata, Iterator[MboBlock]]:
     """The metadata and an iterator of MBO record blocks; NotPureMbo when the first block holds
     tick records this path does not read (the reference reads them)."""
     stream = byte_blocks(path, READ_BYTES)
-    head = bytearray()
+    head = b""
     try:
-        for b in stream:
-            head += b
+        for b in stream:  # usually the first block holds the whole metadata: no copy then
+            head = head + b if head else b
             if len(head) >= 8 and (head[:3] != b"DBN" or len(head) >= 8 + struct.unpack("<I", head[4:8])[0]):
                 break
         if len(head) < 8 or head[:3] != b"DBN":
@@ -443,7 +446,7 @@ def record_blocks(path: str) -> tuple[dbn.Metadata, Iterator[MboBlock]]:
             raise NotPureMbo(str(e)) from None
         if not isinstance(meta, dbn.Metadata):
             raise NotPureMbo("no metadata")
-        blocks = _blocks(path, bytes(head[meta_len:]), stream)
+        blocks = _blocks(path, memoryview(head)[meta_len:], stream)
         first = next(blocks, None)
     except (NotPureMbo, DataError):
         stream.close()
@@ -467,7 +470,7 @@ _NOT_TICKS = np.zeros(256, np.bool_)
 _NOT_TICKS[list(NOT_TICKS)] = True
 
 
-def _blocks(path: str, rest: bytes, stream: Iterator[bytes]) -> Iterator[MboBlock]:
+def _blocks(path: str, rest: bytes | memoryview, stream: Iterator[bytes]) -> Iterator[MboBlock]:
     """Blocks of records: ``rest`` (the bytes after the metadata), then the stream's; a record
     cut at a block's end is carried to the next."""
     carry = b""
@@ -485,7 +488,7 @@ def _blocks(path: str, rest: bytes, stream: Iterator[bytes]) -> Iterator[MboBloc
             raise DataError(f"{path}: DBN record {first + count + 1:,} is of rtype 0x{int(buf[stop + 1]):02x} and "
                             f"{int(buf[stop]) * 4} bytes among MBO records, which the MBO path does not read; "
                             "split the file by schema (or read it with fast_mbo=False)")
-        carry = data[used:]
+        carry = bytes(data[used:])
         if not count:
             continue
         if n_mbo == count:

@@ -7,7 +7,7 @@ asks for (2.4-6.8M lines/s on the dev VM, before any conversion). The layout is 
 the bytes can split the fields and convert them at once.
 
 Exactness. Only lines in the plain form Tardis writes are converted here: eight fields, no
-quotes, exchange and symbol of ``[A-Za-z0-9._:/-]``, integer timestamps of at most 18 digits,
+quotes, exchange and symbol of ``[A-Za-z0-9._:/-]``, integer timestamps of at most 19 digits,
 ``true``/``false``, ``bid``/``ask``, decimals ``-?d+(.d+)?`` of at most 15 significant digits.
 Such a decimal is ``m / 10**f`` with ``m < 2**53`` and ``f <= 22``: one IEEE division of two
 exact floats, so correctly rounded, the float64 pyarrow's cast gives. Every other line (a wrong
@@ -20,13 +20,40 @@ are skipped; every other line has its physical line number.
 from __future__ import annotations
 
 import numpy as np
-from numba import njit
+from llvmlite import ir
+from numba import njit, types
+from numba.extending import intrinsic
 
 HEADER = b"exchange,symbol,timestamp,local_timestamp,is_snapshot,side,price,amount"
 SYMBOLS_MAX = 4096
 """Distinct symbols per block parsed here (lines of further symbols go the pyarrow way)."""
 _POW10 = np.array([10.0**i for i in range(23)])
 _INT64_MAX = 9223372036854775807
+
+
+@intrinsic
+def _load8(typingctx, arr, idx):
+    """The 8 bytes at ``arr[idx:idx + 8]`` as one little-endian uint64 (an unaligned load; the
+    caller keeps ``idx + 8`` within the array)."""
+    sig = types.uint64(arr, idx)
+
+    def codegen(context, builder, signature, args):
+        ary = context.make_array(signature.args[0])(context, builder, args[0])
+        ptr = builder.gep(ary.data, [args[1]])
+        return builder.load(builder.bitcast(ptr, ir.IntType(64).as_pointer()), align=1)
+
+    return sig, codegen
+
+
+@njit(cache=True, inline="always")
+def _same_bytes(buf, a, b, n):
+    """``buf[a:a + n] == buf[b:b + n]``, 8 bytes at a time (n >= 8; both ranges inside buf)."""
+    t = 0
+    while t + 8 <= n:
+        if _load8(buf, a + t) != _load8(buf, b + t):
+            return False
+        t += 8
+    return t == n or _load8(buf, a + n - 8) == _load8(buf, b + n - 8)
 
 
 @njit(cache=True, inline="always")
@@ -83,24 +110,44 @@ def _decimal(buf, i, b, stop, stop2, pow10):
 
 
 @njit(cache=True, inline="always")
+def _eight_digits(x):
+    """(value, ok) of 8 ASCII digits loaded as a little-endian uint64 (the first digit lowest)."""
+    hi = np.uint64(0xF0F0F0F0F0F0F0F0)
+    zeros = np.uint64(0x3030303030303030)
+    if (x & hi) != zeros or ((x + np.uint64(0x0606060606060606)) & hi) != zeros:
+        return np.uint64(0), False
+    x = ((x & np.uint64(0x0F0F0F0F0F0F0F0F)) * np.uint64(2561)) >> np.uint64(8)
+    x = ((x & np.uint64(0x00FF00FF00FF00FF)) * np.uint64(6553601)) >> np.uint64(16)
+    x = ((x & np.uint64(0x0000FFFF0000FFFF)) * np.uint64(42949672960001)) >> np.uint64(32)
+    return x, True
+
+
+@njit(cache=True, inline="always")
 def _integer(buf, i, b, limit):
-    """An integer of 1-18 digits up to the next comma, at most ``limit``: (value, comma, ok)."""
-    v = np.int64(0)
+    """An integer of 1-19 digits up to the next comma, at most ``limit``: (value, comma, ok).
+    Sixteen digits and a comma (Tardis's µs timestamps) are read 8 bytes at a time."""
+    if i + 17 <= b and buf[i + 16] == 44:
+        x1, ok1 = _eight_digits(_load8(buf, i))
+        x2, ok2 = _eight_digits(_load8(buf, i + 8))
+        if ok1 and ok2:
+            v = np.int64(x1 * np.uint64(100_000_000) + x2)
+            return v, i + 16, v <= limit
+    v = np.uint64(0)
     start = i
     while i < b:
         c = buf[i]
         if 48 <= c <= 57:
-            v = v * 10 + (c - 48)
+            v = v * np.uint64(10) + np.uint64(c - 48)
         elif c == 44:
             break
         else:
-            return v, i, False
+            return np.int64(0), i, False
         i += 1
-        if i - start > 18:
-            return v, i, False
-    if i == start or i >= b or v > limit:
-        return v, i, False
-    return v, i, True
+        if i - start > 19:  # 19 digits fit a uint64 (< 1e19 < 2**64)
+            return np.int64(0), i, False
+    if i == start or i >= b or v > np.uint64(limit):
+        return np.int64(0), i, False
+    return np.int64(v), i, True
 
 
 @njit(cache=True, inline="always")
@@ -158,11 +205,14 @@ def parse_lines(buf, end, first_line, ts_factor, recv_factor, pow10, out, outf, 
             # exchange and symbol: the previous plain line's bytes, or checked and looked up
             code = -1
             if prev_a >= 0 and a + prev_n < end:
-                same = True
-                for t in range(prev_n):
-                    if buf[a + t] != buf[prev_a + t]:
-                        same = False
-                        break
+                if prev_n >= 8:
+                    same = _same_bytes(buf, a, prev_a, prev_n)
+                else:
+                    same = True
+                    for t in range(prev_n):
+                        if buf[a + t] != buf[prev_a + t]:
+                            same = False
+                            break
                 if same:
                     code = prev_code
                     i = a + prev_n
