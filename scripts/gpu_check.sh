@@ -235,6 +235,12 @@ print(f"batch gpu.toml: {ticks:,} ticks processed, wall {wall:.1f} s (the whole 
       f"workers' start, jobs, merge) -> {ticks / wall:,.0f} ticks/s; {len(jobs)} jobs, "
       f"mean job run {sum(j['run_s'] for j in jobs) / max(len(jobs), 1):.2f} s, "
       f"accounting closes {s['accounting_closes']}, failed {s['failed']}")
+js = sorted(jobs, key=lambda j: j["wall_s"])
+print(f"  phases: plan {s.get('plan_s', 0):.2f} s, run {s.get('run_s', 0):.2f} s, merge {s.get('merge_s', 0):.2f} s; "
+      f"executor start-up {s.get('executor_startup_s')}, workers warm {s.get('workers_warm_s')}; "
+      f"job wall min/median/max {js[0]['wall_s']:.2f}/{js[len(js) // 2]['wall_s']:.2f}/{js[-1]['wall_s']:.2f} s, "
+      f"replay (run_s) min/median/max {min(j['run_s'] for j in jobs):.2f}/"
+      f"{sorted(j['run_s'] for j in jobs)[len(jobs) // 2]:.2f}/{max(j['run_s'] for j in jobs):.2f} s")
 PY
   done 2>&1 | tee "$out/batch_gpu.txt"
 fi
