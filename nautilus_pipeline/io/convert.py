@@ -30,6 +30,7 @@ import pyarrow.compute as pc
 
 from ..errors import ConfigError
 from ..events import SIDE_BUY, SIDE_SELL, SIDE_UNKNOWN
+from .arrow_numpy import from_numpy, nulls, scalar, to_numpy
 
 TS_UNITS = ("s", "ms", "us", "ns", "iso", "auto")
 SIDE_ENCODINGS = ("auto", "buy_sell", "sign", "is_buyer_maker", "nautilus", "databento")
@@ -52,14 +53,14 @@ def _as_arrow(values: pa.Array | pa.ChunkedArray | np.ndarray | list) -> pa.Arra
         return values.combine_chunks()
     if isinstance(values, pa.Array):
         return values
+    if isinstance(values, np.ndarray) and values.ndim == 1 and (values.dtype.kind in "iuf" or values.dtype == np.bool_):
+        return from_numpy(values)  # (pa.array would import pandas: see io/arrow_numpy.py)
     return pa.array(values)
 
 
 def _nulls(arr: pa.Array) -> np.ndarray:
     """A writable mask of null rows."""
-    if arr.null_count == 0:
-        return np.zeros(len(arr), dtype=bool)
-    return arr.is_null().to_numpy(zero_copy_only=False).copy()
+    return nulls(arr)
 
 
 def _strict_float(v: object) -> float:
@@ -79,12 +80,12 @@ def to_float(values: pa.Array | np.ndarray | list, scale: float | None = None) -
     bad = np.zeros(len(arr), dtype=bool)
     if pa.types.is_floating(arr.type) or pa.types.is_integer(arr.type) or pa.types.is_null(arr.type):
         # integers beyond 2^53 lose digits as float64 (a price never has that many): no error
-        out = arr.cast(pa.float64(), safe=False).to_numpy(zero_copy_only=False)
+        out = to_numpy(arr.cast(pa.float64(), safe=False))
     elif pa.types.is_dictionary(arr.type):
         return to_float(arr.dictionary_decode(), scale)
     else:
         try:
-            out = arr.cast(pa.float64()).to_numpy(zero_copy_only=False)
+            out = to_numpy(arr.cast(pa.float64()))
         except (pa.ArrowInvalid, pa.ArrowNotImplementedError, pa.ArrowTypeError):
             out = np.full(len(arr), np.nan)
             for i, v in enumerate(arr.to_pylist()):
@@ -111,7 +112,7 @@ def to_int(values: pa.Array | np.ndarray | list, fill: int = -1) -> tuple[np.nda
     if pa.types.is_dictionary(arr.type):
         return to_int(arr.dictionary_decode(), fill)
     try:
-        out = arr.cast(pa.int64()).fill_null(fill).to_numpy(zero_copy_only=False)
+        out = to_numpy(arr.cast(pa.int64()), fill=fill)
     except (pa.ArrowInvalid, pa.ArrowNotImplementedError, pa.ArrowTypeError):
         out = np.full(len(arr), fill, dtype=np.int64)
         for i, v in enumerate(arr.to_pylist()):
@@ -142,8 +143,8 @@ def _iso_one(v: str) -> int:
 
 def _numeric_text(arr: pa.Array) -> pa.Array | None:
     """Text holding only numbers, cast to int64 (or float64); None if any value is not one."""
-    blank = pc.equal(pc.utf8_trim_whitespace(arr), "")
-    arr = pc.if_else(blank, pa.scalar(None, pa.string()), arr)
+    blank = pc.equal(pc.utf8_trim_whitespace(arr), scalar("", pa.string()))
+    arr = pc.if_else(blank, scalar(None, pa.string()), arr)
     try:
         return arr.cast(pa.int64())
     except (pa.ArrowInvalid, pa.ArrowNotImplementedError):
@@ -209,13 +210,13 @@ def to_ns(values: pa.Array | np.ndarray | list, unit: str) -> tuple[np.ndarray, 
     missing = _nulls(arr)
     if pa.types.is_timestamp(arr.type):
         try:
-            ns = arr.cast(pa.timestamp("ns", arr.type.tz)).cast(pa.int64()).fill_null(0)
-            return ns.to_numpy(zero_copy_only=False), missing, np.zeros(len(arr), dtype=bool)
+            ns = to_numpy(arr.cast(pa.timestamp("ns", arr.type.tz)).cast(pa.int64()), fill=0)
+            return ns, missing, np.zeros(len(arr), dtype=bool)
         except pa.ArrowInvalid:  # some value beyond 2262 once in ns: refuse those rows only
-            raw = arr.cast(pa.int64()).fill_null(0).to_numpy(zero_copy_only=False)
+            raw = to_numpy(arr.cast(pa.int64()), fill=0)
             return _scale_checked(raw, _UNIT_NS[arr.type.unit], missing)
     if pa.types.is_date(arr.type):
-        days = arr.cast(pa.date32()).cast(pa.int32()).fill_null(0).to_numpy(zero_copy_only=False)
+        days = to_numpy(arr.cast(pa.date32()).cast(pa.int32()), fill=0)
         return _scale_checked(days.astype(np.int64), 86_400 * 1_000_000_000, missing)
     if pa.types.is_string(arr.type) and unit != "iso":
         numeric = _numeric_text(arr)
@@ -225,8 +226,8 @@ def to_ns(values: pa.Array | np.ndarray | list, unit: str) -> tuple[np.ndarray, 
             return _text_ns(arr, unit, missing)
     if unit == "iso" or (pa.types.is_string(arr.type) and unit == "auto"):
         try:
-            ns = arr.cast(pa.timestamp("ns", "UTC")).cast(pa.int64()).fill_null(0)
-            return ns.to_numpy(zero_copy_only=False), missing, np.zeros(len(arr), dtype=bool)
+            ns = to_numpy(arr.cast(pa.timestamp("ns", "UTC")).cast(pa.int64()), fill=0)
+            return ns, missing, np.zeros(len(arr), dtype=bool)
         except (pa.ArrowInvalid, pa.ArrowNotImplementedError, pa.ArrowTypeError):
             return _text_ns(arr.cast(pa.string()), unit, missing)
     if unit == "s" or pa.types.is_floating(arr.type):
@@ -265,7 +266,7 @@ def _lookup(arr: pa.Array, table: Callable[[object], int | None]) -> tuple[np.nd
     if not pa.types.is_dictionary(arr.type):
         arr = arr.dictionary_encode()
     dictionary = arr.dictionary.to_pylist()
-    codes = arr.indices.fill_null(-1).to_numpy(zero_copy_only=False).astype(np.int64)
+    codes = to_numpy(arr.indices, fill=-1).astype(np.int64)
     mapped = [table(v) for v in dictionary]
     lut = np.array([SIDE_UNKNOWN if m is None else m for m in mapped] + [SIDE_UNKNOWN], dtype=np.int8)
     bad_lut = np.array([m is None for m in mapped] + [False], dtype=bool)
@@ -312,12 +313,12 @@ def to_side(values: pa.Array | np.ndarray | list, encoding: str = "auto") -> tup
     if encoding == "auto":
         encoding = "is_buyer_maker" if pa.types.is_boolean(arr.type) else "buy_sell"
     if pa.types.is_boolean(arr.type) and encoding == "is_buyer_maker":
-        b = arr.fill_null(False).to_numpy(zero_copy_only=False)
+        b = to_numpy(arr, fill=False)
         side = np.where(b, SIDE_SELL, SIDE_BUY).astype(np.int8)
         side[missing] = SIDE_UNKNOWN
         return side, missing, np.zeros(len(arr), dtype=bool)
     if pa.types.is_integer(arr.type) and encoding in ("sign", "buy_sell"):
-        raw = arr.fill_null(0).to_numpy(zero_copy_only=False)
+        raw = to_numpy(arr, fill=0)
         unknown = ~np.isin(raw, (-1, 0, 1))
         return np.where(unknown, 0, raw).astype(np.int8), missing, unknown & ~missing
     table = {"buy_sell": _side_word, "sign": _side_word, "is_buyer_maker": _buyer_maker,
@@ -334,7 +335,7 @@ def symbol_codes(values: pa.Array | np.ndarray | list) -> tuple[np.ndarray, list
         arr = pc.cast(arr, pa.string()) if not pa.types.is_string(arr.type) else arr
         arr = arr.dictionary_encode()
     names = [str(v) for v in arr.dictionary.to_pylist()]
-    codes = arr.indices.fill_null(0).to_numpy(zero_copy_only=False).astype(np.uint32)
+    codes = to_numpy(arr.indices, fill=0).astype(np.uint32)
     if missing.any() or not names:  # rows without a symbol get a code of their own: ""
         if "" not in names:
             names.append("")
@@ -365,17 +366,17 @@ def fixed_layout_ns(values: pa.Array, fields: dict[str, tuple[int, int]], offset
     if pa.types.is_dictionary(arr.type):
         arr = arr.dictionary_decode()
     missing = _nulls(arr)
-    arr = pc.utf8_trim_whitespace(arr.fill_null(""))
+    arr = pc.utf8_trim_whitespace(arr.fill_null(scalar("", pa.string())))
     need = max(s + n for s, n in fields.values())
     template = ["."] * need
     for start, n in fields.values():
         template[start : start + n] = ["[0-9]"] * n
-    ok = pc.match_substring_regex(arr, "^" + "".join(template) + "[0-9]*$").to_numpy(zero_copy_only=False)
+    ok = to_numpy(pc.match_substring_regex(arr, "^" + "".join(template) + "[0-9]*$"), fill=False)
     bad = ~ok
-    safe = arr if ok.all() else pc.if_else(pa.array(ok), arr, pa.scalar("0" * need))
+    safe = arr if ok.all() else pc.if_else(from_numpy(ok), arr, scalar("0" * need, pa.string()))
     parts: dict[str, np.ndarray] = {}
     for key, (start, n) in fields.items():
-        parts[key] = pc.utf8_slice_codeunits(safe, start, start + n).cast(pa.int64()).to_numpy(zero_copy_only=False)
+        parts[key] = to_numpy(pc.utf8_slice_codeunits(safe, start, start + n).cast(pa.int64()))
     bad &= ~missing
     frac = parts.get("f", np.zeros(len(arr), dtype=np.int64))
     if "f" in fields:

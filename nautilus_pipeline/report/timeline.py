@@ -87,10 +87,11 @@ class LatencyTimeline:
         """Write the windows as Parquet; nothing (None) when no batch finished."""
         if not self.rows:
             return None
-        import pyarrow as pa
         import pyarrow.parquet as pq
+
+        from ..io.arrow_numpy import table_from_rows  # (not from_pylist: no pandas import)
 
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
-        pq.write_table(pa.Table.from_pylist(self.rows), path)
+        pq.write_table(table_from_rows(self.rows), path)
         return path

@@ -21,6 +21,7 @@ import pyarrow.parquet as pq
 
 from ..compute import ComputeStream
 from ..events import KIND_QUOTE, KIND_TRADE
+from ..io import arrow_numpy
 from ..memory import Lease
 from ..stage import Stage, StageContext
 
@@ -107,7 +108,7 @@ class RecorderStage(Stage):
         self._parts = {c: [] for c in self.columns}
         sym = table.pop("symbol_id")
         table["symbol"] = np.asarray(names, dtype=object)[sym] if names else sym.astype(str)
-        return pa.table(table)
+        return arrow_numpy.table(table)  # (pa.table would import pandas: io/arrow_numpy.py)
 
     def snapshot_params(self) -> dict[str, object]:
         return {"every": self.every, "columns": self.columns}
