@@ -320,8 +320,10 @@ class Replay:
         """Fill pool slabs with the merged stream, paced by ``speed``; the consumer releases each.
 
         ``batch_size`` defaults to (and may not exceed) the pool's slab capacity. Reading and
-        parsing run in a worker thread so the event loop stays responsive; if the consumer is
-        cancelled meanwhile, the generator waits for that read to end before closing the files.
+        parsing run in a worker thread so the event loop stays responsive, one block ahead of
+        the consumer (the next block is read while this one is delivered; it is counted as
+        delivered only when its lease is yielded). If the consumer stops or is cancelled, the
+        generator waits for the read in flight to end before closing the files.
         """
         size = batch_size or pool.capacity
         if size > pool.capacity:
@@ -336,11 +338,14 @@ class Replay:
         try:
             while True:
                 if pending is None:
-                    inflight = loop.run_in_executor(None, next, blocks, sentinel)
+                    if inflight is None:
+                        inflight = loop.run_in_executor(None, next, blocks, sentinel)
                     pending = await asyncio.shield(inflight)  # a cancel must not orphan the thread
                     inflight = None
                     if pending is sentinel:
                         return
+                    # read ahead: the next block is parsed while this one is delivered
+                    inflight = loop.run_in_executor(None, next, blocks, sentinel)
                 keys = pending[_KEY]
                 n = len(keys)
                 if self.speed is not None:
