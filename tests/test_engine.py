@@ -28,6 +28,9 @@ from nautilus_pipeline.stage import OFFLOAD_MIN_ROWS, Stage
 ROOT = Path(__file__).resolve().parents[1]
 
 
+SPLIT_SEEN: dict[str, int] = {}  # inference batches on two lanes in the last run_chain, by execution
+
+
 async def run_chain(data, batch_size, execution):
     stages = chain()
     capture = Capture(("ts_ns", *COLUMNS))
@@ -40,6 +43,7 @@ async def run_chain(data, batch_size, execution):
         pipe.symbols.id_of("BTCUSDT-PERP")
         await pipe.ingest(data)
     offloaded = sum(r.stats()["offloaded_calls"] for r in pipe.runners)
+    SPLIT_SEEN[execution] = sum(getattr(r.stage, "split_batches", 0) for r in pipe.runners)
     return capture.result(), {k: orjson.dumps(v) for k, v in events.items()}, offloaded
 
 
@@ -68,6 +72,26 @@ async def test_concurrent_stages_give_the_serial_numbers_on_generated_trades():
     for key, col in serial.items():
         np.testing.assert_array_equal(concurrent[key], col, err_msg=key)
     assert events == serial_events
+
+
+@pytest.mark.parametrize("batch_size", [1024, 1500, 4096])
+async def test_inference_on_two_lanes_gives_the_bits_of_one(batch_size):
+    """A large batch's rows split between the stream's worker and the stage's second lane
+    (concurrent execution): the same predictions as serial execution, on one lane."""
+    from nautilus_pipeline.stages.inference import InferenceStage
+
+    data = generated_trades(9_000, seed=5)
+    data = {k: data[k] for k in ("ts_ns", "price", "size", "side")}
+    serial, serial_events, _ = await run_chain(data, batch_size, "serial")
+    concurrent, events, _ = await run_chain(data, batch_size, "concurrent")
+    for key, col in serial.items():
+        np.testing.assert_array_equal(concurrent[key], col, err_msg=key)
+    assert events == serial_events
+    assert SPLIT_SEEN["concurrent"] > 0 and SPLIT_SEEN["serial"] == 0
+    stage = InferenceStage()
+    assert stage.lanes == 2  # the default; the chain above used it
+    with pytest.raises(Exception, match="lanes must be 1 or 2"):
+        InferenceStage(lanes=3)
 
 
 async def test_var_reports_do_not_depend_on_the_batch_size(sample_dir):

@@ -47,6 +47,11 @@ class CpuStream(ComputeStream):
             return await self._thread.run(lambda: fn(*args, **kwargs))
         return await self._thread.run(fn, *args)
 
+    @property
+    def offloads(self) -> bool:
+        """Whether large batches run on a worker thread (concurrent execution)."""
+        return self._thread is not None
+
     async def run_setup(self, fn: Callable[..., Any], *args: Any) -> Any:
         """On the worker thread where the stream has one, else inline; not counted."""
         if self._thread is None:

@@ -24,6 +24,10 @@ class StreamThread:
     async def run(self, fn: Callable[..., Any], *args: Any) -> Any:
         return await asyncio.get_running_loop().run_in_executor(self._pool, fn, *args)
 
+    def submit(self, fn: Callable[..., Any], *args: Any) -> concurrent.futures.Future:
+        """Queue ``fn(*args)`` from any thread; the caller waits on the future."""
+        return self._pool.submit(fn, *args)
+
     def call(self, fn: Callable[..., Any], *args: Any) -> Any:
         """Run synchronously on the stream's thread (used outside the loop)."""
         return self._pool.submit(fn, *args).result()

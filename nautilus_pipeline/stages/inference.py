@@ -34,6 +34,7 @@ import numpy as np
 import structlog
 
 from ..compute import ComputeStream, runner_backend, unusable_reason
+from ..compute.executor import StreamThread
 from ..errors import ConfigError
 from ..events import ColumnSpec
 from ..kernels.mlp import RowOrderForward
@@ -55,6 +56,14 @@ DEFAULT_STREAMS = ("coreml:ane", "mlx:gpu", "torch:cuda", "torch:mps", "cpu")
 # bits at batch 1, 7 and 4096 by construction (tests/test_engine_inline.py); a live batch of
 # at most LIVE_ROWS rows runs it inline (no stream call).
 LIVE_ROWS = 16
+# A batch of at least SPLIT_MIN_ROWS rows on an offloading CPU stream (concurrent execution)
+# is cut in two: the second part runs on the stage's second lane (a thread of its own) while
+# the stream's worker computes the first. Rows are independent in RowOrderForward and take
+# the same operations wherever they fall, so the bits do not change (tests/test_engine_*);
+# inference is the largest stage of the default chain (1.5-2.2 ms of ~3.2 ms per 4096-row
+# batch on the dev VM), the one that kept a second core idle. Measured: see the closing
+# table of scripts/bench_pipeline.py (concurrent, lanes 1 vs 2).
+SPLIT_MIN_ROWS = 1024
 # The other runners (torch, MLX, Core ML, the numpy runner of tanh/silu models) get rows
 # padded to a multiple of ROW_MULTIPLE. OpenBLAS computes one row with sgemv and row counts
 # that are not a multiple of its micro-kernel's rows with tail kernels, in another float32
@@ -73,6 +82,8 @@ class InferenceParams:
     coreml_package: str | None = param(None, "exported .mlpackage for the coreml streams")
     route: Literal["first", "calibrated"] = param("first", "first usable backend, or calibrated "
                                                   "per batch size")
+    lanes: Literal[1, 2] = param(2, "CPU threads for a batch of >= 1024 rows on the fixed-order "
+                                 "model (concurrent execution; the same bits either way)")
 
 
 class InferenceStage(Stage):
@@ -88,7 +99,8 @@ class InferenceStage(Stage):
     def from_params(cls, p: InferenceParams, ctx: Any, *, name: str,
                     streams: Sequence[str]) -> InferenceStage:
         return cls(ctx.path(p.model) if p.model else None, streams=streams, route=p.route,
-                   coreml_package=ctx.path(p.coreml_package) if p.coreml_package else None, name=name)
+                   coreml_package=ctx.path(p.coreml_package) if p.coreml_package else None, name=name,
+                   lanes=p.lanes)
 
     def __init__(
         self,
@@ -99,7 +111,10 @@ class InferenceStage(Stage):
         coreml_package: str | Path | None = None,
         name: str = "inference",
         offload: bool | int = OFFLOAD_MIN_ROWS,
+        lanes: int = 2,
     ):
+        if lanes not in (1, 2):
+            raise ConfigError(f"inference: lanes must be 1 or 2, got {lanes!r}")
         if route not in ("first", "calibrated"):
             raise ConfigError(f"inference: route must be 'first' or 'calibrated', got {route!r}")
         self.name = name
@@ -115,6 +130,10 @@ class InferenceStage(Stage):
         self._p32: np.ndarray | None = None
         self._primary: ComputeStream | None = None
         self._fixed: dict[str, RowOrderForward | None] = {}
+        self.lanes = lanes
+        self._lane: StreamThread | None = None
+        self._lane_fwd: RowOrderForward | None = None
+        self.split_batches = 0  # batches computed on both lanes
         self.rows_by_backend: dict[str, int] = {}
 
     @property
@@ -184,6 +203,31 @@ class InferenceStage(Stage):
         cols = lease.columns
         fwd(cols[FEATURES_COLUMN], lease.length, cols["prediction"])
 
+    def _predict_split(self, lease: Lease, fwd: RowOrderForward) -> None:
+        """The rows in two parts, the second on the stage's second lane, both GIL-free; it
+        returns when both are written (a failure in either raises here)."""
+        assert self._lane is not None and self._lane_fwd is not None
+        cols = lease.columns
+        feats, out, n = cols[FEATURES_COLUMN], cols["prediction"], lease.length
+        half = (n // 2 + 15) // 16 * 16
+        second = self._lane.submit(self._lane_fwd, feats[half:], n - half, out[half:])
+        try:
+            fwd(feats, half, out)
+        finally:
+            second.result()
+
+    def _split_lane(self, stream: ComputeStream) -> bool:
+        """Whether this batch may use the second lane (started on first use)."""
+        if self.lanes < 2 or not getattr(stream, "offloads", False):
+            return False
+        if self._lane is None:
+            runner = self.runners.get(stream.runner_backend)
+            if not isinstance(runner, NumpyRunner):
+                return False
+            self._lane_fwd = RowOrderForward(runner._ws)
+            self._lane = StreamThread(f"np-{self.name}-lane2")
+        return True
+
     async def process(self, lease: Lease, stream: ComputeStream, ctx: StageContext) -> None:
         if self._primary is None:
             self._primary = stream
@@ -193,6 +237,9 @@ class InferenceStage(Stage):
             if fwd is not None:
                 if n <= LIVE_ROWS:  # inline, no stream call: a few µs matter here
                     self._predict_fixed(lease, fwd)
+                elif n >= SPLIT_MIN_ROWS and self._split_lane(stream):
+                    await stream.run(self._predict_split, lease, fwd)
+                    self.split_batches += 1
                 else:
                     await stream.run(self._predict_fixed, lease, fwd)
                 self.rows_by_backend["numpy"] = self.rows_by_backend.get("numpy", 0) + n
@@ -238,6 +285,9 @@ class InferenceStage(Stage):
         stream.to_host(lease, "prediction", runner.predict_tensor(x)[:n])
 
     def close(self) -> None:
+        if self._lane is not None:
+            self._lane.close()
+            self._lane = self._lane_fwd = None
         for r in self.runners.values():
             r.close()
         if self.calibration is not None:
@@ -245,7 +295,8 @@ class InferenceStage(Stage):
                 r.close()
 
     def stats(self) -> dict[str, object]:
-        return {"model": self.model_path.name, "rows_by_backend": dict(self.rows_by_backend)}
+        return {"model": self.model_path.name, "rows_by_backend": dict(self.rows_by_backend),
+                "split_batches": self.split_batches}
 
     def snapshot_params(self) -> dict[str, object]:
         """The model's spec and weights: another model gives other predictions."""
