@@ -66,10 +66,13 @@ def nulls(arr: pa.Array | pa.ChunkedArray) -> np.ndarray:
 def _one(a: pa.Array) -> np.ndarray:
     if len(a) == 0:
         return np.empty(0, dtype=bool if pa.types.is_boolean(a.type) else _dtype(a.type))
+    data = a.buffers()[1]
     if pa.types.is_boolean(a.type):
-        return _bits(a.buffers()[1], a.offset, len(a)).copy()
+        return np.zeros(len(a), dtype=bool) if data is None else _bits(data, a.offset, len(a)).copy()
     dtype = _dtype(a.type)
-    return np.frombuffer(a.buffers()[1], dtype=dtype, count=len(a), offset=a.offset * dtype.itemsize)
+    if data is None:  # (an all-null array may have no value buffer)
+        return np.zeros(len(a), dtype=dtype)
+    return np.frombuffer(data, dtype=dtype, count=len(a), offset=a.offset * dtype.itemsize)
 
 
 def to_numpy(arr: pa.Array | pa.ChunkedArray, fill: object = None) -> np.ndarray:
