@@ -25,6 +25,18 @@ from nautilus_pipeline.io.arrow_numpy import (
 ROOT = Path(__file__).resolve().parent.parent
 BUNDLED = ROOT / "nautilus_pipeline/data/binance-um-btcusdt-trades-20240808.csv"
 
+# records every attempt to import pandas (find_spec runs whether pandas is installed or not)
+PANDAS_HOOK = textwrap.dedent("""
+    import sys
+    asked = []
+    class Hook:
+        def find_spec(self, name, path=None, target=None):
+            if name.split(".")[0] == "pandas":
+                asked.append(name)
+            return None
+    sys.meta_path.insert(0, Hook())
+""")
+
 TYPES = [pa.int8(), pa.int16(), pa.int32(), pa.int64(), pa.uint8(), pa.uint32(), pa.uint64(),
          pa.float32(), pa.float64(), pa.bool_()]
 
@@ -100,15 +112,7 @@ def test_a_replay_of_the_bundled_file_never_asks_for_pandas():
     """pyarrow imports pandas at its first to_numpy / pa.array / Python-scalar compute call
     where pandas is installed (0.2-0.7 s of a 21K-trade run). A meta-path hook records every
     attempt, so the check holds whether pandas is installed or not."""
-    code = textwrap.dedent(f"""
-        import sys
-        asked = []
-        class Hook:
-            def find_spec(self, name, path=None, target=None):
-                if name.split(".")[0] == "pandas":
-                    asked.append(name)
-                return None
-        sys.meta_path.insert(0, Hook())
+    code = PANDAS_HOOK + textwrap.dedent(f"""
         import nautilus_pipeline as nt
         from nautilus_pipeline.io import Replay, Source
 
@@ -169,15 +173,7 @@ def test_table_from_rows_equals_from_pylist(kinds, n, data):
 
 def test_the_cli_replay_with_its_outputs_never_asks_for_pandas(tmp_path):
     """``nautilus-pipeline run`` of the bundled file, Parquet outputs included."""
-    code = textwrap.dedent(f"""
-        import sys
-        asked = []
-        class Hook:
-            def find_spec(self, name, path=None, target=None):
-                if name.split(".")[0] == "pandas":
-                    asked.append(name)
-                return None
-        sys.meta_path.insert(0, Hook())
+    code = PANDAS_HOOK + textwrap.dedent(f"""
         from nautilus_pipeline.cli import main
         try:
             main(["run", "pipelines/default.toml", "--ticks", {str(BUNDLED)!r}, "--out",
