@@ -108,6 +108,9 @@ log = structlog.get_logger("nautilus_pipeline.stage")
 OFFLOAD_MIN_ROWS = 1024
 """Batches of at least this many rows run on the stage's worker thread (see the module doc)."""
 
+NOT_NOW = object()
+"""What :meth:`Stage.process_now` returns for a batch it leaves to :meth:`Stage.process`."""
+
 INLINE_CHAIN_MAX_ROWS = 256
 """Batches of at most this many rows go from stage to stage without a queue hop when the
 next stage is idle (see the module doc)."""
@@ -170,6 +173,14 @@ class Stage:
     async def process(self, lease: Lease, stream: ComputeStream, ctx: StageContext) -> None:
         """Process rows ``[0, lease.length)`` of the batch, writing the declared columns."""
         raise NotImplementedError
+
+    def process_now(self, lease: Lease, stream: ComputeStream, ctx: StageContext) -> Any:
+        """The live path of a small batch handed over inline, as a plain call (no coroutine
+        to create and await: a live tick crosses five stages, and each await cost about as
+        much as a stage's kernel). Returns None when the batch is done, an awaitable that
+        finishes it (events to publish, the state already committed), or ``NOT_NOW``,
+        having changed nothing, where :meth:`process` must run instead (the default)."""
+        return NOT_NOW
 
     async def finish(self, ctx: StageContext) -> None:
         """End of stream: emit what only the end can close (the last VPIN bar, say)."""
@@ -234,6 +245,13 @@ class StageMetrics:
     failures: int = 0
     failed_rows: int = 0
     latency: LatencyHistogram = field(default_factory=LatencyHistogram)
+
+    def add(self, rows: int, ns: int) -> None:
+        """One batch of ``rows`` done in ``ns``."""
+        self.batches += 1
+        self.rows += rows
+        self.busy_ns += ns
+        self.latency.record(ns)
 
     def summary(self) -> dict[str, Any]:
         return {
@@ -332,45 +350,84 @@ class StageRunner:
         return len(subs) == 1 and subs[0] is sub
 
     async def take_inline(self, lease: Lease, topic: str) -> None:
-        """Run ``lease`` through this stage (and on, inline where the next one can take it)
-        in the caller's task, with the bus's accounting and error isolation: a failure is
-        this stage's, reported on the bus as a consumer's would be, not the caller's. The
-        bus event is only built for a failure's report: the live path pays a sequence
-        number and two counters per hop, not an object."""
-        sub = self.subscription
-        assert sub is not None
+        """Run ``lease`` through this stage and on through every next stage that can take it
+        inline, in the caller's task, with the bus's accounting and error isolation: a
+        failure is the failing stage's, reported on the bus as a consumer's would be, not
+        the caller's. The bus event is only built for a failure's report: the live path pays
+        a sequence number and two counters per hop, not an object.
+
+        One loop over the stages, not one call per stage: each stage's ``process_now`` (a
+        plain call, no coroutine) does a live batch where the stage has one, and only what
+        it declines (or an event to publish) awaits. The clock is read once per hop, the
+        end of one stage being the start of the next."""
+        runner = self
         bus = self.ctx.bus
-        bus._seq += 1
-        seq = bus._seq
-        sub.published += 1
-        self._inline_busy = True
-        try:
-            await self._handle_lease(lease, topic)
-        except Exception as exc:
-            sub.errors += 1
+        rows = lease.length
+        t0 = time.perf_counter_ns()
+        while True:
+            sub = runner.subscription
+            assert sub is not None
+            bus._seq += 1
+            seq = bus._seq
+            sub.published += 1
+            runner._inline_busy = True
             try:
-                await bus._handler_failed(sub, Event(topic, lease, seq, topic, None), exc)
-            except Exception:  # as in the consumer: reporting must not fail the publisher
-                bus._report_errors += 1
-            return
-        finally:
-            self._inline_busy = False
-            waiters = self._inline_waiters
-            while waiters:
-                w = waiters.pop()
-                if not w.done():
-                    w.set_result(None)
-        sub.delivered += 1
+                stage = runner.stage
+                stream = runner.stream
+                try:
+                    done = stage.process_now(lease, stream, runner.ctx)
+                    if done is not None:
+                        if done is NOT_NOW:
+                            stream.batch_rows = rows
+                            await stage.process(lease, stream, runner.ctx)
+                        else:
+                            await done
+                except Exception as exc:
+                    try:
+                        await runner._rerun_on_fallback(lease, exc)
+                    except Exception as exc2:
+                        raise runner._failed(lease, topic, exc2) from exc2
+                else:
+                    if runner._write_names and lease.device_cache:
+                        lease.mark_written(runner._write_names,
+                                           device=getattr(stream, "_cache_tag", None))
+                t1 = time.perf_counter_ns()
+                runner.metrics.add(rows, t1 - t0)
+                t0 = t1
+                out = runner.output_topic
+                nxt = runner.downstream
+                forward = out is not None and (nxt is None or not nxt.can_take_inline(rows, out))
+                if forward:
+                    await bus.publish(out, lease)
+            except Exception as exc:
+                sub.errors += 1
+                try:
+                    await bus._handler_failed(sub, Event(topic, lease, seq, topic, None), exc)
+                except Exception:  # as in the consumer: reporting must not fail the publisher
+                    bus._report_errors += 1
+                return
+            finally:
+                runner._inline_busy = False
+                waiters = runner._inline_waiters
+                while waiters:
+                    w = waiters.pop()
+                    if not w.done():
+                        w.set_result(None)
+            sub.delivered += 1
+            if out is None or forward:
+                return
+            runner, topic = nxt, out
 
     async def _handle(self, event: Event) -> None:
         await self._handle_lease(event.payload, event.topic)
 
     async def _handle_lease(self, lease: Lease, topic: str) -> None:
-        """Process one batch (primary stream, the fallback after a device error), measure
-        it, and forward it: inline into an idle next stage, else through the bus."""
+        """Process one batch from the queue (primary stream, the fallback after a device
+        error), measure it, and forward it: inline into an idle next stage, else through
+        the bus."""
         t0 = time.perf_counter_ns()
+        stream = self.stream
         try:
-            stream = self.stream
             stream.batch_rows = lease.length
             try:
                 await self.stage.process(lease, stream, self.ctx)
@@ -380,20 +437,8 @@ class StageRunner:
                 if self._write_names and lease.device_cache:
                     lease.mark_written(self._write_names, device=getattr(stream, "_cache_tag", None))
         except Exception as exc:
-            self.metrics.failures += 1
-            self.metrics.failed_rows += lease.length
-            raise StageError(
-                f"stage {self.stage.name!r} failed on batch {lease.seq} ({lease.length} rows, "
-                f"topic {topic!r}, stream {self.stream.name}): {type(exc).__name__}: {exc}",
-                stage=self.stage.name, topic=topic, batch=lease.seq, rows=lease.length,
-                stream=self.stream.name,
-            ) from exc
-        dt = time.perf_counter_ns() - t0
-        m = self.metrics
-        m.batches += 1
-        m.rows += lease.length
-        m.busy_ns += dt
-        m.latency.record(dt)
+            raise self._failed(lease, topic, exc) from exc
+        self.metrics.add(lease.length, time.perf_counter_ns() - t0)
         out = self.output_topic
         if out is not None:
             nxt = self.downstream
@@ -401,6 +446,17 @@ class StageRunner:
                 await nxt.take_inline(lease, out)
             else:
                 await self.ctx.bus.publish(out, lease)
+
+    def _failed(self, lease: Lease, topic: str, exc: Exception) -> StageError:
+        """Count a failed batch; the error to raise, with its context."""
+        self.metrics.failures += 1
+        self.metrics.failed_rows += lease.length
+        return StageError(
+            f"stage {self.stage.name!r} failed on batch {lease.seq} ({lease.length} rows, "
+            f"topic {topic!r}, stream {self.stream.name}): {type(exc).__name__}: {exc}",
+            stage=self.stage.name, topic=topic, batch=lease.seq, rows=lease.length,
+            stream=self.stream.name,
+        )
 
     async def _process(self, lease: Lease) -> None:
         """One batch on the primary stream, on the fallback after a device error (what

@@ -55,7 +55,7 @@ from ..kernels.features import (
 )
 from ..memory import Lease
 from ..params import param
-from ..stage import INLINE_CHAIN_MAX_ROWS, Stage, StageContext, slab_columns
+from ..stage import INLINE_CHAIN_MAX_ROWS, NOT_NOW, Stage, StageContext, slab_columns
 
 FEATURES_COLUMN = "features"
 GPU_INPUTS = ("ts_ns", "price", "size", "side")
@@ -270,18 +270,22 @@ class FeaturesStage(Stage):
         if self._index is not None:
             np.take(out, self._index, axis=1, out=lease[FEATURES_COLUMN])
 
-    async def process(self, lease: Lease, stream: ComputeStream, ctx: StageContext) -> None:
+    def process_now(self, lease: Lease, stream: ComputeStream, ctx: StageContext) -> object:
+        """The live path (small batches never take the GPU scan): one kernel call over the
+        slab's whole columns."""
         n = lease.length
         if 0 < n <= INLINE_CHAIN_MAX_ROWS:
-            # the live path (small batches never take the GPU scan): one kernel call over
-            # the slab's whole columns
             cols = slab_columns(self._slab_columns, lease, _SMALL_COLUMNS)
             if self._small_out.shape[0] < INLINE_CHAIN_MAX_ROWS:
                 self._small_out = np.empty((INLINE_CHAIN_MAX_ROWS, self._out.shape[1]))
             if self.table.update_small(n, cols, self._small_out, self._small_index,
                                        lease.columns[FEATURES_COLUMN]):
-                return
-        await stream.run(self._compute, lease, stream)
+                return None
+        return NOT_NOW
+
+    async def process(self, lease: Lease, stream: ComputeStream, ctx: StageContext) -> None:
+        if self.process_now(lease, stream, ctx) is not None:
+            await stream.run(self._compute, lease, stream)
 
     def stats(self) -> dict[str, object]:
         return {"symbols": self.table.symbols, "width": len(self.names),

@@ -69,7 +69,14 @@ from ..kernels.signal import SignalParams, signal_update
 from ..kernels.var_batch import VarRequest, var_reports
 from ..memory import Lease
 from ..params import param
-from ..stage import INLINE_CHAIN_MAX_ROWS, Stage, StageContext, slab_columns, upstream_column
+from ..stage import (
+    INLINE_CHAIN_MAX_ROWS,
+    NOT_NOW,
+    Stage,
+    StageContext,
+    slab_columns,
+    upstream_column,
+)
 from .features import FEATURES_COLUMN
 
 log = structlog.get_logger("nautilus_pipeline.risk")
@@ -458,6 +465,16 @@ class RiskStage(Stage):
             )
         return VarRequest(exposure, sigma, window, gen)
 
+    def process_now(self, lease: Lease, stream: ComputeStream, ctx: StageContext) -> object:
+        """A live batch through the fused kernel, inline; its events, if any, published by
+        the awaitable returned."""
+        n = lease.length
+        if 0 < n <= SMALL_MAX_ROWS:
+            done = self._fused(lease, inline=True)
+            if done is not None and done is not ON_STREAM:
+                return self._publish_fused(lease, stream, ctx, done) if done[2] or done[3] else None
+        return NOT_NOW
+
     async def process(self, lease: Lease, stream: ComputeStream, ctx: StageContext) -> None:
         n = lease.length
         if n:
@@ -466,14 +483,7 @@ class RiskStage(Stage):
             if done is ON_STREAM:
                 done = await stream.run(self._fused, lease)
             if done is not None:
-                key, breach_before, breaches, var_events = done
-                if breaches:  # as the batch path: a symbol's breaches, then its reports
-                    breach = lease["breach"]
-                    prev = np.concatenate(([breach_before], breach[:-1]))
-                    for row in np.flatnonzero((breach != 0) & (breach != prev)).tolist():
-                        await self._publish(lease, stream, ctx, key, row, None)
-                for key, row, var in var_events:
-                    await self._publish(lease, stream, ctx, key, row, var)
+                await self._publish_fused(lease, stream, ctx, done)
                 return
         books, cols, signal_cols, events = await stream.run(self._compute, lease)
         slab = lease.columns  # one liveness check for the 11 writes
@@ -485,6 +495,19 @@ class RiskStage(Stage):
             slab[spec.name][:n] = values
         self.books = books
         for key, row, var in events:
+            await self._publish(lease, stream, ctx, key, row, var)
+
+    async def _publish_fused(self, lease: Lease, stream: ComputeStream, ctx: StageContext,
+                             done: tuple) -> None:
+        """The events of a batch the fused path did: a symbol's breaches, then its reports
+        (the batch path's order)."""
+        key, breach_before, breaches, var_events = done
+        if breaches:
+            breach = lease["breach"]
+            prev = np.concatenate(([breach_before], breach[:-1]))
+            for row in np.flatnonzero((breach != 0) & (breach != prev)).tolist():
+                await self._publish(lease, stream, ctx, key, row, None)
+        for key, row, var in var_events:
             await self._publish(lease, stream, ctx, key, row, var)
 
     async def _publish(self, lease, stream, ctx, key, row, var) -> None:

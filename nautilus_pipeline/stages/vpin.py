@@ -60,7 +60,7 @@ from ..kernels.vpin import (
 )
 from ..memory import Lease
 from ..params import param
-from ..stage import INLINE_CHAIN_MAX_ROWS, Stage, StageContext, slab_columns
+from ..stage import INLINE_CHAIN_MAX_ROWS, NOT_NOW, Stage, StageContext, slab_columns
 
 F64 = np.dtype(np.float64)
 log = structlog.get_logger("nautilus_pipeline.vpin")
@@ -328,6 +328,12 @@ class VpinStage(Stage):
                                state.bar_f, carry, *cols[5:])
         self.small_batches += done
         return done
+
+    def process_now(self, lease: Lease, stream: ComputeStream, ctx: StageContext) -> object:
+        """The live path (``_small``), where it covers the batch."""
+        if 0 < lease.length <= INLINE_CHAIN_MAX_ROWS and self._small(lease):
+            return None
+        return NOT_NOW
 
     async def process(self, lease: Lease, stream: ComputeStream, ctx: StageContext) -> None:
         if 0 < lease.length <= INLINE_CHAIN_MAX_ROWS and self._small(lease):
