@@ -197,12 +197,40 @@ def _dense_tile(src, width, w, b, dst, relu):
 
 
 @njit(cache=True, nogil=True)
+def _dense_row(s0, width, w, b, d0, relu):
+    """One row of :func:`_dense_tile`, its sums in the same order (so the same bits): the
+    rows of a batch that do not fill a tile, a live tick's row above all (a tile of four
+    computed for one row cost three rows of work for nothing: 1.6 of the kernel's 1.8 µs)."""
+    m = w.shape[1]
+    for j in range(m):
+        d0[j] = np.float32(0.0)
+    k = 0
+    while k + 4 <= width:
+        x0, x1, x2, x3 = s0[k], s0[k + 1], s0[k + 2], s0[k + 3]
+        w0, w1, w2, w3 = w[k], w[k + 1], w[k + 2], w[k + 3]
+        for j in range(m):
+            d0[j] = (((d0[j] + x0 * w0[j]) + x1 * w1[j]) + x2 * w2[j]) + x3 * w3[j]
+        k += 4
+    while k < width:
+        x0 = s0[k]
+        w0 = w[k]
+        for j in range(m):
+            d0[j] = d0[j] + x0 * w0[j]
+        k += 1
+    for j in range(m):
+        v = d0[j] + b[j]
+        if relu:
+            v = v if v >= np.float32(0.0) or v != v else np.float32(0.0)
+        d0[j] = v
+
+
+@njit(cache=True, nogil=True)
 def _mlp_rows(feats, n, params, layout, ha, hb, out):
     """Probabilities of rows ``[0, n)`` of float64 ``feats`` into ``out``: each row cast to
     float32 and normalised, the hidden layers (relu), the output unit and the sigmoid
-    ``0.5·(1 + tanh(z/2))``, ``TILE`` rows at a time (a tile's missing rows computed from
-    zeros, not written). Every row takes the same operations whatever ``n`` is and wherever
-    it falls in a tile, so its bits do not depend on the batch.
+    ``0.5·(1 + tanh(z/2))``, ``TILE`` rows at a time and the rows after the last whole tile
+    one by one (:func:`_dense_row`, the same sums). Every row takes the same operations
+    whatever ``n`` is and wherever it falls, so its bits do not depend on the batch.
 
     ``params`` holds mean, 1/std, then each layer's ``(in, out)`` weights and its bias, flat;
     ``layout`` the widths ``[in, h1, …, 1]`` (one argument each: a live row's call costs
@@ -210,28 +238,33 @@ def _mlp_rows(feats, n, params, layout, ha, hb, out):
     k0 = layout[0]
     mean, inv_std = params[:k0], params[k0 : 2 * k0]
     last = layout.shape[0] - 2
-    for i0 in range(0, n, TILE):
-        for r in range(TILE):
-            i = i0 + r
+    i0 = 0
+    while i0 < n:
+        rows = TILE if n - i0 >= TILE else 1  # whole tiles, then the rest row by row
+        for r in range(rows):
             for k in range(k0):
-                x = np.float32(feats[i, k]) if i < n else np.float32(0.0)
-                ha[r, k] = (x - mean[k]) * inv_std[k]
+                ha[r, k] = (np.float32(feats[i0 + r, k]) - mean[k]) * inv_std[k]
         src, dst = ha, hb
         at = 2 * k0
         for layer in range(last):
             width, m = layout[layer], layout[layer + 1]
             w = params[at : at + width * m].reshape((width, m))
-            _dense_tile(src, width, w, params[at + width * m : at + width * m + m], dst, True)
+            b = params[at + width * m : at + width * m + m]
+            if rows == TILE:
+                _dense_tile(src, width, w, b, dst, True)
+            else:
+                _dense_row(src[0], width, w, b, dst[0], True)
             at += width * m + m
             src, dst = dst, src
         width, m = layout[last], layout[last + 1]
         b0 = params[at + width * m]
-        for r in range(min(TILE, n - i0)):
+        for r in range(rows):
             z = np.float32(0.0)
             for k in range(width):
                 z = z + src[r, k] * params[at + k * m]
             z = (z + b0) * np.float32(0.5)
             out[i0 + r] = (np.tanh(z) + np.float32(1.0)) * np.float32(0.5)
+        i0 += rows
 
 
 class RowOrderForward:
