@@ -533,6 +533,19 @@ def slab_columns(cache: dict[int, tuple], lease, names: Sequence[str]) -> tuple:
     return cols
 
 
+def slab_addresses(cache: dict[int, tuple], lease, layout: Sequence[tuple]):
+    """The address table (:func:`~nautilus_pipeline.kernels.addresses.column_addresses`) of
+    the lease's slab's columns ``layout``, cached per slab beside the slab itself (which
+    keeps the memory alive, and tells a slab of another pool under the same index apart)."""
+    slab = lease.slab
+    entry = cache.get(slab.index)
+    if entry is None or entry[0] is not slab:
+        from .kernels.addresses import column_addresses
+
+        entry = cache[slab.index] = (slab, column_addresses(slab.columns, layout))
+    return entry[1]
+
+
 def upstream_column(upstream: Sequence[Stage], name: str) -> ColumnSpec | None:
     """The spec of column ``name`` as the last of ``upstream`` that writes it declared it,
     or None. Stages agree on columns (name, dtype, labels), never on each other's classes."""

@@ -36,6 +36,7 @@ import math
 import numpy as np
 from numba import njit
 
+from .addresses import column, column2d
 from .risk import RiskParams, RiskState, _risk_scan, new_risk_state
 from .signal import SignalParams, SignalState, _signal_rows
 
@@ -44,7 +45,8 @@ F_ACCOUNT, F_INTENT, F_FINAL, F_LAST, F_WIDTH = 0, 5, 8, 11, 17
 # i: account ints (kill, count, ring pos), return-window length, trades seen
 I_ACCOUNT, I_RET_LEN, I_TRADES, I_WIDTH = 0, 3, 4, 5
 # consts_f: limits (6), long and short thresholds, signal max position
-# consts_i: max_orders, order_window_ns, proportional, step aside, var_every, ret column, var_window
+# consts_i: max_orders, order_window_ns, proportional, step aside, var_every, ret column, var_window,
+# features width
 CARRY0 = (0.0, math.nan, math.nan, math.nan, 0.0, 0.0)
 
 
@@ -109,17 +111,36 @@ class SymbolBook:
         i[I_TRADES] = trades
 
 
+def live_columns(features: int) -> tuple:
+    """The slab columns :func:`risk_rows_small` reads and writes, in its table's order
+    (:mod:`.addresses`), for a features column of ``features`` columns."""
+    f64, u8 = np.float64, np.uint8
+    return (("symbol_id", np.uint32), ("kind", u8), ("ts_ns", np.int64), ("price", f64),
+            ("prediction", np.float32), ("toxic", u8), ("features", f64, features),
+            ("position", f64), ("equity", f64), ("pnl", f64), ("drawdown", f64), ("kill", u8),
+            ("breach", np.int64), ("signal_side", np.int8), ("signal_strength", f64),
+            ("signal_target", f64), ("signal_reasons", np.int64), ("signal_emit", u8))
+
+
 @njit(cache=True, nogil=True)
-def risk_rows_small(start, n, key, sym, kind, ts, price, prob, toxic, feats, consts_f, consts_i,
-                    f, ist, ring, ret, o_pos, o_eq, o_pnl, o_dd, o_kill, o_breach,
-                    o_side, o_strength, o_target, o_reasons, o_emit):
-    """Rows ``[start, stop)`` of a slab's rows ``[0, n)``, all trades of symbol ``key``: the
-    risk stage's outputs; ``stop`` is ``n`` or the row just after the next VaR report falls
-    due (its window is then the book's, for the caller to take before the next call).
+def risk_rows_small(start, n, key, slab, consts_f, consts_i, f, ist, ring, ret):
+    """Rows ``[start, stop)`` of a slab's rows ``[0, n)`` (``slab``: the address table of
+    its :func:`live_columns`), all trades of symbol ``key``: the risk stage's outputs;
+    ``stop`` is ``n`` or the row just after the next VaR report falls due (its window is
+    then the book's, for the caller to take before the next call).
 
     Returns ``(breach events, stop)``, or ``(-1, start)`` (nothing changed) where the batch
     path must run instead (see the module docstring); rows are checked when ``start == 0``.
     """
+    sym, kind, ts = column(slab, 0, np.uint32), column(slab, 1, np.uint8), column(slab, 2, np.int64)
+    price, prob, toxic = column(slab, 3, np.float64), column(slab, 4, np.float32), column(slab, 5, np.uint8)
+    feats = column2d(slab, 6, consts_i[7], np.float64)
+    o_pos, o_eq, o_pnl, o_dd = (column(slab, 7, np.float64), column(slab, 8, np.float64),
+                                column(slab, 9, np.float64), column(slab, 10, np.float64))
+    o_kill, o_breach = column(slab, 11, np.uint8), column(slab, 12, np.int64)
+    o_side, o_strength, o_target = (column(slab, 13, np.int8), column(slab, 14, np.float64),
+                                    column(slab, 15, np.float64))
+    o_reasons, o_emit = column(slab, 16, np.int64), column(slab, 17, np.uint8)
     if start == 0:
         for r in range(n):
             if sym[r] != key or kind[r] != 0 or not math.isfinite(price[r]):

@@ -54,6 +54,7 @@ from ..calibration_cache import cached
 from ..compute import ComputeStream
 from ..errors import ConfigError
 from ..events import KIND_TRADE, ColumnSpec, RiskEvent
+from ..kernels.addresses import column_addresses
 from ..kernels.risk import (
     RiskParams,
     breach_names,
@@ -63,7 +64,7 @@ from ..kernels.risk import (
     return_window,
     risk_update,
 )
-from ..kernels.risk_rows import F_LAST, SymbolBook, risk_rows_small
+from ..kernels.risk_rows import F_LAST, SymbolBook, live_columns, risk_rows_small
 from ..kernels.rows import ffill_rows, symbol_groups
 from ..kernels.signal import SignalParams, signal_update
 from ..kernels.var_batch import VarRequest, var_reports
@@ -74,7 +75,7 @@ from ..stage import (
     NOT_NOW,
     Stage,
     StageContext,
-    slab_columns,
+    slab_addresses,
     upstream_column,
 )
 from .features import FEATURES_COLUMN
@@ -95,8 +96,6 @@ SMALL_MAX_ROWS = INLINE_CHAIN_MAX_ROWS
 this many rows (the live path, no stream call), on the stage's stream above."""
 ON_STREAM = object()
 """``RiskStage._fused``'s answer for a live batch whose VaR reports are due on a device."""
-_SMALL_COLUMNS = ("symbol_id", "kind", "ts_ns", "price", "prediction", "toxic", FEATURES_COLUMN,
-                  *RISK_COLUMNS, "kill", "breach", *(c.name for c in SIGNAL_COLUMNS))
 
 
 @dataclass(frozen=True, slots=True)
@@ -199,6 +198,7 @@ class RiskStage(Stage):
         self.seed = seed
         self.topic_prefix = topic_prefix
         self._vol_col = self._ret_col = None
+        self._n_features = 0
 
     def connect(self, upstream: Sequence[Stage]) -> None:
         feats = upstream_column(upstream, FEATURES_COLUMN)
@@ -211,6 +211,8 @@ class RiskStage(Stage):
             )
         self._ret_col = names.index("log_return")
         self._vol_col = names.index(self.vol_feature)
+        self._n_features = len(names)
+        self._live_layout = live_columns(len(names))
 
     async def start(self, ctx: StageContext) -> None:
         self.books: dict[int, SymbolBook] = {}
@@ -226,8 +228,8 @@ class RiskStage(Stage):
                                    rule.short_threshold, rule.max_position])
         self._consts_i = np.array([lim.max_orders, lim.order_window_ns, rule.sizing == "proportional",
                                    rule.step_aside_on_toxic, self.var_every, self._ret_col or 0,
-                                   self.var_window], dtype=np.int64)
-        self._slab_columns: dict[int, tuple[np.ndarray, ...]] = {}
+                                   self.var_window, self._n_features], dtype=np.int64)
+        self._slab_tables: dict[int, tuple] = {}
 
     async def bind(self, stream: ComputeStream) -> None:
         # Load (or JIT-compile) the numba account scan before the first batch, off the loop.
@@ -258,10 +260,9 @@ class RiskStage(Stage):
         types) on a scratch row, and on the host the Monte Carlo sampler of a report
         (bootstrap and normal paths): a live tick's first VaR report loaded it from numba's
         cache inside the hot path (~0.1-1 s)."""
-        cols = tuple(columns[c] for c in _SMALL_COLUMNS)
         book = SymbolBook.new(self.limits, self.var_window)
-        risk_rows_small(0, 1, 0, *cols[:7], self._consts_f, self._consts_i, book.f, book.i,
-                        book.ring, book.ret, *cols[7:])
+        risk_rows_small(0, 1, 0, column_addresses(columns, self._live_layout), self._consts_f,
+                        self._consts_i, book.f, book.i, book.ring, book.ret)
         generators, self.generators = self.generators, {}  # a report (var_every = 1) draws
         try:
             self._compute(_ScratchRows(columns, 1))  # returns new books: discarded
@@ -411,13 +412,14 @@ class RiskStage(Stage):
         events with their reports), None where the batch path must run, or ``ON_STREAM``
         for an ``inline`` batch whose reports are due on a device (the caller runs it on
         the stream's worker instead)."""
-        cols = slab_columns(self._slab_columns, lease, _SMALL_COLUMNS)
-        key = int(cols[0][0])
+        cols = lease.slab.columns
+        key = int(cols["symbol_id"][0])
         book = self.books.get(key)
         if book is None:  # a symbol's first batch (a new book is what the batch path starts from)
             book = self.books[key] = SymbolBook.new(self.limits, self.var_window)
         n, every = lease.length, self.var_every
-        reporting = every and (book.trades + n) // every > book.trades // every
+        trades = book.trades
+        reporting = every and (trades + n) // every > trades // every
         if reporting:
             if inline and self._backend != "numpy":
                 return ON_STREAM  # device reports: not on the event loop's thread
@@ -426,9 +428,10 @@ class RiskStage(Stage):
             book = book.copy()
         breach_before = int(book.f[F_LAST + 5])
         events, start, due = 0, 0, []
+        slab = slab_addresses(self._slab_tables, lease, self._live_layout)
         while start < n:
-            found, stop = risk_rows_small(start, n, key, *cols[:7], self._consts_f, self._consts_i,
-                                          book.f, book.i, book.ring, book.ret, *cols[7:])
+            found, stop = risk_rows_small(start, n, key, slab, self._consts_f, self._consts_i,
+                                          book.f, book.i, book.ring, book.ret)
             if found < 0:
                 return None  # checked before any row changed
             events += found
@@ -437,7 +440,7 @@ class RiskStage(Stage):
             start = stop
         var_events = []
         if due:
-            feats, price, position = cols[6], cols[3], cols[7]
+            feats, price, position = cols[FEATURES_COLUMN], cols["price"], cols["position"]
             requests = [self._var_request(key, float(position[row]), float(price[row]),
                                           float(feats[row, self._vol_col]), window)
                         for row, window in due]
