@@ -88,7 +88,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import structlog
@@ -236,33 +236,62 @@ class Stage:
         self.restore_state(decoded.state)
 
 
-@dataclass
 class StageMetrics:
-    batches: int = 0
-    rows: int = 0
-    busy_ns: int = 0
-    fallbacks: int = 0
-    failures: int = 0
-    failed_rows: int = 0
-    latency: LatencyHistogram = field(default_factory=LatencyHistogram)
+    """A stage's counters. Rows and failures count at once (the tick accounting reads
+    them); batch durations wait in ``pending`` and join the histogram in bulk
+    (``LatencyHistogram.record_many``) when it is read or ``PENDING_MAX`` of them wait: a
+    live hop pays a list append, not a histogram update (~0.2 µs a hop on the dev VM)."""
+
+    __slots__ = ("_latency", "failed_rows", "failures", "fallbacks", "pending", "rows")
+
+    PENDING_MAX = 4096
+
+    def __init__(self) -> None:
+        self.rows = 0
+        self.fallbacks = 0
+        self.failures = 0
+        self.failed_rows = 0
+        self.pending: list[int] = []
+        self._latency = LatencyHistogram()
 
     def add(self, rows: int, ns: int) -> None:
         """One batch of ``rows`` done in ``ns``."""
-        self.batches += 1
         self.rows += rows
-        self.busy_ns += ns
-        self.latency.record(ns)
+        self.pending.append(ns)
+        if len(self.pending) >= self.PENDING_MAX:
+            self.fold()
+
+    def fold(self) -> None:
+        """Move the pending durations into the histogram."""
+        if self.pending:
+            self._latency.record_many(self.pending)
+            self.pending.clear()
+
+    @property
+    def latency(self) -> LatencyHistogram:
+        self.fold()
+        return self._latency
+
+    @property
+    def batches(self) -> int:
+        return self.latency.count
+
+    @property
+    def busy_ns(self) -> int:
+        return self.latency.total_ns
 
     def summary(self) -> dict[str, Any]:
+        latency = self.latency
+        busy = latency.total_ns
         return {
-            "batches": self.batches,
+            "batches": latency.count,
             "rows": self.rows,
             "fallbacks": self.fallbacks,
             "failures": self.failures,
             "failed_rows": self.failed_rows,
-            "rows_per_s": self.rows / (self.busy_ns / 1e9) if self.busy_ns else 0.0,
-            "batch_latency": self.latency.summary(),
-            "batch_latency_buckets": self.latency.buckets(),
+            "rows_per_s": self.rows / (busy / 1e9) if busy else 0.0,
+            "batch_latency": latency.summary(),
+            "batch_latency_buckets": latency.buckets(),
         }
 
 
@@ -321,6 +350,8 @@ class StageRunner:
             maxsize=self.queue_size,
             overflow="block",
         )
+        self._hop = (self.subscription, self.stage.process_now, self.stream, self.ctx,
+                     self.output_topic, self.metrics)
 
     async def _on_batch(self, event: Event) -> None:
         """A batch from the bus consumer; waits while an inline batch is in this stage."""
@@ -359,27 +390,25 @@ class StageRunner:
         One loop over the stages, not one call per stage: each stage's ``process_now`` (a
         plain call, no coroutine) does a live batch where the stage has one, and only what
         it declines (or an event to publish) awaits. The clock is read once per hop, the
-        end of one stage being the start of the next."""
+        end of one stage being the start of the next, and what a hop needs of a runner is
+        one tuple (``_hop``, built at start)."""
         runner = self
         bus = self.ctx.bus
         rows = lease.length
         t0 = time.perf_counter_ns()
         while True:
-            sub = runner.subscription
-            assert sub is not None
+            sub, process_now, stream, ctx, out, metrics = runner._hop
             bus._seq += 1
             seq = bus._seq
             sub.published += 1
             runner._inline_busy = True
             try:
-                stage = runner.stage
-                stream = runner.stream
                 try:
-                    done = stage.process_now(lease, stream, runner.ctx)
+                    done = process_now(lease, stream, ctx)
                     if done is not None:
                         if done is NOT_NOW:
                             stream.batch_rows = rows
-                            await stage.process(lease, stream, runner.ctx)
+                            await runner.stage.process(lease, stream, ctx)
                         else:
                             await done
                 except Exception as exc:
@@ -388,13 +417,16 @@ class StageRunner:
                     except Exception as exc2:
                         raise runner._failed(lease, topic, exc2) from exc2
                 else:
-                    if runner._write_names and lease.device_cache:
+                    if lease.device_cache and runner._write_names:
                         lease.mark_written(runner._write_names,
                                            device=getattr(stream, "_cache_tag", None))
                 t1 = time.perf_counter_ns()
-                runner.metrics.add(rows, t1 - t0)
+                metrics.rows += rows
+                pending = metrics.pending
+                pending.append(t1 - t0)
+                if len(pending) >= StageMetrics.PENDING_MAX:
+                    metrics.fold()
                 t0 = t1
-                out = runner.output_topic
                 nxt = runner.downstream
                 forward = out is not None and (nxt is None or not nxt.can_take_inline(rows, out))
                 if forward:
@@ -408,15 +440,20 @@ class StageRunner:
                 return
             finally:
                 runner._inline_busy = False
-                waiters = runner._inline_waiters
-                while waiters:
-                    w = waiters.pop()
-                    if not w.done():
-                        w.set_result(None)
+                if runner._inline_waiters:
+                    runner._wake_waiters()
             sub.delivered += 1
             if out is None or forward:
                 return
             runner, topic = nxt, out
+
+    def _wake_waiters(self) -> None:
+        """Let the bus consumers that waited behind an inline batch go on."""
+        waiters = self._inline_waiters
+        while waiters:
+            w = waiters.pop()
+            if not w.done():
+                w.set_result(None)
 
     async def _handle(self, event: Event) -> None:
         await self._handle_lease(event.payload, event.topic)

@@ -138,22 +138,36 @@ def live_definition(folder: pathlib.Path) -> pathlib.Path:
 
 async def live_run(definition: pathlib.Path, n: int, batch: int, paced: bool, full: bool):
     from nautilus_pipeline import config
+    from nautilus_pipeline import stage as stage_module
     from nautilus_pipeline.events import TradeTick
     from nautilus_pipeline.stage import Stage
 
+    # (a checkout from before Stage.process_now has no NOT_NOW: A/B runs against one)
+    NOT_NOW = getattr(stage_module, "NOT_NOW", object())
     t_pub = np.zeros(n, dtype=np.int64)
     lat = np.zeros(n, dtype=np.int64)
 
     class Probe(Stage):
+        """The last stage: publish → here per tick. One row costs scalar reads, not numpy
+        fancy indexing (~1.5 µs a tick, a tenth of the chain's own cost)."""
+
         name = "probe"
         reads = ("ts_ns",)
-        done = 0
+
+        def process_now(self, lease, stream, ctx):
+            if lease.length != 1:
+                return NOT_NOW
+            now = time.perf_counter_ns()
+            i = lease.slab.columns["ts_ns"].item(0)
+            lat[i] = now - t_pub.item(i)
+            return None
 
         async def process(self, lease, stream, ctx):
+            if self.process_now(lease, stream, ctx) is None:
+                return
             now = time.perf_counter_ns()
             ts = lease["ts_ns"]
             lat[ts] = now - t_pub[ts]
-            Probe.done += lease.length
 
     d = config.load(definition)
     stages = config.build_stages(d, [])
