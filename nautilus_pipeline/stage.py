@@ -570,17 +570,17 @@ def slab_columns(cache: dict[int, tuple], lease, names: Sequence[str]) -> tuple:
     return cols
 
 
-def slab_addresses(cache: dict[int, tuple], lease, layout: Sequence[tuple]):
+def slab_addresses(cache: dict, lease, layout: Sequence[tuple]):
     """The address table (:func:`~nautilus_pipeline.kernels.addresses.column_addresses`) of
-    the lease's slab's columns ``layout``, cached per slab beside the slab itself (which
-    keeps the memory alive, and tells a slab of another pool under the same index apart)."""
-    slab = lease.slab
-    entry = cache.get(slab.index)
-    if entry is None or entry[0] is not slab:
+    the lease's slab's columns ``layout``, cached per slab: keyed by the slab itself, which
+    so stays alive (and its memory with it) as long as the table, and which a slab of
+    another pool under the same index is not."""
+    table = cache.get(lease.slab)
+    if table is None:
         from .kernels.addresses import column_addresses
 
-        entry = cache[slab.index] = (slab, column_addresses(slab.columns, layout))
-    return entry[1]
+        table = cache[lease.slab] = column_addresses(lease.slab.columns, layout)
+    return table
 
 
 def upstream_column(upstream: Sequence[Stage], name: str) -> ColumnSpec | None:

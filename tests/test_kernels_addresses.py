@@ -74,7 +74,7 @@ def test_a_stage_cache_holds_one_table_per_slab_and_tells_another_pool_apart():
     other = pools[1].acquire_nowait("t")
     assert other.slab.index == first[0].slab.index
     table = slab_addresses(cache, other, layout)
-    assert table is not tables[0]
+    assert table is not tables[0] and len(cache) == 3
     assert table[1] == other.slab.columns["ts_ns"].ctypes.data
     for lease in (*first, other):
         lease.release("t")

@@ -31,6 +31,8 @@ from collections.abc import Sequence
 import numpy as np
 from numba import njit
 
+from .addresses import column, column2d
+
 F32 = np.float32
 
 
@@ -300,7 +302,20 @@ class RowOrderForward:
         self.layout = np.asarray(widths, dtype=np.int64)
         self._ha = np.zeros((TILE, max(widths)), dtype=F32)
         self._hb = np.zeros((TILE, max(widths)), dtype=F32)
+        #: The slab columns :meth:`live` reads and writes.
+        self.live_columns = (("features", np.float64, ws.n_inputs), ("prediction", np.float32))
 
     def __call__(self, feats: np.ndarray, n: int, out: np.ndarray) -> None:
         """Probabilities of rows ``[0, n)`` of float64 ``feats`` [≥ n, k] into ``out[:n]``."""
         _mlp_rows(feats, n, self.params, self.layout, self._ha, self._hb, out)
+
+    def live(self, n: int, slab: np.ndarray) -> None:
+        """:meth:`__call__` on rows ``[0, n)`` of the slab whose address table of
+        ``live_columns`` is ``slab`` (:mod:`.addresses`): a live tick's call."""
+        _mlp_rows_live(n, slab, self.params, self.layout, self._ha, self._hb)
+
+
+@njit(cache=True, nogil=True)
+def _mlp_rows_live(n, slab, params, layout, ha, hb):
+    _mlp_rows(column2d(slab, 0, layout[0], np.float64), n, params, layout, ha, hb,
+              column(slab, 1, np.float32))

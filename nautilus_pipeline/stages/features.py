@@ -149,10 +149,11 @@ class FeaturesStage(Stage):
         self._small_out = np.empty((INLINE_CHAIN_MAX_ROWS, len(available)))
         self._small_index = np.asarray(index, dtype=np.int64)
         self._live_layout = (*LIVE_COLUMNS, (FEATURES_COLUMN, np.float64, len(self.names)))
-        self._slab_tables: dict[int, tuple] = {}
+        self._slab_tables: dict = {}  # slab → its address table
 
     async def start(self, ctx: StageContext) -> None:
         self.table = FeatureTable(self.config)
+        self._slab_tables = {}  # another pipeline's slabs
 
     async def bind(self, stream: ComputeStream) -> None:
         device = on_device(stream)

@@ -36,6 +36,7 @@ import structlog
 from ..compute import ComputeStream, runner_backend, unusable_reason
 from ..errors import ConfigError
 from ..events import ColumnSpec
+from ..kernels.addresses import column_addresses
 from ..kernels.mlp import RowOrderForward
 from ..memory import Lease
 from ..model.base import ModelRunner
@@ -43,7 +44,7 @@ from ..model.numpy_runner import NumpyRunner
 from ..model.runners import Calibration, calibrate_cached, make_runner
 from ..model.spec import DEFAULT_MODEL_PATH, check_inputs, load_model
 from ..params import param
-from ..stage import NOT_NOW, OFFLOAD_MIN_ROWS, Stage, StageContext, upstream_column
+from ..stage import NOT_NOW, OFFLOAD_MIN_ROWS, Stage, StageContext, slab_addresses, upstream_column
 from .features import FEATURES_COLUMN
 
 log = structlog.get_logger("nautilus_pipeline.inference")
@@ -115,6 +116,7 @@ class InferenceStage(Stage):
         self._p32: np.ndarray | None = None
         self._primary: ComputeStream | None = None
         self._fixed: dict[str, RowOrderForward | None] = {}
+        self._slab_tables: dict = {}  # slab → its address table
         self._rows_by_backend: dict[str, int] = {}
         self._numpy_rows = 0  # the fixed-order pass's rows (a counter: live ticks pass here)
 
@@ -157,6 +159,7 @@ class InferenceStage(Stage):
         fwd = self._fixed_for(stream)
         if fwd is not None:
             fwd(columns[FEATURES_COLUMN], 1, columns["prediction"])
+            fwd.live(1, column_addresses(columns, fwd.live_columns))
 
     def _runner(self, stream: ComputeStream, n: int) -> ModelRunner:
         if self.calibration is not None and stream is self._primary:
@@ -166,6 +169,7 @@ class InferenceStage(Stage):
     async def start(self, ctx: StageContext) -> None:
         self._primary = None
         self._fixed = {}
+        self._slab_tables = {}
 
     def _fixed_for(self, stream: ComputeStream) -> RowOrderForward | None:
         """The fixed-order forward pass on ``stream``, where it has one: the numpy runner of
@@ -192,7 +196,7 @@ class InferenceStage(Stage):
         if 0 < n <= LIVE_ROWS:
             fwd = self._fixed.get(stream.name)
             if fwd is not None:
-                self._predict_fixed(lease, fwd)
+                fwd.live(n, slab_addresses(self._slab_tables, lease, fwd.live_columns))
                 self._numpy_rows += n
                 return None
         return NOT_NOW

@@ -229,7 +229,7 @@ class RiskStage(Stage):
         self._consts_i = np.array([lim.max_orders, lim.order_window_ns, rule.sizing == "proportional",
                                    rule.step_aside_on_toxic, self.var_every, self._ret_col or 0,
                                    self.var_window, self._n_features], dtype=np.int64)
-        self._slab_tables: dict[int, tuple] = {}
+        self._slab_tables: dict = {}  # slab → its address table
 
     async def bind(self, stream: ComputeStream) -> None:
         # Load (or JIT-compile) the numba account scan before the first batch, off the loop.

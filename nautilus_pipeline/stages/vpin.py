@@ -190,7 +190,7 @@ class VpinStage(Stage):
     async def start(self, ctx: StageContext) -> None:
         self.states, self.last, self.buckets = {}, {}, 0
         self.small_batches = 0
-        self._slab_tables: dict[int, tuple] = {}
+        self._slab_tables: dict = {}  # slab → its address table
         self._bar_ns = self.params["bar_ns"]
 
     async def bind(self, stream: ComputeStream) -> None:
