@@ -64,7 +64,7 @@ from ..kernels.risk import (
     return_window,
     risk_update,
 )
-from ..kernels.risk_rows import F_LAST, SymbolBook, live_columns, risk_rows_small
+from ..kernels.risk_rows import F_LAST, I_TRADES, SymbolBook, live_columns, risk_rows_small
 from ..kernels.rows import ffill_rows, symbol_groups
 from ..kernels.signal import SignalParams, signal_update
 from ..kernels.var_batch import VarRequest, var_reports
@@ -413,29 +413,36 @@ class RiskStage(Stage):
         for an ``inline`` batch whose reports are due on a device (the caller runs it on
         the stream's worker instead)."""
         cols = lease.slab.columns
-        key = int(cols["symbol_id"][0])
+        key = cols["symbol_id"].item(0)
         book = self.books.get(key)
         if book is None:  # a symbol's first batch (a new book is what the batch path starts from)
             book = self.books[key] = SymbolBook.new(self.limits, self.var_window)
         n, every = lease.length, self.var_every
-        trades = book.trades
+        trades = book.i.item(I_TRADES)
         reporting = every and (trades + n) // every > trades // every
-        if reporting:
-            if inline and self._backend != "numpy":
-                return ON_STREAM  # device reports: not on the event loop's thread
-            # a report can fail (on a device: the batch reruns on the fallback stream):
-            # work on a copy, committed once the reports are in
-            book = book.copy()
-        breach_before = int(book.f[F_LAST + 5])
-        events, start, due = 0, 0, []
         slab = slab_addresses(self._slab_tables, lease, self._live_layout)
+        if not reporting:  # most live ticks: one call, in place, nothing to publish but breaches
+            breach_before = int(book.f.item(F_LAST + 5))
+            events, _ = risk_rows_small(0, n, key, slab, self._consts_f, self._consts_i, book.f,
+                                        book.i, book.ring, book.ret)
+            if events < 0:
+                return None  # checked before any row changed
+            self.fused_batches += 1
+            return key, breach_before, events, ()
+        if inline and self._backend != "numpy":
+            return ON_STREAM  # device reports: not on the event loop's thread
+        # a report can fail (on a device: the batch reruns on the fallback stream): work on
+        # a copy, committed once the reports are in
+        book = book.copy()
+        breach_before = int(book.f.item(F_LAST + 5))
+        events, start, due = 0, 0, []
         while start < n:
             found, stop = risk_rows_small(start, n, key, slab, self._consts_f, self._consts_i,
                                           book.f, book.i, book.ring, book.ret)
             if found < 0:
                 return None  # checked before any row changed
             events += found
-            if every and book.trades % every == 0:
+            if book.trades % every == 0:
                 due.append((stop - 1, book.window().copy()))
             start = stop
         var_events = []
@@ -447,8 +454,7 @@ class RiskStage(Stage):
             reports = self._reports(requests, lease)
             var_events = [(key, row, {"window": window, "report": report})
                           for (row, window), report in zip(due, reports, strict=True)]
-        if reporting:
-            self.books[key] = book
+        self.books[key] = book
         self.fused_batches += 1
         return key, breach_before, events, var_events
 
