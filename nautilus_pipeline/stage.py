@@ -328,6 +328,8 @@ class StageRunner:
         self._inside = 0
         self._inline_busy = False
         self._inline_waiters: list[asyncio.Future] = []  # bus consumers behind an inline batch
+        self._bus = ctx.bus
+        self._sole_route: tuple | None = None  # the input topic's route, checked: this stage alone
 
     @property
     def fallback_stream(self) -> ComputeStream | None:
@@ -370,15 +372,18 @@ class StageRunner:
         the publisher (no queue hop): it is small, nothing else is in or queued for this
         stage (so it cannot overtake a batch), and this stage is the topic's only subscriber."""
         sub = self.subscription
-        if rows > self.inline_max_rows or self._inside or self._inline_busy or sub is None or sub._queue:
-            return False
-        bus = self.ctx.bus
-        if bus._refuse:
+        bus = self._bus
+        if (rows > self.inline_max_rows or self._inside or self._inline_busy or sub is None
+                or sub._queue or bus._refuse):
             return False
         subs = bus._routes.get(topic)
-        if subs is None:
-            subs = bus._route(topic)
-        return len(subs) == 1 and subs[0] is sub
+        if subs is not self._sole_route:  # the routes were rebuilt (a subscription came or went)
+            if subs is None:
+                subs = bus._route(topic)
+            if len(subs) != 1 or subs[0] is not sub:
+                return False
+            self._sole_route = subs
+        return True
 
     async def take_inline(self, lease: Lease, topic: str) -> None:
         """Run ``lease`` through this stage and on through every next stage that can take it

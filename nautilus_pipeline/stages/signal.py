@@ -60,7 +60,7 @@ class SignalStage(Stage):
 
     def process_now(self, lease: Lease, stream: ComputeStream, ctx: StageContext) -> object:
         """A live tick that changes no signal (most): one scalar read."""
-        if lease.length == 1 and not lease.slab.columns["signal_emit"][0]:
+        if lease.length == 1 and not lease.slab.columns["signal_emit"].item(0):
             return None
         return NOT_NOW
 

@@ -319,7 +319,7 @@ class VpinStage(Stage):
     def _small(self, lease: Lease) -> bool:
         """The live path (``kernels.vpin.vpin_rows_small``): one kernel call when the batch's
         trades all join the open bar of one symbol, updating its state in place."""
-        key = int(lease.slab.columns["symbol_id"][0])
+        key = lease.slab.columns["symbol_id"].item(0)
         state = self.states.get(key)
         if state is None:
             return False
