@@ -306,6 +306,50 @@ def offload_table(folder: pathlib.Path) -> None:
         MARKDOWN.append(f"| {n} | " + " | ".join(f"{table[n][k]:.1f}" for k in names) + " | |")
 
 
+def dispatch_table() -> None:
+    """What one call of a numba kernel from Python costs by its arguments: an empty kernel
+    of k arrays, and one of an address table (``kernels.addresses``) reading k columns."""
+    from numba import njit
+
+    from nautilus_pipeline.kernels.addresses import column, column_addresses
+
+    def empty(k: int):
+        names = ", ".join(f"a{i}" for i in range(k))
+        scope: dict = {}
+        exec(f"def f({names}):\n    return 0", scope)  # a kernel of k arguments
+        return njit(scope["f"])
+
+    @njit
+    def through_table(table, k):
+        total = 0.0
+        for j in range(k):
+            total += column(table, j, np.float64)[0]
+        return total
+
+    def best_ns(fn, *args, calls=100_000):
+        fn(*args)
+        best = float("inf")
+        for _ in range(5):
+            t = time.perf_counter_ns()
+            for _ in range(calls):
+                fn(*args)
+            best = min(best, (time.perf_counter_ns() - t) / calls)
+        return best
+
+    print("\ndispatch: one call of a numba kernel from Python, ns (min of 5 x 100,000 calls)")
+    print(f"{'arguments':<36} {'ns':>8}")
+    MARKDOWN.extend(["", "| numba call from Python | ns |", "|---|---:|"])
+    for k in (1, 7, 14, 27):
+        arrays = [np.zeros(8) for _ in range(k)]
+        rows = [(f"{k} arrays", best_ns(empty(k), *arrays)),
+                (f"1 address table of {k} columns", best_ns(
+                    through_table, column_addresses({str(j): a for j, a in enumerate(arrays)},
+                                                    [(str(j), np.float64) for j in range(k)]), k))]
+        for label, ns in rows:
+            print(f"{label:<36} {ns:>8.0f}")
+            MARKDOWN.append(f"| {label} | {ns:.0f} |")
+
+
 def main() -> None:
     from nautilus_pipeline.machine import describe
 
@@ -319,6 +363,8 @@ def main() -> None:
     ap.add_argument("--malloc-pad", action="store_true",
                     help="also run concurrent with MALLOC_TOP_PAD_=64MiB (allocation churn check)")
     ap.add_argument("--offload", action="store_true", help="also print the offload table")
+    ap.add_argument("--dispatch", action="store_true",
+                    help="also print what a numba call costs by its arguments")
     ap.add_argument("--data", help="folder for the generated files (default: a temporary one)")
     ap.add_argument("--markdown", type=pathlib.Path, help="also write the tables as markdown here")
     args = ap.parse_args()
@@ -328,6 +374,8 @@ def main() -> None:
     folder.mkdir(parents=True, exist_ok=True)
     if args.rows:
         replay_table(args.rows, folder, args.batch, args.switch_interval, args.malloc_pad)
+    if args.dispatch:
+        dispatch_table()
     if args.offload:
         offload_table(folder)
     if args.live_ticks:
