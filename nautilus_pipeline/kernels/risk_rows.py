@@ -129,8 +129,9 @@ def risk_rows_small(start, n, key, slab, consts_f, consts_i, f, ist, ring, ret):
     ``stop`` is ``n`` or the row just after the next VaR report falls due (its window is
     then the book's, for the caller to take before the next call).
 
-    Returns ``(breach events, stop)``, or ``(-1, start)`` (nothing changed) where the batch
-    path must run instead (see the module docstring); rows are checked when ``start == 0``.
+    Returns ``(breach events, stop, breach mask before row start)``, or ``(-1, start, mask)``
+    (nothing changed) where the batch path must run instead (see the module docstring);
+    rows are checked when ``start == 0``.
     """
     sym, kind, ts = column(slab, 0, np.uint32), column(slab, 1, np.uint8), column(slab, 2, np.int64)
     price, prob, toxic = column(slab, 3, np.float64), column(slab, 4, np.float32), column(slab, 5, np.uint8)
@@ -144,7 +145,7 @@ def risk_rows_small(start, n, key, slab, consts_f, consts_i, f, ist, ring, ret):
     if start == 0:
         for r in range(n):
             if sym[r] != key or kind[r] != 0 or not math.isfinite(price[r]):
-                return -1, start
+                return -1, start, np.int64(f[16])
     var_every = consts_i[4]
     trades = ist[4]
     stop = n
@@ -181,6 +182,7 @@ def risk_rows_small(start, n, key, slab, consts_f, consts_i, f, ist, ring, ret):
     f[8], f[9], f[10] = lp, ls, lt
     events = 0
     prev = f[16]
+    before = np.int64(prev)
     for r in range(m):
         b = o[8, r]
         if b != 0.0 and b != prev:
@@ -213,4 +215,4 @@ def risk_rows_small(start, n, key, slab, consts_f, consts_i, f, ist, ring, ret):
         length += 1
     ist[3] = length
     ist[4] = trades + m
-    return events, stop
+    return events, stop, before

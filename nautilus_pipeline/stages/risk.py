@@ -64,7 +64,7 @@ from ..kernels.risk import (
     return_window,
     risk_update,
 )
-from ..kernels.risk_rows import F_LAST, I_TRADES, SymbolBook, live_columns, risk_rows_small
+from ..kernels.risk_rows import I_TRADES, SymbolBook, live_columns, risk_rows_small
 from ..kernels.rows import ffill_rows, symbol_groups
 from ..kernels.signal import SignalParams, signal_update
 from ..kernels.var_batch import VarRequest, var_reports
@@ -421,10 +421,10 @@ class RiskStage(Stage):
         trades = book.i.item(I_TRADES)
         reporting = every and (trades + n) // every > trades // every
         slab = slab_addresses(self._slab_tables, lease, self._live_layout)
-        if not reporting:  # most live ticks: one call, in place, nothing to publish but breaches
-            breach_before = int(book.f.item(F_LAST + 5))
-            events, _ = risk_rows_small(0, n, key, slab, self._consts_f, self._consts_i, book.f,
-                                        book.i, book.ring, book.ret)
+        if not reporting:  # one call, in place, nothing to publish but breaches
+            events, _, breach_before = risk_rows_small(0, n, key, slab, self._consts_f,
+                                                       self._consts_i, book.f, book.i, book.ring,
+                                                       book.ret)
             if events < 0:
                 return None  # checked before any row changed
             self.fused_batches += 1
@@ -434,13 +434,15 @@ class RiskStage(Stage):
         # a report can fail (on a device: the batch reruns on the fallback stream): work on
         # a copy, committed once the reports are in
         book = book.copy()
-        breach_before = int(book.f.item(F_LAST + 5))
         events, start, due = 0, 0, []
+        breach_before = 0
         while start < n:
-            found, stop = risk_rows_small(start, n, key, slab, self._consts_f, self._consts_i,
-                                          book.f, book.i, book.ring, book.ret)
+            found, stop, before = risk_rows_small(start, n, key, slab, self._consts_f,
+                                                  self._consts_i, book.f, book.i, book.ring, book.ret)
             if found < 0:
                 return None  # checked before any row changed
+            if start == 0:
+                breach_before = before
             events += found
             if book.trades % every == 0:
                 due.append((stop - 1, book.window().copy()))
@@ -476,13 +478,29 @@ class RiskStage(Stage):
 
     def process_now(self, lease: Lease, stream: ComputeStream, ctx: StageContext) -> object:
         """A live batch through the fused kernel, inline; its events, if any, published by
-        the awaitable returned."""
+        the awaitable returned. The common case (a known symbol, no VaR report due) is
+        one kernel call here, in place; the rest goes through :meth:`_fused`."""
         n = lease.length
-        if 0 < n <= SMALL_MAX_ROWS:
-            done = self._fused(lease, inline=True)
-            if done is not None and done is not ON_STREAM:
-                return self._publish_fused(lease, stream, ctx, done) if done[2] or done[3] else None
-        return NOT_NOW
+        if not 0 < n <= SMALL_MAX_ROWS:
+            return NOT_NOW
+        key = lease.slab.columns["symbol_id"].item(0)
+        book = self.books.get(key)
+        every = self.var_every
+        if book is not None and not (every and (book.i.item(I_TRADES) + n) // every
+                                     > book.i.item(I_TRADES) // every):
+            slab = self._slab_tables.get(lease.slab)
+            if slab is None:
+                slab = slab_addresses(self._slab_tables, lease, self._live_layout)
+            events, _, before = risk_rows_small(0, n, key, slab, self._consts_f, self._consts_i,
+                                                book.f, book.i, book.ring, book.ret)
+            if events < 0:
+                return NOT_NOW  # checked before any row changed: the batch path's
+            self.fused_batches += 1
+            return self._publish_fused(lease, stream, ctx, (key, before, events, ())) if events else None
+        done = self._fused(lease, inline=True)
+        if done is None or done is ON_STREAM:
+            return NOT_NOW
+        return self._publish_fused(lease, stream, ctx, done) if done[2] or done[3] else None
 
     async def process(self, lease: Lease, stream: ComputeStream, ctx: StageContext) -> None:
         n = lease.length
