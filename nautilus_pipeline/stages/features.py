@@ -275,10 +275,12 @@ class FeaturesStage(Stage):
         """The live path (small batches never take the GPU scan): one kernel call over the
         slab's whole columns."""
         n = lease.length
-        if 0 < n <= INLINE_CHAIN_MAX_ROWS and self.table.update_small(
-                n, slab_addresses(self._slab_tables, lease, self._live_layout), self._small_out,
-                self._small_index):
-            return None
+        if 0 < n <= INLINE_CHAIN_MAX_ROWS:
+            slab = self._slab_tables.get(lease.slab)
+            if slab is None:
+                slab = slab_addresses(self._slab_tables, lease, self._live_layout)
+            if self.table.update_small(n, slab, self._small_out, self._small_index):
+                return None
         return NOT_NOW
 
     async def process(self, lease: Lease, stream: ComputeStream, ctx: StageContext) -> None:

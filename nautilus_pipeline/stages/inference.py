@@ -196,7 +196,10 @@ class InferenceStage(Stage):
         if 0 < n <= LIVE_ROWS:
             fwd = self._fixed.get(stream.name)
             if fwd is not None:
-                fwd.live(n, slab_addresses(self._slab_tables, lease, fwd.live_columns))
+                slab = self._slab_tables.get(lease.slab)
+                if slab is None:
+                    slab = slab_addresses(self._slab_tables, lease, fwd.live_columns)
+                fwd.live(n, slab)
                 self._numpy_rows += n
                 return None
         return NOT_NOW

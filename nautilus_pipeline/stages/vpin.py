@@ -316,29 +316,27 @@ class VpinStage(Stage):
         return ({**self.states, key: state}, {key: out} if out["bucket"].size else {}, None,
                 {**self.last, key: carry})
 
-    def _small(self, lease: Lease) -> bool:
+    def process_now(self, lease: Lease, stream: ComputeStream, ctx: StageContext) -> object:
         """The live path (``kernels.vpin.vpin_rows_small``): one kernel call when the batch's
         trades all join the open bar of one symbol, updating its state in place."""
+        n = lease.length
+        if not 0 < n <= INLINE_CHAIN_MAX_ROWS:
+            return NOT_NOW
         key = lease.slab.columns["symbol_id"].item(0)
         state = self.states.get(key)
-        if state is None:
-            return False
         carry = self.last.get(key)
-        if carry is None:
-            return False
-        done = vpin_rows_small(lease.length, key, slab_addresses(self._slab_tables, lease, LIVE_COLUMNS),
-                               self._bar_ns, state.bar_i, state.bar_f, carry)
-        self.small_batches += done
-        return done
-
-    def process_now(self, lease: Lease, stream: ComputeStream, ctx: StageContext) -> object:
-        """The live path (``_small``), where it covers the batch."""
-        if 0 < lease.length <= INLINE_CHAIN_MAX_ROWS and self._small(lease):
-            return None
-        return NOT_NOW
+        if state is None or carry is None:
+            return NOT_NOW
+        slab = self._slab_tables.get(lease.slab)
+        if slab is None:
+            slab = slab_addresses(self._slab_tables, lease, LIVE_COLUMNS)
+        if not vpin_rows_small(n, key, slab, self._bar_ns, state.bar_i, state.bar_f, carry):
+            return NOT_NOW
+        self.small_batches += 1
+        return None
 
     async def process(self, lease: Lease, stream: ComputeStream, ctx: StageContext) -> None:
-        if 0 < lease.length <= INLINE_CHAIN_MAX_ROWS and self._small(lease):
+        if self.process_now(lease, stream, ctx) is None:
             return
         new_states, outputs, cols, last = await stream.run(self._compute, lease, ctx)
         if cols is not None:  # None: written in place (one symbol's trades)
