@@ -71,7 +71,27 @@ fixed order of sums for every batch size) so the numbers are the same bits
 on the shared dev VM, p50 µs, before → after: features 39 → 12, inference 104 → 32 (three
 16-row products) → 3.6 (the fixed-order kernel, AMD EPYC VM, ``bench_pipeline.py
 --offload``), VPIN 83 → 8, risk 241 → 12, signal 61 → 2-16 (16 when it publishes). The
-runner's own cost per hop is ~1.4 µs (five null stages against one, AMD EPYC VM).
+runner's own cost per hop was ~1.4 µs (five null stages against one, AMD EPYC VM).
+
+The live hop (``Stage.process_now``, issue 9's ≥ 100K ticks/s at ``batch_size=1``). At
+~3 µs a stage, the rest of a live tick's ~19 µs was the framework's: a coroutine created
+and awaited per stage (``take_inline`` → ``_handle_lease`` → ``process``, ~0.2 µs each),
+a histogram update per stage, and numba's unboxing of 14-27 array arguments per kernel
+call (~45 ns each: 1.3 µs for the risk kernel's 27, ``bench_pipeline.py --dispatch``).
+Now ``take_inline`` is one loop over the stages that calls each stage's ``process_now``,
+a plain method doing a live batch in place (the default stages' live paths above) and
+returning None; only a batch it declines (``NOT_NOW``: the stage's ``process`` runs, its
+state untouched) or one with events to publish (it returns the awaitable) awaits. The
+clock is read once per hop, durations wait in a list and join the histogram in bulk
+(``StageMetrics``), the live kernels take the slab's columns as one table of addresses
+(:mod:`~nautilus_pipeline.kernels.addresses`), and the model computes one row, not a
+tile of four. Loaded dev VM (AMD EPYC, load 3-5), min of 5×20,000 calls, µs, before →
+after: per hop 0.67 → 0.34 (five null stages against one), ``process_now`` of one row:
+features 2.2 → 1.0, inference 2.5 → 1.6, VPIN 1.4 → 0.8, risk 3.4 → 1.3, signal 0.2;
+the full chain at max rate 17 → 8.4 µs a tick (``docs/measurements/dev_live_ab_*.txt``).
+What remains per tick: the model's arithmetic (~0.8 µs, one fixed order of float32 sums),
+the other kernels' dispatch and work (~1.5 µs), six hops (~2 µs), ``publish_tick`` with
+the pool's lease (~1.8 µs, of which acquire + release 0.6).
 
 Warm-up (``Stage.warm_up``). A numba kernel's first call in a process loads it from the
 cache (or compiles it): ~5-20 ms each warm, ~0.1-1 s for the first one (numba's CPU
