@@ -8,7 +8,15 @@ import numpy as np
 import pytest
 from numba import njit
 
-from nautilus_pipeline.kernels.addresses import ROWS, column, column2d, column_addresses
+from nautilus_pipeline.kernels.addresses import (
+    ROWS,
+    ArrayTable,
+    array1d,
+    array2d,
+    column,
+    column2d,
+    column_addresses,
+)
 from nautilus_pipeline.memory import BufferPool
 from nautilus_pipeline.stage import slab_addresses
 
@@ -78,3 +86,22 @@ def test_a_stage_cache_holds_one_table_per_slab_and_tells_another_pool_apart():
     assert table[1] == other.slab.columns["ts_ns"].ctypes.data
     for lease in (*first, other):
         lease.release("t")
+
+
+@njit
+def _state(table):
+    a, b = array1d(table, 0, np.float64), array2d(table, 1, np.int64)
+    a[1] += 1.0
+    b[1, 2] = 7
+    return a.shape[0], b.shape
+
+
+def test_a_state_table_views_arrays_of_their_own_shapes_and_refuses_a_misfit():
+    a, b = np.zeros(5), np.zeros((3, 4), dtype=np.int64)
+    t = ArrayTable(((a, np.float64), (b, np.int64)))
+    assert t.arrays[0] is a and _state(t.table) == (5, (3, 4))
+    assert a[1] == 1.0 and b[1, 2] == 7 and b.sum() == 7
+    with pytest.raises(TypeError, match="state array 1"):
+        ArrayTable(((a, np.float64), (b, np.float64)))
+    with pytest.raises(TypeError, match="state array 0"):
+        ArrayTable(((np.zeros((4, 4))[:, 1], np.float64),))

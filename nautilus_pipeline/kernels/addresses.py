@@ -72,3 +72,35 @@ def column(table, j, dtype):
 def column2d(table, j, width, dtype):
     """Column ``j`` of ``table`` as a 2-D array [rows, ``width``] of ``dtype``."""
     return numba.carray(_voidptr(table[FIRST + j]), (table[ROWS], width), dtype)
+
+
+class ArrayTable:
+    """Whole arrays of a kernel's state (each its own shape) as one int64 table: per array,
+    its address, rows and columns (1 for a 1-D array), viewed in numba with :func:`array1d`
+    and :func:`array2d`. The arrays are kept here beside their table (their memory lives as
+    long as it); whoever holds one must not rebind them, only write into them."""
+
+    __slots__ = ("arrays", "table")
+
+    def __init__(self, layout: Sequence[tuple[np.ndarray, type]]):
+        table = np.empty(3 * len(layout), dtype=np.int64)
+        for j, (a, dtype) in enumerate(layout):
+            if a.dtype != np.dtype(dtype) or not a.flags.c_contiguous or a.ndim not in (1, 2):
+                raise TypeError(f"state array {j}: a kernel reads it as C-contiguous {np.dtype(dtype)} "
+                                f"of 1 or 2 dimensions, got {a.dtype} {a.shape} "
+                                f"(contiguous: {a.flags.c_contiguous})")
+            table[3 * j : 3 * j + 3] = (a.ctypes.data, a.shape[0], a.shape[1] if a.ndim == 2 else 1)
+        self.arrays = tuple(a for a, _ in layout)
+        self.table = table
+
+
+@njit(cache=True, nogil=True, inline="always")
+def array1d(table, j, dtype):
+    """Array ``j`` of an :class:`ArrayTable`'s table, 1-D, of ``dtype``."""
+    return numba.carray(_voidptr(table[3 * j]), (table[3 * j + 1],), dtype)
+
+
+@njit(cache=True, nogil=True, inline="always")
+def array2d(table, j, dtype):
+    """Array ``j`` of an :class:`ArrayTable`'s table, 2-D, of ``dtype``."""
+    return numba.carray(_voidptr(table[3 * j]), (table[3 * j + 1], table[3 * j + 2]), dtype)

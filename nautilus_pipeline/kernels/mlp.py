@@ -31,7 +31,7 @@ from collections.abc import Sequence
 import numpy as np
 from numba import njit
 
-from .addresses import column, column2d
+from .addresses import ArrayTable, array1d, array2d, column, column2d
 
 F32 = np.float32
 
@@ -304,6 +304,8 @@ class RowOrderForward:
         self._hb = np.zeros((TILE, max(widths)), dtype=F32)
         #: The slab columns :meth:`live` reads and writes.
         self.live_columns = (("features", np.float64, ws.n_inputs), ("prediction", np.float32))
+        self._table = ArrayTable(((self.params, F32), (self.layout, np.int64), (self._ha, F32),
+                                  (self._hb, F32))).table
 
     def __call__(self, feats: np.ndarray, n: int, out: np.ndarray) -> None:
         """Probabilities of rows ``[0, n)`` of float64 ``feats`` [≥ n, k] into ``out[:n]``."""
@@ -312,10 +314,14 @@ class RowOrderForward:
     def live(self, n: int, slab: np.ndarray) -> None:
         """:meth:`__call__` on rows ``[0, n)`` of the slab whose address table of
         ``live_columns`` is ``slab`` (:mod:`.addresses`): a live tick's call."""
-        _mlp_rows_live(n, slab, self.params, self.layout, self._ha, self._hb)
+        _mlp_rows_live(n, slab, self._table)
 
 
 @njit(cache=True, nogil=True)
-def _mlp_rows_live(n, slab, params, layout, ha, hb):
+def _mlp_rows_live(n, slab, state):
+    """:func:`_mlp_rows` with its arrays as two tables: the slab's columns and the
+    forward pass's own (parameters, layout, the two scratch tiles)."""
+    params, layout = array1d(state, 0, np.float32), array1d(state, 1, np.int64)
+    ha, hb = array2d(state, 2, np.float32), array2d(state, 3, np.float32)
     _mlp_rows(column2d(slab, 0, layout[0], np.float64), n, params, layout, ha, hb,
               column(slab, 1, np.float32))

@@ -36,7 +36,7 @@ import math
 import numpy as np
 from numba import njit
 
-from .addresses import column, column2d
+from .addresses import ArrayTable, array1d, column, column2d
 from .risk import RiskParams, RiskState, _risk_scan, new_risk_state
 from .signal import SignalParams, SignalState, _signal_rows
 
@@ -53,10 +53,14 @@ CARRY0 = (0.0, math.nan, math.nan, math.nan, 0.0, 0.0)
 class SymbolBook:
     """One symbol's risk-stage state as arrays (see the module docstring)."""
 
-    __slots__ = ("f", "i", "ret", "ring")
+    __slots__ = ("f", "i", "ret", "ring", "table")
 
     def __init__(self, f: np.ndarray, i: np.ndarray, ring: np.ndarray, ret: np.ndarray):
         self.f, self.i, self.ring, self.ret = f, i, ring, ret
+        #: The four arrays as one kernel argument (:class:`.addresses.ArrayTable`); they
+        #: are only ever written into, never rebound.
+        self.table = ArrayTable(((f, np.float64), (i, np.int64), (ring, np.int64),
+                                 (ret, np.float64))).table
 
     @classmethod
     def new(cls, limits: RiskParams, window: int) -> SymbolBook:
@@ -104,7 +108,10 @@ class SymbolBook:
         f[F_FINAL:F_LAST] = (final.last_prob, final.last_side, final.last_target)
         f[F_LAST:] = last
         i[I_ACCOUNT:I_RET_LEN] = acct.i
-        self.ring = acct.order_ts.copy()
+        if acct.order_ts.shape != self.ring.shape:
+            raise ValueError(f"risk book: an order ring of {acct.order_ts.shape[0]} slots, "
+                             f"this book's has {self.ring.shape[0]} (other limits)")
+        self.ring[...] = acct.order_ts
         w = min(window.shape[0], self.ret.shape[0] // 2)
         self.ret[:w] = window[window.shape[0] - w :]
         i[I_RET_LEN] = w
@@ -123,9 +130,11 @@ def live_columns(features: int) -> tuple:
 
 
 @njit(cache=True, nogil=True)
-def risk_rows_small(start, n, key, slab, consts_f, consts_i, f, ist, ring, ret):
+def risk_rows_small(start, n, key, slab, consts, book):
     """Rows ``[start, stop)`` of a slab's rows ``[0, n)`` (``slab``: the address table of
-    its :func:`live_columns`), all trades of symbol ``key``: the risk stage's outputs;
+    its :func:`live_columns`; ``consts``: the table of ``consts_f``, ``consts_i``;
+    ``book``: the symbol's :attr:`SymbolBook.table`), all trades of symbol ``key``: the
+    risk stage's outputs;
     ``stop`` is ``n`` or the row just after the next VaR report falls due (its window is
     then the book's, for the caller to take before the next call).
 
@@ -135,13 +144,16 @@ def risk_rows_small(start, n, key, slab, consts_f, consts_i, f, ist, ring, ret):
     """
     sym, kind, ts = column(slab, 0, np.uint32), column(slab, 1, np.uint8), column(slab, 2, np.int64)
     price, prob, toxic = column(slab, 3, np.float64), column(slab, 4, np.float32), column(slab, 5, np.uint8)
-    feats = column2d(slab, 6, consts_i[7], np.float64)
     o_pos, o_eq, o_pnl, o_dd = (column(slab, 7, np.float64), column(slab, 8, np.float64),
                                 column(slab, 9, np.float64), column(slab, 10, np.float64))
     o_kill, o_breach = column(slab, 11, np.uint8), column(slab, 12, np.int64)
     o_side, o_strength, o_target = (column(slab, 13, np.int8), column(slab, 14, np.float64),
                                     column(slab, 15, np.float64))
     o_reasons, o_emit = column(slab, 16, np.int64), column(slab, 17, np.uint8)
+    consts_f, consts_i = array1d(consts, 0, np.float64), array1d(consts, 1, np.int64)
+    feats = column2d(slab, 6, consts_i[7], np.float64)
+    f, ist = array1d(book, 0, np.float64), array1d(book, 1, np.int64)
+    ring, ret = array1d(book, 2, np.int64), array1d(book, 3, np.float64)
     if start == 0:
         for r in range(n):
             if sym[r] != key or kind[r] != 0 or not math.isfinite(price[r]):

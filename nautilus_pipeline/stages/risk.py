@@ -54,7 +54,7 @@ from ..calibration_cache import cached
 from ..compute import ComputeStream
 from ..errors import ConfigError
 from ..events import KIND_TRADE, ColumnSpec, RiskEvent
-from ..kernels.addresses import column_addresses
+from ..kernels.addresses import ArrayTable, column_addresses
 from ..kernels.risk import (
     RiskParams,
     breach_names,
@@ -229,6 +229,8 @@ class RiskStage(Stage):
         self._consts_i = np.array([lim.max_orders, lim.order_window_ns, rule.sizing == "proportional",
                                    rule.step_aside_on_toxic, self.var_every, self._ret_col or 0,
                                    self.var_window, self._n_features], dtype=np.int64)
+        self._consts_table = ArrayTable(((self._consts_f, np.float64), (self._consts_i, np.int64)))
+        self._consts = self._consts_table.table
         self._slab_tables: dict = {}  # slab → its address table
 
     async def bind(self, stream: ComputeStream) -> None:
@@ -261,8 +263,8 @@ class RiskStage(Stage):
         (bootstrap and normal paths): a live tick's first VaR report loaded it from numba's
         cache inside the hot path (~0.1-1 s)."""
         book = SymbolBook.new(self.limits, self.var_window)
-        risk_rows_small(0, 1, 0, column_addresses(columns, self._live_layout), self._consts_f,
-                        self._consts_i, book.f, book.i, book.ring, book.ret)
+        risk_rows_small(0, 1, 0, column_addresses(columns, self._live_layout), self._consts,
+                        book.table)
         generators, self.generators = self.generators, {}  # a report (var_every = 1) draws
         try:
             self._compute(_ScratchRows(columns, 1))  # returns new books: discarded
@@ -422,9 +424,7 @@ class RiskStage(Stage):
         reporting = every and (trades + n) // every > trades // every
         slab = slab_addresses(self._slab_tables, lease, self._live_layout)
         if not reporting:  # one call, in place, nothing to publish but breaches
-            events, _, breach_before = risk_rows_small(0, n, key, slab, self._consts_f,
-                                                       self._consts_i, book.f, book.i, book.ring,
-                                                       book.ret)
+            events, _, breach_before = risk_rows_small(0, n, key, slab, self._consts, book.table)
             if events < 0:
                 return None  # checked before any row changed
             self.fused_batches += 1
@@ -437,8 +437,7 @@ class RiskStage(Stage):
         events, start, due = 0, 0, []
         breach_before = 0
         while start < n:
-            found, stop, before = risk_rows_small(start, n, key, slab, self._consts_f,
-                                                  self._consts_i, book.f, book.i, book.ring, book.ret)
+            found, stop, before = risk_rows_small(start, n, key, slab, self._consts, book.table)
             if found < 0:
                 return None  # checked before any row changed
             if start == 0:
@@ -491,8 +490,7 @@ class RiskStage(Stage):
             slab = self._slab_tables.get(lease.slab)
             if slab is None:
                 slab = slab_addresses(self._slab_tables, lease, self._live_layout)
-            events, _, before = risk_rows_small(0, n, key, slab, self._consts_f, self._consts_i,
-                                                book.f, book.i, book.ring, book.ret)
+            events, _, before = risk_rows_small(0, n, key, slab, self._consts, book.table)
             if events < 0:
                 return NOT_NOW  # checked before any row changed: the batch path's
             self.fused_batches += 1
