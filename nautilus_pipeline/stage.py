@@ -271,7 +271,7 @@ class StageMetrics:
         self.fallbacks = 0
         self.failures = 0
         self.failed_rows = 0
-        self.pending: list[int] = []
+        self.pending: list[int] = []  # one list for the metrics' life (the live hop holds it)
         self._latency = LatencyHistogram()
 
     def add(self, rows: int, ns: int) -> None:
@@ -373,7 +373,7 @@ class StageRunner:
             overflow="block",
         )
         self._hop = (self.subscription, self.stage.process_now, self.stream, self.ctx,
-                     self.output_topic, self.metrics)
+                     self.output_topic, self.metrics, self.metrics.pending)
 
     async def _on_batch(self, event: Event) -> None:
         """A batch from the bus consumer; waits while an inline batch is in this stage."""
@@ -420,9 +420,11 @@ class StageRunner:
         runner = self
         bus = self.ctx.bus
         rows = lease.length
-        t0 = time.perf_counter_ns()
+        clock = time.perf_counter_ns
+        most = StageMetrics.PENDING_MAX
+        t0 = clock()
         while True:
-            sub, process_now, stream, ctx, out, metrics = runner._hop
+            sub, process_now, stream, ctx, out, metrics, pending = runner._hop
             bus._seq += 1
             seq = bus._seq
             sub.published += 1
@@ -445,11 +447,10 @@ class StageRunner:
                     if lease.device_cache and runner._write_names:
                         lease.mark_written(runner._write_names,
                                            device=getattr(stream, "_cache_tag", None))
-                t1 = time.perf_counter_ns()
+                t1 = clock()
                 metrics.rows += rows
-                pending = metrics.pending
                 pending.append(t1 - t0)
-                if len(pending) >= StageMetrics.PENDING_MAX:
+                if len(pending) >= most:
                     metrics.fold()
                 t0 = t1
                 nxt = runner.downstream
