@@ -1,12 +1,15 @@
 """A slab's columns into a live kernel as one argument: a table of their addresses.
 
-Why. numba's dispatcher unboxes every array argument of a call from Python: ~45 ns each
-on the dev VM (an empty kernel of 27 arrays costs ~1.1 µs a call, of 1 array ~0.1 µs;
-``scripts/bench_pipeline.py --dispatch``). The live kernels read and write 8 to 18 slab
-columns per tick, so argument passing cost more than their arithmetic. A slab's columns
-never move while its pool lives, so a stage takes their addresses once per slab
+Why. numba's dispatcher unboxes every array argument of a call from Python: ~45-55 ns
+each on the dev VM. ``scripts/bench_pipeline.py --dispatch`` (loaded VM, load 5), an empty
+kernel of 1 / 7 / 14 / 27 arrays: 93 / 395 / 755 / 1,545 ns a call; one table of as many
+columns, each read once: 102 / 138 / 116 / 168 ns. The live kernels read and write 8 to 18
+slab columns per tick, so argument passing cost more than their arithmetic. A slab's
+columns never move while its pool lives, so a stage takes their addresses once per slab
 (:func:`column_addresses`, cached by :func:`nautilus_pipeline.stage.slab_addresses`) and
 its kernel views them again inside numba (:func:`column`, :func:`column2d`), for nothing.
+State arrays that are written into, never rebound (the risk book, the model's parameters
+and scratch) travel the same way, each with its own shape (:class:`ArrayTable`).
 
 Safety. The table is checked when built: every column C-contiguous with the dtype the
 kernel views it as (``LIVE_COLUMNS`` of the kernel's module lists both), rows = the slab's
