@@ -584,18 +584,6 @@ class StageRunner:
         }
 
 
-def slab_columns(cache: dict[int, tuple], lease, names: Sequence[str]) -> tuple:
-    """The lease's slab's whole columns ``names``, cached per slab (the live paths' kernels
-    take them as arguments: building the tuple per tick would cost more than the math).
-    A slab rebuilt under the same index (new arrays) refreshes its entry."""
-    slab = lease.slab
-    cols = cache.get(slab.index)
-    if cols is None or cols[0] is not slab.columns[names[0]]:
-        c = slab.columns
-        cols = cache[slab.index] = tuple(c[name] for name in names)
-    return cols
-
-
 def slab_addresses(cache: dict, lease, layout: Sequence[tuple]):
     """The address table (:func:`~nautilus_pipeline.kernels.addresses.column_addresses`) of
     the lease's slab's columns ``layout``, cached per slab: keyed by the slab itself, which
