@@ -253,7 +253,9 @@ async def _chain_outputs(data, batch_size, limits, fused: bool):
     stages = chain(limits)
     risk = stages[3]
     if not fused:
-        risk._fused = lambda lease: None  # every batch through the batch path
+        # every batch through the batch path: neither the live hop's fused call nor _fused's
+        risk.process_now = lambda lease, stream, ctx: NOT_NOW
+        risk._fused = lambda lease, inline=False: None
     capture = Capture(("ts_ns", *COLUMNS))
     pipe = Pipeline([*stages, capture], batch_size=batch_size, slabs=4, memory="host")
     events: dict[str, list] = {"signals": [], "vpin": [], "risk": []}
