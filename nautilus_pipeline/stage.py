@@ -37,6 +37,17 @@ load ~6, ``docs/measurements/dev_bench_pipeline_engine_ab.txt``)::
       1024       97.9      473.3      322.8      499.8       74.4
       4096      323.8     7390.2      779.9     1712.9      456.4
 
+and with the live hop (``process_now``, address tables; live branch at 1594e70, same VM at
+load ~1-2, ``docs/measurements/dev_live_ab_1594e70.txt``; the parent's 1-row row beside it
+in that run: 3.2, 3.5, 2.3, 4.7, 0.7)::
+
+      rows   features  inference       vpin       risk     signal     (round trip 26-54 µs)
+         1        1.5        2.5        1.3        2.0        0.6
+        64        3.8       31.5        1.5        3.0        4.8
+       256       10.9      121.4        2.7        6.4        2.8
+      1024       59.2      476.9      113.5      332.5       62.5
+      4096      183.8     1864.4      174.8     1286.4      275.4
+
 Below ~256 rows a hop costs as much as the batch (the small-batch kernels made that so for
 every stage but inference), so a live batch of one row stays inline; from 1024 rows every
 stage's batch is several round trips long, and running it beside the others pays (the
@@ -87,11 +98,15 @@ clock is read once per hop, durations wait in a list and join the histogram in b
 (:mod:`~nautilus_pipeline.kernels.addresses`), and the model computes one row, not a
 tile of four. Loaded dev VM (AMD EPYC, load 3-5), min of 5×20,000 calls, µs, before →
 after: per hop 0.67 → 0.34 (five null stages against one), ``process_now`` of one row:
-features 2.2 → 1.0, inference 2.5 → 1.6, VPIN 1.4 → 0.8, risk 3.4 → 1.3, signal 0.2;
-the full chain at max rate 17 → 8.4 µs a tick (``docs/measurements/dev_live_ab_*.txt``).
-What remains per tick: the model's arithmetic (~0.8 µs, one fixed order of float32 sums),
-the other kernels' dispatch and work (~1.5 µs), six hops (~2 µs), ``publish_tick`` with
-the pool's lease (~1.8 µs, of which acquire + release 0.6).
+features 2.2 → 1.0, inference 2.5 → 1.3, VPIN 1.4 → 0.7, risk 3.4 → 0.8 (no VaR report
+due), signal 0.2. ``bench_pipeline.py --rows --live-ticks 3000 --live-repeats 5``, parent
+and branch alternating (load 1-3, ``docs/measurements/dev_live_ab_1594e70.txt``), full
+chain at ``batch_size=1``, max rate: publish → last stage p50 16.8-17.0 → 7.5-7.9 µs,
+50K → 97-109K ticks/s, 20 → 10.2 CPU µs a tick (its three VaR reports, ~0.5 ms each,
+included); paced 1,000/s p50 25 → 9-22 µs, p99 86-123 → 60-90 µs. What remains per tick:
+the model's arithmetic (~0.8 µs, one fixed order of float32 sums), the other kernels'
+dispatch and work (~1.2 µs), six hops (~2 µs), ``publish_tick`` with the pool's lease
+(~1.8 µs, of which acquire + release 0.6).
 
 Warm-up (``Stage.warm_up``). A numba kernel's first call in a process loads it from the
 cache (or compiles it): ~5-20 ms each warm, ~0.1-1 s for the first one (numba's CPU

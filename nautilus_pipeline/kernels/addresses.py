@@ -1,9 +1,10 @@
 """A slab's columns into a live kernel as one argument: a table of their addresses.
 
 Why. numba's dispatcher unboxes every array argument of a call from Python: ~45-55 ns
-each on the dev VM. ``scripts/bench_pipeline.py --dispatch`` (loaded VM, load 5), an empty
-kernel of 1 / 7 / 14 / 27 arrays: 93 / 395 / 755 / 1,545 ns a call; one table of as many
-columns, each read once: 102 / 138 / 116 / 168 ns. The live kernels read and write 8 to 18
+each on the dev VM. ``scripts/bench_pipeline.py --dispatch`` (loaded VM, load 2.5,
+``docs/measurements/dev_dispatch_1594e70.txt``), an empty kernel of 1 / 7 / 14 / 27
+arrays: 144 / 306 / 812 / 1,384 ns a call; one table of as many columns, each read once:
+154 / 126 / 128 / 129 ns. The live kernels read and write 8 to 18
 slab columns per tick, so argument passing cost more than their arithmetic. A slab's
 columns never move while its pool lives, so a stage takes their addresses once per slab
 (:func:`column_addresses`, cached by :func:`nautilus_pipeline.stage.slab_addresses`) and
