@@ -6,7 +6,7 @@ copies. What users import is listed here; everything else is internal.
 
 - Run a definition: ``Run`` (→ ``Summary``, ``TickCounts``); ``run`` (uvloop),
   ``configure_logging``.
-- Build and embed: ``Pipeline`` (``TickFlow``), ``Stage``, ``StageContext``, ``EventBus``,
+- Build and embed: ``Pipeline`` (``TickFlow``), ``Stage`` (``NOT_NOW``), ``StageContext``, ``EventBus``,
   ``Event``, ``Subscription``, ``Overflow``, ``DeadLetter``, ``BufferPool``, ``Lease``,
   ``SymbolTable``; compute streams: ``ComputeStream``, ``choose``, ``create_stream``, ``discover``.
 - Ticks and events: ``TradeTick``, ``QuoteTick``, ``AggressorSide`` (a trade's aggressor),
@@ -57,7 +57,7 @@ from .memory import BufferPool, Lease
 from .pipeline import Pipeline, TickFlow
 from .runtime import configure_logging, run
 from .snapshot import SnapshotError
-from .stage import Stage, StageContext
+from .stage import NOT_NOW, Stage, StageContext
 from .symbols import SymbolTable
 
 if TYPE_CHECKING:
@@ -88,6 +88,7 @@ def __dir__() -> list[str]:
     return sorted({*globals(), *_LAZY})
 
 __all__ = [
+    "NOT_NOW",
     "TICK_COLUMNS",
     "AggressorSide",
     "BackendUnavailableError",

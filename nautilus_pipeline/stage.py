@@ -37,6 +37,17 @@ load ~6, ``docs/measurements/dev_bench_pipeline_engine_ab.txt``)::
       1024       97.9      473.3      322.8      499.8       74.4
       4096      323.8     7390.2      779.9     1712.9      456.4
 
+and with the live hop (``process_now``, address tables; live branch at 1594e70, same VM at
+load ~1-2, ``docs/measurements/dev_live_ab_1594e70.txt``; the parent's 1-row row beside it
+in that run: 3.2, 3.5, 2.3, 4.7, 0.7)::
+
+      rows   features  inference       vpin       risk     signal     (round trip 26-54 µs)
+         1        1.5        2.5        1.3        2.0        0.6
+        64        3.8       31.5        1.5        3.0        4.8
+       256       10.9      121.4        2.7        6.4        2.8
+      1024       59.2      476.9      113.5      332.5       62.5
+      4096      183.8     1864.4      174.8     1286.4      275.4
+
 Below ~256 rows a hop costs as much as the batch (the small-batch kernels made that so for
 every stage but inference), so a live batch of one row stays inline; from 1024 rows every
 stage's batch is several round trips long, and running it beside the others pays (the
@@ -71,7 +82,31 @@ fixed order of sums for every batch size) so the numbers are the same bits
 on the shared dev VM, p50 µs, before → after: features 39 → 12, inference 104 → 32 (three
 16-row products) → 3.6 (the fixed-order kernel, AMD EPYC VM, ``bench_pipeline.py
 --offload``), VPIN 83 → 8, risk 241 → 12, signal 61 → 2-16 (16 when it publishes). The
-runner's own cost per hop is ~1.4 µs (five null stages against one, AMD EPYC VM).
+runner's own cost per hop was ~1.4 µs (five null stages against one, AMD EPYC VM).
+
+The live hop (``Stage.process_now``, issue 9's ≥ 100K ticks/s at ``batch_size=1``). At
+~3 µs a stage, the rest of a live tick's ~19 µs was the framework's: a coroutine created
+and awaited per stage (``take_inline`` → ``_handle_lease`` → ``process``, ~0.2 µs each),
+a histogram update per stage, and numba's unboxing of 14-27 array arguments per kernel
+call (~45 ns each: 1.3 µs for the risk kernel's 27, ``bench_pipeline.py --dispatch``).
+Now ``take_inline`` is one loop over the stages that calls each stage's ``process_now``,
+a plain method doing a live batch in place (the default stages' live paths above) and
+returning None; only a batch it declines (``NOT_NOW``: the stage's ``process`` runs, its
+state untouched) or one with events to publish (it returns the awaitable) awaits. The
+clock is read once per hop, durations wait in a list and join the histogram in bulk
+(``StageMetrics``), the live kernels take the slab's columns as one table of addresses
+(:mod:`~nautilus_pipeline.kernels.addresses`), and the model computes one row, not a
+tile of four. Loaded dev VM (AMD EPYC, load 3-5), min of 5×20,000 calls, µs, before →
+after: per hop 0.67 → 0.34 (five null stages against one), ``process_now`` of one row:
+features 2.2 → 1.0, inference 2.5 → 1.3, VPIN 1.4 → 0.7, risk 3.4 → 0.8 (no VaR report
+due), signal 0.2. ``bench_pipeline.py --rows --live-ticks 3000 --live-repeats 5``, parent
+and branch alternating (load 1-3, ``docs/measurements/dev_live_ab_1594e70.txt``), full
+chain at ``batch_size=1``, max rate: publish → last stage p50 16.8-17.0 → 7.5-7.9 µs,
+50K → 97-109K ticks/s, 20 → 10.2 CPU µs a tick (its three VaR reports, ~0.5 ms each,
+included); paced 1,000/s p50 25 → 9-22 µs, p99 86-123 → 60-90 µs. What remains per tick:
+the model's arithmetic (~0.8 µs, one fixed order of float32 sums), the other kernels'
+dispatch and work (~1.2 µs), six hops (~2 µs), ``publish_tick`` with the pool's lease
+(~1.8 µs, of which acquire + release 0.6).
 
 Warm-up (``Stage.warm_up``). A numba kernel's first call in a process loads it from the
 cache (or compiles it): ~5-20 ms each warm, ~0.1-1 s for the first one (numba's CPU
@@ -88,7 +123,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import structlog
@@ -107,6 +142,9 @@ log = structlog.get_logger("nautilus_pipeline.stage")
 
 OFFLOAD_MIN_ROWS = 1024
 """Batches of at least this many rows run on the stage's worker thread (see the module doc)."""
+
+NOT_NOW = object()
+"""What :meth:`Stage.process_now` returns for a batch it leaves to :meth:`Stage.process`."""
 
 INLINE_CHAIN_MAX_ROWS = 256
 """Batches of at most this many rows go from stage to stage without a queue hop when the
@@ -171,6 +209,14 @@ class Stage:
         """Process rows ``[0, lease.length)`` of the batch, writing the declared columns."""
         raise NotImplementedError
 
+    def process_now(self, lease: Lease, stream: ComputeStream, ctx: StageContext) -> Any:
+        """The live path of a small batch handed over inline, as a plain call (no coroutine
+        to create and await: a live tick crosses five stages, and each await cost about as
+        much as a stage's kernel). Returns None when the batch is done, an awaitable that
+        finishes it (events to publish, the state already committed), or ``NOT_NOW``,
+        having changed nothing, where :meth:`process` must run instead (the default)."""
+        return NOT_NOW
+
     async def finish(self, ctx: StageContext) -> None:
         """End of stream: emit what only the end can close (the last VPIN bar, say)."""
 
@@ -225,26 +271,62 @@ class Stage:
         self.restore_state(decoded.state)
 
 
-@dataclass
 class StageMetrics:
-    batches: int = 0
-    rows: int = 0
-    busy_ns: int = 0
-    fallbacks: int = 0
-    failures: int = 0
-    failed_rows: int = 0
-    latency: LatencyHistogram = field(default_factory=LatencyHistogram)
+    """A stage's counters. Rows and failures count at once (the tick accounting reads
+    them); batch durations wait in ``pending`` and join the histogram in bulk
+    (``LatencyHistogram.record_many``) when it is read or ``PENDING_MAX`` of them wait: a
+    live hop pays a list append, not a histogram update (~0.2 µs a hop on the dev VM)."""
+
+    __slots__ = ("_latency", "failed_rows", "failures", "fallbacks", "pending", "rows")
+
+    PENDING_MAX = 4096
+
+    def __init__(self) -> None:
+        self.rows = 0
+        self.fallbacks = 0
+        self.failures = 0
+        self.failed_rows = 0
+        self.pending: list[int] = []  # one list for the metrics' life (the live hop holds it)
+        self._latency = LatencyHistogram()
+
+    def add(self, rows: int, ns: int) -> None:
+        """One batch of ``rows`` done in ``ns``."""
+        self.rows += rows
+        self.pending.append(ns)
+        if len(self.pending) >= self.PENDING_MAX:
+            self.fold()
+
+    def fold(self) -> None:
+        """Move the pending durations into the histogram."""
+        if self.pending:
+            self._latency.record_many(self.pending)
+            self.pending.clear()
+
+    @property
+    def latency(self) -> LatencyHistogram:
+        self.fold()
+        return self._latency
+
+    @property
+    def batches(self) -> int:
+        return self.latency.count
+
+    @property
+    def busy_ns(self) -> int:
+        return self.latency.total_ns
 
     def summary(self) -> dict[str, Any]:
+        latency = self.latency
+        busy = latency.total_ns
         return {
-            "batches": self.batches,
+            "batches": latency.count,
             "rows": self.rows,
             "fallbacks": self.fallbacks,
             "failures": self.failures,
             "failed_rows": self.failed_rows,
-            "rows_per_s": self.rows / (self.busy_ns / 1e9) if self.busy_ns else 0.0,
-            "batch_latency": self.latency.summary(),
-            "batch_latency_buckets": self.latency.buckets(),
+            "rows_per_s": self.rows / (busy / 1e9) if busy else 0.0,
+            "batch_latency": latency.summary(),
+            "batch_latency_buckets": latency.buckets(),
         }
 
 
@@ -281,6 +363,8 @@ class StageRunner:
         self._inside = 0
         self._inline_busy = False
         self._inline_waiters: list[asyncio.Future] = []  # bus consumers behind an inline batch
+        self._bus = ctx.bus
+        self._sole_route: tuple | None = None  # the input topic's route, checked: this stage alone
 
     @property
     def fallback_stream(self) -> ComputeStream | None:
@@ -303,6 +387,8 @@ class StageRunner:
             maxsize=self.queue_size,
             overflow="block",
         )
+        self._hop = (self.subscription, self.stage.process_now, self.stream, self.ctx,
+                     self.output_topic, self.metrics, self.metrics.pending)
 
     async def _on_batch(self, event: Event) -> None:
         """A batch from the bus consumer; waits while an inline batch is in this stage."""
@@ -321,56 +407,105 @@ class StageRunner:
         the publisher (no queue hop): it is small, nothing else is in or queued for this
         stage (so it cannot overtake a batch), and this stage is the topic's only subscriber."""
         sub = self.subscription
-        if rows > self.inline_max_rows or self._inside or self._inline_busy or sub is None or sub._queue:
-            return False
-        bus = self.ctx.bus
-        if bus._refuse:
+        bus = self._bus
+        if (rows > self.inline_max_rows or self._inside or self._inline_busy or sub is None
+                or sub._queue or bus._refuse):
             return False
         subs = bus._routes.get(topic)
-        if subs is None:
-            subs = bus._route(topic)
-        return len(subs) == 1 and subs[0] is sub
+        if subs is not self._sole_route:  # the routes were rebuilt (a subscription came or went)
+            if subs is None:
+                subs = bus._route(topic)
+            if len(subs) != 1 or subs[0] is not sub:
+                return False
+            self._sole_route = subs
+        return True
 
     async def take_inline(self, lease: Lease, topic: str) -> None:
-        """Run ``lease`` through this stage (and on, inline where the next one can take it)
-        in the caller's task, with the bus's accounting and error isolation: a failure is
-        this stage's, reported on the bus as a consumer's would be, not the caller's. The
-        bus event is only built for a failure's report: the live path pays a sequence
-        number and two counters per hop, not an object."""
-        sub = self.subscription
-        assert sub is not None
+        """Run ``lease`` through this stage and on through every next stage that can take it
+        inline, in the caller's task, with the bus's accounting and error isolation: a
+        failure is the failing stage's, reported on the bus as a consumer's would be, not
+        the caller's. The bus event is only built for a failure's report: the live path pays
+        a sequence number and two counters per hop, not an object.
+
+        One loop over the stages, not one call per stage: each stage's ``process_now`` (a
+        plain call, no coroutine) does a live batch where the stage has one, and only what
+        it declines (or an event to publish) awaits. The clock is read once per hop, the
+        end of one stage being the start of the next, and what a hop needs of a runner is
+        one tuple (``_hop``, built at start)."""
+        runner = self
         bus = self.ctx.bus
-        bus._seq += 1
-        seq = bus._seq
-        sub.published += 1
-        self._inline_busy = True
-        try:
-            await self._handle_lease(lease, topic)
-        except Exception as exc:
-            sub.errors += 1
+        rows = lease.length
+        clock = time.perf_counter_ns
+        most = StageMetrics.PENDING_MAX
+        t0 = clock()
+        while True:
+            sub, process_now, stream, ctx, out, metrics, pending = runner._hop
+            bus._seq += 1
+            seq = bus._seq
+            sub.published += 1
+            runner._inline_busy = True
             try:
-                await bus._handler_failed(sub, Event(topic, lease, seq, topic, None), exc)
-            except Exception:  # as in the consumer: reporting must not fail the publisher
-                bus._report_errors += 1
-            return
-        finally:
-            self._inline_busy = False
-            waiters = self._inline_waiters
-            while waiters:
-                w = waiters.pop()
-                if not w.done():
-                    w.set_result(None)
-        sub.delivered += 1
+                try:
+                    done = process_now(lease, stream, ctx)
+                    if done is not None:
+                        if done is NOT_NOW:
+                            stream.batch_rows = rows
+                            await runner.stage.process(lease, stream, ctx)
+                        else:
+                            await done
+                except Exception as exc:
+                    try:
+                        await runner._rerun_on_fallback(lease, exc)
+                    except Exception as exc2:
+                        raise runner._failed(lease, topic, exc2) from exc2
+                else:
+                    if lease.device_cache and runner._write_names:
+                        lease.mark_written(runner._write_names,
+                                           device=getattr(stream, "_cache_tag", None))
+                t1 = clock()
+                metrics.rows += rows
+                pending.append(t1 - t0)
+                if len(pending) >= most:
+                    metrics.fold()
+                t0 = t1
+                nxt = runner.downstream
+                forward = out is not None and (nxt is None or not nxt.can_take_inline(rows, out))
+                if forward:
+                    await bus.publish(out, lease)
+            except Exception as exc:
+                sub.errors += 1
+                try:
+                    await bus._handler_failed(sub, Event(topic, lease, seq, topic, None), exc)
+                except Exception:  # as in the consumer: reporting must not fail the publisher
+                    bus._report_errors += 1
+                return
+            finally:
+                runner._inline_busy = False
+                if runner._inline_waiters:
+                    runner._wake_waiters()
+            sub.delivered += 1
+            if out is None or forward:
+                return
+            runner, topic = nxt, out
+
+    def _wake_waiters(self) -> None:
+        """Let the bus consumers that waited behind an inline batch go on."""
+        waiters = self._inline_waiters
+        while waiters:
+            w = waiters.pop()
+            if not w.done():
+                w.set_result(None)
 
     async def _handle(self, event: Event) -> None:
         await self._handle_lease(event.payload, event.topic)
 
     async def _handle_lease(self, lease: Lease, topic: str) -> None:
-        """Process one batch (primary stream, the fallback after a device error), measure
-        it, and forward it: inline into an idle next stage, else through the bus."""
+        """Process one batch from the queue (primary stream, the fallback after a device
+        error), measure it, and forward it: inline into an idle next stage, else through
+        the bus."""
         t0 = time.perf_counter_ns()
+        stream = self.stream
         try:
-            stream = self.stream
             stream.batch_rows = lease.length
             try:
                 await self.stage.process(lease, stream, self.ctx)
@@ -380,20 +515,8 @@ class StageRunner:
                 if self._write_names and lease.device_cache:
                     lease.mark_written(self._write_names, device=getattr(stream, "_cache_tag", None))
         except Exception as exc:
-            self.metrics.failures += 1
-            self.metrics.failed_rows += lease.length
-            raise StageError(
-                f"stage {self.stage.name!r} failed on batch {lease.seq} ({lease.length} rows, "
-                f"topic {topic!r}, stream {self.stream.name}): {type(exc).__name__}: {exc}",
-                stage=self.stage.name, topic=topic, batch=lease.seq, rows=lease.length,
-                stream=self.stream.name,
-            ) from exc
-        dt = time.perf_counter_ns() - t0
-        m = self.metrics
-        m.batches += 1
-        m.rows += lease.length
-        m.busy_ns += dt
-        m.latency.record(dt)
+            raise self._failed(lease, topic, exc) from exc
+        self.metrics.add(lease.length, time.perf_counter_ns() - t0)
         out = self.output_topic
         if out is not None:
             nxt = self.downstream
@@ -401,6 +524,17 @@ class StageRunner:
                 await nxt.take_inline(lease, out)
             else:
                 await self.ctx.bus.publish(out, lease)
+
+    def _failed(self, lease: Lease, topic: str, exc: Exception) -> StageError:
+        """Count a failed batch; the error to raise, with its context."""
+        self.metrics.failures += 1
+        self.metrics.failed_rows += lease.length
+        return StageError(
+            f"stage {self.stage.name!r} failed on batch {lease.seq} ({lease.length} rows, "
+            f"topic {topic!r}, stream {self.stream.name}): {type(exc).__name__}: {exc}",
+            stage=self.stage.name, topic=topic, batch=lease.seq, rows=lease.length,
+            stream=self.stream.name,
+        )
 
     async def _process(self, lease: Lease) -> None:
         """One batch on the primary stream, on the fallback after a device error (what
@@ -465,16 +599,17 @@ class StageRunner:
         }
 
 
-def slab_columns(cache: dict[int, tuple], lease, names: Sequence[str]) -> tuple:
-    """The lease's slab's whole columns ``names``, cached per slab (the live paths' kernels
-    take them as arguments: building the tuple per tick would cost more than the math).
-    A slab rebuilt under the same index (new arrays) refreshes its entry."""
-    slab = lease.slab
-    cols = cache.get(slab.index)
-    if cols is None or cols[0] is not slab.columns[names[0]]:
-        c = slab.columns
-        cols = cache[slab.index] = tuple(c[name] for name in names)
-    return cols
+def slab_addresses(cache: dict, lease, layout: Sequence[tuple]):
+    """The address table (:func:`~nautilus_pipeline.kernels.addresses.column_addresses`) of
+    the lease's slab's columns ``layout``, cached per slab: keyed by the slab itself, which
+    so stays alive (and its memory with it) as long as the table, and which a slab of
+    another pool under the same index is not."""
+    table = cache.get(lease.slab)
+    if table is None:
+        from .kernels.addresses import column_addresses
+
+        table = cache[lease.slab] = column_addresses(lease.slab.columns, layout)
+    return table
 
 
 def upstream_column(upstream: Sequence[Stage], name: str) -> ColumnSpec | None:

@@ -138,22 +138,36 @@ def live_definition(folder: pathlib.Path) -> pathlib.Path:
 
 async def live_run(definition: pathlib.Path, n: int, batch: int, paced: bool, full: bool):
     from nautilus_pipeline import config
+    from nautilus_pipeline import stage as stage_module
     from nautilus_pipeline.events import TradeTick
     from nautilus_pipeline.stage import Stage
 
+    # (a checkout from before Stage.process_now has no NOT_NOW: A/B runs against one)
+    NOT_NOW = getattr(stage_module, "NOT_NOW", object())
     t_pub = np.zeros(n, dtype=np.int64)
     lat = np.zeros(n, dtype=np.int64)
 
     class Probe(Stage):
+        """The last stage: publish → here per tick. One row costs scalar reads, not numpy
+        fancy indexing (~1.5 µs a tick, a tenth of the chain's own cost)."""
+
         name = "probe"
         reads = ("ts_ns",)
-        done = 0
+
+        def process_now(self, lease, stream, ctx):
+            if lease.length != 1:
+                return NOT_NOW
+            now = time.perf_counter_ns()
+            i = lease.slab.columns["ts_ns"].item(0)
+            lat[i] = now - t_pub.item(i)
+            return None
 
         async def process(self, lease, stream, ctx):
+            if self.process_now(lease, stream, ctx) is None:
+                return
             now = time.perf_counter_ns()
             ts = lease["ts_ns"]
             lat[ts] = now - t_pub[ts]
-            Probe.done += lease.length
 
     d = config.load(definition)
     stages = config.build_stages(d, [])
@@ -166,16 +180,16 @@ async def live_run(definition: pathlib.Path, n: int, batch: int, paced: bool, fu
     ticks = [TradeTick("BTCUSDT-PERP", i, float(prices[i]), 0.01, 1 if i % 2 else -1)
              for i in range(n)]
     async with pipe:
-        t0 = time.perf_counter()
+        t0, cpu0 = time.perf_counter(), time.process_time()
         for i, tick in enumerate(ticks):
             t_pub[i] = time.perf_counter_ns()
             await pipe.publish_tick(tick)
             if paced:
                 await asyncio.sleep(0.001)
         await pipe.drain()
-        wall = time.perf_counter() - t0
+        wall, cpu = time.perf_counter() - t0, time.process_time() - cpu0
     us = lat[n // 10 :] / 1e3  # the first tenth warms caches up
-    return np.percentile(us, 50), np.percentile(us, 99), us.max(), n / wall
+    return np.percentile(us, 50), np.percentile(us, 99), us.max(), n / wall, cpu / n * 1e6
 
 
 async def queue_floor(n: int, hops: int = 4):
@@ -200,34 +214,41 @@ async def queue_floor(n: int, hops: int = 4):
             t.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
     us = lat[n // 10 :] / 1e3
-    return np.percentile(us, 50), np.percentile(us, 99), us.max(), float("nan")
+    return np.percentile(us, 50), np.percentile(us, 99), us.max(), float("nan"), float("nan")
 
 
-def live_table(n: int, folder: pathlib.Path) -> None:
+def live_table(n: int, folder: pathlib.Path, repeats: int = 1) -> None:
     from nautilus_pipeline.runtime import configure_logging, run
 
     configure_logging(level="error")
     definition = live_definition(folder)
-    print(f"\nlive: publish_tick → last stage, {n:,} ticks each, uvloop where installed")
-    head = f"{'chain':<26} {'batch':>5} {'rate':>10} {'p50 µs':>9} {'p99 µs':>9} {'max µs':>9} {'ticks/s':>10}"
+    each = f"{n:,} ticks each" + (f", the median of {repeats} runs by ticks/s" if repeats > 1 else "")
+    print(f"\nlive: publish_tick → last stage, {each}, uvloop where installed; CPU µs/tick: the "
+          "process's CPU time (all threads) over the run, per tick (what a loaded machine's "
+          "wall clock hides)")
+    head = (f"{'chain':<26} {'batch':>5} {'rate':>10} {'p50 µs':>9} {'p99 µs':>9} {'max µs':>9} "
+            f"{'ticks/s':>10} {'CPU µs/tick':>11}")
     print(head)
     print("-" * len(head))
-    p50, p99, mx, _ = run(queue_floor(n))
-    print(f"{'4 asyncio.Queue hops':<26} {'-':>5} {'max':>10} {p50:>9.1f} {p99:>9.1f} {mx:>9.1f} {'-':>10}")
+    p50, p99, mx, _, _ = run(queue_floor(n))
+    print(f"{'4 asyncio.Queue hops':<26} {'-':>5} {'max':>10} {p50:>9.1f} {p99:>9.1f} {mx:>9.1f} {'-':>10} "
+          f"{'-':>11}")
     MARKDOWN.extend(["", f"| live: publish_tick → last stage, {n:,} ticks | batch | rate | p50 µs "
-                     "| p99 µs | max µs | ticks/s |", "|---|---:|---|---:|---:|---:|---:|",
+                     "| p99 µs | max µs | ticks/s | CPU µs/tick |", "|---|---:|---|---:|---:|---:|---:|---:|",
                      f"| 4 `asyncio.Queue` hops (the floor) | – | max | {p50:.1f} | {p99:.1f} | "
-                     f"{mx:.1f} | – |"])
+                     f"{mx:.1f} | – | – |"])
     for full in (True, False):
         label = "full default chain" if full else "features only"
         for batch in (1, 4096):
             for paced in (True, False):
                 paced_n = min(n, 2000) if paced else n
-                p50, p99, mx, rate = run(live_run(definition, paced_n, batch, paced, full))
+                runs = sorted((run(live_run(definition, paced_n, batch, paced, full))
+                               for _ in range(repeats)), key=lambda r: r[3])
+                p50, p99, mx, rate, cpu = runs[len(runs) // 2]
                 print(f"{label:<26} {batch:>5} {'1,000/s' if paced else 'max':>10} {p50:>9.1f} "
-                      f"{p99:>9.1f} {mx:>9.1f} {rate:>10,.0f}")
+                      f"{p99:>9.1f} {mx:>9.1f} {rate:>10,.0f} {cpu:>11.1f}")
                 MARKDOWN.append(f"| {label} | {batch} | {'1,000/s' if paced else 'max'} | {p50:.1f} "
-                                f"| {p99:.1f} | {mx:.1f} | {rate:,.0f} |")
+                                f"| {p99:.1f} | {mx:.1f} | {rate:,.0f} | {cpu:.1f} |")
 
 
 async def offload_rows(definition: pathlib.Path, sizes: tuple[int, ...], reps: int):
@@ -292,6 +313,50 @@ def offload_table(folder: pathlib.Path) -> None:
         MARKDOWN.append(f"| {n} | " + " | ".join(f"{table[n][k]:.1f}" for k in names) + " | |")
 
 
+def dispatch_table() -> None:
+    """What one call of a numba kernel from Python costs by its arguments: an empty kernel
+    of k arrays, and one of an address table (``kernels.addresses``) reading k columns."""
+    from numba import njit
+
+    from nautilus_pipeline.kernels.addresses import column, column_addresses
+
+    def empty(k: int):
+        names = ", ".join(f"a{i}" for i in range(k))
+        scope: dict = {}
+        exec(f"def f({names}):\n    return 0", scope)  # a kernel of k arguments
+        return njit(scope["f"])
+
+    @njit
+    def through_table(table, k):
+        total = 0.0
+        for j in range(k):
+            total += column(table, j, np.float64)[0]
+        return total
+
+    def best_ns(fn, *args, calls=100_000):
+        fn(*args)
+        best = float("inf")
+        for _ in range(5):
+            t = time.perf_counter_ns()
+            for _ in range(calls):
+                fn(*args)
+            best = min(best, (time.perf_counter_ns() - t) / calls)
+        return best
+
+    print("\ndispatch: one call of a numba kernel from Python, ns (min of 5 x 100,000 calls)")
+    print(f"{'arguments':<36} {'ns':>8}")
+    MARKDOWN.extend(["", "| numba call from Python | ns |", "|---|---:|"])
+    for k in (1, 7, 14, 27):
+        arrays = [np.zeros(8) for _ in range(k)]
+        rows = [(f"{k} arrays", best_ns(empty(k), *arrays)),
+                (f"1 address table of {k} columns", best_ns(
+                    through_table, column_addresses({str(j): a for j, a in enumerate(arrays)},
+                                                    [(str(j), np.float64) for j in range(k)]), k))]
+        for label, ns in rows:
+            print(f"{label:<36} {ns:>8.0f}")
+            MARKDOWN.append(f"| {label} | {ns:.0f} |")
+
+
 def main() -> None:
     from nautilus_pipeline.machine import describe
 
@@ -300,11 +365,17 @@ def main() -> None:
                     help="sizes of the generated replays (none: skip the replay table)")
     ap.add_argument("--batch", type=int, help="replay batch size (default: the definition's)")
     ap.add_argument("--live-ticks", type=int, default=5000, help="0: skip the live table")
+    ap.add_argument("--live-repeats", type=int, default=1,
+                    help="runs of each live configuration; the median by ticks/s is printed "
+                         "(a 3,000-tick run at max rate lasts ~30 ms: one stall of a loaded "
+                         "machine halves its rate)")
     ap.add_argument("--switch-interval", type=float,
                     help="also run concurrent with this GIL switch interval (s), e.g. 0.0005")
     ap.add_argument("--malloc-pad", action="store_true",
                     help="also run concurrent with MALLOC_TOP_PAD_=64MiB (allocation churn check)")
     ap.add_argument("--offload", action="store_true", help="also print the offload table")
+    ap.add_argument("--dispatch", action="store_true",
+                    help="also print what a numba call costs by its arguments")
     ap.add_argument("--data", help="folder for the generated files (default: a temporary one)")
     ap.add_argument("--markdown", type=pathlib.Path, help="also write the tables as markdown here")
     args = ap.parse_args()
@@ -314,10 +385,12 @@ def main() -> None:
     folder.mkdir(parents=True, exist_ok=True)
     if args.rows:
         replay_table(args.rows, folder, args.batch, args.switch_interval, args.malloc_pad)
+    if args.dispatch:
+        dispatch_table()
     if args.offload:
         offload_table(folder)
     if args.live_ticks:
-        live_table(args.live_ticks, folder)
+        live_table(args.live_ticks, folder, args.live_repeats)
     print(f"load average {os.getloadavg()[0]:.2f} at the end")
     if args.markdown:
         MARKDOWN.append(f"\nload average {os.getloadavg()[0]:.2f} at the end")

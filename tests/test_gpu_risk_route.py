@@ -26,6 +26,7 @@ from test_integration import COLUMNS, RULE, Capture, btc_trades
 from nautilus_pipeline.compute import unusable_reason
 from nautilus_pipeline.kernels.risk import RiskParams
 from nautilus_pipeline.pipeline import Pipeline
+from nautilus_pipeline.stage import NOT_NOW
 from nautilus_pipeline.stages import (
     FeaturesStage,
     InferenceStage,
@@ -58,7 +59,9 @@ async def _run(data, risk_stream: str, batch_size: int, limits: RiskParams, fuse
     stages = _chain(risk_stream, limits)
     risk = stages[3]
     if not fused:
-        risk._fused = lambda lease, inline=False: None  # every batch through the batch path
+        # every batch through the batch path: neither the live hop's fused call nor _fused's
+        risk.process_now = lambda lease, stream, ctx: NOT_NOW
+        risk._fused = lambda lease, inline=False: None
     capture = Capture(("ts_ns", *COLUMNS))
     pipe = Pipeline([*stages, capture], batch_size=batch_size, slabs=4, memory="host")
     events: dict[str, list] = {"signals": [], "vpin": [], "risk": []}

@@ -59,6 +59,7 @@ from numba import njit
 
 from ..errors import ConfigError, DataError
 from ..events import KIND_TRADE
+from .addresses import column, column2d
 
 __all__ = [
     "ALL_FEATURE_NAMES",
@@ -306,25 +307,37 @@ def _rsi_value(avg_gain, avg_loss):
 _NO_QUOTES = np.full(1, np.nan)
 
 
+LIVE_COLUMNS = (("symbol_id", np.uint32), ("kind", np.uint8), ("ts_ns", np.int64),
+                ("price", np.float64), ("size", np.float64), ("side", np.int8),
+                ("bid", np.float64), ("ask", np.float64), ("bid_size", np.float64),
+                ("ask_size", np.float64))
+"""The slab columns :func:`_feature_rows_small` reads, in its table's order (then the
+destination column, float64 [rows, len(index)]; see :mod:`.addresses`)."""
+
+
 @njit(cache=True, nogil=True)
-def _feature_rows_small(n, sym, kind, ts, price, size, side, bid, ask, bid_size, ask_size,
-                        fs, ist, fs_new, ist_new, seen, decays, decay_dt, decay_vwap, rsi_n,
-                        out, index, dest):
-    """The live path of :meth:`FeatureTable.update_small`: rows ``[0, n)`` of the slab's
-    whole columns, the state copied into ``fs_new``/``ist_new`` and advanced there (the
-    batch path's own :func:`_feature_rows`), the chosen columns (``index``) into ``dest``.
-    Returns −2 (nothing done) for a symbol beyond the table, else ``_feature_rows``'s."""
+def _feature_rows_small(n, slab, fs, ist, seen, consts, rsi_n, out, index):
+    """The live path of :meth:`FeatureTable.update_small`: rows ``[0, n)`` of the slab whose
+    address table is ``slab`` (``LIVE_COLUMNS``, then the destination), the state rows
+    advanced in place by the batch path's own :func:`_feature_rows` (which checks every
+    row before it changes anything), the chosen columns (``index``) into the destination.
+    ``consts`` holds the EWMA decays, then the inter-arrival's and the VWAP's. Returns −2
+    (nothing done) for a symbol beyond the table, else ``_feature_rows``'s answer."""
+    sym = column(slab, 0, np.uint32)
     rows = fs.shape[0]
     for i in range(n):
         if sym[i] >= rows:
             return -2
-    fs_new[:, :] = fs
-    ist_new[:, :] = ist
-    bad = _feature_rows(sym[:n], kind[:n], ts[:n], price[:n], size[:n], side[:n], bid[:n], ask[:n],
-                        bid_size[:n], ask_size[:n], True, fs_new, ist_new, decays, decay_dt,
-                        decay_vwap, rsi_n, out[:n])
+    h = consts.shape[0] - 2
+    bad = _feature_rows(sym[:n], column(slab, 1, np.uint8)[:n], column(slab, 2, np.int64)[:n],
+                        column(slab, 3, np.float64)[:n], column(slab, 4, np.float64)[:n],
+                        column(slab, 5, np.int8)[:n], column(slab, 6, np.float64)[:n],
+                        column(slab, 7, np.float64)[:n], column(slab, 8, np.float64)[:n],
+                        column(slab, 9, np.float64)[:n], True, fs, ist, consts[:h], consts[h],
+                        consts[h + 1], rsi_n, out[:n])
     if bad >= 0:
         return bad
+    dest = column2d(slab, 10, index.shape[0], np.float64)
     for i in range(n):
         seen[sym[i]] = True
         for c in range(index.shape[0]):
@@ -349,6 +362,8 @@ class FeatureTable:
         self.seen = np.zeros(symbols, dtype=bool)
         self._fs_scratch = self.fs.copy()
         self._ist_scratch = self.ist.copy()
+        lay = self.layout
+        self._live_consts = np.array([*lay.decays, lay.decay_dt, lay.decay_vwap])
 
     def _new_f(self, rows: int) -> np.ndarray:
         lay = self.layout
@@ -423,22 +438,15 @@ class FeatureTable:
         else:
             self.seen[symbol_id] = True
 
-    def update_small(self, n: int, cols: tuple[np.ndarray, ...], out: np.ndarray,
-                     index: np.ndarray, dest: np.ndarray) -> bool:
-        """:meth:`update` for rows ``[0, n)`` of a slab's whole columns (``symbol_id``,
-        ``kind``, ``ts_ns``, ``price``, ``size``, ``side``, ``bid``, ``ask``, ``bid_size``,
-        ``ask_size``), in one kernel call: ``out`` is full-width scratch, ``dest`` gets the
-        ``index`` columns. False (nothing changed) where :meth:`update` must run."""
-        lay = self.layout
-        fs, ist = self._fs_scratch, self._ist_scratch
-        bad = _feature_rows_small(n, *cols, self.fs, self.ist, fs, ist, self.seen, lay.decays,
-                                  lay.decay_dt, lay.decay_vwap, self.config.rsi_period, out,
-                                  index, dest)
-        if bad != -1:
-            return False  # a new symbol's row, or a bad trade (update raises the error)
-        self.fs, self._fs_scratch = fs, self.fs
-        self.ist, self._ist_scratch = ist, self.ist
-        return True
+    def update_small(self, n: int, slab: np.ndarray, out: np.ndarray, index: np.ndarray) -> bool:
+        """:meth:`update` for rows ``[0, n)`` of a slab, in one kernel call: ``slab`` is the
+        address table of its ``LIVE_COLUMNS`` and destination column (which gets the
+        ``index`` columns of the features), ``out`` full-width scratch. False (nothing
+        changed) where :meth:`update` must run."""
+        # in place: the kernel checks every row before it changes a value, and nothing
+        # after it can fail, so the batch path's commit-by-swap has nothing to guard here
+        return _feature_rows_small(n, slab, self.fs, self.ist, self.seen, self._live_consts,
+                                   self.config.rsi_period, out, index) == -1
 
     # --- conversion to and from the immutable per-symbol states ------------------------
     def load(self, key: int, state: FeatureState) -> None:

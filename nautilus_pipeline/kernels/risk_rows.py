@@ -36,6 +36,7 @@ import math
 import numpy as np
 from numba import njit
 
+from .addresses import ArrayTable, array1d, column, column2d
 from .risk import RiskParams, RiskState, _risk_scan, new_risk_state
 from .signal import SignalParams, SignalState, _signal_rows
 
@@ -44,17 +45,22 @@ F_ACCOUNT, F_INTENT, F_FINAL, F_LAST, F_WIDTH = 0, 5, 8, 11, 17
 # i: account ints (kill, count, ring pos), return-window length, trades seen
 I_ACCOUNT, I_RET_LEN, I_TRADES, I_WIDTH = 0, 3, 4, 5
 # consts_f: limits (6), long and short thresholds, signal max position
-# consts_i: max_orders, order_window_ns, proportional, step aside, var_every, ret column, var_window
+# consts_i: max_orders, order_window_ns, proportional, step aside, var_every, ret column, var_window,
+# features width
 CARRY0 = (0.0, math.nan, math.nan, math.nan, 0.0, 0.0)
 
 
 class SymbolBook:
     """One symbol's risk-stage state as arrays (see the module docstring)."""
 
-    __slots__ = ("f", "i", "ret", "ring")
+    __slots__ = ("f", "i", "ret", "ring", "table")
 
     def __init__(self, f: np.ndarray, i: np.ndarray, ring: np.ndarray, ret: np.ndarray):
         self.f, self.i, self.ring, self.ret = f, i, ring, ret
+        #: The four arrays as one kernel argument (:class:`.addresses.ArrayTable`); they
+        #: are only ever written into, never rebound.
+        self.table = ArrayTable(((f, np.float64), (i, np.int64), (ring, np.int64),
+                                 (ret, np.float64))).table
 
     @classmethod
     def new(cls, limits: RiskParams, window: int) -> SymbolBook:
@@ -102,28 +108,56 @@ class SymbolBook:
         f[F_FINAL:F_LAST] = (final.last_prob, final.last_side, final.last_target)
         f[F_LAST:] = last
         i[I_ACCOUNT:I_RET_LEN] = acct.i
-        self.ring = acct.order_ts.copy()
+        if acct.order_ts.shape != self.ring.shape:
+            raise ValueError(f"risk book: an order ring of {acct.order_ts.shape[0]} slots, "
+                             f"this book's has {self.ring.shape[0]} (other limits)")
+        self.ring[...] = acct.order_ts
         w = min(window.shape[0], self.ret.shape[0] // 2)
         self.ret[:w] = window[window.shape[0] - w :]
         i[I_RET_LEN] = w
         i[I_TRADES] = trades
 
 
-@njit(cache=True, nogil=True)
-def risk_rows_small(start, n, key, sym, kind, ts, price, prob, toxic, feats, consts_f, consts_i,
-                    f, ist, ring, ret, o_pos, o_eq, o_pnl, o_dd, o_kill, o_breach,
-                    o_side, o_strength, o_target, o_reasons, o_emit):
-    """Rows ``[start, stop)`` of a slab's rows ``[0, n)``, all trades of symbol ``key``: the
-    risk stage's outputs; ``stop`` is ``n`` or the row just after the next VaR report falls
-    due (its window is then the book's, for the caller to take before the next call).
+def live_columns(features: int) -> tuple:
+    """The slab columns :func:`risk_rows_small` reads and writes, in its table's order
+    (:mod:`.addresses`), for a features column of ``features`` columns."""
+    f64, u8 = np.float64, np.uint8
+    return (("symbol_id", np.uint32), ("kind", u8), ("ts_ns", np.int64), ("price", f64),
+            ("prediction", np.float32), ("toxic", u8), ("features", f64, features),
+            ("position", f64), ("equity", f64), ("pnl", f64), ("drawdown", f64), ("kill", u8),
+            ("breach", np.int64), ("signal_side", np.int8), ("signal_strength", f64),
+            ("signal_target", f64), ("signal_reasons", np.int64), ("signal_emit", u8))
 
-    Returns ``(breach events, stop)``, or ``(-1, start)`` (nothing changed) where the batch
-    path must run instead (see the module docstring); rows are checked when ``start == 0``.
+
+@njit(cache=True, nogil=True)
+def risk_rows_small(start, n, key, slab, consts, book):
+    """Rows ``[start, stop)`` of a slab's rows ``[0, n)`` (``slab``: the address table of
+    its :func:`live_columns`; ``consts``: the table of ``consts_f``, ``consts_i``;
+    ``book``: the symbol's :attr:`SymbolBook.table`), all trades of symbol ``key``: the
+    risk stage's outputs;
+    ``stop`` is ``n`` or the row just after the next VaR report falls due (its window is
+    then the book's, for the caller to take before the next call).
+
+    Returns ``(breach events, stop, breach mask before row start)``, or ``(-1, start, mask)``
+    (nothing changed) where the batch path must run instead (see the module docstring);
+    rows are checked when ``start == 0``.
     """
+    sym, kind, ts = column(slab, 0, np.uint32), column(slab, 1, np.uint8), column(slab, 2, np.int64)
+    price, prob, toxic = column(slab, 3, np.float64), column(slab, 4, np.float32), column(slab, 5, np.uint8)
+    o_pos, o_eq, o_pnl, o_dd = (column(slab, 7, np.float64), column(slab, 8, np.float64),
+                                column(slab, 9, np.float64), column(slab, 10, np.float64))
+    o_kill, o_breach = column(slab, 11, np.uint8), column(slab, 12, np.int64)
+    o_side, o_strength, o_target = (column(slab, 13, np.int8), column(slab, 14, np.float64),
+                                    column(slab, 15, np.float64))
+    o_reasons, o_emit = column(slab, 16, np.int64), column(slab, 17, np.uint8)
+    consts_f, consts_i = array1d(consts, 0, np.float64), array1d(consts, 1, np.int64)
+    feats = column2d(slab, 6, consts_i[7], np.float64)
+    f, ist = array1d(book, 0, np.float64), array1d(book, 1, np.int64)
+    ring, ret = array1d(book, 2, np.int64), array1d(book, 3, np.float64)
     if start == 0:
         for r in range(n):
             if sym[r] != key or kind[r] != 0 or not math.isfinite(price[r]):
-                return -1, start
+                return -1, start, np.int64(f[16])
     var_every = consts_i[4]
     trades = ist[4]
     stop = n
@@ -160,6 +194,7 @@ def risk_rows_small(start, n, key, sym, kind, ts, price, prob, toxic, feats, con
     f[8], f[9], f[10] = lp, ls, lt
     events = 0
     prev = f[16]
+    before = np.int64(prev)
     for r in range(m):
         b = o[8, r]
         if b != 0.0 and b != prev:
@@ -192,4 +227,4 @@ def risk_rows_small(start, n, key, sym, kind, ts, price, prob, toxic, feats, con
         length += 1
     ist[3] = length
     ist[4] = trades + m
-    return events, stop
+    return events, stop, before

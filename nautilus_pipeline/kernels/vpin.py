@@ -73,6 +73,7 @@ from numba import njit
 
 from ..errors import ConfigError, DataError
 from ..events import KIND_TRADE
+from .addresses import column
 from .rows import symbol_groups
 
 __all__ = [
@@ -337,9 +338,16 @@ def _bar_scan(ts, price, size, bar_ns, bi, bf, ring, flush, o_ts, o_vol, o_f, o_
     return m
 
 
+LIVE_COLUMNS = (("symbol_id", np.uint32), ("kind", np.uint8), ("ts_ns", np.int64),
+                ("price", np.float64), ("size", np.float64), ("vpin", np.float64),
+                ("vpin_cdf", np.float64), ("toxic", np.uint8))
+"""The slab columns :func:`vpin_rows_small` reads and writes, in its table's order."""
+
+
 @njit(cache=True, nogil=True)
-def vpin_rows_small(n, key, sym, kind, ts, price, size, bar_ns, bi, bf, carry, o_vpin, o_cdf, o_toxic):
-    """The live path: rows ``[0, n)`` of a slab, all of symbol ``key``, whose trades all join
+def vpin_rows_small(n, key, slab, bar_ns, bi, bf, carry):
+    """The live path: rows ``[0, n)`` of a slab (``slab``: the address table of its
+    ``LIVE_COLUMNS``, :mod:`.addresses`), all of symbol ``key``, whose trades all join
     the open bar (no bar closes, so no bucket can complete): add them to the bar in place
     (the bar scan's own additions, in order) and give every row the carried values.
 
@@ -349,6 +357,9 @@ def vpin_rows_small(n, key, sym, kind, ts, price, size, bar_ns, bi, bf, carry, o
     """
     if bar_ns == 0 or bi[_I_OPEN] != 1:
         return False
+    sym, kind, ts = column(slab, 0, np.uint32), column(slab, 1, np.uint8), column(slab, 2, np.int64)
+    price, size = column(slab, 3, np.float64), column(slab, 4, np.float64)
+    o_vpin, o_cdf, o_toxic = column(slab, 5, np.float64), column(slab, 6, np.float64), column(slab, 7, np.uint8)
     open_id = bi[_I_OPEN_ID]
     for i in range(n):
         if sym[i] != key:

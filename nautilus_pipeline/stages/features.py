@@ -45,8 +45,10 @@ from ..calibration_cache import cached
 from ..compute import ComputeStream
 from ..errors import ConfigError
 from ..events import KIND_TRADE, ColumnSpec
+from ..kernels.addresses import column_addresses
 from ..kernels.features import (
     DEFAULT_FEATURE_CONFIG,
+    LIVE_COLUMNS,
     FeatureConfig,
     FeatureTable,
     all_feature_names,
@@ -55,12 +57,10 @@ from ..kernels.features import (
 )
 from ..memory import Lease
 from ..params import param
-from ..stage import INLINE_CHAIN_MAX_ROWS, Stage, StageContext, slab_columns
+from ..stage import INLINE_CHAIN_MAX_ROWS, NOT_NOW, Stage, StageContext, slab_addresses
 
 FEATURES_COLUMN = "features"
 GPU_INPUTS = ("ts_ns", "price", "size", "side")
-_SMALL_COLUMNS = ("symbol_id", "kind", "ts_ns", "price", "size", "side", "bid", "ask", "bid_size",
-                  "ask_size")
 
 log = structlog.get_logger("nautilus_pipeline.features")
 
@@ -146,12 +146,14 @@ class FeaturesStage(Stage):
         self._index = None if index == list(range(len(available))) else np.asarray(index)
         self.table = FeatureTable(config)
         self._out = np.empty((0, len(available)))
-        self._small_out = np.empty((0, len(available)))
+        self._small_out = np.empty((INLINE_CHAIN_MAX_ROWS, len(available)))
         self._small_index = np.asarray(index, dtype=np.int64)
-        self._slab_columns: dict[int, tuple[np.ndarray, ...]] = {}
+        self._live_layout = (*LIVE_COLUMNS, (FEATURES_COLUMN, np.float64, len(self.names)))
+        self._slab_tables: dict = {}  # slab → its address table
 
     async def start(self, ctx: StageContext) -> None:
         self.table = FeatureTable(self.config)
+        self._slab_tables = {}  # another pipeline's slabs
 
     async def bind(self, stream: ComputeStream) -> None:
         device = on_device(stream)
@@ -177,10 +179,9 @@ class FeaturesStage(Stage):
 
     def warm_up(self, columns: dict[str, np.ndarray], stream: ComputeStream) -> None:
         """The live kernel (``FeatureTable.update_small``) on a scratch table."""
-        cols = tuple(columns[c] for c in _SMALL_COLUMNS)
         out = np.empty((INLINE_CHAIN_MAX_ROWS, self._out.shape[1]))
-        FeatureTable(self.config).update_small(1, cols, out, self._small_index,
-                                               columns[FEATURES_COLUMN])
+        FeatureTable(self.config).update_small(1, column_addresses(columns, self._live_layout), out,
+                                               self._small_index)
 
     def _calibrate(self, device: str) -> int:
         """Smallest batch (of 4,096 … 262,144) at which the scan on ``device`` beats the CPU
@@ -270,18 +271,21 @@ class FeaturesStage(Stage):
         if self._index is not None:
             np.take(out, self._index, axis=1, out=lease[FEATURES_COLUMN])
 
-    async def process(self, lease: Lease, stream: ComputeStream, ctx: StageContext) -> None:
+    def process_now(self, lease: Lease, stream: ComputeStream, ctx: StageContext) -> object:
+        """The live path (small batches never take the GPU scan): one kernel call over the
+        slab's whole columns."""
         n = lease.length
         if 0 < n <= INLINE_CHAIN_MAX_ROWS:
-            # the live path (small batches never take the GPU scan): one kernel call over
-            # the slab's whole columns
-            cols = slab_columns(self._slab_columns, lease, _SMALL_COLUMNS)
-            if self._small_out.shape[0] < INLINE_CHAIN_MAX_ROWS:
-                self._small_out = np.empty((INLINE_CHAIN_MAX_ROWS, self._out.shape[1]))
-            if self.table.update_small(n, cols, self._small_out, self._small_index,
-                                       lease.columns[FEATURES_COLUMN]):
-                return
-        await stream.run(self._compute, lease, stream)
+            slab = self._slab_tables.get(lease.slab)
+            if slab is None:
+                slab = slab_addresses(self._slab_tables, lease, self._live_layout)
+            if self.table.update_small(n, slab, self._small_out, self._small_index):
+                return None
+        return NOT_NOW
+
+    async def process(self, lease: Lease, stream: ComputeStream, ctx: StageContext) -> None:
+        if self.process_now(lease, stream, ctx) is not None:
+            await stream.run(self._compute, lease, stream)
 
     def stats(self) -> dict[str, object]:
         return {"symbols": self.table.symbols, "width": len(self.names),

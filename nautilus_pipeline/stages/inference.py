@@ -37,6 +37,7 @@ from ..compute import ComputeStream, runner_backend, unusable_reason
 from ..compute.executor import StreamThread
 from ..errors import ConfigError
 from ..events import ColumnSpec
+from ..kernels.addresses import column_addresses
 from ..kernels.mlp import RowOrderForward
 from ..memory import Lease
 from ..model.base import ModelRunner
@@ -44,7 +45,7 @@ from ..model.numpy_runner import NumpyRunner
 from ..model.runners import Calibration, calibrate_cached, make_runner
 from ..model.spec import DEFAULT_MODEL_PATH, check_inputs, load_model
 from ..params import param
-from ..stage import OFFLOAD_MIN_ROWS, Stage, StageContext, upstream_column
+from ..stage import NOT_NOW, OFFLOAD_MIN_ROWS, Stage, StageContext, slab_addresses, upstream_column
 from .features import FEATURES_COLUMN
 
 log = structlog.get_logger("nautilus_pipeline.inference")
@@ -134,7 +135,9 @@ class InferenceStage(Stage):
         self._lane: StreamThread | None = None
         self._lane_fwd: RowOrderForward | None = None
         self.split_batches = 0  # batches computed on both lanes
-        self.rows_by_backend: dict[str, int] = {}
+        self._slab_tables: dict = {}  # slab → its address table
+        self._rows_by_backend: dict[str, int] = {}
+        self._numpy_rows = 0  # the fixed-order pass's rows (a counter: live ticks pass here)
 
     @property
     def input_names(self) -> tuple[str, ...]:
@@ -175,6 +178,7 @@ class InferenceStage(Stage):
         fwd = self._fixed_for(stream)
         if fwd is not None:
             fwd(columns[FEATURES_COLUMN], 1, columns["prediction"])
+            fwd.live(1, column_addresses(columns, fwd.live_columns))
 
     def _runner(self, stream: ComputeStream, n: int) -> ModelRunner:
         if self.calibration is not None and stream is self._primary:
@@ -184,6 +188,7 @@ class InferenceStage(Stage):
     async def start(self, ctx: StageContext) -> None:
         self._primary = None
         self._fixed = {}
+        self._slab_tables = {}
 
     def _fixed_for(self, stream: ComputeStream) -> RowOrderForward | None:
         """The fixed-order forward pass on ``stream``, where it has one: the numpy runner of
@@ -228,6 +233,21 @@ class InferenceStage(Stage):
             self._lane = StreamThread(f"np-{self.name}-lane2")
         return True
 
+    def process_now(self, lease: Lease, stream: ComputeStream, ctx: StageContext) -> object:
+        """A live batch of at most ``LIVE_ROWS`` rows through the fixed-order forward pass,
+        inline (no stream call: a few µs matter here)."""
+        n = lease.length
+        if 0 < n <= LIVE_ROWS:
+            fwd = self._fixed.get(stream.name)
+            if fwd is not None:
+                slab = self._slab_tables.get(lease.slab)
+                if slab is None:
+                    slab = slab_addresses(self._slab_tables, lease, fwd.live_columns)
+                fwd.live(n, slab)
+                self._numpy_rows += n
+                return None
+        return NOT_NOW
+
     async def process(self, lease: Lease, stream: ComputeStream, ctx: StageContext) -> None:
         if self._primary is None:
             self._primary = stream
@@ -235,21 +255,21 @@ class InferenceStage(Stage):
         if n:
             fwd = self._fixed_for(stream)
             if fwd is not None:
-                if n <= LIVE_ROWS:  # inline, no stream call: a few µs matter here
+                if n <= LIVE_ROWS:
                     self._predict_fixed(lease, fwd)
                 elif n >= SPLIT_MIN_ROWS and self._split_lane(stream):
                     await stream.run(self._predict_split, lease, fwd)
                     self.split_batches += 1
                 else:
                     await stream.run(self._predict_fixed, lease, fwd)
-                self.rows_by_backend["numpy"] = self.rows_by_backend.get("numpy", 0) + n
+                self._numpy_rows += n
                 return
         k = self.spec.n_inputs
         rows = -(-n // ROW_MULTIPLE) * ROW_MULTIPLE
         runner = self._runner(stream, rows)
         if self._on_device(lease, stream, runner):
             await stream.run(self._predict_on_device, lease, stream, runner, rows)
-            self.rows_by_backend[runner.name] = self.rows_by_backend.get(runner.name, 0) + n
+            self._rows_by_backend[runner.name] = self._rows_by_backend.get(runner.name, 0) + n
             return
         if self._x32 is None or self._x32.shape[0] < rows:
             self._x32 = np.zeros((max(rows, lease.capacity), k), dtype=np.float32)
@@ -262,7 +282,7 @@ class InferenceStage(Stage):
         if runner.name.startswith(("torch:cuda", "torch:mps", "mlx:gpu")):
             lease.pool.count_copy("h2d", n * k * 4)
             lease.pool.count_copy("d2h", n * 4)
-        self.rows_by_backend[runner.name] = self.rows_by_backend.get(runner.name, 0) + n
+        self._rows_by_backend[runner.name] = self._rows_by_backend.get(runner.name, 0) + n
 
     @staticmethod
     def _on_device(lease: Lease, stream: ComputeStream, runner: ModelRunner) -> bool:
@@ -294,8 +314,16 @@ class InferenceStage(Stage):
             for r in self.calibration.runners.values():
                 r.close()
 
+    @property
+    def rows_by_backend(self) -> dict[str, int]:
+        """Rows predicted per backend so far."""
+        rows = dict(self._rows_by_backend)
+        if self._numpy_rows:
+            rows["numpy"] = rows.get("numpy", 0) + self._numpy_rows
+        return rows
+
     def stats(self) -> dict[str, object]:
-        return {"model": self.model_path.name, "rows_by_backend": dict(self.rows_by_backend),
+        return {"model": self.model_path.name, "rows_by_backend": self.rows_by_backend,
                 "split_batches": self.split_batches}
 
     def snapshot_params(self) -> dict[str, object]:

@@ -54,6 +54,7 @@ from ..calibration_cache import cached
 from ..compute import ComputeStream
 from ..errors import ConfigError
 from ..events import KIND_TRADE, ColumnSpec, RiskEvent
+from ..kernels.addresses import ArrayTable, column_addresses
 from ..kernels.risk import (
     RiskParams,
     breach_names,
@@ -63,13 +64,20 @@ from ..kernels.risk import (
     return_window,
     risk_update,
 )
-from ..kernels.risk_rows import F_LAST, SymbolBook, risk_rows_small
+from ..kernels.risk_rows import I_TRADES, SymbolBook, live_columns, risk_rows_small
 from ..kernels.rows import ffill_rows, symbol_groups
 from ..kernels.signal import SignalParams, signal_update
 from ..kernels.var_batch import VarRequest, var_reports
 from ..memory import Lease
 from ..params import param
-from ..stage import INLINE_CHAIN_MAX_ROWS, Stage, StageContext, slab_columns, upstream_column
+from ..stage import (
+    INLINE_CHAIN_MAX_ROWS,
+    NOT_NOW,
+    Stage,
+    StageContext,
+    slab_addresses,
+    upstream_column,
+)
 from .features import FEATURES_COLUMN
 
 log = structlog.get_logger("nautilus_pipeline.risk")
@@ -88,8 +96,6 @@ SMALL_MAX_ROWS = INLINE_CHAIN_MAX_ROWS
 this many rows (the live path, no stream call), on the stage's stream above."""
 ON_STREAM = object()
 """``RiskStage._fused``'s answer for a live batch whose VaR reports are due on a device."""
-_SMALL_COLUMNS = ("symbol_id", "kind", "ts_ns", "price", "prediction", "toxic", FEATURES_COLUMN,
-                  *RISK_COLUMNS, "kill", "breach", *(c.name for c in SIGNAL_COLUMNS))
 
 
 @dataclass(frozen=True, slots=True)
@@ -192,6 +198,7 @@ class RiskStage(Stage):
         self.seed = seed
         self.topic_prefix = topic_prefix
         self._vol_col = self._ret_col = None
+        self._n_features = 0
 
     def connect(self, upstream: Sequence[Stage]) -> None:
         feats = upstream_column(upstream, FEATURES_COLUMN)
@@ -204,6 +211,8 @@ class RiskStage(Stage):
             )
         self._ret_col = names.index("log_return")
         self._vol_col = names.index(self.vol_feature)
+        self._n_features = len(names)
+        self._live_layout = live_columns(len(names))
 
     async def start(self, ctx: StageContext) -> None:
         self.books: dict[int, SymbolBook] = {}
@@ -219,8 +228,10 @@ class RiskStage(Stage):
                                    rule.short_threshold, rule.max_position])
         self._consts_i = np.array([lim.max_orders, lim.order_window_ns, rule.sizing == "proportional",
                                    rule.step_aside_on_toxic, self.var_every, self._ret_col or 0,
-                                   self.var_window], dtype=np.int64)
-        self._slab_columns: dict[int, tuple[np.ndarray, ...]] = {}
+                                   self.var_window, self._n_features], dtype=np.int64)
+        self._consts_table = ArrayTable(((self._consts_f, np.float64), (self._consts_i, np.int64)))
+        self._consts = self._consts_table.table
+        self._slab_tables: dict = {}  # slab → its address table
 
     async def bind(self, stream: ComputeStream) -> None:
         # Load (or JIT-compile) the numba account scan before the first batch, off the loop.
@@ -251,10 +262,9 @@ class RiskStage(Stage):
         types) on a scratch row, and on the host the Monte Carlo sampler of a report
         (bootstrap and normal paths): a live tick's first VaR report loaded it from numba's
         cache inside the hot path (~0.1-1 s)."""
-        cols = tuple(columns[c] for c in _SMALL_COLUMNS)
         book = SymbolBook.new(self.limits, self.var_window)
-        risk_rows_small(0, 1, 0, *cols[:7], self._consts_f, self._consts_i, book.f, book.i,
-                        book.ring, book.ret, *cols[7:])
+        risk_rows_small(0, 1, 0, column_addresses(columns, self._live_layout), self._consts,
+                        book.table)
         generators, self.generators = self.generators, {}  # a report (var_every = 1) draws
         try:
             self._compute(_ScratchRows(columns, 1))  # returns new books: discarded
@@ -404,41 +414,48 @@ class RiskStage(Stage):
         events with their reports), None where the batch path must run, or ``ON_STREAM``
         for an ``inline`` batch whose reports are due on a device (the caller runs it on
         the stream's worker instead)."""
-        cols = slab_columns(self._slab_columns, lease, _SMALL_COLUMNS)
-        key = int(cols[0][0])
+        cols = lease.slab.columns
+        key = cols["symbol_id"].item(0)
         book = self.books.get(key)
         if book is None:  # a symbol's first batch (a new book is what the batch path starts from)
             book = self.books[key] = SymbolBook.new(self.limits, self.var_window)
         n, every = lease.length, self.var_every
-        reporting = every and (book.trades + n) // every > book.trades // every
-        if reporting:
-            if inline and self._backend != "numpy":
-                return ON_STREAM  # device reports: not on the event loop's thread
-            # a report can fail (on a device: the batch reruns on the fallback stream):
-            # work on a copy, committed once the reports are in
-            book = book.copy()
-        breach_before = int(book.f[F_LAST + 5])
+        trades = book.i.item(I_TRADES)
+        reporting = every and (trades + n) // every > trades // every
+        slab = slab_addresses(self._slab_tables, lease, self._live_layout)
+        if not reporting:  # one call, in place, nothing to publish but breaches
+            events, _, breach_before = risk_rows_small(0, n, key, slab, self._consts, book.table)
+            if events < 0:
+                return None  # checked before any row changed
+            self.fused_batches += 1
+            return key, breach_before, events, ()
+        if inline and self._backend != "numpy":
+            return ON_STREAM  # device reports: not on the event loop's thread
+        # a report can fail (on a device: the batch reruns on the fallback stream): work on
+        # a copy, committed once the reports are in
+        book = book.copy()
         events, start, due = 0, 0, []
+        breach_before = 0
         while start < n:
-            found, stop = risk_rows_small(start, n, key, *cols[:7], self._consts_f, self._consts_i,
-                                          book.f, book.i, book.ring, book.ret, *cols[7:])
+            found, stop, before = risk_rows_small(start, n, key, slab, self._consts, book.table)
             if found < 0:
                 return None  # checked before any row changed
+            if start == 0:
+                breach_before = before
             events += found
-            if every and book.trades % every == 0:
+            if book.trades % every == 0:
                 due.append((stop - 1, book.window().copy()))
             start = stop
         var_events = []
         if due:
-            feats, price, position = cols[6], cols[3], cols[7]
+            feats, price, position = cols[FEATURES_COLUMN], cols["price"], cols["position"]
             requests = [self._var_request(key, float(position[row]), float(price[row]),
                                           float(feats[row, self._vol_col]), window)
                         for row, window in due]
             reports = self._reports(requests, lease)
             var_events = [(key, row, {"window": window, "report": report})
                           for (row, window), report in zip(due, reports, strict=True)]
-        if reporting:
-            self.books[key] = book
+        self.books[key] = book
         self.fused_batches += 1
         return key, breach_before, events, var_events
 
@@ -458,6 +475,31 @@ class RiskStage(Stage):
             )
         return VarRequest(exposure, sigma, window, gen)
 
+    def process_now(self, lease: Lease, stream: ComputeStream, ctx: StageContext) -> object:
+        """A live batch through the fused kernel, inline; its events, if any, published by
+        the awaitable returned. The common case (a known symbol, no VaR report due) is
+        one kernel call here, in place; the rest goes through :meth:`_fused`."""
+        n = lease.length
+        if not 0 < n <= SMALL_MAX_ROWS:
+            return NOT_NOW
+        key = lease.slab.columns["symbol_id"].item(0)
+        book = self.books.get(key)
+        every = self.var_every
+        if book is not None and not (every and (book.i.item(I_TRADES) + n) // every
+                                     > book.i.item(I_TRADES) // every):
+            slab = self._slab_tables.get(lease.slab)
+            if slab is None:
+                slab = slab_addresses(self._slab_tables, lease, self._live_layout)
+            events, _, before = risk_rows_small(0, n, key, slab, self._consts, book.table)
+            if events < 0:
+                return NOT_NOW  # checked before any row changed: the batch path's
+            self.fused_batches += 1
+            return self._publish_fused(lease, stream, ctx, (key, before, events, ())) if events else None
+        done = self._fused(lease, inline=True)
+        if done is None or done is ON_STREAM:
+            return NOT_NOW
+        return self._publish_fused(lease, stream, ctx, done) if done[2] or done[3] else None
+
     async def process(self, lease: Lease, stream: ComputeStream, ctx: StageContext) -> None:
         n = lease.length
         if n:
@@ -466,14 +508,7 @@ class RiskStage(Stage):
             if done is ON_STREAM:
                 done = await stream.run(self._fused, lease)
             if done is not None:
-                key, breach_before, breaches, var_events = done
-                if breaches:  # as the batch path: a symbol's breaches, then its reports
-                    breach = lease["breach"]
-                    prev = np.concatenate(([breach_before], breach[:-1]))
-                    for row in np.flatnonzero((breach != 0) & (breach != prev)).tolist():
-                        await self._publish(lease, stream, ctx, key, row, None)
-                for key, row, var in var_events:
-                    await self._publish(lease, stream, ctx, key, row, var)
+                await self._publish_fused(lease, stream, ctx, done)
                 return
         books, cols, signal_cols, events = await stream.run(self._compute, lease)
         slab = lease.columns  # one liveness check for the 11 writes
@@ -485,6 +520,19 @@ class RiskStage(Stage):
             slab[spec.name][:n] = values
         self.books = books
         for key, row, var in events:
+            await self._publish(lease, stream, ctx, key, row, var)
+
+    async def _publish_fused(self, lease: Lease, stream: ComputeStream, ctx: StageContext,
+                             done: tuple) -> None:
+        """The events of a batch the fused path did: a symbol's breaches, then its reports
+        (the batch path's order)."""
+        key, breach_before, breaches, var_events = done
+        if breaches:
+            breach = lease["breach"]
+            prev = np.concatenate(([breach_before], breach[:-1]))
+            for row in np.flatnonzero((breach != 0) & (breach != prev)).tolist():
+                await self._publish(lease, stream, ctx, key, row, None)
+        for key, row, var in var_events:
             await self._publish(lease, stream, ctx, key, row, var)
 
     async def _publish(self, lease, stream, ctx, key, row, var) -> None:

@@ -21,7 +21,7 @@ from ..compute import ComputeStream
 from ..events import Side, Signal
 from ..kernels.signal import reason_names
 from ..memory import Lease
-from ..stage import Stage, StageContext
+from ..stage import NOT_NOW, Stage, StageContext
 
 _SIDES = {1: Side.BUY, -1: Side.SELL, 0: Side.FLAT}
 
@@ -57,6 +57,12 @@ class SignalStage(Stage):
         self.emitted = 0
         self.by_side = {s.value: 0 for s in Side}
         self._topics: dict[int, tuple[str, str]] = {}  # symbol id → (name, topic)
+
+    def process_now(self, lease: Lease, stream: ComputeStream, ctx: StageContext) -> object:
+        """A live tick that changes no signal (most): one scalar read."""
+        if lease.length == 1 and not lease.slab.columns["signal_emit"].item(0):
+            return None
+        return NOT_NOW
 
     async def process(self, lease: Lease, stream: ComputeStream, ctx: StageContext) -> None:
         cols, n = lease.columns, lease.length

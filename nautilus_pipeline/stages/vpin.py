@@ -48,8 +48,10 @@ from ..calibration_cache import cached
 from ..compute import ComputeStream
 from ..errors import ConfigError
 from ..events import KIND_TRADE, ColumnSpec, VpinBucket
+from ..kernels.addresses import column_addresses
 from ..kernels.rows import ffill_rows, fill_events_into, symbol_groups
 from ..kernels.vpin import (
+    LIVE_COLUMNS,
     VpinParams,
     VpinState,
     new_vpin_state,
@@ -60,11 +62,10 @@ from ..kernels.vpin import (
 )
 from ..memory import Lease
 from ..params import param
-from ..stage import INLINE_CHAIN_MAX_ROWS, Stage, StageContext, slab_columns
+from ..stage import INLINE_CHAIN_MAX_ROWS, NOT_NOW, Stage, StageContext, slab_addresses
 
 F64 = np.dtype(np.float64)
 log = structlog.get_logger("nautilus_pipeline.vpin")
-_SMALL_COLUMNS = ("symbol_id", "kind", "ts_ns", "price", "size", "vpin", "vpin_cdf", "toxic")
 
 
 @dataclass(frozen=True, slots=True)
@@ -189,7 +190,8 @@ class VpinStage(Stage):
     async def start(self, ctx: StageContext) -> None:
         self.states, self.last, self.buckets = {}, {}, 0
         self.small_batches = 0
-        self._slab_columns: dict[int, tuple[np.ndarray, ...]] = {}
+        self._slab_tables: dict = {}  # slab → its address table
+        self._bar_ns = self.params["bar_ns"]
 
     async def bind(self, stream: ComputeStream) -> None:
         if stream.backend == "torch" and self.params["bar_ns"] == 0:
@@ -238,10 +240,9 @@ class VpinStage(Stage):
     def warm_up(self, columns: dict[str, np.ndarray], stream: ComputeStream) -> None:
         """The live kernel (``vpin_rows_small``) on a scratch state (the batch path's kernels
         were warmed at bind)."""
-        cols = tuple(columns[c] for c in _SMALL_COLUMNS)
         st = new_vpin_state(1.0, **self.params)
-        vpin_rows_small(1, 0, *cols[:5], st.params.bar_ns, st.bar_i, st.bar_f,
-                        np.array([np.nan, np.nan, 0.0]), *cols[5:])
+        vpin_rows_small(1, 0, column_addresses(columns, LIVE_COLUMNS), st.params.bar_ns, st.bar_i,
+                        st.bar_f, np.array([np.nan, np.nan, 0.0]))
 
     def _update(self, state: VpinState, ts, price, size):
         if self._torch_device is not None and ts.shape[0] >= self.gpu_min_batch:
@@ -315,22 +316,27 @@ class VpinStage(Stage):
         return ({**self.states, key: state}, {key: out} if out["bucket"].size else {}, None,
                 {**self.last, key: carry})
 
-    def _small(self, lease: Lease) -> bool:
+    def process_now(self, lease: Lease, stream: ComputeStream, ctx: StageContext) -> object:
         """The live path (``kernels.vpin.vpin_rows_small``): one kernel call when the batch's
         trades all join the open bar of one symbol, updating its state in place."""
-        cols = slab_columns(self._slab_columns, lease, _SMALL_COLUMNS)
-        key = int(cols[0][0])
+        n = lease.length
+        if not 0 < n <= INLINE_CHAIN_MAX_ROWS:
+            return NOT_NOW
+        key = lease.slab.columns["symbol_id"].item(0)
         state = self.states.get(key)
         carry = self.last.get(key)
         if state is None or carry is None:
-            return False
-        done = vpin_rows_small(lease.length, key, *cols[:5], state.params.bar_ns, state.bar_i,
-                               state.bar_f, carry, *cols[5:])
-        self.small_batches += done
-        return done
+            return NOT_NOW
+        slab = self._slab_tables.get(lease.slab)
+        if slab is None:
+            slab = slab_addresses(self._slab_tables, lease, LIVE_COLUMNS)
+        if not vpin_rows_small(n, key, slab, self._bar_ns, state.bar_i, state.bar_f, carry):
+            return NOT_NOW
+        self.small_batches += 1
+        return None
 
     async def process(self, lease: Lease, stream: ComputeStream, ctx: StageContext) -> None:
-        if 0 < lease.length <= INLINE_CHAIN_MAX_ROWS and self._small(lease):
+        if self.process_now(lease, stream, ctx) is None:
             return
         new_states, outputs, cols, last = await stream.run(self._compute, lease, ctx)
         if cols is not None:  # None: written in place (one symbol's trades)
