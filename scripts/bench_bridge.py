@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import os
 import statistics
 import subprocess
@@ -50,6 +51,7 @@ from nautilus_pipeline.testing import trades_frame  # noqa: E402
 
 SYMBOL = "BTCUSDT-PERP"
 BATCH = 4096
+SECTIONS = ("transport", "hops", "websocket", "pipeline", "bridge-hops")
 
 PUBLISHER = """
 import asyncio, collections, hashlib, sys, time
@@ -98,13 +100,16 @@ async def main(url, n, batch, mode):
     await js.delete_stream("TICKS")
     await ensure_stream(js, "TICKS", ["ticks.>"])
     pub.messages = 0
+    if len(sys.argv) > 5 and sys.argv[5] == "wait":  # concurrent runs: the consumer says when
+        print("ready", flush=True)
+        sys.stdin.readline()
     t0, c0 = time.perf_counter(), time.process_time()
     await pub.publish(frame, "BTCUSDT-PERP")
     await pub.flush()
     print(time.perf_counter() - t0, time.process_time() - c0)
     await nc.close()
 
-(asyncio.run if sys.argv[4] == "before" else uvloop.run)(main(*sys.argv[1:]))
+(asyncio.run if sys.argv[4] == "before" else uvloop.run)(main(*sys.argv[1:5]))
 """
 
 
@@ -429,29 +434,128 @@ def default_pipeline():
     return Run("default", outputs=False, pipeline_settings={"batch_size": BATCH}).pipeline
 
 
-async def in_process(frame: dict) -> float:
-    pipe = default_pipeline()
-    async with pipe:
-        t0 = time.perf_counter()
-        await pipe.ingest(frame, symbol=SYMBOL)
-        await pipe.drain()
-        wall = time.perf_counter() - t0
-    return wall
+class Usage:
+    """CPU seconds of this process and of nats-server over one run (Linux /proc, 10 ms ticks)."""
+
+    def __init__(self, server_pid: int):
+        self.server_pid = server_pid
+        self.ours = self.server = 0.0
+
+    def __enter__(self) -> Usage:
+        self._c0, self._s0 = time.process_time(), cpu_seconds(self.server_pid)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.ours = time.process_time() - self._c0
+        self.server = cpu_seconds(self.server_pid) - self._s0
 
 
-async def through_bridge(url: str, durable: str, n: int) -> float:
+async def in_process(frame: dict, usage: Usage | None = None) -> float:
     pipe = default_pipeline()
     async with pipe:
-        bridge = NatsBridge(pipe, servers=url, ingest="ticks.>", durable=durable, state=False,
-                            fetch_timeout=0.05)
-        t0 = time.perf_counter()
-        async with bridge:
-            while True:  # the last tick through the last stage
-                if pipe.tick_flow().ticks_out >= n:
-                    break
-                await asyncio.sleep(0.001)
+        with usage or contextlib.nullcontext():
+            t0 = time.perf_counter()
+            await pipe.ingest(frame, symbol=SYMBOL)
+            await pipe.drain()
             wall = time.perf_counter() - t0
     return wall
+
+
+def _count_handoffs(pipe, n: int) -> asyncio.Event:
+    """An event set once ``n`` ticks have been handed to the pipeline (the end of a bridged
+    run is then one ``drain``, as in-process, instead of a polling loop on the same loop)."""
+    done = asyncio.Event()
+    handoff = pipe.publish_batch
+    seen = [0]
+
+    async def counted(lease, holder="source"):
+        seen[0] += lease.length
+        await handoff(lease, holder)
+        if seen[0] >= n:
+            done.set()
+
+    pipe.publish_batch = counted
+    return done
+
+
+async def through_bridge(url: str, durable: str, n: int, usage: Usage | None = None,
+                         publisher: subprocess.Popen | None = None, **options) -> float:
+    """The default pipeline fed by ``NatsBridge`` until ``n`` ticks are through the last stage.
+    ``publisher``: a publishing process waiting for a line on its stdin, told to start once
+    the bridge is connected (the stream is then filled while the pipeline consumes it);
+    without it the stream was filled before."""
+    pipe = default_pipeline()
+    async with pipe:
+        handed = _count_handoffs(pipe, n)
+        bridge = NatsBridge(pipe, servers=url, ingest="ticks.>", durable=durable, state=False,
+                            fetch_timeout=0.05, **options)
+        with usage or contextlib.nullcontext():
+            t0 = time.perf_counter()
+            async with bridge:
+                if publisher is not None:
+                    publisher.stdin.write("go\n")
+                    publisher.stdin.flush()
+                await handed.wait()
+                await pipe.drain()
+                wall = time.perf_counter() - t0
+                assert pipe.tick_flow().ticks_out == n, pipe.tick_flow()
+    return wall
+
+
+def waiting_publisher(url: str, n: int) -> subprocess.Popen:
+    """A publishing process (the one of ``publish_from_another_process``) that has made the
+    TICKS stream anew and waits for a line on stdin before it publishes ``n`` ticks."""
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    proc = subprocess.Popen([sys.executable, "-c", PUBLISHER, url, str(n), str(BATCH), "now", "wait"],
+                            env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    if proc.stdout.readline().strip() != "ready":
+        proc.kill()
+        raise RuntimeError("the publishing process did not start")
+    return proc
+
+
+async def pipeline_table(url: str, server_pid: int, n: int, repeat: int) -> None:
+    """The default pipeline: in-process ``ingest`` against ``NatsBridge`` fed from another
+    process, the stream (a) filled before and (b) filled while the pipeline consumes,
+    alternating; ticks/s, and CPU per 4096-tick message of this process and of nats-server."""
+    frame = trades_frame(n, seed=7)
+    await in_process(trades_frame(BATCH * 4, seed=1))  # warm-up: numba caches, imports
+    messages = n // BATCH
+    modes = [
+        ("in-process `ingest`", "local"),
+        ("JetStream, stream filled before, read_ahead=0 (b22cc61's flow: ask for free slabs only)", "pre0"),
+        ("JetStream, stream filled before (`NatsBridge` defaults)", "pre"),
+        ("JetStream, filled by the other process while consumed (`NatsBridge` defaults)", "live"),
+    ]
+    rates: dict[str, list[float]] = {m: [] for _, m in modes}
+    cpu: dict[str, list[tuple[float, float, float]]] = {m: [] for _, m in modes}
+    for r in range(repeat):
+        for _, mode in modes:
+            usage = Usage(server_pid)
+            pub_cpu = 0.0
+            if mode == "local":
+                wall = await in_process(frame, usage)
+            elif mode == "live":
+                proc = waiting_publisher(url, n)
+                wall = await through_bridge(url, f"bench-{mode}-{r}", n, usage, publisher=proc)
+                out, _ = proc.communicate(timeout=120)
+                pub_cpu = float(out.strip().splitlines()[-1].split()[1])
+            else:
+                wall = await through_bridge(url, f"bench-{mode}-{r}", n, usage,
+                                            **({"read_ahead": 0} if mode == "pre0" else {}))
+            rates[mode].append(n / wall)
+            cpu[mode].append((usage.ours, usage.server, pub_cpu))
+    ml = statistics.median(rates["local"])
+    print(f"| default pipeline, {n:,} ticks, median of {repeat} alternating | ticks/s | ÷ in-process | "
+          "CPU µs per 4096-tick message: this process | nats-server | publisher |")
+    print("|---|---:|---:|---:|---:|---:|")
+    for label, mode in modes:
+        m = statistics.median(rates[mode])
+        ours, server, pub = (statistics.median(c[i] for c in cpu[mode]) / messages * 1e6 for i in range(3))
+        print(f"| {label} | {m:,.0f} | {m / ml:.3f} | {ours:,.0f} | {server:,.0f} | "
+              f"{f'{pub:,.0f}' if mode == 'live' else '-'} |")
+    print("\nper run (ticks/s): " + "; ".join(f"{mode} {[round(x) for x in rates[mode]]}" for _, mode in modes))
+    print("target: JetStream ÷ in-process >= 0.95\n")
 
 
 def pct(xs: list[float], q: float) -> float:
@@ -470,12 +574,13 @@ async def main(args: argparse.Namespace) -> None:
 async def measure(args: argparse.Namespace, server: NatsServer) -> None:
     n = args.ticks // BATCH * BATCH
     messages = n // BATCH
-    if True:
-        url = server.url
-        print(f"machine: {describe()}")
-        print(f"nats-server: {server_version()}, nats-py {nats_version()}; {n:,} ticks in {messages} "
-              f"batches of {BATCH}\n")
+    only = set(args.only or SECTIONS)
+    url = server.url
+    print(f"machine: {describe()}")
+    print(f"nats-server: {server_version()}, nats-py {nats_version()}; {n:,} ticks in {messages} "
+          f"batches of {BATCH}\n")
 
+    if "transport" in only:
         pub: dict[str, list[float]] = {"before": [], "now": []}
         con: dict[str, list[float]] = {"before": [], "now": []}
         for r in range(args.repeat):  # alternating: 148a742's paths, then this commit's
@@ -500,6 +605,7 @@ async def measure(args: argparse.Namespace, server: NatsServer) -> None:
               f"vs {per['now'][1]:.0f} µs (its CPU includes the deletion of the last stream and ~1 "
               "warm-up batch)\n")
 
+    if "hops" in only:
         hops: dict[str, list[float]] = {"before": [], "now": []}
         chunk = max(args.hops // 4, 1)
         for _ in range(4):  # alternating chunks
@@ -513,22 +619,15 @@ async def measure(args: argparse.Namespace, server: NatsServer) -> None:
         print(f"| now: the ingress's open pull request (PullFeed) | {pct(hops['now'], 50):.1f} | "
               f"{pct(hops['now'], 99):.1f} |\n")
 
+    if "websocket" in only:
         await websocket_table(args.repeat)
 
-        frame = trades_frame(n, seed=7)
-        await in_process(trades_frame(BATCH * 4, seed=1))  # warm-up: numba caches, imports
-        local, bridged = [], []
-        for r in range(args.repeat):
-            local.append(n / await in_process(frame))
-            bridged.append(n / await through_bridge(url, f"bench{r}", n))
-        ml, mb = statistics.median(local), statistics.median(bridged)
-        print(f"| default pipeline, {n:,} ticks, median of {args.repeat} alternating | ticks/s |")
-        print("|---|---:|")
-        print(f"| in-process `ingest` | {ml:,.0f} |")
-        print(f"| through JetStream (`NatsBridge`, filled by another process) | {mb:,.0f} |")
-        print(f"| ratio (target >= 0.95) | {mb / ml:.3f} |")
-        print(f"\nper run: in-process {[round(x) for x in local]}, bridge {[round(x) for x in bridged]}\n")
+    if "pipeline" in only:
+        if "transport" not in only:  # the stream the pipeline runs read, filled as there
+            publish_from_another_process(url, n, "now", server.proc.pid)
+        await pipeline_table(url, server.proc.pid, n, args.repeat)
 
+    if "bridge-hops" in only:
         b148: list[float] = []
         bnow: list[float] = []
         for _ in range(2):  # alternating
@@ -560,6 +659,7 @@ if __name__ == "__main__":
     ap.add_argument("--ticks", type=int, default=1_000_000)
     ap.add_argument("--repeat", type=int, default=3)
     ap.add_argument("--hops", type=int, default=2000)
+    ap.add_argument("--only", nargs="+", choices=SECTIONS, help="run only these tables (default: all)")
     configure_logging(level="warning")
     a = ap.parse_args()
     with asyncio.Runner(loop_factory=loop_factory()) as runner:

@@ -77,7 +77,7 @@ class Ingress:
     """
 
     def __init__(self, pipe: Pipeline, feed: PullFeed, *, ack_on_release: bool = True,
-                 covered_seq: int = 0, fetch_timeout: float = 0.25,
+                 covered_seq: int = 0, fetch_timeout: float = 0.25, read_ahead: int | None = None,
                  on_idle: Callable[[], Awaitable[None]] | None = None,
                  after_message: Callable[[], Awaitable[None]] | None = None):
         self.pipe = pipe
@@ -89,6 +89,7 @@ class Ingress:
         self.after_message = after_message
         self.stats = IngressStats(last_seq=covered_seq)
         self._slabs = len(pipe.pool.slabs)
+        self.read_ahead = self._slabs if read_ahead is None else read_ahead
         self._done: list[_Pending] = []  # released, waiting for an ack
         self._unacked: list[_Pending] = []  # all fetched, not yet acked (state mode)
         self._open: dict[int, _Pending] = {}  # stream sequence → fetched, not yet acked
@@ -102,6 +103,8 @@ class Ingress:
         while not stop.is_set():
             await self._ack_done()
             free = self._slabs - self.pipe.pool.in_use
+            want = free + self.read_ahead
+            await self.feed.ask(want)
             if free <= 0:
                 self._wake.clear()
                 try:
@@ -109,7 +112,7 @@ class Ingress:
                 except TimeoutError:
                     pass
                 continue
-            msgs = await self.feed.get(free, self.fetch_timeout)
+            msgs = await self.feed.get(want, self.fetch_timeout, limit=free)
             if not msgs:
                 if self.on_idle is not None:
                     await self.on_idle()

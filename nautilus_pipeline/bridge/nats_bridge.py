@@ -99,6 +99,7 @@ class NatsBridge:
         max_in_flight: int = 256,
         overflow: str | None = None,
         fetch_timeout: float = 0.25,
+        read_ahead: int | None = None,
         duplicate_window_s: float = 600.0,
         connect_options: dict[str, Any] | None = None,
         on_restore: Callable[[SavedState | None], None] | None = None,
@@ -129,11 +130,14 @@ class NatsBridge:
         if max_ack_pending is not None and max_ack_pending < needed:
             raise ConfigError(f"max_ack_pending={max_ack_pending} would stall the consumer: it must "
                               f"be >= {needed} (snapshot_every + 2 x the pool's {slabs} slabs)")
-        self.max_ack_pending = max_ack_pending or needed
         self.ack_wait_s = ack_wait_s
         self.max_in_flight = max_in_flight
         self.overflow = overflow
         self.fetch_timeout = fetch_timeout
+        if read_ahead is not None and read_ahead < 0:
+            raise ConfigError(f"read_ahead must be >= 0, got {read_ahead}")
+        self.read_ahead = slabs if read_ahead is None else read_ahead
+        self.max_ack_pending = max_ack_pending or needed + self.read_ahead
         self.duplicate_window_s = duplicate_window_s
         self.connect_options = dict(connect_options or {})
         self.on_restore = on_restore
@@ -203,7 +207,7 @@ class NatsBridge:
             self._feed = await self._consumer(covered)
             self.ingress = Ingress(
                 self.pipe, self._feed, ack_on_release=not self.state, covered_seq=covered,
-                fetch_timeout=self.fetch_timeout, on_idle=self._on_idle,
+                fetch_timeout=self.fetch_timeout, read_ahead=self.read_ahead, on_idle=self._on_idle,
                 after_message=self._after_message if self.state else None,
             )
             self._task = asyncio.get_running_loop().create_task(

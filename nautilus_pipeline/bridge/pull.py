@@ -121,9 +121,30 @@ class PullFeed:
         body = orjson.dumps({"batch": batch, "expires": int(self.expires_s * 1e9)})
         await self.nc.publish(self.api_subject, body, reply=self._current)
 
-    async def get(self, want: int, timeout: float) -> list[Any]:
-        """The messages that have arrived, waiting up to ``timeout`` s for the first; a pull
-        request for ``want`` is opened first when none is open. ``[]``: none came."""
+    @property
+    def ready(self) -> int:
+        """Messages delivered and not yet taken."""
+        return len(self._ready)
+
+    async def ask(self, target: int) -> None:
+        """Top up without waiting: when no request is open and fewer than half of ``target``
+        messages are delivered and not taken, request the rest (``target`` minus those).
+        The reader asks ahead of its need, so that what it takes next is already here
+        instead of a round trip away; half as the low mark makes the requests few and large."""
+        if self._gone is not None or target <= 0:
+            return
+        now = time.monotonic()
+        if self._credit > 0 and now > self._deadline:
+            log.info("pull_request_lost", consumer=self.consumer, credit=self._credit)
+            self._credit = 0
+        have = len(self._ready)
+        if self._credit == 0 and have <= target // 2 and now >= self._not_before:
+            await self._request(target - have)
+
+    async def get(self, want: int, timeout: float, limit: int | None = None) -> list[Any]:
+        """The messages that have arrived (at most ``limit``; the others stay for the next
+        read), waiting up to ``timeout`` s for the first; a pull request for ``want`` is
+        opened first when none is open. ``[]``: none came."""
         end = time.monotonic() + timeout
         while not self._ready:
             if self._gone is not None:
@@ -143,8 +164,12 @@ class PullFeed:
             if self._credit > 0:
                 left = min(left, max(self._deadline - now, 0.0) + 1e-3)
             await self._wait(left)
-        out = list(self._ready)
-        self._ready.clear()
+        ready = self._ready
+        if limit is None or limit >= len(ready):
+            out = list(ready)
+            ready.clear()
+        else:
+            out = [ready.popleft() for _ in range(max(limit, 0))]
         return out
 
     async def _wait(self, timeout: float) -> None:
