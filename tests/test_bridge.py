@@ -98,6 +98,42 @@ def test_a_batch_survives_the_wire_column_for_column():
         assert col.dtype == next(c.dtype for c in TICK_COLUMNS if c.name == name)
 
 
+def test_a_constant_column_and_a_counting_id_travel_as_one_value_and_decode_exactly():
+    frame = trades_frame(4096, seed=3)
+    frame["bid"] = np.full(4096, np.nan)  # a constant float column, NaN: compared bit for bit
+    data = encode_batch(frame, SYMBOL)
+    batch = decode_batch(data)
+    assert set(batch.constants) == {"kind", "bid"} and set(batch.ranges) == {"trade_id"}
+    assert len(data) < 4096 * 25 + 512  # ts_ns, price, size (8 bytes each) and side (1) in full
+    full = batch.columns
+    for name in ("kind", "bid", "trade_id", "price"):
+        assert full[name].tobytes() == np.asarray(frame[name], dtype=full[name].dtype).tobytes()
+    for name in ("kind", "trade_id", "price"):  # a message cut into batches: rows 1000:1500
+        out = np.empty(500, dtype=full[name].dtype)
+        batch.copy_into(name, out, 1000)
+        np.testing.assert_array_equal(out, full[name][1000:1500])
+
+
+def test_ids_with_a_gap_and_varying_kinds_travel_in_full():
+    frame = trades_frame(100, seed=4)
+    frame["trade_id"] = frame["trade_id"].copy()
+    frame["trade_id"][50:] += 7  # a gap: not first + 0, 1, 2, ...
+    frame["kind"] = (np.arange(100) % 2).astype(np.uint8)
+    batch = decode_batch(encode_batch(frame, SYMBOL))
+    assert not batch.constants and not batch.ranges
+    np.testing.assert_array_equal(batch.columns["trade_id"], frame["trade_id"])
+
+
+def test_a_batch_of_the_first_wire_version_still_decodes():
+    frame = trades_frame(10, seed=5)
+    frame["trade_id"] = frame["trade_id"][::-1].copy()  # nothing sent as one value: NPB1's layout
+    frame["kind"] = (np.arange(10) % 2).astype(np.uint8)
+    data = encode_batch(frame, SYMBOL)
+    old = decode_batch(b"NPB1" + data[4:])
+    for name, col in decode_batch(data).columns.items():
+        np.testing.assert_array_equal(old.columns[name], col)
+
+
 def test_a_damaged_batch_is_refused_saying_what_is_wrong():
     data = encode_batch(trades_frame(10), SYMBOL)
     with pytest.raises(WireError, match="not a tick batch"):
@@ -232,6 +268,44 @@ async def test_a_slow_pipeline_is_bounded_by_max_ack_pending_and_the_pool(nats_s
     assert gate.rows == 4000
     assert max(seen_in_use) <= 3
     assert 0 < max(seen_pending) <= 6
+
+
+async def test_the_consumer_reads_ahead_of_the_free_slabs_within_read_ahead(nats_server):
+    await _publish(nats_server.url, trades_frame(4000, seed=5), batch_size=50)  # 80 messages
+    gate = _Gate(delay_s=0.002)
+    pipe = Pipeline([gate], batch_size=50, slabs=3, execution="serial")
+    held = []
+    async with NatsBridge(pipe, servers=nats_server.url, ingest="ticks.>", durable="ahead",
+                          state=False, read_ahead=4) as bridge:
+        feed = bridge._feed
+        while bridge.ingress.stats.messages < 80:
+            held.append(pipe.pool.in_use + feed.ready + feed._credit)
+            await asyncio.sleep(0.001)
+        await bridge.wait_idle(0.3)
+        requests = feed.requests
+    assert gate.rows == 4000
+    assert max(held) <= 3 + 4  # the slabs, and what was asked for ahead of them
+    assert max(held) > 3  # messages did wait for slabs, not slabs for messages
+    assert requests <= 80 // 2  # a request asks for several messages, not one per freed slab
+
+
+async def test_acks_sent_in_groups_all_reach_the_server_when_the_stream_is_done(nats_server):
+    await _publish(nats_server.url, trades_frame(1900, seed=6), batch_size=100)  # 19 messages
+    pipe = Pipeline([_Gate(delay_s=0.001)], batch_size=100, slabs=4, execution="serial")
+    async with NatsBridge(pipe, servers=nats_server.url, ingest="ticks.>", durable="groups",
+                          state=False, ack_every=8) as bridge:
+        await bridge.wait_idle(0.3)
+        await bridge.nc.flush()
+        assert bridge.ingress.stats.acked == 19  # 8 + 8, then the last 3 once nothing is left
+        assert await _ack_pending(bridge.js, "groups") == 0
+
+
+def test_read_ahead_and_ack_every_out_of_range_are_refused():
+    pipe = Pipeline([_Gate()], batch_size=50, slabs=4)
+    with pytest.raises(ConfigError, match="read_ahead must be >= 0"):
+        NatsBridge(pipe, ingest="ticks.>", durable="x", state=False, read_ahead=-1)
+    with pytest.raises(ConfigError, match="ack_every must be >= 1"):
+        NatsBridge(pipe, ingest="ticks.>", durable="x", state=False, ack_every=0)
 
 
 def test_max_ack_pending_below_what_the_pool_can_hold_is_refused():

@@ -189,7 +189,6 @@ class Ingress:
             if self.ack_on_release:
                 self._done.append(pending)
             return
-        cols = batch.columns
         for start in starts:
             stop = min(start + size, batch.length)
             lease = await self.pipe.acquire(HOLDER)
@@ -198,8 +197,8 @@ class Ingress:
                 col = lease[spec.name]
                 if spec.name == "symbol_id":
                     col.fill(sid)
-                elif spec.name in cols:
-                    col[...] = cols[spec.name][start:stop]
+                elif spec.name in batch:
+                    batch.copy_into(spec.name, col, start)
                 else:
                     col.fill(spec.fill)
             lease.on_release = _ReleaseHook(self, pending)
