@@ -13,15 +13,18 @@ Starts its own ``nats-server -js`` (temporary store, free port) and measures, in
    by websockets and by picows alone and under ``BinanceWebsocketFeed`` (parsing, gap checks,
    micro-batching): frames/s, alternating;
 4. **pipeline**: the default pipeline fed (a) in-process by ``Pipeline.ingest`` of the
-   batches and (b) through ``NatsBridge`` from the stream another process filled, each run
-   ending when the last tick is through the last stage; alternating a/b ``--repeat`` times;
-   ticks/s and the ratio b/a (medians);
+   batches and (b) through ``NatsBridge`` from a stream another process filled before, or
+   (c) fills while the pipeline consumes it (told to start once the bridge is connected),
+   (b) and (c) both with b22cc61's flow (no read-ahead, an ack per message, every column
+   sent, on a second server) and now's; each run ending when the last tick is through the
+   last stage; alternating ``--repeat`` times; ticks/s, the ratio to (a) (medians), and CPU
+   per message of this process, nats-server and the publisher;
 5. **hop through the bridge**: publish a 1-tick batch → the ingress hands it to the default
    pipeline, 148a742's ``fetch`` reading and now's ``PullFeed``, alternating.
 
 picows rows appear when picows is installed (the ``live`` extra).
 
-Run: ``python scripts/bench_bridge.py [--ticks N] [--repeat R] [--hops H]``.
+Run: ``python scripts/bench_bridge.py [--ticks N] [--repeat R] [--hops H] [--only TABLE...]``.
 """
 
 from __future__ import annotations
@@ -77,7 +80,7 @@ class Before(TickPublisher):
 
     async def _send(self, subj, part, symbol):
         from nautilus_pipeline.bridge.wire import encode_batch
-        data = encode_batch(part, symbol)
+        data = encode_batch(part, symbol, compact=False)  # 148a742's wire: every column in full
         digest = hashlib.blake2b(data, digest_size=12).hexdigest()
         msg_id = f"{subj}:{int(part['ts_ns'][0])}:{len(part['ts_ns'])}:{digest}"
         while len(self._inflight) >= self.max_in_flight:
@@ -85,12 +88,12 @@ class Before(TickPublisher):
         self._inflight.append(await self.js.publish_async(subj, data, headers={"Nats-Msg-Id": msg_id}))
         self.messages += 1
 
-async def main(url, n, batch, mode):
+async def main(url, n, batch, mode, wait="go", wire="compact"):
     frame = trades_frame(int(n), seed=7)
     nc = await nats.connect(url)
     js = nc.jetstream()
     pub = (Before(js, batch_size=int(batch), max_in_flight=64) if mode == "before"
-           else TickPublisher(js, batch_size=int(batch)))
+           else TickPublisher(js, batch_size=int(batch), compact=wire == "compact"))
     # warm-up outside the timing (the client's first publish compiles its header regex and
     # subscribes its ack inbox; numpy's first calls import), into the stream deleted next
     await ensure_stream(js, "TICKS", ["ticks.>"])
@@ -100,7 +103,7 @@ async def main(url, n, batch, mode):
     await js.delete_stream("TICKS")
     await ensure_stream(js, "TICKS", ["ticks.>"])
     pub.messages = 0
-    if len(sys.argv) > 5 and sys.argv[5] == "wait":  # concurrent runs: the consumer says when
+    if wait == "wait":  # concurrent runs: the consumer says when
         print("ready", flush=True)
         sys.stdin.readline()
     t0, c0 = time.perf_counter(), time.process_time()
@@ -109,7 +112,7 @@ async def main(url, n, batch, mode):
     print(time.perf_counter() - t0, time.process_time() - c0)
     await nc.close()
 
-(asyncio.run if sys.argv[4] == "before" else uvloop.run)(main(*sys.argv[1:5]))
+(asyncio.run if sys.argv[4] == "before" else uvloop.run)(main(*sys.argv[1:]))
 """
 
 
@@ -123,12 +126,14 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-def publish_from_another_process(url: str, n: int, mode: str = "now", server_pid: int | None = None) -> float:
+def publish_from_another_process(url: str, n: int, mode: str = "now", server_pid: int | None = None,
+                                 wire: str = "compact") -> float:
     """Fill the TICKS stream (made anew) from a child process; returns its publish wall time (s)
-    and records its CPU time and the server's in ``CPU[mode]``."""
+    and records its CPU time and the server's in ``CPU[mode]``. ``wire="full"``: every column
+    in full (NPB1, b22cc61's messages)."""
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     s0 = cpu_seconds(server_pid) if server_pid else 0.0
-    out = subprocess.run([sys.executable, "-c", PUBLISHER, url, str(n), str(BATCH), mode], env=env,
+    out = subprocess.run([sys.executable, "-c", PUBLISHER, url, str(n), str(BATCH), mode, "go", wire], env=env,
                          check=True, capture_output=True, text=True).stdout
     server_cpu = cpu_seconds(server_pid) - s0 if server_pid else float("nan")  # warm-up included: ~1 batch
     wall, cpu = map(float, out.strip().splitlines()[-1].split())
@@ -502,11 +507,11 @@ async def through_bridge(url: str, durable: str, n: int, usage: Usage | None = N
     return wall
 
 
-def waiting_publisher(url: str, n: int) -> subprocess.Popen:
+def waiting_publisher(url: str, n: int, wire: str = "compact") -> subprocess.Popen:
     """A publishing process (the one of ``publish_from_another_process``) that has made the
     TICKS stream anew and waits for a line on stdin before it publishes ``n`` ticks."""
     env = {**os.environ, "PYTHONPATH": str(REPO)}
-    proc = subprocess.Popen([sys.executable, "-c", PUBLISHER, url, str(n), str(BATCH), "now", "wait"],
+    proc = subprocess.Popen([sys.executable, "-c", PUBLISHER, url, str(n), str(BATCH), "now", "wait", wire],
                             env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
     if proc.stdout.readline().strip() != "ready":
         proc.kill()
@@ -514,48 +519,60 @@ def waiting_publisher(url: str, n: int) -> subprocess.Popen:
     return proc
 
 
+B22 = {"read_ahead": 0, "ack_every": 1}
+"""b22cc61's flow: ask for the free slabs only, one ack per message (with every column sent)."""
+
+
 async def pipeline_table(url: str, server_pid: int, n: int, repeat: int) -> None:
     """The default pipeline: in-process ``ingest`` against ``NatsBridge`` fed from another
-    process, the stream (a) filled before and (b) filled while the pipeline consumes,
-    alternating; ticks/s, and CPU per 4096-tick message of this process and of nats-server."""
+    process, the stream (a) filled before and (b) filled while the pipeline consumes it, each
+    the way of b22cc61 (``B22``, every column sent, on a second server) and of now,
+    alternating; ticks/s, and CPU per 4096-tick message of this process, nats-server and the
+    publisher."""
     frame = trades_frame(n, seed=7)
     await in_process(trades_frame(BATCH * 4, seed=1))  # warm-up: numba caches, imports
     messages = n // BATCH
-    modes = [
-        ("in-process `ingest`", "local"),
-        ("JetStream, stream filled before, read_ahead=0 (b22cc61's flow: ask for free slabs only)", "pre0"),
-        ("JetStream, stream filled before (`NatsBridge` defaults)", "pre"),
-        ("JetStream, filled by the other process while consumed (`NatsBridge` defaults)", "live"),
-    ]
-    rates: dict[str, list[float]] = {m: [] for _, m in modes}
-    cpu: dict[str, list[tuple[float, float, float]]] = {m: [] for _, m in modes}
-    for r in range(repeat):
-        for _, mode in modes:
-            usage = Usage(server_pid)
-            pub_cpu = 0.0
-            if mode == "local":
-                wall = await in_process(frame, usage)
-            elif mode == "live":
-                proc = waiting_publisher(url, n)
-                wall = await through_bridge(url, f"bench-{mode}-{r}", n, usage, publisher=proc)
-                out, _ = proc.communicate(timeout=120)
-                pub_cpu = float(out.strip().splitlines()[-1].split()[1])
-            else:
-                wall = await through_bridge(url, f"bench-{mode}-{r}", n, usage,
-                                            **({"read_ahead": 0} if mode == "pre0" else {}))
-            rates[mode].append(n / wall)
-            cpu[mode].append((usage.ours, usage.server, pub_cpu))
+    with tempfile.TemporaryDirectory() as tmp, NatsServer(Path(tmp)) as before:
+        servers = {"full": (before.url, before.proc.pid), "compact": (url, server_pid)}
+        for wire, (u, pid) in servers.items():
+            publish_from_another_process(u, n, "now", pid, wire=wire)
+        modes = [
+            ("in-process `ingest`", "local", None, {}),
+            ("JetStream, filled before; b22cc61's flow (read_ahead=0, ack_every=1, NPB1)", "pre-b22", "full", B22),
+            ("JetStream, filled before; now (defaults, NPB2)", "pre-now", "compact", {}),
+            ("JetStream, filled while consumed; b22cc61's flow", "live-b22", "full", B22),
+            ("JetStream, filled while consumed; now", "live-now", "compact", {}),
+        ]
+        rates: dict[str, list[float]] = {m: [] for _, m, _, _ in modes}
+        cpu: dict[str, list[tuple[float, float, float]]] = {m: [] for _, m, _, _ in modes}
+        for r in range(repeat):
+            for _, mode, wire, options in modes:
+                pub_cpu = 0.0
+                if wire is None:
+                    usage = Usage(server_pid)
+                    wall = await in_process(frame, usage)
+                else:
+                    u, pid = servers[wire]
+                    usage = Usage(pid)
+                    proc = waiting_publisher(u, n, wire) if mode.startswith("live") else None
+                    wall = await through_bridge(u, f"bench-{mode}-{r}", n, usage, publisher=proc, **options)
+                    if proc is not None:
+                        out, _ = proc.communicate(timeout=120)
+                        pub_cpu = float(out.strip().splitlines()[-1].split()[1])
+                rates[mode].append(n / wall)
+                cpu[mode].append((usage.ours, usage.server, pub_cpu))
     ml = statistics.median(rates["local"])
     print(f"| default pipeline, {n:,} ticks, median of {repeat} alternating | ticks/s | ÷ in-process | "
           "CPU µs per 4096-tick message: this process | nats-server | publisher |")
     print("|---|---:|---:|---:|---:|---:|")
-    for label, mode in modes:
+    for label, mode, _, _ in modes:
         m = statistics.median(rates[mode])
         ours, server, pub = (statistics.median(c[i] for c in cpu[mode]) / messages * 1e6 for i in range(3))
         print(f"| {label} | {m:,.0f} | {m / ml:.3f} | {ours:,.0f} | {server:,.0f} | "
-              f"{f'{pub:,.0f}' if mode == 'live' else '-'} |")
-    print("\nper run (ticks/s): " + "; ".join(f"{mode} {[round(x) for x in rates[mode]]}" for _, mode in modes))
-    print("target: JetStream ÷ in-process >= 0.95\n")
+              f"{f'{pub:,.0f}' if mode.startswith('live') else '-'} |")
+    print("\nper run (ticks/s): " + "; ".join(f"{mode} {[round(x) for x in rates[mode]]}" for _, mode, _, _ in modes))
+    print("target: JetStream ÷ in-process >= 0.95 (the publisher's CPU is its process time while it "
+          "published, the server's includes the stream's deletion and ~1 warm-up batch in live runs)\n")
 
 
 def pct(xs: list[float], q: float) -> float:
@@ -623,8 +640,6 @@ async def measure(args: argparse.Namespace, server: NatsServer) -> None:
         await websocket_table(args.repeat)
 
     if "pipeline" in only:
-        if "transport" not in only:  # the stream the pipeline runs read, filled as there
-            publish_from_another_process(url, n, "now", server.proc.pid)
         await pipeline_table(url, server.proc.pid, n, args.repeat)
 
     if "bridge-hops" in only:

@@ -114,8 +114,9 @@ def _encoding(arr: np.ndarray) -> str | None:
     return None
 
 
-def encode_batch(columns: Mapping[str, np.ndarray], symbol: str) -> bytes:
-    """One message for rows of one symbol (tick column name → array, ``symbol_id`` ignored)."""
+def encode_batch(columns: Mapping[str, np.ndarray], symbol: str, *, compact: bool = True) -> bytes:
+    """One message for rows of one symbol (tick column name → array, ``symbol_id`` ignored).
+    ``compact=False``: every column in full, as ``NPB1`` (for consumers of an older version)."""
     names = [n for n in WIRE_COLUMNS if n in columns]
     if "ts_ns" not in names:
         raise WireError("encode_batch: the ts_ns column is required")
@@ -128,7 +129,7 @@ def encode_batch(columns: Mapping[str, np.ndarray], symbol: str) -> bytes:
         arr = np.ascontiguousarray(columns[name], dtype=_SPECS[name].dtype)
         if arr.shape != (n,):
             raise WireError(f"encode_batch: column {name!r} has shape {arr.shape}, expected ({n},)")
-        how = _encoding(arr) if name != "ts_ns" else None
+        how = _encoding(arr) if compact and name != "ts_ns" else None
         if how is None:
             entries.append([name, arr.dtype.str, arr.nbytes])
             buffers.append(arr)
@@ -139,7 +140,7 @@ def encode_batch(columns: Mapping[str, np.ndarray], symbol: str) -> bytes:
     first, last = (int(ids[0]), int(ids[-1])) if ids is not None and n else (-1, -1)
     header = orjson.dumps({"symbol": symbol, "length": n, "first_seq": first, "last_seq": last,
                            "columns": entries})
-    parts = [MAGIC, _LEN.pack(len(header)), header, b"\0" * _pad(8 + len(header))]
+    parts = [MAGIC if compact else _MAGIC_V1, _LEN.pack(len(header)), header, b"\0" * _pad(8 + len(header))]
     for arr in buffers:
         parts.append(arr.tobytes())
         parts.append(b"\0" * _pad(arr.nbytes))
