@@ -229,11 +229,16 @@ class _FetchFeed:
     def __init__(self, sub):
         self.sub = sub
 
-    async def get(self, want: int, timeout: float) -> list:
+    ready = 0  # nothing is read ahead: each read is a fetch
+
+    async def ask(self, target: int) -> None:
+        """148a742 asked for nothing ahead of a read."""
+
+    async def get(self, want: int, timeout: float, limit: int | None = None) -> list:
         import nats.errors
 
         try:
-            return await self.sub.fetch(want, timeout=timeout)
+            return await self.sub.fetch(min(want, limit or want), timeout=timeout)
         except (TimeoutError, nats.errors.TimeoutError):
             return []
 

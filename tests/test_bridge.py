@@ -308,6 +308,71 @@ def test_read_ahead_and_ack_every_out_of_range_are_refused():
         NatsBridge(pipe, ingest="ticks.>", durable="x", state=False, ack_every=0)
 
 
+class _Rows(Stage):
+    """Keeps the ts_ns and ts_recv_ns of every row it is given, in order."""
+
+    name = "rows"
+    reads = ("ts_ns", "ts_recv_ns")
+    writes = ()
+    streams = ("cpu",)
+
+    def __init__(self):
+        self.ts, self.recv = [], []
+
+    async def process(self, lease, stream, ctx):
+        self.ts += lease["ts_ns"].tolist()
+        self.recv += lease["ts_recv_ns"].tolist()
+
+
+async def _publish_parts(url, parts, order_by="ts_ns"):
+    nc = await nats.connect(url)
+    try:
+        js = nc.jetstream()
+        await ensure_stream(js, "TICKS", ["ticks.>"])
+        pub = TickPublisher(js, batch_size=1000, order_by=order_by)
+        for part in parts:
+            await pub.publish(part, SYMBOL)
+        await pub.flush()
+    finally:
+        await nc.close()
+
+
+async def test_ticks_that_go_back_in_time_across_messages_are_dropped_and_counted(nats_server):
+    frame = trades_frame(300, seed=8)
+    first = {k: v[:200] for k, v in frame.items()}
+    again = {k: v[100:300] for k, v in frame.items()}  # a second feed handler, 100 rows late
+    await _publish_parts(nats_server.url, [first, again])
+    rows = _Rows()
+    pipe = Pipeline([rows], batch_size=1000, slabs=4, execution="serial")
+    async with NatsBridge(pipe, servers=nats_server.url, ingest="ticks.>", durable="order",
+                          state=False) as bridge:
+        await bridge.wait_idle(0.3)
+        st = bridge.ingress.stats
+    ts = frame["ts_ns"]
+    back = int((ts[100:200] < ts[199]).sum())  # equal times are in order
+    assert st.rejected_out_of_order == back > 0
+    assert st.ticks + st.rejected_out_of_order == 400  # every tick accounted
+    assert rows.ts == sorted(rows.ts) and len(rows.ts) == 400 - back
+    assert st.acked == 2
+
+
+async def test_the_order_checked_is_the_clock_the_publisher_names(nats_server):
+    frame = trades_frame(200, seed=9)
+    ts = frame["ts_ns"].copy()
+    ts[50:60] -= 10**9  # exchange times that go back (a late trade), received in order
+    frame = {**frame, "ts_ns": ts, "ts_recv_ns": frame["ts_ns"] + 5}
+    await _publish_parts(nats_server.url, [frame], order_by="ts_recv_ns")
+    rows = _Rows()
+    pipe = Pipeline([rows], batch_size=1000, slabs=4, execution="serial")
+    async with NatsBridge(pipe, servers=nats_server.url, ingest="ticks.>", durable="recv",
+                          state=False) as bridge:
+        await bridge.wait_idle(0.3)
+        assert bridge.ingress.stats.rejected_out_of_order == 0
+    assert rows.ts == ts.tolist()  # all of them, in receive order
+    batch = decode_batch(encode_batch(frame, SYMBOL))  # the default clock, ts_ns
+    assert batch.order_by == "ts_ns"
+
+
 def test_max_ack_pending_below_what_the_pool_can_hold_is_refused():
     pipe = Pipeline([_Gate()], batch_size=50, slabs=4)
     from nautilus_pipeline.errors import ConfigError
@@ -331,11 +396,12 @@ async def test_a_killed_server_restarted_on_its_store_loses_no_acknowledged_mess
 
 
 async def test_a_bad_message_is_counted_and_not_redelivered(nats_server):
-    await _publish(nats_server.url, trades_frame(100, seed=1), batch_size=100)
+    frame = trades_frame(200, seed=1)
+    await _publish(nats_server.url, {k: v[:100] for k, v in frame.items()}, batch_size=100)
     nc = await nats.connect(nats_server.url)
     await nc.jetstream().publish("ticks.trades.BINANCE.BTCUSDT-PERP", b"not a batch")
     await nc.close()
-    await _publish(nats_server.url, trades_frame(100, seed=2), batch_size=100)
+    await _publish(nats_server.url, {k: v[100:] for k, v in frame.items()}, batch_size=100)
     gate = _Gate()
     gate.open.set()
     pipe = Pipeline([gate], batch_size=100, slabs=2, execution="serial")

@@ -11,7 +11,10 @@ slab is filled). Layout::
 The header holds ``symbol`` (the instrument's name: ``symbol_id`` is local to a process's
 symbol table, so it is not sent), ``length``, the columns as ``[name, dtype, nbytes]`` and
 ``first_seq``/``last_seq`` (the exchange's sequence, here the first and last ``trade_id``;
--1 when the venue gives none). Only tick columns travel; a missing one takes its default.
+-1 when the venue gives none) and ``order_by``, the clock the rows are in time order on
+(``ts_ns``, or ``ts_recv_ns`` for a live feed whose quotes carry no exchange time; the
+ingress checks that order, ``ts_ns`` when a header has none). Only tick columns travel; a
+missing one takes its default.
 
 Two columns of a batch are mostly redundant: a trade batch's ``kind`` is one value, and its
 ``trade_id`` counts up by one. A column whose values are all the same bits travels as that
@@ -44,6 +47,7 @@ from ..io.sinks import event_record
 MAGIC = b"NPB2"
 _MAGIC_V1 = b"NPB1"
 _CONST, _RANGE = "const", "range"
+ORDER_CLOCKS = ("ts_ns", "ts_recv_ns")
 _LEN = struct.Struct("<I")
 _SPECS = {c.name: c for c in TICK_COLUMNS}
 WIRE_COLUMNS: tuple[str, ...] = tuple(c.name for c in TICK_COLUMNS if c.name != "symbol_id")
@@ -71,6 +75,7 @@ class Batch:
     raw: dict[str, np.ndarray]
     constants: dict[str, np.ndarray] = field(default_factory=dict)
     ranges: dict[str, np.ndarray] = field(default_factory=dict)
+    order_by: str = "ts_ns"
 
     def __contains__(self, name: str) -> bool:
         return name in self.raw or name in self.constants or name in self.ranges
@@ -114,9 +119,13 @@ def _encoding(arr: np.ndarray) -> str | None:
     return None
 
 
-def encode_batch(columns: Mapping[str, np.ndarray], symbol: str, *, compact: bool = True) -> bytes:
-    """One message for rows of one symbol (tick column name → array, ``symbol_id`` ignored).
-    ``compact=False``: every column in full, as ``NPB1`` (for consumers of an older version)."""
+def encode_batch(columns: Mapping[str, np.ndarray], symbol: str, *, compact: bool = True,
+                 order_by: str = "ts_ns") -> bytes:
+    """One message for rows of one symbol (tick column name → array, ``symbol_id`` ignored),
+    in time order on ``order_by``. ``compact=False``: every column in full, as ``NPB1`` (for
+    consumers of an older version)."""
+    if order_by not in ORDER_CLOCKS:
+        raise WireError(f"encode_batch: order_by must be one of {ORDER_CLOCKS}, got {order_by!r}")
     names = [n for n in WIRE_COLUMNS if n in columns]
     if "ts_ns" not in names:
         raise WireError("encode_batch: the ts_ns column is required")
@@ -139,7 +148,7 @@ def encode_batch(columns: Mapping[str, np.ndarray], symbol: str, *, compact: boo
     ids = columns.get("trade_id")
     first, last = (int(ids[0]), int(ids[-1])) if ids is not None and n else (-1, -1)
     header = orjson.dumps({"symbol": symbol, "length": n, "first_seq": first, "last_seq": last,
-                           "columns": entries})
+                           "order_by": order_by, "columns": entries})
     parts = [MAGIC if compact else _MAGIC_V1, _LEN.pack(len(header)), header, b"\0" * _pad(8 + len(header))]
     for arr in buffers:
         parts.append(arr.tobytes())
@@ -170,8 +179,11 @@ def decode_batch(data: bytes) -> Batch:
         raise WireError(f"tick batch of {symbol!r}: header's columns unreadable: {exc}") from None
     if "ts_ns" not in raw:
         raise WireError(f"tick batch of {symbol!r} has no ts_ns column")
+    order_by = header.get("order_by", "ts_ns")
+    if order_by not in ORDER_CLOCKS:
+        raise WireError(f"tick batch of {symbol!r}: unknown order_by {order_by!r}")
     return Batch(symbol, n, int(header.get("first_seq", -1)), int(header.get("last_seq", -1)),
-                 raw, constants, ranges)
+                 raw, constants, ranges, order_by)
 
 
 def _columns(data: bytes, symbol: str, n: int, cols: Any, offset: int, v2: bool
