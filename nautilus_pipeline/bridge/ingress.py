@@ -9,26 +9,29 @@ request stays open across reads (:class:`~.pull.PullFeed`): a message is fed as 
 arrives, with no request, task or timer per read (the one-tick hop of
 ``scripts/bench_bridge.py``).
 
-Read-ahead and acknowledgements in groups (``scripts/bench_bridge.py``, default pipeline,
-stream filled before, 2M ticks, 2-core dev VM under load ~2-4, medians of 4-5 alternating;
-CPU per 4096-tick message). Asked for exactly its free slabs, the consumer made one request
-per message (241 requests for 244 messages), each freed slab a round trip from its next
-batch, and nats-server woke up for every request and every ack:
+Read-ahead and acknowledgements in groups. Asked for exactly its free slabs, the consumer
+made one pull request per message (241 for 244), each freed slab a round trip away from its
+next batch, and nats-server woke up for every request and every ack.
+``python scripts/profile_bridge.py`` (default pipeline, stream filled before, 2M ticks,
+2-core dev VM loaded by other jobs, two runs, medians of 5 alternating; CPU per 4096-tick
+message; ``docs/measurements/dev_profile_bridge_c96e753.txt``):
 
-    ===========================  ====================  ===============================
-    flow                         nats-server CPU, µs   this process, pipeline included
-    ===========================  ====================  ===============================
-    free slabs only (before)     287-348               3,794-3,807
-    read_ahead = slabs           246-287               3,799-3,834
-    + ack_every = 4              225-246               3,810
-    ===========================  ====================  ===============================
+    ===============================  ===============  ================  ===========================
+    flow                             a slab free and  nats-server CPU   this process (the pipeline
+                                     nothing to fill                    included; in-process 4,181-4,292)
+    ===============================  ===============  ================  ===========================
+    free slabs only (b22cc61)        30-32 % of time  389-430 µs        4,760-5,064 µs
+    read_ahead = slabs               4-5 %            328-369 µs        4,629-4,848 µs
+    + ack_every = 4 (the defaults)   3-4 %            287 µs            4,551-4,667 µs
+    ===============================  ===============  ================  ===========================
 
-Throughput moved within the noise of the loaded VM (±5 %); what these save is CPU that the
-pipeline's stages share two cores with. The saved messages (``read_ahead``, ≤ 8 x a
-message's size, ~1.1 MB at 4096 ticks) are plain bytes; a slab is filled from one when it
-is free (one copy, from the message's buffer into the slab). Acks go out ``ack_every`` at a
-time, and all at once whenever the consumer is about to wait for messages, so a slow or
-live stream is acknowledged as promptly as before.
+Throughput moved within the noise of the loaded VM (ratios to in-process 0.82-0.96 for
+every flow); what these save is CPU that the stages share two cores with. Decoding a
+message costs ~11 µs, its copy into a slab ~18 µs, its ack ~2 µs (same script). The
+messages read ahead (≤ 8 x a message's size, ~0.8 MB at 4096 ticks) are plain bytes; a slab
+is filled from one when it is free (one copy, from the message's buffer into the slab).
+Acks go out ``ack_every`` at a time, and all at once whenever the consumer is about to wait
+for messages, so a slow or live stream is acknowledged as promptly as before.
 
 Time order. The rows of a stream were checked where they were read (the file readers'
 checks under ``publish``, the websocket source's under ``publish --ws``), but not their order
@@ -69,7 +72,7 @@ from ..errors import ConfigError, PipelineError
 from ..events import TICK_COLUMNS
 from ..memory import Lease
 from ..pipeline import Pipeline
-from .pull import PullFeed, _set_none
+from .pull import PullFeed, set_none
 from .wire import Batch, WireError, decode_batch
 
 log = structlog.get_logger("nautilus_pipeline.bridge.ingress")
@@ -255,7 +258,7 @@ class Ingress:
     async def _wait_release(self, timeout: float) -> None:
         """Until a lease is released or ``timeout`` s (a future and a timer, not a task)."""
         wake = self._wake = self._loop.create_future()
-        timer = self._loop.call_later(timeout, _set_none, wake)
+        timer = self._loop.call_later(timeout, set_none, wake)
         try:
             await wake
         finally:
@@ -274,7 +277,7 @@ class Ingress:
         if pending.left == 0 and self.ack_on_release:
             self._done.append(pending)
         if self._wake is not None:
-            _set_none(self._wake)
+            set_none(self._wake)
 
     async def _ack_done(self) -> None:
         done, self._done = self._done, []

@@ -111,7 +111,7 @@ class PullFeed:
                     else:  # a limit of the consumer's: do not ask again at once
                         self._not_before = time.monotonic() + _RETRY_AFTER_REFUSAL_S
         if self._wake is not None:
-            _set_none(self._wake)
+            set_none(self._wake)
 
     async def _request(self, batch: int) -> None:
         self.requests += 1
@@ -176,7 +176,7 @@ class PullFeed:
         """Until the next delivery or status, or ``timeout`` s (a timer, not a task per wait)."""
         loop = asyncio.get_running_loop()
         wake = self._wake = loop.create_future()
-        timer = loop.call_later(timeout, _set_none, wake)
+        timer = loop.call_later(timeout, set_none, wake)
         try:
             await wake
         finally:
@@ -184,6 +184,7 @@ class PullFeed:
             self._wake = None
 
 
-def _set_none(fut: asyncio.Future) -> None:
+def set_none(fut: asyncio.Future) -> None:
+    """Resolve a wake-up future unless it is done (a timer and a delivery may both fire)."""
     if not fut.done():
         fut.set_result(None)
