@@ -13,21 +13,25 @@ Starts its own ``nats-server -js`` (temporary store, free port) and measures, in
    by websockets and by picows alone and under ``BinanceWebsocketFeed`` (parsing, gap checks,
    micro-batching): frames/s, alternating;
 4. **pipeline**: the default pipeline fed (a) in-process by ``Pipeline.ingest`` of the
-   batches and (b) through ``NatsBridge`` from the stream another process filled, each run
-   ending when the last tick is through the last stage; alternating a/b ``--repeat`` times;
-   ticks/s and the ratio b/a (medians);
+   batches and (b) through ``NatsBridge`` from a stream another process filled before, or
+   (c) fills while the pipeline consumes it (told to start once the bridge is connected),
+   (b) and (c) both with b22cc61's flow (no read-ahead, an ack per message, every column
+   sent, on a second server) and now's; each run ending when the last tick is through the
+   last stage; alternating ``--repeat`` times; ticks/s, the ratio to (a) (medians), and CPU
+   per message of this process, nats-server and the publisher;
 5. **hop through the bridge**: publish a 1-tick batch → the ingress hands it to the default
    pipeline, 148a742's ``fetch`` reading and now's ``PullFeed``, alternating.
 
 picows rows appear when picows is installed (the ``live`` extra).
 
-Run: ``python scripts/bench_bridge.py [--ticks N] [--repeat R] [--hops H]``.
+Run: ``python scripts/bench_bridge.py [--ticks N] [--repeat R] [--hops H] [--only TABLE...]``.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import os
 import statistics
 import subprocess
@@ -50,6 +54,7 @@ from nautilus_pipeline.testing import trades_frame  # noqa: E402
 
 SYMBOL = "BTCUSDT-PERP"
 BATCH = 4096
+SECTIONS = ("transport", "hops", "websocket", "pipeline", "bridge-hops")
 
 PUBLISHER = """
 import asyncio, collections, hashlib, sys, time
@@ -75,7 +80,7 @@ class Before(TickPublisher):
 
     async def _send(self, subj, part, symbol):
         from nautilus_pipeline.bridge.wire import encode_batch
-        data = encode_batch(part, symbol)
+        data = encode_batch(part, symbol, compact=False)  # 148a742's wire: every column in full
         digest = hashlib.blake2b(data, digest_size=12).hexdigest()
         msg_id = f"{subj}:{int(part['ts_ns'][0])}:{len(part['ts_ns'])}:{digest}"
         while len(self._inflight) >= self.max_in_flight:
@@ -83,12 +88,12 @@ class Before(TickPublisher):
         self._inflight.append(await self.js.publish_async(subj, data, headers={"Nats-Msg-Id": msg_id}))
         self.messages += 1
 
-async def main(url, n, batch, mode):
+async def main(url, n, batch, mode, wait="go", wire="compact"):
     frame = trades_frame(int(n), seed=7)
     nc = await nats.connect(url)
     js = nc.jetstream()
     pub = (Before(js, batch_size=int(batch), max_in_flight=64) if mode == "before"
-           else TickPublisher(js, batch_size=int(batch)))
+           else TickPublisher(js, batch_size=int(batch), compact=wire == "compact"))
     # warm-up outside the timing (the client's first publish compiles its header regex and
     # subscribes its ack inbox; numpy's first calls import), into the stream deleted next
     await ensure_stream(js, "TICKS", ["ticks.>"])
@@ -98,6 +103,9 @@ async def main(url, n, batch, mode):
     await js.delete_stream("TICKS")
     await ensure_stream(js, "TICKS", ["ticks.>"])
     pub.messages = 0
+    if wait == "wait":  # concurrent runs: the consumer says when
+        print("ready", flush=True)
+        sys.stdin.readline()
     t0, c0 = time.perf_counter(), time.process_time()
     await pub.publish(frame, "BTCUSDT-PERP")
     await pub.flush()
@@ -118,12 +126,14 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-def publish_from_another_process(url: str, n: int, mode: str = "now", server_pid: int | None = None) -> float:
+def publish_from_another_process(url: str, n: int, mode: str = "now", server_pid: int | None = None,
+                                 wire: str = "compact") -> float:
     """Fill the TICKS stream (made anew) from a child process; returns its publish wall time (s)
-    and records its CPU time and the server's in ``CPU[mode]``."""
+    and records its CPU time and the server's in ``CPU[mode]``. ``wire="full"``: every column
+    in full (NPB1, b22cc61's messages)."""
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     s0 = cpu_seconds(server_pid) if server_pid else 0.0
-    out = subprocess.run([sys.executable, "-c", PUBLISHER, url, str(n), str(BATCH), mode], env=env,
+    out = subprocess.run([sys.executable, "-c", PUBLISHER, url, str(n), str(BATCH), mode, "go", wire], env=env,
                          check=True, capture_output=True, text=True).stdout
     server_cpu = cpu_seconds(server_pid) - s0 if server_pid else float("nan")  # warm-up included: ~1 batch
     wall, cpu = map(float, out.strip().splitlines()[-1].split())
@@ -219,11 +229,16 @@ class _FetchFeed:
     def __init__(self, sub):
         self.sub = sub
 
-    async def get(self, want: int, timeout: float) -> list:
+    ready = 0  # nothing is read ahead: each read is a fetch
+
+    async def ask(self, target: int) -> None:
+        """148a742 asked for nothing ahead of a read."""
+
+    async def get(self, want: int, timeout: float, limit: int | None = None) -> list:
         import nats.errors
 
         try:
-            return await self.sub.fetch(want, timeout=timeout)
+            return await self.sub.fetch(min(want, limit or want), timeout=timeout)
         except (TimeoutError, nats.errors.TimeoutError):
             return []
 
@@ -429,29 +444,140 @@ def default_pipeline():
     return Run("default", outputs=False, pipeline_settings={"batch_size": BATCH}).pipeline
 
 
-async def in_process(frame: dict) -> float:
-    pipe = default_pipeline()
-    async with pipe:
-        t0 = time.perf_counter()
-        await pipe.ingest(frame, symbol=SYMBOL)
-        await pipe.drain()
-        wall = time.perf_counter() - t0
-    return wall
+class Usage:
+    """CPU seconds of this process and of nats-server over one run (Linux /proc, 10 ms ticks)."""
+
+    def __init__(self, server_pid: int):
+        self.server_pid = server_pid
+        self.ours = self.server = 0.0
+
+    def __enter__(self) -> Usage:
+        self._c0, self._s0 = time.process_time(), cpu_seconds(self.server_pid)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.ours = time.process_time() - self._c0
+        self.server = cpu_seconds(self.server_pid) - self._s0
 
 
-async def through_bridge(url: str, durable: str, n: int) -> float:
+async def in_process(frame: dict, usage: Usage | None = None) -> float:
     pipe = default_pipeline()
     async with pipe:
-        bridge = NatsBridge(pipe, servers=url, ingest="ticks.>", durable=durable, state=False,
-                            fetch_timeout=0.05)
-        t0 = time.perf_counter()
-        async with bridge:
-            while True:  # the last tick through the last stage
-                if pipe.tick_flow().ticks_out >= n:
-                    break
-                await asyncio.sleep(0.001)
+        with usage or contextlib.nullcontext():
+            t0 = time.perf_counter()
+            await pipe.ingest(frame, symbol=SYMBOL)
+            await pipe.drain()
             wall = time.perf_counter() - t0
     return wall
+
+
+def _count_handoffs(pipe, n: int) -> asyncio.Event:
+    """An event set once ``n`` ticks have been handed to the pipeline (the end of a bridged
+    run is then one ``drain``, as in-process, instead of a polling loop on the same loop)."""
+    done = asyncio.Event()
+    handoff = pipe.publish_batch
+    seen = [0]
+
+    async def counted(lease, holder="source"):
+        seen[0] += lease.length
+        await handoff(lease, holder)
+        if seen[0] >= n:
+            done.set()
+
+    pipe.publish_batch = counted
+    return done
+
+
+async def through_bridge(url: str, durable: str, n: int, usage: Usage | None = None,
+                         publisher: subprocess.Popen | None = None, **options) -> float:
+    """The default pipeline fed by ``NatsBridge`` until ``n`` ticks are through the last stage.
+    ``publisher``: a publishing process waiting for a line on its stdin, told to start once
+    the bridge is connected (the stream is then filled while the pipeline consumes it);
+    without it the stream was filled before."""
+    pipe = default_pipeline()
+    async with pipe:
+        handed = _count_handoffs(pipe, n)
+        bridge = NatsBridge(pipe, servers=url, ingest="ticks.>", durable=durable, state=False,
+                            fetch_timeout=0.05, **options)
+        with usage or contextlib.nullcontext():
+            t0 = time.perf_counter()
+            async with bridge:
+                if publisher is not None:
+                    publisher.stdin.write("go\n")
+                    publisher.stdin.flush()
+                await handed.wait()
+                await pipe.drain()
+                wall = time.perf_counter() - t0
+                assert pipe.tick_flow().ticks_out == n, pipe.tick_flow()
+    return wall
+
+
+def waiting_publisher(url: str, n: int, wire: str = "compact") -> subprocess.Popen:
+    """A publishing process (the one of ``publish_from_another_process``) that has made the
+    TICKS stream anew and waits for a line on stdin before it publishes ``n`` ticks."""
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    proc = subprocess.Popen([sys.executable, "-c", PUBLISHER, url, str(n), str(BATCH), "now", "wait", wire],
+                            env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    if proc.stdout.readline().strip() != "ready":
+        proc.kill()
+        raise RuntimeError("the publishing process did not start")
+    return proc
+
+
+B22 = {"read_ahead": 0, "ack_every": 1}
+"""b22cc61's flow: ask for the free slabs only, one ack per message (with every column sent)."""
+
+
+async def pipeline_table(url: str, server_pid: int, n: int, repeat: int) -> None:
+    """The default pipeline: in-process ``ingest`` against ``NatsBridge`` fed from another
+    process, the stream (a) filled before and (b) filled while the pipeline consumes it, each
+    the way of b22cc61 (``B22``, every column sent, on a second server) and of now,
+    alternating; ticks/s, and CPU per 4096-tick message of this process, nats-server and the
+    publisher."""
+    frame = trades_frame(n, seed=7)
+    await in_process(trades_frame(BATCH * 4, seed=1))  # warm-up: numba caches, imports
+    messages = n // BATCH
+    with tempfile.TemporaryDirectory() as tmp, NatsServer(Path(tmp)) as before:
+        servers = {"full": (before.url, before.proc.pid), "compact": (url, server_pid)}
+        for wire, (u, pid) in servers.items():
+            publish_from_another_process(u, n, "now", pid, wire=wire)
+        modes = [
+            ("in-process `ingest`", "local", None, {}),
+            ("JetStream, filled before; b22cc61's flow (read_ahead=0, ack_every=1, NPB1)", "pre-b22", "full", B22),
+            ("JetStream, filled before; now (defaults, NPB2)", "pre-now", "compact", {}),
+            ("JetStream, filled while consumed; b22cc61's flow", "live-b22", "full", B22),
+            ("JetStream, filled while consumed; now", "live-now", "compact", {}),
+        ]
+        rates: dict[str, list[float]] = {m: [] for _, m, _, _ in modes}
+        cpu: dict[str, list[tuple[float, float, float]]] = {m: [] for _, m, _, _ in modes}
+        for r in range(repeat):
+            for _, mode, wire, options in modes:
+                pub_cpu = 0.0
+                if wire is None:
+                    usage = Usage(server_pid)
+                    wall = await in_process(frame, usage)
+                else:
+                    u, pid = servers[wire]
+                    usage = Usage(pid)
+                    proc = waiting_publisher(u, n, wire) if mode.startswith("live") else None
+                    wall = await through_bridge(u, f"bench-{mode}-{r}", n, usage, publisher=proc, **options)
+                    if proc is not None:
+                        out, _ = proc.communicate(timeout=120)
+                        pub_cpu = float(out.strip().splitlines()[-1].split()[1])
+                rates[mode].append(n / wall)
+                cpu[mode].append((usage.ours, usage.server, pub_cpu))
+    ml = statistics.median(rates["local"])
+    print(f"| default pipeline, {n:,} ticks, median of {repeat} alternating | ticks/s | ÷ in-process | "
+          "CPU µs per 4096-tick message: this process | nats-server | publisher |")
+    print("|---|---:|---:|---:|---:|---:|")
+    for label, mode, _, _ in modes:
+        m = statistics.median(rates[mode])
+        ours, server, pub = (statistics.median(c[i] for c in cpu[mode]) / messages * 1e6 for i in range(3))
+        print(f"| {label} | {m:,.0f} | {m / ml:.3f} | {ours:,.0f} | {server:,.0f} | "
+              f"{f'{pub:,.0f}' if mode.startswith('live') else '-'} |")
+    print("\nper run (ticks/s): " + "; ".join(f"{mode} {[round(x) for x in rates[mode]]}" for _, mode, _, _ in modes))
+    print("target: JetStream ÷ in-process >= 0.95 (the publisher's CPU is its process time while it "
+          "published, the server's includes the stream's deletion and ~1 warm-up batch in live runs)\n")
 
 
 def pct(xs: list[float], q: float) -> float:
@@ -470,12 +596,13 @@ async def main(args: argparse.Namespace) -> None:
 async def measure(args: argparse.Namespace, server: NatsServer) -> None:
     n = args.ticks // BATCH * BATCH
     messages = n // BATCH
-    if True:
-        url = server.url
-        print(f"machine: {describe()}")
-        print(f"nats-server: {server_version()}, nats-py {nats_version()}; {n:,} ticks in {messages} "
-              f"batches of {BATCH}\n")
+    only = set(args.only or SECTIONS)
+    url = server.url
+    print(f"machine: {describe()}")
+    print(f"nats-server: {server_version()}, nats-py {nats_version()}; {n:,} ticks in {messages} "
+          f"batches of {BATCH}\n")
 
+    if "transport" in only:
         pub: dict[str, list[float]] = {"before": [], "now": []}
         con: dict[str, list[float]] = {"before": [], "now": []}
         for r in range(args.repeat):  # alternating: 148a742's paths, then this commit's
@@ -500,6 +627,7 @@ async def measure(args: argparse.Namespace, server: NatsServer) -> None:
               f"vs {per['now'][1]:.0f} µs (its CPU includes the deletion of the last stream and ~1 "
               "warm-up batch)\n")
 
+    if "hops" in only:
         hops: dict[str, list[float]] = {"before": [], "now": []}
         chunk = max(args.hops // 4, 1)
         for _ in range(4):  # alternating chunks
@@ -513,22 +641,13 @@ async def measure(args: argparse.Namespace, server: NatsServer) -> None:
         print(f"| now: the ingress's open pull request (PullFeed) | {pct(hops['now'], 50):.1f} | "
               f"{pct(hops['now'], 99):.1f} |\n")
 
+    if "websocket" in only:
         await websocket_table(args.repeat)
 
-        frame = trades_frame(n, seed=7)
-        await in_process(trades_frame(BATCH * 4, seed=1))  # warm-up: numba caches, imports
-        local, bridged = [], []
-        for r in range(args.repeat):
-            local.append(n / await in_process(frame))
-            bridged.append(n / await through_bridge(url, f"bench{r}", n))
-        ml, mb = statistics.median(local), statistics.median(bridged)
-        print(f"| default pipeline, {n:,} ticks, median of {args.repeat} alternating | ticks/s |")
-        print("|---|---:|")
-        print(f"| in-process `ingest` | {ml:,.0f} |")
-        print(f"| through JetStream (`NatsBridge`, filled by another process) | {mb:,.0f} |")
-        print(f"| ratio (target >= 0.95) | {mb / ml:.3f} |")
-        print(f"\nper run: in-process {[round(x) for x in local]}, bridge {[round(x) for x in bridged]}\n")
+    if "pipeline" in only:
+        await pipeline_table(url, server.proc.pid, n, args.repeat)
 
+    if "bridge-hops" in only:
         b148: list[float] = []
         bnow: list[float] = []
         for _ in range(2):  # alternating
@@ -560,6 +679,7 @@ if __name__ == "__main__":
     ap.add_argument("--ticks", type=int, default=1_000_000)
     ap.add_argument("--repeat", type=int, default=3)
     ap.add_argument("--hops", type=int, default=2000)
+    ap.add_argument("--only", nargs="+", choices=SECTIONS, help="run only these tables (default: all)")
     configure_logging(level="warning")
     a = ap.parse_args()
     with asyncio.Runner(loop_factory=loop_factory()) as runner:

@@ -98,6 +98,42 @@ def test_a_batch_survives_the_wire_column_for_column():
         assert col.dtype == next(c.dtype for c in TICK_COLUMNS if c.name == name)
 
 
+def test_a_constant_column_and_a_counting_id_travel_as_one_value_and_decode_exactly():
+    frame = trades_frame(4096, seed=3)
+    frame["bid"] = np.full(4096, np.nan)  # a constant float column, NaN: compared bit for bit
+    data = encode_batch(frame, SYMBOL)
+    batch = decode_batch(data)
+    assert set(batch.constants) == {"kind", "bid"} and set(batch.ranges) == {"trade_id"}
+    assert len(data) < 4096 * 25 + 512  # ts_ns, price, size (8 bytes each) and side (1) in full
+    full = batch.columns
+    for name in ("kind", "bid", "trade_id", "price"):
+        assert full[name].tobytes() == np.asarray(frame[name], dtype=full[name].dtype).tobytes()
+    for name in ("kind", "trade_id", "price"):  # a message cut into batches: rows 1000:1500
+        out = np.empty(500, dtype=full[name].dtype)
+        batch.copy_into(name, out, 1000)
+        np.testing.assert_array_equal(out, full[name][1000:1500])
+
+
+def test_ids_with_a_gap_and_varying_kinds_travel_in_full():
+    frame = trades_frame(100, seed=4)
+    frame["trade_id"] = frame["trade_id"].copy()
+    frame["trade_id"][50:] += 7  # a gap: not first + 0, 1, 2, ...
+    frame["kind"] = (np.arange(100) % 2).astype(np.uint8)
+    batch = decode_batch(encode_batch(frame, SYMBOL))
+    assert not batch.constants and not batch.ranges
+    np.testing.assert_array_equal(batch.columns["trade_id"], frame["trade_id"])
+
+
+def test_a_batch_of_the_first_wire_version_still_decodes_and_can_still_be_written():
+    frame = trades_frame(10, seed=5)
+    full = encode_batch(frame, SYMBOL, compact=False)  # for consumers of an older version
+    assert full[:4] == b"NPB1" and len(full) > len(encode_batch(frame, SYMBOL))
+    batch = decode_batch(full)
+    assert not batch.constants and not batch.ranges
+    for name, col in batch.columns.items():
+        np.testing.assert_array_equal(col, frame[name])
+
+
 def test_a_damaged_batch_is_refused_saying_what_is_wrong():
     data = encode_batch(trades_frame(10), SYMBOL)
     with pytest.raises(WireError, match="not a tick batch"):
@@ -234,6 +270,109 @@ async def test_a_slow_pipeline_is_bounded_by_max_ack_pending_and_the_pool(nats_s
     assert 0 < max(seen_pending) <= 6
 
 
+async def test_the_consumer_reads_ahead_of_the_free_slabs_within_read_ahead(nats_server):
+    await _publish(nats_server.url, trades_frame(4000, seed=5), batch_size=50)  # 80 messages
+    gate = _Gate(delay_s=0.002)
+    pipe = Pipeline([gate], batch_size=50, slabs=3, execution="serial")
+    held = []
+    async with NatsBridge(pipe, servers=nats_server.url, ingest="ticks.>", durable="ahead",
+                          state=False, read_ahead=4) as bridge:
+        feed = bridge._feed
+        while bridge.ingress.stats.messages < 80:
+            held.append(pipe.pool.in_use + feed.ready + feed._credit)
+            await asyncio.sleep(0.001)
+        await bridge.wait_idle(0.3)
+        requests = feed.requests
+    assert gate.rows == 4000
+    assert max(held) <= 3 + 4  # the slabs, and what was asked for ahead of them
+    assert max(held) > 3  # messages did wait for slabs, not slabs for messages
+    assert requests <= 80 // 2  # a request asks for several messages, not one per freed slab
+
+
+async def test_acks_sent_in_groups_all_reach_the_server_when_the_stream_is_done(nats_server):
+    await _publish(nats_server.url, trades_frame(1900, seed=6), batch_size=100)  # 19 messages
+    pipe = Pipeline([_Gate(delay_s=0.001)], batch_size=100, slabs=4, execution="serial")
+    async with NatsBridge(pipe, servers=nats_server.url, ingest="ticks.>", durable="groups",
+                          state=False, ack_every=8) as bridge:
+        await bridge.wait_idle(0.3)
+        await bridge.nc.flush()
+        assert bridge.ingress.stats.acked == 19  # 8 + 8, then the last 3 once nothing is left
+        assert await _ack_pending(bridge.js, "groups") == 0
+
+
+def test_read_ahead_and_ack_every_out_of_range_are_refused():
+    pipe = Pipeline([_Gate()], batch_size=50, slabs=4)
+    with pytest.raises(ConfigError, match="read_ahead must be >= 0"):
+        NatsBridge(pipe, ingest="ticks.>", durable="x", state=False, read_ahead=-1)
+    with pytest.raises(ConfigError, match="ack_every must be >= 1"):
+        NatsBridge(pipe, ingest="ticks.>", durable="x", state=False, ack_every=0)
+
+
+class _Rows(Stage):
+    """Keeps the ts_ns and ts_recv_ns of every row it is given, in order."""
+
+    name = "rows"
+    reads = ("ts_ns", "ts_recv_ns")
+    writes = ()
+    streams = ("cpu",)
+
+    def __init__(self):
+        self.ts, self.recv = [], []
+
+    async def process(self, lease, stream, ctx):
+        self.ts += lease["ts_ns"].tolist()
+        self.recv += lease["ts_recv_ns"].tolist()
+
+
+async def _publish_parts(url, parts, order_by="ts_ns"):
+    nc = await nats.connect(url)
+    try:
+        js = nc.jetstream()
+        await ensure_stream(js, "TICKS", ["ticks.>"])
+        pub = TickPublisher(js, batch_size=1000, order_by=order_by)
+        for part in parts:
+            await pub.publish(part, SYMBOL)
+        await pub.flush()
+    finally:
+        await nc.close()
+
+
+async def test_ticks_that_go_back_in_time_across_messages_are_dropped_and_counted(nats_server):
+    frame = trades_frame(300, seed=8)
+    first = {k: v[:200] for k, v in frame.items()}
+    again = {k: v[100:300] for k, v in frame.items()}  # a second feed handler, 100 rows late
+    await _publish_parts(nats_server.url, [first, again])
+    rows = _Rows()
+    pipe = Pipeline([rows], batch_size=1000, slabs=4, execution="serial")
+    async with NatsBridge(pipe, servers=nats_server.url, ingest="ticks.>", durable="order",
+                          state=False) as bridge:
+        await bridge.wait_idle(0.3)
+        st = bridge.ingress.stats
+    ts = frame["ts_ns"]
+    back = int((ts[100:200] < ts[199]).sum())  # equal times are in order
+    assert st.rejected_out_of_order == back > 0
+    assert st.ticks + st.rejected_out_of_order == 400  # every tick accounted
+    assert rows.ts == sorted(rows.ts) and len(rows.ts) == 400 - back
+    assert st.acked == 2
+
+
+async def test_the_order_checked_is_the_clock_the_publisher_names(nats_server):
+    frame = trades_frame(200, seed=9)
+    ts = frame["ts_ns"].copy()
+    ts[50:60] -= 10**9  # exchange times that go back (a late trade), received in order
+    frame = {**frame, "ts_ns": ts, "ts_recv_ns": frame["ts_ns"] + 5}
+    await _publish_parts(nats_server.url, [frame], order_by="ts_recv_ns")
+    rows = _Rows()
+    pipe = Pipeline([rows], batch_size=1000, slabs=4, execution="serial")
+    async with NatsBridge(pipe, servers=nats_server.url, ingest="ticks.>", durable="recv",
+                          state=False) as bridge:
+        await bridge.wait_idle(0.3)
+        assert bridge.ingress.stats.rejected_out_of_order == 0
+    assert rows.ts == ts.tolist()  # all of them, in receive order
+    batch = decode_batch(encode_batch(frame, SYMBOL))  # the default clock, ts_ns
+    assert batch.order_by == "ts_ns"
+
+
 def test_max_ack_pending_below_what_the_pool_can_hold_is_refused():
     pipe = Pipeline([_Gate()], batch_size=50, slabs=4)
     from nautilus_pipeline.errors import ConfigError
@@ -257,11 +396,12 @@ async def test_a_killed_server_restarted_on_its_store_loses_no_acknowledged_mess
 
 
 async def test_a_bad_message_is_counted_and_not_redelivered(nats_server):
-    await _publish(nats_server.url, trades_frame(100, seed=1), batch_size=100)
+    frame = trades_frame(200, seed=1)
+    await _publish(nats_server.url, {k: v[:100] for k, v in frame.items()}, batch_size=100)
     nc = await nats.connect(nats_server.url)
     await nc.jetstream().publish("ticks.trades.BINANCE.BTCUSDT-PERP", b"not a batch")
     await nc.close()
-    await _publish(nats_server.url, trades_frame(100, seed=2), batch_size=100)
+    await _publish(nats_server.url, {k: v[100:] for k, v in frame.items()}, batch_size=100)
     gate = _Gate()
     gate.open.set()
     pipe = Pipeline([gate], batch_size=100, slabs=2, execution="serial")

@@ -57,6 +57,36 @@ async def test_one_message_is_handed_over_while_the_request_for_more_stays_open(
         await nc.close()
 
 
+async def test_ask_requests_ahead_at_the_half_mark_and_get_takes_no_more_than_its_limit(nats_server):
+    nc = await nats.connect(nats_server.url)
+    try:
+        js = nc.jetstream()
+        feed = await _feed(nc, "ahead", expires_s=30.0)
+        for i in range(10):
+            await js.publish(SUBJECT, b"%d" % i)
+        await feed.ask(6)  # nothing here, no request open: ask for 6
+        assert (feed.requests, feed._credit) == (1, 6)
+        got = []
+        while len(got) < 2:
+            got += await feed.get(6, timeout=5.0, limit=2 - len(got))
+        for _ in range(1000):  # the other 4 of the request arrive and wait
+            if feed.ready == 4:
+                break
+            await feed._wait(0.01)
+        assert [m.data for m in got] == [b"0", b"1"] and feed.ready == 4
+        await feed.ask(6)  # 4 waiting, more than half of 6: no request
+        assert feed.requests == 1
+        got = await feed.get(6, timeout=5.0, limit=2)
+        assert [m.data for m in got] == [b"2", b"3"] and feed.ready == 2
+        await feed.ask(6)  # 2 waiting, half or less: ask for the 4 missing
+        assert (feed.requests, feed._credit) == (2, 4)
+        for m in got:
+            await m.ack()
+        await feed.close()
+    finally:
+        await nc.close()
+
+
 async def test_deliveries_not_taken_are_nakked_at_close_and_redelivered_at_once(nats_server):
     nc = await nats.connect(nats_server.url)
     try:

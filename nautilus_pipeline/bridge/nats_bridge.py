@@ -20,6 +20,11 @@ Exported events carry ``Nats-Msg-Id = <instance>:<topic>:<n>``, the instance bei
 durable name (else the pipeline's): two consumers of one definition on different streams
 must not de-duplicate each other's events.
 
+The consumer holds up to ``read_ahead`` messages beyond the pool's free slabs (default: the
+pool's slab count) and acknowledges ``ack_every`` messages at a time, all of them whenever it
+waits for more (:mod:`~.ingress` has the measurements); ``max_ack_pending`` defaults to what
+that holds at most.
+
 State is kept when a durable name is given and the pipeline can snapshot itself
 (``Pipeline.snapshot``/``restore``); ``state=False`` turns it off (acks then follow the
 leases only, and a crash replays from the consumer's ack floor into a fresh pipeline).
@@ -99,6 +104,8 @@ class NatsBridge:
         max_in_flight: int = 256,
         overflow: str | None = None,
         fetch_timeout: float = 0.25,
+        read_ahead: int | None = None,
+        ack_every: int = 4,
         duplicate_window_s: float = 600.0,
         connect_options: dict[str, Any] | None = None,
         on_restore: Callable[[SavedState | None], None] | None = None,
@@ -129,11 +136,17 @@ class NatsBridge:
         if max_ack_pending is not None and max_ack_pending < needed:
             raise ConfigError(f"max_ack_pending={max_ack_pending} would stall the consumer: it must "
                               f"be >= {needed} (snapshot_every + 2 x the pool's {slabs} slabs)")
-        self.max_ack_pending = max_ack_pending or needed
         self.ack_wait_s = ack_wait_s
         self.max_in_flight = max_in_flight
         self.overflow = overflow
         self.fetch_timeout = fetch_timeout
+        if read_ahead is not None and read_ahead < 0:
+            raise ConfigError(f"read_ahead must be >= 0, got {read_ahead}")
+        self.read_ahead = slabs if read_ahead is None else read_ahead
+        if ack_every < 1:
+            raise ConfigError(f"ack_every must be >= 1, got {ack_every}")
+        self.ack_every = ack_every
+        self.max_ack_pending = max_ack_pending or needed + self.read_ahead + ack_every
         self.duplicate_window_s = duplicate_window_s
         self.connect_options = dict(connect_options or {})
         self.on_restore = on_restore
@@ -203,7 +216,8 @@ class NatsBridge:
             self._feed = await self._consumer(covered)
             self.ingress = Ingress(
                 self.pipe, self._feed, ack_on_release=not self.state, covered_seq=covered,
-                fetch_timeout=self.fetch_timeout, on_idle=self._on_idle,
+                fetch_timeout=self.fetch_timeout, read_ahead=self.read_ahead, ack_every=self.ack_every,
+                on_idle=self._on_idle,
                 after_message=self._after_message if self.state else None,
             )
             self._task = asyncio.get_running_loop().create_task(

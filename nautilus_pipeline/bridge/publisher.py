@@ -65,8 +65,12 @@ class TickPublisher:
     """Publish tick columns as batches of ``batch_size`` rows, at most ``max_in_flight`` unacked."""
 
     def __init__(self, js: Any, *, venue: str = "BINANCE", batch_size: int = 4096,
-                 max_in_flight: int = 256):
+                 max_in_flight: int = 256, compact: bool = True, order_by: str = "ts_ns"):
         self.js = js
+        self.compact = compact
+        """False: every column in full (wire ``NPB1``), for consumers of an older version."""
+        self.order_by = order_by
+        """The clock the rows are in time order on (``ts_recv_ns`` for a live websocket feed)."""
         self.venue = venue
         self.batch_size = batch_size
         self.max_in_flight = max_in_flight
@@ -98,7 +102,7 @@ class TickPublisher:
         return sent
 
     async def _send(self, subj: str, part: Mapping[str, np.ndarray], symbol: str) -> None:
-        data = encode_batch(part, symbol)
+        data = encode_batch(part, symbol, compact=self.compact, order_by=self.order_by)
         ts = part["ts_ns"]
         msg_id = f"{subj}:{int(ts[0])}:{int(ts[-1])}:{len(ts)}:{zlib.crc32(data):08x}"
         while len(self._inflight) >= self.max_in_flight:

@@ -111,7 +111,7 @@ class PullFeed:
                     else:  # a limit of the consumer's: do not ask again at once
                         self._not_before = time.monotonic() + _RETRY_AFTER_REFUSAL_S
         if self._wake is not None:
-            _set_none(self._wake)
+            set_none(self._wake)
 
     async def _request(self, batch: int) -> None:
         self.requests += 1
@@ -121,9 +121,30 @@ class PullFeed:
         body = orjson.dumps({"batch": batch, "expires": int(self.expires_s * 1e9)})
         await self.nc.publish(self.api_subject, body, reply=self._current)
 
-    async def get(self, want: int, timeout: float) -> list[Any]:
-        """The messages that have arrived, waiting up to ``timeout`` s for the first; a pull
-        request for ``want`` is opened first when none is open. ``[]``: none came."""
+    @property
+    def ready(self) -> int:
+        """Messages delivered and not yet taken."""
+        return len(self._ready)
+
+    async def ask(self, target: int) -> None:
+        """Top up without waiting: when no request is open and fewer than half of ``target``
+        messages are delivered and not taken, request the rest (``target`` minus those).
+        The reader asks ahead of its need, so that what it takes next is already here
+        instead of a round trip away; half as the low mark makes the requests few and large."""
+        if self._gone is not None or target <= 0:
+            return
+        now = time.monotonic()
+        if self._credit > 0 and now > self._deadline:
+            log.info("pull_request_lost", consumer=self.consumer, credit=self._credit)
+            self._credit = 0
+        have = len(self._ready)
+        if self._credit == 0 and have <= target // 2 and now >= self._not_before:
+            await self._request(target - have)
+
+    async def get(self, want: int, timeout: float, limit: int | None = None) -> list[Any]:
+        """The messages that have arrived (at most ``limit``; the others stay for the next
+        read), waiting up to ``timeout`` s for the first; a pull request for ``want`` is
+        opened first when none is open. ``[]``: none came."""
         end = time.monotonic() + timeout
         while not self._ready:
             if self._gone is not None:
@@ -143,15 +164,19 @@ class PullFeed:
             if self._credit > 0:
                 left = min(left, max(self._deadline - now, 0.0) + 1e-3)
             await self._wait(left)
-        out = list(self._ready)
-        self._ready.clear()
+        ready = self._ready
+        if limit is None or limit >= len(ready):
+            out = list(ready)
+            ready.clear()
+        else:
+            out = [ready.popleft() for _ in range(max(limit, 0))]
         return out
 
     async def _wait(self, timeout: float) -> None:
         """Until the next delivery or status, or ``timeout`` s (a timer, not a task per wait)."""
         loop = asyncio.get_running_loop()
         wake = self._wake = loop.create_future()
-        timer = loop.call_later(timeout, _set_none, wake)
+        timer = loop.call_later(timeout, set_none, wake)
         try:
             await wake
         finally:
@@ -159,6 +184,7 @@ class PullFeed:
             self._wake = None
 
 
-def _set_none(fut: asyncio.Future) -> None:
+def set_none(fut: asyncio.Future) -> None:
+    """Resolve a wake-up future unless it is done (a timer and a delivery may both fire)."""
     if not fut.done():
         fut.set_result(None)
