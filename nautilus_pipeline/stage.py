@@ -412,7 +412,9 @@ class StageRunner:
                 or sub._queue or bus._refuse):
             return False
         subs = bus._routes.get(topic)
-        if subs is not self._sole_route:  # the routes were rebuilt (a subscription came or went)
+        if subs is None or subs is not self._sole_route:
+            # no cached route yet (the bus drops them all when a subscription comes or goes),
+            # or another one than last checked: look at who subscribes now
             if subs is None:
                 subs = bus._route(topic)
             if len(subs) != 1 or subs[0] is not sub:

@@ -368,3 +368,23 @@ async def test_process_now_does_a_live_batch_declines_to_process_or_hands_back_i
     assert t.ticks_in == 10 and t.ticks_out == 9 and t.ticks_failed == 1 and t.in_flight == 0
     assert letters and "boom at 6" in str(letters[0].payload)
     assert pipe.runners[0].stats()["batches"] == 9 and pipe.runners[0].metrics.failures == 1
+
+
+@pytest.mark.parametrize("where", ["ingress", "first stage's output"])
+async def test_a_tap_subscribed_after_start_sees_every_live_tick(sample_dir, where):
+    """A second subscriber of a stage's input topic turns the inline hand-off off for it:
+    the tap sees every batch (review finding: a route not cached since the tap subscribed
+    was taken for 'only this stage', and the tap got nothing)."""
+    data = btc_trades(sample_dir)
+    n = 200
+    capture = Capture(("ts_ns", *COLUMNS))
+    pipe = Pipeline([*chain(None), capture], batch_size=1, slabs=4, memory="host")
+    seen: list[int] = []
+    async with pipe:
+        topic = pipe.ingress_topic if where == "ingress" else pipe.runners[0].output_topic
+        pipe.bus.subscribe(topic, lambda e: seen.append(e.payload.length))
+        for tick in ticks_of(data, n):
+            await pipe.publish_tick(tick)
+        await pipe.drain()
+    assert sum(seen) == n
+    assert len(capture.result()["ts_ns"]) == n  # and the chain itself still got every tick
