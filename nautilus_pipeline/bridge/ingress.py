@@ -233,9 +233,11 @@ class Ingress:
         as ``run --ws``: a live consumer does not stop on them, and a message that made it
         stop would come back at every restart). The fast path, every row in order, costs a
         comparison of neighbours and copies nothing."""
-        if batch.length == 0 or batch.order_by not in batch.raw:
-            return batch  # no clock column, or one value (in order by itself) but for the first
-        clock = batch.raw[batch.order_by]
+        if batch.length == 0 or batch.order_by not in batch:
+            return batch  # no clock column
+        clock = batch.raw.get(batch.order_by)
+        if clock is None:  # it travelled as one value or a range (NPB2): checked all the same
+            clock = batch.columns[batch.order_by]
         key = (sid, batch.order_by)
         prev = self._last_clock.get(key)
         if (prev is None or clock[0] >= prev) and not (clock[1:] < clock[:-1]).any():
@@ -285,6 +287,11 @@ class Ingress:
             del self._open[pending.seq]
             await pending.msg.ack()
         self.stats.acked += len(done)
+
+    async def ack_drained(self) -> None:
+        """Acknowledge the messages whose batches finished after the ingress stopped (the
+        bridge's drain at close); without it a graceful stop left them for redelivery."""
+        await self._ack_done()
 
     async def ack_covered(self, seq: int) -> None:
         """Acknowledge every fetched message up to stream sequence ``seq`` (now in the state)."""

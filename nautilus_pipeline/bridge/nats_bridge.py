@@ -261,6 +261,23 @@ class NatsBridge:
                 pass
             config.deliver_policy = DeliverPolicy.BY_START_SEQUENCE
             config.opt_start_seq = covered + 1
+        elif self.durable is not None:
+            # No state covers anything: resume from the consumer's ack floor, in stream order.
+            # Resumed as it was, the consumer would deliver what it never delivered at once and
+            # what the stopped run held unacknowledged only after ack_wait, older than what
+            # this run had fed by then: taken for a redelivery (or out of time order) and lost
+            # (review finding). Acks follow the stream's order here, so the floor is the last.
+            try:
+                info = await self.js.consumer_info(self.stream, self.durable)
+            except nats.js.errors.NotFoundError:
+                info = None
+            if info is not None and info.num_ack_pending:
+                floor = info.ack_floor.stream_seq if info.ack_floor is not None else 0
+                await self.js.delete_consumer(self.stream, self.durable)
+                config.deliver_policy = DeliverPolicy.BY_START_SEQUENCE
+                config.opt_start_seq = floor + 1
+                log.info("bridge_resume_from_ack_floor", durable=self.durable, ack_floor=floor,
+                         unacknowledged=info.num_ack_pending)
         name = None
         if self.durable is not None:
             config.durable_name = self.durable
@@ -278,6 +295,8 @@ class NatsBridge:
         try:
             await self._stop_ingress()
             await self.pipe.drain()
+            if self.ingress is not None and not self.state:
+                await self.ingress.ack_drained()  # what finished in the drain (review finding)
             if self.state and self._batches_since:
                 await self.snapshot()
             if not self.end_of_stream:
