@@ -51,9 +51,10 @@ def make_trades(rows: int, folder: pathlib.Path) -> pathlib.Path:
 
 
 def run_replay(ticks: pathlib.Path, execution: str, out: pathlib.Path, batch: int | None,
-               switch: float | None = None, env: dict[str, str] | None = None) -> dict:
+               switch: float | None = None, env: dict[str, str] | None = None,
+               definition: pathlib.Path | None = None) -> dict:
     argv = [
-        "nautilus-pipeline", "run", str(ROOT / "pipelines/default.toml"),
+        "nautilus-pipeline", "run", str(definition or ROOT / "pipelines/default.toml"),
         "--ticks", str(ticks), "--format", "binance_trades", "--symbol", "BTCUSDT-PERP",
         "--out", str(out), "--execution", execution, "--no-progress",
     ]
@@ -89,8 +90,19 @@ def same_outputs(a: pathlib.Path, b: pathlib.Path) -> bool:
     return all((a / n).read_bytes() == (b / n).read_bytes() for n in OUTPUTS)
 
 
+def one_lane_definition(folder: pathlib.Path) -> pathlib.Path:
+    """default.toml with the inference stage on one lane (``lanes = 1``), for ``--lanes-ab``."""
+    text = (ROOT / "pipelines/default.toml").read_text()
+    marker = 'type = "inference"'
+    assert marker in text
+    text = text.replace(marker, marker + "\nlanes = 1", 1)
+    path = folder / "one-lane.toml"
+    path.write_text(text)
+    return path
+
+
 def replay_table(rows_list: list[int], folder: pathlib.Path, batch: int | None,
-                 switch: float | None, malloc_pad: bool) -> None:
+                 switch: float | None, malloc_pad: bool, lanes_ab: bool = False) -> None:
     print("\nreplay: pipelines/default.toml on generated trades (each run its own process)")
     head = (f"{'trades':>11} {'execution':>10} {'ticks/s':>11} {'process s':>9} {'cores':>5} "
             f"{'RSS MB':>6} {'same':>5}  per-stage p50 µs per batch")
@@ -102,15 +114,20 @@ def replay_table(rows_list: list[int], folder: pathlib.Path, batch: int | None,
         ticks = make_trades(rows, folder)
         base = None
         configs = [("serial", None, None), ("concurrent", None, None)]
+        if lanes_ab:
+            # inference on one lane, beside the default two, then the default again
+            configs += [("concurrent", None, "one-lane"), ("concurrent", None, None)]
         if switch:
             configs.append(("concurrent", switch, None))
         if malloc_pad:
             # the allocator's top pad made a 25-30 % difference while VaR reports allocated
             # ~8 MB of temporaries each (issue 9); with no per-batch temporaries it makes none
             configs.append(("concurrent", None, {"MALLOC_TOP_PAD_": str(64 << 20)}))
-        for execution, sw, env in configs:
-            out = folder / f"out-{rows}-{execution}-{sw}-{bool(env)}"
-            r = run_replay(ticks, execution, out, batch, sw, env)
+        for k, (execution, sw, env) in enumerate(configs):
+            out = folder / f"out-{rows}-{k}-{execution}"
+            one_lane = env == "one-lane"
+            r = run_replay(ticks, execution, out, batch, sw, None if one_lane else env,
+                           one_lane_definition(folder) if one_lane else None)
             s = r["summary"]
             delivered = s["ticks"]["delivered"]
             rate = delivered / s["wall_s"]
@@ -120,7 +137,8 @@ def replay_table(rows_list: list[int], folder: pathlib.Path, batch: int | None,
                 f"{st['stage']} {st['batch_latency']['p50_us']:,.0f}" for st in s["stages"]
             )
             label = execution if sw is None else f"conc+{sw * 1e6:.0f}µs"
-            label = "conc+pad" if env else label
+            label = "conc+pad" if env and not one_lane else label
+            label = "conc lanes1" if one_lane else label
             print(f"{rows:>11,} {label:>10} {rate:>11,.0f} {r['process_wall']:>9.2f} "
                   f"{r['cores']:>5.2f} {r['rss_mb']:>6.0f} {same:>5}  {stages}")
             MARKDOWN.append(f"| {rows:,} | {label} | {rate:,.0f} | {r['process_wall']:.2f} | "
@@ -371,6 +389,9 @@ def main() -> None:
                          "machine halves its rate)")
     ap.add_argument("--switch-interval", type=float,
                     help="also run concurrent with this GIL switch interval (s), e.g. 0.0005")
+    ap.add_argument("--lanes-ab", action="store_true",
+                    help="also the concurrent replay with inference on one lane (lanes = 1), "
+                         "then the default (two) again")
     ap.add_argument("--malloc-pad", action="store_true",
                     help="also run concurrent with MALLOC_TOP_PAD_=64MiB (allocation churn check)")
     ap.add_argument("--offload", action="store_true", help="also print the offload table")
@@ -384,7 +405,8 @@ def main() -> None:
     folder = pathlib.Path(args.data or tempfile.mkdtemp(prefix="bench_pipeline-"))
     folder.mkdir(parents=True, exist_ok=True)
     if args.rows:
-        replay_table(args.rows, folder, args.batch, args.switch_interval, args.malloc_pad)
+        replay_table(args.rows, folder, args.batch, args.switch_interval, args.malloc_pad,
+                     args.lanes_ab)
     if args.dispatch:
         dispatch_table()
     if args.offload:

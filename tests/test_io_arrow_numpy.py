@@ -187,3 +187,25 @@ def test_the_cli_replay_with_its_outputs_never_asks_for_pandas(tmp_path):
     assert out.returncode == 0, out.stderr[-2000:]
     assert "ASKED []" in out.stdout, out.stdout[-3000:]
     assert (tmp_path / "out" / "risk.parquet").exists() and (tmp_path / "out" / "trace.parquet").exists()
+
+
+@pytest.mark.parametrize("values", [
+    [np.float32(1.5), None], [np.int8(3), np.int8(-1)], [np.uint32(7), None], [np.int64(1), 2],
+    [np.float64(1.0), 2.5], [np.bool_(True), None], [1, np.float32(2)], [np.int16(1), np.int32(2)],
+])
+def test_numpy_scalars_in_rows_keep_the_types_from_pylist_gives(values):
+    rows = [{"a": v} for v in values]
+    try:
+        want = pa.Table.from_pylist(rows)
+    except (pa.ArrowInvalid, pa.ArrowTypeError):
+        return
+    got = table_from_rows(rows)
+    assert got.schema.equals(want.schema), (got.schema, want.schema)
+    assert got["a"].to_pylist() == want["a"].to_pylist()
+
+
+def test_a_float16_column_still_converts():
+    from nautilus_pipeline.io.convert import to_float
+
+    out, missing, bad = to_float(np.array([1.5, 2.0], dtype=np.float16))
+    assert out.tolist() == [1.5, 2.0] and not missing.any() and not bad.any()

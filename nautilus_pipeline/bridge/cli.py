@@ -183,7 +183,16 @@ async def _publish(args: argparse.Namespace) -> int:
     from .publisher import TICKS_SUBJECTS, TickPublisher, ensure_stream
 
     sources = [Source(f, format=args.format, symbol=args.symbol) for f in args.files]
-    clocks = {src.open()[1].order_by for src in sources}  # the clock each file is replayed by
+    clocks = set()  # the clock each file is replayed by
+    for src in sources:
+        reader, validator = src.open()
+        try:
+            clocks.add(validator.order_by)
+        finally:
+            validator.close()
+            close = getattr(reader, "close", None)
+            if close is not None:
+                close()
     if len(clocks) > 1:
         raise ConfigError(f"publish: these files replay by different clocks ({sorted(clocks)}); "
                          "publish the files of each clock separately")

@@ -138,8 +138,15 @@ def column(values: np.ndarray | Sequence[object]) -> pa.Array:
     if isinstance(values, np.ndarray) and values.dtype == np.bool_:
         return from_numpy(values)
     items = values.tolist() if isinstance(values, np.ndarray) else list(values)
-    kinds = {_KIND.get(type(v)) for v in items if v is not None}
     mask = np.array([v is None for v in items], dtype=bool)
+    types_ = {type(v) for v in items if v is not None}
+    if len(types_) == 1 and issubclass(next(iter(types_)), np.generic):
+        # numpy scalars of one type keep their width (np.float32 -> float, as pa.array does)
+        dtype = np.dtype(next(iter(types_)))
+        if dtype in _ARROW_OF or dtype == np.bool_:
+            zero = dtype.type(0)
+            return from_numpy(np.array([zero if v is None else v for v in items], dtype=dtype), mask)
+    kinds = {_KIND.get(t) for t in types_}
     if kinds == {"str"}:
         return strings(items)
     if kinds <= {"bool"} and kinds:
@@ -168,9 +175,9 @@ def column(values: np.ndarray | Sequence[object]) -> pa.Array:
 
 
 _KIND = {bool: "bool", np.bool_: "bool", int: "int", float: "float", str: "str", list: "list",
-         tuple: "list", dict: "dict",
-         **{t: "int" for t in (np.int8, np.int16, np.int32, np.int64, np.uint8, np.uint16, np.uint32)},
-         np.float32: "float", np.float64: "float"}
+         tuple: "list", dict: "dict", np.int64: "int", np.float64: "float"}
+"""Python kinds of values (and the numpy scalars that mix with them as pa.array mixes them:
+np.float64 is a float, np.int64 an int); other numpy scalars keep their type (above)."""
 
 
 def table(columns: dict[str, np.ndarray | Sequence[object]]) -> pa.Table:

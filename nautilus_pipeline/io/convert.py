@@ -54,7 +54,10 @@ def _as_arrow(values: pa.Array | pa.ChunkedArray | np.ndarray | list) -> pa.Arra
     if isinstance(values, pa.Array):
         return values
     if isinstance(values, np.ndarray) and values.ndim == 1 and (values.dtype.kind in "iuf" or values.dtype == np.bool_):
-        return from_numpy(values)  # (pa.array would import pandas: see io/arrow_numpy.py)
+        try:
+            return from_numpy(values)  # (pa.array would import pandas: see io/arrow_numpy.py)
+        except TypeError:  # a dtype with no Arrow type of ours (float16): pyarrow's way
+            pass
     return pa.array(values)
 
 

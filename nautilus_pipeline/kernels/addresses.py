@@ -14,8 +14,9 @@ and scratch) travel the same way, each with its own shape (:class:`ArrayTable`).
 
 Safety. The table is checked when built: every column C-contiguous with the dtype the
 kernel views it as (``LIVE_COLUMNS`` of the kernel's module lists both), rows = the slab's
-capacity. The stage's cache keeps the arrays referenced beside their table, and rebuilds it
-when a slab's columns are new arrays. Only the live wrappers take tables; the kernels they
+capacity. The stage's cache is keyed by the slab, which keeps its arrays alive as long as
+the table is: a slab's columns are made once, with the slab, and never rebound (a design
+that rebound them would have to drop the cache). Only the live wrappers take tables; the kernels they
 call take arrays, as every other kernel does, and are tested against their references.
 """
 
@@ -37,17 +38,18 @@ def column_addresses(columns: Mapping[str, np.ndarray], layout: Sequence[tuple])
     """The int64 table of ``layout``'s columns, in that order, after ``table[ROWS]``. Each
     entry is ``(name, dtype)`` for a 1-D column or ``(name, dtype, width)`` for a 2-D one,
     as the kernel views it; a column of another dtype or shape, or one that is not
-    C-contiguous, is a ``TypeError`` naming it (the kernel would misread it)."""
+    C-contiguous and writeable, is a ``TypeError`` naming it (the kernel would misread it,
+    or write through a read-only view)."""
     table = np.empty(FIRST + len(layout), dtype=np.int64)
     rows = None
     for j, (name, dtype, *width) in enumerate(layout):
         a = columns[name]
-        if (a.dtype != np.dtype(dtype) or not a.flags.c_contiguous
+        if (a.dtype != np.dtype(dtype) or not a.flags.c_contiguous or not a.flags.writeable
                 or a.shape[1:] != tuple(width) or (rows is not None and a.shape[0] != rows)):
             raise TypeError(
                 f"column {name!r}: a live kernel reads it as C-contiguous {np.dtype(dtype)} of "
                 f"shape ({rows or 'rows'}, {', '.join(map(str, width))}), the slab has {a.dtype} "
-                f"{a.shape} (contiguous: {a.flags.c_contiguous})")
+                f"{a.shape} (contiguous: {a.flags.c_contiguous}, writeable: {a.flags.writeable})")
         rows = a.shape[0]
         table[FIRST + j] = a.ctypes.data
     table[ROWS] = rows or 0

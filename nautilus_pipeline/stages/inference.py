@@ -62,8 +62,8 @@ LIVE_ROWS = 16
 # the stream's worker computes the first. Rows are independent in RowOrderForward and take
 # the same operations wherever they fall, so the bits do not change (tests/test_engine_*);
 # inference is the largest stage of the default chain (1.5-2.2 ms of ~3.2 ms per 4096-row
-# batch on the dev VM), the one that kept a second core idle. Measured: see the closing
-# table of scripts/bench_pipeline.py (concurrent, lanes 1 vs 2).
+# batch on the dev VM), the one that kept a second core idle. Measured by
+# ``scripts/bench_pipeline.py --lanes-ab`` (rows "concurrent" vs "conc lanes1"; README, Numbers).
 SPLIT_MIN_ROWS = 1024
 # The other runners (torch, MLX, Core ML, the numpy runner of tanh/silu models) get rows
 # padded to a multiple of ROW_MULTIPLE. OpenBLAS computes one row with sgemv and row counts
