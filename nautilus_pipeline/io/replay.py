@@ -43,7 +43,6 @@ again by the replay (logged), as before.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import time
 from collections.abc import AsyncIterator, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -373,10 +372,20 @@ class Replay:
                     raise
                 yield lease
         finally:
-            if inflight is not None:  # cancelled while a worker thread reads: let it finish first
-                with contextlib.suppress(Exception):
-                    await inflight
+            # a read in flight (the read-ahead, or one a cancel interrupted) must end before the
+            # files close: the thread is inside the generator. A second cancel while waiting is
+            # held until then and raised after, so the files are always closed.
+            cancelled = False
+            while inflight is not None and not inflight.done():
+                try:
+                    await asyncio.wait([inflight])
+                except asyncio.CancelledError:
+                    cancelled = True
+            if inflight is not None and not inflight.cancelled():
+                inflight.exception()  # retrieved: a read error after the consumer stopped is moot
             blocks.close()
+            if cancelled:
+                raise asyncio.CancelledError
 
 
 def _merge(parts: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
