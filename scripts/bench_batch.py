@@ -212,7 +212,7 @@ def run_batch_row(code: Path, defn: Path, work: Path, executor: str, n: int, tag
             "dispatch": float(np.median([j["dispatch_s"] for j in jobs])),
             "in_worker": float(np.median([j["in_worker_s"] for j in jobs])),
             "return": float(np.median([j["return_s"] for j in jobs])),
-            "first": first, "last": last, "merge_work": s.get("merge_work_s"),
+            "first": first, "last": last, "merge_work": s.get("merge_work_s"), "close": s.get("executor_close_s"),
             "rest": wall * slots - replay - float(np.sum(per_job)) - slots * (first + last)})
     return row
 
@@ -226,14 +226,15 @@ def print_rows(rows: list[dict]) -> None:
     print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for r in rows:
         rate = r["ticks"] / r["wall"]
-        speed = rate / (base["ticks"] / base["wall"]) if base else float("nan")
-        eff = f"{speed / r['n']:.2f}" if not r["config"].startswith("sequential") else ""
+        speed = rate / (base["ticks"] / base["wall"]) if base else None
+        eff = f"{speed / r['n']:.2f}" if speed and not r["config"].startswith("sequential") else ""
         per = (f"{1000 * r['per_job']:.1f} | {100 * r['per_job'] / r['job_s']:.2f} %" if "per_job" in r
                else " | ")
         fixed = (f"{r['first']:.2f} | {r['last']:.2f} | {r['rest']:.2f}" if "first" in r else " |  | ")
         start = "" if not r.get("startup") else f"{r['startup']:.1f}"
         warm = "" if not r.get("warm") else f"{r['warm']:.1f}"
-        print(f"| {r['config']} | {rate:,.0f} | {r['wall']:.1f} | {speed:.2f}x | {eff} | {r['job_s']:.2f} | "
+        print(f"| {r['config']} | {rate:,.0f} | {r['wall']:.1f} | {f'{speed:.2f}x' if speed else ''} | {eff} | "
+              f"{r['job_s']:.2f} | "
               f"{per} | {fixed} | {start} | {warm} |")
     print()
     print("per job (median, ms): dispatch (could start → started in the worker) + in the worker outside its "
@@ -243,8 +244,9 @@ def print_rows(rows: list[dict]) -> None:
         if "per_job" in r:
             print(f"  {r['config']}: dispatch {1000 * r['dispatch']:.1f} + in worker {1000 * r['in_worker']:.1f} "
                   f"+ return {1000 * r['return']:.1f}; Σ per-job {r['per_job_sum']:.2f} s over {r['jobs']} jobs; "
-                  f"plan {r['plan']:.2f} s (while starting), merge work {r['merge_work'] or 0:.2f} s of which left "
-                  f"after the jobs {r['merge']:.2f} s")
+                  f"plan {r['plan']:.2f} s (while starting); after the last job: the executor's stop {r['close']:.2f} s, "
+                  f"then the merge's tail {r['merge']:.2f} s (its work in all {r['merge_work'] or 0:.2f} s, "
+                  "the rest while the jobs ran)")
 
 
 def main() -> None:

@@ -148,7 +148,7 @@ def _summary(d: config.PipelineDef, files: Sequence[Path], chains: list[Chain], 
         # job's start (start-up and plan not hidden), after the last job's return (merge, summary)
         "first_job_start_s": min(started) - t0_epoch if started else None,
         "after_last_job_s": time.time() - max(returned) if returned else None,
-        "merge_work_s": merge_work_s,
+        "merge_work_s": merge_work_s, "executor_close_s": outcome.close_s,
         "code_version": code_version(),
     }, unplanned=[str(f) for f in files if str(f) not in planned])
     summary["merge_incomplete"] = [k for k in kinds if k not in merged] if stopped_in == "merge" else []
@@ -237,4 +237,4 @@ def _remove_leftovers(out: Path) -> None:
 
 
 __all__ = ["BatchReport", "Chain", "JobResult", "JobSpec", "LocalExecutor", "Progress", "RayExecutor",
-           "calibrate_chain", "expand_inputs", "plan", "replay_job", "run_batch"]
+           "calibrate_chain", "engine_times", "expand_inputs", "plan", "replay_job", "run_batch"]

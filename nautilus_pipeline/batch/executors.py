@@ -92,6 +92,7 @@ class Outcome:
     # worker's imports done; ray: ray.init)
     warm_s: float | None = None  # from prepare to every worker warm (warm_up)
     warm_at: dict[int, float] = field(default_factory=dict)  # worker pid → warm at (epoch s)
+    close_s: float = 0.0  # stopping the workers after the last job (ray: ray.shutdown)
     submitted_at: dict[str, float] = field(default_factory=dict)  # epoch s, in the driver
     returned_at: dict[str, float] = field(default_factory=dict)  # epoch s, in the driver
     attempts: dict[str, int] = field(default_factory=dict)  # job → runs it took (local)
@@ -382,7 +383,9 @@ class LocalExecutor:
             out.interrupted = True
             _terminate(pool)
         finally:
+            t_close = time.time()
             pool.shutdown(wait=True, cancel_futures=True)
+            out.close_s = time.time() - t_close
             shutil.rmtree(busy_dir, ignore_errors=True)
             done = [f.result() for f in warm if f.done() and not f.cancelled() and f.exception() is None]
             if warm and len(done) == len(warm):  # the pool's start: fork server, imports, every worker
@@ -559,7 +562,9 @@ class RayExecutor:
                            "started_here": self.address is None}
             return self._run(ray, work, chains, progress, out)
         finally:
+            t_close = time.time()
             self.close()
+            out.close_s = time.time() - t_close
 
     def _run(self, ray: Any, work: Work, chains: list[Chain], progress: Progress, out: Outcome) -> Outcome:
         job = ray.remote(num_cpus=1, max_retries=self.max_retries)(_ray_job)

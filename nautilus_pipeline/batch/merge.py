@@ -47,7 +47,8 @@ def output_kinds(results: Sequence[JobResult]) -> list[str]:
 
 def merge_outputs(out: Path, results: Sequence[JobResult], *,
                   merged: dict[str, dict[str, Any]] | None = None) -> dict[str, dict[str, Any]]:
-    """One dataset per kind of the jobs' Parquet outputs; returns kind → rows and folder.
+    """One dataset per kind of the jobs' Parquet outputs; returns kind → rows, folder and
+    whether it was streamed (see :class:`StreamingMerge`).
 
     ``merged`` is filled kind by kind as each is in place, so a caller stopped half-way (a
     Ctrl-C) knows which kinds are complete; a kind cut short leaves no temporary folder.
@@ -70,15 +71,16 @@ def _merge_all(out: Path, kinds: dict[str, list[tuple[str, str]]],
         tmp = out / f".{kind}.merging"
         try:
             rows = _merge_kind(kind, parts, tmp)
-            _install_recorded(out, kind, tmp, rows, merged)
+            _install_recorded(out, kind, tmp, rows, merged, streamed=False)
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
 
 
-def _install_recorded(out: Path, kind: str, tmp: Path, rows: int, merged: dict[str, dict[str, Any]]) -> None:
+def _install_recorded(out: Path, kind: str, tmp: Path, rows: int, merged: dict[str, dict[str, Any]], *,
+                      streamed: bool) -> None:
     with deferred_signals():  # in place and recorded, or neither
         _install(tmp, out / kind)
-        merged[kind] = {"rows": rows, "path": str(out / kind)}
+        merged[kind] = {"rows": rows, "path": str(out / kind), "streamed": streamed}
 
 
 class StreamingMerge:
@@ -209,7 +211,7 @@ class StreamingMerge:
                 else:
                     tmp = self.out / f".{kind}.merging"
                     tmp.mkdir(parents=True, exist_ok=True)
-                    _install_recorded(self.out, kind, tmp, self._rows.get(kind, 0), merged)
+                    _install_recorded(self.out, kind, tmp, self._rows.get(kind, 0), merged, streamed=True)
         finally:
             self.abort()
         return merged
