@@ -186,7 +186,9 @@ def run_batch_row(code: Path, defn: Path, work: Path, executor: str, n: int, tag
     """One batch in a child process of checkout ``code`` (as a CLI run is: it starts its own
     pool or Ray, none left warm by the row before); its numbers."""
     out = work / f"out-{executor}-{n}-{tag}"
-    env = {**os.environ, "PYTHONPATH": str(code)}
+    others = [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep)
+              if p and Path(p).resolve() not in (ROOT, code)]  # e.g. a folder of wheels' installs
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(code), *others])}
     proc = subprocess.run([sys.executable, str(code / "scripts" / "bench_batch.py"), "--batch-child", str(defn),
                            str(work / "in" / "*.csv"), str(out), executor, str(n)],
                           capture_output=True, text=True, env=env)

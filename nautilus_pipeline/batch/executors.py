@@ -402,9 +402,10 @@ PRELOAD = ["nautilus_pipeline.batch.executors", "nautilus_pipeline.app", "nautil
 pandas too where installed: pyarrow imports it at a reader's first ``fill_null`` (0.7 s on
 a quiet 2-core VM, 2.6 s loaded), which every worker's first job paid.
 Imports only: the threads they leave (BLAS's, pyarrow's allocator) handle a fork. Numba's
-kernels are loaded by each worker on its first job (a warm-up replay in the server, tried,
-cost a serial 1.5-2 s at start-up for ~0.3 s saved per worker in parallel, and left pyarrow's
-thread pools and an io_uring thread running in the process that forks)."""
+kernels are loaded by each worker's :func:`warm_up`, in parallel, while the driver plans (a
+warm-up replay in the server, tried, cost a serial 1.5-2 s at start-up for ~0.3 s saved per
+worker in parallel, and left pyarrow's thread pools and an io_uring thread running in the
+process that forks)."""
 
 
 _server_env: dict[str, str] | None = None

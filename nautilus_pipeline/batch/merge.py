@@ -7,6 +7,12 @@ Polars and Spark read the folder as one table with a ``symbol`` column). Rows ar
 sequential run per symbol over its files, sorted the same way (a stable sort). Files are
 written under a temporary name and renamed.
 
+The merge streams (:class:`StreamingMerge`): each job's parts are appended to their
+symbol's file as the job's result comes in, on a thread of the driver, while the other jobs
+run; after the last job only its own parts are left. Merging after the jobs, the old way,
+was 0.3-0.4 s of a 7-13 s batch of 8 files × 1M trades on the quiet dev VM
+(``docs/measurements/dev_bench_batch_quiet_b22cc61.txt``), all of it after the last job.
+
 ``summary.json`` accounts for every row of every file: per file and in total,
 ``read = delivered + rejected + quarantined``; files of failed or cancelled chains are listed
 with their status (``failed``, ``not_run``) and the error.
