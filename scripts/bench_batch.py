@@ -147,6 +147,57 @@ def control_child(defn: str, out: str, file: str, start_at: float) -> None:
     print(orjson.dumps({"ticks": res.ticks["read"], "job_s": time.perf_counter() - t0}).decode())
 
 
+SETUP_CHILD = """
+import sys, orjson
+import nautilus_pipeline as nt
+from nautilus_pipeline.batch import executors
+from nautilus_pipeline.batch.plan import JobSpec
+from nautilus_pipeline.config import load
+
+defn, out, file, jobs = sys.argv[1:]
+nt.configure_logging(level="warning")
+parsed = "PipelineDef" in str(executors.Work.__annotations__["definition"])  # this checkout's way
+work = executors.Work(load(defn) if parsed else defn, out)
+executors.warm_up("warning", 1)
+setups = []
+for i in range(int(jobs) + 1):  # the first one loads the kernels: not counted
+    res = executors.run_job(work, JobSpec(f"S/{i:04d}", "S", i, (file,), False, None), {}, 1, None)
+    setups.append(res.wall_s - res.run_s)
+print(nt.__file__)
+print(orjson.dumps({"setup_s": setups[1:]}).decode())
+"""
+"""Run with ``python -c`` and the checkout on ``PYTHONPATH`` (this file would put its own
+checkout first): a warm worker's ``jobs`` jobs of ``file`` in a row, each built as that
+checkout's ``run_batch`` builds it; prints their set-up times (seconds in ``replay_job``
+outside the replay)."""
+
+
+def job_setup_ab(baseline: Path, defn: Path, work: Path, file: Path, jobs: int, repeat: int) -> None:
+    """A warm worker's per-job set-up, ``baseline``'s and this checkout's, alternately."""
+    got: dict[str, list[float]] = {"before": [], "after": []}
+    for i in range(repeat):
+        for code in ((baseline, ROOT) if i % 2 == 0 else (ROOT, baseline)):
+            tag = "before" if code == baseline else "after"
+            others = [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep)
+                      if p and Path(p).resolve() not in (ROOT, code)]
+            env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(code), *others])}
+            proc = subprocess.run([sys.executable, "-c", SETUP_CHILD, str(defn), str(work / f"setup-{tag}-{i}"),
+                                   str(file), str(jobs)], capture_output=True, text=True, env=env, check=True,
+                                  cwd=work)  # not this checkout: python -c puts the folder it runs in first
+            package, result = proc.stdout.strip().splitlines()[-2:]
+            assert Path(package).resolve().is_relative_to(code), (package, code)
+            got[tag] += orjson.loads(result)["setup_s"]
+    b, a = float(np.median(got["before"])), float(np.median(got["after"]))
+    print()
+    print(f"a warm worker's set-up per job (replay_job outside its replay), {jobs} jobs x {repeat} processes "
+          f"per checkout, alternating; {file.name}:")
+    print()
+    print("| set-up per job | before | after | after / before |")
+    print("|---|---:|---:|---:|")
+    print(f"| median ms | {1000 * b:.1f} | {1000 * a:.1f} | {a / b:.2f} |")
+    print(f"| p90 ms | {1000 * np.quantile(got['before'], 0.9):.1f} | {1000 * np.quantile(got['after'], 0.9):.1f} | |")
+
+
 def control(defn: Path, work: Path, files: list[Path], counts: list[int]) -> None:
     """N independent processes, each one job on its own file, all at once: how the machine
     itself scales (no pool, no scheduling, no merge), beside the batch rows."""
@@ -205,7 +256,12 @@ def run_batch_row(code: Path, defn: Path, work: Path, executor: str, n: int, tag
            "startup": s["executor_startup_s"], "warm": s.get("workers_warm_s"),
            "plan": s["plan_s"], "merge": s["merge_s"], "digest": merged_digest(out),
            # the old, lumped figure, for the A/B: (wall x P - sum of job walls) / jobs
-           "lumped": (wall * slots - sum(j["wall_s"] for j in jobs)) / len(jobs)}
+           "lumped": (wall * slots - sum(j["wall_s"] for j in jobs)) / len(jobs),
+           # figures both checkouts' summaries give: a job's set-up in the worker (replay_job
+           # outside its replay), and how much longer a chain's first job replays than its others
+           # (a worker's first job loading the kernels, where the warm-up does not)
+           "setup": float(np.median([j["wall_s"] - j["run_s"] for j in jobs])),
+           "first_excess": _first_excess(jobs)}
     if "in_worker_s" in jobs[0]:  # stamped per job (this checkout; not the baseline's)
         per_job = [j["overhead_s"] for j in jobs]
         first, last = s["first_job_start_s"], s["after_last_job_s"]
@@ -214,9 +270,19 @@ def run_batch_row(code: Path, defn: Path, work: Path, executor: str, n: int, tag
             "dispatch": float(np.median([j["dispatch_s"] for j in jobs])),
             "in_worker": float(np.median([j["in_worker_s"] for j in jobs])),
             "return": float(np.median([j["return_s"] for j in jobs])),
-            "first": first, "last": last, "merge_work": s.get("merge_work_s"), "close": s.get("executor_close_s"),
+            "first": first, "last": last, "merge_cpu": s.get("merge_cpu_s"), "close": s.get("executor_close_s"),
             "rest": wall * slots - replay - float(np.sum(per_job)) - slots * (first + last)})
     return row
+
+
+def _first_excess(jobs: list[dict]) -> float:
+    """Median over chains of (its first job's replay − the median replay of its other jobs)."""
+    chains: dict[str, list[tuple[int, float]]] = {}
+    for j in jobs:
+        chain, index = j["job"].rsplit("/", 1)
+        chains.setdefault(chain, []).append((int(index), j["run_s"]))
+    excess = [sorted(c)[0][1] - float(np.median([r for _, r in sorted(c)[1:]])) for c in chains.values() if len(c) > 1]
+    return float(np.median(excess)) if excess else float("nan")
 
 
 def print_rows(rows: list[dict]) -> None:
@@ -241,13 +307,13 @@ def print_rows(rows: list[dict]) -> None:
     print()
     print("per job (median, ms): dispatch (could start → started in the worker) + in the worker outside its "
           "replay + return (ended → result in the driver); per batch: plan and merge (the merge streams while "
-          "the jobs run: its work in total, and what it left after the last job):")
+          "the jobs run: its CPU in total, and what it left after the last job):")
     for r in rows:
         if "per_job" in r:
             print(f"  {r['config']}: dispatch {1000 * r['dispatch']:.1f} + in worker {1000 * r['in_worker']:.1f} "
                   f"+ return {1000 * r['return']:.1f}; Σ per-job {r['per_job_sum']:.2f} s over {r['jobs']} jobs; "
                   f"plan {r['plan']:.2f} s (while starting); after the last job: the executor's stop {r['close']:.2f} s, "
-                  f"then the merge's tail {r['merge']:.2f} s (its work in all {r['merge_work'] or 0:.2f} s, "
+                  f"then the merge's tail {r['merge']:.2f} s (its thread's CPU in all {r['merge_cpu'] or 0:.2f} s, "
                   "the rest while the jobs ran)")
 
 
@@ -268,6 +334,9 @@ def main() -> None:
     ap.add_argument("--repeat", type=int, default=1, help="with --baseline: runs of each row per checkout")
     ap.add_argument("--control", type=int, nargs="+", metavar="N",
                     help="only: N independent one-job processes at once, for each N (machine scaling)")
+    ap.add_argument("--job-setup", type=int, metavar="JOBS",
+                    help="only, with --baseline: a warm worker's set-up per job, JOBS jobs of one file in a row, "
+                         "--repeat processes per checkout, alternating")
     ap.add_argument("--sequential-child", nargs="+", help=argparse.SUPPRESS)
     ap.add_argument("--control-child", nargs=4, help=argparse.SUPPRESS)
     ap.add_argument("--batch-child", nargs=5, help=argparse.SUPPRESS)
@@ -297,6 +366,11 @@ def main() -> None:
           f"{len(files) * args.trades:,} trades in {len(files)} files (generated in {time.perf_counter() - t0:.1f} s)")
     if args.control:
         control(defn, work, files, args.control)
+        return
+    if args.job_setup:
+        if not args.baseline:
+            ap.error("--job-setup needs --baseline")
+        job_setup_ab(Path(args.baseline).resolve(), defn, work, files[0], args.job_setup, args.repeat)
         return
     rows = []
     if not args.no_sequential:
@@ -354,6 +428,21 @@ def ab(baseline: Path, defn: Path, work: Path, configs: list[tuple[str, int]], r
         lb, la = float(np.median([r["lumped"] for r in b])), float(np.median([r["lumped"] for r in a]))
         print(f"| {executor} --workers {n} | {wb:.2f} | {wa:.2f} | {wa / wb:.2f} | {b[0]['ticks'] / wb:,.0f} | "
               f"{a[0]['ticks'] / wa:,.0f} | {lb:.2f} s | {la:.2f} s |")
+    print()
+    print("| run | set-up in the worker ms, before | after | a chain's first job − its others s, before | after | "
+          "merge after the jobs s, before | after |")
+    print("|---|---:|---:|---:|---:|---:|---:|")
+    for executor, n in configs:
+        b, a = runs[(executor, n, "before")], runs[(executor, n, "after")]
+
+        def med(rs: list[dict], key: str) -> float:
+            return float(np.median([r[key] for r in rs]))
+
+        print(f"| {executor} --workers {n} | {1000 * med(b, 'setup'):.1f} | {1000 * med(a, 'setup'):.1f} | "
+              f"{med(b, 'first_excess'):.2f} | {med(a, 'first_excess'):.2f} | {med(b, 'merge'):.2f} | "
+              f"{med(a, 'merge'):.2f} |")
+    print("(set-up: a job's wall in replay_job minus its replay; merge after the jobs: summary.json's merge_s)")
+    print()
     print("walls of every run: " + "; ".join(
         f"{e} {n} {t}: " + ", ".join(f"{r['wall']:.2f}" for r in runs[(e, n, t)])
         for e, n in configs for t in ("before", "after")))

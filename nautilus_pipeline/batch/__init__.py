@@ -115,7 +115,7 @@ def run_batch(definition: str | Path, inputs: Sequence[str | Path], out: str | P
             _remove_leftovers(out)
     with _shielded():  # a second Ctrl-C must not cost the summary
         summary = _summary(d, files, chains, outcome, merged, kinds, runner, executor, ray_address,
-                           stopped_in, times, t0, t0_epoch, None if merger is None else merger.work_s)
+                           stopped_in, times, t0, t0_epoch, None if merger is None else merger.cpu_s)
         write_summary(out, summary)
     if outcome.interrupted:
         code = EXIT_INTERRUPTED
@@ -133,7 +133,7 @@ def run_batch(definition: str | Path, inputs: Sequence[str | Path], out: str | P
 def _summary(d: config.PipelineDef, files: Sequence[Path], chains: list[Chain], outcome: Outcome,
              merged: dict[str, dict[str, Any]], kinds: list[str], runner: Any, executor: str,
              ray_address: str | None, stopped_in: str | None, times: dict[str, float],
-             t0: float, t0_epoch: float, merge_work_s: float | None) -> dict[str, Any]:
+             t0: float, t0_epoch: float, merge_cpu_s: float | None) -> dict[str, Any]:
     planned = {f.path for c in chains for f in c.files}
     engine = engine_times(outcome)
     returned = [outcome.returned_at[r.job_id] for r in outcome.results if r.job_id in outcome.returned_at]
@@ -148,7 +148,7 @@ def _summary(d: config.PipelineDef, files: Sequence[Path], chains: list[Chain], 
         # job's start (start-up and plan not hidden), after the last job's return (merge, summary)
         "first_job_start_s": min(started) - t0_epoch if started else None,
         "after_last_job_s": time.time() - max(returned) if returned else None,
-        "merge_work_s": merge_work_s, "executor_close_s": outcome.close_s,
+        "merge_cpu_s": merge_cpu_s, "executor_close_s": outcome.close_s,
         "code_version": code_version(),
     }, unplanned=[str(f) for f in files if str(f) not in planned])
     summary["merge_incomplete"] = [k for k in kinds if k not in merged] if stopped_in == "merge" else []

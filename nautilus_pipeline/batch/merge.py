@@ -118,7 +118,8 @@ class StreamingMerge:
         self._schemas: dict[str, pa.Schema] = {}  # kind → schema of its first non-empty part
         self._whole: set[str] = set()  # kinds to merge the whole way
         self._error: BaseException | None = None
-        self.work_s = 0.0  # seconds spent appending parts, while the jobs ran or after
+        self.cpu_s = 0.0  # CPU seconds of the merge's thread appending parts (its wall is longer
+        # where it shares the cores with the workers)
         self._queue: queue.Queue[JobResult | None] | None = None
         self._thread: threading.Thread | None = None
         self._stop = threading.Event()
@@ -150,7 +151,7 @@ class StreamingMerge:
         if self._error is not None:
             return
         self._early.setdefault(chain, {})[index] = res
-        t0 = time.perf_counter()
+        t0 = time.thread_time()
         try:
             while (nxt := self._early[chain].pop(self._next.get(chain, 0), None)) is not None:
                 self._next[chain] = self._next.get(chain, 0) + 1
@@ -161,7 +162,7 @@ class StreamingMerge:
         except Exception as exc:  # merged again the whole way in finish(), which says it if it fails
             self._error = exc
         finally:
-            self.work_s += time.perf_counter() - t0
+            self.cpu_s += time.thread_time() - t0
 
     def _append(self, kind: str, chain: str, path: str) -> bool:
         """One part appended to its symbol's file; False where the kind cannot be streamed."""
