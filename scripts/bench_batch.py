@@ -14,13 +14,26 @@ E.g. ``python scripts/bench_batch.py --trades 1000000 --workers 1,2 --ray`` (dev
 
 Printed per row: ticks/s over the wall time (planning, calibration, jobs and merge
 included), the speedup over one local worker and its efficiency (speedup / N; the target is
-≥ 0.8 up to the core count), and the engine's overhead per job: ``(wall × P − Σ job time) / jobs``
-with P = min(N, symbols), the time a worker slot spends not replaying (pool start, planning,
-scheduling, transfers, merge), also as a share of the mean job time (target ≤ 1 % for jobs ≥ 1 s),
-and below the table where it goes (planning, merge, the rest). Start-up is its own column:
-the local pool's spawn and imports, or Ray's import and ``ray.init`` (target ≤ 5 s), both
-begun while the batch is planned, then when every worker is warm. Every configuration's
-merged outputs are checked equal to the first one's.
+≥ 0.8 up to the core count), and the engine's cost in two parts, never lumped:
+
+- per job (the target: ≤ 1 % of job time for jobs ≥ 1 s): the time each job spends in the
+  engine outside its replay, measured per job from stamps in the worker and the driver
+  (``summary.json``'s ``dispatch_s + in_worker_s + return_s``, see ``batch.engine_times``);
+  median over the jobs, in ms and as a share of the median job (its replay, ``run_s``);
+- per batch (fixed): the time to the first job's start (start-up and planning not hidden),
+  what is left after the last job's result (the merge's tail, the summary), and the rest
+  of the slots' idle time (``wall × P − Σ replay − Σ per-job − P × (first + last)`` with
+  P = min(N, symbols): chains of unequal length, waits), summed over the slots.
+
+Start-up is its own column: the local pool's fork server and imports, or Ray's import and
+``ray.init`` (target ≤ 5 s), then when every worker is warm (kernels loaded by a warm-up
+replay); both begun while the batch is planned. Every configuration's merged outputs are
+checked equal to the first one's.
+
+``--baseline DIR`` (another checkout, e.g. ``git worktree`` or ``git archive`` of the
+commit before) runs every batch row of that checkout and of this one alternately,
+``--repeat`` times each, and prints their walls side by side (medians, ratio): the A/B a
+loaded machine needs.
 
 Uses the default pipeline with its model on the CPU stream (``streams = ["cpu"]``), so the
 numbers measure processes, not a GPU shared by all workers.
@@ -134,6 +147,57 @@ def control_child(defn: str, out: str, file: str, start_at: float) -> None:
     print(orjson.dumps({"ticks": res.ticks["read"], "job_s": time.perf_counter() - t0}).decode())
 
 
+SETUP_CHILD = """
+import sys, orjson
+import nautilus_pipeline as nt
+from nautilus_pipeline.batch import executors
+from nautilus_pipeline.batch.plan import JobSpec
+from nautilus_pipeline.config import load
+
+defn, out, file, jobs = sys.argv[1:]
+nt.configure_logging(level="warning")
+parsed = "PipelineDef" in str(executors.Work.__annotations__["definition"])  # this checkout's way
+work = executors.Work(load(defn) if parsed else defn, out)
+executors.warm_up("warning", 1)
+setups = []
+for i in range(int(jobs) + 1):  # the first one loads the kernels: not counted
+    res = executors.run_job(work, JobSpec(f"S/{i:04d}", "S", i, (file,), False, None), {}, 1, None)
+    setups.append(res.wall_s - res.run_s)
+print(nt.__file__)
+print(orjson.dumps({"setup_s": setups[1:]}).decode())
+"""
+"""Run with ``python -c`` and the checkout on ``PYTHONPATH`` (this file would put its own
+checkout first): a warm worker's ``jobs`` jobs of ``file`` in a row, each built as that
+checkout's ``run_batch`` builds it; prints their set-up times (seconds in ``replay_job``
+outside the replay)."""
+
+
+def job_setup_ab(baseline: Path, defn: Path, work: Path, file: Path, jobs: int, repeat: int) -> None:
+    """A warm worker's per-job set-up, ``baseline``'s and this checkout's, alternately."""
+    got: dict[str, list[float]] = {"before": [], "after": []}
+    for i in range(repeat):
+        for code in ((baseline, ROOT) if i % 2 == 0 else (ROOT, baseline)):
+            tag = "before" if code == baseline else "after"
+            others = [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep)
+                      if p and Path(p).resolve() not in (ROOT, code)]
+            env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(code), *others])}
+            proc = subprocess.run([sys.executable, "-c", SETUP_CHILD, str(defn), str(work / f"setup-{tag}-{i}"),
+                                   str(file), str(jobs)], capture_output=True, text=True, env=env, check=True,
+                                  cwd=work)  # not this checkout: python -c puts the folder it runs in first
+            package, result = proc.stdout.strip().splitlines()[-2:]
+            assert Path(package).resolve().is_relative_to(code), (package, code)
+            got[tag] += orjson.loads(result)["setup_s"]
+    b, a = float(np.median(got["before"])), float(np.median(got["after"]))
+    print()
+    print(f"a warm worker's set-up per job (replay_job outside its replay), {jobs} jobs x {repeat} processes "
+          f"per checkout, alternating; {file.name}:")
+    print()
+    print("| set-up per job | before | after | after / before |")
+    print("|---|---:|---:|---:|")
+    print(f"| median ms | {1000 * b:.1f} | {1000 * a:.1f} | {a / b:.2f} |")
+    print(f"| p90 ms | {1000 * np.quantile(got['before'], 0.9):.1f} | {1000 * np.quantile(got['after'], 0.9):.1f} | |")
+
+
 def control(defn: Path, work: Path, files: list[Path], counts: list[int]) -> None:
     """N independent processes, each one job on its own file, all at once: how the machine
     itself scales (no pool, no scheduling, no merge), beside the batch rows."""
@@ -168,6 +232,91 @@ def _counts(text: str) -> list[int]:
     return [int(x) for x in text.split(",") if x]
 
 
+def run_batch_row(code: Path, defn: Path, work: Path, executor: str, n: int, tag: str,
+                  n_symbols: int) -> dict:
+    """One batch in a child process of checkout ``code`` (as a CLI run is: it starts its own
+    pool or Ray, none left warm by the row before); its numbers."""
+    out = work / f"out-{executor}-{n}-{tag}"
+    others = [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep)
+              if p and Path(p).resolve() not in (ROOT, code)]  # e.g. a folder of wheels' installs
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(code), *others])}
+    proc = subprocess.run([sys.executable, str(code / "scripts" / "bench_batch.py"), "--batch-child", str(defn),
+                           str(work / "in" / "*.csv"), str(out), executor, str(n)],
+                          capture_output=True, text=True, env=env)
+    if proc.returncode:
+        raise SystemExit(f"{executor} --workers {n} ({code}) failed: {proc.stderr[-3000:]}")
+    r = orjson.loads(proc.stdout.strip().splitlines()[-1])
+    s, wall = r["summary"], r["wall_s"]
+    assert r["exit_code"] == 0 and s["accounting_closes"], s["failed"]
+    jobs = s["jobs"]
+    slots = min(n, n_symbols)
+    replay = sum(j["run_s"] for j in jobs)
+    row = {"config": f"{executor} --workers {n}", "n": n, "wall": wall, "ticks": s["totals"]["read"],
+           "jobs": len(jobs), "job_s": float(np.median([j["run_s"] for j in jobs])),
+           "startup": s["executor_startup_s"], "warm": s.get("workers_warm_s"),
+           "plan": s["plan_s"], "merge": s["merge_s"], "digest": merged_digest(out),
+           # the old, lumped figure, for the A/B: (wall x P - sum of job walls) / jobs
+           "lumped": (wall * slots - sum(j["wall_s"] for j in jobs)) / len(jobs),
+           # figures both checkouts' summaries give: a job's set-up in the worker (replay_job
+           # outside its replay), and how much longer a chain's first job replays than its others
+           # (a worker's first job loading the kernels, where the warm-up does not)
+           "setup": float(np.median([j["wall_s"] - j["run_s"] for j in jobs])),
+           "first_excess": _first_excess(jobs)}
+    if "in_worker_s" in jobs[0]:  # stamped per job (this checkout; not the baseline's)
+        per_job = [j["overhead_s"] for j in jobs]
+        first, last = s["first_job_start_s"], s["after_last_job_s"]
+        row.update({
+            "per_job": float(np.median(per_job)), "per_job_sum": float(np.sum(per_job)),
+            "dispatch": float(np.median([j["dispatch_s"] for j in jobs])),
+            "in_worker": float(np.median([j["in_worker_s"] for j in jobs])),
+            "return": float(np.median([j["return_s"] for j in jobs])),
+            "first": first, "last": last, "merge_cpu": s.get("merge_cpu_s"), "close": s.get("executor_close_s"),
+            "rest": wall * slots - replay - float(np.sum(per_job)) - slots * (first + last)})
+    return row
+
+
+def _first_excess(jobs: list[dict]) -> float:
+    """Median over chains of (its first job's replay − the median replay of its other jobs)."""
+    chains: dict[str, list[tuple[int, float]]] = {}
+    for j in jobs:
+        chain, index = j["job"].rsplit("/", 1)
+        chains.setdefault(chain, []).append((int(index), j["run_s"]))
+    excess = [sorted(c)[0][1] - float(np.median([r for _, r in sorted(c)[1:]])) for c in chains.values() if len(c) > 1]
+    return float(np.median(excess)) if excess else float("nan")
+
+
+def print_rows(rows: list[dict]) -> None:
+    base = next((r for r in rows if r["config"].startswith("local") and r["n"] == 1), None)
+    print()
+    print("| run | ticks/s | wall s | speedup vs 1 worker | efficiency | median job s | per-job engine ms "
+          "(median) | per-job % of job | to first job s | after last job s | other idle slot-s | "
+          "start-up s | workers warm s |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+    for r in rows:
+        rate = r["ticks"] / r["wall"]
+        speed = rate / (base["ticks"] / base["wall"]) if base else None
+        eff = f"{speed / r['n']:.2f}" if speed and not r["config"].startswith("sequential") else ""
+        per = (f"{1000 * r['per_job']:.1f} | {100 * r['per_job'] / r['job_s']:.2f} %" if "per_job" in r
+               else " | ")
+        fixed = (f"{r['first']:.2f} | {r['last']:.2f} | {r['rest']:.2f}" if "first" in r else " |  | ")
+        start = "" if not r.get("startup") else f"{r['startup']:.1f}"
+        warm = "" if not r.get("warm") else f"{r['warm']:.1f}"
+        print(f"| {r['config']} | {rate:,.0f} | {r['wall']:.1f} | {f'{speed:.2f}x' if speed else ''} | {eff} | "
+              f"{r['job_s']:.2f} | "
+              f"{per} | {fixed} | {start} | {warm} |")
+    print()
+    print("per job (median, ms): dispatch (could start → started in the worker) + in the worker outside its "
+          "replay + return (ended → result in the driver); per batch: plan and merge (the merge streams while "
+          "the jobs run: its CPU in total, and what it left after the last job):")
+    for r in rows:
+        if "per_job" in r:
+            print(f"  {r['config']}: dispatch {1000 * r['dispatch']:.1f} + in worker {1000 * r['in_worker']:.1f} "
+                  f"+ return {1000 * r['return']:.1f}; Σ per-job {r['per_job_sum']:.2f} s over {r['jobs']} jobs; "
+                  f"plan {r['plan']:.2f} s (while starting); after the last job: the executor's stop {r['close']:.2f} s, "
+                  f"then the merge's tail {r['merge']:.2f} s (its thread's CPU in all {r['merge_cpu'] or 0:.2f} s, "
+                  "the rest while the jobs ran)")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--symbols", type=int, default=2)
@@ -181,8 +330,13 @@ def main() -> None:
     ap.add_argument("--ray", action="store_true", help="also on a local Ray, at the largest --workers")
     ap.add_argument("--no-sequential", action="store_true")
     ap.add_argument("--dir", help="work folder (default: a temporary one)")
+    ap.add_argument("--baseline", help="another checkout: its batch rows and this one's, alternately (A/B)")
+    ap.add_argument("--repeat", type=int, default=1, help="with --baseline: runs of each row per checkout")
     ap.add_argument("--control", type=int, nargs="+", metavar="N",
                     help="only: N independent one-job processes at once, for each N (machine scaling)")
+    ap.add_argument("--job-setup", type=int, metavar="JOBS",
+                    help="only, with --baseline: a warm worker's set-up per job, JOBS jobs of one file in a row, "
+                         "--repeat processes per checkout, alternating")
     ap.add_argument("--sequential-child", nargs="+", help=argparse.SUPPRESS)
     ap.add_argument("--control-child", nargs=4, help=argparse.SUPPRESS)
     ap.add_argument("--batch-child", nargs=5, help=argparse.SUPPRESS)
@@ -213,6 +367,11 @@ def main() -> None:
     if args.control:
         control(defn, work, files, args.control)
         return
+    if args.job_setup:
+        if not args.baseline:
+            ap.error("--job-setup needs --baseline")
+        job_setup_ab(Path(args.baseline).resolve(), defn, work, files[0], args.job_setup, args.repeat)
+        return
     rows = []
     if not args.no_sequential:
         t = time.perf_counter()
@@ -221,7 +380,7 @@ def main() -> None:
         wall = time.perf_counter() - t
         r = orjson.loads(proc.stdout.strip().splitlines()[-1])
         rows.append({"config": "sequential (1 process)", "n": 1, "wall": wall, "ticks": r["ticks"],
-                     "jobs": len(files), "overhead": None, "job_s": r["wall_s"] / len(files), "startup": None})
+                     "jobs": len(files), "job_s": r["wall_s"] / len(files), "startup": None})
     counts = sorted({n for group in args.workers for n in group})
     executors = [e.strip() for e in args.executors.split(",") if e.strip()]
     if bad := [e for e in executors if e not in ("local", "ray")]:
@@ -229,58 +388,71 @@ def main() -> None:
     configs = [(e, n) for e in executors for n in counts]
     if args.ray and "ray" not in executors:
         configs.append(("ray", max(counts)))
+    if args.baseline:
+        ab(Path(args.baseline).resolve(), defn, work, configs, args.repeat, args.symbols, rows)
+        return
     digests = {}
     for executor, n in configs:
-        out = work / f"out-{executor}-{n}"
-        # each batch in a process of its own, as a CLI run is: it starts its own pool (fork
-        # server) or Ray, none left warm by the row before
-        proc = subprocess.run([sys.executable, __file__, "--batch-child", str(defn), str(work / "in" / "*.csv"),
-                               str(out), executor, str(n)], capture_output=True, text=True)
-        if proc.returncode:
-            raise SystemExit(f"{executor} --workers {n} failed: {proc.stderr[-3000:]}")
-        r = orjson.loads(proc.stdout.strip().splitlines()[-1])
-        s, wall = r["summary"], r["wall_s"]
-        assert r["exit_code"] == 0 and s["accounting_closes"], s["failed"]
-        jobs = s["jobs"]
-        busy = sum(j["wall_s"] for j in jobs)
-        slots = min(n, args.symbols)
-        rows.append({"config": f"{executor} --workers {n}", "n": n, "wall": wall, "ticks": s["totals"]["read"],
-                     "jobs": len(jobs), "overhead": (wall * slots - busy) / len(jobs), "job_s": busy / len(jobs),
-                     "startup": s["executor_startup_s"], "warm": s.get("workers_warm_s"),
-                     "plan": s["plan_s"], "merge": s["merge_s"],
-                     "setup": float(np.median([j["wall_s"] - j["run_s"] for j in jobs])),
-                     "transfer": float(np.median([j["overhead_s"] for j in jobs if j["overhead_s"] is not None]))})
-        digests[(executor, n)] = merged_digest(out)
+        row = run_batch_row(ROOT, defn, work, executor, n, "run", args.symbols)
+        rows.append(row)
+        digests[(executor, n)] = row["digest"]
     same = len({tuple(sorted(d.items())) for d in digests.values()}) <= 1
-    base = next((r for r in rows if r["config"].startswith("local") and r["n"] == 1), None)
-    print()
-    print("| run | ticks/s | wall s | speedup vs 1 worker | efficiency | mean job s | engine overhead / job | "
-          "overhead % of job | start-up s | workers warm s |")
-    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
-    for r in rows:
-        rate = r["ticks"] / r["wall"]
-        speed = rate / (base["ticks"] / base["wall"]) if base else float("nan")
-        eff = speed / r["n"] if not r["config"].startswith("sequential") else float("nan")
-        over = "" if r["overhead"] is None else f"{r['overhead']:.2f} s"
-        share = "" if r["overhead"] is None else f"{100 * r['overhead'] / r['job_s']:.1f} %"
-        start = "" if not r["startup"] else f"{r['startup']:.1f}"
-        warm = "" if not r.get("warm") else f"{r['warm']:.1f}"
-        print(f"| {r['config']} | {rate:,.0f} | {r['wall']:.1f} | {speed:.2f}x | "
-              f"{'' if eff != eff else f'{eff:.2f}'} | {r['job_s']:.2f} | {over} | {share} | {start} | {warm} |")
+    print_rows(rows)
     print()
     print(f"merged outputs identical across the batch runs: {'yes' if same else 'NO'}")
-    print("start-up: local, from the fork server's start to every worker forked (while the batch is planned); "
-          "ray, import and ray.init (also while planning), then 'workers warm' when one warm-up task per CPU "
-          "has imported the package")
-    print("engine overhead / job = (wall x min(N, symbols) - sum of job times) / jobs; where it goes:")
-    for r in rows:
-        if "plan" in r:
-            slots = min(r["n"], args.symbols)
-            idle = r["overhead"] * r["jobs"]
-            print(f"  {r['config']}: slot time not replaying {idle:.2f} s = plan {r['plan']:.2f} s x {slots} "
-                  f"+ merge {r['merge']:.2f} s x {slots} + the rest {idle - (r['plan'] + r['merge']) * slots:.2f} s "
-                  f"(start-up not hidden by planning, the chains' tails, waits); per job (median): set-up in the "
-                  f"worker {r['setup']:.3f} s, submit-to-result minus job time {r['transfer']:.3f} s")
+
+
+def ab(baseline: Path, defn: Path, work: Path, configs: list[tuple[str, int]], repeat: int,
+       n_symbols: int, rows: list[dict]) -> None:
+    """Every batch row of ``baseline`` and of this checkout, alternately, ``repeat`` times."""
+    for code in (baseline, ROOT):  # each checkout's numba cache filled once, not timed
+        run_batch_row(code, defn, work, "local", 1, "fill", n_symbols)
+    runs: dict[tuple[str, int, str], list[dict]] = {}
+    for i in range(repeat):
+        for executor, n in configs:
+            order = (baseline, ROOT) if i % 2 == 0 else (ROOT, baseline)
+            for code in order:
+                tag = "before" if code == baseline else "after"
+                runs.setdefault((executor, n, tag), []).append(
+                    run_batch_row(code, defn, work, executor, n, f"{tag}{i}", n_symbols))
+    digests = {tuple(sorted(r["digest"].items())) for rs in runs.values() for r in rs}
+    print()
+    print(f"A/B, {repeat} runs of each, alternating (before = {baseline}, after = {ROOT}); medians:")
+    print()
+    print("| run | before wall s | after wall s | after / before | before ticks/s | after ticks/s | "
+          "before lumped overhead / job | after lumped overhead / job |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|")
+    for executor, n in configs:
+        b, a = runs[(executor, n, "before")], runs[(executor, n, "after")]
+        wb, wa = float(np.median([r["wall"] for r in b])), float(np.median([r["wall"] for r in a]))
+        lb, la = float(np.median([r["lumped"] for r in b])), float(np.median([r["lumped"] for r in a]))
+        print(f"| {executor} --workers {n} | {wb:.2f} | {wa:.2f} | {wa / wb:.2f} | {b[0]['ticks'] / wb:,.0f} | "
+              f"{a[0]['ticks'] / wa:,.0f} | {lb:.2f} s | {la:.2f} s |")
+    print()
+    print("| run | set-up in the worker ms, before | after | a chain's first job − its others s, before | after | "
+          "merge after the jobs s, before | after |")
+    print("|---|---:|---:|---:|---:|---:|---:|")
+    for executor, n in configs:
+        b, a = runs[(executor, n, "before")], runs[(executor, n, "after")]
+
+        def med(rs: list[dict], key: str) -> float:
+            return float(np.median([r[key] for r in rs]))
+
+        print(f"| {executor} --workers {n} | {1000 * med(b, 'setup'):.1f} | {1000 * med(a, 'setup'):.1f} | "
+              f"{med(b, 'first_excess'):.2f} | {med(a, 'first_excess'):.2f} | {med(b, 'merge'):.2f} | "
+              f"{med(a, 'merge'):.2f} |")
+    print("(set-up: a job's wall in replay_job minus its replay; merge after the jobs: summary.json's merge_s)")
+    print()
+    print("walls of every run: " + "; ".join(
+        f"{e} {n} {t}: " + ", ".join(f"{r['wall']:.2f}" for r in runs[(e, n, t)])
+        for e, n in configs for t in ("before", "after")))
+    print("lumped overhead / job = (wall x min(N, symbols) - sum of job walls) / jobs (the old figure; "
+          "the after rows split it below)")
+    after = [min(runs[(e, n, "after")], key=lambda r: abs(r["wall"] - float(np.median(
+        [x["wall"] for x in runs[(e, n, "after")]])))) for e, n in configs]
+    print_rows(rows + after)
+    print()
+    print(f"merged outputs identical across every run, before and after: {'yes' if len(digests) == 1 else 'NO'}")
 
 
 if __name__ == "__main__":

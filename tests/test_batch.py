@@ -178,6 +178,11 @@ def test_merged_outputs_equal_one_sequential_run_per_symbol(sample_dir, tmp_path
     assert sorted(p.name for p in (out / "signals").iterdir()) == [
         "symbol=BTCUSDT", "symbol=ETHUSDT", "symbol=SYNUSDT"]
     assert s["outputs"]["vpin"]["rows"] and s["outputs"]["risk"]["rows"]
+    assert all(o["streamed"] for o in s["outputs"].values())  # merged while the jobs ran
+    for job in s["jobs"]:  # each job's time in the engine outside its replay, in three parts
+        assert job["overhead_s"] == job["dispatch_s"] + job["in_worker_s"] + job["return_s"]
+        assert job["in_worker_s"] > 0 and job["run_s"] > 0
+    assert s["first_job_start_s"] is not None and s["after_last_job_s"] is not None
     assert_merged_equals_sequential(out, report, groups, tmp_path)
 
 
@@ -364,7 +369,7 @@ def test_the_merge_appends_parts_one_by_one_and_sorts_a_symbol_whose_parts_overl
          pa.table({"symbol": ["B"] * 3, "ts_ns": [5, 10, 30], "x": [3.0, 4.0, 5.0]})]  # starts before
     results = [_part_result(tmp_path, i, t) for i, t in enumerate(a + b)]
     merged = merge_outputs(tmp_path / "out", results)
-    assert merged["signals"]["rows"] == 12
+    assert merged["signals"]["rows"] == 12 and merged["signals"]["streamed"] is False
     fa = pq.ParquetFile(tmp_path / "out" / "signals" / "symbol=A" / "part-0.parquet")
     assert fa.metadata.num_row_groups == 3  # appended part by part, not concatenated in memory
     ta = fa.read()
@@ -373,6 +378,68 @@ def test_the_merge_appends_parts_one_by_one_and_sorts_a_symbol_whose_parts_overl
     tb = pq.read_table(tmp_path / "out" / "signals" / "symbol=B" / "part-0.parquet")
     assert tb["ts_ns"].to_pylist() == [5, 10, 10, 20, 30]
     assert tb["x"].to_pylist() == [3.0, 1.0, 4.0, 2.0, 5.0]  # stable: the tie keeps the chain's order
+
+
+def test_the_streaming_merge_holds_a_result_ahead_of_its_turn_and_writes_what_the_whole_merge_writes(tmp_path):
+    from nautilus_pipeline.batch.merge import StreamingMerge, _merge_all
+
+    rng = np.random.default_rng(5)
+    results, start = [], {"A": 0, "B": 10**9}
+    for sym in ("A", "B"):
+        for i in range(3):
+            n = int(rng.integers(1, 50))
+            ts = start[sym] + np.sort(rng.integers(0, 1000, n))
+            start[sym] = int(ts[-1])
+            table = pa.table({"symbol": pa.array([sym] * n).dictionary_encode(), "ts_ns": ts,
+                              "x": rng.normal(size=n)})
+            path = tmp_path / f"{sym}-{i}.parquet"
+            pq.write_table(table, path)
+            results.append(JobResult(f"{sym}/{i:04d}", (), str(tmp_path), {"signals": str(path)}, {}, {}, {}, b""))
+    merger = StreamingMerge(tmp_path / "streamed")
+    for res in [results[1], results[3], results[0], results[4], results[2], results[5]]:  # A/0001 first
+        merger.add(res)
+    got = merger.finish(results)
+    want: dict = {}
+    _merge_all(tmp_path / "whole", {"signals": [(r.job_id, r.paths["signals"]) for r in results]}, want)
+    assert got["signals"]["streamed"] and got["signals"]["rows"] == want["signals"]["rows"]
+    for sym in ("A", "B"):
+        a = pq.read_table(tmp_path / "streamed" / "signals" / f"symbol={sym}" / "part-0.parquet")
+        b = pq.read_table(tmp_path / "whole" / "signals" / f"symbol={sym}" / "part-0.parquet")
+        assert a.equals(b) and a.schema.equals(b.schema)
+    assert not list((tmp_path / "streamed").glob(".*.merging"))
+
+
+def test_engine_times_count_from_when_a_job_could_start():
+    """Dispatch is counted from the latest of: submitted, its chain's job before ended, its
+    worker's job before ended, its worker warm; never the time it queued behind others."""
+    from nautilus_pipeline.batch import engine_times
+    from nautilus_pipeline.batch.executors import Outcome
+
+    def job(job_id, pid, started, ended, run_s):
+        return JobResult(job_id, (), "", {}, {}, {}, {}, b"", run_s=run_s, pid=pid, started_at=started,
+                         ended_at=ended)
+
+    out = Outcome(results=[job("A/0000", 1, 10.0, 12.0, 1.5), job("B/0000", 1, 12.25, 14.0, 1.0),
+                           job("A/0001", 2, 12.5, 13.0, 0.25)],
+                  submitted_at={"A/0000": 1.0, "B/0000": 1.0, "A/0001": 12.125},
+                  returned_at={"A/0000": 12.125, "B/0000": 14.5, "A/0001": 13.0},
+                  warm_at={1: 9.0, 2: 12.375})
+    t = engine_times(out)
+    assert t["A/0000"] == {"dispatch_s": 1.0, "in_worker_s": 0.5, "return_s": 0.125, "overhead_s": 1.625}
+    assert t["B/0000"]["dispatch_s"] == 0.25  # queued behind A/0000 on worker 1 until 12.0
+    assert t["A/0001"]["dispatch_s"] == 0.125  # its worker warm at 12.375
+    assert t["A/0001"]["in_worker_s"] == 0.25 and t["A/0001"]["return_s"] == 0.0
+
+
+def test_a_worker_warms_up_on_the_batch_definition_and_one_the_sample_does_not_fit_warms_imports_only():
+    import concurrent.futures as cf
+
+    from nautilus_pipeline.batch import executors
+
+    with cf.ProcessPoolExecutor(max_workers=1, mp_context=executors._worker_context()) as pool:
+        for name in ("default", "quotes"):  # quotes: the trades sample has no ts_recv_ns for it
+            pid, imported, warm = pool.submit(executors.warm_up, "warning", 1, load(name)).result(timeout=300)
+            assert pid != os.getpid() and imported <= warm
 
 
 MERGE_MEMORY_CHILD = """

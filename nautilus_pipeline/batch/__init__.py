@@ -15,6 +15,7 @@ dying), 130 interrupted (what finished is merged and summarised).
 from __future__ import annotations
 
 import contextlib
+import itertools
 import os
 import signal
 import threading
@@ -36,7 +37,7 @@ from .executors import (
     threads_per_worker,
 )
 from .job import JobResult, replay_job
-from .merge import merge_outputs, output_kinds, summarise, write_summary
+from .merge import StreamingMerge, chain_index, output_kinds, summarise, write_summary
 from .plan import Chain, JobSpec, calibrate_chain, expand_inputs, needs_calibration, plan
 
 EXIT_OK, EXIT_ERROR, EXIT_DATA, EXIT_STAGE, EXIT_INTERRUPTED = 0, 1, 4, 5, 130
@@ -63,7 +64,7 @@ def run_batch(definition: str | Path, inputs: Sequence[str | Path], out: str | P
     while the jobs run, the jobs that finished, merged; while merging, the kinds merged so
     far (``merge_incomplete`` lists the others; every finished job's own outputs stay in
     ``OUT/jobs/``). ``interrupted_in`` names the phase."""
-    t0 = time.perf_counter()
+    t0, t0_epoch = time.perf_counter(), time.time()
     if executor not in EXECUTORS:
         raise config.ConfigError(f"executor must be one of {sorted(EXECUTORS)}, got {executor!r}")
     d = config.load(definition)
@@ -79,38 +80,42 @@ def run_batch(definition: str | Path, inputs: Sequence[str | Path], out: str | P
     phase, stopped_in = "plan", None
     times = {"plan_s": 0.0, "run_s": 0.0, "merge_s": 0.0}
     t_phase = t0
+    merger: StreamingMerge | None = None
     try:
-        runner.prepare(log_level)
+        runner.prepare(log_level, d)
         try:
             chains = plan(d, files, format=format, symbol=symbol, trace_every=trace_every)
         except BaseException:
             runner.close()  # the workers started for the batch
             raise
-        work = Work(str(d.path), str(out), batch_size=batch_size, format=format, symbol=symbol,
+        work = Work(d, str(out), batch_size=batch_size, format=format, symbol=symbol,
                     log_level=log_level, calibrate=bool(needs_calibration(d)),
                     threads=threads_per_worker(workers or os.cpu_count() or 1))
-        progress = progress or Progress()
-        progress.start(sum(len(c.files) for c in chains))
+        merger = StreamingMerge(out)
+        feed = _Feeding(progress or Progress(), merger)
+        feed.start(sum(len(c.files) for c in chains))
         times["plan_s"], t_phase, phase = time.perf_counter() - t0, time.perf_counter(), "run"
-        runner.run(work, chains, progress, outcome)
+        runner.run(work, chains, feed, outcome)
         if outcome.interrupted:  # the executor caught it: merge what finished
             stopped_in = "run"
         _remove_leftovers(out)
         times["run_s"], t_phase, phase = time.perf_counter() - t_phase, time.perf_counter(), "merge"
         kinds = output_kinds(outcome.results)
-        merge_outputs(out, outcome.results, merged=merged)
-        times["merge_s"] = time.perf_counter() - t_phase
+        merger.finish(outcome.results, merged=merged)
+        times["merge_s"] = time.perf_counter() - t_phase  # what the merge left after the jobs
     except KeyboardInterrupt:
         stopped_in = phase
         times[f"{phase}_s"] = time.perf_counter() - t_phase
         outcome.interrupted = True
         runner.close()
+        if merger is not None:
+            merger.abort()
         outcome.in_order(chains)
         if phase == "run":
             _remove_leftovers(out)
     with _shielded():  # a second Ctrl-C must not cost the summary
         summary = _summary(d, files, chains, outcome, merged, kinds, runner, executor, ray_address,
-                           stopped_in, times, t0)
+                           stopped_in, times, t0, t0_epoch, None if merger is None else merger.cpu_s)
         write_summary(out, summary)
     if outcome.interrupted:
         code = EXIT_INTERRUPTED
@@ -128,23 +133,82 @@ def run_batch(definition: str | Path, inputs: Sequence[str | Path], out: str | P
 def _summary(d: config.PipelineDef, files: Sequence[Path], chains: list[Chain], outcome: Outcome,
              merged: dict[str, dict[str, Any]], kinds: list[str], runner: Any, executor: str,
              ray_address: str | None, stopped_in: str | None, times: dict[str, float],
-             t0: float) -> dict[str, Any]:
+             t0: float, t0_epoch: float, merge_cpu_s: float | None) -> dict[str, Any]:
     planned = {f.path for c in chains for f in c.files}
-    overheads = {r.job_id: outcome.returned_at[r.job_id] - outcome.submitted_at[r.job_id] - r.wall_s
-                 for r in outcome.results if r.job_id in outcome.returned_at and r.job_id in outcome.submitted_at}
+    engine = engine_times(outcome)
+    returned = [outcome.returned_at[r.job_id] for r in outcome.results if r.job_id in outcome.returned_at]
+    started = [r.started_at for r in outcome.results if r.started_at]
     summary = summarise(chains, outcome.results, outcome.failures, merged, meta={
         "pipeline": d.name, "definition": str(d.path), "executor": executor,
         "workers": getattr(runner, "workers", None), "ray_address": ray_address,
         "interrupted": outcome.interrupted, "interrupted_in": stopped_in, "retries": outcome.retries,
         "executor_startup_s": outcome.startup_s, "workers_warm_s": outcome.warm_s,
         "ray_cluster": outcome.cluster, "wall_s": time.perf_counter() - t0, **times,
+        # the batch's fixed costs (epoch s differences, one host's clock): before the first
+        # job's start (start-up and plan not hidden), after the last job's return (merge, summary)
+        "first_job_start_s": min(started) - t0_epoch if started else None,
+        "after_last_job_s": time.time() - max(returned) if returned else None,
+        "merge_cpu_s": merge_cpu_s, "executor_close_s": outcome.close_s,
         "code_version": code_version(),
     }, unplanned=[str(f) for f in files if str(f) not in planned])
     summary["merge_incomplete"] = [k for k in kinds if k not in merged] if stopped_in == "merge" else []
     for job in summary["jobs"]:
-        job["overhead_s"] = overheads.get(job["job"])
+        job.update(engine.get(job["job"], {}))
         job["attempts"] = outcome.attempts.get(job["job"])
     return summary
+
+
+def engine_times(outcome: Outcome) -> dict[str, dict[str, float]]:
+    """Per job, the time it spent in the engine outside its replay (seconds):
+
+    - ``dispatch_s``: from when it could start (submitted, its chain's previous job ended, its
+      worker free of the job before and warm) to its start in the worker: scheduling, the
+      arguments' transfer (the state carried in), a queue's hop;
+    - ``in_worker_s``: in the worker but not replaying (building the run, restoring the
+      state, writing its summary, renaming its outputs into place);
+    - ``return_s``: from its end in the worker to the driver holding its result;
+    - ``overhead_s``: the three together.
+
+    Epoch clocks of the worker and the driver: exact on one host; across a Ray cluster's
+    hosts the clocks' offset adds to ``dispatch_s`` and ``return_s``."""
+    by_pid: dict[int, list[JobResult]] = {}
+    for r in outcome.results:
+        by_pid.setdefault(r.pid, []).append(r)
+    previous_on_worker = {}
+    for runs in by_pid.values():
+        runs.sort(key=lambda r: r.started_at)
+        for before, after in itertools.pairwise(runs):
+            previous_on_worker[after.job_id] = before.ended_at
+    ended = {r.job_id: r.ended_at for r in outcome.results}
+    out = {}
+    for r in outcome.results:
+        if not (r.started_at and r.job_id in outcome.submitted_at and r.job_id in outcome.returned_at):
+            continue
+        chain, index = chain_index(r.job_id)
+        before_in_chain = ended.get(f"{chain}/{index - 1:04d}", 0.0)
+        free = max(outcome.submitted_at[r.job_id], before_in_chain, previous_on_worker.get(r.job_id, 0.0),
+                   outcome.warm_at.get(r.pid, 0.0))
+        times = {"dispatch_s": r.started_at - free, "in_worker_s": r.ended_at - r.started_at - r.run_s,
+                 "return_s": outcome.returned_at[r.job_id] - r.ended_at}
+        out[r.job_id] = {**times, "overhead_s": sum(times.values())}
+    return out
+
+
+class _Feeding(Progress):
+    """The caller's progress, and each finished job handed to the streaming merge."""
+
+    def __init__(self, inner: Progress, merger: StreamingMerge):
+        self.inner, self.merger = inner, merger
+
+    def start(self, jobs: int) -> None:
+        self.inner.start(jobs)
+
+    def job_done(self, result: JobResult) -> None:
+        self.merger.add(result)
+        self.inner.job_done(result)
+
+    def chain_failed(self, chain: str, error: str, jobs_left: int) -> None:
+        self.inner.chain_failed(chain, error, jobs_left)
 
 
 @contextlib.contextmanager
@@ -173,4 +237,4 @@ def _remove_leftovers(out: Path) -> None:
 
 
 __all__ = ["BatchReport", "Chain", "JobResult", "JobSpec", "LocalExecutor", "Progress", "RayExecutor",
-           "calibrate_chain", "expand_inputs", "plan", "replay_job", "run_batch"]
+           "calibrate_chain", "engine_times", "expand_inputs", "plan", "replay_job", "run_batch"]

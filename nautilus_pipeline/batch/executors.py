@@ -38,6 +38,7 @@ import os
 import shutil
 import signal
 import sys
+import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -47,6 +48,7 @@ from typing import Any
 
 import structlog
 
+from ..config import PipelineDef
 from ..errors import ConfigError, DataError
 from .job import JobResult, replay_job
 from .plan import Chain, JobSpec, calibrate_chain, check_follows
@@ -58,7 +60,7 @@ log = structlog.get_logger("nautilus_pipeline.batch")
 class Work:
     """What every job of a batch shares."""
 
-    definition: str
+    definition: str | PipelineDef  # the driver's, parsed once (a copy travels with each job)
     out: str
     batch_size: int | None = None
     format: str | None = None
@@ -86,10 +88,13 @@ class Outcome:
     data_failures: set[str] = field(default_factory=set)
     retries: int = 0
     interrupted: bool = False
-    startup_s: float = 0.0  # from prepare to the executor ready to take jobs (ray: ray.init)
-    warm_s: float | None = None  # from prepare to every worker's imports done (warm_up)
-    submitted_at: dict[str, float] = field(default_factory=dict)
-    returned_at: dict[str, float] = field(default_factory=dict)
+    startup_s: float = 0.0  # from prepare to the executor ready to take jobs (local: every
+    # worker's imports done; ray: ray.init)
+    warm_s: float | None = None  # from prepare to every worker warm (warm_up)
+    warm_at: dict[int, float] = field(default_factory=dict)  # worker pid → warm at (epoch s)
+    close_s: float = 0.0  # stopping the workers after the last job (ray: ray.shutdown)
+    submitted_at: dict[str, float] = field(default_factory=dict)  # epoch s, in the driver
+    returned_at: dict[str, float] = field(default_factory=dict)  # epoch s, in the driver
     attempts: dict[str, int] = field(default_factory=dict)  # job → runs it took (local)
     cluster: dict[str, Any] | None = None  # ray: the cluster the jobs ran on
 
@@ -151,7 +156,9 @@ def run_job(work: Work, spec: JobSpec, overrides: dict[str, Any], trace_every: i
             state: bytes | None, last: tuple[str | None, int | None] | None = None) -> JobResult:
     """One job in a worker. ``last``: (file, key) of the chain's last tick so far; a file
     that starts before it is refused (:func:`~.plan.check_follows`), and a job that delivers
-    no tick passes it on."""
+    no tick passes it on. ``started_at``/``ended_at`` (epoch s) are stamped here, so that
+    the time a job spends in the engine outside its replay is measured per job."""
+    started = time.time()
     with _busy(work, spec.job_id):
         _worker_setup(work.log_level, work.threads)
         check_follows(last, spec)
@@ -160,17 +167,34 @@ def run_job(work: Work, spec: JobSpec, overrides: dict[str, Any], trace_every: i
                          batch_size=work.batch_size, format=work.format, symbol=work.symbol)
     if res.last_ts_ns is None and last is not None:
         res = replace(res, last_file=last[0], last_ts_ns=last[1])
-    return res
+    return replace(res, started_at=started, ended_at=time.time())
 
 
-def warm_up(log_level: str, threads: int) -> int:
-    """Imports a job needs (the stages, the readers), done while the driver plans the batch;
-    returns the worker's pid."""
+WARM_SAMPLE = Path(__file__).resolve().parents[1] / "data" / "binance-um-btcusdt-trades-20240808.csv"
+"""The bundled 21K-trade file a worker replays once, through the batch's definition, to warm up."""
+
+
+def warm_up(log_level: str, threads: int,
+            definition: str | PipelineDef | None = None) -> tuple[int, float, float]:
+    """A worker's start, done while the driver plans the batch: the imports a job needs and,
+    given the batch's ``definition``, one replay of :data:`WARM_SAMPLE` through it, which
+    loads the numba kernels and the model (0.42 s of a worker's first job otherwise, against
+    0.05-0.09 s for the same replay warm: measured on the loaded dev VM), so that a job's time
+    is its replay's. Best effort: a definition the sample does not fit (a book pipeline, a
+    ``--format``) warms the imports only. Returns the worker's pid, when its imports were
+    done and when it was warm (epoch s)."""
     _worker_setup(log_level, threads)
     from .. import app, stages  # noqa: F401
     from ..io import Replay  # noqa: F401
 
-    return os.getpid()
+    imported = time.time()
+    if definition is not None:
+        with tempfile.TemporaryDirectory(prefix="nautilus-warm-") as tmp:
+            try:
+                replay_job(definition, [WARM_SAMPLE], Path(tmp) / "warm", None, trace_every=1)
+            except Exception as exc:  # the jobs will say what is wrong, if anything is
+                log.debug("batch_warm_up_replay_skipped", error=f"{type(exc).__name__}: {exc}")
+    return os.getpid(), imported, time.time()
 
 
 def run_calibration(work: Work, chain: Chain) -> dict[str, Any]:
@@ -247,10 +271,11 @@ class LocalExecutor:
         self._warm: list[cf.Future] = []
         self._t_prepare = 0.0
 
-    def prepare(self, log_level: str) -> None:
-        """Start the workers now (the fork server's imports take seconds), while the batch is planned."""
+    def prepare(self, log_level: str, definition: str | PipelineDef | None = None) -> None:
+        """Start the workers now (the fork server's imports take seconds) and warm them up
+        with ``definition`` (:func:`warm_up`), while the batch is planned."""
         threads = threads_per_worker(self.workers)
-        self._t_prepare = time.perf_counter()
+        self._t_prepare = time.time()
         pool = self._ready = self._pool(Work("", "", log_level=log_level, threads=threads))
         self._warm = []
 
@@ -258,9 +283,7 @@ class LocalExecutor:
             # a submit starts a worker, which waits for the fork server's imports: in a thread,
             # so that the driver plans meanwhile
             for _ in range(self.workers):
-                fut = pool.submit(warm_up, log_level, threads)
-                fut.add_done_callback(lambda f: setattr(f, "done_at", time.perf_counter()))
-                self._warm.append(fut)
+                self._warm.append(pool.submit(warm_up, log_level, threads, definition))
 
         self._starting = threading.Thread(target=start, name="pool-start", daemon=True)
         self._starting.start()
@@ -297,7 +320,7 @@ class LocalExecutor:
                 fut = pool.submit(run_calibration, work, chain)
             else:
                 spec = chain.jobs()[task.index]
-                out.submitted_at[spec.job_id] = time.perf_counter()
+                out.submitted_at[spec.job_id] = time.time()
                 fut = pool.submit(run_job, work, spec, chain.overrides, chain.trace_every, task.state, task.last)
             pending[fut] = task
 
@@ -329,7 +352,7 @@ class LocalExecutor:
                         chain.overrides = value
                         submit(_Task(chain, 0))
                         continue
-                    out.returned_at[value.job_id] = time.perf_counter()
+                    out.returned_at[value.job_id] = time.time()
                     out.attempts[value.job_id] = task.attempt + 1
                     out.results.append(value)
                     progress.job_done(value)
@@ -360,11 +383,15 @@ class LocalExecutor:
             out.interrupted = True
             _terminate(pool)
         finally:
+            t_close = time.time()
             pool.shutdown(wait=True, cancel_futures=True)
+            out.close_s = time.time() - t_close
             shutil.rmtree(busy_dir, ignore_errors=True)
-            ends = [getattr(f, "done_at", None) for f in warm]
-            if warm and None not in ends:  # the pool's start: fork server, imports, every worker
-                out.startup_s = out.warm_s = max(ends) - self._t_prepare
+            done = [f.result() for f in warm if f.done() and not f.cancelled() and f.exception() is None]
+            if warm and len(done) == len(warm):  # the pool's start: fork server, imports, every worker
+                out.startup_s = max(imported for _, imported, _ in done) - self._t_prepare
+                out.warm_s = max(at for _, _, at in done) - self._t_prepare
+                out.warm_at.update({pid: at for pid, _, at in done})
         out.in_order(chains)
         return out
 
@@ -375,9 +402,10 @@ PRELOAD = ["nautilus_pipeline.batch.executors", "nautilus_pipeline.app", "nautil
 pandas too where installed: pyarrow imports it at a reader's first ``fill_null`` (0.7 s on
 a quiet 2-core VM, 2.6 s loaded), which every worker's first job paid.
 Imports only: the threads they leave (BLAS's, pyarrow's allocator) handle a fork. Numba's
-kernels are loaded by each worker on its first job (a warm-up replay in the server, tried,
-cost a serial 1.5-2 s at start-up for ~0.3 s saved per worker in parallel, and left pyarrow's
-thread pools and an io_uring thread running in the process that forks)."""
+kernels are loaded by each worker's :func:`warm_up`, in parallel, while the driver plans (a
+warm-up replay in the server, tried, cost a serial 1.5-2 s at start-up for ~0.3 s saved per
+worker in parallel, and left pyarrow's thread pools and an io_uring thread running in the
+process that forks)."""
 
 
 _server_env: dict[str, str] | None = None
@@ -443,10 +471,10 @@ class RayExecutor:
         self._times: dict[str, float] = {}
         self._warm: list[Any] = []
 
-    def prepare(self, log_level: str) -> None:
-        """Start Ray (import, ``ray.init``) and one warm-up task per CPU (the workers' imports)
+    def prepare(self, log_level: str, definition: str | PipelineDef | None = None) -> None:
+        """Start Ray (import, ``ray.init``) and one warm-up task per worker (:func:`warm_up`)
         in a thread now, while the driver plans the batch: seconds that no longer add up."""
-        self._times = {"prepare": time.perf_counter()}
+        self._times = {"prepare": time.time()}
         self._start_error = None
         self._ready_event, self._hold = threading.Event(), threading.Event()
 
@@ -455,12 +483,13 @@ class RayExecutor:
                 self._init()
                 import ray
 
-                self._times["init"] = time.perf_counter()
+                self._times["init"] = time.time()
                 task = ray.remote(num_cpus=1)(warm_up)
                 cpus = int(ray.cluster_resources().get("CPU", 1))
                 threads = threads_per_worker(self.workers or cpus)
                 # one per worker the batch will use, not per CPU of a shared cluster
-                self._warm = [task.remote(log_level, threads) for _ in range(min(cpus, self.workers or cpus))]
+                self._warm = [task.remote(log_level, threads, definition)
+                              for _ in range(min(cpus, self.workers or cpus))]
             except BaseException as exc:  # raised again in run()
                 self._start_error = exc
             finally:
@@ -511,7 +540,7 @@ class RayExecutor:
         try:
             if self._starting is None:  # not prepared: start now
                 self._started = False
-                self.prepare(work.log_level)
+                self.prepare(work.log_level, work.definition)
             self._ready_event.wait()
             if self._start_error is not None:
                 raise self._start_error
@@ -523,17 +552,20 @@ class RayExecutor:
             # The jobs queue behind the warm-ups in any case: waiting is only to time them, so
             # a busy cluster that cannot run them soon is said, not sat out in silence.
             if warm:
-                _, pending = ray.wait(warm, num_returns=len(warm), timeout=WARM_WAIT_S)
+                ready, pending = ray.wait(warm, num_returns=len(warm), timeout=WARM_WAIT_S)
+                out.warm_at.update({pid: at for pid, _, at in ray.get(ready)})
                 if pending:
                     log.warning("ray_workers_not_warm", pending=len(pending), of=len(warm), waited_s=WARM_WAIT_S)
                 else:
-                    out.warm_s = time.perf_counter() - t_prepare
+                    out.warm_s = max(out.warm_at.values()) - t_prepare
             out.cluster = {"gcs_address": ray.get_runtime_context().gcs_address,
                            "nodes": len(ray.nodes()), "cpus": ray.cluster_resources().get("CPU"),
                            "started_here": self.address is None}
             return self._run(ray, work, chains, progress, out)
         finally:
+            t_close = time.time()
             self.close()
+            out.close_s = time.time() - t_close
 
     def _run(self, ray: Any, work: Work, chains: list[Chain], progress: Progress, out: Outcome) -> Outcome:
         job = ray.remote(num_cpus=1, max_retries=self.max_retries)(_ray_job)
@@ -547,7 +579,7 @@ class RayExecutor:
             overrides: Any = calibrate.remote(work, chain) if work.calibrate else chain.overrides
             previous = None
             for spec in chain.jobs():
-                out.submitted_at[spec.job_id] = time.perf_counter()
+                out.submitted_at[spec.job_id] = time.time()
                 previous = job.remote(work, spec, overrides, chain.trace_every, previous)
                 refs[previous] = (chain, spec)
         pending = list(refs)
@@ -564,7 +596,7 @@ class RayExecutor:
                             progress.chain_failed(chain.key, out.failures[chain.key],
                                                   len(chain.files) - spec.index)
                         continue
-                    out.returned_at[res.job_id] = time.perf_counter()
+                    out.returned_at[res.job_id] = time.time()
                     out.results.append(res)
                     progress.job_done(res)
         except KeyboardInterrupt:

@@ -54,6 +54,8 @@ class JobResult:
     overrides: dict[str, dict[str, Any]] = field(default_factory=dict)
     last_ts_ns: int | None = None  # the replay key of the last tick delivered (None: none)
     last_file: str | None = None  # the file it came from
+    started_at: float = 0.0  # epoch seconds in the worker: the job taken up (executors.run_job)
+    ended_at: float = 0.0  # epoch seconds in the worker: the result about to be returned
 
     @property
     def last(self) -> tuple[str | None, int | None]:
