@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import concurrent.futures as cf
 import contextlib
-import importlib.util
 import multiprocessing
 import os
 import shutil
@@ -397,10 +396,10 @@ class LocalExecutor:
 
 
 PRELOAD = ["nautilus_pipeline.batch.executors", "nautilus_pipeline.app", "nautilus_pipeline.stages",
-           "nautilus_pipeline.io", *(["pandas"] if importlib.util.find_spec("pandas") else [])]
+           "nautilus_pipeline.io"]
 """What the fork server imports once, so that each worker forked from it starts with it.
-pandas too where installed: pyarrow imports it at a reader's first ``fill_null`` (0.7 s on
-a quiet 2-core VM, 2.6 s loaded), which every worker's first job paid.
+(pandas was preloaded too while pyarrow imported it at a reader's first ``fill_null``; the
+readers no longer ask pyarrow for it: :mod:`nautilus_pipeline.io.arrow_numpy`.)
 Imports only: the threads they leave (BLAS's, pyarrow's allocator) handle a fork. Numba's
 kernels are loaded by each worker's :func:`warm_up`, in parallel, while the driver plans (a
 warm-up replay in the server, tried, cost a serial 1.5-2 s at start-up for ~0.3 s saved per
