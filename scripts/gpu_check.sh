@@ -11,7 +11,7 @@
 #   2) carry [".mlx-b", ...]:             bash scripts/gpu_check.sh [all|tests,pipeline,engine,bench]
 #
 # "gputests" runs only the GPU and MLX tests (by name), e.g. "gputests,pipeline" in one call.
-# "batch": scripts/bench_batch.py at BATCH_WORKERS local workers (default pipeline on the
+# "batch": scripts/bench_batch.py at BATCH_WORKERS local workers, BATCH_TRADES per file (default pipeline on the
 # host's cores), then `batch pipelines/gpu.toml --workers N` on the same files (GPU_WORKERS);
 # BATCH_BIG=N: no scaling table, 16 generated files of N trades each for the gpu.toml runs.
 # "profile": scripts/profile_pipeline.py on 10M generated trades through pipelines/gpu.toml at
@@ -216,7 +216,7 @@ if want batch; then
     wait
     echo "input: 16 files x $BATCH_BIG generated trades"
   else
-    timeout 300 python3 scripts/bench_batch.py --symbols 16 --days 1 --trades 600000 \
+    timeout 400 python3 scripts/bench_batch.py --symbols 16 --days 1 --trades ${BATCH_TRADES:-600000} \
       --workers ${BATCH_WORKERS:-1 2 4 8 16} --no-sequential --dir /tmp/bb 2>&1 | tee "$out/bench_batch.txt"
   fi
   for w in ${GPU_WORKERS:-16}; do
