@@ -166,7 +166,15 @@ def test_table_from_rows_equals_from_pylist(kinds, n, data):
         return  # rows pyarrow itself refuses (mixed kinds): ours goes to pa.array and refuses too
     got = table_from_rows(rows)
     assert got.schema.equals(want.schema), (got.schema, want.schema)
-    norm = lambda v: "nan" if isinstance(v, float) and v != v else v  # noqa: E731
+    def norm(v):  # NaN == NaN, at any depth
+        if isinstance(v, float) and v != v:
+            return "nan"
+        if isinstance(v, dict):
+            return {k: norm(x) for k, x in v.items()}
+        if isinstance(v, list):
+            return [norm(x) for x in v]
+        return v
+
     for name in want.column_names:
         assert [norm(v) for v in got[name].to_pylist()] == [norm(v) for v in want[name].to_pylist()]
 
