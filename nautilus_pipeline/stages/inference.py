@@ -62,8 +62,12 @@ LIVE_ROWS = 16
 # the stream's worker computes the first. Rows are independent in RowOrderForward and take
 # the same operations wherever they fall, so the bits do not change (tests/test_engine_*);
 # inference is the largest stage of the default chain (1.5-2.2 ms of ~3.2 ms per 4096-row
-# batch on the dev VM), the one that kept a second core idle. Measured by
-# ``scripts/bench_pipeline.py --lanes-ab`` (rows "concurrent" vs "conc lanes1"; README, Numbers).
+# batch on the dev VM), the one that kept a second core idle. Measured, two lanes against one
+# (``scripts/bench_pipeline.py --lanes-ab``: rows "concurrent" vs "conc lanes1"): on the 2-core
+# dev VM, quiet, 10M trades 1.311/1.316M vs 1.318M ticks/s (the other stages fill the second
+# core already), 2M -7 %/+3 %; ``Pipeline.ingest`` of generated trades at load 0.5 x1.16 (the
+# review's A/B); the H200 host's 16 cores 700K vs 646K (+8 %, within its spread). Kept on by
+# default for hosts with cores to spare; ``lanes = 1`` where a second thread is not wanted.
 SPLIT_MIN_ROWS = 1024
 # The other runners (torch, MLX, Core ML, the numpy runner of tanh/silu models) get rows
 # padded to a multiple of ROW_MULTIPLE. OpenBLAS computes one row with sgemv and row counts
