@@ -494,3 +494,60 @@ def test_workers_get_the_drivers_environment_as_it_is_when_their_pool_starts(mon
     assert worker_sees() == ("spawn", "changed")
     monkeypatch.delenv("NT_TEST_ENV_REACHES_WORKERS")
     assert worker_sees() == ("forkserver", None)
+
+
+def _signals_result(tmp: Path, sym: str, i: int, ts: list[int]) -> JobResult:
+    path = tmp / f"{sym}-{i}.parquet"
+    pq.write_table(pa.table({"symbol": [sym] * len(ts), "ts_ns": ts}), path)
+    return JobResult(f"{sym}/{i:04d}", (), str(tmp), {"signals": str(path)}, {}, {}, {}, b"")
+
+
+def test_what_a_killed_batch_left_streaming_is_not_installed_with_the_next_one(tmp_path):
+    """A batch killed (-9, OOM) while its merge streamed leaves ``OUT/.<kind>.merging/``; the
+    next batch into OUT must install its own parts only (review finding: a stale partition was
+    installed, and the dataset held more rows than summary.json said)."""
+    from nautilus_pipeline.batch.merge import StreamingMerge
+
+    out = tmp_path / "out"
+    stale = out / ".signals.merging" / "symbol=STALE"
+    stale.mkdir(parents=True)
+    pq.write_table(pa.table({"ts_ns": [1, 2, 3]}), stale / "part-0.parquet")
+    results = [_signals_result(tmp_path, "A", 0, [1, 2]), _signals_result(tmp_path, "A", 1, [3, 4])]
+    merge = StreamingMerge(out)
+    for r in results:
+        merge.add(r)
+    merged = merge.finish(results)
+    assert merged["signals"]["rows"] == 4
+    assert {p.name for p in (out / "signals").iterdir()} == {"symbol=A"}
+
+
+def test_an_error_while_the_jobs_run_stops_the_merge_and_leaves_no_half_written_file(tmp_path):
+    """Not only a Ctrl-C: any failure of the run phase joins the merge thread and removes its
+    unfinished Parquet files (review finding: the thread and footer-less files were left)."""
+    from nautilus_pipeline.batch import Progress
+
+    class Boom(Progress):
+        def job_done(self, result):
+            raise RuntimeError("a progress callback failed")
+
+    out = tmp_path / "out"
+    files = [str(p) for p in generated(tmp_path / "a", symbol="SYNUSDT", days=2)]
+    with pytest.raises(RuntimeError, match="progress callback failed"):
+        run_batch(str(find_definition("default")), files, out, workers=1, progress=Boom())
+    assert not [t for t in threading.enumerate() if t.name == "batch-merge"]
+    assert not list(out.glob(".*.merging/**/*.parquet"))
+
+
+def _warm_up_that_fails(log_level, threads, definition=None):
+    raise MemoryError("the warm-up replay ran out of memory")  # a worker lost while warming
+
+
+def test_a_failed_ray_warm_up_costs_its_timing_not_the_batch(tmp_path, monkeypatch):
+    """Review finding: one warm-up task that failed made ``ray.get`` raise and failed the batch."""
+    pytest.importorskip("ray")
+    import nautilus_pipeline.batch.executors as executors
+
+    monkeypatch.setattr(executors, "warm_up", _warm_up_that_fails)
+    files = [str(p) for p in generated(tmp_path / "a", symbol="SYNUSDT", days=1)]
+    report = run_batch(str(find_definition("default")), files, tmp_path / "out", executor="ray", workers=1)
+    assert report.exit_code == 0 and report.summary["accounting_closes"]

@@ -113,6 +113,13 @@ def run_batch(definition: str | Path, inputs: Sequence[str | Path], out: str | P
         outcome.in_order(chains)
         if phase == "run":
             _remove_leftovers(out)
+    except BaseException:
+        # any other failure: the merge thread joined and its half-written files removed, the
+        # workers stopped, then the error goes on (review finding: they were left behind)
+        if merger is not None:
+            merger.abort()
+        runner.close()
+        raise
     with _shielded():  # a second Ctrl-C must not cost the summary
         summary = _summary(d, files, chains, outcome, merged, kinds, runner, executor, ray_address,
                            stopped_in, times, t0, t0_epoch, None if merger is None else merger.cpu_s)

@@ -552,10 +552,16 @@ class RayExecutor:
             # a busy cluster that cannot run them soon is said, not sat out in silence.
             if warm:
                 ready, pending = ray.wait(warm, num_returns=len(warm), timeout=WARM_WAIT_S)
-                out.warm_at.update({pid: at for pid, _, at in ray.get(ready)})
+                for ref in ready:  # a warm-up that failed (a worker lost) costs its timing only
+                    try:
+                        pid, _, at = ray.get(ref)
+                    except Exception as exc:
+                        log.warning("ray_warm_up_failed", error=f"{type(exc).__name__}: {exc}"[:300])
+                        continue
+                    out.warm_at[pid] = at
                 if pending:
                     log.warning("ray_workers_not_warm", pending=len(pending), of=len(warm), waited_s=WARM_WAIT_S)
-                else:
+                elif out.warm_at:  # (every warm-up failed: no time to give)
                     out.warm_s = max(out.warm_at.values()) - t_prepare
             out.cluster = {"gcs_address": ray.get_runtime_context().gcs_address,
                            "nodes": len(ray.nodes()), "cpus": ray.cluster_resources().get("CPU"),

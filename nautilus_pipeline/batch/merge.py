@@ -124,6 +124,10 @@ class StreamingMerge:
         self._queue: queue.Queue[JobResult | None] | None = None
         self._thread: threading.Thread | None = None
         self._stop = threading.Event()
+        # what a batch killed mid-run (kill -9, OOM) left here would be installed with this
+        # batch's parts: the streamed folders are this batch's alone (review finding)
+        for stale in self.out.glob(".*.merging"):
+            shutil.rmtree(stale, ignore_errors=True)
         if threaded:
             self._queue = queue.Queue()
             self._thread = threading.Thread(target=self._drain, name="batch-merge", daemon=True)
