@@ -65,8 +65,8 @@ LIVE_ROWS = 16
 # batch on the dev VM), the one that kept a second core idle. Measured, two lanes against one
 # (``scripts/bench_pipeline.py --lanes-ab``: rows "concurrent" vs "conc lanes1"): on the 2-core
 # dev VM, quiet, 10M trades 1.311/1.316M vs 1.318M ticks/s (the other stages fill the second
-# core already), 2M -7 %/+3 %; ``Pipeline.ingest`` of generated trades at load 0.5 x1.16 (the
-# review's A/B); the H200 host's 16 cores 700K vs 646K (+8 %, within its spread). Kept on by
+# core already), 2M -7 %/+3 %; the H200 host's 16 cores 700K vs 646K (+8 %, within its spread;
+# docs/measurements/gpu_lanes_ab_1b58444_h200.txt). Kept on by
 # default for hosts with cores to spare; ``lanes = 1`` where a second thread is not wanted.
 SPLIT_MIN_ROWS = 1024
 # The other runners (torch, MLX, Core ML, the numpy runner of tanh/silu models) get rows
@@ -229,11 +229,8 @@ class InferenceStage(Stage):
         """Whether this batch may use the second lane (started on first use)."""
         if self.lanes < 2 or not getattr(stream, "offloads", False):
             return False
-        if self._lane is None:
-            runner = self.runners.get(stream.runner_backend)
-            if not isinstance(runner, NumpyRunner):
-                return False
-            self._lane_fwd = RowOrderForward(runner._ws)
+        if self._lane is None:  # (a fixed-order pass exists: the stream's runner is numpy's)
+            self._lane_fwd = RowOrderForward(self.runners[stream.runner_backend]._ws)
             self._lane = StreamThread(f"np-{self.name}-lane2")
         return True
 
