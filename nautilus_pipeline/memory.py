@@ -27,7 +27,11 @@ Memory kinds (chosen by ``memory=``):
   (``np.array(a, copy=False)``), so MLX, numpy and torch (via DLPack) see the same bytes.
   float64 columns are the exception: no MLX GPU (Metal, CUDA) has float64, so they stay
   numpy host arrays and a GPU stream reads them as float32 device copies (counted).
-- ``"auto"``: pinned where torch sees a CUDA device, otherwise host.
+- ``"auto"``: for a pipeline, pinned where one of its stages runs on ``torch:cuda``,
+  otherwise host (``auto_memory``). An all-CPU definition on a GPU host used to get pinned
+  slabs too, which cost each process torch's import and a CUDA context (seconds per batch
+  worker on the H200 host) for copies that never happen. A pool built alone, with no
+  stages to ask, keeps the older rule: pinned where torch sees a CUDA device.
 
 Every slab column is a view into one backing buffer per slab, each column aligned to 64
 bytes (a cache line) so that vectorised kernels start on an aligned address.
@@ -70,6 +74,15 @@ def _allocate_backing(nbytes: int, memory: str) -> tuple[np.ndarray, Any]:
         offset = (-buf.ctypes.data) % _ALIGN
         return buf[offset : offset + nbytes], owner
     raise ConfigError(f"unknown pool memory kind {memory!r}: use host, pinned, unified or auto")
+
+
+def auto_memory(streams: Iterable[str]) -> str:
+    """``"pinned"`` when one of ``streams`` (the streams a pipeline's stages run on) is a
+    torch CUDA stream, the only consumer of pinned slabs; ``"host"`` otherwise (MLX's
+    CUDA build and Core ML read host memory through their own copies)."""
+    from .compute.registry import canonical
+
+    return "pinned" if any(canonical(s).startswith("torch:cuda") for s in streams) else "host"
 
 
 def _resolve_memory(memory: str) -> str:

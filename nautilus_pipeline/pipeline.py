@@ -81,9 +81,10 @@ import structlog
 
 from . import topics
 from .bus import EventBus
+from .compute.registry import first_usable
 from .errors import ConfigError, PipelineError
 from .events import KIND_QUOTE, KIND_TRADE, TICK_COLUMN_NAMES, TICK_COLUMNS, QuoteTick, TradeTick
-from .memory import BufferPool, Lease, Slab
+from .memory import BufferPool, Lease, Slab, auto_memory
 from .stage import Stage, StageContext, StageRunner
 from .symbols import SymbolTable
 
@@ -189,6 +190,8 @@ class Pipeline:
         self.bus = bus or EventBus(on_error=on_error, name=f"bus:{name}")
         self._check_columns()
         outputs = [c for s in self.stages for c in s.writes]
+        if memory == "auto":
+            memory = auto_memory(first_usable(s.streams) for s in self.stages)
         self.pool = BufferPool.with_outputs(
             outputs, capacity=batch_size, slabs=slabs, memory=memory, name=f"pool:{name}"
         )

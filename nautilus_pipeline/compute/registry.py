@@ -14,6 +14,7 @@ import functools
 import importlib.util
 import os
 import sys
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import structlog
@@ -187,6 +188,12 @@ class Selection:
     primary: str
     fallback: str | None
     skipped: tuple[tuple[str, str], ...]
+
+
+def first_usable(preferences: Sequence[str]) -> str:
+    """The stream ``choose`` will pick, without its log line (``"cpu"`` when none is
+    usable: ``choose`` raises for that case when the stage starts)."""
+    return next((canonical(p) for p in preferences if unusable_reason(p) is None), "cpu")
 
 
 def choose(preferences: list[str] | tuple[str, ...], *, stage: str = "?") -> Selection:
