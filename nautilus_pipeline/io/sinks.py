@@ -29,11 +29,19 @@ from ..bus import Event, EventBus, Subscription
 from .arrow_numpy import table_from_rows
 
 
+_FIELDS: dict[type, tuple[str, ...]] = {}
+"""A dataclass payload's field names, per class (``dataclasses.fields`` per event was a
+third of a signal's cost in the sink: 28K signals in a 1M-trade batch job)."""
+
+
 def event_record(event: Event) -> dict[str, Any]:
     """A flat dict of an event's payload (dataclass or mapping) plus its topic."""
     payload = event.payload
-    if dataclasses.is_dataclass(payload):
-        row = {f.name: getattr(payload, f.name) for f in dataclasses.fields(payload)}
+    names = _FIELDS.get(type(payload))
+    if names is None and dataclasses.is_dataclass(payload) and not isinstance(payload, type):
+        names = _FIELDS[type(payload)] = tuple(f.name for f in dataclasses.fields(payload))
+    if names is not None:
+        row = {n: getattr(payload, n) for n in names}
     elif isinstance(payload, dict):
         row = dict(payload)
     else:
