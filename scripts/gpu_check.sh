@@ -216,6 +216,11 @@ if want batch; then
     wait
     echo "input: 16 files x $BATCH_BIG generated trades"
   else
+    # a small batch first, so that the numba cache is compiled before the 1-worker row (a
+    # fresh machine's first job compiled it inside that row: 37 s to its first job at cf4326d)
+    timeout 200 python3 scripts/bench_batch.py --symbols 1 --days 1 --trades 20000 --workers 1 \
+      --no-sequential --dir /tmp/bb-warm > "$out/bench_batch_warm.txt" 2>&1
+    echo "numba cache warmed: $(grep -c '^| local' "$out/bench_batch_warm.txt") row(s) in $out/bench_batch_warm.txt"
     timeout 400 python3 scripts/bench_batch.py --symbols 16 --days 1 --trades ${BATCH_TRADES:-600000} \
       --workers ${BATCH_WORKERS:-1 2 4 8 16} --no-sequential --dir /tmp/bb 2>&1 | tee "$out/bench_batch.txt"
   fi
