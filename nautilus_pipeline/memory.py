@@ -231,7 +231,18 @@ class Lease:
 
     def release(self, holder: str | None = None) -> None:
         """Drop one reference of ``holder`` (or the only one); the last returns the slab."""
-        if not self._holders:
+        holders = self._holders
+        if len(holders) == 1 and holders.get(holder) == 1:
+            # the last reference, the one it was acquired with (every live tick's lease): the
+            # general path's checks all pass, so go straight to the return
+            holders.clear()
+            if self.device_cache:
+                self.device_cache.clear()
+            self._pool._return(self)
+            if self.on_release is not None:
+                self.on_release(self)
+            return
+        if not holders:
             raise LeaseError(f"lease of slab {self.slab.index} (batch {self.seq}) released twice")
         if holder is None:
             if len(self._holders) != 1:
@@ -371,14 +382,21 @@ class BufferPool:
     def _lease(self, slab: Slab, holder: str) -> Lease:
         self._seq += 1
         lease = Lease(self, slab, holder, self._seq)
-        self._live[slab.index] = lease
+        live = self._live
+        live[slab.index] = lease
         self._acquired += 1
-        self._high_water = max(self._high_water, len(self._live))
+        if len(live) > self._high_water:
+            self._high_water = len(live)
         return lease
 
     def _return(self, lease: Lease) -> None:
-        del self._live[lease.slab.index]
-        self._give(lease.slab)
+        slab = lease.slab
+        live = self._live
+        del live[slab.index]
+        if self._waiters or (not live and self._idle_waiters):
+            self._give(slab)
+        else:  # _give's common case: nobody waits
+            self._free.append(slab)
 
     async def wait_idle(self) -> None:
         """Wait until every lease has returned (all in-flight batches are done)."""

@@ -388,7 +388,7 @@ class StageRunner:
             overflow="block",
         )
         self._hop = (self.subscription, self.stage.process_now, self.stream, self.ctx,
-                     self.output_topic, self.metrics, self.metrics.pending)
+                     self.output_topic, self.metrics, self.metrics.pending, self._write_names)
 
     async def _on_batch(self, event: Event) -> None:
         """A batch from the bus consumer; waits while an inline batch is in this stage."""
@@ -424,71 +424,130 @@ class StageRunner:
 
     async def take_inline(self, lease: Lease, topic: str) -> None:
         """Run ``lease`` through this stage and on through every next stage that can take it
-        inline, in the caller's task, with the bus's accounting and error isolation: a
-        failure is the failing stage's, reported on the bus as a consumer's would be, not
-        the caller's. The bus event is only built for a failure's report: the live path pays
-        a sequence number and two counters per hop, not an object.
+        inline, in the caller's task (:meth:`take_now`, awaiting what it leaves)."""
+        rest = self.take_now(lease, topic)
+        if rest is not None:
+            await rest
 
-        One loop over the stages, not one call per stage: each stage's ``process_now`` (a
-        plain call, no coroutine) does a live batch where the stage has one, and only what
-        it declines (or an event to publish) awaits. The clock is read once per hop, the
-        end of one stage being the start of the next, and what a hop needs of a runner is
-        one tuple (``_hop``, built at start)."""
+    def take_now(self, lease: Lease, topic: str) -> Any:
+        """:meth:`take_inline` as a plain call: None when the chain is done, else the
+        awaitable that finishes it (a stage's ``process``, an event to publish, a bus hop,
+        a failure to report), which the caller awaits at once. With the bus's accounting
+        and error isolation: a failure is the failing stage's, reported on the bus as a
+        consumer's would be, not the caller's. The bus event is only built for a failure's
+        report: the live path pays a sequence number and two counters per hop, not an object.
+
+        One loop over the stages: each stage's ``process_now`` does a live batch where the
+        stage has one, and only what it declines (or an event to publish) leaves the loop
+        for :meth:`_finish_inline`. No other task runs while the loop does (it never awaits),
+        so a stage it is in needs no busy mark; the clock is read once per hop, the end of
+        one stage being the start of the next, and what a hop needs of a runner is one tuple
+        (``_hop``, built at start)."""
         runner = self
-        bus = self.ctx.bus
+        bus = self._bus
         rows = lease.length
         clock = time.perf_counter_ns
-        most = StageMetrics.PENDING_MAX
         t0 = clock()
         while True:
-            sub, process_now, stream, ctx, out, metrics, pending = runner._hop
-            bus._seq += 1
-            seq = bus._seq
+            sub, process_now, stream, ctx, out, metrics, pending, writes = runner._hop
+            seq = bus._seq = bus._seq + 1
             sub.published += 1
-            runner._inline_busy = True
+            try:
+                done = process_now(lease, stream, ctx)
+            except Exception as exc:
+                return runner._finish_inline(lease, topic, seq, t0, None, exc)
+            if done is not None:
+                return runner._finish_inline(lease, topic, seq, t0, done, None)
+            if writes and lease.device_cache:
+                lease.mark_written(writes, device=getattr(stream, "_cache_tag", None))
+            t1 = clock()
+            metrics.rows += rows
+            pending.append(t1 - t0)
+            if len(pending) >= StageMetrics.PENDING_MAX:
+                metrics.fold()
+            if out is None:
+                sub.delivered += 1
+                return None
+            nxt = runner.downstream
+            if nxt is None or not nxt.can_take_inline(rows, out):
+                return runner._forward(lease, topic, seq, out)
+            sub.delivered += 1
+            runner, topic, t0 = nxt, out, t1
+
+    async def _finish_inline(self, lease: Lease, topic: str, seq: int, t0: int, done: Any,
+                             exc: Exception | None) -> None:
+        """The rest of :meth:`take_now` from this stage on, where it must await: the batch
+        ``process_now`` declined (``done`` is ``NOT_NOW``), the awaitable it returned, or its
+        error ``exc`` (the fallback stream's rerun, else the failure's report)."""
+        sub = self.subscription
+        rows = lease.length
+        stream = self.stream
+        self._inline_busy = True  # bus consumers of this stage wait behind it from here
+        try:
             try:
                 try:
-                    done = process_now(lease, stream, ctx)
-                    if done is not None:
-                        if done is NOT_NOW:
-                            stream.batch_rows = rows
-                            await runner.stage.process(lease, stream, ctx)
-                        else:
-                            await done
-                except Exception as exc:
+                    if exc is not None:
+                        raise exc
+                    if done is NOT_NOW:
+                        stream.batch_rows = rows
+                        await self.stage.process(lease, stream, self.ctx)
+                    else:
+                        await done
+                except Exception as exc2:
                     try:
-                        await runner._rerun_on_fallback(lease, exc)
-                    except Exception as exc2:
-                        raise runner._failed(lease, topic, exc2) from exc2
+                        await self._rerun_on_fallback(lease, exc2)
+                    except Exception as exc3:
+                        raise self._failed(lease, topic, exc3) from exc3
                 else:
-                    if lease.device_cache and runner._write_names:
-                        lease.mark_written(runner._write_names,
+                    if lease.device_cache and self._write_names:
+                        lease.mark_written(self._write_names,
                                            device=getattr(stream, "_cache_tag", None))
-                t1 = clock()
+                metrics = self.metrics
                 metrics.rows += rows
-                pending.append(t1 - t0)
-                if len(pending) >= most:
+                metrics.pending.append(time.perf_counter_ns() - t0)
+                if len(metrics.pending) >= StageMetrics.PENDING_MAX:
                     metrics.fold()
-                t0 = t1
-                nxt = runner.downstream
+                out = self.output_topic
+                nxt = self.downstream
                 forward = out is not None and (nxt is None or not nxt.can_take_inline(rows, out))
                 if forward:
-                    await bus.publish(out, lease)
-            except Exception as exc:
-                sub.errors += 1
-                try:
-                    await bus._handler_failed(sub, Event(topic, lease, seq, topic, None), exc)
-                except Exception:  # as in the consumer: reporting must not fail the publisher
-                    bus._report_errors += 1
+                    await self._bus.publish(out, lease)
+            except Exception as exc4:
+                await self._report_inline(sub, lease, topic, seq, exc4)
                 return
-            finally:
-                runner._inline_busy = False
-                if runner._inline_waiters:
-                    runner._wake_waiters()
-            sub.delivered += 1
-            if out is None or forward:
-                return
-            runner, topic = nxt, out
+        finally:
+            self._inline_busy = False
+            if self._inline_waiters:
+                self._wake_waiters()
+        sub.delivered += 1
+        if out is not None and not forward:
+            await nxt.take_inline(lease, out)
+
+    async def _forward(self, lease: Lease, topic: str, seq: int, out: str) -> None:
+        """The end of :meth:`take_now` at a stage whose next one cannot take the batch
+        inline: through the bus, a failure of the publish being this stage's."""
+        sub = self.subscription
+        self._inline_busy = True
+        try:
+            await self._bus.publish(out, lease)
+        except Exception as exc:
+            await self._report_inline(sub, lease, topic, seq, exc)
+            return
+        finally:
+            self._inline_busy = False
+            if self._inline_waiters:
+                self._wake_waiters()
+        sub.delivered += 1
+
+    async def _report_inline(self, sub: Subscription, lease: Lease, topic: str, seq: int,
+                             exc: Exception) -> None:
+        """An inline batch failed in this stage: counted and reported as a consumer's failure."""
+        sub.errors += 1
+        bus = self._bus
+        try:
+            await bus._handler_failed(sub, Event(topic, lease, seq, topic, None), exc)
+        except Exception:  # as in the consumer: reporting must not fail the publisher
+            bus._report_errors += 1
 
     def _wake_waiters(self) -> None:
         """Let the bus consumers that waited behind an inline batch go on."""
