@@ -146,6 +146,10 @@ OFFLOAD_MIN_ROWS = 1024
 NOT_NOW = object()
 """What :meth:`Stage.process_now` returns for a batch it leaves to :meth:`Stage.process`."""
 
+_UNCHECKED = (None,)
+"""A runner's ``_sole_route`` before its first check: never a route of the bus (those hold
+subscriptions), so never taken for one."""
+
 INLINE_CHAIN_MAX_ROWS = 256
 """Batches of at most this many rows go from stage to stage without a queue hop when the
 next stage is idle (see the module doc)."""
@@ -364,7 +368,7 @@ class StageRunner:
         self._inline_busy = False
         self._inline_waiters: list[asyncio.Future] = []  # bus consumers behind an inline batch
         self._bus = ctx.bus
-        self._sole_route: tuple | None = None  # the input topic's route, checked: this stage alone
+        self._sole_route: tuple = _UNCHECKED  # the input topic's route, checked: this stage alone
 
     @property
     def fallback_stream(self) -> ComputeStream | None:
@@ -469,7 +473,12 @@ class StageRunner:
                 sub.delivered += 1
                 return None
             nxt = runner.downstream
-            if nxt is None or not nxt.can_take_inline(rows, out):
+            # can_take_inline, its common answer inlined: the route last checked unchanged,
+            # nothing in or queued for the next stage
+            if nxt is None or ((bus._routes.get(out) is not nxt._sole_route or nxt._inside
+                                or nxt._inline_busy or nxt.subscription._queue or bus._refuse
+                                or rows > nxt.inline_max_rows)
+                               and not nxt.can_take_inline(rows, out)):
                 return runner._forward(lease, topic, seq, out)
             sub.delivered += 1
             runner, topic, t0 = nxt, out, t1
