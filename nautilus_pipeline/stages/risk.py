@@ -486,8 +486,7 @@ class RiskStage(Stage):
         key = lease.slab.columns["symbol_id"].item(0)
         book = self.books.get(key)
         every = self.var_every
-        if book is not None and not (every and (book.i.item(I_TRADES) + n) // every
-                                     > book.i.item(I_TRADES) // every):
+        if book is not None and not (every and ((t := book.i.item(I_TRADES)) + n) // every > t // every):
             slab = self._slab_tables.get(lease.slab)
             if slab is None:
                 slab = slab_addresses(self._slab_tables, lease, self._live_layout)
