@@ -157,20 +157,27 @@ class Lease:
     slab returns to the pool.
     """
 
-    __slots__ = ("_holders", "_pool", "device_cache", "length", "meta", "on_release", "seq", "slab")
+    __slots__ = ("_holders", "_meta", "_pool", "device_cache", "length", "on_release", "seq", "slab")
 
     def __init__(self, pool: BufferPool, slab: Slab, holder: str, seq: int):
         self._pool = pool
         self.slab = slab
         self.seq = seq
         self.length = 0
-        self.meta: dict[str, Any] = {}
+        self._meta: dict[str, Any] | None = None
         self.device_cache: dict[tuple[str, str], Any] = {}
         self._holders: dict[str, int] = {holder: 1}
         # Called with the lease once its slab is back in the pool (the NATS bridge acks then).
         self.on_release: Callable[[Lease], None] | None = None
 
     # --- data access -------------------------------------------------------------------
+    @property
+    def meta(self) -> dict[str, Any]:
+        """Free-form annotations of the batch (made on first use: a live tick's lease has none)."""
+        if self._meta is None:
+            self._meta = {}
+        return self._meta
+
     @property
     def columns(self) -> dict[str, np.ndarray]:
         self._check_live()

@@ -449,7 +449,9 @@ class StageRunner:
         (``_hop``, built at start)."""
         runner = self
         bus = self._bus
+        routes = bus._routes  # (cleared in place when a subscription comes or goes, never rebound)
         rows = lease.length
+        most = StageMetrics.PENDING_MAX
         clock = time.perf_counter_ns
         t0 = clock()
         while True:
@@ -467,7 +469,7 @@ class StageRunner:
             t1 = clock()
             metrics.rows += rows
             pending.append(t1 - t0)
-            if len(pending) >= StageMetrics.PENDING_MAX:
+            if len(pending) >= most:
                 metrics.fold()
             if out is None:
                 sub.delivered += 1
@@ -475,7 +477,7 @@ class StageRunner:
             nxt = runner.downstream
             # can_take_inline, its common answer inlined: the route last checked unchanged,
             # nothing in or queued for the next stage
-            if nxt is None or ((bus._routes.get(out) is not nxt._sole_route or nxt._inside
+            if nxt is None or ((routes.get(out) is not nxt._sole_route or nxt._inside
                                 or nxt._inline_busy or nxt.subscription._queue or bus._refuse
                                 or rows > nxt.inline_max_rows)
                                and not nxt.can_take_inline(rows, out)):
