@@ -19,8 +19,9 @@ micro-batch of at most ``INLINE_CHAIN_MAX_ROWS`` rows goes into an idle first st
 without a queue hop, and on from stage to stage the same way (the inline hand-off, see
 :mod:`nautilus_pipeline.stage`): a tick into an idle pipeline with ``batch_size=1`` is
 through the whole chain when ``publish_tick`` returns (handed to the first stage's
-``take_inline`` directly, without ``_send``'s coroutine). A batch that is full at once does
-not wake the batcher task at all.
+``take_now`` directly: a plain call, no coroutine but ``publish_tick``'s own where no stage
+awaits; the row written through memoryviews of the slab's tick columns). A batch that is
+full at once does not wake the batcher task at all.
 
 Execution. Each stage consumes its own bounded queue in its own task, so batch k+1 can be
 in stage i while batch k is in stage i+1. With ``execution="concurrent"`` (the default) a
