@@ -124,16 +124,16 @@ acquire + release 680 → 490-520, ``publish_tick`` into one null stage 2,090-2,
 1,640-1,690, one hop 380-420 → 280-320, ``process_now`` of one row: features 950-1,000 →
 530-560, inference 1,330-1,360 → 1,200-1,250, VPIN 660-690 → 460-480, risk 900-930 →
 780-790, signal 80. ``bench_pipeline.py --rows --live-ticks 3000 --live-repeats 5``, parent
-and this alternating, three rounds (load 1.8-4.5,
+and this alternating, five rounds (load 1.8-4.5,
 ``docs/measurements/dev_live_ab_62b6216.txt``), full chain at ``batch_size=1``, max rate:
-10.0-10.4 → 8.6-9.2 CPU µs a tick, publish → last stage p50 7.9-8.1 → 6.4-6.9 µs, 72-99K →
-56-115K ticks/s (the wall clock of a loaded VM: the 56K run shared the cores with another
-job); paced 1,000/s p50 13-33 → 15-31 µs, p99 85-115 → 74-104 µs. What remains per tick: the
-model's arithmetic (~1 µs), the other kernels and their stages' Python (~1.9 µs), six hops
-(~1.8 µs), ``publish_tick`` and its lease (~1.3 µs), a VaR report every 2,000 trades (~0.5
-ms). Measured and not kept: the live wrappers compiled without ``nogil`` (the loop thread
-that calls them holds the GIL anyway): 20-40 ns a call less, not worth kernels that would
-hold the GIL wherever else they were called.
+9.9-10.5 → 8.6-9.5 CPU µs a tick, publish → last stage p50 7.9-8.2 → 6.4-6.9 µs, 72-101K →
+32-115K ticks/s (the wall clock of a loaded VM: the slow runs stalled 12-16 ms at a time
+beside other jobs); paced 1,000/s p50 12-33 → 15-31 µs, p99 62-115 → 71-104 µs. What remains
+per tick: the model's arithmetic (~1 µs), the other kernels and their stages' Python (~1.9
+µs), six hops (~1.8 µs), ``publish_tick`` and its lease (~1.3 µs), a VaR report every 2,000
+trades (~0.5 ms). Measured and not kept: the live wrappers compiled without ``nogil`` (the
+loop thread that calls them holds the GIL anyway): 20-40 ns a call less, not worth kernels
+that would hold the GIL wherever else they were called.
 
 Warm-up (``Stage.warm_up``). A numba kernel's first call in a process loads it from the
 cache (or compiles it): ~5-20 ms each warm, ~0.1-1 s for the first one (numba's CPU
