@@ -170,20 +170,27 @@ class Lease:
     slab returns to the pool.
     """
 
-    __slots__ = ("_holders", "_pool", "device_cache", "length", "meta", "on_release", "seq", "slab")
+    __slots__ = ("_holders", "_meta", "_pool", "device_cache", "length", "on_release", "seq", "slab")
 
     def __init__(self, pool: BufferPool, slab: Slab, holder: str, seq: int):
         self._pool = pool
         self.slab = slab
         self.seq = seq
         self.length = 0
-        self.meta: dict[str, Any] = {}
+        self._meta: dict[str, Any] | None = None
         self.device_cache: dict[tuple[str, str], Any] = {}
         self._holders: dict[str, int] = {holder: 1}
         # Called with the lease once its slab is back in the pool (the NATS bridge acks then).
         self.on_release: Callable[[Lease], None] | None = None
 
     # --- data access -------------------------------------------------------------------
+    @property
+    def meta(self) -> dict[str, Any]:
+        """Free-form annotations of the batch (made on first use: a live tick's lease has none)."""
+        if self._meta is None:
+            self._meta = {}
+        return self._meta
+
     @property
     def columns(self) -> dict[str, np.ndarray]:
         self._check_live()
@@ -244,7 +251,18 @@ class Lease:
 
     def release(self, holder: str | None = None) -> None:
         """Drop one reference of ``holder`` (or the only one); the last returns the slab."""
-        if not self._holders:
+        holders = self._holders
+        if len(holders) == 1 and holders.get(holder) == 1:
+            # the last reference, the one it was acquired with (every live tick's lease): the
+            # general path's checks all pass, so go straight to the return
+            holders.clear()
+            if self.device_cache:
+                self.device_cache.clear()
+            self._pool._return(self)
+            if self.on_release is not None:
+                self.on_release(self)
+            return
+        if not holders:
             raise LeaseError(f"lease of slab {self.slab.index} (batch {self.seq}) released twice")
         if holder is None:
             if len(self._holders) != 1:
@@ -384,14 +402,21 @@ class BufferPool:
     def _lease(self, slab: Slab, holder: str) -> Lease:
         self._seq += 1
         lease = Lease(self, slab, holder, self._seq)
-        self._live[slab.index] = lease
+        live = self._live
+        live[slab.index] = lease
         self._acquired += 1
-        self._high_water = max(self._high_water, len(self._live))
+        if len(live) > self._high_water:
+            self._high_water = len(live)
         return lease
 
     def _return(self, lease: Lease) -> None:
-        del self._live[lease.slab.index]
-        self._give(lease.slab)
+        slab = lease.slab
+        live = self._live
+        del live[slab.index]
+        if self._waiters or (not live and self._idle_waiters):
+            self._give(slab)
+        else:  # _give's common case: nobody waits
+            self._free.append(slab)
 
     async def wait_idle(self) -> None:
         """Wait until every lease has returned (all in-flight batches are done)."""

@@ -108,6 +108,33 @@ the model's arithmetic (~0.8 µs, one fixed order of float32 sums), the other ke
 dispatch and work (~1.2 µs), six hops (~2 µs), ``publish_tick`` with the pool's lease
 (~1.8 µs, of which acquire + release 0.6).
 
+The live hop, second round (aiming at issue 9's target with margin, ≤ ~8.5 CPU µs a tick).
+What was left was spread thin, so each part was measured (``bench_pipeline.py --hops``) and
+cut: ``take_inline``'s loop is now a plain call (:meth:`StageRunner.take_now`) that returns
+what is left to await, or None, so that ``publish_tick`` awaits nothing more for a live
+tick; a stage the loop is in needs no busy mark while nothing awaits (no other task runs),
+so it is set only where :meth:`StageRunner._finish_inline` awaits; the next stage's
+``can_take_inline`` is answered inline in the common case (the route last checked, nothing
+in or queued for it); the live kernels are called through their compiled entry points
+(:func:`~nautilus_pipeline.kernels.addresses.entry_point`, no type dispatch), the features
+and VPIN state as one table each; ``publish_tick`` writes the row through memoryviews and
+the pool's last release takes a short path. Loaded dev VM (AMD EPYC, load 1.6-1.8), min of
+9×2,000 calls, ns, parent → this (``docs/measurements/dev_live_hops_ab_62b6216.txt``): lease
+acquire + release 680 → 490-520, ``publish_tick`` into one null stage 2,090-2,230 →
+1,640-1,690, one hop 380-420 → 280-320, ``process_now`` of one row: features 950-1,000 →
+530-560, inference 1,330-1,360 → 1,200-1,250, VPIN 660-690 → 460-480, risk 900-930 →
+780-790, signal 80. ``bench_pipeline.py --rows --live-ticks 3000 --live-repeats 5``, parent
+and this alternating, five rounds (load 1.8-4.5,
+``docs/measurements/dev_live_ab_62b6216.txt``), full chain at ``batch_size=1``, max rate:
+9.9-10.5 → 8.6-9.5 CPU µs a tick, publish → last stage p50 7.9-8.2 → 6.4-6.9 µs, 72-101K →
+32-115K ticks/s (the wall clock of a loaded VM: the slow runs stalled 12-16 ms at a time
+beside other jobs); paced 1,000/s p50 12-33 → 15-31 µs, p99 62-115 → 71-104 µs. What remains
+per tick: the model's arithmetic (~1 µs), the other kernels and their stages' Python (~1.9
+µs), six hops (~1.8 µs), ``publish_tick`` and its lease (~1.3 µs), a VaR report every 2,000
+trades (~0.5 ms). Measured and not kept: the live wrappers compiled without ``nogil`` (the
+loop thread that calls them holds the GIL anyway): 20-40 ns a call less, not worth kernels
+that would hold the GIL wherever else they were called.
+
 Warm-up (``Stage.warm_up``). A numba kernel's first call in a process loads it from the
 cache (or compiles it): ~5-20 ms each warm, ~0.1-1 s for the first one (numba's CPU
 target) and for a cold cache seconds. The live kernels used to pay that on the first live
@@ -145,6 +172,10 @@ OFFLOAD_MIN_ROWS = 1024
 
 NOT_NOW = object()
 """What :meth:`Stage.process_now` returns for a batch it leaves to :meth:`Stage.process`."""
+
+_UNCHECKED = (None,)
+"""A runner's ``_sole_route`` before its first check: never a route of the bus (those hold
+subscriptions), so never taken for one."""
 
 INLINE_CHAIN_MAX_ROWS = 256
 """Batches of at most this many rows go from stage to stage without a queue hop when the
@@ -364,7 +395,7 @@ class StageRunner:
         self._inline_busy = False
         self._inline_waiters: list[asyncio.Future] = []  # bus consumers behind an inline batch
         self._bus = ctx.bus
-        self._sole_route: tuple | None = None  # the input topic's route, checked: this stage alone
+        self._sole_route: tuple = _UNCHECKED  # the input topic's route, checked: this stage alone
 
     @property
     def fallback_stream(self) -> ComputeStream | None:
@@ -388,7 +419,7 @@ class StageRunner:
             overflow="block",
         )
         self._hop = (self.subscription, self.stage.process_now, self.stream, self.ctx,
-                     self.output_topic, self.metrics, self.metrics.pending)
+                     self.output_topic, self.metrics, self.metrics.pending, self._write_names)
 
     async def _on_batch(self, event: Event) -> None:
         """A batch from the bus consumer; waits while an inline batch is in this stage."""
@@ -424,71 +455,137 @@ class StageRunner:
 
     async def take_inline(self, lease: Lease, topic: str) -> None:
         """Run ``lease`` through this stage and on through every next stage that can take it
-        inline, in the caller's task, with the bus's accounting and error isolation: a
-        failure is the failing stage's, reported on the bus as a consumer's would be, not
-        the caller's. The bus event is only built for a failure's report: the live path pays
-        a sequence number and two counters per hop, not an object.
+        inline, in the caller's task (:meth:`take_now`, awaiting what it leaves)."""
+        rest = self.take_now(lease, topic)
+        if rest is not None:
+            await rest
 
-        One loop over the stages, not one call per stage: each stage's ``process_now`` (a
-        plain call, no coroutine) does a live batch where the stage has one, and only what
-        it declines (or an event to publish) awaits. The clock is read once per hop, the
-        end of one stage being the start of the next, and what a hop needs of a runner is
-        one tuple (``_hop``, built at start)."""
+    def take_now(self, lease: Lease, topic: str) -> Any:
+        """:meth:`take_inline` as a plain call: None when the chain is done, else the
+        awaitable that finishes it (a stage's ``process``, an event to publish, a bus hop,
+        a failure to report), which the caller awaits at once. With the bus's accounting
+        and error isolation: a failure is the failing stage's, reported on the bus as a
+        consumer's would be, not the caller's. The bus event is only built for a failure's
+        report: the live path pays a sequence number and two counters per hop, not an object.
+
+        One loop over the stages: each stage's ``process_now`` does a live batch where the
+        stage has one, and only what it declines (or an event to publish) leaves the loop
+        for :meth:`_finish_inline`. No other task runs while the loop does (it never awaits),
+        so a stage it is in needs no busy mark; the clock is read once per hop, the end of
+        one stage being the start of the next, and what a hop needs of a runner is one tuple
+        (``_hop``, built at start)."""
         runner = self
-        bus = self.ctx.bus
+        bus = self._bus
+        routes = bus._routes  # (cleared in place when a subscription comes or goes, never rebound)
         rows = lease.length
-        clock = time.perf_counter_ns
         most = StageMetrics.PENDING_MAX
+        clock = time.perf_counter_ns
         t0 = clock()
         while True:
-            sub, process_now, stream, ctx, out, metrics, pending = runner._hop
-            bus._seq += 1
-            seq = bus._seq
+            sub, process_now, stream, ctx, out, metrics, pending, writes = runner._hop
+            seq = bus._seq = bus._seq + 1
             sub.published += 1
-            runner._inline_busy = True
+            try:
+                done = process_now(lease, stream, ctx)
+            except Exception as exc:
+                return runner._finish_inline(lease, topic, seq, t0, None, exc)
+            if done is not None:
+                return runner._finish_inline(lease, topic, seq, t0, done, None)
+            if writes and lease.device_cache:
+                lease.mark_written(writes, device=getattr(stream, "_cache_tag", None))
+            t1 = clock()
+            metrics.rows += rows
+            pending.append(t1 - t0)
+            if len(pending) >= most:
+                metrics.fold()
+            if out is None:
+                sub.delivered += 1
+                return None
+            nxt = runner.downstream
+            # can_take_inline, its common answer inlined: the route last checked unchanged,
+            # nothing in or queued for the next stage
+            if nxt is None or ((routes.get(out) is not nxt._sole_route or nxt._inside
+                                or nxt._inline_busy or nxt.subscription._queue or bus._refuse
+                                or rows > nxt.inline_max_rows)
+                               and not nxt.can_take_inline(rows, out)):
+                return runner._forward(lease, topic, seq, out)
+            sub.delivered += 1
+            runner, topic, t0 = nxt, out, t1
+
+    async def _finish_inline(self, lease: Lease, topic: str, seq: int, t0: int, done: Any,
+                             exc: Exception | None) -> None:
+        """The rest of :meth:`take_now` from this stage on, where it must await: the batch
+        ``process_now`` declined (``done`` is ``NOT_NOW``), the awaitable it returned, or its
+        error ``exc`` (the fallback stream's rerun, else the failure's report)."""
+        sub = self.subscription
+        rows = lease.length
+        stream = self.stream
+        self._inline_busy = True  # bus consumers of this stage wait behind it from here
+        try:
             try:
                 try:
-                    done = process_now(lease, stream, ctx)
-                    if done is not None:
-                        if done is NOT_NOW:
-                            stream.batch_rows = rows
-                            await runner.stage.process(lease, stream, ctx)
-                        else:
-                            await done
-                except Exception as exc:
+                    if exc is not None:
+                        raise exc
+                    if done is NOT_NOW:
+                        stream.batch_rows = rows
+                        await self.stage.process(lease, stream, self.ctx)
+                    else:
+                        await done
+                except Exception as exc2:
                     try:
-                        await runner._rerun_on_fallback(lease, exc)
-                    except Exception as exc2:
-                        raise runner._failed(lease, topic, exc2) from exc2
+                        await self._rerun_on_fallback(lease, exc2)
+                    except Exception as exc3:
+                        raise self._failed(lease, topic, exc3) from exc3
                 else:
-                    if lease.device_cache and runner._write_names:
-                        lease.mark_written(runner._write_names,
+                    if lease.device_cache and self._write_names:
+                        lease.mark_written(self._write_names,
                                            device=getattr(stream, "_cache_tag", None))
-                t1 = clock()
+                metrics = self.metrics
                 metrics.rows += rows
-                pending.append(t1 - t0)
-                if len(pending) >= most:
+                metrics.pending.append(time.perf_counter_ns() - t0)
+                if len(metrics.pending) >= StageMetrics.PENDING_MAX:
                     metrics.fold()
-                t0 = t1
-                nxt = runner.downstream
+                out = self.output_topic
+                nxt = self.downstream
                 forward = out is not None and (nxt is None or not nxt.can_take_inline(rows, out))
                 if forward:
-                    await bus.publish(out, lease)
-            except Exception as exc:
-                sub.errors += 1
-                try:
-                    await bus._handler_failed(sub, Event(topic, lease, seq, topic, None), exc)
-                except Exception:  # as in the consumer: reporting must not fail the publisher
-                    bus._report_errors += 1
+                    await self._bus.publish(out, lease)
+            except Exception as exc4:
+                await self._report_inline(sub, lease, topic, seq, exc4)
                 return
-            finally:
-                runner._inline_busy = False
-                if runner._inline_waiters:
-                    runner._wake_waiters()
-            sub.delivered += 1
-            if out is None or forward:
-                return
-            runner, topic = nxt, out
+        finally:
+            self._inline_busy = False
+            if self._inline_waiters:
+                self._wake_waiters()
+        sub.delivered += 1
+        if out is not None and not forward:
+            await nxt.take_inline(lease, out)
+
+    async def _forward(self, lease: Lease, topic: str, seq: int, out: str) -> None:
+        """The end of :meth:`take_now` at a stage whose next one cannot take the batch
+        inline: through the bus, a failure of the publish being this stage's."""
+        sub = self.subscription
+        self._inline_busy = True
+        try:
+            await self._bus.publish(out, lease)
+        except Exception as exc:
+            await self._report_inline(sub, lease, topic, seq, exc)
+            return
+        finally:
+            self._inline_busy = False
+            if self._inline_waiters:
+                self._wake_waiters()
+        sub.delivered += 1
+
+    async def _report_inline(self, sub: Subscription, lease: Lease, topic: str, seq: int,
+                             exc: Exception) -> None:
+        """An inline batch failed in this stage: counted and reported as a consumer's failure."""
+        sub.errors += 1
+        bus = self._bus
+        try:
+            await bus._handler_failed(sub, Event(topic, lease, seq, topic, None), exc)
+        except Exception:  # as in the consumer: reporting must not fail the publisher
+            bus._report_errors += 1
 
     def _wake_waiters(self) -> None:
         """Let the bus consumers that waited behind an inline batch go on."""

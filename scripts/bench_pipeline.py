@@ -331,6 +331,110 @@ def offload_table(folder: pathlib.Path) -> None:
         MARKDOWN.append(f"| {n} | " + " | ".join(f"{table[n][k]:.1f}" for k in names) + " | |")
 
 
+async def hop_costs(calls: int, repeats: int) -> dict[str, float]:
+    """The live hop's parts, ns, each the min over ``repeats`` loops of ``calls``: the pool's
+    lease taken and given back; ``publish_tick`` (``batch_size=1``) into one stage whose
+    ``process_now`` does nothing and into six (their difference over five: one hop); each
+    default stage's ``process_now`` of one trade row, called again and again on one lease
+    (the time stepping on, so that every call is a new tick, no VaR report due)."""
+    from nautilus_pipeline import config
+    from nautilus_pipeline.events import TradeTick
+    from nautilus_pipeline.pipeline import Pipeline
+    from nautilus_pipeline.stage import Stage
+
+    class Null(Stage):
+        reads = ("ts_ns",)
+
+        def process_now(self, lease, stream, ctx):
+            return None
+
+        async def process(self, lease, stream, ctx):
+            return None
+
+    def best(loop) -> float:
+        out = float("inf")
+        for _ in range(repeats):
+            t = time.perf_counter_ns()
+            loop()
+            out = min(out, (time.perf_counter_ns() - t) / calls)
+        return out
+
+    got: dict[str, float] = {}
+    ticks = [TradeTick("X", i, 100.0, 0.01, 1) for i in range(calls)]
+    for k in (1, 6):
+        stages = [Null() for _ in range(k)]
+        for j, st in enumerate(stages):
+            st.name = f"null{j}"
+        async with Pipeline(stages, batch_size=1, memory="host") as pipe:
+            if k == 1:
+                pool = pipe.pool
+
+                def lease_pair(pool=pool):
+                    for _ in range(calls):
+                        lease = pool.acquire_nowait("ingress")
+                        lease.length = 1
+                        lease.release("ingress")
+
+                got["lease acquire + release"] = best(lease_pair)
+            out = float("inf")
+            for _ in range(repeats):
+                t = time.perf_counter_ns()
+                for tick in ticks:
+                    await pipe.publish_tick(tick)
+                out = min(out, (time.perf_counter_ns() - t) / calls)
+            got[f"publish_tick into {k} null stage{'s' if k > 1 else ''}"] = out
+    got["one hop (6 null stages - 1, / 5)"] = (got["publish_tick into 6 null stages"]
+                                               - got["publish_tick into 1 null stage"]) / 5
+    d = config.load(live_definition(pathlib.Path(tempfile.mkdtemp(prefix="bench_hops-"))))
+    stages = config.build_stages(d, [])
+    for st in stages:
+        if hasattr(st, "var_every"):
+            st.var_every = 0  # a report is not a hop's cost
+    async with config.build_pipeline(d, stages, batch_size=1) as pipe:
+        for i in range(500):  # every stage's state for the symbol, the open VPIN bar
+            await pipe.publish_tick(TradeTick("BTCUSDT-PERP", i, 100.0 + (i % 7) * 0.1, 0.01,
+                                              1 if i % 2 else -1))
+        lease = pipe.pool.acquire_nowait("bench")
+        lease.length = 1
+        cols = lease.columns
+        ts = cols["ts_ns"]
+        ts[0], cols["price"][0], cols["size"][0], cols["side"][0] = 1000, 100.2, 0.01, 1
+        cols["kind"][0] = cols["symbol_id"][0] = 0
+
+        def steps() -> None:
+            for _ in range(calls):
+                ts[0] += 1
+
+        step = best(steps)
+        for r in pipe.runners:
+            process_now, stream, ctx = r.stage.process_now, r.stream, r.ctx
+
+            def one_row(process_now=process_now, stream=stream, ctx=ctx):
+                for _ in range(calls):
+                    ts[0] += 1
+                    done = process_now(lease, stream, ctx)
+                    if done is not None and hasattr(done, "close"):
+                        done.close()  # an event's awaitable (a signal): not this table's
+
+            got[f"{r.stage.name}.process_now, 1 row"] = best(one_row) - step
+        lease.release("bench")
+    return got
+
+
+def hop_table() -> None:
+    from nautilus_pipeline.runtime import configure_logging, run
+
+    configure_logging(level="error")
+    calls, repeats = 2000, 9
+    got = run(hop_costs(calls, repeats))
+    print(f"\nlive hop: the parts of one live tick, ns (min of {repeats} x {calls:,} calls)")
+    print(f"{'part':<40} {'ns':>8}")
+    MARKDOWN.extend(["", "| live hop part | ns |", "|---|---:|"])
+    for label, ns in got.items():
+        print(f"{label:<40} {ns:>8.0f}")
+        MARKDOWN.append(f"| {label} | {ns:.0f} |")
+
+
 def dispatch_table() -> None:
     """What one call of a numba kernel from Python costs by its arguments: an empty kernel
     of k arrays, and one of an address table (``kernels.addresses``) reading k columns."""
@@ -397,6 +501,8 @@ def main() -> None:
     ap.add_argument("--offload", action="store_true", help="also print the offload table")
     ap.add_argument("--dispatch", action="store_true",
                     help="also print what a numba call costs by its arguments")
+    ap.add_argument("--hops", action="store_true",
+                    help="also print the parts of a live tick (lease, hop, each process_now)")
     ap.add_argument("--data", help="folder for the generated files (default: a temporary one)")
     ap.add_argument("--markdown", type=pathlib.Path, help="also write the tables as markdown here")
     args = ap.parse_args()
@@ -409,6 +515,8 @@ def main() -> None:
                      args.lanes_ab)
     if args.dispatch:
         dispatch_table()
+    if args.hops:
+        hop_table()
     if args.offload:
         offload_table(folder)
     if args.live_ticks:

@@ -11,7 +11,7 @@ import orjson
 import pytest
 from test_integration import COLUMNS, Capture, btc_trades, chain
 
-from nautilus_pipeline.events import AggressorSide, QuoteTick, TradeTick
+from nautilus_pipeline.events import KIND_QUOTE, KIND_TRADE, AggressorSide, QuoteTick, TradeTick
 from nautilus_pipeline.kernels.risk import RiskParams
 from nautilus_pipeline.pipeline import Pipeline
 from nautilus_pipeline.stage import INLINE_CHAIN_MAX_ROWS, NOT_NOW, Stage
@@ -141,6 +141,31 @@ async def test_a_tick_into_an_idle_pipeline_runs_every_stage_in_the_publishing_t
         assert first.seen == last.seen == [5]
         assert first.tasks == last.tasks == [asyncio.current_task()]
     assert all(r.subscription.delivered == 1 for r in pipe.runners)
+
+
+async def test_publish_tick_stores_what_numpy_would_store_whatever_the_scalar_types():
+    """publish_tick writes a row through memoryviews, which refuse what numpy casts (a float
+    time, a float side): such a tick falls back to numpy's writes, so every tick is stored
+    as before, the first row's partial writes overwritten. Trades and quotes, into the
+    same slab (a quote after a trade leaves no trade field behind)."""
+    cols = ("ts_ns", "ts_recv_ns", "kind", "price", "size", "side", "trade_id", "bid", "ask",
+            "bid_size", "ask_size")
+    capture = Capture(cols)
+    ticks = [TradeTick("X", 5, 100, 2, 1, trade_id=9, ts_recv_ns=6),
+             TradeTick("X", 7.0, np.float32(1.5), np.float64(0.25), 1.0),
+             QuoteTick("X", 8, 99.5, 100.5, 1.0, 2.0),
+             TradeTick("X", np.int64(9), 3.0, 4.0, AggressorSide.SELL)]
+    async with Pipeline([capture], batch_size=1, slabs=1, memory="host") as pipe:
+        for tick in ticks:
+            await pipe.publish_tick(tick)
+    got = capture.result()
+    assert got["ts_ns"].tolist() == [5, 7, 8, 9] and got["ts_recv_ns"].tolist() == [6, -1, -1, -1]
+    assert got["kind"].tolist() == [KIND_TRADE, KIND_TRADE, KIND_QUOTE, KIND_TRADE]
+    np.testing.assert_array_equal(got["price"], [100.0, 1.5, np.nan, 3.0])
+    np.testing.assert_array_equal(got["size"], [2.0, 0.25, np.nan, 4.0])
+    assert got["side"].tolist() == [1, 1, 0, -1] and got["trade_id"].tolist() == [9, -1, -1, -1]
+    np.testing.assert_array_equal(got["bid"], [np.nan, np.nan, 99.5, np.nan])
+    np.testing.assert_array_equal(got["ask_size"], [np.nan, np.nan, 2.0, np.nan])
 
 
 async def test_live_ticks_take_one_slab_at_a_time_and_give_it_back():

@@ -16,6 +16,7 @@ from nautilus_pipeline.kernels.addresses import (
     column,
     column2d,
     column_addresses,
+    entry_point,
 )
 from nautilus_pipeline.memory import BufferPool
 from nautilus_pipeline.stage import slab_addresses
@@ -105,3 +106,21 @@ def test_a_state_table_views_arrays_of_their_own_shapes_and_refuses_a_misfit():
         ArrayTable(((a, np.float64), (b, np.float64)))
     with pytest.raises(TypeError, match="state array 0"):
         ArrayTable(((np.zeros((4, 4))[:, 1], np.float64),))
+
+
+def test_an_entry_point_computes_what_the_kernel_does_and_takes_only_ints_and_tables():
+    """``entry_point``: the compiled overload for the arguments' types, called directly,
+    gives the dispatcher's answer and writes the same columns; since it checks nothing when
+    called, building one for an argument of another type (a float, a numpy int, a float64
+    array, a read-only table) is refused."""
+    cols = _columns()
+    table = column_addresses(cols, LAYOUT)
+    direct = entry_point(_touch, table, 5)
+    assert direct(table, 5) == _touch(table, 5)
+    assert cols["kind"][:5].tolist() == [7] * 5 and cols["kind"][5:].tolist() == [0] * 3
+    readonly = table.copy()
+    readonly.flags.writeable = False
+    for args in ((table, 5.0), (table, np.int64(5)), (np.zeros(3), 5), (readonly, 5),
+                 (table.reshape(1, -1), 5)):
+        with pytest.raises(TypeError, match="Python ints and int64 tables"):
+            entry_point(_touch, *args)

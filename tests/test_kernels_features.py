@@ -261,3 +261,48 @@ def test_bad_trades_are_refused_with_what_to_do() -> None:
         features_update(new_feature_state(), ts, [100.0, 0.0], [1.0, 1.0], side)
     with pytest.raises(DataError, match="sizes finite"):
         features_update(new_feature_state(), ts, [100.0, 101.0], [1.0, np.nan], side)
+
+
+def test_the_live_path_follows_its_state_through_batch_updates_and_growth() -> None:
+    """``FeatureTable.update_small`` passes the state as one table of addresses; the batch
+    path rebinds the state arrays (its commit swaps them, a new symbol id grows them), and a
+    restore assigns them: the live path must then read the new arrays. Rows fed one at a
+    time alternating live, batch and a growth-forcing symbol give the bits of the batch path
+    alone."""
+    from nautilus_pipeline.kernels.addresses import column_addresses
+    from nautilus_pipeline.kernels.features import LIVE_COLUMNS, FeatureTable, all_feature_names
+
+    width = len(all_feature_names(FeatureConfig()))
+    rng = np.random.default_rng(5)
+    n = 60
+    sym = np.where(np.arange(n) % 5 == 3, 1 + (np.arange(n) // 20) * 9, 0).astype(np.uint32)
+    cols = {"symbol_id": np.zeros(1, np.uint32), "kind": np.zeros(1, np.uint8),
+            "ts_ns": np.zeros(1, np.int64), "price": np.zeros(1), "size": np.zeros(1),
+            "side": np.zeros(1, np.int8), "bid": np.full(1, np.nan), "ask": np.full(1, np.nan),
+            "bid_size": np.full(1, np.nan), "ask_size": np.full(1, np.nan),
+            "dest": np.zeros((1, width))}
+    slab = column_addresses(cols, (*LIVE_COLUMNS, ("dest", np.float64, width)))
+    index = np.arange(width, dtype=np.int64)
+    out = np.empty((1, width))
+    live, batch = FeatureTable(), FeatureTable()
+    paths = []
+    for i in range(n):
+        row = dict(symbol_id=sym[i], kind=KIND_TRADE, ts_ns=(i + 1) * 1_000_000,
+                   price=100.0 * math.exp(rng.normal(0, 1e-3) + i * 1e-4), size=0.01 + i * 1e-3,
+                   side=1 if i % 2 else -1)
+        for k, v in row.items():
+            cols[k][0] = v
+        args = [cols[k] for k in ("symbol_id", "kind", "ts_ns", "price", "size", "side", "bid",
+                                  "ask", "bid_size", "ask_size")]
+        expected = np.empty((1, width))
+        batch.update(*args, expected)
+        if i % 3 == 2 or not live.update_small(1, slab, out, index):
+            live.update(*args, cols["dest"])
+            paths.append("batch")
+        else:
+            paths.append("live")
+        if i == 40:  # a restore assigns the arrays, as FeaturesStage.restore_state does
+            live.fs, live.ist, live.seen = live.fs.copy(), live.ist.copy(), live.seen.copy()
+        assert cols["dest"].tobytes() == expected.tobytes(), (i, paths[-1])
+    assert paths.count("live") > 20 and paths.count("batch") > 15 and live.fs.shape[0] > 8
+    assert live.fs.tobytes() == batch.fs.tobytes() and live.ist.tobytes() == batch.ist.tobytes()

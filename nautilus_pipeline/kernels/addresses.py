@@ -18,6 +18,12 @@ capacity. The stage's cache is keyed by the slab, which keeps its arrays alive a
 the table is: a slab's columns are made once, with the slab, and never rebound (a design
 that rebound them would have to drop the cache). Only the live wrappers take tables; the kernels they
 call take arrays, as every other kernel does, and are tested against their references.
+
+Entry points (:func:`entry_point`). With tables, what is left of a live call's dispatch is
+numba resolving the arguments' types to an overload: ~65 of the ~170 ns a call of one
+table costs (``bench_pipeline.py --dispatch``). A live wrapper whose arguments are all
+Python ints and int64 tables has one overload for good, so its stage calls that overload's
+compiled entry directly.
 """
 
 from __future__ import annotations
@@ -110,3 +116,21 @@ def array1d(table, j, dtype):
 def array2d(table, j, dtype):
     """Array ``j`` of an :class:`ArrayTable`'s table, 2-D, of ``dtype``."""
     return numba.carray(_voidptr(table[3 * j]), (table[3 * j + 1], table[3 * j + 2]), dtype)
+
+
+def entry_point(kernel, *args):
+    """The compiled entry of numba ``kernel`` for the types of ``args`` (loaded from numba's
+    cache, or compiled, on the way): called like ``kernel`` without the dispatcher's type
+    resolution. It checks no argument, so it is only for calls whose arguments have these
+    types by construction: Python ints and this module's int64 tables."""
+    for a in args:
+        if not (type(a) is int or (type(a) is np.ndarray and a.dtype == np.int64 and a.ndim == 1
+                                   and a.flags.c_contiguous and a.flags.writeable)):
+            raise TypeError(f"entry_point({kernel.__name__}): an argument of type {type(a).__name__} "
+                            f"(Python ints and int64 tables only)")
+    sig = tuple(numba.typeof(a) for a in args)
+    done = kernel.overloads.get(sig)
+    if done is None:
+        kernel.compile(sig)
+        done = kernel.overloads[sig]
+    return done.entry_point

@@ -59,7 +59,7 @@ from numba import njit
 
 from ..errors import ConfigError, DataError
 from ..events import KIND_TRADE
-from .addresses import column, column2d
+from .addresses import ArrayTable, array1d, array2d, column, column2d, entry_point
 
 __all__ = [
     "ALL_FEATURE_NAMES",
@@ -316,13 +316,18 @@ destination column, float64 [rows, len(index)]; see :mod:`.addresses`)."""
 
 
 @njit(cache=True, nogil=True)
-def _feature_rows_small(n, slab, fs, ist, seen, consts, rsi_n, out, index):
+def _feature_rows_small(n, slab, state, rsi_n):
     """The live path of :meth:`FeatureTable.update_small`: rows ``[0, n)`` of the slab whose
     address table is ``slab`` (``LIVE_COLUMNS``, then the destination), the state rows
     advanced in place by the batch path's own :func:`_feature_rows` (which checks every
     row before it changes anything), the chosen columns (``index``) into the destination.
-    ``consts`` holds the EWMA decays, then the inter-arrival's and the VWAP's. Returns −2
-    (nothing done) for a symbol beyond the table, else ``_feature_rows``'s answer."""
+    ``state`` is the :class:`~.addresses.ArrayTable` of ``fs``, ``ist``, ``seen``,
+    ``consts`` (the EWMA decays, then the inter-arrival's and the VWAP's), ``out`` (scratch
+    of full width) and ``index``. Returns −2 (nothing done) for a symbol beyond the table,
+    else ``_feature_rows``'s answer."""
+    fs, ist = array2d(state, 0, np.float64), array2d(state, 1, np.int64)
+    seen, consts = array1d(state, 2, np.bool_), array1d(state, 3, np.float64)
+    out, index = array2d(state, 4, np.float64), array1d(state, 5, np.int64)
     sym = column(slab, 0, np.uint32)
     rows = fs.shape[0]
     for i in range(n):
@@ -364,6 +369,35 @@ class FeatureTable:
         self._ist_scratch = self.ist.copy()
         lay = self.layout
         self._live_consts = np.array([*lay.decays, lay.decay_dt, lay.decay_vwap])
+        self._live: tuple | None = None  # update_small's state table, its out, its entry
+
+    @property
+    def fs(self) -> np.ndarray:
+        """The float64 state rows [symbols, width] (last price, RSI sums, EWMAs, last trade
+        and quote). Rebinding it (or ``ist``, ``seen``) drops the live path's state table."""
+        return self._fs
+
+    @fs.setter
+    def fs(self, a: np.ndarray) -> None:
+        self._fs, self._live = a, None
+
+    @property
+    def ist(self) -> np.ndarray:
+        """The int64 state rows [symbols, 3]: trades, last time (ns), RSI changes."""
+        return self._ist
+
+    @ist.setter
+    def ist(self, a: np.ndarray) -> None:
+        self._ist, self._live = a, None
+
+    @property
+    def seen(self) -> np.ndarray:
+        """Which symbol rows hold a state."""
+        return self._seen
+
+    @seen.setter
+    def seen(self, a: np.ndarray) -> None:
+        self._seen, self._live = a, None
 
     def _new_f(self, rows: int) -> np.ndarray:
         lay = self.layout
@@ -445,8 +479,20 @@ class FeatureTable:
         changed) where :meth:`update` must run."""
         # in place: the kernel checks every row before it changes a value, and nothing
         # after it can fail, so the batch path's commit-by-swap has nothing to guard here
-        return _feature_rows_small(n, slab, self.fs, self.ist, self.seen, self._live_consts,
-                                   self.config.rsi_period, out, index) == -1
+        live = self._live
+        if live is None or live[1] is not out:
+            live = self._live_table(slab, out, index)
+        return live[2](n, slab, live[0], live[3]) == -1
+
+    def _live_table(self, slab: np.ndarray, out: np.ndarray, index: np.ndarray) -> tuple:
+        """The state as one table for :func:`_feature_rows_small` (rebuilt when a state
+        array is rebound: after a batch-path update or a growth), with its entry point."""
+        state = ArrayTable(((self._fs, np.float64), (self._ist, np.int64), (self._seen, np.bool_),
+                            (self._live_consts, np.float64), (out, np.float64), (index, np.int64)))
+        rsi_n = int(self.config.rsi_period)
+        self._live = (state.table, out, entry_point(_feature_rows_small, 1, slab, state.table, rsi_n),
+                      rsi_n, state)
+        return self._live
 
     # --- conversion to and from the immutable per-symbol states ------------------------
     def load(self, key: int, state: FeatureState) -> None:

@@ -31,7 +31,7 @@ from collections.abc import Sequence
 import numpy as np
 from numba import njit
 
-from .addresses import ArrayTable, array1d, array2d, column, column2d
+from .addresses import ArrayTable, array1d, array2d, column, column2d, entry_point
 
 F32 = np.float32
 
@@ -306,6 +306,7 @@ class RowOrderForward:
         self.live_columns = (("features", np.float64, ws.n_inputs), ("prediction", np.float32))
         self._table = ArrayTable(((self.params, F32), (self.layout, np.int64), (self._ha, F32),
                                   (self._hb, F32))).table
+        self._live_call = None
 
     def __call__(self, feats: np.ndarray, n: int, out: np.ndarray) -> None:
         """Probabilities of rows ``[0, n)`` of float64 ``feats`` [≥ n, k] into ``out[:n]``."""
@@ -313,8 +314,12 @@ class RowOrderForward:
 
     def live(self, n: int, slab: np.ndarray) -> None:
         """:meth:`__call__` on rows ``[0, n)`` of the slab whose address table of
-        ``live_columns`` is ``slab`` (:mod:`.addresses`): a live tick's call."""
-        _mlp_rows_live(n, slab, self._table)
+        ``live_columns`` is ``slab`` (:mod:`.addresses`): a live tick's call, straight
+        into the kernel's entry point."""
+        call = self._live_call
+        if call is None:
+            call = self._live_call = entry_point(_mlp_rows_live, n, slab, self._table)
+        call(n, slab, self._table)
 
 
 @njit(cache=True, nogil=True)

@@ -73,7 +73,7 @@ from numba import njit
 
 from ..errors import ConfigError, DataError
 from ..events import KIND_TRADE
-from .addresses import column
+from .addresses import array1d, column
 from .rows import symbol_groups
 
 __all__ = [
@@ -345,16 +345,20 @@ LIVE_COLUMNS = (("symbol_id", np.uint32), ("kind", np.uint8), ("ts_ns", np.int64
 
 
 @njit(cache=True, nogil=True)
-def vpin_rows_small(n, key, slab, bar_ns, bi, bf, carry):
+def vpin_rows_small(n, key, slab, bar_ns, state):
     """The live path: rows ``[0, n)`` of a slab (``slab``: the address table of its
     ``LIVE_COLUMNS``, :mod:`.addresses`), all of symbol ``key``, whose trades all join
     the open bar (no bar closes, so no bucket can complete): add them to the bar in place
     (the bar scan's own additions, in order) and give every row the carried values.
+    ``state`` is the :class:`~.addresses.ArrayTable` of the symbol's ``bar_i`` (int64),
+    ``bar_f`` (float64) and carried ``[vpin, cdf, toxic]`` (float64).
 
     Returns False, having changed nothing, for a batch it does not cover (another symbol,
     no open bar, a trade opening a new bar, ``bar_ns = 0``, a bad size or price): the
     batch path runs it (and raises for bad values).
     """
+    bi, bf = array1d(state, 0, np.int64), array1d(state, 1, np.float64)
+    carry = array1d(state, 2, np.float64)
     if bar_ns == 0 or bi[_I_OPEN] != 1:
         return False
     sym, kind, ts = column(slab, 0, np.uint32), column(slab, 1, np.uint8), column(slab, 2, np.int64)

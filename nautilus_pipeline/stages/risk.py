@@ -54,7 +54,7 @@ from ..calibration_cache import cached
 from ..compute import ComputeStream
 from ..errors import ConfigError
 from ..events import KIND_TRADE, ColumnSpec, RiskEvent
-from ..kernels.addresses import ArrayTable, column_addresses
+from ..kernels.addresses import ArrayTable, column_addresses, entry_point
 from ..kernels.risk import (
     RiskParams,
     breach_names,
@@ -232,6 +232,7 @@ class RiskStage(Stage):
         self._consts_table = ArrayTable(((self._consts_f, np.float64), (self._consts_i, np.int64)))
         self._consts = self._consts_table.table
         self._slab_tables: dict = {}  # slab → its address table
+        self._live_call = None  # risk_rows_small's entry point (kernels.addresses.entry_point)
 
     async def bind(self, stream: ComputeStream) -> None:
         # Load (or JIT-compile) the numba account scan before the first batch, off the loop.
@@ -485,12 +486,15 @@ class RiskStage(Stage):
         key = lease.slab.columns["symbol_id"].item(0)
         book = self.books.get(key)
         every = self.var_every
-        if book is not None and not (every and (book.i.item(I_TRADES) + n) // every
-                                     > book.i.item(I_TRADES) // every):
+        if book is not None and not (every and ((t := book.i.item(I_TRADES)) + n) // every > t // every):
             slab = self._slab_tables.get(lease.slab)
             if slab is None:
                 slab = slab_addresses(self._slab_tables, lease, self._live_layout)
-            events, _, before = risk_rows_small(0, n, key, slab, self._consts, book.table)
+            call = self._live_call
+            if call is None:
+                call = self._live_call = entry_point(risk_rows_small, 0, n, key, slab, self._consts,
+                                                     book.table)
+            events, _, before = call(0, n, key, slab, self._consts, book.table)
             if events < 0:
                 return NOT_NOW  # checked before any row changed: the batch path's
             self.fused_batches += 1

@@ -48,7 +48,7 @@ from ..calibration_cache import cached
 from ..compute import ComputeStream
 from ..errors import ConfigError
 from ..events import KIND_TRADE, ColumnSpec, VpinBucket
-from ..kernels.addresses import column_addresses
+from ..kernels.addresses import ArrayTable, column_addresses, entry_point
 from ..kernels.rows import ffill_rows, fill_events_into, symbol_groups
 from ..kernels.vpin import (
     LIVE_COLUMNS,
@@ -191,7 +191,11 @@ class VpinStage(Stage):
         self.states, self.last, self.buckets = {}, {}, 0
         self.small_batches = 0
         self._slab_tables: dict = {}  # slab → its address table
-        self._bar_ns = self.params["bar_ns"]
+        self._bar_ns = int(self.params["bar_ns"])
+        # symbol → (its state, its carried values, their ArrayTable): the live kernel's
+        # state argument, rebuilt when the batch path replaced either
+        self._live: dict[int, tuple] = {}
+        self._live_call = None  # vpin_rows_small's entry point (kernels.addresses.entry_point)
 
     async def bind(self, stream: ComputeStream) -> None:
         if stream.backend == "torch" and self.params["bar_ns"] == 0:
@@ -241,8 +245,8 @@ class VpinStage(Stage):
         """The live kernel (``vpin_rows_small``) on a scratch state (the batch path's kernels
         were warmed at bind)."""
         st = new_vpin_state(1.0, **self.params)
-        vpin_rows_small(1, 0, column_addresses(columns, LIVE_COLUMNS), st.params.bar_ns, st.bar_i,
-                        st.bar_f, np.array([np.nan, np.nan, 0.0]))
+        state = _live_state(st, np.array([np.nan, np.nan, 0.0]))  # (holds the arrays it points to)
+        vpin_rows_small(1, 0, column_addresses(columns, LIVE_COLUMNS), int(st.params.bar_ns), state.table)
 
     def _update(self, state: VpinState, ts, price, size):
         if self._torch_device is not None and ts.shape[0] >= self.gpu_min_batch:
@@ -330,7 +334,14 @@ class VpinStage(Stage):
         slab = self._slab_tables.get(lease.slab)
         if slab is None:
             slab = slab_addresses(self._slab_tables, lease, LIVE_COLUMNS)
-        if not vpin_rows_small(n, key, slab, self._bar_ns, state.bar_i, state.bar_f, carry):
+        live = self._live.get(key)
+        if live is None or live[0] is not state or live[1] is not carry:
+            live = self._live[key] = (state, carry, _live_state(state, carry))
+        call = self._live_call
+        if call is None:
+            call = self._live_call = entry_point(vpin_rows_small, n, key, slab, self._bar_ns,
+                                                 live[2].table)
+        if not call(n, key, slab, self._bar_ns, live[2].table):
             return NOT_NOW
         self.small_batches += 1
         return None
@@ -396,6 +407,11 @@ class VpinStage(Stage):
     def end_segment(self) -> None:
         """The open bar carries on in the next segment: nothing to close at this one's end."""
         self.states = {}
+
+
+def _live_state(state: VpinState, carry: np.ndarray) -> ArrayTable:
+    """A symbol's open bar and carried values as one table, for ``vpin_rows_small``."""
+    return ArrayTable(((state.bar_i, np.int64), (state.bar_f, np.float64), (carry, np.float64)))
 
 
 def _warm_vpin_kernels(bar_ns: int) -> None:
