@@ -43,6 +43,7 @@ again by the replay (logged), as before.
 from __future__ import annotations
 
 import asyncio
+import collections
 import time
 from collections.abc import AsyncIterator, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -64,6 +65,13 @@ log = structlog.get_logger("nautilus_pipeline.replay")
 
 READ_ONCE_MAX_BYTES = 2 << 30
 """What :meth:`Replay.scan` keeps for the replay (merged columns, ~70 bytes a tick)."""
+
+READ_AHEAD_ROWS = 65_536
+"""Rows a replay's reader thread reads ahead of the consumer, in one hand-off (see ``batches``).
+
+One batch ahead, as before, the reader and the loop took turns: a reader chunk's parse and
+conversion (the 65,536 rows of a chunk at once) ran while the loop had one batch to deliver,
+then the loop delivered the chunk's other batches while the reader waited."""
 
 _KEY = "_key"
 _SRC = "_src"
@@ -319,32 +327,36 @@ class Replay:
         """Fill pool slabs with the merged stream, paced by ``speed``; the consumer releases each.
 
         ``batch_size`` defaults to (and may not exceed) the pool's slab capacity. Reading and
-        parsing run in a worker thread so the event loop stays responsive, one block ahead of
-        the consumer (the next block is read while this one is delivered; it is counted as
-        delivered only when its lease is yielded). If the consumer stops or is cancelled, the
-        generator waits for the read in flight to end before closing the files.
+        parsing run in a worker thread so the event loop stays responsive, ``READ_AHEAD_ROWS``
+        ahead of the consumer (the next rows are read while these are delivered; a batch is
+        counted as delivered only when its lease is yielded). If the consumer stops or is
+        cancelled, the generator waits for the read in flight to end before closing the files.
         """
         size = batch_size or pool.capacity
         if size > pool.capacity:
             raise ConfigError(f"batch_size {size} exceeds the pool's slab capacity {pool.capacity}")
         blocks = _rebatch(self._blocks(), size)
-        sentinel: dict[str, np.ndarray] = {}
+        ahead = max(READ_AHEAD_ROWS, size)
         loop = asyncio.get_running_loop()
-        inflight: asyncio.Future[dict[str, np.ndarray]] | None = None
+        inflight: asyncio.Future[list[dict[str, np.ndarray]]] | None = None
+        queued: collections.deque[dict[str, np.ndarray]] = collections.deque()
         pending: dict[str, np.ndarray] | None = None
         t0_wall: float | None = None
         t0_key = 0
         try:
             while True:
                 if pending is None:
-                    if inflight is None:
-                        inflight = loop.run_in_executor(None, next, blocks, sentinel)
-                    pending = await asyncio.shield(inflight)  # a cancel must not orphan the thread
-                    inflight = None
-                    if pending is sentinel:
-                        return
-                    # read ahead: the next block is parsed while this one is delivered
-                    inflight = loop.run_in_executor(None, next, blocks, sentinel)
+                    if not queued:
+                        if inflight is None:
+                            inflight = loop.run_in_executor(None, _take, blocks, ahead)
+                        got = await asyncio.shield(inflight)  # a cancel must not orphan the thread
+                        inflight = None
+                        if not got:
+                            return
+                        queued.extend(got)
+                        # read ahead: the next rows are read while these are delivered
+                        inflight = loop.run_in_executor(None, _take, blocks, ahead)
+                    pending = queued.popleft()
                 keys = pending[_KEY]
                 n = len(keys)
                 if self.speed is not None:
@@ -386,6 +398,19 @@ class Replay:
             blocks.close()
             if cancelled:
                 raise asyncio.CancelledError
+
+
+def _take(blocks: Iterator[dict[str, np.ndarray]], rows: int) -> list[dict[str, np.ndarray]]:
+    """The next blocks of ``blocks`` up to at least ``rows`` rows (fewer at the end; [] when done)."""
+    out: list[dict[str, np.ndarray]] = []
+    n = 0
+    while n < rows:
+        block = next(blocks, None)
+        if block is None:
+            break
+        out.append(block)
+        n += len(block[_KEY])
+    return out
 
 
 def _merge(parts: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
