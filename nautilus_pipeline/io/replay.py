@@ -58,7 +58,7 @@ from ..events import TICK_COLUMN_NAMES
 from ..memory import BufferPool, Lease
 from ..symbols import SymbolTable
 from .checks import READER_ERRORS, Accounting, Validator, validated
-from .chunk import TickChunk, TickReader
+from .chunk import SPECS, TickChunk, TickReader
 from .formats import Source
 
 log = structlog.get_logger("nautilus_pipeline.replay")
@@ -253,12 +253,17 @@ class Replay:
         n = len(chunk)
         codes = chunk.column("symbol_id")
         lut = np.zeros(len(chunk.symbols), dtype=np.uint32)
-        for k in np.unique(codes).tolist() if n else ():  # only names with rows left (not refused ones)
+        present = np.flatnonzero(np.bincount(codes, minlength=len(chunk.symbols))) if n else ()
+        for k in present.tolist() if n else ():  # only names with rows left (not refused ones)
             lut[k] = self.symbols.id_of(chunk.symbols[k])
-        new = {name: chunk.column(name) for name in TICK_COLUMN_NAMES}
+        # a column the reader does not have is its fill value, as a read-only broadcast view
+        # (no memory per row; the slab fill in batches() writes it)
+        new = {name: chunk.columns[name] if name in chunk.columns
+               else np.broadcast_to(np.array(SPECS[name].fill, dtype=SPECS[name].dtype), (n,))
+               for name in TICK_COLUMN_NAMES}
         new["symbol_id"] = lut[codes] if n else new["symbol_id"]
         new[_KEY] = key
-        new[_SRC] = np.full(n, lane.index, dtype=np.uint16)
+        new[_SRC] = np.broadcast_to(np.uint16(lane.index), (n,))
         lane.cols = {k: np.concatenate([lane.cols[k], v]) for k, v in new.items()} if lane.rows else new
         lane.last_key = int(key[-1])
         self.progress.rows_read += n
@@ -423,27 +428,35 @@ def _merge(parts: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
 
 
 def _rebatch(blocks: Iterator[dict[str, np.ndarray]], size: int) -> Iterator[dict[str, np.ndarray]]:
-    """Re-cut blocks of any size into blocks of exactly ``size`` rows (the last may be shorter)."""
+    """Re-cut blocks of any size into blocks of exactly ``size`` rows (the last may be shorter).
+
+    Full batches inside a block are views of it; only a batch that straddles two blocks is
+    copied (joining the whole next block to the rest of this one copied every row once a
+    block's length was not a multiple of ``size``).
+    """
     if size < 1:
         raise ConfigError(f"batch_size must be >= 1, got {size}")
     held: list[dict[str, np.ndarray]] = []
     rows = 0
     try:
         for b in blocks:
-            held.append(b)
-            rows += len(b[_KEY])
-            if rows < size:
-                continue
-            cat = held[0] if len(held) == 1 else {c: np.concatenate([h[c] for h in held]) for c in b}
+            n = len(b[_KEY])
             start = 0
-            while rows - start >= size:
-                yield {c: v[start : start + size] for c, v in cat.items()}
+            if rows:
+                start = min(size - rows, n)
+                held.append({c: v[:start] for c, v in b.items()})
+                rows += start
+                if rows < size:
+                    continue
+                yield {c: np.concatenate([h[c] for h in held]) for c in b}
+                held, rows = [], 0
+            while n - start >= size:
+                yield {c: v[start : start + size] for c, v in b.items()}
                 start += size
-            held = [{c: v[start:] for c, v in cat.items()}] if rows > start else []
-            rows -= start
+            if start < n:
+                held, rows = [{c: v[start:] for c, v in b.items()}], n - start
         if rows:
-            cat = held[0] if len(held) == 1 else {c: np.concatenate([h[c] for h in held]) for c in held[0]}
-            yield cat
+            yield held[0] if len(held) == 1 else {c: np.concatenate([h[c] for h in held]) for c in held[0]}
     finally:
         close = getattr(blocks, "close", None)
         if close is not None:
