@@ -289,6 +289,10 @@ class CsvReader:
     def _fast(self, chunk_rows: int) -> Iterator[TickChunk]:
         for blk in self._blocks():
             self._any = True
+            plain = None if self._quoted else self._plain_chunks(blk, chunk_rows)
+            if plain is not None:
+                yield from plain
+                continue
             try:
                 table = self._parse(blk.data, robust=False, quoted=self._quoted, block_size=1 << 20)
             except pa.ArrowException as e:
@@ -296,6 +300,11 @@ class CsvReader:
             if table.num_rows != blk.lines:  # a stray quote or carriage return: lines merged/split
                 raise _Restart(robust=False)
             yield from self._emit(table, np.arange(blk.first, blk.first + blk.lines, dtype=np.int64), [], chunk_rows)
+
+    def _plain_chunks(self, blk: _Block, chunk_rows: int) -> list[TickChunk] | None:
+        """A format's own parse of a block whose every line is in its plain form: the chunks
+        the pyarrow path would give for it, or None to let pyarrow parse it (``binance_fast.py``)."""
+        return None
 
     def _exact(self, chunk_rows: int, robust: bool) -> Iterator[TickChunk]:
         robust = robust or self._quoted  # quoted values go through the text path (quotes stripped)
@@ -429,14 +438,18 @@ class LineFetcher:
         self.path = path
         self._it: Iterator[tuple[int, bytes]] | None = None
         self._at = 0
+        self._last = ""  # the text of line _at (a refused row asks for its record and its line)
 
     def get(self, lineno: int) -> str:
-        if self._it is None or lineno <= self._at:
+        if self._it is not None and lineno == self._at:
+            return self._last
+        if self._it is None or lineno < self._at:
             self._it, self._at = iter_lines(self.path), 0
         for n, line in self._it:
             self._at = n
             if n == lineno:
-                return line[:_RAW_KEEP].decode("utf-8", "replace")
+                self._last = line[:_RAW_KEEP].decode("utf-8", "replace")
+                return self._last
         self._it = None
         return ""
 
