@@ -159,6 +159,7 @@ def child_ours(csv: str, batch_size: int) -> dict:
         stage = EmaStage(PERIOD)
         t_load = time.perf_counter()  # numba loads the cached kernel (code loading, as imports)
         ema_update(np.zeros(1), np.zeros(1, np.uint8), np.empty(1), stage.alpha, 0.0, 0)
+        loaded = set(sys.modules)
         t0 = time.perf_counter()
         async with nt.Pipeline([stage], batch_size=batch_size) as pipe:
             replay = Replay([Source(csv, format="binance_trades", symbol=SYMBOL)],
@@ -169,7 +170,8 @@ def child_ours(csv: str, batch_size: int) -> dict:
         replay.accounting.check()
         return {"ticks": stage.count, "e2e_s": e2e, "ema": stage.value,
                 "jit_load_s": t0 - t_load, "first_batch_s": stage.first_batch_done - t0,
-                "pandas_imported": "pandas" in sys.modules}
+                "pandas_imported": "pandas" in sys.modules, "scipy_imported": "scipy" in sys.modules,
+                "imported_in_clock": sorted(m for m in set(sys.modules) - loaded if "." not in m)}
 
     nt.configure_logging(level="warning")
     return nt.run(main())
@@ -363,7 +365,9 @@ def main() -> None:
                 continue
             line = (f"  {SIDES[side]}: EMA {ours['ema']!r}; numba kernel load "
                     f"{ours['jit_load_s']:.3f} s (before the end-to-end clock), first batch "
-                    f"through the stage {ours['first_batch_s']:.3f} s after it starts")
+                    f"through the stage {ours['first_batch_s']:.3f} s after it starts; modules "
+                    f"imported inside the clock: {', '.join(ours['imported_in_clock']) or 'none'}; "
+                    f"pandas/scipy in the process: {ours['pandas_imported']}/{ours['scipy_imported']}")
             if theirs is not None:
                 line += (f"; end to end {theirs['e2e_s'] / ours['e2e_s']:.1f}x, process wall "
                          f"{theirs['wall_s'] / ours['wall_s']:.2f}x, CPU "
