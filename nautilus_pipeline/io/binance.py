@@ -9,7 +9,9 @@ number and skipped):
   is_buyer_maker[, is_best_match]`` (``agg_trade_id`` becomes ``trade_id``)
 
 ``time`` is ms before 2025-01-01 and µs after for spot, so the unit is decided per value by
-magnitude (``ts_unit="auto"``). ``is_buyer_maker = true`` means the *seller* was the aggressor
+magnitude (``ts_unit="auto"``). Blocks of trades (not aggTrades) of at least
+``PLAIN_MIN_BYTES`` whose lines are all plain are parsed by ``binance_fast.py`` (same rows,
+bit for bit; any other block by pyarrow). ``is_buyer_maker = true`` means the *seller* was the aggressor
 (side -1). The symbol is taken from the file name (``BTCUSDT-trades-2024-08-08.csv`` or
 ``binance-um-btcusdt-trades-20240808.csv`` give ``BTCUSDT``) unless given.
 
