@@ -251,12 +251,14 @@ def child_nautilus(csv: str) -> dict:
 
 
 # --- parent ------------------------------------------------------------------------------
-def run_child(side: str, csv: pathlib.Path, extra: list[str]) -> dict:
-    """One side in its own process; its result plus wall and CPU time from ``os.wait4``."""
-    cmd = [sys.executable, str(pathlib.Path(__file__).resolve()), "--child", side, str(csv), *extra]
+def run_child(side: str, csv: pathlib.Path, extra: list[str], tree: pathlib.Path = ROOT) -> dict:
+    """One side in its own process (this script as ``tree`` has it, that tree's package
+    first on the path); its result plus wall and CPU time from ``os.wait4``."""
+    cmd = [sys.executable, str(tree / "scripts" / pathlib.Path(__file__).name), "--child", side, str(csv), *extra]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tree), os.environ.get("PYTHONPATH", "")])}
     with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
         t0 = time.perf_counter()
-        proc = subprocess.Popen(cmd, stdout=out, stderr=err)
+        proc = subprocess.Popen(cmd, stdout=out, stderr=err, cwd=tree, env=env)
         _, status, usage = os.wait4(proc.pid, 0)
         wall = time.perf_counter() - t0
         proc.returncode = code = os.waitstatus_to_exitcode(status)
@@ -290,6 +292,31 @@ def make_trades(rows: int, folder: pathlib.Path) -> pathlib.Path:
     return path
 
 
+def ab(other: pathlib.Path, csv: pathlib.Path, repeats: int, extra: list[str]) -> None:
+    """Our end to end on ``csv``, this tree beside ``other``, process runs alternating."""
+    from nautilus_pipeline.machine import describe
+
+    trees = {"this tree": ROOT, str(other): other}
+    for tree in trees.values():  # warm-up, discarded (page cache, numba's kernel cache)
+        run_child("ours", csv, extra, tree)
+    runs: dict[str, list[dict]] = {k: [] for k in trees}
+    for _ in range(repeats):
+        for name, tree in trees.items():
+            runs[name].append(run_child("ours", csv, extra, tree))
+    print(f"machine: {describe()}; load average {os.getloadavg()[0]:.2f} at the end")
+    print(f"our side on {csv.name}, {repeats} process runs per tree, alternating")
+    print()
+    print("| tree | end to end s: median | min | max | process wall s: median | EMA |")
+    print("|---|---:|---:|---:|---:|---|")
+    for name, rs in runs.items():
+        e2e = [r["e2e_s"] for r in rs]
+        print(f"| {name} | {statistics.median(e2e):.3f} | {min(e2e):.3f} | {max(e2e):.3f} | "
+              f"{statistics.median(r['wall_s'] for r in rs):.3f} | {rs[0]['ema']!r} |")
+    first, second = (statistics.median(r["e2e_s"] for r in rs) for rs in runs.values())
+    print(f"\nend to end, this tree / the other: {first / second:.3f}; "
+          f"same EMA in every run: {len({r['ema'] for rs in runs.values() for r in rs}) == 1}")
+
+
 SIDES = {
     "ours": "nautilus_pipeline",
     "ours-nopandas": "nautilus_pipeline, pandas+scipy hidden",
@@ -304,8 +331,14 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=4096, help="our pipeline's batch size")
     ap.add_argument("--data-dir", type=pathlib.Path, default=pathlib.Path(tempfile.gettempdir()),
                     help="where the generated CSV is written (kept for the next run)")
+    ap.add_argument("--ab", type=pathlib.Path, metavar="TREE",
+                    help="only our side on the big file, this tree against another checkout's, "
+                         "--repeats process runs each, alternating (a before/after on a noisy machine)")
     ap.add_argument("--child", nargs=2, metavar=("SIDE", "CSV"), help=argparse.SUPPRESS)
     args = ap.parse_args()
+    if args.ab:
+        ab(args.ab.resolve(), make_trades(args.rows, args.data_dir), args.repeats, ["--batch", str(args.batch)])
+        return
     if args.child:
         side, csv = args.child
         if side == "ours-nopandas":

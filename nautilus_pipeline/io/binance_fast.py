@@ -237,8 +237,12 @@ def parse_trades(buf, fields, pow10, ts, price, size, side, trade_id):
 
 def _middle_line_start(buf: np.ndarray) -> int:
     """Just after the first newline at or past the middle of ``buf`` (its length if none)."""
-    nl = np.flatnonzero(buf[len(buf) // 2 :] == 10)
-    return len(buf) // 2 + int(nl[0]) + 1 if len(nl) else len(buf)
+    mid = len(buf) // 2
+    for end in (mid + 4096, len(buf)):  # a line is short: look a page ahead first
+        nl = np.flatnonzero(buf[mid:end] == 10)
+        if len(nl):
+            return mid + int(nl[0]) + 1
+    return len(buf)
 
 
 def parse_block(data: object, lines: int, fields: int) -> dict[str, np.ndarray] | None:
