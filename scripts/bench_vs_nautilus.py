@@ -46,41 +46,35 @@ clock starts, and is printed. A first round is discarded (page cache, numba's ke
 byte code), then the median of ``--repeats`` process runs per side.
 
 Pandas and scipy. With pandas installed (nautilus_trader needs it) our reader's first
-Arrow → numpy conversion makes pyarrow import pandas (``pa.scalar`` checks for pandas
-objects, and ``Array.to_numpy`` initialises pyarrow's pandas support; checked on pyarrow
-with this venv's versions): 0.2-0.6 s inside our end-to-end time that a core install without
-pandas never pays. scipy is no dependency of ours either (dropped from the core list: the
-package never imports it), but numba imports ``scipy.linalg`` when its CPU target starts if
-scipy is installed (~0.1-0.4 s, ``scripts/bench_startup.py --hide scipy``). The row "pandas+
-scipy hidden" runs our side with both imports failing, as in an install of our core
-dependencies (before this run the row hid pandas only).
+Arrow → numpy conversion used to make pyarrow import pandas (0.2-0.6 s inside our end-to-end
+time); ``io/arrow_numpy.py`` removed that (e5a5f30). scipy is no dependency of ours, but numba
+imports ``scipy.linalg`` when its CPU target starts to *compile*, if scipy is installed. The
+row "pandas+scipy hidden" runs our side with both imports failing, as in an install of our
+core dependencies. The child prints the modules imported inside our clock and whether pandas
+or scipy is in the process at all: with both installed, only ``threadpoolctl`` (the
+pipeline's BLAS limit, ~5 ms with its scan of the loaded libraries) is imported inside the
+clock, and neither pandas nor scipy is ever imported (numba loads our cached kernels without
+scipy). Hiding them no longer changes what runs: the gap between the two rows at 43403f7
+(0.222 vs 0.198 s, medians of 3) was the run-to-run spread; in the loaded runs of
+``docs/measurements/dev_bench_vs_nautilus_loaded_c999ceb.txt`` either row is the faster one.
 
-Measured on the 2-core dev VM, shared with other agents (load average 2-3 during the runs):
-the script run three times, each run the median of 3 processes per side; headline ratios
-of the three runs, median in bold (full output in ``docs/measurements/dev_bench_vs_nautilus.txt``):
+Where our 1M time went (issue 9, phases timed by hand in one process on the 2-core dev VM):
+pyarrow's threaded CSV parse was the largest part, then the Arrow → tick-column conversions,
+checks and re-batching (which copied every row once), and the reader and the loop taking
+turns (one batch read ahead, so a chunk's parse ran while the loop waited). Now: plain Binance blocks are parsed by a numba byte parser straight into tick columns
+(``io/binance_fast.py``, both cores, same bits), the replay reads 65,536 rows ahead
+(``READ_AHEAD_ROWS``) so the reader's next chunk overlaps the loop's delivery, and batches
+are views of the blocks (only one straddling two blocks is copied).
 
-| ours / nautilus_trader                      | run 1 | run 2 | run 3 | median |
-|---------------------------------------------|------:|------:|------:|-------:|
-| 1M end to end (ticks/s ratio)               | 13.9x | 18.8x | 23.4x | **18.8x** |
-| 1M end to end, pandas hidden                | 26.5x | 26.9x | 27.5x | **26.9x** |
-| 1M process wall                             | 5.23x | 6.28x | 7.60x | **6.28x** |
-| 21K process wall (> 1: ours faster)         | 0.93x | 0.90x | 0.87x | **0.90x** |
-| 21K process wall, pandas hidden             | 1.12x | 1.05x | 1.10x | **1.10x** |
-
-Run 2 (the median run for four of these five), as printed:
-
-| file | impl | ticks | end to end s | ticks/s | process wall s | CPU s | max RSS MB |
-|---|---|---:|---:|---:|---:|---:|---:|
-| bundled 21K | nautilus_pipeline | 21,313 | 0.251 | 84,785 | 2.348 | 1.64 | 262 |
-| bundled 21K | nautilus_pipeline, pandas hidden | 21,313 | 0.029 | 727,790 | 2.015 | 1.30 | 231 |
-| bundled 21K | nautilus_trader | 21,313 | 0.467 | 45,639 | 2.114 | 1.36 | 276 |
-| generated 1M | nautilus_pipeline | 1,000,000 | 0.609 | 1,642,570 | 1.993 | 2.02 | 365 |
-| generated 1M | nautilus_pipeline, pandas hidden | 1,000,000 | 0.425 | 2,352,481 | 1.731 | 1.71 | 332 |
-| generated 1M | nautilus_trader | 1,000,000 | 11.419 | 87,571 | 12.515 | 10.73 | 644 |
-
-nautilus_trader's 1M phases in that run: engine set-up 0.05 s, ``read_csv`` + wrangle 3.3 s,
-``add_data`` 1.2 s, run 7.0 s. Our 21K whole process (~2 s) is almost all imports (numba,
-scipy, pyarrow.compute) and numba's start; theirs is imports too.
+Measured on the 2-core dev VM, loaded by other agents' test suites (load average 4-6), our side
+only, this branch against its base (``--ab``, 11 process runs per tree, alternating;
+``docs/measurements/dev_bench_vs_nautilus_ab_dc0baa3.txt``): end to end median 0.291 s
+against 0.352 s (x0.83), fastest runs 0.194 against 0.262 s (x0.74), the same EMA in every
+run. The full script's rows, four runs from the two trees one after another, are in
+``docs/measurements/dev_bench_vs_nautilus_loaded_c999ceb.txt``: ours 0.270 and 0.209 s
+(34.3x and 30.2x nautilus_trader's time in the same runs) against the base's 0.710 and 0.384
+s (15.6x, 21.2x). The quiet-VM round of 43403f7 gave ours 0.222 s and theirs 5.368 s (24.2x);
+a quiet round of this branch is still to be run.
 
 Run: ``python scripts/bench_vs_nautilus.py [--rows 1000000] [--repeats 3] [--batch 4096]``
 in an environment with ``pip install -e '.[bench]'`` (on this VM a separate venv, so that
