@@ -64,7 +64,9 @@ from .formats import Source
 log = structlog.get_logger("nautilus_pipeline.replay")
 
 READ_ONCE_MAX_BYTES = 2 << 30
-"""What :meth:`Replay.scan` keeps for the replay (merged columns, ~70 bytes a tick)."""
+"""What :meth:`Replay.scan` keeps for the replay (merged columns, ~70 bytes a tick, counted in
+full though columns a reader lacks are broadcast fill views: a trades file keeps ~30 bytes a
+tick less; a 10M-trade ``default.toml`` run's peak RSS went from 1,487 to 1,079 MB)."""
 
 READ_AHEAD_ROWS = 65_536
 """Rows a replay's reader thread reads ahead of the consumer, in one hand-off (see ``batches``).
