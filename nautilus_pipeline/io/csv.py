@@ -259,7 +259,7 @@ class CsvReader:
                         block = block[3:]
                 newlines = _count_newlines(block)
                 if skip and len(block):
-                    nl = np.flatnonzero(np.frombuffer(block, dtype=np.uint8) == 10)
+                    nl = _first_newlines(np.frombuffer(block, dtype=np.uint8), skip)
                     if len(nl) < skip:  # (blank lines before a header filling a block)
                         skip -= len(nl)
                         line += len(nl)
@@ -469,6 +469,17 @@ def _after_last_newline(buf: pa.Buffer) -> int:
         if len(hits):
             return max(0, end - step) + int(hits[-1]) + 1
     return 0
+
+
+def _first_newlines(arr: np.ndarray, k: int) -> np.ndarray:
+    """Offsets of the first ``k`` newlines of ``arr`` (fewer if it has fewer), looking at a
+    growing prefix: the header is at the start of an 8 MiB block."""
+    window = 1 << 16
+    while True:
+        nl = np.flatnonzero(arr[:window] == 10)
+        if len(nl) >= k or window >= len(arr):
+            return nl[:k]
+        window *= 4
 
 
 def _count_newlines(block: pa.Buffer | bytes) -> int:
