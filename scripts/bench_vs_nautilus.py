@@ -71,7 +71,11 @@ branch against its base (``--ab``, process runs per tree alternating): at 390157
 load average 2.3-2.7, end to end median 0.201 s against 0.257 s (x0.78), fastest 0.178 against
 0.214 s (``docs/measurements/dev_bench_vs_nautilus_ab_3901577.txt``); at dc0baa3, 11 runs,
 load 4-6, median 0.291 against 0.352 s (x0.83), fastest 0.194 against 0.262 s
-(``dev_bench_vs_nautilus_ab_dc0baa3.txt``); the same EMA in every run. The full script's rows, four runs from the two trees one after another, are in
+(``dev_bench_vs_nautilus_ab_dc0baa3.txt``); the same EMA in every run. The whole script at
+4331df1 (load average 3.2-3.5; ``dev_bench_vs_nautilus_loaded_4331df1.txt``): ours 0.189 s,
+nautilus_trader 5.356 s, 28.3x end to end; the 21K file's whole process 1.06x. Their
+single-threaded side keeps a core under that load (5.356 s, as on the quiet VM), ours shares
+its two. The full script's rows, four runs from the two trees one after another, are in
 ``docs/measurements/dev_bench_vs_nautilus_loaded_c999ceb.txt``: ours 0.270 and 0.209 s
 (34.3x and 30.2x nautilus_trader's time in the same runs) against the base's 0.710 and 0.384
 s (15.6x, 21.2x). The quiet-VM round of 43403f7 gave ours 0.222 s and theirs 5.368 s (24.2x);
