@@ -94,10 +94,7 @@ class Before(TickPublisher):
         self._inflight.append(await self.js.publish_async(subj, data, headers={"Nats-Msg-Id": msg_id}))
         self.messages += 1
 
-async def main(url, n, batch, mode, wait="go", wire="compact", storage="file", slack="slack"):
-    if slack == "noslack":  # glibc's defaults (A/B of nautilus_pipeline.bridge.heap)
-        import nautilus_pipeline.bridge.heap as heap
-        heap.keep_slack = lambda *a, **k: False
+async def main(url, n, batch, mode, wait="go", wire="compact", storage="file"):
     frame = trades_frame(int(n), seed=7)
     nc = await nats.connect(url)
     js = nc.jetstream()
@@ -125,9 +122,6 @@ async def main(url, n, batch, mode, wait="go", wire="compact", storage="file", s
 """
 
 
-SLACK = ["slack"]
-"""``noslack`` (``--no-heap-slack``): this process and the publishers keep glibc's defaults."""
-
 CPU: dict[str, list[tuple[float, float]]] = {"before": [], "now": []}
 """Per publish: (the publishing process's CPU s, nats-server's CPU s) while it published."""
 
@@ -145,8 +139,7 @@ def publish_from_another_process(url: str, n: int, mode: str = "now", server_pid
     in full (NPB1, b22cc61's messages)."""
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     s0 = cpu_seconds(server_pid) if server_pid else 0.0
-    out = subprocess.run([sys.executable, "-c", PUBLISHER, url, str(n), str(batch), mode, "go", wire, storage,
-                          SLACK[0]], env=env,
+    out = subprocess.run([sys.executable, "-c", PUBLISHER, url, str(n), str(batch), mode, "go", wire, storage], env=env,
                          check=True, capture_output=True, text=True).stdout
     server_cpu = cpu_seconds(server_pid) - s0 if server_pid else float("nan")  # warm-up included: ~1 batch
     wall, cpu = map(float, out.strip().splitlines()[-1].split())
@@ -532,8 +525,7 @@ def waiting_publisher(url: str, n: int, wire: str = "compact", batch: int = BATC
     """A publishing process (the one of ``publish_from_another_process``) that has made the
     TICKS stream anew and waits for a line on stdin before it publishes ``n`` ticks."""
     env = {**os.environ, "PYTHONPATH": str(REPO)}
-    proc = subprocess.Popen([sys.executable, "-c", PUBLISHER, url, str(n), str(batch), "now", "wait", wire, storage,
-                             SLACK[0]],
+    proc = subprocess.Popen([sys.executable, "-c", PUBLISHER, url, str(n), str(batch), "now", "wait", wire, storage],
                             env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
     if proc.stdout.readline().strip() != "ready":
         proc.kill()
@@ -695,9 +687,6 @@ async def main(args: argparse.Namespace) -> None:
 
 
 async def measure(args: argparse.Namespace, server: NatsServer) -> None:
-    from nautilus_pipeline.bridge import heap
-
-    heap.keep_slack()  # process-wide: in-process rows run with it too (unless --no-heap-slack)
     n = args.ticks // BATCH * BATCH
     messages = n // BATCH
     only = set(args.only or SECTIONS)
@@ -789,16 +778,9 @@ if __name__ == "__main__":
     ap.add_argument("--repeat", type=int, default=3)
     ap.add_argument("--hops", type=int, default=2000)
     ap.add_argument("--only", nargs="+", choices=SECTIONS, help="run only these tables (default: all)")
-    ap.add_argument("--no-heap-slack", action="store_true",
-                    help="keep glibc's heap defaults here and in the publishers (A/B of bridge/heap.py)")
     ap.add_argument("--modes", nargs="+", choices=[m[1] for m in MODES[1:]],
                     help="the pipeline table's rows besides in-process (default: all)")
     configure_logging(level="warning")
     a = ap.parse_args()
-    if a.no_heap_slack:
-        import nautilus_pipeline.bridge.heap as heap
-
-        heap.keep_slack = lambda *args, **kw: False
-        SLACK[0] = "noslack"
     with asyncio.Runner(loop_factory=loop_factory()) as runner:
         runner.run(main(a))

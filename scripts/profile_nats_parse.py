@@ -3,7 +3,13 @@
 Feeds ``nats.protocol.parser.Parser`` one HMSG of each size, in 32 KiB chunks as nats-py's
 read loop does, ``--n`` times, in a fresh process per setting (``mallopt`` is process-wide):
 CPU µs per message, and beside it one copy of the payload (``bytes(bytearray(...))``).
-Settings: glibc's defaults, and ``M_TOP_PAD`` = 16 MiB (``nautilus_pipeline.bridge.heap``).
+Settings: glibc's defaults, and ``M_TOP_PAD`` = 16 MiB (glibc keeps that much above the heap's
+top when it grows or trims it), set by ``mallopt``.
+
+Measured and not kept: the pad cut the parse of a 410 kB message ~10x here, but not the CPU of
+a process running ``NatsBridge`` (``bench_bridge.py --only bridge-cpu``, processes with and
+without it alternating, ``docs/measurements/dev_heap_slack_ab_*.txt``), where the messages
+read ahead keep the heap large anyway.
 
 Run: ``python scripts/profile_nats_parse.py [--n N]``.
 """
@@ -18,10 +24,10 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 
 CHILD = """
-import asyncio, sys, time
+import asyncio, ctypes, sys, time
 sys.path.insert(0, sys.argv[1])
 from nats.protocol.parser import Parser
-from nautilus_pipeline.bridge import heap
+import nautilus_pipeline.bridge  # the imports of a bridge process (numpy, nats-py)
 
 class Client:
     async def _process_msg(self, sid, subject, reply, payload, hdr):
@@ -29,7 +35,7 @@ class Client:
 
 async def main(pad, n):
     if pad:
-        assert heap.keep_slack()
+        assert ctypes.CDLL(None).mallopt(-2, 16 << 20) == 1  # M_TOP_PAD
     for size in (140_000, 410_000):
         client = Client()
         client.n = 0

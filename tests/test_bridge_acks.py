@@ -227,14 +227,3 @@ async def test_a_message_over_the_servers_max_payload_is_sent_in_halves_with_sta
     finally:
         server.kill()
 
-
-def test_the_heap_slack_is_asked_of_glibc_once_and_kept():
-    import platform
-
-    from nautilus_pipeline.bridge import heap
-
-    if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
-        assert heap.keep_slack() is False  # elsewhere nothing is done
-        return
-    assert heap.keep_slack() is True
-    assert heap.keep_slack() is True  # idempotent

@@ -43,7 +43,6 @@ import structlog
 
 from ..errors import ConfigError, PipelineError
 from ..pipeline import Pipeline
-from . import heap
 from .egress import Egress
 from .ingress import Ingress
 from .publisher import TICKS_STREAM, TICKS_SUBJECTS, ensure_stream
@@ -194,7 +193,6 @@ class NatsBridge:
             await self._abort()
 
     async def _open(self) -> None:
-        heap.keep_slack()  # messages of 100-400 kB: no page faults per message (see heap.py)
         if not self.pipe._started:
             await self.pipe.start()
             self._own_pipe = True

@@ -41,7 +41,6 @@ import numpy as np
 from .. import topics
 from ..errors import ConfigError
 from ..events import KIND_BOOK, KIND_QUOTE, KIND_TRADE
-from . import heap
 from .subjects import name as check_name
 from .wire import encode_batch
 
@@ -95,7 +94,6 @@ class TickPublisher:
         self.js = js
         self.max_payload = max_payload or getattr(getattr(js, "_nc", None), "max_payload", None) or 1 << 20
         """Largest message the server takes (default: the connection's, as the server said)."""
-        heap.keep_slack()  # each message is joined into one bytes of 100-400 kB (see heap.py)
         self.compact = compact
         """False: every column in full (wire ``NPB1``), for consumers of an older version."""
         self.order_by = order_by
