@@ -28,8 +28,9 @@ message; ``docs/measurements/dev_profile_bridge_c96e753.txt``):
 Throughput moved within the noise of the loaded VM (ratios to in-process 0.82-0.96 for
 every flow); what these save is CPU that the stages share two cores with. Decoding a
 message costs ~11 µs, its copy into a slab ~18 µs, its ack ~2 µs (same script). The
-messages read ahead (≤ 8 x a message's size, ~0.8 MB at 4096 ticks) are plain bytes; a slab
-is filled from one when it is free (one copy, from the message's buffer into the slab).
+messages read ahead (≤ 8 x a message's size: ~0.8 MB of trades at 4096 ticks a message, ~3.3
+MB at the publisher's default of 16384) are plain bytes; a slab is filled from one when it is
+free (one copy, from the message's buffer into the slab).
 Acks go out ``ack_every`` at a time, and all at once whenever the consumer is about to wait
 for messages, so a slow or live stream is acknowledged as promptly as before.
 
