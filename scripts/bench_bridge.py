@@ -122,7 +122,7 @@ async def main(url, n, batch, mode, wait="go", wire="compact", storage="file"):
 """
 
 
-CPU: dict[str, list[tuple[float, float]]] = {"before": [], "now": []}
+CPU: dict[str, list[tuple[float, float]]] = {"before": [], "now": [], "now-16k": []}
 """Per publish: (the publishing process's CPU s, nats-server's CPU s) while it published."""
 
 
@@ -133,7 +133,8 @@ def cpu_seconds(pid: int) -> float:
 
 
 def publish_from_another_process(url: str, n: int, mode: str = "now", server_pid: int | None = None,
-                                 wire: str = "compact", batch: int = BATCH, storage: str = "file") -> float:
+                                 wire: str = "compact", batch: int = BATCH, storage: str = "file",
+                                 cpu_key: str | None = None) -> float:
     """Fill the TICKS stream (made anew) from a child process; returns its publish wall time (s)
     and records its CPU time and the server's in ``CPU[mode]``. ``wire="full"``: every column
     in full (NPB1, b22cc61's messages)."""
@@ -143,7 +144,7 @@ def publish_from_another_process(url: str, n: int, mode: str = "now", server_pid
                          check=True, capture_output=True, text=True).stdout
     server_cpu = cpu_seconds(server_pid) - s0 if server_pid else float("nan")  # warm-up included: ~1 batch
     wall, cpu = map(float, out.strip().splitlines()[-1].split())
-    CPU[mode].append((cpu, server_cpu))
+    CPU[cpu_key or mode].append((cpu, server_cpu))
     return wall
 
 
@@ -696,12 +697,15 @@ async def measure(args: argparse.Namespace, server: NatsServer) -> None:
           f"batches of {BATCH}\n")
 
     if "transport" in only:
-        pub: dict[str, list[float]] = {"before": [], "now": []}
+        pub: dict[str, list[float]] = {"before": [], "now": [], "now-16k": []}
         con: dict[str, list[float]] = {"before": [], "now": []}
         for r in range(args.repeat):  # alternating: 148a742's paths, then this commit's
             for mode in ("before", "now"):
                 pub[mode].append(n / publish_from_another_process(url, n, mode, server.proc.pid))
                 con[mode].append(n / await consume_raw(url, f"raw-{mode}-{r}", messages, mode))
+            big = n // 16384 * 16384  # now's default message size (consumed by the pipeline rows)
+            pub["now-16k"].append(big / publish_from_another_process(url, big, "now", server.proc.pid, batch=16384,
+                                                                     cpu_key="now-16k"))
         med = {k: statistics.median(v) for k, v in (("pub_b", pub["before"]), ("pub_n", pub["now"]),
                                                     ("con_b", con["before"]), ("con_n", con["now"]))}
         print(f"| transport (4096-tick batches, acked), median of {args.repeat} alternating | "
@@ -710,15 +714,21 @@ async def measure(args: argparse.Namespace, server: NatsServer) -> None:
         print(f"| publish, another process (148a742: blake2b ids, 64 in flight, default loop; now: "
               f"CRC-32 ids, 256 in flight, uvloop) | {med['pub_b']:,.0f} | {med['pub_n']:,.0f} | "
               f"{med['pub_n'] / med['pub_b']:.2f} |")
+        print(f"| publish 16384-tick messages (now's default), another process | - | "
+              f"{statistics.median(pub['now-16k']):,.0f} | - |")
         print(f"| consume: durable pull, decode, ack (148a742: fetch(64); now: open pull request) | "
               f"{med['con_b']:,.0f} | {med['con_n']:,.0f} | {med['con_n'] / med['con_b']:.2f} |")
         print(f"\nper run (ticks/s): publish {pub}, consume {con}".replace("'", ""))
         per = {m: (statistics.median(c for c, _ in CPU[m]) / messages * 1e6,
                    statistics.median(s for _, s in CPU[m]) / messages * 1e6) for m in CPU}
+        big_per = (n // 16384 * 16384) / BATCH / messages  # the 16384-tick runs' ticks per 4096 of n
+        per["now-16k"] = tuple(x / big_per for x in per["now-16k"])
         print(f"CPU per 4096-tick batch published (medians): publishing process {per['before'][0]:.0f} µs "
               f"(148a742) vs {per['now'][0]:.0f} µs (now); nats-server meanwhile {per['before'][1]:.0f} µs "
               f"vs {per['now'][1]:.0f} µs (its CPU includes the deletion of the last stream and ~1 "
-              "warm-up batch)\n")
+              "warm-up batch)")
+        print(f"with 16384-tick messages (now's default), per 4096 ticks: publishing process "
+              f"{per['now-16k'][0]:.0f} µs, nats-server {per['now-16k'][1]:.0f} µs\n")
 
     if "hops" in only:
         hops: dict[str, list[float]] = {"before": [], "now": [], "memory": []}
