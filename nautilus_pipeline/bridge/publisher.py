@@ -12,17 +12,19 @@ collide (2^-32). CRC-32 rather than a cryptographic hash: it runs at ~6 GB/s her
 139 kB batch) where blake2b took 119 µs, a fifth of the whole publish of a 4096-tick batch, and
 nobody forges these ids.
 
-Ticks per message: 16384 by default. nats-server's and the consumer's CPU go mostly per
-message, not per byte: the bridge alone (``scripts/bench_bridge.py --only bridge-cpu``, a
-pipeline of one stage that does nothing, 4M ticks filled before, 2-core dev VM loaded by
-other jobs, medians of 5 alternating; ``docs/measurements/dev_bench_bridge_cpu_*.txt``) spent
-303 µs of CPU per 4096 ticks (141 this process, 154 nats-server) with 4096-tick messages and
-211 µs (103 + 113) with 16384-tick ones. The consumer splits a message into slabs of its
-pipeline's ``batch_size``; 16384 rows are a multiple of the usual slab sizes, so a stream of
-one symbol is cut into the same batches as an in-process ingest. A message that would pass
-the server's ``max_payload`` (1 MB by default: 16384 rows of quotes sent in full are 1.2 MB)
-is sent as two halves instead, each with its own id, the same on every publish of the same
-rows.
+Ticks per message: 16384 by default. Reading a stream, nats-server's and the consumer's CPU
+go mostly per message, not per byte: the bridge alone (``scripts/bench_bridge.py --only
+bridge-cpu``, a pipeline of one stage that does nothing, 4M ticks filled before, 2-core dev VM
+loaded by other jobs, medians of 5 alternating; ``docs/measurements/dev_bench_bridge_cpu_94274bc.txt``)
+spent 303 µs of CPU per 4096 ticks (141 this process, 154 nats-server) with 4096-tick messages
+and 211 µs (103 + 113) with 16384-tick ones. Publishing, the publisher's CPU went from 127 to
+94 µs per 4096 ticks, and the server's while it stored them did not fall (246 and 287 µs;
+``--only transport``, ``dev_bench_bridge_transport_8c7deec.txt``). The consumer splits a
+message into slabs of its pipeline's ``batch_size``; 16384 rows are a multiple of the usual
+slab sizes, so a stream of one symbol is cut into the same batches as an in-process ingest. A
+message that would pass the server's ``max_payload`` (1 MB by default: 16384 rows of quotes
+sent in full are 1.2 MB) is sent as two halves instead, each with its own id, the same on
+every publish of the same rows.
 
 Acknowledgements are asynchronous: up to ``max_in_flight`` messages wait for their JetStream
 ack at once (a bounded window, settled oldest first); ``flush`` waits for all of them.
