@@ -52,12 +52,11 @@ _KNOWN_KIND = np.zeros(256, bool)
 _KNOWN_KIND[list(_KIND_SUBJECTS)] = True
 
 TICKS_STREAM = "TICKS"
+TICKS_SUBJECTS = "ticks.>"
 DEFAULT_BATCH = 16384
 """Ticks per message (see the module docstring)."""
-TICKS_SUBJECTS = "ticks.>"
-
-
 STORAGES = ("file", "memory")
+"""A stream's storage: ``file`` survives a server restart, ``memory`` does not."""
 
 
 async def ensure_stream(js: Any, stream: str, subjects: list[str], *,
