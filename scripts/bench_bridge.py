@@ -534,7 +534,7 @@ def waiting_publisher(url: str, n: int, wire: str = "compact", batch: int = BATC
     return proc
 
 
-SERVERS = {"4k": (4096, "file"), "16k": (16384, "file"), "16k-mem": (16384, "memory")}
+SERVERS = {"4k": (4096, "file"), "16k": (16384, "file"), "16k-mem": (16384, "memory"), "32k": (32768, "file")}
 """Streams the pipeline rows read, each on its own server (the publisher makes ``TICKS`` anew):
 ticks per message on the wire and the stream's storage."""
 
@@ -624,6 +624,7 @@ BRIDGE_CPU = [
     ("16384-tick messages, explicit acks", "16k", {}),
     ("16384-tick messages, AckAll", "16k", ALL),
     ("16384-tick messages, AckAll, memory storage", "16k-mem", ALL),
+    ("32768-tick messages, explicit acks (why not larger still)", "32k", {}),
 ]
 
 
