@@ -6,25 +6,30 @@ Starts its own ``nats-server -js`` (temporary store, free port) and measures, in
    another process with JetStream acks, then consumed here with a durable pull consumer,
    acked and decoded: ticks/s each way, the paths of 148a742 and of now alternating;
 2. **one-tick hop**: one 1-tick batch at a time, publish → durable pull consumer waiting for
-   it, p50/p99 µs over ``--hops`` messages, 148a742's ``fetch(1)`` and now's ``PullFeed``
-   alternating in chunks;
+   it, p50/p99 µs over ``--hops`` messages, 148a742's ``fetch(1)``, now's ``PullFeed``, and
+   ``PullFeed`` on a stream in memory, alternating in chunks;
 3. **websocket clients**: the bundled Binance capture's frames, framed once and written in
    64 KiB pieces by a server in another process (as fast as the client takes them), received
    by websockets and by picows alone and under ``BinanceWebsocketFeed`` (parsing, gap checks,
    micro-batching): frames/s, alternating;
-4. **pipeline**: the default pipeline fed (a) in-process by ``Pipeline.ingest`` of the
+4. **bridge-cpu**: the bridge alone, a stream filled before by another process read by
+   ``NatsBridge`` into a pipeline of one stage that does nothing: CPU per 4096 ticks of this
+   process and of nats-server for 4096- and 16384-tick messages, explicit and cumulative acks,
+   file and memory storage, alternating;
+5. **pipeline**: the default pipeline fed (a) in-process by ``Pipeline.ingest`` of the
    batches and (b) through ``NatsBridge`` from a stream another process filled before, or
    (c) fills while the pipeline consumes it (told to start once the bridge is connected),
-   (b) and (c) both with b22cc61's flow (no read-ahead, an ack per message, every column
-   sent, on a second server) and now's; each run ending when the last tick is through the
-   last stage; alternating ``--repeat`` times; ticks/s, the ratio to (a) (medians), and CPU
-   per message of this process, nats-server and the publisher;
-5. **hop through the bridge**: publish a 1-tick batch → the ingress hands it to the default
+   (b) and (c) with fb13fe4's 4096-tick messages and now's 16384 (and AckAll, memory storage),
+   each stream on its own server; each run ending when the last tick is through the last
+   stage; alternating ``--repeat`` times; ticks/s, the ratio to (a) (medians), and CPU per
+   4096 ticks of this process, nats-server and the publisher;
+6. **hop through the bridge**: publish a 1-tick batch → the ingress hands it to the default
    pipeline, 148a742's ``fetch`` reading and now's ``PullFeed``, alternating.
 
 picows rows appear when picows is installed (the ``live`` extra).
 
-Run: ``python scripts/bench_bridge.py [--ticks N] [--repeat R] [--hops H] [--only TABLE...]``.
+Run: ``python scripts/bench_bridge.py [--ticks N] [--repeat R] [--hops H] [--only TABLE...]
+[--modes ROW...]``.
 """
 
 from __future__ import annotations
@@ -50,11 +55,12 @@ from nautilus_pipeline.bridge.pull import PullFeed  # noqa: E402
 from nautilus_pipeline.bridge.server import NatsServer  # noqa: E402
 from nautilus_pipeline.machine import describe  # noqa: E402
 from nautilus_pipeline.runtime import configure_logging, loop_factory  # noqa: E402
+from nautilus_pipeline.stage import Stage  # noqa: E402
 from nautilus_pipeline.testing import trades_frame  # noqa: E402
 
 SYMBOL = "BTCUSDT-PERP"
 BATCH = 4096
-SECTIONS = ("transport", "hops", "websocket", "pipeline", "bridge-hops")
+SECTIONS = ("transport", "hops", "websocket", "bridge-cpu", "pipeline", "bridge-hops")
 
 PUBLISHER = """
 import asyncio, collections, hashlib, sys, time
@@ -88,7 +94,7 @@ class Before(TickPublisher):
         self._inflight.append(await self.js.publish_async(subj, data, headers={"Nats-Msg-Id": msg_id}))
         self.messages += 1
 
-async def main(url, n, batch, mode, wait="go", wire="compact"):
+async def main(url, n, batch, mode, wait="go", wire="compact", storage="file"):
     frame = trades_frame(int(n), seed=7)
     nc = await nats.connect(url)
     js = nc.jetstream()
@@ -101,7 +107,7 @@ async def main(url, n, batch, mode, wait="go", wire="compact"):
     await pub.flush()
     # a new stream: a purge would keep the duplicate window, and the same batches again are duplicates
     await js.delete_stream("TICKS")
-    await ensure_stream(js, "TICKS", ["ticks.>"])
+    await ensure_stream(js, "TICKS", ["ticks.>"], storage=storage)
     pub.messages = 0
     if wait == "wait":  # concurrent runs: the consumer says when
         print("ready", flush=True)
@@ -116,7 +122,7 @@ async def main(url, n, batch, mode, wait="go", wire="compact"):
 """
 
 
-CPU: dict[str, list[tuple[float, float]]] = {"before": [], "now": []}
+CPU: dict[str, list[tuple[float, float]]] = {"before": [], "now": [], "now-16k": []}
 """Per publish: (the publishing process's CPU s, nats-server's CPU s) while it published."""
 
 
@@ -127,17 +133,18 @@ def cpu_seconds(pid: int) -> float:
 
 
 def publish_from_another_process(url: str, n: int, mode: str = "now", server_pid: int | None = None,
-                                 wire: str = "compact") -> float:
+                                 wire: str = "compact", batch: int = BATCH, storage: str = "file",
+                                 cpu_key: str | None = None) -> float:
     """Fill the TICKS stream (made anew) from a child process; returns its publish wall time (s)
     and records its CPU time and the server's in ``CPU[mode]``. ``wire="full"``: every column
     in full (NPB1, b22cc61's messages)."""
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     s0 = cpu_seconds(server_pid) if server_pid else 0.0
-    out = subprocess.run([sys.executable, "-c", PUBLISHER, url, str(n), str(BATCH), mode, "go", wire], env=env,
+    out = subprocess.run([sys.executable, "-c", PUBLISHER, url, str(n), str(batch), mode, "go", wire, storage], env=env,
                          check=True, capture_output=True, text=True).stdout
     server_cpu = cpu_seconds(server_pid) - s0 if server_pid else float("nan")  # warm-up included: ~1 batch
     wall, cpu = map(float, out.strip().splitlines()[-1].split())
-    CPU[mode].append((cpu, server_cpu))
+    CPU[cpu_key or mode].append((cpu, server_cpu))
     return wall
 
 
@@ -179,13 +186,15 @@ async def consume_raw(url: str, durable: str, messages: int, mode: str = "now") 
 async def one_tick_hops(url: str, hops: int, mode: str = "now", warmup: int = 50) -> list[float]:
     """µs from publishing a 1-tick batch to its arrival at a durable pull consumer waiting for
     it: ``now`` through the ingress's open pull request (``PullFeed.get``), ``before`` a
-    nats-py ``fetch(1)`` issued before the publish (148a742's bench)."""
+    nats-py ``fetch(1)`` issued before the publish (148a742's bench); ``memory``: as ``now``,
+    into a stream kept in memory."""
     import nats
     from nats.js.api import AckPolicy, ConsumerConfig
 
     nc = await nats.connect(url)
     js = nc.jetstream()
-    await ensure_stream(js, "HOP", ["hop.>"])
+    stream, token = ("HOPM", "hopm") if mode == "memory" else ("HOP", "hop")
+    await ensure_stream(js, stream, [f"{token}.>"], storage="memory" if mode == "memory" else "file")
     durable = f"hop-{mode}"
     config = ConsumerConfig(durable_name=durable, ack_policy=AckPolicy.EXPLICIT)
     if mode == "before":
@@ -195,10 +204,10 @@ async def one_tick_hops(url: str, hops: int, mode: str = "now", warmup: int = 50
             return sub.fetch(1, timeout=5)
     else:
         try:
-            await js.consumer_info("HOP", durable)
+            await js.consumer_info(stream, durable)
         except nats.js.errors.NotFoundError:
-            await js.add_consumer("HOP", config)
-        feed = await PullFeed(nc, "HOP", durable, expires_s=5.0).open()
+            await js.add_consumer(stream, config)
+        feed = await PullFeed(nc, stream, durable, expires_s=5.0).open()
 
         def take():
             return feed.get(64, 5.0)
@@ -209,7 +218,7 @@ async def one_tick_hops(url: str, hops: int, mode: str = "now", warmup: int = 50
         await asyncio.sleep(0)  # the pull request (if one is needed) goes out first
         await asyncio.sleep(0)
         t0 = time.perf_counter_ns()
-        await nc.publish("hop.BTCUSDT-PERP", data)
+        await nc.publish(f"{token}.BTCUSDT-PERP", data)
         msgs = await fetch
         dt = (time.perf_counter_ns() - t0) / 1e3
         for msg in msgs:
@@ -512,11 +521,12 @@ async def through_bridge(url: str, durable: str, n: int, usage: Usage | None = N
     return wall
 
 
-def waiting_publisher(url: str, n: int, wire: str = "compact") -> subprocess.Popen:
+def waiting_publisher(url: str, n: int, wire: str = "compact", batch: int = BATCH,
+                      storage: str = "file") -> subprocess.Popen:
     """A publishing process (the one of ``publish_from_another_process``) that has made the
     TICKS stream anew and waits for a line on stdin before it publishes ``n`` ticks."""
     env = {**os.environ, "PYTHONPATH": str(REPO)}
-    proc = subprocess.Popen([sys.executable, "-c", PUBLISHER, url, str(n), str(BATCH), "now", "wait", wire],
+    proc = subprocess.Popen([sys.executable, "-c", PUBLISHER, url, str(n), str(batch), "now", "wait", wire, storage],
                             env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
     if proc.stdout.readline().strip() != "ready":
         proc.kill()
@@ -524,42 +534,57 @@ def waiting_publisher(url: str, n: int, wire: str = "compact") -> subprocess.Pop
     return proc
 
 
-B22 = {"read_ahead": 0, "ack_every": 1}
-"""b22cc61's flow: ask for the free slabs only, one ack per message (with every column sent)."""
+SERVERS = {"4k": (4096, "file"), "16k": (16384, "file"), "16k-mem": (16384, "memory"), "32k": (32768, "file")}
+"""Streams the pipeline rows read, each on its own server (the publisher makes ``TICKS`` anew):
+ticks per message on the wire and the stream's storage."""
+
+ALL = {"ack_policy": "all"}
+MODES = [
+    ("in-process `ingest`", "local", None, {}),
+    ("filled before; fb13fe4 (4096-tick messages)", "pre-4k", "4k", {}),
+    ("filled before; now (16384-tick messages)", "pre-16k", "16k", {}),
+    ("filled before; now, AckAll", "pre-16k-all", "16k", ALL),
+    ("filled before; now, memory storage", "pre-16k-mem", "16k-mem", {}),
+    ("filled while consumed; fb13fe4", "live-4k", "4k", {}),
+    ("filled while consumed; now", "live-16k", "16k", {}),
+    ("filled while consumed; now, memory storage", "live-16k-mem", "16k-mem", {}),
+]
+"""The pipeline rows: label, key, server (``SERVERS``; None: in-process), NatsBridge options."""
 
 
-async def pipeline_table(url: str, server_pid: int, n: int, repeat: int) -> None:
+async def pipeline_table(url: str, server_pid: int, n: int, repeat: int, only: list[str] | None = None) -> None:
     """The default pipeline: in-process ``ingest`` against ``NatsBridge`` fed from another
-    process, the stream (a) filled before and (b) filled while the pipeline consumes it, each
-    the way of b22cc61 (``B22``, every column sent, on a second server) and of now,
-    alternating; ticks/s, and CPU per 4096-tick message of this process, nats-server and the
-    publisher."""
+    process, the stream filled before or while the pipeline consumes it, for the ``MODES``
+    (ticks per message, ack policy, storage), alternating; ticks/s, and CPU per 4096 ticks of
+    this process, nats-server and the publisher."""
     frame = trades_frame(n, seed=7)
     await in_process(trades_frame(BATCH * 4, seed=1))  # warm-up: numba caches, imports
-    messages = n // BATCH
-    with tempfile.TemporaryDirectory() as tmp, NatsServer(Path(tmp)) as before:
-        servers = {"full": (before.url, before.proc.pid), "compact": (url, server_pid)}
-        for wire, (u, pid) in servers.items():
-            publish_from_another_process(u, n, "now", pid, wire=wire)
-        modes = [
-            ("in-process `ingest`", "local", None, {}),
-            ("JetStream, filled before; b22cc61's flow (read_ahead=0, ack_every=1, NPB1)", "pre-b22", "full", B22),
-            ("JetStream, filled before; now (defaults, NPB2)", "pre-now", "compact", {}),
-            ("JetStream, filled while consumed; b22cc61's flow", "live-b22", "full", B22),
-            ("JetStream, filled while consumed; now", "live-now", "compact", {}),
-        ]
+    per = n / BATCH  # CPU is shown per 4096 ticks, whatever the message size
+    modes = [m for m in MODES if only is None or m[1] in only or m[1] == "local"]
+    used = {m[2] for m in modes if m[2] is not None}
+    with contextlib.ExitStack() as stack:
+        servers = {}
+        for key in used:
+            if key == "4k":
+                servers[key] = (url, server_pid)
+            else:
+                extra = stack.enter_context(NatsServer(Path(stack.enter_context(tempfile.TemporaryDirectory()))))
+                servers[key] = (extra.url, extra.proc.pid)
+            batch, storage = SERVERS[key]
+            publish_from_another_process(servers[key][0], n, "now", servers[key][1], batch=batch, storage=storage)
         rates: dict[str, list[float]] = {m: [] for _, m, _, _ in modes}
         cpu: dict[str, list[tuple[float, float, float]]] = {m: [] for _, m, _, _ in modes}
         for r in range(repeat):
-            for _, mode, wire, options in modes:
+            for _, mode, key, options in modes:
                 pub_cpu = 0.0
-                if wire is None:
+                if key is None:
                     usage = Usage(server_pid)
                     wall = await in_process(frame, usage)
                 else:
-                    u, pid = servers[wire]
+                    (u, pid), (batch, storage) = servers[key], SERVERS[key]
                     usage = Usage(pid)
-                    proc = waiting_publisher(u, n, wire) if mode.startswith("live") else None
+                    proc = (waiting_publisher(u, n, batch=batch, storage=storage)
+                            if mode.startswith("live") else None)
                     wall = await through_bridge(u, f"bench-{mode}-{r}", n, usage, publisher=proc, **options)
                     if proc is not None:
                         out, _ = proc.communicate(timeout=120)
@@ -568,16 +593,86 @@ async def pipeline_table(url: str, server_pid: int, n: int, repeat: int) -> None
                 cpu[mode].append((usage.ours, usage.server, pub_cpu))
     ml = statistics.median(rates["local"])
     print(f"| default pipeline, {n:,} ticks, median of {repeat} alternating | ticks/s | ÷ in-process | "
-          "CPU µs per 4096-tick message: this process | nats-server | publisher |")
+          "CPU µs per 4096 ticks: this process | nats-server | publisher |")
     print("|---|---:|---:|---:|---:|---:|")
     for label, mode, _, _ in modes:
         m = statistics.median(rates[mode])
-        ours, server, pub = (statistics.median(c[i] for c in cpu[mode]) / messages * 1e6 for i in range(3))
+        ours, server, pub = (statistics.median(c[i] for c in cpu[mode]) / per * 1e6 for i in range(3))
         print(f"| {label} | {m:,.0f} | {m / ml:.3f} | {ours:,.0f} | {server:,.0f} | "
               f"{f'{pub:,.0f}' if mode.startswith('live') else '-'} |")
     print("\nper run (ticks/s): " + "; ".join(f"{mode} {[round(x) for x in rates[mode]]}" for _, mode, _, _ in modes))
     print("target: JetStream ÷ in-process >= 0.95 (the publisher's CPU is its process time while it "
-          "published, the server's includes the stream's deletion and ~1 warm-up batch in live runs)\n")
+          "published, the server's includes the stream's deletion and ~1 warm-up message in live runs)\n")
+
+
+class _Noop(Stage):
+    """A stage that reads the batch's clock and does nothing else: a pipeline whose own cost
+    is next to nothing, so that this process's CPU is the bridge's (``bridge-cpu``)."""
+
+    name = "noop"
+    reads = ("ts_ns",)
+    writes = ()
+    streams = ("cpu",)
+
+    async def process(self, lease, stream, ctx):
+        return None
+
+
+BRIDGE_CPU = [
+    ("4096-tick messages, explicit acks (4 at a time), file (fb13fe4)", "4k", {}),
+    ("4096-tick messages, AckAll", "4k", ALL),
+    ("16384-tick messages, explicit acks", "16k", {}),
+    ("16384-tick messages, AckAll", "16k", ALL),
+    ("16384-tick messages, AckAll, memory storage", "16k-mem", ALL),
+    ("32768-tick messages, explicit acks (why not larger still)", "32k", {}),
+]
+
+
+async def bridge_cpu_table(url: str, server_pid: int, n: int, repeat: int) -> None:
+    """CPU per 4096 ticks of the bridge alone: a stream filled before, read by ``NatsBridge``
+    into a pipeline of one stage that does nothing (4096-row slabs), this process and
+    nats-server, for message sizes, ack policies and storage, alternating, medians."""
+    from nautilus_pipeline import Pipeline
+
+    per = n / BATCH
+    with contextlib.ExitStack() as stack:
+        servers = {}
+        for key in dict.fromkeys(k for _, k, _ in BRIDGE_CPU):
+            if key == "4k":
+                servers[key] = (url, server_pid)
+            else:
+                extra = stack.enter_context(NatsServer(Path(stack.enter_context(tempfile.TemporaryDirectory()))))
+                servers[key] = (extra.url, extra.proc.pid)
+            batch, storage = SERVERS[key]
+            publish_from_another_process(servers[key][0], n, "now", servers[key][1], batch=batch, storage=storage)
+        cpu: dict[int, list[tuple[float, float, float]]] = {i: [] for i in range(len(BRIDGE_CPU))}
+        for r in range(repeat):
+            for i, (_, key, options) in enumerate(BRIDGE_CPU):
+                u, pid = servers[key]
+                pipe = Pipeline([_Noop()], batch_size=BATCH, slabs=8, execution="serial")
+                usage = Usage(pid)
+                async with pipe:
+                    handed = _count_handoffs(pipe, n)
+                    with usage:
+                        t0 = time.perf_counter()
+                        async with NatsBridge(pipe, servers=u, ingest="ticks.>", durable=f"cpu-{i}-{r}",
+                                              state=False, fetch_timeout=0.05, **options):
+                            await handed.wait()
+                            await pipe.drain()
+                        wall = time.perf_counter() - t0
+                    assert pipe.tick_flow().ticks_out == n
+                cpu[i].append((usage.ours, usage.server, n / wall))
+    print(f"| the bridge alone: {n:,} ticks filled before, into a pipeline of one stage that does "
+          f"nothing; median of {repeat} alternating | CPU µs per 4096 ticks: this process | "
+          "nats-server | both | ticks/s |")
+    print("|---|---:|---:|---:|---:|")
+    for i, (label, _, _) in enumerate(BRIDGE_CPU):
+        ours, server = (statistics.median(c[j] for c in cpu[i]) / per * 1e6 for j in range(2))
+        both = statistics.median((c[0] + c[1]) for c in cpu[i]) / per * 1e6
+        rate = statistics.median(c[2] for c in cpu[i])
+        print(f"| {label} | {ours:,.0f} | {server:,.0f} | {both:,.0f} | {rate:,.0f} |")
+    print("\nper run (this process, nats-server CPU s): " + "; ".join(
+        f"{i}: {[(round(c[0], 3), round(c[1], 3)) for c in cpu[i]]}" for i in cpu) + "\n")
 
 
 def pct(xs: list[float], q: float) -> float:
@@ -603,12 +698,15 @@ async def measure(args: argparse.Namespace, server: NatsServer) -> None:
           f"batches of {BATCH}\n")
 
     if "transport" in only:
-        pub: dict[str, list[float]] = {"before": [], "now": []}
+        pub: dict[str, list[float]] = {"before": [], "now": [], "now-16k": []}
         con: dict[str, list[float]] = {"before": [], "now": []}
         for r in range(args.repeat):  # alternating: 148a742's paths, then this commit's
             for mode in ("before", "now"):
                 pub[mode].append(n / publish_from_another_process(url, n, mode, server.proc.pid))
                 con[mode].append(n / await consume_raw(url, f"raw-{mode}-{r}", messages, mode))
+            big = n // 16384 * 16384  # now's default message size (consumed by the pipeline rows)
+            pub["now-16k"].append(big / publish_from_another_process(url, big, "now", server.proc.pid, batch=16384,
+                                                                     cpu_key="now-16k"))
         med = {k: statistics.median(v) for k, v in (("pub_b", pub["before"]), ("pub_n", pub["now"]),
                                                     ("con_b", con["before"]), ("con_n", con["now"]))}
         print(f"| transport (4096-tick batches, acked), median of {args.repeat} alternating | "
@@ -617,21 +715,27 @@ async def measure(args: argparse.Namespace, server: NatsServer) -> None:
         print(f"| publish, another process (148a742: blake2b ids, 64 in flight, default loop; now: "
               f"CRC-32 ids, 256 in flight, uvloop) | {med['pub_b']:,.0f} | {med['pub_n']:,.0f} | "
               f"{med['pub_n'] / med['pub_b']:.2f} |")
+        print(f"| publish 16384-tick messages (now's default), another process | - | "
+              f"{statistics.median(pub['now-16k']):,.0f} | - |")
         print(f"| consume: durable pull, decode, ack (148a742: fetch(64); now: open pull request) | "
               f"{med['con_b']:,.0f} | {med['con_n']:,.0f} | {med['con_n'] / med['con_b']:.2f} |")
         print(f"\nper run (ticks/s): publish {pub}, consume {con}".replace("'", ""))
         per = {m: (statistics.median(c for c, _ in CPU[m]) / messages * 1e6,
                    statistics.median(s for _, s in CPU[m]) / messages * 1e6) for m in CPU}
+        big_per = (n // 16384 * 16384) / BATCH / messages  # the 16384-tick runs' ticks per 4096 of n
+        per["now-16k"] = tuple(x / big_per for x in per["now-16k"])
         print(f"CPU per 4096-tick batch published (medians): publishing process {per['before'][0]:.0f} µs "
               f"(148a742) vs {per['now'][0]:.0f} µs (now); nats-server meanwhile {per['before'][1]:.0f} µs "
               f"vs {per['now'][1]:.0f} µs (its CPU includes the deletion of the last stream and ~1 "
-              "warm-up batch)\n")
+              "warm-up batch)")
+        print(f"with 16384-tick messages (now's default), per 4096 ticks: publishing process "
+              f"{per['now-16k'][0]:.0f} µs, nats-server {per['now-16k'][1]:.0f} µs\n")
 
     if "hops" in only:
-        hops: dict[str, list[float]] = {"before": [], "now": []}
+        hops: dict[str, list[float]] = {"before": [], "now": [], "memory": []}
         chunk = max(args.hops // 4, 1)
         for _ in range(4):  # alternating chunks
-            for mode in ("before", "now"):
+            for mode in hops:
                 hops[mode] += await one_tick_hops(url, chunk, mode)
         print(f"| one-tick hop publish → durable consumer ({4 * chunk} hops each, alternating) | "
               "p50 µs | p99 µs |")
@@ -639,13 +743,18 @@ async def measure(args: argparse.Namespace, server: NatsServer) -> None:
         print(f"| 148a742: fetch(1) waiting at the server | {pct(hops['before'], 50):.1f} | "
               f"{pct(hops['before'], 99):.1f} |")
         print(f"| now: the ingress's open pull request (PullFeed) | {pct(hops['now'], 50):.1f} | "
-              f"{pct(hops['now'], 99):.1f} |\n")
+              f"{pct(hops['now'], 99):.1f} |")
+        print(f"| now, into a stream in memory (``--storage memory``) | {pct(hops['memory'], 50):.1f} | "
+              f"{pct(hops['memory'], 99):.1f} |\n")
 
     if "websocket" in only:
         await websocket_table(args.repeat)
 
+    if "bridge-cpu" in only:
+        await bridge_cpu_table(url, server.proc.pid, n, args.repeat)
+
     if "pipeline" in only:
-        await pipeline_table(url, server.proc.pid, n, args.repeat)
+        await pipeline_table(url, server.proc.pid, n, args.repeat, args.modes)
 
     if "bridge-hops" in only:
         b148: list[float] = []
@@ -680,6 +789,8 @@ if __name__ == "__main__":
     ap.add_argument("--repeat", type=int, default=3)
     ap.add_argument("--hops", type=int, default=2000)
     ap.add_argument("--only", nargs="+", choices=SECTIONS, help="run only these tables (default: all)")
+    ap.add_argument("--modes", nargs="+", choices=[m[1] for m in MODES[1:]],
+                    help="the pipeline table's rows besides in-process (default: all)")
     configure_logging(level="warning")
     a = ap.parse_args()
     with asyncio.Runner(loop_factory=loop_factory()) as runner:

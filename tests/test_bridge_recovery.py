@@ -112,8 +112,12 @@ async def _wait_for_snapshot(js, durable: str, timeout: float = 60.0) -> None:
     raise TimeoutError(f"no snapshot of {durable!r} stored after {timeout}s")
 
 
-async def test_sigkill_of_the_consumer_then_restart_loses_and_duplicates_nothing(nats_server):
+@pytest.mark.parametrize("slabs_per_message", [1, 4])
+async def test_sigkill_of_the_consumer_then_restart_loses_and_duplicates_nothing(nats_server, slabs_per_message):
+    """Also with messages of several slabs (the publisher's default of 16384 ticks into
+    4096-row slabs): a message cut by the kill comes back whole, its first slabs included."""
     frame = trades_frame(80 * BATCH, seed=21)
+    messages = 80 // slabs_per_message
     reference = await _reference(frame)
     assert all(reference[t] for t in TOPICS)
 
@@ -121,8 +125,8 @@ async def test_sigkill_of_the_consumer_then_restart_loses_and_duplicates_nothing
     try:
         js = nc.jetstream()
         await ensure_stream(js, "TICKS", ["ticks.>"])
-        pub = TickPublisher(js, batch_size=BATCH)
-        assert await pub.publish(frame, SYMBOL) == 80
+        pub = TickPublisher(js, batch_size=BATCH * slabs_per_message)
+        assert await pub.publish(frame, SYMBOL) == messages
         await pub.flush()
 
         first = _consumer(nats_server.url, "crash")
@@ -138,8 +142,8 @@ async def test_sigkill_of_the_consumer_then_restart_loses_and_duplicates_nothing
         assert second.returncode == 0, err[-3000:]
         stats = orjson.loads(out.strip().splitlines()[-1])
         restored_from = stats["restored_from_seq"]
-        assert restored_from is not None and 0 < restored_from < 80  # killed mid-stream
-        assert stats["ingress"]["ticks"] == (80 - restored_from) * BATCH
+        assert restored_from is not None and 0 < restored_from < messages  # killed mid-stream
+        assert stats["ingress"]["ticks"] == (messages - restored_from) * BATCH * slabs_per_message
 
         exported = await _exported(js)
         for t in TOPICS:

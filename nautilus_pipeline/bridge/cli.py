@@ -37,6 +37,8 @@ from typing import Any
 import orjson
 
 DEFAULT_URL = "nats://127.0.0.1:4222"
+DEFAULT_BATCH = 16384
+"""``publish --batch``: ticks per message (``TickPublisher``'s default, measured there)."""
 SINK_OFFSETS = "sink_offsets"
 TRACE_PARTS = "trace_parts"
 
@@ -64,7 +66,13 @@ def add_publish_parser(sub: Any, fmt: type, format_type: Any) -> None:
     pub.add_argument("--format", type=format_type, help="reader for the files (default: detected)")
     pub.add_argument("--symbol", help="instrument name for single-symbol files")
     pub.add_argument("--speed", type=float, default=None, help="pace at X times market speed (default: as fast as possible)")
-    pub.add_argument("--batch", type=int, default=4096, help="ticks per message (default 4096)")
+    pub.add_argument("--batch", type=int, default=DEFAULT_BATCH,
+                     help=f"ticks per message (default {DEFAULT_BATCH}: fewer, larger messages cost the "
+                          "server and the consumer less CPU per tick; one over the server's max_payload "
+                          "is sent in halves)")
+    pub.add_argument("--storage", choices=("file", "memory"), default="file",
+                     help="storage of a stream this command creates (default file; memory costs the "
+                          "server less CPU but a restarted server has lost it)")
     pub.add_argument("--venue", default="BINANCE", help="venue token of the subjects (default BINANCE)")
     pub.add_argument("--stream", default="TICKS", help="stream name (default TICKS)")
     pub.add_argument("--log-format", choices=("auto", "json", "console"), default="auto")
@@ -145,7 +153,7 @@ async def _publish_ws(args: argparse.Namespace) -> int:
     ticks = 0
     try:
         js = nc.jetstream()
-        await ensure_stream(js, args.stream, [TICKS_SUBJECTS])
+        await ensure_stream(js, args.stream, [TICKS_SUBJECTS], storage=args.storage)
         # a spot bookTicker has no exchange time: the feed's rows are in receive order
         pub = TickPublisher(js, venue=args.venue, batch_size=args.batch, order_by="ts_recv_ns")
         async for symbol, cols in feed.batches(stop):
@@ -202,7 +210,7 @@ async def _publish(args: argparse.Namespace) -> int:
     t0 = time.perf_counter()
     try:
         js = nc.jetstream()
-        await ensure_stream(js, args.stream, [TICKS_SUBJECTS])
+        await ensure_stream(js, args.stream, [TICKS_SUBJECTS], storage=args.storage)
         pub = TickPublisher(js, venue=args.venue, batch_size=args.batch, order_by=clocks.pop())
         ticks = 0
         async for lease in replay.batches(pool, holder="publish"):

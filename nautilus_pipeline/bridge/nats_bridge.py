@@ -23,7 +23,9 @@ must not de-duplicate each other's events.
 The consumer holds up to ``read_ahead`` messages beyond the pool's free slabs (default: the
 pool's slab count) and acknowledges ``ack_every`` messages at a time, all of them whenever it
 waits for more (:mod:`~.ingress` has the measurements); ``max_ack_pending`` defaults to what
-that holds at most.
+that holds at most. ``ack_policy="all"`` makes a new consumer acknowledge cumulatively
+(:mod:`~.ingress`); an existing durable consumer keeps the policy it was made with, and the
+ingress acknowledges as that policy expects.
 
 State is kept when a durable name is given and the pipeline can snapshot itself
 (``Pipeline.snapshot``/``restore``); ``state=False`` turns it off (acks then follow the
@@ -53,6 +55,7 @@ log = structlog.get_logger("nautilus_pipeline.bridge")
 
 EVENTS_STREAM = "EVENTS"
 STATE_BUCKET = "nautilus_state"
+ACK_POLICIES = ("explicit", "all")
 
 
 class NatsConnectError(PipelineError):
@@ -106,6 +109,7 @@ class NatsBridge:
         fetch_timeout: float = 0.25,
         read_ahead: int | None = None,
         ack_every: int = 4,
+        ack_policy: str = "explicit",
         duplicate_window_s: float = 600.0,
         connect_options: dict[str, Any] | None = None,
         on_restore: Callable[[SavedState | None], None] | None = None,
@@ -146,6 +150,12 @@ class NatsBridge:
         if ack_every < 1:
             raise ConfigError(f"ack_every must be >= 1, got {ack_every}")
         self.ack_every = ack_every
+        if ack_policy not in ACK_POLICIES:
+            raise ConfigError(f"ack_policy must be one of {ACK_POLICIES}, got {ack_policy!r}")
+        self.ack_policy = ack_policy
+        self.cumulative = False
+        """The consumer in use acknowledges cumulatively (its policy, which an existing durable
+        consumer keeps whatever ``ack_policy`` says: the server does not change it)."""
         self.max_ack_pending = max_ack_pending or needed + self.read_ahead + ack_every
         self.duplicate_window_s = duplicate_window_s
         self.connect_options = dict(connect_options or {})
@@ -217,6 +227,7 @@ class NatsBridge:
             self.ingress = Ingress(
                 self.pipe, self._feed, ack_on_release=not self.state, covered_seq=covered,
                 fetch_timeout=self.fetch_timeout, read_ahead=self.read_ahead, ack_every=self.ack_every,
+                cumulative=self.cumulative,
                 on_idle=self._on_idle,
                 after_message=self._after_message if self.state else None,
             )
@@ -249,7 +260,7 @@ class NatsBridge:
             await ensure_stream(self.js, self.stream, [TICKS_SUBJECTS],
                                 duplicate_window_s=self.duplicate_window_s)
         config = ConsumerConfig(
-            ack_policy=AckPolicy.EXPLICIT, max_ack_pending=self.max_ack_pending,
+            ack_policy=AckPolicy(self.ack_policy), max_ack_pending=self.max_ack_pending,
             ack_wait=self.ack_wait_s, filter_subject=self.ingest,
         )
         if self.durable is not None and covered > 0:
@@ -278,15 +289,17 @@ class NatsBridge:
                 config.opt_start_seq = floor + 1
                 log.info("bridge_resume_from_ack_floor", durable=self.durable, ack_floor=floor,
                          unacknowledged=info.num_ack_pending)
-        name = None
+        info = None
         if self.durable is not None:
             config.durable_name = self.durable
             try:
-                name = (await self.js.consumer_info(self.stream, self.durable)).name
+                info = await self.js.consumer_info(self.stream, self.durable)
             except nats.js.errors.NotFoundError:
                 pass
-        if name is None:
-            name = (await self.js.add_consumer(self.stream, config)).name
+        if info is None:
+            info = await self.js.add_consumer(self.stream, config)
+        name = info.name
+        self.cumulative = info.config.ack_policy == AckPolicy.ALL
         return await PullFeed(self.nc, self.stream, name, expires_s=self.fetch_timeout).open()
 
     async def close(self) -> None:
