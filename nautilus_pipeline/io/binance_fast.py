@@ -245,10 +245,44 @@ def _middle_line_start(buf: np.ndarray) -> int:
     return len(buf)
 
 
+_loaded = False
+"""Whether ``parse_trades`` has run in this process (compiled, or loaded from numba's cache)."""
+
+
 def parse_block(data: object, lines: int, fields: int) -> dict[str, np.ndarray] | None:
     """The columns ``ts_ns, price, size, side, trade_id`` of a block of ``lines`` whole lines,
     or None if a line is not plain. Two halves in two threads (the second on this one); both
-    are joined before returning."""
+    are joined before returning.
+
+    The first block of a process on its main thread is parsed on a helper thread while the
+    main one waits: that call compiles the parser or loads it from numba's cache (seconds on
+    a fresh checkout), and a Ctrl-C or SIGTERM landing in numba's compile, a C callback, is
+    swallowed there and printed as an ignored exception with its traceback (a ``bucket_volume
+    = "auto"`` pre-read on the command line's main thread did). A wait is interrupted cleanly."""
+    global _loaded
+    if _loaded or threading.current_thread() is not threading.main_thread():
+        return _parse_block(data, lines, fields)
+    box: list[object] = []
+    done = threading.Event()
+
+    def load() -> None:
+        try:
+            box.append(_parse_block(data, lines, fields))
+        except BaseException as exc:  # handed to the waiting thread
+            box.append(exc)
+        finally:
+            done.set()
+
+    # a daemon: an interrupted process does not wait for a compile nobody needs any more
+    threading.Thread(target=load, name="binance-parse-load", daemon=True).start()
+    done.wait()
+    if isinstance(box[0], BaseException):
+        raise box[0]
+    _loaded = True
+    return box[0]  # type: ignore[return-value]
+
+
+def _parse_block(data: object, lines: int, fields: int) -> dict[str, np.ndarray] | None:
     buf = np.frombuffer(data, dtype=np.uint8)
     cols = {"ts_ns": np.empty(lines, np.int64), "price": np.empty(lines, np.float64),
             "size": np.empty(lines, np.float64), "side": np.empty(lines, np.int8),
