@@ -123,10 +123,22 @@ def batch_child(defn: str, pattern: str, out: str, executor: str, workers: str) 
     from nautilus_pipeline.batch import run_batch
 
     nt.configure_logging(level="warning")
-    t = time.perf_counter()
+    machine0, t = _machine_cpu_s(), time.perf_counter()
     report = run_batch(defn, [pattern], out, executor=executor, workers=int(workers))
     wall = time.perf_counter() - t
-    print(orjson.dumps({"wall_s": wall, "exit_code": report.exit_code, "summary": report.summary}).decode())
+    print(orjson.dumps({"wall_s": wall, "exit_code": report.exit_code, "summary": report.summary,
+                        "driver_cpu_s": time.process_time(), "machine_cpu_s": _machine_cpu_s() - machine0}).decode())
+
+
+def _machine_cpu_s() -> float:
+    """CPU seconds every process on this machine has used (Linux ``/proc/stat``: user, nice,
+    system, irq, softirq, steal; idle and iowait left out); NaN elsewhere."""
+    try:
+        fields = Path("/proc/stat").read_text().splitlines()[0].split()[1:]
+    except OSError:
+        return float("nan")
+    busy = sum(int(fields[i]) for i in (0, 1, 2, 5, 6, 7))
+    return busy / os.sysconf("SC_CLK_TCK")
 
 
 def control_child(defn: str, out: str, file: str, start_at: float) -> None:
@@ -262,6 +274,12 @@ def run_batch_row(code: Path, defn: Path, work: Path, executor: str, n: int, tag
            # (a worker's first job loading the kernels, where the warm-up does not)
            "setup": float(np.median([j["wall_s"] - j["run_s"] for j in jobs])),
            "first_excess": _first_excess(jobs)}
+    if "phases" in jobs[0]:  # this checkout's: where in_worker_s goes, and CPU per process
+        names = sorted({k for j in jobs for k in j["phases"]}, key=lambda k: [*PHASE_ORDER, k].index(k))
+        row["phases"] = {k: float(np.median([j["phases"].get(k, 0.0) for j in jobs])) for k in names}
+        row["cpu"] = {"workers_jobs": float(np.sum([j["cpu_s"] for j in jobs])),
+                      "cores_per_job": float(np.median([j["cpu_s"] / j["wall_s"] for j in jobs])),
+                      "driver": r.get("driver_cpu_s"), "machine": r.get("machine_cpu_s")}
     if "in_worker_s" in jobs[0]:  # stamped per job (this checkout; not the baseline's)
         per_job = [j["overhead_s"] for j in jobs]
         first, last = s["first_job_start_s"], s["after_last_job_s"]
@@ -273,6 +291,9 @@ def run_batch_row(code: Path, defn: Path, work: Path, executor: str, n: int, tag
             "first": first, "last": last, "merge_cpu": s.get("merge_cpu_s"), "close": s.get("executor_close_s"),
             "rest": wall * slots - replay - float(np.sum(per_job)) - slots * (first + last)})
     return row
+
+
+PHASE_ORDER = ["setup", "definition", "build", "loop", "summary", "publish", "free"]
 
 
 def _first_excess(jobs: list[dict]) -> float:
@@ -315,6 +336,17 @@ def print_rows(rows: list[dict]) -> None:
                   f"plan {r['plan']:.2f} s (while starting); after the last job: the executor's stop {r['close']:.2f} s, "
                   f"then the merge's tail {r['merge']:.2f} s (its thread's CPU in all {r['merge_cpu'] or 0:.2f} s, "
                   "the rest while the jobs ran)")
+    print()
+    print("in the worker outside the replay, by phase (median ms; batch.job.PHASES), and CPU seconds over the batch "
+          "(the workers' over their jobs, the driver process's, the machine's from /proc/stat: the other processes "
+          "on it included, Ray's own and, on a shared VM, other users'):")
+    for r in rows:
+        if "phases" in r:
+            c = r["cpu"]
+            print(f"  {r['config']}: " + " + ".join(f"{k} {1000 * v:.1f}" for k, v in r["phases"].items())
+                  + f"; CPU: workers {c['workers_jobs']:.1f} s ({c['cores_per_job']:.2f} cores a job, median), "
+                  f"driver {c['driver'] or 0:.1f} s, machine {c['machine'] or 0:.1f} s of {r['wall']:.1f} s x "
+                  f"{os.cpu_count()} cores")
 
 
 def main() -> None:

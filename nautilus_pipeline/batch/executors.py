@@ -161,12 +161,13 @@ def run_job(work: Work, spec: JobSpec, overrides: dict[str, Any], trace_every: i
     with _busy(work, spec.job_id):
         _worker_setup(work.log_level, work.threads)
         check_follows(last, spec)
+        setup = time.time() - started
         res = replay_job(work.definition, spec.files, work.job_dir(spec), state, job_id=spec.job_id,
                          last=spec.last, overrides=overrides, trace_every=trace_every,
                          batch_size=work.batch_size, format=work.format, symbol=work.symbol)
     if res.last_ts_ns is None and last is not None:
         res = replace(res, last_file=last[0], last_ts_ns=last[1])
-    return replace(res, started_at=started, ended_at=time.time())
+    return replace(res, started_at=started, ended_at=time.time(), phases={"setup": setup, **res.phases})
 
 
 WARM_SAMPLE = Path(__file__).resolve().parents[1] / "data" / "binance-um-btcusdt-trades-20240808.csv"
