@@ -123,11 +123,79 @@ def batch_child(defn: str, pattern: str, out: str, executor: str, workers: str) 
     from nautilus_pipeline.batch import run_batch
 
     nt.configure_logging(level="warning")
-    machine0, t = _machine_cpu_s(), time.perf_counter()
+    sampler = _ProcessCpu()
+    machine0, driver0, t = _machine_cpu_s(), time.process_time(), time.perf_counter()
     report = run_batch(defn, [pattern], out, executor=executor, workers=int(workers))
     wall = time.perf_counter() - t
+    machine, driver, processes = _machine_cpu_s() - machine0, time.process_time() - driver0, sampler.stop()
     print(orjson.dumps({"wall_s": wall, "exit_code": report.exit_code, "summary": report.summary,
-                        "driver_cpu_s": time.process_time(), "machine_cpu_s": _machine_cpu_s() - machine0}).decode())
+                        "driver_cpu_s": driver, "machine_cpu_s": machine,
+                        "processes_cpu_s": {str(pid): v for pid, v in processes.items()}}).decode())
+
+
+class _ProcessCpu:
+    """CPU seconds of every process this batch starts (its pool's fork server and workers, or
+    Ray's processes and workers: the driver's descendants), from ``/proc`` sampled every 0.5 s
+    on a thread: pid → [name, CPU s]. Each is born during the batch, so counts from 0; one that
+    ends loses what it used after the last sample. (Its own cost is in the driver's CPU.)"""
+
+    def __init__(self) -> None:
+        import threading
+
+        self._me = os.getpid()
+        self._names: dict[int, str] = {}
+        self.seen: dict[int, list] = {}
+        self._done = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _scan(self) -> None:
+        stats: dict[int, tuple[int, float]] = {}  # pid → (parent, CPU s)
+        for name in os.listdir("/proc") if os.path.isdir("/proc") else ():
+            if name.isdigit():
+                try:
+                    fields = Path(f"/proc/{name}/stat").read_text().rpartition(")")[2].split()
+                except OSError:
+                    continue
+                stats[int(name)] = (int(fields[1]), (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK"))
+        ours = {self._me}
+        for _ in range(6):  # Ray's workers are the raylet's children, the pool's the fork server's
+            ours |= {pid for pid, (parent, _) in stats.items() if parent in ours}
+        for pid in ours - {self._me}:
+            if pid not in self._names:
+                try:
+                    cmd = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+                except OSError:
+                    continue
+                self._names[pid] = _process_name(cmd)
+            self.seen[pid] = [self._names[pid], stats[pid][1]]
+
+    def _run(self) -> None:
+        while not self._done.wait(0.5):
+            self._scan()
+
+    def stop(self) -> dict[int, list]:
+        self._done.set()
+        self._thread.join()
+        return self.seen
+
+
+def _process_name(cmd: str) -> str:
+    """A short name for a batch's process: ``ray::IDLE``, ``raylet``, ``gcs_server``, ..."""
+    words = cmd.split()
+    if not words:
+        return "?"
+    if words[0].startswith("ray::"):
+        return words[0]
+    for w in words:
+        base = w.rsplit("/", 1)[-1]
+        if base in ("raylet", "gcs_server") or (base.endswith(".py") and base != "bench_batch.py"):
+            return base
+    if "forkserver" in cmd:
+        return "forkserver"
+    if "multiprocessing" in cmd or "spawn_main" in cmd:
+        return "pool worker"
+    return words[0].rsplit("/", 1)[-1]
 
 
 def _machine_cpu_s() -> float:
@@ -228,6 +296,45 @@ def control(defn: Path, work: Path, files: list[Path], counts: list[int]) -> Non
         print(f"| {n} | {np.mean([r['job_s'] for r in results]):.2f} | {rate:,.0f} | {rate / base:.2f}x |")
 
 
+def merge_read_ab(out: Path, repeat: int) -> None:
+    """A finished batch's job parts (``OUT/jobs``) read as the streaming merge reads them, the
+    old way (the footer, the symbol column, then the whole part through ``pq.read_table``)
+    and the new (one ``ParquetFile``, one read), alternately; CPU seconds (this process, all
+    its threads: pyarrow reads on its pool), and the tables checked the same, bit for bit."""
+    import pyarrow.compute as pc
+
+    parts = [p for p in sorted((out / "jobs").glob("*/*/*.parquet")) if p.stem != "latency"]
+
+    def before(p: Path) -> tuple[pa.Table, list]:
+        pq.read_metadata(p).schema.to_arrow_schema()
+        symbols = pc.unique(pq.read_table(p, columns=["symbol"])["symbol"].cast(pa.string())).to_pylist()
+        return pq.read_table(p), symbols
+
+    def after(p: Path) -> tuple[pa.Table, list]:
+        with pq.ParquetFile(p) as pf:
+            pf.schema_arrow  # noqa: B018 (as the merge asks for it)
+            table = pf.read()
+        return table, pc.unique(table["symbol"].cast(pa.string())).to_pylist()
+
+    def ipc(table: pa.Table) -> bytes:
+        sink = pa.BufferOutputStream()
+        with pa.ipc.new_stream(sink, table.schema) as w:
+            w.write_table(table.combine_chunks())
+        return sink.getvalue().to_pybytes()
+
+    same = all(ipc(before(p)[0]) == ipc(after(p)[0]) and before(p)[1] == after(p)[1] for p in parts)
+    got: dict[str, list[float]] = {"before": [], "after": []}
+    for i in range(repeat):
+        for f in ((before, after) if i % 2 == 0 else (after, before)):
+            c = time.process_time()
+            for p in parts:
+                f(p)
+            got[f.__name__].append(time.process_time() - c)
+    b, a = float(np.median(got["before"])), float(np.median(got["after"]))
+    print(f"{len(parts)} parts of {out / 'jobs'}, {repeat} passes each, alternating; CPU s a pass (median): "
+          f"before {b:.3f}, after {a:.3f}, after / before {a / b:.2f}; tables identical: {'yes' if same else 'NO'}")
+
+
 def merged_digest(out: Path) -> dict[str, int]:
     """Rows per merged kind, and a digest of the signals in (symbol, ts) order."""
     digest = {}
@@ -277,9 +384,17 @@ def run_batch_row(code: Path, defn: Path, work: Path, executor: str, n: int, tag
     if "phases" in jobs[0]:  # this checkout's: where in_worker_s goes, and CPU per process
         names = sorted({k for j in jobs for k in j["phases"]}, key=lambda k: [*PHASE_ORDER, k].index(k))
         row["phases"] = {k: float(np.median([j["phases"].get(k, 0.0) for j in jobs])) for k in names}
+        job_pids = {j["pid"] for j in jobs}
+        procs = {int(pid): v for pid, v in (r.get("processes_cpu_s") or {}).items()}
+        others: dict[str, float] = {}
+        for pid, (name, cpu) in procs.items():
+            if pid not in job_pids:
+                others[name] = others.get(name, 0.0) + cpu
         row["cpu"] = {"workers_jobs": float(np.sum([j["cpu_s"] for j in jobs])),
+                      "workers_all": float(sum(procs[p][1] for p in job_pids if p in procs)),
                       "cores_per_job": float(np.median([j["cpu_s"] / j["wall_s"] for j in jobs])),
-                      "driver": r.get("driver_cpu_s"), "machine": r.get("machine_cpu_s")}
+                      "driver": r.get("driver_cpu_s"), "machine": r.get("machine_cpu_s"),
+                      "engine": dict(sorted(others.items(), key=lambda kv: -kv[1]))}
     if "in_worker_s" in jobs[0]:  # stamped per job (this checkout; not the baseline's)
         per_job = [j["overhead_s"] for j in jobs]
         first, last = s["first_job_start_s"], s["after_last_job_s"]
@@ -344,9 +459,12 @@ def print_rows(rows: list[dict]) -> None:
         if "phases" in r:
             c = r["cpu"]
             print(f"  {r['config']}: " + " + ".join(f"{k} {1000 * v:.1f}" for k, v in r["phases"].items())
-                  + f"; CPU: workers {c['workers_jobs']:.1f} s ({c['cores_per_job']:.2f} cores a job, median), "
-                  f"driver {c['driver'] or 0:.1f} s, machine {c['machine'] or 0:.1f} s of {r['wall']:.1f} s x "
-                  f"{os.cpu_count()} cores")
+                  + f"; CPU: workers {c['workers_all']:.1f} s ({c['workers_jobs']:.1f} in their jobs, "
+                  f"{c['cores_per_job']:.2f} cores a job, median), driver {c['driver'] or 0:.1f} s, the engine's other "
+                  "processes " + (", ".join(f"{k} {v:.2f}" for k, v in c["engine"].items() if v >= 0.01) or "none")
+                  + f" s; machine {c['machine'] or 0:.1f} s of {r['wall']:.1f} s x {os.cpu_count()} cores, so "
+                  f"{(c['machine'] or 0) - c['workers_all'] - (c['driver'] or 0) - sum(c['engine'].values()):.1f} s "
+                  "in no process of this batch")
 
 
 def main() -> None:
@@ -369,6 +487,8 @@ def main() -> None:
     ap.add_argument("--job-setup", type=int, metavar="JOBS",
                     help="only, with --baseline: a warm worker's set-up per job, JOBS jobs of one file in a row, "
                          "--repeat processes per checkout, alternating")
+    ap.add_argument("--merge-read", metavar="OUT",
+                    help="only: a finished batch's parts read the merge's old way and its new, alternately")
     ap.add_argument("--sequential-child", nargs="+", help=argparse.SUPPRESS)
     ap.add_argument("--control-child", nargs=4, help=argparse.SUPPRESS)
     ap.add_argument("--batch-child", nargs=5, help=argparse.SUPPRESS)
@@ -383,6 +503,9 @@ def main() -> None:
     if args.sequential_child:
         defn, out, *files = args.sequential_child
         sequential_child(defn, out, files)
+        return
+    if args.merge_read:
+        merge_read_ab(Path(args.merge_read), max(args.repeat, 2))
         return
 
     import nautilus_pipeline as nt
