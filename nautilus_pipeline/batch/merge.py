@@ -172,9 +172,9 @@ class StreamingMerge:
 
     def _append(self, kind: str, chain: str, path: str) -> bool:
         """One part appended to its symbol's file; False where the kind cannot be streamed."""
-        # one open and one read of the part (a read of its symbol column first, then of the
-        # whole through pq.read_table, cost 0.14 s of CPU against 0.09 for 32 parts of
-        # 8 files x 1M trades: docs/measurements/dev_merge_read_*.txt)
+        # one open and one read of the part: its footer, its symbol column and then the whole
+        # through pq.read_table cost 0.16 s of CPU against 0.09 for the 32 parts of 8 files
+        # x 1M trades (loaded VM: docs/measurements/dev_merge_read_5835c64.txt)
         with pq.ParquetFile(path) as pf:
             if not pf.metadata.num_rows:
                 return True
