@@ -182,7 +182,10 @@ class StreamingMerge:
             first = self._schemas.setdefault(kind, schema)
             if "symbol" not in schema.names or not schema.equals(first):
                 return False
-            table = pf.read()
+            # decoded on this thread, not on pyarrow's pool: that pool's threads are not at
+            # the merge's nice value, they would take the workers' cores (and cpu_s, this
+            # thread's CPU, would miss them); CPU the same (0.089 s pooled, 0.098 here)
+            table = pf.read(use_threads=False)
         symbols = pc.unique(table["symbol"].cast(pa.string())).to_pylist()
         if len(symbols) != 1:
             return False
