@@ -296,6 +296,66 @@ def control(defn: Path, work: Path, files: list[Path], counts: list[int]) -> Non
         print(f"| {n} | {np.mean([r['job_s'] for r in results]):.2f} | {rate:,.0f} | {rate / base:.2f}x |")
 
 
+def _floor_step(previous: object, payload: bytes) -> dict:
+    started = time.time()
+    sum(range(20_000))  # ~0.5 ms of work
+    return {"started": started, "ended": time.time(), "state": payload}
+
+
+def ray_floor(jobs: int, payload_bytes: int = 17_152) -> None:
+    """Ray's own per-task cost on this machine, as ``batch.engine_times`` measures a job's:
+    chains of trivial tasks, each given the ref of the one before (a result of a JobResult's
+    size, its state included), on a local Ray of this machine's cores; dispatch (the one before
+    ended → this one started) and return (ended → in the driver). Once with the cores idle,
+    once beside one busy-looping process per core (as a batch's workers keep them busy)."""
+    import ray
+
+    cores = os.cpu_count() or 1
+    ray.init(num_cpus=cores, include_dashboard=False, log_to_driver=False, configure_logging=False)
+    try:
+        task = ray.remote(num_cpus=1)(_floor_step)
+        ray.get([task.remote(None, b"") for _ in range(cores)])  # the workers started
+        time.sleep(2)
+        print()
+        print(f"| Ray alone, {cores} CPUs, chains of {jobs} trivial tasks | dispatch ms (median, p90) | "
+              "return ms (median, p90) |")
+        print("|---|---:|---:|")
+        for busy in (0, cores):
+            burners = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(busy)]
+            try:
+                for chains in (1, cores):
+                    disp, ret = _floor_chains(ray, task, chains, jobs, b"x" * payload_bytes)
+                    print(f"| {chains} chain(s), {'cores idle' if not busy else f'{busy} busy-looping processes'} | "
+                          f"{1000 * np.median(disp):.1f}, {1000 * np.quantile(disp, 0.9):.1f} | "
+                          f"{1000 * np.median(ret):.1f}, {1000 * np.quantile(ret, 0.9):.1f} |")
+            finally:
+                for b in burners:
+                    b.kill()
+                    b.wait()
+    finally:
+        ray.shutdown()
+
+
+def _floor_chains(ray: object, task: object, chains: int, jobs: int, payload: bytes) -> tuple[list, list]:
+    submitted, refs = {}, {}
+    for c in range(chains):
+        previous = None
+        for i in range(jobs):
+            submitted[(c, i)] = time.time()
+            previous = task.remote(previous, payload)
+            refs[previous] = (c, i)
+    results, returned, pending = {}, {}, list(refs)
+    while pending:
+        ready, pending = ray.wait(pending, num_returns=1)
+        for ref in ready:
+            results[refs[ref]] = ray.get(ref)
+            returned[refs[ref]] = time.time()
+    disp = [v["started"] - max(submitted[k], results[(k[0], k[1] - 1)]["ended"])
+            for k, v in results.items() if k[1] > 0]
+    ret = [returned[k] - v["ended"] for k, v in results.items()]
+    return disp, ret
+
+
 def merge_read_ab(out: Path, repeat: int) -> None:
     """A finished batch's job parts (``OUT/jobs``) read as the streaming merge reads them, the
     old way (the footer, the symbol column, then the whole part through ``pq.read_table``)
@@ -489,6 +549,8 @@ def main() -> None:
                          "--repeat processes per checkout, alternating")
     ap.add_argument("--merge-read", metavar="OUT",
                     help="only: a finished batch's parts read the merge's old way and its new, alternately")
+    ap.add_argument("--ray-floor", type=int, metavar="JOBS",
+                    help="only: Ray's own dispatch and return for chains of JOBS trivial tasks, cores idle and busy")
     ap.add_argument("--sequential-child", nargs="+", help=argparse.SUPPRESS)
     ap.add_argument("--control-child", nargs=4, help=argparse.SUPPRESS)
     ap.add_argument("--batch-child", nargs=5, help=argparse.SUPPRESS)
@@ -503,6 +565,9 @@ def main() -> None:
     if args.sequential_child:
         defn, out, *files = args.sequential_child
         sequential_child(defn, out, files)
+        return
+    if args.ray_floor:
+        ray_floor(args.ray_floor)
         return
     if args.merge_read:
         merge_read_ab(Path(args.merge_read), max(args.repeat, 2))
