@@ -86,13 +86,15 @@ def generate(folder: Path, symbols: int, days: int, trades: int, seed: int = 1) 
     return out
 
 
-def definition(folder: Path, trades: int) -> Path:
+def definition(folder: Path, trades: int, pool_memory: str | None = None) -> Path:
     """The default pipeline with the model on the CPU stream and a fixed VPIN bucket volume
     (a day's volume / 50, as 'auto' would give): 'auto' would make the batch read every file
     once more to calibrate, which the sequential run does not (it keeps what it read)."""
     text = find_definition("default").read_text()
     text = text.replace('streams = ["coreml:ane", "mlx:gpu", "torch:cuda", "torch:mps", "cpu"]', 'streams = ["cpu"]')
     text = re.sub(r'bucket_volume = "auto".*', f"bucket_volume = {trades * 0.501 / 50:.3f}", text)
+    if pool_memory is not None:  # e.g. host: no pinned slabs (a CUDA context per worker) on a GPU host
+        text = text.replace("[pipeline]\n", f'[pipeline]\nmemory = "{pool_memory}"\n', 1)
     p = folder / "bench_default_cpu.toml"
     p.write_text(text)
     return p
@@ -549,6 +551,8 @@ def main() -> None:
                          "--repeat processes per checkout, alternating")
     ap.add_argument("--merge-read", metavar="OUT",
                     help="only: a finished batch's parts read the merge's old way and its new, alternately")
+    ap.add_argument("--pool-memory", choices=("auto", "host", "pinned"),
+                    help="the definition's [pipeline] memory (default: as default.toml, auto)")
     ap.add_argument("--ray-floor", type=int, metavar="JOBS",
                     help="only: Ray's own dispatch and return for chains of JOBS trivial tasks, cores idle and busy")
     ap.add_argument("--sequential-child", nargs="+", help=argparse.SUPPRESS)
@@ -580,7 +584,7 @@ def main() -> None:
     work = Path(args.dir or tempfile.mkdtemp(prefix="bench_batch_"))
     t0 = time.perf_counter()
     files = generate(work / "in", args.symbols, args.days, args.trades)
-    defn = definition(work, args.trades)
+    defn = definition(work, args.trades, args.pool_memory)
     print(f"machine: {describe()}; {os.cpu_count()} cores")
     print(f"input: {args.symbols} symbols x {args.days} days x {args.trades:,} trades = "
           f"{len(files) * args.trades:,} trades in {len(files)} files (generated in {time.perf_counter() - t0:.1f} s)")
