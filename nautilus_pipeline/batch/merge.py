@@ -119,8 +119,10 @@ class StreamingMerge:
         self._schemas: dict[str, pa.Schema] = {}  # kind → schema of its first non-empty part
         self._whole: set[str] = set()  # kinds to merge the whole way
         self._error: BaseException | None = None
+        self._tail = False  # finish() has begun: no job runs any more
         self.cpu_s = 0.0  # CPU seconds of the merge's thread appending parts (its wall is longer
-        # where it shares the cores with the workers)
+        # where it shares the cores with the workers; the parts read after the last job, on
+        # pyarrow's pool, count only this thread's share)
         self._queue: queue.Queue[JobResult | None] | None = None
         self._thread: threading.Thread | None = None
         self._stop = threading.Event()
@@ -182,10 +184,11 @@ class StreamingMerge:
             first = self._schemas.setdefault(kind, schema)
             if "symbol" not in schema.names or not schema.equals(first):
                 return False
-            # decoded on this thread, not on pyarrow's pool: that pool's threads are not at
-            # the merge's nice value, they would take the workers' cores (and cpu_s, this
-            # thread's CPU, would miss them); CPU the same (0.089 s pooled, 0.098 here)
-            table = pf.read(use_threads=False)
+            # while jobs run, decoded on this thread, not on pyarrow's pool: that pool's
+            # threads are not at the merge's nice value, they would take the workers' cores
+            # (and cpu_s, this thread's CPU, would miss them); CPU the same (0.089 s pooled,
+            # 0.098 here). After the last job (finish) the cores are free: the pool's again.
+            table = pf.read(use_threads=self._tail)
         symbols = pc.unique(table["symbol"].cast(pa.string())).to_pylist()
         if len(symbols) != 1:
             return False
@@ -220,6 +223,7 @@ class StreamingMerge:
         """Every kind of ``results`` in place (streamed, or merged the whole way where it could
         not be); returns (and fills, kind by kind) kind → rows and folder."""
         merged = {} if merged is None else merged
+        self._tail = True
         try:
             self._join()
             if {r.job_id for r in results} != self._added or self._error is not None or any(self._early.values()):
