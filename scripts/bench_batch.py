@@ -322,12 +322,12 @@ def ray_floor(jobs: int, payload_bytes: int = 17_152) -> None:
         print(f"| Ray alone, {cores} CPUs, chains of {jobs} trivial tasks | dispatch ms (median, p90) | "
               "return ms (median, p90) |")
         print("|---|---:|---:|")
-        for busy in (0, cores):
+        for busy in (0, cores):  # (the cores are "idle" of ours only: on a shared VM others run)
             burners = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(busy)]
             try:
                 for chains in (1, cores):
                     disp, ret = _floor_chains(ray, task, chains, jobs, b"x" * payload_bytes)
-                    print(f"| {chains} chain(s), {'cores idle' if not busy else f'{busy} busy-looping processes'} | "
+                    print(f"| {chains} chain(s), {'no busy loop of ours' if not busy else f'{busy} busy-looping processes'} | "
                           f"{1000 * np.median(disp):.1f}, {1000 * np.quantile(disp, 0.9):.1f} | "
                           f"{1000 * np.median(ret):.1f}, {1000 * np.quantile(ret, 0.9):.1f} |")
             finally:
@@ -336,6 +336,54 @@ def ray_floor(jobs: int, payload_bytes: int = 17_152) -> None:
                     b.wait()
     finally:
         ray.shutdown()
+
+
+def _warm_worker_jobs(defn: str, file: str, out: str, jobs: int) -> list[dict]:
+    """In a worker (this process, or a Ray task): warmed as a batch warms it, then ``jobs``
+    jobs of ``file`` in a row, as ``run_batch`` builds them; each one's time outside its
+    replay and its phases (ms)."""
+    from nautilus_pipeline.batch import executors
+    from nautilus_pipeline.batch.plan import JobSpec
+    from nautilus_pipeline.config import load
+
+    d = load(defn)
+    executors.warm_up("warning", 1, d)
+    work = executors.Work(d, out)
+    rows = []
+    for i in range(jobs + 1):  # the first one not counted
+        res = executors.run_job(work, JobSpec(f"S/{i:04d}", "S", i, (file,), False, None), {}, 1, None)
+        rows.append({"in_worker": 1000 * (res.ended_at - res.started_at - res.run_s),
+                     **{k: 1000 * v for k, v in res.phases.items()}})
+    return rows[1:]
+
+
+def worker_setup(defn: Path, work: Path, file: Path, jobs: int, repeat: int) -> None:
+    """A warm worker's time outside its replay alone (no other job, no merge beside it), in
+    this process (as a local pool worker runs it) and in a Ray task on a local Ray of one CPU,
+    alternately: whether a Ray worker itself adds to it."""
+    import ray
+
+    got: dict[str, list[dict]] = {"local": [], "ray": []}
+    for i in range(repeat):
+        for where in (("local", "ray") if i % 2 == 0 else ("ray", "local")):
+            out = str(work / f"setup-{where}-{i}")
+            if where == "local":
+                got[where] += _warm_worker_jobs(str(defn), str(file), out, jobs)
+                continue
+            ray.init(num_cpus=1, include_dashboard=False, log_to_driver=False, configure_logging=False)
+            try:
+                task = ray.remote(num_cpus=1)(_warm_worker_jobs)
+                got[where] += ray.get(task.remote(str(defn), str(file), out, jobs))
+            finally:
+                ray.shutdown()
+    print()
+    print(f"a warm worker alone, {jobs} jobs of {file.name} x {repeat} rounds each, alternating (median ms):")
+    print()
+    keys = list(got["local"][0])
+    print("| where | " + " | ".join(keys) + " |")
+    print("|---|" + "---:|" * len(keys))
+    for where, rows in got.items():
+        print(f"| {where} | " + " | ".join(f"{np.median([r[k] for r in rows]):.1f}" for k in keys) + " |")
 
 
 def _floor_chains(ray: object, task: object, chains: int, jobs: int, payload: bytes) -> tuple[list, list]:
@@ -553,6 +601,9 @@ def main() -> None:
                     help="only: a finished batch's parts read the merge's old way and its new, alternately")
     ap.add_argument("--pool-memory", choices=("auto", "host", "pinned"),
                     help="the definition's [pipeline] memory (default: as default.toml, auto)")
+    ap.add_argument("--worker-setup", type=int, metavar="JOBS",
+                    help="only: a warm worker's time outside its replay, JOBS jobs of one file, in this process and "
+                         "in a Ray task, --repeat rounds alternating")
     ap.add_argument("--ray-floor", type=int, metavar="JOBS",
                     help="only: Ray's own dispatch and return for chains of JOBS trivial tasks, cores idle and busy")
     ap.add_argument("--sequential-child", nargs="+", help=argparse.SUPPRESS)
@@ -590,6 +641,9 @@ def main() -> None:
           f"{len(files) * args.trades:,} trades in {len(files)} files (generated in {time.perf_counter() - t0:.1f} s)")
     if args.control:
         control(defn, work, files, args.control)
+        return
+    if args.worker_setup:
+        worker_setup(defn, work, files[0], args.worker_setup, max(args.repeat, 2))
         return
     if args.job_setup:
         if not args.baseline:
