@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import concurrent.futures as cf
 import contextlib
-import gc
 import multiprocessing
 import os
 import shutil
@@ -195,11 +194,6 @@ def warm_up(log_level: str, threads: int,
                 replay_job(definition, [WARM_SAMPLE], Path(tmp) / "warm", None, trace_every=1)
             except Exception as exc:  # the jobs will say what is wrong, if anything is
                 log.debug("batch_warm_up_replay_skipped", error=f"{type(exc).__name__}: {exc}")
-    # What the worker holds now (modules, kernels, the model) lives as long as it does: out of
-    # the collector's sight, so that a job's collections walk the job's objects only (a Ray
-    # worker holds Ray's too). Collected first, so that no garbage is kept with it.
-    gc.collect()
-    gc.freeze()
     return os.getpid(), imported, time.time()
 
 
