@@ -30,6 +30,18 @@ Start-up is its own column: the local pool's fork server and imports, or Ray's i
 replay); both begun while the batch is planned. Every configuration's merged outputs are
 checked equal to the first one's.
 
+Below the table: a job's time in the worker outside its replay by phase (``JobResult.phases``:
+building the run, the loop, the summary, the renames, ...), and the CPU seconds of every
+process of the batch (the workers, in and out of their jobs; the driver; the pool's fork
+server or Ray's own processes; the machine's, and so what no process of the batch used:
+other users' load on a shared VM).
+
+Alone, not a batch: ``--worker-setup JOBS`` (a warm worker's time outside its replay, in
+this process vs a Ray task, alternating), ``--ray-floor JOBS`` (Ray's own dispatch and
+return for trivial tasks, with and without busy cores), ``--merge-read OUT`` (a finished
+batch's parts read the streaming merge's old way and its new), ``--control N...`` (N
+independent processes at once: how the machine itself scales).
+
 ``--baseline DIR`` (another checkout, e.g. ``git worktree`` or ``git archive`` of the
 commit before) runs every batch row of that checkout and of this one alternately,
 ``--repeat`` times each, and prints their walls side by side (medians, ratio): the A/B a
