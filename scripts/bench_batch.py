@@ -253,12 +253,13 @@ nt.configure_logging(level="warning")
 parsed = "PipelineDef" in str(executors.Work.__annotations__["definition"])  # this checkout's way
 work = executors.Work(load(defn) if parsed else defn, out)
 executors.warm_up("warning", 1)
-setups = []
+setups, phases = [], []
 for i in range(int(jobs) + 1):  # the first one loads the kernels: not counted
     res = executors.run_job(work, JobSpec(f"S/{i:04d}", "S", i, (file,), False, None), {}, 1, None)
     setups.append(res.wall_s - res.run_s)
+    phases.append(getattr(res, "phases", {}))
 print(nt.__file__)
-print(orjson.dumps({"setup_s": setups[1:]}).decode())
+print(orjson.dumps({"setup_s": setups[1:], "phases": phases[1:]}).decode())
 """
 """Run with ``python -c`` and the checkout on ``PYTHONPATH`` (this file would put its own
 checkout first): a warm worker's ``jobs`` jobs of ``file`` in a row, each built as that
@@ -269,6 +270,7 @@ outside the replay)."""
 def job_setup_ab(baseline: Path, defn: Path, work: Path, file: Path, jobs: int, repeat: int) -> None:
     """A warm worker's per-job set-up, ``baseline``'s and this checkout's, alternately."""
     got: dict[str, list[float]] = {"before": [], "after": []}
+    phases: dict[str, list[dict]] = {"before": [], "after": []}
     for i in range(repeat):
         for code in ((baseline, ROOT) if i % 2 == 0 else (ROOT, baseline)):
             tag = "before" if code == baseline else "after"
@@ -281,6 +283,7 @@ def job_setup_ab(baseline: Path, defn: Path, work: Path, file: Path, jobs: int, 
             package, result = proc.stdout.strip().splitlines()[-2:]
             assert Path(package).resolve().is_relative_to(code), (package, code)
             got[tag] += orjson.loads(result)["setup_s"]
+            phases[tag] += orjson.loads(result).get("phases", [])
     b, a = float(np.median(got["before"])), float(np.median(got["after"]))
     print()
     print(f"a warm worker's set-up per job (replay_job outside its replay), {jobs} jobs x {repeat} processes "
@@ -290,6 +293,10 @@ def job_setup_ab(baseline: Path, defn: Path, work: Path, file: Path, jobs: int, 
     print("|---|---:|---:|---:|")
     print(f"| median ms | {1000 * b:.1f} | {1000 * a:.1f} | {a / b:.2f} |")
     print(f"| p90 ms | {1000 * np.quantile(got['before'], 0.9):.1f} | {1000 * np.quantile(got['after'], 0.9):.1f} | |")
+    names = [k for k in PHASE_ORDER if all(k in ph for rows in phases.values() for ph in rows)]
+    for k in names if all(phases.values()) else []:  # both checkouts stamp phases
+        pb, pa_ = (float(np.median([ph[k] for ph in phases[t]])) for t in ("before", "after"))
+        print(f"| {k} (median ms) | {1000 * pb:.2f} | {1000 * pa_:.2f} | {pa_ / pb if pb else float('nan'):.2f} |")
 
 
 def control(defn: Path, work: Path, files: list[Path], counts: list[int]) -> None:
