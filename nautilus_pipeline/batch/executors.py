@@ -154,10 +154,11 @@ def _keep_freed_memory() -> None:
     """A worker replays job after job, each building a pipeline whose pool is 8 slabs of ~1 MB
     (the default definition) and freeing it at the end. glibc handed those pages back to the
     kernel (its trim threshold follows the largest block freed, 2 MB here), so each job
-    faulted its pool in again, zeroed: 4.6-9.0 ms a pool, against 1.7-1.8 ms with the freed
-    heap kept (``Run()`` of the default definition 7.4-16 ms against 4.0-9.2, loaded dev VM,
-    alternating processes). Costs up to :data:`KEEP_FREED_BYTES` of resident memory a
-    worker. glibc only (Linux); elsewhere nothing is changed."""
+    faulted its pool in again, zeroed. A warm worker's job building its run: 7.31 -> 5.49 ms
+    (median, 8 jobs x 8 processes per checkout, alternating; set-up per job in all 13.3 ->
+    12.6 ms; loaded dev VM: docs/measurements/dev_bench_batch_job_setup_phases_c1a92cf.txt).
+    Costs up to :data:`KEEP_FREED_BYTES` of resident memory a worker. glibc only (Linux);
+    elsewhere nothing is changed."""
     if not sys.platform.startswith("linux"):
         return
     import ctypes
