@@ -30,6 +30,18 @@ Start-up is its own column: the local pool's fork server and imports, or Ray's i
 replay); both begun while the batch is planned. Every configuration's merged outputs are
 checked equal to the first one's.
 
+Below the table: a job's time in the worker outside its replay by phase (``JobResult.phases``:
+building the run, the loop, the summary, the renames, ...), and the CPU seconds of every
+process of the batch (the workers, in and out of their jobs; the driver; the pool's fork
+server or Ray's own processes; the machine's, and so what no process of the batch used:
+other users' load on a shared VM).
+
+Alone, not a batch: ``--worker-setup JOBS`` (a warm worker's time outside its replay, in
+this process vs a Ray task, alternating), ``--ray-floor JOBS`` (Ray's own dispatch and
+return for trivial tasks, with and without busy cores), ``--merge-read OUT`` (a finished
+batch's parts read the streaming merge's old way and its new), ``--control N...`` (N
+independent processes at once: how the machine itself scales).
+
 ``--baseline DIR`` (another checkout, e.g. ``git worktree`` or ``git archive`` of the
 commit before) runs every batch row of that checkout and of this one alternately,
 ``--repeat`` times each, and prints their walls side by side (medians, ratio): the A/B a
@@ -86,13 +98,15 @@ def generate(folder: Path, symbols: int, days: int, trades: int, seed: int = 1) 
     return out
 
 
-def definition(folder: Path, trades: int) -> Path:
+def definition(folder: Path, trades: int, pool_memory: str | None = None) -> Path:
     """The default pipeline with the model on the CPU stream and a fixed VPIN bucket volume
     (a day's volume / 50, as 'auto' would give): 'auto' would make the batch read every file
     once more to calibrate, which the sequential run does not (it keeps what it read)."""
     text = find_definition("default").read_text()
     text = text.replace('streams = ["coreml:ane", "mlx:gpu", "torch:cuda", "torch:mps", "cpu"]', 'streams = ["cpu"]')
     text = re.sub(r'bucket_volume = "auto".*', f"bucket_volume = {trades * 0.501 / 50:.3f}", text)
+    if pool_memory is not None:  # e.g. host: no pinned slabs (a CUDA context per worker) on a GPU host
+        text = text.replace("[pipeline]\n", f'[pipeline]\nmemory = "{pool_memory}"\n', 1)
     p = folder / "bench_default_cpu.toml"
     p.write_text(text)
     return p
@@ -123,10 +137,90 @@ def batch_child(defn: str, pattern: str, out: str, executor: str, workers: str) 
     from nautilus_pipeline.batch import run_batch
 
     nt.configure_logging(level="warning")
-    t = time.perf_counter()
+    sampler = _ProcessCpu()
+    machine0, driver0, t = _machine_cpu_s(), time.process_time(), time.perf_counter()
     report = run_batch(defn, [pattern], out, executor=executor, workers=int(workers))
     wall = time.perf_counter() - t
-    print(orjson.dumps({"wall_s": wall, "exit_code": report.exit_code, "summary": report.summary}).decode())
+    machine, driver, processes = _machine_cpu_s() - machine0, time.process_time() - driver0, sampler.stop()
+    print(orjson.dumps({"wall_s": wall, "exit_code": report.exit_code, "summary": report.summary,
+                        "driver_cpu_s": driver, "machine_cpu_s": machine,
+                        "processes_cpu_s": {str(pid): v for pid, v in processes.items()}}).decode())
+
+
+class _ProcessCpu:
+    """CPU seconds of every process this batch starts (its pool's fork server and workers, or
+    Ray's processes and workers: the driver's descendants), from ``/proc`` sampled every 0.5 s
+    on a thread: pid → [name, CPU s]. Each is born during the batch, so counts from 0; one that
+    ends loses what it used after the last sample. (Its own cost is in the driver's CPU.)"""
+
+    def __init__(self) -> None:
+        import threading
+
+        self._me = os.getpid()
+        self._names: dict[int, str] = {}
+        self.seen: dict[int, list] = {}
+        self._done = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _scan(self) -> None:
+        stats: dict[int, tuple[int, float]] = {}  # pid → (parent, CPU s)
+        for name in os.listdir("/proc") if os.path.isdir("/proc") else ():
+            if name.isdigit():
+                try:
+                    fields = Path(f"/proc/{name}/stat").read_text().rpartition(")")[2].split()
+                except OSError:
+                    continue
+                stats[int(name)] = (int(fields[1]), (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK"))
+        ours = {self._me}
+        for _ in range(6):  # Ray's workers are the raylet's children, the pool's the fork server's
+            ours |= {pid for pid, (parent, _) in stats.items() if parent in ours}
+        for pid in ours - {self._me}:
+            if pid not in self._names:
+                try:
+                    cmd = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+                except OSError:
+                    continue
+                self._names[pid] = _process_name(cmd)
+            self.seen[pid] = [self._names[pid], stats[pid][1]]
+
+    def _run(self) -> None:
+        while not self._done.wait(0.5):
+            self._scan()
+
+    def stop(self) -> dict[int, list]:
+        self._done.set()
+        self._thread.join()
+        return self.seen
+
+
+def _process_name(cmd: str) -> str:
+    """A short name for a batch's process: ``ray::IDLE``, ``raylet``, ``gcs_server``, ..."""
+    words = cmd.split()
+    if not words:
+        return "?"
+    if words[0].startswith("ray::"):
+        return words[0]
+    for w in words:
+        base = w.rsplit("/", 1)[-1]
+        if base in ("raylet", "gcs_server") or (base.endswith(".py") and base != "bench_batch.py"):
+            return base
+    if "forkserver" in cmd:
+        return "forkserver"
+    if "multiprocessing" in cmd or "spawn_main" in cmd:
+        return "pool worker"
+    return words[0].rsplit("/", 1)[-1]
+
+
+def _machine_cpu_s() -> float:
+    """CPU seconds every process on this machine has used (Linux ``/proc/stat``: user, nice,
+    system, irq, softirq, steal; idle and iowait left out); NaN elsewhere."""
+    try:
+        fields = Path("/proc/stat").read_text().splitlines()[0].split()[1:]
+    except OSError:
+        return float("nan")
+    busy = sum(int(fields[i]) for i in (0, 1, 2, 5, 6, 7))
+    return busy / os.sysconf("SC_CLK_TCK")
 
 
 def control_child(defn: str, out: str, file: str, start_at: float) -> None:
@@ -159,12 +253,13 @@ nt.configure_logging(level="warning")
 parsed = "PipelineDef" in str(executors.Work.__annotations__["definition"])  # this checkout's way
 work = executors.Work(load(defn) if parsed else defn, out)
 executors.warm_up("warning", 1)
-setups = []
+setups, phases = [], []
 for i in range(int(jobs) + 1):  # the first one loads the kernels: not counted
     res = executors.run_job(work, JobSpec(f"S/{i:04d}", "S", i, (file,), False, None), {}, 1, None)
     setups.append(res.wall_s - res.run_s)
+    phases.append(getattr(res, "phases", {}))
 print(nt.__file__)
-print(orjson.dumps({"setup_s": setups[1:]}).decode())
+print(orjson.dumps({"setup_s": setups[1:], "phases": phases[1:]}).decode())
 """
 """Run with ``python -c`` and the checkout on ``PYTHONPATH`` (this file would put its own
 checkout first): a warm worker's ``jobs`` jobs of ``file`` in a row, each built as that
@@ -175,6 +270,7 @@ outside the replay)."""
 def job_setup_ab(baseline: Path, defn: Path, work: Path, file: Path, jobs: int, repeat: int) -> None:
     """A warm worker's per-job set-up, ``baseline``'s and this checkout's, alternately."""
     got: dict[str, list[float]] = {"before": [], "after": []}
+    phases: dict[str, list[dict]] = {"before": [], "after": []}
     for i in range(repeat):
         for code in ((baseline, ROOT) if i % 2 == 0 else (ROOT, baseline)):
             tag = "before" if code == baseline else "after"
@@ -187,6 +283,7 @@ def job_setup_ab(baseline: Path, defn: Path, work: Path, file: Path, jobs: int, 
             package, result = proc.stdout.strip().splitlines()[-2:]
             assert Path(package).resolve().is_relative_to(code), (package, code)
             got[tag] += orjson.loads(result)["setup_s"]
+            phases[tag] += orjson.loads(result).get("phases", [])
     b, a = float(np.median(got["before"])), float(np.median(got["after"]))
     print()
     print(f"a warm worker's set-up per job (replay_job outside its replay), {jobs} jobs x {repeat} processes "
@@ -196,6 +293,10 @@ def job_setup_ab(baseline: Path, defn: Path, work: Path, file: Path, jobs: int, 
     print("|---|---:|---:|---:|")
     print(f"| median ms | {1000 * b:.1f} | {1000 * a:.1f} | {a / b:.2f} |")
     print(f"| p90 ms | {1000 * np.quantile(got['before'], 0.9):.1f} | {1000 * np.quantile(got['after'], 0.9):.1f} | |")
+    names = [k for k in PHASE_ORDER if all(k in ph for rows in phases.values() for ph in rows)]
+    for k in names if all(phases.values()) else []:  # both checkouts stamp phases
+        pb, pa_ = (float(np.median([ph[k] for ph in phases[t]])) for t in ("before", "after"))
+        print(f"| {k} (median ms) | {1000 * pb:.2f} | {1000 * pa_:.2f} | {pa_ / pb if pb else float('nan'):.2f} |")
 
 
 def control(defn: Path, work: Path, files: list[Path], counts: list[int]) -> None:
@@ -214,6 +315,153 @@ def control(defn: Path, work: Path, files: list[Path], counts: list[int]) -> Non
         rate = sum(r["ticks"] for r in results) / max(r["job_s"] for r in results)
         base = base or rate
         print(f"| {n} | {np.mean([r['job_s'] for r in results]):.2f} | {rate:,.0f} | {rate / base:.2f}x |")
+
+
+def _floor_step(previous: object, payload: bytes) -> dict:
+    started = time.time()
+    sum(range(20_000))  # ~0.5 ms of work
+    return {"started": started, "ended": time.time(), "state": payload}
+
+
+def ray_floor(jobs: int, payload_bytes: int = 17_152) -> None:
+    """Ray's own per-task cost on this machine, as ``batch.engine_times`` measures a job's:
+    chains of trivial tasks, each given the ref of the one before (a result of a JobResult's
+    size, its state included), on a local Ray of this machine's cores; dispatch (the one before
+    ended → this one started) and return (ended → in the driver). Once with the cores idle,
+    once beside one busy-looping process per core (as a batch's workers keep them busy)."""
+    import ray
+
+    cores = os.cpu_count() or 1
+    ray.init(num_cpus=cores, include_dashboard=False, log_to_driver=False, configure_logging=False)
+    try:
+        task = ray.remote(num_cpus=1)(_floor_step)
+        ray.get([task.remote(None, b"") for _ in range(cores)])  # the workers started
+        time.sleep(2)
+        print()
+        print(f"| Ray alone, {cores} CPUs, chains of {jobs} trivial tasks | dispatch ms (median, p90) | "
+              "return ms (median, p90) |")
+        print("|---|---:|---:|")
+        for busy in (0, cores):  # (the cores are "idle" of ours only: on a shared VM others run)
+            burners = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(busy)]
+            try:
+                for chains in (1, cores):
+                    disp, ret = _floor_chains(ray, task, chains, jobs, b"x" * payload_bytes)
+                    print(f"| {chains} chain(s), {'no busy loop of ours' if not busy else f'{busy} busy-looping processes'} | "
+                          f"{1000 * np.median(disp):.1f}, {1000 * np.quantile(disp, 0.9):.1f} | "
+                          f"{1000 * np.median(ret):.1f}, {1000 * np.quantile(ret, 0.9):.1f} |")
+            finally:
+                for b in burners:
+                    b.kill()
+                    b.wait()
+    finally:
+        ray.shutdown()
+
+
+def _warm_worker_jobs(defn: str, file: str, out: str, jobs: int) -> list[dict]:
+    """In a worker (this process, or a Ray task): warmed as a batch warms it, then ``jobs``
+    jobs of ``file`` in a row, as ``run_batch`` builds them; each one's time outside its
+    replay and its phases (ms)."""
+    from nautilus_pipeline.batch import executors
+    from nautilus_pipeline.batch.plan import JobSpec
+    from nautilus_pipeline.config import load
+
+    d = load(defn)
+    executors.warm_up("warning", 1, d)
+    work = executors.Work(d, out)
+    rows = []
+    for i in range(jobs + 1):  # the first one not counted
+        res = executors.run_job(work, JobSpec(f"S/{i:04d}", "S", i, (file,), False, None), {}, 1, None)
+        rows.append({"in_worker": 1000 * (res.ended_at - res.started_at - res.run_s),
+                     **{k: 1000 * v for k, v in res.phases.items()}})
+    return rows[1:]
+
+
+def worker_setup(defn: Path, work: Path, file: Path, jobs: int, repeat: int) -> None:
+    """A warm worker's time outside its replay alone (no other job, no merge beside it), in
+    this process (as a local pool worker runs it) and in a Ray task on a local Ray of one CPU,
+    alternately: whether a Ray worker itself adds to it."""
+    import ray
+
+    got: dict[str, list[dict]] = {"local": [], "ray": []}
+    for i in range(repeat):
+        for where in (("local", "ray") if i % 2 == 0 else ("ray", "local")):
+            out = str(work / f"setup-{where}-{i}")
+            if where == "local":
+                got[where] += _warm_worker_jobs(str(defn), str(file), out, jobs)
+                continue
+            ray.init(num_cpus=1, include_dashboard=False, log_to_driver=False, configure_logging=False)
+            try:
+                task = ray.remote(num_cpus=1)(_warm_worker_jobs)
+                got[where] += ray.get(task.remote(str(defn), str(file), out, jobs))
+            finally:
+                ray.shutdown()
+    print()
+    print(f"a warm worker alone, {jobs} jobs of {file.name} x {repeat} rounds each, alternating (median ms):")
+    print()
+    keys = list(got["local"][0])
+    print("| where | " + " | ".join(keys) + " |")
+    print("|---|" + "---:|" * len(keys))
+    for where, rows in got.items():
+        print(f"| {where} | " + " | ".join(f"{np.median([r[k] for r in rows]):.1f}" for k in keys) + " |")
+
+
+def _floor_chains(ray: object, task: object, chains: int, jobs: int, payload: bytes) -> tuple[list, list]:
+    submitted, refs = {}, {}
+    for c in range(chains):
+        previous = None
+        for i in range(jobs):
+            submitted[(c, i)] = time.time()
+            previous = task.remote(previous, payload)
+            refs[previous] = (c, i)
+    results, returned, pending = {}, {}, list(refs)
+    while pending:
+        ready, pending = ray.wait(pending, num_returns=1)
+        for ref in ready:
+            results[refs[ref]] = ray.get(ref)
+            returned[refs[ref]] = time.time()
+    disp = [v["started"] - max(submitted[k], results[(k[0], k[1] - 1)]["ended"])
+            for k, v in results.items() if k[1] > 0]
+    ret = [returned[k] - v["ended"] for k, v in results.items()]
+    return disp, ret
+
+
+def merge_read_ab(out: Path, repeat: int) -> None:
+    """A finished batch's job parts (``OUT/jobs``) read as the streaming merge reads them, the
+    old way (the footer, the symbol column, then the whole part through ``pq.read_table``)
+    and the new (one ``ParquetFile``, one read), alternately; CPU seconds (this process, all
+    its threads: pyarrow reads on its pool), and the tables checked the same, bit for bit."""
+    import pyarrow.compute as pc
+
+    parts = [p for p in sorted((out / "jobs").glob("*/*/*.parquet")) if p.stem != "latency"]
+
+    def before(p: Path) -> tuple[pa.Table, list]:
+        pq.read_metadata(p).schema.to_arrow_schema()
+        symbols = pc.unique(pq.read_table(p, columns=["symbol"])["symbol"].cast(pa.string())).to_pylist()
+        return pq.read_table(p), symbols
+
+    def after(p: Path) -> tuple[pa.Table, list]:
+        with pq.ParquetFile(p) as pf:
+            pf.schema_arrow  # noqa: B018 (as the merge asks for it)
+            table = pf.read()
+        return table, pc.unique(table["symbol"].cast(pa.string())).to_pylist()
+
+    def ipc(table: pa.Table) -> bytes:
+        sink = pa.BufferOutputStream()
+        with pa.ipc.new_stream(sink, table.schema) as w:
+            w.write_table(table.combine_chunks())
+        return sink.getvalue().to_pybytes()
+
+    same = all(ipc(before(p)[0]) == ipc(after(p)[0]) and before(p)[1] == after(p)[1] for p in parts)
+    got: dict[str, list[float]] = {"before": [], "after": []}
+    for i in range(repeat):
+        for f in ((before, after) if i % 2 == 0 else (after, before)):
+            c = time.process_time()
+            for p in parts:
+                f(p)
+            got[f.__name__].append(time.process_time() - c)
+    b, a = float(np.median(got["before"])), float(np.median(got["after"]))
+    print(f"{len(parts)} parts of {out / 'jobs'}, {repeat} passes each, alternating; CPU s a pass (median): "
+          f"before {b:.3f}, after {a:.3f}, after / before {a / b:.2f}; tables identical: {'yes' if same else 'NO'}")
 
 
 def merged_digest(out: Path) -> dict[str, int]:
@@ -262,6 +510,20 @@ def run_batch_row(code: Path, defn: Path, work: Path, executor: str, n: int, tag
            # (a worker's first job loading the kernels, where the warm-up does not)
            "setup": float(np.median([j["wall_s"] - j["run_s"] for j in jobs])),
            "first_excess": _first_excess(jobs)}
+    if "phases" in jobs[0]:  # this checkout's: where in_worker_s goes, and CPU per process
+        names = sorted({k for j in jobs for k in j["phases"]}, key=lambda k: [*PHASE_ORDER, k].index(k))
+        row["phases"] = {k: float(np.median([j["phases"].get(k, 0.0) for j in jobs])) for k in names}
+        job_pids = {j["pid"] for j in jobs}
+        procs = {int(pid): v for pid, v in (r.get("processes_cpu_s") or {}).items()}
+        others: dict[str, float] = {}
+        for pid, (name, cpu) in procs.items():
+            if pid not in job_pids:
+                others[name] = others.get(name, 0.0) + cpu
+        row["cpu"] = {"workers_jobs": float(np.sum([j["cpu_s"] for j in jobs])),
+                      "workers_all": float(sum(procs[p][1] for p in job_pids if p in procs)),
+                      "cores_per_job": float(np.median([j["cpu_s"] / j["wall_s"] for j in jobs])),
+                      "driver": r.get("driver_cpu_s"), "machine": r.get("machine_cpu_s"),
+                      "engine": dict(sorted(others.items(), key=lambda kv: -kv[1]))}
     if "in_worker_s" in jobs[0]:  # stamped per job (this checkout; not the baseline's)
         per_job = [j["overhead_s"] for j in jobs]
         first, last = s["first_job_start_s"], s["after_last_job_s"]
@@ -273,6 +535,9 @@ def run_batch_row(code: Path, defn: Path, work: Path, executor: str, n: int, tag
             "first": first, "last": last, "merge_cpu": s.get("merge_cpu_s"), "close": s.get("executor_close_s"),
             "rest": wall * slots - replay - float(np.sum(per_job)) - slots * (first + last)})
     return row
+
+
+PHASE_ORDER = ["setup", "definition", "build", "loop", "summary", "publish", "free"]
 
 
 def _first_excess(jobs: list[dict]) -> float:
@@ -315,6 +580,20 @@ def print_rows(rows: list[dict]) -> None:
                   f"plan {r['plan']:.2f} s (while starting); after the last job: the executor's stop {r['close']:.2f} s, "
                   f"then the merge's tail {r['merge']:.2f} s (its thread's CPU in all {r['merge_cpu'] or 0:.2f} s, "
                   "the rest while the jobs ran)")
+    print()
+    print("in the worker outside the replay, by phase (median ms; batch.job.PHASES), and CPU seconds over the batch "
+          "(the workers' over their jobs, the driver process's, the machine's from /proc/stat: the other processes "
+          "on it included, Ray's own and, on a shared VM, other users'):")
+    for r in rows:
+        if "phases" in r:
+            c = r["cpu"]
+            print(f"  {r['config']}: " + " + ".join(f"{k} {1000 * v:.1f}" for k, v in r["phases"].items())
+                  + f"; CPU: workers {c['workers_all']:.1f} s ({c['workers_jobs']:.1f} in their jobs, "
+                  f"{c['cores_per_job']:.2f} cores a job, median), driver {c['driver'] or 0:.1f} s, the engine's other "
+                  "processes " + (", ".join(f"{k} {v:.2f}" for k, v in c["engine"].items() if v >= 0.01) or "none")
+                  + f" s; machine {c['machine'] or 0:.1f} s of {r['wall']:.1f} s x {os.cpu_count()} cores, so "
+                  f"{(c['machine'] or 0) - c['workers_all'] - (c['driver'] or 0) - sum(c['engine'].values()):.1f} s "
+                  "in no process of this batch")
 
 
 def main() -> None:
@@ -337,6 +616,15 @@ def main() -> None:
     ap.add_argument("--job-setup", type=int, metavar="JOBS",
                     help="only, with --baseline: a warm worker's set-up per job, JOBS jobs of one file in a row, "
                          "--repeat processes per checkout, alternating")
+    ap.add_argument("--merge-read", metavar="OUT",
+                    help="only: a finished batch's parts read the merge's old way and its new, alternately")
+    ap.add_argument("--pool-memory", choices=("auto", "host", "pinned"),
+                    help="the definition's [pipeline] memory (default: as default.toml, auto)")
+    ap.add_argument("--worker-setup", type=int, metavar="JOBS",
+                    help="only: a warm worker's time outside its replay, JOBS jobs of one file, in this process and "
+                         "in a Ray task, --repeat rounds alternating")
+    ap.add_argument("--ray-floor", type=int, metavar="JOBS",
+                    help="only: Ray's own dispatch and return for chains of JOBS trivial tasks, cores idle and busy")
     ap.add_argument("--sequential-child", nargs="+", help=argparse.SUPPRESS)
     ap.add_argument("--control-child", nargs=4, help=argparse.SUPPRESS)
     ap.add_argument("--batch-child", nargs=5, help=argparse.SUPPRESS)
@@ -352,6 +640,12 @@ def main() -> None:
         defn, out, *files = args.sequential_child
         sequential_child(defn, out, files)
         return
+    if args.ray_floor:
+        ray_floor(args.ray_floor)
+        return
+    if args.merge_read:
+        merge_read_ab(Path(args.merge_read), max(args.repeat, 2))
+        return
 
     import nautilus_pipeline as nt
     from nautilus_pipeline.machine import describe
@@ -360,12 +654,15 @@ def main() -> None:
     work = Path(args.dir or tempfile.mkdtemp(prefix="bench_batch_"))
     t0 = time.perf_counter()
     files = generate(work / "in", args.symbols, args.days, args.trades)
-    defn = definition(work, args.trades)
+    defn = definition(work, args.trades, args.pool_memory)
     print(f"machine: {describe()}; {os.cpu_count()} cores")
     print(f"input: {args.symbols} symbols x {args.days} days x {args.trades:,} trades = "
           f"{len(files) * args.trades:,} trades in {len(files)} files (generated in {time.perf_counter() - t0:.1f} s)")
     if args.control:
         control(defn, work, files, args.control)
+        return
+    if args.worker_setup:
+        worker_setup(defn, work, files[0], args.worker_setup, max(args.repeat, 2))
         return
     if args.job_setup:
         if not args.baseline:

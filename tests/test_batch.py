@@ -20,7 +20,7 @@ import pytest
 
 import nautilus_pipeline as nt
 from nautilus_pipeline.batch import expand_inputs, plan, replay_job, run_batch
-from nautilus_pipeline.batch.job import TMP_MARK, JobResult
+from nautilus_pipeline.batch.job import PHASES, TMP_MARK, JobResult
 from nautilus_pipeline.config import find_definition, load
 
 KINDS = ("signals", "vpin", "risk", "trace")
@@ -182,6 +182,12 @@ def test_merged_outputs_equal_one_sequential_run_per_symbol(sample_dir, tmp_path
     for job in s["jobs"]:  # each job's time in the engine outside its replay, in three parts
         assert job["overhead_s"] == job["dispatch_s"] + job["in_worker_s"] + job["return_s"]
         assert job["in_worker_s"] > 0 and job["run_s"] > 0
+        # what in_worker_s is made of, phase by phase (perf_counter inside it, so they add up
+        # to no more than it, within the two clocks' rounding), and the worker's CPU
+        assert list(job["phases"]) == list(PHASES)
+        assert all(v >= 0 for v in job["phases"].values())
+        assert sum(job["phases"].values()) <= job["in_worker_s"] + 1e-3
+        assert job["cpu_s"] > 0
     assert s["first_job_start_s"] is not None and s["after_last_job_s"] is not None
     assert_merged_equals_sequential(out, report, groups, tmp_path)
 

@@ -56,6 +56,9 @@ class JobResult:
     last_file: str | None = None  # the file it came from
     started_at: float = 0.0  # epoch seconds in the worker: the job taken up (executors.run_job)
     ended_at: float = 0.0  # epoch seconds in the worker: the result about to be returned
+    phases: dict[str, float] = field(default_factory=dict)  # seconds outside the replay, by phase
+    # (PHASES): what a job's ``in_worker_s`` is made of
+    cpu_s: float = 0.0  # the worker process's CPU seconds over the job, all its threads
 
     @property
     def last(self) -> tuple[str | None, int | None]:
@@ -75,7 +78,8 @@ def replay_job(definition: config.PipelineDef | str | Path, files: Sequence[str 
     ``overrides``: stage keys by stage name (the chain's ``bucket_volume``).
     A file that cannot be read raises :class:`~nautilus_pipeline.errors.DataError` naming it.
     """
-    t0 = time.perf_counter()
+    t0, cpu0 = time.perf_counter(), time.process_time()
+    clock = _Phases()
     d = definition if isinstance(definition, config.PipelineDef) else config.load(definition)
     d = with_overrides(d, overrides or {})
     d = dataclasses.replace(d, outputs={**d.outputs, "formats": ["parquet"]})
@@ -83,22 +87,30 @@ def replay_job(definition: config.PipelineDef | str | Path, files: Sequence[str 
     final.parent.mkdir(parents=True, exist_ok=True)
     tmp = final.parent / f".{final.name}{TMP_MARK}{os.getpid()}-{uuid.uuid4().hex[:8]}"
     try:
+        clock.mark("definition")
         run = Run(d, ticks=[str(f) for f in files], out_dir=tmp, trace_every=trace_every,
                   batch_size=batch_size, format=format, symbol=symbol, execution="serial")
-        loop = _new_loop()
+        clock.mark("build")
+        loop, run_s = _new_loop(), 0.0
         try:
             summary, state, run_s = loop.run_until_complete(_execute(run, state_in, last))
             last_ts = run.replay.progress.ts_reached_ns
         finally:
+            clock.skip(run_s)
             loop.run_until_complete(loop.shutdown_asyncgens())
             loop.close()
+            clock.mark("loop")
         if summary["write_error"]:
             raise OSError(f"job {job_id}: an output could not be written: {summary['write_error']}")
         write_atomic(tmp / "summary.json", orjson.dumps(
             summary["dict"], option=orjson.OPT_INDENT_2 | orjson.OPT_SERIALIZE_NUMPY))
+        clock.mark("summary")
         names = _publish(tmp, final)
+        clock.mark("publish")
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+    del run  # its pipeline, pool and readers freed here, timed, not after the job's end stamp
+    clock.mark("free")
     s = summary["dict"]
     accounting = {f: s["accounting"]["sources"].get(f, {"read": 0, "delivered": 0, "rejected": 0,
                                                          "quarantined": 0, "by_reason": {}})
@@ -113,7 +125,34 @@ def replay_job(definition: config.PipelineDef | str | Path, files: Sequence[str 
         outputs=dict(s["outputs"]), state=state, wall_s=time.perf_counter() - t0, run_s=run_s,
         pid=os.getpid(), symbols=tuple(s["symbols"]), overrides=dict(overrides or {}),
         last_ts_ns=last_ts, last_file=None if last_ts is None else str(files[-1]),
+        phases=clock.phases, cpu_s=time.process_time() - cpu0,
     )
+
+
+PHASES = ("setup", "definition", "build", "loop", "summary", "publish", "free")
+"""A job's time outside its replay: ``setup`` (in :func:`~.executors.run_job`: the worker's
+set-up, the chain's order check), ``definition`` (the overrides applied, the temporary
+folder named), ``build`` (``Run``: sources opened, stages, pipeline, pool, sinks), ``loop``
+(the event loop's start and close; the replay itself, ``run_s``, is left out), ``summary``
+(its ``summary.json``), ``publish`` (the renames into place), ``free`` (the run's objects
+released: its slabs, readers). ``run_s`` itself holds the pipeline's start and stop."""
+
+
+class _Phases:
+    """Consecutive phase durations (seconds) from one ``perf_counter``: each ``mark`` ends a phase."""
+
+    def __init__(self) -> None:
+        self.phases: dict[str, float] = {}
+        self._t = time.perf_counter()
+
+    def mark(self, name: str) -> None:
+        now = time.perf_counter()
+        self.phases[name] = self.phases.get(name, 0.0) + now - self._t
+        self._t = now
+
+    def skip(self, seconds: float) -> None:
+        """``seconds`` of the phase under way are not its own (the replay's)."""
+        self._t += seconds
 
 
 def _new_loop() -> asyncio.AbstractEventLoop:
@@ -165,4 +204,4 @@ def _publish(tmp: Path, final: Path) -> list[str]:
     return names
 
 
-__all__ = ["JobResult", "replay_job"]
+__all__ = ["PHASES", "JobResult", "replay_job"]

@@ -119,8 +119,10 @@ class StreamingMerge:
         self._schemas: dict[str, pa.Schema] = {}  # kind → schema of its first non-empty part
         self._whole: set[str] = set()  # kinds to merge the whole way
         self._error: BaseException | None = None
+        self._tail = False  # finish() has begun: no job runs any more
         self.cpu_s = 0.0  # CPU seconds of the merge's thread appending parts (its wall is longer
-        # where it shares the cores with the workers)
+        # where it shares the cores with the workers; the parts read after the last job, on
+        # pyarrow's pool, count only this thread's share)
         self._queue: queue.Queue[JobResult | None] | None = None
         self._thread: threading.Thread | None = None
         self._stop = threading.Event()
@@ -172,20 +174,28 @@ class StreamingMerge:
 
     def _append(self, kind: str, chain: str, path: str) -> bool:
         """One part appended to its symbol's file; False where the kind cannot be streamed."""
-        meta = pq.read_metadata(path)
-        if not meta.num_rows:
-            return True
-        schema = meta.schema.to_arrow_schema()
-        first = self._schemas.setdefault(kind, schema)
-        if "symbol" not in schema.names or not schema.equals(first):
-            return False
-        symbols = pc.unique(pq.read_table(path, columns=["symbol"])["symbol"].cast(pa.string())).to_pylist()
+        # one open and one read of the part: its footer, its symbol column and then the whole
+        # through pq.read_table cost 0.16 s of CPU against 0.09 for the 32 parts of 8 files
+        # x 1M trades (loaded VM: docs/measurements/dev_merge_read_5835c64.txt)
+        with pq.ParquetFile(path) as pf:
+            if not pf.metadata.num_rows:
+                return True
+            schema = pf.schema_arrow
+            first = self._schemas.setdefault(kind, schema)
+            if "symbol" not in schema.names or not schema.equals(first):
+                return False
+            # while jobs run, decoded on this thread, not on pyarrow's pool: that pool's
+            # threads are not at the merge's nice value, they would take the workers' cores
+            # (and cpu_s, this thread's CPU, would miss them); CPU the same (0.089 s pooled,
+            # 0.098 here). After the last job (finish) the cores are free: the pool's again.
+            table = pf.read(use_threads=self._tail)
+        symbols = pc.unique(table["symbol"].cast(pa.string())).to_pylist()
         if len(symbols) != 1:
             return False
         key = (kind, symbols[0])
         if self._owner.setdefault(key, chain) != chain:
             return False
-        table = _part(path, schema, symbols[0])
+        table = _conform(table, schema, symbols[0])
         if "ts_ns" in table.column_names:
             ts = table["ts_ns"].to_numpy()
             if (key in self._last_ts and ts[0] < self._last_ts[key]) or not (ts[1:] >= ts[:-1]).all():
@@ -213,6 +223,7 @@ class StreamingMerge:
         """Every kind of ``results`` in place (streamed, or merged the whole way where it could
         not be); returns (and fills, kind by kind) kind → rows and folder."""
         merged = {} if merged is None else merged
+        self._tail = True
         try:
             self._join()
             if {r.job_id for r in results} != self._added or self._error is not None or any(self._early.values()):
@@ -355,9 +366,14 @@ def _write_parts(paths: list[str], schema: pa.Schema, target: Path, *, symbol: s
 
 
 def _part(path: str, schema: pa.Schema, symbol: str | None) -> pa.Table:
-    """One part conformed to the kind's unified ``schema`` (a column a part lacks is null;
+    """One part read and conformed to the kind's unified ``schema`` (:func:`_conform`)."""
+    with pq.ParquetFile(path) as pf:
+        return _conform(pf.read(), schema, symbol)
+
+
+def _conform(table: pa.Table, schema: pa.Schema, symbol: str | None) -> pa.Table:
+    """``table`` conformed to the kind's unified ``schema`` (a column a part lacks is null;
     the ``symbol`` column dropped, its rows of ``symbol`` only, when given)."""
-    table = pq.read_table(path)
     if symbol is not None:
         symbols = table["symbol"].cast(pa.string())
         if pc.any(pc.not_equal(symbols, symbol)).as_py():
@@ -420,7 +436,7 @@ def summarise(chains: Sequence[Chain], results: Sequence[JobResult], failures: d
         "files": files,
         "chains": chain_rows,
         "jobs": [{"job": r.job_id, "files": list(r.files), "pid": r.pid, "wall_s": r.wall_s,
-                  "run_s": r.run_s, "ticks": r.ticks, "outputs": r.outputs, "out_dir": r.out_dir}
+                  "run_s": r.run_s, "phases": r.phases, "cpu_s": r.cpu_s, "ticks": r.ticks, "outputs": r.outputs, "out_dir": r.out_dir}
                  for r in results],
         "totals": totals,
         "accounting_closes": closes,
