@@ -76,6 +76,17 @@ async def _acks_on_the_wire(url: str, durable: str):
     return nc, seen
 
 
+async def _settled(js, durable: str, floor: int):
+    """The consumer's info once its ack floor reaches ``floor`` (or after 5 s): the server
+    applies an ack on the consumer's own goroutine, after the flush that delivered it."""
+    for _ in range(500):
+        info = await js.consumer_info("TICKS", durable)
+        if info.ack_floor.stream_seq >= floor:
+            return info
+        await asyncio.sleep(0.01)
+    return info
+
+
 @pytest.mark.parametrize("policy", ["explicit", "all"])
 async def test_every_message_is_acknowledged_with_either_policy_and_all_with_fewer_acks(nats_server, policy):
     frame = trades_frame(1900, seed=6)
@@ -88,7 +99,7 @@ async def test_every_message_is_acknowledged_with_either_policy_and_all_with_few
                               state=False, ack_every=4, ack_policy=policy) as bridge:
             await bridge.wait_idle(0.3)
             await bridge.nc.flush()
-            info = await bridge.js.consumer_info("TICKS", f"acks-{policy}")
+            info = await _settled(bridge.js, f"acks-{policy}", 19)
             assert bridge.cumulative == (policy == "all")
             assert info.config.ack_policy == AckPolicy(policy)
             assert bridge.ingress.stats.acked == 19
@@ -130,7 +141,7 @@ async def test_a_cumulative_ack_waits_for_an_older_message_still_in_the_pipeline
         ingress._done.append(first)
         await ingress._ack_done()
         await nc.flush()
-        info = await js.consumer_info("TICKS", "floor")
+        info = await _settled(js, "floor", 3)
         assert ingress.stats.acked == 3 and not ingress._open
         assert info.ack_floor.stream_seq == 3 and info.num_ack_pending == 0
         await feed.close()
@@ -151,7 +162,7 @@ async def test_an_existing_durable_consumer_keeps_its_ack_policy(nats_server):
         await bridge.wait_idle(0.3)
         await bridge.nc.flush()
         assert not bridge.cumulative  # an ack per message, as the consumer expects
-        info = await bridge.js.consumer_info("TICKS", "old")
+        info = await _settled(bridge.js, "old", 10)
         assert info.num_ack_pending == 0 and info.ack_floor.stream_seq == 10
 
 
@@ -166,7 +177,7 @@ async def test_a_message_of_several_slabs_is_fed_in_order_and_acked_once(nats_se
         await bridge.nc.flush()
         st = bridge.ingress.stats
         assert (st.messages, st.batches, st.acked) == (3, 4 + 4 + 2, 3)
-        assert (await bridge.js.consumer_info("TICKS", "big")).ack_floor.stream_seq == 3
+        assert (await _settled(bridge.js, "big", 3)).ack_floor.stream_seq == 3
     assert rows.ts == frame["ts_ns"].tolist()
     assert rows.lengths == [512, 512, 512, 464] * 2 + [512, 488]
 
