@@ -157,3 +157,23 @@ def test_each_damage_in_a_fast_block_sends_the_block_to_pyarrow(damage: str, tmp
         plain = binance_fast.parse_block(blk.data, blk.lines, len(r._names))
     # lines pyarrow converts to a refused value are not plain; backwards times are (the checks refuse them)
     assert (plain is None) == (damage not in ("negative_price", "zero_size", "backwards"))
+
+
+def test_a_refused_plain_line_longer_than_the_kept_raw_text_gives_its_record(tmp_path: Path) -> None:
+    """A plain line may be longer than the raw text a quarantine entry keeps (an unused field
+    of any length): its record is still read from the whole line, as on the pyarrow path."""
+    lines = ["id,price,qty,quote_qty,time,is_buyer_maker"]
+    for i in range(20):
+        quote = "1" * 5000 if i == 7 else "618.001"
+        lines.append(f"{5266583935 + i},61800.1,{'0' if i == 7 else '0.01'},{quote},{1723161256519 + i},true")
+    path = tmp_path / "BTCUSDT-trades-2024-08-08.csv"
+    path.write_text("\n".join(lines) + "\n")
+    got = []
+    for fast in (True, False):
+        q = tmp_path / f"q{fast}.jsonl"
+        with mock.patch.object(binance, "PLAIN_MIN_BYTES", 0 if fast else 1 << 62):
+            replay = Replay([Source(path, policy="quarantine", quarantine=q)])
+            ids = np.concatenate([b["trade_id"] for b in replay.iter_arrays(50)])
+        got.append((ids.tolist(), q.read_bytes()))
+    assert len(got[0][0]) == 19 and b"size_not_positive" in got[0][1]
+    assert got[0] == got[1]
