@@ -177,3 +177,23 @@ def test_a_refused_plain_line_longer_than_the_kept_raw_text_gives_its_record(tmp
         got.append((ids.tolist(), q.read_bytes()))
     assert len(got[0][0]) == 19 and b"size_not_positive" in got[0][1]
     assert got[0] == got[1]
+
+
+@settings(max_examples=400, deadline=None, derandomize=True, database=None)
+@given(whole=st.text("0123456789", min_size=1, max_size=19), frac=st.text("0123456789", max_size=19),
+       neg=st.booleans(), time=st.integers(0, 10**18 - 1), maker=st.sampled_from(("true", "false", "True", "False")))
+def test_any_decimal_the_parser_takes_is_the_correctly_rounded_float(whole, frac, neg, time, maker) -> None:
+    """Price and qty of any length: a line taken is Python's (correctly rounded) float of
+    each field, the time in ns as ``convert.to_ns`` scales it; the others are declined."""
+    text = ("-" if neg else "") + whole + ("." + frac if frac else "")
+    line = f"42,{text},{text},x,{time},{maker}\n".encode()
+    cols = [np.empty(1, np.int64), np.empty(1), np.empty(1), np.empty(1, np.int8), np.empty(1, np.int64)]
+    got = binance_fast.parse_trades(np.frombuffer(line, np.uint8), 6, binance_fast._POW10, *cols)
+    digits = int(whole + frac)
+    factor = 10**9 if time < 10**11 else 10**6 if time < 10**14 else 10**3 if time < 10**17 else 1
+    plain = len(whole + frac) <= 18 and digits <= 2**53 and not (neg and digits == 0) and time * factor < 2**63
+    assert got == (1 if plain else -1)
+    if plain:
+        value = float(text)
+        assert cols[1][0] == cols[2][0] == value and np.signbit(cols[1][0]) == np.signbit(value)
+        assert cols[0][0] == time * factor and cols[4][0] == 42 and cols[3][0] == (-1 if maker in ("true", "True") else 1)
