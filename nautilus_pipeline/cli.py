@@ -58,6 +58,20 @@ def _raise_interrupted(signum: int, frame: object) -> None:
     raise KeyboardInterrupt()
 
 
+def _quiet_lost_signal(previous):
+    """A ``sys.unraisablehook`` that drops the swallowed exception of a signal noted in
+    ``_signals_raised`` (raised again before the run; its traceback, from a finaliser or a C
+    callback such as llvmlite's while numba loads a reader's parser, is no error), and
+    passes anything else to ``previous``."""
+
+    def hook(unraisable) -> None:
+        if _signals_raised and isinstance(unraisable.exc_value, KeyboardInterrupt):
+            return
+        previous(unraisable)
+
+    return hook
+
+
 def _raise_if_a_signal_was_lost() -> None:
     """Stop now if a signal came before the run started and its exception was swallowed."""
     if _signals_raised:
@@ -293,6 +307,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     _signals_raised.clear()
     previous = {signal.SIGINT: signal.signal(signal.SIGINT, _raise_interrupted),
                 signal.SIGTERM: signal.signal(signal.SIGTERM, _raise_terminated)}
+    unraisable = sys.unraisablehook
+    sys.unraisablehook = _quiet_lost_signal(unraisable)
     try:
         if args.nats is not None:
             from .bridge.cli import run_live
@@ -304,6 +320,7 @@ def cmd_run(args: argparse.Namespace) -> int:
             return run(run_ws(args))
         return run(_run(args))
     finally:
+        sys.unraisablehook = unraisable
         for sig, handler in previous.items():
             signal.signal(sig, handler)
 

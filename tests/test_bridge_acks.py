@@ -240,3 +240,27 @@ async def test_a_message_over_the_servers_max_payload_is_sent_in_halves_with_sta
     finally:
         server.kill()
 
+
+
+async def test_a_message_that_fits_max_payload_only_without_its_headers_is_sent_in_halves(tmp_path):
+    """The server bounds headers and payload together (``Nats-Msg-Id`` is ~80 bytes here):
+    a batch whose encoding fits ``max_payload`` by fewer bytes than its headers take must be
+    halved too, not sent whole (the server refuses it and drops the connection)."""
+    from nautilus_pipeline.bridge.wire import encode_batch
+
+    frame = trades_frame(1000, seed=3)
+    size = len(encode_batch(frame, SYMBOL))
+    server = NatsServer(tmp_path / "tight", max_payload=size + 16).start()
+    try:
+        nc = await nats.connect(server.url, max_reconnect_attempts=0)
+        try:
+            js = nc.jetstream()
+            await ensure_stream(js, "TICKS", ["ticks.>"])
+            pub = TickPublisher(js, batch_size=1000)
+            sent = await asyncio.wait_for(pub.publish(frame, SYMBOL), 10)
+            await asyncio.wait_for(pub.flush(), 10)
+            assert sent == 2 and (await js.stream_info("TICKS")).state.messages == 2
+        finally:
+            await nc.close()
+    finally:
+        server.kill()

@@ -217,3 +217,43 @@ def test_the_first_parse_on_the_main_thread_runs_on_a_helper_and_its_error_comes
     assert binance_fast.parse_block(b"x", 2, 6) == {"lines": 2}
     assert binance_fast.parse_block(b"x", 3, 6) == {"lines": 3}
     assert seen == ["binance-parse-load", "binance-parse-load", threading.main_thread().name]
+
+
+def test_a_refused_plain_line_longer_than_the_kept_raw_text_gives_its_record(tmp_path: Path) -> None:
+    """A plain line may be longer than the raw text a quarantine entry keeps (an unused field
+    of any length): its record is still read from the whole line, as on the pyarrow path."""
+    lines = ["id,price,qty,quote_qty,time,is_buyer_maker"]
+    for i in range(20):
+        quote = "1" * 5000 if i == 7 else "618.001"
+        lines.append(f"{5266583935 + i},61800.1,{'0' if i == 7 else '0.01'},{quote},{1723161256519 + i},true")
+    path = tmp_path / "BTCUSDT-trades-2024-08-08.csv"
+    path.write_text("\n".join(lines) + "\n")
+    got = []
+    for fast in (True, False):
+        q = tmp_path / f"q{fast}.jsonl"
+        with mock.patch.object(binance, "PLAIN_MIN_BYTES", 0 if fast else 1 << 62):
+            replay = Replay([Source(path, policy="quarantine", quarantine=q)])
+            ids = np.concatenate([b["trade_id"] for b in replay.iter_arrays(50)])
+        got.append((ids.tolist(), q.read_bytes()))
+    assert len(got[0][0]) == 19 and b"size_not_positive" in got[0][1]
+    assert got[0] == got[1]
+
+
+@settings(max_examples=400, deadline=None, derandomize=True, database=None)
+@given(whole=st.text("0123456789", min_size=1, max_size=19), frac=st.text("0123456789", max_size=19),
+       neg=st.booleans(), time=st.integers(0, 10**18 - 1), maker=st.sampled_from(("true", "false", "True", "False")))
+def test_any_decimal_the_parser_takes_is_the_correctly_rounded_float(whole, frac, neg, time, maker) -> None:
+    """Price and qty of any length: a line taken is Python's (correctly rounded) float of
+    each field, the time in ns as ``convert.to_ns`` scales it; the others are declined."""
+    text = ("-" if neg else "") + whole + ("." + frac if frac else "")
+    line = f"42,{text},{text},x,{time},{maker}\n".encode()
+    cols = [np.empty(1, np.int64), np.empty(1), np.empty(1), np.empty(1, np.int8), np.empty(1, np.int64)]
+    got = binance_fast.parse_trades(np.frombuffer(line, np.uint8), 6, binance_fast._POW10, *cols)
+    digits = int(whole + frac)
+    factor = 10**9 if time < 10**11 else 10**6 if time < 10**14 else 10**3 if time < 10**17 else 1
+    plain = len(whole + frac) <= 18 and digits <= 2**53 and not (neg and digits == 0) and time * factor < 2**63
+    assert got == (1 if plain else -1)
+    if plain:
+        value = float(text)
+        assert cols[1][0] == cols[2][0] == value and np.signbit(cols[1][0]) == np.signbit(value)
+        assert cols[0][0] == time * factor and cols[4][0] == 42 and cols[3][0] == (-1 if maker in ("true", "True") else 1)

@@ -174,3 +174,35 @@ def test_a_signal_whose_exception_python_swallowed_before_the_run_still_stops_it
     rc = cli.main(["run", str(REPO / "pipelines" / "default.toml"), "--out", str(out), "--no-progress"])
     assert rc == CODES[signal.SIGTERM]
     assert not (out / "summary.json").exists()
+
+
+def test_a_signal_swallowed_before_the_run_prints_no_traceback(monkeypatch, tmp_path: Path) -> None:
+    """The swallowed exception of a signal (inside a finaliser, or a C callback such as
+    llvmlite's while numba loads the Binance parser in the ``bucket_volume = "auto"``
+    pre-read) is not reported as an error with its traceback: the command notes the signal
+    and stops with its code (the test above); any other unraisable exception is reported."""
+    from nautilus_pipeline import app, cli
+
+    reported = []
+    monkeypatch.setattr(sys, "unraisablehook", reported.append)
+
+    class Finaliser:
+        def __del__(self) -> None:
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(0.05)
+
+    class Broken:
+        def __del__(self) -> None:
+            raise ValueError("not a signal")
+
+    real_run = app.Run
+
+    def run_after_a_lost_signal(*args, **kwargs):
+        Broken()
+        Finaliser()
+        return real_run(*args, **kwargs)
+
+    monkeypatch.setattr(app, "Run", run_after_a_lost_signal)
+    rc = cli.main(["run", str(REPO / "pipelines" / "default.toml"), "--out", str(tmp_path / "out"), "--no-progress"])
+    assert rc == CODES[signal.SIGTERM]
+    assert [r.exc_type for r in reported] == [ValueError]

@@ -134,8 +134,9 @@ class _TradesReader(CsvReader):
         return out
 
     def _plain_record(self, line: int) -> dict[str, object]:
-        """A plain line's record as the pyarrow path gives it (its parsed, mapped columns)."""
-        values = dict(zip(self._names, self._lines.get(line).split(","), strict=True))
+        """A plain line's record as the pyarrow path gives it (its parsed, mapped columns),
+        from the whole line (an unused field may make it longer than the raw text kept)."""
+        values = dict(zip(self._names, self._lines.get(line, keep=None).split(","), strict=True))
         return {"time": int(values["time"]), "price": float(values["price"]), "qty": float(values["qty"]),
                 "is_buyer_maker": values["is_buyer_maker"] in ("true", "True"), "id": int(values["id"])}
 

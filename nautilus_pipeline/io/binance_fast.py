@@ -18,9 +18,10 @@ is at most 2**53, ``true``/``false`` (or ``True``/``False``), the unused fields 
 ``m / 10**f`` with ``m`` and ``10**f`` (``f <= 22``) exact floats: one IEEE division, so
 correctly rounded, the float64 pyarrow's parse gives. The time's unit is decided by its
 magnitude as ``convert.to_ns`` does for ``ts_unit="auto"``, and ``is_buyer_maker = true``
-is the sell side, as ``convert.to_side`` has it. On the first other line (an empty field,
-``nan``, an exponent, a carriage return, a wrong field count, ...) the block goes to pyarrow
-as before, so every refusal, its reason and its line number are the pyarrow path's.
+is the sell side, as ``convert.to_side`` has it. On the first other line (an empty id,
+price, qty, time or side, ``nan``, an exponent, a carriage return, a wrong field count, ...)
+the block goes to pyarrow; the unused fields may be empty, as pyarrow, which does not read
+them, takes them. So every refusal, its reason and its line number are the pyarrow path's.
 ``tests/test_io_binance_fast.py`` checks the columns against the pyarrow path on generated,
 bundled and fuzzed lines, and runs the damaged-file cases through both.
 """

@@ -444,20 +444,23 @@ class LineFetcher:
         self.path = path
         self._it: Iterator[tuple[int, bytes]] | None = None
         self._at = 0
-        self._last = ""  # the text of line _at (a refused row asks for its record and its line)
+        self._last = b""  # the bytes of line _at (a refused row asks for its record and its line)
 
-    def get(self, lineno: int) -> str:
-        if self._it is not None and lineno == self._at:
-            return self._last
+    def get(self, lineno: int, keep: int | None = _RAW_KEEP) -> str:
+        """The text of line ``lineno``: its first ``keep`` bytes (None: all), "" past the end."""
+        if self._it is None or lineno != self._at:
+            self._last = self._read(lineno)
+        return self._last[:keep].decode("utf-8", "replace")
+
+    def _read(self, lineno: int) -> bytes:
         if self._it is None or lineno < self._at:
             self._it, self._at = iter_lines(self.path), 0
         for n, line in self._it:
             self._at = n
             if n == lineno:
-                self._last = line[:_RAW_KEEP].decode("utf-8", "replace")
-                return self._last
+                return line
         self._it = None
-        return ""
+        return b""
 
 
 def _after_last_newline(buf: pa.Buffer) -> int:
