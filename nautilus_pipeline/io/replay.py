@@ -324,7 +324,11 @@ class Replay:
     def iter_arrays(self, batch_size: int = 65_536) -> Iterator[dict[str, np.ndarray]]:
         """Batches of ``batch_size`` rows (the last may be shorter) as dicts of numpy arrays.
 
-        As fast as possible (no pacing); the tick columns of ``events.TICK_COLUMNS``.
+        As fast as possible (no pacing); the tick columns of ``events.TICK_COLUMNS``. The
+        columns a reader does not have (``bid``/``ask`` of a trades file, ``ts_recv_ns``, ...)
+        are read-only views of their fill value (``np.broadcast_to``, no memory per row):
+        ``np.array(col)`` before writing into one or handing it to code that needs
+        contiguous memory.
         """
         for block in _rebatch(self._blocks(), batch_size):
             yield self._deliver(block)
