@@ -20,10 +20,12 @@ Two columns of a batch are mostly redundant: a trade batch's ``kind`` is one val
 ``trade_id`` counts up by one. A column whose values are all the same bits travels as that
 one value (``[name, dtype, itemsize, "const"]``), an integer column that is
 ``first + 0, 1, 2, ...`` as its first value (``[name, dtype, itemsize, "range"]``); both
-decode to exactly the values sent. nats-server's and the client's CPU per message grow with
-its bytes (2-core dev VM, loaded: ~40 µs of server CPU per 1,000 ticks at 4096 and at 2048
-ticks a message, ``scripts/bench_bridge.py``), and this cuts a trade batch from 34 to 25
-bytes a tick. ``NPB1`` (every column in full) still decodes.
+decode to exactly the values sent: a trade batch goes from 34 to 25 bytes a tick. Fewer
+bytes helped less than fewer messages, though: most of nats-server's and the consumer's CPU
+is per message (the bridge alone, this process + the server, 308 → 214 µs per 4,096 ticks
+from 4,096- to 16,384-tick messages; ``scripts/bench_bridge.py --only bridge-cpu``, loaded
+dev VM, ``docs/measurements/dev_bench_bridge_cpu_79077ce.txt``), hence the publisher's
+16,384-tick default. ``NPB1`` (every column in full) still decodes.
 
 An **event** (signals, VPIN buckets, risk events, dead letters: low rate) is one orjson
 object: ``{"topic", "payload"}`` with the payload as the output sinks write it.
