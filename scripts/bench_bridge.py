@@ -552,6 +552,22 @@ MODES = [
 """The pipeline rows: label, key, server (``SERVERS``; None: in-process), NatsBridge options."""
 
 
+def filled_servers(stack: contextlib.ExitStack, url: str, server_pid: int, keys, n: int) -> dict[str, tuple[str, int]]:
+    """Key (``SERVERS``) → (url, pid) of a server whose stream holds ``n`` ticks published from
+    another process in that key's message size and storage: ``"4k"`` on the run's own server,
+    every other key on a server of its own (entered on ``stack``)."""
+    servers = {}
+    for key in keys:
+        if key == "4k":
+            servers[key] = (url, server_pid)
+        else:
+            extra = stack.enter_context(NatsServer(Path(stack.enter_context(tempfile.TemporaryDirectory()))))
+            servers[key] = (extra.url, extra.proc.pid)
+        batch, storage = SERVERS[key]
+        publish_from_another_process(servers[key][0], n, "now", servers[key][1], batch=batch, storage=storage)
+    return servers
+
+
 async def pipeline_table(url: str, server_pid: int, n: int, repeat: int, only: list[str] | None = None) -> None:
     """The default pipeline: in-process ``ingest`` against ``NatsBridge`` fed from another
     process, the stream filled before or while the pipeline consumes it, for the ``MODES``
@@ -563,15 +579,7 @@ async def pipeline_table(url: str, server_pid: int, n: int, repeat: int, only: l
     modes = [m for m in MODES if only is None or m[1] in only or m[1] == "local"]
     used = {m[2] for m in modes if m[2] is not None}
     with contextlib.ExitStack() as stack:
-        servers = {}
-        for key in used:
-            if key == "4k":
-                servers[key] = (url, server_pid)
-            else:
-                extra = stack.enter_context(NatsServer(Path(stack.enter_context(tempfile.TemporaryDirectory()))))
-                servers[key] = (extra.url, extra.proc.pid)
-            batch, storage = SERVERS[key]
-            publish_from_another_process(servers[key][0], n, "now", servers[key][1], batch=batch, storage=storage)
+        servers = filled_servers(stack, url, server_pid, used, n)
         rates: dict[str, list[float]] = {m: [] for _, m, _, _ in modes}
         cpu: dict[str, list[tuple[float, float, float]]] = {m: [] for _, m, _, _ in modes}
         for r in range(repeat):
@@ -636,15 +644,7 @@ async def bridge_cpu_table(url: str, server_pid: int, n: int, repeat: int) -> No
 
     per = n / BATCH
     with contextlib.ExitStack() as stack:
-        servers = {}
-        for key in dict.fromkeys(k for _, k, _ in BRIDGE_CPU):
-            if key == "4k":
-                servers[key] = (url, server_pid)
-            else:
-                extra = stack.enter_context(NatsServer(Path(stack.enter_context(tempfile.TemporaryDirectory()))))
-                servers[key] = (extra.url, extra.proc.pid)
-            batch, storage = SERVERS[key]
-            publish_from_another_process(servers[key][0], n, "now", servers[key][1], batch=batch, storage=storage)
+        servers = filled_servers(stack, url, server_pid, dict.fromkeys(k for _, k, _ in BRIDGE_CPU), n)
         cpu: dict[int, list[tuple[float, float, float]]] = {i: [] for i in range(len(BRIDGE_CPU))}
         for r in range(repeat):
             for i, (_, key, options) in enumerate(BRIDGE_CPU):
