@@ -44,6 +44,7 @@ _PROBE = """(() => {
   };
   walk(document.body);
   return JSON.stringify({idle: d ? d.is_idle : false, figures, canvases, elements,
+                         loaded: document.readyState === 'complete',
                          text: document.body ? document.body.innerText : ''});
 })()"""
 
@@ -100,12 +101,15 @@ class Browser:
             self.errors.append(p["entry"]["text"])
 
     async def open(self, path: Path) -> dict:  # path absolute (tmp_path): as_uri needs no I/O
-        """Load the page and wait until bokeh says every view is drawn (idle)."""
+        """Load the page and wait until bokeh says every view is drawn (idle), or, for a page with
+        nothing to draw, until the document is loaded."""
         await self.call("Page.navigate", url=path.as_uri())
         for _ in range(150):
             state = orjson.loads((await self.call("Runtime.evaluate", expression=_PROBE,
                                                   returnByValue=True))["result"]["value"])
-            if state["idle"] or "nothing to draw" in state["text"]:
+            # a page with nothing to draw has no bokeh document to be idle: wait for the whole
+            # page (its heading is in the text before the accounting below it is parsed)
+            if state["idle"] or (state["loaded"] and "nothing to draw" in state["text"]):
                 return state
             await asyncio.sleep(0.1)
         return state
