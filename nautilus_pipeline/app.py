@@ -118,6 +118,9 @@ class Summary:
     files: list[str]
     code_version: str
     fees: dict[str, float] | None
+    cpu_s: float = field(default=0.0, compare=False)
+    """The process's CPU time (user + system, every thread) over ``wall_s``: cores busy is
+    ``cpu_s / wall_s``."""
     write_error: str | None = field(default=None, compare=False)
 
     def as_dict(self) -> dict[str, Any]:
@@ -243,7 +246,7 @@ class Run:
             stop_now = bool(on_batch()) if on_batch is not None else False
             return stop_now or (sink is not None and sink.error is not None)
 
-        t0 = time.perf_counter()
+        t0, cpu0 = time.perf_counter(), time.process_time()
         try:
             async with pipe:
                 if sink is not None:
@@ -259,9 +262,9 @@ class Run:
         finally:
             if sink is not None:
                 sink.close()
-        wall = time.perf_counter() - t0
+        wall, cpu = time.perf_counter() - t0, time.process_time() - cpu0
         write_error = write_error or (sink.error if sink is not None else None)
-        summary = self._summarise(wall)
+        summary = _replace(self._summarise(wall), cpu_s=cpu)
         if self.writes_outputs:
             try:
                 write_atomic(self.out_dir / "summary.json", orjson.dumps(

@@ -578,7 +578,10 @@ def _print_summary(summary: dict[str, Any], out_dir: Path) -> None:
 
     console = Console(width=None if sys.stdout.isatty() else 140)
     t = summary["ticks"]
-    title = f"{summary['pipeline']}: {t['processed']:,} ticks in {summary['wall_s']:.2f} s ({t['ticks_per_s']:,.0f} ticks/s)"
+    title = f"{summary['pipeline']}: {t['processed']:,} ticks in {summary['wall_s']:.2f} s ({t['ticks_per_s']:,.0f} ticks/s"
+    if summary.get("cpu_s") and summary["wall_s"] > 0:
+        title += f", {summary['cpu_s'] / summary['wall_s']:.2f} cores busy"
+    title += ")"
     if summary["interrupted"]:
         title += " (interrupted: partial run)"
     if t["failed_batches"]:

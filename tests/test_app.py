@@ -22,6 +22,20 @@ async def test_a_run_returns_a_typed_summary_whose_accounting_closes():
     assert summary.as_dict()["ticks"]["processed"] == t.processed
 
 
+async def test_the_summary_says_how_much_cpu_the_run_took_over_its_wall_time():
+    import os
+    import time
+
+    cpu0 = time.process_time()
+    summary = await Run(DEFAULT, outputs=False).execute()
+    spent = time.process_time() - cpu0
+    # the run's window is inside this test's: its CPU is positive, at most what the test spent,
+    # and at most every core over the run's wall time
+    assert 0 < summary.cpu_s <= spent
+    assert summary.cpu_s <= summary.wall_s * (os.cpu_count() or 1) + 0.05
+    assert summary.as_dict()["cpu_s"] == summary.cpu_s
+
+
 async def test_the_input_is_read_once_even_with_bucket_volume_auto(monkeypatch):
     opened = []
     original = Source.open
