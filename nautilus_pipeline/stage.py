@@ -135,6 +135,23 @@ trades (~0.5 ms). Measured and not kept: the live wrappers compiled without ``no
 loop thread that calls them holds the GIL anyway): 20-40 ns a call less, not worth kernels
 that would hold the GIL wherever else they were called.
 
+Light stages stay on the loop (``LIGHT_OFFLOAD_MIN_ROWS``). Once the kernels had reached
+their floor, a 4,096-row replay batch of features, VPIN and the recorder cost 205, 70 and
+102 µs inline (``bench_pipeline.py --rows 10000000``, serial row, per-stage p50), inference
+1,573 and risk 1,180 µs (the signal stage, 4 µs, never calls its stream). On a worker the
+three light ones took 754, 918 and 1,114 µs per batch (the concurrent row of the same run):
+a hop, then waits for the GIL and a core behind the other stages' threads, on 2 cores with
+seven threads. Run inline, they cost the loop ~0.4 ms a batch and leave the cores to
+inference's two lanes and risk. 10M generated trades through ``default.toml``, dev VM, one
+run after another (process CPU user + system; load 0.2-1.5 at the start): all offloaded
+1.46-1.49M ticks/s at 1.60-1.61 cores busy over the run, 11.7-11.8 CPU s (two runs); light
+stages inline 1.56-1.67M at 1.63-1.66 cores, 11.5-11.8 CPU s (three); the risk stage inline
+as well 1.77M at 1.73 cores (one run; beside other jobs at load 3-4 the two were level,
+1.01-1.23M ticks/s, so risk keeps its worker: its 1.2 ms batch would block the loop that
+long). Beside those jobs the light-inline runs took less CPU for the same ticks/s (1.07-1.19
+cores against 1.30-1.41). The threshold is 65,536 rows, so ``gpu.toml``'s 262,144-row
+batches run on the workers as before, where a 16-core host has cores for them.
+
 Warm-up (``Stage.warm_up``). A numba kernel's first call in a process loads it from the
 cache (or compiles it): ~5-20 ms each warm, ~0.1-1 s for the first one (numba's CPU
 target) and for a cold cache seconds. The live kernels used to pay that on the first live
@@ -169,6 +186,10 @@ log = structlog.get_logger("nautilus_pipeline.stage")
 
 OFFLOAD_MIN_ROWS = 1024
 """Batches of at least this many rows run on the stage's worker thread (see the module doc)."""
+
+LIGHT_OFFLOAD_MIN_ROWS = 65_536
+"""The threshold of the stages whose replay batch costs about a hop (features, VPIN, the
+recorder: "Light stages stay on the loop" in the module doc)."""
 
 NOT_NOW = object()
 """What :meth:`Stage.process_now` returns for a batch it leaves to :meth:`Stage.process`."""

@@ -23,16 +23,20 @@ from nautilus_pipeline.events import TradeTick
 from nautilus_pipeline.kernels.montecarlo import LANES, McSampler, splitmix_seed
 from nautilus_pipeline.kernels.risk import mc_var, new_generator
 from nautilus_pipeline.pipeline import Pipeline
-from nautilus_pipeline.stage import OFFLOAD_MIN_ROWS, Stage
+from nautilus_pipeline.stage import LIGHT_OFFLOAD_MIN_ROWS, OFFLOAD_MIN_ROWS, Stage
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 SPLIT_SEEN: dict[str, int] = {}  # inference batches on two lanes in the last run_chain, by execution
+OFFLOADED_BY_STAGE: dict[str, dict[str, int]] = {}  # calls on a worker in the last run_chain, by stage
 
 
-async def run_chain(data, batch_size, execution):
+async def run_chain(data, batch_size, execution, offload_all=False):
     stages = chain()
+    if offload_all:  # every stage's batches on its worker (the light ones stay inline by default)
+        for stage in stages:
+            stage.offload = OFFLOAD_MIN_ROWS
     capture = Capture(("ts_ns", *COLUMNS))
     pipe = Pipeline([*stages, capture], batch_size=batch_size, slabs=4, memory="host",
                     execution=execution)
@@ -43,6 +47,7 @@ async def run_chain(data, batch_size, execution):
         pipe.symbols.id_of("BTCUSDT-PERP")
         await pipe.ingest(data)
     offloaded = sum(r.stats()["offloaded_calls"] for r in pipe.runners)
+    OFFLOADED_BY_STAGE[execution] = {r.stage.name: r.stats()["offloaded_calls"] for r in pipe.runners}
     SPLIT_SEEN[execution] = sum(getattr(r.stage, "split_batches", 0) for r in pipe.runners)
     return capture.result(), {k: orjson.dumps(v) for k, v in events.items()}, offloaded
 
@@ -58,6 +63,34 @@ async def test_concurrent_stages_give_the_serial_numbers_bit_for_bit_on_real_tra
     # batches of at least OFFLOAD_MIN_ROWS rows ran on worker threads, smaller ones inline
     assert (offloaded > 0) == (batch_size >= OFFLOAD_MIN_ROWS)
     assert b"var" in events["risk"] and len(events["signals"]) > 10
+    for key, col in serial.items():
+        np.testing.assert_array_equal(concurrent[key], col, err_msg=key)
+    assert events == serial_events
+
+
+async def test_light_stages_run_a_replay_batch_inline_and_the_heavy_ones_on_their_workers(sample_dir):
+    """At 4,096 rows features and VPIN cost about a hop, so they stay on the loop
+    (``LIGHT_OFFLOAD_MIN_ROWS``); inference and risk go to their workers."""
+    stages = chain()
+    pipe = Pipeline(stages, batch_size=4096, slabs=4, memory="host", execution="concurrent")
+    async with pipe:
+        pipe.symbols.id_of("BTCUSDT-PERP")
+        await pipe.ingest(btc_trades(sample_dir, None))
+    by_stage = {r.stage.name: r.stats()["offloaded_calls"] for r in pipe.runners}
+    assert by_stage["features"] == by_stage["vpin"] == 0
+    assert by_stage["inference"] > 0 and by_stage["risk"] > 0
+    assert LIGHT_OFFLOAD_MIN_ROWS > 4096 >= OFFLOAD_MIN_ROWS
+
+
+@pytest.mark.parametrize("batch_size", [1024, 4096])
+async def test_every_stage_on_its_worker_gives_the_serial_numbers_bit_for_bit(sample_dir, batch_size):
+    """The light stages' worker path (what a batch of >= 65,536 rows takes) kept under test."""
+    data = btc_trades(sample_dir, None)
+    serial, serial_events, _ = await run_chain(data, batch_size, "serial")
+    concurrent, events, _ = await run_chain(data, batch_size, "concurrent", offload_all=True)
+    full = len(data["ts_ns"]) // batch_size
+    by_stage = OFFLOADED_BY_STAGE["concurrent"]
+    assert by_stage["features"] >= full and by_stage["vpin"] >= full
     for key, col in serial.items():
         np.testing.assert_array_equal(concurrent[key], col, err_msg=key)
     assert events == serial_events

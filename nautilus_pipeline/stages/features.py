@@ -57,7 +57,14 @@ from ..kernels.features import (
 )
 from ..memory import Lease
 from ..params import param
-from ..stage import INLINE_CHAIN_MAX_ROWS, NOT_NOW, Stage, StageContext, slab_addresses
+from ..stage import (
+    INLINE_CHAIN_MAX_ROWS,
+    LIGHT_OFFLOAD_MIN_ROWS,
+    NOT_NOW,
+    Stage,
+    StageContext,
+    slab_addresses,
+)
 
 FEATURES_COLUMN = "features"
 GPU_INPUTS = ("ts_ns", "price", "size", "side")
@@ -97,6 +104,8 @@ class FeaturesParams(FeatureConfig):
 
 class FeaturesStage(Stage):
     """Writes ``features`` (float64[n, k]) for every row: trades and quotes, as of that row."""
+
+    offload = LIGHT_OFFLOAD_MIN_ROWS  # a replay batch costs about a hop: inline (stage.py)
 
     reads = ("ts_ns", "symbol_id", "kind", "price", "size", "side", "bid", "ask", "bid_size", "ask_size")
 

@@ -23,7 +23,7 @@ from ..compute import ComputeStream
 from ..events import KIND_QUOTE, KIND_TRADE
 from ..io import arrow_numpy
 from ..memory import Lease
-from ..stage import Stage, StageContext
+from ..stage import LIGHT_OFFLOAD_MIN_ROWS, Stage, StageContext
 
 TRACE_COLUMNS = ("ts_ns", "symbol_id", "kind", "price", "bid", "ask", "prediction", "vpin", "toxic",
                  "position", "pnl", "drawdown", "kill", "signal_side")
@@ -31,6 +31,8 @@ TRACE_COLUMNS = ("ts_ns", "symbol_id", "kind", "price", "bid", "ask", "predictio
 
 class RecorderStage(Stage):
     """Copies every ``every``-th trade row of each symbol (the columns that exist) to a trace."""
+
+    offload = LIGHT_OFFLOAD_MIN_ROWS  # a replay batch costs about a hop: inline (stage.py)
 
     def __init__(self, path: str | Path, *, every: int = 1, available: tuple[str, ...] = TRACE_COLUMNS,
                  name: str = "recorder"):

@@ -62,7 +62,14 @@ from ..kernels.vpin import (
 )
 from ..memory import Lease
 from ..params import param
-from ..stage import INLINE_CHAIN_MAX_ROWS, NOT_NOW, Stage, StageContext, slab_addresses
+from ..stage import (
+    INLINE_CHAIN_MAX_ROWS,
+    LIGHT_OFFLOAD_MIN_ROWS,
+    NOT_NOW,
+    Stage,
+    StageContext,
+    slab_addresses,
+)
 
 F64 = np.dtype(np.float64)
 log = structlog.get_logger("nautilus_pipeline.vpin")
@@ -108,6 +115,8 @@ def _volume(value: Any, key: str) -> float:
 
 class VpinStage(Stage):
     """Writes ``vpin``, ``vpin_cdf`` (float64) and ``toxic`` (uint8) per row; publishes buckets."""
+
+    offload = LIGHT_OFFLOAD_MIN_ROWS  # a replay batch costs about a hop: inline (stage.py)
 
     reads = ("ts_ns", "symbol_id", "kind", "price", "size")
     writes = (
