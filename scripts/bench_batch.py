@@ -38,7 +38,8 @@ other users' load on a shared VM).
 
 Alone, not a batch: ``--worker-setup JOBS`` (a warm worker's time outside its replay, in
 this process vs a Ray task, alternating), ``--ray-floor JOBS`` (Ray's own dispatch and
-return for trivial tasks, with and without busy cores), ``--merge-read OUT`` (a finished
+return for trivial tasks, with and without busy cores), ``--ray-options ROUNDS``
+(Ray's own processes' CPU under each ``ray.init`` option that could drop some), ``--merge-read OUT`` (a finished
 batch's parts read the streaming merge's old way and its new), ``--control N...`` (N
 independent processes at once: how the machine itself scales).
 
@@ -357,6 +358,78 @@ def ray_floor(jobs: int, payload_bytes: int = 17_152) -> None:
         ray.shutdown()
 
 
+RAY_OPTIONS = {
+    "as run_batch": ({}, {}),
+    "usage stats off": ({"RAY_USAGE_STATS_ENABLED": "0"}, {}),
+    "metrics off": ({}, {"enable_metrics_collection": False}),
+    "task events off": ({}, {"task_events_report_interval_ms": 0}),
+    "all three": ({"RAY_USAGE_STATS_ENABLED": "0"},
+                  {"enable_metrics_collection": False, "task_events_report_interval_ms": 0}),
+}
+"""``--ray-options``: what a local Ray can be started without, beyond ``run_batch``'s own
+``include_dashboard=False, log_to_driver=False`` (environment, ``_system_config``)."""
+
+
+def _busy_step(previous: object, seconds: float) -> bytes:
+    t = time.process_time()
+    while time.process_time() - t < seconds:
+        pass
+    return b"x" * 17_152  # a JobResult's size
+
+
+def ray_options_child(name: str) -> None:
+    """Run in a child process: a local Ray of 2 CPUs started with ``RAY_OPTIONS[name]``, 2
+    chains of 4 tasks of 1 CPU-second each (a batch's shape), stopped; the CPU seconds of
+    Ray's own processes (its workers left out), ``ray.init``'s time."""
+    env, system_config = RAY_OPTIONS[name]
+    os.environ.update(env)
+    sampler = _ProcessCpu()
+    t0 = time.perf_counter()
+    import ray
+
+    kwargs = {"include_dashboard": False, "log_to_driver": False, "configure_logging": False}
+    ray.init(num_cpus=2, **kwargs, **({"_system_config": system_config} if system_config else {}))
+    init_s = time.perf_counter() - t0
+    task = ray.remote(num_cpus=1)(_busy_step)
+    refs = []
+    for _ in range(2):
+        previous = None
+        for _ in range(4):
+            previous = task.remote(previous, 1.0)
+            refs.append(previous)
+    ray.get(refs)
+    ray.shutdown()
+    own: dict[str, float] = {}
+    for proc, cpu in sampler.stop().values():
+        if not proc.startswith("ray::IDLE"):
+            own[proc] = own.get(proc, 0.0) + cpu
+    print(orjson.dumps({"init_s": init_s, "wall_s": time.perf_counter() - t0, "own": own}).decode())
+
+
+def ray_options(rounds: int) -> None:
+    """Each of :data:`RAY_OPTIONS` in a fresh process, ``rounds`` rounds, alternating."""
+    got: dict[str, list[dict]] = {k: [] for k in RAY_OPTIONS}
+    for i in range(rounds):
+        names = list(RAY_OPTIONS) if i % 2 == 0 else list(reversed(RAY_OPTIONS))
+        for name in names:
+            proc = subprocess.run([sys.executable, __file__, "--ray-options-child", name],
+                                  capture_output=True, text=True, check=True)
+            got[name].append(orjson.loads(proc.stdout.strip().splitlines()[-1]))
+    print()
+    print(f"a local Ray of 2 CPUs, 2 chains x 4 tasks of 1 CPU-s, {rounds} rounds alternating (medians):")
+    print()
+    print("| ray.init with | Ray's own processes CPU s | every round | ray.init s | wall s |")
+    print("|---|---:|---|---:|---:|")
+    for name, rs in got.items():
+        own = [sum(r["own"].values()) for r in rs]
+        print(f"| {name} | {np.median(own):.2f} | {', '.join(f'{x:.2f}' for x in own)} | "
+              f"{np.median([r['init_s'] for r in rs]):.2f} | {np.median([r['wall_s'] for r in rs]):.2f} |")
+    last = got["as run_batch"][-1]["own"]
+    print()
+    print("Ray's processes in the last 'as run_batch' round, CPU s: "
+          + ", ".join(f"{k} {v:.2f}" for k, v in sorted(last.items(), key=lambda kv: -kv[1])))
+
+
 def _warm_worker_jobs(defn: str, file: str, out: str, jobs: int) -> list[dict]:
     """In a worker (this process, or a Ray task): warmed as a batch warms it, then ``jobs``
     jobs of ``file`` in a row, as ``run_batch`` builds them; each one's time outside its
@@ -625,6 +698,9 @@ def main() -> None:
                          "in a Ray task, --repeat rounds alternating")
     ap.add_argument("--ray-floor", type=int, metavar="JOBS",
                     help="only: Ray's own dispatch and return for chains of JOBS trivial tasks, cores idle and busy")
+    ap.add_argument("--ray-options", type=int, metavar="ROUNDS",
+                    help="only: Ray's own processes' CPU under each of RAY_OPTIONS, ROUNDS rounds alternating")
+    ap.add_argument("--ray-options-child", help=argparse.SUPPRESS)
     ap.add_argument("--sequential-child", nargs="+", help=argparse.SUPPRESS)
     ap.add_argument("--control-child", nargs=4, help=argparse.SUPPRESS)
     ap.add_argument("--batch-child", nargs=5, help=argparse.SUPPRESS)
@@ -642,6 +718,12 @@ def main() -> None:
         return
     if args.ray_floor:
         ray_floor(args.ray_floor)
+        return
+    if args.ray_options_child:
+        ray_options_child(args.ray_options_child)
+        return
+    if args.ray_options:
+        ray_options(args.ray_options)
         return
     if args.merge_read:
         merge_read_ab(Path(args.merge_read), max(args.repeat, 2))

@@ -563,6 +563,14 @@ class RayExecutor:
             # A local Ray's workers inherit this process's environment (PYTHONPATH included);
             # a runtime_env with env_vars would do the same, and starts a runtime-env agent
             # that made ray.init seconds slower on the dev VM.
+            # Nothing more is turned off: usage stats (RAY_USAGE_STATS_ENABLED=0), metrics
+            # (enable_metrics_collection) and task events (task_events_report_interval_ms=0),
+            # alone or together, left Ray's own processes at 1.6-2.4 CPU-s a batch, no option's
+            # median outside one configuration's spread (`bench_batch.py --ray-options`, loaded VM:
+            # docs/measurements/dev_bench_batch_ray_options_700a752.txt). That CPU is the start-up of
+            # the processes ray.init always starts (the minimal dashboard, its agent, the
+            # runtime-env agent, the log and autoscaler monitors); ray.init has no option to
+            # leave them out.
             ray.init(num_cpus=self.workers or os.cpu_count(), **kwargs)
         return True
 
