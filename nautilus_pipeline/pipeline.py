@@ -28,7 +28,9 @@ in stage i while batch k is in stage i+1. With ``execution="concurrent"`` (the d
 CPU stage runs the kernels of a large batch on its stream's worker thread (numpy, BLAS and
 the numba kernels release the GIL), so stages run side by side on several cores while the
 loop only routes leases; small batches stay inline (see ``OFFLOAD_MIN_ROWS`` in
-:mod:`nautilus_pipeline.stage`). ``execution="serial"`` runs everything on the loop thread,
+:mod:`nautilus_pipeline.stage`), and so do the replay batches of the stages whose batch
+costs about a hop (features, VPIN, the recorder: ``LIGHT_OFFLOAD_MIN_ROWS``, 65,536 rows),
+which leaves the cores to inference's two lanes and risk. ``execution="serial"`` runs everything on the loop thread,
 one kernel at a time: the same numbers, bit for bit (each stage still sees its batches one
 at a time, in order), which the tests check.
 
