@@ -142,12 +142,12 @@ their floor, a 4,096-row replay batch of features, VPIN and the recorder cost 20
 three light ones took 754, 918 and 1,114 µs per batch (the concurrent row of the same run):
 a hop, then waits for the GIL and a core behind the other stages' threads, on 2 cores with
 seven threads. Run inline, they cost the loop ~0.4 ms a batch and leave the cores to
-inference's two lanes and risk. 10M generated trades through ``default.toml``, dev VM, one
-run after another (process CPU user + system; load 0.2-1.5 at the start): all offloaded
+inference's two lanes and risk. 10M generated trades through ``default.toml`` (the command
+line, with a temporary switch naming the stages kept inline), dev VM, one run after another (process CPU user + system; load 0.2-1.5 at the start): all offloaded
 1.46-1.49M ticks/s at 1.60-1.61 cores busy over the run, 11.7-11.8 CPU s (two runs); light
 stages inline 1.56-1.67M at 1.63-1.66 cores, 11.5-11.8 CPU s (three); the risk stage inline
 as well 1.77M at 1.73 cores (one run; beside other jobs at load 3-4 the two were level,
-1.01-1.23M ticks/s, so risk keeps its worker: its 1.2 ms batch would block the loop that
+1.01-1.23M ticks/s, ``docs/measurements/dev_inline_stages_ab_loaded_3dd3fe3.txt``, so risk keeps its worker: its 1.2 ms batch would block the loop that
 long). Beside those jobs the light-inline runs took less CPU for the same ticks/s (1.07-1.19
 cores against 1.30-1.41). The threshold is 65,536 rows, so ``gpu.toml``'s 262,144-row
 batches run on the workers as before, where a 16-core host has cores for them.
