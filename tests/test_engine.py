@@ -45,7 +45,8 @@ async def run_chain(data, batch_size, execution, offload_all=False):
         for name, got in events.items():
             pipe.bus.subscribe(f"{name}.>", lambda e, got=got: got.append(e.payload))
         pipe.symbols.id_of("BTCUSDT-PERP")
-        await pipe.ingest(data)
+        for part in data if isinstance(data, list) else [data]:  # a list: one ingest each
+            await pipe.ingest(part)
     offloaded = sum(r.stats()["offloaded_calls"] for r in pipe.runners)
     OFFLOADED_BY_STAGE[execution] = {r.stage.name: r.stats()["offloaded_calls"] for r in pipe.runners}
     SPLIT_SEEN[execution] = sum(getattr(r.stage, "split_batches", 0) for r in pipe.runners)
@@ -91,6 +92,26 @@ async def test_every_stage_on_its_worker_gives_the_serial_numbers_bit_for_bit(sa
     full = len(data["ts_ns"]) // batch_size
     by_stage = OFFLOADED_BY_STAGE["concurrent"]
     assert by_stage["features"] >= full and by_stage["vpin"] >= full
+    for key, col in serial.items():
+        np.testing.assert_array_equal(concurrent[key], col, err_msg=key)
+    assert events == serial_events
+
+
+async def test_a_batch_at_the_light_threshold_goes_to_the_workers_and_the_smaller_ones_after_it_stay_inline():
+    """A replay batch of ``LIGHT_OFFLOAD_MIN_ROWS`` rows takes the light stages' workers; the
+    2,000-row batch behind it runs on the loop, and so does a 200-row one (the inline hand-off,
+    published while the big batch may still be on a worker): each stage sees them one at a
+    time, in order, and the numbers are serial execution's, bit for bit."""
+    data = generated_trades(LIGHT_OFFLOAD_MIN_ROWS + 2_200, seed=11)
+    data = {k: data[k] for k in ("ts_ns", "price", "size", "side")}
+    cut = LIGHT_OFFLOAD_MIN_ROWS + 2_000
+    parts = [{k: v[:cut] for k, v in data.items()}, {k: v[cut:] for k, v in data.items()}]
+    serial, serial_events, _ = await run_chain(parts, LIGHT_OFFLOAD_MIN_ROWS, "serial")
+    concurrent, events, _ = await run_chain(parts, LIGHT_OFFLOAD_MIN_ROWS, "concurrent")
+    by_stage = OFFLOADED_BY_STAGE["concurrent"]
+    assert by_stage["features"] == by_stage["vpin"] == 1  # the big batch only
+    assert by_stage["inference"] >= 2 and by_stage["risk"] >= 2  # the 2,000-row one too
+    assert len(concurrent["ts_ns"]) == len(data["ts_ns"])
     for key, col in serial.items():
         np.testing.assert_array_equal(concurrent[key], col, err_msg=key)
     assert events == serial_events
