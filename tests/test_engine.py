@@ -24,6 +24,7 @@ from nautilus_pipeline.kernels.montecarlo import LANES, McSampler, splitmix_seed
 from nautilus_pipeline.kernels.risk import mc_var, new_generator
 from nautilus_pipeline.pipeline import Pipeline
 from nautilus_pipeline.stage import LIGHT_OFFLOAD_MIN_ROWS, OFFLOAD_MIN_ROWS, Stage
+from nautilus_pipeline.stages.recorder import RecorderStage
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -69,16 +70,18 @@ async def test_concurrent_stages_give_the_serial_numbers_bit_for_bit_on_real_tra
     assert events == serial_events
 
 
-async def test_light_stages_run_a_replay_batch_inline_and_the_heavy_ones_on_their_workers(sample_dir):
-    """At 4,096 rows features and VPIN cost about a hop, so they stay on the loop
-    (``LIGHT_OFFLOAD_MIN_ROWS``); inference and risk go to their workers."""
-    stages = chain()
+async def test_light_stages_run_a_replay_batch_inline_and_the_heavy_ones_on_their_workers(sample_dir, tmp_path):
+    """At 4,096 rows features, VPIN and the recorder cost about a hop, so they stay on the
+    loop (``LIGHT_OFFLOAD_MIN_ROWS``); inference and risk go to their workers."""
+    stages = [*chain(), RecorderStage(tmp_path / "trace.parquet")]
     pipe = Pipeline(stages, batch_size=4096, slabs=4, memory="host", execution="concurrent")
     async with pipe:
         pipe.symbols.id_of("BTCUSDT-PERP")
         await pipe.ingest(btc_trades(sample_dir, None))
     by_stage = {r.stage.name: r.stats()["offloaded_calls"] for r in pipe.runners}
-    assert by_stage["features"] == by_stage["vpin"] == 0
+    recorder = next(r for r in pipe.runners if r.stage.name == "recorder")
+    assert by_stage["features"] == by_stage["vpin"] == by_stage["recorder"] == 0
+    assert recorder.stream.inline > 0  # it called its stream, on the loop
     assert by_stage["inference"] > 0 and by_stage["risk"] > 0
     assert LIGHT_OFFLOAD_MIN_ROWS > 4096 >= OFFLOAD_MIN_ROWS
 

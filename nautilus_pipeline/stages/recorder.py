@@ -47,9 +47,10 @@ class RecorderStage(Stage):
         self._tail: dict[int, dict[str, np.ndarray] | None] = {}  # last trade row, if not kept
 
     async def process(self, lease: Lease, stream: ComputeStream, ctx: StageContext) -> None:
-        # a replay batch on the stream's worker: the sampling and copies of a 262,144-row
-        # batch took ~19 ms of the event loop's thread (H200 host, scripts/profile_pipeline.py),
-        # time the loop's dispatch of every other stage waited behind
+        # a batch of LIGHT_OFFLOAD_MIN_ROWS rows or more on the stream's worker: the sampling
+        # and copies of a 262,144-row batch took ~19 ms of the event loop's thread (H200 host,
+        # scripts/profile_pipeline.py), time the loop's dispatch of every other stage waited
+        # behind; a 4,096-row replay batch costs about a hop and stays inline (stage.py)
         await stream.run(self._record, lease)
 
     def _record(self, lease: Lease) -> None:
