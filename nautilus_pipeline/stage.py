@@ -136,21 +136,24 @@ loop thread that calls them holds the GIL anyway): 20-40 ns a call less, not wor
 that would hold the GIL wherever else they were called.
 
 Light stages stay on the loop (``LIGHT_OFFLOAD_MIN_ROWS``). Once the kernels had reached
-their floor, a 4,096-row replay batch of features, VPIN and the recorder cost 205, 70 and
-102 µs inline (``bench_pipeline.py --rows 10000000``, serial row, per-stage p50), inference
-1,573 and risk 1,180 µs (the signal stage, 4 µs, never calls its stream). On a worker the
-three light ones took 754, 918 and 1,114 µs per batch (the concurrent row of the same run):
-a hop, then waits for the GIL and a core behind the other stages' threads, on 2 cores with
-seven threads. Run inline, they cost the loop ~0.4 ms a batch and leave the cores to
-inference's two lanes and risk. 10M generated trades through ``default.toml`` (the command
-line, with a temporary switch naming the stages kept inline), dev VM, one run after another (process CPU user + system; load 0.2-1.5 at the start): all offloaded
-1.46-1.49M ticks/s at 1.60-1.61 cores busy over the run, 11.7-11.8 CPU s (two runs); light
-stages inline 1.56-1.67M at 1.63-1.66 cores, 11.5-11.8 CPU s (three); the risk stage inline
-as well 1.77M at 1.73 cores (one run; beside other jobs at load 3-4 the two were level,
-1.01-1.23M ticks/s, ``docs/measurements/dev_inline_stages_ab_loaded_3dd3fe3.txt``, so risk keeps its worker: its 1.2 ms batch would block the loop that
-long). Beside those jobs the light-inline runs took less CPU for the same ticks/s (1.07-1.19
-cores against 1.30-1.41). The threshold is 65,536 rows, so ``gpu.toml``'s 262,144-row
-batches run on the workers as before, where a 16-core host has cores for them.
+their floor, a 4,096-row replay batch of features, VPIN and the recorder cost 213, 86 and
+119 µs inline, inference 1,704 and risk 1,245 µs (the signal stage, 4 µs, never calls its
+stream; ``bench_pipeline.py --rows 10000000``, serial row, per-stage p50, quiet dev VM,
+``docs/measurements/dev_bench_pipeline_quiet_44fe592.txt``). On their workers the three
+light ones took 1,114, 1,245 and 1,442 µs a batch (the concurrent row of the quiet round
+before, all stages offloaded, ``dev_bench_pipeline_quiet_ae3ab91.txt``): a hop, then waits
+for the GIL and a core behind the other stages' threads on 2 cores. Run inline, they cost
+the loop ~0.4 ms a batch (213, 123 and 123 µs in the concurrent row at 44fe592) and leave
+the cores to inference's two lanes and risk. Between those two rounds nothing else in the
+replay's path changed: 10M generated trades 1.33M → 1.68M ticks/s, whole-process cores
+busy 1.53 → 1.60 (two quiet rounds three hours apart, not an interleaved A/B). Beside other jobs (load 3-4, the command line with a temporary switch
+naming the stages kept inline, three runs each, alternating,
+``docs/measurements/dev_inline_stages_ab_loaded_3dd3fe3.txt``) all offloaded, light inline
+and light plus risk inline were level (1.01-1.23M ticks/s), and the light-inline runs took
+less CPU for the same ticks/s (1.07-1.19 cores over the run against 1.30-1.41); risk keeps
+its worker: its 1.2 ms batch would block the loop that long. The threshold is 65,536 rows,
+so ``gpu.toml``'s 262,144-row batches run on the workers as before, where a 16-core host
+has cores for them.
 
 Warm-up (``Stage.warm_up``). A numba kernel's first call in a process loads it from the
 cache (or compiles it): ~5-20 ms each warm, ~0.1-1 s for the first one (numba's CPU
