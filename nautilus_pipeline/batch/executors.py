@@ -565,9 +565,12 @@ class RayExecutor:
             # that made ray.init seconds slower on the dev VM.
             # Nothing more is turned off: usage stats (RAY_USAGE_STATS_ENABLED=0), metrics
             # (enable_metrics_collection) and task events (task_events_report_interval_ms=0),
-            # alone or together, left Ray's own processes at 1.6-2.4 CPU-s a batch, no option's
-            # median outside one configuration's spread (`bench_batch.py --ray-options`, loaded VM:
-            # docs/measurements/dev_bench_batch_ray_options_700a752.txt). That CPU is the start-up of
+            # alone or together, left Ray's own processes at 1.6-2.4 CPU-s a batch
+            # (`bench_batch.py --ray-options`, loaded VM:
+            # docs/measurements/dev_bench_batch_ray_options_700a752.txt): in that run three had
+            # medians below every default round (1.70-1.85 against 1.98-2.38), but inside the
+            # others' rounds (task events off 1.64-2.35), and in a run ten minutes before all
+            # were level (1.79-1.89 against 1.81), so none is kept. That CPU is the start-up of
             # the processes ray.init always starts (the minimal dashboard, its agent, the
             # runtime-env agent, the log and autoscaler monitors); ray.init has no option to
             # leave them out.
