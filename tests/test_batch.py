@@ -161,6 +161,18 @@ def test_replay_job_runs_on_any_thread_and_a_rerun_replaces_its_outputs(sample_d
     assert decode(a.state, kind="pipeline").meta["pipeline"] == "default"
 
 
+def test_a_jobs_summary_says_the_cpu_its_replay_took(sample_dir, tmp_path):
+    """Its summary.json's ``cpu_s`` is the process's CPU over the replay's ``wall_s``, as a
+    run's (not the field's 0.0 default): inside the job's own, which also counts its set-up."""
+    import orjson
+
+    files = split_real(sample_dir, tmp_path / "in", damage=False)["ETHUSDT"][:1]
+    result = replay_job("default", files, tmp_path / "job", None)
+    summary = orjson.loads((tmp_path / "job" / "summary.json").read_bytes())
+    assert 0 < summary["cpu_s"] < result.cpu_s
+    assert summary["wall_s"] == pytest.approx(result.run_s)  # the replay's window
+
+
 # --- whole batches ------------------------------------------------------------------------
 def test_merged_outputs_equal_one_sequential_run_per_symbol(sample_dir, tmp_path):
     groups = split_real(sample_dir, tmp_path / "in")

@@ -169,7 +169,7 @@ async def _execute(run: Run, state_in: bytes | None, last: bool) -> tuple[dict[s
     from ..report.timeline import TIMELINE_FILE
 
     pipe, replay, sink, timeline = run.pipeline, run.replay, run.sink, run.timeline
-    t0 = time.perf_counter()
+    t0, cpu0 = time.perf_counter(), time.process_time()
     try:
         async with pipe:
             sink.attach(pipe.bus)
@@ -185,7 +185,7 @@ async def _execute(run: Run, state_in: bytes | None, last: bool) -> tuple[dict[s
     finally:
         sink.close()
     wall = time.perf_counter() - t0
-    summary = run._summarise(wall)
+    summary = dataclasses.replace(run._summarise(wall), cpu_s=time.process_time() - cpu0)
     error = sink.error
     return {"dict": summary.as_dict(), "write_error": None if error is None else str(error)}, state, wall
 
