@@ -15,7 +15,8 @@ Where a stage's kernels run (``Stage.offload``, ``OFFLOAD_MIN_ROWS``). Each stag
 its own queue in its own task, so stages overlap as soon as their kernels leave the event
 loop: a CPU stream runs a batch of at least ``OFFLOAD_MIN_ROWS`` rows on the stage's own
 worker thread (one per stage: a stage's batches stay in order, and no stage waits behind
-another's kernel), smaller batches inline. The threshold comes from
+another's kernel), smaller batches inline (features, VPIN and the recorder from
+``LIGHT_OFFLOAD_MIN_ROWS``: "Light stages stay on the loop" below). The threshold comes from
 ``python scripts/bench_pipeline.py --offload``: one batch of the default chain per stage,
 inline, beside the worker round trip (2-core dev VM, µs, medians; the machine was shared
 with other jobs, so absolute numbers are high, the crossover is what counts)::
@@ -231,9 +232,10 @@ class Stage:
     - ``reads``: slab columns the stage reads (checked at build: someone must provide them).
     - ``writes``: output columns the stage adds to every slab (name, dtype, per-row shape).
     - ``streams``: compute stream preference list, first usable wins.
-    - ``offload``: where a CPU stream runs the stage's kernels: ``OFFLOAD_MIN_ROWS`` (the
-      default) on the stream's worker thread for batches of at least that many rows and
-      inline on the loop below; ``True`` always on the worker; ``False`` always inline.
+    - ``offload``: where a CPU stream runs the stage's kernels: a row count, on the stream's
+      worker thread for batches of at least that many rows and inline on the loop below
+      (``OFFLOAD_MIN_ROWS`` by default, ``LIGHT_OFFLOAD_MIN_ROWS`` for the light stages);
+      ``True`` always on the worker; ``False`` always inline.
     """
 
     name: str = "stage"
