@@ -49,6 +49,20 @@ def test_run_writes_every_output_and_a_summary_that_adds_up(default_run):
     assert set(signals[0]) >= {"ts_ns", "symbol", "side", "strength", "target_position", "reasons"}
 
 
+def test_the_summary_title_says_the_cores_busy_over_the_run(default_run, capsys):
+    """``cpu_s / wall_s`` beside ticks/s; a summary.json from before ``cpu_s`` prints without it."""
+    from nautilus_pipeline.cli import _print_summary
+
+    summary = orjson.loads((default_run / "summary.json").read_bytes())
+    assert summary["cpu_s"] > 0
+    _print_summary(summary, default_run)
+    title = capsys.readouterr().out.splitlines()[0].rstrip()
+    assert title.endswith(f"ticks/s, {summary['cpu_s'] / summary['wall_s']:.2f} cores busy)")
+    del summary["cpu_s"]
+    _print_summary(summary, default_run)
+    assert capsys.readouterr().out.splitlines()[0].rstrip().endswith(" ticks/s)")
+
+
 def test_two_runs_give_byte_identical_outputs(default_run, tmp_path):
     assert main(["run", DEFAULT, "--out", str(tmp_path)]) == 0
     for name in ("signals.jsonl", "vpin.jsonl", "risk.jsonl"):
