@@ -3,7 +3,8 @@
 The default pipeline fed (a) in-process by ``Pipeline.ingest`` and (b) through ``NatsBridge``
 from a stream another process filled before (16384-tick messages), alternating. Each run is
 cut into phases on one clock: the bridge's entry (connect, stream and consumer info, the
-pull subscription), the time to the first batch handed to the first stage, the steady part
+pull subscription), the time from the start to the first batch handed to the first stage
+(the entry included: total = to first + steady + drain), the steady part
 from the first to the last hand-off, and the drain after it. A thread samples the first
 stage every 0.2 ms: the share of the steady part in which it had nothing queued and nothing
 in hand (the pipeline waiting for its input).
