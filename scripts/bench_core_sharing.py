@@ -21,6 +21,7 @@ Kernels (the default pipeline's, at its batch size):
 from __future__ import annotations
 
 import argparse
+import itertools
 import os
 import statistics
 import threading
@@ -47,7 +48,7 @@ def kernels() -> dict:
     rng = np.random.default_rng(0)
     widths = [50, 128, 64, 32, 1]
     ws = MLPWorkspace(np.zeros(50), np.ones(50),
-                      [rng.standard_normal((o, i)).astype(np.float32) * 0.1 for i, o in zip(widths, widths[1:])],
+                      [rng.standard_normal((o, i)).astype(np.float32) * 0.1 for i, o in itertools.pairwise(widths)],
                       [np.zeros(o, dtype=np.float32) for o in widths[1:]], capacity=4096)
     x = rng.standard_normal((4096, 50)).astype(np.float32)
     out = np.empty(4096, dtype=np.float32)
