@@ -485,7 +485,7 @@ def dispatch_table() -> None:
 
 
 def main() -> None:
-    from nautilus_pipeline.machine import describe
+    from nautilus_pipeline.machine import cache_bytecode_in_child_processes, describe
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--rows", type=int, nargs="*", default=[2_000_000, 10_000_000],
@@ -513,6 +513,7 @@ def main() -> None:
     args = ap.parse_args()
     print(f"machine: {describe()}; load average {os.getloadavg()[0]:.2f} at the start")
     MARKDOWN.append(f"machine: {describe()}; load average {os.getloadavg()[0]:.2f} at the start")
+    print(cache_bytecode_in_child_processes())
     folder = pathlib.Path(args.data or tempfile.mkdtemp(prefix="bench_pipeline-"))
     folder.mkdir(parents=True, exist_ok=True)
     if args.rows:

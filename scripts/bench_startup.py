@@ -87,13 +87,14 @@ def child(tree: pathlib.Path, hide: str, definition: pathlib.Path) -> dict:
 
 
 def main() -> None:
-    from nautilus_pipeline.machine import describe
+    from nautilus_pipeline.machine import cache_bytecode_in_child_processes, describe
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--trees", nargs="*", type=pathlib.Path, default=[ROOT])
     ap.add_argument("--hide", default="", help="comma-separated modules to hide in a second variant")
     args = ap.parse_args()
+    print(cache_bytecode_in_child_processes())
     definition = pathlib.Path(os.environ.get("TMPDIR", "/tmp")) / "bench_startup_live.toml"
     text = (ROOT / "pipelines/default.toml").read_text()
     definition.write_text(text.replace('bucket_volume = "auto"', "bucket_volume = 2.0"))

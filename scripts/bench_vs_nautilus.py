@@ -335,6 +335,10 @@ def main() -> None:
                          "--repeats process runs each, alternating (a before/after on a noisy machine)")
     ap.add_argument("--child", nargs=2, metavar=("SIDE", "CSV"), help=argparse.SUPPRESS)
     args = ap.parse_args()
+    if not args.child:
+        from nautilus_pipeline.machine import cache_bytecode_in_child_processes
+
+        print(cache_bytecode_in_child_processes())
     if args.ab:
         ab(args.ab.resolve(), make_trades(args.rows, args.data_dir), args.repeats, ["--batch", str(args.batch)])
         return

@@ -1,0 +1,125 @@
+"""Benchmark: do two of this machine's cores run the pipeline's two heavy kernels at full speed at once?
+
+Why. In ``scripts/bench_pipeline.py`` the concurrent replay's per-stage p50s are ~1.5x the
+serial run's (inference 1.5 -> 2.2 ms, risk 1.2 -> 1.9 ms per 4096-row batch on the dev VM),
+so "cores busy" overstates the work done: a core that runs at two thirds of its speed
+beside the other is busy but slow. This asks the hardware directly, with no pipeline, no
+event loop and no GIL in the way (both kernels release it): each kernel timed alone on
+one thread, then both at once on two threads, alternating rounds; the ratio ``together /
+alone`` per call is the slowdown the sharing causes (1.00: two independent cores; ~1.6-2:
+siblings of one physical core, or a shared memory or power budget).
+
+Kernels (the default pipeline's, at its batch size):
+- ``inference``: ``kernels.mlp.mlp_forward`` on 4096 x 50 float32 rows (the default model's
+  shapes, BLAS on one thread);
+- ``var``: one Monte Carlo VaR report, ``McSampler.bootstrap`` of 10,000 paths x 100 steps;
+- ``spin``: a pure-integer numba loop (no memory traffic), the control.
+
+    python scripts/bench_core_sharing.py [--rounds 7] [--seconds 0.4]
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import os
+import statistics
+import threading
+import time
+
+import numpy as np
+from numba import njit
+
+
+@njit(cache=True, nogil=True)
+def _spin(n):
+    x = np.uint64(88172645463325252)
+    for _ in range(n):
+        x ^= x << np.uint64(13)
+        x ^= x >> np.uint64(7)
+        x ^= x << np.uint64(17)
+    return x
+
+
+def kernels() -> dict:
+    from nautilus_pipeline.kernels.mlp import MLPWorkspace, mlp_forward
+    from nautilus_pipeline.kernels.montecarlo import McSampler
+
+    rng = np.random.default_rng(0)
+    widths = [50, 128, 64, 32, 1]
+    ws = MLPWorkspace(np.zeros(50), np.ones(50),
+                      [rng.standard_normal((o, i)).astype(np.float32) * 0.1 for i, o in itertools.pairwise(widths)],
+                      [np.zeros(o, dtype=np.float32) for o in widths[1:]], capacity=4096)
+    x = rng.standard_normal((4096, 50)).astype(np.float32)
+    out = np.empty(4096, dtype=np.float32)
+    sampler = McSampler(seed=1)
+    returns = rng.standard_normal(2000) * 1e-4
+    return {
+        "inference": lambda: mlp_forward(ws, x, out),
+        "var": lambda: sampler.bootstrap(returns, 100, 10_000, 1.0),
+        "spin": lambda: _spin(2_000_000),
+    }
+
+
+def per_call(fn, seconds: float, start: threading.Barrier | None = None) -> float:
+    """Seconds per call of ``fn`` over about ``seconds`` of calls."""
+    if start is not None:
+        start.wait()
+    n, t0 = 0, time.perf_counter()
+    while True:
+        fn()
+        n += 1
+        t = time.perf_counter() - t0
+        if t >= seconds:
+            return t / n
+
+
+def together(fa, fb, seconds: float) -> tuple[float, float]:
+    res: dict[str, float] = {}
+    start = threading.Barrier(2)
+    ta = threading.Thread(target=lambda: res.__setitem__("a", per_call(fa, seconds, start)))
+    tb = threading.Thread(target=lambda: res.__setitem__("b", per_call(fb, seconds, start)))
+    ta.start()
+    tb.start()
+    ta.join()
+    tb.join()
+    return res["a"], res["b"]
+
+
+def main() -> None:
+    from nautilus_pipeline.machine import describe
+
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--rounds", type=int, default=7)
+    ap.add_argument("--seconds", type=float, default=0.4, help="per measurement")
+    args = ap.parse_args()
+    os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
+    from threadpoolctl import threadpool_limits
+
+    threadpool_limits(1)
+    ks = kernels()
+    for fn in ks.values():  # compile / load, warm the caches
+        per_call(fn, 0.05)
+    pairs = [("inference", "inference"), ("var", "var"), ("inference", "var"), ("spin", "spin")]
+    alone: dict[str, list[float]] = {k: [] for k in ks}
+    both: dict[tuple[str, str], list[tuple[float, float]]] = {p: [] for p in pairs}
+    for _ in range(args.rounds):  # alternating, so a noisy moment hits every row
+        for k, fn in ks.items():
+            alone[k].append(per_call(fn, args.seconds))
+        for a, b in pairs:
+            both[a, b].append(together(ks[a], ks[b], args.seconds))
+    print(f"machine: {describe()}; load average {os.getloadavg()[0]:.2f} at the end")
+    print(f"median of {args.rounds} rounds, ~{args.seconds} s of calls per measurement; BLAS on 1 thread\n")
+    print("| kernel | alone µs per call | beside | together µs per call | together ÷ alone |")
+    print("|---|---:|---|---:|---:|")
+    med = {k: statistics.median(v) for k, v in alone.items()}
+    for (a, b), runs in both.items():
+        ta = statistics.median(r[0] for r in runs)
+        tb = statistics.median(r[1] for r in runs)
+        print(f"| {a} | {med[a] * 1e6:,.1f} | {b} | {ta * 1e6:,.1f} | {ta / med[a]:.2f} |")
+        if a != b:
+            print(f"| {b} | {med[b] * 1e6:,.1f} | {a} | {tb * 1e6:,.1f} | {tb / med[b]:.2f} |")
+
+
+if __name__ == "__main__":
+    main()
