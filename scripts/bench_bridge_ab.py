@@ -77,7 +77,7 @@ def main() -> None:
         for name, tree in sides.items():
             side = run_side(tree, args)
             got[name].append(side)
-            ratios = [b / a for a, b in zip(side["local"], side["pre-16k"])]
+            ratios = [b / a for a, b in zip(side["local"], side["pre-16k"], strict=True)]
             print(f"round {r + 1} {name}: in-process {[round(x) for x in side['local']]}, bridge "
                   f"{[round(x) for x in side['pre-16k']]}, paired ratios {[round(x, 3) for x in ratios]}, "
                   f"hop p50/p99 {side['hop']}; load {os.getloadavg()[0]:.2f}", flush=True)
@@ -88,7 +88,7 @@ def main() -> None:
     for name, runs in got.items():
         local = [x for s in runs for x in s["local"]]
         bridge = [x for s in runs for x in s["pre-16k"]]
-        paired = [b / a for a, b in zip(local, bridge)]
+        paired = [b / a for a, b in zip(local, bridge, strict=True)]
         med = statistics.median
         print(f"| {name} ({sides[name]}) | {med(local):,.0f} | {med(bridge):,.0f} | {med(paired):.3f} | "
               f"{med(bridge) / med(local):.3f} | {med(s['cpu_local'] for s in runs):,.0f} | "

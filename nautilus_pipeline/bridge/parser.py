@@ -16,10 +16,15 @@ with the same arguments). The trailing CRLF is skipped wherever it falls. Instal
 connection by :func:`install` (the bridge's ``connect``); ``reset`` (reconnection) drops a
 half-collected message as nats-py drops its buffer.
 
-Measured by ``python scripts/bench_bridge.py --only parser`` (a durable pull consumer of
-16384-tick messages: read, decode, ack; alternating; 2-core dev VM): this process's CPU per
-4096 ticks 64 -> 45 µs, of which the parser's share per message 62 -> 40 µs (the rest of
-the saving is the allocator's: no 0.4 MB buffers grown and freed per message).
+Measured by ``python scripts/bench_bridge.py --only parser bridge-cpu`` (a durable pull
+consumer of 16384-tick messages: read, decode, ack; alternating, medians of 5; 2-core dev VM
+shared with other jobs, load ~2.5; ``docs/measurements/dev_bench_bridge_parser_cb7a05a.txt``):
+this process's CPU per 4096 ticks 62 -> 49 µs (no run of one overlaps a run of the other),
+the parser's own per message 72 -> 41 µs; the rest of the saving is the allocator's (no
+0.4 MB buffer grown and freed per message). It also takes away what made larger messages
+cost the consumer more: at 32768 ticks a message the bridge alone now costs this process
+what it costs at 16384 (84 µs per 4096 ticks both; 126 vs 118 at 79077ce, before the
+parser), and with nats-server's 78 vs 88 µs, 158 vs 174 µs together.
 
 It is tested against nats-py's own parser on the same bytes cut at random places
 (``tests/test_bridge_parser.py``): the same calls, in the same order, with the same values.
