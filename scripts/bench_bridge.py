@@ -693,13 +693,16 @@ async def pipeline_table(url: str, server_pid: int, n: int, repeat: int, only: l
                 cpu[mode].append((usage.ours, usage.server, pub_cpu))
     ml = statistics.median(rates["local"])
     print(f"| default pipeline, {n:,} ticks, median of {repeat} alternating | ticks/s | ÷ in-process | "
-          "CPU µs per 4096 ticks: this process | nats-server | publisher |")
-    print("|---|---:|---:|---:|---:|---:|")
+          "CPU µs per 4096 ticks: this process | nats-server | publisher | ÷ in-process, paired |")
+    print("|---|---:|---:|---:|---:|---:|---:|")
     for label, mode, _, _ in modes:
         m = statistics.median(rates[mode])
         ours, server, pub = (statistics.median(c[i] for c in cpu[mode]) / per * 1e6 for i in range(3))
+        # each run over the in-process run of its round: a load that changes between rounds
+        # moves both sides of a pair alike
+        paired = statistics.median(x / y for x, y in zip(rates[mode], rates["local"], strict=True))
         print(f"| {label} | {m:,.0f} | {m / ml:.3f} | {ours:,.0f} | {server:,.0f} | "
-              f"{f'{pub:,.0f}' if mode.startswith('live') else '-'} |")
+              f"{f'{pub:,.0f}' if mode.startswith('live') else '-'} | {paired:.3f} |")
     print("\nper run (ticks/s): " + "; ".join(f"{mode} {[round(x) for x in rates[mode]]}" for _, mode, _, _ in modes))
     print("target: JetStream ÷ in-process >= 0.95 (the publisher's CPU is its process time while it "
           "published, the server's includes the stream's deletion and ~1 warm-up message in live runs)\n")
