@@ -77,10 +77,11 @@ def _stream(rng: random.Random) -> bytes:
 
 
 def _cuts(data: bytes, rng: random.Random) -> list[bytes]:
-    """Pieces of 1 byte to 40 kB, with runs of 1-byte pieces."""
+    """Pieces of 1 byte to 40 kB or 700 kB (a read may hold several whole messages), with
+    runs of 1-byte pieces."""
     out, i = [], 0
     while i < len(data):
-        n = 1 if rng.random() < 0.2 else rng.randrange(1, 40_000)
+        n = 1 if rng.random() < 0.2 else rng.randrange(1, rng.choice((40_000, 700_000)))
         out.append(data[i : i + n])
         i += n
     return out
