@@ -20,8 +20,9 @@ Measured by ``python scripts/bench_bridge.py --only parser bridge-cpu`` (a durab
 consumer of 16384-tick messages: read, decode, ack; alternating, medians of 5; 2-core dev VM
 shared with other jobs, load ~2.5; ``docs/measurements/dev_bench_bridge_parser_cb7a05a.txt``):
 this process's CPU per 4096 ticks 62 -> 49 µs (no run of one overlaps a run of the other),
-the parser's own per message 72 -> 41 µs; the rest of the saving is the allocator's (no
-0.4 MB buffer grown and freed per message). It also takes away what made larger messages
+the parser's per message (its dispatch of the message included) 72 -> 41 µs; the rest of
+the saving falls outside the parser (presumably the allocator's: no 0.4 MB buffer grown and
+freed per message). It also takes away what made larger messages
 cost the consumer more: at 32768 ticks a message the bridge alone now costs this process
 what it costs at 16384 (84 µs per 4096 ticks both; 126 vs 118 at 79077ce, before the
 parser), and with nats-server's 78 vs 88 µs, 158 vs 174 µs together.
