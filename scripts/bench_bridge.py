@@ -8,22 +8,26 @@ Starts its own ``nats-server -js`` (temporary store, free port) and measures, in
 2. **one-tick hop**: one 1-tick batch at a time, publish → durable pull consumer waiting for
    it, p50/p99 µs over ``--hops`` messages, 148a742's ``fetch(1)``, now's ``PullFeed``, and
    ``PullFeed`` on a stream in memory, alternating in chunks;
-3. **websocket clients**: the bundled Binance capture's frames, framed once and written in
+3. **parser**: a durable pull consumer of 16384-tick messages (another process filled the
+   stream), its connection parsing with nats-py's parser or ``CollectingParser``
+   (``bridge/parser.py``): this process's CPU per 4096 ticks and the parser's per message,
+   alternating;
+4. **websocket clients**: the bundled Binance capture's frames, framed once and written in
    64 KiB pieces by a server in another process (as fast as the client takes them), received
    by websockets and by picows alone and under ``BinanceWebsocketFeed`` (parsing, gap checks,
    micro-batching): frames/s, alternating;
-4. **bridge-cpu**: the bridge alone, a stream filled before by another process read by
+5. **bridge-cpu**: the bridge alone, a stream filled before by another process read by
    ``NatsBridge`` into a pipeline of one stage that does nothing: CPU per 4096 ticks of this
    process and of nats-server for 4096- and 16384-tick messages, explicit and cumulative acks,
    file and memory storage, alternating;
-5. **pipeline**: the default pipeline fed (a) in-process by ``Pipeline.ingest`` of the
+6. **pipeline**: the default pipeline fed (a) in-process by ``Pipeline.ingest`` of the
    batches and (b) through ``NatsBridge`` from a stream another process filled before, or
    (c) fills while the pipeline consumes it (told to start once the bridge is connected),
    (b) and (c) with fb13fe4's 4096-tick messages and now's 16384 (and AckAll, memory storage),
    each stream on its own server; each run ending when the last tick is through the last
    stage; alternating ``--repeat`` times; ticks/s, the ratio to (a) (medians), and CPU per
    4096 ticks of this process, nats-server and the publisher;
-6. **hop through the bridge**: publish a 1-tick batch → the ingress hands it to the default
+7. **hop through the bridge**: publish a 1-tick batch → the ingress hands it to the default
    pipeline, 148a742's ``fetch`` reading and now's ``PullFeed``, alternating.
 
 picows rows appear when picows is installed (the ``live`` extra).
@@ -60,7 +64,7 @@ from nautilus_pipeline.testing import trades_frame  # noqa: E402
 
 SYMBOL = "BTCUSDT-PERP"
 BATCH = 4096
-SECTIONS = ("transport", "hops", "websocket", "bridge-cpu", "pipeline", "bridge-hops")
+SECTIONS = ("transport", "hops", "websocket", "parser", "bridge-cpu", "pipeline", "bridge-hops")
 
 PUBLISHER = """
 import asyncio, collections, hashlib, sys, time
@@ -127,9 +131,18 @@ CPU: dict[str, list[tuple[float, float]]] = {"before": [], "now": [], "now-16k":
 
 
 def cpu_seconds(pid: int) -> float:
-    """User + system CPU time of process ``pid`` (Linux /proc), s."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    """CPU time of process ``pid``'s threads (Linux ``/proc/<pid>/task/*/schedstat``, ns), s.
+
+    ``/proc/<pid>/stat`` counts in clock ticks (10 ms here): over a 1M-tick run nats-server
+    spends 2-5 of them, so its column moved in steps of 41 µs per 4096 ticks. The scheduler's
+    own count is in ns; it misses threads that ended, which nats-server's (Go's) do not."""
+    total = 0
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        try:
+            total += int((task / "schedstat").read_text().split()[0])
+        except (OSError, ValueError, IndexError):  # a thread gone meanwhile
+            pass
+    return total / 1e9
 
 
 def publish_from_another_process(url: str, n: int, mode: str = "now", server_pid: int | None = None,
@@ -185,9 +198,10 @@ async def consume_raw(url: str, durable: str, messages: int, mode: str = "now") 
 
 async def one_tick_hops(url: str, hops: int, mode: str = "now", warmup: int = 50) -> list[float]:
     """µs from publishing a 1-tick batch to its arrival at a durable pull consumer waiting for
-    it: ``now`` through the ingress's open pull request (``PullFeed.get``), ``before`` a
-    nats-py ``fetch(1)`` issued before the publish (148a742's bench); ``memory``: as ``now``,
-    into a stream kept in memory."""
+    it: ``now`` through the ingress's open pull request (``PullFeed.get``, then ``ask`` as the
+    ingress's loop does after each read, so a request used up is renewed before the next
+    tick rather than by the read that waits for it), ``before`` a nats-py ``fetch(1)`` issued
+    before the publish (148a742's bench); ``memory``: as ``now``, into a stream kept in memory."""
     import nats
     from nats.js.api import AckPolicy, ConsumerConfig
 
@@ -223,12 +237,88 @@ async def one_tick_hops(url: str, hops: int, mode: str = "now", warmup: int = 50
         dt = (time.perf_counter_ns() - t0) / 1e3
         for msg in msgs:
             await msg.ack()
+        if mode != "before":
+            await feed.ask(64)
         if i >= warmup:
             out.append(dt)
     if mode != "before":
         await feed.close()
     await nc.close()
     return out
+
+
+def _timed(cls: type) -> type:
+    """``cls`` whose ``parse`` adds its thread CPU time to ``PARSE[0]`` (calls to ``PARSE[1]``)."""
+    parse = cls.parse
+
+    async def timed(self, data=b""):
+        t0 = time.thread_time()
+        PARSE[1] += 1
+        try:
+            return await parse(self, data)
+        finally:
+            PARSE[0] += time.thread_time() - t0
+
+    return type(f"Timed{cls.__name__}", (cls,), {"parse": timed})
+
+
+PARSE = [0.0, 0]
+"""Thread CPU s spent in the parser (dispatch of each message included) and its calls."""
+
+
+async def consume_parsed(url: str, durable: str, messages: int, collecting: bool) -> tuple[float, float, int]:
+    """Durable pull consumer (``PullFeed``): read, decode, ack every message, the connection
+    parsing with nats-py's parser or ``CollectingParser``; (this process's CPU s, parser CPU
+    s, parse calls)."""
+    import nats
+    from nats.js.api import AckPolicy, ConsumerConfig
+    from nats.protocol.parser import Parser
+
+    from nautilus_pipeline.bridge.parser import CollectingParser
+
+    nc = await nats.connect(url)
+    nc._ps.__class__ = _timed(CollectingParser if collecting else Parser)
+    js = nc.jetstream()
+    await js.add_consumer("TICKS", ConsumerConfig(durable_name=durable, ack_policy=AckPolicy.EXPLICIT,
+                                                  max_ack_pending=1024))
+    feed = await PullFeed(nc, "TICKS", durable).open()
+    PARSE[:] = [0.0, 0]
+    c0 = time.process_time()
+    got = 0
+    while got < messages:
+        for m in await feed.get(16, 5.0):
+            decode_batch(m.data)
+            await m.ack()
+            got += 1
+    await nc.flush()
+    cpu = time.process_time() - c0
+    await feed.close()
+    await nc.close()
+    return cpu, PARSE[0], PARSE[1]
+
+
+async def parser_table(url: str, server_pid: int, n: int, repeat: int) -> None:
+    """The consumer's CPU with nats-py's protocol parser and with ``CollectingParser``
+    (``bridge/parser.py``), 16384-tick messages filled before by another process, alternating."""
+    big = n // 16384 * 16384
+    publish_from_another_process(url, big, "now", server_pid, batch=16384, cpu_key="now-16k")
+    messages = big // 16384
+    per = big / BATCH
+    runs: dict[bool, list[tuple[float, float, int]]] = {False: [], True: []}
+    for r in range(repeat):
+        for collecting in runs:
+            runs[collecting].append(await consume_parsed(url, f"parse-{int(collecting)}-{r}", messages, collecting))
+    print(f"| consume {big:,} ticks in 16384-tick messages (durable pull, decode, ack), median of "
+          f"{repeat} alternating | CPU µs per 4096 ticks, this process | parser µs per message | "
+          "parse calls per message |")
+    print("|---|---:|---:|---:|")
+    for collecting, label in ((False, "nats-py's parser"), (True, "CollectingParser (large payloads joined once)")):
+        v = runs[collecting]
+        print(f"| {label} | {statistics.median(c for c, _, _ in v) / per * 1e6:,.1f} | "
+              f"{statistics.median(p for _, p, _ in v) / messages * 1e6:,.1f} | "
+              f"{statistics.median(k for _, _, k in v) / messages:.1f} |")
+    print("\nper run (CPU s, parser s): " + "; ".join(
+        f"{'collecting' if k else 'nats-py'} {[(round(c, 3), round(p, 3)) for c, p, _ in v]}" for k, v in runs.items()) + "\n")
 
 
 class _FetchFeed:
@@ -545,6 +635,8 @@ MODES = [
     ("filled before; now (16384-tick messages)", "pre-16k", "16k", {}),
     ("filled before; now, AckAll", "pre-16k-all", "16k", ALL),
     ("filled before; now, memory storage", "pre-16k-mem", "16k-mem", {}),
+    ("filled before; 32768-tick messages", "pre-32k", "32k", {}),
+    ("filled before; 32768-tick messages, AckAll", "pre-32k-all", "32k", ALL),
     ("filled while consumed; fb13fe4", "live-4k", "4k", {}),
     ("filled while consumed; now", "live-16k", "16k", {}),
     ("filled while consumed; now, memory storage", "live-16k-mem", "16k-mem", {}),
@@ -601,13 +693,16 @@ async def pipeline_table(url: str, server_pid: int, n: int, repeat: int, only: l
                 cpu[mode].append((usage.ours, usage.server, pub_cpu))
     ml = statistics.median(rates["local"])
     print(f"| default pipeline, {n:,} ticks, median of {repeat} alternating | ticks/s | ÷ in-process | "
-          "CPU µs per 4096 ticks: this process | nats-server | publisher |")
-    print("|---|---:|---:|---:|---:|---:|")
+          "CPU µs per 4096 ticks: this process | nats-server | publisher | ÷ in-process, paired |")
+    print("|---|---:|---:|---:|---:|---:|---:|")
     for label, mode, _, _ in modes:
         m = statistics.median(rates[mode])
         ours, server, pub = (statistics.median(c[i] for c in cpu[mode]) / per * 1e6 for i in range(3))
+        # each run over the in-process run of its round: a load that changes between rounds
+        # moves both sides of a pair alike
+        paired = statistics.median(x / y for x, y in zip(rates[mode], rates["local"], strict=True))
         print(f"| {label} | {m:,.0f} | {m / ml:.3f} | {ours:,.0f} | {server:,.0f} | "
-              f"{f'{pub:,.0f}' if mode.startswith('live') else '-'} |")
+              f"{f'{pub:,.0f}' if mode.startswith('live') else '-'} | {paired:.3f} |")
     print("\nper run (ticks/s): " + "; ".join(f"{mode} {[round(x) for x in rates[mode]]}" for _, mode, _, _ in modes))
     print("target: JetStream ÷ in-process >= 0.95 (the publisher's CPU is its process time while it "
           "published, the server's includes the stream's deletion and ~1 warm-up message in live runs)\n")
@@ -734,11 +829,13 @@ async def measure(args: argparse.Namespace, server: NatsServer) -> None:
     if "hops" in only:
         hops: dict[str, list[float]] = {"before": [], "now": [], "memory": []}
         chunk = max(args.hops // 4, 1)
+        load0 = os.getloadavg()[0]
         for _ in range(4):  # alternating chunks
             for mode in hops:
                 hops[mode] += await one_tick_hops(url, chunk, mode)
-        print(f"| one-tick hop publish → durable consumer ({4 * chunk} hops each, alternating) | "
-              "p50 µs | p99 µs |")
+        # the tail is the machine's: another process on a core for a few ms moves p99 by 10x
+        print(f"| one-tick hop publish → durable consumer ({4 * chunk} hops each, alternating; load "
+              f"{load0:.2f} -> {os.getloadavg()[0]:.2f}) | p50 µs | p99 µs |")
         print("|---|---:|---:|")
         print(f"| 148a742: fetch(1) waiting at the server | {pct(hops['before'], 50):.1f} | "
               f"{pct(hops['before'], 99):.1f} |")
@@ -749,6 +846,9 @@ async def measure(args: argparse.Namespace, server: NatsServer) -> None:
 
     if "websocket" in only:
         await websocket_table(args.repeat)
+
+    if "parser" in only:
+        await parser_table(url, server.proc.pid, n, args.repeat)
 
     if "bridge-cpu" in only:
         await bridge_cpu_table(url, server.proc.pid, n, args.repeat)

@@ -34,6 +34,29 @@ free (one copy, from the message's buffer into the slab).
 Acks go out ``ack_every`` at a time, and all at once whenever the consumer is about to wait
 for messages, so a slow or live stream is acknowledged as promptly as before.
 
+Where a bridged run's extra CPU goes (``python scripts/profile_bridge_threads.py``: this
+process's threads read by the scheduler, ns; 1M ticks in 16384-tick messages filled before,
+alternating with in-process ``ingest``; 2-core dev VM, load 1.4-2.1;
+``docs/measurements/dev_profile_bridge_threads_cb7a05a.txt``), µs per 4096 ticks:
+
+    =========================  ==============  ===================  ===========
+    pipeline, fed by            main thread     the stages' workers  nats-server
+    =========================  ==============  ===================  ===========
+    one stage doing nothing:
+      in-process ``ingest``     82              0                    0
+      bridge                    98-108          0                    104-114
+    default:
+      in-process ``ingest``     649-652         2,792-2,946          0
+      bridge                    684-708         2,872-2,910          143-162
+    =========================  ==============  ===================  ===========
+
+The bridge's own code (read, parse, decode, fill, ack) costs the loop about what
+``ingest``'s checks and copy do (+16-26 µs). What the default pipeline adds beyond that
+(up to ~100 µs) is in the stages' own work, on the loop and on the workers, which no bridge
+code runs: presumably the transport's copies and nats-server's threads sharing the two cores
+and their caches with it. nats-server's CPU (~4 % of the pipeline's) is the largest single
+part. Run to run, these move by as much as the differences.
+
 Cumulative acks (``cumulative``: the consumer's policy is ``AckPolicy.ALL``): one ack, of the
 newest message of the longest run of finished ones from the oldest still open, acknowledges
 the whole run; a message still in a stage holds back the acks of those after it. Measured

@@ -68,8 +68,11 @@ async def connect(servers: str | Sequence[str], **options: Any) -> Any:
     nats-py retries a first connection as long as later reconnections (60 tries, 2 s apart):
     a first attempt without retries says at once that nothing listens. Connection errors are
     logged as one line each (nats-py's default prints a traceback), and the connection then
-    reconnects by itself, so a restarted server is picked up again."""
+    reconnects by itself, so a restarted server is picked up again. The connection parses
+    large payloads (tick batches) in one copy (:mod:`~.parser`)."""
     import nats
+
+    from .parser import install as install_parser
 
     async def log_error(exc: Exception) -> None:
         log.warning("nats_connection_error", error=f"{type(exc).__name__}: {exc}")
@@ -80,10 +83,11 @@ async def connect(servers: str | Sequence[str], **options: Any) -> Any:
                                    reconnect_time_wait=0.05, connect_timeout=2,
                                    error_cb=options["error_cb"])
         await probe.close()
-        return await nats.connect(servers, **options)
+        nc = await nats.connect(servers, **options)
     except Exception as exc:  # NoServersError, OSError, a refused URL...
         raise NatsConnectError(f"cannot connect to NATS at {servers}: {type(exc).__name__}: {exc}; "
                                "is nats-server running (with -js)?") from None
+    return install_parser(nc)
 
 
 class NatsBridge:
