@@ -121,6 +121,9 @@ class Summary:
     cpu_s: float = field(default=0.0, compare=False)
     """The process's CPU time (user + system, every thread) over ``wall_s``: cores busy is
     ``cpu_s / wall_s``."""
+    cores: dict[str, Any] = field(default_factory=dict, compare=False)
+    """The cores the stages might keep busy (``in_use``) and what took a worker thread's
+    core (``workers``): ``Pipeline.stats()["cores"]``."""
     write_error: str | None = field(default=None, compare=False)
 
     def as_dict(self) -> dict[str, Any]:
@@ -303,6 +306,7 @@ class Run:
             ),
             accounting=replay.accounting.as_dict(),
             stages=stats["stages"],
+            cores=stats["cores"],
             pool=stats["pool"],
             leaked_leases=stats["leaked_leases"],
             outputs=dict(self.sink.counts) if self.sink is not None else {},

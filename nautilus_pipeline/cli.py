@@ -176,6 +176,9 @@ def _parser() -> argparse.ArgumentParser:
                      help="ticks per batch (overrides pipeline.batch_size)")
     run.add_argument("--execution", choices=("concurrent", "serial"),
                      help="overrides pipeline.execution (serial: every stage on the loop thread)")
+    run.add_argument("--cores", type=_ranged(int, 1, 65_536, "a number of cores"),
+                     help="cores the stages may keep busy, the loop's included (overrides "
+                          "pipeline.cores; default: every core this process may use)")
     run.add_argument("--out", help="output folder (overrides outputs.dir)")
     run.add_argument("--log-format", choices=("auto", "json", "console"), default="auto",
                      help="logs on stderr: JSON lines or console (default: console on a terminal)")
@@ -365,7 +368,8 @@ async def _run(args: argparse.Namespace) -> int:
 
     run = Run(args.pipeline, ticks=args.ticks, format=args.format, symbol=args.symbol, mapping=args.map,
               order_by=args.order_by, speed=args.speed, batch_size=args.batch,
-              execution=args.execution, out_dir=args.out, trace_every=args.trace_every)
+              execution=args.execution, out_dir=args.out, trace_every=args.trace_every,
+              pipeline_settings={"cores": args.cores})
     pipe, replay = run.pipeline, run.replay
     err = Console(stderr=True)
     show_progress = err.is_terminal and not args.no_progress

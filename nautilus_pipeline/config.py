@@ -79,6 +79,8 @@ def _check_pipeline(pipeline: dict[str, Any], source: str) -> None:
     delay = pipeline["max_delay_us"]
     if not (math.isfinite(delay) and 0 <= delay <= 3.6e9):
         raise ConfigError(f"{source}: pipeline.max_delay_us must be a number of µs from 0 to 3.6e9 (an hour), got {delay}")
+    if not 0 <= pipeline["cores"] <= 65_536:
+        raise ConfigError(f"{source}: pipeline.cores must be >= 0 (0 = every core this process may use), got {pipeline['cores']}")
     if not 0 <= pipeline["blas_threads"] <= 4096:
         raise ConfigError(f"{source}: pipeline.blas_threads must be >= 0 (0 = leave as is), got {pipeline['blas_threads']}")
     symbols = pipeline["symbols"]
@@ -121,6 +123,9 @@ PIPELINE_KEYS = {
     "execution": Key(str, "concurrent", "concurrent: large batches run on stage worker threads, "
                      "stages side by side; serial: everything on the loop thread",
                      choices=("concurrent", "serial")),
+    "cores": Key(int, 0, "cores the stages may keep busy, the event loop's included: a heavy "
+                 "CPU stage gets a worker thread while one is left beside the loop's "
+                 "(0 = every core this process may use)"),
 }
 
 REPLAY_KEYS = {
@@ -487,6 +492,7 @@ def build_pipeline(definition: PipelineDef, stages: list[Stage], *, batch_size: 
         "on_error": p["on_error"],
         "blas_threads": p["blas_threads"] or None,
         "execution": p["execution"],
+        "cores": p["cores"],
     }
     unknown = set(overrides) - set(settings)
     if unknown:

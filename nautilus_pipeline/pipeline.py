@@ -30,9 +30,20 @@ the numba kernels release the GIL), so stages run side by side on several cores 
 loop only routes leases; small batches stay inline (see ``OFFLOAD_MIN_ROWS`` in
 :mod:`nautilus_pipeline.stage`), and so do the replay batches of the stages whose batch
 costs about a hop (features, VPIN, the recorder: ``LIGHT_OFFLOAD_MIN_ROWS``, 65,536 rows),
-which leaves the cores to inference's two lanes and risk. ``execution="serial"`` runs everything on the loop thread,
-one kernel at a time: the same numbers, bit for bit (each stage still sees its batches one
-at a time, in order), which the tests check.
+which leaves the cores to the heavy stages. ``execution="serial"`` runs everything on the
+loop thread, one kernel at a time: the same numbers, bit for bit (each stage still sees its
+batches one at a time, in order), which the tests check.
+
+Cores (``cores``, :class:`~nautilus_pipeline.stage.CoreBudget`). A worker thread pays only
+where it has a core to run on: the loop's thread keeps one, each heavy CPU stage (``offload``
+below ``LIGHT_OFFLOAD_MIN_ROWS``: inference, risk, a stage of yours) takes one for its
+worker in chain order, then inference's second lane takes one; a heavy stage that finds
+none left runs its replay batches on the loop, as the light stages do. ``cores = 0`` (the
+default) is every core the process may run on (``machine.usable_cores``): on a 2-core host
+inference gets the one worker, risk and the others run on the loop, and the second lane
+waits for a third core; on 16 cores every heavy stage and the lane have theirs, as before
+the budget. ``Pipeline.stats()["cores"]`` says what took them. A stage that never calls its
+stream declares ``offload = False`` (the signal stage), so that it takes no core.
 
 The GIL bounds what threads give. A worker that leaves a GIL-free kernel waits for the GIL
 while the loop thread runs Python (reading, routing), up to the interpreter's switch
@@ -88,7 +99,7 @@ from .compute.registry import first_usable
 from .errors import ConfigError, PipelineError
 from .events import KIND_QUOTE, KIND_TRADE, TICK_COLUMN_NAMES, TICK_COLUMNS, QuoteTick, TradeTick
 from .memory import BufferPool, Lease, Slab, auto_memory
-from .stage import Stage, StageContext, StageRunner
+from .stage import CoreBudget, Stage, StageContext, StageRunner
 from .symbols import SymbolTable
 
 log = structlog.get_logger("nautilus_pipeline.pipeline")
@@ -189,6 +200,7 @@ class Pipeline:
         symbols: SymbolTable | None = None,
         blas_threads: int | None = 1,
         execution: str = "concurrent",
+        cores: int = 0,
     ):
         if not stages:
             raise ConfigError(f"pipeline {name!r} has no stages")
@@ -201,9 +213,13 @@ class Pipeline:
             raise ConfigError(
                 f"pipeline {name!r}: execution must be 'concurrent' or 'serial', got {execution!r}"
             )
+        if not (isinstance(cores, int) and cores >= 0):
+            raise ConfigError(f"pipeline {name!r}: cores must be an int >= 0 (0 = every core this "
+                              f"process may use), got {cores!r}")
         if not max_delay_us >= 0:
             raise ConfigError(f"pipeline {name!r}: max_delay_us must be >= 0, got {max_delay_us}")
         self.execution = execution
+        self.cores = cores
         self.name = name
         self.stages = list(stages)
         self.batch_size = batch_size
@@ -304,6 +320,7 @@ class Pipeline:
         stack.push_async_callback(self._stop_batcher)
         warm = self._warm_columns()
         topic = self.ingress_topic
+        self.ctx.cores = CoreBudget(self.cores_in_use() - 1) if self.execution == "concurrent" else None
         for i, stage in enumerate(self.stages):
             last = i == len(self.stages) - 1
             out = None if last else topics.stage_output(self.name, stage.name)
@@ -322,9 +339,18 @@ class Pipeline:
             "pipeline_started",
             pipeline=self.name,
             stages=[f"{r.stage.name}@{r.stream.name}" for r in self.runners],
+            cores=self.cores_in_use(),
+            worker_cores=self.ctx.cores.taken if self.ctx.cores is not None else [],
             batch_size=self.batch_size,
             pool_memory=self.pool.memory,
         )
+
+    def cores_in_use(self) -> int:
+        """The cores the stages may keep busy, the loop thread's included (``cores``, or
+        every core this process may run on)."""
+        from .machine import usable_cores
+
+        return self.cores or usable_cores()
 
     def _warm_columns(self) -> dict[str, np.ndarray]:
         """A one-row scratch slab of the pool's columns (the same array types as the pool's
@@ -608,6 +634,8 @@ class Pipeline:
             "pipeline": self.name,
             "ticks": dataclasses.asdict(self.tick_flow()),
             "stages": [r.stats() for r in self.runners],
+            "cores": {"in_use": self.cores_in_use(),
+                      "workers": list(self.ctx.cores.taken) if self.ctx.cores is not None else []},
             "pool": dataclasses.asdict(self.pool.stats()),
             "leaked_leases": [repr(lease) for lease in self.leaked],
         }

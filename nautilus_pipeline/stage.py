@@ -207,13 +207,42 @@ INLINE_CHAIN_MAX_ROWS = 256
 next stage is idle (see the module doc)."""
 
 
+CPU_WORKER_STREAMS = ("cpu", "torch:cpu")
+"""Streams whose worker thread computes on a CPU core (a GPU stream's worker mostly waits)."""
+
+
+class CoreBudget:
+    """The CPU cores a pipeline's stages may keep busy beside the event loop's own.
+
+    A heavy CPU stage takes one for its worker thread when the pipeline starts, in chain
+    order; inference's second lane takes one at its first split batch (after every stage
+    took its worker). A stage that finds none left runs its replay batches on the loop, as
+    the light stages do: a thread without a core of its own only waits for one (see
+    "Cores" in the module docstring).
+    """
+
+    def __init__(self, cores: int):
+        self.left = max(int(cores), 0)
+        self.taken: list[str] = []
+
+    def take(self, what: str) -> bool:
+        """One core for ``what`` (a name for the log and stats), if one is left."""
+        if self.left <= 0:
+            return False
+        self.left -= 1
+        self.taken.append(what)
+        return True
+
+
 @dataclass
 class StageContext:
-    """What a running stage may use besides its batch: the bus and the symbol table."""
+    """What a running stage may use besides its batch: the bus, the symbol table and the
+    cores left for worker threads (None: no limit, e.g. a stage run outside a pipeline)."""
 
     bus: EventBus
     pipeline: str
     symbols: Any = None
+    cores: CoreBudget | None = None
 
     async def publish(self, topic: str, payload: Any) -> None:
         await self.bus.publish(topic, payload)
@@ -407,7 +436,7 @@ class StageRunner:
         self.queue_size = queue_size
         self.metrics = StageMetrics()
         self.selection = choose(list(stage.streams), stage=stage.name)
-        self._offload = False if serial else stage.offload
+        self._offload = False if serial else self._placement(stage, ctx.cores)
         self.stream: ComputeStream = create_stream(self.selection.primary, offload=self._offload)
         self._fallback: ComputeStream | None = None
         self._fallback_bound = False
@@ -422,6 +451,17 @@ class StageRunner:
         self._inline_waiters: list[asyncio.Future] = []  # bus consumers behind an inline batch
         self._bus = ctx.bus
         self._sole_route: tuple = _UNCHECKED  # the input topic's route, checked: this stage alone
+
+    def _placement(self, stage: Stage, cores: CoreBudget | None) -> bool | int:
+        """The stage's ``offload``, unless it is a heavy CPU stage that finds no core left
+        for its worker: then the light stages' threshold (its replay batches inline)."""
+        offload = stage.offload
+        heavy = offload is True or (offload is not False and offload < LIGHT_OFFLOAD_MIN_ROWS)
+        if cores is None or not heavy or self.selection.primary not in CPU_WORKER_STREAMS:
+            return offload
+        if cores.take(stage.name):
+            return offload
+        return LIGHT_OFFLOAD_MIN_ROWS
 
     @property
     def fallback_stream(self) -> ComputeStream | None:

@@ -52,7 +52,7 @@ def make_trades(rows: int, folder: pathlib.Path) -> pathlib.Path:
 
 def run_replay(ticks: pathlib.Path, execution: str, out: pathlib.Path, batch: int | None,
                switch: float | None = None, env: dict[str, str] | None = None,
-               definition: pathlib.Path | None = None) -> dict:
+               definition: pathlib.Path | None = None, extra: list[str] | None = None) -> dict:
     argv = [
         "nautilus-pipeline", "run", str(definition or ROOT / "pipelines/default.toml"),
         "--ticks", str(ticks), "--format", "binance_trades", "--symbol", "BTCUSDT-PERP",
@@ -60,6 +60,7 @@ def run_replay(ticks: pathlib.Path, execution: str, out: pathlib.Path, batch: in
     ]
     if batch:
         argv += ["--batch", str(batch)]
+    argv += extra or []
     code = (
         "import sys\n"
         + (f"sys.setswitchinterval({switch})\n" if switch else "")
@@ -105,7 +106,8 @@ def one_lane_definition(folder: pathlib.Path) -> pathlib.Path:
 
 
 def replay_table(rows_list: list[int], folder: pathlib.Path, batch: int | None,
-                 switch: float | None, malloc_pad: bool, lanes_ab: bool = False) -> None:
+                 switch: float | None, malloc_pad: bool, lanes_ab: bool = False,
+                 cores_ab: int | None = None) -> None:
     print("\nreplay: pipelines/default.toml on generated trades (each run its own process)")
     head = (f"{'trades':>11} {'execution':>10} {'ticks/s':>11} {'process s':>9} {'cores':>5} {'run':>5} "
             f"{'RSS MB':>6} {'same':>5}  per-stage p50 µs per batch")
@@ -122,6 +124,10 @@ def replay_table(rows_list: list[int], folder: pathlib.Path, batch: int | None,
         if lanes_ab:
             # inference on one lane, beside the default two, then the default again
             configs += [("concurrent", None, "one-lane"), ("concurrent", None, None)]
+        if cores_ab:
+            # the placement before the core budget (a worker for every heavy stage and the
+            # second lane: --cores N with N > the workers), between two runs of the default
+            configs += [("concurrent", None, f"cores={cores_ab}"), ("concurrent", None, None)]
         if switch:
             configs.append(("concurrent", switch, None))
         if malloc_pad:
@@ -131,8 +137,10 @@ def replay_table(rows_list: list[int], folder: pathlib.Path, batch: int | None,
         for k, (execution, sw, env) in enumerate(configs):
             out = folder / f"out-{rows}-{k}-{execution}"
             one_lane = env == "one-lane"
-            r = run_replay(ticks, execution, out, batch, sw, None if one_lane else env,
-                           one_lane_definition(folder) if one_lane else None)
+            cores = env[len("cores="):] if isinstance(env, str) and env.startswith("cores=") else None
+            r = run_replay(ticks, execution, out, batch, sw, None if isinstance(env, str) else env,
+                           one_lane_definition(folder) if one_lane else None,
+                           ["--cores", cores] if cores else None)
             s = r["summary"]
             delivered = s["ticks"]["delivered"]
             rate = delivered / s["wall_s"]
@@ -142,8 +150,9 @@ def replay_table(rows_list: list[int], folder: pathlib.Path, batch: int | None,
                 f"{st['stage']} {st['batch_latency']['p50_us']:,.0f}" for st in s["stages"]
             )
             label = execution if sw is None else f"conc+{sw * 1e6:.0f}µs"
-            label = "conc+pad" if env and not one_lane else label
+            label = "conc+pad" if isinstance(env, dict) else label
             label = "conc lanes1" if one_lane else label
+            label = f"conc {cores} cores" if cores else label
             print(f"{rows:>11,} {label:>10} {rate:>11,.0f} {r['process_wall']:>9.2f} "
                   f"{r['cores']:>5.2f} {r['run_cores']:>5.2f} {r['rss_mb']:>6.0f} {same:>5}  {stages}")
             MARKDOWN.append(f"| {rows:,} | {label} | {rate:,.0f} | {r['process_wall']:.2f} | "
@@ -501,6 +510,10 @@ def main() -> None:
     ap.add_argument("--lanes-ab", action="store_true",
                     help="also the concurrent replay with inference on one lane (lanes = 1), "
                          "then the default (two) again")
+    ap.add_argument("--cores-ab", type=int, metavar="N",
+                    help="also the concurrent replay with --cores N (e.g. 16: a worker thread for "
+                         "every heavy stage and inference's second lane, the placement before "
+                         "the core budget), then the default again")
     ap.add_argument("--malloc-pad", action="store_true",
                     help="also run concurrent with MALLOC_TOP_PAD_=64MiB (allocation churn check)")
     ap.add_argument("--offload", action="store_true", help="also print the offload table")
@@ -518,7 +531,7 @@ def main() -> None:
     folder.mkdir(parents=True, exist_ok=True)
     if args.rows:
         replay_table(args.rows, folder, args.batch, args.switch_interval, args.malloc_pad,
-                     args.lanes_ab)
+                     args.lanes_ab, args.cores_ab)
     if args.dispatch:
         dispatch_table()
     if args.hops:

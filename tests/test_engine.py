@@ -33,14 +33,16 @@ SPLIT_SEEN: dict[str, int] = {}  # inference batches on two lanes in the last ru
 OFFLOADED_BY_STAGE: dict[str, dict[str, int]] = {}  # calls on a worker in the last run_chain, by stage
 
 
-async def run_chain(data, batch_size, execution, offload_all=False):
+async def run_chain(data, batch_size, execution, offload_all=False, cores=16):
+    """``cores=16``: a host with a core for every worker thread, so that the workers' paths
+    are under test on any machine (``Pipeline(cores=0)`` would follow this one's)."""
     stages = chain()
     if offload_all:  # every stage's batches on its worker (the light ones stay inline by default)
         for stage in stages:
             stage.offload = OFFLOAD_MIN_ROWS
     capture = Capture(("ts_ns", *COLUMNS))
     pipe = Pipeline([*stages, capture], batch_size=batch_size, slabs=4, memory="host",
-                    execution=execution)
+                    execution=execution, cores=cores)
     events: dict[str, list] = {"signals": [], "vpin": [], "risk": []}
     async with pipe:
         for name, got in events.items():
@@ -74,7 +76,7 @@ async def test_light_stages_run_a_replay_batch_inline_and_the_heavy_ones_on_thei
     """At 4,096 rows features, VPIN and the recorder cost about a hop, so they stay on the
     loop (``LIGHT_OFFLOAD_MIN_ROWS``); inference and risk go to their workers."""
     stages = [*chain(), RecorderStage(tmp_path / "trace.parquet")]
-    pipe = Pipeline(stages, batch_size=4096, slabs=4, memory="host", execution="concurrent")
+    pipe = Pipeline(stages, batch_size=4096, slabs=4, memory="host", execution="concurrent", cores=16)
     async with pipe:
         pipe.symbols.id_of("BTCUSDT-PERP")
         await pipe.ingest(btc_trades(sample_dir, None))
@@ -149,6 +151,50 @@ async def test_inference_on_two_lanes_gives_the_bits_of_one(batch_size):
     assert stage.lanes == 2  # the default; the chain above used it
     with pytest.raises(Exception, match="lanes must be 1 or 2"):
         InferenceStage(lanes=3)
+
+
+@pytest.mark.parametrize(("cores", "workers"), [
+    (1, []),
+    (2, ["inference"]),
+    (3, ["inference", "risk"]),
+    (4, ["inference", "risk", "inference-lane2"]),
+])
+async def test_worker_threads_go_to_the_heavy_stages_while_cores_are_left(sample_dir, cores, workers):
+    """``cores``: the loop's thread keeps one; the heavy CPU stages take one each for their
+    worker in chain order, then inference's second lane; a stage left without one runs its
+    replay batches on the loop. Wherever they run, the numbers are serial execution's."""
+    data = btc_trades(sample_dir, None)
+    serial, serial_events, _ = await run_chain(data, 4096, "serial")
+    concurrent, events, _ = await run_chain(data, 4096, "concurrent", cores=cores)
+    by_stage = OFFLOADED_BY_STAGE["concurrent"]
+    on_workers = {name for name, calls in by_stage.items() if calls}
+    assert on_workers == {w for w in workers if not w.endswith("-lane2")}
+    assert (SPLIT_SEEN["concurrent"] > 0) == ("inference-lane2" in workers)
+    for key, col in serial.items():
+        np.testing.assert_array_equal(concurrent[key], col, err_msg=key)
+    assert events == serial_events
+
+
+async def test_the_pipeline_reports_its_cores_and_what_took_them():
+    from nautilus_pipeline.errors import ConfigError
+    from nautilus_pipeline.machine import usable_cores
+
+    data = generated_trades(5_000, seed=2)
+    data = {k: data[k] for k in ("ts_ns", "price", "size", "side")}
+    for cores, expected in ((0, usable_cores()), (3, 3)):
+        pipe = Pipeline(chain(), batch_size=4096, slabs=4, memory="host", cores=cores)
+        async with pipe:
+            pipe.symbols.id_of("BTCUSDT-PERP")
+            await pipe.ingest(data)
+            stats = pipe.stats()["cores"]
+        assert stats["in_use"] == expected
+        assert stats["workers"][: min(expected - 1, 2)] == ["inference", "risk"][: min(expected - 1, 2)]
+    serial = Pipeline(chain(), batch_size=4096, slabs=4, memory="host", execution="serial", cores=2)
+    async with serial:
+        assert serial.stats()["cores"] == {"in_use": 2, "workers": []}
+    for bad in (-1, 1.5, "2"):
+        with pytest.raises(ConfigError, match="cores must be an int >= 0"):
+            Pipeline(chain(), cores=bad)
 
 
 async def test_var_reports_do_not_depend_on_the_batch_size(sample_dir):

@@ -37,6 +37,7 @@ class Capture(Stage):
     """Copies every column of every row it sees (the test's window into the slabs)."""
 
     name = "capture"
+    offload = False  # copies on the loop, never calls its stream: no worker thread, no core
 
     def __init__(self, columns):
         self.reads = tuple(columns)

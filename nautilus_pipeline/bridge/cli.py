@@ -235,7 +235,8 @@ async def _publish(args: argparse.Namespace) -> int:
 
 
 def _nats_pipe_settings(args: argparse.Namespace) -> dict[str, Any]:
-    return {"batch_size": args.batch, "execution": args.execution}
+    return {"batch_size": args.batch, "execution": args.execution,
+            "pipeline_settings": {"cores": getattr(args, "cores", None)}}
 
 
 async def run_live(args: argparse.Namespace) -> int:

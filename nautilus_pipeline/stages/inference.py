@@ -137,6 +137,7 @@ class InferenceStage(Stage):
         self._fixed: dict[str, RowOrderForward | None] = {}
         self.lanes = lanes
         self._lane: StreamThread | None = None
+        self._no_lane_core = False  # the pipeline had no core left for the second lane
         self._lane_fwd: RowOrderForward | None = None
         self.split_batches = 0  # batches computed on both lanes
         self._slab_tables: dict = {}  # slab → its address table
@@ -193,6 +194,7 @@ class InferenceStage(Stage):
         self._primary = None
         self._fixed = {}
         self._slab_tables = {}
+        self._no_lane_core = False
 
     def _fixed_for(self, stream: ComputeStream) -> RowOrderForward | None:
         """The fixed-order forward pass on ``stream``, where it has one: the numpy runner of
@@ -225,11 +227,15 @@ class InferenceStage(Stage):
         finally:
             second.result()
 
-    def _split_lane(self, stream: ComputeStream) -> bool:
-        """Whether this batch may use the second lane (started on first use)."""
-        if self.lanes < 2 or not getattr(stream, "offloads", False):
+    def _split_lane(self, stream: ComputeStream, ctx: StageContext) -> bool:
+        """Whether this batch may use the second lane (started on first use, if the
+        pipeline has a core left for it: ``StageContext.cores``)."""
+        if self.lanes < 2 or not getattr(stream, "offloads", False) or self._no_lane_core:
             return False
         if self._lane is None:  # (a fixed-order pass exists: the stream's runner is numpy's)
+            if ctx.cores is not None and not ctx.cores.take(f"{self.name}-lane2"):
+                self._no_lane_core = True
+                return False
             self._lane_fwd = RowOrderForward(self.runners[stream.runner_backend]._ws)
             self._lane = StreamThread(f"np-{self.name}-lane2")
         return True
@@ -258,7 +264,7 @@ class InferenceStage(Stage):
             if fwd is not None:
                 if n <= LIVE_ROWS:
                     self._predict_fixed(lease, fwd)
-                elif n >= SPLIT_MIN_ROWS and self._split_lane(stream):
+                elif n >= SPLIT_MIN_ROWS and self._split_lane(stream, ctx):
                     await stream.run(self._predict_split, lease, fwd)
                     self.split_batches += 1
                 else:

@@ -34,6 +34,7 @@ class SignalStage(Stage):
     reads = ("ts_ns", "symbol_id", "signal_side", "signal_strength", "signal_target",
              "signal_reasons", "signal_emit")
     writes = ()
+    offload = False  # it never calls its stream (a scalar read per batch): no worker, no core
 
     MOVED_KEYS: ClassVar[dict[str, str]] = {
         k: f"the signal rule is the risk stage's now: write it there as "
