@@ -15,6 +15,7 @@ from nautilus_pipeline.model.spec import (
     check_inputs,
     load_model,
     quantize_int8,
+    read_input_names,
     save_model,
     with_weight_precision,
 )
@@ -144,3 +145,14 @@ def test_cached_model_weights_are_read_only_and_metadata_is_each_callers_own(tmp
         a.weights[0][0, 0] = 1.0
     a.metadata["seed"] = 8  # type: ignore[index]
     assert load_model(path)[1].metadata["seed"] == 7
+
+
+def test_input_names_follow_a_model_rewritten_in_place(tmp_path: Path) -> None:
+    """``read_input_names`` keeps what it read per content too: the same path saved with
+    another spec gives the new names."""
+    path = tmp_path / "m.npz"
+    other = ModelSpec(tuple(f"g{i}" for i in range(50)))
+    save_model(path, SPEC, weights())
+    assert read_input_names(path) == SPEC.input_names
+    save_model(path, other, weights(spec=other))
+    assert read_input_names(path) == other.input_names

@@ -301,6 +301,7 @@ def load_model(path: str | Path) -> tuple[ModelSpec, MLPWeights]:
 MODEL_CACHE_SIZE = 8
 """Models an ``.npz`` load keeps per process (the most recently used)."""
 _loaded: dict[bytes, tuple[ModelSpec, MLPWeights]] = {}
+_input_names: dict[bytes, tuple[str, ...]] = {}
 
 
 def _load_model_cached(path: Path) -> tuple[ModelSpec, MLPWeights]:
@@ -368,12 +369,22 @@ def _load_model(path: Path, data: Any = None) -> tuple[ModelSpec, MLPWeights]:
 
 def read_input_names(path: str | Path) -> tuple[str, ...]:
     """A model file's input names, from its spec header only (no weights are read): what
-    a features stage needs to know to produce the model's inputs."""
+    a features stage needs to know to produce the model's inputs. ``.npz``: once per process
+    for each content, as :func:`_load_model_cached` (0.4 ms of a batch job's build)."""
     path = Path(path)
     try:
         if path.suffix == ".npz":
-            with np.load(path, allow_pickle=False) as z:
-                spec = json.loads(str(z[_SPEC_KEY]))
+            data = path.read_bytes()
+            key = hashlib.blake2b(data, digest_size=20).digest()
+            names = _input_names.get(key)
+            if names is None:
+                with np.load(io.BytesIO(data), allow_pickle=False) as z:
+                    spec = json.loads(str(z[_SPEC_KEY]))
+                names = tuple(str(n) for n in spec["input_names"])
+                if len(_input_names) >= MODEL_CACHE_SIZE:
+                    _input_names.pop(next(iter(_input_names)))
+                _input_names[key] = names
+            return names
         elif path.suffix == ".safetensors":
             from safetensors import safe_open
 
