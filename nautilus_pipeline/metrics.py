@@ -99,8 +99,9 @@ class LatencyHistogram:
 
     def buckets(self) -> list[tuple[int, int, int]]:
         """Non-empty buckets as ``(lower_ns, upper_ns, count)``, for plotting a histogram."""
-        return [(_bucket_upper(idx - 1) + 1 if idx else 0, _bucket_upper(idx), c)
-                for idx, c in enumerate(self.counts) if c]
+        counts = self.counts
+        return [(_bucket_upper(idx - 1) + 1 if idx else 0, _bucket_upper(idx), counts[idx])
+                for idx in itertools.compress(range(_N_BUCKETS), counts)]
 
     @property
     def mean_ns(self) -> float:
