@@ -10,6 +10,7 @@ import re
 import signal
 import threading
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -21,6 +22,7 @@ import pytest
 import nautilus_pipeline as nt
 from nautilus_pipeline.batch import expand_inputs, plan, replay_job, run_batch
 from nautilus_pipeline.batch.job import PHASES, TMP_MARK, JobResult
+from nautilus_pipeline.batch.plan import JobSpec
 from nautilus_pipeline.config import find_definition, load
 
 KINDS = ("signals", "vpin", "risk", "trace")
@@ -446,6 +448,32 @@ def test_a_worker_warms_up_on_the_batch_definition_and_one_the_sample_does_not_f
         for name in ("default", "quotes"):  # quotes: the trades sample has no ts_recv_ns for it
             pid, imported, warm = pool.submit(executors.warm_up, "warning", 1, load(name)).result(timeout=300)
             assert pid != os.getpid() and imported <= warm
+
+
+def test_a_warm_worker_has_its_survivors_frozen_and_a_cold_one_after_its_first_job(tmp_path):
+    """Full collections in a warm worker skip what lives as long as the worker (gc.freeze
+    once warm); a pool worker that no warm-up reached freezes after its first job; the
+    process that runs a job in-process (this one) is left as it was."""
+    import concurrent.futures as cf
+    import gc
+
+    from nautilus_pipeline.batch import executors
+
+    work = executors.Work(load("default"), str(tmp_path))
+    spec = JobSpec("S/0000", "S", 0, (str(executors.WARM_SAMPLE),), True, None)
+    ctx = executors._worker_context()
+    with cf.ProcessPoolExecutor(1, mp_context=ctx, initializer=executors._pool_init,
+                                initargs=("warning", 1)) as pool:
+        assert pool.submit(gc.get_freeze_count).result(timeout=300) == 0
+        pool.submit(executors.warm_up, "warning", 1, load("default")).result(timeout=300)
+        assert pool.submit(gc.get_freeze_count).result(timeout=300) > 10_000
+    with cf.ProcessPoolExecutor(1, mp_context=ctx, initializer=executors._pool_init,
+                                initargs=("warning", 1)) as pool:
+        pool.submit(executors.run_job, work, spec, {}, 1, None).result(timeout=300)
+        assert pool.submit(gc.get_freeze_count).result(timeout=300) > 10_000
+    before = gc.get_freeze_count()
+    executors.run_job(work, replace(spec, job_id="S/0001"), {}, 1, None)
+    assert gc.get_freeze_count() == before
 
 
 MERGE_MEMORY_CHILD = """
