@@ -827,9 +827,14 @@ def ab(baseline: Path, defn: Path, work: Path, configs: list[tuple[str, int]], r
         for e, n in configs for t in ("before", "after")))
     print("lumped overhead / job = (wall x min(N, symbols) - sum of job walls) / jobs (the old figure; "
           "the after rows split it below)")
-    after = [min(runs[(e, n, "after")], key=lambda r: abs(r["wall"] - float(np.median(
-        [x["wall"] for x in runs[(e, n, "after")]])))) for e, n in configs]
-    print_rows(rows + after)
+    def median_runs(tag: str) -> list[dict]:
+        return [min(runs[(e, n, tag)], key=lambda r: abs(r["wall"] - float(np.median(
+            [x["wall"] for x in runs[(e, n, tag)]])))) for e, n in configs]
+
+    for tag, code in (("before", baseline), ("after", ROOT)):
+        print()
+        print(f"{tag} ({code}), the run of each row with the median wall:")
+        print_rows(rows + median_runs(tag))
     print()
     print(f"merged outputs identical across every run, before and after: {'yes' if len(digests) == 1 else 'NO'}")
 
