@@ -563,11 +563,18 @@ def run_batch_row(code: Path, defn: Path, work: Path, executor: str, n: int, tag
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(code), *others])}
     proc = subprocess.run([sys.executable, str(code / "scripts" / "bench_batch.py"), "--batch-child", str(defn),
                            str(work / "in" / "*.csv"), str(out), executor, str(n)],
-                          capture_output=True, text=True, env=env)
+                          capture_output=True, text=True, env=env, cwd=work)
+    # cwd: not a checkout. The pool's fork server starts as ``python -c``, which puts the
+    # folder it runs in first on its sys.path (Python 3.11 ignores the driver's sys.path
+    # there): run from the other checkout, its workers imported that checkout's package,
+    # not ``code``'s (the local rows of --baseline A/Bs up to 6c11124 ran after's workers
+    # in both columns when started from after's checkout)
     if proc.returncode:
         raise SystemExit(f"{executor} --workers {n} ({code}) failed: {proc.stderr[-3000:]}")
     r = orjson.loads(proc.stdout.strip().splitlines()[-1])
     s, wall = r["summary"], r["wall_s"]
+    workers_code = {orjson.loads(p.read_bytes())["code_version"] for p in out.glob("jobs/*/*/summary.json")}
+    assert workers_code == {s["code_version"]}, f"{code}: workers ran {workers_code}, the driver {s['code_version']}"
     assert r["exit_code"] == 0 and s["accounting_closes"], s["failed"]
     jobs = s["jobs"]
     slots = min(n, n_symbols)

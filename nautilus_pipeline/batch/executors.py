@@ -22,6 +22,18 @@ a SIGTERM from outside), every job that was running counts one.
 Workers ignore SIGINT, so a Ctrl-C reaches the driver only, which terminates the workers and
 keeps what finished.
 
+What a warm worker keeps from one job to the next, so that a job's time outside its replay
+is its own (issue 10's ≤ 1 %): the event loop (:func:`.job._job_loop`), the parsed ``.npz``
+model (keyed by the file's bytes), each ``Params`` class's resolved fields, and its heap's
+freed pages (:func:`_keep_freed_memory`); and once warm it freezes what outlives the jobs
+(:func:`_freeze_survivors`), which is also what made a Ray worker's build 4× a local one's
+(24 vs 6 ms, median, 941e889): a Ray worker holds more long-lived objects (Ray's own
+modules) for each full collection to walk, and with 4 jobs a worker the median fell on the
+first two, which took the full collections the warm-up's survivors set off (12-22 ms
+builds, later ones 2-5 ms; dev VM). Nothing else is kept: the stages, the pool and the
+readers are built anew for every job from the job's own definition, so no job reads
+another's state.
+
 ``ray``: one Ray task per job (``max_retries`` for failed workers), a chain's jobs linked by
 object refs (a job's argument is the ref of the previous job's result, so Ray runs it when
 that one is done, wherever it ran). ``address`` connects to a running cluster; without it a
