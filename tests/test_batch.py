@@ -507,6 +507,28 @@ def test_the_merge_holds_one_part_in_memory_not_the_kind(tmp_path):
     assert peak < 4 * part_bytes, (peak, part_bytes)  # the whole kind is 12 parts
 
 
+def test_workers_import_the_drivers_package_when_the_current_folder_holds_another(tmp_path, monkeypatch):
+    """A fork server started as ``python -c`` in a folder with another checkout's
+    ``nautilus_pipeline`` would import that one: there the workers are spawned with the
+    driver's sys.path, and run the driver's code."""
+    import concurrent.futures as cf
+    import inspect
+
+    from nautilus_pipeline.batch import executors
+
+    other = tmp_path / "nautilus_pipeline"
+    other.mkdir()
+    (other / "__init__.py").write_text('raise ImportError("the other checkout was imported")\n')
+    monkeypatch.setattr(executors, "_server_env", None)
+    assert executors._worker_context().get_start_method() == "forkserver"  # from this checkout
+    monkeypatch.chdir(tmp_path)
+    ctx = executors._worker_context()
+    assert ctx.get_start_method() == "spawn"
+    with cf.ProcessPoolExecutor(max_workers=1, mp_context=ctx) as pool:
+        got = Path(pool.submit(inspect.getfile, executors.replay_job).result(timeout=300))
+    assert got.resolve().is_relative_to(executors._PACKAGE)
+
+
 def test_workers_get_the_drivers_environment_as_it_is_when_their_pool_starts(monkeypatch):
     """The fork server lives as long as the driver and its children inherit its environment:
     a variable changed after the first pool must still reach the next pool's workers (they

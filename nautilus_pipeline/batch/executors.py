@@ -495,9 +495,20 @@ def _worker_context() -> Any:
     driver and its workers inherit *its* environment, so a variable set or changed after
     the first batch (``NAUTILUS_PIPELINE_CACHE``, ``NUMBA_*``, BLAS threads, a test's
     ``monkeypatch.setenv``) would not reach them. Python's fork server is one per process:
-    an application that uses its own gets this preload in it too."""
+    an application that uses its own gets this preload in it too.
+
+    ``spawn`` too where the current folder holds another ``nautilus_pipeline`` than the
+    one imported (a source checkout of another version): the fork server starts as
+    ``python -c``, which puts the folder it runs in first on its sys.path (Python 3.11
+    passes it the driver's sys.path and ignores it), so its workers imported that
+    checkout's package and ran its jobs with the driver none the wiser (seen: an A/B of
+    two checkouts started from one of them ran that one's workers in both columns).
+    ``spawn`` gives each worker the driver's sys.path."""
     global _server_env
     if "forkserver" not in multiprocessing.get_all_start_methods():
+        return multiprocessing.get_context("spawn")
+    if _cwd_shadows_package():
+        log.info("batch_workers_spawned", why=f"{Path.cwd()} holds another nautilus_pipeline than {_PACKAGE}")
         return multiprocessing.get_context("spawn")
     if _server_env is not None and _server_env != dict(os.environ):
         log.info("batch_workers_spawned", why="the environment changed since the fork server started")
@@ -507,6 +518,19 @@ def _worker_context() -> Any:
     if _server_env is None:
         _server_env = dict(os.environ)
     return ctx
+
+
+_PACKAGE = Path(__file__).resolve().parents[1]
+"""The folder of the ``nautilus_pipeline`` package the driver imported."""
+
+
+def _cwd_shadows_package() -> bool:
+    """Whether ``python -c`` started here would import another ``nautilus_pipeline``."""
+    there = Path.cwd() / _PACKAGE.name
+    try:
+        return (there / "__init__.py").is_file() and there.resolve() != _PACKAGE
+    except OSError:
+        return False
 
 
 def _key(task: _Task) -> str:
