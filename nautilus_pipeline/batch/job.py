@@ -134,8 +134,11 @@ set-up, the chain's order check), ``definition`` (the overrides applied, the tem
 folder named), ``build`` (``Run``: sources opened, stages, pipeline, pool, sinks), ``loop``
 (the event loop's hand-over, its first job's start, leftover tasks cancelled; the replay
 itself, ``run_s``, is left out), ``summary`` (the run's summary made, its ``summary.json``
-written; until 941e889 the summary was made on the loop and counted in ``loop``), ``publish`` (the renames into place), ``free`` (the run's objects
-released: its slabs, readers). ``run_s`` itself holds the pipeline's start and stop."""
+written; until 941e889 the summary was made on the loop and counted in ``loop``),
+``publish`` (the renames into place), ``free`` (the run's objects released: its slabs,
+readers; in a worker that no warm-up reached, after its first job, the collector's freeze:
+:func:`~.executors._freeze_survivors`). ``run_s`` itself holds the pipeline's start and
+stop."""
 
 
 class _Phases:
