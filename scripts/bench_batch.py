@@ -593,6 +593,10 @@ def run_batch_row(code: Path, defn: Path, work: Path, executor: str, n: int, tag
     if "phases" in jobs[0]:  # this checkout's: where in_worker_s goes, and CPU per process
         names = sorted({k for j in jobs for k in j["phases"]}, key=lambda k: [*PHASE_ORDER, k].index(k))
         row["phases"] = {k: float(np.median([j["phases"].get(k, 0.0) for j in jobs])) for k in names}
+        by_worker: dict[int, list[dict]] = {}
+        for j in sorted(jobs, key=lambda j: j["job"]):
+            by_worker.setdefault(j["pid"], []).append(j)
+        row["builds"] = [[j["phases"].get("build", 0.0) for j in js] for js in by_worker.values()]
         job_pids = {j["pid"] for j in jobs}
         procs = {int(pid): v for pid, v in (r.get("processes_cpu_s") or {}).items()}
         others: dict[str, float] = {}
@@ -674,6 +678,11 @@ def print_rows(rows: list[dict]) -> None:
                   + f" s; machine {c['machine'] or 0:.1f} s of {r['wall']:.1f} s x {os.cpu_count()} cores, so "
                   f"{(c['machine'] or 0) - c['workers_all'] - (c['driver'] or 0) - sum(c['engine'].values()):.1f} s "
                   "in no process of this batch")
+    print()
+    print("build per job (ms), by worker, its jobs in chain order (a chain's jobs run in order):")
+    for r in rows:
+        if "builds" in r:
+            print(f"  {r['config']}: " + "; ".join(", ".join(f"{1000 * b:.1f}" for b in w) for w in r["builds"]))
 
 
 def main() -> None:
