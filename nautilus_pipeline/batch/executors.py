@@ -26,11 +26,14 @@ What a warm worker keeps from one job to the next, so that a job's time outside 
 is its own (issue 10's ≤ 1 %): the event loop (:func:`.job._job_loop`), the parsed ``.npz``
 model (keyed by the file's bytes), each ``Params`` class's resolved fields, and its heap's
 freed pages (:func:`_keep_freed_memory`); and once warm it freezes what outlives the jobs
-(:func:`_freeze_survivors`), which is also what made a Ray worker's build 4× a local one's
-(24 vs 6 ms, median, 941e889): a Ray worker holds more long-lived objects (Ray's own
-modules) for each full collection to walk, and with 4 jobs a worker the median fell on the
-first two, which took the full collections the warm-up's survivors set off (12-22 ms
-builds, later ones 2-5 ms; dev VM). Nothing else is kept: the stages, the pool and the
+(:func:`_freeze_survivors`). Ray's build was 4× a local one's: 24 vs 6 ms (median, quiet
+round at 44fe592), 11.2-11.9 vs 4.7 ms at 941e889; after, 1.7-3.5 vs 1.8-2.3 ms (two A/Bs,
+``docs/measurements/dev_bench_batch_ab_60ae7d0.txt`` and ``..._b6d25a6.txt``). Most of the
+gap was full collections, which walked every long-lived object of the worker (the modules,
+Ray's own in a Ray worker): with the caches alone Ray's median build was 8.3 ms, with the
+freeze 2.4 (``dev_bench_batch_freeze_step_cc14291.txt``). What is left on Ray: each Ray
+worker's second job builds in 11-49 ms (its others 1.5-5 ms; the Ray rows of both A/Bs),
+which no local worker shows; not explained yet. Nothing else is kept: the stages, the pool and the
 readers are built anew for every job from the job's own definition, so no job reads
 another's state.
 
@@ -257,9 +260,10 @@ def _freeze_survivors() -> None:
     modules, numba's dispatchers, pyarrow's and Ray's own) into the collector's permanent
     generation (``gc.freeze``), which no later collection walks. Those objects live as long
     as the worker anyway; the jobs' own are collected as before. Each full collection in a
-    warm pool worker walked them all: 53-67 ms, about every other job of 1M trades (in its
-    build, 13-22 ms of a worker's first jobs, and in its replay), against 1-4 ms frozen
-    (dev VM, ``gc.callbacks``). Where no warm-up ran (a Ray worker that took none), it is
+    warm pool worker walked them all (133K objects): 47-90 ms, about every other job of 1M
+    trades (in its build, 13-46 ms of a worker's first jobs, and in its replay), against
+    2-8 ms frozen (``scripts/profile_batch_job.py --warm-jobs 8 [--no-freeze]``, dev VM:
+    ``docs/measurements/dev_profile_batch_job_gc_b6d25a6.txt``). Where no warm-up ran (a Ray worker that took none), it is
     done after the worker's first job; never in a process that is no worker (a job run
     in-process by a test keeps the collector as it was)."""
     global _FROZEN
