@@ -126,8 +126,8 @@ class Summary:
 
     def as_dict(self) -> dict[str, Any]:
         """``dataclasses.asdict`` less ``write_error``, with plain values passed through as
-        they are: ``asdict`` deep-copies every leaf, 0.6 ms for a six-stage run's summary
-        (its latency buckets), which every batch job paid."""
+        they are: ``asdict`` deep-copies every leaf (the stages' latency buckets among them),
+        most of the time of making a run's summary, which every batch job paid."""
         return {f.name: _plain(getattr(self, f.name)) for f in fields(self) if f.name != "write_error"}
 
 

@@ -16,8 +16,8 @@ from pathlib import Path
 @functools.cache
 def cpu_model() -> str:
     """The CPU's model name (from /proc/cpuinfo on Linux, else what platform knows). Read
-    once per process: parsing /proc/cpuinfo costs 0.2 ms, which every batch job's summary
-    paid."""
+    once per process: parsing /proc/cpuinfo was a measurable part of every batch job's
+    summary."""
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
             if line.startswith("model name"):

@@ -100,7 +100,7 @@ def _resolve_memory(memory: str) -> str:
 
 class SlabLayout(NamedTuple):
     """Where each column of a slab lies in its backing buffer, worked out once per pool
-    rather than once per slab (per column: two ``np.prod`` calls, ~5 µs each, were most
+    rather than once per slab (per column: two ``np.prod`` calls were most
     of a pool's build): ``(spec, start byte, stop byte, array shape, refill)``; ``refill``
     is False where the fill value's bytes are all zero, which a zeroed backing holds
     already (``+0``, ``False``; not ``-0.0`` or NaN)."""

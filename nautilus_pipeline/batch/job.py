@@ -166,9 +166,10 @@ _kept_loop: asyncio.AbstractEventLoop | None = None
 def _job_loop() -> Iterator[asyncio.AbstractEventLoop]:
     """The event loop a job runs on: uvloop where installed, and, unlike ``asyncio.run`` in
     a main thread, with no SIGINT handler. On a process's main thread (a pool worker's, a
-    Ray task's) one loop serves every job: making and closing a loop per job was 0.3-0.5 ms
-    of each (its ``new_event_loop``, ``shutdown_asyncgens`` and ``close``; warm worker, dev
-    VM). A job leaves nothing on it (the pipeline's scope awaits or cancels every task it
+    Ray task's) one loop serves every job, instead of a loop made and closed per job (its
+    ``new_event_loop``, ``shutdown_asyncgens`` and ``close``): the ``loop`` phase went from
+    2.2 ms (median, the summary's making in it then) to 0.3 ms, the summary now 1.1 ms of its
+    own (``docs/measurements/dev_bench_batch_ab_60ae7d0.txt``). A job leaves nothing on it (the pipeline's scope awaits or cancels every task it
     starts); what a failed job left is cancelled before the next one, so no job sees
     another's tasks. On any other thread a job gets its own loop and closes it, as a thread
     may end and a loop must not outlive it unclosed."""

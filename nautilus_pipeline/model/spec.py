@@ -306,8 +306,9 @@ _input_names: dict[bytes, tuple[str, ...]] = {}
 
 def _load_model_cached(path: Path) -> tuple[ModelSpec, MLPWeights]:
     """An ``.npz`` model, parsed once per process for each content: a batch worker builds
-    one inference stage per job, and unzipping and checking the default model was 0.95 ms
-    of each job's 5 ms build (warm worker, dev VM). Keyed by the file's bytes (a BLAKE2
+    one inference stage per job, and unzipping and checking the default model was a large
+    part of each job's build (with the other caches of a warm worker, the build went from
+    4.7 to 1.8-2.3 ms, median: ``docs/measurements/dev_bench_batch_ab_60ae7d0.txt``). Keyed by the file's bytes (a BLAKE2
     digest of what was read, parsed from those same bytes), so a model rewritten in place,
     or another file, is parsed anew, never served from the cache; a path alone would not
     tell. The arrays handed out are read-only: every stage that loads the same content
@@ -370,7 +371,7 @@ def _load_model(path: Path, data: Any = None) -> tuple[ModelSpec, MLPWeights]:
 def read_input_names(path: str | Path) -> tuple[str, ...]:
     """A model file's input names, from its spec header only (no weights are read): what
     a features stage needs to know to produce the model's inputs. ``.npz``: once per process
-    for each content, as :func:`_load_model_cached` (0.4 ms of a batch job's build)."""
+    for each content, as :func:`_load_model_cached` (another unzip in every batch job's build)."""
     path = Path(path)
     try:
         if path.suffix == ".npz":
