@@ -20,11 +20,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import copy
 import functools
 import os
 import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field, fields, is_dataclass
 from pathlib import Path
 from typing import Any
 
@@ -127,9 +128,36 @@ class Summary:
     write_error: str | None = field(default=None, compare=False)
 
     def as_dict(self) -> dict[str, Any]:
-        out = asdict(self)
-        out.pop("write_error")
-        return out
+        """``dataclasses.asdict`` less ``write_error``, with plain values passed through as
+        they are: ``asdict`` deep-copies every leaf (the stages' latency buckets among them),
+        most of the time of making a run's summary, which every batch job paid."""
+        return {f.name: _plain(getattr(self, f.name)) for f in fields(self) if f.name != "write_error"}
+
+
+_ATOMS = frozenset({int, float, str, bool, type(None)})
+
+
+def _plain(value: Any) -> Any:
+    """What ``asdict`` makes of ``value`` (new dicts, lists and tuples; dataclasses as dicts),
+    the immutable leaves kept instead of copied."""
+    kind = type(value)
+    if kind in _ATOMS:
+        return value
+    if kind is dict:
+        return {_plain(k): _plain(v) for k, v in value.items()}
+    if kind is list:
+        return [_plain(v) for v in value]
+    if kind is tuple:
+        return tuple(_plain(v) for v in value)
+    if is_dataclass(value) and not isinstance(value, type):
+        return {f.name: _plain(getattr(value, f.name)) for f in fields(value)}
+    if isinstance(value, tuple) and hasattr(value, "_fields"):  # a named tuple
+        return kind(*[_plain(v) for v in value])
+    if isinstance(value, list | tuple):
+        return kind(_plain(v) for v in value)
+    if isinstance(value, dict):
+        return kind((_plain(k), _plain(v)) for k, v in value.items())
+    return copy.deepcopy(value)  # numpy scalars, anything else: as asdict does
 
 
 class Run:

@@ -6,14 +6,18 @@ what "this machine" is (CPU model, usable cores, OS, Python, GPU where torch see
 
 from __future__ import annotations
 
+import functools
 import os
 import platform
 import sys
 from pathlib import Path
 
 
+@functools.cache
 def cpu_model() -> str:
-    """The CPU's model name (from /proc/cpuinfo on Linux, else what platform knows)."""
+    """The CPU's model name (from /proc/cpuinfo on Linux, else what platform knows). Read
+    once per process: parsing /proc/cpuinfo was a measurable part of every batch job's
+    summary."""
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
             if line.startswith("model name"):

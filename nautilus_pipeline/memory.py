@@ -41,9 +41,10 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import math
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import structlog
@@ -97,6 +98,30 @@ def _resolve_memory(memory: str) -> str:
     return "pinned" if unusable_reason("torch:cuda") is None else "host"
 
 
+class SlabLayout(NamedTuple):
+    """Where each column of a slab lies in its backing buffer, worked out once per pool
+    rather than once per slab (per column: two ``np.prod`` calls were most
+    of a pool's build): ``(spec, start byte, stop byte, array shape, refill)``; ``refill``
+    is False where the fill value's bytes are all zero, which a zeroed backing holds
+    already (``+0``, ``False``; not ``-0.0`` or NaN)."""
+
+    columns: tuple[tuple[ColumnSpec, int, int, tuple[int, ...], bool], ...]
+    nbytes: int
+
+
+def slab_layout(specs: Sequence[ColumnSpec], capacity: int) -> SlabLayout:
+    columns = []
+    offset = 0
+    for spec in specs:
+        n_items = capacity * math.prod(spec.shape)
+        nbytes = n_items * spec.dtype.itemsize
+        fill = spec.fill
+        zero = fill == 0 and not (isinstance(fill, float) and math.copysign(1.0, fill) < 0)
+        columns.append((spec, offset, offset + nbytes, (capacity, *spec.shape), not zero))
+        offset += _aligned(nbytes)
+    return SlabLayout(tuple(columns), max(offset, _ALIGN))
+
+
 class Slab:
     """A preallocated struct of arrays for up to ``capacity`` rows.
 
@@ -106,27 +131,23 @@ class Slab:
 
     __slots__ = ("backing", "capacity", "columns", "index", "mlx_columns", "owner")
 
-    def __init__(self, index: int, specs: Sequence[ColumnSpec], capacity: int, memory: str):
+    def __init__(self, index: int, specs: Sequence[ColumnSpec], capacity: int, memory: str,
+                 layout: SlabLayout | None = None):
         self.index = index
         self.capacity = capacity
         self.mlx_columns: dict[str, Any] | None = None
         if memory == "unified":
             self._allocate_unified(specs, capacity)
             return
-        sizes = [
-            _aligned(capacity * int(np.prod(s.shape, dtype=np.int64)) * s.dtype.itemsize)
-            for s in specs
-        ]
-        self.backing, self.owner = _allocate_backing(max(sum(sizes), _ALIGN), memory)
+        layout = layout if layout is not None else slab_layout(specs, capacity)
+        self.backing, self.owner = _allocate_backing(layout.nbytes, memory)
+        backing = self.backing
         self.columns: dict[str, np.ndarray] = {}
-        offset = 0
-        for spec, size in zip(specs, sizes, strict=True):
-            n_items = capacity * int(np.prod(spec.shape, dtype=np.int64))
-            raw = self.backing[offset : offset + n_items * spec.dtype.itemsize]
-            col = raw.view(spec.dtype).reshape((capacity, *spec.shape))
-            col.fill(spec.fill)
+        for spec, start, stop, shape, refill in layout.columns:
+            col = backing[start:stop].view(spec.dtype).reshape(shape)
+            if refill:
+                col.fill(spec.fill)
             self.columns[spec.name] = col
-            offset += size
 
     def _allocate_unified(self, specs: Sequence[ColumnSpec], capacity: int) -> None:
         """One MLX array per column that a GPU can hold, with a numpy view onto each.
@@ -340,7 +361,8 @@ class BufferPool:
         self.specs: tuple[ColumnSpec, ...] = tuple(specs)
         self.capacity = capacity
         self.memory = _resolve_memory(memory)
-        self._slabs = [Slab(i, self.specs, capacity, self.memory) for i in range(slabs)]
+        layout = None if self.memory == "unified" else slab_layout(self.specs, capacity)
+        self._slabs = [Slab(i, self.specs, capacity, self.memory, layout) for i in range(slabs)]
         self._free: collections.deque[Slab] = collections.deque(self._slabs)
         self._waiters: collections.deque[asyncio.Future[Slab]] = collections.deque()
         self._live: dict[int, Lease] = {}

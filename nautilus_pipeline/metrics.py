@@ -9,6 +9,8 @@ in 640 integer counters.
 
 from __future__ import annotations
 
+import bisect
+import itertools
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -97,27 +99,37 @@ class LatencyHistogram:
 
     def buckets(self) -> list[tuple[int, int, int]]:
         """Non-empty buckets as ``(lower_ns, upper_ns, count)``, for plotting a histogram."""
-        out = []
-        for idx, c in enumerate(self.counts):
-            if c:
-                lower = _bucket_upper(idx - 1) + 1 if idx else 0
-                out.append((lower, _bucket_upper(idx), c))
-        return out
+        counts = self.counts
+        return [(_bucket_upper(idx - 1) + 1 if idx else 0, _bucket_upper(idx), counts[idx])
+                for idx in itertools.compress(range(_N_BUCKETS), counts)]
 
     @property
     def mean_ns(self) -> float:
         count = self.count
         return self.total_ns / count if count else 0.0
 
+    def percentiles(self, qs: Sequence[float]) -> list[int]:
+        """:meth:`percentile` of each of ``qs``, from one cumulative pass over the buckets
+        (a run's summary asks three of each stage's and bus subscription's histogram:
+        three separate walks of up to 1,024 buckets each, which every batch job's summary paid)."""
+        cum = list(itertools.accumulate(self.counts))
+        count = cum[-1]
+        if not count:
+            return [0 for _ in qs]
+        return [min(_bucket_upper(bisect.bisect_left(cum, max(1, round(q / 100.0 * count)))), self.max_ns)
+                for q in qs]
+
     def summary(self) -> dict[str, float]:
         """p50/p95/p99/max/mean in microseconds, and the count."""
+        count = self.count
+        p50, p95, p99 = self.percentiles((50, 95, 99))
         return {
-            "count": self.count,
-            "p50_us": self.percentile(50) / 1e3,
-            "p95_us": self.percentile(95) / 1e3,
-            "p99_us": self.percentile(99) / 1e3,
+            "count": count,
+            "p50_us": p50 / 1e3,
+            "p95_us": p95 / 1e3,
+            "p99_us": p99 / 1e3,
             "max_us": self.max_ns / 1e3,
-            "mean_us": self.mean_ns / 1e3,
+            "mean_us": (self.total_ns / count if count else 0.0) / 1e3,
         }
 
 

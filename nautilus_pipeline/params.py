@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import functools
 import types
 import typing
 from collections.abc import Mapping
@@ -126,8 +127,15 @@ def _field_doc(cls: type, f: dataclasses.Field) -> str:
 
 def fields_of(cls: type) -> dict[str, tuple[dataclasses.Field, Any]]:
     """The init fields of a Params dataclass with their resolved annotations."""
+    return dict(_fields_of(cls))
+
+
+@functools.cache
+def _fields_of(cls: type) -> tuple[tuple[str, tuple[dataclasses.Field, Any]], ...]:
+    """Once per class: ``get_type_hints`` evaluates every string annotation (``compile``
+    per field) for each of a pipeline's stage classes, which every batch job paid."""
     hints = typing.get_type_hints(cls)
-    return {f.name: (f, hints[f.name]) for f in dataclasses.fields(cls) if f.init}
+    return tuple((f.name, (f, hints[f.name])) for f in dataclasses.fields(cls) if f.init)
 
 
 def schema_of(cls: type) -> dict[str, Key]:

@@ -563,11 +563,18 @@ def run_batch_row(code: Path, defn: Path, work: Path, executor: str, n: int, tag
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(code), *others])}
     proc = subprocess.run([sys.executable, str(code / "scripts" / "bench_batch.py"), "--batch-child", str(defn),
                            str(work / "in" / "*.csv"), str(out), executor, str(n)],
-                          capture_output=True, text=True, env=env)
+                          capture_output=True, text=True, env=env, cwd=work)
+    # cwd: not a checkout. The pool's fork server starts as ``python -c``, which puts the
+    # folder it runs in first on its sys.path (Python 3.11 ignores the driver's sys.path
+    # there): run from the other checkout, its workers imported that checkout's package,
+    # not ``code``'s (the local rows of --baseline A/Bs up to 6c11124 ran after's workers
+    # in both columns when started from after's checkout)
     if proc.returncode:
         raise SystemExit(f"{executor} --workers {n} ({code}) failed: {proc.stderr[-3000:]}")
     r = orjson.loads(proc.stdout.strip().splitlines()[-1])
     s, wall = r["summary"], r["wall_s"]
+    workers_code = {orjson.loads(p.read_bytes())["code_version"] for p in out.glob("jobs/*/*/summary.json")}
+    assert workers_code == {s["code_version"]}, f"{code}: workers ran {workers_code}, the driver {s['code_version']}"
     assert r["exit_code"] == 0 and s["accounting_closes"], s["failed"]
     jobs = s["jobs"]
     slots = min(n, n_symbols)
@@ -586,6 +593,10 @@ def run_batch_row(code: Path, defn: Path, work: Path, executor: str, n: int, tag
     if "phases" in jobs[0]:  # this checkout's: where in_worker_s goes, and CPU per process
         names = sorted({k for j in jobs for k in j["phases"]}, key=lambda k: [*PHASE_ORDER, k].index(k))
         row["phases"] = {k: float(np.median([j["phases"].get(k, 0.0) for j in jobs])) for k in names}
+        by_worker: dict[int, list[dict]] = {}
+        for j in sorted(jobs, key=lambda j: j["job"]):
+            by_worker.setdefault(j["pid"], []).append(j)
+        row["builds"] = [[j["phases"].get("build", 0.0) for j in js] for js in by_worker.values()]
         job_pids = {j["pid"] for j in jobs}
         procs = {int(pid): v for pid, v in (r.get("processes_cpu_s") or {}).items()}
         others: dict[str, float] = {}
@@ -667,6 +678,11 @@ def print_rows(rows: list[dict]) -> None:
                   + f" s; machine {c['machine'] or 0:.1f} s of {r['wall']:.1f} s x {os.cpu_count()} cores, so "
                   f"{(c['machine'] or 0) - c['workers_all'] - (c['driver'] or 0) - sum(c['engine'].values()):.1f} s "
                   "in no process of this batch")
+    print()
+    print("build per job (ms), by worker, its jobs in chain order (a chain's jobs run in order):")
+    for r in rows:
+        if "builds" in r:
+            print(f"  {r['config']}: " + "; ".join(", ".join(f"{1000 * b:.1f}" for b in w) for w in r["builds"]))
 
 
 def main() -> None:
@@ -827,9 +843,14 @@ def ab(baseline: Path, defn: Path, work: Path, configs: list[tuple[str, int]], r
         for e, n in configs for t in ("before", "after")))
     print("lumped overhead / job = (wall x min(N, symbols) - sum of job walls) / jobs (the old figure; "
           "the after rows split it below)")
-    after = [min(runs[(e, n, "after")], key=lambda r: abs(r["wall"] - float(np.median(
-        [x["wall"] for x in runs[(e, n, "after")]])))) for e, n in configs]
-    print_rows(rows + after)
+    def median_runs(tag: str) -> list[dict]:
+        return [min(runs[(e, n, tag)], key=lambda r: abs(r["wall"] - float(np.median(
+            [x["wall"] for x in runs[(e, n, tag)]])))) for e, n in configs]
+
+    for tag, code in (("before", baseline), ("after", ROOT)):
+        print()
+        print(f"{tag} ({code}), the run of each row with the median wall:")
+        print_rows(rows + median_runs(tag))
     print()
     print(f"merged outputs identical across every run, before and after: {'yes' if len(digests) == 1 else 'NO'}")
 

@@ -22,6 +22,30 @@ async def test_a_run_returns_a_typed_summary_whose_accounting_closes():
     assert summary.as_dict()["ticks"]["processed"] == t.processed
 
 
+async def test_summary_as_dict_is_what_dataclasses_asdict_gives_less_write_error():
+    """``as_dict`` passes plain leaves through instead of deep-copying them: the same
+    summary.json, byte for byte, as ``asdict``'s, for a real run's summary (stages, pool,
+    latency buckets, accounting) and for containers asdict treats apart."""
+    import collections
+    import dataclasses
+
+    import orjson
+
+    from nautilus_pipeline.app import _plain
+
+    summary = dataclasses.replace(await Run(DEFAULT, outputs=False).execute(), write_error="disk full")
+    want = dataclasses.asdict(summary)
+    want.pop("write_error")
+    got = summary.as_dict()
+    opt = orjson.OPT_SERIALIZE_NUMPY
+    assert orjson.dumps(got, option=opt) == orjson.dumps(want, option=opt)
+    assert got["stages"] is not summary.stages and got["ticks"]["by_reason"] is not summary.ticks.by_reason
+    Pair = collections.namedtuple("Pair", "a b")
+    odd = {"pair": Pair(summary.ticks, [1]), "ordered": collections.OrderedDict(z=(1, 2.5, None)),
+           "scalar": summary.wall_s}
+    assert _plain(odd) == dataclasses.asdict(dataclasses.make_dataclass("W", ["v"])(odd))["v"]
+
+
 async def test_the_summary_says_how_much_cpu_the_run_took_over_its_wall_time():
     import os
     import time

@@ -10,6 +10,7 @@ import re
 import signal
 import threading
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -21,6 +22,7 @@ import pytest
 import nautilus_pipeline as nt
 from nautilus_pipeline.batch import expand_inputs, plan, replay_job, run_batch
 from nautilus_pipeline.batch.job import PHASES, TMP_MARK, JobResult
+from nautilus_pipeline.batch.plan import JobSpec
 from nautilus_pipeline.config import find_definition, load
 
 KINDS = ("signals", "vpin", "risk", "trace")
@@ -460,6 +462,32 @@ def test_a_worker_warms_up_on_the_batch_definition_and_one_the_sample_does_not_f
             assert pid != os.getpid() and imported <= warm
 
 
+def test_a_warm_worker_has_its_survivors_frozen_and_a_cold_one_after_its_first_job(tmp_path):
+    """Full collections in a warm worker skip what lives as long as the worker (gc.freeze
+    once warm); a pool worker that no warm-up reached freezes after its first job; the
+    process that runs a job in-process (this one) is left as it was."""
+    import concurrent.futures as cf
+    import gc
+
+    from nautilus_pipeline.batch import executors
+
+    work = executors.Work(load("default"), str(tmp_path))
+    spec = JobSpec("S/0000", "S", 0, (str(executors.WARM_SAMPLE),), True, None)
+    ctx = executors._worker_context()
+    with cf.ProcessPoolExecutor(1, mp_context=ctx, initializer=executors._pool_init,
+                                initargs=("warning", 1)) as pool:
+        assert pool.submit(gc.get_freeze_count).result(timeout=300) == 0
+        pool.submit(executors.warm_up, "warning", 1, load("default")).result(timeout=300)
+        assert pool.submit(gc.get_freeze_count).result(timeout=300) > 10_000
+    with cf.ProcessPoolExecutor(1, mp_context=ctx, initializer=executors._pool_init,
+                                initargs=("warning", 1)) as pool:
+        pool.submit(executors.run_job, work, spec, {}, 1, None).result(timeout=300)
+        assert pool.submit(gc.get_freeze_count).result(timeout=300) > 10_000
+    before = gc.get_freeze_count()
+    executors.run_job(work, replace(spec, job_id="S/0001"), {}, 1, None)
+    assert gc.get_freeze_count() == before
+
+
 MERGE_MEMORY_CHILD = """
 import sys, pathlib, numpy as np, pyarrow as pa, pyarrow.parquet as pq
 from nautilus_pipeline.batch.job import JobResult
@@ -489,6 +517,28 @@ def test_the_merge_holds_one_part_in_memory_not_the_kind(tmp_path):
     peak, part_bytes = map(int, done.stdout.split())
     assert pq.read_table(tmp_path / "out" / "signals")["ts_ns"].to_pylist() == list(range(parts * rows))
     assert peak < 4 * part_bytes, (peak, part_bytes)  # the whole kind is 12 parts
+
+
+def test_workers_import_the_drivers_package_when_the_current_folder_holds_another(tmp_path, monkeypatch):
+    """A fork server started as ``python -c`` in a folder with another checkout's
+    ``nautilus_pipeline`` would import that one: there the workers are spawned with the
+    driver's sys.path, and run the driver's code."""
+    import concurrent.futures as cf
+    import inspect
+
+    from nautilus_pipeline.batch import executors
+
+    other = tmp_path / "nautilus_pipeline"
+    other.mkdir()
+    (other / "__init__.py").write_text('raise ImportError("the other checkout was imported")\n')
+    monkeypatch.setattr(executors, "_server_env", None)
+    assert executors._worker_context().get_start_method() == "forkserver"  # from this checkout
+    monkeypatch.chdir(tmp_path)
+    ctx = executors._worker_context()
+    assert ctx.get_start_method() == "spawn"
+    with cf.ProcessPoolExecutor(max_workers=1, mp_context=ctx) as pool:
+        got = Path(pool.submit(inspect.getfile, executors.replay_job).result(timeout=300))
+    assert got.resolve().is_relative_to(executors._PACKAGE)
 
 
 def test_workers_get_the_drivers_environment_as_it_is_when_their_pool_starts(monkeypatch):

@@ -16,6 +16,23 @@ from nautilus_pipeline.memory import BufferPool
 FEATURES = ColumnSpec("features", np.dtype(np.float32), (8,))
 
 
+def test_every_slab_column_holds_its_fill_bit_for_bit():
+    """The layout skips the fill where the zeroed backing holds it already: each column
+    still equals ``np.full`` of its fill, bytes and all (-0.0 and NaN filled, +0 and False
+    left as zeroed), in every slab of the pool."""
+    specs = [ColumnSpec("nan", np.dtype(np.float64), fill=np.nan),
+             ColumnSpec("neg_zero", np.dtype(np.float32), (3,), fill=-0.0),
+             ColumnSpec("zero", np.dtype(np.float64), fill=0.0),
+             ColumnSpec("minus_one", np.dtype(np.int8), fill=-1),
+             ColumnSpec("false", np.dtype(np.bool_), fill=False),
+             ColumnSpec("true", np.dtype(np.bool_), (2,), fill=True)]
+    pool = BufferPool(specs, capacity=37, slabs=3)
+    for slab in pool.slabs:
+        for spec in specs:
+            want = np.full((37, *spec.shape), spec.fill, dtype=spec.dtype)
+            assert slab.columns[spec.name].tobytes() == want.tobytes(), spec.name
+
+
 async def test_slabs_are_struct_of_arrays_with_declared_outputs():
     pool = BufferPool.with_outputs([FEATURES], capacity=100, slabs=2)
     lease = await pool.acquire("test")

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from nautilus_pipeline.metrics import LatencyHistogram
+from nautilus_pipeline.metrics import LatencyHistogram, _bucket_upper
 from nautilus_pipeline.stage import StageMetrics
 
 
@@ -32,3 +32,22 @@ def test_a_stage_s_pending_durations_are_counted_when_read_and_bounded():
     assert s["batches"] == StageMetrics.PENDING_MAX + 10 == m.batches
     assert s["rows"] == 2 * s["batches"] and not m.pending
     assert m.busy_ns == sum(1000 + i for i in range(StageMetrics.PENDING_MAX + 10))
+
+
+def test_percentiles_in_one_pass_equal_each_percentile_walked_alone():
+    """``summary`` takes its p50/p95/p99 from ``percentiles`` (one cumulative pass): the
+    same numbers as ``percentile``'s walk for every q, empty and one-value histograms too;
+    ``buckets`` (non-empty ones picked with ``itertools.compress``) as a plain walk."""
+    rng = np.random.default_rng(3)
+    qs = (0, 1, 50, 95, 99, 99.9, 100)
+    cases = [[], [7], [0], [5_000_000_000], rng.integers(0, 10_000, 1).tolist(),
+             rng.lognormal(11, 2, 5_000).astype(np.int64).tolist(), rng.integers(0, 40, 300).tolist()]
+    for values in cases:
+        h = LatencyHistogram()
+        h.record_many(values)
+        assert h.percentiles(qs) == [h.percentile(q) for q in qs], values[:5]
+        s = h.summary()
+        assert (s["p50_us"], s["p95_us"], s["p99_us"]) == tuple(h.percentile(q) / 1e3 for q in (50, 95, 99))
+        assert s["count"] == len(values) and s["mean_us"] == h.mean_ns / 1e3
+        walked = [(_bucket_upper(i - 1) + 1 if i else 0, _bucket_upper(i), c) for i, c in enumerate(h.counts) if c]
+        assert h.buckets() == walked

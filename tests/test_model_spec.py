@@ -15,6 +15,7 @@ from nautilus_pipeline.model.spec import (
     check_inputs,
     load_model,
     quantize_int8,
+    read_input_names,
     save_model,
     with_weight_precision,
 )
@@ -113,3 +114,45 @@ def test_check_inputs_rejects_a_different_order() -> None:
     spec = ModelSpec(("a", "b"), hidden=(4,))
     with pytest.raises(ConfigError, match="different order"):
         check_inputs(spec, ("b", "a"))
+
+
+def test_a_model_rewritten_in_place_loads_its_new_weights_not_the_cached_ones(tmp_path: Path) -> None:
+    """The per-process cache of parsed ``.npz`` models is keyed by the file's content: the
+    same path holding other bytes (a re-export between two batch jobs) gives the new
+    weights, and loading the first content again still gives the first ones."""
+    path = tmp_path / "m.npz"
+    first, second = weights(seed=1), weights(seed=2)
+    save_model(path, SPEC, first, {"seed": 1})
+    _, got1 = load_model(path)
+    save_model(path, SPEC, second, {"seed": 2})
+    _, got2 = load_model(path)
+    save_model(tmp_path / "again.npz", SPEC, first, {"seed": 1})
+    _, again = load_model(tmp_path / "again.npz")
+    for want, got in ((first, got1), (second, got2), (first, again)):
+        for a, b in zip(want.tensors().values(), got.tensors().values(), strict=True):
+            assert np.array_equal(a, b)
+    assert got2.metadata["seed"] == 2 and again.metadata["seed"] == 1
+
+
+def test_cached_model_weights_are_read_only_and_metadata_is_each_callers_own(tmp_path: Path) -> None:
+    """Stages that load the same model share its arrays: none may write into what another
+    (the next batch job's) reads, and one caller's metadata edit does not reach the next."""
+    path = save_model(tmp_path / "m.npz", SPEC, weights(), {"seed": 7})
+    _, a = load_model(path)
+    _, b = load_model(path)
+    assert b.weights[0] is a.weights[0], "the second load is the cached parse"
+    with pytest.raises(ValueError, match="read-only"):
+        a.weights[0][0, 0] = 1.0
+    a.metadata["seed"] = 8  # type: ignore[index]
+    assert load_model(path)[1].metadata["seed"] == 7
+
+
+def test_input_names_follow_a_model_rewritten_in_place(tmp_path: Path) -> None:
+    """``read_input_names`` keeps what it read per content too: the same path saved with
+    another spec gives the new names."""
+    path = tmp_path / "m.npz"
+    other = ModelSpec(tuple(f"g{i}" for i in range(50)))
+    save_model(path, SPEC, weights())
+    assert read_input_names(path) == SPEC.input_names
+    save_model(path, other, weights(spec=other))
+    assert read_input_names(path) == other.input_names

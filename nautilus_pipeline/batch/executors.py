@@ -22,6 +22,21 @@ a SIGTERM from outside), every job that was running counts one.
 Workers ignore SIGINT, so a Ctrl-C reaches the driver only, which terminates the workers and
 keeps what finished.
 
+What a warm worker keeps from one job to the next, so that a job's time outside its replay
+is its own (issue 10's ≤ 1 %): the event loop (:func:`.job._job_loop`), the parsed ``.npz``
+model (keyed by the file's bytes), each ``Params`` class's resolved fields, and its heap's
+freed pages (:func:`_keep_freed_memory`); and once warm it freezes what outlives the jobs
+(:func:`_freeze_survivors`). Ray's build was 4× a local one's: 24 vs 6 ms (median, quiet
+round at 44fe592), 11.2-11.9 vs 4.7 ms at 941e889; after, 1.7-3.5 vs 1.8-2.3 ms (two A/Bs,
+``docs/measurements/dev_bench_batch_ab_60ae7d0.txt`` and ``..._b6d25a6.txt``). Most of the
+gap was full collections, which walked every long-lived object of the worker (the modules,
+Ray's own in a Ray worker): with the caches alone Ray's median build was 8.3 ms, with the
+freeze 2.4 (``dev_bench_batch_freeze_step_cc14291.txt``). What is left on Ray: each Ray
+worker's second job builds in 11-49 ms (its others 1.5-5 ms; the Ray rows of both A/Bs),
+which no local worker shows; not explained yet. Nothing else is kept: the stages, the pool and the
+readers are built anew for every job from the job's own definition, so no job reads
+another's state.
+
 ``ray``: one Ray task per job (``max_retries`` for failed workers), a chain's jobs linked by
 object refs (a job's argument is the ref of the previous job's result, so Ray runs it when
 that one is done, wherever it ran). ``address`` connects to a running cluster; without it a
@@ -32,6 +47,7 @@ from __future__ import annotations
 
 import concurrent.futures as cf
 import contextlib
+import gc
 import multiprocessing
 import os
 import shutil
@@ -178,7 +194,9 @@ def threads_per_worker(workers: int) -> int:
 
 def _pool_init(log_level: str, threads: int) -> None:
     """Process pool workers leave SIGINT to the driver (it cancels and keeps what finished)."""
+    global _IN_WORKER
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    _IN_WORKER = True
     _worker_setup(log_level, threads)
 
 
@@ -198,6 +216,10 @@ def run_job(work: Work, spec: JobSpec, overrides: dict[str, Any], trace_every: i
                          batch_size=work.batch_size, format=work.format, symbol=work.symbol)
     if res.last_ts_ns is None and last is not None:
         res = replace(res, last_file=last[0], last_ts_ns=last[1])
+    if _IN_WORKER and not _FROZEN:  # a worker that was not warmed up: after its first job instead
+        t = time.perf_counter()
+        _freeze_survivors()
+        res = replace(res, phases={**res.phases, "free": res.phases.get("free", 0.0) + time.perf_counter() - t})
     return replace(res, started_at=started, ended_at=time.time(), phases={"setup": setup, **res.phases})
 
 
@@ -225,7 +247,30 @@ def warm_up(log_level: str, threads: int,
                 replay_job(definition, [WARM_SAMPLE], Path(tmp) / "warm", None, trace_every=1)
             except Exception as exc:  # the jobs will say what is wrong, if anything is
                 log.debug("batch_warm_up_replay_skipped", error=f"{type(exc).__name__}: {exc}")
+    _freeze_survivors()
     return os.getpid(), imported, time.time()
+
+
+_FROZEN = False
+_IN_WORKER = False  # a pool worker or a Ray worker: set by _pool_init and _ray_job
+
+
+def _freeze_survivors() -> None:
+    """Once per worker, when it is warm: collect, then move every object alive (the
+    modules, numba's dispatchers, pyarrow's and Ray's own) into the collector's permanent
+    generation (``gc.freeze``), which no later collection walks. Those objects live as long
+    as the worker anyway; the jobs' own are collected as before. Each full collection in a
+    warm pool worker walked them all (133K objects): 47-90 ms, about every other job of 1M
+    trades (in its build, 13-46 ms of a worker's first jobs, and in its replay), against
+    2-8 ms frozen (``scripts/profile_batch_job.py --warm-jobs 8 [--no-freeze]``, dev VM:
+    ``docs/measurements/dev_profile_batch_job_gc_b6d25a6.txt``). Where no warm-up ran (a Ray worker that took none), it is
+    done after the worker's first job; never in a process that is no worker (a job run
+    in-process by a test keeps the collector as it was)."""
+    global _FROZEN
+    if not _FROZEN:
+        gc.collect()
+        gc.freeze()
+        _FROZEN = True
 
 
 def run_calibration(work: Work, chain: Chain) -> dict[str, Any]:
@@ -274,6 +319,8 @@ def _died_with(processes: dict[int, Any], busy_dir: Path) -> set[str]:
 
 def _ray_job(work: Work, spec: JobSpec, overrides: dict[str, Any], trace_every: int,
              previous: JobResult | None) -> JobResult:
+    global _IN_WORKER
+    _IN_WORKER = True
     if previous is None:
         return run_job(work, spec, overrides, trace_every, None)
     return run_job(work, spec, overrides, trace_every, previous.state, previous.last)
@@ -452,9 +499,20 @@ def _worker_context() -> Any:
     driver and its workers inherit *its* environment, so a variable set or changed after
     the first batch (``NAUTILUS_PIPELINE_CACHE``, ``NUMBA_*``, BLAS threads, a test's
     ``monkeypatch.setenv``) would not reach them. Python's fork server is one per process:
-    an application that uses its own gets this preload in it too."""
+    an application that uses its own gets this preload in it too.
+
+    ``spawn`` too where the current folder holds another ``nautilus_pipeline`` than the
+    one imported (a source checkout of another version): the fork server starts as
+    ``python -c``, which puts the folder it runs in first on its sys.path (Python 3.11
+    passes it the driver's sys.path and ignores it), so its workers imported that
+    checkout's package and ran its jobs with the driver none the wiser (seen: an A/B of
+    two checkouts started from one of them ran that one's workers in both columns).
+    ``spawn`` gives each worker the driver's sys.path."""
     global _server_env
     if "forkserver" not in multiprocessing.get_all_start_methods():
+        return multiprocessing.get_context("spawn")
+    if _cwd_shadows_package():
+        log.info("batch_workers_spawned", why=f"{Path.cwd()} holds another nautilus_pipeline than {_PACKAGE}")
         return multiprocessing.get_context("spawn")
     if _server_env is not None and _server_env != dict(os.environ):
         log.info("batch_workers_spawned", why="the environment changed since the fork server started")
@@ -464,6 +522,19 @@ def _worker_context() -> Any:
     if _server_env is None:
         _server_env = dict(os.environ)
     return ctx
+
+
+_PACKAGE = Path(__file__).resolve().parents[1]
+"""The folder of the ``nautilus_pipeline`` package the driver imported."""
+
+
+def _cwd_shadows_package() -> bool:
+    """Whether ``python -c`` started here would import another ``nautilus_pipeline``."""
+    there = Path.cwd() / _PACKAGE.name
+    try:
+        return (there / "__init__.py").is_file() and there.resolve() != _PACKAGE
+    except OSError:
+        return False
 
 
 def _key(task: _Task) -> str:

@@ -3,8 +3,9 @@
 :func:`replay_job` is pure in the sense that matters to an executor: its inputs are the
 definition, the files, an output folder and the state of the file before (snapshot bytes);
 it returns paths, accounting and the state after, never data. It installs no signal handler
-and runs its own event loop, so it runs on any thread of any process (a process pool worker,
-a Ray task). Its outputs are written under a temporary name beside ``out_dir`` and moved in
+and runs its own event loop (on a process's main thread, one kept from job to job:
+:func:`_job_loop`), so it runs on any thread of any process (a process pool worker, a Ray
+task). Its outputs are written under a temporary name beside ``out_dir`` and moved in
 at the end, file by file, replacing what a previous attempt left: a retried job (a worker
 killed mid-job) leaves one copy of its outputs, never two, and a job killed half-way leaves
 only a temporary folder that the merge ignores.
@@ -13,13 +14,15 @@ only a temporary folder that the merge ignores.
 from __future__ import annotations
 
 import asyncio
+import atexit
 import contextlib
 import dataclasses
 import os
 import shutil
+import threading
 import time
 import uuid
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -91,19 +94,16 @@ def replay_job(definition: config.PipelineDef | str | Path, files: Sequence[str 
         run = Run(d, ticks=[str(f) for f in files], out_dir=tmp, trace_every=trace_every,
                   batch_size=batch_size, format=format, symbol=symbol, execution="serial")
         clock.mark("build")
-        loop, run_s = _new_loop(), 0.0
-        try:
-            summary, state, run_s = loop.run_until_complete(_execute(run, state_in, last))
-            last_ts = run.replay.progress.ts_reached_ns
-        finally:
+        with _job_loop() as loop:
+            state, run_s, run_cpu = loop.run_until_complete(_execute(run, state_in, last))
             clock.skip(run_s)
-            loop.run_until_complete(loop.shutdown_asyncgens())
-            loop.close()
             clock.mark("loop")
-        if summary["write_error"]:
-            raise OSError(f"job {job_id}: an output could not be written: {summary['write_error']}")
+        last_ts = run.replay.progress.ts_reached_ns
+        if run.sink.error is not None:
+            raise OSError(f"job {job_id}: an output could not be written: {run.sink.error}")
+        s = dataclasses.replace(run._summarise(run_s), cpu_s=run_cpu).as_dict()
         write_atomic(tmp / "summary.json", orjson.dumps(
-            summary["dict"], option=orjson.OPT_INDENT_2 | orjson.OPT_SERIALIZE_NUMPY))
+            s, option=orjson.OPT_INDENT_2 | orjson.OPT_SERIALIZE_NUMPY))
         clock.mark("summary")
         names = _publish(tmp, final)
         clock.mark("publish")
@@ -111,7 +111,6 @@ def replay_job(definition: config.PipelineDef | str | Path, files: Sequence[str 
         shutil.rmtree(tmp, ignore_errors=True)
     del run  # its pipeline, pool and readers freed here, timed, not after the job's end stamp
     clock.mark("free")
-    s = summary["dict"]
     accounting = {f: s["accounting"]["sources"].get(f, {"read": 0, "delivered": 0, "rejected": 0,
                                                          "quarantined": 0, "by_reason": {}})
                   for f in (str(x) for x in files)}
@@ -133,9 +132,13 @@ PHASES = ("setup", "definition", "build", "loop", "summary", "publish", "free")
 """A job's time outside its replay: ``setup`` (in :func:`~.executors.run_job`: the worker's
 set-up, the chain's order check), ``definition`` (the overrides applied, the temporary
 folder named), ``build`` (``Run``: sources opened, stages, pipeline, pool, sinks), ``loop``
-(the event loop's start and close; the replay itself, ``run_s``, is left out), ``summary``
-(its ``summary.json``), ``publish`` (the renames into place), ``free`` (the run's objects
-released: its slabs, readers). ``run_s`` itself holds the pipeline's start and stop."""
+(the event loop's hand-over, its first job's start, leftover tasks cancelled; the replay
+itself, ``run_s``, is left out), ``summary`` (the run's summary made, its ``summary.json``
+written; until 941e889 the summary was made on the loop and counted in ``loop``),
+``publish`` (the renames into place), ``free`` (the run's objects released: its slabs,
+readers; in a worker that no warm-up reached, after its first job, the collector's freeze:
+:func:`~.executors._freeze_survivors`). ``run_s`` itself holds the pipeline's start and
+stop."""
 
 
 class _Phases:
@@ -155,17 +158,67 @@ class _Phases:
         self._t += seconds
 
 
+_kept_loop: asyncio.AbstractEventLoop | None = None
+"""The main thread's event loop, kept from one job to the next (see :func:`_job_loop`)."""
+
+
+@contextlib.contextmanager
+def _job_loop() -> Iterator[asyncio.AbstractEventLoop]:
+    """The event loop a job runs on: uvloop where installed, and, unlike ``asyncio.run`` in
+    a main thread, with no SIGINT handler. On a process's main thread (a pool worker's, a
+    Ray task's) one loop serves every job, instead of a loop made and closed per job (its
+    ``new_event_loop``, ``shutdown_asyncgens`` and ``close``): the ``loop`` phase went from
+    2.2 ms (median, the summary's making in it then) to 0.3 ms, the summary now 1.1 ms of its
+    own (``docs/measurements/dev_bench_batch_ab_60ae7d0.txt``). A job leaves nothing on it (the pipeline's scope awaits or cancels every task it
+    starts); what a failed job left is cancelled before the next one, so no job sees
+    another's tasks. On any other thread a job gets its own loop and closes it, as a thread
+    may end and a loop must not outlive it unclosed."""
+    global _kept_loop
+    if threading.current_thread() is not threading.main_thread():
+        loop = _new_loop()
+        try:
+            yield loop
+        finally:
+            loop.run_until_complete(loop.shutdown_asyncgens())
+            loop.close()
+        return
+    if _kept_loop is None or _kept_loop.is_closed():
+        _kept_loop = _new_loop()
+        atexit.register(_close_kept_loop, _kept_loop)
+    try:
+        yield _kept_loop
+    finally:
+        _cancel_left_tasks(_kept_loop)
+
+
+def _cancel_left_tasks(loop: asyncio.AbstractEventLoop) -> None:
+    left = asyncio.all_tasks(loop)
+    if not left:
+        return
+    for task in left:
+        task.cancel()
+    loop.run_until_complete(asyncio.gather(*left, return_exceptions=True))
+
+
+def _close_kept_loop(loop: asyncio.AbstractEventLoop) -> None:
+    if not loop.is_closed() and not loop.is_running():
+        _cancel_left_tasks(loop)
+        loop.run_until_complete(loop.shutdown_asyncgens())
+        loop.close()
+
+
 def _new_loop() -> asyncio.AbstractEventLoop:
-    """A fresh loop for this thread (uvloop where installed); unlike ``asyncio.run`` in a main
-    thread, it installs no SIGINT handler."""
     from ..runtime import loop_factory
 
     factory = loop_factory(True)
     return factory() if factory is not None else asyncio.new_event_loop()
 
 
-async def _execute(run: Run, state_in: bytes | None, last: bool) -> tuple[dict[str, Any], bytes, float]:
-    """:meth:`Run.execute` with a restore after start and a snapshot after the drain."""
+async def _execute(run: Run, state_in: bytes | None, last: bool) -> tuple[bytes, float, float]:
+    """:meth:`Run.execute` with a restore after start and a snapshot after the drain;
+    returns the snapshot, the replay's wall time (the pipeline's start and stop in it) and
+    the process's CPU time over it (the summary's ``cpu_s``, as ``Run.execute`` measures it).
+    The summary is made after the loop (``summary``, a phase of its own)."""
     from ..report.timeline import TIMELINE_FILE
 
     pipe, replay, sink, timeline = run.pipeline, run.replay, run.sink, run.timeline
@@ -184,10 +237,7 @@ async def _execute(run: Run, state_in: bytes | None, last: bool) -> tuple[dict[s
         timeline.write(run.out_dir / TIMELINE_FILE)
     finally:
         sink.close()
-    wall = time.perf_counter() - t0
-    summary = dataclasses.replace(run._summarise(wall), cpu_s=time.process_time() - cpu0)
-    error = sink.error
-    return {"dict": summary.as_dict(), "write_error": None if error is None else str(error)}, state, wall
+    return state, time.perf_counter() - t0, time.process_time() - cpu0
 
 
 def _publish(tmp: Path, final: Path) -> list[str]:

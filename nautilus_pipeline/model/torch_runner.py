@@ -94,8 +94,8 @@ def build_torch_mlp(
         lin = nn.Linear(a, b, dtype=tdtype)
         if weights is not None:
             with torch.no_grad():
-                lin.weight.copy_(torch.from_numpy(weights.weights[i]).to(tdtype))
-                lin.bias.copy_(torch.from_numpy(weights.biases[i]).to(tdtype))
+                lin.weight.copy_(torch.from_numpy(weights.weights[i].copy()).to(tdtype))
+                lin.bias.copy_(torch.from_numpy(weights.biases[i].copy()).to(tdtype))
         mods.append(lin)
         mods.append(getattr(nn, _ACT[spec.activation])() if i < len(sizes) - 2 else nn.Sigmoid())
     # no Sequential.to(dtype): it would cast the normalisation buffers too
