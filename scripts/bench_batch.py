@@ -746,8 +746,9 @@ def main() -> None:
         return
 
     import nautilus_pipeline as nt
-    from nautilus_pipeline.machine import describe
+    from nautilus_pipeline.machine import cache_bytecode_in_child_processes, describe
 
+    print(cache_bytecode_in_child_processes())
     nt.configure_logging(level="warning")
     work = Path(args.dir or tempfile.mkdtemp(prefix="bench_batch_"))
     t0 = time.perf_counter()

@@ -57,7 +57,7 @@ sys.path.insert(0, str(REPO))
 from nautilus_pipeline.bridge import NatsBridge, decode_batch, encode_batch, ensure_stream  # noqa: E402
 from nautilus_pipeline.bridge.pull import PullFeed  # noqa: E402
 from nautilus_pipeline.bridge.server import NatsServer  # noqa: E402
-from nautilus_pipeline.machine import describe  # noqa: E402
+from nautilus_pipeline.machine import cache_bytecode_in_child_processes, describe  # noqa: E402
 from nautilus_pipeline.runtime import configure_logging, loop_factory  # noqa: E402
 from nautilus_pipeline.stage import Stage  # noqa: E402
 from nautilus_pipeline.testing import trades_frame  # noqa: E402
@@ -789,6 +789,7 @@ async def measure(args: argparse.Namespace, server: NatsServer) -> None:
     only = set(args.only or SECTIONS)
     url = server.url
     print(f"machine: {describe()}")
+    print(cache_bytecode_in_child_processes())
     print(f"nats-server: {server_version()}, nats-py {nats_version()}; {n:,} ticks in {messages} "
           f"batches of {BATCH}\n")
 
