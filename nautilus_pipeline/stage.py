@@ -151,10 +151,27 @@ busy 1.53 → 1.60 (two quiet rounds three hours apart, not an interleaved A/B).
 naming the stages kept inline, three runs each, alternating,
 ``docs/measurements/dev_inline_stages_ab_loaded_3dd3fe3.txt``) all offloaded, light inline
 and light plus risk inline were level (1.01-1.23M ticks/s), and the light-inline runs took
-less CPU for the same ticks/s (1.07-1.19 cores over the run against 1.30-1.41); risk keeps
-its worker: its 1.2 ms batch would block the loop that long. The threshold is 65,536 rows,
-so ``gpu.toml``'s 262,144-row batches run on the workers as before, where a 16-core host
-has cores for them.
+less CPU for the same ticks/s (1.07-1.19 cores over the run against 1.30-1.41). Risk kept
+its worker then; it now has one where the host has a core for it (the core budget below).
+The threshold is 65,536 rows, so ``gpu.toml``'s 262,144-row batches run on the workers as
+before, where a 16-core host has cores for them.
+
+Worker threads and cores (:class:`CoreBudget`, ``Pipeline(cores=...)``). A worker pays only
+where a core is free to run it: with more runnable threads than cores, every stage's batch
+waits for a core, and the per-stage p50s of the concurrent run grew to 1.3-2x the serial
+run's while the kernels themselves do not slow down beside each other (two cores, each
+kernel alone and two at once on two threads: inference 1.02x, VaR 1.05x, a pure-integer
+loop 1.01x; ``scripts/bench_core_sharing.py``, quiet dev VM,
+``docs/measurements/dev_bench_core_sharing_quiet_e3d8805.txt``). So the loop's thread keeps
+a core, each heavy CPU stage takes one for its worker in chain order, inference's second
+lane takes one after them, and a heavy stage that finds none left runs its replay batches
+inline like the light ones. On the 2-core dev VM that is inference on its worker and
+everything else on the loop: ``bench_pipeline.py --cores-ab 16`` (the placement before, a
+worker for inference, its lane and risk, between two runs of the budget; quiet,
+``docs/measurements/dev_bench_pipeline_quiet_e3d8805.txt``), 10M trades 1.78M / 1.99M ticks/s
+at 1.75 / 1.80 cores over the run against 1.41M at 1.60, 2M trades 1.46M / 1.71M against
+1.20M; risk's batch 1,180-1,245 µs inline against 2,753 µs on its worker. The outputs are
+serial execution's, bit for bit, whatever the budget (``tests/test_engine.py``, cores 1-4).
 
 Warm-up (``Stage.warm_up``). A numba kernel's first call in a process loads it from the
 cache (or compiles it): ~5-20 ms each warm, ~0.1-1 s for the first one (numba's CPU

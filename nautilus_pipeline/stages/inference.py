@@ -67,7 +67,9 @@ LIVE_ROWS = 16
 # dev VM, quiet, 10M trades 1.311/1.316M vs 1.318M ticks/s (the other stages fill the second
 # core already), 2M -7 %/+3 %; the H200 host's 16 cores 700K vs 646K (+8 %, within its spread;
 # docs/measurements/gpu_lanes_ab_1b58444_h200.txt). Kept on by
-# default for hosts with cores to spare; ``lanes = 1`` where a second thread is not wanted.
+# default for hosts with cores to spare: the lane starts only if the pipeline's core budget
+# has a core left for it after every heavy stage took its worker's (``StageContext.cores``,
+# none on 2 cores); ``lanes = 1`` where a second thread is never wanted.
 SPLIT_MIN_ROWS = 1024
 # The other runners (torch, MLX, Core ML, the numpy runner of tanh/silu models) get rows
 # padded to a multiple of ROW_MULTIPLE. OpenBLAS computes one row with sgemv and row counts
