@@ -402,7 +402,7 @@ class Pipeline:
                     sink_rows = self.runners[-1].metrics.rows if self.runners else 0
                     failed = sum(r.metrics.failed_rows for r in self.runners)
                     self.ticks_discarded = self.ticks_in - sink_rows - failed
-                log.info("pipeline_closed", pipeline=self.name, **self.stats()["ticks"])
+                log.info("pipeline_closed", pipeline=self.name, **dataclasses.asdict(self.tick_flow()))
         if self._own_bus and self.bus.failure is not None:
             raise self.bus.failure
         if finish_error is not None:
