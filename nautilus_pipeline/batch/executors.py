@@ -24,8 +24,10 @@ keeps what finished.
 
 What a warm worker keeps from one job to the next, so that a job's time outside its replay
 is its own (issue 10's ≤ 1 %): the event loop (:func:`.job._job_loop`), the parsed ``.npz``
-model (keyed by the file's bytes), each ``Params`` class's resolved fields, and its heap's
-freed pages (:func:`_keep_freed_memory`); and once warm it freezes what outlives the jobs
+model (keyed by the file's bytes), the inference stage's built model runners
+(:mod:`~nautilus_pipeline.model.shelf`: a ``torch:cuda`` runner's CUDA graphs are captured
+once a worker, in its warm-up, not once a job; runners hold no data), each ``Params``
+class's resolved fields, and its heap's freed pages (:func:`_keep_freed_memory`); and once warm it freezes what outlives the jobs
 (:func:`_freeze_survivors`). Ray's build was 4× a local one's: 24 vs 6 ms (median, quiet
 round at 44fe592), 11.2-11.9 vs 4.7 ms at 941e889; after, 1.7-3.5 vs 1.8-2.3 ms (two A/Bs,
 ``docs/measurements/dev_bench_batch_ab_60ae7d0.txt`` and ``..._b6d25a6.txt``). Most of the

@@ -40,7 +40,6 @@ and Metal need a Mac.
 
 from __future__ import annotations
 
-import hashlib
 import tempfile
 import time
 from collections.abc import Callable, Sequence
@@ -262,6 +261,7 @@ def calibrate_cached(
     the stored table is what ``format()`` prints. A stored runner that now builds under
     another name (graphs refused, say) measures again."""
     from ..calibration_cache import cached
+    from .shelf import give_back, model_digest, take_runner
 
     fresh: dict[str, Calibration] = {}
 
@@ -269,11 +269,8 @@ def calibrate_cached(
         cal = fresh["cal"] = calibrate(backends, spec, weights, batch_sizes, budget_s=budget_s)
         return {**cal.to_dict(), "backends": {name: r.backend for name, r in cal.runners.items()}}
 
-    h = hashlib.sha256(repr(spec).encode())
-    for a in (weights.mean, weights.std, *weights.weights, *weights.biases):
-        h.update(np.ascontiguousarray(a).tobytes())
     inputs = {"backends": list(backends), "sizes": sorted({int(b) for b in batch_sizes}),
-              "budget_s": budget_s, "model": h.hexdigest()[:16]}
+              "budget_s": budget_s, "model": model_digest(spec, weights)}
     device = next((f"{b.split(':')[1]}" for b in backends if b.endswith((":cuda", ":gpu"))), None)
     value = cached("inference_route", inputs, device, measure)
     if "cal" in fresh:
@@ -282,11 +279,11 @@ def calibrate_cached(
     have = {r.name: r for r in built}
     runners: dict[str, ModelRunner] = {}
     for name in dict.fromkeys(route.values()):
-        runner = have.get(name) or make_runner(value["backends"][name], spec, weights)
+        runner = have.get(name) or take_runner(value["backends"][name], spec, weights)
         if runner.name != name:
             for r in (runner, *runners.values()):
                 if r not in built:
-                    r.close()
+                    give_back(r)
             return calibrate(backends, spec, weights, batch_sizes, budget_s=budget_s)
         runners[name] = runner
     return Calibration(

@@ -42,7 +42,8 @@ from ..kernels.mlp import RowOrderForward
 from ..memory import Lease
 from ..model.base import ModelRunner
 from ..model.numpy_runner import NumpyRunner
-from ..model.runners import Calibration, calibrate_cached, make_runner
+from ..model.runners import Calibration, calibrate_cached
+from ..model.shelf import give_back, take_runner
 from ..model.spec import DEFAULT_MODEL_PATH, check_inputs, load_model
 from ..params import param
 from ..stage import NOT_NOW, OFFLOAD_MIN_ROWS, Stage, StageContext, slab_addresses, upstream_column
@@ -164,8 +165,8 @@ class InferenceStage(Stage):
         if backend in self.runners:
             return
         options = {"coreml_package": self.coreml_package} if backend.startswith("coreml") else {}
-        self.runners[backend] = await stream.run(
-            make_runner, backend, self.spec, self.weights, **options
+        self.runners[backend] = await stream.run(  # the runner a closed stage left, if any
+            take_runner, backend, self.spec, self.weights, **options
         )
         log.info("inference_backend", stage=self.name, backend=self.runners[backend].name,
                  model=str(self.model_path))
@@ -317,11 +318,14 @@ class InferenceStage(Stage):
         if self._lane is not None:
             self._lane.close()
             self._lane = self._lane_fwd = None
-        for r in self.runners.values():
-            r.close()
+        # shelved for the next pipeline of this process (a batch worker's next job builds
+        # no CUDA graphs again); runners not taken from the shelf are closed (model.shelf)
+        lent = {id(r): r for r in self.runners.values()}
         if self.calibration is not None:
-            for r in self.calibration.runners.values():
-                r.close()
+            lent.update((id(r), r) for r in self.calibration.runners.values())
+        for r in lent.values():
+            give_back(r)
+        self.runners, self.calibration, self._fixed = {}, None, {}  # lent on: not this stage's now
 
     @property
     def rows_by_backend(self) -> dict[str, int]:
