@@ -13,7 +13,9 @@
 # "gputests" runs only the GPU and MLX tests (by name), e.g. "gputests,pipeline" in one call.
 # "batch": scripts/bench_batch.py at BATCH_WORKERS local workers, BATCH_TRADES per file (default pipeline on the
 # host's cores), then `batch pipelines/gpu.toml --workers N` on the same files (GPU_WORKERS);
-# BATCH_BIG=N: no scaling table, 16 generated files of N trades each for the gpu.toml runs.
+# BATCH_BIG=N: no scaling table, 16 generated files of N trades each for the gpu.toml runs;
+# GPU_MPS=1: those runs again under CUDA MPS (one GPU context shared by the workers).
+# GPU_MEMORY="auto pinned" and GPU_ROUNDS=N: those runs per slab memory, alternating, N rounds.
 # "profile": scripts/profile_pipeline.py on 10M generated trades through pipelines/gpu.toml at
 # each of PROFILE_BATCHES (phases, stages' busy time, pool), then one sampled run at
 # SAMPLE_BATCH (none: no sampled run); BEFORE=/path/of/another/checkout runs that checkout's package first, same file;
@@ -207,13 +209,16 @@ if want batch; then
   # issue 10's scaling on this host (default pipeline, CPU streams), then batch --workers N
   # with pipelines/gpu.toml: every worker a process of its own with a CUDA context on the GPU.
   # BATCH_BIG=N: skip the scaling table; 16 files of N generated trades each instead.
-  if [ -n "${BATCH_BIG:-}" ]; then
-    mkdir -p /tmp/bb/in
+  if [ -n "${BATCH_BIG:-}" ] && [ "$(cat /tmp/bb/in/.rows 2>/dev/null)" = "$BATCH_BIG" ]; then
+    echo "input: the 16 files x $BATCH_BIG generated trades of an earlier call, reused"
+  elif [ -n "${BATCH_BIG:-}" ]; then
+    rm -rf /tmp/bb/in && mkdir -p /tmp/bb/in
     for i in $(seq 0 15); do
       python3 scripts/make_synthetic_trades.py --rows "$BATCH_BIG" --seed "$i" \
         --out "/tmp/bb/in/SYM$(printf %02d "$i")USDT-trades-2024-08-01.csv" > /dev/null &
     done
     wait
+    echo "$BATCH_BIG" > /tmp/bb/in/.rows
     echo "input: 16 files x $BATCH_BIG generated trades"
   else
     # a small batch first, so that the numba cache is compiled before the 1-worker row (a
@@ -224,12 +229,33 @@ if want batch; then
     timeout 400 python3 scripts/bench_batch.py --symbols 16 --days 1 --trades ${BATCH_TRADES:-600000} \
       --workers ${BATCH_WORKERS:-1 2 4 8 16} --no-sequential --dir /tmp/bb 2>&1 | tee "$out/bench_batch.txt"
   fi
+  # GPU_MPS=1: each GPU row again under CUDA's Multi-Process Service (one shared GPU context
+  # instead of 16 time-sliced ones), its control daemon started here and stopped after.
+  mps_modes="off"
+  if [ -n "${GPU_MPS:-}" ]; then
+    if command -v nvidia-cuda-mps-control >/dev/null; then mps_modes="off on"
+    else echo "MPS: nvidia-cuda-mps-control not on this machine, rows without MPS only"; fi
+  fi
+  for mps in $mps_modes; do
+  if [ "$mps" = on ]; then
+    nvidia-cuda-mps-control -d && echo "MPS: control daemon started (pipe dir /tmp/nvidia-mps)"
+  fi
+  # GPU_MEMORY="auto pinned": each row once per slab memory (pinned: a copy of gpu.toml with
+  # memory = "pinned", beside auto, which batch workers resolve to host), GPU_ROUNDS times, alternating
+  for round in $(seq "${GPU_ROUNDS:-1}"); do
+  for mem in ${GPU_MEMORY:-auto}; do
+  def=pipelines/gpu.toml
+  if [ "$mem" != auto ]; then
+    def=pipelines/_gpu_$mem.toml
+    sed "s/^memory = \"auto\"/memory = \"$mem\"/" pipelines/gpu.toml > "$def"
+  fi
   for w in ${GPU_WORKERS:-16}; do
-    echo "== nautilus-pipeline batch pipelines/gpu.toml --workers $w (the same files)"
+    echo "== nautilus-pipeline batch $def --workers $w (the same files), memory $mem, MPS $mps, round $round"
     t0=$(date +%s.%N)
-    timeout 200 python3 -m nautilus_pipeline.cli batch pipelines/gpu.toml '/tmp/bb/in/*.csv' \
-      --out /tmp/bb-gpu-$w --workers $w --no-progress --log-level warning 2>&1 | tail -n 12
-    python3 - "$t0" "/tmp/bb-gpu-$w" <<'PY'
+    rm -rf "/tmp/bb-gpu-$w-$mps-$mem"
+    timeout 200 python3 -m nautilus_pipeline.cli batch "$def" '/tmp/bb/in/*.csv' \
+      --out "/tmp/bb-gpu-$w-$mps-$mem" --workers $w --no-progress --log-level warning 2>&1 | tail -n 12
+    python3 - "$t0" "/tmp/bb-gpu-$w-$mps-$mem" <<'PY'
 import json, sys, time
 from pathlib import Path
 wall = time.time() - float(sys.argv[1])
@@ -247,6 +273,11 @@ print(f"  phases: plan {s.get('plan_s', 0):.2f} s, run {s.get('run_s', 0):.2f} s
       f"replay (run_s) min/median/max {min(j['run_s'] for j in jobs):.2f}/"
       f"{sorted(j['run_s'] for j in jobs)[len(jobs) // 2]:.2f}/{max(j['run_s'] for j in jobs):.2f} s")
 PY
+  done
+  [ "$mem" != auto ] && rm -f "$def"
+  done
+  done
+  if [ "$mps" = on ]; then echo quit | nvidia-cuda-mps-control && echo "MPS: control daemon stopped"; fi
   done 2>&1 | tee "$out/batch_gpu.txt"
 fi
 if want bench; then

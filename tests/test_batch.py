@@ -619,3 +619,14 @@ def test_a_failed_ray_warm_up_costs_its_timing_not_the_batch(tmp_path, monkeypat
     files = [str(p) for p in generated(tmp_path / "a", symbol="SYNUSDT", days=1)]
     report = run_batch(str(find_definition("default")), files, tmp_path / "out", executor="ray", workers=1)
     assert report.exit_code == 0 and report.summary["accounting_closes"]
+
+
+def test_batch_workers_take_host_slabs_for_auto_memory_and_keep_an_explicit_choice():
+    from nautilus_pipeline.batch import worker_memory
+    gpu = load(find_definition("gpu"))
+    assert gpu.pipeline["memory"] == "auto"
+    assert worker_memory(gpu, 16).pipeline["memory"] == "host"
+    assert worker_memory(gpu, 1).pipeline["memory"] == "auto"  # one worker: the run's own rule
+    pinned = replace(gpu, pipeline={**gpu.pipeline, "memory": "pinned"})
+    assert worker_memory(pinned, 16).pipeline["memory"] == "pinned"
+    assert gpu.pipeline["memory"] == "auto"  # the definition passed in is not changed

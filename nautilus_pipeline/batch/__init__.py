@@ -15,6 +15,7 @@ dying), 130 interrupted (what finished is merged and summarised).
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import itertools
 import os
 import signal
@@ -52,6 +53,21 @@ class BatchReport:
     outcome: Outcome
 
 
+def worker_memory(d: config.PipelineDef, workers: int) -> config.PipelineDef:
+    """``memory = "auto"`` means host slabs in a batch of more than one worker.
+
+    Pinned slabs pay for one process that streams a long replay to the GPU; a batch worker
+    replays one file a job, and many of them pin at once. Measured on the lent H100 host
+    (``pipelines/gpu.toml --workers 16`` on 16 files of 3M trades, alternating on one
+    machine, ``docs/measurements/gpu_batch_shelf_memory_ab_4b6465c_h100.txt``): host slabs
+    2.70M and 2.73M ticks/s for the whole command, pinned 2.22M, 2.34M and 2.06M (the
+    workers' warm-up 11.5-11.8 s vs 12.7-14.5 s, median job 2.2 vs 3.0-3.3 s). An explicit
+    ``memory`` in the definition is kept."""
+    if workers <= 1 or d.pipeline.get("memory", "auto") != "auto":
+        return d
+    return dataclasses.replace(d, pipeline={**d.pipeline, "memory": "host"})
+
+
 def run_batch(definition: str | Path, inputs: Sequence[str | Path], out: str | Path, *,
               executor: str = "local", workers: int | None = None, ray_address: str | None = None,
               batch_size: int | None = None, format: str | None = None, symbol: str | None = None,
@@ -67,7 +83,7 @@ def run_batch(definition: str | Path, inputs: Sequence[str | Path], out: str | P
     t0, t0_epoch = time.perf_counter(), time.time()
     if executor not in EXECUTORS:
         raise config.ConfigError(f"executor must be one of {sorted(EXECUTORS)}, got {executor!r}")
-    d = config.load(definition)
+    d = worker_memory(config.load(definition), workers or os.cpu_count() or 1)
     out = Path(out)
     check_out_dir(out, "--out")
     files = expand_inputs([str(i) for i in inputs])
