@@ -30,7 +30,8 @@ Memory kinds (chosen by ``memory=``):
 - ``"auto"``: for a pipeline, pinned where one of its stages runs on ``torch:cuda``,
   otherwise host (``auto_memory``). An all-CPU definition on a GPU host used to get pinned
   slabs too, which cost each process torch's import and a CUDA context (seconds per batch
-  worker on the H200 host) for copies that never happen. A pool built alone, with no
+  worker on the H200 host) for copies that never happen. In a batch of several workers
+  ``auto`` is host (``batch.worker_memory``: measured faster there). A pool built alone, with no
   stages to ask, keeps the older rule: pinned where torch sees a CUDA device.
 
 Every slab column is a view into one backing buffer per slab, each column aligned to 64

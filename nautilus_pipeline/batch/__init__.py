@@ -59,7 +59,7 @@ def worker_memory(d: config.PipelineDef, workers: int) -> config.PipelineDef:
     Pinned slabs pay for one process that streams a long replay to the GPU; a batch worker
     replays one file a job, and many of them pin at once. Measured on the lent H100 host
     (``pipelines/gpu.toml --workers 16`` on 16 files of 3M trades, alternating on one
-    machine, ``docs/measurements/gpu_batch_shelf_memory_ab_4b6465c_h100.txt``): host slabs
+    machine, ``docs/measurements/gpu_batch_shelf_memory_ab_f6939f2_h100.txt``): host slabs
     2.70M and 2.73M ticks/s for the whole command, pinned 2.22M, 2.34M and 2.06M (the
     workers' warm-up 11.5-11.8 s vs 12.7-14.5 s, median job 2.2 vs 3.0-3.3 s). An explicit
     ``memory`` in the definition is kept."""
