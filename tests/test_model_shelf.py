@@ -4,6 +4,8 @@ the outputs are those of freshly built runners."""
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -11,6 +13,7 @@ import pytest
 from model_helpers import SPEC, reference, rows, weights
 
 from nautilus_pipeline.batch import replay_job
+from nautilus_pipeline.config import find_definition, load
 from nautilus_pipeline.model import shelf
 from nautilus_pipeline.model.runners import runner_usable
 
@@ -33,9 +36,12 @@ def assert_same_outputs(first, second) -> None:
 
 @pytest.fixture(autouse=True)
 def empty_shelf():
-    shelf.clear()
+    """The shelf on, as in a batch worker (``executors._worker_setup``), empty before and after
+    (a test before may have run a worker's set-up in this process)."""
+    shelf.enable(False)
+    shelf.enable()
     yield
-    shelf.clear()
+    shelf.enable(False)
 
 
 def counting(monkeypatch) -> list[str]:
@@ -63,6 +69,61 @@ def test_a_given_back_runner_is_lent_again_for_the_same_model_and_options(monkey
     assert other is not a and built == ["numpy", "numpy"]
     x = rows(w, 37)
     np.testing.assert_allclose(a.predict(x), reference(SPEC, w, x), atol=1e-5, rtol=0)
+
+
+def test_with_the_shelf_off_a_given_back_runner_is_closed(monkeypatch):
+    shelf.enable(False)  # outside batch workers: a closed stage frees its runners' memory
+    built = counting(monkeypatch)
+    w = weights(1)
+    a = shelf.take_runner("numpy", SPEC, w)
+    closed = []
+    monkeypatch.setattr(a, "close", lambda: closed.append(a))
+    shelf.give_back(a)
+    assert closed == [a] and shelf.shelved() == 0
+    assert shelf.take_runner("numpy", SPEC, w) is not a and built == ["numpy", "numpy"]
+
+
+def test_a_runner_given_back_broken_is_closed_and_a_late_second_give_back_is_ignored(monkeypatch):
+    w = weights(1)
+    a = shelf.take_runner("numpy", SPEC, w)
+    closed = []
+    monkeypatch.setattr(a, "close", lambda: closed.append(a))
+    shelf.give_back(a, broken=True)
+    assert closed == [a] and shelf.shelved() == 0
+    b = shelf.take_runner("numpy", SPEC, w)
+    shelf.give_back(b)
+    c = shelf.take_runner("numpy", SPEC, w)  # b again, lent to a second stage
+    assert c is b
+    shelf.give_back(b)  # the second stage's: shelved
+    shelf.give_back(b)  # a repeated call for that loan: nothing
+    assert shelf.shelved() == 1
+
+
+def test_threads_taking_and_giving_back_never_share_a_runner():
+    import threading
+
+    w = weights(1)
+    in_use: set[int] = set()
+    shared: list[int] = []
+    guard = threading.Lock()
+
+    def borrow() -> None:
+        for _ in range(200):
+            r = shelf.take_runner("numpy", SPEC, w)
+            with guard:
+                if id(r) in in_use:
+                    shared.append(id(r))
+                in_use.add(id(r))
+            with guard:
+                in_use.discard(id(r))
+            shelf.give_back(r)
+
+    threads = [threading.Thread(target=borrow) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert shared == [] and shelf.shelved() == 1
 
 
 def test_two_stages_alive_at_once_get_two_runners_and_the_shelf_keeps_one(monkeypatch):
@@ -99,6 +160,39 @@ def test_a_second_job_in_the_process_builds_no_runner_and_writes_the_same_output
     assert len(built) == n_first, f"the second job built {built[n_first:]}"
     assert first.paths.keys() == second.paths.keys()
     assert_same_outputs(first, second)
+
+
+def test_a_stage_whose_runner_raised_closes_it_instead_of_shelving_it(sample_dir, tmp_path, monkeypatch):
+    from nautilus_pipeline.model.numpy_runner import NumpyRunner
+    from nautilus_pipeline.stages import inference
+
+    monkeypatch.setattr(inference, "LIVE_ROWS", 0)  # no fixed-order pass: every batch calls predict
+    monkeypatch.setattr(inference.InferenceStage, "_fixed_for", lambda self, stream: None)
+
+    def fails(self, x, out=None):
+        raise RuntimeError("device lost")
+
+    monkeypatch.setattr(NumpyRunner, "predict", fails)
+    files = [sample_dir / "binance-spot-ethusdt-trades-20240808.csv"]
+    result = replay_job("default", files, tmp_path / "a", None)
+    assert result.ticks["failed_in_stages"] == 6106  # the stage's batches failed (isolated), the job ended
+    assert shelf.shelved() == 0
+
+
+def test_a_calibrated_route_over_three_jobs_builds_its_runners_once(sample_dir, tmp_path, monkeypatch):
+    if not runner_usable("torch:cpu")[0]:
+        pytest.skip("torch not installed")
+    built = counting(monkeypatch)
+    files = [sample_dir / "binance-spot-ethusdt-trades-20240808.csv"]
+    d = load(find_definition("default"))
+    d = replace(d, stages=[replace(sd, streams=("torch:cpu", "cpu"), values={**sd.values, "route": "calibrated"})
+                           if sd.name == "inference" else sd for sd in d.stages])
+    first = replay_job(d, files, tmp_path / "0", None)
+    after_first = list(built)
+    assert "torch:cpu" in after_first
+    later = [replay_job(d, files, tmp_path / str(i), None) for i in (1, 2)]
+    assert built == after_first, f"later jobs built {built[len(after_first):]}"
+    assert_same_outputs(first, later[-1])
 
 
 @pytest.mark.gpu

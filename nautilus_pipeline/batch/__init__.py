@@ -83,7 +83,9 @@ def run_batch(definition: str | Path, inputs: Sequence[str | Path], out: str | P
     t0, t0_epoch = time.perf_counter(), time.time()
     if executor not in EXECUTORS:
         raise config.ConfigError(f"executor must be one of {sorted(EXECUTORS)}, got {executor!r}")
-    d = worker_memory(config.load(definition), workers or os.cpu_count() or 1)
+    # without --workers: local, one a core; Ray, a cluster's workers (several)
+    d = worker_memory(config.load(definition),
+                      workers or ((os.cpu_count() or 1) if executor == "local" else 2))
     out = Path(out)
     check_out_dir(out, "--out")
     files = expand_inputs([str(i) for i in inputs])

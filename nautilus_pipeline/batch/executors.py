@@ -26,8 +26,9 @@ What a warm worker keeps from one job to the next, so that a job's time outside 
 is its own (issue 10's ≤ 1 %): the event loop (:func:`.job._job_loop`), the parsed ``.npz``
 model (keyed by the file's bytes), the inference stage's built model runners
 (:mod:`~nautilus_pipeline.model.shelf`: a ``torch:cuda`` runner's CUDA graphs are captured
-once a worker, in its warm-up, not once a job; runners hold no data), each ``Params``
-class's resolved fields, and its heap's freed pages (:func:`_keep_freed_memory`); and once warm it freezes what outlives the jobs
+once a worker, in its warm-up, not once a job; what a runner keeps between calls is scratch
+and padding that no output reads), each ``Params`` class's resolved fields, and its heap's
+freed pages (:func:`_keep_freed_memory`); and once warm it freezes what outlives the jobs
 (:func:`_freeze_survivors`). Ray's build was 4× a local one's: 24 vs 6 ms (median, quiet
 round at 44fe592), 11.2-11.9 vs 4.7 ms at 941e889; after, 1.7-3.5 vs 1.8-2.3 ms (two A/Bs,
 ``docs/measurements/dev_bench_batch_ab_60ae7d0.txt`` and ``..._b6d25a6.txt``). Most of the
@@ -147,17 +148,19 @@ _CONFIGURED = False
 def _worker_setup(log_level: str, threads: int) -> None:
     """Once per worker process: JSON logs on stderr, pyarrow's thread pool cut to this
     worker's share of the cores (by default each process would start one thread per core
-    for its CSV parsing: N workers, N × cores threads), and freed memory kept
-    (:func:`_keep_freed_memory`)."""
+    for its CSV parsing: N workers, N × cores threads), freed memory kept
+    (:func:`_keep_freed_memory`), and the model runner shelf on (:mod:`..model.shelf`)."""
     global _CONFIGURED
     if not _CONFIGURED:
         import pyarrow
 
+        from ..model import shelf
         from ..runtime import configure_logging
 
         configure_logging("json", log_level)
         pyarrow.set_cpu_count(max(1, threads))
         _keep_freed_memory()
+        shelf.enable()  # a job's model runners serve the next job of this worker
         _CONFIGURED = True
 
 

@@ -203,12 +203,15 @@ def calibrate(
     budget_s: float = 0.05,
     atol: float = 5e-3,
     seed: int = 0,
+    make: Callable[..., ModelRunner] = make_runner,
 ) -> Calibration:
     """Measure each backend (name or built runner) at each batch size; route to the fastest.
 
     A backend that is unusable, fails, or disagrees with the float64 reference by more
     than ``atol`` (probability units) is listed under ``unusable`` with the reason and
-    never routed to. Inputs are random rows around the model's feature mean.
+    never routed to (a runner built here for it is closed). Inputs are random rows around
+    the model's feature mean. ``make`` builds a runner from a name (``make_runner``, or the
+    shelf's ``take_runner``).
     """
     sizes = tuple(sorted({int(b) for b in batch_sizes}))
     cal = Calibration(batch_sizes=sizes)
@@ -223,8 +226,9 @@ def calibrate(
     )
     for item in backends:
         label = item if isinstance(item, str) else item.name
+        runner = None
         try:
-            runner = make_runner(item, spec, weights) if isinstance(item, str) else item
+            runner = make(item, spec, weights) if isinstance(item, str) else item
             err = float(np.max(np.abs(runner.predict(top) - ref)))
             if not err <= atol:
                 raise ConfigError(f"output differs from the reference by {err:.2e} > {atol:.0e}")
@@ -236,6 +240,8 @@ def calibrate(
                 )
         except Exception as e:
             cal.unusable[label] = f"{type(e).__name__}: {e}"
+            if runner is not None and isinstance(item, str):
+                runner.close()
             continue
         cal.runners[runner.name] = runner
         cal.latency_us[runner.name] = row
@@ -265,8 +271,13 @@ def calibrate_cached(
 
     fresh: dict[str, Calibration] = {}
 
+    def measured() -> Calibration:
+        own = {r.backend: r for r in built}  # measured as they are, not built twice
+        return calibrate([own.get(b, b) for b in backends], spec, weights, batch_sizes,
+                         budget_s=budget_s, make=take_runner)
+
     def measure() -> dict[str, Any]:
-        cal = fresh["cal"] = calibrate(backends, spec, weights, batch_sizes, budget_s=budget_s)
+        cal = fresh["cal"] = measured()
         return {**cal.to_dict(), "backends": {name: r.backend for name, r in cal.runners.items()}}
 
     inputs = {"backends": list(backends), "sizes": sorted({int(b) for b in batch_sizes}),
@@ -279,12 +290,18 @@ def calibrate_cached(
     have = {r.name: r for r in built}
     runners: dict[str, ModelRunner] = {}
     for name in dict.fromkeys(route.values()):
-        runner = have.get(name) or take_runner(value["backends"][name], spec, weights)
+        try:
+            runner = have.get(name) or take_runner(value["backends"][name], spec, weights)
+        except BaseException:
+            for r in runners.values():  # the ones taken before it go back
+                if r not in built:
+                    give_back(r)
+            raise
         if runner.name != name:
             for r in (runner, *runners.values()):
                 if r not in built:
                     give_back(r)
-            return calibrate(backends, spec, weights, batch_sizes, budget_s=budget_s)
+            return measured()
         runners[name] = runner
     return Calibration(
         batch_sizes=tuple(value["batch_sizes"]),

@@ -8,7 +8,10 @@ model and options takes one of them (:func:`take_runner`) instead of building it
 
 A runner is lent to one stage at a time (its graphs' static buffers are not shared): the
 shelf holds at most one per key, and a second stage alive at the same time builds its own.
-:func:`clear` closes what the shelf holds (tests; a process that wants its device memory back).
+A stage whose runner raised closes it instead (``InferenceStage.close``). The shelf is off
+until :func:`enable` (the batch executors' worker set-up calls it): elsewhere a closed stage
+closes its runners and their device memory goes back at once. :func:`clear` closes what
+the shelf holds.
 """
 
 from __future__ import annotations
@@ -25,7 +28,17 @@ from .spec import MLPWeights, ModelSpec
 
 _lock = threading.Lock()
 _shelf: dict[tuple[str, str, str], ModelRunner] = {}
-_KEY = "_shelf_key"  # the attribute a lent runner carries its key in
+_KEY = "_shelf_key"  # the attribute a runner from take_runner carries its key in
+_LENT = "_shelf_lent"  # ... and whether it is lent out now
+_enabled = False
+
+
+def enable(on: bool = True) -> None:
+    """Keep given-back runners from now on (``False``: close them, and what is shelved)."""
+    global _enabled
+    _enabled = on
+    if not on:
+        clear()
 
 
 def model_digest(spec: ModelSpec, weights: MLPWeights) -> str:
@@ -39,25 +52,31 @@ def model_digest(spec: ModelSpec, weights: MLPWeights) -> str:
 def take_runner(backend: str, spec: ModelSpec, weights: MLPWeights, **options: Any) -> ModelRunner:
     """A runner for ``backend``: the shelved one for this model and options, else a new one
     (:func:`~nautilus_pipeline.model.runners.make_runner`, which raises with the reason)."""
+    if not _enabled:
+        return make_runner(backend, spec, weights, **options)
     key = (backend, model_digest(spec, weights), repr(sorted(options.items())))
     with _lock:
         runner = _shelf.pop(key, None)
     if runner is None:
         runner = make_runner(backend, spec, weights, **options)
     setattr(runner, _KEY, key)
+    setattr(runner, _LENT, True)
     return runner
 
 
-def give_back(runner: ModelRunner) -> None:
-    """Shelve a runner from :func:`take_runner` for the next stage; close it instead when
-    one with its key is shelved already, or when it was not taken from here."""
+def give_back(runner: ModelRunner, *, broken: bool = False) -> None:
+    """Shelve a runner from :func:`take_runner` for the next stage; close it instead when it
+    is ``broken`` (it raised), when one with its key is shelved already, when the shelf is
+    off, or when it was not taken from here. A second call for the same loan does nothing."""
     key = getattr(runner, _KEY, None)
     with _lock:
-        if key is not None and _shelf.get(key) is runner:
-            return  # given back twice (a stage's runner is in its calibration too)
-        if key is not None and key not in _shelf:
-            _shelf[key] = runner
-            return
+        if key is not None and not getattr(runner, _LENT, False):
+            return  # given back already (a stage's runner is in its calibration too)
+        if key is not None:
+            setattr(runner, _LENT, False)
+            if _enabled and not broken and key not in _shelf:
+                _shelf[key] = runner
+                return
     runner.close()
 
 

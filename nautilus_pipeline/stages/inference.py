@@ -146,6 +146,7 @@ class InferenceStage(Stage):
         self._slab_tables: dict = {}  # slab → its address table
         self._rows_by_backend: dict[str, int] = {}
         self._numpy_rows = 0  # the fixed-order pass's rows (a counter: live ticks pass here)
+        self._runner_raised = False
 
     @property
     def input_names(self) -> tuple[str, ...]:
@@ -259,6 +260,13 @@ class InferenceStage(Stage):
         return NOT_NOW
 
     async def process(self, lease: Lease, stream: ComputeStream, ctx: StageContext) -> None:
+        try:
+            await self._process(lease, stream, ctx)
+        except BaseException:
+            self._runner_raised = True  # its runners are closed, not shelved (model.shelf)
+            raise
+
+    async def _process(self, lease: Lease, stream: ComputeStream, ctx: StageContext) -> None:
         if self._primary is None:
             self._primary = stream
         n = lease.length
@@ -318,13 +326,13 @@ class InferenceStage(Stage):
         if self._lane is not None:
             self._lane.close()
             self._lane = self._lane_fwd = None
-        # shelved for the next pipeline of this process (a batch worker's next job builds
-        # no CUDA graphs again); runners not taken from the shelf are closed (model.shelf)
+        # in a batch worker, shelved for its next job (no CUDA graphs captured again);
+        # elsewhere, and after a runner raised, closed (model.shelf)
         lent = {id(r): r for r in self.runners.values()}
         if self.calibration is not None:
             lent.update((id(r), r) for r in self.calibration.runners.values())
         for r in lent.values():
-            give_back(r)
+            give_back(r, broken=self._runner_raised)
         self.runners, self.calibration, self._fixed = {}, None, {}  # lent on: not this stage's now
 
     @property
