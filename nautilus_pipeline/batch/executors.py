@@ -488,7 +488,13 @@ Imports only: the threads they leave (BLAS's, pyarrow's allocator) handle a fork
 kernels are loaded by each worker's :func:`warm_up`, in parallel, while the driver plans (a
 warm-up replay in the server, tried, cost a serial 1.5-2 s at start-up for ~0.3 s saved per
 worker in parallel, and left pyarrow's thread pools and an io_uring thread running in the
-process that forks)."""
+process that forks). Nor is torch, for a definition with a torch stage: tried at 75c957c
+(a torch:cpu inference stage, 2 files, ``--workers 2``, alternating,
+``docs/measurements/dev_batch_preload_torch_ab_75c957c.txt``), the server's serial import
+made the workers ready 0.6-0.8 s later than two workers importing it side by side; on the
+lent GPU host one import took 4.6 s alone and 5.4 s with 16 at once (a probe of an earlier
+session, its output not kept), so there it
+would save under 1 s of a worker's ~12 s start."""
 
 
 _server_env: dict[str, str] | None = None
