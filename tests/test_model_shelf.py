@@ -34,6 +34,13 @@ def assert_same_outputs(first, second) -> None:
         assert a.num_rows == b.num_rows > 0 and table_bytes(a) == table_bytes(b), kind
 
 
+def on_streams(streams: tuple[str, ...], **values):
+    """The default definition with its inference stage on ``streams`` (and ``values``)."""
+    d = load(find_definition("default"))
+    return replace(d, stages=[replace(sd, streams=streams, values={**sd.values, **values})
+                              if sd.name == "inference" else sd for sd in d.stages])
+
+
 @pytest.fixture(autouse=True)
 def empty_shelf():
     """The shelf on, as in a batch worker (``executors._worker_setup``), empty before and after
@@ -174,7 +181,7 @@ def test_a_stage_whose_runner_raised_closes_it_instead_of_shelving_it(sample_dir
 
     monkeypatch.setattr(NumpyRunner, "predict", fails)
     files = [sample_dir / "binance-spot-ethusdt-trades-20240808.csv"]
-    result = replay_job("default", files, tmp_path / "a", None)
+    result = replay_job(on_streams(("cpu",)), files, tmp_path / "a", None)  # numpy's, on any host
     assert result.ticks["failed_in_stages"] == 6106  # the stage's batches failed (isolated), the job ended
     assert shelf.shelved() == 0
 
@@ -184,9 +191,7 @@ def test_a_calibrated_route_over_three_jobs_builds_its_runners_once(sample_dir, 
         pytest.skip("torch not installed")
     built = counting(monkeypatch)
     files = [sample_dir / "binance-spot-ethusdt-trades-20240808.csv"]
-    d = load(find_definition("default"))
-    d = replace(d, stages=[replace(sd, streams=("torch:cpu", "cpu"), values={**sd.values, "route": "calibrated"})
-                           if sd.name == "inference" else sd for sd in d.stages])
+    d = on_streams(("torch:cpu", "cpu"), route="calibrated")
     first = replay_job(d, files, tmp_path / "0", None)
     after_first = list(built)
     assert "torch:cpu" in after_first
