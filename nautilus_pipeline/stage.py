@@ -760,10 +760,12 @@ class StageRunner:
     def close(self) -> None:
         # the streams first: their workers joined, no call of the stage is still running
         # when it closes (the inference stage hands its runners on: model.shelf)
-        self.stream.close()
-        if self._fallback is not None:
-            self._fallback.close()
-        self.stage.close()
+        try:
+            self.stream.close()
+            if self._fallback is not None:
+                self._fallback.close()
+        finally:
+            self.stage.close()
 
     def stats(self) -> dict[str, Any]:
         """The runner's counters (which win) and the stage's own; a stage key that would
