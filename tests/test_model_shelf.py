@@ -18,6 +18,8 @@ from nautilus_pipeline.model import shelf
 from nautilus_pipeline.model.runners import runner_usable
 
 KINDS = ("signals", "vpin", "risk", "trace")  # the data outputs (latency is timing)
+TORCH_CPU_OK, TORCH_CPU_WHY = runner_usable("torch:cpu")
+needs_torch_cpu = pytest.mark.skipif(not TORCH_CPU_OK, reason=f"torch:cpu: {TORCH_CPU_WHY}")
 
 
 def table_bytes(t: pa.Table) -> bytes:
@@ -146,7 +148,7 @@ def test_two_stages_alive_at_once_get_two_runners_and_the_shelf_keeps_one(monkey
     assert shelf.take_runner("numpy", SPEC, w) is a
 
 
-@pytest.mark.skipif(not runner_usable("torch:cpu")[0], reason="torch not installed")
+@needs_torch_cpu
 def test_options_are_part_of_the_key(monkeypatch):
     built = counting(monkeypatch)
     w = weights(1)
@@ -186,9 +188,8 @@ def test_a_stage_whose_runner_raised_closes_it_instead_of_shelving_it(sample_dir
     assert shelf.shelved() == 0
 
 
+@needs_torch_cpu
 def test_a_calibrated_route_over_three_jobs_builds_its_runners_once(sample_dir, tmp_path, monkeypatch):
-    if not runner_usable("torch:cpu")[0]:
-        pytest.skip("torch not installed")
     built = counting(monkeypatch)
     files = [sample_dir / "binance-spot-ethusdt-trades-20240808.csv"]
     d = on_streams(("torch:cpu", "cpu"), route="calibrated")

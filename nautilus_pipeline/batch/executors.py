@@ -491,9 +491,8 @@ worker in parallel, and left pyarrow's thread pools and an io_uring thread runni
 process that forks). Nor is torch, for a definition with a torch stage: tried at 75c957c
 (a torch:cpu inference stage, 2 files, ``--workers 2``, alternating,
 ``docs/measurements/dev_batch_preload_torch_ab_75c957c.txt``), the server's serial import
-made the workers ready 0.6-0.8 s later than two workers importing it side by side; on the
-lent GPU host one import took 4.6 s alone and 5.4 s with 16 at once (a probe of an earlier
-session, its output not kept), so there it would save under 1 s of a worker's ~12 s start."""
+made the workers ready 0.6-0.8 s later than two workers importing it side by side (not
+measured on the GPU host)."""
 
 
 _server_env: dict[str, str] | None = None
