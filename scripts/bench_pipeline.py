@@ -16,7 +16,9 @@ at the maximum rate, ``batch_size`` 1 and 4096 (the micro-batcher). Beside them,
 same process, the floor: one tick passed through a chain of 4 ``asyncio.Queue`` hops.
 
 Ratios measured side by side in one run are what count on a noisy machine. Run:
-``python scripts/bench_pipeline.py [--rows 2000000 10000000] [--live-ticks 5000]``.
+``python scripts/bench_pipeline.py [--rows 2000000 10000000] [--live-ticks 5000]``;
+``--baseline DIR --repeat N`` (DIR another checkout, e.g. a ``git worktree``) instead runs
+the concurrent replay of both checkouts alternately and prints each run and the medians.
 """
 
 from __future__ import annotations
@@ -52,7 +54,11 @@ def make_trades(rows: int, folder: pathlib.Path) -> pathlib.Path:
 
 def run_replay(ticks: pathlib.Path, execution: str, out: pathlib.Path, batch: int | None,
                switch: float | None = None, env: dict[str, str] | None = None,
-               definition: pathlib.Path | None = None, extra: list[str] | None = None) -> dict:
+               definition: pathlib.Path | None = None, extra: list[str] | None = None,
+               code: pathlib.Path | None = None) -> dict:
+    """One replay in its own process; ``code``: the checkout whose package it runs (``--baseline``
+    A/Bs), found through PYTHONPATH from a folder outside every checkout (``python -c`` puts the
+    current folder first on ``sys.path``)."""
     argv = [
         "nautilus-pipeline", "run", str(definition or ROOT / "pipelines/default.toml"),
         "--ticks", str(ticks), "--format", "binance_trades", "--symbol", "BTCUSDT-PERP",
@@ -61,17 +67,20 @@ def run_replay(ticks: pathlib.Path, execution: str, out: pathlib.Path, batch: in
     if batch:
         argv += ["--batch", str(batch)]
     argv += extra or []
-    code = (
+    source = (
         "import sys\n"
         + (f"sys.setswitchinterval({switch})\n" if switch else "")
         + f"sys.argv = {argv!r}\n"
         "from nautilus_pipeline.cli import main\n"
         "sys.exit(main())\n"
     )
-    cmd = [sys.executable, "-c", code]
+    cmd = [sys.executable, "-c", source]
     t0 = time.perf_counter()
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                            env={**os.environ, **(env or {})})
+    env = {**os.environ, **(env or {})}
+    if code is not None:
+        env["PYTHONPATH"] = os.pathsep.join([str(code), *filter(None, [os.environ.get("PYTHONPATH")])])
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env,
+                            cwd=ticks.parent if code is not None else None)
     _, status, usage = os.wait4(proc.pid, 0)
     wall = time.perf_counter() - t0
     proc.returncode = os.waitstatus_to_exitcode(status)
@@ -157,6 +166,44 @@ def replay_table(rows_list: list[int], folder: pathlib.Path, batch: int | None,
                   f"{r['cores']:>5.2f} {r['run_cores']:>5.2f} {r['rss_mb']:>6.0f} {same:>5}  {stages}")
             MARKDOWN.append(f"| {rows:,} | {label} | {rate:,.0f} | {r['process_wall']:.2f} | "
                             f"{r['cores']:.2f} | {r['run_cores']:.2f} | {'' if same == '-' else same} | {stages} |")
+
+
+def replay_ab(rows_list: list[int], folder: pathlib.Path, batch: int | None, baseline: pathlib.Path,
+              repeat: int, extra: list[str]) -> None:
+    """The concurrent replay of ``baseline`` and of this checkout, alternately, ``repeat``
+    times each (the order swapped every round), and the medians; ``extra``: more ``run``
+    options for both."""
+    import statistics
+
+    print(f"\nreplay A/B: pipelines/default.toml, concurrent {' '.join(extra)}; before = {baseline}, after = {ROOT}")
+    head = (f"{'trades':>11} {'code':>7} {'version':>18} {'ticks/s':>11} {'process s':>9} {'cores':>5} "
+            f"{'run':>5} {'RSS MB':>6} {'same':>5}  per-stage p50 µs per batch")
+    print(head)
+    print("-" * len(head))
+    for rows in rows_list:
+        ticks = make_trades(rows, folder)
+        for code in (baseline, ROOT):  # each checkout's numba cache filled, not timed
+            run_replay(ticks, "concurrent", folder / "out-ab-warm", batch, extra=extra, code=code)
+        got: dict[str, list[dict]] = {"before": [], "after": []}
+        reference = None
+        for i in range(repeat):
+            for tag in (("before", "after") if i % 2 == 0 else ("after", "before")):
+                out = folder / f"out-ab-{rows}-{tag}-{i}"
+                r = run_replay(ticks, "concurrent", out, batch, extra=extra,
+                               code=baseline if tag == "before" else ROOT)
+                s = r["summary"]
+                rate = s["ticks"]["delivered"] / s["wall_s"]
+                same = "-" if reference is None else ("yes" if same_outputs(reference, out) else "NO")
+                reference = reference or out
+                got[tag].append({"rate": rate, "process": r["process_wall"], "cores": r["cores"],
+                                 "run": r["run_cores"], "rss": r["rss_mb"]})
+                stages = " ".join(f"{st['stage']} {st['batch_latency']['p50_us']:,.0f}" for st in s["stages"])
+                print(f"{rows:>11,} {tag:>7} {s.get('code_version', '?'):>18} {rate:>11,.0f} "
+                      f"{r['process_wall']:>9.2f} {r['cores']:>5.2f} {r['run_cores']:>5.2f} {r['rss_mb']:>6.0f} {same:>5}  {stages}")
+        for tag, runs in got.items():
+            med = {k: statistics.median(x[k] for x in runs) for k in runs[0]}
+            print(f"{rows:>11,} {tag:>7} {'median of ' + str(len(runs)):>18} {med['rate']:>11,.0f} "
+                  f"{med['process']:>9.2f} {med['cores']:>5.2f} {med['run']:>5.2f} {med['rss']:>6.0f}")
 
 
 # --- live --------------------------------------------------------------------------------
@@ -523,13 +570,20 @@ def main() -> None:
                     help="also print the parts of a live tick (lease, hop, each process_now)")
     ap.add_argument("--data", help="folder for the generated files (default: a temporary one)")
     ap.add_argument("--markdown", type=pathlib.Path, help="also write the tables as markdown here")
+    ap.add_argument("--baseline", type=pathlib.Path,
+                    help="another checkout (git worktree): instead of the replay table, its concurrent "
+                         "replay and this checkout's alternately (A/B), --repeat times each")
+    ap.add_argument("--repeat", type=int, default=3, help="with --baseline: runs of each checkout")
+    ap.add_argument("--run-args", default="", help="with --baseline: more 'run' options for both, e.g. '--trace-every 1'")
     args = ap.parse_args()
     print(f"machine: {describe()}; load average {os.getloadavg()[0]:.2f} at the start")
     MARKDOWN.append(f"machine: {describe()}; load average {os.getloadavg()[0]:.2f} at the start")
     print(cache_bytecode_in_child_processes())
     folder = pathlib.Path(args.data or tempfile.mkdtemp(prefix="bench_pipeline-"))
     folder.mkdir(parents=True, exist_ok=True)
-    if args.rows:
+    if args.rows and args.baseline:
+        replay_ab(args.rows, folder, args.batch, args.baseline.resolve(), args.repeat, args.run_args.split())
+    elif args.rows:
         replay_table(args.rows, folder, args.batch, args.switch_interval, args.malloc_pad,
                      args.lanes_ab, args.cores_ab)
     if args.dispatch:

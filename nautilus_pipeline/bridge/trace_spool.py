@@ -1,8 +1,9 @@
 """The trace of a live run, carried across restarts: its rows moved to disk at each snapshot.
 
-The recorder stage keeps its sampled rows in memory and writes ``trace.parquet`` when the
-pipeline closes; its sampling position (per-symbol counters, positions, the unkept last
-trade row) is in the stage's snapshot already. A live run killed with ``kill -9`` would
+The recorder stage, told so by the spool, keeps its sampled rows in memory and writes what
+is left of them to ``trace.parquet`` when the pipeline closes; its sampling position
+(per-symbol counters, positions, the unkept last trade row) is in the stage's snapshot
+already. A live run killed with ``kill -9`` would
 lose the rows kept before its last snapshot, and its restarted trace would start there.
 
 So ``run --nats`` spools them: at each snapshot (the pipeline drained) the rows kept since
@@ -36,6 +37,7 @@ class TraceSpool:
 
     def __init__(self, recorder: RecorderStage, pipe: Pipeline):
         self.recorder = recorder
+        recorder.stream_to_file = False  # its rows until each snapshot, taken by spool()
         self.pipe = pipe
         self.dir = recorder.path.parent / PARTS_DIR
         self.parts = 0
