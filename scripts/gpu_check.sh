@@ -20,6 +20,8 @@
 # each of PROFILE_BATCHES (phases, stages' busy time, pool), then one sampled run at
 # SAMPLE_BATCH (none: no sampled run); BEFORE=/path/of/another/checkout runs that checkout's package first, same file;
 # PROFILE_COLD=1 adds a run with the calibration cache off (every calibration measured).
+# "pipeline_ab": BEFORE=/path/of/another/checkout: gpu.toml on 10M generated trades, BEFORE's package and this
+# one alternately, AB_ROUNDS rounds at each of SIZES_10M (default 65536).
 #
 # Without the MLX halves step 2 runs everything else and says that MLX was not carried.
 # (From a helper's worktree: copy it into the session checkout's ignored .gpuwt/, carry
@@ -170,6 +172,38 @@ for b in [int(x) for x in os.environ["SIZES_1M"].split()]:
                 print(f"  {col}: identical {all(same)} ({len(same) - sum(same)} rows differ)")
 PY
   } 2>&1 | tee "$out/pipeline_1m_gpu_vs_cpu.txt" | grep -E "ticks/s|==|vs CPU|identical False"
+fi
+if want pipeline_ab; then
+  # BEFORE=/path/of/another/checkout: gpu.toml on the same 10M generated trades, that package and
+  # this one alternately (AB_ROUNDS rounds, the order swapped each round) at each of SIZES_10M,
+  # after one untimed 1M-trade run of each (numba's cache, the calibrations); run from /tmp so that
+  # neither tree's folder comes first on sys.path
+  if [ -z "${BEFORE:-}" ]; then echo "pipeline_ab: set BEFORE=/path/of/another/checkout"; exit 2; fi
+  [ -f /tmp/trades10m.csv ] || python3 scripts/make_synthetic_trades.py --rows 10000000 --out /tmp/trades10m.csv | tail -n 1
+  [ -f /tmp/trades1m.csv ] || head -n 1000001 /tmp/trades10m.csv > /tmp/trades1m.csv
+  after=$PWD
+  ab_run() {  # tree, ticks, batch, out
+    (cd /tmp && PYTHONPATH="/tmp/site:$1" timeout 150 python3 -m nautilus_pipeline.cli run "$1/pipelines/gpu.toml" \
+      --ticks "$2" --format binance_trades --symbol BTCUSDT-PERP --no-progress --log-level warning \
+      --batch "$3" --out "$4" 2>&1 | grep -E "ticks/s" | head -n 2 | tr -s ' \n' ' '; echo)
+  }
+  {
+    echo "before: $BEFORE ($(cat "$BEFORE/VERSION" 2>/dev/null || git -C "$BEFORE" log --oneline -1 2>/dev/null | cut -c1-60))"
+    echo "after:  $after ($(git -C "$after" log --oneline -1 2>/dev/null | cut -c1-60))"
+    for tree in "$BEFORE" "$after"; do
+      echo "$tree runs $(cd /tmp && PYTHONPATH="/tmp/site:$tree" python3 -c 'import nautilus_pipeline as n; print(n.__file__)')"
+      ab_run "$tree" /tmp/trades1m.csv 65536 /tmp/ab-warm >/dev/null
+    done
+    for b in ${SIZES_10M:-65536}; do
+      for r in $(seq "${AB_ROUNDS:-3}"); do
+        if [ $((r % 2)) = 1 ]; then order="before after"; else order="after before"; fi
+        for tag in $order; do
+          tree=$BEFORE; [ "$tag" = after ] && tree=$after
+          echo "== $tag, round $r, --batch $b: $(ab_run "$tree" /tmp/trades10m.csv "$b" "/tmp/ab-$tag-$r-$b")"
+        done
+      done
+    done
+  } 2>&1 | tee "$out/pipeline_ab.txt"
 fi
 if want profile; then
   [ -f /tmp/trades10m.csv ] || python3 scripts/make_synthetic_trades.py --rows 10000000 --out /tmp/trades10m.csv | tail -n 1
