@@ -20,6 +20,7 @@ import pyarrow.parquet as pq
 import pytest
 
 import nautilus_pipeline as nt
+from nautilus_pipeline import memory
 from nautilus_pipeline.batch import expand_inputs, plan, replay_job, run_batch
 from nautilus_pipeline.batch.job import PHASES, TMP_MARK, JobResult
 from nautilus_pipeline.batch.plan import JobSpec
@@ -484,7 +485,10 @@ def test_a_warm_worker_has_its_survivors_frozen_and_a_cold_one_after_its_first_j
         pool.submit(executors.run_job, work, spec, {}, 1, None).result(timeout=300)
         assert pool.submit(gc.get_freeze_count).result(timeout=300) > 10_000
     before = gc.get_freeze_count()
-    executors.run_job(work, replace(spec, job_id="S/0001"), {}, 1, None)
+    try:
+        executors.run_job(work, replace(spec, job_id="S/0001"), {}, 1, None)
+    finally:
+        memory.keep_slabs(False)  # the worker set-up it ran turned slab keeping on here
     assert gc.get_freeze_count() == before
 
 

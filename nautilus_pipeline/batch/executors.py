@@ -149,11 +149,13 @@ def _worker_setup(log_level: str, threads: int) -> None:
     """Once per worker process: JSON logs on stderr, pyarrow's thread pool cut to this
     worker's share of the cores (by default each process would start one thread per core
     for its CSV parsing: N workers, N × cores threads), freed memory kept
-    (:func:`_keep_freed_memory`), and the model runner shelf on (:mod:`..model.shelf`)."""
+    (:func:`_keep_freed_memory`), the model runner shelf on (:mod:`..model.shelf`) and a
+    closed pool's slabs kept for the next job's (:func:`..memory.keep_slabs`)."""
     global _CONFIGURED
     if not _CONFIGURED:
         import pyarrow
 
+        from ..memory import keep_slabs
         from ..model import shelf
         from ..runtime import configure_logging
 
@@ -161,6 +163,7 @@ def _worker_setup(log_level: str, threads: int) -> None:
         pyarrow.set_cpu_count(max(1, threads))
         _keep_freed_memory()
         shelf.enable()  # a job's model runners serve the next job of this worker
+        keep_slabs()  # ... and its pool's slabs
         _CONFIGURED = True
 
 
