@@ -57,6 +57,7 @@ from __future__ import annotations
 import argparse
 import os
 import re
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -558,6 +559,9 @@ def run_batch_row(code: Path, defn: Path, work: Path, executor: str, n: int, tag
     """One batch in a child process of checkout ``code`` (as a CLI run is: it starts its own
     pool or Ray, none left warm by the row before); its numbers."""
     out = work / f"out-{executor}-{n}-{tag}"
+    # a fresh folder: files renamed over a previous run's (a --dir used again) cost ~10 ms a
+    # job more on ext4, which writes a replaced file's data back at the rename (auto_da_alloc)
+    shutil.rmtree(out, ignore_errors=True)
     others = [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep)
               if p and Path(p).resolve() not in (ROOT, code)]  # e.g. a folder of wheels' installs
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(code), *others])}

@@ -111,3 +111,128 @@ async def test_taking_rows_after_row_groups_were_written_is_refused(tmp_path):
         with pytest.raises(RuntimeError, match="stream_to_file = False"):
             recorder.take_rows(SYMBOLS)
     assert pq.read_table(recorder.path).num_rows == 200
+
+
+def reference_trace(data: dict[str, np.ndarray], every: int) -> dict[str, list]:
+    """The trace by hand, one row at a time: every ``every``-th trade and quote of each symbol,
+    then each symbol's last trade when it was not kept, in the order symbols first traded."""
+    seen: dict[tuple[int, int], int] = {}
+    kept, last_trade = [], {}
+    for i in range(data["kind"].size):
+        key = (int(data["symbol_id"][i]), int(data["kind"][i]))
+        if key[1] not in (KIND_TRADE, KIND_QUOTE):
+            continue
+        if seen.get(key, 0) % every == 0:
+            kept.append(i)
+        seen[key] = seen.get(key, 0) + 1
+        if key[1] == KIND_TRADE:
+            last_trade.setdefault(key[0], i)
+            last_trade[key[0]] = i
+    kept += [i for i in last_trade.values() if i not in set(kept)]
+    rows = {c: [data[c][i] for i in kept] for c in COLUMNS if c != "symbol_id"}
+    rows["symbol"] = [SYMBOLS[data["symbol_id"][i]] for i in kept]
+    return rows
+
+
+@pytest.mark.parametrize("batch", [1, 64, 4096])
+async def test_the_trace_equals_one_written_by_hand_row_by_row(tmp_path, batch):
+    data = frame(3_000)
+    await record(tmp_path / "t.parquet", batch, group=128)
+    got = pq.read_table(tmp_path / "t.parquet")
+    want = reference_trace(data, every=2)
+    assert got.column_names == [c for c in COLUMNS if c != "symbol_id"] + ["symbol"]
+    assert got.num_rows == len(want["symbol"]) > 1_000
+    for name, values in want.items():
+        np.testing.assert_array_equal(got[name].to_numpy(zero_copy_only=False), np.array(values),
+                                      err_msg=name)
+
+
+async def test_a_symbol_first_seen_after_row_groups_were_written_keeps_its_name(tmp_path):
+    recorder = RecorderStage(tmp_path / "t.parquet", available=COLUMNS)
+    recorder.ROW_GROUP_ROWS = 50
+    pipe = nt.Pipeline([recorder], batch_size=64, execution="serial", memory="host")
+    async with pipe:
+        data = frame(400)
+        for name, start in (("AAA", 0), ("BBB", 200)):
+            sid = pipe.symbols.id_of(name)
+            part = {c: v[start:start + 200].copy() for c, v in data.items()}
+            part["symbol_id"][:] = sid
+            part["ts_ns"] += start  # (the part's own, increasing)
+            await pipe.ingest(part)
+            await pipe.drain()
+    symbol = pq.read_table(recorder.path).column("symbol").to_pylist()
+    assert symbol == ["AAA"] * 200 + ["BBB"] * 200
+    assert pq.ParquetFile(recorder.path).metadata.num_row_groups == 8
+
+
+async def test_batches_that_keep_no_row_write_a_trace_of_no_rows(tmp_path):
+    """Quotes only, and no bid/ask column to record them by: every batch keeps nothing, and
+    the trace is an empty table of the trace's columns (a report and a batch job expect it)."""
+    available = ("ts_ns", "symbol_id", "kind", "price")
+    recorder = RecorderStage(tmp_path / "t.parquet", available=available)
+    pipe = nt.Pipeline([recorder], batch_size=64, execution="serial", memory="host")
+    async with pipe:
+        pipe.symbols.id_of("AAA")
+        data = frame(1_000)
+        quotes = data["kind"] == KIND_QUOTE
+        data = {c: v[quotes] for c, v in data.items()}
+        data["symbol_id"][:] = 0
+        await pipe.ingest(data)
+        await pipe.drain()
+    table = pq.read_table(recorder.path)
+    assert table.num_rows == 0 and table.column_names == ["ts_ns", "kind", "price", "symbol"]
+    assert not recorder.partial_path.exists() and writer_threads() == []
+
+
+async def test_a_stage_without_a_batch_writes_no_trace(tmp_path):
+    recorder = RecorderStage(tmp_path / "t.parquet", available=COLUMNS)
+    async with nt.Pipeline([recorder], batch_size=64, execution="serial", memory="host"):
+        pass
+    assert sorted(tmp_path.iterdir()) == [] and writer_threads() == []
+
+
+@pytest.mark.parametrize("fault", ["writer", "folder", "rename"])
+async def test_an_unwritable_trace_fails_the_finish_with_an_os_error_and_leaves_nothing(tmp_path, monkeypatch, fault):
+    """The writer cannot open the file, its folder cannot be made (a file is in the way), or
+    the final rename fails (a folder is in the way): the run's batches go on, the error is an
+    OSError at the end (the run's write_error, not a stage failure), no partial file is left."""
+    path = tmp_path / "t.parquet"
+    if fault == "writer":
+        def refuse(self, where, *args, **kwargs):
+            raise OSError(13, "Permission denied")
+
+        monkeypatch.setattr(pq.ParquetWriter, "__init__", refuse)
+    elif fault == "folder":
+        (tmp_path / "out").write_text("a file where the folder goes")
+        path = tmp_path / "out" / "t.parquet"
+    else:
+        path.mkdir()
+    with pytest.raises(OSError):
+        await record(path, 64, group=100)
+    left = sorted(p.name for p in tmp_path.rglob("*") if p.is_file())
+    assert left == (["out"] if fault == "folder" else [])
+    assert writer_threads() == []
+
+
+async def test_a_slow_disk_holds_the_recorder_back_without_blocking_the_event_loop(tmp_path, monkeypatch):
+    """The writer thread stuck on the disk: once its writes in flight are full the recorder
+    waits for the oldest, and the event loop goes on meanwhile (this test's own sleeps
+    return). Blocked, the loop would sit until the gate's safety timeout let the disk go."""
+    import asyncio
+
+    write, gate, timed_out = pq.ParquetWriter.write_table, threading.Event(), []
+
+    def stuck(self, table, row_group_size=None):
+        if not gate.wait(timeout=30):
+            timed_out.append(True)
+        write(self, table, row_group_size=row_group_size)
+
+    monkeypatch.setattr(pq.ParquetWriter, "write_table", stuck)
+    run = asyncio.ensure_future(record(tmp_path / "t.parquet", 64, group=10))  # ~150 groups
+    for _ in range(50):
+        await asyncio.sleep(0.01)
+    held_back = not run.done()
+    gate.set()
+    recorder = await run
+    assert held_back and not timed_out
+    assert pq.read_metadata(recorder.path).num_rows > 1_000

@@ -18,7 +18,10 @@ piece at the end it was the run's tail: 40-165 ms on one core after the last bat
 Row groups are cut by row count, so the file's rows and row groups do not depend on the
 batch size either. A live run that spools its trace at each snapshot
 (``bridge.trace_spool``) keeps the rows in memory between snapshots instead
-(``stream_to_file = False``).
+(``stream_to_file = False``). A write error (a full disk, a folder in the way) does not
+stop the run: it is raised at ``finish``, where the run reports the outputs it could not
+write, and nothing of the file is left. A run that recorded batches but kept no row (a
+book-only input) writes a trace of no rows; a stage that saw no batch writes none.
 """
 
 from __future__ import annotations
@@ -44,7 +47,7 @@ TRACE_COLUMNS = ("ts_ns", "symbol_id", "kind", "price", "bid", "ask", "predictio
 # Dictionary-encoded in trace.parquet: the columns of few distinct values. The floats (prices,
 # P&L) have almost one value a row, where pyarrow's dictionary attempt only costs: writing a
 # 200K-row trace took 35 ms with it on every column, 14 ms with it on these (3.13 vs 3.20 MB).
-_DICTIONARY_COLUMNS = ["kind", "toxic", "kill", "signal_side", "symbol"]
+_DICTIONARY_COLUMNS = ("kind", "toxic", "kill", "signal_side", "symbol")
 _WRITES_IN_FLIGHT = 4  # row groups handed to the writer thread and not yet written, at most
 
 
@@ -70,6 +73,7 @@ class RecorderStage(Stage):
         self._position: dict[int, float] = {}
         self._tail: dict[int, dict[str, np.ndarray] | None] = {}  # last trade row, if not kept
         self._kept = 0  # rows in _parts
+        self._dtypes: dict[str, np.dtype] | None = None  # the columns', from the first batch recorded
         self._file: _TraceFile | None = None  # the row groups written so far, from the first
 
     @property
@@ -84,11 +88,13 @@ class RecorderStage(Stage):
         # behind; a 4,096-row replay batch costs about a hop and stays inline (stage.py)
         await stream.run(self._record, lease)
         if self.stream_to_file and self._kept >= self.ROW_GROUP_ROWS:
-            self._write_groups(ctx, final=False)
+            await self._write_groups(ctx, final=False)
 
     def _record(self, lease: Lease) -> None:
         kind, sym = lease["kind"], lease["symbol_id"]
         kinds = (KIND_TRADE, KIND_QUOTE) if "bid" in self.columns else (KIND_TRADE,)
+        if self._dtypes is None:
+            self._dtypes = {c: lease[c].dtype for c in self.columns}
         keep = np.zeros(lease.length, dtype=bool)
         for k in kinds:
             of_kind = kind == k
@@ -130,18 +136,20 @@ class RecorderStage(Stage):
                 self._parts[c].append(value)
                 if c == self.columns[0]:
                     self._kept += 1
-        if self._file is None and not self._kept:
-            return  # no row kept: no trace file (as before the file was written in parts)
-        self._write_groups(ctx, final=True)
+        if self._dtypes is None:
+            return  # no batch recorded: no trace file
+        # a run whose batches kept no row (book-only input) writes a trace of no rows, as
+        # the file written whole at the end did (a report and a batch job's paths expect it)
+        await self._write_groups(ctx, final=True)
         file, self._file = self._file, None
         assert file is not None
         try:
             await asyncio.wrap_future(file.close())
+            file.join()  # its thread has ended by now or is about to: no thread outlives the stage
+            os.replace(file.path, self.path)
         except BaseException:
-            file.abandon()
+            file.abandon()  # joins the thread, removes the partial file
             raise
-        file.join()  # its thread has ended by now or is about to: no thread outlives the stage
-        os.replace(file.path, self.path)
 
     def close(self) -> None:
         """A run closed without ``finish`` (cancelled, or a stage failed at its end): the
@@ -150,23 +158,30 @@ class RecorderStage(Stage):
             self._file.abandon()
             self._file = None
 
-    def _write_groups(self, ctx: StageContext, *, final: bool) -> None:
+    async def _write_groups(self, ctx: StageContext, *, final: bool) -> None:
         """Hand the kept rows to the writer thread as row groups of ``ROW_GROUP_ROWS`` rows
-        (all of them when ``final``, the last group shorter); the rest stays kept."""
+        (all of them when ``final``, the last group shorter, or one of no rows if none was
+        written); the rest stays kept. A write error (here or on the thread) is raised by
+        ``finish``, where every output's write error is raised, not by a batch."""
         if self._file is None:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
+            if self.ROW_GROUP_ROWS < 1:
+                raise ValueError(f"recorder: ROW_GROUP_ROWS must be at least 1, not {self.ROW_GROUP_ROWS}")
             self._file = _TraceFile(self.partial_path)
+        names = list(ctx.symbols.names) if ctx.symbols is not None else []
         n = self._kept
         if not n:
+            if final and not self._file.queued:
+                assert self._dtypes is not None
+                empty = {c: np.empty(0, dtype) for c, dtype in self._dtypes.items()}
+                await self._file.write(lambda: self._table(empty, names))
             return
-        names = list(ctx.symbols.names) if ctx.symbols is not None else []
         columns = {c: np.concatenate(self._parts[c]) for c in self.columns}
         cut = n if final else n - n % self.ROW_GROUP_ROWS
         self._parts = {c: ([v[cut:].copy()] if cut < n else []) for c, v in columns.items()}
         self._kept = n - cut
         for start in range(0, cut, self.ROW_GROUP_ROWS):
             rows = {c: v[start:start + self.ROW_GROUP_ROWS] for c, v in columns.items()}
-            self._file.write(lambda rows=rows: self._table(rows, names))
+            await self._file.write(lambda rows=rows: self._table(rows, names))
 
     def take_rows(self, names: list[str]) -> pa.Table | None:
         """The rows kept since the last call (None: none) as ``trace.parquet``'s table
@@ -202,7 +217,7 @@ class RecorderStage(Stage):
 
     def snapshot_state(self) -> dict[str, object]:
         """The sampling counters, each symbol's last position and unkept last trade row; the
-        rows kept so far are this segment's output (written by ``finish``), not state."""
+        rows kept so far are this segment's output (in its trace file), not state."""
         return {"seen": dict(self._seen), "position": dict(self._position),
                 "tail": {k: (None if v is None else dict(v)) for k, v in self._tail.items()}}
 
@@ -220,23 +235,28 @@ class _TraceFile:
     """``trace.parquet`` being written: row groups encoded and written in order by one
     thread, which this object owns (joined by :meth:`close` or :meth:`abandon`).
 
-    The first write error is kept and raised by :meth:`close`'s future (the run's outputs end
-    there, as a full disk ended them before); later groups are then dropped, not written."""
+    The first write error is kept and raised by :meth:`close`'s future, at the run's end,
+    where the run reports what it could not write (``Summary.write_error``); the run itself
+    goes on, and later groups are dropped, not written."""
 
     def __init__(self, path: Path):
         self.path = path
+        self.queued = 0
+        """Row groups handed to :meth:`write` so far."""
         self._writer: pq.ParquetWriter | None = None
         self._pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="trace-writer")
         self._in_flight: list[concurrent.futures.Future] = []
         self._error: BaseException | None = None
 
-    def write(self, make_table) -> None:
-        """Queue one row group (``make_table()`` builds it on the writer thread). Waits for
-        the oldest queued group when ``_WRITES_IN_FLIGHT`` are queued (a slow disk)."""
+    async def write(self, make_table) -> None:
+        """Queue one row group (``make_table()`` builds it on the writer thread). When
+        ``_WRITES_IN_FLIGHT`` are queued (a slow disk) it waits for the oldest, without
+        blocking the event loop."""
         self._in_flight = [f for f in self._in_flight if not f.done()]
         if len(self._in_flight) >= _WRITES_IN_FLIGHT:
-            concurrent.futures.wait(self._in_flight[:1])
+            await asyncio.wrap_future(self._in_flight[0])
         self._in_flight.append(self._pool.submit(self._write, make_table))
+        self.queued += 1
 
     def _write(self, make_table) -> None:
         if self._error is not None:
@@ -244,8 +264,9 @@ class _TraceFile:
         try:
             table = make_table()
             if self._writer is None:
-                self._writer = pq.ParquetWriter(self.path, table.schema, use_dictionary=_DICTIONARY_COLUMNS)
-            self._writer.write_table(table, row_group_size=len(table))
+                self.path.parent.mkdir(parents=True, exist_ok=True)
+                self._writer = pq.ParquetWriter(self.path, table.schema, use_dictionary=list(_DICTIONARY_COLUMNS))
+            self._writer.write_table(table, row_group_size=max(len(table), 1))
         except BaseException as exc:
             self._error = exc
 
