@@ -20,6 +20,8 @@
 # each of PROFILE_BATCHES (phases, stages' busy time, pool), then one sampled run at
 # SAMPLE_BATCH (none: no sampled run); BEFORE=/path/of/another/checkout runs that checkout's package first, same file;
 # PROFILE_COLD=1 adds a run with the calibration cache off (every calibration measured).
+# "bridge": scripts/bench_bridge.py (BRIDGE_ONLY tables, default pipeline; BRIDGE_MODES, BRIDGE_TICKS,
+# BRIDGE_REPEAT) with nats-server carried as .natsbin/nats-server (the machine has none).
 # "pipeline_ab": BEFORE=/path/of/another/checkout: gpu.toml on 10M generated trades, BEFORE's package and this
 # one alternately, AB_ROUNDS rounds at each of SIZES_10M (default 65536).
 #
@@ -313,6 +315,17 @@ PY
   done
   if [ "$mps" = on ]; then echo quit | nvidia-cuda-mps-control && echo "MPS: control daemon stopped"; fi
   done 2>&1 | tee "$out/batch_gpu.txt"
+fi
+if want bridge; then
+  # issue 11's pipeline table on a host whose cores the pipeline does not fill: nats-server is
+  # not installed there, so its binary travels in .natsbin/ (cp /usr/sbin/nats-server .natsbin/)
+  [ -x "$root/.natsbin/nats-server" ] && export PATH="$root/.natsbin:$PATH"
+  if command -v nats-server >/dev/null; then
+    timeout 500 python3 scripts/bench_bridge.py --ticks ${BRIDGE_TICKS:-2000000} --repeat ${BRIDGE_REPEAT:-5} \
+      --only ${BRIDGE_ONLY:-pipeline} ${BRIDGE_MODES:+--modes $BRIDGE_MODES} 2>&1 | tee "$out/bench_bridge.txt"
+  else
+    echo "bridge: no nats-server (carry .natsbin/nats-server)"; rc=1
+  fi
 fi
 if want bench; then
   timeout 150 python3 scripts/bench_gpu.py 2>&1 | tee "$out/bench_gpu.txt"
