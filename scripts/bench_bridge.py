@@ -145,13 +145,19 @@ def cpu_seconds(pid: int) -> float:
     return total / 1e9
 
 
+def child_env() -> dict[str, str]:
+    """The environment of a child process: this checkout first on its path, then what this
+    process's path has (e.g. a folder of wheels installed with --target on the GPU host)."""
+    return {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH", "")) if p)}
+
+
 def publish_from_another_process(url: str, n: int, mode: str = "now", server_pid: int | None = None,
                                  wire: str = "compact", batch: int = BATCH, storage: str = "file",
                                  cpu_key: str | None = None) -> float:
     """Fill the TICKS stream (made anew) from a child process; returns its publish wall time (s)
     and records its CPU time and the server's in ``CPU[mode]``. ``wire="full"``: every column
     in full (NPB1, b22cc61's messages)."""
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    env = child_env()
     s0 = cpu_seconds(server_pid) if server_pid else 0.0
     out = subprocess.run([sys.executable, "-c", PUBLISHER, url, str(n), str(batch), mode, "go", wire, storage], env=env,
                          check=True, capture_output=True, text=True).stdout
@@ -473,7 +479,7 @@ async def websocket_feed_rate(client: str, raw: str | None = None, chunk: int = 
     from nautilus_pipeline.bridge.websocket_feed import BinanceWebsocketFeed, client_api
 
     capture = REPO / "nautilus_pipeline" / "data" / "binance-feed-spot-ethusdt_20240808.jsonl.gz"
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
+    env = child_env()
     proc = await asyncio.create_subprocess_exec(sys.executable, "-c", WS_SERVER, str(capture), str(chunk),
                                                 env=env, stdout=asyncio.subprocess.PIPE)
     try:
@@ -615,7 +621,7 @@ def waiting_publisher(url: str, n: int, wire: str = "compact", batch: int = BATC
                       storage: str = "file") -> subprocess.Popen:
     """A publishing process (the one of ``publish_from_another_process``) that has made the
     TICKS stream anew and waits for a line on stdin before it publishes ``n`` ticks."""
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    env = child_env()
     proc = subprocess.Popen([sys.executable, "-c", PUBLISHER, url, str(n), str(batch), "now", "wait", wire, storage],
                             env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
     if proc.stdout.readline().strip() != "ready":
