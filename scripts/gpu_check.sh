@@ -21,7 +21,7 @@
 # SAMPLE_BATCH (none: no sampled run); BEFORE=/path/of/another/checkout runs that checkout's package first, same file;
 # PROFILE_COLD=1 adds a run with the calibration cache off (every calibration measured).
 # "bridge": scripts/bench_bridge.py (BRIDGE_ONLY tables, default pipeline; BRIDGE_MODES, BRIDGE_TICKS,
-# BRIDGE_REPEAT) with nats-server carried as .natsbin/nats-server (the machine has none).
+# BRIDGE_REPEAT) with nats-server carried as .natsbin/nats-server (the machine has none); by name only.
 # "pipeline_ab": BEFORE=/path/of/another/checkout: gpu.toml on 10M generated trades, BEFORE's package and this
 # one alternately, AB_ROUNDS rounds at each of SIZES_10M (default 65536).
 #
@@ -316,7 +316,7 @@ PY
   if [ "$mps" = on ]; then echo quit | nvidia-cuda-mps-control && echo "MPS: control daemon stopped"; fi
   done 2>&1 | tee "$out/batch_gpu.txt"
 fi
-if want bridge; then
+if [[ ",$what," == *",bridge,"* ]]; then  # asked by name only, not by "all"
   # issue 11's pipeline table on a host whose cores the pipeline does not fill: nats-server is
   # not installed there, so its binary travels in .natsbin/ (cp /usr/sbin/nats-server .natsbin/)
   [ -x "$root/.natsbin/nats-server" ] && export PATH="$root/.natsbin:$PATH"
