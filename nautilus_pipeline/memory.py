@@ -38,8 +38,10 @@ Every slab column is a view into one backing buffer per slab, each column aligne
 bytes (a cache line) so that vectorised kernels start on an aligned address.
 
 Slabs kept between pools. A batch worker builds a pipeline, and so a pool, for every job;
-zeroing and filling a new pool's slabs was most of a job's build (2-3 of 3.7 ms for the
-default pipeline's 8 × 4,096 rows; pinned ones cost more, a CUDA host allocation each).
+zeroing and filling a new pool's slabs was most of a job's build (median 1.6-5.9 ms a job
+for the default pipeline's 8 × 4,096 rows, ~1.0 ms with the slabs kept:
+``scripts/bench_batch.py``, ``docs/measurements/dev_bench_batch_slab_reuse_quiet_1b2279c.txt``;
+pinned ones cost more, a CUDA host allocation each).
 With :func:`keep_slabs` on (the batch executors' worker set-up turns it on), a pool closed
 with no lease outstanding leaves its slabs for the next pool of the same layout, size and
 memory kind, which takes them as they are. Stale rows are no different from those of a
@@ -556,7 +558,10 @@ class BufferPool:
                 rows=lease.length,
                 holders=lease.holders,
             )
-        if _keep and first_close and not leaked and self.memory in ("host", "pinned"):
-            # (a leaked lease may still be written by its holder; MLX's unified slabs are not kept)
+        if (_keep and first_close and len(self._free) == len(self._slabs)
+                and self.memory in ("host", "pinned")):
+            # every slab back in the free list: none leased (a leaked lease may still be written
+            # by its holder), none handed to a waiter that has not resumed yet (it would lease
+            # it from this closed pool while the next pool uses it); MLX's unified slabs not kept
             _kept_slabs[self._key] = self._slabs
         return leaked

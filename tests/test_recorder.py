@@ -236,3 +236,33 @@ async def test_a_slow_disk_holds_the_recorder_back_without_blocking_the_event_lo
     recorder = await run
     assert held_back and not timed_out
     assert pq.read_metadata(recorder.path).num_rows > 1_000
+
+
+async def test_a_resumed_segment_without_a_batch_writes_the_restored_last_trades(tmp_path):
+    """A chain's last job that delivers no tick: the last trade row of each symbol, kept in
+    the state of the segment before (not sampled there), is that segment's trace."""
+    async def segment(path: Path, state: bytes | None, data) -> bytes:
+        recorder = RecorderStage(path, every=1_000, available=COLUMNS)
+        pipe = nt.Pipeline([recorder], batch_size=64, execution="serial", memory="host")
+        async with pipe:
+            for name in SYMBOLS:
+                pipe.symbols.id_of(name)
+            if state is not None:
+                pipe.restore(state)
+            if data is not None:
+                await pipe.ingest(data)
+                await pipe.drain()
+            snapshot = pipe.snapshot()
+            if data is not None:
+                pipe.end_segment()
+        return snapshot
+
+    data = frame(300)
+    state = await segment(tmp_path / "1" / "trace.parquet", None, data)
+    await segment(tmp_path / "2" / "trace.parquet", state, None)
+    last = pq.read_table(tmp_path / "2" / "trace.parquet")
+    trades = np.flatnonzero(data["kind"] == KIND_TRADE)
+    want = [int(trades[data["symbol_id"][trades] == s][-1]) for s in range(len(SYMBOLS))]
+    assert sorted(last.column("ts_ns").to_pylist()) == sorted(int(data["ts_ns"][i]) for i in want)
+    assert sorted(last.column("symbol").to_pylist()) == SYMBOLS
+    assert writer_threads() == []

@@ -137,7 +137,10 @@ class RecorderStage(Stage):
                 if c == self.columns[0]:
                     self._kept += 1
         if self._dtypes is None:
-            return  # no batch recorded: no trace file
+            if not self._kept:
+                return  # no batch recorded and no restored last trade row: no trace file
+            # a resumed segment with no batch of its own: the restored last trade rows are its trace
+            self._dtypes = {c: tail[c].dtype for tail in self._tail.values() if tail for c in self.columns}
         # a run whose batches kept no row (book-only input) writes a trace of no rows, as
         # the file written whole at the end did (a report and a batch job's paths expect it)
         await self._write_groups(ctx, final=True)
