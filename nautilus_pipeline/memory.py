@@ -40,11 +40,11 @@ bytes (a cache line) so that vectorised kernels start on an aligned address.
 Slabs kept between pools. A batch worker builds a pipeline, and so a pool, for every job;
 zeroing and filling a new pool's slabs was most of a job's build (median 1.6-5.9 ms a job
 for the default pipeline's 8 × 4,096 rows, ~1.0 ms with the slabs kept:
-``scripts/bench_batch.py``, ``docs/measurements/dev_bench_batch_slab_reuse_quiet_1b2279c.txt``;
-pinned ones cost more, a CUDA host allocation each).
-With :func:`keep_slabs` on (the batch executors' worker set-up turns it on), a pool closed
-with no lease outstanding leaves its slabs for the next pool of the same layout, size and
-memory kind, which takes them as they are. Stale rows are no different from those of a
+``scripts/bench_batch.py``, ``docs/measurements/dev_bench_batch_slab_reuse_quiet_1b2279c.txt``).
+With :func:`keep_slabs` on (the batch executors' worker set-up turns it on), a host or
+pinned pool closed with every slab free (none leased, none handed to a waiter yet to resume)
+leaves its slabs for the next pool of the same layout, size and memory kind, which takes
+them as they are. Stale rows are no different from those of a
 slab's previous batch in one run: a stage writes every row of the columns it declares and
 reads only what earlier stages wrote (the replay's equality for any batch size, 8 slabs
 reused hundreds of times, depends on it already). One set of slabs is kept per key.

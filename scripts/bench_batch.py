@@ -559,8 +559,9 @@ def run_batch_row(code: Path, defn: Path, work: Path, executor: str, n: int, tag
     """One batch in a child process of checkout ``code`` (as a CLI run is: it starts its own
     pool or Ray, none left warm by the row before); its numbers."""
     out = work / f"out-{executor}-{n}-{tag}"
-    # a fresh folder: files renamed over a previous run's (a --dir used again) cost ~10 ms a
-    # job more on ext4, which writes a replaced file's data back at the rename (auto_da_alloc)
+    # a fresh folder: files renamed over a previous run's (a --dir used again) cost 3-6 ms a
+    # job more on ext4, which writes a replaced file's data back at the rename (auto_da_alloc;
+    # docs/measurements/dev_bench_batch_reused_dir_9888403.txt)
     shutil.rmtree(out, ignore_errors=True)
     others = [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep)
               if p and Path(p).resolve() not in (ROOT, code)]  # e.g. a folder of wheels' installs
