@@ -16,6 +16,7 @@
 # BATCH_BIG=N: no scaling table, 16 generated files of N trades each for the gpu.toml runs;
 # GPU_MPS=1: those runs again under CUDA MPS (one GPU context shared by the workers).
 # GPU_MEMORY="auto pinned" and GPU_ROUNDS=N: those runs per slab memory, alternating, N rounds.
+# GPU_BEFORE=DIR (a carried checkout, e.g. .gpuwt/base): each of those runs with DIR's package first, A/B.
 # "profile": scripts/profile_pipeline.py on 10M generated trades through pipelines/gpu.toml at
 # each of PROFILE_BATCHES (phases, stages' busy time, pool), then one sampled run at
 # SAMPLE_BATCH (none: no sampled run); BEFORE=/path/of/another/checkout runs that checkout's package first, same file;
@@ -242,6 +243,7 @@ if want engine; then
     --data /tmp/engine 2>&1 | tee "$out/bench_pipeline.txt"
 fi
 if want batch; then
+  lscpu | grep -E '^(Model name|CPU\(s\)|Thread\(s\) per core|Core\(s\) per socket|Socket\(s\))' | tr -s ' '
   # issue 10's scaling on this host (default pipeline, CPU streams), then batch --workers N
   # with pipelines/gpu.toml: every worker a process of its own with a CUDA context on the GPU.
   # BATCH_BIG=N: skip the scaling table; 16 files of N generated trades each instead.
@@ -286,11 +288,17 @@ if want batch; then
     sed "s/^memory = \"auto\"/memory = \"$mem\"/" pipelines/gpu.toml > "$def"
   fi
   for w in ${GPU_WORKERS:-16}; do
-    echo "== nautilus-pipeline batch $def --workers $w (the same files), memory $mem, MPS $mps, round $round"
+  # GPU_BEFORE=.gpuwt/base (another checkout's package, carried): its row first, then this one's
+  for tree in ${GPU_BEFORE:+"$GPU_BEFORE"} .; do
+    pkg=$(cd "$tree" && pwd)
+    echo "== nautilus-pipeline batch $def --workers $w (the same files), memory $mem, MPS $mps, round $round, package $pkg"
     t0=$(date +%s.%N)
     rm -rf "/tmp/bb-gpu-$w-$mps-$mem"
-    timeout 200 python3 -m nautilus_pipeline.cli batch "$def" '/tmp/bb/in/*.csv' \
-      --out "/tmp/bb-gpu-$w-$mps-$mem" --workers $w --no-progress --log-level warning 2>&1 | tail -n 12
+    # run from the package's folder: a batch run where the current folder holds another
+    # nautilus_pipeline spawns its workers instead of forking them (executors._worker_context)
+    (cd "$pkg" && PYTHONPATH="$pkg:$PYTHONPATH" timeout 200 python3 -m nautilus_pipeline.cli batch \
+      "$OLDPWD/$def" '/tmp/bb/in/*.csv' --out "/tmp/bb-gpu-$w-$mps-$mem" --workers $w --no-progress \
+      --log-level warning 2>&1 | tail -n 12)
     python3 - "$t0" "/tmp/bb-gpu-$w-$mps-$mem" <<'PY'
 import json, sys, time
 from pathlib import Path
@@ -308,7 +316,12 @@ print(f"  phases: plan {s.get('plan_s', 0):.2f} s, run {s.get('run_s', 0):.2f} s
       f"job wall min/median/max {js[0]['wall_s']:.2f}/{js[len(js) // 2]['wall_s']:.2f}/{js[-1]['wall_s']:.2f} s, "
       f"replay (run_s) min/median/max {min(j['run_s'] for j in jobs):.2f}/"
       f"{sorted(j['run_s'] for j in jobs)[len(jobs) // 2]:.2f}/{max(j['run_s'] for j in jobs):.2f} s")
+builds = sorted(j["phases"].get("build", 0.0) for j in jobs if j.get("phases"))
+print(f"  first job started {s.get('first_job_start_s') or 0:.2f} s after the batch's start, the last job's result "
+      f"{s.get('after_last_job_s') or 0:.2f} s before its end; job build (the file is read there when the job "
+      f"works out bucket_volume) min/median/max {builds[0]:.2f}/{builds[len(builds) // 2]:.2f}/{builds[-1]:.2f} s")
 PY
+  done
   done
   [ "$mem" != auto ] && rm -f "$def"
   done

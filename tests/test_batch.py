@@ -207,6 +207,38 @@ def test_merged_outputs_equal_one_sequential_run_per_symbol(sample_dir, tmp_path
     assert_merged_equals_sequential(out, report, groups, tmp_path)
 
 
+def test_a_chain_of_one_file_has_its_job_work_out_the_bucket_volume(sample_dir, tmp_path, monkeypatch):
+    """No calibration task reads a one-file chain's file before its job: the job works the
+    ``auto`` bucket volume out over the file it reads (read once), the number
+    ``calibrate_chain`` gives, and the merge equals one sequential run per symbol."""
+    from nautilus_pipeline.batch import executors
+    from nautilus_pipeline.batch.plan import calibrate_chain
+
+    one = generated(tmp_path / "in", days=1)
+    res = replay_job("default", one, tmp_path / "job", None)
+    assert res.overrides == calibrate_chain("default", [str(one[0])], "SYNUSDT")
+    assert res.overrides["vpin"]["bucket_volume"]["SYNUSDT"] > 0
+    given = {"vpin": {"bucket_volume": {"SYNUSDT": 2.5}}}  # given: kept as it is
+    assert replay_job("default", one, tmp_path / "job2", None, overrides=given).overrides == given
+
+    groups = {"SYNUSDT": one, "GENUSDT": generated(tmp_path / "in", "GENUSDT", days=1, seed=5)}
+    # a calibration task would fail its chain: a lambda cannot be sent to a worker
+    monkeypatch.setattr(executors, "run_calibration", lambda work, chain: {})
+    out = tmp_path / "out"
+    report = run_batch("default", [str(tmp_path / "in" / "*.csv")], out, workers=2)
+    assert report.exit_code == 0, report.summary["failed"]
+    chains = {c["symbol"]: c for c in report.summary["chains"]}
+    for sym, files in groups.items():
+        assert chains[sym]["overrides"] == calibrate_chain("default", [str(files[0])], sym)
+    assert_accounting_closes(report.summary)
+    assert_merged_equals_sequential(out, report, groups, tmp_path)
+    # ... and a chain of two files still has its calibration task (which the lambda fails)
+    generated(tmp_path / "in2", "TWOUSDT", days=2)
+    failed = run_batch("default", [str(tmp_path / "in2" / "*.csv")], tmp_path / "out2", workers=1)
+    assert [f["symbol"] for f in failed.summary["failed"]] == ["TWOUSDT"]
+    assert "pickle" in failed.summary["failed"][0]["error"]
+
+
 def test_empty_glob_and_mixed_formats_are_refused(sample_dir, tmp_path):
     with pytest.raises(nt.ConfigError, match=r"nothing\*\.csv: the pattern matches no file"):
         run_batch("default", [str(tmp_path / "nothing*.csv")], tmp_path / "out")

@@ -69,7 +69,7 @@ import structlog
 from ..config import PipelineDef
 from ..errors import ConfigError, DataError
 from .job import JobResult, replay_job
-from .plan import Chain, JobSpec, calibrate_chain, check_follows
+from .plan import Chain, JobSpec, calibrate_chain, calibrates_in_job, check_follows
 
 log = structlog.get_logger("nautilus_pipeline.batch")
 
@@ -419,7 +419,7 @@ class LocalExecutor:
                 if chain.error is not None:
                     fail(chain, DataError(chain.error), 0)
                 else:
-                    submit(_Task(chain, -1 if work.calibrate else 0))
+                    submit(_Task(chain, -1 if work.calibrate and not calibrates_in_job(chain) else 0))
             while pending:
                 done, _ = cf.wait(pending, return_when=cf.FIRST_COMPLETED)
                 broken: list[_Task] = []
@@ -438,6 +438,8 @@ class LocalExecutor:
                         chain.overrides = value
                         submit(_Task(chain, 0))
                         continue
+                    if task.index == 0 and work.calibrate and calibrates_in_job(chain):
+                        chain.overrides = value.overrides  # what the job worked out
                     out.returned_at[value.job_id] = time.time()
                     out.attempts[value.job_id] = task.attempt + 1
                     out.results.append(value)
@@ -707,7 +709,8 @@ class RayExecutor:
                 out.fail(chain.key, DataError(chain.error))
                 progress.chain_failed(chain.key, out.failures[chain.key], len(chain.files))
                 continue
-            overrides: Any = calibrate.remote(work, chain) if work.calibrate else chain.overrides
+            overrides: Any = (calibrate.remote(work, chain) if work.calibrate and not calibrates_in_job(chain)
+                              else chain.overrides)
             previous = None
             for spec in chain.jobs():
                 out.submitted_at[spec.job_id] = time.time()

@@ -31,7 +31,7 @@ import orjson
 
 from .. import config
 from ..app import Run, replay_into, write_atomic
-from .plan import with_overrides
+from .plan import needs_calibration, with_overrides
 
 TMP_MARK = ".tmp-"
 """Temporary job folders are named ``.<job>.tmp-<pid>-<random>`` (the pid: who is writing)."""
@@ -78,7 +78,11 @@ def replay_job(definition: config.PipelineDef | str | Path, files: Sequence[str 
 
     ``last``: the chain ends here (the stream's end closes the open VPIN bar and marks the
     trace's last row); otherwise what is still open is carried in the returned state.
-    ``overrides``: stage keys by stage name (the chain's ``bucket_volume``).
+    ``overrides``: stage keys by stage name (the chain's ``bucket_volume``). A
+    ``bucket_volume = "auto"`` they leave is worked out here, over ``files``, as one run over
+    them does (read once, the replay served from what was read), and returned in the
+    result's ``overrides``: what the executors do for a chain of one file, instead of a
+    calibration task reading the file once more (:func:`~.plan.calibrates_in_job`).
     A file that cannot be read raises :class:`~nautilus_pipeline.errors.DataError` naming it.
     """
     t0, cpu0 = time.perf_counter(), time.process_time()
@@ -93,6 +97,7 @@ def replay_job(definition: config.PipelineDef | str | Path, files: Sequence[str 
         clock.mark("definition")
         run = Run(d, ticks=[str(f) for f in files], out_dir=tmp, trace_every=trace_every,
                   batch_size=batch_size, format=format, symbol=symbol, execution="serial")
+        resolved = _resolved_overrides(d, run, overrides or {})
         clock.mark("build")
         with _job_loop() as loop:
             state, run_s, run_cpu = loop.run_until_complete(_execute(run, state_in, last))
@@ -122,10 +127,21 @@ def replay_job(definition: config.PipelineDef | str | Path, files: Sequence[str 
         ticks={k: int(t[k]) for k in ("read", "delivered", "rejected", "quarantined", "processed",
                                       "failed_in_stages", "failed_batches")},
         outputs=dict(s["outputs"]), state=state, wall_s=time.perf_counter() - t0, run_s=run_s,
-        pid=os.getpid(), symbols=tuple(s["symbols"]), overrides=dict(overrides or {}),
+        pid=os.getpid(), symbols=tuple(s["symbols"]), overrides=resolved,
         last_ts_ns=last_ts, last_file=None if last_ts is None else str(files[-1]),
         phases=clock.phases, cpu_s=time.process_time() - cpu0,
     )
+
+
+def _resolved_overrides(d: config.PipelineDef, run: Run,
+                        overrides: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """``overrides`` with the ``bucket_volume = "auto"`` the run worked out itself, in the
+    shape :func:`~.plan.calibrate_chain` gives (stage name → {"bucket_volume": {symbol: V}})."""
+    out = dict(overrides)
+    for name in needs_calibration(d):
+        stage = next(s for s in run.stages if s.name == name)
+        out[name] = {"bucket_volume": {str(k): float(v) for k, v in stage.bucket_volume.items()}}
+    return out
 
 
 PHASES = ("setup", "definition", "build", "loop", "summary", "publish", "free")

@@ -11,7 +11,9 @@ run (the policy of issue 10: one unreadable file fails that symbol's job, exit c
 
 ``bucket_volume = "auto"`` is a property of the whole input (its volume / buckets), so it is
 worked out per chain over all its files (:func:`calibrate_chain`, run by the executor)
-before the chain's first job, the same number one sequential run over those files uses.
+before the chain's first job, the same number one sequential run over those files uses. A
+chain of one file has its job work it out (:func:`calibrates_in_job`), as that one run does:
+reading the file once, not once for the calibration and again for the replay.
 
 Overlap. One sequential run over a symbol's files merges them by time (ties by file order);
 a chain replays them one after the other. The two agree only when each file starts at or
@@ -216,6 +218,15 @@ def needs_calibration(definition: config.PipelineDef) -> list[str]:
     """Names of the stages whose ``bucket_volume`` is ``"auto"``."""
     return [sd.name for sd in definition.stages
             if sd.type == "vpin" and sd.values.get("bucket_volume") == "auto"]
+
+
+def calibrates_in_job(chain: Chain) -> bool:
+    """Whether the chain's ``bucket_volume = "auto"`` is left to its job (a chain of one file:
+    :func:`~.job.replay_job` works it out over the file it reads anyway, the same number,
+    and returns it) rather than to a calibration task before it. On a lent H200 host a
+    calibration task over a 3M-trade file took 2.60 s beside 15 others
+    (``docs/measurements/gpu_batch_gpu_phases_ac96238_h200.txt``), a second full read of it."""
+    return len(chain.files) == 1
 
 
 def calibrate_chain(definition: config.PipelineDef | str, files: Sequence[str], symbol: str, *,
