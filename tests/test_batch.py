@@ -666,25 +666,3 @@ def test_batch_workers_take_host_slabs_for_auto_memory_and_keep_an_explicit_choi
     pinned = replace(gpu, pipeline={**gpu.pipeline, "memory": "pinned"})
     assert worker_memory(pinned, 16).pipeline["memory"] == "pinned"
     assert gpu.pipeline["memory"] == "auto"  # the definition passed in is not changed
-
-
-def test_the_fork_server_imports_torch_for_torch_stages_on_four_workers_or_more(tmp_path, monkeypatch):
-    """``preloads_torch``: a stage whose first stream that may run here is a torch one, at
-    ``TORCH_PRELOAD_MIN_WORKERS`` workers or more; decided without importing anything (a
-    torch:cuda stream on a host with no NVIDIA driver is ruled out, its cpu fallback taken)."""
-    pytest.importorskip("torch", reason="torch is not installed: a torch:cpu stage cannot be asked for")
-    from nautilus_pipeline.batch import executors
-    from nautilus_pipeline.compute import registry
-
-    text = (find_definition("default").read_text()
-            .replace('streams = ["coreml:ane", "mlx:gpu", "torch:cuda", "torch:mps", "cpu"]',
-                     'streams = ["coreml:ane", "torch:cpu", "cpu"]'))
-    assert "torch:cpu" in text
-    torch_cpu = tmp_path / "torch_cpu.toml"
-    torch_cpu.write_text(text)
-    n = executors.TORCH_PRELOAD_MIN_WORKERS
-    assert executors.preloads_torch(str(torch_cpu), n) and not executors.preloads_torch(str(torch_cpu), n - 1)
-    assert not executors.preloads_torch(None, 16)
-    monkeypatch.setattr(registry, "_no_nvidia_driver", lambda: True)
-    assert not executors.preloads_torch("default", 16)  # torch:cuda ruled out: the cpu fallback
-    assert not executors.preloads_torch("gpu", 16)

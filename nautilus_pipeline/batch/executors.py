@@ -67,7 +67,6 @@ from typing import Any
 import structlog
 
 from ..config import PipelineDef
-from ..config import load as load_definition
 from ..errors import ConfigError, DataError
 from .job import JobResult, replay_job
 from .plan import Chain, JobSpec, calibrate_chain, calibrates_in_job, check_follows
@@ -357,14 +356,12 @@ class LocalExecutor:
         self._starting: threading.Thread | None = None
         self._warm: list[cf.Future] = []
         self._t_prepare = 0.0
-        self._torch = False  # the fork server imports torch (preloads_torch)
 
     def prepare(self, log_level: str, definition: str | PipelineDef | None = None) -> None:
         """Start the workers now (the fork server's imports take seconds) and warm them up
         with ``definition`` (:func:`warm_up`), while the batch is planned."""
         threads = threads_per_worker(self.workers)
         self._t_prepare = time.time()
-        self._torch = preloads_torch(definition, self.workers)
         pool = self._ready = self._pool(Work("", "", log_level=log_level, threads=threads))
         self._warm = []
 
@@ -383,7 +380,7 @@ class LocalExecutor:
             starting.join()
 
     def _pool(self, work: Work) -> cf.ProcessPoolExecutor:
-        return cf.ProcessPoolExecutor(max_workers=self.workers, mp_context=_worker_context(self._torch),
+        return cf.ProcessPoolExecutor(max_workers=self.workers, mp_context=_worker_context(),
                                       initializer=_pool_init, initargs=(work.log_level, work.threads))
 
     def close(self) -> None:
@@ -496,45 +493,23 @@ Imports only: the threads they leave (BLAS's, pyarrow's allocator) handle a fork
 kernels are loaded by each worker's :func:`warm_up`, in parallel, while the driver plans (a
 warm-up replay in the server, tried, cost a serial 1.5-2 s at start-up for ~0.3 s saved per
 worker in parallel, and left pyarrow's thread pools and an io_uring thread running in the
-process that forks). torch is added (:data:`TORCH_PRELOAD`) for a definition with a torch
-stream and :data:`TORCH_PRELOAD_MIN_WORKERS` workers or more (:func:`preloads_torch`)."""
-
-TORCH_PRELOAD = "torch"
-TORCH_PRELOAD_MIN_WORKERS = 4
-"""From how many workers a definition with a torch stream has the fork server import torch.
-Imported by each worker, side by side, ``import torch`` took 2.65 s alone on a lent H100's
-16-core host, 2.64 s median / 3.92 max at 4 workers and 4.06 / 4.46 at 16
-(``scripts/profile_worker_warm.py``, ``docs/measurements/gpu_worker_warm_c7374f3_h100.txt``):
-16 processes loading the same 1-GB libraries at once. Once in the server it is one 2.65 s
-while the driver plans, and a fork each. With 2 workers it did not pay: at 75c957c (a
-torch:cpu stage, ``--workers 2``, 2-core dev VM, alternating,
-``docs/measurements/dev_batch_preload_torch_ab_75c957c.txt``) the server's serial import
-made the workers ready 0.6-0.8 s later than two importing it side by side. The server
-never touches CUDA (a forked child could not use a context made before the fork)."""
-
-
-def preloads_torch(definition: str | PipelineDef | None, workers: int) -> bool:
-    """Whether the fork server imports torch for a batch of ``definition`` on ``workers``:
-    some stage's first stream that is not ruled out here without an import (torch or MLX
-    not installed, no NVIDIA driver, not a Mac: ``registry.ruled_out_without_import``) is a
-    torch one, so that its workers will import torch. The driver imports nothing to know."""
-    if definition is None or workers < TORCH_PRELOAD_MIN_WORKERS:
-        return False
-    from ..compute.registry import canonical, ruled_out_without_import
-
-    d = definition if isinstance(definition, PipelineDef) else load_definition(definition)
-    for sd in d.stages:
-        first = next((canonical(s) for s in (sd.streams or ()) if ruled_out_without_import(s) is None), "cpu")
-        if first.startswith("torch:"):
-            return True
-    return False
+process that forks). Nor is torch, for a definition with a torch stage: tried at 75c957c
+(a torch:cpu inference stage, 2 files, ``--workers 2``, alternating,
+``docs/measurements/dev_batch_preload_torch_ab_75c957c.txt``), the server's serial import
+made the workers ready 0.6-0.8 s later than two workers importing it side by side. On a
+lent H100's 16-core host, where 16 workers import it side by side in 4.1-4.5 s against
+2.65 alone (``scripts/profile_worker_warm.py``,
+``docs/measurements/gpu_worker_warm_c7374f3_h100.txt``), the server importing it for
+``pipelines/gpu.toml --workers 16`` at 055580f did not pay either: its start 1.4 -> 4.0-5.6 s,
+the workers warm no sooner, 8.62/8.06M ticks/s against 8.19/8.75M without
+(``docs/measurements/gpu_batch_big12m_torch_preload_ab_055580f_h100.txt``)."""
 
 
 _server_env: dict[str, str] | None = None
 """The environment the fork server started with (one per process, on first use)."""
 
 
-def _worker_context(torch: bool = False) -> Any:
+def _worker_context() -> Any:
     """Workers forked from a fork server (a fresh process, with no thread of the driver's,
     that imported :data:`PRELOAD` once): N workers start in milliseconds instead of N
     interpreters importing numpy, pyarrow and numba side by side. ``spawn`` where there is
@@ -551,10 +526,7 @@ def _worker_context(torch: bool = False) -> Any:
     passes it the driver's sys.path and ignores it), so its workers imported that
     checkout's package and ran its jobs with the driver none the wiser (seen: an A/B of
     two checkouts started from one of them ran that one's workers in both columns).
-    ``spawn`` gives each worker the driver's sys.path.
-
-    ``torch``: the server imports torch too (:func:`preloads_torch`), where it is not
-    running yet (it is one per process: a later batch's choice does not change it)."""
+    ``spawn`` gives each worker the driver's sys.path."""
     global _server_env
     if "forkserver" not in multiprocessing.get_all_start_methods():
         return multiprocessing.get_context("spawn")
@@ -565,16 +537,10 @@ def _worker_context(torch: bool = False) -> Any:
         log.info("batch_workers_spawned", why="the environment changed since the fork server started")
         return multiprocessing.get_context("spawn")
     ctx = multiprocessing.get_context("forkserver")
-    ctx.set_forkserver_preload([*PRELOAD, TORCH_PRELOAD] if torch and _has_torch() else PRELOAD)
+    ctx.set_forkserver_preload(PRELOAD)
     if _server_env is None:
         _server_env = dict(os.environ)
     return ctx
-
-
-def _has_torch() -> bool:
-    import importlib.util
-
-    return importlib.util.find_spec("torch") is not None
 
 
 _PACKAGE = Path(__file__).resolve().parents[1]

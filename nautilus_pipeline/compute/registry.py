@@ -72,24 +72,6 @@ def _no_nvidia_driver() -> bool:
     )
 
 
-def ruled_out_without_import(name: str) -> str | None:
-    """The reason a stream cannot run here when it shows without importing its library
-    (not installed, no NVIDIA driver, not macOS), else None: it may run, or may not."""
-    name = canonical(name)
-    family = name.partition(":")[0]
-    if family in ("torch", "mlx") and importlib.util.find_spec(family) is None:
-        return f"{family} is not installed (pip install 'nautilus-pipeline[{family}]')"
-    if name.startswith("torch:cuda") and _no_nvidia_driver():
-        return "no CUDA device (no NVIDIA driver on this host)"
-    if name == "torch:mps" and sys.platform != "darwin":
-        return "MPS needs macOS on Apple silicon"
-    if name == "mlx:gpu" and sys.platform != "darwin" and _no_nvidia_driver():
-        return "no Metal or CUDA device for MLX (no NVIDIA driver on this host)"
-    if family == "coreml" and sys.platform != "darwin":
-        return coreml_unusable_reason(name.partition(":")[2])
-    return None
-
-
 @functools.cache
 def unusable_reason(name: str) -> str | None:
     """None when the stream can run here, else a one-line reason (cached per process).
@@ -101,9 +83,14 @@ def unusable_reason(name: str) -> str | None:
     family, _, rest = name.partition(":")
     if family == "cpu":
         return None
-    early = ruled_out_without_import(name)
-    if early is not None:
-        return early
+    if family in ("torch", "mlx") and importlib.util.find_spec(family) is None:
+        return f"{family} is not installed (pip install 'nautilus-pipeline[{family}]')"
+    if name.startswith("torch:cuda") and _no_nvidia_driver():
+        return "no CUDA device (no NVIDIA driver on this host)"
+    if name == "torch:mps" and sys.platform != "darwin":
+        return "MPS needs macOS on Apple silicon"
+    if name == "mlx:gpu" and sys.platform != "darwin" and _no_nvidia_driver():
+        return "no Metal or CUDA device for MLX (no NVIDIA driver on this host)"
     if family == "torch":
         try:
             import torch
