@@ -11,7 +11,7 @@
 #   2) carry [".mlx-b", ...]:             bash scripts/gpu_check.sh [all|tests,pipeline,engine,bench]
 #
 # "gputests" runs only the GPU and MLX tests (by name), e.g. "gputests,pipeline" in one call.
-# "batch": scripts/bench_batch.py at BATCH_WORKERS local workers, BATCH_TRADES per file (default pipeline on the
+# "batch": scripts/bench_batch.py at BATCH_WORKERS local workers, BATCH_TRADES per file, BATCH_DAYS files a symbol (16 symbols) (default pipeline on the
 # host's cores), then `batch pipelines/gpu.toml --workers N` on the same files (GPU_WORKERS);
 # BATCH_BIG=N: no scaling table, 16 generated files of N trades each for the gpu.toml runs;
 # GPU_MPS=1: those runs again under CUDA MPS (one GPU context shared by the workers).
@@ -264,7 +264,7 @@ if want batch; then
     timeout 200 python3 scripts/bench_batch.py --symbols 1 --days 1 --trades 20000 --workers 1 \
       --no-sequential --dir /tmp/bb-warm > "$out/bench_batch_warm.txt" 2>&1
     echo "numba cache warmed: $(grep -c '^| local' "$out/bench_batch_warm.txt") row(s) in $out/bench_batch_warm.txt"
-    timeout 400 python3 scripts/bench_batch.py --symbols 16 --days 1 --trades ${BATCH_TRADES:-600000} \
+    timeout 520 python3 scripts/bench_batch.py --symbols 16 --days ${BATCH_DAYS:-1} --trades ${BATCH_TRADES:-600000} \
       --workers ${BATCH_WORKERS:-1 2 4 8 16} --no-sequential --dir /tmp/bb 2>&1 | tee "$out/bench_batch.txt"
   fi
   # GPU_MPS=1: each GPU row again under CUDA's Multi-Process Service (one shared GPU context
