@@ -462,6 +462,100 @@ def test_the_streaming_merge_holds_a_result_ahead_of_its_turn_and_writes_what_th
     assert not list((tmp_path / "streamed").glob(".*.merging"))
 
 
+def test_the_pooled_merge_appends_chains_side_by_side_and_writes_what_one_thread_writes(tmp_path, monkeypatch):
+    """Many chains' results at once, shuffled (a chain's jobs out of order too): the pool's
+    files equal, byte for byte, what the merge on one thread writes (``merge_outputs``), a
+    kind with a chain out of time order merged the whole way in both; and two chains were
+    being appended at the same moment, on two threads (they meet at a barrier: one thread
+    alone would break it and the kind would not stream)."""
+    from nautilus_pipeline.batch import merge
+    from nautilus_pipeline.batch.merge import StreamingMerge, merge_outputs
+
+    rng = np.random.default_rng(11)
+    results = []
+    for c in range(12):
+        sym, start = f"S{c:02d}", 0
+        for i in range(3):
+            n = int(rng.integers(1, 400))
+            ts = start + np.sort(rng.integers(0, 10_000, n))
+            start = int(ts[-1])
+            paths = {}
+            for kind in ("signals", "vpin", "risk", "latency"):
+                kts = ts[::-1].copy() if (kind == "risk" and c == 7 and i == 1) else ts  # out of order
+                path = tmp_path / f"{kind}-{sym}-{i}.parquet"
+                pq.write_table(pa.table({"symbol": pa.array([sym] * n).dictionary_encode(), "ts_ns": kts,
+                                         "x": rng.normal(size=n)}), path)
+                paths[kind] = str(path)
+            results.append(JobResult(f"{sym}/{i:04d}", (), str(tmp_path), paths, {}, {}, {}, b""))
+    shuffled = [results[i] for i in rng.permutation(len(results))]
+    seen = [r.job_id for r in shuffled]
+    assert any(seen.index(f"S{c:02d}/0001") < seen.index(f"S{c:02d}/0000") for c in range(12))  # ahead of its turn
+
+    monkeypatch.setattr(merge, "MERGE_THREADS", 4)
+    merger = StreamingMerge(tmp_path / "pooled")
+    appending, barrier, lock = set(), threading.Barrier(2, timeout=120), threading.Lock()
+    append = merger._append
+
+    def met_by_another_thread(kind, chain, path):
+        with lock:
+            first = len(appending) < 2 and threading.get_ident() not in appending
+            appending.add(threading.get_ident())
+        if first:  # the first appends of two threads wait for each other
+            barrier.wait()
+        return append(kind, chain, path)
+
+    merger._append = met_by_another_thread
+    for res in shuffled:
+        merger.add(res)
+    pooled = merger.finish(results)
+    one = merge_outputs(tmp_path / "one", results)
+
+    assert len(appending) > 1 and merger.cpu_s > 0
+    assert sorted(pooled) == sorted(one) == ["risk", "signals", "vpin"]
+    for kind in pooled:
+        assert {k: v for k, v in pooled[kind].items() if k != "path"} == \
+            {k: v for k, v in one[kind].items() if k != "path"}, kind
+    assert pooled["signals"]["streamed"] and pooled["vpin"]["streamed"] and not pooled["risk"]["streamed"]
+    files = sorted(p.relative_to(tmp_path / "one") for p in (tmp_path / "one").rglob("*.parquet"))
+    assert len(files) == 3 * 12
+    assert files == sorted(p.relative_to(tmp_path / "pooled") for p in (tmp_path / "pooled").rglob("*.parquet"))
+    for f in files:
+        assert (tmp_path / "pooled" / f).read_bytes() == (tmp_path / "one" / f).read_bytes(), f
+    assert not list((tmp_path / "pooled").glob(".*"))
+
+
+def test_aborting_the_pooled_merge_ends_it_after_the_part_it_is_on(tmp_path, monkeypatch):
+    """abort() while a part is being appended: that part is finished, no other one is begun
+    (the chains still queued are dropped), the threads end and no temporary folder is left."""
+    from nautilus_pipeline.batch import merge
+    from nautilus_pipeline.batch.merge import StreamingMerge
+
+    monkeypatch.setattr(merge, "MERGE_THREADS", 1)
+    results = [_signals_result(tmp_path, f"S{c}", i, [10 * i, 10 * i + 1]) for c in range(4) for i in range(2)]
+    merger = StreamingMerge(tmp_path / "out")
+    entered, release, appended = threading.Event(), threading.Event(), []
+    append = merger._append
+
+    def held(kind, chain, path):
+        entered.set()
+        assert release.wait(120)
+        appended.append(path)
+        return append(kind, chain, path)
+
+    merger._append = held
+    for res in results:
+        merger.add(res)
+    assert entered.wait(120)
+    aborting = threading.Thread(target=merger.abort)
+    aborting.start()
+    assert merger._stop.wait(120)  # abort() has begun: it waits for the part in hand
+    release.set()
+    aborting.join(120)
+    assert not aborting.is_alive() and len(appended) == 1
+    assert not [t for t in threading.enumerate() if t.name.startswith("batch-merge")]
+    assert not list((tmp_path / "out").glob(".*"))
+
+
 def test_engine_times_count_from_when_a_job_could_start():
     """Dispatch is counted from the latest of: submitted, its chain's job before ended, its
     worker's job before ended, its worker warm; never the time it queued behind others."""
@@ -638,7 +732,7 @@ def test_an_error_while_the_jobs_run_stops_the_merge_and_leaves_no_half_written_
     files = [str(p) for p in generated(tmp_path / "a", symbol="SYNUSDT", days=2)]
     with pytest.raises(RuntimeError, match="progress callback failed"):
         run_batch(str(find_definition("default")), files, out, workers=1, progress=Boom())
-    assert not [t for t in threading.enumerate() if t.name == "batch-merge"]
+    assert not [t for t in threading.enumerate() if t.name.startswith("batch-merge")]
     assert not list(out.glob(".*.merging/**/*.parquet"))
 
 

@@ -8,10 +8,10 @@ sequential run per symbol over its files, sorted the same way (a stable sort). F
 written under a temporary name and renamed.
 
 The merge streams (:class:`StreamingMerge`): each job's parts are appended to their
-symbol's file as the job's result comes in, on a thread of the driver, while the other jobs
-run; after the last job only its own parts are left. Merging after the jobs, the old way,
-was 0.3-0.4 s of a 7-13 s batch of 8 files × 1M trades on the quiet dev VM
-(``docs/measurements/dev_bench_batch_quiet_b22cc61.txt``), all of it after the last job.
+symbol's file as the job's result comes in, on threads of the driver (chains side by side),
+while the other jobs run; after the last job only its own parts are left. Merging after the
+jobs, the old way, was 0.3-0.4 s of a 7-13 s batch of 8 files × 1M trades on the quiet dev
+VM (``docs/measurements/dev_bench_batch_quiet_b22cc61.txt``), all of it after the last job.
 
 ``summary.json`` accounts for every row of every file: per file and in total,
 ``read = delivered + rejected + quarantined``; files of failed or cancelled chains are listed
@@ -22,13 +22,13 @@ from __future__ import annotations
 
 import contextlib
 import os
-import queue
 import shutil
 import signal
 import sys
 import threading
 import time
 from collections.abc import Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 from urllib.parse import quote
@@ -92,16 +92,26 @@ def _install_recorded(out: Path, kind: str, tmp: Path, rows: int, merged: dict[s
 
 class StreamingMerge:
     """The merge done while the jobs run: each result's parts are appended to their symbol's
-    file as the result comes (on a thread of the driver, ``threaded``), so what is left after
+    file as the result comes (on threads of the driver, ``threaded``), so what is left after
     the last job is that job's parts, the files' footers and the renames: a chain's jobs end
     in chain order, which is the merge's order.
+
+    Threaded, chains are appended side by side on a small pool (:data:`MERGE_THREADS`
+    threads, each niced below the workers: :func:`_yield_to_workers`). Chains have distinct
+    (kind, symbol) files, so where many jobs end together (16 workers, one job each) their
+    parts need not wait for one thread to append them one after the other after the last job
+    (that tail was 1.39 s of an 8.6 s batch, and 1.14 s of a 16.2 s one, on a 16-core host:
+    ``docs/measurements/gpu_bench_batch_4166f12_h100.txt``). A chain is on one thread at a time
+    (``_busy``), its jobs in chain order (``_early``, ``_next``), so each writer is used by one
+    thread at a time; the state the chains share is under one lock.
 
     It streams only the common case: every part of a kind with a ``symbol`` column holding
     one symbol, each symbol from one chain, the parts of a symbol in time order one after
     the other, one schema per kind. Anything else (a part out of time order, a symbol in two
     chains, a part with a column the first one lacked) makes :meth:`finish` merge that kind
     again from its parts the whole way (:func:`_merge_kind`), the same rows as ever. Empty
-    parts are skipped, as there.
+    parts are skipped, as there. Which of these holds does not depend on the order the
+    chains are appended in, so the pool writes what one thread writes.
 
     Measured (``scripts/bench_batch.py``, 8 files × 1M trades, loaded dev VM): what the merge
     leaves after the last job; see the README's batch table."""
@@ -112,6 +122,7 @@ class StreamingMerge:
         self._added: set[str] = set()
         self._next: dict[str, int] = {}  # chain → index of its next job to append
         self._early: dict[str, dict[int, JobResult]] = {}  # chain → results ahead of their turn
+        self._busy: set[str] = set()  # chains a thread is appending (one thread per chain)
         self._writers: dict[tuple[str, str], tuple[pq.ParquetWriter, pa.Schema]] = {}  # (kind, symbol)
         self._last_ts: dict[tuple[str, str], int] = {}
         self._rows: dict[str, int] = {}
@@ -120,60 +131,82 @@ class StreamingMerge:
         self._whole: set[str] = set()  # kinds to merge the whole way
         self._error: BaseException | None = None
         self._tail = False  # finish() has begun: no job runs any more
-        self.cpu_s = 0.0  # CPU seconds of the merge's thread appending parts (its wall is longer
-        # where it shares the cores with the workers; the parts read after the last job, on
-        # pyarrow's pool, count only this thread's share)
-        self._queue: queue.Queue[JobResult | None] | None = None
-        self._thread: threading.Thread | None = None
+        self.cpu_s = 0.0  # CPU seconds of the merge's threads appending parts, summed (their
+        # wall is longer where they share the cores with the workers; the parts read after the
+        # last job, on pyarrow's pool, count only these threads' share)
+        self._lock = threading.Lock()  # the state above, between the caller and the pool
+        self._threaded = threaded
+        self._pool: ThreadPoolExecutor | None = None
         self._stop = threading.Event()
         # what a batch killed mid-run (kill -9, OOM) left here would be installed with this
         # batch's parts: the streamed folders are this batch's alone (review finding)
         for stale in self.out.glob(".*.merging"):
             shutil.rmtree(stale, ignore_errors=True)
         if threaded:
-            self._queue = queue.Queue()
-            self._thread = threading.Thread(target=self._drain, name="batch-merge", daemon=True)
-            self._thread.start()
+            self._pool = ThreadPoolExecutor(MERGE_THREADS, thread_name_prefix="batch-merge",
+                                            initializer=_yield_to_workers)
 
     def add(self, result: JobResult) -> None:
-        """A finished job: its parts are appended now (on the thread, when there is one)."""
-        if self._queue is not None:
-            self._queue.put(result)
-        else:
-            self._take(result)
+        """A finished job: its parts are appended now (on the pool, when there is one), or
+        held until its chain's jobs before it are."""
+        chain, index = chain_index(result.job_id)
+        with self._lock:
+            if self._stop.is_set():
+                return
+            self._added.add(result.job_id)
+            for kind, path in result.paths.items():
+                if kind not in SKIPPED_KINDS:
+                    self._parts.setdefault(kind, []).append((result.job_id, path))
+            if self._error is not None:
+                return
+            self._early.setdefault(chain, {})[index] = result
+            if chain in self._busy or (self._threaded and self._pool is None):
+                return  # the chain's thread takes it next (or finish() has joined the pool)
+            self._busy.add(chain)
+            if self._pool is not None:
+                # submitted under the lock: abort() sets _stop under it before shutting the pool
+                self._pool.submit(self._append_chain, chain)
+                return
+        self._append_chain(chain)
 
-    def _drain(self) -> None:
-        assert self._queue is not None
-        _yield_to_workers()
-        while (res := self._queue.get()) is not None:
-            if not self._stop.is_set():
-                self._take(res)
-
-    def _take(self, res: JobResult) -> None:
-        """``res`` appended if it is its chain's next job, else held until it is."""
-        chain, index = chain_index(res.job_id)
-        self._added.add(res.job_id)
-        for kind, path in res.paths.items():
-            if kind not in SKIPPED_KINDS:
-                self._parts.setdefault(kind, []).append((res.job_id, path))
-        if self._error is not None:
-            return
-        self._early.setdefault(chain, {})[index] = res
+    def _append_chain(self, chain: str) -> None:
+        """``chain``'s results appended while the next in its order is there (one thread per
+        chain: the caller marked it ``_busy``, it is unmarked where this stops)."""
         t0 = time.thread_time()
         try:
-            while (nxt := self._early[chain].pop(self._next.get(chain, 0), None)) is not None:
-                self._next[chain] = self._next.get(chain, 0) + 1
+            while (nxt := self._next_of(chain)) is not None:
                 for kind, path in sorted(nxt.paths.items()):
-                    if kind not in SKIPPED_KINDS and kind not in self._whole:
-                        if not self._append(kind, chain, path):
+                    with self._lock:
+                        if self._stop.is_set() or self._error is not None:
+                            self._busy.discard(chain)
+                            return
+                        skip = kind in SKIPPED_KINDS or kind in self._whole
+                    if not skip and not self._append(kind, chain, path):
+                        with self._lock:
                             self._whole.add(kind)
         except Exception as exc:  # merged again the whole way in finish(), which says it if it fails
-            self._error = exc
+            with self._lock:
+                self._error = self._error or exc
+                self._busy.discard(chain)
         finally:
-            self.cpu_s += time.thread_time() - t0
+            with self._lock:
+                self.cpu_s += time.thread_time() - t0
+
+    def _next_of(self, chain: str) -> JobResult | None:
+        """The chain's next result in its order, or None (the chain no longer busy)."""
+        with self._lock:
+            nxt = None if self._stop.is_set() or self._error is not None else \
+                self._early[chain].pop(self._next.get(chain, 0), None)
+            if nxt is None:
+                self._busy.discard(chain)
+            else:
+                self._next[chain] = self._next.get(chain, 0) + 1
+            return nxt
 
     def _append(self, kind: str, chain: str, path: str) -> bool:
-        """One part appended to its symbol's file; False where the kind cannot be streamed."""
+        """One part appended to its symbol's file; False where the kind cannot be streamed.
+        The (kind, symbol) file is its owner chain's alone, so only the kind's schema, the
+        owner and the row count are shared."""
         # one open and one read of the part: its footer, its symbol column and then the whole
         # through pq.read_table cost 0.16 s of CPU against 0.09 for the 32 parts of 8 files
         # x 1M trades (loaded VM: docs/measurements/dev_merge_read_5835c64.txt)
@@ -181,7 +214,8 @@ class StreamingMerge:
             if not pf.metadata.num_rows:
                 return True
             schema = pf.schema_arrow
-            first = self._schemas.setdefault(kind, schema)
+            with self._lock:
+                first = self._schemas.setdefault(kind, schema)
             if "symbol" not in schema.names or not schema.equals(first):
                 return False
             # while jobs run, decoded on this thread, not on pyarrow's pool: that pool's
@@ -193,7 +227,10 @@ class StreamingMerge:
         if len(symbols) != 1:
             return False
         key = (kind, symbols[0])
-        if self._owner.setdefault(key, chain) != chain:
+        with self._lock:
+            owner = self._owner.setdefault(key, chain)
+            entry = self._writers.get(key)
+        if owner != chain:
             return False
         table = _conform(table, schema, symbols[0])
         if "ts_ns" in table.column_names:
@@ -201,22 +238,28 @@ class StreamingMerge:
             if (key in self._last_ts and ts[0] < self._last_ts[key]) or not (ts[1:] >= ts[:-1]).all():
                 return False
             self._last_ts[key] = int(ts[-1])
-        if key not in self._writers:
+        if entry is None:
             folder = self.out / f".{kind}.merging" / f"symbol={quote(symbols[0], safe='')}"
             folder.mkdir(parents=True, exist_ok=True)
             out_schema = schema.remove(schema.get_field_index("symbol"))
-            self._writers[key] = (pq.ParquetWriter(folder / "part-0.parquet", out_schema), out_schema)
-        writer, out_schema = self._writers[key]
+            entry = (pq.ParquetWriter(folder / "part-0.parquet", out_schema), out_schema)
+            with self._lock:
+                self._writers[key] = entry
+        writer, out_schema = entry
         writer.write_table(table.cast(out_schema))
-        self._rows[kind] = self._rows.get(kind, 0) + table.num_rows
+        with self._lock:
+            self._rows[kind] = self._rows.get(kind, 0) + table.num_rows
         return True
 
-    def _join(self) -> None:
-        if self._thread is not None:
-            assert self._queue is not None
-            self._queue.put(None)
-            self._thread.join()
-            self._thread = None
+    def _join(self, *, stop: bool) -> None:
+        """The pool's appends done (``stop``: the part each is on, the rest dropped), its
+        threads ended."""
+        with self._lock:
+            if stop:
+                self._stop.set()
+            pool, self._pool = self._pool, None
+        if pool is not None:
+            pool.shutdown(wait=True, cancel_futures=stop)
 
     def finish(self, results: Sequence[JobResult], *,
                merged: dict[str, dict[str, Any]] | None = None) -> dict[str, dict[str, Any]]:
@@ -225,7 +268,7 @@ class StreamingMerge:
         merged = {} if merged is None else merged
         self._tail = True
         try:
-            self._join()
+            self._join(stop=False)
             if {r.job_id for r in results} != self._added or self._error is not None or any(self._early.values()):
                 self._whole = set(self._parts)  # not what it was given: from the parts alone
             self._close_writers()
@@ -247,16 +290,18 @@ class StreamingMerge:
                 writer.close()
 
     def abort(self) -> None:
-        """Stop (a Ctrl-C): the thread ends after the part it is on, temporary folders removed."""
-        self._stop.set()
-        self._join()
+        """Stop (a Ctrl-C): the threads end after the part each is on, temporary folders removed."""
+        self._join(stop=True)
         self._close_writers()
         for kind in self._parts:
             shutil.rmtree(self.out / f".{kind}.merging", ignore_errors=True)
 
 
+MERGE_THREADS = min(8, os.cpu_count() or 1)
+"""Threads appending chains side by side (threaded :class:`StreamingMerge`): a few are enough
+to overlap the reads, encodes and writes of the parts left after the last job."""
 MERGE_NICE = 10
-"""The merge thread's nice value (Linux), above the workers' 0."""
+"""The merge threads' nice value (Linux), above the workers' 0."""
 
 
 def _yield_to_workers() -> None:
