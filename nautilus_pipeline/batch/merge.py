@@ -39,6 +39,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from ..app import write_atomic
+from ..io.arrow_numpy import scalar, to_numpy
 from .job import JobResult
 from .plan import Chain
 
@@ -237,7 +238,7 @@ class StreamingMerge:
             return False
         table = _conform(table, schema, symbols[0])
         if "ts_ns" in table.column_names:
-            ts = table["ts_ns"].to_numpy()
+            ts = to_numpy(table["ts_ns"])
             if (key in self._last_ts and ts[0] < self._last_ts[key]) or not (ts[1:] >= ts[:-1]).all():
                 return False
             self._last_ts[key] = int(ts[-1])
@@ -384,7 +385,8 @@ def _symbols_of(paths: list[str]) -> dict[str, list[str]]:
     ``symbol`` column is read. A job's part normally holds one symbol."""
     groups: dict[str, list[str]] = {}
     for p in paths:
-        symbols = pq.read_table(p, columns=["symbol"])["symbol"].cast(pa.string())
+        with pq.ParquetFile(p) as pf:  # not pq.read_table: its pyarrow.dataset imports pandas
+            symbols = pf.read(columns=["symbol"])["symbol"].cast(pa.string())
         for name in pc.unique(symbols).to_pylist():
             groups.setdefault(name, []).append(p)
     return dict(sorted(groups.items()))
@@ -399,7 +401,7 @@ def _write_parts(paths: list[str], schema: pa.Schema, target: Path, *, symbol: s
         for p in paths:
             table = _part(p, schema, symbol)
             if "ts_ns" in table.column_names and table.num_rows:
-                ts = table["ts_ns"].to_numpy()
+                ts = to_numpy(table["ts_ns"])
                 if (last is not None and ts[0] < last) or not (ts[1:] >= ts[:-1]).all():
                     break
                 last = ts[-1]
@@ -424,8 +426,9 @@ def _conform(table: pa.Table, schema: pa.Schema, symbol: str | None) -> pa.Table
     the ``symbol`` column dropped, its rows of ``symbol`` only, when given)."""
     if symbol is not None:
         symbols = table["symbol"].cast(pa.string())
-        if pc.any(pc.not_equal(symbols, symbol)).as_py():
-            table = table.filter(pc.equal(symbols, symbol))
+        wanted = scalar(symbol, pa.string())  # not a str: pyarrow would import pandas for it
+        if pc.any(pc.not_equal(symbols, wanted)).as_py():
+            table = table.filter(pc.equal(symbols, wanted))
     columns = [table[f.name].cast(f.type) if f.name in table.column_names else pa.nulls(table.num_rows, f.type)
                for f in schema]
     table = pa.Table.from_arrays(columns, schema=schema)
@@ -436,7 +439,7 @@ def _in_time_order(table: pa.Table) -> pa.Table:
     """``table`` sorted by ``ts_ns`` (stable; as it is when already in order)."""
     if "ts_ns" not in table.column_names or table.num_rows < 2:
         return table
-    ts = table["ts_ns"].to_numpy()
+    ts = to_numpy(table["ts_ns"])
     if (ts[1:] >= ts[:-1]).all():
         return table
     keys = [(k, "ascending") for k in ("symbol", "ts_ns") if k in table.column_names]
