@@ -320,6 +320,9 @@ builds = sorted(j["phases"].get("build", 0.0) for j in jobs if j.get("phases"))
 print(f"  first job started {s.get('first_job_start_s') or 0:.2f} s after the batch's start, the last job's result "
       f"{s.get('after_last_job_s') or 0:.2f} s before its end; job build (the file is read there when the job "
       f"works out bucket_volume) min/median/max {builds[0]:.2f}/{builds[len(builds) // 2]:.2f}/{builds[-1]:.2f} s")
+print(f"  after the last job: the workers' stop (executor close) {s.get('executor_close_s') or 0:.2f} s, the merge's "
+      f"finish {s.get('merge_s', 0):.2f} s; the command outside the batch (interpreter, imports, exit) "
+      f"{wall - s.get('wall_s', 0):.2f} s")
 PY
   done
   done

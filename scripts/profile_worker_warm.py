@@ -6,7 +6,9 @@ preload, ``batch.executors._worker_context``); each worker, at the same moment, 
 ``executors.warm_up`` on the definition (the bundled 21K-trade sample replayed through it:
 numba kernels, the model, the stages' device start); and the same replay again, warm. It
 shows which of them grows with N (what the workers queue for on one GPU) and which does
-not. Prints one table row per N (median and max over the workers, seconds).
+not; then the pool's stop (every worker told to stop and joined, what a batch's end waits for:
+the workers' CUDA contexts torn down). Prints one table row per N (median and max over the
+workers, seconds).
 
 Run (the lent GPU host): ``python scripts/profile_worker_warm.py --workers 1 4 16``.
 """
@@ -60,18 +62,23 @@ def main() -> None:
 
     names = ["late", "import torch", "CUDA context", "warm_up (sample replay)", "the replay again"]
     print(f"definition {args.definition}; seconds, median / max over the workers started at once")
-    print("| workers | " + " | ".join(names) + " | all of it (max) |")
-    print("|---:|" + "---:|" * (len(names) + 1))
+    print("| workers | " + " | ".join(names) + " | all of it (max) | the pool's stop |")
+    print("|---:|" + "---:|" * (len(names) + 2))
     for n in args.workers:
         ctx = executors._worker_context()
-        with cf.ProcessPoolExecutor(max_workers=n, mp_context=ctx) as pool:
+        pool = cf.ProcessPoolExecutor(max_workers=n, mp_context=ctx)
+        try:
             # the workers start (the fork server's preload) before the common moment
             list(pool.map(time.sleep, [0.0] * n))
             start_at = time.time() + 1.0
             rows = list(pool.map(_phases, [args.definition] * n, [start_at] * n))
+        finally:
+            t = time.perf_counter()
+            pool.shutdown(wait=True)  # every worker told to stop, and joined: what a batch's end waits for
+            stop = time.perf_counter() - t
         totals = [sum(r[k] for k in names[1:]) for r in rows]
         cells = [f"{statistics.median(r[k] for r in rows):.2f} / {max(r[k] for r in rows):.2f}" for k in names]
-        print(f"| {n} | " + " | ".join(cells) + f" | {max(totals):.2f} |", flush=True)
+        print(f"| {n} | " + " | ".join(cells) + f" | {max(totals):.2f} | {stop:.2f} |", flush=True)
 
 
 if __name__ == "__main__":
