@@ -603,13 +603,15 @@ def test_a_warm_worker_has_its_survivors_frozen_and_a_cold_one_after_its_first_j
     ctx = executors._worker_context()
     with cf.ProcessPoolExecutor(1, mp_context=ctx, initializer=executors._pool_init,
                                 initargs=("warning", 1)) as pool:
-        assert pool.submit(gc.get_freeze_count).result(timeout=300) == 0
+        fresh = pool.submit(gc.get_freeze_count).result(timeout=300)  # 0; 375 on the GPU host's Python 3.12
+        assert fresh < 10_000
         pool.submit(executors.warm_up, "warning", 1, load("default")).result(timeout=300)
-        assert pool.submit(gc.get_freeze_count).result(timeout=300) > 10_000
+        assert pool.submit(gc.get_freeze_count).result(timeout=300) > fresh + 10_000
     with cf.ProcessPoolExecutor(1, mp_context=ctx, initializer=executors._pool_init,
                                 initargs=("warning", 1)) as pool:
+        fresh = pool.submit(gc.get_freeze_count).result(timeout=300)
         pool.submit(executors.run_job, work, spec, {}, 1, None).result(timeout=300)
-        assert pool.submit(gc.get_freeze_count).result(timeout=300) > 10_000
+        assert pool.submit(gc.get_freeze_count).result(timeout=300) > fresh + 10_000
     before = gc.get_freeze_count()
     try:
         executors.run_job(work, replace(spec, job_id="S/0001"), {}, 1, None)

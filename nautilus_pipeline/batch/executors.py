@@ -243,7 +243,15 @@ def warm_up(log_level: str, threads: int,
     0.05-0.09 s for the same replay warm: measured on the loaded dev VM), so that a job's time
     is its replay's. Best effort: a definition the sample does not fit (a book pipeline, a
     ``--format``) warms the imports only. Returns the worker's pid, when its imports were
-    done and when it was warm (epoch s)."""
+    done and when it was warm (epoch s).
+
+    Tried: for a definition on a usable ``torch:cuda`` stream, torch imported here and the
+    rest left to the first job, whose run warms CUDA and the kernels beside its read
+    (:mod:`..compute.warmup`). On a lent H100's 16-core host, 16 workers, 16 files of 12M
+    trades: the first job 4.8 s sooner, its build 2.9 s and its replay 0.9 s longer, 10.48M
+    -> 10.75M ticks/s in one round: the work moved into the jobs rather than beside their
+    read (16 workers, 16 cores), so it was not kept
+    (``docs/measurements/gpu_batch_big12m_warm_in_read_trial_h100.txt``)."""
     _worker_setup(log_level, threads)
     from .. import app, stages  # noqa: F401
     from ..io import Replay  # noqa: F401
