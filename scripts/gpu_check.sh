@@ -14,7 +14,8 @@
 # "batch": scripts/bench_batch.py at BATCH_WORKERS local workers, BATCH_TRADES per file, BATCH_DAYS files a symbol (16 symbols) (default pipeline on the
 # host's cores), then `batch pipelines/gpu.toml --workers N` on the same files (GPU_WORKERS);
 # BATCH_BIG=N: no scaling table, 16 generated files of N trades each for the gpu.toml runs;
-# GPU_MPS=1: those runs again under CUDA MPS (one GPU context shared by the workers).
+# GPU_MPS=1: those runs again under CUDA MPS (one GPU context shared by the workers);
+# GPU_MPS_MODES="off on on off": the order of the runs without and with it (default "off on").
 # GPU_MEMORY="auto pinned" and GPU_ROUNDS=N: those runs per slab memory, alternating, N rounds.
 # GPU_BEFORE=DIR (a carried checkout, e.g. .gpuwt/base): each of those runs with DIR's package first, A/B.
 # "profile": scripts/profile_pipeline.py on 10M generated trades through pipelines/gpu.toml at
@@ -271,7 +272,7 @@ if want batch; then
   # instead of 16 time-sliced ones), its control daemon started here and stopped after.
   mps_modes="off"
   if [ -n "${GPU_MPS:-}" ]; then
-    if command -v nvidia-cuda-mps-control >/dev/null; then mps_modes="off on"
+    if command -v nvidia-cuda-mps-control >/dev/null; then mps_modes=${GPU_MPS_MODES:-off on}
     else echo "MPS: nvidia-cuda-mps-control not on this machine, rows without MPS only"; fi
   fi
   for mps in $mps_modes; do
