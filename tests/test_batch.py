@@ -721,6 +721,25 @@ def test_what_a_killed_batch_left_streaming_is_not_installed_with_the_next_one(t
     assert {p.name for p in (out / "signals").iterdir()} == {"symbol=A"}
 
 
+@pytest.mark.parametrize("parts", [[[None, 5, 7], [8, 9]], [[3, 4], [None]], [[None], [None, 2]]])
+def test_a_part_with_null_timestamps_is_merged_sorted_with_its_nulls_last(tmp_path, parts):
+    """No time order to follow in a part with a null ``ts_ns``: its symbol goes to the sorted
+    merge (nulls last), streamed or not (review finding: read as the zeros under the nulls,
+    they were taken as in order and written first)."""
+    from nautilus_pipeline.batch.merge import StreamingMerge, merge_outputs
+
+    results = [_signals_result(tmp_path, "A", i, ts) for i, ts in enumerate(parts)]
+    want = sorted(t for ts in parts for t in ts if t is not None) + [None] * sum(ts.count(None) for ts in parts)
+    merge_outputs(tmp_path / "whole", results)
+    streamed = StreamingMerge(tmp_path / "streamed")
+    for r in results:
+        streamed.add(r)
+    streamed.finish(results)
+    for out in ("whole", "streamed"):
+        got = pq.ParquetFile(tmp_path / out / "signals" / "symbol=A" / "part-0.parquet").read()
+        assert got["ts_ns"].to_pylist() == want, out
+
+
 def test_an_error_while_the_jobs_run_stops_the_merge_and_leaves_no_half_written_file(tmp_path):
     """Not only a Ctrl-C: any failure of the run phase joins the merge thread and removes its
     unfinished Parquet files (review finding: the thread and footer-less files were left)."""

@@ -234,9 +234,10 @@ def test_a_float16_column_still_converts():
 
 
 def test_a_batch_driver_and_its_merge_never_ask_for_pandas(tmp_path):
-    """``nautilus-pipeline batch``'s own process: the merge conforms and sorts each job's
-    parts (a Python ``str`` compared in pyarrow, ``pq.read_table``'s ``pyarrow.dataset`` and
-    ``to_numpy`` each imported pandas there: 0.23 s of the driver's CPU at the first part)."""
+    """``nautilus-pipeline batch``'s own process, and the merge's path for parts out of time
+    order: the merge conforms and sorts each job's parts (a Python ``str`` compared in
+    pyarrow, ``pq.read_table``'s ``pyarrow.dataset`` and ``to_numpy`` each imported pandas
+    there: 0.23 s of the driver's CPU at the first part)."""
     code = PANDAS_HOOK + textwrap.dedent(f"""
         from nautilus_pipeline.cli import main
         try:
@@ -244,6 +245,23 @@ def test_a_batch_driver_and_its_merge_never_ask_for_pandas(tmp_path):
                   {str(tmp_path / "out")!r}, "--workers", "1", "--no-progress", "--log-level", "warning"])
         except SystemExit as e:
             assert not e.code, e.code
+        # one file streams through the merge; two parts out of time order take its other path
+        # (the symbols read, the parts written in order, then sorted)
+        import pathlib, numpy as np, pyarrow as pa, pyarrow.parquet as pq
+        from nautilus_pipeline.batch.job import JobResult
+        from nautilus_pipeline.batch.merge import merge_outputs
+        from nautilus_pipeline.io.arrow_numpy import from_numpy, strings
+        tmp = pathlib.Path({str(tmp_path)!r})
+        results = []
+        for i, ts in enumerate([[5, 7], [3, 4]]):
+            path = tmp / f"part-{{i}}.parquet"
+            pq.write_table(pa.Table.from_arrays([strings(["A", "A"]), from_numpy(np.array(ts))],
+                                                names=["symbol", "ts_ns"]), path)
+            results.append(JobResult(f"A/{{i:04d}}", (), str(tmp), {{"signals": str(path)}}, {{}}, {{}}, {{}}, b""))
+        merged = merge_outputs(tmp / "sorted", results)
+        assert not merged["signals"]["streamed"], merged
+        got = pq.ParquetFile(tmp / "sorted" / "signals" / "symbol=A" / "part-0.parquet").read()
+        assert got["ts_ns"].to_pylist() == [3, 4, 5, 7]
         print("ASKED", asked)
     """)
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,

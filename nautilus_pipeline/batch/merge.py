@@ -238,6 +238,8 @@ class StreamingMerge:
             return False
         table = _conform(table, schema, symbols[0])
         if "ts_ns" in table.column_names:
+            if table["ts_ns"].null_count:  # no time order to keep: the sorted merge's (nulls last)
+                return False
             ts = to_numpy(table["ts_ns"])
             if (key in self._last_ts and ts[0] < self._last_ts[key]) or not (ts[1:] >= ts[:-1]).all():
                 return False
@@ -401,6 +403,8 @@ def _write_parts(paths: list[str], schema: pa.Schema, target: Path, *, symbol: s
         for p in paths:
             table = _part(p, schema, symbol)
             if "ts_ns" in table.column_names and table.num_rows:
+                if table["ts_ns"].null_count:
+                    break
                 ts = to_numpy(table["ts_ns"])
                 if (last is not None and ts[0] < last) or not (ts[1:] >= ts[:-1]).all():
                     break
@@ -440,7 +444,7 @@ def _in_time_order(table: pa.Table) -> pa.Table:
     if "ts_ns" not in table.column_names or table.num_rows < 2:
         return table
     ts = to_numpy(table["ts_ns"])
-    if (ts[1:] >= ts[:-1]).all():
+    if not table["ts_ns"].null_count and (ts[1:] >= ts[:-1]).all():
         return table
     keys = [(k, "ascending") for k in ("symbol", "ts_ns") if k in table.column_names]
     return table.take(pc.sort_indices(table, sort_keys=keys))
