@@ -15,7 +15,8 @@
 # host's cores), then `batch pipelines/gpu.toml --workers N` on the same files (GPU_WORKERS);
 # BATCH_BIG=N: no scaling table, 16 generated files of N trades each for the gpu.toml runs;
 # GPU_MPS=1: those runs again under CUDA MPS (one GPU context shared by the workers);
-# GPU_MPS_MODES="off on on off": the order of the runs without and with it (default "off on").
+# GPU_MPS_MODES="off on on off" (with GPU_MPS=1): the order of the runs without and with it
+# (default "off on"; a mode that is not "on" runs without it).
 # GPU_MEMORY="auto pinned" and GPU_ROUNDS=N: those runs per slab memory, alternating, N rounds.
 # GPU_BEFORE=DIR (a carried checkout, e.g. .gpuwt/base): each of those runs with DIR's package first, A/B.
 # "profile": scripts/profile_pipeline.py on 10M generated trades through pipelines/gpu.toml at
@@ -277,7 +278,8 @@ if want batch; then
   fi
   for mps in $mps_modes; do
   if [ "$mps" = on ]; then
-    nvidia-cuda-mps-control -d && echo "MPS: control daemon started (pipe dir /tmp/nvidia-mps)"
+    if nvidia-cuda-mps-control -d; then echo "MPS: control daemon started (pipe dir /tmp/nvidia-mps)"
+    else echo "MPS: the control daemon did not start: these rows run without it"; mps="on-failed"; fi
   fi
   # GPU_MEMORY="auto pinned": each row once per slab memory (pinned: a copy of gpu.toml with
   # memory = "pinned", beside auto, which batch workers resolve to host), GPU_ROUNDS times, alternating
@@ -293,8 +295,8 @@ if want batch; then
   for tree in ${GPU_BEFORE:+"$GPU_BEFORE"} .; do
     pkg=$(cd "$tree" && pwd)
     echo "== nautilus-pipeline batch $def --workers $w (the same files), memory $mem, MPS $mps, round $round, package $pkg"
-    t0=$(date +%s.%N)
     rm -rf "/tmp/bb-gpu-$w-$mps-$mem"
+    t0=$(date +%s.%N)
     # run from the package's folder: a batch run where the current folder holds another
     # nautilus_pipeline spawns its workers instead of forking them (executors._worker_context)
     (cd "$pkg" && PYTHONPATH="$pkg:$PYTHONPATH" timeout 200 python3 -m nautilus_pipeline.cli batch \
@@ -322,15 +324,18 @@ print(f"  first job started {s.get('first_job_start_s') or 0:.2f} s after the ba
       f"{s.get('after_last_job_s') or 0:.2f} s before its end; job build (the file is read there when the job "
       f"works out bucket_volume) min/median/max {builds[0]:.2f}/{builds[len(builds) // 2]:.2f}/{builds[-1]:.2f} s")
 print(f"  after the last job: the workers' stop (executor close) {s.get('executor_close_s') or 0:.2f} s, the merge's "
-      f"finish {s.get('merge_s', 0):.2f} s; the command outside the batch (interpreter, imports, exit) "
-      f"{wall - s.get('wall_s', 0):.2f} s")
+      f"finish {s.get('merge_s', 0):.2f} s; and outside the batch's own wall_s (the command's interpreter, "
+      f"imports and exit, this script's start): {wall - s.get('wall_s', 0):.2f} s")
 PY
   done
   done
   [ "$mem" != auto ] && rm -f "$def"
   done
   done
-  if [ "$mps" = on ]; then echo quit | nvidia-cuda-mps-control && echo "MPS: control daemon stopped"; fi
+  if [ "$mps" = on ]; then  # quit returns at once: wait for the daemon to be gone before a next start
+    echo quit | nvidia-cuda-mps-control && echo "MPS: control daemon stopped"
+    for _ in $(seq 50); do pgrep -x nvidia-cuda-mps-control >/dev/null || break; sleep 0.1; done
+  fi
   done 2>&1 | tee "$out/batch_gpu.txt"
 fi
 if [[ ",$what," == *",bridge,"* ]]; then  # asked by name only, not by "all"

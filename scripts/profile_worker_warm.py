@@ -61,7 +61,8 @@ def main() -> None:
     from nautilus_pipeline.batch import executors
 
     names = ["late", "import torch", "CUDA context", "warm_up (sample replay)", "the replay again"]
-    print(f"definition {args.definition}; seconds, median / max over the workers started at once")
+    print(f"definition {args.definition}; seconds, median / max over the workers started at once "
+          "(the pool's stop: one wall time, every worker told to stop and joined)")
     print("| workers | " + " | ".join(names) + " | all of it (max) | the pool's stop |")
     print("|---:|" + "---:|" * (len(names) + 2))
     for n in args.workers:
