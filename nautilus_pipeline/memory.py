@@ -156,15 +156,24 @@ class Slab:
 
     ``columns[name]`` is the whole capacity-sized array; row ``i`` of every column is tick
     ``i`` of the batch. The slab outlives every batch it carries.
+
+    ``lazy``: the columns whose fill is not zero are filled at the slab's first lease
+    (:meth:`fill_pending`, called by the pool) instead of here, so that a slab no batch ever
+    takes is never written: its zeroed pages are not faulted in (a pool of 8 slabs of
+    262,144 rows is 566 MB, and a serial replay, taking the slab released last, uses one or
+    two of them). A batch worker on ``pipelines/gpu.toml``: peak RSS after its warm-up 726 ->
+    284 MB, after a 1M-trade job 1145 -> 828 MB, the job 2.6 -> 2.1 s
+    (``scripts/profile_worker_rss.py``, ``docs/measurements/dev_pool_lifo_lazy_fill_91efb65.txt``).
     """
 
-    __slots__ = ("backing", "capacity", "columns", "index", "mlx_columns", "owner")
+    __slots__ = ("backing", "capacity", "columns", "index", "mlx_columns", "owner", "unfilled")
 
     def __init__(self, index: int, specs: Sequence[ColumnSpec], capacity: int, memory: str,
-                 layout: SlabLayout | None = None):
+                 layout: SlabLayout | None = None, *, lazy: bool = False):
         self.index = index
         self.capacity = capacity
         self.mlx_columns: dict[str, Any] | None = None
+        self.unfilled: list[tuple[np.ndarray, float | int]] | None = None
         if memory == "unified":
             self._allocate_unified(specs, capacity)
             return
@@ -172,11 +181,21 @@ class Slab:
         self.backing, self.owner = _allocate_backing(layout.nbytes, memory)
         backing = self.backing
         self.columns: dict[str, np.ndarray] = {}
+        pending = []
         for spec, start, stop, shape, refill in layout.columns:
             col = backing[start:stop].view(spec.dtype).reshape(shape)
             if refill:
-                col.fill(spec.fill)
+                pending.append((col, spec.fill))
             self.columns[spec.name] = col
+        self.unfilled = pending or None
+        if not lazy:
+            self.fill_pending()
+
+    def fill_pending(self) -> None:
+        """Write the fill of the columns a lazy slab has not filled yet (once)."""
+        pending, self.unfilled = self.unfilled, None
+        for col, fill in pending or ():
+            col.fill(fill)
 
     def _allocate_unified(self, specs: Sequence[ColumnSpec], capacity: int) -> None:
         """One MLX array per column that a GPU can hold, with a numpy view onto each.
@@ -396,10 +415,13 @@ class BufferPool:
             self._slabs = kept
         else:
             layout = None if self.memory == "unified" else slab_layout(self.specs, capacity)
-            self._slabs = [Slab(i, self.specs, capacity, self.memory, layout) for i in range(slabs)]
+            self._slabs = [Slab(i, self.specs, capacity, self.memory, layout, lazy=True)
+                           for i in range(slabs)]
         self.reused_slabs = kept is not None
         """Whether the slabs came from a pool closed before (:func:`keep_slabs`)."""
-        self._free: collections.deque[Slab] = collections.deque(self._slabs)
+        # taken from the right (the slab released last: its pages and cache lines are warm,
+        # and a lazy slab no batch needs is never filled), slab 0 first
+        self._free: collections.deque[Slab] = collections.deque(reversed(self._slabs))
         self._waiters: collections.deque[asyncio.Future[Slab]] = collections.deque()
         self._live: dict[int, Lease] = {}
         self._idle_waiters: list[asyncio.Future[None]] = []
@@ -425,14 +447,14 @@ class BufferPool:
         path, without a coroutine per tick."""
         if self._closed or not self._free or self._waiters:
             return None
-        return self._lease(self._free.popleft(), holder)
+        return self._lease(self._free.pop(), holder)
 
     async def acquire(self, holder: str = "source", timeout: float | None = None) -> Lease:
         """Lease a free slab, waiting (backpressure) while all are in use."""
         if self._closed:
             raise LeaseError(f"pool {self.name!r} is closed")
         if self._free and not self._waiters:
-            slab = self._free.popleft()
+            slab = self._free.pop()
         else:
             loop = asyncio.get_running_loop()
             fut: asyncio.Future[Slab] = loop.create_future()
@@ -458,6 +480,8 @@ class BufferPool:
         return self._lease(slab, holder)
 
     def _lease(self, slab: Slab, holder: str) -> Lease:
+        if slab.unfilled is not None:
+            slab.fill_pending()
         self._seq += 1
         lease = Lease(self, slab, holder, self._seq)
         live = self._live

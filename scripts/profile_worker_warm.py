@@ -23,8 +23,9 @@ import time
 from pathlib import Path
 
 
-def _phases(definition: str, start_at: float) -> dict[str, float]:
-    """One worker's phases (seconds), begun at the epoch second ``start_at`` with the others."""
+def _phases(definition: str, start_at: float, profile_to: str | None = None) -> dict[str, float]:
+    """One worker's phases (seconds), begun at the epoch second ``start_at`` with the others;
+    ``profile_to``: this worker's warm-up under cProfile, its top functions written there."""
     while time.time() < start_at:
         time.sleep(0.001)
     out: dict[str, float] = {"late": time.time() - start_at}
@@ -44,7 +45,20 @@ def _phases(definition: str, start_at: float) -> dict[str, float]:
 
     d = load(definition)
     t = time.perf_counter()
-    executors.warm_up("warning", 1, d)
+    if profile_to:
+        import cProfile
+        import io
+        import pstats
+
+        prof = cProfile.Profile()
+        prof.runcall(executors.warm_up, "warning", 1, d)
+        text = io.StringIO()
+        stats = pstats.Stats(prof, stream=text).sort_stats("cumulative")
+        stats.print_stats(45)
+        stats.sort_stats("tottime").print_stats(25)
+        Path(profile_to).write_text(text.getvalue())
+    else:
+        executors.warm_up("warning", 1, d)
     out["warm_up (sample replay)"] = time.perf_counter() - t
     t = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="nautilus-warm-again-") as tmp:
@@ -57,6 +71,9 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--workers", type=int, nargs="+", default=[1, 4, 16])
     ap.add_argument("--definition", default="pipelines/gpu.toml")
+    ap.add_argument("--profile-to", metavar="PREFIX",
+                    help="one worker of each row warms up under cProfile (slower), its top functions "
+                         "in PREFIX-<workers>.txt")
     args = ap.parse_args()
     from nautilus_pipeline.batch import executors
 
@@ -72,7 +89,8 @@ def main() -> None:
             # the workers start (the fork server's preload) before the common moment
             list(pool.map(time.sleep, [0.0] * n))
             start_at = time.time() + 1.0
-            rows = list(pool.map(_phases, [args.definition] * n, [start_at] * n))
+            profile = [f"{args.profile_to}-{n}.txt" if args.profile_to else None] + [None] * (n - 1)
+            rows = list(pool.map(_phases, [args.definition] * n, [start_at] * n, profile))
         finally:
             t = time.perf_counter()
             pool.shutdown(wait=True)  # every worker told to stop, and joined: what a batch's end waits for
