@@ -72,6 +72,14 @@ _kept_slabs: dict[tuple, list[Slab]] = {}  # keep_slabs(): the slabs of the last
 _keep = False
 
 
+LAZY_FILL_BYTES = 8 << 20
+"""A pool's slabs from this size on are filled at their first lease (:class:`Slab`'s
+``lazy``); smaller ones when the pool is made, as before: a live pipeline's first ticks do
+not pay for them (the default definition's slabs are ~1 MB: filled at their first lease,
+the live benchmark's 4,096-tick batches at full rate came to 0.99-1.02M ticks/s against
+1.22-1.25M, its 5,000 ticks being two batches, ``scripts/bench_pipeline.py --rows``)."""
+
+
 def keep_slabs(on: bool = True) -> None:
     """From now on a closed pool's slabs serve the next pool of the same layout (``False``:
     free them, and what is kept). Meant for a process that builds one pipeline after another
@@ -157,9 +165,9 @@ class Slab:
     ``columns[name]`` is the whole capacity-sized array; row ``i`` of every column is tick
     ``i`` of the batch. The slab outlives every batch it carries.
 
-    ``lazy``: the columns whose fill is not zero are filled at the slab's first lease
-    (:meth:`fill_pending`, called by the pool) instead of here, so that a slab no batch ever
-    takes is never written: its zeroed pages are not faulted in (a pool of 8 slabs of
+    ``lazy`` (a pool's slabs from :data:`LAZY_FILL_BYTES` on): the columns whose fill is not
+    zero are filled at the slab's first lease (:meth:`fill_pending`, called by the pool)
+    instead of here, so that a slab no batch ever takes is never written: its zeroed pages are not faulted in (a pool of 8 slabs of
     262,144 rows is 566 MB, and a serial replay, taking the slab released last, uses one or
     two of them). A batch worker on ``pipelines/gpu.toml``: peak RSS after its warm-up 726 ->
     284 MB, after a 1M-trade job 1145 -> 828 MB, the job 2.6 -> 2.1 s
@@ -415,7 +423,8 @@ class BufferPool:
             self._slabs = kept
         else:
             layout = None if self.memory == "unified" else slab_layout(self.specs, capacity)
-            self._slabs = [Slab(i, self.specs, capacity, self.memory, layout, lazy=True)
+            lazy = layout is not None and layout.nbytes >= LAZY_FILL_BYTES
+            self._slabs = [Slab(i, self.specs, capacity, self.memory, layout, lazy=lazy)
                            for i in range(slabs)]
         self.reused_slabs = kept is not None
         """Whether the slabs came from a pool closed before (:func:`keep_slabs`)."""

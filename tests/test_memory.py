@@ -41,9 +41,12 @@ async def test_every_slab_column_holds_its_fill_bit_for_bit():
 async def test_a_pool_reuses_the_slab_released_last_and_never_writes_one_no_batch_took():
     """One batch at a time (a serial replay) takes the same slab again: the pool's other
     slabs keep their zeroed pages unwritten (a 262,144-row pool of 8 slabs is 566 MB), and
-    with several in flight each slab is filled at its first lease."""
+    with several in flight each slab is filled at its first lease; slabs under
+    LAZY_FILL_BYTES are filled when the pool is made."""
     specs = [ColumnSpec("nan", np.dtype(np.float64), fill=np.nan)]
-    pool = BufferPool(specs, capacity=1 << 16, slabs=8)
+    pool = BufferPool(specs, capacity=1 << 20, slabs=8)  # 8 MiB a slab: filled at first lease
+    small = BufferPool(specs, capacity=1 << 16, slabs=2)  # 0.5 MiB: filled when made
+    assert all(s.unfilled is None and np.isnan(s.columns["nan"]).all() for s in small.slabs)
     for i in range(20):
         lease = await pool.acquire("serial")
         assert lease.slab.index == 0
