@@ -74,10 +74,11 @@ _keep = False
 
 LAZY_FILL_BYTES = 8 << 20
 """A pool's slabs from this size on are filled at their first lease (:class:`Slab`'s
-``lazy``); smaller ones when the pool is made, as before: a live pipeline's first ticks do
-not pay for them (the default definition's slabs are ~1 MB: filled at their first lease,
-the live benchmark's 4,096-tick batches at full rate came to 0.99-1.02M ticks/s against
-1.22-1.25M, its 5,000 ticks being two batches, ``scripts/bench_pipeline.py --rows``)."""
+``lazy``); smaller ones when the pool is made, as before, so that a live pipeline's first
+ticks do not pay for them. (Tried with every pool lazy: the live benchmark's row of
+4,096-tick batches at full rate, 5,000 ticks or two batches, paid the default definition's
+~1 MB slabs inside the run: 0.99-1.02M ticks/s against 1.22-1.25M,
+``scripts/bench_pipeline.py --rows``.)"""
 
 
 def keep_slabs(on: bool = True) -> None:
@@ -167,9 +168,9 @@ class Slab:
 
     ``lazy`` (a pool's slabs from :data:`LAZY_FILL_BYTES` on): the columns whose fill is not
     zero are filled at the slab's first lease (:meth:`fill_pending`, called by the pool)
-    instead of here, so that a slab no batch ever takes is never written: its zeroed pages are not faulted in (a pool of 8 slabs of
-    262,144 rows is 566 MB, and a serial replay, taking the slab released last, uses one or
-    two of them). A batch worker on ``pipelines/gpu.toml``: peak RSS after its warm-up 726 ->
+    instead of here, so that a slab no batch ever takes is never written and its zeroed
+    pages are never faulted in (a pool of 8 slabs of 262,144 rows is 566 MB, and a serial
+    replay, taking the slab released last, uses one or two of them). A batch worker on ``pipelines/gpu.toml``: peak RSS after its warm-up 726 ->
     284 MB, after a 1M-trade job 1145 -> 828 MB, the job 2.6 -> 2.1 s
     (``scripts/profile_worker_rss.py``, ``docs/measurements/dev_pool_lifo_lazy_fill_91efb65.txt``).
     """
