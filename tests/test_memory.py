@@ -16,26 +16,62 @@ from nautilus_pipeline.memory import BufferPool, Slab
 FEATURES = ColumnSpec("features", np.dtype(np.float32), (8,))
 
 
-async def test_every_slab_column_holds_its_fill_bit_for_bit():
+FILL_SPECS = [ColumnSpec("nan", np.dtype(np.float64), fill=np.nan),
+              ColumnSpec("neg_zero", np.dtype(np.float32), (3,), fill=-0.0),
+              ColumnSpec("zero", np.dtype(np.float64), fill=0.0),
+              ColumnSpec("minus_one", np.dtype(np.int8), fill=-1),
+              ColumnSpec("false", np.dtype(np.bool_), fill=False),
+              ColumnSpec("true", np.dtype(np.bool_), (2,), fill=True)]
+
+
+def _holds_its_fills(columns: dict, capacity: int) -> bool:
+    return all(columns[s.name].tobytes() == np.full((capacity, *s.shape), s.fill, dtype=s.dtype).tobytes()
+               for s in FILL_SPECS)
+
+
+@pytest.mark.parametrize("lazy", [False, True], ids=["filled-when-made", "filled-at-first-lease"])
+async def test_every_slab_column_holds_its_fill_bit_for_bit(lazy, monkeypatch):
     """The layout skips the fill where the zeroed backing holds it already: each column
     still equals ``np.full`` of its fill, bytes and all (-0.0 and NaN filled, +0 and False
-    left as zeroed), in every slab of the pool, from its first lease."""
-    specs = [ColumnSpec("nan", np.dtype(np.float64), fill=np.nan),
-             ColumnSpec("neg_zero", np.dtype(np.float32), (3,), fill=-0.0),
-             ColumnSpec("zero", np.dtype(np.float64), fill=0.0),
-             ColumnSpec("minus_one", np.dtype(np.int8), fill=-1),
-             ColumnSpec("false", np.dtype(np.bool_), fill=False),
-             ColumnSpec("true", np.dtype(np.bool_), (2,), fill=True)]
-    pool = BufferPool(specs, capacity=37, slabs=3)
+    left as zeroed), in every slab of the pool, from its first lease: a pool of small slabs
+    filled when made, one of slabs from LAZY_FILL_BYTES at their first lease (here forced
+    with the threshold at 0), through a waiter's hand-over too, and in the next pool of kept
+    slabs, some of them never leased."""
+    from nautilus_pipeline import memory
+
+    if lazy:
+        monkeypatch.setattr(memory, "LAZY_FILL_BYTES", 0)
+    pool = BufferPool(FILL_SPECS, capacity=37, slabs=3)
+    assert all((s.unfilled is not None) is lazy for s in pool.slabs)
     leases = [await pool.acquire("test") for _ in pool.slabs]
     assert sorted(lease.slab.index for lease in leases) == [0, 1, 2]
-    for lease in leases:
-        for spec in specs:
-            want = np.full((37, *spec.shape), spec.fill, dtype=spec.dtype)
-            assert lease.columns[spec.name].tobytes() == want.tobytes(), spec.name
-    eager = Slab(0, specs, 37, "host")  # a slab made on its own is filled when made
-    for spec in specs:
-        assert eager.columns[spec.name].tobytes() == np.full((37, *spec.shape), spec.fill, spec.dtype).tobytes()
+    assert all(_holds_its_fills(lease.columns, 37) for lease in leases)
+    assert all(s.unfilled is None for s in pool.slabs)
+    # a waiter: the slab released while it waits is handed to it, then leased
+    waiting = asyncio.ensure_future(pool.acquire("waiter"))
+    await asyncio.sleep(0)
+    leases[1].release()
+    assert (await waiting).slab.index == 1
+    eager = Slab(0, FILL_SPECS, 37, "host")  # a slab made on its own is filled when made
+    assert _holds_its_fills(eager.columns, 37)
+
+
+async def test_kept_slabs_never_leased_are_filled_at_their_lease_in_the_next_pool(monkeypatch):
+    from nautilus_pipeline import memory
+
+    monkeypatch.setattr(memory, "LAZY_FILL_BYTES", 0)
+    memory.keep_slabs()
+    try:
+        first = BufferPool(FILL_SPECS, capacity=37, slabs=3)
+        (await first.acquire("only one")).release()
+        first.close()
+        again = BufferPool(FILL_SPECS, capacity=37, slabs=3)
+        assert again.reused_slabs
+        assert [s.unfilled is None for s in again.slabs] == [True, False, False]
+        leases = [await again.acquire("test") for _ in range(3)]
+        assert all(_holds_its_fills(lease.columns, 37) for lease in leases)
+    finally:
+        memory.keep_slabs(False)
 
 
 async def test_a_pool_reuses_the_slab_released_last_and_never_writes_one_no_batch_took():
