@@ -172,8 +172,7 @@ class Slab:
     memory, its zeroed pages are never faulted in (pinned memory is page-locked when made:
     there only the fill is saved). A pool of 8 slabs of 262,144 rows is 566 MB, and a serial
     replay, taking the slab released last, uses one or two of them. The first lease of each
-    such slab pays its fill on the event loop (tens of ms for ~70 MB) instead of the pool's
-    build. A batch worker on ``pipelines/gpu.toml``: peak RSS after its warm-up 726 ->
+    such slab pays its fill on the event loop instead of the pool's build. A batch worker on ``pipelines/gpu.toml``: peak RSS after its warm-up 726 ->
     284 MB, after a 1M-trade job 1145 -> 828 MB, the job 2.6 -> 2.1 s
     (``scripts/profile_worker_rss.py``, ``docs/measurements/dev_pool_lifo_lazy_fill_91efb65.txt``).
     """

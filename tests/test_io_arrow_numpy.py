@@ -37,6 +37,16 @@ PANDAS_HOOK = textwrap.dedent("""
     sys.meta_path.insert(0, Hook())
 """)
 
+
+def _asks_for_pandas_nothing(code: str, timeout: int) -> None:
+    """Run ``code`` (after PANDAS_HOOK, which it ends by printing) in a fresh interpreter
+    from the checkout's root: it must succeed and no import of pandas be attempted."""
+    out = subprocess.run([sys.executable, "-c", PANDAS_HOOK + textwrap.dedent(code)],
+                         capture_output=True, text=True, timeout=timeout, cwd=ROOT)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "ASKED []" in out.stdout, out.stdout[-3000:]
+
+
 TYPES = [pa.int8(), pa.int16(), pa.int32(), pa.int64(), pa.uint8(), pa.uint32(), pa.uint64(),
          pa.float32(), pa.float64(), pa.bool_()]
 
@@ -126,7 +136,7 @@ def test_a_replay_of_the_bundled_file_never_asks_for_pandas():
     """pyarrow imports pandas at its first to_numpy / pa.array / Python-scalar compute call
     where pandas is installed (0.2-0.7 s of a 21K-trade run). A meta-path hook records every
     attempt, so the check holds whether pandas is installed or not."""
-    code = PANDAS_HOOK + textwrap.dedent(f"""
+    _asks_for_pandas_nothing(f"""
         import nautilus_pipeline as nt
         from nautilus_pipeline.io import Replay, Source
 
@@ -147,11 +157,7 @@ def test_a_replay_of_the_bundled_file_never_asks_for_pandas():
         nt.configure_logging(level="warning")
         nt.run(main())
         print("ASKED", asked)
-    """)
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
-                         cwd=ROOT)
-    assert out.returncode == 0, out.stderr[-2000:]
-    assert "ASKED []" in out.stdout, out.stdout[-2000:]
+    """, timeout=120)
 
 
 _scalars = st.one_of(st.none(), st.integers(-2**62, 2**62), st.floats(allow_nan=True, width=64),
@@ -195,7 +201,7 @@ def test_table_from_rows_equals_from_pylist(kinds, n, data):
 
 def test_the_cli_replay_with_its_outputs_never_asks_for_pandas(tmp_path):
     """``nautilus-pipeline run`` of the bundled file, Parquet outputs included."""
-    code = PANDAS_HOOK + textwrap.dedent(f"""
+    _asks_for_pandas_nothing(f"""
         from nautilus_pipeline.cli import main
         try:
             main(["run", "pipelines/default.toml", "--ticks", {str(BUNDLED)!r}, "--out",
@@ -203,11 +209,7 @@ def test_the_cli_replay_with_its_outputs_never_asks_for_pandas(tmp_path):
         except SystemExit as e:
             assert not e.code, e.code
         print("ASKED", asked)
-    """)
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
-                         cwd=ROOT)
-    assert out.returncode == 0, out.stderr[-2000:]
-    assert "ASKED []" in out.stdout, out.stdout[-3000:]
+    """, timeout=300)
     assert (tmp_path / "out" / "risk.parquet").exists() and (tmp_path / "out" / "trace.parquet").exists()
 
 
@@ -238,7 +240,7 @@ def test_a_batch_driver_and_its_merge_never_ask_for_pandas(tmp_path):
     order: the merge conforms and sorts each job's parts (a Python ``str`` compared in
     pyarrow, ``pq.read_table``'s ``pyarrow.dataset`` and ``to_numpy`` each imported pandas
     there: 0.23 s of the driver's CPU at the first part)."""
-    code = PANDAS_HOOK + textwrap.dedent(f"""
+    _asks_for_pandas_nothing(f"""
         from nautilus_pipeline.cli import main
         try:
             main(["batch", "pipelines/default.toml", {str(BUNDLED)!r}, "--out",
@@ -263,9 +265,5 @@ def test_a_batch_driver_and_its_merge_never_ask_for_pandas(tmp_path):
         got = pq.ParquetFile(tmp / "sorted" / "signals" / "symbol=A" / "part-0.parquet").read()
         assert got["ts_ns"].to_pylist() == [3, 4, 5, 7]
         print("ASKED", asked)
-    """)
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
-                         cwd=ROOT)
-    assert out.returncode == 0, out.stderr[-2000:]
-    assert "ASKED []" in out.stdout, out.stdout[-3000:]
+    """, timeout=300)
     assert (tmp_path / "out" / "summary.json").exists() and (tmp_path / "out" / "risk").is_dir()

@@ -35,8 +35,7 @@ async def test_every_slab_column_holds_its_fill_bit_for_bit(lazy, monkeypatch):
     still equals ``np.full`` of its fill, bytes and all (-0.0 and NaN filled, +0 and False
     left as zeroed), in every slab of the pool, from its first lease: a pool of small slabs
     filled when made, one of slabs from LAZY_FILL_BYTES at their first lease (here forced
-    with the threshold at 0), through a waiter's hand-over too, and in the next pool of kept
-    slabs, some of them never leased."""
+    with the threshold at 0), through a waiter's hand-over too."""
     from nautilus_pipeline import memory
 
     if lazy:
