@@ -304,6 +304,43 @@ def test_a_worker_killed_mid_job_is_retried_and_nothing_is_doubled(sample_dir, t
     assert_merged_equals_sequential(out, report, groups, tmp_path)
 
 
+class _BreaksAtAFollowUp:
+    """A worker pool whose first submit of a chain's next job (one that follows a result)
+    raises BrokenProcessPool, as a real pool does once a worker has died since that result
+    came back: the race CI met once (the submit's error escaped and failed the batch)."""
+
+    def __init__(self, pool, broke: list):
+        self._inner, self._broke = pool, broke
+
+    def submit(self, fn, *args, **kwargs):
+        from concurrent.futures.process import BrokenProcessPool
+
+        from nautilus_pipeline.batch.executors import run_job
+        if fn is run_job and args[1].index > 0 and not self._broke:
+            self._broke.append(args[1].job_id)
+            raise BrokenProcessPool("a child process terminated abruptly (made up by the test)")
+        return self._inner.submit(fn, *args, **kwargs)
+
+    def __getattr__(self, name):
+        return getattr(self._inner, name)
+
+
+def test_a_pool_that_breaks_at_the_next_submit_has_its_tasks_resubmitted(sample_dir, tmp_path, monkeypatch):
+    from nautilus_pipeline.batch.executors import LocalExecutor
+    groups = split_real(sample_dir, tmp_path / "in", damage=False)
+    out, broke = tmp_path / "out", []
+    make = LocalExecutor._pool
+    monkeypatch.setattr(LocalExecutor, "_pool", lambda self, work: _BreaksAtAFollowUp(make(self, work), broke))
+    report = run_batch("default", [str(tmp_path / "in" / "*.csv")], out, workers=2)
+    assert broke, "no follow-up job was submitted"
+    s = report.summary
+    assert report.exit_code == 0, s["failed"]
+    assert {j["job"] for j in s["jobs"]} >= set(broke)
+    assert_accounting_closes(s)
+    assert_one_copy_of_each_output(out, s)
+    assert_merged_equals_sequential(out, report, groups, tmp_path)
+
+
 def test_a_dead_worker_counts_an_attempt_for_its_job_only(tmp_path):
     groups = {sym: generated(tmp_path / "in", sym, days=2, n=40_000, seed=i)
               for i, sym in enumerate(("AAAUSDT", "BBBUSDT"))}

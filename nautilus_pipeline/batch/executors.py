@@ -408,14 +408,20 @@ class LocalExecutor:
         pending: dict[cf.Future, _Task] = {}
 
         def submit(task: _Task) -> None:
-            nonlocal pool
             chain = task.chain
-            if task.index < 0:
-                fut = pool.submit(run_calibration, work, chain)
-            else:
-                spec = chain.jobs()[task.index]
-                out.submitted_at[spec.job_id] = time.time()
-                fut = pool.submit(run_job, work, spec, chain.overrides, chain.trace_every, task.state, task.last)
+            try:
+                if task.index < 0:
+                    fut = pool.submit(run_calibration, work, chain)
+                else:
+                    spec = chain.jobs()[task.index]
+                    out.submitted_at[spec.job_id] = time.time()
+                    fut = pool.submit(run_job, work, spec, chain.overrides, chain.trace_every, task.state,
+                                      task.last)
+            except cf.process.BrokenProcessPool as exc:
+                # a worker died since the results in hand came back: the task joins those
+                # that died with the pool, resubmitted to the next one below
+                fut = cf.Future()
+                fut.set_exception(exc)
             pending[fut] = task
 
         def fail(chain: Chain, exc: BaseException | str, index: int) -> None:
