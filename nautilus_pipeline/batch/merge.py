@@ -40,6 +40,7 @@ import pyarrow.parquet as pq
 
 from ..app import write_atomic
 from ..io.arrow_numpy import scalar, to_numpy
+from ..io.parquet_out import dictionary_columns
 from .job import JobResult
 from .plan import Chain
 
@@ -248,7 +249,8 @@ class StreamingMerge:
             folder = self.out / f".{kind}.merging" / f"symbol={quote(symbols[0], safe='')}"
             folder.mkdir(parents=True, exist_ok=True)
             out_schema = schema.remove(schema.get_field_index("symbol"))
-            entry = (pq.ParquetWriter(folder / "part-0.parquet", out_schema), out_schema)
+            entry = (pq.ParquetWriter(folder / "part-0.parquet", out_schema,
+                                      use_dictionary=dictionary_columns(out_schema)), out_schema)
             with self._lock:
                 self._writers[key] = entry
         writer, out_schema = entry
@@ -399,7 +401,7 @@ def _write_parts(paths: list[str], schema: pa.Schema, target: Path, *, symbol: s
     in order; falls back to one sorted write if the parts are not in time order together."""
     out_schema = schema.remove(schema.get_field_index("symbol")) if symbol is not None else schema
     rows, last = 0, None
-    with pq.ParquetWriter(target, out_schema) as writer:
+    with pq.ParquetWriter(target, out_schema, use_dictionary=dictionary_columns(out_schema)) as writer:
         for p in paths:
             table = _part(p, schema, symbol)
             if "ts_ns" in table.column_names and table.num_rows:
@@ -415,7 +417,7 @@ def _write_parts(paths: list[str], schema: pa.Schema, target: Path, *, symbol: s
             return rows
     # out of order: this symbol's rows sorted in memory (stable: ties keep the chain's order)
     table = _in_time_order(pa.concat_tables([_part(p, schema, symbol) for p in paths]))
-    pq.write_table(table.cast(out_schema), target)
+    pq.write_table(table.cast(out_schema), target, use_dictionary=dictionary_columns(out_schema))
     return table.num_rows
 
 

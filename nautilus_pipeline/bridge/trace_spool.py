@@ -26,6 +26,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from ..app import write_atomic
+from ..io.parquet_out import dictionary_columns
 from ..pipeline import Pipeline
 from ..stages.recorder import RecorderStage
 
@@ -68,7 +69,7 @@ class TraceSpool:
         if table is not None:
             self.dir.mkdir(parents=True, exist_ok=True)
             buf = io.BytesIO()
-            pq.write_table(table, buf)
+            pq.write_table(table, buf, use_dictionary=dictionary_columns(table.schema))
             write_atomic(self._part(self.parts), buf.getvalue())
             self.parts += 1
         return self.parts
@@ -82,5 +83,6 @@ class TraceSpool:
         if not tables:
             return
         buf = io.BytesIO()
-        pq.write_table(pa.concat_tables(tables), buf)
+        table = pa.concat_tables(tables)
+        pq.write_table(table, buf, use_dictionary=dictionary_columns(table.schema))
         write_atomic(last, buf.getvalue())

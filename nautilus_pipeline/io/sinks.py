@@ -27,6 +27,7 @@ import pyarrow.parquet as pq
 
 from ..bus import Event, EventBus, Subscription
 from .arrow_numpy import table_from_rows
+from .parquet_out import dictionary_columns
 
 _FIELDS: dict[type, tuple[str, ...]] = {}
 """A dataclass payload's field names, per class (``dataclasses.fields`` per event was a
@@ -197,7 +198,8 @@ class EventSink:
             if rows and self.error is None:
                 path = self.dir / f"{family}.parquet"
                 try:
-                    pq.write_table(table_from_rows(rows), path)  # (not pa.Table.from_pylist: io/arrow_numpy.py)
+                    table = table_from_rows(rows)  # (not pa.Table.from_pylist: io/arrow_numpy.py)
+                    pq.write_table(table, path, use_dictionary=dictionary_columns(table.schema))
                 except OSError as e:
                     self.error = self.error or e.with_traceback(None)
                     with contextlib.suppress(OSError):
