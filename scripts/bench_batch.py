@@ -88,7 +88,10 @@ def generate(folder: Path, symbols: int, days: int, trades: int, seed: int = 1) 
             ts = t0 + d * 86_400_000 + np.sort(rng.integers(0, 86_400_000, trades))
             price = price0 * np.exp(np.cumsum(rng.normal(0, 2e-4, trades)))
             price0 = float(price[-1])
-            qty = np.round(rng.exponential(0.5, trades), 3) + 0.001
+            # rounded last: Binance's files hold lot-sized decimals (0.306), never the float
+            # noise of a sum (1.0659999999999998), which sent every block to pyarrow's parse
+            # instead of the numba parser real files take (io/binance_fast.py)
+            qty = np.round(rng.exponential(0.5, trades) + 0.001, 3)
             table = pa.table({
                 "id": np.arange(d * trades, (d + 1) * trades, dtype=np.int64),
                 "price": np.round(price, 4), "qty": qty, "quote_qty": np.round(price * qty, 4),

@@ -66,6 +66,28 @@ def test_the_bundled_files_take_the_fast_path_and_read_the_same() -> None:
     assert calls and all(c is not None for c in calls)  # every block of these files is plain
 
 
+def test_a_quoted_header_over_plain_lines_takes_the_fast_path_and_reads_the_same(tmp_path) -> None:
+    """pyarrow's ``write_csv`` quotes the names of a file whose values it leaves plain: the
+    quotes of a header are no reason to send its plain lines to the quoted text path."""
+    lines = UM.read_text().splitlines()
+    quoted = tmp_path / "BTCUSDT-trades-quoted-header.csv"
+    quoted.write_text("\n".join([",".join(f'"{n}"' for n in lines[0].split(",")), *lines[1:]]) + "\n")
+    calls = []
+    real = binance_fast.parse_block
+
+    def spy(*a):
+        calls.append(out := real(*a))
+        return out
+
+    with mock.patch.object(binance_fast, "parse_block", spy):
+        got = rows(quoted, True)
+    assert calls and all(c is not None for c in calls)
+    want = rows(UM, True)
+    for k in want[0]:
+        assert np.array_equal(got[0][k].view(np.uint8), want[0][k].view(np.uint8)), k
+    assert repr(got[1:3]) == repr(want[1:3])  # refused rows, raw records
+
+
 def test_the_columns_are_the_tick_layout_of_the_file() -> None:
     cols = rows(UM, True)[0]
     first = UM.read_text().splitlines()[1].split(",")  # id,price,qty,quote_qty,time,is_buyer_maker

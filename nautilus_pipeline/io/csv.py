@@ -144,8 +144,12 @@ class CsvReader:
         opts = self.options
         if not lines:
             raise DataError(f"{self.path}: the file has no lines (only whitespace); nothing to replay")
-        self._quoted = b'"' in head
         self._header_line = numbered[0][0] if opts.header else 0
+        # quotes in the data lines, not in a header (pyarrow's and pandas' writers quote the
+        # names of a file whose values they leave plain: such a file takes the plain paths);
+        # a quote further on is found where it is (a conversion error, a line count that
+        # does not add up: the exact path), as before
+        self._quoted = b'"' in head.split(b"\n", self._header_line)[-1]
         first = _split(lines[0].rstrip(b"\r"), opts.delimiter)
         data_lines = lines[1:] if opts.header else lines
         if opts.column_names is None:
