@@ -164,6 +164,12 @@ def test_replay_job_runs_on_any_thread_and_a_rerun_replaces_its_outputs(sample_d
     assert decode(a.state, kind="pipeline").meta["pipeline"] == "default"
 
 
+def test_replay_job_with_no_file_is_refused_and_writes_nothing(tmp_path):
+    with pytest.raises(ValueError, match="at least one file"):
+        replay_job("default", [], tmp_path / "job")
+    assert not list(tmp_path.iterdir())
+
+
 def test_a_jobs_summary_says_the_cpu_its_replay_took(sample_dir, tmp_path):
     """Its summary.json's ``cpu_s`` is the process's CPU over the replay's ``wall_s``, as a
     run's (not the field's 0.0 default): inside the job's own, which also counts its set-up."""

@@ -85,6 +85,8 @@ def replay_job(definition: config.PipelineDef | str | Path, files: Sequence[str 
     calibration task reading the file once more (:func:`~.plan.calibrates_in_job`).
     A file that cannot be read raises :class:`~nautilus_pipeline.errors.DataError` naming it.
     """
+    if not files:
+        raise ValueError(f"job {job_id}: replay_job needs at least one file")
     t0, cpu0 = time.perf_counter(), time.process_time()
     clock = _Phases()
     d = definition if isinstance(definition, config.PipelineDef) else config.load(definition)
