@@ -245,6 +245,39 @@ def test_a_chain_of_one_file_has_its_job_work_out_the_bucket_volume(sample_dir, 
     assert "pickle" in failed.summary["failed"][0]["error"]
 
 
+def test_a_chains_calibration_is_read_back_until_one_of_its_files_changes(tmp_path, monkeypatch):
+    """A chain of several files is calibrated over all of them (a second read of each) once;
+    the same files again take the stored answer, the same bits; a file rewritten, other
+    buckets or the cache off measure again."""
+    from nautilus_pipeline import config
+    from nautilus_pipeline.batch.plan import calibrate_chain
+
+    files = [str(f) for f in generated(tmp_path / "in", "SYNUSDT", days=3, n=3000)]
+    measured = []
+    real = config.BuildContext.propose_bucket_volumes
+
+    def counted(self, buckets):
+        measured.append(buckets)
+        return real(self, buckets)
+
+    monkeypatch.setattr(config.BuildContext, "propose_bucket_volumes", counted)
+    first = calibrate_chain("default", files, "SYNUSDT")
+    again = calibrate_chain("default", files, "SYNUSDT")
+    assert len(measured) == 1 and again == first
+    v = first["vpin"]["bucket_volume"]["SYNUSDT"]
+    assert repr(again["vpin"]["bucket_volume"]["SYNUSDT"]) == repr(v)
+    st = os.stat(files[1])
+    os.utime(files[1], ns=(st.st_atime_ns, st.st_mtime_ns + 1_000_000))  # rewritten, say
+    assert calibrate_chain("default", files, "SYNUSDT") == first and len(measured) == 2
+    d = load(find_definition("default"))
+    fewer = replace(d, stages=[replace(sd, values={**sd.values, "buckets_per_source": 10}) if sd.type == "vpin"
+                               else sd for sd in d.stages])
+    assert calibrate_chain(fewer, files, "SYNUSDT")["vpin"]["bucket_volume"]["SYNUSDT"] == pytest.approx(5 * v)
+    assert len(measured) == 3
+    monkeypatch.setenv("NAUTILUS_PIPELINE_CACHE", "off")
+    assert calibrate_chain("default", files, "SYNUSDT") == first and len(measured) == 4
+
+
 def test_empty_glob_and_mixed_formats_are_refused(sample_dir, tmp_path):
     with pytest.raises(nt.ConfigError, match=r"nothing\*\.csv: the pattern matches no file"):
         run_batch("default", [str(tmp_path / "nothing*.csv")], tmp_path / "out")

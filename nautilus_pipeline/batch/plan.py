@@ -13,7 +13,11 @@ run (the policy of issue 10: one unreadable file fails that symbol's job, exit c
 worked out per chain over all its files (:func:`calibrate_chain`, run by the executor)
 before the chain's first job, the same number one sequential run over those files uses. A
 chain of one file has its job work it out (:func:`calibrates_in_job`), as that one run does:
-reading the file once, not once for the calibration and again for the replay.
+reading the file once, not once for the calibration and again for the replay. A chain of
+several files reads them twice on its first batch; its answer is kept in the calibration
+cache (:mod:`nautilus_pipeline.calibration_cache`), keyed by the files (path, size,
+modification time), the definition's pipeline, replay and source settings and the code, so a
+batch run again over the same files (other stage parameters, say) reads them once.
 
 Overlap. One sequential run over a symbol's files merges them by time (ties by file order);
 a chain replays them one after the other. The two agree only when each file starts at or
@@ -232,11 +236,38 @@ def calibrates_in_job(chain: Chain) -> bool:
 def calibrate_chain(definition: config.PipelineDef | str, files: Sequence[str], symbol: str, *,
                     format: str | None = None) -> dict[str, dict[str, Any]]:
     """Stage overrides for a chain: ``bucket_volume = "auto"`` worked out over all its files,
-    as one sequential run over them would (its volume / ``buckets_per_source``)."""
+    as one sequential run over them would (its volume / ``buckets_per_source``); read from
+    the calibration cache when these files, unchanged, were calibrated so before."""
+    from ..calibration_cache import cached
+
     d = definition if isinstance(definition, config.PipelineDef) else config.load(definition)
     stages = needs_calibration(d)
     if not stages:
         return {}
+    try:
+        inputs = _calibration_inputs(d, files, symbol, format, stages)
+    except OSError:  # a file missing or unreadable: the measurement names it (a DataError)
+        return _measure_chain(d, files, symbol, format, stages)
+    return cached("bucket_volume", inputs, None, lambda: _measure_chain(d, files, symbol, format, stages))
+
+
+def _calibration_inputs(d: config.PipelineDef, files: Sequence[str], symbol: str, format: str | None,
+                        stages: list[str]) -> dict[str, Any]:
+    """What a chain's calibration depends on, besides the code and the machine: each file as
+    it is now (a file rewritten has another size or modification time), the symbol, the
+    format, the settings that decide which rows are read and delivered, and the buckets."""
+    stats = []
+    for f in files:
+        st = Path(f).stat()
+        stats.append([str(Path(f).resolve()), st.st_size, st.st_mtime_ns])
+    buckets = {sd.name: sd.values.get("buckets_per_source") for sd in d.stages if sd.name in stages}
+    return {"files": stats, "symbol": symbol, "format": format, "pipeline": d.pipeline,
+            "replay": d.replay, "sources": [{k: v for k, v in s.items() if k != "path"} for s in d.sources],
+            "buckets": buckets}
+
+
+def _measure_chain(d: config.PipelineDef, files: Sequence[str], symbol: str, format: str | None,
+                   stages: list[str]) -> dict[str, dict[str, Any]]:
     sources = config.make_sources(d, list(files), None, format=format, symbol=symbol)
     ctx = config.BuildContext(d, sources, None)
     out = {}
