@@ -88,6 +88,41 @@ def test_a_quoted_export_reads_like_the_plain_file_and_a_stray_quote_in_it_is_on
     assert cols["trade_id"].tolist() == [i for i in expected_ids({1201}) if i <= int(LINES[3000].split(",")[0])]
 
 
+@pytest.mark.parametrize("header", ["quoted", "plain"])
+@pytest.mark.parametrize("exact", [False, True])
+def test_quoted_strings_after_the_first_lines_are_read_without_their_quotes(tmp_path: Path, header: str,
+                                                                         exact: bool) -> None:
+    """pyarrow's ``write_csv`` quotes string values but leaves nulls empty: a string column
+    null in the first lines (the head the reader looks at) and quoted later must not keep its
+    quotes (a side ``"buy"`` unknown, a symbol ``"BTC"``), whether or not the header is quoted,
+    on the fast path and on the exact one (``exact``: a stray carriage return sends the file
+    there)."""
+    n = 20_000
+    sides = [""] * 5000 + ["buy" if i % 2 else "sell" for i in range(n - 5000)]
+    syms = [""] * 5000 + ["BTC" if i % 3 else "ETH" for i in range(n - 5000)]
+    names = ["time", "px", "qty", "side", "sym"]
+
+    def write(path: Path, quote: bool) -> Path:
+        q = (lambda v: f'"{v}"' if v else v) if quote else (lambda v: v)
+        head = ",".join(f'"{c}"' for c in names) if quote and header == "quoted" else ",".join(names)
+        body = [f"{1_700_000_000_000 + i},{100 + i * 0.01:.2f},0.5,{q(sides[i])},{q(syms[i])}" for i in range(n)]
+        if exact:
+            body[12_000] = body[12_000].replace(",0.5,", ",0.5\r,")
+        path.write_text("\n".join([head, *body]) + "\n")
+        return path
+
+    mapping = {"ts": "time", "ts_unit": "ms", "price": "px", "size": "qty", "side": "side",
+               "side_encoding": "buy_sell", "symbol": "sym"}
+    opts = {"options": {"mapping": mapping}}
+    want, want_r = replay(write(tmp_path / "plain.csv", False), "csv", **opts)
+    got, got_r = replay(write(tmp_path / "quoted.csv", True), "csv", **opts)
+    assert got_r.accounting.total.delivered == want_r.accounting.total.delivered
+    assert got_r.accounting.total.rejected == want_r.accounting.total.rejected == (5000 + int(exact))
+    for k in want:
+        assert np.array_equal(got[k], want[k], equal_nan=got[k].dtype.kind == "f"), k
+    assert sorted(got_r.symbols.names) == ["BTC", "ETH"]
+
+
 @pytest.mark.parametrize(("damage", "reason"), [("\r", "unparsable"), ("\r\r", "unparsable"), ("\x00", "unparsable")])
 def test_stray_control_bytes_never_shift_the_line_count(tmp_path: Path, damage: str, reason: str) -> None:
     lines = list(LINES[:5001])
