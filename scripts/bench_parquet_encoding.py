@@ -37,7 +37,7 @@ def main() -> None:
     ap.add_argument("--row-group", type=int, default=65_536, help="rows a write (the recorder's row group)")
     args = ap.parse_args()
     pa.set_cpu_count(1)
-    print(f"| file | rows | columns | written as | default ms | MB | ours ms | MB | ours / default |")
+    print("| file | rows | columns | written as | default ms | MB | ours ms | MB | ours / default |")
     print("|---|---:|---:|---|---:|---:|---:|---:|---:|")
     for path in args.files:
         table = pq.read_table(path)

@@ -274,8 +274,35 @@ def test_a_chains_calibration_is_read_back_until_one_of_its_files_changes(tmp_pa
                                else sd for sd in d.stages])
     assert calibrate_chain(fewer, files, "SYNUSDT")["vpin"]["bucket_volume"]["SYNUSDT"] == pytest.approx(5 * v)
     assert len(measured) == 3
+    # what decides the rows read measures again; the slab memory batch sets by workers does not
+    others = [replace(d, pipeline={**d.pipeline, "symbols": ["SYNUSDT", "OTHER"]}),
+              replace(d, replay={**d.replay, "order_by": "ts_event"})]
+    for other in others:
+        calibrate_chain(other, files, "SYNUSDT")
+    calibrate_chain("default", files, "SYNUSDT", format="binance_trades")
+    assert len(measured) == 6
+    host = replace(d, pipeline={**d.pipeline, "memory": "host", "slabs": 3})
+    assert calibrate_chain(host, files, "SYNUSDT") == first and len(measured) == 6
     monkeypatch.setenv("NAUTILUS_PIPELINE_CACHE", "off")
-    assert calibrate_chain("default", files, "SYNUSDT") == first and len(measured) == 4
+    assert calibrate_chain("default", files, "SYNUSDT") == first and len(measured) == 7
+
+
+def test_a_chains_calibration_leaves_its_bad_rows_out_and_writes_no_quarantine_file(tmp_path, monkeypatch):
+    """The calibration reads a chain once more; the rows it refuses are the run's to write
+    (into the batch's output), so none lands in the worker's current folder."""
+    from nautilus_pipeline.batch.plan import calibrate_chain
+
+    files = generated(tmp_path / "in", "SYNUSDT", days=2, n=3000)
+    lines = files[1].read_text().splitlines()
+    lines[10] = lines[10].replace(lines[10].split(",")[2], "-1.0", 1)  # a negative qty
+    files[1].write_text("\n".join(lines) + "\n")
+    (tmp_path / "cwd").mkdir()
+    monkeypatch.chdir(tmp_path / "cwd")
+    monkeypatch.setenv("NAUTILUS_PIPELINE_CACHE", "off")
+    volume = calibrate_chain("default", [str(f) for f in files], "SYNUSDT")["vpin"]["bucket_volume"]["SYNUSDT"]
+    assert not list((tmp_path / "cwd").rglob("*"))
+    qty = [float(ln.split(",")[2]) for f in files for ln in f.read_text().splitlines()[1:]]
+    assert volume == pytest.approx(sum(q for q in qty if q > 0) / 50, rel=1e-12)
 
 
 def test_empty_glob_and_mixed_formats_are_refused(sample_dir, tmp_path):
@@ -375,9 +402,43 @@ def test_a_pool_that_breaks_at_the_next_submit_has_its_tasks_resubmitted(sample_
     s = report.summary
     assert report.exit_code == 0, s["failed"]
     assert {j["job"] for j in s["jobs"]} >= set(broke)
+    # no worker died: the job whose submit failed never ran, so none counts a retry
+    assert s["retries"] == 0 and all(j["attempts"] == 1 for j in s["jobs"])
     assert_accounting_closes(s)
     assert_one_copy_of_each_output(out, s)
     assert_merged_equals_sequential(out, report, groups, tmp_path)
+
+
+class _AlwaysBroken:
+    """A worker pool that is broken at every submit, as one whose workers die at start-up."""
+
+    def __init__(self, pool):
+        self._inner = pool
+
+    def submit(self, fn, *args, **kwargs):
+        from concurrent.futures.process import BrokenProcessPool
+        raise BrokenProcessPool("a child process terminated abruptly (made up by the test)")
+
+    def __getattr__(self, name):
+        return getattr(self._inner, name)
+
+
+def test_a_pool_that_breaks_every_time_fails_its_chains_instead_of_looping(tmp_path, monkeypatch):
+    from nautilus_pipeline.batch.executors import LocalExecutor
+
+    files = generated(tmp_path / "in", "SYNUSDT", days=2, n=2000)
+    made = []
+    real = LocalExecutor._pool
+
+    def broken(self, work):
+        made.append(1)
+        return _AlwaysBroken(real(self, work))
+
+    monkeypatch.setattr(LocalExecutor, "_pool", broken)
+    report = run_batch("default", [str(f) for f in files], tmp_path / "out", workers=1)
+    assert report.exit_code == 1  # not the data's fault (4): the engine's
+    assert "broke 3 times in a row" in str(report.summary["failed"])
+    assert len(made) <= 5  # the batch's pool (and its warm-up's), then two more: not a loop
 
 
 def test_a_dead_worker_counts_an_attempt_for_its_job_only(tmp_path):

@@ -377,7 +377,10 @@ class LocalExecutor:
             # a submit starts a worker, which waits for the fork server's imports: in a thread,
             # so that the driver plans meanwhile
             for _ in range(self.workers):
-                self._warm.append(pool.submit(warm_up, log_level, threads, definition))
+                try:
+                    self._warm.append(pool.submit(warm_up, log_level, threads, definition))
+                except cf.process.BrokenProcessPool:
+                    return  # a worker died starting: the batch's run finds the pool broken
 
         self._starting = threading.Thread(target=start, name="pool-start", daemon=True)
         self._starting.start()
@@ -428,6 +431,7 @@ class LocalExecutor:
             out.fail(chain.key, exc)
             progress.chain_failed(chain.key, out.failures[chain.key], len(chain.files) - max(index, 0))
 
+        idle_breaks = 0  # pools broken in a row with no job known to be running on a dead worker
         try:
             for chain in chains:
                 if chain.error is not None:
@@ -448,6 +452,7 @@ class LocalExecutor:
                     except Exception as exc:
                         fail(chain, exc, task.index)
                         continue
+                    idle_breaks = 0
                     if task.index < 0:
                         chain.overrides = value
                         submit(_Task(chain, 0))
@@ -469,6 +474,15 @@ class LocalExecutor:
                     processes = dict(getattr(pool, "_processes", None) or {})
                     pool.shutdown(wait=True, cancel_futures=True)
                     died = _died_with(processes, busy_dir)
+                    idle_breaks = 0 if died else idle_breaks + 1
+                    if idle_breaks > self.max_retries:
+                        # workers that die before any job starts (an import or start-up that
+                        # fails, memory): no attempt is counted, so stop here, not loop on it
+                        log.error("batch_pool_keeps_breaking", executor=self.name, times=idle_breaks)
+                        for task in again:
+                            fail(task.chain, f"the worker pool broke {idle_breaks} times in a row with no job "
+                                 "running (workers that cannot start: see their log)", task.index)
+                        continue
                     pool = self._pool(work)
                     log.warning("batch_worker_died", executor=self.name, died=sorted(died),
                                 resubmitted=len(again))

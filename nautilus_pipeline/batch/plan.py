@@ -15,9 +15,9 @@ before the chain's first job, the same number one sequential run over those file
 chain of one file has its job work it out (:func:`calibrates_in_job`), as that one run does:
 reading the file once, not once for the calibration and again for the replay. A chain of
 several files reads them twice on its first batch; its answer is kept in the calibration
-cache (:mod:`nautilus_pipeline.calibration_cache`), keyed by the files (path, size,
-modification time), the definition's pipeline, replay and source settings and the code, so a
-batch run again over the same files (other stage parameters, say) reads them once.
+cache (:mod:`nautilus_pipeline.calibration_cache`), keyed by the files as they are now and
+what decides the rows read from them (:func:`_calibration_inputs`), so a batch run again
+over the same files (other stage parameters or workers, say) reads them once.
 
 Overlap. One sequential run over a symbol's files merges them by time (ties by file order);
 a chain replays them one after the other. The two agree only when each file starts at or
@@ -254,21 +254,35 @@ def calibrate_chain(definition: config.PipelineDef | str, files: Sequence[str], 
 def _calibration_inputs(d: config.PipelineDef, files: Sequence[str], symbol: str, format: str | None,
                         stages: list[str]) -> dict[str, Any]:
     """What a chain's calibration depends on, besides the code and the machine: each file as
-    it is now (a file rewritten has another size or modification time), the symbol, the
-    format, the settings that decide which rows are read and delivered, and the buckets."""
+    it is now (a rewrite changes its modification time or, where a copy keeps that, its
+    change time and inode), the symbol, the format, the settings :func:`config.make_sources`
+    reads (the pipeline's symbols, the replay's settings, the sources' mapping), the readers'
+    libraries and the buckets. Not the rest of the pipeline table: ``batch`` sets its slab
+    memory by the number of workers, which does not change a row read."""
+    import importlib.metadata
+
     stats = []
     for f in files:
         st = Path(f).stat()
-        stats.append([str(Path(f).resolve()), st.st_size, st.st_mtime_ns])
+        stats.append([str(Path(f).resolve()), st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino])
+    libraries = {}
+    for dist in ("pyarrow", "databento-dbn", "zstandard"):
+        try:
+            libraries[dist] = importlib.metadata.version(dist)
+        except importlib.metadata.PackageNotFoundError:
+            libraries[dist] = None
     buckets = {sd.name: sd.values.get("buckets_per_source") for sd in d.stages if sd.name in stages}
-    return {"files": stats, "symbol": symbol, "format": format, "pipeline": d.pipeline,
+    return {"files": stats, "symbol": symbol, "format": format, "symbols": d.pipeline.get("symbols"),
             "replay": d.replay, "sources": [{k: v for k, v in s.items() if k != "path"} for s in d.sources],
-            "buckets": buckets}
+            "libraries": libraries, "buckets": buckets}
 
 
 def _measure_chain(d: config.PipelineDef, files: Sequence[str], symbol: str, format: str | None,
                    stages: list[str]) -> dict[str, dict[str, Any]]:
-    sources = config.make_sources(d, list(files), None, format=format, symbol=symbol)
+    # quarantined rows are the run's to write (into its output folder): here they are only
+    # left out, as the run leaves them out of its volume; "fail" stays "fail"
+    sources = [dataclasses.replace(src, policy="reject", quarantine=None) if src.policy.value == "quarantine"
+               else src for src in config.make_sources(d, list(files), None, format=format, symbol=symbol)]
     ctx = config.BuildContext(d, sources, None)
     out = {}
     for name in stages:

@@ -4,10 +4,10 @@ pyarrow dictionary-encodes every column by default and falls back to plain pages
 column's dictionary grows too large; on our outputs' float columns (prices, P&L, VPIN),
 nearly one value a row, that attempt is spent CPU. A batch job's 2M-row ``trace.parquet``
 (14 columns, one pyarrow thread, dev VM; ``scripts/bench_parquet_encoding.py``,
-``docs/measurements/dev_parquet_encoding_8d65f1d.txt``): in row groups of 65,536 rows 535 ms
-with the default against 167 ms with a dictionary only on its string and 8-bit columns (71.9
-vs 62.5 MB); written whole 266 vs 157 ms (60.4 vs 62.3 MB); its 68K-row ``signals.parquet``
-12.2 vs 8.3 ms (1.03 vs 0.94 MB). The recorder wrote its traces that way already; the batch
+``docs/measurements/dev_parquet_encoding_8d65f1d.txt``): in row groups of 65,536 rows 466 ms
+with the default against 157 ms with a dictionary only on its string and 8-bit columns (71.9
+vs 62.5 MB); written whole 257 vs 156 ms (60.4 vs 62.3 MB); its 68K-row ``signals.parquet``
+11.9 vs 8.1 ms (1.03 vs 0.94 MB). The recorder wrote its traces that way already; the batch
 merge, which re-writes every job's parts, and the sinks kept the default: most of the merge's
 CPU (a batch of 8 files x 2M trades: 0.70 -> 0.41-0.48 s,
 ``docs/measurements/dev_bench_batch_merge_dictionary_ab_8d65f1d.txt``).
