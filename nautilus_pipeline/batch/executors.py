@@ -343,6 +343,11 @@ def _ray_job(work: Work, spec: JobSpec, overrides: dict[str, Any], trace_every: 
 
 
 # --- local ------------------------------------------------------------------------------------
+POOL_BREAKS_IN_A_ROW = 3
+"""A local pool broken this many times in a row with no job known to have died on it (workers
+that die starting, or between jobs) fails the chains left, instead of being made again and
+again: no attempt is counted for such a break, so ``max_retries`` would never stop it."""
+
 @dataclass
 class _Task:
     chain: Chain
@@ -475,7 +480,7 @@ class LocalExecutor:
                     pool.shutdown(wait=True, cancel_futures=True)
                     died = _died_with(processes, busy_dir)
                     idle_breaks = 0 if died else idle_breaks + 1
-                    if idle_breaks > self.max_retries:
+                    if idle_breaks >= POOL_BREAKS_IN_A_ROW:
                         # workers that die before any job starts (an import or start-up that
                         # fails, memory): no attempt is counted, so stop here, not loop on it
                         log.error("batch_pool_keeps_breaking", executor=self.name, times=idle_breaks)
