@@ -222,12 +222,13 @@ def run_job(work: Work, spec: JobSpec, overrides: dict[str, Any], trace_every: i
         res = replay_job(work.definition, spec.files, work.job_dir(spec), state, job_id=spec.job_id,
                          last=spec.last, overrides=overrides, trace_every=trace_every,
                          batch_size=work.batch_size, format=work.format, symbol=work.symbol)
+        if _IN_WORKER and not _FROZEN:  # a worker that was not warmed up: after its first job instead
+            # (still marked busy: a worker that dies in this collection dies running the job)
+            t = time.perf_counter()
+            _freeze_survivors()
+            res = replace(res, phases={**res.phases, "free": res.phases.get("free", 0.0) + time.perf_counter() - t})
     if res.last_ts_ns is None and last is not None:
         res = replace(res, last_file=last[0], last_ts_ns=last[1])
-    if _IN_WORKER and not _FROZEN:  # a worker that was not warmed up: after its first job instead
-        t = time.perf_counter()
-        _freeze_survivors()
-        res = replace(res, phases={**res.phases, "free": res.phases.get("free", 0.0) + time.perf_counter() - t})
     return replace(res, started_at=started, ended_at=time.time(), phases={"setup": setup, **res.phases})
 
 
