@@ -88,6 +88,28 @@ def test_a_quoted_header_over_plain_lines_takes_the_fast_path_and_reads_the_same
     assert repr(got[1:3]) == repr(want[1:3])  # refused rows, raw records
 
 
+@pytest.mark.parametrize("fast", [True, False])
+def test_a_file_that_ends_where_a_block_ends_is_read_whole(tmp_path, fast) -> None:
+    """A file of exactly the block size, ending in a newline: the read after its last block
+    is empty, which was taken for a line longer than the block (the block doubled until
+    pyarrow overflowed, and the valid file failed as damaged; found in review)."""
+    block = 1 << 16
+    lines = UM.read_text().splitlines()
+    out, n = lines[0] + "\n", 0
+    while len(out) + len(lines[n + 1]) + 1 <= block - 64:
+        out += lines[n + 1] + "\n"
+        n += 1
+    last = lines[n + 1].split(",")
+    last[3] += "0" * (block - len(out) - len(",".join(last)) - 1)  # pad quote_qty (not read)
+    out += ",".join(last) + "\n"
+    path = tmp_path / "BTCUSDT-trades-exact.csv"
+    path.write_bytes(out.encode())
+    assert path.stat().st_size == block
+    cols = rows(path, fast, block=block)[0]
+    assert len(cols["trade_id"]) == n + 1
+    assert cols["trade_id"].tolist() == [int(ln.split(",")[0]) for ln in lines[1 : n + 2]]
+
+
 def test_the_columns_are_the_tick_layout_of_the_file() -> None:
     cols = rows(UM, True)[0]
     first = UM.read_text().splitlines()[1].split(",")  # id,price,qty,quote_qty,time,is_buyer_maker

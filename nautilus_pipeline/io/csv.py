@@ -242,7 +242,8 @@ class CsvReader:
                     buf = stream.read_buffer(size)
                     at_end = buf.size < size
                     cut = buf.size if at_end else _after_last_newline(buf)
-                    if cut == 0:  # a line longer than the block: read more at once
+                    if cut == 0 and not at_end:  # a line longer than the block: read more at once
+                        # (at the end, nothing was left: the block before ended at the file's end)
                         size *= 2
                         stream.seek(pos)
                         continue
