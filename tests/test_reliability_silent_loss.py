@@ -159,6 +159,39 @@ def test_an_empty_quoted_value_is_a_missing_field_on_both_paths(tmp_path: Path, 
     assert sorted(r.symbols.names) == ["BTC"]
 
 
+@pytest.mark.parametrize("unit", ["ms", "auto"])
+@pytest.mark.parametrize("fmt", ["csv", "jsonl"])
+def test_whole_times_written_as_floats_are_exact_and_kept(tmp_path: Path, unit: str, fmt: str) -> None:
+    """A ms time written ``1723075200001.0`` (pandas, for a column that held a NaN) is the
+    same nanosecond as ``1723075200001``: it was up to 128 ns off (a float product), and with
+    ``ts_unit = "auto"`` it was taken for seconds and every row refused (found in review)."""
+    ts = [1_723_075_200_000 + i for i in range(5)] + [1_723_075_200_123]
+    mapping = {"ts": "timestamp", "price": "price", "size": "amount", "ts_unit": unit}
+    if fmt == "csv":
+        p = tmp_path / "ms.csv"
+        p.write_text("timestamp,price,amount\n" + "".join(f"{t}.0,60000.1,0.5\n" for t in ts))
+    else:
+        p = tmp_path / "ms.jsonl"
+        p.write_text("".join(orjson.dumps({"timestamp": float(t), "price": 60000.1, "amount": 0.5}).decode() + "\n"
+                             for t in ts))
+    cols, r = replay(p, fmt, options={"mapping": mapping})
+    assert r.accounting.total.delivered == len(ts) and r.accounting.total.rejected == 0
+    assert cols["ts_ns"].tolist() == [t * 1_000_000 for t in ts]
+
+
+def test_one_time_written_as_a_float_costs_no_other_row_of_its_chunk(tmp_path: Path) -> None:
+    """One ``1723161256400.0`` among integer ms times in a Binance file: its chunk went to the
+    float path, read as seconds under ``auto``, and all 65,536 rows of it were refused."""
+    lines = list(LINES)
+    f = lines[200].split(",")
+    lines[200] = ",".join([*f[:4], f[4] + ".0", *f[5:]])
+    cols, r = replay(write_lines(tmp_path / "BTCUSDT-trades-2024-08-08.csv", lines), "binance_trades")
+    t = r.accounting.total
+    assert (t.delivered, t.rejected) == (ROWS, 0)
+    assert cols["trade_id"].tolist() == expected_ids(set())
+    assert cols["ts_ns"][199] == int(f[4]) * 1_000_000
+
+
 @pytest.mark.parametrize(("damage", "reason"), [("\r", "unparsable"), ("\r\r", "unparsable"), ("\x00", "unparsable")])
 def test_stray_control_bytes_never_shift_the_line_count(tmp_path: Path, damage: str, reason: str) -> None:
     lines = list(LINES[:5001])

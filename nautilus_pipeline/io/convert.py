@@ -177,7 +177,11 @@ def _one_ns(text: str, unit: str) -> int:
             ns = whole * (_auto_factor(abs(whole)) if unit == "auto" else _UNIT_NS[unit])
         except ValueError:
             try:
-                ns = round(_strict_float(text) * _UNIT_NS["s" if unit == "auto" else unit])
+                value = np.array([_strict_float(text)])
+                ns_arr, none = _float_ns(value, unit)
+                if none[0]:
+                    raise OverflowError(text)
+                ns = int(ns_arr[0])
             except ValueError:
                 if unit != "auto":
                     raise
@@ -239,12 +243,9 @@ def to_ns(values: pa.Array | np.ndarray | list, unit: str) -> tuple[np.ndarray, 
             ns, _, over = _scale_checked(raw, _UNIT_NS[unit], missing)
             return ns, missing, bad | over
         f, missing, bad = to_float(arr)
-        factor = _UNIT_NS["s" if unit == "auto" else unit]
-        with np.errstate(invalid="ignore"):
-            scaled = np.round(f * factor)
-        fin = np.isfinite(scaled) & (np.abs(scaled) < 9.2e18)
-        bad |= ~fin & ~missing
-        return np.where(fin, scaled, 0).astype(np.int64), missing, bad
+        ns, over = _float_ns(f, unit)
+        bad |= over & ~missing
+        return ns, missing, bad
     raw, missing, bad = to_int(arr, 0)
     if unit == "auto":
         mag = np.abs(raw)
@@ -253,6 +254,29 @@ def to_ns(values: pa.Array | np.ndarray | list, unit: str) -> tuple[np.ndarray, 
         factor = _UNIT_NS[unit]
     ns, _, over = _scale_checked(raw, factor, missing)
     return ns, missing, bad | over
+
+
+def _float_ns(f: np.ndarray, unit: str) -> tuple[np.ndarray, np.ndarray]:
+    """Float times in ``unit`` (``auto``: by magnitude, as integers are) to int64 ns, and the
+    rows that are none (not finite, or past int64). The whole part is scaled as an integer
+    and the fraction alone as a float, so a whole ms or µs time written as a float
+    (``1723075200001.0``: pandas writes a column that held a NaN so) is exact, where
+    ``round(f * 1e6)`` was up to 128 ns off (float64 steps by 256 near 1.7e18 ns)."""
+    with np.errstate(invalid="ignore"):
+        finite = np.isfinite(f) & (np.abs(f) < 9.2e18)
+        g = np.where(finite, f, 0.0)
+        if unit == "auto":
+            mag = np.abs(g)
+            factor = np.where(mag < 1e11, 1_000_000_000, np.where(mag < 1e14, 1_000_000,
+                                                                  np.where(mag < 1e17, 1_000, 1)))
+        else:
+            factor = np.int64(_UNIT_NS[unit])
+        whole = np.floor(g)
+        ns, _, over = _scale_checked(whole.astype(np.int64), factor, np.zeros(len(g), dtype=bool))
+        frac = np.round((g - whole) * factor).astype(np.int64)  # (g - whole: exact, in [0, 1))
+        over |= ns > INT64_MAX - frac
+        ns = np.where(over, 0, ns + np.where(over, 0, frac))
+    return np.where(finite, ns, 0).astype(np.int64), ~finite | over
 
 
 def _scale_checked(raw: np.ndarray, factor: int | np.ndarray, missing: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
