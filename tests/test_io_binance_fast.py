@@ -6,6 +6,7 @@ policy. ``PLAIN_MIN_BYTES`` is set to 0 so that small files take the fast path."
 from __future__ import annotations
 
 import collections
+import contextlib
 import dataclasses
 import gzip
 import tempfile
@@ -51,8 +52,11 @@ def same(path: Path, **kw) -> None:
     assert repr(fast[1:]) == repr(slow[1:])  # (repr: a NaN in a record equals itself)
 
 
-def test_the_bundled_files_take_the_fast_path_and_read_the_same() -> None:
-    calls = []
+@contextlib.contextmanager
+def parse_block_calls():
+    """The results of every ``binance_fast.parse_block`` call made inside (None: a block the
+    fast path refused)."""
+    calls: list = []
     real = binance_fast.parse_block
 
     def spy(*a):
@@ -60,6 +64,11 @@ def test_the_bundled_files_take_the_fast_path_and_read_the_same() -> None:
         return out
 
     with mock.patch.object(binance_fast, "parse_block", spy):
+        yield calls
+
+
+def test_the_bundled_files_take_the_fast_path_and_read_the_same() -> None:
+    with parse_block_calls() as calls:
         for path in (UM, SPOT):
             same(path)
             same(path, chunk_rows=1000, block=100_000)
@@ -68,18 +77,11 @@ def test_the_bundled_files_take_the_fast_path_and_read_the_same() -> None:
 
 def test_a_quoted_header_over_plain_lines_takes_the_fast_path_and_reads_the_same(tmp_path) -> None:
     """pyarrow's ``write_csv`` quotes the names of a file whose values it leaves plain: the
-    quotes of a header are no reason to send its plain lines to the quoted text path."""
+    quotes of a header are no reason to send its plain lines to pyarrow's quoted parse."""
     lines = UM.read_text().splitlines()
     quoted = tmp_path / "BTCUSDT-trades-quoted-header.csv"
     quoted.write_text("\n".join([",".join(f'"{n}"' for n in lines[0].split(",")), *lines[1:]]) + "\n")
-    calls = []
-    real = binance_fast.parse_block
-
-    def spy(*a):
-        calls.append(out := real(*a))
-        return out
-
-    with mock.patch.object(binance_fast, "parse_block", spy):
+    with parse_block_calls() as calls:
         got = rows(quoted, True)
     assert calls and all(c is not None for c in calls)
     want = rows(UM, True)

@@ -44,6 +44,7 @@ import numpy as np
 
 from .. import config
 from ..errors import ConfigError, DataError, PipelineError
+from ..io.checks import Policy
 
 
 class InputError(ConfigError):
@@ -281,7 +282,7 @@ def _measure_chain(d: config.PipelineDef, files: Sequence[str], symbol: str, for
                    stages: list[str]) -> dict[str, dict[str, Any]]:
     # quarantined rows are the run's to write (into its output folder): here they are only
     # left out, as the run leaves them out of its volume; "fail" stays "fail"
-    sources = [dataclasses.replace(src, policy="reject", quarantine=None) if src.policy.value == "quarantine"
+    sources = [dataclasses.replace(src, policy="reject", quarantine=None) if src.policy is Policy.QUARANTINE
                else src for src in config.make_sources(d, list(files), None, format=format, symbol=symbol)]
     ctx = config.BuildContext(d, sources, None)
     out = {}

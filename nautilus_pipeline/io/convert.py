@@ -165,6 +165,11 @@ def _auto_factor(mag: int) -> int:
     return 1_000_000_000 if mag < 10**11 else 1_000_000 if mag < 10**14 else 1_000 if mag < 10**17 else 1
 
 
+def _auto_factors(mag: np.ndarray) -> np.ndarray:
+    """:func:`_auto_factor` of each magnitude (integers or floats): s, ms, µs or ns to ns."""
+    return np.where(mag < 1e11, 1_000_000_000, np.where(mag < 1e14, 1_000_000, np.where(mag < 1e17, 1_000, 1)))
+
+
 def _one_ns(text: str, unit: str) -> int:
     """One timestamp given as text, in ns (raises ValueError/OverflowError when it is none)."""
     if unit == "iso":
@@ -247,11 +252,7 @@ def to_ns(values: pa.Array | np.ndarray | list, unit: str) -> tuple[np.ndarray, 
         bad |= over & ~missing
         return ns, missing, bad
     raw, missing, bad = to_int(arr, 0)
-    if unit == "auto":
-        mag = np.abs(raw)
-        factor = np.where(mag < 10**11, 1_000_000_000, np.where(mag < 10**14, 1_000_000, np.where(mag < 10**17, 1_000, 1)))
-    else:
-        factor = _UNIT_NS[unit]
+    factor = _auto_factors(np.abs(raw)) if unit == "auto" else _UNIT_NS[unit]
     ns, _, over = _scale_checked(raw, factor, missing)
     return ns, missing, bad | over
 
@@ -265,12 +266,7 @@ def _float_ns(f: np.ndarray, unit: str) -> tuple[np.ndarray, np.ndarray]:
     with np.errstate(invalid="ignore"):
         finite = np.isfinite(f) & (np.abs(f) < 9.2e18)
         g = np.where(finite, f, 0.0)
-        if unit == "auto":
-            mag = np.abs(g)
-            factor = np.where(mag < 1e11, 1_000_000_000, np.where(mag < 1e14, 1_000_000,
-                                                                  np.where(mag < 1e17, 1_000, 1)))
-        else:
-            factor = np.int64(_UNIT_NS[unit])
+        factor = _auto_factors(np.abs(g)) if unit == "auto" else np.int64(_UNIT_NS[unit])
         whole = np.floor(g)
         ns, _, over = _scale_checked(whole.astype(np.int64), factor, np.zeros(len(g), dtype=bool))
         frac = np.round((g - whole) * factor).astype(np.int64)  # (g - whole: exact, in [0, 1))
