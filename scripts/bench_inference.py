@@ -41,12 +41,8 @@ VARIANTS: tuple[tuple[str, str, dict[str, Any]], ...] = (
     ("mlx-cpu eager", "mlx:cpu", {}),
     ("mlx-cpu compiled", "mlx:cpu", {"compile": True}),
     ("torch-cuda eager", "torch:cuda", {"cuda_graphs": False}),
-    ("torch-cuda graphs", "torch:cuda", {"cuda_graphs": True, "graph_batches": (1, 256, 4096)}),
-    (
-        "torch-cuda graphs/c",
-        "torch:cuda",
-        {"cuda_graphs": True, "graph_batches": (1, 256, 4096), "graph_copies": False},
-    ),
+    ("torch-cuda graphs", "torch:cuda", {"cuda_graphs": True}),  # 256-row tiles, graphs of 1/16/64
+    ("torch-cuda graphs/1", "torch:cuda", {"cuda_graphs": True, "graph_tiles": (1,)}),  # one tile a replay
     ("torch-mps eager", "torch:mps", {}),
     ("mlx-gpu eager", "mlx:gpu", {}),
     ("mlx-gpu compiled", "mlx:gpu", {"compile": True}),

@@ -175,13 +175,14 @@ def test_a_stage_whose_runner_raised_closes_it_instead_of_shelving_it(sample_dir
     from nautilus_pipeline.model.numpy_runner import NumpyRunner
     from nautilus_pipeline.stages import inference
 
-    monkeypatch.setattr(inference, "LIVE_ROWS", 0)  # no fixed-order pass: every batch calls predict
+    monkeypatch.setattr(inference, "LIVE_ROWS", 0)  # no fixed-order pass: every batch calls the runner
     monkeypatch.setattr(inference.InferenceStage, "_fixed_for", lambda self, stream: None)
 
     def fails(self, x, out=None):
         raise RuntimeError("device lost")
 
     monkeypatch.setattr(NumpyRunner, "predict", fails)
+    monkeypatch.setattr(NumpyRunner, "predict_tiled", fails)  # what the stage calls
     files = [sample_dir / "binance-spot-ethusdt-trades-20240808.csv"]
     result = replay_job(on_streams(("cpu",)), files, tmp_path / "a", None)  # numpy's, on any host
     assert result.ticks["failed_in_stages"] == 6106  # the stage's batches failed (isolated), the job ended

@@ -14,6 +14,15 @@ import numpy as np
 from ..errors import ConfigError
 from .spec import ModelSpec
 
+# Rows per call in :meth:`ModelRunner.predict_tiled` unless a runner says otherwise. A matrix
+# product's float32 sums for one row can take another order when the row count changes:
+# OpenBLAS computes one row with sgemv and row counts off its micro-kernel's with tail
+# kernels, cuBLAS picks its kernel by shape (a replay's predictions on an H200 differed in the
+# last bits between a batch of a file's end and the same rows mid-file). In calls of one row
+# count, a multiple of every micro-kernel's, each row takes the same operations wherever it
+# falls, so a prediction does not depend on how the rows were batched.
+TILE_ROWS = 256
+
 
 class ModelRunner(ABC):
     """Runs one model on one backend. ``name`` says which (``"torch:cuda/graphs"``)."""
@@ -21,6 +30,7 @@ class ModelRunner(ABC):
     backend: str
     name: str
     spec: ModelSpec
+    tile_rows: int = TILE_ROWS
 
     @abstractmethod
     def predict(self, x: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
@@ -29,6 +39,26 @@ class ModelRunner(ABC):
         ``out``, if given, is filled and returned (no allocation for the result). The
         returned array never aliases the runner's internal buffers.
         """
+
+    def predict_tiled(self, x: np.ndarray, out: np.ndarray) -> np.ndarray:
+        """:meth:`predict`, with every row computed in a call of exactly ``tile_rows`` rows
+        (the last tile padded), so a row's bits do not depend on its batch (``TILE_ROWS``).
+        What the inference stage calls; a runner that tiles inside ``predict`` overrides it."""
+        a = self._features(x)
+        n, t = a.shape[0], self.tile_rows
+        if n == 0:
+            return out
+        pad = getattr(self, "_tile_pad", None)
+        if pad is None or pad.shape != (t, a.shape[1]):
+            pad = self._tile_pad = np.zeros((t, a.shape[1]), np.float32)
+        for start in range(0, n, t):
+            m = min(t, n - start)
+            if m == t:
+                self.predict(a[start:start + t], out[start:start + t])
+            else:
+                pad[:m] = a[start:]
+                out[start:] = self.predict(pad)[:m]
+        return out
 
     def close(self) -> None:
         """Release device memory / graphs; the runner is unusable afterwards."""

@@ -21,7 +21,7 @@ import numpy as np
 
 from ..compute.coreml_stream import COMPUTE_UNITS  # suffix → ComputeUnit member
 from ..errors import BackendUnavailableError, ConfigError
-from .base import ModelRunner, bucket_for, write_out
+from .base import TILE_ROWS, ModelRunner, bucket_for, write_out
 from .spec import ModelSpec
 
 
@@ -60,6 +60,8 @@ class CoreMLRunner(ModelRunner):
             raise ConfigError(f"{path}: package takes {k} features, the spec {spec.n_inputs}")
         sizes = tuple(sorted(int(s.shape[0]) for s in arr.enumeratedShapes.shapes))
         self._buckets = sizes or (int(arr.shape[0]),)
+        # one enumerated shape for every row the stage sends (model.base.TILE_ROWS)
+        self.tile_rows = TILE_ROWS if TILE_ROWS in self._buckets else self._buckets[-1]
         self._pads = {b: np.zeros((b, k), np.float32) for b in self._buckets}
 
     def _run(self, a: np.ndarray) -> np.ndarray:

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from ..kernels.mlp import MLPWorkspace, mlp_forward
+from ..kernels.mlp import MLPWorkspace, RowOrderForward, mlp_forward
 from .base import ModelRunner
 from .spec import MLPWeights, ModelSpec
 
@@ -16,6 +16,7 @@ class NumpyRunner(ModelRunner):
     """float32 matrix products with preallocated buffers; one instance per thread."""
 
     backend = "numpy"
+    tile_rows = 64  # a call costs little on the CPU (model.base.TILE_ROWS)
 
     def __init__(self, spec: ModelSpec, weights: MLPWeights, capacity: int = 256) -> None:
         weights.check(spec)
@@ -25,6 +26,19 @@ class NumpyRunner(ModelRunner):
             weights.mean, weights.std, weights.weights, weights.biases, spec.activation, capacity
         )
 
+        self._fixed: RowOrderForward | None = None
+
     def predict(self, x: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
         """See :meth:`ModelRunner.predict`; allocates only the result (or nothing with ``out``)."""
         return mlp_forward(self._ws, self._features(x), out)
+
+    def predict_tiled(self, x: np.ndarray, out: np.ndarray) -> np.ndarray:
+        """Through :class:`~nautilus_pipeline.kernels.mlp.RowOrderForward`, whose sums run
+        in one written-down order: BLAS gives a row other bits in another position of a
+        call of the same size (sgemv for the one-column output layer), so tiles do not
+        suffice here."""
+        a = self._features(x)
+        if self._fixed is None:
+            self._fixed = RowOrderForward(self._ws)
+        self._fixed(a, a.shape[0], out)
+        return out

@@ -91,7 +91,7 @@ def make_runner(
 ) -> ModelRunner:
     """Build the runner for ``backend``; raises :class:`BackendUnavailableError` with the reason.
 
-    ``options`` go to the runner: torch ``mode``/``dtype``/``cuda_graphs``/``graph_batches``,
+    ``options`` go to the runner: torch ``mode``/``dtype``/``cuda_graphs``/``graph_tiles``/``tile_rows``,
     mlx ``dtype``/``compile``. Core ML uses ``coreml_package`` if given, else exports the
     weights to a temporary package first (needs torch and coremltools).
     """

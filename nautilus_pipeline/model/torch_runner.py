@@ -13,11 +13,19 @@ offered but used nowhere by default).
 On CUDA small batches are launch-bound. Measured on an H100 (``scripts/bench_inference.py``,
 50→128→64→32→1): batch 1 takes 200 µs eager, 46 µs replayed as a CUDA graph with the copies
 issued around it, 40 µs with the host↔device copies captured inside the graph; graphs also
-doubled throughput at batch 256 (3.2M vs 1.1M rows/s) and 4096 (25M vs 12M rows/s). So by
-default the runner captures one graph per batch bucket (1, 8, 64, 256, 1024, 4096) with the
-copies inside (``graph_copies=False`` issues them outside), pads a batch up to its bucket
-(rows of an MLP are independent; padding rows are discarded) and runs larger batches through
-the largest graph in chunks.
+doubled throughput at batch 256 (3.2M vs 1.1M rows/s) and 4096 (25M vs 12M rows/s). So on
+CUDA the runner replays graphs.
+
+Every row is computed in a call of exactly ``tile_rows`` rows (``model.base.TILE_ROWS``):
+cuBLAS picks its kernel by shape, and the per-batch-size graphs (1, 8, 64, … 4096 rows) this
+runner had gave a row other last bits in another batch (a batch replay's merged signals
+differed from the sequential run's on an H200). The graphs are captured for 1, 16 and 64
+tiles (``graph_tiles``), each a run of tile-sized calls, so a large batch costs few
+launches; a batch takes the largest that fits, then smaller ones, the last tile padded
+(padding rows are discarded, rows of an MLP are independent). The copies are issued around
+the graph, the batch's own rows only. Without graphs (``cuda_graphs=False``, CPU, MPS) the
+eager module is called tile by tile (``tile_rows`` 64 on the CPU, where a call's overhead
+is small).
 
 Normalisation always runs in float32: with float16/bfloat16 weights the cast happens after
 it, so raw features in the thousands (prices) keep their precision.
@@ -34,7 +42,7 @@ from typing import Any
 import numpy as np
 
 from ..errors import BackendUnavailableError, ConfigError
-from .base import ModelRunner, bucket_for, write_out
+from .base import TILE_ROWS, ModelRunner, write_out
 from .spec import MLPWeights, ModelSpec
 
 try:
@@ -44,7 +52,8 @@ except ImportError:  # pragma: no cover - exercised where torch is not installed
     torch = None  # type: ignore[assignment]
     nn = None  # type: ignore[assignment]
 
-DEFAULT_GRAPH_BATCHES: tuple[int, ...] = (1, 8, 64, 256, 1024, 4096)
+DEFAULT_GRAPH_TILES: tuple[int, ...] = (1, 16, 64)
+CPU_TILE_ROWS = 64
 _DTYPES = ("float32", "float16", "bfloat16")
 
 
@@ -104,19 +113,17 @@ def build_torch_mlp(
 
 @dataclass(frozen=True, slots=True)
 class _Graph:
-    """A captured graph and the static buffers it reads and writes (kept alive with it)."""
+    """A captured graph of ``rows // tile_rows`` tile calls and the device buffers it reads
+    and writes (kept alive with it)."""
 
     graph: Any
-    host_in: Any  # pinned float32 [batch, k]
-    host_out: Any  # pinned float32 [batch]
-    dev_in: Any
-    dev_out: Any
-    host_in_np: np.ndarray  # numpy views of the pinned buffers
-    host_out_np: np.ndarray
+    rows: int
+    dev_in: Any  # float32 [rows, k]
+    dev_out: Any  # float32 [rows]
 
 
 class TorchRunner(ModelRunner):
-    """torch on one device; eager, TorchScript or compiled; CUDA graphs per batch bucket."""
+    """torch on one device; eager, TorchScript or compiled; on CUDA, graphs of whole tiles."""
 
     def __init__(
         self,
@@ -127,8 +134,8 @@ class TorchRunner(ModelRunner):
         mode: str = "eager",
         dtype: str = "float32",
         cuda_graphs: bool | None = None,
-        graph_batches: Sequence[int] = DEFAULT_GRAPH_BATCHES,
-        graph_copies: bool = True,
+        graph_tiles: Sequence[int] = DEFAULT_GRAPH_TILES,
+        tile_rows: int | None = None,
     ) -> None:
         ok, why = torch_usable(device)
         if not ok:
@@ -138,6 +145,9 @@ class TorchRunner(ModelRunner):
         self.spec = spec
         self.backend = f"torch:{device}"
         self.device = torch.device(device)
+        self.tile_rows = int(tile_rows or (CPU_TILE_ROWS if device == "cpu" else TILE_ROWS))
+        if self.tile_rows < 1:
+            raise ConfigError(f"torch tile_rows must be >= 1, got {tile_rows}")
         module = build_torch_mlp(spec, weights, dtype).to(self.device)
         if mode == "script":
             with warnings.catch_warnings():  # deprecated upstream, still the fastest CPU path
@@ -149,82 +159,102 @@ class TorchRunner(ModelRunner):
         self._use_graphs = (device == "cuda") if cuda_graphs is None else bool(cuda_graphs)
         if self._use_graphs and device != "cuda":
             raise ConfigError("CUDA graphs need device='cuda'")
-        self._buckets = tuple(sorted(int(b) for b in graph_batches)) if self._use_graphs else ()
-        self._graph_copies = bool(graph_copies)
-        self._graphs: dict[int, _Graph] = {}
-        suffix = (
-            ("graphs" if graph_copies else "graphs-copies-outside") if self._use_graphs else mode
-        )
-        self.name = f"{self.backend}/{suffix}" + ("" if dtype == "float32" else f"/{dtype}")
-        if self._use_graphs:
-            for b in self._buckets:
-                self._graphs[b] = self._capture(b)
+        tiles = sorted({int(g) for g in graph_tiles} | {1}) if self._use_graphs else []
+        self.name = f"{self.backend}/{'graphs' if self._use_graphs else mode}" + (
+            "" if dtype == "float32" else f"/{dtype}")
+        self._graphs: list[_Graph] = [self._capture(g * self.tile_rows) for g in reversed(tiles)]
+        self._host_in: Any = None  # pinned staging, grown to the largest batch seen
+        self._host_out: Any = None
 
-    def _capture(self, batch: int) -> _Graph:
-        """One CUDA graph for ``batch`` rows with static device and pinned host buffers."""
-        k = self.spec.n_inputs
-        host_in = torch.zeros((batch, k), dtype=torch.float32).pin_memory()
-        host_out = torch.zeros(batch, dtype=torch.float32).pin_memory()
-        dev_in = torch.zeros((batch, k), dtype=torch.float32, device=self.device)
+    def _capture(self, rows: int) -> _Graph:
+        """One CUDA graph over static device buffers of ``rows`` rows: a call per tile."""
+        k, t = self.spec.n_inputs, self.tile_rows
+        dev_in = torch.zeros((rows, k), dtype=torch.float32, device=self.device)
+        dev_out = torch.zeros(rows, dtype=torch.float32, device=self.device)
+
+        def tiles() -> None:
+            for i in range(0, rows, t):
+                dev_out[i:i + t].copy_(self._module(dev_in[i:i + t]).to(torch.float32).reshape(-1))
+
         side = torch.cuda.Stream(self.device)
         side.wait_stream(torch.cuda.current_stream(self.device))
         with torch.cuda.stream(side), torch.inference_mode():
             for _ in range(3):  # warm-up outside the graph (cuBLAS workspaces, lazy init)
-                self._module(dev_in)
+                tiles()
         torch.cuda.current_stream(self.device).wait_stream(side)
         graph = torch.cuda.CUDAGraph()
         with torch.inference_mode(), torch.cuda.graph(graph):
-            if self._graph_copies:
-                dev_in.copy_(host_in, non_blocking=True)
-            dev_out = self._module(dev_in).to(torch.float32).reshape(-1)
-            if self._graph_copies:
-                host_out.copy_(dev_out, non_blocking=True)
-        return _Graph(graph, host_in, host_out, dev_in, dev_out, host_in.numpy(), host_out.numpy())
+            tiles()
+        return _Graph(graph, rows, dev_in, dev_out)
 
     def predict(self, x: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
-        """See :meth:`ModelRunner.predict`; synchronises the device before returning."""
+        """See :meth:`ModelRunner.predict`; in whole tiles (a row's bits do not depend on
+        its batch); synchronises the device before returning."""
         a = self._features(x)
         n = a.shape[0]
-        if self._use_graphs and n > 0:
-            res = np.empty(n, np.float32) if out is None else out
-            top = self._buckets[-1]
-            for start in range(0, n, top):  # batches above the largest bucket: in chunks
-                stop = min(n, start + top)
-                self._replay(a[start:stop], res[start:stop])
+        res = np.empty(n, np.float32) if out is None else out
+        if n == 0:
             return res
-        with torch.inference_mode():
-            t = torch.from_numpy(a)
-            if self.device.type != "cpu":
-                t = t.to(self.device)
-            y = self._module(t).to(torch.float32).reshape(-1)
-            if self.device.type != "cpu":
-                y = y.cpu()
-            return write_out(y.numpy(), out)
+        if not self._use_graphs:
+            with torch.inference_mode():
+                t = torch.from_numpy(a)
+                if self.device.type != "cpu":
+                    t = t.to(self.device)
+                y = self._eager_tiles(t)
+                if self.device.type != "cpu":
+                    y = y.cpu()
+                return write_out(y.numpy(), res)
+        if self._host_in is None or self._host_in.shape[0] < n:
+            self._host_in = torch.empty((n, a.shape[1]), dtype=torch.float32).pin_memory()
+            self._host_out = torch.empty(n, dtype=torch.float32).pin_memory()
+        host_in, host_out = self._host_in[:n], self._host_out[:n]
+        np.copyto(host_in.numpy(), a)
+        self._replay_tiles(host_in, host_out)
+        torch.cuda.current_stream(self.device).synchronize()
+        np.copyto(res, host_out.numpy())
+        return res
+
+    def predict_tiled(self, x: np.ndarray, out: np.ndarray) -> np.ndarray:
+        """``predict`` tiles already (see :meth:`ModelRunner.predict_tiled`)."""
+        return self.predict(x, out)
 
     def predict_tensor(self, x: Any) -> Any:
         """Probabilities (float32 ``[n]``, on this runner's device) for ``x`` already there.
 
         For a batch whose features a previous stage left on the device: no host copy in,
-        and the caller decides what comes back. Runs the eager module (the graphs read their
-        pinned host buffers); on the caller's current CUDA stream.
+        and the caller decides what comes back. The same tiles and graphs as :meth:`predict`
+        (the same bits), on the caller's current CUDA stream.
         """
         with torch.inference_mode():
-            return self._module(x.to(self.device, torch.float32)).to(torch.float32).reshape(-1)
+            x = x.to(self.device, torch.float32)
+            if not self._use_graphs:
+                return self._eager_tiles(x)
+            y = torch.empty(x.shape[0], dtype=torch.float32, device=self.device)
+            self._replay_tiles(x, y)
+            return y
 
-    def _replay(self, a: np.ndarray, res: np.ndarray) -> None:
-        """Run ``a`` (at most the largest bucket's rows) through its bucket's graph into ``res``."""
-        n = a.shape[0]
-        b = bucket_for(n, self._buckets)
-        assert b is not None
-        g = self._graphs[b]
-        np.copyto(g.host_in_np[:n], a)
-        if not self._graph_copies:
-            g.dev_in.copy_(g.host_in, non_blocking=True)
-        g.graph.replay()
-        if not self._graph_copies:
-            g.host_out.copy_(g.dev_out, non_blocking=True)
-        torch.cuda.current_stream(self.device).synchronize()
-        np.copyto(res, g.host_out_np[:n])
+    def _replay_tiles(self, src: Any, dst: Any) -> None:
+        """``src`` rows (host pinned or on the device) through the graphs into ``dst``: the
+        largest graph that the rows left fill, then smaller; the last, partial tile through
+        the one-tile graph. Copies queued on the current stream, no synchronisation."""
+        n, start = src.shape[0], 0
+        while start < n:
+            left = n - start
+            g = next((g for g in self._graphs if g.rows <= left), self._graphs[-1])
+            m = min(g.rows, left)
+            g.dev_in[:m].copy_(src[start:start + m], non_blocking=True)
+            g.graph.replay()
+            dst[start:start + m].copy_(g.dev_out[:m], non_blocking=True)
+            start += m
+
+    def _eager_tiles(self, x: Any) -> Any:
+        """The module on ``x`` a tile at a time, the last tile padded with zero rows."""
+        n, t = x.shape[0], self.tile_rows
+        pad = (-n) % t
+        if pad:
+            x = torch.cat((x, x.new_zeros((pad, x.shape[1]))))
+        parts = [self._module(x[i:i + t]).to(torch.float32).reshape(-1) for i in range(0, n + pad, t)]
+        return (parts[0] if len(parts) == 1 else torch.cat(parts))[:n]
 
     def close(self) -> None:
         """Drop graphs and the module so device memory can be reused."""

@@ -53,7 +53,7 @@ log = structlog.get_logger("nautilus_pipeline.inference")
 
 DEFAULT_STREAMS = ("coreml:ane", "mlx:gpu", "torch:cuda", "torch:mps", "cpu")
 
-# On the numpy runner (relu models) every batch takes ``kernels.mlp.RowOrderForward``: one
+# On the numpy runner every batch takes ``kernels.mlp.RowOrderForward``: one
 # numba call whose sums run in one written-down order, so a row's prediction has the same
 # bits at batch 1, 7 and 4096 by construction (tests/test_engine_inline.py); a live batch of
 # at most LIVE_ROWS rows runs it inline (no stream call).
@@ -72,14 +72,9 @@ LIVE_ROWS = 16
 # has a core left for it after every heavy stage took its worker's (``StageContext.cores``,
 # none on 2 cores); ``lanes = 1`` where a second thread is never wanted.
 SPLIT_MIN_ROWS = 1024
-# The other runners (torch, MLX, Core ML, the numpy runner of tanh/silu models) get rows
-# padded to a multiple of ROW_MULTIPLE. OpenBLAS computes one row with sgemv and row counts
-# that are not a multiple of its micro-kernel's rows with tail kernels, in another float32
-# summation order: on the first dev VM (OpenBLAS 0.3, SkylakeX kernels) blocks of 1, 2, 3,
-# 5, 7, 9 or 13 rows gave predictions that differ in the last bit from batch 4096, blocks
-# of any multiple of 4 none; on OpenBLAS 0.3.31's Haswell kernels (AMD EPYC) padded blocks
-# of 16 still differ, which is why the numpy path no longer relies on it.
-ROW_MULTIPLE = 16
+# The other runners (torch, MLX, Core ML, and numpy under calibrated routing) get their
+# rows through ``ModelRunner.predict_tiled``: every row in a call of the runner's one tile
+# size, so a prediction has the same bits whatever batch the row fell in (``model.base``).
 
 
 @dataclass(frozen=True, slots=True)
@@ -201,15 +196,14 @@ class InferenceStage(Stage):
         self._no_lane_core = False
 
     def _fixed_for(self, stream: ComputeStream) -> RowOrderForward | None:
-        """The fixed-order forward pass on ``stream``, where it has one: the numpy runner of
-        a relu model, no calibrated routing. One per stream (a stage runs one batch at a
+        """The fixed-order forward pass on ``stream``, where it has one: the numpy runner,
+        no calibrated routing. One per stream (a stage runs one batch at a
         time, inline or on the stream's worker, so its scratch is never shared)."""
         fwd = self._fixed.get(stream.name, False)
         if fwd is False:
             runner = self.runners.get(stream.runner_backend)
             fwd = None
-            if (isinstance(runner, NumpyRunner) and self.calibration is None
-                    and self.spec.activation == "relu"):
+            if isinstance(runner, NumpyRunner) and self.calibration is None:
                 fwd = RowOrderForward(runner._ws)
             self._fixed[stream.name] = fwd
         return fwd
@@ -283,19 +277,17 @@ class InferenceStage(Stage):
                 self._numpy_rows += n
                 return
         k = self.spec.n_inputs
-        rows = -(-n // ROW_MULTIPLE) * ROW_MULTIPLE
-        runner = self._runner(stream, rows)
+        runner = self._runner(stream, n)
         if self._on_device(lease, stream, runner):
-            await stream.run(self._predict_on_device, lease, stream, runner, rows)
+            await stream.run(self._predict_on_device, lease, stream, runner)
             self._rows_by_backend[runner.name] = self._rows_by_backend.get(runner.name, 0) + n
             return
-        if self._x32 is None or self._x32.shape[0] < rows:
-            self._x32 = np.zeros((max(rows, lease.capacity), k), dtype=np.float32)
+        if self._x32 is None or self._x32.shape[0] < n:
+            self._x32 = np.zeros((max(n, lease.capacity), k), dtype=np.float32)
             self._p32 = np.empty(self._x32.shape[0], dtype=np.float32)
-        x = self._x32[:rows]
-        np.copyto(x[:n], lease[FEATURES_COLUMN], casting="same_kind")
-        x[n:] = 0.0
-        await stream.run(runner.predict, x, self._p32[:rows])
+        x = self._x32[:n]
+        np.copyto(x, lease[FEATURES_COLUMN], casting="same_kind")
+        await stream.run(runner.predict_tiled, x, self._p32[:n])
         lease["prediction"][...] = self._p32[:n]
         if runner.name.startswith(("torch:cuda", "torch:mps", "mlx:gpu")):
             lease.pool.count_copy("h2d", n * k * 4)
@@ -313,14 +305,9 @@ class InferenceStage(Stage):
             and has(lease, FEATURES_COLUMN)
         )
 
-    def _predict_on_device(self, lease: Lease, stream, runner, rows: int) -> None:
-        import torch
-
-        n = lease.length
+    def _predict_on_device(self, lease: Lease, stream, runner) -> None:
         x = stream.to_device(lease, FEATURES_COLUMN)  # cached: no copy
-        if rows > n:  # the same row padding as the host path (see ROW_MULTIPLE)
-            x = torch.cat((x, x.new_zeros((rows - n, x.shape[1]))))
-        stream.to_host(lease, "prediction", runner.predict_tensor(x)[:n])
+        stream.to_host(lease, "prediction", runner.predict_tensor(x))  # in tiles, as on the host
 
     def close(self) -> None:
         if self._lane is not None:

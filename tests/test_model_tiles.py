@@ -1,0 +1,85 @@
+"""A row's prediction has the same bits whatever batch it falls in, on every backend.
+
+Why: a matrix product's float32 sums for a row may take another order when the row count
+changes (BLAS tail kernels, cuBLAS's choice of kernel by shape). On an H200 the per-batch-size
+CUDA graphs gave a batch replay's merged signals other last bits than one sequential run over
+the same files. ``ModelRunner.predict_tiled`` (what the inference stage calls) computes every
+row in a call of one tile size; here 5,000 rows are predicted whole and cut into batches of
+1, 7, 300, 4,096 rows and at an odd offset, and every cut must give the whole run's bits.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from model_helpers import SPEC, reference, rows, weights
+
+from nautilus_pipeline.model.runners import make_runner, runner_usable
+from nautilus_pipeline.model.spec import ModelSpec
+
+BACKENDS = [
+    pytest.param("numpy", {}, id="numpy"),
+    pytest.param("torch:cpu", {}, id="torch-cpu"),
+    pytest.param("torch:cpu", {"mode": "script"}, id="torch-cpu-script"),
+    pytest.param("mlx:cpu", {}, id="mlx-cpu"),
+    pytest.param("torch:cuda", {}, id="torch-cuda", marks=pytest.mark.gpu),
+    pytest.param("torch:cuda", {"cuda_graphs": False}, id="torch-cuda-eager", marks=pytest.mark.gpu),
+    pytest.param("mlx:gpu", {}, id="mlx-gpu", marks=pytest.mark.gpu),
+]
+CUTS = [1, 7, 300, 4096]
+
+
+def _runner(backend: str, options: dict, spec: ModelSpec, w):
+    ok, why = runner_usable(backend)
+    if not ok:
+        pytest.skip(f"{backend}: {why}")
+    return make_runner(backend, spec, w, **options)
+
+
+def _tiled(runner, x: np.ndarray) -> np.ndarray:
+    out = np.empty(x.shape[0], np.float32)
+    assert runner.predict_tiled(x, out) is out
+    return out
+
+
+def _cut(runner, x: np.ndarray, sizes) -> np.ndarray:
+    parts, start = [], 0
+    for size in sizes:
+        parts.append(_tiled(runner, x[start:start + size].copy()))
+        start += size
+    return np.concatenate(parts)
+
+
+@pytest.mark.parametrize(("backend", "options"), BACKENDS)
+@pytest.mark.parametrize("activation", ["relu", "tanh"])
+def test_a_rows_prediction_does_not_depend_on_its_batch(backend: str, options: dict, activation: str) -> None:
+    spec = ModelSpec(input_names=SPEC.input_names, hidden=SPEC.hidden, activation=activation)
+    w = weights(1, spec)
+    x = rows(w, 5000)
+    runner = _runner(backend, options, spec, w)
+    whole = _tiled(runner, x)
+    np.testing.assert_allclose(whole, reference(spec, w, x), atol=1e-4, rtol=0)
+    for size in CUTS:
+        sizes = [size] * (len(x) // size) + ([len(x) % size] if len(x) % size else [])
+        got = _cut(runner, x, sizes)
+        assert np.array_equal(got, whole), (
+            f"{runner.name}, batches of {size}: {int(np.sum(got != whole))} rows differ, "
+            f"max {float(np.abs(got - whole).max()):.1e}")
+    odd = _cut(runner, x, [13, 4096 - 13, 904])  # every tile boundary shifted
+    assert np.array_equal(odd, whole), f"{runner.name}: shifted tiles differ"
+
+
+@pytest.mark.gpu
+def test_cuda_predictions_from_device_features_have_the_host_paths_bits() -> None:
+    """The device-resident path (features left on the GPU by the stage before) and the host
+    path take the same tiles and graphs."""
+    runner = _runner("torch:cuda", {}, SPEC, weights(1))
+    import torch
+
+    w = weights(1)
+    x = rows(w, 5000)
+    whole = _tiled(runner, x)
+    for size in (1, 300, 5000):
+        got = np.concatenate([runner.predict_tensor(torch.from_numpy(x[i:i + size].copy()).cuda()).cpu().numpy()
+                              for i in range(0, len(x), size)])
+        assert np.array_equal(got, whole), f"device path, batches of {size}"
