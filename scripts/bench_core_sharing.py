@@ -13,9 +13,16 @@ Kernels (the default pipeline's, at its batch size):
 - ``inference``: ``kernels.mlp.mlp_forward`` on 4096 x 50 float32 rows (the default model's
   shapes, BLAS on one thread);
 - ``var``: one Monte Carlo VaR report, ``McSampler.bootstrap`` of 10,000 paths x 100 steps;
-- ``spin``: a pure-integer numba loop (no memory traffic), the control.
+- ``spin``: a pure-integer numba loop (no memory traffic), the control;
+- ``stream``: ``np.add`` over 3 x 32 MB float64 arrays (memory bandwidth, with ``--threads``).
 
-    python scripts/bench_core_sharing.py [--rounds 7] [--seconds 0.4]
+``--threads 1 2 4 8 16`` asks the same of N cores instead of two (issue 10's efficiency
+target on a 16-core host): each kernel on N threads at once, per call ÷ alone. What a
+batch of N workers can reach at best when each job's work is these kernels': 1.00 means N
+cores as fast as one; 1.4 means N workers reach N ÷ 1.4 times one worker, whatever the
+engine does.
+
+    python scripts/bench_core_sharing.py [--rounds 7] [--seconds 0.4] [--threads 1 2 4 8 16]
 """
 
 from __future__ import annotations
@@ -61,6 +68,17 @@ def kernels() -> dict:
     }
 
 
+def stream_kernel():
+    """Memory bandwidth: each thread its own three 32 MB arrays (made on first call)."""
+    local = threading.local()
+
+    def run():
+        if not hasattr(local, "a"):
+            local.a, local.b, local.c = (np.ones(4_000_000) for _ in range(3))
+        np.add(local.a, local.b, out=local.c)
+    return run
+
+
 def per_call(fn, seconds: float, start: threading.Barrier | None = None) -> float:
     """Seconds per call of ``fn`` over about ``seconds`` of calls."""
     if start is not None:
@@ -86,12 +104,53 @@ def together(fa, fb, seconds: float) -> tuple[float, float]:
     return res["a"], res["b"]
 
 
+def at_once(fn, n: int, seconds: float) -> list[float]:
+    """``fn`` on ``n`` threads started together: each thread's seconds per call."""
+    res: list[float] = [0.0] * n
+    start = threading.Barrier(n)
+
+    def one(i: int) -> None:
+        fn()  # this thread's arrays made and touched before the clock starts
+        res[i] = per_call(fn, seconds, start)
+    threads = [threading.Thread(target=one, args=(i,)) for i in range(n)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return res
+
+
+def scaling(ks: dict, counts: list[int], rounds: int, seconds: float) -> None:
+    """Each kernel on N threads at once vs alone, alternating rounds; median over rounds of
+    the threads' median per call, and of the slowest thread's."""
+    runs: dict[tuple[str, int], list[tuple[float, float]]] = {(k, n): [] for k in ks for n in counts}
+    for _ in range(rounds):
+        for k, fn in ks.items():
+            for n in counts:
+                per = at_once(fn, n, seconds)
+                runs[k, n].append((statistics.median(per), max(per)))
+    print(f"median of {rounds} rounds, ~{seconds} s of calls per measurement; BLAS on 1 thread; "
+          "N threads each running the kernel at once\n")
+    print("| kernel | threads | µs per call (median thread) | slowest thread | ÷ 1 thread | "
+          "N threads reach (N ÷ ratio) |")
+    print("|---|---:|---:|---:|---:|---:|")
+    for k in ks:
+        one = statistics.median(r[0] for r in runs[k, counts[0]]) if counts[0] == 1 else None
+        for n in counts:
+            med = statistics.median(r[0] for r in runs[k, n])
+            slow = statistics.median(r[1] for r in runs[k, n])
+            ratio = med / one if one else float("nan")
+            print(f"| {k} | {n} | {med * 1e6:,.1f} | {slow * 1e6:,.1f} | {ratio:.2f} | {n / ratio:.1f} |")
+
+
 def main() -> None:
     from nautilus_pipeline.machine import describe
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--rounds", type=int, default=7)
     ap.add_argument("--seconds", type=float, default=0.4, help="per measurement")
+    ap.add_argument("--threads", type=int, nargs="+", metavar="N",
+                    help="scaling instead of pairs: each kernel on N threads at once (start with 1)")
     args = ap.parse_args()
     os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
     from threadpoolctl import threadpool_limits
@@ -100,6 +159,13 @@ def main() -> None:
     ks = kernels()
     for fn in ks.values():  # compile / load, warm the caches
         per_call(fn, 0.05)
+    if args.threads:
+        from nautilus_pipeline.machine import describe
+
+        ks["stream"] = stream_kernel()
+        print(f"machine: {describe()}; load average {os.getloadavg()[0]:.2f} at the start")
+        scaling(ks, args.threads, args.rounds, args.seconds)
+        return
     pairs = [("inference", "inference"), ("var", "var"), ("inference", "var"), ("spin", "spin")]
     alone: dict[str, list[float]] = {k: [] for k in ks}
     both: dict[tuple[str, str], list[tuple[float, float]]] = {p: [] for p in pairs}

@@ -23,6 +23,7 @@
 # each of PROFILE_BATCHES (phases, stages' busy time, pool), then one sampled run at
 # SAMPLE_BATCH (none: no sampled run); BEFORE=/path/of/another/checkout runs that checkout's package first, same file;
 # PROFILE_COLD=1 adds a run with the calibration cache off (every calibration measured).
+# "cores": scripts/bench_core_sharing.py --threads (CORE_THREADS, default "1 2 4 8 16"), by name only.
 # "bridge": scripts/bench_bridge.py (BRIDGE_ONLY tables, default pipeline; BRIDGE_MODES, BRIDGE_TICKS,
 # BRIDGE_REPEAT) with nats-server carried as .natsbin/nats-server (the machine has none); by name only.
 # "pipeline_ab": BEFORE=/path/of/another/checkout: gpu.toml on 10M generated trades, BEFORE's package and this
@@ -92,8 +93,10 @@ fi
 
 rc=0
 if want tests; then
-  # the whole suite: GPU tests run here; tests needing coremltools or a Mac skip with the reason
-  timeout 300 python3 -m pytest -q -p no:cacheprovider -rs tests 2>&1 | tail -n 60 | tee "$out/tests.txt"
+  # the whole suite: GPU tests run here; tests needing coremltools or a Mac skip with the reason;
+  # the bridge's tests take the carried nats-server (.natsbin); TESTS_TIMEOUT (s, default 300)
+  [ -x "$root/.natsbin/nats-server" ] && export PATH="$root/.natsbin:$PATH"
+  timeout "${TESTS_TIMEOUT:-300}" python3 -m pytest -q -p no:cacheprovider -rs tests 2>&1 | tail -n 80 | tee "$out/tests.txt"
   rc=${PIPESTATUS[0]}
 fi
 if want tests || want gputests; then
@@ -348,6 +351,12 @@ if [[ ",$what," == *",bridge,"* ]]; then  # asked by name only, not by "all"
   else
     echo "bridge: no nats-server (carry .natsbin/nats-server)"; rc=1
   fi
+fi
+if [[ ",$what," == *",cores,"* ]]; then
+  # by name only: what N cores of this host give N threads of the pipeline's kernels
+  # (issue 10's ceiling: a job slower beside 15 others is the machine's, not the engine's)
+  python3 scripts/bench_core_sharing.py --threads ${CORE_THREADS:-1 2 4 8 16} --rounds "${CORE_ROUNDS:-3}" \
+    --seconds 0.3 2>&1 | tee "$out/core_scaling.txt"
 fi
 if want bench; then
   timeout 150 python3 scripts/bench_gpu.py 2>&1 | tee "$out/bench_gpu.txt"
