@@ -378,12 +378,16 @@ def civil_to_ns(year: np.ndarray, month: np.ndarray, day: np.ndarray, seconds: n
     return (days * 86_400 + seconds.astype(np.int64)) * 1_000_000_000 + frac_ns.astype(np.int64)
 
 
+_MONTH_DAYS = np.array([31, 28, 31, 30, 31, 30, 31, 31, 30, 31, 30, 31])
+
+
 def fixed_layout_ns(values: pa.Array, fields: dict[str, tuple[int, int]], offset_ns: int = 0) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Parse fixed-position timestamps (e.g. HistData ``YYYYMMDD HHMMSSmmm``) vectorised.
 
     ``fields`` maps ``Y m d H M S f`` to ``(start, length)`` character positions; ``f`` is the
     fraction of a second (any number of digits). ``offset_ns`` is added (e.g. +5 h for EST).
-    Returns ``(ns, missing, unparsable)``.
+    A date or time that does not exist (Feb 30, 25:00, minute 61) is unparsable, never carried
+    into the next day or month. Returns ``(ns, missing, unparsable)``.
     """
     arr = _as_arrow(values)
     if pa.types.is_dictionary(arr.type):
@@ -405,7 +409,13 @@ def fixed_layout_ns(values: pa.Array, fields: dict[str, tuple[int, int]], offset
     if "f" in fields:
         frac = frac * 10 ** (9 - fields["f"][1])
     month, day = parts["m"], parts["d"]
-    bad |= (month < 1) | (month > 12) | (day < 1) | (day > 31)
+    year = parts["Y"]
+    leap = (year % 4 == 0) & ((year % 100 != 0) | (year % 400 == 0))
+    last_day = _MONTH_DAYS[np.clip(month, 1, 12) - 1] + ((month == 2) & leap)
+    bad |= (month < 1) | (month > 12) | (day < 1) | (day > last_day)
+    for key, top in (("H", 24), ("M", 60), ("S", 60)):  # 25:61 would be the next day, silently
+        if key in parts:
+            bad |= parts[key] >= top
     secs = parts.get("H", 0) * 3600 + parts.get("M", 0) * 60 + parts.get("S", 0)
     ns = civil_to_ns(parts["Y"], np.clip(month, 1, 12), np.clip(day, 1, 31), secs, frac) + offset_ns
     ns[bad | missing] = 0
