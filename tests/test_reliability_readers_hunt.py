@@ -11,6 +11,7 @@ from __future__ import annotations
 import datetime as dt
 from pathlib import Path
 
+import databento_dbn as dbn
 import numpy as np
 import pytest
 
@@ -71,3 +72,54 @@ def test_fx_leap_days_and_the_last_second_of_a_day_are_real_times(tmp_path: Path
     cols, _ = replay(p, "histdata", policy="fail")
     assert cols["ts_ns"].tolist() == [utc_ns(2000, 2, 29, 5), utc_ns(2001, 1, 1, 4, 59, 59),
                                       utc_ns(2020, 3, 1, 4, 59, 59, 999_000)]
+
+
+# --- DBN: undefined timestamps ---------------------------------------------------------------
+UNDEF_TS = dbn.UNDEF_TIMESTAMP  # u64::MAX: "no time" in DBN
+
+
+def write_dbn(path: Path, records: list, schema: dbn.Schema) -> Path:
+    meta = dbn.Metadata(dataset="GLBX.MDP3", schema=schema, start=1, stype_in=dbn.SType.RAW_SYMBOL,
+                        stype_out=dbn.SType.INSTRUMENT_ID, end=None, symbols=["X"], partial=[], not_found=[],
+                        mappings=[])
+    path.write_bytes(meta.encode() + b"".join(bytes(r) for r in records))
+    return path
+
+
+def dbn_trade(ts: int, recv: int, price: int = 100 * 10**9) -> dbn.TradeMsg:
+    return dbn.TradeMsg(publisher_id=1, instrument_id=7, ts_event=ts, price=price, size=2, action=dbn.Action.TRADE,
+                        side=dbn.Side.ASK, depth=0, flags=0, ts_recv=recv, ts_in_delta=0, sequence=1)
+
+
+def dbn_add(ts: int, oid: int, price: float, side: str = "BID") -> dbn.MBOMsg:
+    return dbn.MBOMsg(publisher_id=1, instrument_id=7, ts_event=ts, order_id=oid, price=round(price * 10**9), size=1,
+                      flags=128, channel_id=0, action=dbn.Action.ADD, side=getattr(dbn.Side, side), ts_recv=ts + 5 if ts < 1 << 62 else 999,
+                      ts_in_delta=0, sequence=1)
+
+
+def test_a_dbn_trade_with_an_undefined_event_time_is_one_refused_record(tmp_path: Path) -> None:
+    """``ts_event = UNDEF_TIMESTAMP`` (u64::MAX) did not fit the int64 column: the whole file was
+    refused as unreadable, naming no record, under every policy (found in this hunt). An undefined
+    receive time is an unknown one (-1), as with ``F_BAD_TS_RECV``."""
+    p = write_dbn(tmp_path / "t.dbn", [dbn_trade(1000, 1001), dbn_trade(UNDEF_TS, 1002), dbn_trade(1003, UNDEF_TS),
+                                      dbn_trade(1004, 1005)], dbn.Schema.TRADES)
+    cols, r = replay(p, "databento")
+    t = r.accounting.total
+    assert (t.read, t.delivered, dict(t.by_reason)) == (4, 3, {"unparsable": 1})
+    assert cols["ts_ns"].tolist() == [1000, 1003, 1004] and cols["ts_recv_ns"].tolist() == [1001, -1, 1005]
+    with pytest.raises(DataError, match=r"line/record 2, field 'ts_event'.*unparsable"):
+        replay(p, "databento", policy="fail")
+
+
+@pytest.mark.parametrize("fast_mbo", [True, False])
+def test_an_mbo_record_with_an_undefined_event_time_is_refused_on_both_paths(tmp_path: Path, fast_mbo: bool) -> None:
+    """The numba path viewed u64::MAX as int64 -1 and delivered the book row at 1969-12-31; the
+    reference path refused the whole file (found in this hunt)."""
+    recs = [dbn_add(UNDEF_TS, 1, 100.0), dbn_add(1000, 2, 100.25), dbn_add(1001, 3, 101.0, "ASK")]
+    p = write_dbn(tmp_path / "m.dbn", recs, dbn.Schema.MBO)
+    cols, r = replay(p, "databento", options={"fast_mbo": fast_mbo})
+    t = r.accounting.total
+    assert (t.read, t.delivered, dict(t.by_reason)) == (3, 2, {"unparsable": 1})
+    assert cols["ts_ns"].tolist() == [1000, 1001] and cols["price"].tolist() == [100.25, 101.0]
+    with pytest.raises(DataError, match=r"line/record 1, field 'ts_event'.*unparsable"):
+        replay(p, "databento", policy="fail", options={"fast_mbo": fast_mbo})

@@ -52,7 +52,9 @@ Downstream a NaN side means "no order on that side", not zero: the checks accept
 one side missing (not both; ``TickChunk.one_sided_quotes``, set by this reader only), and the quote features built from both sides (spread,
 microprice, imbalance) are NaN for it.
 
-Replay clock: ``ts_event`` is ``ts_ns``, ``ts_recv`` is ``ts_recv_ns``. Venues whose event times
+Replay clock: ``ts_event`` is ``ts_ns``, ``ts_recv`` is ``ts_recv_ns``. An undefined time
+(``UNDEF_TIMESTAMP``, u64::MAX; any u64 past int64) is no time: a record whose ``ts_event`` is
+one is refused as unparsable (field ``ts_event``), an undefined ``ts_recv`` is unknown (-1). Venues whose event times
 are known to go backwards while receive times rise (ICE's ``*.IMPACT`` datasets: the matching
 engine's times of different instruments interleave) get ``default_order_by = "ts_recv_ns"``, which
 :class:`~nautilus_pipeline.io.formats.Source` uses unless ``order_by`` is given; ordering them
@@ -72,7 +74,7 @@ import numpy as np
 
 from ..errors import DataError
 from ..events import KIND_BOOK, KIND_QUOTE, KIND_TRADE, SIDE_BUY, SIDE_SELL, SIDE_UNKNOWN
-from .chunk import TickChunk
+from .chunk import Reason, TickChunk
 from .files import check_file, decoding_errors, open_stream
 from .mbo import F_BAD_TS_RECV, F_LAST, MboBooks
 
@@ -82,6 +84,7 @@ PRICE_SCALE = 1_000_000_000
 """DBN prices are integers in units of 1 / PRICE_SCALE."""
 RECV_ORDERED_DATASETS = ("IFEU.", "IFUS.", "IFLL.", "NDEX.")
 """Dataset prefixes whose ``ts_event`` is not monotonic in file order (replay by ``ts_recv``)."""
+_INT64_MAX = np.iinfo(np.int64).max
 _EXACT = 1 << 53  # every integer below this is a float64, so raw / 1e9 is one correct rounding
 _SIDE = {"A": SIDE_SELL, "B": SIDE_BUY, "N": SIDE_UNKNOWN}
 
@@ -261,14 +264,20 @@ class DatabentoReader:
                 uniq, inverse = np.unique(ids, return_inverse=True)
                 names = [self._symbols.get(int(i), str(int(i))) for i in uniq]
                 codes = inverse.astype(np.uint32)
-            cols = {"ts_ns": out["ts_ns"], "ts_recv_ns": out["ts_recv_ns"], "symbol_id": codes, "kind": out["kind"],
+            ts, recv = out["ts_ns"], out["ts_recv_ns"]
+            bad = ts < 0  # a u64 time past int64 (UNDEF_TIMESTAMP), read as a negative int64
+            if bad.any():
+                ts[bad] = 0
+            recv[recv < 0] = -1
+            cols = {"ts_ns": ts, "ts_recv_ns": recv, "symbol_id": codes, "kind": out["kind"],
                     "price": out["price"], "size": out["size"], "side": out["side"], "trade_id": out["event"]}
             records = block.record_numbers(rec)
             total += len(rec)
             for lo in range(0, len(rec), chunk_rows):
                 sl = slice(lo, lo + chunk_rows)
                 part = {k: v[sl] for k, v in cols.items()}
-                yield TickChunk(self.path, part, records[sl], names, one_sided_quotes=True,
+                verdict, fields = _bad_times(bad[sl])
+                yield TickChunk(self.path, part, records[sl], names, one_sided_quotes=True, bad=verdict, bad_field=fields,
                                 field_map={"price": "price", "ts_ns": "ts_event"},
                                 raw=lambda i, b=block.recs, at=rec[sl]: dict(zip(b.dtype.names, b[at[i]].tolist(),
                                                                                  strict=True)))
@@ -333,8 +342,11 @@ class DatabentoReader:
 
         sides = np.array([_SIDE.get(c[-1], SIDE_UNKNOWN) for c in cols[7]], dtype=np.int8)
         bid, ask = px(cols[8]), px(cols[9])
+        ts, recv = _times(cols[1]), _times(cols[2])
+        bad = ts < 0
+        ts[bad] = 0
         data = {
-            "ts_ns": np.array(cols[1], dtype=np.int64), "ts_recv_ns": np.array(cols[2], dtype=np.int64),
+            "ts_ns": ts, "ts_recv_ns": recv,
             "symbol_id": codes, "kind": kind, "price": px(cols[5]), "size": qty(cols[6]),
             "side": np.where(trade | (kind == KIND_BOOK), sides, 0).astype(np.int8), "bid": bid, "ask": ask,
             "bid_size": qty(cols[10], bid), "ask_size": qty(cols[11], ask),
@@ -349,6 +361,24 @@ class DatabentoReader:
         by_row = rows
         keys = ("record", "ts_event", "ts_recv", "instrument_id", "kind", "price", "size", "side",
                 "bid_px_00", "ask_px_00", "bid_sz_00", "ask_sz_00")
-        return TickChunk(self.path, data, records, names,
+        verdict, fields = _bad_times(bad)
+        return TickChunk(self.path, data, records, names, bad=verdict, bad_field=fields,
                          field_map={"price": "price", "bid": "bid_px_00", "ask": "ask_px_00", "ts_ns": "ts_event"},
                          raw=lambda i: dict(zip(keys, by_row[i], strict=True)), one_sided_quotes=True)
+
+
+def _times(values: tuple) -> np.ndarray:
+    """DBN times (u64 ns) as int64, -1 where one does not fit (``UNDEF_TIMESTAMP`` is u64::MAX):
+    ``np.array(..., int64)`` raised on it and the whole file was refused as unreadable."""
+    try:
+        return np.array(values, dtype=np.int64)
+    except OverflowError:
+        return np.array([v if v <= _INT64_MAX else -1 for v in values], dtype=np.int64)
+
+
+def _bad_times(bad: np.ndarray) -> tuple[np.ndarray | None, dict[int, str]]:
+    """Verdicts for rows whose ``ts_event`` is undefined or past int64: unparsable, naming the field
+    (the fast path's int64 view of such a time was -1, a time in 1969, delivered as is)."""
+    if not bad.any():
+        return None, {}
+    return np.where(bad, np.uint8(Reason.UNPARSABLE), np.uint8(0)), dict.fromkeys(np.flatnonzero(bad).tolist(), "ts_event")
