@@ -21,7 +21,8 @@ magnitude as ``convert.to_ns`` does for ``ts_unit="auto"``, and ``is_buyer_maker
 is the sell side, as ``convert.to_side`` has it. On the first other line (an empty id,
 price, qty, time or side, ``nan``, an exponent, a carriage return, a wrong field count, ...)
 the block goes to pyarrow; the unused fields may be empty, as pyarrow, which does not read
-them, takes them. So every refusal, its reason and its line number are the pyarrow path's.
+them, takes them. A block with a line over ``csv.MAX_LINE`` never comes here (the exact path
+refuses that line). So every refusal, its reason and its line number are the pyarrow path's.
 ``tests/test_io_binance_fast.py`` checks the columns against the pyarrow path on generated,
 bundled and fuzzed lines, and runs the damaged-file cases through both.
 """

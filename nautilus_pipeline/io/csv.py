@@ -25,10 +25,11 @@ Why two paths instead of a lenient parser. A typed, threaded parse is what makes
 as fast as ``read_csv`` itself, but pyarrow refuses a whole block on one unparsable value or
 one line with the wrong number of fields, and cannot say which line. So the reader starts on
 the *fast* path; on the first block that pyarrow refuses, or whose rows do not match its
-lines, it restarts on the *exact* path, which splits each block at its line ends itself
-(numpy over the bytes) and sets aside, with their line numbers, the lines pyarrow would
-misread: a wrong number of fields, bytes that are not UTF-8, a carriage return inside a line,
-a line over 1 MiB. The rest is parsed with threads as before. On the first conversion error
+lines, or that holds a line over 1 MiB (pyarrow reads some, the numba parser any: whether
+such a line is a row must not depend on the other lines of its block), it restarts on the
+*exact* path, which splits each block at its line ends itself (numpy over the bytes) and
+sets aside, with their line numbers, the lines pyarrow would misread: a wrong number of
+fields, bytes that are not UTF-8, a carriage return inside a line, a line over 1 MiB. The rest is parsed with threads as before. On the first conversion error
 with typed columns the exact path restarts once more with text columns that ``convert.py``
 converts per column (one bad value refuses one row). Restarts skip the lines already
 delivered, so clean files pay nothing and damaged ones give the same rows, slower.
@@ -118,6 +119,7 @@ class _Block:
     first: int  # line number of the block's first line
     data: pa.Buffer | bytes  # whole lines; the last may lack its newline at the end of the file
     lines: int
+    long_line: bool = False  # a line over MAX_LINE (its CR counted): only the exact path reads it
 
 
 class CsvReader:
@@ -262,7 +264,7 @@ class CsvReader:
                     first = False
                     if len(block) >= 3 and bytes(block[:3]) == UTF8_BOM:
                         block = block[3:]
-                newlines = _count_newlines(block)
+                newlines, gap = _count_newlines(block)
                 if skip and len(block):
                     nl = _first_newlines(np.frombuffer(block, dtype=np.uint8), skip)
                     if len(nl) < skip:  # (blank lines before a header filling a block)
@@ -276,7 +278,7 @@ class CsvReader:
                         skip = 0
                 if len(block):
                     lines = newlines + (0 if block[len(block) - 1] == 10 else 1)
-                    yield _Block(line, block, lines)
+                    yield _Block(line, block, lines, gap and _longest_line(block) > MAX_LINE)
                     line += lines
                 if at_end:
                     return
@@ -300,6 +302,8 @@ class CsvReader:
     def _fast(self, chunk_rows: int) -> Iterator[TickChunk]:
         for blk in self._blocks():
             self._any = True
+            if blk.long_line:  # refused on the exact path; pyarrow and the numba parser would read it
+                raise _Restart(robust=False)
             plain = None if self._quoted else self._plain_chunks(blk, chunk_rows)
             if plain is not None:
                 yield from plain
@@ -498,11 +502,23 @@ def _first_newlines(arr: np.ndarray, k: int) -> np.ndarray:
         window *= 4
 
 
-def _count_newlines(block: pa.Buffer | bytes) -> int:
-    """Newlines in ``block``, in cache-sized pieces (faster than one pass over 8 MiB)."""
+_PIECE = 1 << 18
+"""Bytes counted at a time: a line over MAX_LINE (4 pieces) covers a whole piece."""
+
+
+def _count_newlines(block: pa.Buffer | bytes) -> tuple[int, bool]:
+    """Newlines in ``block``, in cache-sized pieces (faster than one pass over 8 MiB), and
+    whether a piece has none (then a line may be over MAX_LINE: see :func:`_longest_line`)."""
     arr = np.frombuffer(block, dtype=np.uint8)
-    step = 1 << 18
-    return sum(int(np.count_nonzero(arr[i : i + step] == 10)) for i in range(0, len(arr), step))
+    counts = [int(np.count_nonzero(arr[i : i + _PIECE] == 10)) for i in range(0, len(arr), _PIECE)]
+    return sum(counts), 0 in counts
+
+
+def _longest_line(block: pa.Buffer | bytes) -> int:
+    """Bytes of the longest line in ``block``, a carriage return before its newline included."""
+    arr = np.frombuffer(block, dtype=np.uint8)
+    ends = np.flatnonzero(arr == 10)
+    return int(np.diff(ends, prepend=-1, append=len(arr)).max()) - 1
 
 
 def _conversion_error(e: Exception) -> bool:
