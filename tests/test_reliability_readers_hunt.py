@@ -14,6 +14,7 @@ from pathlib import Path
 import databento_dbn as dbn
 import numpy as np
 import pytest
+from test_books_lobster import simulate
 
 from nautilus_pipeline.errors import DataError
 from nautilus_pipeline.io import Replay, Source
@@ -123,3 +124,51 @@ def test_an_mbo_record_with_an_undefined_event_time_is_refused_on_both_paths(tmp
     assert cols["ts_ns"].tolist() == [1000, 1001] and cols["price"].tolist() == [100.25, 101.0]
     with pytest.raises(DataError, match=r"line/record 1, field 'ts_event'.*unparsable"):
         replay(p, "databento", policy="fail", options={"fast_mbo": fast_mbo})
+
+
+# --- LOBSTER: the two files of a sample, and times after midnight ------------------------------
+def lobster_sample(tmp_path: Path) -> tuple[Path, Path]:
+    msg, _, _ = simulate(tmp_path, 300)
+    return msg, Path(str(msg).replace("message", "orderbook"))
+
+
+def edit_line(path: Path, i: int, fn) -> None:
+    lines = path.read_text().splitlines()
+    lines[i] = fn(lines[i])
+    path.write_text("\n".join(lines) + "\n")
+
+
+def test_a_lobster_message_file_cut_short_at_a_line_end_is_refused(tmp_path: Path) -> None:
+    """The orderbook file has a row per event: one with rows left over means the message file
+    lost its last events (or the files are of two samples). They were dropped without a word."""
+    msg, _ = lobster_sample(tmp_path)
+    whole, r = replay(msg, "lobster", policy="fail")
+    assert r.accounting.total.delivered == len(whole["ts_ns"])
+    msg.write_text("\n".join(msg.read_text().splitlines()[:250]) + "\n")
+    with pytest.raises(DataError, match=r"orderbook_3\.csv: more rows than .*message_3\.csv \(250 messages\).*cut short"):
+        replay(msg, "lobster")
+
+
+@pytest.mark.parametrize("time", ["1e12", "-5.5", "86400.0", "nan"])
+def test_a_lobster_time_outside_the_day_is_one_unparsable_event(tmp_path: Path, time: str) -> None:
+    """Seconds after midnight beyond int64 once in ns wrapped to a time in 1677 (refused as
+    going backwards with its book rows, or passing as the first event); any time outside the
+    day is not a time of the trading date."""
+    msg, _ = lobster_sample(tmp_path)
+    edit_line(msg, 100, lambda ln: time + ln[ln.index(","):])
+    _, r = replay(msg, "lobster")
+    t = r.accounting.total
+    assert (t.rejected, dict(t.by_reason)) == (1, {"unparsable": 1})
+    with pytest.raises(DataError, match=r"line/record 101\b.*unparsable"):
+        replay(msg, "lobster", policy="fail")
+
+
+def test_a_bad_value_in_the_lobster_orderbook_file_refuses_its_event_not_the_file(tmp_path: Path) -> None:
+    """pyarrow's cast of the orderbook column raised on it: the whole sample was unreadable."""
+    msg, ob = lobster_sample(tmp_path)
+    edit_line(ob, 100, lambda ln: "abc" + ln[ln.index(","):])
+    _, r = replay(msg, "lobster")
+    t = r.accounting.total
+    assert (t.rejected, dict(t.by_reason)) == (1, {"unparsable": 1}) and t.read == t.delivered + 1
+    with pytest.raises(DataError, match=r"line/record 101\b.*unparsable"):
+        replay(msg, "lobster", policy="fail")

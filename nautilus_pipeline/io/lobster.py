@@ -23,6 +23,12 @@ LOBSTER's NASDAQ data): the date comes from ``date="YYYY-MM-DD"`` or the file na
 −4 under EDT, −5 under EST).
 The orderbook file is found beside the message file (``message`` → ``orderbook`` in the name);
 without it only the trades are read, and the reader says so in ``book_missing``.
+
+Damage. Both files are read as text and converted per column (``convert.py``), so a bad value,
+in either file, refuses its event (unparsable, with the message file's line), as does a time
+outside ``[0, 86400)`` s (it would wrap once in ns). The files must have as many rows as each
+other: an orderbook file with rows left over means the message file was cut short (or the
+two are of different samples), a DataError, never a replay of the first events only.
 """
 
 from __future__ import annotations
@@ -44,7 +50,7 @@ from ..errors import ConfigError, DataError
 from ..events import KIND_BOOK, KIND_TRADE
 from . import convert
 from .chunk import Reason, TickChunk
-from .files import check_file, decoding_errors, open_stream
+from .files import check_file, decoding_errors, open_stream, read_head
 
 log = structlog.get_logger("nautilus_pipeline.io.lobster")
 
@@ -96,10 +102,14 @@ class LobsterReader:
         self.ignored = 0
 
     def _csv(self, path: str, names: list[str] | None) -> Iterator[pa.RecordBatch]:
-        read = pacsv.ReadOptions(autogenerate_column_names=names is None, column_names=names,
-                                 block_size=1 << 22, use_threads=False)
+        """Batches of text columns: a bad value is one refused event, never a file that stops
+        reading at the block where pyarrow's inferred type no longer fits."""
+        if names is None:
+            names = [f"f{i}" for i in range(len(read_head(path, 1 << 16).split(b"\n", 1)[0].split(b",")))]
+        read = pacsv.ReadOptions(column_names=names, block_size=1 << 22, use_threads=False)
+        conv = pacsv.ConvertOptions(column_types=dict.fromkeys(names, pa.string()))
         with decoding_errors(path), open_stream(path) as s:
-            yield from pacsv.open_csv(s, read_options=read)
+            yield from pacsv.open_csv(s, read_options=read, convert_options=conv)
 
     def chunks(self, chunk_rows: int = 65_536) -> Iterator[TickChunk]:
         from ..kernels.book import snapshot_deltas
@@ -118,22 +128,17 @@ class LobsterReader:
             size, zm, zb = convert.to_float(t.column("size").combine_chunks())
             price, pm, pb = convert.to_float(t.column("price").combine_chunks())
             direction, dm, db = convert.to_int(t.column("direction").combine_chunks(), 0)
-            ts = self.midnight_ns + np.round(np.nan_to_num(sec) * 1e9).astype(np.int64)
+            ts = self.midnight_ns + np.round(np.where((sec >= 0) & (sec < 86_400), sec, 0.0) * 1e9).astype(np.int64)
             lines = np.arange(line, line + n, dtype=np.int64)
             line += n
             reason = np.zeros(n, np.uint8)
+            with np.errstate(invalid="ignore"):
+                off_day = ~((sec >= 0) & (sec < 86_400))  # seconds after midnight: else a wrapped time
             for mask, why in ((ms | km | zm | pm | dm, Reason.MISSING_FIELD), (sb | kb | zb | pb | db, Reason.UNPARSABLE),
-                              ((kind < 1) | (kind > 7), Reason.UNPARSABLE),
+                              (off_day & ~ms, Reason.UNPARSABLE), ((kind < 1) | (kind > 7), Reason.UNPARSABLE),
                               (~np.isin(direction, (-1, 1)) & (kind != 7), Reason.UNKNOWN_SIDE)):
                 reason[mask & (reason == 0)] = why
-            trade = np.isin(kind, (4, 5, 6)) & (reason == 0)
-            parts = []
-            # trades: the aggressor is the other side of the executed limit order
-            tr = np.flatnonzero(trade)
-            parts.append((tr, np.full(len(tr), KIND_TRADE, np.uint8),
-                          np.where(kind[tr] == 6, 0, -direction[tr]).astype(np.int8),
-                          price[tr] / PRICE_SCALE, size[tr], np.zeros(len(tr), np.uint8)))
-            has_rows = trade.copy()
+            book = None
             if books is not None:
                 if pending_book is None or pending_book.num_rows < n:
                     got = [pending_book] if pending_book is not None else []
@@ -151,12 +156,27 @@ class LobsterReader:
                 depth = ob.num_columns // 4
                 book = np.full((n, 4, depth), np.nan)
                 for i in range(depth):
-                    cols = [ob.column(4 * i + j).cast(pa.float64()).to_numpy() for j in range(4)]
+                    cols = []
+                    for j in range(4):
+                        v, vm, vb = convert.to_float(ob.column(4 * i + j).combine_chunks())
+                        reason[vm & (reason == 0)] = Reason.MISSING_FIELD
+                        reason[(vb | np.isnan(v) & ~vm) & (reason == 0)] = Reason.UNPARSABLE
+                        cols.append(v)
                     ap, az, bp, bz = cols
                     for dst, p_, z_ in ((0, bp, bz), (2, ap, az)):
                         empty = (np.abs(p_) >= EMPTY_PRICE) | (z_ <= 0)
                         book[:, dst, i] = np.where(empty, np.nan, p_ / PRICE_SCALE)
                         book[:, dst + 1, i] = np.where(empty, np.nan, z_)
+            trade = np.isin(kind, (4, 5, 6)) & (reason == 0)
+            parts = []
+            # trades: the aggressor is the other side of the executed limit order
+            tr = np.flatnonzero(trade)
+            parts.append((tr, np.full(len(tr), KIND_TRADE, np.uint8),
+                          np.where(kind[tr] == 6, 0, -direction[tr]).astype(np.int8),
+                          price[tr] / PRICE_SCALE, size[tr], np.zeros(len(tr), np.uint8)))
+            has_rows = trade.copy()
+            if book is not None:
+                depth = book.shape[2]
                 good = np.flatnonzero(reason == 0)
                 side, bpx, bsz, owner, prev = snapshot_deltas(prev, book[good], depth)
                 src = good[owner]
@@ -182,3 +202,7 @@ class LobsterReader:
                 yield TickChunk(self.path, {k: v[sl] for k, v in cols.items()}, lines[sub_rows], [self.symbol],
                                 bad=verdict[sl] if verdict[sl].any() else None,
                                 raw=lambda i, r=sub_rows, tb=t: tb.slice(int(r[i]), 1).to_pylist()[0])
+        if books is not None and ((pending_book is not None and pending_book.num_rows) or any(b.num_rows for b in books)):
+            raise DataError(f"{self.orderbook}: more rows than {self.path} ({line - 1} messages); the two files of a "
+                            "LOBSTER sample have one row per event each: the message file is cut short, or the "
+                            "files are of two samples")
