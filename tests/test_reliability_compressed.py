@@ -78,3 +78,31 @@ def test_a_line_over_max_line_is_counted_as_refused_by_the_replay(tmp_path: Path
         t = replay.accounting.total
         assert (t.read, delivered, t.rejected) == (ROWS, ROWS - 1, 1)
         assert dict(replay.accounting.sources[str(path)].by_reason) == {"unparsable": 1}
+
+
+# --- bytes that are not UTF-8 ---------------------------------------------------------
+@pytest.mark.parametrize("codec", ["none", "gzip"])
+@pytest.mark.parametrize("garbage_elsewhere", [False, True])
+def test_a_byte_that_is_not_utf8_refuses_its_row_only_in_a_field_that_is_read(tmp_path: Path, codec: str,
+                                                                              garbage_elsewhere: bool) -> None:
+    """A flipped high bit in quote_qty (not read) costs no row, in price it refuses the row,
+    whichever path reads the block: the exact path refused both, so the first row was
+    delivered in a clean block and refused once another line of its block was damaged."""
+    lines = list(LINES)
+    f = lines[101].split(b",")
+    lines[101] = b",".join([*f[:3], f[3][:2] + b"\xff" + f[3][2:], *f[4:]])  # file line 102: quote_qty
+    f = lines[301].split(b",")
+    lines[301] = b",".join([f[0], f[1][:2] + b"\xb1" + f[1][3:], *f[2:]])  # file line 302: price
+    if garbage_elsewhere:
+        lines[5001] = b"garbage"  # file line 5002
+    path = write(tmp_path / ("BTCUSDT-trades-2024-08-08.csv" + (".gz" if codec == "gzip" else "")), lines, codec)
+    refused = {302} | ({5002} if garbage_elsewhere else set())
+    want = [int(ln.split(b",")[0]) for i, ln in enumerate(LINES[1:-1], start=2) if i not in refused]
+    got = []
+    for fast in (True, False):
+        cols, dropped, _, _ = rows(path, fast)
+        assert cols["trade_id"].tolist() == want
+        assert sorted(d[0] for d in dropped) == sorted(refused)
+        assert [d[1] for d in dropped if d[0] == 302] == [Reason.UNPARSABLE]
+        got.append(dropped)
+    assert repr(got[0]) == repr(got[1])

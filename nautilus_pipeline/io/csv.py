@@ -29,10 +29,12 @@ lines, or that holds a line over 1 MiB (pyarrow reads some, the numba parser any
 such a line is a row must not depend on the other lines of its block), it restarts on the
 *exact* path, which splits each block at its line ends itself (numpy over the bytes) and
 sets aside, with their line numbers, the lines pyarrow would misread: a wrong number of
-fields, bytes that are not UTF-8, a carriage return inside a line, a line over 1 MiB. The rest is parsed with threads as before. On the first conversion error
-with typed columns the exact path restarts once more with text columns that ``convert.py``
-converts per column (one bad value refuses one row). Restarts skip the lines already
-delivered, so clean files pay nothing and damaged ones give the same rows, slower.
+fields, bytes that are not UTF-8 in a field it reads (in another, pyarrow never decodes
+them: the row is delivered on both paths), a carriage return inside a line, a line over
+1 MiB. The rest is parsed with threads as before. On the first conversion error with typed
+columns the exact path restarts once more with text columns that ``convert.py`` converts per
+column (one bad value refuses one row). Restarts skip the lines already delivered, so clean
+files pay nothing and damaged ones give the same rows, slower.
 
 A format's own parser. A reader for one fixed layout may parse a block itself
 (``_plain_chunks``) when every line of it is in that layout's plain form, and give the chunks
@@ -386,8 +388,9 @@ class CsvReader:
             try:
                 data[starts[i] : ends_eff[i]].decode("utf-8")
             except UnicodeDecodeError as e:
-                why[i] = (Reason.UNPARSABLE, f"not UTF-8 text (byte 0x{data[starts[i] + e.start]:02x} at "
-                          f"character {e.start + 1})")
+                if not self._read_fields_are_text(data[starts[i] : ends_eff[i]]):
+                    why[i] = (Reason.UNPARSABLE, f"not UTF-8 text (byte 0x{data[starts[i] + e.start]:02x} at "
+                              f"character {e.start + 1})")
         cr = np.flatnonzero(a == 13)
         if len(cr):
             at = line_of(cr)
@@ -419,6 +422,20 @@ class CsvReader:
                 parts.append(data[lo:hi])
         buffer = b"\n".join(parts) + b"\n" if parts else b""
         return buffer, numbers[keep], bad, int(length[keep].max()) if len(idx) else 0
+
+    def _read_fields_are_text(self, line: bytes) -> bool:
+        """Whether a line that is not all UTF-8 has the expected fields and its bad bytes only
+        in fields the mapping does not read: pyarrow never decodes those, so the fast path
+        delivers the row, and so must this one."""
+        fields = line.split(self.options.delimiter.encode())
+        if len(fields) != len(self._names):
+            return False
+        try:
+            for col in set(self.fmap.columns().values()):
+                fields[self._names.index(col)].decode("utf-8")
+        except UnicodeDecodeError:
+            return False
+        return True
 
     def _emit(self, table: pa.Table | None, records: np.ndarray, bad: list[BadRow], chunk_rows: int) -> Iterator[TickChunk]:
         """Chunks of a parsed block, each with the refused lines up to its last row."""
