@@ -1,7 +1,12 @@
 """Opening tick files: transparent .gz/.zst/.bz2/.zip, line iteration, and errors a user can act on.
 
 Compression is recognised by the file's magic bytes (gzip ``1f 8b``, zstd ``28 b5 2f fd``,
-bzip2 ``BZh``, zip ``PK 03 04``), not its name, so a renamed file still opens. A zip archive
+bzip2 ``BZh``, zip ``PK 03 04``), not its name, so a renamed file still opens. Skippable
+frames (``5? 2a 4d 18``, with their length) before the first frame are passed over: ``pzstd``
+starts every frame with one, and lz4 frames may have them too, so the frame after them
+decides. pzstd's says how long its frame is: a file that ends before a frame so announced is
+truncated, even where it ends just after the announcement (the codec sees a whole, valid
+stream there). A zip archive
 (how Binance's public data and Bybit ship files) must hold one file (a ``.CHECKSUM`` member
 aside), streamed from the archive; more files are refused with their names. Containers we do
 not open (xz, 7z, rar, tar, lz4 frames) are named by :func:`unsupported_container`, so the user
@@ -43,8 +48,9 @@ GZIP_MAGIC = b"\x1f\x8b"
 ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
 BZ2_MAGIC = b"BZh"
 ZIP_MAGIC = b"PK\x03\x04"
+LZ4_MAGIC = b"\x04\x22\x4d\x18"
 _OTHER_CONTAINERS = {b"\xfd7zXZ\x00": "xz", b"7z\xbc\xaf\x27\x1c": "7z", b"Rar!\x1a\x07": "rar",
-                     b"\x04\x22\x4d\x18": "lz4 frame", b"PK\x05\x06": "zip (empty archive)",
+                     LZ4_MAGIC: "lz4 frame", b"PK\x05\x06": "zip (empty archive)",
                      b"\x89HDF": "HDF5", b"SQLite format 3": "SQLite", b"\x1f\x9d": "compress (.Z)"}
 UTF8_BOM = b"\xef\xbb\xbf"
 _WIDE_BOMS = {b"\xff\xfe\x00\x00": "UTF-32-LE", b"\x00\x00\xfe\xff": "UTF-32-BE",
@@ -58,11 +64,54 @@ def _read_error(p: Path, e: OSError) -> DataError:
     return DataError(f"{p}: cannot read the file ({why})")
 
 
+def _skippable(head: bytes) -> bool:
+    """Whether ``head`` starts a skippable frame (zstd and lz4 share the format)."""
+    return len(head) >= 4 and head[0] & 0xF0 == 0x50 and head[1:4] == b"\x2a\x4d\x18"
+
+
+def _after_skippable(fh) -> bytes:
+    """The first 4 bytes after the skippable frames at ``fh``'s start (b"" at the end)."""
+    head = fh.read(4)
+    while _skippable(head):
+        size = fh.read(4)
+        if len(size) < 4:
+            return b""
+        fh.seek(int.from_bytes(size, "little"), os.SEEK_CUR)
+        head = fh.read(4)
+    return head
+
+
+_PZSTD_HEAD = b"\x50\x2a\x4d\x18\x04\x00\x00\x00"  # pzstd's skippable frame: 4 bytes, the next frame's size
+
+
+def _check_pzstd(p: Path) -> None:
+    """A :class:`DataError` when a file in pzstd's layout ends before a frame it announces
+    (a zstd file in any other layout: nothing to check here, the codec sees a cut frame)."""
+    try:
+        with open(p, "rb") as fh:
+            size, pos = os.fstat(fh.fileno()).st_size, 0
+            while pos < size:
+                fh.seek(pos)
+                head = fh.read(12)
+                if len(head) < 12 or not head.startswith(_PZSTD_HEAD):
+                    return
+                pos += 12 + int.from_bytes(head[8:], "little")
+    except OSError as e:
+        raise _read_error(p, e) from None
+    if pos > size:
+        raise DataError(f"{p}: the compressed file is truncated (it ends {pos - size:,} bytes before the end of "
+                        "the last zstd frame it announces); re-download or re-copy it (its checksum will not match)")
+
+
 def compression_of(path: str | Path) -> str | None:
     """``"gzip"``, ``"zstd"``, ``"bz2"``, ``"zip"`` or ``None``, from the first bytes of the file."""
     try:
         with open(path, "rb") as fh:
             head = fh.read(4)
+            if _skippable(head):
+                fh.seek(0)
+                after = _after_skippable(fh)
+                return None if after.startswith(LZ4_MAGIC) else "zstd"
     except OSError as e:
         raise _read_error(Path(path), e) from None
     if head.startswith(GZIP_MAGIC):
@@ -81,6 +130,9 @@ def unsupported_container(path: str | Path) -> str | None:
     try:
         with open(path, "rb") as fh:
             head = fh.read(512)
+            if _skippable(head):
+                fh.seek(0)
+                head = _after_skippable(fh)
     except OSError as e:
         raise _read_error(Path(path), e) from None
     for magic, name in _OTHER_CONTAINERS.items():
@@ -201,6 +253,7 @@ def byte_blocks(path: str | Path, block: int = 1 << 20) -> Iterator[bytes]:
     import zstandard
 
     verify_checksum(p)
+    _check_pzstd(p)
     pending = False
     try:
         with open(p, "rb") as fh:
@@ -236,6 +289,8 @@ def open_stream(path: str | Path) -> pa.NativeFile:
             return pa.memory_map(str(p), "r")
         if codec == "zip":
             return pa.PythonFile(_ZipMember(p, zip_member(p)), mode="r")
+        if codec == "zstd":
+            _check_pzstd(p)
         return pa.input_stream(str(p), compression=codec)
     except OSError as e:
         raise _read_error(p, e) from None
@@ -284,9 +339,15 @@ def wide_encoding(head: bytes) -> str | None:
 
 
 def check_text(path: str | Path) -> None:
-    """Raise a :class:`DataError` when a text tick file is UTF-16/32 (see the module docstring)."""
+    """Raise a :class:`DataError` when a text tick file is UTF-16/32 (see the module docstring),
+    or a compressed one holds nothing (else each reader names it by what it then misses: "a
+    header but no rows", "only blank lines")."""
     with decoding_errors(path), open_stream(path) as s:
         head = s.read(4096)
+    if not head:
+        codec = compression_of(path)
+        if codec is not None:
+            raise DataError(f"{path}: the {codec} file holds no data (it decompresses to 0 bytes); nothing to replay")
     enc = wide_encoding(head)
     if enc is not None:
         raise DataError(
