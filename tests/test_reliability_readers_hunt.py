@@ -172,3 +172,50 @@ def test_a_bad_value_in_the_lobster_orderbook_file_refuses_its_event_not_the_fil
     assert (t.rejected, dict(t.by_reason)) == (1, {"unparsable": 1}) and t.read == t.delivered + 1
     with pytest.raises(DataError, match=r"line/record 101\b.*unparsable"):
         replay(msg, "lobster", policy="fail")
+
+
+# --- Tardis incremental_book_L2: line numbers on the pyarrow path ------------------------------
+def tardis_l2_lines(n: int = 2000) -> list[str]:
+    rows = []
+    for i in range(n):
+        side = "bid" if i % 2 else "ask"
+        price = (100 if i % 2 else 200) + i % 50
+        rows.append(f"binance,BTCUSDT,{1_600_000_000_000_000 + i},{1_600_000_000_000_100 + i},"
+                    f"{'true' if i < 10 else 'false'},{side},{price}.5,{i % 7}")
+    return rows
+
+
+@pytest.mark.parametrize("block", [1 << 22, 4096, 1000])
+def test_tardis_l2_reference_path_numbers_lines_as_the_file_does(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                                 block: int) -> None:
+    """pyarrow skips blank lines and numbers rows without them, and it parses a block ahead, so
+    a refused row of the next block was taken for one of this block: every line after a blank
+    line, or after a refused row at a block's end, was named one line early (in errors and the
+    quarantine), by an amount that depended on the block size. The numba path had them right."""
+    from nautilus_pipeline.io import tardis_book
+    from nautilus_pipeline.io.tardis_book import TardisIncrementalBookReader
+
+    lines = tardis_l2_lines()
+    lines[300] = ""
+    lines[301] = "\r"
+    lines[701] = lines[701].replace(",bid,", ",bod,")
+    lines[900] = "binance,BTCUSDT,1600000000000900"
+    for i in range(1000, 2000, 97):
+        lines[i] = lines[i] + ",extra"
+    p = tmp_path / "incremental_book_L2.csv"
+    p.write_text("exchange,symbol,timestamp,local_timestamp,is_snapshot,side,price,amount\n" + "\n".join(lines) + "\n")
+    monkeypatch.setattr(tardis_book, "_BLOCK", block)
+    monkeypatch.setattr(tardis_book, "FAST_BLOCK", block)
+    got = {}
+    for fast in (True, False):
+        chunks = list(TardisIncrementalBookReader(p, fast=fast).chunks(333))
+        records = np.concatenate([c.records for c in chunks]).tolist()
+        refused = sorted([d.record for c in chunks for d in c.dropped]
+                         + [int(c.records[i]) for c in chunks if c.bad is not None for i in np.flatnonzero(c.bad)])
+        got[fast] = (records, refused)
+    assert got[False] == got[True]
+    records, refused = got[False]
+    assert refused == [703, 902, *range(1002, 2002, 97)]  # 1-based, the header is line 1
+    assert 302 not in records and 303 not in records and records[-1] == 2001
+    assert records.count(2) == 2  # the snapshot's clear shares the line of its first level
+    assert len(records) == 1 + 2000 - 2 - 12  # a clear, the lines less two blank and 12 of a wrong field count

@@ -21,8 +21,10 @@ for the trade files. Record numbers are line numbers; a snapshot line's rows sha
 
 from __future__ import annotations
 
+import collections
 import io
 import itertools
+import re
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -91,39 +93,50 @@ class _TardisBookCsv:
         self.ts_unit = unit_of(row[2]) if len(row) > 2 else "us"
         self.recv_unit = unit_of(row[3]) if len(row) > 3 else "us"
 
-    def _tables(self) -> Iterator[tuple[pa.Table, int, list[BadRow]]]:
-        """(block of rows as text, line number of its first row, rows of a wrong field count)."""
-        bad: list[BadRow] = []
+    def _tables(self) -> Iterator[tuple[pa.Table, np.ndarray, list[BadRow]]]:
+        """(block of rows as text, line numbers of its rows, rows of a wrong field count).
+
+        pyarrow numbers rows without the blank lines it skips, and it parses a block ahead: the
+        refused rows it reports may belong to the next batch. So the rows are numbered as pyarrow
+        counts them (the header is 1), each batch takes the refused rows within its range, and
+        the numbers become physical line numbers by the blank lines the stream went through
+        (the numba path's numbers; a blank line after a refused row at a block's end shifted
+        every later line before)."""
+        bad: collections.deque[BadRow] = collections.deque()
 
         def invalid(row: pacsv.InvalidRow) -> str:
-            line = row.number or 0  # pyarrow's physical line number (the header is line 1)
-            bad.append(BadRow(self.path, line, Reason.WRONG_FIELD_COUNT, None, row.text[:200], row.text, self.symbol))
+            bad.append(BadRow(self.path, row.number or 0, Reason.WRONG_FIELD_COUNT, None, row.text[:200], row.text,
+                              self.symbol))
             return "skip"
 
         read = pacsv.ReadOptions(block_size=_BLOCK, use_threads=False)
         parse = pacsv.ParseOptions(invalid_row_handler=invalid)
         names = header_names(self.path)
         conv = pacsv.ConvertOptions(column_types={n: pa.string() for n in names}, strings_can_be_null=True)
-        line = 2
+        at = 2  # pyarrow's number of the next row
         with decoding_errors(self.path), open_stream(self.path) as s:
-            reader = pacsv.open_csv(s, read_options=read, parse_options=parse, convert_options=conv)
+            blanks = _BlankLines(s)
+            reader = pacsv.open_csv(pa.PythonFile(blanks, mode="r"), read_options=read, parse_options=parse,
+                                    convert_options=conv)
             for batch in reader:
-                skipped, bad = bad, []
                 n = batch.num_rows
-                lines = self._lines(line, n, skipped)
-                yield pa.Table.from_batches([batch]), lines, skipped
-                line = int(lines[-1]) + 1 if n else line + len(skipped)
-        if bad:  # refused after the last batch (or a file of refused lines only): still reported
-            yield pa.table({n: pa.array([], pa.string()) for n in names}), np.empty(0, np.int64), bad
-
-    @staticmethod
-    def _lines(first: int, n: int, skipped: list[BadRow]) -> np.ndarray:
-        """Line numbers of a block's ``n`` good rows, around the skipped ones."""
-        lines = np.arange(first, first + n + len(skipped), dtype=np.int64)
-        if skipped:
-            gone = np.isin(lines, [b.record for b in skipped])
-            lines = lines[~gone][:n]
-        return lines[:n]
+                end = at + n  # one past the batch's last row, as pyarrow counts
+                skipped = []
+                while bad and bad[0].record < end:
+                    skipped.append(bad.popleft())
+                    end += 1
+                numbers = np.arange(at, end, dtype=np.int64)
+                if skipped:
+                    numbers = numbers[~np.isin(numbers, [b.record for b in skipped])]
+                for b in skipped:
+                    b.record = int(blanks.physical(np.array([b.record]))[0])
+                yield pa.Table.from_batches([batch]), blanks.physical(numbers), skipped
+                at = end
+            rest = list(bad)
+            for b in rest:
+                b.record = int(blanks.physical(np.array([b.record]))[0])
+        if rest:  # refused after the last batch (or a file of refused lines only): still reported
+            yield pa.table({n: pa.array([], pa.string()) for n in names}), np.empty(0, np.int64), rest
 
     def _symbols(self, col: pa.ChunkedArray) -> tuple[np.ndarray, list[str]]:
         if self.symbol:
@@ -143,6 +156,49 @@ class _TardisBookCsv:
                           raw=lambda i: raw_rows.slice(int(row_of[i]), 1).to_pylist()[0])
         chunk.dropped = dropped
         return chunk
+
+
+class _BlankLines:
+    """A byte stream passed through unchanged, noting where its blank lines are, so that
+    pyarrow's row numbers (which skip them) can be turned into physical line numbers."""
+
+    def __init__(self, raw: pa.NativeFile) -> None:
+        self.raw = raw
+        self.line = 1  # physical number of the line the next byte belongs to
+        self.tail = b""
+        self.before: list[int] = []  # per blank line: non-blank lines before it
+
+    def read(self, n: int = -1) -> bytes:
+        data = self.raw.read(n)
+        text = self.tail + data
+        skip = len(self.tail)
+        base = self.line - self.tail.count(b"\n")  # the line number at text[0]
+        for m in _BLANK.finditer(text):  # a newline that another follows at once (or after a CR)
+            if m.end(1) > skip:  # (else the last read saw it whole)
+                blank = base + text.count(b"\n", 0, m.start() + 1)
+                self.before.append(blank - 1 - len(self.before))
+        self.line += data.count(b"\n")
+        self.tail = text[-2:]
+        return data
+
+    def physical(self, numbers: np.ndarray) -> np.ndarray:
+        """Line numbers of rows pyarrow numbered ``numbers`` (blank lines not counted)."""
+        if not self.before:
+            return numbers
+        return numbers + np.searchsorted(np.array(self.before), numbers, side="left")
+
+    @property
+    def closed(self) -> bool:
+        return self.raw.closed
+
+    def readable(self) -> bool:
+        return True
+
+    def close(self) -> None:
+        """The stream is closed by its owner (``open_stream``'s context)."""
+
+
+_BLANK = re.compile(rb"\n(?=(\r?\n))")
 
 
 class TardisIncrementalBookReader(_TardisBookCsv):
