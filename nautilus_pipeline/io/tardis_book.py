@@ -97,11 +97,10 @@ class _TardisBookCsv:
         """(block of rows as text, line numbers of its rows, rows of a wrong field count).
 
         pyarrow numbers rows without the blank lines it skips, and it parses a block ahead: the
-        refused rows it reports may belong to the next batch. So the rows are numbered as pyarrow
-        counts them (the header is 1), each batch takes the refused rows within its range, and
-        the numbers become physical line numbers by the blank lines the stream went through
-        (the numba path's numbers; a blank line after a refused row at a block's end shifted
-        every later line before)."""
+        refused rows it reports may belong to the next batch. So rows are numbered as pyarrow
+        counts them (the header is 1), each batch takes the refused rows within its own range,
+        and the numbers are then shifted by the blank lines before them (:class:`_BlankLines`)
+        to the file's line numbers, as the numba path gives them."""
         bad: collections.deque[BadRow] = collections.deque()
 
         def invalid(row: pacsv.InvalidRow) -> str:
