@@ -41,8 +41,9 @@ VARIANTS: tuple[tuple[str, str, dict[str, Any]], ...] = (
     ("mlx-cpu eager", "mlx:cpu", {}),
     ("mlx-cpu compiled", "mlx:cpu", {"compile": True}),
     ("torch-cuda eager", "torch:cuda", {"cuda_graphs": False}),
-    ("torch-cuda graphs", "torch:cuda", {"cuda_graphs": True}),  # 256-row tiles, graphs of 1/16/64
-    ("torch-cuda graphs/1", "torch:cuda", {"cuda_graphs": True, "graph_tiles": (1,)}),  # one tile a replay
+    ("torch-cuda graphs", "torch:cuda", {"cuda_graphs": True}),  # 4096-row tiles, graphs of 1 and 4
+    # smaller tiles: lower batch-1 latency, more launches for a large batch (same bits per tile size)
+    ("torch-cuda graphs t256", "torch:cuda", {"cuda_graphs": True, "tile_rows": 256, "graph_tiles": (1, 16)}),
     ("torch-mps eager", "torch:mps", {}),
     ("mlx-gpu eager", "mlx:gpu", {}),
     ("mlx-gpu compiled", "mlx:gpu", {"compile": True}),

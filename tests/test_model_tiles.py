@@ -24,6 +24,9 @@ BACKENDS = [
     pytest.param("mlx:cpu", {}, id="mlx-cpu"),
     pytest.param("torch:cuda", {}, id="torch-cuda", marks=pytest.mark.gpu),
     pytest.param("torch:cuda", {"cuda_graphs": False}, id="torch-cuda-eager", marks=pytest.mark.gpu),
+    # 8-row tiles, graphs of 1 and 3 tiles: every path of the graph choice and the partial tile
+    pytest.param("torch:cuda", {"tile_rows": 8, "graph_tiles": (1, 3)}, id="torch-cuda-small-tiles",
+                 marks=pytest.mark.gpu),
     pytest.param("mlx:gpu", {}, id="mlx-gpu", marks=pytest.mark.gpu),
 ]
 CUTS = [1, 7, 300, 4096]

@@ -1,7 +1,7 @@
 """Built model runners kept for the next pipeline of the same process.
 
 Building a runner can cost more than the batches it will run: a ``torch:cuda`` runner
-captures its CUDA graphs (1, 16 and 64 tiles of rows), and a batch worker builds a new pipeline for
+captures its CUDA graphs (of 1 and 4 tiles of rows), and a batch worker builds a new pipeline for
 every job (one file), after a warm-up replay that built one too. So a stage that closes
 gives its runners back (:func:`give_back`) and the next stage asking for the same backend,
 model and options takes one of them (:func:`take_runner`) instead of building it again.

@@ -19,13 +19,17 @@ CUDA the runner replays graphs.
 Every row is computed in a call of exactly ``tile_rows`` rows (``model.base.TILE_ROWS``):
 cuBLAS picks its kernel by shape, and the per-batch-size graphs (1, 8, 64, … 4096 rows) this
 runner had gave a row other last bits in another batch (a batch replay's merged signals
-differed from the sequential run's on an H200). The graphs are captured for 1, 16 and 64
-tiles (``graph_tiles``), each a run of tile-sized calls, so a large batch costs few
-launches; a batch takes the largest that fits, then smaller ones, the last tile padded
-(padding rows are discarded, rows of an MLP are independent). The copies are issued around
-the graph, the batch's own rows only. Without graphs (``cuda_graphs=False``, CPU, MPS) the
-eager module is called tile by tile (``tile_rows`` 64 on the CPU, where a call's overhead
-is small).
+differed from the sequential run's on an H200). On CUDA a tile is 4,096 rows
+(``CUDA_TILE_ROWS``): the GPU is there for large batches (``route = "calibrated"`` sends
+small ones to the CPU), and a 4,096-row replay is what gave 25M rows/s above; a
+smaller tile lowers batch-1 latency (a 4,096-row call instead of a 1-row one) and costs
+throughput (more, smaller products), with the same bits for any one tile size. Graphs are
+captured for 1 and 4 tiles (``graph_tiles``, each a run of tile-sized calls); a batch takes
+the largest that fits, then smaller ones, the last tile partial: only the batch's own rows
+are copied in and out around the replay (the rows after them in the static buffer are
+left from before and discarded; rows of an MLP are independent). Without graphs
+(``cuda_graphs=False``, CPU, MPS) the eager module is called tile by tile, the last tile
+padded (``tile_rows`` 64 on the CPU, where a call's overhead is small).
 
 Normalisation always runs in float32: with float16/bfloat16 weights the cast happens after
 it, so raw features in the thousands (prices) keep their precision.
@@ -52,7 +56,8 @@ except ImportError:  # pragma: no cover - exercised where torch is not installed
     torch = None  # type: ignore[assignment]
     nn = None  # type: ignore[assignment]
 
-DEFAULT_GRAPH_TILES: tuple[int, ...] = (1, 16, 64)
+DEFAULT_GRAPH_TILES: tuple[int, ...] = (1, 4)
+CUDA_TILE_ROWS = 4096
 CPU_TILE_ROWS = 64
 _DTYPES = ("float32", "float16", "bfloat16")
 
@@ -145,7 +150,8 @@ class TorchRunner(ModelRunner):
         self.spec = spec
         self.backend = f"torch:{device}"
         self.device = torch.device(device)
-        self.tile_rows = int(tile_rows or (CPU_TILE_ROWS if device == "cpu" else TILE_ROWS))
+        default = {"cpu": CPU_TILE_ROWS, "cuda": CUDA_TILE_ROWS}.get(device, TILE_ROWS)
+        self.tile_rows = int(tile_rows or default)
         if self.tile_rows < 1:
             raise ConfigError(f"torch tile_rows must be >= 1, got {tile_rows}")
         module = build_torch_mlp(spec, weights, dtype).to(self.device)
