@@ -27,7 +27,10 @@ BACKENDS = [
     # 8-row tiles, graphs of 1 and 3 tiles: every path of the graph choice and the partial tile
     pytest.param("torch:cuda", {"tile_rows": 8, "graph_tiles": (1, 3)}, id="torch-cuda-small-tiles",
                  marks=pytest.mark.gpu),
+    pytest.param("mlx:cpu", {"compile": True}, id="mlx-cpu-compiled"),
     pytest.param("mlx:gpu", {}, id="mlx-gpu", marks=pytest.mark.gpu),
+    pytest.param("torch:mps", {}, id="torch-mps", marks=pytest.mark.gpu),
+    pytest.param("coreml:all", {}, id="coreml-all"),
 ]
 CUTS = [1, 7, 300, 4096]
 
@@ -54,7 +57,7 @@ def _cut(runner, x: np.ndarray, sizes) -> np.ndarray:
 
 
 @pytest.mark.parametrize(("backend", "options"), BACKENDS)
-@pytest.mark.parametrize("activation", ["relu", "tanh"])
+@pytest.mark.parametrize("activation", ["relu", "tanh", "silu"])
 def test_a_rows_prediction_does_not_depend_on_its_batch(backend: str, options: dict, activation: str) -> None:
     spec = ModelSpec(input_names=SPEC.input_names, hidden=SPEC.hidden, activation=activation)
     w = weights(1, spec)
@@ -70,6 +73,22 @@ def test_a_rows_prediction_does_not_depend_on_its_batch(backend: str, options: d
             f"max {float(np.abs(got - whole).max()):.1e}")
     odd = _cut(runner, x, [13, 4096 - 13, 904])  # every tile boundary shifted
     assert np.array_equal(odd, whole), f"{runner.name}: shifted tiles differ"
+
+
+@pytest.mark.gpu
+def test_cuda_batches_through_every_graph_have_the_same_bits() -> None:
+    """40,000 rows: the default tile's largest graph (4 tiles of 4096), then smaller ones,
+    then a partial tile; cut in batches of 1, 4095, 16384 and 40000."""
+    w = weights(1)
+    x = rows(w, 40_000, seed=7)
+    runner = _runner("torch:cuda", {}, SPEC, w)
+    whole = _tiled(runner, x)
+    np.testing.assert_allclose(whole, reference(SPEC, w, x), atol=1e-4, rtol=0)
+    for size in (1, 4095, 16384):
+        sizes = [size] * (len(x) // size) + ([len(x) % size] if len(x) % size else [])
+        if size == 1:
+            sizes = [1] * 300 + [len(x) - 300]  # 300 single rows, then the rest at once
+        assert np.array_equal(_cut(runner, x, sizes), whole), f"batches of {size}"
 
 
 @pytest.mark.gpu

@@ -16,11 +16,12 @@ from .spec import ModelSpec
 
 # Rows per call in :meth:`ModelRunner.predict_tiled` unless a runner says otherwise. A matrix
 # product's float32 sums for one row can take another order when the row count changes:
-# OpenBLAS computes one row with sgemv and row counts off its micro-kernel's with tail
-# kernels, cuBLAS picks its kernel by shape (a replay's predictions on an H200 differed in the
-# last bits between a batch of a file's end and the same rows mid-file). In calls of one row
-# count, a multiple of every micro-kernel's, each row takes the same operations wherever it
-# falls, so a prediction does not depend on how the rows were batched.
+# cuBLAS picks its kernel by shape (a replay's predictions on an H200 differed in the last
+# bits between a batch of a file's end and the same rows mid-file). With every call of one
+# row count, cuBLAS, MKL's torch:cpu and MLX on the CPU give a row the same bits wherever it
+# falls (tests/test_model_tiles.py checks each backend it finds, on each host it runs on);
+# OpenBLAS does not (a row's bits moved with its position in a 64-row call: sgemv for the
+# one-column output layer), so the numpy runner goes through a fixed-order kernel instead.
 TILE_ROWS = 256
 
 
@@ -57,7 +58,7 @@ class ModelRunner(ABC):
                 self.predict(a[start:start + t], out[start:start + t])
             else:
                 pad[:m] = a[start:]
-                out[start:] = self.predict(pad)[:m]
+                out[start:start + m] = self.predict(pad)[:m]
         return out
 
     def close(self) -> None:

@@ -60,8 +60,10 @@ class CoreMLRunner(ModelRunner):
             raise ConfigError(f"{path}: package takes {k} features, the spec {spec.n_inputs}")
         sizes = tuple(sorted(int(s.shape[0]) for s in arr.enumeratedShapes.shapes))
         self._buckets = sizes or (int(arr.shape[0]),)
-        # one enumerated shape for every row the stage sends (model.base.TILE_ROWS)
-        self.tile_rows = TILE_ROWS if TILE_ROWS in self._buckets else self._buckets[-1]
+        # one enumerated shape for every row the stage sends (model.base.TILE_ROWS): the
+        # largest up to TILE_ROWS, else the smallest (a live row is not a 4096-row call)
+        fits = [b for b in self._buckets if b <= TILE_ROWS]
+        self.tile_rows = fits[-1] if fits else self._buckets[0]
         self._pads = {b: np.zeros((b, k), np.float32) for b in self._buckets}
 
     def _run(self, a: np.ndarray) -> np.ndarray:

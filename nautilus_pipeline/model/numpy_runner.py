@@ -16,7 +16,6 @@ class NumpyRunner(ModelRunner):
     """float32 matrix products with preallocated buffers; one instance per thread."""
 
     backend = "numpy"
-    tile_rows = 64  # a call costs little on the CPU (model.base.TILE_ROWS)
 
     def __init__(self, spec: ModelSpec, weights: MLPWeights, capacity: int = 256) -> None:
         weights.check(spec)

@@ -6,7 +6,7 @@ says whether a backend can run here and why not, without building anything. Back
 =============  =====================================================================
 ``numpy``      float32 matrix products (alias ``cpu``); always usable
 ``torch:cpu``  torch eager (``mode="script"``/``"compile"`` optional)
-``torch:cuda`` torch on NVIDIA; CUDA-graph replay for batches up to 4096 by default
+``torch:cuda`` torch on NVIDIA; CUDA-graph replay of 4096-row tiles by default
 ``torch:mps``  torch on Apple GPUs
 ``mlx:cpu``    MLX on the CPU
 ``mlx:gpu``    MLX on Metal, or on CUDA with the ``mlx[cuda]`` build
@@ -15,7 +15,7 @@ says whether a backend can run here and why not, without building anything. Back
 
 :func:`calibrate` replaces fixed "hardware routing thresholds" with measurements: it runs
 every usable runner at each batch size, checks its output against the float64 reference,
-and picks the fastest per batch size. Which backend wins depends on the machine and the
+and picks the fastest per batch size (timing ``predict_tiled``, what the stage calls). Which backend wins depends on the machine and the
 batch, so the table and the choice are logged, not assumed. Measured with
 ``scripts/bench_inference.py`` (50→128→64→32→1, float32; µs at batch 1, rows/s above):
 
@@ -33,7 +33,9 @@ torch-cuda graphs     39.7        3.26M        29.57M       same
 =================== ============ ============= ============ ====================================
 
 So on the 2-core box numpy owns batch 1 and TorchScript the large batches; on the H100
-machine numpy owns batches up to ~64 and CUDA graphs everything larger. The seeds' claims
+machine numpy owned batches up to ~64 and CUDA graphs everything larger. (These figures are
+of the runners' ``predict`` before every row went through tiles of one size, c9c1f4c:
+batch 1 on torch-cuda is now a 4096-row call; not measured again yet.) The seeds' claims
 for an M4 Max (37 µs at batch 1, 958K rows/s at batch 256) are not measured here: Core ML
 and Metal need a Mac.
 """
@@ -229,15 +231,16 @@ def calibrate(
         runner = None
         try:
             runner = make(item, spec, weights) if isinstance(item, str) else item
-            err = float(np.max(np.abs(runner.predict(top) - ref)))
+            # what the inference stage calls (model.base.ModelRunner.predict_tiled)
+            err = float(np.max(np.abs(runner.predict_tiled(top, np.empty(len(top), np.float32)) - ref)))
             if not err <= atol:
                 raise ConfigError(f"output differs from the reference by {err:.2e} > {atol:.0e}")
             row = {}
             for b in sizes:
                 x = xs[b]
-                row[b] = float(
-                    np.median(time_calls(lambda r=runner, x=x: r.predict(x), budget_s=budget_s))
-                )
+                out = np.empty(b, np.float32)
+                row[b] = float(np.median(time_calls(
+                    lambda r=runner, x=x, out=out: r.predict_tiled(x, out), budget_s=budget_s)))
         except Exception as e:
             cal.unusable[label] = f"{type(e).__name__}: {e}"
             if runner is not None and isinstance(item, str):

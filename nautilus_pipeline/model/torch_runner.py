@@ -16,20 +16,25 @@ issued around it, 40 µs with the host↔device copies captured inside the graph
 doubled throughput at batch 256 (3.2M vs 1.1M rows/s) and 4096 (25M vs 12M rows/s). So on
 CUDA the runner replays graphs.
 
-Every row is computed in a call of exactly ``tile_rows`` rows (``model.base.TILE_ROWS``):
+Every row is computed in a call of exactly ``tile_rows`` rows (why: ``model.base.TILE_ROWS``):
 cuBLAS picks its kernel by shape, and the per-batch-size graphs (1, 8, 64, … 4096 rows) this
 runner had gave a row other last bits in another batch (a batch replay's merged signals
 differed from the sequential run's on an H200). On CUDA a tile is 4,096 rows
-(``CUDA_TILE_ROWS``): the GPU is there for large batches (``route = "calibrated"`` sends
-small ones to the CPU), and a 4,096-row replay is what gave 25M rows/s above; a
-smaller tile lowers batch-1 latency (a 4,096-row call instead of a 1-row one) and costs
-throughput (more, smaller products), with the same bits for any one tile size. Graphs are
+(``CUDA_TILE_ROWS``): a 4,096-row replay is what gave 25M rows/s above, so large batches
+cost what they did, and a live batch of one row costs a 4,096-row call (estimated 100-150 µs
+on an H100, not measured yet). Where small batches matter: ``route = "calibrated"`` (they go
+to the CPU where it is faster) or a smaller ``tile_rows`` (lower batch-1 latency, more and
+smaller products for a large batch); the bits are the same for any one tile size. Graphs are
 captured for 1 and 4 tiles (``graph_tiles``, each a run of tile-sized calls); a batch takes
 the largest that fits, then smaller ones, the last tile partial: only the batch's own rows
 are copied in and out around the replay (the rows after them in the static buffer are
 left from before and discarded; rows of an MLP are independent). Without graphs
 (``cuda_graphs=False``, CPU, MPS) the eager module is called tile by tile, the last tile
 padded (``tile_rows`` 64 on the CPU, where a call's overhead is small).
+
+Like every runner, one caller at a time: :meth:`predict` and :meth:`predict_tensor` share
+the graphs' static buffers, ordered only by the CUDA stream they are queued on (the stage
+runs one call at a time on its compute stream).
 
 Normalisation always runs in float32: with float16/bfloat16 weights the cast happens after
 it, so raw features in the thousands (prices) keep their precision.
@@ -151,9 +156,10 @@ class TorchRunner(ModelRunner):
         self.backend = f"torch:{device}"
         self.device = torch.device(device)
         default = {"cpu": CPU_TILE_ROWS, "cuda": CUDA_TILE_ROWS}.get(device, TILE_ROWS)
-        self.tile_rows = int(tile_rows or default)
-        if self.tile_rows < 1:
-            raise ConfigError(f"torch tile_rows must be >= 1, got {tile_rows}")
+        self.tile_rows = default if tile_rows is None else int(tile_rows)
+        if self.tile_rows < 1 or any(int(g) < 1 for g in graph_tiles):
+            raise ConfigError(f"torch tile_rows and graph_tiles must be >= 1, got {tile_rows}, "
+                              f"{tuple(graph_tiles)}")
         module = build_torch_mlp(spec, weights, dtype).to(self.device)
         if mode == "script":
             with warnings.catch_warnings():  # deprecated upstream, still the fastest CPU path
@@ -210,9 +216,10 @@ class TorchRunner(ModelRunner):
                 if self.device.type != "cpu":
                     y = y.cpu()
                 return write_out(y.numpy(), res)
-        if self._host_in is None or self._host_in.shape[0] < n:
-            self._host_in = torch.empty((n, a.shape[1]), dtype=torch.float32).pin_memory()
-            self._host_out = torch.empty(n, dtype=torch.float32).pin_memory()
+        if self._host_in is None or self._host_in.shape[0] < n:  # grown by doubling, pinned
+            rows = max(n, 2 * (0 if self._host_in is None else self._host_in.shape[0]))
+            self._host_in = torch.empty((rows, a.shape[1]), dtype=torch.float32, pin_memory=True)
+            self._host_out = torch.empty(rows, dtype=torch.float32, pin_memory=True)
         host_in, host_out = self._host_in[:n], self._host_out[:n]
         np.copyto(host_in.numpy(), a)
         self._replay_tiles(host_in, host_out)
@@ -254,15 +261,22 @@ class TorchRunner(ModelRunner):
             start += m
 
     def _eager_tiles(self, x: Any) -> Any:
-        """The module on ``x`` a tile at a time, the last tile padded with zero rows."""
+        """The module on ``x`` a tile at a time into one result; only the last, partial tile
+        is copied, into a zero-padded tile."""
         n, t = x.shape[0], self.tile_rows
-        pad = (-n) % t
-        if pad:
-            x = torch.cat((x, x.new_zeros((pad, x.shape[1]))))
-        parts = [self._module(x[i:i + t]).to(torch.float32).reshape(-1) for i in range(0, n + pad, t)]
-        return (parts[0] if len(parts) == 1 else torch.cat(parts))[:n]
+        if n == t:
+            return self._module(x).to(torch.float32).reshape(-1)
+        y = torch.empty(n, dtype=torch.float32, device=x.device)
+        for i in range(0, n, t):
+            part = x[i:i + t]
+            m = part.shape[0]
+            if m < t:
+                part = torch.cat((part, part.new_zeros((t - m, part.shape[1]))))
+            y[i:i + m] = self._module(part).to(torch.float32).reshape(-1)[:m]
+        return y
 
     def close(self) -> None:
-        """Drop graphs and the module so device memory can be reused."""
+        """Drop graphs, pinned buffers and the module so the memory can be reused."""
         self._graphs.clear()
+        self._host_in = self._host_out = None
         self._module = None
