@@ -29,8 +29,9 @@ captured for 1 and 4 tiles (``graph_tiles``, each a run of tile-sized calls); a 
 the largest that fits, then smaller ones, the last tile partial: only the batch's own rows
 are copied in and out around the replay (the rows after them in the static buffer are
 left from before and discarded; rows of an MLP are independent). Without graphs
-(``cuda_graphs=False``, CPU, MPS) the eager module is called tile by tile, the last tile
-padded (``tile_rows`` 64 on the CPU, where a call's overhead is small).
+(``cuda_graphs=False``, MPS) the eager module is called tile by tile, the last tile
+padded; on the CPU once, over the rows padded to a multiple of ``tile_rows`` (64; see
+:meth:`TorchRunner._eager_tiles`).
 
 Like every runner, one caller at a time: :meth:`predict` and :meth:`predict_tensor` share
 the graphs' static buffers, ordered only by the CUDA stream they are queued on (the stage
@@ -262,10 +263,15 @@ class TorchRunner(ModelRunner):
 
     def _eager_tiles(self, x: Any) -> Any:
         """The module on ``x`` a tile at a time into one result; only the last, partial tile
-        is copied, into a zero-padded tile."""
+        is copied, into a zero-padded tile. On the CPU one call over the rows padded to a
+        multiple of the tile instead: torch's CPU products gave a row the same bits in any
+        call of a multiple of 64 rows (tests/test_model_tiles.py, its gate on each host),
+        and 64-row calls had cost 2.4x the time at 4096 rows (bench_inference.py, dev VM)."""
         n, t = x.shape[0], self.tile_rows
-        if n == t:
-            return self._module(x).to(torch.float32).reshape(-1)
+        if self.device.type == "cpu" and n % t:
+            x = torch.cat((x, x.new_zeros((t - n % t, x.shape[1]))))
+        if n == t or self.device.type == "cpu":
+            return self._module(x).to(torch.float32).reshape(-1)[:n]
         y = torch.empty(n, dtype=torch.float32, device=x.device)
         for i in range(0, n, t):
             part = x[i:i + t]
