@@ -227,23 +227,35 @@ async def test_a_stage_failing_on_an_inline_batch_is_isolated_and_counted():
     assert letters and "boom" in str(letters[0].payload)
 
 
-async def _predictions(data, batch_size):
-    inference = InferenceStage(streams=("cpu",))
+async def _predictions(data, batch_size, stream="cpu"):
+    inference = InferenceStage(streams=(stream,))
     capture = Capture(("prediction",))
     pipe = Pipeline([FeaturesStage(inference.input_names), inference, capture],
                     batch_size=batch_size, slabs=4, memory="host", execution="serial")
     async with pipe:
         pipe.symbols.id_of("BTCUSDT-PERP")
         await pipe.ingest(data)
+    backend = "numpy" if stream == "cpu" else stream
+    assert {k.split("/")[0] for k in inference.rows_by_backend} == {backend}  # no fallback hid it
     return capture.result()["prediction"]
 
 
-async def test_the_model_gives_the_same_bits_for_batches_of_1_7_and_4096(sample_dir):
-    """The fixed-order forward pass: every row's sums in one order whatever the batch."""
+@pytest.mark.parametrize("stream", [
+    "cpu",  # the fixed-order forward pass: every row's sums in one order whatever the batch
+    "torch:cpu",  # these through ModelRunner.predict_tiled: every row in calls of one shape
+    "mlx:cpu",
+    pytest.param("torch:cuda", marks=pytest.mark.gpu),
+])
+async def test_the_model_gives_the_same_bits_for_batches_of_1_7_and_4096(sample_dir, stream):
+    from nautilus_pipeline.model.runners import runner_usable
+
+    ok, why = runner_usable(stream)
+    if not ok:
+        pytest.skip(f"{stream}: {why}")
     data = {k: v[:3000] for k, v in btc_trades(sample_dir).items()}
-    big = await _predictions(data, 4096)
+    big = await _predictions(data, 4096, stream)
     for batch_size in (1, 7):
-        np.testing.assert_array_equal(await _predictions(data, batch_size), big)
+        np.testing.assert_array_equal(await _predictions(data, batch_size, stream), big)
 
 
 @pytest.mark.parametrize("sizes", [range(1, 18), (100, 4096, 5)])
