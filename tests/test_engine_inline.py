@@ -13,6 +13,7 @@ from test_integration import COLUMNS, Capture, btc_trades, chain
 
 from nautilus_pipeline.events import KIND_QUOTE, KIND_TRADE, AggressorSide, QuoteTick, TradeTick
 from nautilus_pipeline.kernels.risk import RiskParams
+from nautilus_pipeline.model.runners import runner_usable
 from nautilus_pipeline.pipeline import Pipeline
 from nautilus_pipeline.stage import INLINE_CHAIN_MAX_ROWS, NOT_NOW, Stage
 from nautilus_pipeline.stages import FeaturesStage, InferenceStage
@@ -240,18 +241,19 @@ async def _predictions(data, batch_size, stream="cpu"):
     return capture.result()["prediction"]
 
 
+def _where_usable(stream: str, *marks):
+    """``stream``'s case, skipped at collection with the reason it cannot run here."""
+    ok, why = runner_usable(stream)
+    return pytest.param(stream, marks=[pytest.mark.skipif(not ok, reason=f"{stream}: {why}"), *marks])
+
+
 @pytest.mark.parametrize("stream", [
     "cpu",  # the fixed-order forward pass: every row's sums in one order whatever the batch
-    "torch:cpu",  # these through ModelRunner.predict_tiled: every row in calls of one shape
-    "mlx:cpu",
-    pytest.param("torch:cuda", marks=pytest.mark.gpu),
+    _where_usable("torch:cpu"),  # these through ModelRunner.predict_tiled: calls of one shape
+    _where_usable("mlx:cpu"),
+    _where_usable("torch:cuda", pytest.mark.gpu),
 ])
 async def test_the_model_gives_the_same_bits_for_batches_of_1_7_and_4096(sample_dir, stream):
-    from nautilus_pipeline.model.runners import runner_usable
-
-    ok, why = runner_usable(stream)
-    if not ok:
-        pytest.skip(f"{stream}: {why}")
     data = {k: v[:3000] for k, v in btc_trades(sample_dir).items()}
     big = await _predictions(data, 4096, stream)
     for batch_size in (1, 7):

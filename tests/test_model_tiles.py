@@ -17,29 +17,30 @@ from model_helpers import SPEC, reference, rows, weights
 from nautilus_pipeline.model.runners import make_runner, runner_usable
 from nautilus_pipeline.model.spec import ModelSpec
 
+
+def _on(backend: str, options: dict, id: str, gpu: bool = False):
+    """A backend's case, skipped at collection with the reason it cannot run here (no
+    device of that kind, a library missing, Core ML prediction off macOS)."""
+    ok, why = runner_usable(backend)
+    marks = [pytest.mark.skipif(not ok, reason=f"{backend}: {why}")] + ([pytest.mark.gpu] if gpu else [])
+    return pytest.param(backend, options, id=id, marks=marks)
+
+
 BACKENDS = [
-    pytest.param("numpy", {}, id="numpy"),
-    pytest.param("torch:cpu", {}, id="torch-cpu"),
-    pytest.param("torch:cpu", {"mode": "script"}, id="torch-cpu-script"),
-    pytest.param("mlx:cpu", {}, id="mlx-cpu"),
-    pytest.param("torch:cuda", {}, id="torch-cuda", marks=pytest.mark.gpu),
-    pytest.param("torch:cuda", {"cuda_graphs": False}, id="torch-cuda-eager", marks=pytest.mark.gpu),
+    _on("numpy", {}, "numpy"),
+    _on("torch:cpu", {}, "torch-cpu"),
+    _on("torch:cpu", {"mode": "script"}, "torch-cpu-script"),
+    _on("mlx:cpu", {}, "mlx-cpu"),
+    _on("mlx:cpu", {"compile": True}, "mlx-cpu-compiled"),
+    _on("torch:cuda", {}, "torch-cuda", gpu=True),
+    _on("torch:cuda", {"cuda_graphs": False}, "torch-cuda-eager", gpu=True),
     # 8-row tiles, graphs of 1 and 3 tiles: every path of the graph choice and the partial tile
-    pytest.param("torch:cuda", {"tile_rows": 8, "graph_tiles": (1, 3)}, id="torch-cuda-small-tiles",
-                 marks=pytest.mark.gpu),
-    pytest.param("mlx:cpu", {"compile": True}, id="mlx-cpu-compiled"),
-    pytest.param("mlx:gpu", {}, id="mlx-gpu", marks=pytest.mark.gpu),
-    pytest.param("torch:mps", {}, id="torch-mps", marks=pytest.mark.gpu),
-    pytest.param("coreml:all", {}, id="coreml-all"),
+    _on("torch:cuda", {"tile_rows": 8, "graph_tiles": (1, 3)}, "torch-cuda-small-tiles", gpu=True),
+    _on("mlx:gpu", {}, "mlx-gpu", gpu=True),
+    _on("torch:mps", {}, "torch-mps", gpu=True),
+    _on("coreml:all", {}, "coreml-all"),
 ]
 CUTS = [1, 7, 300, 4096]
-
-
-def _runner(backend: str, options: dict, spec: ModelSpec, w):
-    ok, why = runner_usable(backend)
-    if not ok:
-        pytest.skip(f"{backend}: {why}")
-    return make_runner(backend, spec, w, **options)
 
 
 def _tiled(runner, x: np.ndarray) -> np.ndarray:
@@ -62,7 +63,7 @@ def test_a_rows_prediction_does_not_depend_on_its_batch(backend: str, options: d
     spec = ModelSpec(input_names=SPEC.input_names, hidden=SPEC.hidden, activation=activation)
     w = weights(1, spec)
     x = rows(w, 5000)
-    runner = _runner(backend, options, spec, w)
+    runner = make_runner(backend, spec, w, **options)
     whole = _tiled(runner, x)
     np.testing.assert_allclose(whole, reference(spec, w, x), atol=1e-4, rtol=0)
     for size in CUTS:
@@ -75,13 +76,18 @@ def test_a_rows_prediction_does_not_depend_on_its_batch(backend: str, options: d
     assert np.array_equal(odd, whole), f"{runner.name}: shifted tiles differ"
 
 
+NO_CUDA = pytest.mark.skipif(not runner_usable("torch:cuda")[0],
+                             reason=f"torch:cuda: {runner_usable('torch:cuda')[1]}")
+
+
 @pytest.mark.gpu
+@NO_CUDA
 def test_cuda_batches_through_every_graph_have_the_same_bits() -> None:
     """40,000 rows: the default tile's largest graph (4 tiles of 4096), then smaller ones,
     then a partial tile; cut in batches of 1, 4095, 16384 and 40000."""
     w = weights(1)
     x = rows(w, 40_000, seed=7)
-    runner = _runner("torch:cuda", {}, SPEC, w)
+    runner = make_runner("torch:cuda", SPEC, w)
     whole = _tiled(runner, x)
     np.testing.assert_allclose(whole, reference(SPEC, w, x), atol=1e-4, rtol=0)
     for size in (1, 4095, 16384):
@@ -92,10 +98,11 @@ def test_cuda_batches_through_every_graph_have_the_same_bits() -> None:
 
 
 @pytest.mark.gpu
+@NO_CUDA
 def test_cuda_predictions_from_device_features_have_the_host_paths_bits() -> None:
     """The device-resident path (features left on the GPU by the stage before) and the host
     path take the same tiles and graphs."""
-    runner = _runner("torch:cuda", {}, SPEC, weights(1))
+    runner = make_runner("torch:cuda", SPEC, weights(1))
     import torch
 
     w = weights(1)

@@ -48,6 +48,19 @@ def write(path: Path, lines: list[bytes], codec: str = "none") -> Path:
     return path
 
 
+def damaged_trades(tmp_path: Path, lines: list[bytes], codec: str, garbage_elsewhere: bool,
+                   refused: set[int]) -> tuple[Path, set[int], list[int]]:
+    """``lines`` written as a trades file (gzip or plain), with file line 5002 damaged too
+    when ``garbage_elsewhere``: its path, the file lines to be refused, the trade ids kept."""
+    lines = list(lines)
+    if garbage_elsewhere:
+        lines[5001] = b"garbage"  # file line 5002
+        refused = refused | {5002}
+    path = write(tmp_path / ("BTCUSDT-trades-2024-08-08.csv" + (".gz" if codec == "gzip" else "")), lines, codec)
+    want = [int(ln.split(b",")[0]) for i, ln in enumerate(LINES[1:-1], start=2) if i not in refused]
+    return path, refused, want
+
+
 # --- lines longer than MAX_LINE -------------------------------------------------------
 @pytest.mark.parametrize("codec", ["none", "gzip"])
 @pytest.mark.parametrize("garbage_elsewhere", [False, True])
@@ -59,11 +72,7 @@ def test_a_line_over_max_line_is_refused_on_every_path(tmp_path: Path, codec: st
     lines = list(LINES)
     lines[101] = pad_quote_qty(lines[101], MAX_LINE + 1)  # file line 102
     lines[201] = pad_quote_qty(lines[201], MAX_LINE)  # file line 202: at the limit, read
-    if garbage_elsewhere:
-        lines[5001] = b"garbage"  # file line 5002
-    path = write(tmp_path / ("BTCUSDT-trades-2024-08-08.csv" + (".gz" if codec == "gzip" else "")), lines, codec)
-    refused = {102} | ({5002} if garbage_elsewhere else set())
-    want = [int(ln.split(b",")[0]) for i, ln in enumerate(LINES[1:-1], start=2) if i not in refused]
+    path, _, want = damaged_trades(tmp_path, lines, codec, garbage_elsewhere, {102})
     got = []
     for fast in (True, False):
         for block in (None, 65_536):  # one block, or a later one after blocks delivered
@@ -102,11 +111,7 @@ def test_a_byte_that_is_not_utf8_refuses_its_row_only_in_a_field_that_is_read(tm
     lines[101] = b",".join([*f[:3], f[3][:2] + b"\xff" + f[3][2:], *f[4:]])  # file line 102: quote_qty
     f = lines[301].split(b",")
     lines[301] = b",".join([f[0], f[1][:2] + b"\xb1" + f[1][3:], *f[2:]])  # file line 302: price
-    if garbage_elsewhere:
-        lines[5001] = b"garbage"  # file line 5002
-    path = write(tmp_path / ("BTCUSDT-trades-2024-08-08.csv" + (".gz" if codec == "gzip" else "")), lines, codec)
-    refused = {302} | ({5002} if garbage_elsewhere else set())
-    want = [int(ln.split(b",")[0]) for i, ln in enumerate(LINES[1:-1], start=2) if i not in refused]
+    path, refused, want = damaged_trades(tmp_path, lines, codec, garbage_elsewhere, {302})
     got = []
     for fast in (True, False):
         cols, dropped, _, _ = rows(path, fast)

@@ -21,8 +21,8 @@ cuBLAS picks its kernel by shape, and the per-batch-size graphs (1, 8, 64, … 4
 runner had gave a row other last bits in another batch (a batch replay's merged signals
 differed from the sequential run's on an H200). On CUDA a tile is 4,096 rows
 (``CUDA_TILE_ROWS``): a 4,096-row replay is what gave 25M rows/s above, so large batches
-cost what they did, and a live batch of one row costs a 4,096-row call (estimated 100-150 µs
-on an H100, not measured yet). Where small batches matter: ``route = "calibrated"`` (they go
+cost what they did, and a live batch of one row costs a 4,096-row call (not measured yet:
+``scripts/bench_inference.py --gpu``). Where small batches matter: ``route = "calibrated"`` (they go
 to the CPU where it is faster) or a smaller ``tile_rows`` (lower batch-1 latency, more and
 smaller products for a large batch); the bits are the same for any one tile size. Graphs are
 captured for 1 and 4 tiles (``graph_tiles``, each a run of tile-sized calls); a batch takes
