@@ -38,6 +38,9 @@ VARIANTS: tuple[tuple[str, str, dict[str, Any]], ...] = (
     ("numpy", "numpy", {}),
     ("torch-cpu eager", "torch:cpu", {}),
     ("torch-cpu script", "torch:cpu", {"mode": "script"}),
+    # other CPU tile sizes (CPU_TILE_ROWS is 512): batch-1 latency against a large batch's rate
+    ("torch-cpu eager t64", "torch:cpu", {"tile_rows": 64}),
+    ("torch-cpu eager t1024", "torch:cpu", {"tile_rows": 1024}),
     ("mlx-cpu eager", "mlx:cpu", {}),
     ("mlx-cpu compiled", "mlx:cpu", {"compile": True}),
     ("torch-cuda eager", "torch:cuda", {"cuda_graphs": False}),
@@ -142,6 +145,9 @@ def main() -> None:
         action="store_true",
         help="GPU machine run: exit 1 unless at least one GPU backend was measured",
     )
+    ap.add_argument("--path", choices=("tiled", "predict"), default="tiled",
+                    help="tiled (default): predict_tiled, what the inference stage calls (every row "
+                         "in a call of the runner's tile size); predict: one call over the batch")
     ap.add_argument("--fixed-order", action="store_true",
                     help="only the inference stage's numpy paths: fixed-order numba vs padded BLAS")
     args = ap.parse_args()
@@ -164,6 +170,7 @@ def main() -> None:
     header.insert(
         0, f"model: {' → '.join(map(str, spec.layer_sizes))}, {spec.activation}, {model}, float32"
     )
+    header.append(f"timed: {'predict_tiled (the stage path)' if args.path == 'tiled' else 'predict (one call)'}")
     for line in header:
         print(line)
     if args.fixed_order:
@@ -196,11 +203,13 @@ def main() -> None:
             continue
         try:
             runner = make_runner(backend, spec, w, **options)
-            err = float(np.max(np.abs(runner.predict(xs[4096]) - ref)))
+            call = runner.predict_tiled if args.path == "tiled" else runner.predict
+            outs = {b: np.empty(b, np.float32) for b in xs}
+            err = float(np.max(np.abs(call(xs[4096], outs[4096]) - ref)))
             x1 = xs[1]
-            out1 = np.empty(1, np.float32)
+            out1 = outs[1]
             t1 = time_calls(
-                lambda r=runner, x1=x1, out1=out1: r.predict(x1, out1),
+                lambda call=call, x1=x1, out1=out1: call(x1, out1),
                 min_repeats=args.calls,
                 max_repeats=args.calls,
                 budget_s=0.0,
@@ -215,7 +224,7 @@ def main() -> None:
             for b in (256, 4096):
                 xb = xs[b]
                 tb = time_calls(
-                    lambda r=runner, xb=xb: r.predict(xb),
+                    lambda call=call, xb=xb, ob=outs[b]: call(xb, ob),
                     min_repeats=10,
                     budget_s=args.budget,
                     warmup=5,

@@ -11,6 +11,9 @@
 #   2) carry [".mlx-b", ...]:             bash scripts/gpu_check.sh [all|tests,pipeline,engine,bench]
 #
 # "gputests" runs only the GPU and MLX tests (by name), e.g. "gputests,pipeline" in one call.
+# "tiles": the files that hold a prediction's bits to its batch (the model's tiles, the batch
+# merge against one sequential run, the stage at batch 1/7/4096, the backends, the GPU chain), whole,
+# by name only (TILES_TIMEOUT, default 300 s).
 # "batch": scripts/bench_batch.py at BATCH_WORKERS local workers, BATCH_TRADES per file, BATCH_DAYS files a symbol (16 symbols) (default pipeline on the
 # host's cores), then `batch pipelines/gpu.toml --workers N` on the same files (GPU_WORKERS);
 # BATCH_BIG=N: no scaling table, 16 generated files of N trades each for the gpu.toml runs;
@@ -98,6 +101,13 @@ if want tests; then
   [ -x "$root/.natsbin/nats-server" ] && export PATH="$root/.natsbin:$PATH"
   timeout "${TESTS_TIMEOUT:-300}" python3 -m pytest -q -p no:cacheprovider -rs tests 2>&1 | tail -n 80 | tee "$out/tests.txt"
   rc=${PIPESTATUS[0]}
+fi
+if [[ ",$what," == *",tiles,"* ]]; then
+  [ -x "$root/.natsbin/nats-server" ] && export PATH="$root/.natsbin:$PATH"
+  timeout "${TILES_TIMEOUT:-300}" python3 -m pytest -p no:cacheprovider -rs -v --tb=short tests/test_model_tiles.py \
+    tests/test_engine_inline.py tests/test_batch.py tests/test_model_backends.py tests/test_gpu_chain.py 2>&1 \
+    | grep -vE "^\s*$|pipeline_closed|\[info" | tail -n 150 | tee "$out/tests_tiles.txt" | grep -E "FAIL|ERROR|passed|failed"
+  [ "${PIPESTATUS[0]}" = 0 ] || rc=1
 fi
 if want tests || want gputests; then
   # the GPU and MLX tests by name, so the log shows each one passed
