@@ -38,9 +38,6 @@ VARIANTS: tuple[tuple[str, str, dict[str, Any]], ...] = (
     ("numpy", "numpy", {}),
     ("torch-cpu eager", "torch:cpu", {}),
     ("torch-cpu script", "torch:cpu", {"mode": "script"}),
-    # other CPU tile sizes (CPU_TILE_ROWS is 512): batch-1 latency against a large batch's rate
-    ("torch-cpu eager t64", "torch:cpu", {"tile_rows": 64}),
-    ("torch-cpu eager t1024", "torch:cpu", {"tile_rows": 1024}),
     ("mlx-cpu eager", "mlx:cpu", {}),
     ("mlx-cpu compiled", "mlx:cpu", {"compile": True}),
     ("torch-cuda eager", "torch:cuda", {"cuda_graphs": False}),

@@ -29,8 +29,8 @@ captured for 1 and 4 tiles (``graph_tiles``, each a run of tile-sized calls); a 
 the largest that fits, then smaller ones, the last tile partial: only the batch's own rows
 are copied in and out around the replay (the rows after them in the static buffer are
 left from before and discarded; rows of an MLP are independent). Without graphs
-(``cuda_graphs=False``, MPS, the CPU) the module is called tile by tile, the last tile
-padded; on the CPU every call on one static buffer of 512 rows (``CPU_TILE_ROWS``; see
+(``cuda_graphs=False``, MPS) the eager module is called tile by tile, the last tile
+padded; on the CPU once, over the rows padded to a multiple of ``tile_rows`` (64; see
 :meth:`TorchRunner._eager_tiles`).
 
 Like every runner, one caller at a time: :meth:`predict` and :meth:`predict_tensor` share
@@ -64,15 +64,17 @@ except ImportError:  # pragma: no cover - exercised where torch is not installed
 
 DEFAULT_GRAPH_TILES: tuple[int, ...] = (1, 4)
 CUDA_TILE_ROWS = 4096
-CPU_TILE_ROWS = 512
-"""Rows of every torch:cpu call. One call over the rows padded to a multiple of 64 kept a
-row's bits on the 2-core dev VM's AMD EPYC (torch 2.13) and not on a lent H100's 16-core Intel
-host (torch 2.11: ``gpu_tests_tiles_4da71cf_h100.txt``); calls of one shape on one buffer take
-the same path every time. The price, dev VM, eager (``dev_bench_torch_cpu_tiles_ab_4da71cf.txt``,
-3 alternating rounds): 4096 rows 5.08-5.18M rows/s with one padded call, 3.53-3.62M in 512-row
-calls, 4.21-4.30M in 1024-row ones; one row 56-58, 147-150 and 241-245 us; 256 rows 2.67-2.69M,
-1.70-1.71M and 1.04-1.05M rows/s. 512 keeps mid-size batches' rate; a live row is the numpy
-path's business (1.9 us, ``dev_bench_inference_paths_4da71cf.txt``)."""
+CPU_TILE_ROWS = 64
+"""torch:cpu makes one call over the rows padded to a multiple of this. That kept a row's bits
+in any batch on the 2-core dev VM's AMD EPYC (torch 2.13) and **not** on a lent H100's 16-core
+Intel host (torch 2.11, 16 threads: tests/test_model_tiles.py failed there,
+``gpu_tests_tiles_4da71cf_h100.txt``). Calls of one shape on one static buffer (512 rows) did
+not keep them there either (batches of one row: 15-65 of 5,000 rows one float32 ulp off,
+``gpu_tiles_cpu_fixed_shape_trial_h100.txt``) and cost the dev VM 5.1 -> 3.6M rows/s at 4,096
+rows (``dev_bench_torch_cpu_tiles_ab_4da71cf.txt``, side by side) and ran at 0.7M on the
+Intel host (8.3M for one padded call on the H100 host of the lease before: not side by side),
+so they were not kept. Where the bits must not depend on the batch on any CPU, the numpy backend (the
+default, a fixed-order kernel) keeps them by construction."""
 _DTYPES = ("float32", "float16", "bfloat16")
 
 
@@ -186,8 +188,6 @@ class TorchRunner(ModelRunner):
         self._graphs: list[_Graph] = [self._capture(g * self.tile_rows) for g in reversed(tiles)]
         self._host_in: Any = None  # pinned staging, grown to the largest batch seen
         self._host_out: Any = None
-        self._cpu_tile: Any = (torch.zeros((self.tile_rows, spec.n_inputs), dtype=torch.float32)
-                               if self.device.type == "cpu" else None)  # every CPU call's input
 
     def _capture(self, rows: int) -> _Graph:
         """One CUDA graph over static device buffers of ``rows`` rows: a call per tile."""
@@ -273,14 +273,15 @@ class TorchRunner(ModelRunner):
 
     def _eager_tiles(self, x: Any) -> Any:
         """The module on ``x`` a tile at a time into one result; only the last, partial tile
-        is copied, into a zero-padded tile. On the CPU every tile is copied into one static
-        buffer, so every call has the same shape and the same input address (``CPU_TILE_ROWS``
-        says why)."""
+        is copied, into a zero-padded tile. On the CPU one call over the rows padded to a
+        multiple of the tile instead: torch's CPU products gave a row the same bits in any
+        call of a multiple of 64 rows (tests/test_model_tiles.py, its gate on each host),
+        and 64-row calls had cost 2.4x the time at 4096 rows (bench_inference.py, dev VM)."""
         n, t = x.shape[0], self.tile_rows
-        if self.device.type == "cpu":
-            return self._cpu_tiles(x)
-        if n == t:
-            return self._module(x).to(torch.float32).reshape(-1)
+        if self.device.type == "cpu" and n % t:
+            x = torch.cat((x, x.new_zeros((t - n % t, x.shape[1]))))
+        if n == t or self.device.type == "cpu":
+            return self._module(x).to(torch.float32).reshape(-1)[:n]
         y = torch.empty(n, dtype=torch.float32, device=x.device)
         for i in range(0, n, t):
             part = x[i:i + t]
@@ -290,19 +291,8 @@ class TorchRunner(ModelRunner):
             y[i:i + m] = self._module(part).to(torch.float32).reshape(-1)[:m]
         return y
 
-    def _cpu_tiles(self, x: Any) -> Any:
-        n, t, tile = x.shape[0], self.tile_rows, self._cpu_tile
-        y = torch.empty(n, dtype=torch.float32)
-        for i in range(0, n, t):
-            m = min(t, n - i)
-            tile[:m].copy_(x[i:i + m])
-            if m < t:
-                tile[m:].zero_()
-            y[i:i + m] = self._module(tile).to(torch.float32).reshape(-1)[:m]
-        return y
-
     def close(self) -> None:
         """Drop graphs, pinned buffers and the module so the memory can be reused."""
         self._graphs.clear()
-        self._host_in = self._host_out = self._cpu_tile = None
+        self._host_in = self._host_out = None
         self._module = None

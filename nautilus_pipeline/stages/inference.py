@@ -11,7 +11,9 @@ batch sizes 1…4096 at start (``model.runners.calibrate``), logs the table, and
 batch to the fastest backend for its size: small live batches to the CPU, large replay
 batches to the GPU. Backends agree to float32 tolerance, not bit for bit, so a calibrated
 stage trades exact batch-size independence of ``prediction`` for speed; the default
-(``route = "first"``) keeps one backend and identical numbers.
+(``route = "first"``) keeps one backend and identical numbers (on the numpy runner by
+construction; on the others as far as their library computes a row alike in any batch of
+one tile size, which torch:cpu did not on an Intel host: the note on predict_tiled below).
 
 Device-resident features. When the stage before left ``features`` on this stage's CUDA
 device (the features stage's GPU path caches it on the lease), a ``torch:cuda`` runner
@@ -74,7 +76,10 @@ LIVE_ROWS = 16
 SPLIT_MIN_ROWS = 1024
 # The other runners (torch, MLX, Core ML, and numpy under calibrated routing) get their
 # rows through ``ModelRunner.predict_tiled``: every row in a call of the runner's one tile
-# size, so a prediction has the same bits whatever batch the row fell in (``model.base``).
+# size, so a prediction has the same bits whatever batch the row fell in (``model.base``),
+# where the library computes a row alike in every call of one shape: tested on each host by
+# tests/test_model_tiles.py; torch:cpu failed it on a lent H100's Intel host (one float32 ulp
+# on 0.3-1.3 % of rows for batches of one row; ``model.torch_runner.CPU_TILE_ROWS``).
 
 
 @dataclass(frozen=True, slots=True)
