@@ -73,8 +73,10 @@ not keep them there either (batches of one row: 15-65 of 5,000 rows one float32 
 ``gpu_tiles_cpu_fixed_shape_trial_h100.txt``) and cost the dev VM 5.1 -> 3.6M rows/s at 4,096
 rows (``dev_bench_torch_cpu_tiles_ab_4da71cf.txt``, side by side) and ran at 0.7M on the
 Intel host (8.3M for one padded call on the H100 host of the lease before: not side by side),
-so they were not kept. Where the bits must not depend on the batch on any CPU, the numpy backend (the
-default, a fixed-order kernel) keeps them by construction."""
+so they were not kept. PyTorch documents this as expected (its numerical-accuracy notes,
+"Batched computations or slice computations"; pytorch/pytorch#136338). Where the bits must
+not depend on the batch on any CPU, the numpy backend (the default, a fixed-order kernel)
+keeps them by construction."""
 _DTYPES = ("float32", "float16", "bfloat16")
 
 
