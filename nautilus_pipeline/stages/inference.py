@@ -43,6 +43,7 @@ from ..kernels.addresses import column_addresses
 from ..kernels.mlp import RowOrderForward
 from ..memory import Lease
 from ..model.base import ModelRunner
+from ..model.invariance import Invariance, probe_cached
 from ..model.numpy_runner import NumpyRunner
 from ..model.runners import Calibration, calibrate_cached
 from ..model.shelf import give_back, take_runner
@@ -134,6 +135,7 @@ class InferenceStage(Stage):
         self.coreml_package = coreml_package
         self.runners: dict[str, ModelRunner] = {}
         self.calibration: Calibration | None = None
+        self.invariance: dict[str, Invariance] = {}  # backend → what the probe found
         self._x32: np.ndarray | None = None
         self._p32: np.ndarray | None = None
         self._primary: ComputeStream | None = None
@@ -171,6 +173,18 @@ class InferenceStage(Stage):
         )
         log.info("inference_backend", stage=self.name, backend=self.runners[backend].name,
                  model=str(self.model_path))
+        runner = self.runners[backend]
+        if self.route == "first" and not isinstance(runner, NumpyRunner):
+            # the numpy runner keeps the bits by construction; the others as far as their
+            # library does on this machine (model.invariance): probed once, said if not
+            found = self.invariance[backend] = await stream.run(probe_cached, runner, self.spec,
+                                                                 self.weights)
+            if not found.holds:
+                log.warning("inference_batch_dependent", stage=self.name, backend=found.runner,
+                            rows_off=found.rows_off, rows=found.rows, max_abs_diff=found.max_abs_diff,
+                            why="on this machine the backend gives some rows other last bits in "
+                                "another batch, so a prediction depends on the batch size; the "
+                                "numpy backend keeps them (streams = [\"cpu\"])")
         if self.route == "calibrated" and self.calibration is None:
             usable = [runner_backend(s) for s in self.streams if unusable_reason(s) is None]
             # 10 ms of calls per backend and size (at least 5, after 3 warm-ups): the start
@@ -336,8 +350,12 @@ class InferenceStage(Stage):
         return rows
 
     def stats(self) -> dict[str, object]:
-        return {"model": self.model_path.name, "rows_by_backend": self.rows_by_backend,
-                "split_batches": self.split_batches}
+        out: dict[str, object] = {"model": self.model_path.name, "rows_by_backend": self.rows_by_backend,
+                                  "split_batches": self.split_batches}
+        if self.invariance:  # rows probed and rows off, per runner (model.invariance)
+            out["batch_invariance"] = {i.runner: {"rows": i.rows, "rows_off": i.rows_off}
+                                       for i in self.invariance.values()}
+        return out
 
     def snapshot_params(self) -> dict[str, object]:
         """The model's spec and weights: another model gives other predictions."""
