@@ -13,9 +13,11 @@ numpy backend, instead of finding two replays that disagree.
 What. ``PROBE_ROWS`` rows like the model's inputs (the features' mean and spread), predicted
 whole and again one row at a time and seven at a time. A row off proves the dependence; none
 off is evidence, not proof (on that Intel host 0.3-1.3 % of rows were off for batches of
-one row, so 256 rows catch it with 54-96 % odds per model). Once per machine, libraries, code,
-model and runner (``calibration_cache``): 256 one-row calls cost ~15 ms on torch:cpu here,
-~0.4 s on MLX's CPU backend, once.
+one row, so 256 rows catch it with 54-96 % odds per model, by the binomial). Once per machine,
+libraries, code, model and runner (``calibration_cache``): 293 calls, which at the per-call
+costs measured on the dev VM (torch:cpu ~56 us a call, ``dev_bench_torch_cpu_tiles_ab_4da71cf.txt``'s
+"before" rows; MLX's CPU backend 1.6 ms, ``dev_bench_inference_paths_4da71cf.txt``) come to
+~16 ms and ~0.5 s, once.
 """
 
 from __future__ import annotations
