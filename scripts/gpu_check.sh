@@ -11,7 +11,7 @@
 #   2) carry [".mlx-b", ...]:             bash scripts/gpu_check.sh [all|tests,pipeline,engine,bench]
 #
 # "gputests" runs only the GPU and MLX tests (by name), e.g. "gputests,pipeline" in one call.
-# "tiles": the files that hold a prediction's bits to its batch (the model's tiles, the batch
+# "tiles": the files that hold a prediction's bits to its batch (the model's tiles and its start-up probe, the batch
 # merge against one sequential run, the stage at batch 1/7/4096, the backends, the GPU chain), whole,
 # by name only (TILES_TIMEOUT, default 300 s).
 # "batch": scripts/bench_batch.py at BATCH_WORKERS local workers, BATCH_TRADES per file, BATCH_DAYS files a symbol (16 symbols) (default pipeline on the
@@ -104,7 +104,7 @@ if want tests; then
 fi
 if [[ ",$what," == *",tiles,"* ]]; then
   [ -x "$root/.natsbin/nats-server" ] && export PATH="$root/.natsbin:$PATH"
-  timeout "${TILES_TIMEOUT:-300}" python3 -m pytest -p no:cacheprovider -rs -v --tb=short tests/test_model_tiles.py \
+  timeout "${TILES_TIMEOUT:-300}" python3 -m pytest -p no:cacheprovider -rs -v --tb=short tests/test_model_tiles.py tests/test_model_invariance.py \
     tests/test_engine_inline.py tests/test_batch.py tests/test_model_backends.py tests/test_gpu_chain.py 2>&1 \
     | grep -vE "^\s*$|pipeline_closed|\[info" | tail -n 150 | tee "$out/tests_tiles.txt" | grep -E "FAIL|ERROR|passed|failed"
   [ "${PIPESTATUS[0]}" = 0 ] || rc=1

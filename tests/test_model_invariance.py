@@ -10,8 +10,9 @@ from model_helpers import SPEC, weights
 from structlog.testing import capture_logs
 from test_integration import btc_trades
 
+from nautilus_pipeline.model import invariance
 from nautilus_pipeline.model.base import ModelRunner
-from nautilus_pipeline.model.invariance import PROBE_ROWS, probe, probe_cached
+from nautilus_pipeline.model.invariance import PROBE_ROWS, REFERENCE_ROWS, probe, probe_cached
 from nautilus_pipeline.model.numpy_runner import NumpyRunner
 from nautilus_pipeline.model.runners import runner_usable
 from nautilus_pipeline.pipeline import Pipeline
@@ -88,30 +89,98 @@ async def test_the_inference_stage_warns_when_its_backend_changes_a_rows_bits_wi
             await pipe.ingest(data)
     said = [e for e in logs if e["event"] == "inference_batch_dependent"]
     assert len(said) == 1 and said[0]["log_level"] == "warning"
-    assert said[0]["backend"].startswith("torch:cpu") and said[0]["rows_off"] == PROBE_ROWS
-    assert "numpy" in said[0]["why"]
+    assert said[0]["runner"].startswith("torch:cpu") and said[0]["rows_off"] == PROBE_ROWS
+    assert said[0]["rows_probed"] == PROBE_ROWS and said[0]["cuts"] == [1, 7]
+    assert 'streams = ["cpu"]' in said[0]["why"]
     stats = inference.stats()["batch_invariance"]
-    assert list(stats.values()) == [{"rows": PROBE_ROWS, "rows_off": PROBE_ROWS}]
+    assert list(stats.values()) == [{"holds": False, "rows_probed": PROBE_ROWS, "rows_off": PROBE_ROWS,
+                                     "cuts": [1, 7], "reference_rows": REFERENCE_ROWS}]
 
 
-@TORCH_CPU
-async def test_the_stage_warns_exactly_when_its_probe_found_a_row_off(sample_dir, monkeypatch):
-    """torch:cpu as it is on this machine (it keeps the bits on the dev VM's AMD EPYC, not on a
-    lent H100's Intel host: tests/test_model_tiles.py): a warning if and only if rows were off."""
+class _Wrapped(ModelRunner):
+    """A runner that is not numpy's (so the stage probes it) around numpy's model."""
+
+    def __init__(self, inner: NumpyRunner, off: bool = False):
+        self.inner, self.off = inner, off
+        self.backend, self.spec, self.tile_rows = "fake:cpu", inner.spec, inner.tile_rows
+        self.name = f"fake:cpu/{'off' if off else 'exact'}"
+
+    def predict(self, x, out=None):
+        return self.inner.predict(x, out)
+
+    def predict_tiled(self, x, out):
+        self.inner.predict_tiled(x, out)
+        if self.off and len(x) < 8:
+            out[::3] = np.nextafter(out[::3], np.float32(1))
+        return out
+
+
+async def _run_with(monkeypatch, sample_dir, runner_for, route="first"):
+    """The features and inference stages on the bundled trades, ``take_runner`` giving the
+    stage ``runner_for(numpy runner)``; the stage, its log events."""
+    from nautilus_pipeline.model.shelf import take_runner as real
+    from nautilus_pipeline.stages import inference as stage_module
+
+    monkeypatch.setattr(stage_module, "take_runner",
+                        lambda backend, spec, w, **kw: runner_for(real(backend, spec, w, **kw)))
     monkeypatch.setenv("NAUTILUS_PIPELINE_CACHE", "off")
     data = {k: v[:500] for k, v in btc_trades(sample_dir).items()}
-    inference = InferenceStage(streams=("torch:cpu",))
-    pipe = Pipeline([FeaturesStage(inference.input_names), inference], batch_size=256, slabs=4,
+    stage = InferenceStage(streams=("cpu",), route=route)
+    pipe = Pipeline([FeaturesStage(stage.input_names), stage], batch_size=256, slabs=4,
                     memory="host", execution="serial")
     with capture_logs() as logs:
         async with pipe:
             pipe.symbols.id_of("BTCUSDT-PERP")
             await pipe.ingest(data)
-    found = next(iter(inference.invariance.values()))
-    said = [e for e in logs if e["event"] == "inference_batch_dependent"]
-    assert found.rows == PROBE_ROWS and len(said) == (0 if found.holds else 1)
-    assert inference.stats()["batch_invariance"] == {found.runner: {"rows": PROBE_ROWS,
-                                                                   "rows_off": found.rows_off}}
+        assert pipe.tick_flow().ticks_out == 500
+    return stage, logs
+
+
+def _said(logs, event):
+    return [e for e in logs if e["event"] == event]
+
+
+async def test_a_backend_that_changes_a_rows_bits_is_warned_about_and_one_that_does_not_is_not(
+        sample_dir, monkeypatch):
+    stage, logs = await _run_with(monkeypatch, sample_dir, lambda r: _Wrapped(r, off=True))
+    assert len(_said(logs, "inference_batch_dependent")) == 1
+    assert stage.stats()["batch_invariance"]["fake:cpu/off"]["rows_off"] == PROBE_ROWS
+    stage, logs = await _run_with(monkeypatch, sample_dir, lambda r: _Wrapped(r, off=False))
+    assert _said(logs, "inference_batch_dependent") == []
+    assert stage.stats()["batch_invariance"] == {"fake:cpu/exact": {
+        "holds": True, "rows_probed": PROBE_ROWS, "rows_off": 0, "cuts": [1, 7],
+        "reference_rows": REFERENCE_ROWS}}
+
+
+async def test_a_probe_that_fails_is_logged_and_the_pipeline_runs(sample_dir, monkeypatch):
+    from nautilus_pipeline.stages import inference as stage_module
+
+    def broken(*_):
+        raise RuntimeError("device lost")
+
+    monkeypatch.setattr(stage_module, "probe_cached", broken)
+    stage, logs = await _run_with(monkeypatch, sample_dir, lambda r: _Wrapped(r))
+    failed = _said(logs, "inference_batch_probe_failed")
+    assert len(failed) == 1 and "device lost" in failed[0]["error"]
+    assert "batch_invariance" not in stage.stats()
+
+
+async def test_numpy_and_calibrated_stages_are_not_probed(sample_dir, monkeypatch):
+    calls = []
+    monkeypatch.setattr(invariance, "probe", lambda *a, **k: calls.append(a) or None)
+    stage, _ = await _run_with(monkeypatch, sample_dir, lambda r: r)  # numpy's own runner
+    assert stage.invariance == {} and calls == []
+    stage, _ = await _run_with(monkeypatch, sample_dir, lambda r: r, route="calibrated")
+    assert stage.invariance == {} and calls == []
+
+
+def test_another_model_or_runner_gets_its_own_stored_answer(monkeypatch, tmp_path):
+    monkeypatch.setenv("NAUTILUS_PIPELINE_CACHE", str(tmp_path))
+    w1, w2 = weights(4), weights(5)
+    assert probe_cached(_Wrapped(NumpyRunner(SPEC, w1)), SPEC, w1).holds
+    assert not probe_cached(_Wrapped(NumpyRunner(SPEC, w1), off=True), SPEC, w1).holds
+    assert probe_cached(_Wrapped(NumpyRunner(SPEC, w2)), SPEC, w2).holds
+    assert len(list(tmp_path.rglob("inference_batch_invariance-*.json"))) == 3
 
 
 def test_a_runner_class_without_its_own_tiles_is_probed_through_the_base_tiles():

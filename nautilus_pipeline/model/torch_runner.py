@@ -69,7 +69,7 @@ CPU_TILE_ROWS = 64
 in any batch on the 2-core dev VM's AMD EPYC (torch 2.13) and **not** on a lent H100's 16-core
 Intel host (torch 2.11, 16 threads: tests/test_model_tiles.py failed there,
 ``gpu_tests_tiles_4da71cf_h100.txt``). Calls of one shape on one static buffer (512 rows) did
-not keep them there either (batches of one row: 15-65 of 5,000 rows one float32 ulp off,
+not keep them there either (batches of one row: 15-65 of 5,000 rows off, by up to 1.2e-7,
 ``gpu_tiles_cpu_fixed_shape_trial_h100.txt``) and cost the dev VM 5.1 -> 3.6M rows/s at 4,096
 rows (``dev_bench_torch_cpu_tiles_ab_4da71cf.txt``, side by side) and ran at 0.7M on the
 Intel host (8.3M for one padded call on the H100 host of the lease before: not side by side),

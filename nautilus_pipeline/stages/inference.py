@@ -79,8 +79,9 @@ SPLIT_MIN_ROWS = 1024
 # rows through ``ModelRunner.predict_tiled``: every row in a call of the runner's one tile
 # size, so a prediction has the same bits whatever batch the row fell in (``model.base``),
 # where the library computes a row alike in every call of one shape: tested on each host by
-# tests/test_model_tiles.py; torch:cpu failed it on a lent H100's Intel host (one float32 ulp
-# on 0.3-1.3 % of rows for batches of one row; ``model.torch_runner.CPU_TILE_ROWS``).
+# tests/test_model_tiles.py; torch:cpu failed it on a lent H100's Intel host
+# (``model.torch_runner.CPU_TILE_ROWS``). Where a runner may not keep them, the stage's start
+# probes it and says so (``model.invariance``, ``InferenceStage._probe``).
 
 
 @dataclass(frozen=True, slots=True)
@@ -136,6 +137,7 @@ class InferenceStage(Stage):
         self.runners: dict[str, ModelRunner] = {}
         self.calibration: Calibration | None = None
         self.invariance: dict[str, Invariance] = {}  # backend → what the probe found
+        self._probed = False
         self._x32: np.ndarray | None = None
         self._p32: np.ndarray | None = None
         self._primary: ComputeStream | None = None
@@ -173,18 +175,9 @@ class InferenceStage(Stage):
         )
         log.info("inference_backend", stage=self.name, backend=self.runners[backend].name,
                  model=str(self.model_path))
-        runner = self.runners[backend]
-        if self.route == "first" and not isinstance(runner, NumpyRunner):
-            # the numpy runner keeps the bits by construction; the others as far as their
-            # library does on this machine (model.invariance): probed once, said if not
-            found = self.invariance[backend] = await stream.run(probe_cached, runner, self.spec,
-                                                                 self.weights)
-            if not found.holds:
-                log.warning("inference_batch_dependent", stage=self.name, backend=found.runner,
-                            rows_off=found.rows_off, rows=found.rows, max_abs_diff=found.max_abs_diff,
-                            why="on this machine the backend gives some rows other last bits in "
-                                "another batch, so a prediction depends on the batch size; the "
-                                "numpy backend keeps them (streams = [\"cpu\"])")
+        first_bind, self._probed = not self._probed, True
+        if first_bind and self.route == "first" and not isinstance(self.runners[backend], NumpyRunner):
+            await self._probe(self.runners[backend], stream)
         if self.route == "calibrated" and self.calibration is None:
             usable = [runner_backend(s) for s in self.streams if unusable_reason(s) is None]
             # 10 ms of calls per backend and size (at least 5, after 3 warm-ups): the start
@@ -195,6 +188,27 @@ class InferenceStage(Stage):
                                                 built=tuple(self.runners.values()))
             log.info("inference_calibrated", stage=self.name, table="\n" + self.calibration.format(),
                      **{"route": self.calibration.to_dict()["route"]})
+
+    async def _probe(self, runner: ModelRunner, stream: ComputeStream) -> None:
+        """Whether ``runner`` gives a row the same bits in any batch here (``model.invariance``),
+        said if not. The numpy runner keeps them by construction and is not asked; a fallback
+        bound during a run is not asked either (the batch that fell back is waiting). A probe
+        that fails is logged and the start goes on: what it would have said is then unknown."""
+        try:
+            found = await stream.run(probe_cached, runner, self.spec, self.weights)
+        except Exception as exc:
+            log.warning("inference_batch_probe_failed", stage=self.name, runner=runner.name,
+                        error=f"{type(exc).__name__}: {exc}")
+            return
+        self.invariance[runner.backend] = found
+        if not found.holds:
+            log.warning("inference_batch_dependent", stage=self.name, runner=found.runner,
+                        rows_off=found.rows_off, rows_probed=found.rows, cuts=list(found.cuts),
+                        reference_rows=found.reference_rows, max_abs_diff=found.max_abs_diff,
+                        why=f"on this machine {found.runner} gives some rows other last bits in a "
+                            "batch of another size, so a prediction can depend on the batch size; "
+                            "streams = [\"cpu\"] in this stage's table (numpy, slower on large "
+                            "batches) gives the same bits at any batch size")
 
     def warm_up(self, columns: dict[str, np.ndarray], stream: ComputeStream) -> None:
         """The fixed-order forward pass of a live row (its numba kernel), where the stream has one."""
@@ -210,6 +224,8 @@ class InferenceStage(Stage):
 
     async def start(self, ctx: StageContext) -> None:
         self._primary = None
+        self._probed = False  # the first bind of a run (its primary stream) probes
+        self.invariance = {}
         self._fixed = {}
         self._slab_tables = {}
         self._no_lane_core = False
@@ -352,9 +368,11 @@ class InferenceStage(Stage):
     def stats(self) -> dict[str, object]:
         out: dict[str, object] = {"model": self.model_path.name, "rows_by_backend": self.rows_by_backend,
                                   "split_batches": self.split_batches}
-        if self.invariance:  # rows probed and rows off, per runner (model.invariance)
-            out["batch_invariance"] = {i.runner: {"rows": i.rows, "rows_off": i.rows_off}
-                                       for i in self.invariance.values()}
+        if self.invariance:  # what the probe found, per runner (model.invariance)
+            out["batch_invariance"] = {
+                i.runner: {"holds": i.holds, "rows_probed": i.rows, "rows_off": i.rows_off,
+                           "cuts": list(i.cuts), "reference_rows": i.reference_rows}
+                for i in self.invariance.values()}
         return out
 
     def snapshot_params(self) -> dict[str, object]:
