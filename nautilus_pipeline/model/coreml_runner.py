@@ -45,6 +45,7 @@ class CoreMLRunner(ModelRunner):
         if not path.exists():
             raise ConfigError(f"Core ML package {path} does not exist")
         self.spec = spec
+        self.package = path  # what runs (model.invariance keys its stored answer on it)
         self.backend = f"coreml:{units}"
         self.name = self.backend
         self._model: Any = ct.models.MLModel(

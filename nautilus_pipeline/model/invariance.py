@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import sys
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -101,6 +102,10 @@ def probe_cached(runner: ModelRunner, spec: ModelSpec, weights: MLPWeights) -> I
     inputs: dict[str, Any] = {"runner": runner.name, "model": model_digest(spec, weights),
                               "tile_rows": getattr(runner, "tile_rows", None), "rows": PROBE_ROWS,
                               "cuts": list(PROBE_CUTS), "reference_rows": REFERENCE_ROWS}
+    package = getattr(runner, "package", None)  # Core ML runs its .mlpackage, not the weights
+    if package is not None:
+        stat = Path(package).stat()
+        inputs["package"] = [str(Path(package).resolve()), stat.st_mtime_ns, stat.st_size]
     torch = sys.modules.get("torch")
     if torch is not None and runner.backend.startswith("torch:"):
         inputs["torch_threads"] = torch.get_num_threads()  # a CPU product's split follows them
