@@ -163,6 +163,7 @@ async def test_a_probe_that_fails_is_logged_and_the_pipeline_runs(sample_dir, mo
     failed = _said(logs, "inference_batch_probe_failed")
     assert len(failed) == 1 and "device lost" in failed[0]["error"]
     assert "batch_invariance" not in stage.stats()
+    assert stage._runner_raised  # closed, not shelved for another job
 
 
 async def test_numpy_and_calibrated_stages_are_not_probed(sample_dir, monkeypatch):

@@ -193,12 +193,14 @@ class InferenceStage(Stage):
         """Whether ``runner`` gives a row the same bits in any batch here (``model.invariance``),
         said if not. The numpy runner keeps them by construction and is not asked; a fallback
         bound during a run is not asked either (the batch that fell back is waiting). A probe
-        that fails is logged and the start goes on: what it would have said is then unknown."""
+        that fails is logged and the start goes on (what it would have said is then unknown),
+        and the runner is closed at the end rather than shelved (``model.shelf``)."""
         try:
             found = await stream.run(probe_cached, runner, self.spec, self.weights)
         except Exception as exc:
             log.warning("inference_batch_probe_failed", stage=self.name, runner=runner.name,
                         error=f"{type(exc).__name__}: {exc}")
+            self._runner_raised = True  # closed at the end, not shelved for another job
             return
         self.invariance[runner.backend] = found
         if not found.holds:
