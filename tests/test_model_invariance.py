@@ -68,6 +68,25 @@ def test_the_probe_is_measured_once_and_read_back(monkeypatch, tmp_path):
     assert len(list(tmp_path.rglob("inference_batch_invariance-*.json"))) == 1
 
 
+async def _run(sample_dir, stream, route="first"):
+    """The features and inference stages (``stream``) on 500 bundled trades; the inference
+    stage and the log events of the run."""
+    data = {k: v[:500] for k, v in btc_trades(sample_dir).items()}
+    stage = InferenceStage(streams=(stream,), route=route)
+    pipe = Pipeline([FeaturesStage(stage.input_names), stage], batch_size=256, slabs=4,
+                    memory="host", execution="serial")
+    with capture_logs() as logs:
+        async with pipe:
+            pipe.symbols.id_of("BTCUSDT-PERP")
+            await pipe.ingest(data)
+        assert pipe.tick_flow().ticks_out == 500
+    return stage, logs
+
+
+def _said(logs, event):
+    return [e for e in logs if e["event"] == event]
+
+
 TORCH_CPU = pytest.mark.skipif(not runner_usable("torch:cpu")[0],
                                reason=f"torch:cpu: {runner_usable('torch:cpu')[1]}")
 
@@ -79,15 +98,8 @@ async def test_the_inference_stage_warns_when_its_backend_changes_a_rows_bits_wi
 
     monkeypatch.setenv("NAUTILUS_PIPELINE_CACHE", "off")  # probe this broken runner, not a stored answer
     monkeypatch.setattr(TorchRunner, "predict_tiled", _off_in_small_batches(TorchRunner.predict_tiled))
-    data = {k: v[:500] for k, v in btc_trades(sample_dir).items()}
-    inference = InferenceStage(streams=("torch:cpu",))
-    pipe = Pipeline([FeaturesStage(inference.input_names), inference], batch_size=256, slabs=4,
-                    memory="host", execution="serial")
-    with capture_logs() as logs:
-        async with pipe:
-            pipe.symbols.id_of("BTCUSDT-PERP")
-            await pipe.ingest(data)
-    said = [e for e in logs if e["event"] == "inference_batch_dependent"]
+    inference, logs = await _run(sample_dir, "torch:cpu")
+    said = _said(logs, "inference_batch_dependent")
     assert len(said) == 1 and said[0]["log_level"] == "warning"
     assert said[0]["runner"].startswith("torch:cpu") and said[0]["rows_off"] == PROBE_ROWS
     assert said[0]["rows_probed"] == PROBE_ROWS and said[0]["cuts"] == [1, 7]
@@ -124,20 +136,7 @@ async def _run_with(monkeypatch, sample_dir, runner_for, route="first"):
     monkeypatch.setattr(stage_module, "take_runner",
                         lambda backend, spec, w, **kw: runner_for(real(backend, spec, w, **kw)))
     monkeypatch.setenv("NAUTILUS_PIPELINE_CACHE", "off")
-    data = {k: v[:500] for k, v in btc_trades(sample_dir).items()}
-    stage = InferenceStage(streams=("cpu",), route=route)
-    pipe = Pipeline([FeaturesStage(stage.input_names), stage], batch_size=256, slabs=4,
-                    memory="host", execution="serial")
-    with capture_logs() as logs:
-        async with pipe:
-            pipe.symbols.id_of("BTCUSDT-PERP")
-            await pipe.ingest(data)
-        assert pipe.tick_flow().ticks_out == 500
-    return stage, logs
-
-
-def _said(logs, event):
-    return [e for e in logs if e["event"] == event]
+    return await _run(sample_dir, "cpu", route)
 
 
 async def test_a_backend_that_changes_a_rows_bits_is_warned_about_and_one_that_does_not_is_not(
