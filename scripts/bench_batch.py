@@ -230,7 +230,12 @@ def _machine_cpu_s() -> float:
 
 def control_child(defn: str, out: str, file: str, start_at: float) -> None:
     """Run in a child process: one file through ``replay_job``, started at ``start_at`` (so
-    that N children replay at the same time); prints its job time."""
+    that N children replay at the same time); prints its job time, its CPU (user and system
+    apart), page faults and context switches (``getrusage`` over the job) and each stage's
+    busy time (its batches' latencies summed, from the job's ``summary.json``): where a job
+    beside N others loses its time."""
+    import resource
+
     import nautilus_pipeline as nt
     from nautilus_pipeline.batch import replay_job
 
@@ -241,9 +246,19 @@ def control_child(defn: str, out: str, file: str, start_at: float) -> None:
     sample = ROOT / "nautilus_pipeline" / "data" / "binance-um-btcusdt-trades-20240808.csv"
     replay_job(defn, [sample], out + "-warm", None, trace_every=1)  # load the kernels first
     time.sleep(max(0.0, start_at - time.time()))
+    r0 = resource.getrusage(resource.RUSAGE_SELF)
     t0 = time.perf_counter()
     res = replay_job(defn, [file], out, None, trace_every=1)
-    print(orjson.dumps({"ticks": res.ticks["read"], "job_s": time.perf_counter() - t0}).decode())
+    job_s = time.perf_counter() - t0
+    r1 = resource.getrusage(resource.RUSAGE_SELF)
+    summary = orjson.loads((Path(out) / "summary.json").read_bytes())
+    stages = {st["stage"]: st["batch_latency"]["count"] * st["batch_latency"]["mean_us"] / 1e6
+              for st in summary["stages"] if st.get("batch_latency")}
+    print(orjson.dumps({"ticks": res.ticks["read"], "job_s": job_s, "run_s": res.run_s,
+                        "user_s": r1.ru_utime - r0.ru_utime, "sys_s": r1.ru_stime - r0.ru_stime,
+                        "minflt": r1.ru_minflt - r0.ru_minflt, "majflt": r1.ru_majflt - r0.ru_majflt,
+                        "nvcsw": r1.ru_nvcsw - r0.ru_nvcsw, "nivcsw": r1.ru_nivcsw - r0.ru_nivcsw,
+                        "stages": stages}).decode())
 
 
 SETUP_CHILD = """
@@ -304,22 +319,77 @@ def job_setup_ab(baseline: Path, defn: Path, work: Path, file: Path, jobs: int, 
         print(f"| {k} (median ms) | {1000 * pb:.2f} | {1000 * pa_:.2f} | {pa_ / pb if pb else float('nan'):.2f} |")
 
 
-def control(defn: Path, work: Path, files: list[Path], counts: list[int]) -> None:
+def _cpu_list(text: str) -> list[int]:
+    """``0,2,4`` or ``0-7`` or both: the CPUs, in order."""
+    cpus: list[int] = []
+    for part in text.split(","):
+        lo, _, hi = part.partition("-")
+        cpus += list(range(int(lo), int(hi or lo) + 1))
+    return cpus
+
+
+def control(defn: Path, work: Path, files: list[Path], counts: list[int],
+            envs: list[str] | None = None, pins: list[str] | None = None, lead: float = 25.0) -> None:
     """N independent processes, each one job on its own file, all at once: how the machine
-    itself scales (no pool, no scheduling, no merge), beside the batch rows."""
+    itself scales (no pool, no scheduling, no merge), beside the batch rows. Below the table,
+    where the time went, per process (means): CPU user and system, page faults, context
+    switches, and each stage's busy time, N at once ÷ 1 alone. ``envs``: the whole series
+    again under each extra environment (``NAME=VALUE[,NAME=VALUE]``), a lever tried side by
+    side; ``pins``: the series again with process i pinned to the i-th CPU of each list
+    (``0,2,4`` or ``0-7``; ``sched_setaffinity``), which cores share what."""
+    variants = [("", {}, None)] + [(e, dict(kv.split("=", 1) for kv in e.split(",")), None) for e in envs or []]
+    variants += [(f"processes pinned to CPUs {pin}", {}, _cpu_list(pin)) for pin in pins or []]
+    for label, extra, cpus in variants:
+        print()
+        print(f"environment: {label or '(as is)'}")
+        print()
+        print("| independent processes at once | mean job s | ticks/s together | vs 1 process |")
+        print("|---:|---:|---:|---:|")
+        base, rows = None, []
+        for n in counts:
+            start_at = time.time() + lead  # after every child's imports and warm-up
+            procs = [subprocess.Popen([sys.executable, __file__, "--control-child", str(defn),
+                                       str(work / f"ctl-{n}-{i}"), str(files[i % len(files)]), str(start_at)],
+                                      stdout=subprocess.PIPE, text=True, env={**os.environ, **extra})
+                     for i in range(n)]
+            for i, proc in enumerate(procs if cpus else []):
+                os.sched_setaffinity(proc.pid, {cpus[i % len(cpus)]})  # before its imports end
+            results = [orjson.loads(p.communicate()[0].strip().splitlines()[-1]) for p in procs]
+            rate = sum(r["ticks"] for r in results) / max(r["job_s"] for r in results)
+            base = base or rate
+            rows.append((n, results))
+            print(f"| {n} | {np.mean([r['job_s'] for r in results]):.2f} | {rate:,.0f} | {rate / base:.2f}x |")
+        _control_breakdown(rows)
+
+
+def _control_breakdown(rows: list[tuple[int, list[dict]]]) -> None:
+    """Per-process means of the control's rusage and stage times, each run beside the first."""
+    if "user_s" not in rows[0][1][0]:
+        return
+    keys = [("job_s", "job s", 2), ("run_s", "replay s", 2), ("user_s", "CPU user s", 2),
+            ("sys_s", "CPU system s", 2), ("minflt", "minor faults", 0), ("majflt", "major faults", 0),
+            ("nvcsw", "voluntary switches", 0), ("nivcsw", "involuntary switches", 0)]
+    stages = list(rows[0][1][0]["stages"])
+    names = [f"{n} at once" + (f" (run {i + 1})" if [m for m, _ in rows].count(n) > 1 else "")
+             for i, (n, _) in enumerate(rows)]
     print()
-    print("| independent processes at once | mean job s | ticks/s together | vs 1 process |")
-    print("|---:|---:|---:|---:|")
-    base = None
-    for n in counts:
-        start_at = time.time() + 25.0  # after every child's imports and warm-up
-        procs = [subprocess.Popen([sys.executable, __file__, "--control-child", str(defn),
-                                   str(work / f"ctl-{n}-{i}"), str(files[i % len(files)]), str(start_at)],
-                                  stdout=subprocess.PIPE, text=True) for i in range(n)]
-        results = [orjson.loads(p.communicate()[0].strip().splitlines()[-1]) for p in procs]
-        rate = sum(r["ticks"] for r in results) / max(r["job_s"] for r in results)
-        base = base or rate
-        print(f"| {n} | {np.mean([r['job_s'] for r in results]):.2f} | {rate:,.0f} | {rate / base:.2f}x |")
+    print("| per process (mean) | " + " | ".join(names) + " | "
+          + " | ".join(f"{name} ÷ first" for name in names[1:]) + " |")
+    print("|---|" + "---:|" * (2 * len(rows) - 1))
+
+    def line(label: str, vals: list[float], digits: int) -> None:
+        ratio = [f"{v / vals[0]:.2f}" if vals[0] else "" for v in vals[1:]]
+        print(f"| {label} | " + " | ".join(f"{v:,.{digits}f}" for v in vals) + " | " + " | ".join(ratio) + " |")
+
+    def mean(results: list[dict], get) -> float:
+        return float(np.mean([get(r) for r in results]))
+
+    for key, label, digits in keys:
+        line(label, [mean(res, lambda r, k=key: r[k]) for _, res in rows], digits)
+    for st in stages:
+        line(f"stage {st} busy s", [mean(res, lambda r, k=st: r["stages"].get(k, 0.0)) for _, res in rows], 3)
+    line("replay outside the stages s", [mean(res, lambda r: r["run_s"] - sum(r["stages"].values()))
+                                         for _, res in rows], 3)
 
 
 def _floor_step(previous: object, payload: bytes) -> dict:
@@ -708,6 +778,12 @@ def main() -> None:
     ap.add_argument("--dir", help="work folder (default: a temporary one)")
     ap.add_argument("--baseline", help="another checkout: its batch rows and this one's, alternately (A/B)")
     ap.add_argument("--repeat", type=int, default=1, help="with --baseline: runs of each row per checkout")
+    ap.add_argument("--control-env", nargs="+", metavar="NAME=VALUE[,NAME=VALUE]",
+                    help="with --control: the series again under each of these environments")
+    ap.add_argument("--control-lead", type=float, default=25.0,
+                    help="with --control: seconds from the children's start to their timed job (imports, warm-up)")
+    ap.add_argument("--control-pin", nargs="+", metavar="CPUS",
+                    help="with --control: the series again with process i on the i-th CPU of each list")
     ap.add_argument("--control", type=int, nargs="+", metavar="N",
                     help="only: N independent one-job processes at once, for each N (machine scaling)")
     ap.add_argument("--job-setup", type=int, metavar="JOBS",
@@ -766,7 +842,7 @@ def main() -> None:
     print(f"input: {args.symbols} symbols x {args.days} days x {args.trades:,} trades = "
           f"{len(files) * args.trades:,} trades in {len(files)} files (generated in {time.perf_counter() - t0:.1f} s)")
     if args.control:
-        control(defn, work, files, args.control)
+        control(defn, work, files, args.control, args.control_env, args.control_pin, args.control_lead)
         return
     if args.worker_setup:
         worker_setup(defn, work, files[0], args.worker_setup, max(args.repeat, 2))
