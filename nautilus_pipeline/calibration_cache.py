@@ -20,6 +20,11 @@ Where. ``$NAUTILUS_PIPELINE_CACHE/calibration/`` (``$XDG_CACHE_HOME/nautilus_pip
 ``~/.cache/nautilus_pipeline``), one small JSON file per answer. ``NAUTILUS_PIPELINE_CACHE=off``
 measures on every start. The cache never fails a start: a file that cannot be read or written
 is logged and the measurement used as it is.
+
+Size. Every code change and every new set of batch files adds answers and none is ever asked
+for again once its key is gone, so the folder keeps the :data:`MAX_ENTRIES` answers used last
+(a hit touches its file; a write past the limit removes the least recently used, and the
+temporary files of writers killed mid-write once they are an hour old).
 """
 
 from __future__ import annotations
@@ -30,6 +35,7 @@ import importlib.metadata
 import os
 import platform
 import sys
+import time
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
@@ -42,6 +48,10 @@ from .machine import cpu_model, usable_cores
 log = structlog.get_logger("nautilus_pipeline.calibration")
 
 ENV = "NAUTILUS_PIPELINE_CACHE"
+MAX_ENTRIES = 4096
+"""Answers kept (each a JSON file of a few hundred bytes): the most recently used."""
+STALE_TMP_S = 3600.0
+"""A temporary file this old was left by a writer that died before its rename."""
 
 
 def cache_dir() -> Path | None:
@@ -116,6 +126,7 @@ def cached(kind: str, inputs: Mapping[str, Any], device: str | None,
         if stored.get("key") == orjson.loads(orjson.dumps(key, option=orjson.OPT_NON_STR_KEYS,
                                                           default=repr)):
             log.info("calibration_cached", kind=kind, path=str(path))
+            _touch(path)
             return stored["value"]
     except FileNotFoundError:
         pass
@@ -130,4 +141,53 @@ def cached(kind: str, inputs: Mapping[str, Any], device: str | None,
         os.replace(tmp, path)
     except (OSError, TypeError) as exc:
         log.warning("calibration_cache_unwritable", path=str(path), error=f"{type(exc).__name__}: {exc}")
+    else:
+        evict(folder)
     return value
+
+
+def _touch(path: Path) -> None:
+    """Mark an answer used now (its mtime), for :func:`evict`; best effort (a read-only cache
+    still serves)."""
+    try:
+        os.utime(path)
+    except OSError:
+        pass
+
+
+def evict(folder: Path, keep: int | None = None) -> int:
+    """Remove all but the ``keep`` (default :data:`MAX_ENTRIES`) most recently used answers in
+    ``folder``, and temporary files older than :data:`STALE_TMP_S`; returns how many files
+    went. Files another process removes first, or that cannot be removed, are skipped."""
+    keep = MAX_ENTRIES if keep is None else keep
+    entries: list[tuple[float, Path]] = []
+    removed = 0
+    now = time.time()
+    try:
+        listing = list(os.scandir(folder))
+    except OSError:
+        return 0
+    for entry in listing:
+        try:
+            mtime = entry.stat().st_mtime
+        except OSError:
+            continue
+        name = entry.name
+        if name.endswith(".json"):
+            entries.append((mtime, Path(entry.path)))
+        elif ".tmp" in name and now - mtime > STALE_TMP_S:
+            removed += _unlink(Path(entry.path))
+    if len(entries) > keep:
+        entries.sort()
+        for _, path in entries[: len(entries) - keep]:
+            removed += _unlink(path)
+        log.info("calibration_cache_evicted", folder=str(folder), kept=keep, removed=removed)
+    return removed
+
+
+def _unlink(path: Path) -> int:
+    try:
+        path.unlink()
+    except OSError:
+        return 0
+    return 1

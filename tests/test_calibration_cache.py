@@ -6,6 +6,9 @@ inference stage's calibrated starts against the same starts measured afresh.
 
 from __future__ import annotations
 
+import os
+import time
+
 import numpy as np
 import pytest
 from model_helpers import SPEC, weights
@@ -63,6 +66,36 @@ def test_an_upgraded_backend_library_measures_again_on_any_device(cache, monkeyp
                         lambda dist: "99.0" if dist == "mlx" else real(dist))
     cached("inference_route", {"rows": 1}, None, measure)
     assert measure.calls == 2
+
+
+def test_the_cache_keeps_the_answers_used_last(cache, monkeypatch):
+    """Past MAX_ENTRIES a write removes the least recently used answers; a hit counts as a use,
+    so an old answer read again outlives newer ones never read."""
+    monkeypatch.setattr(calibration_cache, "MAX_ENTRIES", 3)
+    measure = Counted(1)
+    for i in range(3):
+        cached("risk_var_route", {"paths": i}, None, measure)
+    old = time.time() - 100
+    for i, path in enumerate(sorted(cache.iterdir(), key=lambda p: p.stat().st_mtime)):
+        os.utime(path, (old + i, old + i))  # written in order 0, 1, 2, seconds apart
+    cached("risk_var_route", {"paths": 0}, None, measure)  # a hit: 0 is now the newest
+    assert measure.calls == 3
+    cached("risk_var_route", {"paths": 3}, None, measure)  # the 4th answer: 1, the least recent, goes
+    assert len(list(cache.glob("*.json"))) == 3
+    for i, calls in ((0, 4), (2, 4), (3, 4), (1, 5)):  # 1 is measured again, the others read
+        cached("risk_var_route", {"paths": i}, None, measure)
+        assert measure.calls == calls, i
+
+
+def test_a_dead_writers_temporary_file_is_removed_once_stale(cache):
+    cache.mkdir(parents=True)
+    fresh, stale = cache / "x-1.tmp123", cache / "x-2.tmp456"
+    fresh.write_bytes(b"{")
+    stale.write_bytes(b"{")
+    old = time.time() - calibration_cache.STALE_TMP_S - 10
+    os.utime(stale, (old, old))
+    assert calibration_cache.evict(cache) == 1
+    assert fresh.exists() and not stale.exists()
 
 
 def test_off_measures_on_every_start(monkeypatch, tmp_path):
