@@ -23,8 +23,10 @@ is logged and the measurement used as it is.
 
 Size. Every code change and every new set of batch files adds answers and none is ever asked
 for again once its key is gone, so the folder keeps the :data:`MAX_ENTRIES` answers used last
-(a hit touches its file; a write past the limit removes the least recently used, and the
-temporary files of writers killed mid-write once they are an hour old).
+(a hit touches its file; a process's first write, and one an hour after, removes the least
+recently used past the limit and the temporary files of writers killed mid-write once they
+are an hour old: one listing of the folder, not one per answer written, which a batch of
+thousands of symbols writes).
 """
 
 from __future__ import annotations
@@ -48,10 +50,13 @@ from .machine import cpu_model, usable_cores
 log = structlog.get_logger("nautilus_pipeline.calibration")
 
 ENV = "NAUTILUS_PIPELINE_CACHE"
-MAX_ENTRIES = 4096
+MAX_ENTRIES = 16384
 """Answers kept (each a JSON file of a few hundred bytes): the most recently used."""
 STALE_TMP_S = 3600.0
 """A temporary file this old was left by a writer that died before its rename."""
+EVICT_EVERY_S = 3600.0
+"""A process looks for answers to remove on its first write and then at most this often."""
+_evicted_at = float("-inf")
 
 
 def cache_dir() -> Path | None:
@@ -142,7 +147,10 @@ def cached(kind: str, inputs: Mapping[str, Any], device: str | None,
     except (OSError, TypeError) as exc:
         log.warning("calibration_cache_unwritable", path=str(path), error=f"{type(exc).__name__}: {exc}")
     else:
-        evict(folder)
+        global _evicted_at
+        if time.monotonic() - _evicted_at >= EVICT_EVERY_S:
+            _evicted_at = time.monotonic()
+            evict(folder)
     return value
 
 
@@ -164,7 +172,8 @@ def evict(folder: Path, keep: int | None = None) -> int:
     removed = 0
     now = time.time()
     try:
-        listing = list(os.scandir(folder))
+        with os.scandir(folder) as found:
+            listing = list(found)
     except OSError:
         return 0
     for entry in listing:

@@ -72,6 +72,7 @@ def test_the_cache_keeps_the_answers_used_last(cache, monkeypatch):
     """Past MAX_ENTRIES a write removes the least recently used answers; a hit counts as a use,
     so an old answer read again outlives newer ones never read."""
     monkeypatch.setattr(calibration_cache, "MAX_ENTRIES", 3)
+    monkeypatch.setattr(calibration_cache, "EVICT_EVERY_S", 0.0)  # at every write, not once an hour
     measure = Counted(1)
     for i in range(3):
         cached("risk_var_route", {"paths": i}, None, measure)
@@ -85,6 +86,16 @@ def test_the_cache_keeps_the_answers_used_last(cache, monkeypatch):
     for i, calls in ((0, 4), (2, 4), (3, 4), (1, 5)):  # 1 is measured again, the others read
         cached("risk_var_route", {"paths": i}, None, measure)
         assert measure.calls == calls, i
+
+
+def test_a_process_looks_for_answers_to_remove_once_an_hour(cache, monkeypatch):
+    """A batch of thousands of symbols writes thousands of answers: one listing, not one each."""
+    listings = []
+    monkeypatch.setattr(calibration_cache, "_evicted_at", float("-inf"))
+    monkeypatch.setattr(calibration_cache, "evict", lambda folder: listings.append(folder))
+    for i in range(5):
+        cached("batch_bucket_volume", {"chain": i}, None, Counted(1))
+    assert listings == [cache]
 
 
 def test_a_dead_writers_temporary_file_is_removed_once_stale(cache):
