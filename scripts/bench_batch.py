@@ -319,6 +319,11 @@ def job_setup_ab(baseline: Path, defn: Path, work: Path, file: Path, jobs: int, 
         print(f"| {k} (median ms) | {1000 * pb:.2f} | {1000 * pa_:.2f} | {pa_ / pb if pb else float('nan'):.2f} |")
 
 
+def _pin_to(cpu: int):
+    """A ``preexec_fn``: the child on ``cpu`` from before its exec, every thread it starts too."""
+    return lambda: os.sched_setaffinity(0, {cpu})
+
+
 def _cpu_list(text: str) -> list[int]:
     """``0,2,4`` or ``0-7`` or both: the CPUs, in order."""
     cpus: list[int] = []
@@ -350,10 +355,9 @@ def control(defn: Path, work: Path, files: list[Path], counts: list[int],
             start_at = time.time() + lead  # after every child's imports and warm-up
             procs = [subprocess.Popen([sys.executable, __file__, "--control-child", str(defn),
                                        str(work / f"ctl-{n}-{i}"), str(files[i % len(files)]), str(start_at)],
-                                      stdout=subprocess.PIPE, text=True, env={**os.environ, **extra})
+                                      stdout=subprocess.PIPE, text=True, env={**os.environ, **extra},
+                                      preexec_fn=_pin_to(cpus[i % len(cpus)]) if cpus else None)
                      for i in range(n)]
-            for i, proc in enumerate(procs if cpus else []):
-                os.sched_setaffinity(proc.pid, {cpus[i % len(cpus)]})  # before its imports end
             results = [orjson.loads(p.communicate()[0].strip().splitlines()[-1]) for p in procs]
             rate = sum(r["ticks"] for r in results) / max(r["job_s"] for r in results)
             base = base or rate
