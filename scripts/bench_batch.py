@@ -716,6 +716,30 @@ def _first_excess(jobs: list[dict]) -> float:
     return float(np.median(excess)) if excess else float("nan")
 
 
+def print_rounds(configs: list[tuple[str, int]], runs: dict[tuple[str, int], list[dict]]) -> None:
+    """Each round's walls and each row's efficiency against the same round's one local worker
+    (the table above: each row's median run): how far a ratio moves with the lone run."""
+    rounds = len(next(iter(runs.values())))
+    base = runs.get(("local", 1))
+    print()
+    print(f"per round ({rounds}, the order of the rows reversed every other round): wall s"
+          + ("; efficiency vs that round's local --workers 1" if base else ""))
+    print()
+    print("| run | " + " | ".join(f"round {i + 1}" for i in range(rounds)) + " | median efficiency |")
+    print("|---|" + "---:|" * (rounds + 1))
+    for executor, n in configs:
+        cells, effs = [], []
+        for i, row in enumerate(runs[(executor, n)]):
+            cell = f"{row['wall']:.1f}"
+            if base:
+                eff = (row["ticks"] / row["wall"]) / (base[i]["ticks"] / base[i]["wall"]) / n
+                effs.append(eff)
+                cell += f" ({eff:.2f})"
+            cells.append(cell)
+        print(f"| {executor} --workers {n} | " + " | ".join(cells) + " | "
+              + (f"{float(np.median(effs)):.2f}" if effs else "") + " |")
+
+
 def print_rows(rows: list[dict]) -> None:
     base = next((r for r in rows if r["config"].startswith("local") and r["n"] == 1), None)
     print()
@@ -782,6 +806,9 @@ def main() -> None:
     ap.add_argument("--dir", help="work folder (default: a temporary one)")
     ap.add_argument("--baseline", help="another checkout: its batch rows and this one's, alternately (A/B)")
     ap.add_argument("--repeat", type=int, default=1, help="with --baseline: runs of each row per checkout")
+    ap.add_argument("--rounds", type=int, default=1,
+                    help="every batch row this many times (order reversed every other round); the table "
+                         "shows each row's median run, then each round's efficiencies")
     ap.add_argument("--control-env", nargs="+", metavar="NAME=VALUE[,NAME=VALUE]",
                     help="with --control: the series again under each of these environments")
     ap.add_argument("--control-lead", type=float, default=25.0,
@@ -875,13 +902,19 @@ def main() -> None:
     if args.baseline:
         ab(Path(args.baseline).resolve(), defn, work, configs, args.repeat, args.symbols, rows)
         return
-    digests = {}
-    for executor, n in configs:
-        row = run_batch_row(ROOT, defn, work, executor, n, "run", args.symbols)
-        rows.append(row)
-        digests[(executor, n)] = row["digest"]
-    same = len({tuple(sorted(d.items())) for d in digests.values()}) <= 1
+    digests = []
+    runs: dict[tuple[str, int], list[dict]] = {}
+    for r in range(args.rounds):
+        for executor, n in (configs if r % 2 == 0 else configs[::-1]):  # a drifting machine: both ways
+            row = run_batch_row(ROOT, defn, work, executor, n, f"run{r}", args.symbols)
+            runs.setdefault((executor, n), []).append(row)
+            digests.append(row["digest"])
+    for cfg in configs:  # each row's median run (by wall)
+        rows.append(sorted(runs[cfg], key=lambda row: row["wall"])[(len(runs[cfg]) - 1) // 2])
+    same = len({tuple(sorted(d.items())) for d in digests}) <= 1
     print_rows(rows)
+    if args.rounds > 1:
+        print_rounds(configs, runs)
     print()
     print(f"merged outputs identical across the batch runs: {'yes' if same else 'NO'}")
 

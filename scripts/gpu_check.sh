@@ -14,7 +14,7 @@
 # "tiles": the files that hold a prediction's bits to its batch (the model's tiles and its start-up probe, the batch
 # merge against one sequential run, the stage at batch 1/7/4096, the backends, the GPU chain), whole,
 # by name only (TILES_TIMEOUT, default 300 s).
-# "batch": scripts/bench_batch.py at BATCH_WORKERS local workers, BATCH_TRADES per file, BATCH_DAYS files a symbol (16 symbols) (default pipeline on the
+# "batch": scripts/bench_batch.py at BATCH_WORKERS local workers, BATCH_TRADES per file, BATCH_DAYS files a symbol (16 symbols), BATCH_ROUNDS rounds (medians) (default pipeline on the
 # host's cores), then `batch pipelines/gpu.toml --workers N` on the same files (GPU_WORKERS);
 # BATCH_BIG=N: no scaling table, 16 generated files of N trades each for the gpu.toml runs;
 # GPU_MPS=1: those runs again under CUDA MPS (one GPU context shared by the workers);
@@ -280,7 +280,7 @@ if want batch; then
       --no-sequential --dir /tmp/bb-warm > "$out/bench_batch_warm.txt" 2>&1
     echo "numba cache warmed: $(grep -c '^| local' "$out/bench_batch_warm.txt") row(s) in $out/bench_batch_warm.txt"
     timeout 520 python3 scripts/bench_batch.py --symbols 16 --days ${BATCH_DAYS:-1} --trades ${BATCH_TRADES:-600000} \
-      --workers ${BATCH_WORKERS:-1 2 4 8 16} --no-sequential --dir /tmp/bb 2>&1 | tee "$out/bench_batch.txt"
+      --workers ${BATCH_WORKERS:-1 2 4 8 16} --rounds ${BATCH_ROUNDS:-1} --no-sequential --dir /tmp/bb 2>&1 | tee "$out/bench_batch.txt"
   fi
   # GPU_MPS=1: each GPU row again under CUDA's Multi-Process Service (one shared GPU context
   # instead of 16 time-sliced ones), its control daemon started here and stopped after.
