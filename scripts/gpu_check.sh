@@ -27,6 +27,8 @@
 # SAMPLE_BATCH (none: no sampled run); BEFORE=/path/of/another/checkout runs that checkout's package first, same file;
 # PROFILE_COLD=1 adds a run with the calibration cache off (every calibration measured).
 # "cores": scripts/bench_core_sharing.py --threads (CORE_THREADS, default "1 2 4 8 16"), by name only.
+# "pairs": scripts/probe_cpu_pairs.py --all (which CPUs share a core), then bench_batch.py --control with
+# PAIRS_PROCESSES (default 8) lone processes pinned one per core found apart vs the first N CPUs; by name only.
 # "bridge": scripts/bench_bridge.py (BRIDGE_ONLY tables, default pipeline; BRIDGE_MODES, BRIDGE_TICKS,
 # BRIDGE_REPEAT) with nats-server carried as .natsbin/nats-server (the machine has none); by name only.
 # "pipeline_ab": BEFORE=/path/of/another/checkout: gpu.toml on 10M generated trades, BEFORE's package and this
@@ -367,6 +369,18 @@ if [[ ",$what," == *",cores,"* ]]; then
   # (issue 10's ceiling: a job slower beside 15 others is the machine's, not the engine's)
   python3 scripts/bench_core_sharing.py --threads ${CORE_THREADS:-1 2 4 8 16} --rounds "${CORE_ROUNDS:-3}" \
     --seconds 0.3 2>&1 | tee "$out/core_scaling.txt"
+fi
+if [[ ",$what," == *",pairs,"* ]]; then
+  # by name only: which vCPUs share a physical core (measured: lscpu on the lent hosts says
+  # one thread per core, yet vector kernels run ~2x slower 16 at once while an integer loop
+  # does not), then N lone processes pinned one per core found apart against the first N CPUs
+  timeout 170 python3 scripts/probe_cpu_pairs.py --all --kernels fma --rounds 2 --seconds 0.2 2>&1 \
+    | tee "$out/cpu_pairs.txt" | tail -n 4
+  apart=$(grep '^apart:' "$out/cpu_pairs.txt" | awk '{print $2}')
+  n=${PAIRS_PROCESSES:-8}
+  timeout 300 python3 scripts/bench_batch.py --symbols "$n" --days 1 --trades 600000 --control 1 "$n" 1 "$n" \
+    --control-lead 12 --control-pin "$(echo "$apart" | cut -d, -f1-"$n")" "0-$((n - 1))" 2>&1 \
+    | tee "$out/control_pinned.txt" | grep -E '^\| [0-9]+ \||environment'
 fi
 if want bench; then
   timeout 150 python3 scripts/bench_gpu.py 2>&1 | tee "$out/bench_gpu.txt"

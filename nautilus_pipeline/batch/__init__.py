@@ -35,6 +35,7 @@ from .executors import (
     Progress,
     RayExecutor,
     Work,
+    parse_cpus,
     threads_per_worker,
 )
 from .job import JobResult, replay_job
@@ -72,17 +73,26 @@ def run_batch(definition: str | Path, inputs: Sequence[str | Path], out: str | P
               executor: str = "local", workers: int | None = None, ray_address: str | None = None,
               batch_size: int | None = None, format: str | None = None, symbol: str | None = None,
               trace_every: int = 0, progress: Progress | None = None,
-              log_level: str = "warning") -> BatchReport:
+              log_level: str = "warning", cpus: str | Sequence[int] | None = "auto") -> BatchReport:
     """Replay ``inputs`` (files or globs) through ``definition`` into ``out``; see the module doc.
 
     A ``KeyboardInterrupt`` (Ctrl-C; the CLI turns SIGTERM into one) at any phase still ends
     in a ``summary.json`` that says what finished: while planning, every file ``not_run``;
     while the jobs run, the jobs that finished, merged; while merging, the kinds merged so
     far (``merge_incomplete`` lists the others; every finished job's own outputs stay in
-    ``OUT/jobs/``). ``interrupted_in`` names the phase."""
+    ``OUT/jobs/``). ``interrupted_in`` names the phase.
+
+    ``cpus`` (local only): the CPUs the workers are pinned to, one each
+    (:func:`.executors.worker_cpus`: ``"auto"`` pins when the workers fill the CPUs, ``"none"``,
+    or a list, which without ``workers`` sets one worker a CPU)."""
     t0, t0_epoch = time.perf_counter(), time.time()
     if executor not in EXECUTORS:
         raise config.ConfigError(f"executor must be one of {sorted(EXECUTORS)}, got {executor!r}")
+    explicit_cpus = cpus not in (None, "auto", "none")
+    if explicit_cpus and executor != "local":
+        raise config.ConfigError("--cpus pins the local executor's workers; Ray places its own")
+    if explicit_cpus and workers is None:
+        workers = len(parse_cpus(cpus) if isinstance(cpus, str) else tuple(cpus))
     # without --workers: local, one a core; Ray, a cluster's workers (several)
     d = worker_memory(config.load(definition),
                       workers or ((os.cpu_count() or 1) if executor == "local" else 2))
@@ -90,7 +100,7 @@ def run_batch(definition: str | Path, inputs: Sequence[str | Path], out: str | P
     check_out_dir(out, "--out")
     files = expand_inputs([str(i) for i in inputs])
     runner = (RayExecutor(workers, address=ray_address) if executor == "ray"
-              else LocalExecutor(workers))
+              else LocalExecutor(workers, cpus=cpus))
     chains: list[Chain] = []
     outcome = Outcome()
     merged: dict[str, dict[str, Any]] = {}
@@ -166,6 +176,7 @@ def _summary(d: config.PipelineDef, files: Sequence[Path], chains: list[Chain], 
     summary = summarise(chains, outcome.results, outcome.failures, merged, meta={
         "pipeline": d.name, "definition": str(d.path), "executor": executor,
         "workers": getattr(runner, "workers", None), "ray_address": ray_address,
+        "cpus": list(getattr(runner, "cpus", ()) or ()) or None,  # the workers' CPUs, one each (None: not pinned)
         "interrupted": outcome.interrupted, "interrupted_in": stopped_in, "retries": outcome.retries,
         "executor_startup_s": outcome.startup_s, "workers_warm_s": outcome.warm_s,
         "ray_cluster": outcome.cluster, "wall_s": time.perf_counter() - t0, **times,

@@ -59,7 +59,7 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -200,12 +200,97 @@ def threads_per_worker(workers: int) -> int:
     return max(1, (os.cpu_count() or 1) // max(1, workers))
 
 
-def _pool_init(log_level: str, threads: int) -> None:
-    """Process pool workers leave SIGINT to the driver (it cancels and keeps what finished)."""
+def _pool_init(log_level: str, threads: int, cpus: tuple[int, ...] = (), lock_dir: str = "") -> None:
+    """Process pool workers leave SIGINT to the driver (it cancels and keeps what finished),
+    and take a CPU of ``cpus`` when given (:func:`_pin_worker`)."""
     global _IN_WORKER
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     _IN_WORKER = True
+    if cpus:
+        _pin_worker(cpus, lock_dir)
     _worker_setup(log_level, threads)
+
+
+def worker_cpus(spec: str | Sequence[int] | None, workers: int) -> tuple[int, ...]:
+    """The CPUs a local batch's workers are pinned to, one worker each (empty: none pinned).
+
+    ``"auto"`` (or None) pins only when the workers are as many as the CPUs this process may
+    use (more than one): a saturated machine, where a worker that the scheduler moves lands
+    on a core another worker's cache is warm on, and where a worker's helper threads (its
+    reader's) have no idle core to use anyway. On the 2-core dev VM, two lone replays pinned
+    one a CPU ran 1.85-1.96x one alone against 1.45-1.48x unpinned (``bench_batch.py
+    --control 1 2 1 2 --control-pin 0,1``; ``docs/measurements/dev_control_pinned_*``). With
+    fewer workers than CPUs nothing is pinned: a lone worker's reader thread uses an idle core
+    (pinned, one alone was 0.89 s against 0.75). ``"none"`` never pins; a list (``"0,2,4-7"``
+    or ints) pins to those, for hosts whose hidden SMT siblings ``scripts/probe_cpu_pairs.py``
+    finds (it must name a CPU for every worker, each usable)."""
+    usable = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else []
+    if spec is None or spec == "auto":
+        return tuple(usable) if len(usable) > 1 and workers == len(usable) else ()
+    if spec == "none":
+        return ()
+    cpus = parse_cpus(spec) if isinstance(spec, str) else tuple(int(c) for c in spec)
+    if not usable:
+        raise ConfigError("--cpus: this platform cannot pin a process to a CPU (no sched_setaffinity)")
+    if bad := sorted(set(cpus) - set(usable)):
+        raise ConfigError(f"--cpus: CPU(s) {bad} are not usable here (usable: {_ranges(usable)})")
+    if len(set(cpus)) != len(cpus):
+        raise ConfigError(f"--cpus: a CPU is named twice in {spec!r}")
+    if len(cpus) < workers:
+        raise ConfigError(f"--cpus names {len(cpus)} CPU(s) for {workers} workers: one a worker")
+    return cpus
+
+
+def parse_cpus(text: str) -> tuple[int, ...]:
+    """``"0,2,4-7"`` → (0, 2, 4, 5, 6, 7); a clear error for anything else."""
+    cpus: list[int] = []
+    try:
+        for part in text.split(","):
+            lo, _, hi = part.strip().partition("-")
+            first, last = int(lo), int(hi or lo)
+            if last < first or first < 0:
+                raise ValueError(part)
+            cpus += range(first, last + 1)
+    except ValueError:
+        raise ConfigError(f"--cpus: expected CPUs like 0,2,4-7, auto or none, got {text!r}") from None
+    return tuple(cpus)
+
+
+def _ranges(cpus: Sequence[int]) -> str:
+    return ",".join(map(str, cpus))
+
+
+_CPU_LOCK: int | None = None
+"""The open, locked file by which this worker holds its CPU (closed by its death)."""
+_PINNED_CPU: int | None = None
+"""That CPU."""
+
+
+def _pin_worker(cpus: tuple[int, ...], lock_dir: str) -> None:
+    """Take the first of ``cpus`` no other worker of the batch holds, and stay on it. The
+    claim is an ``flock`` on ``lock_dir/cpu-N``, which the kernel drops when the worker dies,
+    so the worker that replaces a dead one takes the CPU it left. Runs before the worker
+    starts any thread, so every thread it starts stays there too. No CPU free (should not
+    happen: one a worker): not pinned, logged."""
+    global _CPU_LOCK, _PINNED_CPU
+    if _CPU_LOCK is not None:
+        return
+    import fcntl
+
+    for cpu in cpus:
+        try:
+            fd = os.open(os.path.join(lock_dir, f"cpu-{cpu}"), os.O_CREAT | os.O_RDWR, 0o600)
+        except OSError:
+            break
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            os.sched_setaffinity(0, {cpu})
+        except OSError:
+            os.close(fd)
+            continue
+        _CPU_LOCK, _PINNED_CPU = fd, cpu
+        return
+    log.warning("batch_worker_not_pinned", cpus=list(cpus), reason="no CPU of the list is free")
 
 
 def run_job(work: Work, spec: JobSpec, overrides: dict[str, Any], trace_every: int,
@@ -229,7 +314,8 @@ def run_job(work: Work, spec: JobSpec, overrides: dict[str, Any], trace_every: i
             res = replace(res, phases={**res.phases, "free": res.phases.get("free", 0.0) + time.perf_counter() - t})
     if res.last_ts_ns is None and last is not None:
         res = replace(res, last_file=last[0], last_ts_ns=last[1])
-    return replace(res, started_at=started, ended_at=time.time(), phases={"setup": setup, **res.phases})
+    return replace(res, started_at=started, ended_at=time.time(), phases={"setup": setup, **res.phases},
+                   cpu=_PINNED_CPU)
 
 
 WARM_SAMPLE = Path(__file__).resolve().parents[1] / "data" / "binance-um-btcusdt-trades-20240808.csv"
@@ -363,9 +449,12 @@ class LocalExecutor:
 
     name = "local"
 
-    def __init__(self, workers: int | None = None, *, max_retries: int = 2):
+    def __init__(self, workers: int | None = None, *, max_retries: int = 2,
+                 cpus: str | Sequence[int] | None = "auto"):
         self.workers = workers or os.cpu_count() or 1
         self.max_retries = max_retries
+        self.cpus = worker_cpus(cpus, self.workers)  # one a worker, or () (:func:`worker_cpus`)
+        self._cpu_locks = tempfile.mkdtemp(prefix="nautilus-pipeline-cpus-") if self.cpus else ""
         self._ready: cf.ProcessPoolExecutor | None = None
         self._starting: threading.Thread | None = None
         self._warm: list[cf.Future] = []
@@ -398,7 +487,8 @@ class LocalExecutor:
 
     def _pool(self, work: Work) -> cf.ProcessPoolExecutor:
         return cf.ProcessPoolExecutor(max_workers=self.workers, mp_context=_worker_context(),
-                                      initializer=_pool_init, initargs=(work.log_level, work.threads))
+                                      initializer=_pool_init,
+                                      initargs=(work.log_level, work.threads, self.cpus, self._cpu_locks))
 
     def close(self) -> None:
         """Stop workers started by :meth:`prepare` that no batch used."""
@@ -406,6 +496,12 @@ class LocalExecutor:
         if self._ready is not None:
             self._ready.shutdown(wait=False, cancel_futures=True)
             self._ready = None
+        self._remove_cpu_locks()
+
+    def _remove_cpu_locks(self) -> None:
+        if self._cpu_locks:
+            shutil.rmtree(self._cpu_locks, ignore_errors=True)
+            self._cpu_locks = ""
 
     def run(self, work: Work, chains: list[Chain], progress: Progress, out: Outcome | None = None) -> Outcome:
         out = Outcome() if out is None else out
@@ -509,6 +605,7 @@ class LocalExecutor:
             pool.shutdown(wait=True, cancel_futures=True)
             out.close_s = time.time() - t_close
             shutil.rmtree(busy_dir, ignore_errors=True)
+            self._remove_cpu_locks()
             done = [f.result() for f in warm if f.done() and not f.cancelled() and f.exception() is None]
             if warm and len(done) == len(warm):  # the pool's start: fork server, imports, every worker
                 out.startup_s = max(imported for _, imported, _ in done) - self._t_prepare

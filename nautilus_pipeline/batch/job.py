@@ -62,6 +62,7 @@ class JobResult:
     phases: dict[str, float] = field(default_factory=dict)  # seconds outside the replay, by phase
     # (PHASES): what a job's ``in_worker_s`` is made of
     cpu_s: float = 0.0  # the worker process's CPU seconds over the job, all its threads
+    cpu: int | None = None  # the CPU its worker is pinned to (executors.worker_cpus; None: not pinned)
 
     @property
     def last(self) -> tuple[str | None, int | None]:

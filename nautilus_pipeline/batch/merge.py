@@ -492,7 +492,7 @@ def summarise(chains: Sequence[Chain], results: Sequence[JobResult], failures: d
         **meta,
         "files": files,
         "chains": chain_rows,
-        "jobs": [{"job": r.job_id, "files": list(r.files), "pid": r.pid, "wall_s": r.wall_s,
+        "jobs": [{"job": r.job_id, "files": list(r.files), "pid": r.pid, "cpu": r.cpu, "wall_s": r.wall_s,
                   "run_s": r.run_s, "phases": r.phases, "cpu_s": r.cpu_s, "ticks": r.ticks, "outputs": r.outputs, "out_dir": r.out_dir}
                  for r in results],
         "totals": totals,
