@@ -832,9 +832,9 @@ def _add_batch_parser(sub: Any, fmt: type) -> None:
     b.add_argument("--workers", type=_ranged(int, 1, None, "a number of workers"),
                    help="processes (local) or CPUs of a local Ray (default: the machine's cores)")
     b.add_argument("--ray-address", metavar="ADDR", help="a running Ray cluster (default: start a local one)")
-    b.add_argument("--cpus", default="auto", metavar="auto|none|LIST",
-                   help="local workers pinned one a CPU: auto (when the workers fill the CPUs, the default), "
-                        "none, or a list such as 0,2,4-7 (without --workers: one worker a CPU listed)")
+    b.add_argument("--cpus", default="none", metavar="none|auto|LIST",
+                   help="local workers pinned one a CPU: none (the default), auto (when the workers fill "
+                        "the CPUs), or a list such as 0,2,4-7 (without --workers: one worker a CPU listed)")
     b.add_argument("--format", type=_format_name, help="reader for the files (default: detected)")
     b.add_argument("--symbol", help="instrument name, for one-symbol files whose name does not say it")
     b.add_argument("--batch", type=_ranged(int, 1, MAX_BATCH_SIZE, "a number of ticks"),
@@ -853,7 +853,7 @@ def cmd_batch(args: argparse.Namespace) -> int:
     from rich.console import Console
 
     from .batch import run_batch
-    from .batch.executors import ClusterError
+    from .batch.executors import ClusterError, CpuListError
     from .batch.plan import InputError
 
     if args.ray_address and args.executor != "ray":
@@ -872,7 +872,7 @@ def cmd_batch(args: argparse.Namespace) -> int:
                                workers=args.workers, ray_address=args.ray_address, batch_size=args.batch,
                                format=args.format, symbol=args.symbol, trace_every=args.trace_every,
                                progress=progress, log_level=args.log_level, cpus=args.cpus)
-    except (InputError, ClusterError) as exc:
+    except (InputError, ClusterError, CpuListError) as exc:
         raise UsageError(str(exc)) from None
     finally:
         signal.signal(signal.SIGTERM, previous)

@@ -44,6 +44,16 @@ def test_an_empty_glob_or_mixed_formats_exit_2_naming_them(sample_dir, tmp_path,
                  "--ray-address", "localhost:6379"]) == 2
 
 
+def test_a_bad_cpu_list_exits_2_naming_it(tmp_path, capsys):
+    generated(tmp_path / "in", "AAAUSDT", days=1, n=2000)
+    args = ["batch", "default", str(tmp_path / "in" / "*.csv"), "--out", str(tmp_path / "o")]
+    assert main([*args, "--cpus", "zero"]) == 2
+    assert "--cpus: expected CPUs like 0,2,4-7, auto or none, got 'zero'" in capsys.readouterr().err
+    assert main([*args, "--cpus", "0", "--workers", "2"]) == 2
+    assert "--cpus names 1 CPU(s) for 2 workers" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()
+
+
 def test_an_unreadable_file_exits_4_naming_it_and_the_rest_is_merged(sample_dir, tmp_path, capsys):
     split_real(sample_dir, tmp_path / "in", damage=False)
     bad = tmp_path / "in" / "ETHUSDT-trades-2024-08-03.csv.gz"

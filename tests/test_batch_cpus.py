@@ -12,10 +12,15 @@ import os
 import threading
 
 import pytest
-from test_batch import assert_accounting_closes, assert_merged_equals_sequential, generated, kill_a_worker_mid_job
+from test_batch import (
+    assert_accounting_closes,
+    assert_merged_equals_sequential,
+    generated,
+    kill_a_worker_mid_job,
+)
 
 from nautilus_pipeline.batch import run_batch
-from nautilus_pipeline.batch.executors import parse_cpus, worker_cpus
+from nautilus_pipeline.batch.executors import CpuListError, parse_cpus, worker_cpus
 from nautilus_pipeline.errors import ConfigError
 
 pytestmark = pytest.mark.skipif(not hasattr(os, "sched_getaffinity"),
@@ -32,14 +37,13 @@ def test_a_cpu_list_is_parsed_with_ranges():
             parse_cpus(bad)
 
 
-def test_auto_pins_only_when_the_workers_fill_the_cpus():
+def test_nothing_is_pinned_unless_asked_and_auto_pins_only_when_the_workers_fill_the_cpus():
     n = len(USABLE)
+    assert worker_cpus(None, n) == worker_cpus("none", n) == ()
     assert worker_cpus("auto", n) == (tuple(USABLE) if n > 1 else ())
-    assert worker_cpus(None, n) == worker_cpus("auto", n)
     assert worker_cpus("auto", n + 1) == ()  # more workers than CPUs: the scheduler's job
     if n > 1:
         assert worker_cpus("auto", n - 1) == ()  # a spare core for the workers' reader threads
-    assert worker_cpus("none", n) == ()
 
 
 def test_a_list_names_a_usable_cpu_for_every_worker():
@@ -55,7 +59,7 @@ def test_a_list_names_a_usable_cpu_for_every_worker():
 
 
 def test_ray_refuses_a_cpu_list(tmp_path):
-    with pytest.raises(ConfigError, match="Ray places its own"):
+    with pytest.raises(CpuListError, match="Ray places its own"):
         run_batch("default", [str(tmp_path / "*.csv")], tmp_path / "out", executor="ray", cpus="0")
 
 
@@ -71,7 +75,7 @@ def test_a_cpu_list_without_workers_runs_one_worker_a_cpu_and_each_job_says_its_
 
 def test_unpinned_jobs_say_so(tmp_path):
     generated(tmp_path / "in", "AAAUSDT", days=1, n=4000)
-    report = run_batch("default", [str(tmp_path / "in" / "*.csv")], tmp_path / "out", workers=1, cpus="none")
+    report = run_batch("default", [str(tmp_path / "in" / "*.csv")], tmp_path / "out", workers=1)
     assert report.summary["cpus"] is None
     assert [j["cpu"] for j in report.summary["jobs"]] == [None]
 

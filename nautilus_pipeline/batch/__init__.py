@@ -30,6 +30,7 @@ from .. import config
 from ..app import check_out_dir, code_version
 from .executors import (
     EXECUTORS,
+    CpuListError,
     LocalExecutor,
     Outcome,
     Progress,
@@ -37,6 +38,7 @@ from .executors import (
     Work,
     parse_cpus,
     threads_per_worker,
+    worker_cpus,
 )
 from .job import JobResult, replay_job
 from .merge import StreamingMerge, chain_index, output_kinds, summarise, write_summary
@@ -73,7 +75,7 @@ def run_batch(definition: str | Path, inputs: Sequence[str | Path], out: str | P
               executor: str = "local", workers: int | None = None, ray_address: str | None = None,
               batch_size: int | None = None, format: str | None = None, symbol: str | None = None,
               trace_every: int = 0, progress: Progress | None = None,
-              log_level: str = "warning", cpus: str | Sequence[int] | None = "auto") -> BatchReport:
+              log_level: str = "warning", cpus: str | Sequence[int] | None = None) -> BatchReport:
     """Replay ``inputs`` (files or globs) through ``definition`` into ``out``; see the module doc.
 
     A ``KeyboardInterrupt`` (Ctrl-C; the CLI turns SIGTERM into one) at any phase still ends
@@ -83,16 +85,18 @@ def run_batch(definition: str | Path, inputs: Sequence[str | Path], out: str | P
     ``OUT/jobs/``). ``interrupted_in`` names the phase.
 
     ``cpus`` (local only): the CPUs the workers are pinned to, one each
-    (:func:`.executors.worker_cpus`: ``"auto"`` pins when the workers fill the CPUs, ``"none"``,
-    or a list, which without ``workers`` sets one worker a CPU)."""
+    (:func:`.executors.worker_cpus`: None or ``"none"`` pins nothing, ``"auto"`` pins when the
+    workers fill the CPUs, a list pins to those and, without ``workers``, sets one worker a CPU)."""
     t0, t0_epoch = time.perf_counter(), time.time()
     if executor not in EXECUTORS:
         raise config.ConfigError(f"executor must be one of {sorted(EXECUTORS)}, got {executor!r}")
     explicit_cpus = cpus not in (None, "auto", "none")
     if explicit_cpus and executor != "local":
-        raise config.ConfigError("--cpus pins the local executor's workers; Ray places its own")
+        raise CpuListError("--cpus pins the local executor's workers; Ray places its own")
     if explicit_cpus and workers is None:
         workers = len(parse_cpus(cpus) if isinstance(cpus, str) else tuple(cpus))
+    if executor == "local":
+        worker_cpus(cpus, workers or os.cpu_count() or 1)  # a bad --cpus refused before --out is made
     # without --workers: local, one a core; Ray, a cluster's workers (several)
     d = worker_memory(config.load(definition),
                       workers or ((os.cpu_count() or 1) if executor == "local" else 2))

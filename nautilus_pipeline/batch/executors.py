@@ -211,33 +211,41 @@ def _pool_init(log_level: str, threads: int, cpus: tuple[int, ...] = (), lock_di
     _worker_setup(log_level, threads)
 
 
+class CpuListError(ConfigError):
+    """A ``--cpus`` that cannot be honoured (a command-line error: exit 2)."""
+
+
 def worker_cpus(spec: str | Sequence[int] | None, workers: int) -> tuple[int, ...]:
     """The CPUs a local batch's workers are pinned to, one worker each (empty: none pinned).
 
-    ``"auto"`` (or None) pins only when the workers are as many as the CPUs this process may
-    use (more than one): a saturated machine, where a worker that the scheduler moves lands
-    on a core another worker's cache is warm on, and where a worker's helper threads (its
-    reader's) have no idle core to use anyway. On the 2-core dev VM, two lone replays pinned
-    one a CPU ran 1.85-1.96x one alone against 1.45-1.48x unpinned (``bench_batch.py
-    --control 1 2 1 2 --control-pin 0,1``; ``docs/measurements/dev_control_pinned_*``). With
-    fewer workers than CPUs nothing is pinned: a lone worker's reader thread uses an idle core
-    (pinned, one alone was 0.89 s against 0.75). ``"none"`` never pins; a list (``"0,2,4-7"``
-    or ints) pins to those, for hosts whose hidden SMT siblings ``scripts/probe_cpu_pairs.py``
-    finds (it must name a CPU for every worker, each usable)."""
+    ``"none"`` (or None, the default) pins nothing: the scheduler places the workers, and a
+    machine that other programs share keeps them movable. ``"auto"`` pins only when the
+    workers are as many as the CPUs this process may use (more than one): a machine given to
+    the batch. A list (``"0,2,4-7"`` or ints) pins to those, one a worker: for hosts whose
+    hidden SMT siblings ``scripts/probe_cpu_pairs.py`` finds (the lent GPU hosts' ``lscpu``
+    says one thread a core while vector kernels run ~2x slower 16 at once), or to keep CPUs
+    free for something else.
+
+    What it gave on the 2-core dev VM: two lone replays pinned one a CPU ran 1.85-1.96x one
+    alone against 1.45-1.48x unpinned (``bench_batch.py --control 1 2 1 2 --control-pin 0,1``;
+    ``docs/measurements/dev_control_pinned_0c12166.txt``), but a batch of 2 workers only
+    6.32 -> 6.22 s (medians of 4 alternating, within their spread;
+    ``docs/measurements/dev_bench_batch_pinned_ab_8111c25.txt``: the driver's streaming merge
+    and the fork server are not pinned and share the cores), so it is not the default."""
     usable = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else []
-    if spec is None or spec == "auto":
-        return tuple(usable) if len(usable) > 1 and workers == len(usable) else ()
-    if spec == "none":
+    if spec is None or spec == "none":
         return ()
+    if spec == "auto":
+        return tuple(usable) if len(usable) > 1 and workers == len(usable) else ()
     cpus = parse_cpus(spec) if isinstance(spec, str) else tuple(int(c) for c in spec)
     if not usable:
-        raise ConfigError("--cpus: this platform cannot pin a process to a CPU (no sched_setaffinity)")
+        raise CpuListError("--cpus: this platform cannot pin a process to a CPU (no sched_setaffinity)")
     if bad := sorted(set(cpus) - set(usable)):
-        raise ConfigError(f"--cpus: CPU(s) {bad} are not usable here (usable: {_ranges(usable)})")
+        raise CpuListError(f"--cpus: CPU(s) {bad} are not usable here (usable: {_ranges(usable)})")
     if len(set(cpus)) != len(cpus):
-        raise ConfigError(f"--cpus: a CPU is named twice in {spec!r}")
+        raise CpuListError(f"--cpus: a CPU is named twice in {spec!r}")
     if len(cpus) < workers:
-        raise ConfigError(f"--cpus names {len(cpus)} CPU(s) for {workers} workers: one a worker")
+        raise CpuListError(f"--cpus names {len(cpus)} CPU(s) for {workers} workers: one a worker")
     return cpus
 
 
@@ -252,7 +260,7 @@ def parse_cpus(text: str) -> tuple[int, ...]:
                 raise ValueError(part)
             cpus += range(first, last + 1)
     except ValueError:
-        raise ConfigError(f"--cpus: expected CPUs like 0,2,4-7, auto or none, got {text!r}") from None
+        raise CpuListError(f"--cpus: expected CPUs like 0,2,4-7, auto or none, got {text!r}") from None
     return tuple(cpus)
 
 
@@ -450,7 +458,7 @@ class LocalExecutor:
     name = "local"
 
     def __init__(self, workers: int | None = None, *, max_retries: int = 2,
-                 cpus: str | Sequence[int] | None = "auto"):
+                 cpus: str | Sequence[int] | None = None):
         self.workers = workers or os.cpu_count() or 1
         self.max_retries = max_retries
         self.cpus = worker_cpus(cpus, self.workers)  # one a worker, or () (:func:`worker_cpus`)
