@@ -327,9 +327,12 @@ def _pin_to(cpu: int):
 def _cpu_list(text: str) -> list[int]:
     """``0,2,4`` or ``0-7`` or both: the CPUs, in order."""
     cpus: list[int] = []
-    for part in text.split(","):
-        lo, _, hi = part.partition("-")
-        cpus += list(range(int(lo), int(hi or lo) + 1))
+    try:
+        for part in text.split(","):
+            lo, _, hi = part.partition("-")
+            cpus += list(range(int(lo), int(hi or lo) + 1))
+    except ValueError:
+        raise SystemExit(f"--control-pin: expected CPUs like 0,2,4 or 0-7, got {text!r}") from None
     return cpus
 
 
@@ -344,6 +347,10 @@ def control(defn: Path, work: Path, files: list[Path], counts: list[int],
     (``0,2,4`` or ``0-7``; ``sched_setaffinity``), which cores share what."""
     variants = [("", {}, None)] + [(e, dict(kv.split("=", 1) for kv in e.split(",")), None) for e in envs or []]
     variants += [(f"processes pinned to CPUs {pin}", {}, _cpu_list(pin)) for pin in pins or []]
+    for label, _, cpus in variants:
+        if cpus is not None and len(set(cpus)) < max(counts):
+            raise SystemExit(f"--control-pin: {label} names {len(set(cpus))} CPU(s) for up to "
+                             f"{max(counts)} processes (one a CPU)")
     for label, extra, cpus in variants:
         print()
         print(f"environment: {label or '(as is)'}")
@@ -808,7 +815,7 @@ def main() -> None:
     ap.add_argument("--repeat", type=int, default=1, help="with --baseline: runs of each row per checkout")
     ap.add_argument("--rounds", type=int, default=1,
                     help="every batch row this many times (order reversed every other round); the table "
-                         "shows each row's median run, then each round's efficiencies")
+                         "shows each row's median run (an odd R gives a true median), then each round's efficiencies")
     ap.add_argument("--control-env", nargs="+", metavar="NAME=VALUE[,NAME=VALUE]",
                     help="with --control: the series again under each of these environments")
     ap.add_argument("--control-lead", type=float, default=25.0,
@@ -909,7 +916,7 @@ def main() -> None:
             row = run_batch_row(ROOT, defn, work, executor, n, f"run{r}", args.symbols)
             runs.setdefault((executor, n), []).append(row)
             digests.append(row["digest"])
-    for cfg in configs:  # each row's median run (by wall)
+    for cfg in configs:  # each row's median run (by wall; of an even count, the faster middle one)
         rows.append(sorted(runs[cfg], key=lambda row: row["wall"])[(len(runs[cfg]) - 1) // 2])
     same = len({tuple(sorted(d.items())) for d in digests}) <= 1
     print_rows(rows)

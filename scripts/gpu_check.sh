@@ -378,7 +378,12 @@ if [[ ",$what," == *",pairs,"* ]]; then
     | tee "$out/cpu_pairs.txt" | tail -n 4
   apart=$(grep '^apart:' "$out/cpu_pairs.txt" | awk '{print $2}')
   n=${PAIRS_PROCESSES:-8}
-  timeout 300 python3 scripts/bench_batch.py --symbols "$n" --days 1 --trades 600000 --control 1 "$n" 1 "$n" \
+  found=$(echo "$apart" | tr ',' '\n' | grep -c .)
+  if [ "$found" -lt "$n" ]; then
+    echo "pairs: only $found CPU(s) apart ($apart), fewer than $n processes: PAIRS_PROCESSES=$found for a fair comparison"
+    n=$found
+  fi
+  [ "$n" -ge 2 ] && timeout 300 python3 scripts/bench_batch.py --symbols "$n" --days 1 --trades 600000 --control 1 "$n" 1 "$n" \
     --control-lead 12 --control-pin "$(echo "$apart" | cut -d, -f1-"$n")" "0-$((n - 1))" 2>&1 \
     | tee "$out/control_pinned.txt" | grep -E '^\| [0-9]+ \||environment'
 fi

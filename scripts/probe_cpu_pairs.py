@@ -90,6 +90,9 @@ def main() -> None:
         pairs = [(cpus[0], c) for c in cpus[1:]]
     if any(a == b for a, b in pairs):
         ap.error("a pair needs two different CPUs")
+    if bad := sorted({c for pair in pairs for c in pair} - set(cpus)):
+        ap.error(f"CPU(s) {bad} are not usable by this process (usable: {cpus})")
+    pairs = [(min(a, b), max(a, b)) for a, b in pairs]
     used = sorted({c for pair in pairs for c in pair})
     ctx = mp.get_context("fork")
     links = {}

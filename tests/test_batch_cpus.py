@@ -58,9 +58,10 @@ def test_a_list_names_a_usable_cpu_for_every_worker():
         worker_cpus(str(first), 2)
 
 
-def test_ray_refuses_a_cpu_list(tmp_path):
-    with pytest.raises(CpuListError, match="Ray places its own"):
-        run_batch("default", [str(tmp_path / "*.csv")], tmp_path / "out", executor="ray", cpus="0")
+def test_ray_refuses_a_cpu_list_and_auto(tmp_path):
+    for cpus in ("0", "auto"):
+        with pytest.raises(CpuListError, match="Ray places its own"):
+            run_batch("default", [str(tmp_path / "*.csv")], tmp_path / "out", executor="ray", cpus=cpus)
 
 
 def test_a_cpu_list_without_workers_runs_one_worker_a_cpu_and_each_job_says_its_cpu(tmp_path):
@@ -106,3 +107,24 @@ def test_the_worker_that_replaces_a_dead_one_takes_the_cpu_it_left(tmp_path):
     assert killed[0] not in {j["pid"] for j in s["jobs"]}  # the killed worker's job ran again elsewhere
     assert_accounting_closes(s)
     assert_merged_equals_sequential(out, report, groups, tmp_path)
+
+
+def test_every_thread_a_worker_has_already_is_moved_to_its_cpu(tmp_path):
+    """A spawned worker has BLAS's threads before its initializer pins it: they move too."""
+    import subprocess
+    import sys
+
+    cpu = USABLE[-1]
+    code = f"""
+import os, threading
+from nautilus_pipeline.batch import executors
+started = threading.Event()
+t = threading.Thread(target=lambda: (started.set(), threading.Event().wait(5)), daemon=True)
+t.start(); started.wait()
+executors._pin_worker(({cpu},), {str(tmp_path)!r})
+tids = [int(x) for x in os.listdir("/proc/self/task")]
+print(executors._PINNED_CPU, len(tids), sorted({{c for tid in tids for c in os.sched_getaffinity(tid)}}))
+"""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
+    assert out[0] == str(cpu) and int(out[1]) >= 2
+    assert out[2] == f"[{cpu}]"

@@ -74,11 +74,12 @@ def test_the_cache_keeps_the_answers_used_last(cache, monkeypatch):
     monkeypatch.setattr(calibration_cache, "MAX_ENTRIES", 3)
     monkeypatch.setattr(calibration_cache, "EVICT_EVERY_S", 0.0)  # at every write, not once an hour
     measure = Counted(1)
-    for i in range(3):
-        cached("risk_var_route", {"paths": i}, None, measure)
     old = time.time() - 100
-    for i, path in enumerate(sorted(cache.iterdir(), key=lambda p: p.stat().st_mtime)):
-        os.utime(path, (old + i, old + i))  # written in order 0, 1, 2, seconds apart
+    for i in range(3):  # written in order 0, 1, 2, seconds apart (set, not left to the clock's grain)
+        before = set(cache.glob("*.json"))
+        cached("risk_var_route", {"paths": i}, None, measure)
+        (path,) = set(cache.glob("*.json")) - before
+        os.utime(path, (old + i, old + i))
     cached("risk_var_route", {"paths": 0}, None, measure)  # a hit: 0 is now the newest
     assert measure.calls == 3
     cached("risk_var_route", {"paths": 3}, None, measure)  # the 4th answer: 1, the least recent, goes

@@ -90,10 +90,9 @@ def run_batch(definition: str | Path, inputs: Sequence[str | Path], out: str | P
     t0, t0_epoch = time.perf_counter(), time.time()
     if executor not in EXECUTORS:
         raise config.ConfigError(f"executor must be one of {sorted(EXECUTORS)}, got {executor!r}")
-    explicit_cpus = cpus not in (None, "auto", "none")
-    if explicit_cpus and executor != "local":
+    if cpus not in (None, "none") and executor != "local":
         raise CpuListError("--cpus pins the local executor's workers; Ray places its own")
-    if explicit_cpus and workers is None:
+    if cpus not in (None, "auto", "none") and workers is None:
         workers = len(parse_cpus(cpus) if isinstance(cpus, str) else tuple(cpus))
     if executor == "local":
         worker_cpus(cpus, workers or os.cpu_count() or 1)  # a bad --cpus refused before --out is made
@@ -122,7 +121,8 @@ def run_batch(definition: str | Path, inputs: Sequence[str | Path], out: str | P
             raise
         work = Work(d, str(out), batch_size=batch_size, format=format, symbol=symbol,
                     log_level=log_level, calibrate=bool(needs_calibration(d)),
-                    threads=threads_per_worker(workers or os.cpu_count() or 1))
+                    threads=runner.threads() if isinstance(runner, LocalExecutor)
+                    else threads_per_worker(workers or os.cpu_count() or 1))
         merger = StreamingMerge(out)
         feed = _Feeding(progress or Progress(), merger)
         feed.start(sum(len(c.files) for c in chains))
@@ -180,7 +180,8 @@ def _summary(d: config.PipelineDef, files: Sequence[Path], chains: list[Chain], 
     summary = summarise(chains, outcome.results, outcome.failures, merged, meta={
         "pipeline": d.name, "definition": str(d.path), "executor": executor,
         "workers": getattr(runner, "workers", None), "ray_address": ray_address,
-        "cpus": list(getattr(runner, "cpus", ()) or ()) or None,  # the workers' CPUs, one each (None: not pinned)
+        # the CPUs the workers take, one each (None: not pinned); each job names its worker's
+        "cpus": list(getattr(runner, "cpus", ()))[: getattr(runner, "workers", 0)] or None,
         "interrupted": outcome.interrupted, "interrupted_in": stopped_in, "retries": outcome.retries,
         "executor_startup_s": outcome.startup_s, "workers_warm_s": outcome.warm_s,
         "ray_cluster": outcome.cluster, "wall_s": time.perf_counter() - t0, **times,

@@ -226,9 +226,10 @@ def worker_cpus(spec: str | Sequence[int] | None, workers: int) -> tuple[int, ..
     says one thread a core while vector kernels run ~2x slower 16 at once), or to keep CPUs
     free for something else.
 
-    What it gave on the 2-core dev VM: two lone replays pinned one a CPU ran 1.85-1.96x one
-    alone against 1.45-1.48x unpinned (``bench_batch.py --control 1 2 1 2 --control-pin 0,1``;
-    ``docs/measurements/dev_control_pinned_0c12166.txt``), but a batch of 2 workers only
+    What it gave on the 2-core dev VM: two lone replays at once moved 1.24-1.33M ticks/s
+    together pinned one a CPU against 1.16-1.19M unpinned (``bench_batch.py --control 1 2 1 2
+    --control-pin 0,1``; ``docs/measurements/dev_control_pinned_0c12166.txt``), but a batch of
+    2 workers only
     6.32 -> 6.22 s (medians of 4 alternating, within their spread;
     ``docs/measurements/dev_bench_batch_pinned_ab_8111c25.txt``: the driver's streaming merge
     and the fork server are not pinned and share the cores), so it is not the default."""
@@ -277,28 +278,49 @@ _PINNED_CPU: int | None = None
 def _pin_worker(cpus: tuple[int, ...], lock_dir: str) -> None:
     """Take the first of ``cpus`` no other worker of the batch holds, and stay on it. The
     claim is an ``flock`` on ``lock_dir/cpu-N``, which the kernel drops when the worker dies,
-    so the worker that replaces a dead one takes the CPU it left. Runs before the worker
-    starts any thread, so every thread it starts stays there too. No CPU free (should not
-    happen: one a worker): not pinned, logged."""
+    so the worker that replaces a dead one takes the CPU it left (a process a stage forks
+    without exec would hold it on: none does). Every thread the worker has is moved there
+    (``/proc/self/task``; a worker forked from the fork server has one, a spawned one has
+    BLAS's too), and the threads it starts later inherit it. No CPU free (should not happen:
+    one a worker) or the claim impossible: not pinned, logged with the reason."""
     global _CPU_LOCK, _PINNED_CPU
     if _CPU_LOCK is not None:
         return
     import fcntl
 
+    reason = "every CPU of the list is held by another worker"
     for cpu in cpus:
         try:
             fd = os.open(os.path.join(lock_dir, f"cpu-{cpu}"), os.O_CREAT | os.O_RDWR, 0o600)
-        except OSError:
+        except OSError as exc:
+            reason = f"its lock file cannot be made: {exc}"
             break
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            os.sched_setaffinity(0, {cpu})
         except OSError:
             os.close(fd)
             continue
+        try:
+            _set_affinity_of_every_thread(cpu)
+        except OSError as exc:
+            os.close(fd)
+            reason = f"sched_setaffinity failed: {exc}"
+            break
         _CPU_LOCK, _PINNED_CPU = fd, cpu
         return
-    log.warning("batch_worker_not_pinned", cpus=list(cpus), reason="no CPU of the list is free")
+    log.warning("batch_worker_not_pinned", cpus=list(cpus), reason=reason)
+
+
+def _set_affinity_of_every_thread(cpu: int) -> None:
+    """``sched_setaffinity`` moves one thread: this one, then each other thread of the process."""
+    os.sched_setaffinity(0, {cpu})
+    try:
+        tids = [int(t) for t in os.listdir("/proc/self/task")]
+    except OSError:  # no /proc: only this thread (and the threads it starts) can be moved
+        return
+    for tid in tids:
+        with contextlib.suppress(ProcessLookupError):  # a thread that ended meanwhile
+            os.sched_setaffinity(tid, {cpu})
 
 
 def run_job(work: Work, spec: JobSpec, overrides: dict[str, Any], trace_every: int,
@@ -462,7 +484,7 @@ class LocalExecutor:
         self.workers = workers or os.cpu_count() or 1
         self.max_retries = max_retries
         self.cpus = worker_cpus(cpus, self.workers)  # one a worker, or () (:func:`worker_cpus`)
-        self._cpu_locks = tempfile.mkdtemp(prefix="nautilus-pipeline-cpus-") if self.cpus else ""
+        self._cpu_locks = ""  # the folder of the CPUs' lock files, made with a pool (_pool)
         self._ready: cf.ProcessPoolExecutor | None = None
         self._starting: threading.Thread | None = None
         self._warm: list[cf.Future] = []
@@ -471,7 +493,7 @@ class LocalExecutor:
     def prepare(self, log_level: str, definition: str | PipelineDef | None = None) -> None:
         """Start the workers now (the fork server's imports take seconds) and warm them up
         with ``definition`` (:func:`warm_up`), while the batch is planned."""
-        threads = threads_per_worker(self.workers)
+        threads = self.threads()
         self._t_prepare = time.time()
         pool = self._ready = self._pool(Work("", "", log_level=log_level, threads=threads))
         self._warm = []
@@ -494,6 +516,8 @@ class LocalExecutor:
             starting.join()
 
     def _pool(self, work: Work) -> cf.ProcessPoolExecutor:
+        if self.cpus and not self._cpu_locks:  # first pool, or a run after the last one's end
+            self._cpu_locks = tempfile.mkdtemp(prefix="nautilus-pipeline-cpus-")
         return cf.ProcessPoolExecutor(max_workers=self.workers, mp_context=_worker_context(),
                                       initializer=_pool_init,
                                       initargs=(work.log_level, work.threads, self.cpus, self._cpu_locks))
@@ -505,6 +529,10 @@ class LocalExecutor:
             self._ready.shutdown(wait=False, cancel_futures=True)
             self._ready = None
         self._remove_cpu_locks()
+
+    def threads(self) -> int:
+        """pyarrow threads a worker: its share of the cores, one when pinned to a CPU."""
+        return 1 if self.cpus else threads_per_worker(self.workers)
 
     def _remove_cpu_locks(self) -> None:
         if self._cpu_locks:
