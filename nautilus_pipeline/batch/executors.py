@@ -229,8 +229,7 @@ def worker_cpus(spec: str | Sequence[int] | None, workers: int) -> tuple[int, ..
     What it gave on the 2-core dev VM: two lone replays at once moved 1.24-1.33M ticks/s
     together pinned one a CPU against 1.16-1.19M unpinned (``bench_batch.py --control 1 2 1 2
     --control-pin 0,1``; ``docs/measurements/dev_control_pinned_0c12166.txt``), but a batch of
-    2 workers only
-    6.32 -> 6.22 s (medians of 4 alternating, within their spread;
+    2 workers only 6.32 -> 6.22 s (medians of 4 alternating, within their spread;
     ``docs/measurements/dev_bench_batch_pinned_ab_8111c25.txt``: the driver's streaming merge
     and the fork server are not pinned and share the cores), so it is not the default."""
     usable = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else []
@@ -300,9 +299,12 @@ def _pin_worker(cpus: tuple[int, ...], lock_dir: str) -> None:
         except OSError:
             os.close(fd)
             continue
+        before = os.sched_getaffinity(0)
         try:
-            _set_affinity_of_every_thread(cpu)
+            _set_affinity_of_every_thread({cpu})
         except OSError as exc:
+            with contextlib.suppress(OSError):  # as it was: not half pinned to a CPU it does not hold
+                _set_affinity_of_every_thread(before)
             os.close(fd)
             reason = f"sched_setaffinity failed: {exc}"
             break
@@ -311,16 +313,16 @@ def _pin_worker(cpus: tuple[int, ...], lock_dir: str) -> None:
     log.warning("batch_worker_not_pinned", cpus=list(cpus), reason=reason)
 
 
-def _set_affinity_of_every_thread(cpu: int) -> None:
+def _set_affinity_of_every_thread(cpus: set[int]) -> None:
     """``sched_setaffinity`` moves one thread: this one, then each other thread of the process."""
-    os.sched_setaffinity(0, {cpu})
+    os.sched_setaffinity(0, cpus)
     try:
         tids = [int(t) for t in os.listdir("/proc/self/task")]
     except OSError:  # no /proc: only this thread (and the threads it starts) can be moved
         return
     for tid in tids:
         with contextlib.suppress(ProcessLookupError):  # a thread that ended meanwhile
-            os.sched_setaffinity(tid, {cpu})
+            os.sched_setaffinity(tid, cpus)
 
 
 def run_job(work: Work, spec: JobSpec, overrides: dict[str, Any], trace_every: int,
