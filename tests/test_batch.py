@@ -21,7 +21,7 @@ import pytest
 
 import nautilus_pipeline as nt
 from nautilus_pipeline import memory
-from nautilus_pipeline.batch import expand_inputs, plan, replay_job, run_batch
+from nautilus_pipeline.batch import BatchReport, expand_inputs, plan, replay_job, run_batch
 from nautilus_pipeline.batch.job import PHASES, TMP_MARK, JobResult
 from nautilus_pipeline.batch.plan import JobSpec
 from nautilus_pipeline.config import find_definition, load
@@ -350,17 +350,25 @@ def kill_a_worker_mid_job(out: Path, stop: threading.Event, killed: list, *, aft
         time.sleep(0.005)
 
 
-def test_a_worker_killed_mid_job_is_retried_and_nothing_is_doubled(sample_dir, tmp_path):
-    groups = split_real(sample_dir, tmp_path / "in", damage=False)
-    out = tmp_path / "out"
+def batch_with_a_worker_killed(out: Path, **batch) -> tuple[BatchReport, list]:
+    """``run_batch("default", ..., out, **batch)`` while :func:`kill_a_worker_mid_job` watches
+    ``out`` (its ``after``/``busy`` taken from ``batch``); the report and what was killed."""
+    when = {k: batch.pop(k) for k in ("after", "busy") if k in batch}
+    inputs = batch.pop("inputs")
     stop, killed = threading.Event(), []
-    killer = threading.Thread(target=kill_a_worker_mid_job, args=(out, stop, killed), kwargs={"after": 1})
+    killer = threading.Thread(target=kill_a_worker_mid_job, args=(out, stop, killed), kwargs=when)
     killer.start()
     try:
-        report = run_batch("default", [str(tmp_path / "in" / "*.csv")], out, workers=2)
+        return run_batch("default", inputs, out, **batch), killed
     finally:
         stop.set()
         killer.join()
+
+
+def test_a_worker_killed_mid_job_is_retried_and_nothing_is_doubled(sample_dir, tmp_path):
+    groups = split_real(sample_dir, tmp_path / "in", damage=False)
+    out = tmp_path / "out"
+    report, killed = batch_with_a_worker_killed(out, inputs=[str(tmp_path / "in" / "*.csv")], workers=2, after=1)
     assert killed, "no worker was caught mid-job"
     s = report.summary
     assert report.exit_code == 0, s["failed"]
@@ -445,14 +453,7 @@ def test_a_dead_worker_counts_an_attempt_for_its_job_only(tmp_path):
     groups = {sym: generated(tmp_path / "in", sym, days=2, n=40_000, seed=i)
               for i, sym in enumerate(("AAAUSDT", "BBBUSDT"))}
     out = tmp_path / "out"
-    stop, killed = threading.Event(), []
-    killer = threading.Thread(target=kill_a_worker_mid_job, args=(out, stop, killed), kwargs={"busy": 2})
-    killer.start()
-    try:
-        report = run_batch("default", [str(tmp_path / "in" / "*.csv")], out, workers=2)
-    finally:
-        stop.set()
-        killer.join()
+    report, killed = batch_with_a_worker_killed(out, inputs=[str(tmp_path / "in" / "*.csv")], workers=2, busy=2)
     assert killed, "no two workers were caught mid-job at once"
     s = report.summary
     assert report.exit_code == 0, s["failed"]

@@ -9,14 +9,13 @@ The pinning itself is checked from the workers: each job reports the CPU its wor
 from __future__ import annotations
 
 import os
-import threading
 
 import pytest
 from test_batch import (
     assert_accounting_closes,
     assert_merged_equals_sequential,
+    batch_with_a_worker_killed,
     generated,
-    kill_a_worker_mid_job,
 )
 
 from nautilus_pipeline.batch import run_batch
@@ -90,15 +89,8 @@ def test_the_worker_that_replaces_a_dead_one_takes_the_cpu_it_left(tmp_path):
               for i, sym in enumerate(("AAAUSDT", "BBBUSDT"))}
     cpus = USABLE[:2]
     out = tmp_path / "out"
-    stop, killed = threading.Event(), []
-    killer = threading.Thread(target=kill_a_worker_mid_job, args=(out, stop, killed))
-    killer.start()
-    try:
-        report = run_batch("default", [str(tmp_path / "in" / "*.csv")], out, workers=2,
-                           cpus=",".join(map(str, cpus)))
-    finally:
-        stop.set()
-        killer.join()
+    report, killed = batch_with_a_worker_killed(out, inputs=[str(tmp_path / "in" / "*.csv")], workers=2,
+                                                cpus=",".join(map(str, cpus)))
     assert killed, "no worker was caught mid-job"
     s = report.summary
     assert report.exit_code == 0, s["failed"]

@@ -22,7 +22,6 @@ import socket
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,8 +30,6 @@ from types import SimpleNamespace
 import orjson
 import pytest
 
-from nautilus_pipeline.batch import run_batch
-
 pytest.importorskip("ray", reason="the cluster extra: pip install 'nautilus-pipeline[cluster]'")
 
 from conftest import REPO
@@ -40,7 +37,7 @@ from test_batch import (
     assert_accounting_closes,
     assert_merged_equals_sequential,
     assert_one_copy_of_each_output,
-    kill_a_worker_mid_job,
+    batch_with_a_worker_killed,
     split_real,
 )
 
@@ -48,14 +45,8 @@ from test_batch import (
 def test_ray_batch_survives_a_killed_worker(sample_dir, tmp_path):
     groups = split_real(sample_dir, tmp_path / "in")
     out = tmp_path / "out"
-    stop, killed = threading.Event(), []
-    killer = threading.Thread(target=kill_a_worker_mid_job, args=(out, stop, killed), kwargs={"after": 1})
-    killer.start()
-    try:
-        report = run_batch("default", [str(tmp_path / "in" / "*.csv")], out, executor="ray", workers=2)
-    finally:
-        stop.set()
-        killer.join()
+    report, killed = batch_with_a_worker_killed(out, inputs=[str(tmp_path / "in" / "*.csv")], executor="ray",
+                                                workers=2, after=1)
     s = report.summary
     assert killed, "no Ray worker was caught mid-job"
     assert report.exit_code == 0, s["failed"]
